@@ -1,0 +1,281 @@
+//! The packet loops. Two OS threads carry the data: `tun-rx` (plaintext from the TUN device,
+//! encrypted to the UDP socket) and `udp-rx` (datagrams from the socket, decrypted to the TUN
+//! device). Each owns its buffers for its whole life, so no packet allocates, and each reads the
+//! configuration through a lock-free snapshot, locking only the peer the packet belongs to.
+//! The protocol timers run as a tokio task.
+
+use super::udp::{self, Underlay};
+use super::Device;
+use crate::drops::Drop;
+use crate::peer::Peer;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest IP packet the TUN device can hand us, and so the largest plaintext.
+const MAX_PACKET_BYTES: usize = 65535;
+/// Room for the WireGuard data header and tag (32 bytes), or a whole handshake message (148).
+const MAX_DATAGRAM_BYTES: usize = MAX_PACKET_BYTES + 148;
+/// How often the protocol timers are driven (boringtun's own device uses 250 ms).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+pub(super) fn spawn_tun_reader(dev: Arc<Device>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("tun-rx".into())
+        .spawn(move || tun_loop(&dev))?;
+    Ok(())
+}
+
+pub(super) fn spawn_udp_reader(dev: Arc<Device>, socket: Arc<Underlay>) {
+    let spawned = std::thread::Builder::new()
+        .name("udp-rx".into())
+        .spawn(move || udp_loop(&dev, &socket));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the UDP receive thread");
+    }
+}
+
+fn tun_loop(dev: &Device) {
+    let mut packet = vec![0u8; MAX_PACKET_BYTES];
+    let mut out = vec![0u8; MAX_DATAGRAM_BYTES];
+    loop {
+        let n = match dev.tun.recv(&mut packet) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the TUN device failed; stopping");
+                std::process::exit(1);
+            }
+        };
+        let packet = &packet[..n];
+        let Some(addrs) = proto::ip::addrs(packet) else {
+            dev.drops.count(Drop::NotIp);
+            continue;
+        };
+        let snap = dev.snapshot();
+        let Some(peer) = snap.routes.lookup(addrs.dst) else {
+            dev.drops.count(Drop::NoRoute);
+            continue;
+        };
+        let (len, endpoint) = {
+            let mut st = peer.state.lock();
+            let endpoint = st.endpoint;
+            let Some(tunn) = st.tunn.as_mut() else {
+                peer.drops.count(Drop::NoPrivateKey);
+                continue;
+            };
+            match tunn.encapsulate(packet, &mut out) {
+                TunnResult::WriteToNetwork(d) => (d.len(), endpoint),
+                TunnResult::Done => continue,
+                TunnResult::Err(e) => {
+                    tracing::trace!(peer = %peer.public_key, error = ?e, "encapsulate failed");
+                    continue;
+                }
+                // encapsulate never writes to the tunnel.
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => continue,
+            }
+        };
+        send(dev, peer, &out[..len], endpoint);
+    }
+}
+
+/// Sends a datagram to a peer's endpoint, counting what cannot be sent.
+#[inline]
+fn send(dev: &Device, peer: &Peer, datagram: &[u8], endpoint: Option<SocketAddr>) {
+    let Some(endpoint) = endpoint else {
+        peer.drops.count(Drop::NoEndpoint);
+        return;
+    };
+    let sock = dev.udp.load();
+    let Some(sock) = sock.as_ref() else {
+        peer.drops.count(Drop::UdpSend);
+        return;
+    };
+    match sock.send_to(datagram, endpoint) {
+        Ok(n) => peer.add_tx(n),
+        Err(e) => {
+            tracing::trace!(peer = %peer.public_key, error = %e, "send failed");
+            peer.drops.count(Drop::UdpSend);
+        }
+    }
+}
+
+fn udp_loop(dev: &Device, socket: &Arc<Underlay>) {
+    let mut datagram = vec![0u8; MAX_DATAGRAM_BYTES];
+    let mut out = vec![0u8; MAX_DATAGRAM_BYTES];
+    loop {
+        let (n, from) = match socket.socket.recv_from(&mut datagram) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if is_current(dev, socket) {
+                    tracing::error!(error = %e, "UDP receive failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                return;
+            }
+        };
+        if n == 0 && !is_current(dev, socket) {
+            return;
+        }
+        on_datagram(dev, socket, &datagram[..n], udp::canonical(from), &mut out);
+    }
+}
+
+fn is_current(dev: &Device, socket: &Arc<Underlay>) -> bool {
+    dev.udp
+        .load()
+        .as_ref()
+        .is_some_and(|cur| Arc::ptr_eq(cur, socket))
+}
+
+/// One datagram from the underlay: find its peer, let boringtun authenticate and decrypt it,
+/// then deliver, reply or count a drop. Never panics on any input.
+fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    let snap = dev.snapshot();
+    let Some(local) = snap.local.as_ref() else {
+        dev.drops.count(Drop::NoPrivateKey);
+        return;
+    };
+    let packet = match local
+        .rate_limiter
+        .verify_packet(Some(from.ip()), datagram, out)
+    {
+        Ok(p) => p,
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            let _ = socket.send_to(cookie, from);
+            dev.drops.count(Drop::CookieSent);
+            return;
+        }
+        Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+            dev.drops.count(Drop::BadMac);
+            return;
+        }
+        Err(_) => {
+            dev.drops.count(Drop::MalformedDatagram);
+            return;
+        }
+    };
+    let peer = match &packet {
+        Packet::HandshakeInit(init) => {
+            match parse_handshake_anon(&local.secret, &local.public, init) {
+                Ok(half) => snap.by_key.get(&half.peer_static_public),
+                Err(_) => {
+                    dev.drops.count(Drop::HandshakeFailed);
+                    return;
+                }
+            }
+        }
+        Packet::HandshakeResponse(p) => snap.by_index.get(&(p.receiver_idx >> 8)),
+        Packet::PacketCookieReply(p) => snap.by_index.get(&(p.receiver_idx >> 8)),
+        Packet::PacketData(p) => snap.by_index.get(&(p.receiver_idx >> 8)),
+    };
+    let Some(peer) = peer else {
+        dev.drops.count(match packet {
+            Packet::HandshakeInit(_) => Drop::UnknownPeer,
+            _ => Drop::UnknownIndex,
+        });
+        return;
+    };
+
+    let mut st = peer.state.lock();
+    let Some(tunn) = st.tunn.as_mut() else {
+        peer.drops.count(Drop::NoPrivateKey);
+        return;
+    };
+    let delivered = match tunn.decapsulate(Some(from.ip()), datagram, out) {
+        TunnResult::Done => None,
+        TunnResult::WriteToNetwork(reply) => {
+            let _ = socket.send_to(reply, from).map(|n| peer.add_tx(n));
+            flush_queue(tunn, socket, peer, from, out);
+            None
+        }
+        TunnResult::WriteToTunnelV4(p, src) => Some((p.len(), std::net::IpAddr::V4(src))),
+        TunnResult::WriteToTunnelV6(p, src) => Some((p.len(), std::net::IpAddr::V6(src))),
+        TunnResult::Err(e) => {
+            peer.drops.count(drop_reason(&e));
+            return;
+        }
+    };
+    // The message authenticated: this is where the peer is now (WireGuard paper section 2.1).
+    st.endpoint = Some(from);
+    drop(st);
+    peer.add_rx(datagram.len());
+
+    if let Some((len, src)) = delivered {
+        // Cryptokey routing, inbound: the inner source must be one of this peer's allowed IPs.
+        if !snap
+            .routes
+            .lookup(src)
+            .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+        {
+            peer.drops.count(Drop::SourceNotAllowed);
+            return;
+        }
+        if dev.tun.send(&out[..len]).is_err() {
+            peer.drops.count(Drop::TunWrite);
+        }
+    }
+}
+
+/// After a handshake completes, boringtun hands back the packets it queued while waiting.
+fn flush_queue(tunn: &mut Tunn, socket: &Underlay, peer: &Peer, to: SocketAddr, out: &mut [u8]) {
+    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], out) {
+        match socket.send_to(d, to) {
+            Ok(n) => peer.add_tx(n),
+            Err(_) => peer.drops.count(Drop::UdpSend),
+        }
+    }
+}
+
+fn drop_reason(e: &WireGuardError) -> Drop {
+    match e {
+        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => Drop::Replay,
+        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => Drop::NoSession,
+        WireGuardError::InvalidAeadTag => Drop::DecryptFailed,
+        WireGuardError::InvalidPacket => Drop::NotIpInner,
+        WireGuardError::InvalidMac => Drop::BadMac,
+        _ => Drop::HandshakeFailed,
+    }
+}
+
+/// Drives every peer's handshake retry, rekey, keepalive and expiry timers, and resets the
+/// handshake rate limiter once a second.
+pub async fn run_timers(dev: Arc<Device>) {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut out = vec![0u8; MAX_DATAGRAM_BYTES];
+    let mut ticks: u64 = 0;
+    loop {
+        tick.tick().await;
+        ticks += 1;
+        let snap = dev.snapshot();
+        if ticks % 4 == 0 {
+            if let Some(local) = &snap.local {
+                local.rate_limiter.reset_count();
+            }
+        }
+        for peer in snap.by_key.values() {
+            let (len, endpoint) = {
+                let mut st = peer.state.lock();
+                let endpoint = st.endpoint;
+                let Some(tunn) = st.tunn.as_mut() else {
+                    continue;
+                };
+                match tunn.update_timers(&mut out) {
+                    TunnResult::WriteToNetwork(d) => (d.len(), endpoint),
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                        tracing::debug!(peer = %peer.public_key, "session expired");
+                        continue;
+                    }
+                    _ => continue,
+                }
+            };
+            send(&dev, peer, &out[..len], endpoint);
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The device: one TUN interface, one UDP socket, and the peers. Configuration changes (from the
+//! UAPI) build a new immutable [`Snapshot`] and publish it with one atomic pointer swap; the
+//! data-path threads read the current snapshot without taking any lock, and lock only the one
+//! peer a packet belongs to.
+
+mod datapath;
+mod udp;
+
+use crate::drops::DropCounters;
+use crate::peer::Peer;
+use crate::routing::AllowedIps;
+use anyhow::Context;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::x25519;
+use parking_lot::Mutex;
+use proto::uapi::{self, DeviceInfo, PeerInfo, SetRequest, UapiError};
+use proto::Key;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+pub use datapath::run_timers;
+
+/// Handshake messages per second above which the device answers with cookies
+/// (WireGuard paper section 5.3; boringtun's device uses the same figure).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+pub struct Device {
+    pub name: String,
+    pub mtu_bytes: u32,
+    tun: tun::Device,
+    config: Mutex<Config>,
+    snapshot: ArcSwap<Snapshot>,
+    udp: ArcSwapOption<udp::Underlay>,
+    /// Drops not attributable to one peer.
+    pub drops: DropCounters,
+}
+
+struct Config {
+    private_key: Option<Key>,
+    /// The port the socket is bound to (the operator's, or the kernel's pick for 0).
+    listen_port: u16,
+    fwmark: u32,
+    peers: BTreeMap<Key, Arc<Peer>>,
+    next_index: u32,
+}
+
+/// The immutable view the data path reads: who to send to, who a message is from.
+pub struct Snapshot {
+    pub routes: AllowedIps<Arc<Peer>>,
+    pub by_index: HashMap<u32, Arc<Peer>>,
+    pub by_key: HashMap<[u8; 32], Arc<Peer>>,
+    pub local: Option<LocalKeys>,
+}
+
+pub struct LocalKeys {
+    pub secret: x25519::StaticSecret,
+    pub public: x25519::PublicKey,
+    /// Shared by every peer: MAC1 checks and cookies for handshakes before a peer is known.
+    pub rate_limiter: Arc<RateLimiter>,
+}
+
+impl Device {
+    /// Creates the TUN interface `name` with `mtu_bytes`, brings it up and binds the UDP socket on
+    /// a kernel-chosen port, as wireguard-go does until the operator sets one.
+    pub fn create(name: &str, mtu_bytes: u32) -> anyhow::Result<Arc<Device>> {
+        let mut cfg = tun::Configuration::default();
+        cfg.tun_name(name).mtu(mtu_bytes as u16).up();
+        let tun = tun::create(&cfg).with_context(|| format!("creating TUN interface {name}"))?;
+        let socket = udp::bind(0, 0).context("binding the UDP socket")?;
+        let listen_port = socket.socket.local_addr()?.port();
+        let dev = Arc::new(Device {
+            name: name.to_string(),
+            mtu_bytes,
+            tun,
+            config: Mutex::new(Config {
+                private_key: None,
+                listen_port,
+                fwmark: 0,
+                peers: BTreeMap::new(),
+                next_index: rand_index(),
+            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            udp: ArcSwapOption::empty(),
+            drops: DropCounters::default(),
+        });
+        dev.install_socket(socket);
+        datapath::spawn_tun_reader(dev.clone())?;
+        Ok(dev)
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    fn install_socket(self: &Arc<Self>, socket: udp::Underlay) {
+        let socket = Arc::new(socket);
+        if let Some(old) = self.udp.swap(Some(socket.clone())) {
+            // Wakes the old receive thread, which then sees it is no longer current and exits.
+            udp::shutdown(&old.socket);
+        }
+        datapath::spawn_udp_reader(self.clone(), socket);
+    }
+
+    /// Applies a UAPI `set` in order, then publishes the new snapshot. A failure part-way leaves
+    /// what was applied before it, as wireguard-go does.
+    pub fn apply(self: &Arc<Self>, req: &SetRequest) -> Result<(), UapiError> {
+        let mut cfg = self.config.lock();
+        let result = self.apply_locked(&mut cfg, req);
+        self.publish(&cfg);
+        result
+    }
+
+    fn apply_locked(self: &Arc<Self>, cfg: &mut Config, req: &SetRequest) -> Result<(), UapiError> {
+        let key_changed = match req.private_key {
+            Some(k) if k != cfg.private_key => {
+                cfg.private_key = k;
+                true
+            }
+            _ => false,
+        };
+        if let Some(fwmark) = req.fwmark {
+            cfg.fwmark = fwmark;
+            if let Some(s) = self.udp.load_full() {
+                udp::set_mark(&s.socket, fwmark).map_err(|e| io_error("fwmark", e))?;
+            }
+        }
+        if let Some(port) = req.listen_port {
+            if port != cfg.listen_port || port == 0 {
+                let socket = udp::bind(port, cfg.fwmark).map_err(|e| UapiError {
+                    line: 0,
+                    key: "listen_port".into(),
+                    reason: format!("cannot bind UDP port {port}: {e}"),
+                    errno: uapi::EADDRINUSE,
+                })?;
+                cfg.listen_port = socket.socket.local_addr().map(|a| a.port()).unwrap_or(port);
+                self.install_socket(socket);
+            }
+        }
+        if req.replace_peers {
+            cfg.peers.clear();
+        }
+        if key_changed {
+            // Our own public key may now equal a peer's; WireGuard removes such a peer.
+            if let Some(k) = cfg.private_key {
+                cfg.peers.remove(&k.public());
+            }
+            for peer in cfg.peers.values() {
+                peer.state.lock().reset_tunnel(
+                    cfg.private_key.as_ref(),
+                    &peer.public_key,
+                    peer.index,
+                );
+            }
+        }
+        for upd in &req.peers {
+            if upd.remove {
+                cfg.peers.remove(&upd.public_key);
+                continue;
+            }
+            if cfg.private_key.map(|k| k.public()) == Some(upd.public_key) {
+                continue;
+            }
+            let peer = match cfg.peers.get(&upd.public_key) {
+                Some(p) => p.clone(),
+                None if upd.update_only => continue,
+                None => {
+                    let index = cfg.next_index;
+                    cfg.next_index = (cfg.next_index + 1) & 0x00ff_ffff;
+                    let p = Arc::new(Peer::new(upd.public_key, index));
+                    cfg.peers.insert(upd.public_key, p.clone());
+                    p
+                }
+            };
+            let mut st = peer.state.lock();
+            let fresh = st.tunn.is_none();
+            let mut rebuild = fresh;
+            if let Some(psk) = upd.preshared_key {
+                rebuild |= st.preshared_key != psk;
+                st.preshared_key = psk;
+            }
+            if let Some(ka) = upd.persistent_keepalive_secs {
+                rebuild |= st.keepalive_secs != ka;
+                st.keepalive_secs = ka;
+            }
+            if let Some(ep) = upd.endpoint {
+                st.endpoint = Some(udp::canonical(ep));
+            }
+            if upd.replace_allowed_ips {
+                st.allowed_ips.clear();
+            }
+            for a in &upd.allowed_ips {
+                if !st.allowed_ips.contains(a) {
+                    st.allowed_ips.push(*a);
+                }
+            }
+            drop(st);
+            // An allowed IP belongs to one peer: claiming it takes it from any other, as in
+            // WireGuard.
+            for other in cfg.peers.values().filter(|o| !Arc::ptr_eq(o, &peer)) {
+                other
+                    .state
+                    .lock()
+                    .allowed_ips
+                    .retain(|a| !upd.allowed_ips.contains(a));
+            }
+            let mut st = peer.state.lock();
+            if rebuild {
+                st.reset_tunnel(cfg.private_key.as_ref(), &peer.public_key, peer.index);
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the data path's view of `cfg` and swaps it in.
+    fn publish(&self, cfg: &Config) {
+        let mut routes = AllowedIps::new();
+        let mut by_index = HashMap::new();
+        let mut by_key = HashMap::new();
+        for p in cfg.peers.values() {
+            for a in &p.state.lock().allowed_ips {
+                routes.insert(*a, p.clone());
+            }
+            by_index.insert(p.index, p.clone());
+            by_key.insert(p.public_key.0, p.clone());
+        }
+        let local = cfg.private_key.map(|k| {
+            let secret = x25519::StaticSecret::from(k.0);
+            let public = x25519::PublicKey::from(&secret);
+            let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+            LocalKeys {
+                secret,
+                public,
+                rate_limiter,
+            }
+        });
+        self.snapshot.store(Arc::new(Snapshot {
+            routes,
+            by_index,
+            by_key,
+            local,
+        }));
+    }
+
+    /// The UAPI `get` view.
+    pub fn info(&self) -> DeviceInfo {
+        let cfg = self.config.lock();
+        let now = SystemTime::now();
+        let peers = cfg
+            .peers
+            .values()
+            .map(|p| {
+                let st = p.state.lock();
+                let last = st
+                    .tunn
+                    .as_ref()
+                    .and_then(|t| t.time_since_last_handshake())
+                    .and_then(|age| now.checked_sub(age))
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map(|d| (d.as_secs(), d.subsec_nanos()))
+                    .unwrap_or((0, 0));
+                PeerInfo {
+                    public_key: p.public_key,
+                    preshared_key: st.preshared_key,
+                    endpoint: st.endpoint,
+                    last_handshake: last,
+                    tx_bytes: p.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    rx_bytes: p.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    persistent_keepalive_secs: st.keepalive_secs,
+                    allowed_ips: st.allowed_ips.clone(),
+                }
+            })
+            .collect();
+        DeviceInfo {
+            private_key: cfg.private_key,
+            listen_port: cfg.listen_port,
+            fwmark: cfg.fwmark,
+            peers,
+        }
+    }
+
+    /// The admin `status` view: the UAPI view plus drop counters and handshake ages.
+    pub fn status(&self) -> proto::admin::Status {
+        let info = self.info();
+        let snap = self.snapshot();
+        let peers = info
+            .peers
+            .iter()
+            .map(|p| {
+                let peer = snap.by_key.get(&p.public_key.0);
+                let age = peer.and_then(|peer| {
+                    peer.state
+                        .lock()
+                        .tunn
+                        .as_ref()
+                        .and_then(|t| t.time_since_last_handshake())
+                });
+                proto::admin::PeerStatus {
+                    public_key: p.public_key.to_base64(),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    allowed_ips: p.allowed_ips.clone(),
+                    handshake_age_secs: age.map(|a| a.as_secs()),
+                    tx_bytes: p.tx_bytes,
+                    rx_bytes: p.rx_bytes,
+                    persistent_keepalive_secs: p.persistent_keepalive_secs,
+                    drops: peer.map(|p| p.drops.snapshot()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        proto::admin::Status {
+            interface: self.name.clone(),
+            public_key: info.private_key.map(|k| k.public().to_base64()),
+            listen_port: info.listen_port,
+            mtu_bytes: self.mtu_bytes,
+            peers,
+            drops: self.drops.snapshot(),
+        }
+    }
+}
+
+impl Snapshot {
+    fn empty() -> Snapshot {
+        Snapshot {
+            routes: AllowedIps::new(),
+            by_index: HashMap::new(),
+            by_key: HashMap::new(),
+            local: None,
+        }
+    }
+}
+
+fn io_error(key: &str, e: std::io::Error) -> UapiError {
+    UapiError {
+        line: 0,
+        key: key.into(),
+        reason: e.to_string(),
+        errno: uapi::EIO,
+    }
+}
+
+fn rand_index() -> u32 {
+    let mut b = [0u8; 4];
+    // A failure leaves zeros, which is a valid (if predictable) starting index.
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    u32::from_le_bytes(b) & 0x00ff_ffff
+}

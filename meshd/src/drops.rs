@@ -1,0 +1,86 @@
+//! Every packet meshd does not deliver has a reason and a counter.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! drop_reasons {
+    ($($variant:ident => $name:literal: $doc:literal),* $(,)?) => {
+        /// Why a packet was dropped.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Drop { $(#[doc = $doc] $variant),* }
+
+        impl Drop {
+            pub const ALL: &'static [Drop] = &[$(Drop::$variant),*];
+            pub fn name(self) -> &'static str {
+                match self { $(Drop::$variant => $name),* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    NotIp => "not_ip": "A packet read from the TUN device is not IPv4 or IPv6.",
+    NoRoute => "no_route": "No peer's allowed IPs hold the destination.",
+    NoPrivateKey => "no_private_key": "The interface has no private key yet.",
+    NoEndpoint => "no_endpoint": "The peer has no known endpoint to send to.",
+    MalformedDatagram => "malformed_datagram": "A UDP datagram is not a WireGuard message.",
+    Oversized => "oversized_datagram": "A UDP datagram is larger than any valid message.",
+    UnknownIndex => "unknown_receiver_index": "A message names a session index no peer owns.",
+    UnknownPeer => "unknown_peer": "A handshake from a static key that is not a configured peer.",
+    BadMac => "bad_mac": "A handshake message failed its MAC check.",
+    CookieSent => "under_load_cookie_sent": "A handshake under load was answered with a cookie.",
+    HandshakeFailed => "handshake_failed": "A handshake message failed to authenticate.",
+    DecryptFailed => "decrypt_failed": "A data message failed to authenticate.",
+    Replay => "replay": "A data message with a counter already seen or too old.",
+    NoSession => "no_session": "A data message for a session that does not exist (any more).",
+    SourceNotAllowed => "source_not_allowed": "A decrypted packet's inner source is outside the peer's allowed IPs.",
+    NotIpInner => "inner_not_ip": "A decrypted packet is not IPv4 or IPv6.",
+    TunWrite => "tun_write_failed": "Writing to the TUN device failed.",
+    UdpSend => "udp_send_failed": "Sending on the UDP socket failed.",
+}
+
+/// One counter per reason; lock-free, shared by the data-path threads.
+pub struct DropCounters([AtomicU64; Drop::ALL.len()]);
+
+impl Default for DropCounters {
+    fn default() -> Self {
+        DropCounters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl DropCounters {
+    #[inline]
+    pub fn count(&self, reason: Drop) {
+        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: Drop) -> u64 {
+        self.0[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// The non-zero counters by name, for status output.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        Drop::ALL
+            .iter()
+            .map(|d| (d.name().to_string(), self.get(*d)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_reason() {
+        let c = DropCounters::default();
+        c.count(Drop::Replay);
+        c.count(Drop::Replay);
+        c.count(Drop::NoRoute);
+        let s = c.snapshot();
+        assert_eq!(s.get("replay"), Some(&2));
+        assert_eq!(s.get("no_route"), Some(&1));
+        assert_eq!(s.len(), 2);
+    }
+}

@@ -1,0 +1,79 @@
+//! One WireGuard peer: boringtun's `Tunn` (the Noise IK state machine and transport keys), its
+//! endpoint, its allowed IPs and its counters. The mutable protocol state sits behind a per-peer
+//! lock; the counters are atomics so status never waits on the data path.
+
+use crate::drops::DropCounters;
+use boringtun::noise::Tunn;
+use boringtun::x25519;
+use parking_lot::Mutex;
+use proto::{Cidr, Key};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct Peer {
+    pub public_key: Key,
+    /// Our 24-bit local index for this peer; boringtun puts it in the top bits of every session
+    /// index, so a message's receiver index names the peer it belongs to.
+    pub index: u32,
+    pub state: Mutex<PeerState>,
+    /// UDP payload bytes sent to and received from this peer, as `wg show` reports transfer.
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub drops: DropCounters,
+}
+
+/// What the data path and the configuration both change.
+pub struct PeerState {
+    /// `None` until the interface has a private key.
+    pub tunn: Option<Tunn>,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<Cidr>,
+    pub preshared_key: Option<Key>,
+    pub keepalive_secs: u16,
+}
+
+impl Peer {
+    pub fn new(public_key: Key, index: u32) -> Peer {
+        Peer {
+            public_key,
+            index,
+            state: Mutex::new(PeerState {
+                tunn: None,
+                endpoint: None,
+                allowed_ips: Vec::new(),
+                preshared_key: None,
+                keepalive_secs: 0,
+            }),
+            tx_bytes: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            drops: DropCounters::default(),
+        }
+    }
+
+    #[inline]
+    pub fn add_tx(&self, bytes: usize) {
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn add_rx(&self, bytes: usize) {
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+impl PeerState {
+    /// Builds a fresh protocol state for the current keys and settings. Sessions in flight are
+    /// dropped; the peers re-handshake on the next packet.
+    pub fn reset_tunnel(&mut self, private_key: Option<&Key>, peer_key: &Key, index: u32) {
+        self.tunn = private_key.map(|k| {
+            Tunn::new(
+                x25519::StaticSecret::from(k.0),
+                x25519::PublicKey::from(peer_key.0),
+                self.preshared_key.map(|k| k.0),
+                (self.keepalive_secs > 0).then_some(self.keepalive_secs),
+                index,
+                None,
+            )
+        });
+    }
+}

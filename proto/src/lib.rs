@@ -1,0 +1,11 @@
+//! Pure wire formats shared by `meshd` and `meshctl`. Nothing here owns a socket, a file or a clock,
+//! so every codec can be unit-tested, property-tested and fuzzed on its own.
+
+pub mod admin;
+pub mod cidr;
+pub mod ip;
+pub mod key;
+pub mod uapi;
+
+pub use cidr::Cidr;
+pub use key::Key;
