@@ -1,1 +1,684 @@
+//! A test harness that builds real hosts on one machine: network namespaces joined by veth pairs,
+//! real `meshd`, `wireguard-go` and `wg` processes inside them, and traffic from threads that
+//! enter a namespace. Everything a [`Lab`] creates is removed when it is dropped, also when a test
+//! fails part-way.
+//!
+//! Addresses: underlay from 198.18.0.0/15 (IPv6 fd01::/64), overlay from 100.64.0.0/10 (IPv6
+//! fd00::/64), all inside namespaces the lab made.
 
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// True if this machine can run the network tests (root and /dev/net/tun). When it cannot, the
+/// test is skipped with a message, except under `CI=true`, where it fails loudly.
+pub fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tun = Path::new("/dev/net/tun").exists();
+    let tools = ["ip", "wg", "ping"].iter().all(|t| which(t).is_some());
+    if root && tun && tools {
+        return true;
+    }
+    let why = format!("needs root ({root}), /dev/net/tun ({tun}) and ip, wg, ping ({tools})");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("network test cannot run under CI: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// The path of a workspace binary, built (once per test process) in the profile this test runs in.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir")
+        .to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "meshd", "-p", "meshctl"]);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build of meshd and meshctl failed");
+    });
+    let p = profile_dir.join(name);
+    assert!(p.exists(), "{} not built", p.display());
+    p
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn sh(args: &[&str]) -> String {
+    let out = run(Command::new(args[0]).args(&args[1..]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// A set of hosts (network namespaces) and the processes running in them.
+pub struct Lab {
+    /// Unique per lab: namespaces, interfaces and socket names all start with it.
+    pub prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("mt{:04x}{n}", std::process::id() & 0xffff);
+        let dir = std::env::temp_dir().join(format!("meshtest-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("lab temp dir");
+        Lab {
+            prefix,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            dir,
+        }
+    }
+
+    /// A name unique to this lab, short enough for an interface (15 bytes).
+    pub fn name(&self, suffix: &str) -> String {
+        let n = format!("{}{suffix}", self.prefix);
+        assert!(n.len() <= 15, "interface name {n} too long");
+        n
+    }
+
+    /// Creates a host: a network namespace with loopback up and IPv6 DAD off (so addresses are
+    /// usable at once).
+    pub fn host(&mut self, suffix: &str) -> String {
+        let ns = self.name(suffix);
+        sh(&["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        for k in [
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", k]);
+        }
+        ns
+    }
+
+    /// Joins two hosts with a veth pair; returns the two interface names.
+    pub fn link(
+        &mut self,
+        a: &str,
+        a_addrs: &[&str],
+        b: &str,
+        b_addrs: &[&str],
+    ) -> (String, String) {
+        let (ia, ib) = (format!("v{a}"), format!("v{b}"));
+        let (ia, ib) = (truncate(&ia), truncate(&ib));
+        sh(&[
+            "ip", "link", "add", &ia, "netns", a, "type", "veth", "peer", "name", &ib, "netns", b,
+        ]);
+        for (ns, ifc, addrs) in [(a, &ia, a_addrs), (b, &ib, b_addrs)] {
+            for addr in addrs {
+                sh(&["ip", "-n", ns, "addr", "add", addr, "dev", ifc, "nodad"]);
+            }
+            sh(&["ip", "-n", ns, "link", "set", ifc, "up"]);
+        }
+        (ia, ib)
+    }
+
+    /// Starts meshd in the foreground in `ns` with interface `ifname`; returns once its UAPI socket
+    /// answers.
+    pub fn meshd(&mut self, ns: &str, ifname: &str) {
+        let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(bin("meshd"))
+            .args(["--foreground", ifname])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning meshd");
+        self.children.push((ifname.to_string(), child));
+        self.wait_for_uapi(ifname);
+    }
+
+    /// Starts Debian's wireguard-go in the foreground in `ns` with interface `ifname`.
+    pub fn wireguard_go(&mut self, ns: &str, ifname: &str) {
+        let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", ifname])
+            .env("LOG_LEVEL", "debug")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning wireguard-go (is it installed?)");
+        self.children.push((ifname.to_string(), child));
+        self.wait_for_uapi(ifname);
+    }
+
+    fn wait_for_uapi(&mut self, ifname: &str) {
+        let sock = format!("/var/run/wireguard/{ifname}.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child(ifname).try_wait().expect("wait") {
+                panic!("{ifname} exited at start ({status}): {}", self.log(ifname));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{sock} did not appear: {}", self.log(ifname));
+    }
+
+    pub fn child(&mut self, ifname: &str) -> &mut Child {
+        &mut self
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == ifname)
+            .expect("no such process")
+            .1
+    }
+
+    /// True while the daemon of `ifname` runs.
+    pub fn alive(&mut self, ifname: &str) -> bool {
+        self.child(ifname).try_wait().expect("wait").is_none()
+    }
+
+    /// Sends `signal` to the daemon of `ifname` and waits (up to 10 s) for it to exit.
+    pub fn stop(&mut self, ifname: &str, signal: i32) -> std::process::ExitStatus {
+        let child = self.child(ifname);
+        // `ip netns exec` execs the daemon, so the child's pid is the daemon's.
+        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{ifname} did not exit on signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self, ifname: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{ifname}.log"))).unwrap_or_default()
+    }
+
+    /// Runs a command inside `ns`.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?} in {ns}: {e}"))
+    }
+
+    /// Runs a command inside `ns` and panics if it fails.
+    pub fn exec_ok(&self, ns: &str, args: &[&str]) -> String {
+        let out = self.exec(ns, args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {ns} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// True if `count` pings from `ns` to `addr` get at least one reply.
+    pub fn ping(&self, ns: &str, addr: &str, count: u32) -> bool {
+        self.exec(
+            ns,
+            &[
+                "ping",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                addr,
+            ],
+        )
+        .status
+        .success()
+    }
+
+    /// Pings until one reply or `timeout`; true if a reply came.
+    pub fn ping_until(&self, ns: &str, addr: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self
+                .exec(ns, &["ping", "-c", "1", "-W", "1", addr])
+                .status
+                .success()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Status of the meshd of `ifname`, as `meshctl status -o json` prints it.
+    pub fn status(&self, ifname: &str) -> serde_json::Value {
+        let out = run(Command::new(bin("meshctl")).args(["status", ifname, "-o", "json"]));
+        serde_json::from_slice(&out.stdout).expect("meshctl status -o json is JSON")
+    }
+
+    /// Starts `tcpdump` writing every frame of `ifc` in `ns` to a file; stop it with
+    /// [`Capture::finish`].
+    pub fn capture(&mut self, ns: &str, ifc: &str) -> Capture {
+        let path = self.dir.join(format!("{ifc}.pcap"));
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tcpdump", "-i", ifc, "-U", "-s", "0", "-w",
+            ])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning tcpdump (is it installed?)");
+        // tcpdump says "listening on" once the capture runs.
+        let mut child = child;
+        let mut err = child.stderr.take().expect("stderr");
+        let mut buf = [0u8; 256];
+        let _ = err.read(&mut buf);
+        Capture { child, path }
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            // SAFETY: signalling our own unreaped child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        for (_, child) in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for (name, _) in &self.children {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
+            let _ = std::fs::remove_file(format!("/var/run/meshd/{name}.sock"));
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("lab logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(15).collect()
+}
+
+pub struct Capture {
+    child: Child,
+    pub path: PathBuf,
+}
+
+impl Capture {
+    /// Stops the capture and returns the captured frames.
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let data = std::fs::read(&self.path).expect("reading capture");
+        pcap_frames(&data)
+    }
+}
+
+/// The frames of a classic pcap file (little-endian, as tcpdump writes on x86).
+pub fn pcap_frames(data: &[u8]) -> Vec<Vec<u8>> {
+    assert!(data.len() >= 24, "capture file too short");
+    assert_eq!(
+        &data[..4],
+        &[0xd4, 0xc3, 0xb2, 0xa1],
+        "not a little-endian pcap file"
+    );
+    let mut frames = Vec::new();
+    let mut off = 24;
+    while off + 16 <= data.len() {
+        let incl = u32::from_le_bytes(data[off + 8..off + 12].try_into().unwrap()) as usize;
+        off += 16;
+        if off + incl > data.len() {
+            break;
+        }
+        frames.push(data[off..off + incl].to_vec());
+        off += incl;
+    }
+    frames
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`, and returns its result.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a valid namespace descriptor affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// The byte at offset `i` of the test stream: a cheap pseudo-random pattern, so a dropped,
+/// duplicated or reordered segment shows up as a mismatch.
+#[inline]
+pub fn pattern(i: u64) -> u8 {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i >> 7);
+    x ^= x >> 29;
+    x as u8
+}
+
+/// A TCP listener in `ns` on `addr` that reads one connection and checks it carries exactly
+/// `bytes` of [`pattern`] (or, with a `canary`, the canary repeated). Returns the listener thread.
+pub fn tcp_sink(
+    ns: &str,
+    addr: SocketAddr,
+    bytes: u64,
+    canary: Option<&'static [u8]>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let h = in_netns(ns, move || {
+        let listener = match TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready_tx.send(());
+                return Err(format!("bind {addr}: {e}"));
+            }
+        };
+        let _ = ready_tx.send(());
+        listener.set_nonblocking(false).ok();
+        let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got: u64 = 0;
+        loop {
+            let n = s
+                .read(&mut buf)
+                .map_err(|e| format!("read after {got} bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                let i = got + k as u64;
+                let want = match canary {
+                    Some(c) => c[(i % c.len() as u64) as usize],
+                    None => pattern(i),
+                };
+                if *b != want {
+                    return Err(format!("byte {i} is {b:#x}, expected {want:#x}"));
+                }
+            }
+            got += n as u64;
+        }
+        if got != bytes {
+            return Err(format!("received {got} bytes, expected {bytes}"));
+        }
+        Ok(got)
+    });
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+    h
+}
+
+/// Connects from `ns` to `addr` and sends `bytes` of [`pattern`] (or the canary), in chunks with
+/// `pause` between them. Returns the elapsed time.
+pub fn tcp_send(
+    ns: &str,
+    addr: SocketAddr,
+    bytes: u64,
+    canary: Option<&'static [u8]>,
+    pause: Duration,
+) -> Result<Duration, String> {
+    in_netns(ns, move || {
+        let start = Instant::now();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(30))).ok();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut sent: u64 = 0;
+        while sent < bytes {
+            let n = ((bytes - sent) as usize).min(buf.len());
+            for (k, b) in buf[..n].iter_mut().enumerate() {
+                let i = sent + k as u64;
+                *b = match canary {
+                    Some(c) => c[(i % c.len() as u64) as usize],
+                    None => pattern(i),
+                };
+            }
+            s.write_all(&buf[..n])
+                .map_err(|e| format!("write after {sent} bytes: {e}"))?;
+            sent += n as u64;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+        s.shutdown(std::net::Shutdown::Write).ok();
+        // Wait for the sink to close, so the transfer is complete end to end.
+        let _ = s.read(&mut buf);
+        Ok(start.elapsed())
+    })
+    .join()
+    .map_err(|_| "sender thread panicked".to_string())?
+}
+
+/// Sends `bytes` from `from_ns` to `to_addr` in `to_ns` and checks it arrives byte for byte.
+pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_addr: SocketAddr, bytes: u64) -> Duration {
+    let sink = tcp_sink(to_ns, to_addr, bytes, None);
+    let elapsed = tcp_send(from_ns, to_addr, bytes, None, Duration::ZERO)
+        .unwrap_or_else(|e| panic!("sending to {to_addr}: {e}"));
+    let got = sink.join().expect("sink thread");
+    assert_eq!(got, Ok(bytes), "transfer to {to_addr}");
+    elapsed
+}
+
+/// Writes a fresh WireGuard private key to a file (mode 0600) for `wg set ... private-key` and
+/// returns (path, public key).
+pub fn keypair(lab: &Lab, name: &str) -> (PathBuf, String) {
+    let key = sh(&["wg", "genkey"]);
+    let path = lab.dir.join(format!("{name}.key"));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("key file");
+        f.write_all(key.as_bytes()).expect("write key");
+    }
+    let out = Command::new("wg")
+        .arg("pubkey")
+        .stdin(File::open(&path).expect("key"))
+        .output()
+        .expect("wg pubkey");
+    (
+        path,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+/// `wg` with the given arguments; panics on failure.
+pub fn wg(args: &[&str]) -> String {
+    let mut v = vec!["wg"];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+/// Which implementation a node runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Impl {
+    Meshd,
+    WireguardGo,
+}
+
+/// Two hosts `a` and `b` joined by a veth (underlay 198.18.0.1/.2 and fd01::1/::2), each running a
+/// WireGuard interface (overlay 100.64.0.1/.2 and fd00::1/::2) configured as the other's peer.
+pub struct Pair {
+    pub a: String,
+    pub b: String,
+    pub ia: String,
+    pub ib: String,
+    pub veth_a: String,
+    pub veth_b: String,
+    pub pub_a: String,
+    pub pub_b: String,
+    pub key_a: PathBuf,
+    pub key_b: PathBuf,
+}
+
+pub const PORT_A: u16 = 51820;
+pub const PORT_B: u16 = 51821;
+
+impl Pair {
+    pub fn new(lab: &mut Lab, b_impl: Impl) -> Pair {
+        Self::with_endpoints(lab, b_impl, "198.18.0.1", "198.18.0.2")
+    }
+
+    /// As [`Pair::new`], with the endpoints each side is told (IPv4 or IPv6 underlay).
+    pub fn with_endpoints(lab: &mut Lab, b_impl: Impl, ep_a: &str, ep_b: &str) -> Pair {
+        let a = lab.host("a");
+        let b = lab.host("b");
+        let (veth_a, veth_b) = lab.link(
+            &a,
+            &["198.18.0.1/24", "fd01::1/64"],
+            &b,
+            &["198.18.0.2/24", "fd01::2/64"],
+        );
+        let ia = lab.name("wa");
+        let ib = lab.name("wb");
+        lab.meshd(&a, &ia);
+        match b_impl {
+            Impl::Meshd => lab.meshd(&b, &ib),
+            Impl::WireguardGo => lab.wireguard_go(&b, &ib),
+        }
+        let (key_a, pub_a) = keypair(lab, "a");
+        let (key_b, pub_b) = keypair(lab, "b");
+        let fmt_ep = |ip: &str, port: u16| {
+            if ip.contains(':') {
+                format!("[{ip}]:{port}")
+            } else {
+                format!("{ip}:{port}")
+            }
+        };
+        wg(&[
+            "set",
+            &ia,
+            "private-key",
+            key_a.to_str().unwrap(),
+            "listen-port",
+            &PORT_A.to_string(),
+            "peer",
+            &pub_b,
+            "endpoint",
+            &fmt_ep(ep_b, PORT_B),
+            "allowed-ips",
+            "100.64.0.2/32,fd00::2/128",
+        ]);
+        wg(&[
+            "set",
+            &ib,
+            "private-key",
+            key_b.to_str().unwrap(),
+            "listen-port",
+            &PORT_B.to_string(),
+            "peer",
+            &pub_a,
+            "endpoint",
+            &fmt_ep(ep_a, PORT_A),
+            "allowed-ips",
+            "100.64.0.1/32,fd00::1/128",
+        ]);
+        for (ns, ifc, v4, v6) in [
+            (&a, &ia, "100.64.0.1/24", "fd00::1/64"),
+            (&b, &ib, "100.64.0.2/24", "fd00::2/64"),
+        ] {
+            sh(&["ip", "-n", ns, "addr", "add", v4, "dev", ifc]);
+            sh(&["ip", "-n", ns, "addr", "add", v6, "dev", ifc, "nodad"]);
+            sh(&["ip", "-n", ns, "link", "set", ifc, "up"]);
+        }
+        Pair {
+            a,
+            b,
+            ia,
+            ib,
+            veth_a,
+            veth_b,
+            pub_a,
+            pub_b,
+            key_a,
+            key_b,
+        }
+    }
+}
+
+/// Parses `wg show IFNAME dump`: the interface line, then one line per peer with
+/// public key, preshared key, endpoint, allowed ips, latest handshake, rx, tx, keepalive.
+pub fn wg_dump_peers(ifname: &str) -> Vec<Vec<String>> {
+    wg(&["show", ifname, "dump"])
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}

@@ -1,0 +1,135 @@
+//! `meshctl status`: what the running daemon reports over its admin socket.
+
+use crate::{Failure, Output};
+use anyhow::{anyhow, bail, Context};
+use proto::admin::{self, Request, Response, Status};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub fn run(ifname: Option<String>, output: Output, socket: Option<PathBuf>) -> Result<(), Failure> {
+    let sockets: Vec<PathBuf> = match (socket, ifname) {
+        (Some(s), _) => vec![s],
+        (None, Some(name)) => vec![PathBuf::from(admin::socket_path(&name))],
+        (None, None) => running_sockets()?,
+    };
+    let mut all = Vec::new();
+    for s in &sockets {
+        all.push(query(s)?);
+    }
+    let mut out = std::io::stdout().lock();
+    match output {
+        Output::Json => {
+            let text = if all.len() == 1 {
+                serde_json::to_string_pretty(&all[0])
+            } else {
+                serde_json::to_string_pretty(&all)
+            };
+            writeln!(out, "{}", text.context("encoding status")?).context("writing stdout")?;
+        }
+        Output::Table => {
+            for s in &all {
+                write!(out, "{}", table(s)).context("writing stdout")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn running_sockets() -> Result<Vec<PathBuf>, Failure> {
+    let dir = Path::new(admin::SOCKET_DIR);
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| anyhow!("no meshd is running ({}: {e})", dir.display()))?;
+    let mut v: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        return Err(anyhow!("no meshd is running (no socket in {})", dir.display()).into());
+    }
+    Ok(v)
+}
+
+/// Sends one status request to the admin socket at `path`.
+pub fn query(path: &Path) -> anyhow::Result<Status> {
+    let mut stream = UnixStream::connect(path)
+        .with_context(|| format!("connecting to meshd at {}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = serde_json::to_string(&Request::Status)?;
+    req.push('\n');
+    stream
+        .write_all(req.as_bytes())
+        .context("sending the request")?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(admin::MAX_MESSAGE_BYTES as u64)
+        .read_line(&mut line)
+        .context("reading the answer")?;
+    match serde_json::from_str(&line).context("decoding the answer")? {
+        Response::Status(s) => Ok(s),
+        Response::Error { message } => bail!("meshd refused: {message}"),
+    }
+}
+
+use std::io::Read;
+
+fn table(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "interface {}  public key {}  port {}  mtu {}",
+        s.interface,
+        s.public_key.as_deref().unwrap_or("(none)"),
+        s.listen_port,
+        s.mtu_bytes
+    );
+    if !s.drops.is_empty() {
+        let _ = writeln!(o, "  drops: {}", drops(&s.drops));
+    }
+    let _ = writeln!(
+        o,
+        "  {:<44}  {:<22}  {:>9}  {:>12}  {:>12}  {}",
+        "PEER", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES", "DROPS"
+    );
+    for p in &s.peers {
+        let hs = p
+            .handshake_age_secs
+            .map(|a| format!("{a}s ago"))
+            .unwrap_or_else(|| "never".into());
+        let _ = writeln!(
+            o,
+            "  {:<44}  {:<22}  {:>9}  {:>12}  {:>12}  {}",
+            p.public_key,
+            p.endpoint.as_deref().unwrap_or("(none)"),
+            hs,
+            p.rx_bytes,
+            p.tx_bytes,
+            if p.drops.is_empty() {
+                "-".to_string()
+            } else {
+                drops(&p.drops)
+            }
+        );
+        let ips: Vec<String> = p.allowed_ips.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(
+            o,
+            "    allowed ips: {}",
+            if ips.is_empty() {
+                "(none)".into()
+            } else {
+                ips.join(", ")
+            }
+        );
+    }
+    o
+}
+
+fn drops(d: &std::collections::BTreeMap<String, u64>) -> String {
+    d.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
