@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Throughput of meshd against its peers, measured in the same run on the same machine.
+
+Builds two network namespaces joined by a veth (underlay 198.18.0.1 <-> 198.18.0.2) and runs
+iperf3 through: the bare veth, meshd, Debian's wireguard-go and boringtun-cli (when installed:
+`cargo install boringtun-cli`). For each: TCP one stream, TCP four streams, and UDP with 1400-byte
+datagrams at full rate. Prints the median of N runs in Gbit/s, the tunnel daemons' CPU seconds
+per GB carried (both ends, from /proc), and the ratio meshd / each peer.
+
+Run as root from the workspace root:  python3 bench/throughput.py [--runs 3] [--seconds 5]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = [("tcp1", "TCP 1 stream", ["-P", "1"]),
+         ("tcp4", "TCP 4 streams", ["-P", "4"]),
+         ("udp", "UDP 1400 B", ["-u", "-b", "0", "-l", "1400"])]
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(list(args), check=check, capture_output=True, text=True, **kw)
+
+
+class Topology:
+    """Two namespaces a and b joined by a veth, and the tunnel daemons running in them."""
+
+    def __init__(self, mode, prefix):
+        self.mode, self.a, self.b = mode, prefix + "a", prefix + "b"
+        self.ia, self.ib = prefix + "wa", prefix + "wb"
+        self.procs = []
+        self.tmp = tempfile.mkdtemp(prefix="meshbench-")
+        for ns in (self.a, self.b):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", "v" + self.a, "netns", self.a, "type", "veth",
+           "peer", "name", "v" + self.b, "netns", self.b)
+        for ns, ip in ((self.a, "198.18.0.1/24"), (self.b, "198.18.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", ip, "dev", "v" + ns)
+            sh("ip", "-n", ns, "link", "set", "v" + ns, "up")
+        self.target = "198.18.0.2"
+        if mode != "veth":
+            self.start_tunnel()
+            self.target = "100.64.0.2"
+
+    def daemon_cmd(self, ifname):
+        if self.mode == "meshd":
+            return [os.path.join(ROOT, "target/release/meshd"), "--foreground", ifname]
+        if self.mode == "wireguard-go":
+            return ["wireguard-go", "-f", ifname]
+        return [shutil.which("boringtun-cli") or os.path.expanduser("~/.cargo/bin/boringtun-cli"),
+                "-f", "--disable-drop-privileges", ifname]
+
+    def start_tunnel(self):
+        keys = {}
+        for side, ns, ifname in (("a", self.a, self.ia), ("b", self.b, self.ib)):
+            env = dict(os.environ, RUST_LOG="warn", WG_PROCESS_FOREGROUND="1", WG_SUDO="1")
+            p = subprocess.Popen(["ip", "netns", "exec", ns] + self.daemon_cmd(ifname), env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.procs.append(p)
+            sock = f"/var/run/wireguard/{ifname}.sock"
+            for _ in range(500):
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.02)
+            else:
+                raise RuntimeError(f"{self.mode} did not open {sock}")
+            path = os.path.join(self.tmp, side + ".key")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(sh("wg", "genkey").stdout)
+            keys[side] = (path, sh("wg", "pubkey", input=open(path).read()).stdout.strip())
+        time.sleep(0.2)
+        sh("wg", "set", self.ia, "private-key", keys["a"][0], "listen-port", "51820", "peer",
+           keys["b"][1], "endpoint", "198.18.0.2:51821", "allowed-ips", "100.64.0.2/32")
+        sh("wg", "set", self.ib, "private-key", keys["b"][0], "listen-port", "51821", "peer",
+           keys["a"][1], "endpoint", "198.18.0.1:51820", "allowed-ips", "100.64.0.1/32")
+        for ns, ifname, ip in ((self.a, self.ia, "100.64.0.1/24"), (self.b, self.ib, "100.64.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", ip, "dev", ifname)
+            sh("ip", "-n", ns, "link", "set", ifname, "mtu", "1420", "up")
+        sh("ip", "netns", "exec", self.a, "ping", "-c", "2", "-W", "2", self.target)
+
+    def cpu_seconds(self):
+        """CPU time (user + system) of the tunnel daemons so far; 0 for the bare veth."""
+        total = 0
+        for p in self.procs:
+            try:
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except OSError:
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def iperf(self, args, seconds):
+        server = subprocess.Popen(["ip", "netns", "exec", self.b, "iperf3", "-s", "-1", "-B", self.target],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        cpu0 = self.cpu_seconds()
+        out = sh("ip", "netns", "exec", self.a, "iperf3", "-c", self.target, "-t", str(seconds),
+                 "-J", *args, timeout=seconds + 30)
+        cpu = self.cpu_seconds() - cpu0
+        server.wait(timeout=10)
+        end = json.loads(out.stdout)["end"]
+        if "sum_received" in end:
+            bps = end["sum_received"]["bits_per_second"]
+        else:
+            bps = end["sum"]["bits_per_second"] * (1 - end["sum"].get("lost_percent", 0) / 100)
+        gb = bps * seconds / 8 / 1e9
+        return bps / 1e9, (cpu / gb if gb > 0 and self.procs else None)
+
+    def close(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for ns in (self.a, self.b):
+            sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--modes", default="veth,meshd,wireguard-go,boringtun")
+    opts = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/throughput.py needs root (network namespaces, TUN)")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd"], cwd=ROOT, check=True)
+    modes = opts.modes.split(",")
+    if "boringtun" in modes and not (shutil.which("boringtun-cli") or
+                                     os.path.exists(os.path.expanduser("~/.cargo/bin/boringtun-cli"))):
+        print("boringtun-cli not installed (cargo install boringtun-cli): skipping it", file=sys.stderr)
+        modes.remove("boringtun")
+
+    results = {}
+    for mode in modes:
+        for key, _, args in TESTS:
+            runs = []
+            for r in range(opts.runs):
+                topo = Topology(mode, f"mb{os.getpid() % 10000}")
+                try:
+                    runs.append(topo.iperf(args, opts.seconds))
+                finally:
+                    topo.close()
+            gbps = statistics.median(x[0] for x in runs)
+            cpus = [x[1] for x in runs if x[1] is not None]
+            results[(mode, key)] = (gbps, statistics.median(cpus) if cpus else None)
+            print(f"  {mode:13} {key:5} {gbps:6.2f} Gbit/s  runs: "
+                  + " ".join(f"{x[0]:.2f}" for x in runs), file=sys.stderr)
+
+    peers = [m for m in modes if m != "meshd"]
+    print(f"\niperf3, median of {opts.runs} runs of {opts.seconds} s; CPU s/GB = tunnel daemons' CPU "
+          "time (both ends) per GB received\n")
+    head = "| test | " + " | ".join(f"{m} Gbit/s" for m in modes) + " | " + \
+        " | ".join(f"{m} CPU s/GB" for m in modes if m != "veth") + " | " + \
+        " | ".join(f"meshd / {m}" for m in peers) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for key, label, _ in TESTS:
+        row = [label] + [f"{results[(m, key)][0]:.2f}" for m in modes]
+        row += [f"{results[(m, key)][1]:.2f}" if results[(m, key)][1] else "-" for m in modes if m != "veth"]
+        if "meshd" in modes:
+            row += [f"{results[('meshd', key)][0] / results[(m, key)][0]:.2f}" for m in peers]
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
