@@ -91,8 +91,8 @@ fn table(s: &Status) -> String {
     }
     let _ = writeln!(
         o,
-        "  {:<44}  {:<22}  {:>9}  {:>12}  {:>12}  {}",
-        "PEER", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES", "DROPS"
+        "  {:<44}  {:<22}  {:>9}  {:>12}  {:>12}  DROPS",
+        "PEER", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"
     );
     for p in &s.peers {
         let hs = p

@@ -67,9 +67,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dev = device::Device::create(&args.ifname, args.mtu)?;
     let uapi_path = PathBuf::from(control::uapi::socket_path(&args.ifname));
     let admin_path = PathBuf::from(proto::admin::socket_path(&args.ifname));
+    let _files = control::SocketFiles;
     let uapi = control::bind_socket(&uapi_path)?;
-    let _files = control::SocketFiles(vec![uapi_path.clone(), admin_path.clone()]);
+    control::remove_at_exit(uapi_path.clone());
     let admin = control::bind_socket(&admin_path)?;
+    control::remove_at_exit(admin_path.clone());
     privileges::drop_unneeded().context("dropping capabilities")?;
     tracing::info!(
         interface = %args.ifname,

@@ -310,20 +310,26 @@ impl Lab {
     /// [`Capture::finish`].
     pub fn capture(&mut self, ns: &str, ifc: &str) -> Capture {
         let path = self.dir.join(format!("{ifc}.pcap"));
+        let err_path = self.dir.join(format!("{ifc}.tcpdump.log"));
         let child = Command::new("ip")
             .args([
-                "netns", "exec", ns, "tcpdump", "-i", ifc, "-U", "-s", "0", "-w",
+                "netns", "exec", ns, "tcpdump", "-i", ifc, "-U", "-B", "16384", "-s", "0", "-w",
             ])
             .arg(&path)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(File::create(&err_path).expect("tcpdump log"))
             .spawn()
             .expect("spawning tcpdump (is it installed?)");
         // tcpdump says "listening on" once the capture runs.
-        let mut child = child;
-        let mut err = child.stderr.take().expect("stderr");
-        let mut buf = [0u8; 256];
-        let _ = err.read(&mut buf);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = std::fs::read_to_string(&err_path).unwrap_or_default();
+            if log.contains("listening on") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "tcpdump did not start: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Capture { child, path }
     }
 }

@@ -234,7 +234,7 @@ fn underlay_capture_holds_only_wireguard_messages_never_the_plaintext() {
         wireguard += 1;
     }
     assert!(
-        wireguard > 2000,
+        wireguard > 1000,
         "the transfer crossed the capture ({wireguard} messages)"
     );
 }
@@ -334,12 +334,9 @@ fn roaming_peer_keeps_a_flow_going_without_reconfiguration() {
         "nodad",
     ]);
     let sent = sender.join().unwrap();
-    assert!(sent.is_ok(), "{sent:?}");
-    assert_eq!(
-        sink.join().unwrap(),
-        Ok(total),
-        "the flow completed byte for byte"
-    );
+    let received = sink.join().unwrap();
+    assert!(sent.is_ok(), "sender: {sent:?}, receiver: {received:?}");
+    assert_eq!(received, Ok(total), "the flow completed byte for byte");
     assert_eq!(
         wg_dump_peers(&p.ia)[0][2],
         "198.18.0.3:51821",
@@ -444,4 +441,181 @@ fn sigterm_removes_the_interface_and_the_sockets() {
     );
     assert!(!std::path::Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists());
     assert!(!std::path::Path::new(&format!("/var/run/meshd/{ifname}.sock")).exists());
+}
+
+#[test]
+fn wg_setconf_replaces_the_configuration() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let p = Pair::new(&mut lab, Impl::Meshd);
+    assert!(lab.ping(&p.a, "100.64.0.2", 1));
+    let (_, stranger) = keypair(&lab, "stranger");
+    let private = std::fs::read_to_string(&p.key_a).unwrap();
+    let conf = lab.dir.join("a.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 198.18.0.2:51821\nAllowedIPs = 100.64.0.2/32\n\n\
+             [Peer]\nPublicKey = {stranger}\nAllowedIPs = 100.64.0.50/32\nPersistentKeepalive = 15\n",
+            private.trim(),
+            p.pub_b
+        ),
+    )
+    .unwrap();
+    wg(&["setconf", &p.ia, conf.to_str().unwrap()]);
+    let peers = wg_dump_peers(&p.ia);
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    let s = peers
+        .iter()
+        .find(|l| l[0] == stranger)
+        .expect("the new peer");
+    assert_eq!((s[3].as_str(), s[7].as_str()), ("100.64.0.50/32", "15"));
+    let b = peers.iter().find(|l| l[0] == p.pub_b).expect("b kept");
+    assert_eq!(
+        b[3], "100.64.0.2/32",
+        "fd00::2 gone: setconf replaced the allowed IPs"
+    );
+    assert!(
+        lab.ping(&p.a, "100.64.0.2", 3),
+        "traffic flows under the new configuration"
+    );
+    assert!(
+        !lab.ping(&p.a, "fd00::2", 1),
+        "the removed allowed IP no longer routes"
+    );
+    let shown = wg(&["showconf", &p.ia]);
+    assert!(
+        shown.contains(&stranger) && shown.contains("ListenPort = 51820"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn persistent_keepalive_handshakes_and_keeps_the_path_warm_without_traffic() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let p = Pair::new(&mut lab, Impl::Meshd);
+    // No traffic at all: only b's timers can make a handshake happen.
+    wg(&["set", &p.ib, "peer", &p.pub_a, "persistent-keepalive", "1"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let first = &wg_dump_peers(&p.ia)[0];
+    assert_ne!(
+        first[4], "0",
+        "a handshake happened, initiated by the keepalive timer: {first:?}"
+    );
+    let rx0: u64 = first[5].parse().unwrap();
+    std::thread::sleep(Duration::from_millis(3200));
+    let rx1: u64 = wg_dump_peers(&p.ia)[0][5].parse().unwrap();
+    assert!(
+        rx1 >= rx0 + 2 * 32,
+        "keepalives (32 bytes each) arrive every second: {rx0} -> {rx1}"
+    );
+}
+
+/// MAC1 of a handshake message for the responder `responder_pub` (WireGuard paper section 5.4.4).
+fn mac1(responder_pub: &[u8; 32], msg: &[u8]) -> [u8; 16] {
+    use blake2::digest::{Digest, Mac};
+    let mut h = blake2::Blake2s256::new();
+    h.update(b"mac1----");
+    h.update(responder_pub);
+    let key = h.finalize();
+    let mut m = blake2::Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(&key).unwrap();
+    m.update(msg);
+    m.finalize().into_bytes().into()
+}
+
+#[test]
+fn a_handshake_flood_is_answered_with_cookies_and_the_tunnel_survives() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let p = Pair::new(&mut lab, Impl::Meshd);
+    assert!(lab.ping(&p.a, "100.64.0.2", 1));
+    let responder = proto::Key::from_base64(&p.pub_a).unwrap().0;
+    let cookies = in_netns(&p.b, move || {
+        let s = std::net::UdpSocket::bind("198.18.0.2:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        for i in 0..600u32 {
+            // A well-formed initiation with a valid MAC1 from a static key a does not know.
+            let mut m = [0u8; 148];
+            m[0] = 1;
+            m[4..8].copy_from_slice(&i.to_le_bytes());
+            for (k, b) in m[8..116].iter_mut().enumerate() {
+                *b = pattern(u64::from(i) * 1000 + k as u64);
+            }
+            let mac = mac1(&responder, &m[..116]);
+            m[116..132].copy_from_slice(&mac);
+            s.send_to(&m, "198.18.0.1:51820").unwrap();
+        }
+        let mut buf = [0u8; 256];
+        let mut cookies = 0;
+        while let Ok((n, _)) = s.recv_from(&mut buf) {
+            if n == 64 && buf[0] == 3 {
+                cookies += 1;
+            }
+        }
+        cookies
+    })
+    .join()
+    .unwrap();
+    assert!(cookies > 0, "meshd under load answers with cookie replies");
+    let st = lab.status(&p.ia);
+    assert!(
+        st["drops"]["under_load_cookie_sent"].as_u64().unwrap_or(0) > 0,
+        "{st}"
+    );
+    assert!(
+        st["drops"]["handshake_failed"].as_u64().unwrap_or(0) > 0,
+        "{st}"
+    );
+    assert!(lab.alive(&p.ia));
+    assert!(
+        lab.ping_until(&p.a, "100.64.0.2", Duration::from_secs(10)),
+        "the real peer still gets through"
+    );
+}
+
+#[test]
+fn meshctl_keys_are_interchangeable_with_wg() {
+    if !can_run() {
+        return;
+    }
+    let meshctl = bin("meshctl");
+    let pipe = |cmd: &str, input: &str| -> String {
+        use std::io::Write;
+        let mut parts = cmd.split(' ');
+        let prog = parts.next().unwrap();
+        let prog = if prog == "meshctl" {
+            meshctl.to_str().unwrap()
+        } else {
+            prog
+        };
+        let mut c = std::process::Command::new(prog)
+            .args(parts)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{cmd}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ours = pipe("meshctl genkey", "");
+    assert_eq!(pipe("wg pubkey", &ours), pipe("meshctl pubkey", &ours));
+    let theirs = sh(&["wg", "genkey"]);
+    assert_eq!(pipe("wg pubkey", &theirs), pipe("meshctl pubkey", &theirs));
+    let bad = std::process::Command::new(&meshctl)
+        .arg("pubkey")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "an empty key is an input error");
 }

@@ -31,14 +31,30 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Removes the socket files on drop, so an exit by signal or error leaves nothing behind.
-pub struct SocketFiles(pub Vec<PathBuf>);
+static SOCKET_FILES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Remembers a socket file to remove at exit.
+pub fn remove_at_exit(path: PathBuf) {
+    if let Ok(mut v) = SOCKET_FILES.lock() {
+        v.push(path);
+    }
+}
+
+/// Removes the socket files, so an exit by signal or by a fatal error leaves nothing behind.
+pub fn remove_socket_files() {
+    if let Ok(v) = SOCKET_FILES.lock() {
+        for p in v.iter() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Calls [`remove_socket_files`] when dropped, also on an error return from `main`.
+pub struct SocketFiles;
 
 impl Drop for SocketFiles {
     fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
+        remove_socket_files();
     }
 }
 

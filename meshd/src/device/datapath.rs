@@ -47,6 +47,7 @@ fn tun_loop(dev: &Device) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::error!(error = %e, "reading the TUN device failed; stopping");
+                crate::control::remove_socket_files();
                 std::process::exit(1);
             }
         };
@@ -254,7 +255,7 @@ pub async fn run_timers(dev: Arc<Device>) {
         tick.tick().await;
         ticks += 1;
         let snap = dev.snapshot();
-        if ticks % 4 == 0 {
+        if ticks.is_multiple_of(4) {
             if let Some(local) = &snap.local {
                 local.rate_limiter.reset_count();
             }
