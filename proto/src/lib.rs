@@ -2,7 +2,10 @@
 //! so every codec can be unit-tested, property-tested and fuzzed on its own.
 
 pub mod admin;
+pub mod armor;
+pub mod cert;
 pub mod cidr;
+pub mod duration;
 pub mod ip;
 pub mod key;
 pub mod uapi;

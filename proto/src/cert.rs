@@ -1,0 +1,938 @@
+//! Mesh certificates and revocation lists: a versioned, canonical binary encoding signed with
+//! Ed25519. The layout is specified in `proto/PROTOCOL.md`; test vectors are in
+//! `proto/testdata/`.
+//!
+//! A certificate binds a public key to a name. A CA certificate binds the CA's Ed25519 key to its
+//! trust domain and is self-signed; an identity certificate binds a workload's X25519 (WireGuard)
+//! key to `TRUST_DOMAIN/NAMESPACE/NAME`, its labels and its overlay addresses, signed by the CA.
+//! Decoding accepts exactly one byte string per certificate (sorted, unique labels and addresses,
+//! host bits zero, no trailing bytes), so a signature covers the only encoding of its content.
+
+use crate::Cidr;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const CERT_MAGIC: &[u8; 4] = b"MSHC";
+pub const CRL_MAGIC: &[u8; 4] = b"MSHR";
+pub const VERSION: u8 = 1;
+/// No valid certificate is larger: 3 names, 64 labels and 16 addresses at their maximum sizes.
+pub const MAX_CERT_BYTES: usize = 32 * 1024;
+pub const MAX_LABELS: usize = 64;
+pub const MAX_ADDRS: usize = 16;
+pub const MAX_REVOKED: usize = 100_000;
+pub const MAX_CRL_BYTES: usize = 64 + 8 * MAX_REVOKED + 512;
+const SIGNATURE_LEN: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertKind {
+    Ca = 1,
+    Identity = 2,
+}
+
+/// What a certificate says, before it is signed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertBody {
+    pub kind: CertKind,
+    pub serial: u64,
+    /// Validity, in seconds since the Unix epoch, both inclusive.
+    pub not_before: u64,
+    pub not_after: u64,
+    pub trust_domain: String,
+    /// Empty for a CA.
+    pub namespace: String,
+    /// The service account for an identity; the CA's name for a CA.
+    pub name: String,
+    /// X25519 (identity) or Ed25519 (CA) public key.
+    #[serde(serialize_with = "b64")]
+    pub public_key: [u8; 32],
+    /// Ed25519 public key of the signing CA (the CA's own key for a CA).
+    #[serde(serialize_with = "b64")]
+    pub issuer: [u8; 32],
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certificate {
+    pub body: CertBody,
+    pub signature: [u8; 64],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("truncated: {field} needs bytes past offset {offset}")]
+    Truncated { field: &'static str, offset: usize },
+    #[error("{extra} unexpected bytes after the signature")]
+    TrailingBytes { extra: usize },
+    #[error("larger than {max} bytes")]
+    TooLarge { max: usize },
+    #[error("not a mesh {what} (bad magic)")]
+    BadMagic { what: &'static str },
+    #[error("unsupported version {0} (this build reads version 1)")]
+    UnsupportedVersion(u8),
+    #[error("unknown certificate kind {0}")]
+    BadKind(u8),
+    #[error("{field} `{value}` is invalid: {reason}")]
+    InvalidField {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("{field} is not in canonical form: {reason}")]
+    NotCanonical {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("the signature does not verify")]
+    BadSignature,
+    #[error("expired at {not_after} (now {now})")]
+    Expired { not_after: u64, now: u64 },
+    #[error("not valid before {not_before} (now {now})")]
+    NotYetValid { not_before: u64, now: u64 },
+    #[error("issued by a CA that is not in the trust bundle")]
+    UnknownIssuer,
+    #[error("serial {serial} is revoked")]
+    Revoked { serial: u64 },
+    #[error("a {kind:?} certificate where a {expected:?} one is needed")]
+    WrongKind { kind: CertKind, expected: CertKind },
+}
+
+fn b64<S: serde::Serializer>(k: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&crate::Key(*k))
+}
+
+impl CertBody {
+    /// The identity as a SPIFFE ID: `spiffe://TD/ns/NS/sa/NAME`.
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.name
+        )
+    }
+
+    /// `TD/NS/NAME`.
+    pub fn identity(&self) -> String {
+        format!("{}/{}/{}", self.trust_domain, self.namespace, self.name)
+    }
+
+    /// Checks every field against the format's rules (names, sizes, ordering).
+    pub fn validate(&self) -> Result<(), CertError> {
+        check_trust_domain(&self.trust_domain)?;
+        match self.kind {
+            CertKind::Ca => {
+                if !self.namespace.is_empty() {
+                    return Err(invalid(
+                        "namespace",
+                        &self.namespace,
+                        "a CA has no namespace",
+                    ));
+                }
+                check_name("name", &self.name, 253)?;
+                if !self.addrs.is_empty() || !self.labels.is_empty() {
+                    return Err(invalid("addrs", "", "a CA has no labels or addresses"));
+                }
+                if self.public_key != self.issuer {
+                    return Err(invalid("issuer", "", "a CA certificate is self-signed"));
+                }
+            }
+            CertKind::Identity => {
+                check_name("namespace", &self.namespace, 63)?;
+                check_name("name", &self.name, 253)?;
+            }
+        }
+        if self.not_after < self.not_before {
+            return Err(invalid(
+                "not_after",
+                &self.not_after.to_string(),
+                "before not_before",
+            ));
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(invalid(
+                "labels",
+                &self.labels.len().to_string(),
+                "more than 64",
+            ));
+        }
+        for (k, v) in &self.labels {
+            check_label_key(k)?;
+            check_label_value(v)?;
+        }
+        if self.addrs.len() > MAX_ADDRS {
+            return Err(invalid(
+                "addrs",
+                &self.addrs.len().to_string(),
+                "more than 16",
+            ));
+        }
+        if !self.addrs.windows(2).all(|w| w[0] < w[1]) {
+            return Err(CertError::NotCanonical {
+                field: "addrs",
+                reason: "not sorted and unique",
+            });
+        }
+        Ok(())
+    }
+
+    /// The canonical encoding of the body: what the signature covers.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(256);
+        b.extend_from_slice(CERT_MAGIC);
+        b.push(VERSION);
+        b.push(self.kind as u8);
+        b.extend_from_slice(&self.serial.to_be_bytes());
+        b.extend_from_slice(&self.not_before.to_be_bytes());
+        b.extend_from_slice(&self.not_after.to_be_bytes());
+        b.extend_from_slice(&self.public_key);
+        b.extend_from_slice(&self.issuer);
+        for s in [&self.trust_domain, &self.namespace, &self.name] {
+            put_str(&mut b, s);
+        }
+        b.push(self.labels.len() as u8);
+        for (k, v) in &self.labels {
+            put_str(&mut b, k);
+            put_str(&mut b, v);
+        }
+        b.push(self.addrs.len() as u8);
+        for a in &self.addrs {
+            match a.addr() {
+                IpAddr::V4(v4) => {
+                    b.extend_from_slice(&[4, a.prefix_len()]);
+                    b.extend_from_slice(&v4.octets());
+                }
+                IpAddr::V6(v6) => {
+                    b.extend_from_slice(&[6, a.prefix_len()]);
+                    b.extend_from_slice(&v6.octets());
+                }
+            }
+        }
+        b
+    }
+
+    /// Signs the body with the CA's key. The body must name that key as its issuer.
+    pub fn sign(self, ca: &SigningKey) -> Result<Certificate, CertError> {
+        self.validate()?;
+        if self.issuer != ca.verifying_key().to_bytes() {
+            return Err(invalid("issuer", "", "does not match the signing key"));
+        }
+        let signature = ca.sign(&self.encode()).to_bytes();
+        Ok(Certificate {
+            body: self,
+            signature,
+        })
+    }
+}
+
+impl Certificate {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.body.encode();
+        b.extend_from_slice(&self.signature);
+        b
+    }
+
+    /// Decodes and checks the structure; does not verify the signature (see [`Certificate::verify`]).
+    pub fn decode(bytes: &[u8]) -> Result<Certificate, CertError> {
+        if bytes.len() > MAX_CERT_BYTES {
+            return Err(CertError::TooLarge {
+                max: MAX_CERT_BYTES,
+            });
+        }
+        let mut r = Reader { buf: bytes, off: 0 };
+        if r.take("magic", 4)? != CERT_MAGIC {
+            return Err(CertError::BadMagic {
+                what: "certificate",
+            });
+        }
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(CertError::UnsupportedVersion(version));
+        }
+        let kind = match r.u8("kind")? {
+            1 => CertKind::Ca,
+            2 => CertKind::Identity,
+            k => return Err(CertError::BadKind(k)),
+        };
+        let serial = r.u64("serial")?;
+        let not_before = r.u64("not_before")?;
+        let not_after = r.u64("not_after")?;
+        let public_key = r.array32("public_key")?;
+        let issuer = r.array32("issuer")?;
+        let trust_domain = r.str("trust_domain")?;
+        let namespace = r.str("namespace")?;
+        let name = r.str("name")?;
+        let n_labels = r.u8("labels")? as usize;
+        let mut labels = BTreeMap::new();
+        let mut last: Option<String> = None;
+        for _ in 0..n_labels {
+            let k = r.str("label key")?;
+            let v = r.str("label value")?;
+            if last.as_ref().is_some_and(|l| *l >= k) {
+                return Err(CertError::NotCanonical {
+                    field: "labels",
+                    reason: "keys not sorted and unique",
+                });
+            }
+            last = Some(k.clone());
+            labels.insert(k, v);
+        }
+        let n_addrs = r.u8("addrs")? as usize;
+        let mut addrs = Vec::with_capacity(n_addrs.min(MAX_ADDRS));
+        for _ in 0..n_addrs {
+            let family = r.u8("address family")?;
+            let len = r.u8("prefix length")?;
+            let addr: IpAddr = match family {
+                4 => Ipv4Addr::from(<[u8; 4]>::try_from(r.take("address", 4)?).expect("4 bytes"))
+                    .into(),
+                6 => {
+                    Ipv6Addr::from(<[u8; 16]>::try_from(r.take("address", 16)?).expect("16 bytes"))
+                        .into()
+                }
+                f => return Err(invalid("address family", &f.to_string(), "must be 4 or 6")),
+            };
+            let cidr = Cidr::new(addr, len).map_err(|_| {
+                invalid("prefix length", &len.to_string(), "too long for the family")
+            })?;
+            if cidr.addr() != addr {
+                return Err(CertError::NotCanonical {
+                    field: "addrs",
+                    reason: "host bits set",
+                });
+            }
+            addrs.push(cidr);
+        }
+        let signature =
+            <[u8; 64]>::try_from(r.take("signature", SIGNATURE_LEN)?).expect("64 bytes");
+        if r.off != bytes.len() {
+            return Err(CertError::TrailingBytes {
+                extra: bytes.len() - r.off,
+            });
+        }
+        let body = CertBody {
+            kind,
+            serial,
+            not_before,
+            not_after,
+            trust_domain,
+            namespace,
+            name,
+            public_key,
+            issuer,
+            labels,
+            addrs,
+        };
+        body.validate()?;
+        Ok(Certificate { body, signature })
+    }
+
+    /// Checks the signature against `issuer` (an Ed25519 public key).
+    pub fn verify_signature(&self, issuer: &[u8; 32]) -> Result<(), CertError> {
+        let key = VerifyingKey::from_bytes(issuer).map_err(|_| CertError::BadSignature)?;
+        key.verify_strict(&self.body.encode(), &Signature::from_bytes(&self.signature))
+            .map_err(|_| CertError::BadSignature)
+    }
+
+    /// Checks a CA certificate: self-signed and valid at `now`.
+    pub fn verify_ca(&self, now: u64) -> Result<(), CertError> {
+        if self.body.kind != CertKind::Ca {
+            return Err(CertError::WrongKind {
+                kind: self.body.kind,
+                expected: CertKind::Ca,
+            });
+        }
+        self.verify_signature(&self.body.public_key)?;
+        check_time(&self.body, now)
+    }
+
+    /// Checks an identity certificate against a trust bundle of CA certificates at time `now`:
+    /// issued by a bundle CA of the same trust domain, signature valid, within both validity
+    /// periods, and not in `revoked` (a revocation list already verified for that CA).
+    pub fn verify_identity(
+        &self,
+        bundle: &[Certificate],
+        now: u64,
+        revoked: Option<&RevocationList>,
+    ) -> Result<(), CertError> {
+        if self.body.kind != CertKind::Identity {
+            return Err(CertError::WrongKind {
+                kind: self.body.kind,
+                expected: CertKind::Identity,
+            });
+        }
+        let ca = bundle
+            .iter()
+            .find(|ca| {
+                ca.body.kind == CertKind::Ca
+                    && ca.body.public_key == self.body.issuer
+                    && ca.body.trust_domain == self.body.trust_domain
+            })
+            .ok_or(CertError::UnknownIssuer)?;
+        ca.verify_ca(now)?;
+        self.verify_signature(&ca.body.public_key)?;
+        check_time(&self.body, now)?;
+        if let Some(crl) = revoked {
+            if crl.issuer == ca.body.public_key
+                && crl.serials.binary_search(&self.body.serial).is_ok()
+            {
+                return Err(CertError::Revoked {
+                    serial: self.body.serial,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_time(body: &CertBody, now: u64) -> Result<(), CertError> {
+    if now < body.not_before {
+        return Err(CertError::NotYetValid {
+            not_before: body.not_before,
+            now,
+        });
+    }
+    if now > body.not_after {
+        return Err(CertError::Expired {
+            not_after: body.not_after,
+            now,
+        });
+    }
+    Ok(())
+}
+
+/// A CA-signed list of revoked serials. A higher `number` replaces a lower one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RevocationList {
+    pub trust_domain: String,
+    #[serde(serialize_with = "b64")]
+    pub issuer: [u8; 32],
+    pub number: u64,
+    pub issued_at: u64,
+    /// Sorted, unique.
+    pub serials: Vec<u64>,
+    #[serde(skip)]
+    pub signature: [u8; 64],
+}
+
+impl RevocationList {
+    fn encode_body(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64 + 8 * self.serials.len());
+        b.extend_from_slice(CRL_MAGIC);
+        b.push(VERSION);
+        b.extend_from_slice(&self.issuer);
+        b.extend_from_slice(&self.number.to_be_bytes());
+        b.extend_from_slice(&self.issued_at.to_be_bytes());
+        put_str(&mut b, &self.trust_domain);
+        b.extend_from_slice(&(self.serials.len() as u32).to_be_bytes());
+        for s in &self.serials {
+            b.extend_from_slice(&s.to_be_bytes());
+        }
+        b
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.encode_body();
+        b.extend_from_slice(&self.signature);
+        b
+    }
+
+    /// Builds and signs a list; `serials` are sorted and de-duplicated.
+    pub fn sign(
+        trust_domain: &str,
+        number: u64,
+        issued_at: u64,
+        mut serials: Vec<u64>,
+        ca: &SigningKey,
+    ) -> Result<RevocationList, CertError> {
+        check_trust_domain(trust_domain)?;
+        serials.sort_unstable();
+        serials.dedup();
+        if serials.len() > MAX_REVOKED {
+            return Err(invalid(
+                "serials",
+                &serials.len().to_string(),
+                "more than 100000",
+            ));
+        }
+        let mut crl = RevocationList {
+            trust_domain: trust_domain.to_string(),
+            issuer: ca.verifying_key().to_bytes(),
+            number,
+            issued_at,
+            serials,
+            signature: [0; 64],
+        };
+        crl.signature = ca.sign(&crl.encode_body()).to_bytes();
+        Ok(crl)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<RevocationList, CertError> {
+        if bytes.len() > MAX_CRL_BYTES {
+            return Err(CertError::TooLarge { max: MAX_CRL_BYTES });
+        }
+        let mut r = Reader { buf: bytes, off: 0 };
+        if r.take("magic", 4)? != CRL_MAGIC {
+            return Err(CertError::BadMagic {
+                what: "revocation list",
+            });
+        }
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(CertError::UnsupportedVersion(version));
+        }
+        let issuer = r.array32("issuer")?;
+        let number = r.u64("number")?;
+        let issued_at = r.u64("issued_at")?;
+        let trust_domain = r.str("trust_domain")?;
+        check_trust_domain(&trust_domain)?;
+        let count = u32::from_be_bytes(r.take("count", 4)?.try_into().expect("4 bytes")) as usize;
+        if count > MAX_REVOKED {
+            return Err(invalid("count", &count.to_string(), "more than 100000"));
+        }
+        let mut serials = Vec::with_capacity(count);
+        for _ in 0..count {
+            let s = r.u64("serial")?;
+            if serials.last().is_some_and(|l| *l >= s) {
+                return Err(CertError::NotCanonical {
+                    field: "serials",
+                    reason: "not sorted and unique",
+                });
+            }
+            serials.push(s);
+        }
+        let signature =
+            <[u8; 64]>::try_from(r.take("signature", SIGNATURE_LEN)?).expect("64 bytes");
+        if r.off != bytes.len() {
+            return Err(CertError::TrailingBytes {
+                extra: bytes.len() - r.off,
+            });
+        }
+        Ok(RevocationList {
+            trust_domain,
+            issuer,
+            number,
+            issued_at,
+            serials,
+            signature,
+        })
+    }
+
+    /// Checks the list was signed by `ca` (a verified CA certificate).
+    pub fn verify(&self, ca: &Certificate) -> Result<(), CertError> {
+        if self.issuer != ca.body.public_key || self.trust_domain != ca.body.trust_domain {
+            return Err(CertError::UnknownIssuer);
+        }
+        let key = VerifyingKey::from_bytes(&self.issuer).map_err(|_| CertError::BadSignature)?;
+        key.verify_strict(&self.encode_body(), &Signature::from_bytes(&self.signature))
+            .map_err(|_| CertError::BadSignature)
+    }
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    // validate() bounds every string to 255 bytes.
+    b.push(s.len() as u8);
+    b.extend_from_slice(s.as_bytes());
+}
+
+fn invalid(field: &'static str, value: &str, reason: &'static str) -> CertError {
+    CertError::InvalidField {
+        field,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+/// SPIFFE trust domain: 1 to 255 of lowercase letters, digits, `.`, `-`, `_`.
+fn check_trust_domain(s: &str) -> Result<(), CertError> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("trust_domain", s, "1 to 255 of a-z 0-9 . - _"))
+    }
+}
+
+/// A Kubernetes-style DNS name: lowercase alphanumerics, `-` and `.`, starting and ending with an
+/// alphanumeric, at most `max` bytes.
+fn check_name(field: &'static str, s: &str, max: usize) -> Result<(), CertError> {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let ok = !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| alnum(b) || b == b'-' || (b == b'.' && max > 63))
+        && alnum(s.as_bytes()[0])
+        && alnum(s.as_bytes()[s.len() - 1]);
+    if ok {
+        Ok(())
+    } else if max == 63 {
+        Err(invalid(
+            field,
+            s,
+            "1 to 63 of a-z 0-9 -, starting and ending with a-z 0-9",
+        ))
+    } else {
+        Err(invalid(
+            field,
+            s,
+            "1 to 253 of a-z 0-9 - ., starting and ending with a-z 0-9",
+        ))
+    }
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of 1 to 63
+/// alphanumerics, `-`, `_`, `.`, starting and ending with an alphanumeric.
+fn check_label_key(k: &str) -> Result<(), CertError> {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix {
+        check_name("label key prefix", p, 253)
+            .map_err(|_| invalid("label key", k, "prefix must be a DNS subdomain"))?;
+    }
+    if !label_text(name, false) {
+        return Err(invalid(
+            "label key",
+            k,
+            "name part is 1 to 63 of A-Z a-z 0-9 - _ ., alphanumeric at both ends",
+        ));
+    }
+    Ok(())
+}
+
+fn check_label_value(v: &str) -> Result<(), CertError> {
+    if label_text(v, true) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "label value",
+            v,
+            "0 to 63 of A-Z a-z 0-9 - _ ., alphanumeric at both ends",
+        ))
+    }
+}
+
+fn label_text(s: &str, may_be_empty: bool) -> bool {
+    if s.is_empty() {
+        return may_be_empty;
+    }
+    let b = s.as_bytes();
+    s.len() <= 63
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    off: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], CertError> {
+        let end = self.off.checked_add(n).filter(|e| *e <= self.buf.len());
+        let end = end.ok_or(CertError::Truncated {
+            field,
+            offset: self.off,
+        })?;
+        let s = &self.buf[self.off..end];
+        self.off = end;
+        Ok(s)
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, CertError> {
+        Ok(self.take(field, 1)?[0])
+    }
+    fn u64(&mut self, field: &'static str) -> Result<u64, CertError> {
+        Ok(u64::from_be_bytes(
+            self.take(field, 8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn array32(&mut self, field: &'static str) -> Result<[u8; 32], CertError> {
+        Ok(self.take(field, 32)?.try_into().expect("32 bytes"))
+    }
+    fn str(&mut self, field: &'static str) -> Result<String, CertError> {
+        let n = self.u8(field)? as usize;
+        let b = self.take(field, n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| invalid(field, "", "not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// 2026-01-01T00:00:00Z and a year later: the test vectors' validity.
+    const T0: u64 = 1_767_225_600;
+    const T1: u64 = T0 + 365 * 86400;
+
+    fn ca_key() -> SigningKey {
+        SigningKey::from_bytes(&core::array::from_fn(|i| i as u8 + 1))
+    }
+
+    fn ca_cert(key: &SigningKey, td: &str) -> Certificate {
+        let pk = key.verifying_key().to_bytes();
+        CertBody {
+            kind: CertKind::Ca,
+            serial: 1,
+            not_before: T0,
+            not_after: T1,
+            trust_domain: td.into(),
+            namespace: String::new(),
+            name: "mesh-ca".into(),
+            public_key: pk,
+            issuer: pk,
+            labels: BTreeMap::new(),
+            addrs: vec![],
+        }
+        .sign(key)
+        .unwrap()
+    }
+
+    fn identity_body(issuer: &SigningKey) -> CertBody {
+        CertBody {
+            kind: CertKind::Identity,
+            serial: 0x0123_4567_89ab_cdef,
+            not_before: T0,
+            not_after: T1,
+            trust_domain: "example.org".into(),
+            namespace: "microblog".into(),
+            name: "post".into(),
+            public_key: crate::Key([7u8; 32]).public().0,
+            issuer: issuer.verifying_key().to_bytes(),
+            labels: [("app", "post"), ("svc-post", "access")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            addrs: vec![
+                "100.64.0.5/32".parse().unwrap(),
+                "fd00::5/128".parse().unwrap(),
+            ],
+        }
+    }
+
+    fn testdata(name: &str) -> String {
+        let path = format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn unhex(text: &str) -> Vec<u8> {
+        let clean: String = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .flat_map(|l| l.split_whitespace())
+            .collect();
+        hex::decode(clean).unwrap()
+    }
+
+    #[test]
+    fn identity_vector_matches_byte_for_byte() {
+        let ca = ca_key();
+        let cert = identity_body(&ca).sign(&ca).unwrap();
+        let expected = unhex(&testdata("identity-v1.hex"));
+        assert_eq!(hex::encode(cert.encode()), hex::encode(&expected));
+        let decoded = Certificate::decode(&expected).unwrap();
+        assert_eq!(decoded, cert);
+        assert_eq!(
+            decoded.body.spiffe_id(),
+            "spiffe://example.org/ns/microblog/sa/post"
+        );
+        decoded
+            .verify_identity(&[ca_cert(&ca, "example.org")], T0 + 1, None)
+            .unwrap();
+    }
+
+    #[test]
+    fn ca_and_crl_vectors_match_byte_for_byte() {
+        let ca = ca_key();
+        let cert = ca_cert(&ca, "example.org");
+        assert_eq!(
+            hex::encode(cert.encode()),
+            hex::encode(unhex(&testdata("ca-v1.hex")))
+        );
+        cert.verify_ca(T0).unwrap();
+        let crl = RevocationList::sign("example.org", 2, T0 + 60, vec![9, 3, 3], &ca).unwrap();
+        assert_eq!(crl.serials, vec![3, 9]);
+        let bytes = unhex(&testdata("crl-v1.hex"));
+        assert_eq!(hex::encode(crl.encode()), hex::encode(&bytes));
+        let decoded = RevocationList::decode(&bytes).unwrap();
+        decoded.verify(&cert).unwrap();
+        assert_eq!(decoded, crl);
+    }
+
+    #[test]
+    fn verification_refuses_what_it_must() {
+        let ca = ca_key();
+        let bundle = [ca_cert(&ca, "example.org")];
+        let cert = identity_body(&ca).sign(&ca).unwrap();
+        assert_eq!(
+            cert.verify_identity(&bundle, T1 + 1, None),
+            Err(CertError::Expired {
+                not_after: T1,
+                now: T1 + 1
+            })
+        );
+        assert!(matches!(
+            cert.verify_identity(&bundle, T0 - 1, None),
+            Err(CertError::NotYetValid { .. })
+        ));
+        let other = SigningKey::from_bytes(&[9u8; 32]);
+        assert_eq!(
+            cert.verify_identity(&[ca_cert(&other, "example.org")], T0, None),
+            Err(CertError::UnknownIssuer)
+        );
+        assert_eq!(
+            cert.verify_identity(&[ca_cert(&ca, "other.org")], T0, None),
+            Err(CertError::UnknownIssuer)
+        );
+        let crl = RevocationList::sign("example.org", 1, T0, vec![cert.body.serial], &ca).unwrap();
+        assert_eq!(
+            cert.verify_identity(&bundle, T0, Some(&crl)),
+            Err(CertError::Revoked {
+                serial: cert.body.serial
+            })
+        );
+        let mut forged = cert.clone();
+        forged.body.addrs = vec!["100.64.0.6/32".parse().unwrap()];
+        assert_eq!(
+            forged.verify_identity(&bundle, T0, None),
+            Err(CertError::BadSignature)
+        );
+        let self_made = identity_body(&other);
+        assert!(
+            self_made.clone().sign(&ca).is_err(),
+            "the issuer must be the signing key"
+        );
+        let crl_by_other = RevocationList::sign("example.org", 1, T0, vec![], &other).unwrap();
+        assert_eq!(
+            crl_by_other.verify(&bundle[0]),
+            Err(CertError::UnknownIssuer)
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let ca = ca_key();
+        let bytes = identity_body(&ca).sign(&ca).unwrap().encode();
+        for n in 0..bytes.len() {
+            assert!(
+                Certificate::decode(&bytes[..n]).is_err(),
+                "accepted {n} of {} bytes",
+                bytes.len()
+            );
+        }
+        let crl = RevocationList::sign("example.org", 1, T0, vec![1, 2, 3], &ca)
+            .unwrap()
+            .encode();
+        for n in 0..crl.len() {
+            assert!(RevocationList::decode(&crl[..n]).is_err());
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(
+            Certificate::decode(&long),
+            Err(CertError::TrailingBytes { extra: 1 })
+        );
+    }
+
+    #[test]
+    fn every_single_bit_flip_of_a_signed_certificate_is_rejected() {
+        let ca = ca_key();
+        let bundle = [ca_cert(&ca, "example.org")];
+        let bytes = identity_body(&ca).sign(&ca).unwrap().encode();
+        for bit in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            let r = Certificate::decode(&b).and_then(|c| c.verify_identity(&bundle, T0 + 1, None));
+            assert!(r.is_err(), "bit {bit} flipped and still accepted");
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let ca = ca_key();
+        let mut b = identity_body(&ca);
+        b.namespace = "Micro_Blog".into();
+        assert!(matches!(
+            b.clone().sign(&ca),
+            Err(CertError::InvalidField {
+                field: "namespace",
+                ..
+            })
+        ));
+        b.namespace = "microblog".into();
+        b.labels.insert("-bad".into(), "x".into());
+        assert!(matches!(
+            b.clone().sign(&ca),
+            Err(CertError::InvalidField {
+                field: "label key",
+                ..
+            })
+        ));
+        b.labels.remove("-bad");
+        b.addrs.reverse();
+        assert!(matches!(
+            b.sign(&ca),
+            Err(CertError::NotCanonical { field: "addrs", .. })
+        ));
+        assert!(matches!(
+            Certificate::decode(b"NOPE"),
+            Err(CertError::BadMagic { .. })
+        ));
+        assert!(Certificate::decode(&vec![0u8; MAX_CERT_BYTES + 1]).is_err());
+    }
+
+    fn arb_body() -> impl Strategy<Value = CertBody> {
+        let label = ("[a-z][a-z0-9]{0,10}", "[a-zA-Z0-9]{0,12}");
+        (
+            any::<u64>(),
+            0u64..u64::MAX / 2,
+            "[a-z0-9]{1,20}",
+            "[a-z][a-z0-9-]{0,20}[a-z0-9]",
+            proptest::collection::btree_map(label.0, label.1, 0..8),
+            proptest::collection::btree_set((any::<u32>(), 0u8..=32), 0..6),
+        )
+            .prop_map(|(serial, nb, ns, name, labels, addrs)| {
+                let ca = ca_key();
+                let mut addrs: Vec<Cidr> = addrs
+                    .into_iter()
+                    .map(|(a, l)| Cidr::new(IpAddr::V4(a.into()), l).unwrap())
+                    .collect();
+                addrs.sort();
+                addrs.dedup();
+                CertBody {
+                    kind: CertKind::Identity,
+                    serial,
+                    not_before: nb,
+                    not_after: nb + 1000,
+                    trust_domain: "td.example".into(),
+                    namespace: ns,
+                    name,
+                    public_key: [3; 32],
+                    issuer: ca.verifying_key().to_bytes(),
+                    labels,
+                    addrs,
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(body in arb_body()) {
+            let cert = body.sign(&ca_key()).unwrap();
+            let bytes = cert.encode();
+            prop_assert!(bytes.len() <= MAX_CERT_BYTES);
+            prop_assert_eq!(Certificate::decode(&bytes).unwrap(), cert);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Certificate::decode(&bytes);
+            let _ = RevocationList::decode(&bytes);
+        }
+    }
+}
