@@ -1,13 +1,20 @@
 //! meshctl: the operator's tool. One module per subcommand group.
 
+mod ca;
+mod files;
+mod identity;
 mod keys;
 mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(version, about = "Operate a meshd mesh: keys, status")]
+#[command(
+    version,
+    about = "Operate a meshd mesh: CA and identities, keys, status"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,6 +22,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The certificate authority: the mesh's root of trust.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Identity certificates for workloads.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Print a new private key (base64), like `wg genkey`.
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
@@ -28,6 +45,64 @@ enum Command {
         /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
         #[arg(long)]
         socket: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA: an Ed25519 key (mode 0600) and a self-signed CA certificate.
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity, e.g. 3650d, 8760h.
+        #[arg(long, default_value = ca::DEFAULT_CA_TTL)]
+        ttl: String,
+    },
+    /// Add a serial to the CA's signed revocation list (DIR/revoked.crl).
+    Revoke {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        serial: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Issue a certificate binding a WireGuard public key to TD/NAMESPACE/NAME, labels and addresses.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        /// The service account name.
+        #[arg(long)]
+        name: String,
+        /// A label KEY=VALUE; repeat for more.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// An overlay address or prefix; repeat for more.
+        #[arg(long = "ip", required = true)]
+        ips: Vec<String>,
+        #[arg(long, default_value = identity::DEFAULT_IDENTITY_TTL)]
+        ttl: String,
+        /// The node's WireGuard public key (from `meshctl genkey | meshctl pubkey` or wg); the
+        /// private key then never leaves that node. Without it a key pair is made here.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show every field of a certificate, its validity, and whether it verifies.
+    Inspect {
+        file: PathBuf,
+        /// Verify against this CA directory (its ca.crt and revoked.crl).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -58,6 +133,42 @@ impl From<anyhow::Error> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    trust_domain,
+                    out,
+                    ttl,
+                },
+        } => ca::init(&trust_domain, &out, &ttl),
+        Command::Ca {
+            command: CaCommand::Revoke { ca, serial },
+        } => ca::revoke(&ca, serial),
+        Command::Identity {
+            command:
+                IdentityCommand::Issue {
+                    ca,
+                    namespace,
+                    name,
+                    labels,
+                    ips,
+                    ttl,
+                    public_key,
+                    out,
+                },
+        } => identity::issue(identity::IssueArgs {
+            ca,
+            namespace,
+            name,
+            labels,
+            ips,
+            ttl,
+            public_key,
+            out,
+        }),
+        Command::Identity {
+            command: IdentityCommand::Inspect { file, ca, output },
+        } => identity::inspect(&file, ca.as_deref(), output),
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
         Command::Status {

@@ -1,0 +1,167 @@
+//! `meshctl ca`: the mesh's root of trust. A CA directory holds `ca.key` (Ed25519 seed, mode
+//! 0600), `ca.crt` (the self-signed CA certificate) and `revoked.crl` (the signed revocation list).
+
+use crate::files;
+use crate::Failure;
+use anyhow::{anyhow, Context};
+use ed25519_dalek::SigningKey;
+use proto::armor;
+use proto::cert::{CertBody, CertKind, Certificate, RevocationList};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CA_TTL: &str = "3650d";
+
+pub struct CaDir {
+    pub dir: PathBuf,
+}
+
+impl CaDir {
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join("revoked.crl")
+    }
+
+    pub fn signing_key(&self) -> anyhow::Result<SigningKey> {
+        let path = self.key_path();
+        let text = files::read_secret(&path)?;
+        let seed = armor::decode(armor::CA_PRIVATE_KEY, &text)
+            .with_context(|| format!("{}", path.display()))?;
+        let seed: [u8; 32] = seed
+            .try_into()
+            .map_err(|_| anyhow!("{}: a CA key is 32 bytes", path.display()))?;
+        Ok(SigningKey::from_bytes(&seed))
+    }
+
+    pub fn certificate(&self) -> anyhow::Result<Certificate> {
+        load_certificate(&self.cert_path())
+    }
+
+    /// The current revocation list, if the CA has issued one.
+    pub fn revocation_list(&self, ca: &Certificate) -> anyhow::Result<Option<RevocationList>> {
+        let path = self.crl_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = armor::decode(armor::REVOCATION_LIST, &files::read(&path)?)
+            .with_context(|| format!("{}", path.display()))?;
+        let crl = RevocationList::decode(&bytes).with_context(|| format!("{}", path.display()))?;
+        crl.verify(ca)
+            .with_context(|| format!("{}: not signed by this CA", path.display()))?;
+        Ok(Some(crl))
+    }
+}
+
+pub fn load_certificate(path: &Path) -> anyhow::Result<Certificate> {
+    let bytes = armor::decode(armor::CERTIFICATE, &files::read(path)?)
+        .with_context(|| format!("{}", path.display()))?;
+    Certificate::decode(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn random_serial() -> u64 {
+    let mut b = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    u64::from_be_bytes(b) >> 1
+}
+
+pub fn init(trust_domain: &str, out: &Path, ttl: &str) -> Result<(), Failure> {
+    let ttl = proto::duration::parse(ttl).map_err(|e| Failure::input(anyhow!("--ttl: {e}")))?;
+    let ca = CaDir {
+        dir: out.to_path_buf(),
+    };
+    if ca.key_path().exists() || ca.cert_path().exists() {
+        return Err(anyhow!(
+            "{} already holds a CA; refusing to overwrite it",
+            out.display()
+        )
+        .into());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut seed = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+    let key = SigningKey::from_bytes(&seed);
+    let public = key.verifying_key().to_bytes();
+    let now = now();
+    let cert = CertBody {
+        kind: CertKind::Ca,
+        serial: random_serial(),
+        not_before: now,
+        not_after: now.saturating_add(ttl.as_secs()),
+        trust_domain: trust_domain.to_string(),
+        namespace: String::new(),
+        name: "mesh-ca".into(),
+        public_key: public,
+        issuer: public,
+        labels: BTreeMap::new(),
+        addrs: vec![],
+    }
+    .sign(&key)
+    .map_err(|e| Failure::input(anyhow!("--trust-domain: {e}")))?;
+    files::create(
+        &ca.key_path(),
+        armor::encode(armor::CA_PRIVATE_KEY, &seed).as_bytes(),
+        0o600,
+    )?;
+    files::create(
+        &ca.cert_path(),
+        armor::encode(armor::CERTIFICATE, &cert.encode()).as_bytes(),
+        0o644,
+    )?;
+    println!("CA for trust domain {trust_domain} in {}", out.display());
+    println!(
+        "  key  {} (mode 600: keep it offline)",
+        ca.key_path().display()
+    );
+    println!(
+        "  cert {} (distribute it as the trust bundle)",
+        ca.cert_path().display()
+    );
+    Ok(())
+}
+
+pub fn revoke(dir: &Path, serial: u64) -> Result<(), Failure> {
+    let ca = CaDir {
+        dir: dir.to_path_buf(),
+    };
+    let key = ca.signing_key()?;
+    let cert = ca.certificate()?;
+    if cert.body.public_key != key.verifying_key().to_bytes() {
+        let (k, c) = (ca.key_path(), ca.cert_path());
+        return Err(anyhow!("{} does not belong to {}", k.display(), c.display()).into());
+    }
+    let current = ca.revocation_list(&cert)?;
+    let (number, mut serials) = match current {
+        Some(c) => (c.number + 1, c.serials),
+        None => (1, vec![]),
+    };
+    if serials.contains(&serial) {
+        println!("serial {serial} was already revoked");
+        return Ok(());
+    }
+    serials.push(serial);
+    let crl = RevocationList::sign(&cert.body.trust_domain, number, now(), serials, &key)
+        .map_err(|e| anyhow!("signing the revocation list: {e}"))?;
+    files::replace(
+        &ca.crl_path(),
+        armor::encode(armor::REVOCATION_LIST, &crl.encode()).as_bytes(),
+        0o644,
+    )?;
+    println!(
+        "revoked serial {serial}: {} now lists {} serial(s), number {number}",
+        ca.crl_path().display(),
+        crl.serials.len()
+    );
+    Ok(())
+}

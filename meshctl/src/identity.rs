@@ -1,0 +1,248 @@
+//! `meshctl identity`: certificates binding a workload's WireGuard key to its name, namespace,
+//! labels and overlay addresses.
+
+use crate::ca::{self, CaDir};
+use crate::{files, Failure, Output};
+use anyhow::{anyhow, Context};
+use proto::armor;
+use proto::cert::{CertBody, CertKind};
+use proto::{Cidr, Key};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_IDENTITY_TTL: &str = "720h";
+
+pub struct IssueArgs {
+    pub ca: PathBuf,
+    pub namespace: String,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub ips: Vec<String>,
+    pub ttl: String,
+    pub public_key: Option<PathBuf>,
+    pub out: PathBuf,
+}
+
+pub fn issue(a: IssueArgs) -> Result<(), Failure> {
+    let input = |e: anyhow::Error| Failure::input(e);
+    let ttl = proto::duration::parse(&a.ttl).map_err(|e| input(anyhow!("--ttl: {e}")))?;
+    let mut labels = BTreeMap::new();
+    for l in &a.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| input(anyhow!("--label `{l}`: expected KEY=VALUE")))?;
+        if labels.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(input(anyhow!("--label: key `{k}` given twice")));
+        }
+    }
+    let mut addrs = Vec::new();
+    for ip in &a.ips {
+        let c: Cidr = ip.parse().map_err(|e| input(anyhow!("--ip `{ip}`: {e}")))?;
+        addrs.push(c);
+    }
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(input(anyhow!(
+            "--ip: an identity needs at least one overlay address"
+        )));
+    }
+
+    let ca_dir = CaDir { dir: a.ca.clone() };
+    let ca_key = ca_dir.signing_key()?;
+    let ca_cert = ca_dir.certificate()?;
+    if ca_cert.body.public_key != ca_key.verifying_key().to_bytes() {
+        return Err(anyhow!(
+            "{} does not belong to {}",
+            ca_dir.key_path().display(),
+            ca_dir.cert_path().display()
+        )
+        .into());
+    }
+
+    let cert_path = a.out.join(format!("{}.crt", a.name));
+    let key_path = a.out.join(format!("{}.key", a.name));
+    if cert_path.exists() {
+        return Err(anyhow!("{} exists; refusing to overwrite it", cert_path.display()).into());
+    }
+    let (public, new_private) = match &a.public_key {
+        Some(path) => {
+            let text = files::read(path)?;
+            let k =
+                Key::from_base64(&text).map_err(|e| input(anyhow!("{}: {e}", path.display())))?;
+            (k, None)
+        }
+        None => {
+            if key_path.exists() {
+                return Err(
+                    anyhow!("{} exists; refusing to overwrite it", key_path.display()).into(),
+                );
+            }
+            let private = Key::generate_private();
+            (private.public(), Some(private))
+        }
+    };
+    let now = ca::now();
+    let not_after = now
+        .saturating_add(ttl.as_secs())
+        .min(ca_cert.body.not_after);
+    let cert = CertBody {
+        kind: CertKind::Identity,
+        serial: ca::random_serial(),
+        not_before: now,
+        not_after,
+        trust_domain: ca_cert.body.trust_domain.clone(),
+        namespace: a.namespace.clone(),
+        name: a.name.clone(),
+        public_key: public.0,
+        issuer: ca_cert.body.public_key,
+        labels,
+        addrs,
+    }
+    .sign(&ca_key)
+    .map_err(|e| input(anyhow!("{e}")))?;
+
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    if let Some(private) = new_private {
+        files::create(&key_path, format!("{private}\n").as_bytes(), 0o600)?;
+        println!("key  {} (mode 600)", key_path.display());
+    }
+    files::create(
+        &cert_path,
+        armor::encode(armor::CERTIFICATE, &cert.encode()).as_bytes(),
+        0o644,
+    )?;
+    println!(
+        "cert {} for {} serial {}",
+        cert_path.display(),
+        cert.body.spiffe_id(),
+        cert.body.serial
+    );
+    Ok(())
+}
+
+/// What `inspect` prints as JSON.
+#[derive(serde::Serialize)]
+struct Inspection<'a> {
+    #[serde(flatten)]
+    body: &'a CertBody,
+    identity: String,
+    spiffe_id: String,
+    not_before_utc: String,
+    not_after_utc: String,
+    /// "ok", or why it does not verify; absent without --ca (except for a self-signed CA).
+    verification: Option<String>,
+}
+
+pub fn inspect(file: &Path, ca_dir: Option<&Path>, output: Output) -> Result<(), Failure> {
+    let cert = ca::load_certificate(file).map_err(Failure::input)?;
+    let now = ca::now();
+    let verification: Option<Result<(), String>> = match (ca_dir, cert.body.kind) {
+        (Some(dir), CertKind::Identity) => {
+            let d = CaDir {
+                dir: dir.to_path_buf(),
+            };
+            let ca_cert = d.certificate()?;
+            let crl = d.revocation_list(&ca_cert)?;
+            Some(
+                cert.verify_identity(&[ca_cert], now, crl.as_ref())
+                    .map_err(|e| e.to_string()),
+            )
+        }
+        (_, CertKind::Ca) => Some(cert.verify_ca(now).map_err(|e| e.to_string())),
+        (None, CertKind::Identity) => None,
+    };
+    let b = &cert.body;
+    let view = Inspection {
+        body: b,
+        identity: b.identity(),
+        spiffe_id: b.spiffe_id(),
+        not_before_utc: utc(b.not_before),
+        not_after_utc: utc(b.not_after),
+        verification: verification
+            .clone()
+            .map(|v| v.err().unwrap_or_else(|| "ok".into())),
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&view).context("encoding")?
+        ),
+        Output::Table => {
+            println!("{:?} certificate {}", b.kind, file.display());
+            if b.kind == CertKind::Identity {
+                println!("  identity     {}", view.identity);
+                println!("  spiffe id    {}", view.spiffe_id);
+            } else {
+                println!("  trust domain {}", b.trust_domain);
+                println!("  name         {}", b.name);
+            }
+            println!("  serial       {}", b.serial);
+            println!("  public key   {}", Key(b.public_key));
+            println!("  issuer       {}", Key(b.issuer));
+            println!(
+                "  valid        {} .. {}",
+                view.not_before_utc, view.not_after_utc
+            );
+            let labels: Vec<String> = b.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "  labels       {}",
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                }
+            );
+            let addrs: Vec<String> = b.addrs.iter().map(|a| a.to_string()).collect();
+            println!(
+                "  addresses    {}",
+                if addrs.is_empty() {
+                    "-".into()
+                } else {
+                    addrs.join(",")
+                }
+            );
+            match &verification {
+                Some(Ok(())) => println!("  verifies     yes"),
+                Some(Err(e)) => println!("  verifies     NO: {e}"),
+                None => println!("  verifies     not checked (give --ca DIR)"),
+            }
+        }
+    }
+    match verification {
+        Some(Err(e)) => Err(anyhow!("{} does not verify: {e}", file.display()).into()),
+        _ => Ok(()),
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days, H. Hinnant's algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(1_767_225_600), "2026-01-01T00:00:00Z");
+        assert_eq!(super::utc(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
+}

@@ -1,0 +1,356 @@
+//! The root of trust from the operator's side: `meshctl ca` and `meshctl identity`, run as real
+//! processes against files in a temporary directory.
+
+use mesh_tests::bin;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("meshctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn p(&self, rel: &str) -> String {
+        self.0.join(rel).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn meshctl(args: &[&str]) -> Output {
+    Command::new(bin("meshctl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = meshctl(args);
+    assert!(
+        out.status.success(),
+        "meshctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn mode(path: &str) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn inspect_json(cert: &str, ca: Option<&str>) -> (Option<i32>, serde_json::Value) {
+    let mut args = vec!["identity", "inspect", cert, "-o", "json"];
+    if let Some(ca) = ca {
+        args.extend(["--ca", ca]);
+    }
+    let out = meshctl(&args);
+    (
+        out.status.code(),
+        serde_json::from_slice(&out.stdout).expect("inspect -o json prints JSON"),
+    )
+}
+
+#[test]
+fn ca_init_and_issue_with_a_node_made_key() {
+    let d = Dir::new("issue");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("ca"),
+    ]);
+    assert_eq!(mode(&d.p("ca/ca.key")), 0o600);
+    // The recommended flow: the node makes its key and hands over only the public half.
+    let private = ok(&["genkey"]);
+    std::fs::write(d.p("node.pub"), {
+        let mut c = Command::new(bin("meshctl"))
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(private.as_bytes())
+            .unwrap();
+        c.wait_with_output().unwrap().stdout
+    })
+    .unwrap();
+    let public = std::fs::read_to_string(d.p("node.pub")).unwrap();
+    ok(&[
+        "identity",
+        "issue",
+        "--ca",
+        &d.p("ca"),
+        "--namespace",
+        "microblog",
+        "--name",
+        "post",
+        "--label",
+        "app=post",
+        "--label",
+        "svc-post=access",
+        "--ip",
+        "100.64.0.5/32",
+        "--ip",
+        "fd00::5",
+        "--ttl",
+        "30d",
+        "--public-key",
+        &d.p("node.pub"),
+        "--out",
+        &d.p("ids"),
+    ]);
+    assert!(
+        !Path::new(&d.p("ids/post.key")).exists(),
+        "no private key is made when one is given"
+    );
+    let (code, j) = inspect_json(&d.p("ids/post.crt"), Some(&d.p("ca")));
+    assert_eq!(code, Some(0));
+    assert_eq!(j["verification"], "ok");
+    assert_eq!(j["identity"], "example.org/microblog/post");
+    assert_eq!(j["spiffe_id"], "spiffe://example.org/ns/microblog/sa/post");
+    assert_eq!(j["public_key"], public.trim());
+    assert_eq!(j["labels"]["svc-post"], "access");
+    assert_eq!(
+        j["addrs"],
+        serde_json::json!(["100.64.0.5/32", "fd00::5/128"])
+    );
+    let validity = j["not_after"].as_u64().unwrap() - j["not_before"].as_u64().unwrap();
+    assert_eq!(validity, 30 * 86400);
+
+    // Without --public-key a key pair is made, the private half mode 0600.
+    ok(&[
+        "identity",
+        "issue",
+        "--ca",
+        &d.p("ca"),
+        "--namespace",
+        "microblog",
+        "--name",
+        "api",
+        "--ip",
+        "100.64.0.6/32",
+        "--out",
+        &d.p("ids"),
+    ]);
+    assert_eq!(mode(&d.p("ids/api.key")), 0o600);
+    let table = ok(&[
+        "identity",
+        "inspect",
+        &d.p("ids/api.crt"),
+        "--ca",
+        &d.p("ca"),
+    ]);
+    assert!(table.contains("verifies     yes"), "{table}");
+}
+
+#[test]
+fn inspect_refuses_other_cas_tampering_revocation_and_expiry() {
+    let d = Dir::new("refuse");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("ca"),
+    ]);
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("other"),
+    ]);
+    ok(&[
+        "identity",
+        "issue",
+        "--ca",
+        &d.p("ca"),
+        "--namespace",
+        "ns1",
+        "--name",
+        "svc",
+        "--ip",
+        "100.64.1.1/32",
+        "--out",
+        &d.p("ids"),
+    ]);
+    let cert = d.p("ids/svc.crt");
+
+    let (code, j) = inspect_json(&cert, Some(&d.p("other")));
+    assert_eq!(code, Some(1));
+    assert!(
+        j["verification"]
+            .as_str()
+            .unwrap()
+            .contains("not in the trust bundle"),
+        "{j}"
+    );
+
+    // Tamper: swap the certificate's address for another one of the same length.
+    let text = std::fs::read_to_string(&cert).unwrap();
+    let bytes = proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap();
+    let pos = bytes.windows(4).position(|w| w == [100, 64, 1, 1]).unwrap();
+    let mut forged = bytes.clone();
+    forged[pos + 3] = 2;
+    std::fs::write(
+        d.p("forged.crt"),
+        proto::armor::encode(proto::armor::CERTIFICATE, &forged),
+    )
+    .unwrap();
+    let (code, j) = inspect_json(&d.p("forged.crt"), Some(&d.p("ca")));
+    assert_eq!(code, Some(1));
+    assert_eq!(j["verification"], "the signature does not verify");
+    assert_eq!(j["addrs"][0], "100.64.1.2/32");
+
+    let serial = inspect_json(&cert, None).1["serial"].as_u64().unwrap();
+    ok(&[
+        "ca",
+        "revoke",
+        "--ca",
+        &d.p("ca"),
+        "--serial",
+        &serial.to_string(),
+    ]);
+    let (code, j) = inspect_json(&cert, Some(&d.p("ca")));
+    assert_eq!(code, Some(1));
+    assert_eq!(j["verification"], format!("serial {serial} is revoked"));
+    ok(&["ca", "revoke", "--ca", &d.p("ca"), "--serial", "42"]);
+    let crl = proto::armor::decode(
+        proto::armor::REVOCATION_LIST,
+        &std::fs::read_to_string(d.p("ca/revoked.crl")).unwrap(),
+    )
+    .unwrap();
+    let crl = proto::cert::RevocationList::decode(&crl).unwrap();
+    assert_eq!(
+        (crl.number, crl.serials.len()),
+        (2, 2),
+        "each revocation bumps the list number"
+    );
+
+    ok(&[
+        "identity",
+        "issue",
+        "--ca",
+        &d.p("ca"),
+        "--namespace",
+        "ns1",
+        "--name",
+        "brief",
+        "--ip",
+        "100.64.1.3/32",
+        "--ttl",
+        "1s",
+        "--out",
+        &d.p("ids"),
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (code, j) = inspect_json(&d.p("ids/brief.crt"), Some(&d.p("ca")));
+    assert_eq!(code, Some(1));
+    assert!(
+        j["verification"]
+            .as_str()
+            .unwrap()
+            .starts_with("expired at"),
+        "{j}"
+    );
+}
+
+#[test]
+fn bad_input_is_named_and_nothing_is_overwritten() {
+    let d = Dir::new("bad");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("ca"),
+    ]);
+    let before = std::fs::read(d.p("ca/ca.key")).unwrap();
+    let again = meshctl(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("ca"),
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a CA"));
+    assert_eq!(
+        std::fs::read(d.p("ca/ca.key")).unwrap(),
+        before,
+        "the CA key is untouched"
+    );
+
+    let (ca_dir, ids_dir) = (d.p("ca"), d.p("ids"));
+    let issue = |extra: &[&str]| {
+        let mut a = vec!["identity", "issue", "--ca", &ca_dir, "--out", &ids_dir];
+        a.extend_from_slice(extra);
+        let o = meshctl(&a);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = issue(&["--namespace", "Bad_NS", "--name", "x", "--ip", "100.64.0.1"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("namespace `Bad_NS`"), "{err}");
+    let (code, err) = issue(&["--namespace", "ns", "--name", "x", "--ip", "100.64.0.1/40"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--ip `100.64.0.1/40`"), "{err}");
+    let (code, err) = issue(&[
+        "--namespace",
+        "ns",
+        "--name",
+        "x",
+        "--ip",
+        "100.64.0.1",
+        "--ttl",
+        "5y",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--ttl") && err.contains("5y"), "{err}");
+    let (code, err) = issue(&[
+        "--namespace",
+        "ns",
+        "--name",
+        "x",
+        "--ip",
+        "100.64.0.1",
+        "--label",
+        "novalue",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--label `novalue`"), "{err}");
+
+    std::fs::set_permissions(d.p("ca/ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, err) = issue(&["--namespace", "ns", "--name", "x", "--ip", "100.64.0.1"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("ca.key is accessible by others (mode 644)"),
+        "{err}"
+    );
+
+    let missing = meshctl(&["identity", "inspect", &d.p("nope.crt")]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.crt"));
+}
