@@ -343,8 +343,11 @@ impl Default for Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for (_, child) in &mut self.children {
-            // SAFETY: signalling our own unreaped child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // A reaped child's pid may belong to someone else by now: signal only live ones.
+            if matches!(child.try_wait(), Ok(None)) {
+                // SAFETY: signalling our own unreaped child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
         }
         for (_, child) in &mut self.children {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -460,9 +463,11 @@ pub fn tcp_sink(
         let mut buf = vec![0u8; 1 << 16];
         let mut got: u64 = 0;
         loop {
-            let n = s
-                .read(&mut buf)
-                .map_err(|e| format!("read after {got} bytes: {e}"))?;
+            let n = match s.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("read after {got} bytes: {e}")),
+            };
             if n == 0 {
                 break;
             }
