@@ -1,10 +1,10 @@
 //! `meshctl ca`: the mesh's root of trust. A CA directory holds `ca.key` (Ed25519 seed, mode
 //! 0600), `ca.crt` (the self-signed CA certificate) and `revoked.crl` (the signed revocation list).
 
-use crate::files;
 use crate::Failure;
 use anyhow::{anyhow, Context};
 use ed25519_dalek::SigningKey;
+use keyfile as files;
 use proto::armor;
 use proto::cert::{CertBody, CertKind, Certificate, RevocationList};
 use std::collections::BTreeMap;

@@ -2,8 +2,9 @@
 //! labels and overlay addresses.
 
 use crate::ca::{self, CaDir};
-use crate::{files, Failure, Output};
+use crate::{Failure, Output};
 use anyhow::{anyhow, Context};
+use keyfile as files;
 use proto::armor;
 use proto::cert::{CertBody, CertKind};
 use proto::{Cidr, Key};

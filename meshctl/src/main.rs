@@ -1,7 +1,6 @@
 //! meshctl: the operator's tool. One module per subcommand group.
 
 mod ca;
-mod files;
 mod identity;
 mod keys;
 mod status;

@@ -1,6 +1,7 @@
 //! meshd: a userspace WireGuard daemon. This file parses arguments, sets up logging and wires the
 //! device to its control sockets and signals; nothing else.
 
+mod config;
 mod control;
 mod device;
 mod drops;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
     version,
     about = "Userspace WireGuard daemon of the mesh; configure it with `wg` or meshctl"
 )]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["ifname", "check_config"])))]
 struct Args {
     /// Stay in the foreground instead of detaching (as systemd and tests run it).
     #[arg(short = 'f', long)]
@@ -25,12 +27,15 @@ struct Args {
     /// MTU of the interface in bytes.
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u32).range(576..=65535))]
     mtu: u32,
+    /// Validate a mesh-mode configuration file and the files it names, then exit.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
     /// Name of the TUN interface to create (at most 15 bytes).
     #[arg(value_parser = parse_ifname)]
-    ifname: String,
+    ifname: Option<String>,
 }
 
-fn parse_ifname(s: &str) -> Result<String, String> {
+pub(crate) fn parse_ifname(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 15
         && s.bytes()
@@ -44,8 +49,58 @@ fn parse_ifname(s: &str) -> Result<String, String> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        return match check_config(path) {
+            Ok(summary) => {
+                println!("{summary}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshd: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
+    match start(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// Checks a configuration file and everything it names; returns a one-paragraph summary.
+fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg = config::Config::parse(&text, path)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let id = config::load(&cfg, now)?;
+    let body = &id.certificate.body;
+    Ok(format!(
+        "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires in {} s\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s), state in {}",
+        path.display(),
+        cfg.interface.name,
+        cfg.interface.listen_port,
+        cfg.interface.mtu,
+        body.identity(),
+        body.serial,
+        body.not_after.saturating_sub(now),
+        id.private_key.public(),
+        id.bundle.len(),
+        id.revocation_lists.len(),
+        cfg.seeds().len(),
+        cfg.peering.state_dir.display()
+    ))
+}
+
+fn start(args: Args) -> anyhow::Result<()> {
     if !args.foreground {
         return daemonize(&args);
     }
@@ -64,9 +119,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let dev = device::Device::create(&args.ifname, args.mtu)?;
-    let uapi_path = PathBuf::from(control::uapi::socket_path(&args.ifname));
-    let admin_path = PathBuf::from(proto::admin::socket_path(&args.ifname));
+    let ifname = args.ifname.clone().context("no interface name")?;
+    let dev = device::Device::create(&ifname, args.mtu)?;
+    let uapi_path = PathBuf::from(control::uapi::socket_path(&ifname));
+    let admin_path = PathBuf::from(proto::admin::socket_path(&ifname));
     let _files = control::SocketFiles;
     let uapi = control::bind_socket(&uapi_path)?;
     control::remove_at_exit(uapi_path.clone());
@@ -74,7 +130,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     control::remove_at_exit(admin_path.clone());
     privileges::drop_unneeded().context("dropping capabilities")?;
     tracing::info!(
-        interface = %args.ifname,
+        interface = %ifname,
         mtu = args.mtu,
         uapi = %uapi_path.display(),
         admin = %admin_path.display(),
@@ -101,11 +157,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn daemonize(args: &Args) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the meshd executable")?;
+    let ifname = args.ifname.as_deref().context("no interface name")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--foreground")
         .arg("--mtu")
         .arg(args.mtu.to_string())
-        .arg(&args.ifname);
+        .arg(ifname);
     // Detached, it must not hold the caller's terminal or pipes open; run with --foreground
     // (as systemd does) to see its log.
     cmd.stdin(std::process::Stdio::null())
@@ -119,7 +176,7 @@ fn daemonize(args: &Args) -> anyhow::Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting the meshd daemon")?;
-    let socket = control::uapi::socket_path(&args.ifname);
+    let socket = control::uapi::socket_path(ifname);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {

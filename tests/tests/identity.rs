@@ -354,3 +354,106 @@ fn bad_input_is_named_and_nothing_is_overwritten() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.crt"));
 }
+
+fn check_config(path: &str) -> (Option<i32>, String) {
+    let o = Command::new(bin("meshd"))
+        .args(["--check-config", path])
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn meshd_check_config_validates_the_file_and_the_identity_it_names() {
+    let d = Dir::new("config");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("ca"),
+    ]);
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("rogue"),
+    ]);
+    for (ca, name) in [("ca", "post"), ("ca", "api"), ("rogue", "evil")] {
+        ok(&[
+            "identity",
+            "issue",
+            "--ca",
+            &d.p(ca),
+            "--namespace",
+            "microblog",
+            "--name",
+            name,
+            "--ip",
+            "100.64.0.5/32",
+            "--out",
+            &d.p("ids"),
+        ]);
+    }
+    let write = |file: &str, cert: &str, key: &str, extra: &str| {
+        let text = format!(
+            "[interface]\nname = \"mesh0\"\n{extra}\n[identity]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\n[trust]\nbundle = [\"{}\"]\n\n[peering]\nseeds = [\"198.18.0.1:51820\"]\nstate_dir = \"{}\"\n",
+            d.p(cert), d.p(key), d.p("ca/ca.crt"), d.p("state")
+        );
+        std::fs::write(d.p(file), text).unwrap();
+        d.p(file)
+    };
+    let (code, out) = check_config(&write("good.toml", "ids/post.crt", "ids/post.key", ""));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("identity example.org/microblog/post") && out.contains("1 seed(s)"),
+        "{out}"
+    );
+
+    let (code, out) = check_config(&write(
+        "typo.toml",
+        "ids/post.crt",
+        "ids/post.key",
+        "listen_prot = 5",
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("typo.toml")
+            && out.contains("unknown field `listen_prot`")
+            && out.contains("line 3"),
+        "{out}"
+    );
+
+    let (code, out) = check_config(&write("swap.toml", "ids/post.crt", "ids/api.key", ""));
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("post.crt is for key") && out.contains("api.key holds the private key"),
+        "{out}"
+    );
+
+    let (code, out) = check_config(&write("rogue.toml", "ids/evil.crt", "ids/evil.key", ""));
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("does not verify") && out.contains("not in the trust bundle"),
+        "{out}"
+    );
+
+    std::fs::set_permissions(d.p("ids/post.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, out) = check_config(&d.p("good.toml"));
+    assert_eq!(code, Some(1));
+    assert!(out.contains("post.key is accessible by others"), "{out}");
+
+    let (code, out) = check_config(&d.p("missing.toml"));
+    assert_eq!(code, Some(1));
+    assert!(out.contains("missing.toml"), "{out}");
+}

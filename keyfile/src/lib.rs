@@ -1,4 +1,4 @@
-//! Reading and writing the operator's files: secrets are created with mode 0600 and refused when
+//! Reading and writing key and certificate files: secrets are created with mode 0600 and refused when
 //! anyone but the owner can read them; nothing existing is overwritten.
 
 use anyhow::{bail, Context};

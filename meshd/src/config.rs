@@ -1,0 +1,286 @@
+//! The mesh-mode configuration file (TOML). Parsing and validation are pure; [`load`] reads the
+//! files the configuration names and checks that they make a usable identity.
+//!
+//! ```toml
+//! [interface]
+//! name = "mesh0"
+//! listen_port = 51820      # default 51820
+//! mtu = 1420               # default 1420
+//!
+//! [identity]
+//! certificate = "/etc/meshd/node.crt"
+//! private_key = "/etc/meshd/node.key"   # mode 0600
+//!
+//! [trust]
+//! bundle = ["/etc/meshd/ca.crt"]            # CA certificates trusted for peers
+//! revocation_lists = ["/etc/meshd/revoked.crl"]   # optional
+//!
+//! [peering]
+//! seeds = ["198.18.0.1:51820"]   # underlay endpoints to contact first
+//! state_dir = "/var/lib/meshd"    # default
+//! ```
+
+use anyhow::{anyhow, bail, Context};
+use proto::cert::{Certificate, RevocationList};
+use proto::{armor, Key};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub interface: InterfaceSection,
+    pub identity: IdentitySection,
+    pub trust: TrustSection,
+    #[serde(default)]
+    pub peering: PeeringSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceSection {
+    pub name: String,
+    #[serde(default = "default_port")]
+    pub listen_port: u16,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSection {
+    pub bundle: Vec<PathBuf>,
+    #[serde(default)]
+    pub revocation_lists: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeeringSection {
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+impl Default for PeeringSection {
+    fn default() -> Self {
+        PeeringSection {
+            seeds: Vec::new(),
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_port() -> u16 {
+    51820
+}
+fn default_mtu() -> u32 {
+    1420
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/meshd")
+}
+
+/// A configuration error: the file, and what is wrong where (TOML's own messages carry the line
+/// and column; ours name the key).
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Parses and validates `text`, read from `path` (used only in error messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.display().to_string(),
+            message,
+        };
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        if crate::parse_ifname(&cfg.interface.name).is_err() {
+            return Err(err(format!(
+                "interface.name: `{}` is not an interface name (1 to 15 letters, digits, - _ .)",
+                cfg.interface.name
+            )));
+        }
+        if !(576..=65535).contains(&cfg.interface.mtu) {
+            return Err(err(format!(
+                "interface.mtu: {} is not within 576..=65535",
+                cfg.interface.mtu
+            )));
+        }
+        if cfg.trust.bundle.is_empty() {
+            return Err(err(
+                "trust.bundle: at least one CA certificate is needed".into()
+            ));
+        }
+        for (i, s) in cfg.peering.seeds.iter().enumerate() {
+            if s.parse::<SocketAddr>().is_err() {
+                return Err(err(format!("peering.seeds[{i}]: `{s}` is not IP:port")));
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn seeds(&self) -> Vec<SocketAddr> {
+        self.peering
+            .seeds
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+}
+
+/// The identity and trust material a configuration names, read and checked.
+pub struct Identity {
+    pub private_key: Key,
+    pub certificate: Certificate,
+    pub bundle: Vec<Certificate>,
+    pub revocation_lists: Vec<RevocationList>,
+}
+
+fn read_cert(path: &Path) -> anyhow::Result<Certificate> {
+    let text = keyfile::read(path)?;
+    let bytes =
+        armor::decode(armor::CERTIFICATE, &text).with_context(|| path.display().to_string())?;
+    Certificate::decode(&bytes).with_context(|| path.display().to_string())
+}
+
+/// Reads the key, certificate, bundle and revocation lists, and checks that the certificate is
+/// for this key and verifies against the bundle at `now`.
+pub fn load(cfg: &Config, now: u64) -> anyhow::Result<Identity> {
+    let key_path = &cfg.identity.private_key;
+    let key_text = keyfile::read_secret(key_path)?;
+    let private_key =
+        Key::from_base64(&key_text).map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
+    let cert_path = &cfg.identity.certificate;
+    let certificate = read_cert(cert_path)?;
+    let mut bundle = Vec::new();
+    for p in &cfg.trust.bundle {
+        let ca = read_cert(p)?;
+        ca.verify_ca(now)
+            .with_context(|| format!("{}: not a usable CA certificate", p.display()))?;
+        bundle.push(ca);
+    }
+    let mut revocation_lists = Vec::new();
+    for p in &cfg.trust.revocation_lists {
+        let text = keyfile::read(p)?;
+        let bytes = armor::decode(armor::REVOCATION_LIST, &text)
+            .with_context(|| p.display().to_string())?;
+        let crl = RevocationList::decode(&bytes).with_context(|| p.display().to_string())?;
+        let ca = bundle
+            .iter()
+            .find(|ca| ca.body.public_key == crl.issuer)
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: issued by a CA that is not in trust.bundle",
+                    p.display()
+                )
+            })?;
+        crl.verify(ca).with_context(|| p.display().to_string())?;
+        revocation_lists.push(crl);
+    }
+    if private_key.public().0 != certificate.body.public_key {
+        bail!(
+            "{} is for key {}, but {} holds the private key of {}",
+            cert_path.display(),
+            Key(certificate.body.public_key),
+            key_path.display(),
+            private_key.public()
+        );
+    }
+    let crl = revocation_lists
+        .iter()
+        .find(|c| c.issuer == certificate.body.issuer);
+    certificate
+        .verify_identity(&bundle, now, crl)
+        .with_context(|| {
+            format!(
+                "{} does not verify against trust.bundle",
+                cert_path.display()
+            )
+        })?;
+    Ok(Identity {
+        private_key,
+        certificate,
+        bundle,
+        revocation_lists,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[interface]
+name = "mesh0"
+
+[identity]
+certificate = "/etc/meshd/node.crt"
+private_key = "/etc/meshd/node.key"
+
+[trust]
+bundle = ["/etc/meshd/ca.crt"]
+
+[peering]
+seeds = ["198.18.0.1:51820", "[fd01::1]:51820"]
+"#;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("/etc/meshd/meshd.toml"))
+    }
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!((c.interface.listen_port, c.interface.mtu), (51820, 1420));
+        assert_eq!(c.seeds().len(), 2);
+        assert_eq!(c.peering.state_dir, PathBuf::from("/var/lib/meshd"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let e = parse(&GOOD.replace("name = \"mesh0\"", "name = \"mesh0\"\nlisten_prot = 1"))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("/etc/meshd/meshd.toml:"), "{msg}");
+        assert!(msg.contains("unknown field `listen_prot`"), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+
+        let e = parse(&GOOD.replace("198.18.0.1:51820", "198.18.0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("peering.seeds[0]: `198.18.0.1` is not IP:port"),
+            "{e}"
+        );
+        let e = parse(&GOOD.replace("\"mesh0\"", "\"a/b\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interface.name"), "{e}");
+        let e = parse(&GOOD.replace("[\"/etc/meshd/ca.crt\"]", "[]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trust.bundle"), "{e}");
+        let e = parse(&GOOD.replace("name = \"mesh0\"", "name = \"mesh0\"\nmtu = \"big\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mtu"), "{e}");
+        let e = parse("[interface]\nname = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `identity`"), "{e}");
+    }
+}
