@@ -5,6 +5,7 @@ pub mod admin;
 pub mod armor;
 pub mod cert;
 pub mod cidr;
+pub mod control;
 pub mod duration;
 pub mod ip;
 pub mod key;

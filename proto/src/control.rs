@@ -1,0 +1,733 @@
+//! The node-to-node control protocol, carried on meshd's UDP port beside WireGuard's messages
+//! (which start with a type 1 to 4 and three zero bytes; ours start with `MSHP`). Specified in
+//! `proto/PROTOCOL.md` section 5. Pure: keys, randomness and time come in as arguments.
+//!
+//! - `Probe` / `ProbeReply`: a node that knows only a seed's address asks for its certificate. The
+//!   probe is padded so the reply is never more than three times its size (no amplification).
+//! - `Sealed`: every other message, encrypted and authenticated with ChaCha20-Poly1305 under a key
+//!   from two X25519 agreements: the sender's fresh ephemeral key with the receiver's static key,
+//!   and the sender's static key with the receiver's static key. Only the holder of the sender's
+//!   static private key can produce a message that opens, and each carries a counter the receiver
+//!   checks against a sliding replay window.
+
+use crate::cert::{CertError, Certificate, RevocationList, MAX_CERT_BYTES, MAX_CRL_BYTES};
+use blake2::digest::Mac;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::ChaCha20Poly1305;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+pub const MAGIC: &[u8; 4] = b"MSHP";
+pub const VERSION: u8 = 1;
+const HEADER_LEN: usize = 6;
+const TYPE_PROBE: u8 = 1;
+const TYPE_PROBE_REPLY: u8 = 2;
+const TYPE_SEALED: u8 = 3;
+/// A probe is padded to at least this many bytes.
+pub const MIN_PROBE_BYTES: usize = 1200;
+/// A reply may be at most this many times the size of the probe it answers.
+pub const AMPLIFICATION_FACTOR: usize = 3;
+/// Largest control datagram sent or accepted (fits a UDP datagram over IPv4 and IPv6).
+pub const MAX_DATAGRAM_BYTES: usize = 65000;
+const SEALED_HEADER_LEN: usize = HEADER_LEN + 32 + 32 + 8;
+const TAG_LEN: usize = 16;
+/// Largest number of members in one `Members` message.
+pub const MAX_MEMBERS: usize = 256;
+/// Width of the replay window, in messages.
+pub const REPLAY_WINDOW: u64 = 64;
+const KDF_LABEL: &[u8] = b"meshd control v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("not a control message")]
+    NotControl,
+    #[error("unsupported control protocol version {0}")]
+    UnsupportedVersion(u8),
+    #[error("unknown control message type {0}")]
+    UnknownType(u8),
+    #[error("truncated: {field} needs bytes past offset {offset}")]
+    Truncated { field: &'static str, offset: usize },
+    #[error("larger than {max} bytes")]
+    TooLarge { max: usize },
+    #[error("{0} unexpected bytes at the end")]
+    TrailingBytes(usize),
+    #[error("a probe must be padded to at least {MIN_PROBE_BYTES} bytes")]
+    ProbeTooSmall,
+    #[error("the message does not authenticate")]
+    Unauthentic,
+    #[error("a key agreement with a low-order point")]
+    WeakKey,
+    #[error("{field} is invalid: {reason}")]
+    Invalid {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("certificate: {0}")]
+    Certificate(#[from] CertError),
+}
+
+/// A control datagram as it crosses the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    Probe {
+        nonce: [u8; 16],
+    },
+    ProbeReply {
+        nonce: [u8; 16],
+        certificate: Certificate,
+    },
+    Sealed(Sealed<'a>),
+}
+
+/// A sealed message before it is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed<'a> {
+    pub sender: [u8; 32],
+    pub ephemeral: [u8; 32],
+    pub counter: u64,
+    header: &'a [u8],
+    ciphertext: &'a [u8],
+}
+
+/// True if `datagram` is a control message rather than a WireGuard one.
+#[inline]
+pub fn is_control(datagram: &[u8]) -> bool {
+    datagram.len() >= 4 && &datagram[..4] == MAGIC
+}
+
+fn header(kind: u8) -> Vec<u8> {
+    let mut b = Vec::with_capacity(MIN_PROBE_BYTES);
+    b.extend_from_slice(MAGIC);
+    b.push(VERSION);
+    b.push(kind);
+    b
+}
+
+pub fn encode_probe(nonce: &[u8; 16]) -> Vec<u8> {
+    let mut b = header(TYPE_PROBE);
+    b.extend_from_slice(nonce);
+    b.resize(MIN_PROBE_BYTES, 0);
+    b
+}
+
+/// The reply to a probe of `probe_len` bytes, or `None` if it would exceed the amplification
+/// limit (the prober must then send a larger probe).
+pub fn encode_probe_reply(
+    nonce: &[u8; 16],
+    certificate: &Certificate,
+    probe_len: usize,
+) -> Option<Vec<u8>> {
+    let mut b = header(TYPE_PROBE_REPLY);
+    b.extend_from_slice(nonce);
+    let cert = certificate.encode();
+    b.extend_from_slice(&(cert.len() as u16).to_be_bytes());
+    b.extend_from_slice(&cert);
+    (b.len() <= probe_len.saturating_mul(AMPLIFICATION_FACTOR)).then_some(b)
+}
+
+/// Parses a control datagram (without opening a sealed one).
+pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, ControlError> {
+    if datagram.len() > MAX_DATAGRAM_BYTES {
+        return Err(ControlError::TooLarge {
+            max: MAX_DATAGRAM_BYTES,
+        });
+    }
+    if !is_control(datagram) {
+        return Err(ControlError::NotControl);
+    }
+    let mut r = Reader::new(datagram, 4);
+    let version = r.u8("version")?;
+    if version != VERSION {
+        return Err(ControlError::UnsupportedVersion(version));
+    }
+    match r.u8("type")? {
+        TYPE_PROBE => {
+            if datagram.len() < MIN_PROBE_BYTES {
+                return Err(ControlError::ProbeTooSmall);
+            }
+            Ok(Datagram::Probe {
+                nonce: r.array("nonce")?,
+            })
+        }
+        TYPE_PROBE_REPLY => {
+            let nonce = r.array("nonce")?;
+            let len = r.u16("certificate length")? as usize;
+            let certificate = Certificate::decode(r.take("certificate", len)?)?;
+            r.finish()?;
+            Ok(Datagram::ProbeReply { nonce, certificate })
+        }
+        TYPE_SEALED => {
+            let sender = r.array("sender")?;
+            let ephemeral = r.array("ephemeral")?;
+            let counter = r.u64("counter")?;
+            let ciphertext = &datagram[r.off..];
+            if ciphertext.len() < TAG_LEN {
+                return Err(ControlError::Truncated {
+                    field: "ciphertext",
+                    offset: r.off,
+                });
+            }
+            Ok(Datagram::Sealed(Sealed {
+                sender,
+                ephemeral,
+                counter,
+                header: &datagram[..SEALED_HEADER_LEN],
+                ciphertext,
+            }))
+        }
+        t => Err(ControlError::UnknownType(t)),
+    }
+}
+
+fn dh(secret: &StaticSecret, public: &[u8; 32]) -> Result<[u8; 32], ControlError> {
+    let shared = secret.diffie_hellman(&PublicKey::from(*public));
+    if !shared.was_contributory() {
+        return Err(ControlError::WeakKey);
+    }
+    Ok(shared.to_bytes())
+}
+
+fn message_key(es: &[u8; 32], ss: &[u8; 32], header: &[u8], receiver: &[u8; 32]) -> [u8; 32] {
+    let mut mac = <blake2::Blake2sMac256 as Mac>::new_from_slice(KDF_LABEL)
+        .expect("label is a valid key length");
+    mac.update(es);
+    mac.update(ss);
+    mac.update(header);
+    mac.update(receiver);
+    mac.finalize().into_bytes().into()
+}
+
+/// Seals `plaintext` from `sender` to `receiver`. `ephemeral` must be fresh for every message;
+/// `counter` must grow with every message to the same receiver.
+pub fn seal(
+    sender: &StaticSecret,
+    receiver: &[u8; 32],
+    ephemeral: &StaticSecret,
+    counter: u64,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, ControlError> {
+    if SEALED_HEADER_LEN + plaintext.len() + TAG_LEN > MAX_DATAGRAM_BYTES {
+        return Err(ControlError::TooLarge {
+            max: MAX_DATAGRAM_BYTES,
+        });
+    }
+    let mut b = header(TYPE_SEALED);
+    b.extend_from_slice(PublicKey::from(sender).as_bytes());
+    b.extend_from_slice(PublicKey::from(ephemeral).as_bytes());
+    b.extend_from_slice(&counter.to_be_bytes());
+    let key = message_key(
+        &dh(ephemeral, receiver)?,
+        &dh(sender, receiver)?,
+        &b,
+        receiver,
+    );
+    let ct = ChaCha20Poly1305::new(&key.into())
+        .encrypt(
+            &[0u8; 12].into(),
+            Payload {
+                msg: plaintext,
+                aad: &b,
+            },
+        )
+        .map_err(|_| ControlError::TooLarge {
+            max: MAX_DATAGRAM_BYTES,
+        })?;
+    b.extend_from_slice(&ct);
+    Ok(b)
+}
+
+impl Sealed<'_> {
+    /// Opens the message with the receiver's static key. Success proves the sender holds the
+    /// private key of `self.sender`; the caller still checks `self.counter` for replay.
+    pub fn open(&self, receiver: &StaticSecret) -> Result<Vec<u8>, ControlError> {
+        let receiver_pub = *PublicKey::from(receiver).as_bytes();
+        let es = dh(receiver, &self.ephemeral)?;
+        let ss = dh(receiver, &self.sender)?;
+        let key = message_key(&es, &ss, self.header, &receiver_pub);
+        ChaCha20Poly1305::new(&key.into())
+            .decrypt(
+                &[0u8; 12].into(),
+                Payload {
+                    msg: self.ciphertext,
+                    aad: self.header,
+                },
+            )
+            .map_err(|_| ControlError::Unauthentic)
+    }
+}
+
+/// Accepts each counter at most once, and none older than the window behind the newest seen
+/// (RFC 6479's idea, as WireGuard uses for its data messages).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayWindow {
+    newest: u64,
+    /// Bit i set: counter `newest - i` was seen.
+    seen: u64,
+    any: bool,
+}
+
+impl ReplayWindow {
+    /// True, and remembers it, if `counter` was not seen and is not too old.
+    pub fn accept(&mut self, counter: u64) -> bool {
+        if !self.any {
+            *self = ReplayWindow {
+                newest: counter,
+                seen: 1,
+                any: true,
+            };
+            return true;
+        }
+        if counter > self.newest {
+            let shift = counter - self.newest;
+            self.seen = if shift >= REPLAY_WINDOW {
+                1
+            } else {
+                (self.seen << shift) | 1
+            };
+            self.newest = counter;
+            return true;
+        }
+        let age = self.newest - counter;
+        if age >= REPLAY_WINDOW || self.seen & (1 << age) != 0 {
+            return false;
+        }
+        self.seen |= 1 << age;
+        true
+    }
+}
+
+/// What a sealed message says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// "This is who I am": the sender's certificate, which must name the sealing key.
+    /// `want_members` asks the receiver to answer with the members it knows.
+    Hello {
+        certificate: Certificate,
+        want_members: bool,
+    },
+    /// Members the sender knows, with the endpoint it last saw each at.
+    Members(Vec<Member>),
+    /// A CA's current revocation list.
+    Revocation(RevocationList),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub certificate: Certificate,
+    pub endpoint: SocketAddr,
+}
+
+const MSG_HELLO: u8 = 1;
+const MSG_MEMBERS: u8 = 2;
+const MSG_REVOCATION: u8 = 3;
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(512);
+        match self {
+            Message::Hello {
+                certificate,
+                want_members,
+            } => {
+                b.push(MSG_HELLO);
+                b.push(u8::from(*want_members));
+                put_cert(&mut b, certificate);
+            }
+            Message::Members(members) => {
+                b.push(MSG_MEMBERS);
+                b.extend_from_slice(&(members.len() as u16).to_be_bytes());
+                for m in members {
+                    put_cert(&mut b, &m.certificate);
+                    match m.endpoint.ip() {
+                        IpAddr::V4(a) => {
+                            b.push(4);
+                            b.extend_from_slice(&a.octets());
+                        }
+                        IpAddr::V6(a) => {
+                            b.push(6);
+                            b.extend_from_slice(&a.octets());
+                        }
+                    }
+                    b.extend_from_slice(&m.endpoint.port().to_be_bytes());
+                }
+            }
+            Message::Revocation(crl) => {
+                b.push(MSG_REVOCATION);
+                let bytes = crl.encode();
+                b.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                b.extend_from_slice(&bytes);
+            }
+        }
+        b
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Message, ControlError> {
+        if bytes.len() > MAX_DATAGRAM_BYTES {
+            return Err(ControlError::TooLarge {
+                max: MAX_DATAGRAM_BYTES,
+            });
+        }
+        let mut r = Reader::new(bytes, 0);
+        let msg = match r.u8("message type")? {
+            MSG_HELLO => {
+                let want_members = match r.u8("want_members")? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(ControlError::Invalid {
+                            field: "want_members",
+                            reason: "must be 0 or 1",
+                        })
+                    }
+                };
+                Message::Hello {
+                    certificate: r.cert()?,
+                    want_members,
+                }
+            }
+            MSG_MEMBERS => {
+                let n = r.u16("member count")? as usize;
+                if n > MAX_MEMBERS {
+                    return Err(ControlError::Invalid {
+                        field: "member count",
+                        reason: "more than 256",
+                    });
+                }
+                let mut members = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let certificate = r.cert()?;
+                    let ip: IpAddr = match r.u8("endpoint family")? {
+                        4 => Ipv4Addr::from(r.array::<4>("endpoint address")?).into(),
+                        6 => Ipv6Addr::from(r.array::<16>("endpoint address")?).into(),
+                        _ => {
+                            return Err(ControlError::Invalid {
+                                field: "endpoint family",
+                                reason: "must be 4 or 6",
+                            })
+                        }
+                    };
+                    let port = r.u16("endpoint port")?;
+                    members.push(Member {
+                        certificate,
+                        endpoint: SocketAddr::new(ip, port),
+                    });
+                }
+                Message::Members(members)
+            }
+            MSG_REVOCATION => {
+                let n = u32::from_be_bytes(r.array("revocation list length")?) as usize;
+                if n > MAX_CRL_BYTES {
+                    return Err(ControlError::TooLarge { max: MAX_CRL_BYTES });
+                }
+                Message::Revocation(RevocationList::decode(r.take("revocation list", n)?)?)
+            }
+            t => return Err(ControlError::UnknownType(t)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+fn put_cert(b: &mut Vec<u8>, c: &Certificate) {
+    let bytes = c.encode();
+    // A valid certificate is at most MAX_CERT_BYTES (32 KiB), within u16.
+    b.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    b.extend_from_slice(&bytes);
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    off: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], off: usize) -> Self {
+        Reader { buf, off }
+    }
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], ControlError> {
+        let end = self.off.checked_add(n).filter(|e| *e <= self.buf.len());
+        let end = end.ok_or(ControlError::Truncated {
+            field,
+            offset: self.off,
+        })?;
+        let s = &self.buf[self.off..end];
+        self.off = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], ControlError> {
+        Ok(self.take(field, N)?.try_into().expect("N bytes"))
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, ControlError> {
+        Ok(self.take(field, 1)?[0])
+    }
+    fn u16(&mut self, field: &'static str) -> Result<u16, ControlError> {
+        Ok(u16::from_be_bytes(self.array(field)?))
+    }
+    fn u64(&mut self, field: &'static str) -> Result<u64, ControlError> {
+        Ok(u64::from_be_bytes(self.array(field)?))
+    }
+    fn cert(&mut self) -> Result<Certificate, ControlError> {
+        let n = self.u16("certificate length")? as usize;
+        if n > MAX_CERT_BYTES {
+            return Err(ControlError::TooLarge {
+                max: MAX_CERT_BYTES,
+            });
+        }
+        Ok(Certificate::decode(self.take("certificate", n)?)?)
+    }
+    fn finish(&self) -> Result<(), ControlError> {
+        match self.buf.len() - self.off {
+            0 => Ok(()),
+            n => Err(ControlError::TrailingBytes(n)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::{CertBody, CertKind};
+    use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn secret(b: u8) -> StaticSecret {
+        StaticSecret::from([b; 32])
+    }
+
+    fn cert_for(key: &StaticSecret, name: &str) -> Certificate {
+        let ca = SigningKey::from_bytes(&[5; 32]);
+        CertBody {
+            kind: CertKind::Identity,
+            serial: 7,
+            not_before: 0,
+            not_after: u64::MAX,
+            trust_domain: "example.org".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            public_key: *PublicKey::from(key).as_bytes(),
+            issuer: ca.verifying_key().to_bytes(),
+            labels: BTreeMap::new(),
+            addrs: vec!["100.64.0.1/32".parse().unwrap()],
+        }
+        .sign(&ca)
+        .unwrap()
+    }
+
+    fn open_datagram(
+        d: &[u8],
+        receiver: &StaticSecret,
+    ) -> Result<(Vec<u8>, [u8; 32], u64), ControlError> {
+        match decode(d)? {
+            Datagram::Sealed(s) => s.open(receiver).map(|p| (p, s.sender, s.counter)),
+            other => panic!("not sealed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sealed_round_trip_names_the_sender() {
+        let (a, b) = (secret(1), secret(2));
+        let b_pub = *PublicKey::from(&b).as_bytes();
+        let d = seal(&a, &b_pub, &secret(3), 42, b"hello").unwrap();
+        assert!(is_control(&d));
+        let (plain, sender, counter) = open_datagram(&d, &b).unwrap();
+        assert_eq!(plain, b"hello");
+        assert_eq!(sender, *PublicKey::from(&a).as_bytes());
+        assert_eq!(counter, 42);
+        assert_eq!(
+            open_datagram(&d, &secret(9)),
+            Err(ControlError::Unauthentic),
+            "only the receiver opens it"
+        );
+    }
+
+    #[test]
+    fn every_bit_flip_of_a_sealed_message_is_refused() {
+        let (a, b) = (secret(1), secret(2));
+        let d = seal(
+            &a,
+            PublicKey::from(&b).as_bytes(),
+            &secret(3),
+            1,
+            b"membership",
+        )
+        .unwrap();
+        for bit in 0..d.len() * 8 {
+            let mut x = d.clone();
+            x[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                open_datagram(&x, &b).is_err() || decode(&x).is_err(),
+                "bit {bit}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_forged_sender_field_does_not_open() {
+        let (mallory, victim, b) = (secret(6), secret(1), secret(2));
+        let mut d = seal(
+            &mallory,
+            PublicKey::from(&b).as_bytes(),
+            &secret(3),
+            1,
+            b"i am victim",
+        )
+        .unwrap();
+        d[HEADER_LEN..HEADER_LEN + 32].copy_from_slice(PublicKey::from(&victim).as_bytes());
+        assert_eq!(open_datagram(&d, &b), Err(ControlError::Unauthentic));
+    }
+
+    #[test]
+    fn low_order_keys_are_refused() {
+        let b = secret(2);
+        let mut d = seal(
+            &secret(1),
+            PublicKey::from(&b).as_bytes(),
+            &secret(3),
+            1,
+            b"x",
+        )
+        .unwrap();
+        d[HEADER_LEN + 32..HEADER_LEN + 64].fill(0);
+        assert_eq!(open_datagram(&d, &b), Err(ControlError::WeakKey));
+        assert_eq!(
+            seal(&secret(1), &[0; 32], &secret(3), 1, b"x"),
+            Err(ControlError::WeakKey)
+        );
+    }
+
+    #[test]
+    fn probes_are_padded_and_replies_bounded() {
+        let nonce = [9u8; 16];
+        let probe = encode_probe(&nonce);
+        assert_eq!(probe.len(), MIN_PROBE_BYTES);
+        assert_eq!(decode(&probe), Ok(Datagram::Probe { nonce }));
+        assert_eq!(
+            decode(&probe[..MIN_PROBE_BYTES - 1]),
+            Err(ControlError::ProbeTooSmall)
+        );
+        let cert = cert_for(&secret(1), "seed");
+        let reply = encode_probe_reply(&nonce, &cert, probe.len()).unwrap();
+        assert!(reply.len() <= AMPLIFICATION_FACTOR * probe.len());
+        assert_eq!(
+            decode(&reply),
+            Ok(Datagram::ProbeReply {
+                nonce,
+                certificate: cert.clone()
+            })
+        );
+        assert_eq!(
+            encode_probe_reply(&nonce, &cert, 50),
+            None,
+            "no 3x amplification"
+        );
+    }
+
+    #[test]
+    fn wireguard_messages_are_not_control() {
+        for t in 1u8..=4 {
+            assert!(!is_control(&[t, 0, 0, 0, 1, 2, 3]));
+        }
+        assert_eq!(
+            decode(b"MSHP\x02\x01"),
+            Err(ControlError::UnsupportedVersion(2))
+        );
+        assert_eq!(decode(b"MSHP\x01\x09"), Err(ControlError::UnknownType(9)));
+    }
+
+    #[test]
+    fn replay_window_accepts_each_counter_once() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(100));
+        assert!(!w.accept(100));
+        assert!(w.accept(98), "reordered but inside the window");
+        assert!(!w.accept(98));
+        assert!(w.accept(200));
+        assert!(!w.accept(100), "older than the window");
+        assert!(w.accept(199));
+        assert!(!w.accept(200 - REPLAY_WINDOW));
+        assert!(w.accept(200 - REPLAY_WINDOW + 1));
+        assert!(w.accept(u64::MAX));
+        assert!(!w.accept(u64::MAX));
+    }
+
+    fn sample_messages() -> Vec<Message> {
+        let ca = SigningKey::from_bytes(&[5; 32]);
+        vec![
+            Message::Hello {
+                certificate: cert_for(&secret(1), "a"),
+                want_members: true,
+            },
+            Message::Members(vec![
+                Member {
+                    certificate: cert_for(&secret(1), "a"),
+                    endpoint: "198.18.0.1:51820".parse().unwrap(),
+                },
+                Member {
+                    certificate: cert_for(&secret(2), "b"),
+                    endpoint: "[fd01::2]:51821".parse().unwrap(),
+                },
+            ]),
+            Message::Members(vec![]),
+            Message::Revocation(
+                RevocationList::sign("example.org", 3, 10, vec![1, 2], &ca).unwrap(),
+            ),
+        ]
+    }
+
+    #[test]
+    fn messages_round_trip_and_every_truncation_is_refused() {
+        for m in sample_messages() {
+            let bytes = m.encode();
+            assert_eq!(Message::decode(&bytes).unwrap(), m);
+            for n in 0..bytes.len() {
+                assert!(
+                    Message::decode(&bytes[..n]).is_err(),
+                    "{m:?} accepted at {n} bytes"
+                );
+            }
+            let mut long = bytes.clone();
+            long.push(0);
+            assert_eq!(Message::decode(&long), Err(ControlError::TrailingBytes(1)));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let _ = Message::decode(&bytes);
+            let mut d = MAGIC.to_vec();
+            d.extend_from_slice(&bytes);
+            if let Ok(Datagram::Sealed(s)) = decode(&d) {
+                let _ = s.open(&secret(2));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod vector {
+    use super::*;
+
+    /// `testdata/sealed-v1.hex`: sender static [01; 32], receiver static [02; 32], ephemeral
+    /// [03; 32], counter 42, plaintext "hello".
+    #[test]
+    fn sealed_vector_matches_byte_for_byte() {
+        let d = seal(
+            &StaticSecret::from([1; 32]),
+            PublicKey::from(&StaticSecret::from([2; 32])).as_bytes(),
+            &StaticSecret::from([3; 32]),
+            42,
+            b"hello",
+        )
+        .unwrap();
+        let path = format!("{}/testdata/sealed-v1.hex", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let hex: String = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .flat_map(|l| l.split_whitespace())
+            .collect();
+        assert_eq!(hex::encode(&d), hex);
+    }
+}
