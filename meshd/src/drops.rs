@@ -37,6 +37,9 @@ drop_reasons! {
     NotIpInner => "inner_not_ip": "A decrypted packet is not IPv4 or IPv6.",
     TunWrite => "tun_write_failed": "Writing to the TUN device failed.",
     UdpSend => "udp_send_failed": "Sending on the UDP socket failed.",
+    ControlNotMesh => "control_in_plain_mode": "A control-protocol datagram reached a node not in mesh mode.",
+    ControlBacklog => "control_backlog_full": "A control-protocol datagram arrived while the mesh task was behind.",
+    ControlRefused => "control_refused": "A control-protocol datagram was malformed, unauthentic, replayed or from an untrusted identity.",
 }
 
 /// One counter per reason; lock-free, shared by the data-path threads.

@@ -5,6 +5,8 @@ mod config;
 mod control;
 mod device;
 mod drops;
+mod mesh;
+mod netlink;
 mod peer;
 mod privileges;
 mod routing;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
     version,
     about = "Userspace WireGuard daemon of the mesh; configure it with `wg` or meshctl"
 )]
-#[command(group(clap::ArgGroup::new("mode").required(true).args(["ifname", "check_config"])))]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["ifname", "config", "check_config"])))]
 struct Args {
     /// Stay in the foreground instead of detaching (as systemd and tests run it).
     #[arg(short = 'f', long)]
@@ -27,6 +29,9 @@ struct Args {
     /// MTU of the interface in bytes.
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u32).range(576..=65535))]
     mtu: u32,
+    /// Run in mesh mode from this configuration file (TOML; see the README).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Validate a mesh-mode configuration file and the files it names, then exit.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
@@ -73,15 +78,17 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Checks a configuration file and everything it names; returns a one-paragraph summary.
-fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
+fn read_config(path: &std::path::Path) -> anyhow::Result<(config::Config, config::Identity)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cfg = config::Config::parse(&text, path)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let id = config::load(&cfg, now)?;
+    let id = config::load(&cfg, mesh::run::now_ms() / 1000)?;
+    Ok((cfg, id))
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
+    let (cfg, id) = read_config(path)?;
+    let now = mesh::run::now_ms() / 1000;
     let body = &id.certificate.body;
     Ok(format!(
         "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires in {} s\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s), state in {}",
@@ -119,8 +126,15 @@ fn start(args: Args) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let ifname = args.ifname.clone().context("no interface name")?;
-    let dev = device::Device::create(&ifname, args.mtu)?;
+    let mesh_config = match &args.config {
+        Some(path) => Some(read_config(path)?),
+        None => None,
+    };
+    let (ifname, mtu) = match &mesh_config {
+        Some((cfg, _)) => (cfg.interface.name.clone(), cfg.interface.mtu),
+        None => (args.ifname.clone().context("no interface name")?, args.mtu),
+    };
+    let dev = device::Device::create(&ifname, mtu)?;
     let uapi_path = PathBuf::from(control::uapi::socket_path(&ifname));
     let admin_path = PathBuf::from(proto::admin::socket_path(&ifname));
     let _files = control::SocketFiles;
@@ -128,17 +142,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     control::remove_at_exit(uapi_path.clone());
     let admin = control::bind_socket(&admin_path)?;
     control::remove_at_exit(admin_path.clone());
+    let members = mesh::run::MemberView::default();
+    let mut me = None;
+    if let Some((cfg, id)) = mesh_config {
+        me = Some(id.certificate.body.identity());
+        let (tx, rx) = tokio::sync::mpsc::channel(mesh::run::CONTROL_BACKLOG);
+        dev.set_control_sink(tx);
+        let mesh = mesh::run::Mesh::start(dev.clone(), &cfg, id, members.clone()).await?;
+        tokio::spawn(mesh.run(rx));
+    }
     privileges::drop_unneeded().context("dropping capabilities")?;
     tracing::info!(
         interface = %ifname,
-        mtu = args.mtu,
+        mtu,
+        identity = me.as_deref().unwrap_or("-"),
         uapi = %uapi_path.display(),
         admin = %admin_path.display(),
         "meshd up"
     );
 
     tokio::spawn(control::uapi::serve(uapi, dev.clone()));
-    tokio::spawn(control::admin::serve(admin, dev.clone()));
+    tokio::spawn(control::admin::serve(admin, dev.clone(), members, me));
     tokio::spawn(device::run_timers(dev.clone()));
 
     use tokio::signal::unix::{signal, SignalKind};
@@ -157,12 +181,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn daemonize(args: &Args) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the meshd executable")?;
-    let ifname = args.ifname.as_deref().context("no interface name")?;
+    let ifname = match (&args.config, &args.ifname) {
+        (Some(path), _) => read_config(path)?.0.interface.name,
+        (None, Some(name)) => name.clone(),
+        (None, None) => anyhow::bail!("no interface name"),
+    };
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--foreground")
-        .arg("--mtu")
-        .arg(args.mtu.to_string())
-        .arg(ifname);
+    cmd.arg("--foreground").args(std::env::args_os().skip(1));
     // Detached, it must not hold the caller's terminal or pipes open; run with --foreground
     // (as systemd does) to see its log.
     cmd.stdin(std::process::Stdio::null())
@@ -176,7 +201,7 @@ fn daemonize(args: &Args) -> anyhow::Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting the meshd daemon")?;
-    let socket = control::uapi::socket_path(ifname);
+    let socket = control::uapi::socket_path(&ifname);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {

@@ -37,6 +37,9 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Packets dropped by the device before a peer was known, by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Mesh mode: this node's own identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,4 +54,11 @@ pub struct PeerStatus {
     pub persistent_keepalive_secs: u16,
     /// Packets from or to this peer that were dropped, by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Mesh mode: the identity its certificate names (`TD/NS/NAME`), labels and expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<u64>,
 }

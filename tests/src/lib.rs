@@ -693,3 +693,109 @@ pub fn wg_dump_peers(ifname: &str) -> Vec<Vec<String>> {
         .map(|l| l.split('\t').map(str::to_string).collect())
         .collect()
 }
+
+/// A switch: a namespace holding a bridge that hosts attach to, for topologies of more than two.
+pub struct Switch {
+    pub ns: String,
+}
+
+impl Lab {
+    pub fn switch(&mut self) -> Switch {
+        let ns = self.host("sw");
+        sh(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &ns, "link", "set", "br0", "up"]);
+        Switch { ns }
+    }
+
+    /// Attaches `host` to the switch with underlay address `addr` (CIDR) on its interface `u0`.
+    pub fn attach(&mut self, sw: &Switch, host: &str, addr: &str) {
+        let port = truncate(&format!("p{host}"));
+        sh(&[
+            "ip", "link", "add", "u0", "netns", host, "type", "veth", "peer", "name", &port,
+            "netns", &sw.ns,
+        ]);
+        sh(&["ip", "-n", &sw.ns, "link", "set", &port, "master", "br0"]);
+        sh(&["ip", "-n", &sw.ns, "link", "set", &port, "up"]);
+        sh(&["ip", "-n", host, "addr", "add", addr, "dev", "u0", "nodad"]);
+        sh(&["ip", "-n", host, "link", "set", "u0", "up"]);
+    }
+
+    /// Starts meshd in mesh mode in `ns` from the configuration file `config`.
+    pub fn meshd_config(&mut self, ns: &str, ifname: &str, config: &Path) {
+        let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(bin("meshd"))
+            .arg("--foreground")
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning meshd");
+        self.children.push((ifname.to_string(), child));
+        self.wait_for_uapi(ifname);
+    }
+}
+
+/// A CA and the identities of a test mesh, made with the real meshctl.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(lab: &Lab, trust_domain: &str, name: &str) -> Pki {
+        let dir = lab.dir.join(name);
+        run(Command::new(bin("meshctl"))
+            .args(["ca", "init", "--trust-domain", trust_domain, "--out"])
+            .arg(&dir));
+        Pki { dir }
+    }
+
+    /// Issues an identity `ns/name` with overlay address `ip` (extra meshctl arguments allowed);
+    /// returns (certificate, key) paths.
+    pub fn issue(&self, ns: &str, name: &str, ip: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+        let out = self.dir.join("ids");
+        run(Command::new(bin("meshctl"))
+            .args(["identity", "issue", "--ca"])
+            .arg(&self.dir)
+            .args(["--namespace", ns, "--name", name, "--ip", ip, "--out"])
+            .arg(&out)
+            .args(extra));
+        (
+            out.join(format!("{name}.crt")),
+            out.join(format!("{name}.key")),
+        )
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+}
+
+/// Writes a mesh-mode configuration for interface `ifname`; returns its path.
+pub fn mesh_config(
+    lab: &Lab,
+    ifname: &str,
+    cert: &Path,
+    key: &Path,
+    bundle: &[PathBuf],
+    seeds: &[&str],
+) -> PathBuf {
+    let q = |p: &Path| format!("\"{}\"", p.display());
+    let text = format!(
+        "[interface]\nname = \"{ifname}\"\nlisten_port = 51820\n\n[identity]\ncertificate = {}\nprivate_key = {}\n\n[trust]\nbundle = [{}]\n\n[peering]\nseeds = [{}]\nstate_dir = {}\n",
+        q(cert),
+        q(key),
+        bundle.iter().map(|b| q(b)).collect::<Vec<_>>().join(", "),
+        seeds.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", "),
+        q(&lab.dir.join(format!("state-{ifname}"))),
+    );
+    let path = lab.dir.join(format!("{ifname}.toml"));
+    std::fs::write(&path, text).expect("writing config");
+    path
+}

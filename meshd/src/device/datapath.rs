@@ -137,6 +137,18 @@ fn is_current(dev: &Device, socket: &Arc<Underlay>) -> bool {
 /// One datagram from the underlay: find its peer, let boringtun authenticate and decrypt it,
 /// then deliver, reply or count a drop. Never panics on any input.
 fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    if proto::control::is_control(datagram) {
+        // The control plane is not the data path: a copy per message is fine here.
+        match dev.control.get() {
+            Some(tx) => {
+                if tx.try_send((from, datagram.to_vec())).is_err() {
+                    dev.drops.count(Drop::ControlBacklog);
+                }
+            }
+            None => dev.drops.count(Drop::ControlNotMesh),
+        }
+        return;
+    }
     let snap = dev.snapshot();
     let Some(local) = snap.local.as_ref() else {
         dev.drops.count(Drop::NoPrivateKey);

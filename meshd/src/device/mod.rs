@@ -35,6 +35,8 @@ pub struct Device {
     udp: ArcSwapOption<udp::Underlay>,
     /// Drops not attributable to one peer.
     pub drops: DropCounters,
+    /// Where control-protocol datagrams go in mesh mode.
+    control: std::sync::OnceLock<tokio::sync::mpsc::Sender<(std::net::SocketAddr, Vec<u8>)>>,
 }
 
 struct Config {
@@ -84,10 +86,35 @@ impl Device {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             udp: ArcSwapOption::empty(),
             drops: DropCounters::default(),
+            control: std::sync::OnceLock::new(),
         });
         dev.install_socket(socket);
         datapath::spawn_tun_reader(dev.clone())?;
         Ok(dev)
+    }
+
+    /// Mesh mode: control-protocol datagrams are handed to `tx` from now on.
+    pub fn set_control_sink(&self, tx: tokio::sync::mpsc::Sender<(std::net::SocketAddr, Vec<u8>)>) {
+        let _ = self.control.set(tx);
+    }
+
+    /// Sends one datagram on the underlay socket (control protocol).
+    pub fn send_datagram(
+        &self,
+        datagram: &[u8],
+        to: std::net::SocketAddr,
+    ) -> std::io::Result<usize> {
+        match self.udp.load().as_ref() {
+            Some(s) => s.send_to(datagram, to),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no UDP socket",
+            )),
+        }
+    }
+
+    pub fn count_control_refusal(&self) {
+        self.drops.count(crate::drops::Drop::ControlRefused);
     }
 
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
@@ -305,6 +332,9 @@ impl Device {
                     rx_bytes: p.rx_bytes,
                     persistent_keepalive_secs: p.persistent_keepalive_secs,
                     drops: peer.map(|p| p.drops.snapshot()).unwrap_or_default(),
+                    identity: None,
+                    labels: Default::default(),
+                    cert_not_after: None,
                 }
             })
             .collect();
@@ -315,6 +345,7 @@ impl Device {
             mtu_bytes: self.mtu_bytes,
             peers,
             drops: self.drops.snapshot(),
+            identity: None,
         }
     }
 }
