@@ -35,6 +35,12 @@ enum Command {
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
     Pubkey,
+    /// Make a mesh-mode daemon re-read its identity, trust bundle and revocation lists (as SIGHUP).
+    Reload {
+        ifname: String,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Show peers, endpoints, handshake age, bytes and drops, read from the running daemon.
     Status {
         /// Interface; every running meshd when omitted.
@@ -170,6 +176,7 @@ fn main() -> ExitCode {
         } => identity::inspect(&file, ca.as_deref(), output),
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
+        Command::Reload { ifname, socket } => status::reload(&ifname, socket),
         Command::Status {
             ifname,
             output,

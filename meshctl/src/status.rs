@@ -52,24 +52,43 @@ fn running_sockets() -> Result<Vec<PathBuf>, Failure> {
     Ok(v)
 }
 
-/// Sends one status request to the admin socket at `path`.
-pub fn query(path: &Path) -> anyhow::Result<Status> {
+/// Sends one request to the admin socket at `path` and returns the answer.
+pub fn request(path: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(path)
         .with_context(|| format!("connecting to meshd at {}", path.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = serde_json::to_string(&Request::Status)?;
-    req.push('\n');
+    let mut text = serde_json::to_string(req)?;
+    text.push('\n');
     stream
-        .write_all(req.as_bytes())
+        .write_all(text.as_bytes())
         .context("sending the request")?;
     let mut line = String::new();
     BufReader::new(stream)
         .take(admin::MAX_MESSAGE_BYTES as u64)
         .read_line(&mut line)
         .context("reading the answer")?;
-    match serde_json::from_str(&line).context("decoding the answer")? {
+    serde_json::from_str(&line).context("decoding the answer")
+}
+
+/// Sends one status request to the admin socket at `path`.
+pub fn query(path: &Path) -> anyhow::Result<Status> {
+    match request(path, &Request::Status)? {
         Response::Status(s) => Ok(s),
         Response::Error { message } => bail!("meshd refused: {message}"),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// `meshctl reload`: the daemon re-reads its identity, trust bundle and revocation lists.
+pub fn reload(ifname: &str, socket: Option<PathBuf>) -> Result<(), Failure> {
+    let path = socket.unwrap_or_else(|| PathBuf::from(admin::socket_path(ifname)));
+    match request(&path, &Request::Reload)? {
+        Response::Reloading => {
+            println!("{ifname}: reloading");
+            Ok(())
+        }
+        Response::Error { message } => Err(anyhow!("meshd refused: {message}").into()),
+        other => Err(anyhow!("unexpected answer {other:?}").into()),
     }
 }
 

@@ -78,7 +78,9 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Checks a configuration file and everything it names; returns a one-paragraph summary.
-fn read_config(path: &std::path::Path) -> anyhow::Result<(config::Config, config::Identity)> {
+pub(crate) fn read_config(
+    path: &std::path::Path,
+) -> anyhow::Result<(config::Config, config::Identity)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cfg = config::Config::parse(&text, path)?;
@@ -144,12 +146,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     control::remove_at_exit(admin_path.clone());
     let members = mesh::run::MemberView::default();
     let mut me = None;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     if let Some((cfg, id)) = mesh_config {
         me = Some(id.certificate.body.identity());
         let (tx, rx) = tokio::sync::mpsc::channel(mesh::run::CONTROL_BACKLOG);
         dev.set_control_sink(tx);
-        let mesh = mesh::run::Mesh::start(dev.clone(), &cfg, id, members.clone()).await?;
-        tokio::spawn(mesh.run(rx));
+        let path = args
+            .config
+            .clone()
+            .context("mesh mode without a config path")?;
+        let mesh = mesh::run::Mesh::start(dev.clone(), path, &cfg, id, members.clone()).await?;
+        tokio::spawn(mesh.run(rx, reload_rx));
     }
     privileges::drop_unneeded().context("dropping capabilities")?;
     tracing::info!(
@@ -162,15 +169,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     tokio::spawn(control::uapi::serve(uapi, dev.clone()));
-    tokio::spawn(control::admin::serve(admin, dev.clone(), members, me));
+    let admin_state = control::admin::Admin {
+        dev: dev.clone(),
+        members,
+        me,
+        reload: reload_tx.clone(),
+    };
+    tokio::spawn(control::admin::serve(admin, admin_state));
     tokio::spawn(device::run_timers(dev.clone()));
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading identity, trust bundle and revocation lists");
+                if reload_tx.try_send(()).is_err() {
+                    tracing::warn!("SIGHUP ignored: not in mesh mode, or a reload is pending");
+                }
+            }
+        }
     }
     // `_files` removes the sockets; the TUN interface goes away when the process closes it.
     Ok(())

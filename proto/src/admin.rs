@@ -18,12 +18,15 @@ pub fn socket_path(ifname: &str) -> String {
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
+    /// Mesh mode: re-read identity, trust bundle and revocation lists, as SIGHUP does.
+    Reload,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Status(Status),
+    Reloading,
     Error { message: String },
 }
 

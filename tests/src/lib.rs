@@ -241,6 +241,13 @@ impl Lab {
         }
     }
 
+    /// Sends `signal` to the daemon of `ifname` without waiting (SIGHUP, say).
+    pub fn signal(&mut self, ifname: &str, signal: i32) {
+        let child = self.child(ifname);
+        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
     pub fn log(&self, ifname: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{ifname}.log"))).unwrap_or_default()
     }
@@ -720,8 +727,11 @@ impl Lab {
         sh(&["ip", "-n", host, "link", "set", "u0", "up"]);
     }
 
-    /// Starts meshd in mesh mode in `ns` from the configuration file `config`.
+    /// Starts meshd in mesh mode in `ns` from the configuration file `config` (again, after
+    /// [`Lab::stop`], for a restart).
     pub fn meshd_config(&mut self, ns: &str, ifname: &str, config: &Path) {
+        self.children
+            .retain_mut(|(n, c)| n != ifname || matches!(c.try_wait(), Ok(None)));
         let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", ns])

@@ -69,3 +69,480 @@ fn five_nodes_from_one_seed_form_a_full_mesh() {
         assert_eq!(st["identity"], format!("example.org/prod/node{i}"));
     }
 }
+
+/// One mesh node: host `n{i}` on the switch at 198.18.1.{i}, overlay 100.64.1.{i}.
+struct Node {
+    ns: String,
+    ifname: String,
+    ip: String,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+fn node(
+    lab: &mut Lab,
+    sw: &Switch,
+    pki: &Pki,
+    bundle: &[std::path::PathBuf],
+    i: u32,
+    seeds: &[&str],
+    issue: &[&str],
+) -> Node {
+    let ns = lab.host(&format!("n{i}"));
+    lab.attach(sw, &ns, &format!("198.18.1.{i}/24"));
+    let (cert, key) = pki.issue(
+        "prod",
+        &format!("node{i}"),
+        &format!("100.64.1.{i}/32"),
+        issue,
+    );
+    let ifname = lab.name(&format!("m{i}"));
+    let config = mesh_config(lab, &ifname, &cert, &key, bundle, seeds);
+    lab.meshd_config(&ns, &ifname, &config);
+    Node {
+        ns,
+        ifname,
+        ip: format!("100.64.1.{i}"),
+        cert,
+        key,
+        config,
+    }
+}
+
+fn peer_identities(lab: &Lab, n: &Node) -> Vec<String> {
+    let st = lab.status(&n.ifname);
+    let mut v: Vec<String> = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["identity"].as_str().unwrap_or("?").to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+const SEED: &str = "198.18.1.1:51820";
+
+#[test]
+fn a_node_from_another_ca_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let rogue = Pki::new(&lab, "example.org", "rogue");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    // The intruder trusts both CAs, so it tries hard; the mesh trusts only its own.
+    let n3 = node(
+        &mut lab,
+        &sw,
+        &rogue,
+        &[pki.ca_cert(), rogue.ca_cert()],
+        3,
+        &[SEED],
+        &[],
+    );
+    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(peer_identities(&lab, &n1), vec!["example.org/prod/node2"]);
+    assert_eq!(peer_identities(&lab, &n2), vec!["example.org/prod/node1"]);
+    assert!(!lab.ping(&n3.ns, &n1.ip, 2), "the intruder reaches no one");
+    let st = lab.status(&n1.ifname);
+    assert!(
+        st["drops"]["control_refused"].as_u64().unwrap_or(0) > 0,
+        "the refusal is counted: {st}"
+    );
+    assert!(
+        lab.log(&n1.ifname).contains("not in the trust bundle"),
+        "and logged"
+    );
+}
+
+#[test]
+fn a_certificate_for_another_key_or_a_tampered_one_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+
+    // A node whose certificate names another key than the one it holds never starts.
+    let ns = lab.host("n2");
+    lab.attach(&sw, &ns, "198.18.1.2/24");
+    let (_, other_key) = pki.issue("prod", "other", "100.64.1.9/32", &[]);
+    let swapped = mesh_config(
+        &lab,
+        &lab.name("m2"),
+        &n1.cert,
+        &other_key,
+        &[pki.ca_cert()],
+        &[SEED],
+    );
+    let out = lab.exec(
+        &ns,
+        &[
+            bin("meshd").to_str().unwrap(),
+            "--foreground",
+            "--config",
+            swapped.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds the private key of"),
+        "{out:?}"
+    );
+
+    // A tampered certificate (its address changed) does not verify and is refused at start.
+    let text = std::fs::read_to_string(&n1.cert).unwrap();
+    let mut bytes = proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap();
+    let pos = bytes.windows(4).position(|w| w == [100, 64, 1, 1]).unwrap();
+    bytes[pos + 3] = 2;
+    let forged = lab.dir.join("forged.crt");
+    std::fs::write(
+        &forged,
+        proto::armor::encode(proto::armor::CERTIFICATE, &bytes),
+    )
+    .unwrap();
+    let cfg = mesh_config(
+        &lab,
+        &lab.name("m3"),
+        &forged,
+        &n1.key,
+        &[pki.ca_cert()],
+        &[SEED],
+    );
+    let out = lab.exec(
+        &ns,
+        &[
+            bin("meshd").to_str().unwrap(),
+            "--foreground",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("signature does not verify"),
+        "{out:?}"
+    );
+
+    // A stock WireGuard peer with a key no certificate vouches for gets no handshake.
+    let ifname = lab.name("wg");
+    lab.wireguard_go(&ns, &ifname);
+    let (key, _) = keypair(&lab, "stranger");
+    let n1_pub = std::fs::read_to_string(&n1.key).unwrap();
+    let n1_pub = proto::Key::from_base64(&n1_pub)
+        .unwrap()
+        .public()
+        .to_base64();
+    wg(&[
+        "set",
+        &ifname,
+        "private-key",
+        key.to_str().unwrap(),
+        "peer",
+        &n1_pub,
+        "endpoint",
+        SEED,
+        "allowed-ips",
+        "100.64.1.1/32",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "100.64.1.9/32",
+        "dev",
+        &ifname,
+    ]);
+    sh(&["ip", "-n", &ns, "link", "set", &ifname, "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "100.64.1.1/32",
+        "dev",
+        &ifname,
+    ]);
+    assert!(!lab.ping(&ns, &n1.ip, 2));
+    let st = lab.status(&n1.ifname);
+    assert!(
+        st["drops"]["unknown_peer"].as_u64().unwrap_or(0) > 0,
+        "{st}"
+    );
+    assert!(st["peers"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn packets_from_an_address_outside_the_certificate_are_dropped() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    sh(&[
+        "ip",
+        "-n",
+        &n2.ns,
+        "addr",
+        "add",
+        "100.64.1.99/32",
+        "dev",
+        &n2.ifname,
+    ]);
+    assert!(!lab
+        .exec(
+            &n2.ns,
+            &[
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                "100.64.1.99",
+                &n1.ip
+            ]
+        )
+        .status
+        .success());
+    let st = lab.status(&n1.ifname);
+    assert!(
+        st["peers"][0]["drops"]["source_not_allowed"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3,
+        "{st}"
+    );
+}
+
+#[test]
+fn a_short_lived_certificate_is_cut_at_expiry() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(
+        &mut lab,
+        &sw,
+        &pki,
+        &[pki.ca_cert()],
+        2,
+        &[SEED],
+        &["--ttl", "6s"],
+    );
+    assert!(
+        lab.ping_until(&n1.ns, &n2.ip, Duration::from_secs(5)),
+        "works while valid"
+    );
+    let text = std::fs::read_to_string(&n2.cert).unwrap();
+    let cert = proto::cert::Certificate::decode(
+        &proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap(),
+    )
+    .unwrap();
+    let expiry = std::time::UNIX_EPOCH + Duration::from_secs(cert.body.not_after + 1);
+    let cut = wait_until(Duration::from_secs(20), || {
+        peer_identities(&lab, &n1).is_empty()
+    })
+    .expect("node2 is cut");
+    let late = std::time::SystemTime::now()
+        .duration_since(expiry)
+        .unwrap_or_default();
+    assert!(
+        late < Duration::from_secs(5),
+        "cut {late:?} after expiry (waited {cut:?})"
+    );
+    assert!(!lab.ping(&n1.ns, &n2.ip, 2));
+    assert!(!lab.ping(&n2.ns, &n1.ip, 2));
+}
+
+#[test]
+fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let mut nodes = Vec::new();
+    for i in 1..=4 {
+        let seeds: &[&str] = if i == 1 { &[] } else { &[SEED] };
+        nodes.push(node(&mut lab, &sw, &pki, &[pki.ca_cert()], i, seeds, &[]));
+    }
+    for a in &nodes {
+        for b in &nodes {
+            assert!(
+                lab.ping_until(&a.ns, &b.ip, Duration::from_secs(15)),
+                "{} -> {}",
+                a.ns,
+                b.ip
+            );
+        }
+    }
+    let text = std::fs::read_to_string(&nodes[3].cert).unwrap();
+    let serial = proto::cert::Certificate::decode(
+        &proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap(),
+    )
+    .unwrap()
+    .body
+    .serial;
+    run(std::process::Command::new(bin("meshctl"))
+        .args(["ca", "revoke", "--serial", &serial.to_string(), "--ca"])
+        .arg(&pki.dir));
+    // The list reaches node 1 only: its config now names it, and meshctl reload reads it.
+    let crl = pki.dir.join("revoked.crl");
+    let cfg = std::fs::read_to_string(&nodes[0].config).unwrap();
+    std::fs::write(
+        &nodes[0].config,
+        cfg.replace(
+            "[peering]",
+            &format!("revocation_lists = [\"{}\"]\n\n[peering]", crl.display()),
+        ),
+    )
+    .unwrap();
+    let start = Instant::now();
+    run(std::process::Command::new(bin("meshctl")).args(["reload", &nodes[0].ifname]));
+    for n in &nodes[..3] {
+        let took = wait_until(Duration::from_secs(10), || {
+            !peer_identities(&lab, n).contains(&"example.org/prod/node4".to_string())
+        });
+        assert!(took.is_some(), "{} still has node4", n.ifname);
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "cut everywhere in {took:?}");
+    for n in &nodes[..3] {
+        assert_eq!(peer_identities(&lab, n).len(), 2, "the others stay");
+        assert!(!lab.ping(&nodes[3].ns, &n.ip, 1));
+    }
+}
+
+#[test]
+fn a_renewed_certificate_and_key_keep_a_long_tcp_transfer_alive() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    let target: std::net::SocketAddr = "100.64.1.1:5001".parse().unwrap();
+    let total = 16 << 20;
+    let sink = tcp_sink(&n1.ns, target, total, None);
+    let ns2 = n2.ns.clone();
+    let sender =
+        std::thread::spawn(move || tcp_send(&ns2, target, total, None, Duration::from_millis(20)));
+    std::thread::sleep(Duration::from_millis(1500));
+    // Renew node 1: a new key made on the node, a new certificate, then reload.
+    let renewed = lab.dir.join("renewed");
+    std::fs::create_dir_all(&renewed).unwrap();
+    let out = run(std::process::Command::new(bin("meshctl"))
+        .args([
+            "identity",
+            "issue",
+            "--namespace",
+            "prod",
+            "--name",
+            "node1",
+            "--ip",
+            "100.64.1.1/32",
+            "--ca",
+        ])
+        .arg(&pki.dir)
+        .arg("--out")
+        .arg(&renewed));
+    assert!(out.status.success());
+    let cfg = std::fs::read_to_string(&n1.config).unwrap();
+    let cfg = cfg
+        .replace(
+            n1.cert.to_str().unwrap(),
+            renewed.join("node1.crt").to_str().unwrap(),
+        )
+        .replace(
+            n1.key.to_str().unwrap(),
+            renewed.join("node1.key").to_str().unwrap(),
+        );
+    std::fs::write(&n1.config, cfg).unwrap();
+    lab.signal(&n1.ifname, libc::SIGHUP);
+    let sent = sender.join().unwrap();
+    let received = sink.join().unwrap();
+    assert!(sent.is_ok(), "sender: {sent:?}, receiver: {received:?}");
+    assert_eq!(
+        received,
+        Ok(total),
+        "the transfer survived the rotation byte for byte"
+    );
+    let new_pub =
+        proto::Key::from_base64(&std::fs::read_to_string(renewed.join("node1.key")).unwrap())
+            .unwrap()
+            .public()
+            .to_base64();
+    let st = lab.status(&n2.ifname);
+    assert_eq!(st["peers"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(
+        st["peers"][0]["public_key"],
+        new_pub.as_str(),
+        "node 2 now knows node 1 by its new key"
+    );
+}
+
+#[test]
+fn a_restarted_node_rejoins_from_its_state_without_seeds() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    let n3 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 3, &[SEED], &[]);
+    for n in [&n1, &n2] {
+        assert!(lab.ping_until(&n3.ns, &n.ip, Duration::from_secs(10)));
+    }
+    assert!(lab.stop(&n3.ifname, libc::SIGTERM).success());
+    let cfg = std::fs::read_to_string(&n3.config).unwrap();
+    std::fs::write(&n3.config, cfg.replace(&format!("\"{SEED}\""), "")).unwrap();
+    lab.meshd_config(&n3.ns, &n3.ifname, &n3.config);
+    for n in [&n1, &n2] {
+        assert!(
+            lab.ping_until(&n3.ns, &n.ip, Duration::from_secs(10)),
+            "rejoined {}",
+            n.ip
+        );
+    }
+    assert_eq!(
+        peer_identities(&lab, &n3),
+        vec!["example.org/prod/node1", "example.org/prod/node2"]
+    );
+}

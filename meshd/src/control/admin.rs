@@ -7,19 +7,25 @@ use proto::admin::{Request, Response, MAX_MESSAGE_BYTES};
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc::Sender;
 
-pub async fn serve(
-    listener: UnixListener,
-    dev: Arc<Device>,
-    members: MemberView,
-    me: Option<String>,
-) {
+/// What the admin socket answers from.
+#[derive(Clone)]
+pub struct Admin {
+    pub dev: Arc<Device>,
+    pub members: MemberView,
+    /// Mesh mode: our own identity.
+    pub me: Option<String>,
+    pub reload: Sender<()>,
+}
+
+pub async fn serve(listener: UnixListener, admin: Admin) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let (dev, members, me) = (dev.clone(), members.clone(), me.clone());
+                let admin = admin.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = session(stream, dev, members, me).await {
+                    if let Err(e) = session(stream, admin).await {
                         tracing::debug!(error = %e, "admin connection ended");
                     }
                 });
@@ -29,21 +35,13 @@ pub async fn serve(
     }
 }
 
-async fn session(
-    stream: UnixStream,
-    dev: Arc<Device>,
-    members: MemberView,
-    me: Option<String>,
-) -> std::io::Result<()> {
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    let mut line = String::new();
-    while read_line_bounded(&mut rd, &mut line, MAX_MESSAGE_BYTES).await? {
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Status) => {
-                let mut status = dev.status();
-                status.identity = me.clone();
-                let members = members.lock();
+impl Admin {
+    fn answer(&self, req: Request) -> Response {
+        match req {
+            Request::Status => {
+                let mut status = self.dev.status();
+                status.identity = self.me.clone();
+                let members = self.members.lock();
                 for p in &mut status.peers {
                     let key = proto::Key::from_base64(&p.public_key)
                         .map(|k| k.0)
@@ -56,6 +54,26 @@ async fn session(
                 }
                 Response::Status(status)
             }
+            Request::Reload if self.me.is_none() => Response::Error {
+                message: "not in mesh mode: nothing to reload".into(),
+            },
+            Request::Reload => match self.reload.try_send(()) {
+                Ok(()) => Response::Reloading,
+                Err(_) => Response::Error {
+                    message: "a reload is already pending".into(),
+                },
+            },
+        }
+    }
+}
+
+async fn session(stream: UnixStream, admin: Admin) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = String::new();
+    while read_line_bounded(&mut rd, &mut line, MAX_MESSAGE_BYTES).await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => admin.answer(req),
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },

@@ -121,6 +121,10 @@ impl Membership {
         &self.members
     }
 
+    pub fn certificate(&self) -> &Certificate {
+        &self.certificate
+    }
+
     /// Adds an underlay endpoint to contact (a seed, or an operator's `peer add`).
     pub fn add_seed(&mut self, addr: SocketAddr, rng: &mut impl RngCore) {
         if self.seeds.iter().all(|s| s.addr != addr) {
@@ -408,6 +412,31 @@ impl Membership {
             }
         }
         Ok(())
+    }
+
+    /// Takes a renewed identity (new certificate, possibly a new key) and the current trust
+    /// bundle, and announces the certificate to every member, which then replaces the old one.
+    pub fn renew(
+        &mut self,
+        secret: StaticSecret,
+        certificate: Certificate,
+        bundle: Vec<Certificate>,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        self.secret = secret;
+        self.certificate = certificate;
+        self.bundle = bundle;
+        self.expel_invalid(now_ms, &mut out);
+        let targets: Vec<([u8; 32], SocketAddr)> =
+            self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
+        let hello = self.hello(false);
+        for (k, ep) in targets {
+            self.send(&k, ep, &hello, rng, &mut out);
+        }
+        out
     }
 
     /// Replaces the revocation list of its CA if it is newer (from the operator or a file);

@@ -35,6 +35,7 @@ pub fn now_ms() -> u64 {
 
 pub struct Mesh {
     membership: Membership,
+    config_path: PathBuf,
     dev: Arc<Device>,
     netlink: Netlink,
     state_dir: PathBuf,
@@ -45,6 +46,7 @@ impl Mesh {
     /// Sets the device up for mesh mode (key, port, addresses) and restores saved members.
     pub async fn start(
         dev: Arc<Device>,
+        config_path: PathBuf,
         cfg: &Config,
         id: Identity,
         view: MemberView,
@@ -73,6 +75,7 @@ impl Mesh {
         }
         let mut mesh = Mesh {
             membership,
+            config_path,
             dev,
             netlink,
             state_dir: cfg.peering.state_dir.clone(),
@@ -87,10 +90,21 @@ impl Mesh {
         Ok(mesh)
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+        mut reload: mpsc::Receiver<()>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         loop {
             let actions = tokio::select! {
+                Some(()) = reload.recv() => match self.reload().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "reload refused; the running identity stays in force");
+                        continue;
+                    }
+                },
                 Some((from, datagram)) = rx.recv() => {
                     match self.membership.on_datagram(now_ms(), from, &datagram, &mut OsRng) {
                         Ok(a) => a,
@@ -105,6 +119,44 @@ impl Mesh {
             };
             self.execute(actions).await;
         }
+    }
+
+    /// Re-reads the configuration's identity, trust bundle and revocation lists (SIGHUP or
+    /// `meshctl reload`). A renewed certificate and key take effect without a restart: the
+    /// device gets the new key, members get the new certificate, sessions re-handshake.
+    async fn reload(&mut self) -> anyhow::Result<Vec<Action>> {
+        let (_, id) = crate::read_config(&self.config_path)?;
+        let now = now_ms();
+        let mut actions = Vec::new();
+        for crl in id.revocation_lists.iter().cloned() {
+            actions.extend(
+                self.membership
+                    .add_revocation(now, crl, &mut OsRng)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+        }
+        if id.certificate != *self.membership.certificate() {
+            let set = SetRequest {
+                private_key: Some(Some(id.private_key)),
+                ..SetRequest::default()
+            };
+            self.dev
+                .apply(&set)
+                .map_err(|e| anyhow::anyhow!("new private key: {e}"))?;
+            for a in &id.certificate.body.addrs {
+                self.netlink.add_address(*a).await?;
+            }
+            tracing::info!(identity = %id.certificate.body.identity(), serial = id.certificate.body.serial, "identity renewed");
+            let secret = x25519_dalek::StaticSecret::from(id.private_key.0);
+            actions.extend(self.membership.renew(
+                secret,
+                id.certificate,
+                id.bundle,
+                now,
+                &mut OsRng,
+            ));
+        }
+        Ok(actions)
     }
 
     async fn execute(&mut self, actions: Vec<Action>) {
