@@ -1,1 +1,287 @@
+//! Membership as a pure state machine: several nodes exchanging datagrams in memory.
 
+use super::*;
+use ed25519_dalek::SigningKey;
+use proto::cert::{CertBody, CertKind};
+use rand_core::OsRng;
+
+const T0_MS: u64 = 1_800_000_000_000;
+
+fn ca(seed: u8, td: &str) -> (SigningKey, Certificate) {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    let pk = key.verifying_key().to_bytes();
+    let cert = CertBody {
+        kind: CertKind::Ca,
+        serial: 1,
+        not_before: 0,
+        not_after: u64::MAX / 2,
+        trust_domain: td.into(),
+        namespace: String::new(),
+        name: "ca".into(),
+        public_key: pk,
+        issuer: pk,
+        labels: Default::default(),
+        addrs: vec![],
+    }
+    .sign(&key)
+    .unwrap();
+    (key, cert)
+}
+
+fn identity(ca: &SigningKey, i: u8, not_after: u64) -> (StaticSecret, Certificate) {
+    let secret = StaticSecret::from([i; 32]);
+    let cert = CertBody {
+        kind: CertKind::Identity,
+        serial: u64::from(i),
+        not_before: 0,
+        not_after,
+        trust_domain: "example.org".into(),
+        namespace: "prod".into(),
+        name: format!("node{i}"),
+        public_key: *x25519_dalek::PublicKey::from(&secret).as_bytes(),
+        issuer: ca.verifying_key().to_bytes(),
+        labels: Default::default(),
+        addrs: vec![format!("100.64.1.{i}/32").parse().unwrap()],
+    }
+    .sign(ca)
+    .unwrap();
+    (secret, cert)
+}
+
+fn addr(i: usize) -> SocketAddr {
+    format!("198.18.1.{}:51820", i + 1).parse().unwrap()
+}
+
+/// Nodes on a lossless in-memory network.
+struct Net {
+    nodes: Vec<Membership>,
+    now_ms: u64,
+    installed: Vec<BTreeMap<[u8; 32], Vec<Cidr>>>,
+}
+
+impl Net {
+    fn new(n: usize) -> (Net, SigningKey, Certificate) {
+        let (ca_key, ca_cert) = ca(9, "example.org");
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let (secret, cert) = identity(&ca_key, i as u8 + 1, u64::MAX / 4);
+            let mut m = Membership::new(secret, cert, vec![ca_cert.clone()], vec![], T0_MS);
+            if i > 0 {
+                m.add_seed(addr(0), &mut OsRng);
+            }
+            nodes.push(m);
+        }
+        let installed = vec![BTreeMap::new(); n];
+        (
+            Net {
+                nodes,
+                now_ms: T0_MS,
+                installed,
+            },
+            ca_key,
+            ca_cert,
+        )
+    }
+
+    /// Delivers `actions` of node `from` and everything they cause, until the network is quiet.
+    fn deliver(&mut self, from: usize, actions: Vec<Action>) {
+        let mut queue: Vec<(usize, Action)> = actions.into_iter().map(|a| (from, a)).collect();
+        while let Some((src, action)) = queue.pop() {
+            match action {
+                Action::Send { to, datagram } => {
+                    let Some(dst) = (0..self.nodes.len()).find(|i| addr(*i) == to) else {
+                        continue;
+                    };
+                    if let Ok(out) =
+                        self.nodes[dst].on_datagram(self.now_ms, addr(src), &datagram, &mut OsRng)
+                    {
+                        queue.extend(out.into_iter().map(|a| (dst, a)));
+                    }
+                }
+                Action::Install { key, addrs, .. } => {
+                    self.installed[src].insert(key, addrs);
+                }
+                Action::Remove { key, .. } => {
+                    self.installed[src].remove(&key);
+                }
+                Action::Persist => {}
+            }
+        }
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.now_ms += ms;
+        for i in 0..self.nodes.len() {
+            let out = self.nodes[i].on_tick(self.now_ms, &mut OsRng);
+            self.deliver(i, out);
+        }
+    }
+}
+
+#[test]
+fn five_nodes_from_one_seed_converge_to_a_full_mesh() {
+    let (mut net, _, _) = Net::new(5);
+    net.tick(0);
+    for (i, m) in net.nodes.iter().enumerate() {
+        assert_eq!(
+            m.members().len(),
+            4,
+            "node {i} knows all others after one round"
+        );
+        assert_eq!(net.installed[i].len(), 4);
+    }
+    // Allowed IPs are exactly the certificate's addresses.
+    let key1 = *x25519_dalek::PublicKey::from(&StaticSecret::from([2u8; 32])).as_bytes();
+    assert_eq!(
+        net.installed[0][&key1],
+        vec!["100.64.1.2/32".parse::<Cidr>().unwrap()]
+    );
+}
+
+fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter: u64) -> Vec<u8> {
+    let msg = Message::Hello {
+        certificate: cert,
+        want_members: true,
+    };
+    control::seal(
+        from,
+        &to.public,
+        &StaticSecret::from([77; 32]),
+        counter,
+        &msg.encode(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn refuses_other_cas_foreign_keys_tampering_replays_and_strangers() {
+    let (mut net, ca_key, _) = Net::new(1);
+    let (rogue_key, _) = ca(3, "example.org");
+    let n = &mut net.nodes[0];
+    let now = T0_MS;
+
+    let (s, cert) = identity(&rogue_key, 7, u64::MAX / 4);
+    let r = n.on_datagram(now, addr(6), &sealed_hello(&s, n, cert, 1), &mut OsRng);
+    assert!(
+        matches!(
+            r,
+            Err(Refusal::Certificate(proto::cert::CertError::UnknownIssuer))
+        ),
+        "{r:?}"
+    );
+
+    let (s7, _) = identity(&ca_key, 7, u64::MAX / 4);
+    let (_, cert8) = identity(&ca_key, 8, u64::MAX / 4);
+    let r = n.on_datagram(now, addr(6), &sealed_hello(&s7, n, cert8, 1), &mut OsRng);
+    assert_eq!(
+        r,
+        Err(Refusal::KeyMismatch),
+        "a certificate for another key than the sender's"
+    );
+
+    let (_, cert7) = identity(&ca_key, 7, u64::MAX / 4);
+    let mut bytes = cert7.encode();
+    let pos = bytes.windows(4).position(|w| w == [100, 64, 1, 7]).unwrap();
+    bytes[pos + 3] = 8;
+    let tampered = Certificate::decode(&bytes).unwrap();
+    let r = n.on_datagram(now, addr(6), &sealed_hello(&s7, n, tampered, 2), &mut OsRng);
+    assert!(
+        matches!(
+            r,
+            Err(Refusal::Certificate(proto::cert::CertError::BadSignature))
+        ),
+        "{r:?}"
+    );
+    assert!(n.members().is_empty());
+
+    let good = sealed_hello(&s7, n, cert7.clone(), 3);
+    assert!(n.on_datagram(now, addr(6), &good, &mut OsRng).is_ok());
+    assert_eq!(n.members().len(), 1);
+    assert_eq!(
+        n.on_datagram(now, addr(6), &good, &mut OsRng),
+        Err(Refusal::Replay)
+    );
+
+    let (s9, _) = identity(&ca_key, 9, u64::MAX / 4);
+    let members = Message::Members(vec![]).encode();
+    let d = control::seal(&s9, &n.public, &StaticSecret::from([5; 32]), 1, &members).unwrap();
+    assert_eq!(
+        n.on_datagram(now, addr(6), &d, &mut OsRng),
+        Err(Refusal::UnknownSender)
+    );
+
+    let reply = control::encode_probe_reply(&[1; 16], &cert7, 1200).unwrap();
+    assert_eq!(
+        n.on_datagram(now, addr(6), &reply, &mut OsRng),
+        Err(Refusal::UnexpectedReply)
+    );
+    let small_probe = &control::encode_probe(&[1; 16])[..600];
+    assert!(matches!(
+        n.on_datagram(now, addr(6), small_probe, &mut OsRng),
+        Err(Refusal::Malformed(_))
+    ));
+}
+
+#[test]
+fn expiry_cuts_a_member_on_the_next_tick() {
+    let (mut net, ca_key, _) = Net::new(1);
+    let (s, cert) = identity(&ca_key, 7, T0_MS / 1000 + 10);
+    let hello = sealed_hello(&s, &net.nodes[0], cert, 1);
+    let out = net.nodes[0]
+        .on_datagram(T0_MS, addr(6), &hello, &mut OsRng)
+        .unwrap();
+    assert!(out.iter().any(|a| matches!(a, Action::Install { .. })));
+    net.tick(10_000);
+    assert_eq!(net.nodes[0].members().len(), 1, "valid through not_after");
+    net.tick(1_000);
+    assert!(net.nodes[0].members().is_empty(), "cut once expired");
+}
+
+#[test]
+fn a_revocation_added_on_one_node_spreads_and_cuts_everywhere() {
+    let (mut net, ca_key, _) = Net::new(4);
+    net.tick(0);
+    let revoked = *x25519_dalek::PublicKey::from(&StaticSecret::from([4u8; 32])).as_bytes();
+    let crl = RevocationList::sign("example.org", 1, T0_MS / 1000, vec![4], &ca_key).unwrap();
+    let out = net.nodes[0]
+        .add_revocation(net.now_ms, crl.clone(), &mut OsRng)
+        .unwrap();
+    net.deliver(0, out);
+    for i in 0..3 {
+        assert!(
+            !net.nodes[i].members().contains_key(&revoked),
+            "node {i} cut the revoked identity"
+        );
+        assert!(!net.installed[i].contains_key(&revoked));
+        assert_eq!(net.nodes[i].members().len(), 2);
+    }
+    // An older list does not undo a newer one.
+    let older = RevocationList::sign("example.org", 0, 0, vec![], &ca_key).unwrap();
+    assert!(net.nodes[1]
+        .add_revocation(net.now_ms, older, &mut OsRng)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn a_renewed_certificate_replaces_the_old_key_everywhere() {
+    let (mut net, ca_key, ca_cert) = Net::new(3);
+    net.tick(0);
+    let old = net.nodes[2].public;
+    let (secret, mut cert) = identity(&ca_key, 33, u64::MAX / 4);
+    // Same identity as node 3 (its name), a new key and a later not_before.
+    let mut body = cert.body.clone();
+    body.name = "node3".into();
+    body.addrs = vec!["100.64.1.3/32".parse().unwrap()];
+    body.not_before = 1;
+    cert = body.sign(&ca_key).unwrap();
+    let out = net.nodes[2].renew(secret, cert, vec![ca_cert], net.now_ms, &mut OsRng);
+    net.deliver(2, out);
+    let new = net.nodes[2].public;
+    for i in 0..2 {
+        assert!(
+            net.installed[i].contains_key(&new) && !net.installed[i].contains_key(&old),
+            "node {i}"
+        );
+    }
+}
