@@ -3,6 +3,7 @@
 mod ca;
 mod identity;
 mod keys;
+mod peer;
 mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -35,6 +36,17 @@ enum Command {
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
     Pubkey,
+    /// Peering on a mesh-mode daemon: add an endpoint, list members, remove one.
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+        /// Interface of the daemon; needed only when several run.
+        #[arg(short, long, global = true)]
+        interface: Option<String>,
+        /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
     /// Make a mesh-mode daemon re-read its identity, trust bundle and revocation lists (as SIGHUP).
     Reload {
         ifname: String,
@@ -51,6 +63,19 @@ enum Command {
         #[arg(long)]
         socket: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Contact an underlay endpoint (IP:port) and peer with the node there if its certificate verifies.
+    Add { endpoint: String },
+    /// The members this node knows: identity, endpoint, addresses, key, labels.
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Forget a member, by public key or TD/NS/NAME, and refuse it until the daemon restarts.
+    Remove { id: String },
 }
 
 #[derive(Subcommand)]
@@ -177,6 +202,18 @@ fn main() -> ExitCode {
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
         Command::Reload { ifname, socket } => status::reload(&ifname, socket),
+        Command::Peer {
+            command,
+            interface,
+            socket,
+        } => match peer::socket(interface.as_deref(), socket) {
+            Err(f) => Err(f),
+            Ok(path) => match command {
+                PeerCommand::Add { endpoint } => peer::add(&path, &endpoint),
+                PeerCommand::List { output } => peer::list(&path, output),
+                PeerCommand::Remove { id } => peer::remove(&path, &id),
+            },
+        },
         Command::Status {
             ifname,
             output,

@@ -97,6 +97,9 @@ use std::io::Read;
 fn table(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
+    if let Some(id) = &s.identity {
+        let _ = writeln!(o, "identity {id}");
+    }
     let _ = writeln!(
         o,
         "interface {}  public key {}  port {}  mtu {}",
@@ -132,6 +135,22 @@ fn table(s: &Status) -> String {
                 drops(&p.drops)
             }
         );
+        if let Some(id) = &p.identity {
+            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let expiry = p
+                .cert_not_after
+                .map(|t| format!("certificate expires at {t} (Unix time)"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "    identity: {id}  labels: {}  {expiry}",
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                }
+            );
+        }
         let ips: Vec<String> = p.allowed_ips.iter().map(|c| c.to_string()).collect();
         let _ = writeln!(
             o,

@@ -146,7 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     control::remove_at_exit(admin_path.clone());
     let members = mesh::run::MemberView::default();
     let mut me = None;
-    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
     if let Some((cfg, id)) = mesh_config {
         me = Some(id.certificate.body.identity());
         let (tx, rx) = tokio::sync::mpsc::channel(mesh::run::CONTROL_BACKLOG);
@@ -173,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dev: dev.clone(),
         members,
         me,
-        reload: reload_tx.clone(),
+        commands: reload_tx.clone(),
     };
     tokio::spawn(control::admin::serve(admin, admin_state));
     tokio::spawn(device::run_timers(dev.clone()));
@@ -188,7 +188,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading identity, trust bundle and revocation lists");
-                if reload_tx.try_send(()).is_err() {
+                if reload_tx.try_send(mesh::run::Command::Reload).is_err() {
                     tracing::warn!("SIGHUP ignored: not in mesh mode, or a reload is pending");
                 }
             }

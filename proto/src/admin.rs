@@ -20,6 +20,16 @@ pub enum Request {
     Status,
     /// Mesh mode: re-read identity, trust bundle and revocation lists, as SIGHUP does.
     Reload,
+    /// Mesh mode: contact this underlay endpoint (`IP:port`) and peer with whoever is there.
+    PeerAdd {
+        endpoint: String,
+    },
+    /// Mesh mode: the members this node knows.
+    PeerList,
+    /// Mesh mode: forget a member (by public key or `TD/NS/NAME`) and refuse it until restart.
+    PeerRemove {
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +37,8 @@ pub enum Request {
 pub enum Response {
     Status(Status),
     Reloading,
+    Peers(Vec<MemberInfo>),
+    Done { message: String },
     Error { message: String },
 }
 
@@ -64,4 +76,18 @@ pub struct PeerStatus {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_not_after: Option<u64>,
+}
+
+/// One member of the mesh as `meshctl peer list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub public_key: String,
+    pub identity: String,
+    pub spiffe_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<Cidr>,
+    pub endpoint: String,
+    pub serial: u64,
+    /// Certificate expiry, seconds since the Unix epoch.
+    pub not_after: u64,
 }

@@ -546,3 +546,67 @@ fn a_restarted_node_rejoins_from_its_state_without_seeds() {
         vec!["example.org/prod/node1", "example.org/prod/node2"]
     );
 }
+
+fn meshctl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin("meshctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn operator_peering_with_meshctl_peer_add_list_remove() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[], &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(peer_identities(&lab, &n2).is_empty(), "no seeds, no peers");
+    let out = meshctl(&["peer", "add", SEED, "-i", &n2.ifname]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)),
+        "peered by the operator"
+    );
+
+    let out = meshctl(&["peer", "list", "-i", &n1.ifname, "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["identity"], "example.org/prod/node2");
+    assert_eq!(
+        list[0]["spiffe_id"],
+        "spiffe://example.org/ns/prod/sa/node2"
+    );
+    assert_eq!(list[0]["addrs"], serde_json::json!(["100.64.1.2/32"]));
+    assert_eq!(list[0]["endpoint"], "198.18.1.2:51820");
+    let table = String::from_utf8(meshctl(&["status", &n1.ifname]).stdout).unwrap();
+    assert!(
+        table.contains("identity: example.org/prod/node2"),
+        "{table}"
+    );
+
+    let out = meshctl(&["peer", "remove", "example.org/prod/node2", "-i", &n1.ifname]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(peer_identities(&lab, &n1).is_empty());
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        peer_identities(&lab, &n1).is_empty(),
+        "a removed member stays out despite its gossip"
+    );
+    assert!(!lab.ping(&n1.ns, &n2.ip, 1));
+
+    let bad = meshctl(&["peer", "add", "not-an-endpoint", "-i", &n1.ifname]);
+    assert_eq!(bad.status.code(), Some(2));
+    let missing = meshctl(&[
+        "peer",
+        "remove",
+        "example.org/prod/nobody",
+        "-i",
+        &n1.ifname,
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no member"));
+}

@@ -2,7 +2,8 @@
 
 use super::read_line_bounded;
 use crate::device::Device;
-use crate::mesh::run::MemberView;
+use crate::mesh::run::{Command, MemberView};
+use proto::admin::MemberInfo;
 use proto::admin::{Request, Response, MAX_MESSAGE_BYTES};
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -16,7 +17,7 @@ pub struct Admin {
     pub members: MemberView,
     /// Mesh mode: our own identity.
     pub me: Option<String>,
-    pub reload: Sender<()>,
+    pub commands: Sender<Command>,
 }
 
 pub async fn serve(listener: UnixListener, admin: Admin) {
@@ -36,7 +37,12 @@ pub async fn serve(listener: UnixListener, admin: Admin) {
 }
 
 impl Admin {
-    fn answer(&self, req: Request) -> Response {
+    async fn answer(&self, req: Request) -> Response {
+        if self.me.is_none() && !matches!(req, Request::Status) {
+            return Response::Error {
+                message: "not in mesh mode (start meshd with --config)".into(),
+            };
+        }
         match req {
             Request::Status => {
                 let mut status = self.dev.status();
@@ -54,15 +60,66 @@ impl Admin {
                 }
                 Response::Status(status)
             }
-            Request::Reload if self.me.is_none() => Response::Error {
-                message: "not in mesh mode: nothing to reload".into(),
-            },
-            Request::Reload => match self.reload.try_send(()) {
+            Request::Reload => match self.commands.try_send(Command::Reload) {
                 Ok(()) => Response::Reloading,
                 Err(_) => Response::Error {
-                    message: "a reload is already pending".into(),
+                    message: "the mesh task is busy; try again".into(),
                 },
             },
+            Request::PeerAdd { endpoint } => match endpoint.parse() {
+                Ok(addr) => match self.commands.send(Command::AddPeer(addr)).await {
+                    Ok(()) => Response::Done {
+                        message: format!("contacting {addr}"),
+                    },
+                    Err(_) => Response::Error {
+                        message: "the mesh task has stopped".into(),
+                    },
+                },
+                Err(_) => Response::Error {
+                    message: format!("`{endpoint}` is not IP:port"),
+                },
+            },
+            Request::PeerList => {
+                let members = self.members.lock();
+                Response::Peers(
+                    members
+                        .iter()
+                        .map(|(k, m)| {
+                            let b = &m.certificate.body;
+                            MemberInfo {
+                                public_key: proto::Key(*k).to_base64(),
+                                identity: b.identity(),
+                                spiffe_id: b.spiffe_id(),
+                                labels: b.labels.clone(),
+                                addrs: b.addrs.clone(),
+                                endpoint: m.endpoint.to_string(),
+                                serial: b.serial,
+                                not_after: b.not_after,
+                            }
+                        })
+                        .collect(),
+                )
+            }
+            Request::PeerRemove { id } => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                if self
+                    .commands
+                    .send(Command::RemovePeer { id, reply })
+                    .await
+                    .is_err()
+                {
+                    return Response::Error {
+                        message: "the mesh task has stopped".into(),
+                    };
+                }
+                match answer.await {
+                    Ok(Ok(message)) => Response::Done { message },
+                    Ok(Err(message)) => Response::Error { message },
+                    Err(_) => Response::Error {
+                        message: "the mesh task has stopped".into(),
+                    },
+                }
+            }
         }
     }
 }
@@ -73,7 +130,7 @@ async fn session(stream: UnixStream, admin: Admin) -> std::io::Result<()> {
     let mut line = String::new();
     while read_line_bounded(&mut rd, &mut line, MAX_MESSAGE_BYTES).await? {
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => admin.answer(req),
+            Ok(req) => admin.answer(req).await,
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },

@@ -61,6 +61,8 @@ pub enum Refusal {
     UnexpectedReply,
     #[error("a revocation list from a CA we do not trust")]
     UntrustedRevocation,
+    #[error("from a member the operator removed")]
+    Removed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +93,8 @@ pub struct Membership {
     counter: u64,
     next_gossip_ms: u64,
     gossip_turn: usize,
+    /// Keys the operator removed; refused until the daemon restarts.
+    removed: std::collections::HashSet<[u8; 32]>,
 }
 
 impl Membership {
@@ -114,6 +118,7 @@ impl Membership {
             counter: now_ms.saturating_mul(1_000_000),
             next_gossip_ms: now_ms,
             gossip_turn: 0,
+            removed: Default::default(),
         }
     }
 
@@ -201,6 +206,9 @@ impl Membership {
         out: &mut Vec<Action>,
     ) -> bool {
         let key = cert.body.public_key;
+        if self.removed.contains(&key) {
+            return false;
+        }
         // One live certificate per identity: a renewed one (new key) replaces the old.
         let stale: Vec<[u8; 32]> = self
             .members
@@ -263,6 +271,15 @@ impl Membership {
         }
     }
 
+    /// Forgets a member on the operator's request and refuses it from now on (until restart;
+    /// to exclude an identity for good, revoke its certificate).
+    pub fn forget(&mut self, key: &[u8; 32]) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.removed.insert(*key);
+        self.expel(key, "removed by the operator", &mut out);
+        out
+    }
+
     /// One control datagram from `from`.
     pub fn on_datagram(
         &mut self,
@@ -305,6 +322,9 @@ impl Membership {
                 let plain = sealed.open(&self.secret)?;
                 let msg = Message::decode(&plain)?;
                 let sender = sealed.sender;
+                if self.removed.contains(&sender) {
+                    return Err(Refusal::Removed);
+                }
                 let cert = match &msg {
                     Message::Hello { certificate, .. } => certificate.clone(),
                     _ => self

@@ -23,6 +23,17 @@ const TICK: Duration = Duration::from_millis(500);
 /// Keepalive for mesh peers, so NAT and stateful firewalls keep the path open.
 const KEEPALIVE_SECS: u16 = 25;
 
+/// What the operator asks of the mesh task (SIGHUP and the admin socket).
+pub enum Command {
+    Reload,
+    AddPeer(SocketAddr),
+    /// Forget a member by base64 public key or `TD/NS/NAME`; the answer says whom.
+    RemovePeer {
+        id: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+}
+
 /// Members as the admin socket shows them.
 pub type MemberView = Arc<Mutex<BTreeMap<[u8; 32], MemberState>>>;
 
@@ -93,15 +104,15 @@ impl Mesh {
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
-        mut reload: mpsc::Receiver<()>,
+        mut commands: mpsc::Receiver<Command>,
     ) {
         let mut tick = tokio::time::interval(TICK);
         loop {
             let actions = tokio::select! {
-                Some(()) = reload.recv() => match self.reload().await {
+                Some(cmd) = commands.recv() => match self.command(cmd).await {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "reload refused; the running identity stays in force");
+                        tracing::warn!(error = %format!("{e:#}"), "command refused; the running configuration stays in force");
                         continue;
                     }
                 },
@@ -118,6 +129,31 @@ impl Mesh {
                 _ = tick.tick() => self.membership.on_tick(now_ms(), &mut OsRng),
             };
             self.execute(actions).await;
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) -> anyhow::Result<Vec<Action>> {
+        match cmd {
+            Command::Reload => self.reload().await,
+            Command::AddPeer(addr) => {
+                self.membership.add_seed(addr, &mut OsRng);
+                Ok(self.membership.on_tick(now_ms(), &mut OsRng))
+            }
+            Command::RemovePeer { id, reply } => {
+                let found = self.membership.members().iter().find(|(k, m)| {
+                    Key(**k).to_base64() == id || m.certificate.body.identity() == id
+                });
+                match found.map(|(k, m)| (*k, m.certificate.body.identity())) {
+                    Some((key, identity)) => {
+                        let _ = reply.send(Ok(format!("removed {identity} ({})", Key(key))));
+                        Ok(self.membership.forget(&key))
+                    }
+                    None => {
+                        let _ = reply.send(Err(format!("no member {id}")));
+                        Ok(Vec::new())
+                    }
+                }
+            }
         }
     }
 

@@ -1,0 +1,96 @@
+//! `meshctl peer`: operator-driven peering on a mesh-mode daemon.
+
+use crate::status::request;
+use crate::{Failure, Output};
+use anyhow::{anyhow, Context};
+use proto::admin::{self, Request, Response};
+use std::path::{Path, PathBuf};
+
+/// The admin socket: the interface's, or the only meshd running.
+pub fn socket(ifname: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    if let Some(s) = socket {
+        return Ok(s);
+    }
+    if let Some(name) = ifname {
+        return Ok(PathBuf::from(admin::socket_path(name)));
+    }
+    let dir = Path::new(admin::SOCKET_DIR);
+    let socks: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow!("no meshd is running ({}: {e})", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    match socks.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(anyhow!("no meshd is running (no socket in {})", dir.display()).into()),
+        many => Err(Failure::input(anyhow!(
+            "{} daemons are running; name one with -i IFNAME",
+            many.len()
+        ))),
+    }
+}
+
+fn done(resp: Response) -> Result<(), Failure> {
+    match resp {
+        Response::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Response::Error { message } => Err(anyhow!("meshd refused: {message}").into()),
+        other => Err(anyhow!("unexpected answer {other:?}").into()),
+    }
+}
+
+pub fn add(path: &Path, endpoint: &str) -> Result<(), Failure> {
+    endpoint
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| Failure::input(anyhow!("`{endpoint}` is not IP:port")))?;
+    done(request(
+        path,
+        &Request::PeerAdd {
+            endpoint: endpoint.to_string(),
+        },
+    )?)
+}
+
+pub fn remove(path: &Path, id: &str) -> Result<(), Failure> {
+    done(request(path, &Request::PeerRemove { id: id.to_string() })?)
+}
+
+pub fn list(path: &Path, output: Output) -> Result<(), Failure> {
+    let peers = match request(path, &Request::PeerList)? {
+        Response::Peers(p) => p,
+        Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
+        other => return Err(anyhow!("unexpected answer {other:?}").into()),
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&peers).context("encoding")?
+        ),
+        Output::Table => {
+            println!(
+                "{:<36}  {:<22}  {:<18}  {:<44}  LABELS",
+                "IDENTITY", "ENDPOINT", "ADDRESSES", "PUBLIC KEY"
+            );
+            for p in &peers {
+                let addrs: Vec<String> = p.addrs.iter().map(|a| a.to_string()).collect();
+                let labels: Vec<String> =
+                    p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<36}  {:<22}  {:<18}  {:<44}  {}",
+                    p.identity,
+                    p.endpoint,
+                    addrs.join(","),
+                    p.public_key,
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels.join(",")
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
