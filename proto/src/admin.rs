@@ -55,6 +55,11 @@ pub struct Status {
     /// Mesh mode: this node's own identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Control-protocol bytes (UDP payload) received and sent.
+    #[serde(default)]
+    pub control_rx_bytes: u64,
+    #[serde(default)]
+    pub control_tx_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -300,10 +300,12 @@ impl ReplayWindow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// "This is who I am": the sender's certificate, which must name the sealing key.
-    /// `want_members` asks the receiver to answer with the members it knows.
+    /// `want_members` asks the receiver to answer with the members it knows, unless its
+    /// [`members_digest`] equals `digest` (then both already know the same mesh).
     Hello {
         certificate: Certificate,
         want_members: bool,
+        digest: [u8; 32],
     },
     /// Members the sender knows, with the endpoint it last saw each at.
     Members(Vec<Member>),
@@ -317,6 +319,20 @@ pub struct Member {
     pub endpoint: SocketAddr,
 }
 
+/// A digest of a set of members' static keys: BLAKE2s-256 of the keys in ascending order. Two
+/// nodes that know the same mesh (each counting itself) have the same digest.
+pub fn members_digest<'a>(keys: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 32] {
+    use blake2::Digest;
+    let mut sorted: Vec<&[u8; 32]> = keys.into_iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut h = blake2::Blake2s256::new();
+    for k in sorted {
+        h.update(k);
+    }
+    h.finalize().into()
+}
+
 const MSG_HELLO: u8 = 1;
 const MSG_MEMBERS: u8 = 2;
 const MSG_REVOCATION: u8 = 3;
@@ -328,9 +344,11 @@ impl Message {
             Message::Hello {
                 certificate,
                 want_members,
+                digest,
             } => {
                 b.push(MSG_HELLO);
                 b.push(u8::from(*want_members));
+                b.extend_from_slice(digest);
                 put_cert(&mut b, certificate);
             }
             Message::Members(members) => {
@@ -380,9 +398,11 @@ impl Message {
                         })
                     }
                 };
+                let digest = r.array("digest")?;
                 Message::Hello {
                     certificate: r.cert()?,
                     want_members,
+                    digest,
                 }
             }
             MSG_MEMBERS => {
@@ -657,6 +677,7 @@ mod tests {
             Message::Hello {
                 certificate: cert_for(&secret(1), "a"),
                 want_members: true,
+                digest: [7; 32],
             },
             Message::Members(vec![
                 Member {

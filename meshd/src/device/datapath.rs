@@ -139,6 +139,8 @@ fn is_current(dev: &Device, socket: &Arc<Underlay>) -> bool {
 fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
     if proto::control::is_control(datagram) {
         // The control plane is not the data path: a copy per message is fine here.
+        dev.control_rx_bytes
+            .fetch_add(datagram.len() as u64, std::sync::atomic::Ordering::Relaxed);
         match dev.control.get() {
             Some(tx) => {
                 if tx.try_send((from, datagram.to_vec())).is_err() {

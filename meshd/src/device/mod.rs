@@ -35,6 +35,9 @@ pub struct Device {
     udp: ArcSwapOption<udp::Underlay>,
     /// Drops not attributable to one peer.
     pub drops: DropCounters,
+    /// Control-protocol bytes (UDP payload) received and sent.
+    pub control_rx_bytes: std::sync::atomic::AtomicU64,
+    pub control_tx_bytes: std::sync::atomic::AtomicU64,
     /// Where control-protocol datagrams go in mesh mode.
     control: std::sync::OnceLock<tokio::sync::mpsc::Sender<(std::net::SocketAddr, Vec<u8>)>>,
 }
@@ -87,6 +90,8 @@ impl Device {
             udp: ArcSwapOption::empty(),
             drops: DropCounters::default(),
             control: std::sync::OnceLock::new(),
+            control_rx_bytes: Default::default(),
+            control_tx_bytes: Default::default(),
         });
         dev.install_socket(socket);
         datapath::spawn_tun_reader(dev.clone())?;
@@ -105,7 +110,12 @@ impl Device {
         to: std::net::SocketAddr,
     ) -> std::io::Result<usize> {
         match self.udp.load().as_ref() {
-            Some(s) => s.send_to(datagram, to),
+            Some(s) => {
+                let n = s.send_to(datagram, to)?;
+                self.control_tx_bytes
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(n)
+            }
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
                 "no UDP socket",
@@ -346,6 +356,12 @@ impl Device {
             peers,
             drops: self.drops.snapshot(),
             identity: None,
+            control_rx_bytes: self
+                .control_rx_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            control_tx_bytes: self
+                .control_tx_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

@@ -194,7 +194,13 @@ impl Membership {
         Message::Hello {
             certificate: self.certificate.clone(),
             want_members,
+            digest: self.digest(),
         }
+    }
+
+    /// The digest of the mesh as this node knows it, itself included.
+    fn digest(&self) -> [u8; 32] {
+        control::members_digest(self.members.keys().chain(std::iter::once(&self.public)))
     }
 
     /// Records a verified member and installs it; returns true if it is new.
@@ -373,8 +379,13 @@ impl Membership {
         out: &mut Vec<Action>,
     ) -> Result<(), Refusal> {
         match msg {
-            Message::Hello { want_members, .. } => {
-                if want_members {
+            Message::Hello {
+                want_members,
+                digest,
+                ..
+            } => {
+                // Answer only if the sender's view of the mesh differs from ours.
+                if want_members && digest != self.digest() {
                     let list: Vec<Member> = self
                         .members
                         .iter()

@@ -142,6 +142,7 @@ fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter
     let msg = Message::Hello {
         certificate: cert,
         want_members: true,
+        digest: [0; 32],
     };
     control::seal(
         from,
