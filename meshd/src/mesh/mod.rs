@@ -343,10 +343,9 @@ impl Membership {
                 if cert.body.public_key != sender {
                     return Err(Refusal::KeyMismatch);
                 }
-                if let Err(e) = self.verify(&cert, now_ms) {
-                    self.expel(&sender, &e.to_string(), &mut out);
-                    return Err(Refusal::Certificate(e));
-                }
+                // A member whose certificate stopped verifying is cut by the next tick; a refusal
+                // changes no state, since its actions would not be carried out.
+                self.verify(&cert, now_ms).map_err(Refusal::Certificate)?;
                 if !self
                     .replay
                     .entry(sender)

@@ -286,3 +286,55 @@ fn a_renewed_certificate_replaces_the_old_key_everywhere() {
         );
     }
 }
+
+#[test]
+fn a_refused_message_changes_nothing_and_the_tick_cuts_the_expired_member() {
+    let (mut net, ca_key, _) = Net::new(1);
+    let (s, cert) = identity(&ca_key, 7, T0_MS / 1000 + 10);
+    let first = sealed_hello(&s, &net.nodes[0], cert.clone(), 1);
+    let out = net.nodes[0]
+        .on_datagram(T0_MS, addr(6), &first, &mut OsRng)
+        .unwrap();
+    net.deliver(0, out);
+    assert_eq!(net.installed[0].len(), 1);
+    // A Hello after expiry is refused, and the refusal leaves membership as it was ...
+    let late = T0_MS + 12_000;
+    let second = sealed_hello(&s, &net.nodes[0], cert, 2);
+    assert!(net.nodes[0]
+        .on_datagram(late, addr(6), &second, &mut OsRng)
+        .is_err());
+    assert_eq!(net.nodes[0].members().len(), 1);
+    // ... so the tick's removal reaches the device.
+    net.tick(12_000);
+    assert!(net.nodes[0].members().is_empty());
+    assert!(net.installed[0].is_empty(), "the WireGuard peer is removed");
+}
+
+#[test]
+fn a_mesh_at_rest_exchanges_only_hellos() {
+    let (mut net, _, _) = Net::new(4);
+    net.tick(0);
+    net.tick(GOSSIP_INTERVAL_MS);
+    // One more gossip round: each node's Hello finds the same digest, so nobody answers.
+    net.now_ms += GOSSIP_INTERVAL_MS;
+    for i in 0..4 {
+        let out = net.nodes[i].on_tick(net.now_ms, &mut OsRng);
+        let sends: Vec<&Action> = out
+            .iter()
+            .filter(|a| matches!(a, Action::Send { .. }))
+            .collect();
+        assert_eq!(sends.len(), 1, "one Hello per gossip interval");
+        for a in out {
+            if let Action::Send { to, datagram } = a {
+                let dst = (0..4).find(|j| addr(*j) == to).unwrap();
+                let reply = net.nodes[dst]
+                    .on_datagram(net.now_ms, addr(i), &datagram, &mut OsRng)
+                    .unwrap();
+                assert!(
+                    reply.iter().all(|a| !matches!(a, Action::Send { .. })),
+                    "no Members reply at rest"
+                );
+            }
+        }
+    }
+}
