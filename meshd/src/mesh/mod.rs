@@ -3,6 +3,7 @@
 //! as an argument, randomness through `RngCore`, and every effect goes out as an [`Action`] for the
 //! shell (`run.rs`) to carry out.
 
+pub mod ratelimit;
 pub mod run;
 pub mod state;
 

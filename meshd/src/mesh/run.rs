@@ -20,6 +20,11 @@ use tokio::sync::mpsc;
 pub const CONTROL_BACKLOG: usize = 1024;
 /// How often membership is re-checked (expiry is cut within this, plus the check itself).
 const TICK: Duration = Duration::from_millis(500);
+/// Control datagrams per second (and burst) accepted from one source address.
+const PER_SOURCE_RATE: u32 = 50;
+const PER_SOURCE_BURST: u32 = 100;
+const MAX_SOURCES: usize = 4096;
+
 /// Keepalive for mesh peers, so NAT and stateful firewalls keep the path open.
 const KEEPALIVE_SECS: u16 = 25;
 
@@ -107,6 +112,8 @@ impl Mesh {
         mut commands: mpsc::Receiver<Command>,
     ) {
         let mut tick = tokio::time::interval(TICK);
+        let mut limiter =
+            super::ratelimit::SourceLimiter::new(PER_SOURCE_RATE, PER_SOURCE_BURST, MAX_SOURCES);
         loop {
             let actions = tokio::select! {
                 Some(cmd) = commands.recv() => match self.command(cmd).await {
@@ -117,6 +124,10 @@ impl Mesh {
                     }
                 },
                 Some((from, datagram)) = rx.recv() => {
+                    if !limiter.allow(from.ip(), now_ms()) {
+                        self.dev.count_control_refusal();
+                        continue;
+                    }
                     match self.membership.on_datagram(now_ms(), from, &datagram, &mut OsRng) {
                         Ok(a) => a,
                         Err(refusal) => {
