@@ -4,6 +4,7 @@ mod ca;
 mod identity;
 mod keys;
 mod peer;
+mod policy;
 mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -47,6 +48,11 @@ enum Command {
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
     },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Make a mesh-mode daemon re-read its identity, trust bundle and revocation lists (as SIGHUP).
     Reload {
         ifname: String,
@@ -62,6 +68,17 @@ enum Command {
         /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
         #[arg(long)]
         socket: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Evaluate a Calico selector against a label set: prints true or false.
+    Selector {
+        expr: String,
+        /// Labels as K=V,K=V.
+        #[arg(long, default_value = "")]
+        labels: String,
     },
 }
 
@@ -202,6 +219,9 @@ fn main() -> ExitCode {
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
         Command::Reload { ifname, socket } => status::reload(&ifname, socket),
+        Command::Policy {
+            command: PolicyCommand::Selector { expr, labels },
+        } => policy::selector(&expr, &labels),
         Command::Peer {
             command,
             interface,

@@ -1,0 +1,6 @@
+//! The policy engine, pure: Calico's selector language now; policy compilation and evaluation
+//! next. Nothing here does I/O, so all of it is unit-tested, property-tested and fuzzed alone.
+
+pub mod selector;
+
+pub use selector::{Selector, SelectorError};
