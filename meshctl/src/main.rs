@@ -73,6 +73,31 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// What would happen to one flow: ALLOW or DENY, and the policy and rule that decided (offline).
+    Check {
+        /// Policy files or directories (Calico v3, Kubernetes NetworkPolicy, Namespace YAML).
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// The source: NAMESPACE/NAME[,KEY=VALUE...] (NAME is the service account).
+        #[arg(long)]
+        from: String,
+        /// The destination, as --from.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        from_ip: Option<String>,
+        #[arg(long)]
+        to_ip: Option<String>,
+        /// tcp, udp, icmp, icmpv6, sctp or a protocol number.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// Destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// zero-trust (what no policy selects is denied) or calico (it is allowed).
+        #[arg(long, default_value = "zero-trust", value_parser = ["zero-trust", "calico"])]
+        posture: String,
+    },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
         expr: String,
@@ -222,6 +247,34 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Selector { expr, labels },
         } => policy::selector(&expr, &labels),
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    files,
+                    from,
+                    to,
+                    from_ip,
+                    to_ip,
+                    proto,
+                    port,
+                    posture,
+                },
+        } => policy::validate_paths(&files).and_then(|()| {
+            policy::check(policy::CheckArgs {
+                files: &files,
+                from: &from,
+                to: &to,
+                from_ip: from_ip.as_deref(),
+                to_ip: to_ip.as_deref(),
+                proto: &proto,
+                port,
+                posture: if posture == "calico" {
+                    ::policy::engine::Posture::Calico
+                } else {
+                    ::policy::engine::Posture::ZeroTrust
+                },
+            })
+        }),
         Command::Peer {
             command,
             interface,

@@ -38,3 +38,104 @@ fn meshctl_policy_selector_prints_true_false_or_the_error_column() {
     assert_eq!(code, Some(2));
     assert!(err.contains("`novalue` is not KEY=VALUE"), "{err}");
 }
+
+fn check(args: &[&str]) -> (Option<i32>, String, String) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/microblog");
+    let mut a = vec!["policy", "check", "-f", root];
+    a.extend_from_slice(args);
+    let o = Command::new(bin("meshctl")).args(&a).output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn meshctl_policy_check_decides_offline_and_names_the_deciding_policy() {
+    let (code, out, _) = check(&[
+        "--from",
+        "microblog/api",
+        "--to",
+        "microblog/post,app=post",
+        "--port",
+        "8080",
+        "--posture",
+        "calico",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("ALLOW\n"), "{out}");
+    assert!(out.contains("ingress of microblog/post: allowed by NetworkPolicy microblog/post-allow-list rule ingress[0]"), "{out}");
+
+    let (_, out, _) = check(&[
+        "--from",
+        "microblog/user",
+        "--to",
+        "microblog/post,app=post",
+        "--port",
+        "8080",
+        "--posture",
+        "calico",
+    ]);
+    assert!(
+        out.starts_with("DENY\n") && out.contains("denied by end-of-policies"),
+        "{out}"
+    );
+    // Zero trust: api's egress is selected by no policy, so it is denied too.
+    let (_, out, _) = check(&[
+        "--from",
+        "microblog/api",
+        "--to",
+        "microblog/post,app=post",
+        "--port",
+        "8080",
+    ]);
+    assert!(
+        out.starts_with("DENY\n")
+            && out.contains("egress of microblog/api: denied by default-deny"),
+        "{out}"
+    );
+    let (_, out, _) = check(&[
+        "--from",
+        "microblog/search",
+        "--to",
+        "microblog/post,app=post",
+        "--port",
+        "9999",
+        "--posture",
+        "calico",
+    ]);
+    assert!(out.starts_with("DENY\n"), "wrong port: {out}");
+}
+
+#[test]
+fn an_invalid_policy_set_is_refused_naming_every_error() {
+    let dir = std::env::temp_dir().join(format!("meshctl-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: a, namespace: n}\nspec:\n  selector: app == 'x\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: b}\nspec:\n  ingres: []\n",
+    )
+    .unwrap();
+    let o = Command::new(bin("meshctl"))
+        .args([
+            "policy",
+            "check",
+            "-f",
+            dir.to_str().unwrap(),
+            "--from",
+            "n/a",
+            "--to",
+            "n/b",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("bad.yaml: document 2 (GlobalNetworkPolicy/b): spec: unknown field `ingres`"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

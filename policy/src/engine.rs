@@ -1,0 +1,776 @@
+//! Policy compilation and evaluation, pure. Documents (Calico and Kubernetes) compile into one
+//! form: policies with a selector, an order and ingress/egress rules; every selector is parsed once,
+//! here. `decide` evaluates one direction for one endpoint the way Calico does: policies that select
+//! the endpoint, by order (then name); within a policy, rules in order; the first Allow or Deny
+//! decides, Log records and goes on, Pass leaves the policies. If policies select the endpoint and
+//! none allows, the flow is denied; if none selects it, the posture decides (zero trust: deny).
+
+use crate::model::{
+    self, CalicoRule, CalicoSpec, Document, EntityRule, K8sPeer, K8sSpec, LabelSelector, PortValue,
+    ProtocolValue,
+};
+use crate::selector::{Selector, Subject};
+use proto::Cidr;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+pub const SCTP: u8 = 132;
+pub const UDPLITE: u8 = 136;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    Log,
+    Pass,
+}
+
+/// What no policy selects gets: zero trust denies it; Calico's posture allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Posture {
+    #[default]
+    ZeroTrust,
+    Calico,
+}
+
+/// An endpoint as policy sees it: from its certificate, and its overlay address if known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub namespace: String,
+    /// The service account.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Option<IpAddr>,
+}
+
+impl Subject for Endpoint {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+}
+
+/// The headers of a flow that rules look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub protocol: u8,
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
+    /// ICMP type and code.
+    pub icmp: Option<(u8, u8)>,
+    pub ip_version: u8,
+}
+
+/// The decision and what made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allow: bool,
+    /// `Kind ns/name` of the deciding policy, or `default-deny` / `no-policy` / `end-of-policies`.
+    pub by: String,
+    /// `ingress[i]` / `egress[i]` of the deciding rule.
+    pub rule: Option<String>,
+    /// Policies whose Log rules matched on the way.
+    pub logged: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{policy}: {field}: {message}")]
+pub struct CompileError {
+    pub policy: String,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+struct Policy {
+    id: String,
+    namespace: Option<String>,
+    order: f64,
+    selector: Selector,
+    namespace_selector: Option<Selector>,
+    sa_selector: Option<Selector>,
+    ingress: Option<Vec<Rule>>,
+    egress: Option<Vec<Rule>>,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    action: Action,
+    protocol: Option<u8>,
+    not_protocol: Option<u8>,
+    icmp: Option<(Option<u8>, Option<u8>)>,
+    not_icmp: Option<(Option<u8>, Option<u8>)>,
+    ip_version: Option<u8>,
+    source: Entity,
+    destination: Entity,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Entity {
+    nets: Vec<Cidr>,
+    not_nets: Vec<Cidr>,
+    selector: Option<Selector>,
+    not_selector: Option<Selector>,
+    namespace_selector: Option<Selector>,
+    sa_names: Vec<String>,
+    sa_selector: Option<Selector>,
+    ports: Vec<(u16, u16)>,
+    not_ports: Vec<(u16, u16)>,
+}
+
+/// A compiled policy set and the namespace labels it matches against.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub posture: Posture,
+}
+
+struct Ctx<'a> {
+    policy: &'a str,
+    field: String,
+}
+
+impl Ctx<'_> {
+    fn err(&self, message: impl Into<String>) -> CompileError {
+        CompileError {
+            policy: self.policy.to_string(),
+            field: self.field.clone(),
+            message: message.into(),
+        }
+    }
+    fn at(&self, field: &str) -> Ctx<'_> {
+        Ctx {
+            policy: self.policy,
+            field: if self.field.is_empty() {
+                field.to_string()
+            } else {
+                format!("{}.{field}", self.field)
+            },
+        }
+    }
+    fn selector(&self, text: &Option<String>) -> Result<Option<Selector>, CompileError> {
+        text.as_ref()
+            .map(|t| Selector::parse(t).map_err(|e| self.err(format!("selector `{t}`: {e}"))))
+            .transpose()
+    }
+}
+
+impl PolicySet {
+    /// Compiles documents into a policy set; every error is reported, and nothing is compiled if
+    /// any document is wrong.
+    pub fn compile(docs: &[Document], posture: Posture) -> Result<PolicySet, Vec<CompileError>> {
+        let mut set = PolicySet {
+            posture,
+            ..PolicySet::default()
+        };
+        let mut errors = Vec::new();
+        for d in docs {
+            let r = match d {
+                Document::Namespace { metadata } => {
+                    set.namespaces
+                        .insert(metadata.name.clone(), metadata.labels.clone());
+                    Ok(None)
+                }
+                Document::CalicoNetworkPolicy { metadata, spec } => {
+                    let ns = metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into());
+                    calico(
+                        &format!("NetworkPolicy {ns}/{}", metadata.name),
+                        Some(ns),
+                        spec,
+                    )
+                    .map(Some)
+                }
+                Document::CalicoGlobalNetworkPolicy { metadata, spec } => calico(
+                    &format!("GlobalNetworkPolicy {}", metadata.name),
+                    None,
+                    spec,
+                )
+                .map(Some),
+                Document::K8sNetworkPolicy { metadata, spec } => {
+                    let ns = metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into());
+                    k8s(
+                        &format!("KubernetesNetworkPolicy {ns}/{}", metadata.name),
+                        ns,
+                        spec,
+                    )
+                    .map(Some)
+                }
+            };
+            match r {
+                Ok(Some(p)) => set.policies.push(p),
+                Ok(None) => {}
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        set.policies
+            .sort_by(|a, b| a.order.total_cmp(&b.order).then_with(|| a.id.cmp(&b.id)));
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Namespace labels, with Calico's implicit `projectcalico.org/name`.
+    fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
+        l.insert("projectcalico.org/name".into(), ns.to_string());
+        l.insert("kubernetes.io/metadata.name".into(), ns.to_string());
+        l
+    }
+
+    fn applies(&self, p: &Policy, e: &Endpoint) -> bool {
+        if let Some(ns) = &p.namespace {
+            if *ns != e.namespace {
+                return false;
+            }
+        }
+        if let Some(nsel) = &p.namespace_selector {
+            if !nsel.matches(&self.namespace_labels(&e.namespace)) {
+                return false;
+            }
+        }
+        if let Some(sa) = &p.sa_selector {
+            if !sa.matches(e) {
+                return false;
+            }
+        }
+        p.selector.matches(e)
+    }
+
+    fn entity_matches(&self, p: &Policy, ent: &Entity, e: &Endpoint, port: Option<u16>) -> bool {
+        let in_any = |nets: &[Cidr]| e.ip.is_some_and(|ip| nets.iter().any(|c| c.contains(ip)));
+        if !ent.nets.is_empty() && !in_any(&ent.nets) {
+            return false;
+        }
+        if !ent.not_nets.is_empty() && in_any(&ent.not_nets) {
+            return false;
+        }
+        let port_in = |ranges: &[(u16, u16)]| {
+            port.is_some_and(|pt| ranges.iter().any(|(a, b)| (*a..=*b).contains(&pt)))
+        };
+        if !ent.ports.is_empty() && !port_in(&ent.ports) {
+            return false;
+        }
+        if !ent.not_ports.is_empty() && port_in(&ent.not_ports) {
+            return false;
+        }
+        let selects = ent.selector.is_some()
+            || ent.not_selector.is_some()
+            || ent.namespace_selector.is_some()
+            || ent.sa_selector.is_some()
+            || !ent.sa_names.is_empty();
+        if !selects {
+            return true;
+        }
+        match &ent.namespace_selector {
+            Some(nsel) => {
+                if !nsel.matches(&self.namespace_labels(&e.namespace)) {
+                    return false;
+                }
+            }
+            None => {
+                if let Some(ns) = &p.namespace {
+                    if *ns != e.namespace {
+                        return false;
+                    }
+                }
+            }
+        }
+        if ent.selector.as_ref().is_some_and(|s| !s.matches(e)) {
+            return false;
+        }
+        if ent.not_selector.as_ref().is_some_and(|s| s.matches(e)) {
+            return false;
+        }
+        if !ent.sa_names.is_empty() && !ent.sa_names.contains(&e.name) {
+            return false;
+        }
+        if ent.sa_selector.as_ref().is_some_and(|s| !s.matches(e)) {
+            return false;
+        }
+        true
+    }
+
+    fn rule_matches(
+        &self,
+        p: &Policy,
+        r: &Rule,
+        flow: &Flow,
+        src: &Endpoint,
+        dst: &Endpoint,
+    ) -> bool {
+        if r.protocol.is_some_and(|x| x != flow.protocol) || r.not_protocol == Some(flow.protocol) {
+            return false;
+        }
+        if r.ip_version.is_some_and(|v| v != flow.ip_version) {
+            return false;
+        }
+        let icmp_match = |m: &(Option<u8>, Option<u8>)| {
+            flow.icmp
+                .is_some_and(|(t, c)| m.0.is_none_or(|x| x == t) && m.1.is_none_or(|x| x == c))
+        };
+        if r.icmp.as_ref().is_some_and(|m| !icmp_match(m))
+            || r.not_icmp.as_ref().is_some_and(icmp_match)
+        {
+            return false;
+        }
+        self.entity_matches(p, &r.source, src, flow.src_port)
+            && self.entity_matches(p, &r.destination, dst, flow.dst_port)
+    }
+
+    /// The verdict for `flow` from `src` to `dst` in `direction`: egress is evaluated for `src`,
+    /// ingress for `dst`.
+    pub fn decide(
+        &self,
+        direction: Direction,
+        flow: &Flow,
+        src: &Endpoint,
+        dst: &Endpoint,
+    ) -> Verdict {
+        let local = match direction {
+            Direction::Ingress => dst,
+            Direction::Egress => src,
+        };
+        let mut logged = Vec::new();
+        let mut selected = false;
+        for p in &self.policies {
+            let rules = match direction {
+                Direction::Ingress => &p.ingress,
+                Direction::Egress => &p.egress,
+            };
+            let Some(rules) = rules else { continue };
+            if !self.applies(p, local) {
+                continue;
+            }
+            selected = true;
+            for (i, r) in rules.iter().enumerate() {
+                if !self.rule_matches(p, r, flow, src, dst) {
+                    continue;
+                }
+                let rule = Some(format!(
+                    "{}[{i}]",
+                    if direction == Direction::Ingress {
+                        "ingress"
+                    } else {
+                        "egress"
+                    }
+                ));
+                match r.action {
+                    Action::Log => logged.push(p.id.clone()),
+                    Action::Allow => {
+                        return Verdict {
+                            allow: true,
+                            by: p.id.clone(),
+                            rule,
+                            logged,
+                        }
+                    }
+                    Action::Deny => {
+                        return Verdict {
+                            allow: false,
+                            by: p.id.clone(),
+                            rule,
+                            logged,
+                        }
+                    }
+                    Action::Pass => {
+                        return Verdict {
+                            allow: self.posture == Posture::Calico,
+                            by: format!("passed by {}", p.id),
+                            rule,
+                            logged,
+                        }
+                    }
+                }
+            }
+        }
+        if selected {
+            return Verdict {
+                allow: false,
+                by: "end-of-policies".into(),
+                rule: None,
+                logged,
+            };
+        }
+        match self.posture {
+            Posture::ZeroTrust => Verdict {
+                allow: false,
+                by: "default-deny".into(),
+                rule: None,
+                logged,
+            },
+            Posture::Calico => Verdict {
+                allow: true,
+                by: "no-policy".into(),
+                rule: None,
+                logged,
+            },
+        }
+    }
+}
+
+fn protocol(ctx: &Ctx, v: &Option<ProtocolValue>) -> Result<Option<u8>, CompileError> {
+    Ok(match v {
+        None => None,
+        Some(ProtocolValue::Number(n)) => Some(*n),
+        Some(ProtocolValue::Name(s)) => Some(match s.to_ascii_uppercase().as_str() {
+            "TCP" => TCP,
+            "UDP" => UDP,
+            "ICMP" => ICMP,
+            "ICMPV6" => ICMPV6,
+            "SCTP" => SCTP,
+            "UDPLITE" => UDPLITE,
+            _ => {
+                return Err(ctx.err(format!(
+                    "unknown protocol `{s}` (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number)"
+                )))
+            }
+        }),
+    })
+}
+
+fn port_ranges(ctx: &Ctx, ports: &[PortValue]) -> Result<Vec<(u16, u16)>, CompileError> {
+    ports
+        .iter()
+        .map(|p| match p {
+            PortValue::Number(n) => Ok((*n, *n)),
+            PortValue::Text(t) => {
+                let parsed = match t.split_once(':') {
+                    Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                    None => t.trim().parse::<u16>().ok().map(|n| (n, n)),
+                };
+                match parsed {
+                    Some((a, b)) if a <= b => Ok((a, b)),
+                    _ => Err(ctx.err(format!("`{t}` is not a port or a range like 8000:8080 (named ports are not supported)"))),
+                }
+            }
+        })
+        .collect()
+}
+
+fn nets(ctx: &Ctx, v: &[String]) -> Result<Vec<Cidr>, CompileError> {
+    v.iter()
+        .map(|n| n.parse().map_err(|e| ctx.err(format!("`{n}`: {e}"))))
+        .collect()
+}
+
+fn entity(ctx: &Ctx, e: &EntityRule, proto: Option<u8>) -> Result<Entity, CompileError> {
+    let ports = port_ranges(&ctx.at("ports"), &e.ports)?;
+    let not_ports = port_ranges(&ctx.at("notPorts"), &e.not_ports)?;
+    if (!ports.is_empty() || !not_ports.is_empty())
+        && !matches!(proto, Some(TCP | UDP | SCTP | UDPLITE))
+    {
+        return Err(ctx.err("ports need protocol TCP, UDP, SCTP or UDPLite on the rule"));
+    }
+    if e.services.is_some() {
+        return Err(ctx
+            .at("services")
+            .err("Kubernetes service matches are not supported"));
+    }
+    let (sa_names, sa_selector) = match &e.service_accounts {
+        Some(sa) => (
+            sa.names.clone(),
+            ctx.at("serviceAccounts.selector").selector(&sa.selector)?,
+        ),
+        None => (vec![], None),
+    };
+    Ok(Entity {
+        nets: nets(&ctx.at("nets"), &e.nets)?,
+        not_nets: nets(&ctx.at("notNets"), &e.not_nets)?,
+        selector: ctx.at("selector").selector(&e.selector)?,
+        not_selector: ctx.at("notSelector").selector(&e.not_selector)?,
+        namespace_selector: ctx
+            .at("namespaceSelector")
+            .selector(&e.namespace_selector)?,
+        sa_names,
+        sa_selector,
+        ports,
+        not_ports,
+    })
+}
+
+fn rule(ctx: &Ctx, r: &CalicoRule) -> Result<Rule, CompileError> {
+    let action = match r.action.as_str() {
+        "Allow" => Action::Allow,
+        "Deny" => Action::Deny,
+        "Log" => Action::Log,
+        "Pass" => Action::Pass,
+        a => {
+            return Err(ctx
+                .at("action")
+                .err(format!("`{a}` is not Allow, Deny, Log or Pass")))
+        }
+    };
+    if r.http.is_some() {
+        return Err(ctx.at("http").err("HTTP matches are not supported"));
+    }
+    let proto = protocol(&ctx.at("protocol"), &r.protocol)?;
+    let icmp = |i: &Option<model::Icmp>| i.as_ref().map(|i| (i.icmp_type, i.code));
+    if let Some(v) = r.ip_version {
+        if v != 4 && v != 6 {
+            return Err(ctx.at("ipVersion").err(format!("{v} is not 4 or 6")));
+        }
+    }
+    Ok(Rule {
+        action,
+        protocol: proto,
+        not_protocol: protocol(&ctx.at("notProtocol"), &r.not_protocol)?,
+        icmp: icmp(&r.icmp),
+        not_icmp: icmp(&r.not_icmp),
+        ip_version: r.ip_version,
+        source: entity(&ctx.at("source"), &r.source, proto)?,
+        destination: entity(&ctx.at("destination"), &r.destination, proto)?,
+    })
+}
+
+fn calico(
+    id: &str,
+    namespace: Option<String>,
+    spec: &CalicoSpec,
+) -> Result<Policy, Vec<CompileError>> {
+    let ctx = Ctx {
+        policy: id,
+        field: "spec".into(),
+    };
+    let mut errors = Vec::new();
+    let mut rules = |list: &[CalicoRule], dir: &str| -> Vec<Rule> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                rule(&ctx.at(&format!("{dir}[{i}]")), r)
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            })
+            .collect()
+    };
+    let ingress = rules(&spec.ingress, "ingress");
+    let egress = rules(&spec.egress, "egress");
+    let types: Vec<String> = spec.types.clone().unwrap_or_else(|| {
+        let mut t = vec!["Ingress".to_string()];
+        if !spec.egress.is_empty() {
+            t.push("Egress".into());
+        }
+        t
+    });
+    for t in &types {
+        if t != "Ingress" && t != "Egress" {
+            errors.push(
+                ctx.at("types")
+                    .err(format!("`{t}` is not Ingress or Egress")),
+            );
+        }
+    }
+    if spec.tier.as_deref().is_some_and(|t| t != "default") {
+        errors.push(ctx.at("tier").err("only the default tier is supported"));
+    }
+    let selector = ctx
+        .at("selector")
+        .selector(&spec.selector)
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten();
+    let namespace_selector = ctx
+        .at("namespaceSelector")
+        .selector(&spec.namespace_selector)
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten();
+    let sa_selector = ctx
+        .at("serviceAccountSelector")
+        .selector(&spec.service_account_selector)
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Policy {
+        id: id.to_string(),
+        namespace,
+        order: spec.order.unwrap_or(f64::INFINITY),
+        selector: selector.unwrap_or(Selector::All),
+        namespace_selector,
+        sa_selector,
+        ingress: types.iter().any(|t| t == "Ingress").then_some(ingress),
+        egress: types.iter().any(|t| t == "Egress").then_some(egress),
+    })
+}
+
+/// A Kubernetes label selector as a Calico selector.
+fn label_selector(ctx: &Ctx, s: &LabelSelector) -> Result<Selector, CompileError> {
+    let mut parts: Vec<Selector> = s
+        .match_labels
+        .iter()
+        .map(|(k, v)| Selector::Eq(k.clone(), v.clone()))
+        .collect();
+    for (i, r) in s.match_expressions.iter().enumerate() {
+        let values = r.values.iter().cloned().collect();
+        parts.push(match r.operator.as_str() {
+            "In" => Selector::In(r.key.clone(), values),
+            "NotIn" => Selector::NotIn(r.key.clone(), values),
+            "Exists" => Selector::Has(r.key.clone()),
+            "DoesNotExist" => Selector::Not(Box::new(Selector::Has(r.key.clone()))),
+            op => {
+                return Err(ctx
+                    .at(&format!("matchExpressions[{i}].operator"))
+                    .err(format!("`{op}` is not In, NotIn, Exists or DoesNotExist")))
+            }
+        });
+    }
+    Ok(parts
+        .into_iter()
+        .reduce(|a, b| Selector::And(Box::new(a), Box::new(b)))
+        .unwrap_or(Selector::All))
+}
+
+fn k8s_rules(
+    ctx: &Ctx,
+    peers: &Option<Vec<K8sPeer>>,
+    ports: &Option<Vec<model::K8sPort>>,
+    ingress: bool,
+) -> Result<Vec<Rule>, CompileError> {
+    // An absent or empty list matches everything.
+    let peers: Vec<Option<&K8sPeer>> = match peers {
+        Some(p) if !p.is_empty() => p.iter().map(Some).collect(),
+        _ => vec![None],
+    };
+    let ports: Vec<Option<&model::K8sPort>> = match ports {
+        Some(p) if !p.is_empty() => p.iter().map(Some).collect(),
+        _ => vec![None],
+    };
+    let mut out = Vec::new();
+    for (pi, peer) in peers.iter().enumerate() {
+        let pctx = ctx.at(&format!("{}[{pi}]", if ingress { "from" } else { "to" }));
+        let mut remote = Entity::default();
+        if let Some(peer) = peer {
+            if let Some(ps) = &peer.pod_selector {
+                remote.selector = Some(label_selector(&pctx.at("podSelector"), ps)?);
+            }
+            if let Some(ns) = &peer.namespace_selector {
+                remote.namespace_selector =
+                    Some(label_selector(&pctx.at("namespaceSelector"), ns)?);
+                remote.selector.get_or_insert(Selector::All);
+            }
+            if let Some(b) = &peer.ip_block {
+                remote.nets = nets(&pctx.at("ipBlock.cidr"), std::slice::from_ref(&b.cidr))?;
+                remote.not_nets = nets(&pctx.at("ipBlock.except"), &b.except)?;
+            }
+        }
+        for (ti, port) in ports.iter().enumerate() {
+            let tctx = ctx.at(&format!("ports[{ti}]"));
+            let (mut proto, mut ranges) = (None, Vec::new());
+            if let Some(p) = port {
+                let name = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                proto = protocol(&tctx.at("protocol"), &Some(ProtocolValue::Name(name)))?;
+                if let Some(pv) = &p.port {
+                    ranges = port_ranges(&tctx.at("port"), std::slice::from_ref(pv))?;
+                    if let Some(end) = p.end_port {
+                        if end < ranges[0].0 {
+                            return Err(tctx
+                                .at("endPort")
+                                .err(format!("{end} is below port {}", ranges[0].0)));
+                        }
+                        ranges[0].1 = end;
+                    }
+                }
+            }
+            // The port is the destination's: the local endpoint's on ingress, the peer's on egress.
+            let mut peer_side = remote.clone();
+            let mut local_side = Entity::default();
+            if ingress {
+                local_side.ports = ranges;
+            } else {
+                peer_side.ports = ranges;
+            }
+            let (source, destination) = if ingress {
+                (peer_side, local_side)
+            } else {
+                (local_side, peer_side)
+            };
+            out.push(Rule {
+                action: Action::Allow,
+                protocol: proto,
+                not_protocol: None,
+                icmp: None,
+                not_icmp: None,
+                ip_version: None,
+                source,
+                destination,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn k8s(id: &str, namespace: String, spec: &K8sSpec) -> Result<Policy, Vec<CompileError>> {
+    let ctx = Ctx {
+        policy: id,
+        field: "spec".into(),
+    };
+    let one = |e: CompileError| vec![e];
+    let selector = label_selector(&ctx.at("podSelector"), &spec.pod_selector).map_err(one)?;
+    let types: Vec<String> = spec.policy_types.clone().unwrap_or_else(|| {
+        let mut t = vec!["Ingress".to_string()];
+        if spec.egress.is_some() {
+            t.push("Egress".into());
+        }
+        t
+    });
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        ingress.extend(
+            k8s_rules(&ctx.at(&format!("ingress[{i}]")), &r.from, &r.ports, true).map_err(one)?,
+        );
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.iter().flatten().enumerate() {
+        egress.extend(
+            k8s_rules(&ctx.at(&format!("egress[{i}]")), &r.to, &r.ports, false).map_err(one)?,
+        );
+    }
+    for t in &types {
+        if t != "Ingress" && t != "Egress" {
+            return Err(one(ctx
+                .at("policyTypes")
+                .err(format!("`{t}` is not Ingress or Egress"))));
+        }
+    }
+    Ok(Policy {
+        id: id.to_string(),
+        namespace: Some(namespace),
+        // Calico orders Kubernetes policies at 1000.
+        order: 1000.0,
+        selector,
+        namespace_selector: None,
+        sa_selector: None,
+        ingress: types.iter().any(|t| t == "Ingress").then_some(ingress),
+        egress: types.iter().any(|t| t == "Egress").then_some(egress),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,367 @@
+use super::*;
+use crate::model::parse_documents;
+
+fn ep(ns: &str, name: &str, labels: &[(&str, &str)]) -> Endpoint {
+    Endpoint {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ip: None,
+    }
+}
+
+fn tcp(port: u16) -> Flow {
+    Flow {
+        protocol: TCP,
+        src_port: Some(40000),
+        dst_port: Some(port),
+        icmp: None,
+        ip_version: 4,
+    }
+}
+
+fn set(yaml: &str) -> PolicySet {
+    let docs = parse_documents(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e:?}"));
+    PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+const NAMESPACE: &str = "
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: microblog
+  labels:
+    app: microblog
+";
+
+/// The guide's post allow-list by service-account names.
+const POST_BY_NAMES: &str = "
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: post-allow-list
+  namespace: microblog
+spec:
+  selector: app == 'post'
+  ingress:
+    - action: Allow
+      protocol: TCP
+      source:
+        serviceAccounts:
+          names: ['api', 'search']
+        namespaceSelector: app == 'microblog'
+      destination:
+        ports:
+          - 8080
+";
+
+/// The guide's second form: by service-account label.
+const POST_BY_LABEL: &str = "
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: post-allow-list
+  namespace: microblog
+spec:
+  selector: app == 'post'
+  ingress:
+    - action: Allow
+      protocol: TCP
+      source:
+        serviceAccounts:
+          selector: svc-post == 'access'
+        namespaceSelector: app == 'microblog'
+      destination:
+        ports:
+          - 8080
+";
+
+fn post() -> Endpoint {
+    ep("microblog", "post", &[("app", "post")])
+}
+
+#[test]
+fn zero_trust_denies_what_no_policy_selects() {
+    let s = set(NAMESPACE);
+    let v = s.decide(
+        Direction::Ingress,
+        &tcp(8080),
+        &ep("microblog", "api", &[]),
+        &post(),
+    );
+    assert_eq!((v.allow, v.by.as_str()), (false, "default-deny"));
+    let mut calico = s.clone();
+    calico.posture = Posture::Calico;
+    assert!(
+        calico
+            .decide(
+                Direction::Ingress,
+                &tcp(8080),
+                &ep("microblog", "api", &[]),
+                &post()
+            )
+            .allow
+    );
+}
+
+#[test]
+fn post_allow_list_by_service_account_names() {
+    let s = set(&format!("{NAMESPACE}---{POST_BY_NAMES}"));
+    for src in ["api", "search"] {
+        let v = s.decide(
+            Direction::Ingress,
+            &tcp(8080),
+            &ep("microblog", src, &[("app", src)]),
+            &post(),
+        );
+        assert!(v.allow, "{src}: {v:?}");
+        assert_eq!(
+            (v.by.as_str(), v.rule.as_deref()),
+            (
+                "NetworkPolicy microblog/post-allow-list",
+                Some("ingress[0]")
+            )
+        );
+    }
+    let user = ep("microblog", "user", &[("app", "user")]);
+    let v = s.decide(Direction::Ingress, &tcp(8080), &user, &post());
+    assert_eq!((v.allow, v.by.as_str()), (false, "end-of-policies"));
+    let api = ep("microblog", "api", &[]);
+    assert!(
+        !s.decide(Direction::Ingress, &tcp(9090), &api, &post())
+            .allow,
+        "port scoped"
+    );
+    let udp = Flow {
+        protocol: UDP,
+        ..tcp(8080)
+    };
+    assert!(
+        !s.decide(Direction::Ingress, &udp, &api, &post()).allow,
+        "protocol scoped"
+    );
+    let foreign = ep("other", "api", &[]);
+    assert!(
+        !s.decide(Direction::Ingress, &tcp(8080), &foreign, &post())
+            .allow,
+        "namespace scoped"
+    );
+}
+
+#[test]
+fn post_allow_list_by_service_account_label_and_namespace_selector() {
+    let s = set(&format!("{NAMESPACE}---{POST_BY_LABEL}"));
+    let access = ep("microblog", "search", &[("svc-post", "access")]);
+    assert!(
+        s.decide(Direction::Ingress, &tcp(8080), &access, &post())
+            .allow
+    );
+    let none = ep("microblog", "search", &[]);
+    assert!(
+        !s.decide(Direction::Ingress, &tcp(8080), &none, &post())
+            .allow
+    );
+    let elsewhere = ep("staging", "search", &[("svc-post", "access")]);
+    assert!(
+        !s.decide(Direction::Ingress, &tcp(8080), &elsewhere, &post())
+            .allow,
+        "namespace label app=microblog required"
+    );
+}
+
+#[test]
+fn order_deny_pass_and_log() {
+    let yaml = "
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-debug}
+spec:
+  order: 10
+  selector: all()
+  ingress:
+    - action: Log
+    - action: Deny
+      source: {selector: debug == 'true'}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: pass-legacy}
+spec:
+  order: 20
+  selector: all()
+  ingress:
+    - action: Pass
+      source: {selector: legacy == 'true'}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-all}
+spec:
+  order: 100
+  selector: all()
+  ingress:
+    - action: Allow
+";
+    let s = set(yaml);
+    let dst = ep("a", "b", &[]);
+    let v = s.decide(
+        Direction::Ingress,
+        &tcp(1),
+        &ep("x", "y", &[("debug", "true")]),
+        &dst,
+    );
+    assert_eq!(
+        (v.allow, v.by.as_str(), v.rule.as_deref()),
+        (false, "GlobalNetworkPolicy deny-debug", Some("ingress[1]"))
+    );
+    assert_eq!(v.logged, vec!["GlobalNetworkPolicy deny-debug"]);
+    let v = s.decide(
+        Direction::Ingress,
+        &tcp(1),
+        &ep("x", "y", &[("legacy", "true")]),
+        &dst,
+    );
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (false, "passed by GlobalNetworkPolicy pass-legacy")
+    );
+    let v = s.decide(Direction::Ingress, &tcp(1), &ep("x", "y", &[]), &dst);
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (true, "GlobalNetworkPolicy allow-all")
+    );
+    let v = s.decide(Direction::Egress, &tcp(1), &dst, &ep("x", "y", &[]));
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (false, "default-deny"),
+        "no egress policy selects it"
+    );
+}
+
+#[test]
+fn kubernetes_network_policy() {
+    let yaml = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: prod}
+spec:
+  podSelector:
+    matchLabels: {app: db}
+  policyTypes: [Ingress, Egress]
+  ingress:
+    - from:
+        - podSelector:
+            matchExpressions:
+              - {key: role, operator: In, values: [api, worker]}
+        - namespaceSelector:
+            matchLabels: {team: ops}
+      ports:
+        - {protocol: TCP, port: 5432, endPort: 5433}
+  egress:
+    - to:
+        - ipBlock: {cidr: 100.64.0.0/16, except: [100.64.9.0/24]}
+      ports:
+        - {protocol: UDP, port: 53}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {team: ops}}
+";
+    let s = set(yaml);
+    let db = ep("prod", "db", &[("app", "db")]);
+    assert!(
+        s.decide(
+            Direction::Ingress,
+            &tcp(5433),
+            &ep("prod", "a", &[("role", "api")]),
+            &db
+        )
+        .allow
+    );
+    assert!(
+        !s.decide(
+            Direction::Ingress,
+            &tcp(5434),
+            &ep("prod", "a", &[("role", "api")]),
+            &db
+        )
+        .allow
+    );
+    assert!(
+        !s.decide(
+            Direction::Ingress,
+            &tcp(5432),
+            &ep("dev", "a", &[("role", "api")]),
+            &db
+        )
+        .allow,
+        "podSelector alone: same namespace"
+    );
+    assert!(
+        s.decide(Direction::Ingress, &tcp(5432), &ep("ops", "x", &[]), &db)
+            .allow,
+        "namespaceSelector alone: any pod there"
+    );
+    let dns = Flow {
+        protocol: UDP,
+        src_port: Some(5000),
+        dst_port: Some(53),
+        icmp: None,
+        ip_version: 4,
+    };
+    let mut resolver = ep("infra", "dns", &[]);
+    resolver.ip = Some("100.64.1.53".parse().unwrap());
+    assert!(s.decide(Direction::Egress, &dns, &db, &resolver).allow);
+    resolver.ip = Some("100.64.9.53".parse().unwrap());
+    assert!(
+        !s.decide(Direction::Egress, &dns, &db, &resolver).allow,
+        "except"
+    );
+}
+
+#[test]
+fn bad_documents_are_refused_with_file_document_field_and_column() {
+    let bad_field = format!(
+        "{NAMESPACE}---{}",
+        POST_BY_NAMES.replace("protocol: TCP", "protocl: TCP")
+    );
+    let e = parse_documents(&bad_field, "policies.yaml").unwrap_err();
+    let msg = e[0].to_string();
+    assert!(
+        msg.starts_with(
+            "policies.yaml: document 2 (NetworkPolicy/post-allow-list): spec.ingress[0]"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("unknown field `protocl`"), "{msg}");
+
+    let bad_selector = POST_BY_NAMES.replace("app == 'post'", "app == 'post");
+    let docs = parse_documents(&bad_selector, "p.yaml").unwrap();
+    let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+    let msg = e[0].to_string();
+    assert!(
+        msg.contains("NetworkPolicy microblog/post-allow-list: spec.selector"),
+        "{msg}"
+    );
+    assert!(msg.contains("column 8"), "{msg}");
+
+    let bad_port = POST_BY_NAMES.replace("- 8080", "- '9000:8000'");
+    let e = PolicySet::compile(
+        &parse_documents(&bad_port, "p.yaml").unwrap(),
+        Posture::ZeroTrust,
+    )
+    .unwrap_err();
+    assert!(
+        e[0].to_string()
+            .contains("spec.ingress[0].destination.ports"),
+        "{:?}",
+        e
+    );
+    let e =
+        parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n", "p.yaml").unwrap_err();
+    assert!(e[0].message.contains("kind `Pod`"), "{e:?}");
+    assert!(parse_documents("a: [", "p.yaml").is_err());
+}

@@ -1,0 +1,394 @@
+//! The policy documents operators write, as Calico and Kubernetes define them, read from YAML
+//! unchanged: `projectcalico.org/v3` `NetworkPolicy` and `GlobalNetworkPolicy`,
+//! `networking.k8s.io/v1` `NetworkPolicy`, and `v1` `Namespace` (for namespace labels). Unknown
+//! fields are errors, named by their path in the document.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    // Fields the API server adds, accepted so `kubectl get -o yaml` output applies as is.
+    #[serde(default)]
+    pub uid: Option<String>,
+    #[serde(default)]
+    pub resource_version: Option<String>,
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
+    #[serde(default)]
+    pub generation: Option<u64>,
+}
+
+/// `projectcalico.org/v3` NetworkPolicy and GlobalNetworkPolicy `spec`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CalicoSpec {
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub order: Option<f64>,
+    #[serde(default)]
+    pub selector: Option<String>,
+    #[serde(default)]
+    pub namespace_selector: Option<String>,
+    #[serde(default)]
+    pub service_account_selector: Option<String>,
+    #[serde(default)]
+    pub types: Option<Vec<String>>,
+    #[serde(default)]
+    pub ingress: Vec<CalicoRule>,
+    #[serde(default)]
+    pub egress: Vec<CalicoRule>,
+    #[serde(default)]
+    pub do_not_track: Option<bool>,
+    #[serde(default)]
+    pub apply_on_forward: Option<bool>,
+    #[serde(default)]
+    pub pre_dnat: Option<bool>,
+    #[serde(default)]
+    pub performance_hints: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CalicoRule {
+    pub action: String,
+    #[serde(default)]
+    pub protocol: Option<ProtocolValue>,
+    #[serde(default)]
+    pub not_protocol: Option<ProtocolValue>,
+    #[serde(default, rename = "icmp")]
+    pub icmp: Option<Icmp>,
+    #[serde(default, rename = "notICMP")]
+    pub not_icmp: Option<Icmp>,
+    #[serde(default)]
+    pub ip_version: Option<u8>,
+    #[serde(default)]
+    pub source: EntityRule,
+    #[serde(default)]
+    pub destination: EntityRule,
+    #[serde(default)]
+    pub metadata: Option<RuleMetadata>,
+    #[serde(default)]
+    pub http: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleMetadata {
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A protocol by name (`TCP`, `UDP`, `ICMP`, `ICMPv6`, `SCTP`, `UDPLite`) or number.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ProtocolValue {
+    Number(u8),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Icmp {
+    #[serde(default, rename = "type")]
+    pub icmp_type: Option<u8>,
+    #[serde(default)]
+    pub code: Option<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EntityRule {
+    #[serde(default)]
+    pub nets: Vec<String>,
+    #[serde(default)]
+    pub not_nets: Vec<String>,
+    #[serde(default)]
+    pub selector: Option<String>,
+    #[serde(default)]
+    pub not_selector: Option<String>,
+    #[serde(default)]
+    pub namespace_selector: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<PortValue>,
+    #[serde(default)]
+    pub not_ports: Vec<PortValue>,
+    #[serde(default)]
+    pub service_accounts: Option<ServiceAccountMatch>,
+    #[serde(default)]
+    pub services: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccountMatch {
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub selector: Option<String>,
+}
+
+/// A port (`8080`), a range (`"8000:8080"`) or a named port (not supported: an error later).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(u16),
+    Text(String),
+}
+
+/// `networking.k8s.io/v1` NetworkPolicy `spec`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct K8sSpec {
+    pub pod_selector: LabelSelector,
+    #[serde(default)]
+    pub policy_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub ingress: Option<Vec<K8sIngressRule>>,
+    #[serde(default)]
+    pub egress: Option<Vec<K8sEgressRule>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    pub operator: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sIngressRule {
+    #[serde(default)]
+    pub from: Option<Vec<K8sPeer>>,
+    #[serde(default)]
+    pub ports: Option<Vec<K8sPort>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sEgressRule {
+    #[serde(default)]
+    pub to: Option<Vec<K8sPeer>>,
+    #[serde(default)]
+    pub ports: Option<Vec<K8sPort>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct K8sPeer {
+    #[serde(default)]
+    pub pod_selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub ip_block: Option<IpBlock>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpBlock {
+    pub cidr: String,
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct K8sPort {
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortValue>,
+    #[serde(default)]
+    pub end_port: Option<u16>,
+}
+
+/// One YAML document of a known kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Document {
+    CalicoNetworkPolicy {
+        metadata: Metadata,
+        spec: CalicoSpec,
+    },
+    CalicoGlobalNetworkPolicy {
+        metadata: Metadata,
+        spec: CalicoSpec,
+    },
+    K8sNetworkPolicy {
+        metadata: Metadata,
+        spec: K8sSpec,
+    },
+    Namespace {
+        metadata: Metadata,
+    },
+}
+
+/// A document that could not be read: which file, which document (1-based), what and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: document {document}{}: {message}", kind_name.as_ref().map(|k| format!(" ({k})")).unwrap_or_default())]
+pub struct LoadError {
+    pub file: String,
+    pub document: usize,
+    /// `Kind/name` when known.
+    pub kind_name: Option<String>,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Raw<S> {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    spec: S,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNamespace {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    #[allow(dead_code)]
+    spec: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<serde_yaml_ng::Value>,
+}
+
+/// Upper bound on one file: policy sets are written by people.
+pub const MAX_FILE_BYTES: usize = 16 << 20;
+/// Upper bound on documents in one file.
+pub const MAX_DOCUMENTS: usize = 20_000;
+
+/// Reads every document of `text` (from `file`, for messages): all of them, or every error.
+pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Document>, Vec<LoadError>> {
+    let (docs, errors) = parse_all(text, file);
+    if errors.is_empty() {
+        Ok(docs)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Reads every document of `text`: those that parse, and an error for each that does not, so an
+/// operator sees everything wrong at once. Empty documents are skipped.
+pub fn parse_all(text: &str, file: &str) -> (Vec<Document>, Vec<LoadError>) {
+    let err = |document: usize, kind_name: Option<String>, message: String| LoadError {
+        file: file.to_string(),
+        document,
+        kind_name,
+        message,
+    };
+    if text.len() > MAX_FILE_BYTES {
+        return (
+            vec![],
+            vec![err(0, None, format!("larger than {MAX_FILE_BYTES} bytes"))],
+        );
+    }
+    // Pass 1: the kind of each document.
+    let mut heads = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        if i >= MAX_DOCUMENTS {
+            return (
+                vec![],
+                vec![err(
+                    i + 1,
+                    None,
+                    format!("more than {MAX_DOCUMENTS} documents"),
+                )],
+            );
+        }
+        match serde_yaml_ng::Value::deserialize(de) {
+            Ok(v) => heads.push(Some(v)),
+            Err(e) => return (vec![], vec![err(i + 1, None, e.to_string())]),
+        }
+    }
+    // Pass 2: each document as its kind, with the path of any bad field.
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for (i, (de, head)) in serde_yaml_ng::Deserializer::from_str(text)
+        .zip(heads)
+        .enumerate()
+    {
+        let n = i + 1;
+        let Some(head) = head else { continue };
+        if head.is_null() {
+            continue;
+        }
+        let get = |k: &str| {
+            head.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let (api, kind) = (get("apiVersion"), get("kind"));
+        let name = head
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?");
+        let kind_name = Some(format!("{kind}/{name}"));
+        let result = match (api.as_str(), kind.as_str()) {
+            ("projectcalico.org/v3", "NetworkPolicy") => typed::<Raw<CalicoSpec>>(de)
+                .map(|r| Document::CalicoNetworkPolicy { metadata: r.metadata, spec: r.spec }),
+            ("projectcalico.org/v3", "GlobalNetworkPolicy") => typed::<Raw<CalicoSpec>>(de)
+                .map(|r| Document::CalicoGlobalNetworkPolicy { metadata: r.metadata, spec: r.spec }),
+            ("networking.k8s.io/v1", "NetworkPolicy") => typed::<Raw<K8sSpec>>(de)
+                .map(|r| Document::K8sNetworkPolicy { metadata: r.metadata, spec: r.spec }),
+            ("v1", "Namespace") => typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
+            _ => Err(format!(
+                "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy or \
+                 GlobalNetworkPolicy, networking.k8s.io/v1 NetworkPolicy, v1 Namespace"
+            )),
+        };
+        match result {
+            Ok(d) => docs.push(d),
+            Err(message) => errors.push(err(n, kind_name, message)),
+        }
+    }
+    (docs, errors)
+}
+
+fn typed<'de, T: Deserialize<'de>>(de: serde_yaml_ng::Deserializer<'de>) -> Result<T, String> {
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // The YAML library often names the field itself; say it once.
+        let named = inner
+            .split(':')
+            .next()
+            .is_some_and(|head| !head.contains(' ') && path.starts_with(head));
+        if path == "." || named {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
