@@ -8,6 +8,7 @@
 //! Decoding accepts exactly one byte string per certificate (sorted, unique labels and addresses,
 //! host bits zero, no trailing bytes), so a signature covers the only encoding of its content.
 
+use crate::reader::{Reader, Truncated};
 use crate::Cidr;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use std::collections::BTreeMap;
@@ -239,7 +240,7 @@ impl Certificate {
                 max: MAX_CERT_BYTES,
             });
         }
-        let mut r = Reader { buf: bytes, off: 0 };
+        let mut r = Reader::new(bytes, 0);
         if r.take("magic", 4)? != CERT_MAGIC {
             return Err(CertError::BadMagic {
                 what: "certificate",
@@ -257,17 +258,17 @@ impl Certificate {
         let serial = r.u64("serial")?;
         let not_before = r.u64("not_before")?;
         let not_after = r.u64("not_after")?;
-        let public_key = r.array32("public_key")?;
-        let issuer = r.array32("issuer")?;
-        let trust_domain = r.str("trust_domain")?;
-        let namespace = r.str("namespace")?;
-        let name = r.str("name")?;
+        let public_key = r.array::<32>("public_key")?;
+        let issuer = r.array::<32>("issuer")?;
+        let trust_domain = read_str(&mut r, "trust_domain")?;
+        let namespace = read_str(&mut r, "namespace")?;
+        let name = read_str(&mut r, "name")?;
         let n_labels = r.u8("labels")? as usize;
         let mut labels = BTreeMap::new();
         let mut last: Option<String> = None;
         for _ in 0..n_labels {
-            let k = r.str("label key")?;
-            let v = r.str("label value")?;
+            let k = read_str(&mut r, "label key")?;
+            let v = read_str(&mut r, "label value")?;
             if last.as_ref().is_some_and(|l| *l >= k) {
                 return Err(CertError::NotCanonical {
                     field: "labels",
@@ -470,7 +471,7 @@ impl RevocationList {
         if bytes.len() > MAX_CRL_BYTES {
             return Err(CertError::TooLarge { max: MAX_CRL_BYTES });
         }
-        let mut r = Reader { buf: bytes, off: 0 };
+        let mut r = Reader::new(bytes, 0);
         if r.take("magic", 4)? != CRL_MAGIC {
             return Err(CertError::BadMagic {
                 what: "revocation list",
@@ -480,10 +481,10 @@ impl RevocationList {
         if version != VERSION {
             return Err(CertError::UnsupportedVersion(version));
         }
-        let issuer = r.array32("issuer")?;
+        let issuer = r.array::<32>("issuer")?;
         let number = r.u64("number")?;
         let issued_at = r.u64("issued_at")?;
-        let trust_domain = r.str("trust_domain")?;
+        let trust_domain = read_str(&mut r, "trust_domain")?;
         check_trust_domain(&trust_domain)?;
         let count = u32::from_be_bytes(r.take("count", 4)?.try_into().expect("4 bytes")) as usize;
         if count > MAX_REVOKED {
@@ -627,38 +628,20 @@ fn label_text(s: &str, may_be_empty: bool) -> bool {
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    off: usize,
+impl From<Truncated> for CertError {
+    fn from(t: Truncated) -> CertError {
+        CertError::Truncated {
+            field: t.field,
+            offset: t.offset,
+        }
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], CertError> {
-        let end = self.off.checked_add(n).filter(|e| *e <= self.buf.len());
-        let end = end.ok_or(CertError::Truncated {
-            field,
-            offset: self.off,
-        })?;
-        let s = &self.buf[self.off..end];
-        self.off = end;
-        Ok(s)
-    }
-    fn u8(&mut self, field: &'static str) -> Result<u8, CertError> {
-        Ok(self.take(field, 1)?[0])
-    }
-    fn u64(&mut self, field: &'static str) -> Result<u64, CertError> {
-        Ok(u64::from_be_bytes(
-            self.take(field, 8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn array32(&mut self, field: &'static str) -> Result<[u8; 32], CertError> {
-        Ok(self.take(field, 32)?.try_into().expect("32 bytes"))
-    }
-    fn str(&mut self, field: &'static str) -> Result<String, CertError> {
-        let n = self.u8(field)? as usize;
-        let b = self.take(field, n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| invalid(field, "", "not UTF-8"))
-    }
+/// A u8-length-prefixed UTF-8 string.
+fn read_str(r: &mut Reader, field: &'static str) -> Result<String, CertError> {
+    let n = r.u8(field)? as usize;
+    let b = r.take(field, n)?;
+    String::from_utf8(b.to_vec()).map_err(|_| invalid(field, "", "not UTF-8"))
 }
 
 #[cfg(test)]

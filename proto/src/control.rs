@@ -11,6 +11,7 @@
 //!   checks against a sliding replay window.
 
 use crate::cert::{CertError, Certificate, RevocationList, MAX_CERT_BYTES, MAX_CRL_BYTES};
+use crate::reader::{Reader, Truncated};
 use blake2::digest::Mac;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::ChaCha20Poly1305;
@@ -153,7 +154,7 @@ pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, ControlError> {
             let nonce = r.array("nonce")?;
             let len = r.u16("certificate length")? as usize;
             let certificate = Certificate::decode(r.take("certificate", len)?)?;
-            r.finish()?;
+            finish(&r)?;
             Ok(Datagram::ProbeReply { nonce, certificate })
         }
         TYPE_SEALED => {
@@ -400,7 +401,7 @@ impl Message {
                 };
                 let digest = r.array("digest")?;
                 Message::Hello {
-                    certificate: r.cert()?,
+                    certificate: read_cert(&mut r)?,
                     want_members,
                     digest,
                 }
@@ -415,7 +416,7 @@ impl Message {
                 }
                 let mut members = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let certificate = r.cert()?;
+                    let certificate = read_cert(&mut r)?;
                     let ip: IpAddr = match r.u8("endpoint family")? {
                         4 => Ipv4Addr::from(r.array::<4>("endpoint address")?).into(),
                         6 => Ipv6Addr::from(r.array::<16>("endpoint address")?).into(),
@@ -443,7 +444,7 @@ impl Message {
             }
             t => return Err(ControlError::UnknownType(t)),
         };
-        r.finish()?;
+        finish(&r)?;
         Ok(msg)
     }
 }
@@ -455,51 +456,31 @@ fn put_cert(b: &mut Vec<u8>, c: &Certificate) {
     b.extend_from_slice(&bytes);
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    off: usize,
+impl From<Truncated> for ControlError {
+    fn from(t: Truncated) -> ControlError {
+        ControlError::Truncated {
+            field: t.field,
+            offset: t.offset,
+        }
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], off: usize) -> Self {
-        Reader { buf, off }
+/// A u16-length-prefixed certificate.
+fn read_cert(r: &mut Reader) -> Result<Certificate, ControlError> {
+    let n = r.u16("certificate length")? as usize;
+    if n > MAX_CERT_BYTES {
+        return Err(ControlError::TooLarge {
+            max: MAX_CERT_BYTES,
+        });
     }
-    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], ControlError> {
-        let end = self.off.checked_add(n).filter(|e| *e <= self.buf.len());
-        let end = end.ok_or(ControlError::Truncated {
-            field,
-            offset: self.off,
-        })?;
-        let s = &self.buf[self.off..end];
-        self.off = end;
-        Ok(s)
-    }
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], ControlError> {
-        Ok(self.take(field, N)?.try_into().expect("N bytes"))
-    }
-    fn u8(&mut self, field: &'static str) -> Result<u8, ControlError> {
-        Ok(self.take(field, 1)?[0])
-    }
-    fn u16(&mut self, field: &'static str) -> Result<u16, ControlError> {
-        Ok(u16::from_be_bytes(self.array(field)?))
-    }
-    fn u64(&mut self, field: &'static str) -> Result<u64, ControlError> {
-        Ok(u64::from_be_bytes(self.array(field)?))
-    }
-    fn cert(&mut self) -> Result<Certificate, ControlError> {
-        let n = self.u16("certificate length")? as usize;
-        if n > MAX_CERT_BYTES {
-            return Err(ControlError::TooLarge {
-                max: MAX_CERT_BYTES,
-            });
-        }
-        Ok(Certificate::decode(self.take("certificate", n)?)?)
-    }
-    fn finish(&self) -> Result<(), ControlError> {
-        match self.buf.len() - self.off {
-            0 => Ok(()),
-            n => Err(ControlError::TrailingBytes(n)),
-        }
+    Ok(Certificate::decode(r.take("certificate", n)?)?)
+}
+
+/// Nothing may follow the last field.
+fn finish(r: &Reader) -> Result<(), ControlError> {
+    match r.remaining() {
+        0 => Ok(()),
+        n => Err(ControlError::TrailingBytes(n)),
     }
 }
 

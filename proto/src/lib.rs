@@ -9,6 +9,7 @@ pub mod control;
 pub mod duration;
 pub mod ip;
 pub mod key;
+mod reader;
 pub mod uapi;
 
 pub use cidr::Cidr;

@@ -162,11 +162,18 @@ impl Lab {
     /// Starts meshd in the foreground in `ns` with interface `ifname`; returns once its UAPI socket
     /// answers.
     pub fn meshd(&mut self, ns: &str, ifname: &str) {
+        self.spawn_meshd(ns, ifname, &[ifname.as_ref()]);
+    }
+
+    /// Runs `meshd --foreground ARGS` in `ns`, logging to the lab directory as `ifname`, and
+    /// waits for its UAPI socket.
+    fn spawn_meshd(&mut self, ns: &str, ifname: &str, args: &[&std::ffi::OsStr]) {
         let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(bin("meshd"))
-            .args(["--foreground", ifname])
+            .arg("--foreground")
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
@@ -732,23 +739,7 @@ impl Lab {
     pub fn meshd_config(&mut self, ns: &str, ifname: &str, config: &Path) {
         self.children
             .retain_mut(|(n, c)| n != ifname || matches!(c.try_wait(), Ok(None)));
-        let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin("meshd"))
-            .arg("--foreground")
-            .arg("--config")
-            .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning meshd");
-        self.children.push((ifname.to_string(), child));
-        self.wait_for_uapi(ifname);
+        self.spawn_meshd(ns, ifname, &["--config".as_ref(), config.as_os_str()]);
     }
 }
 
