@@ -1,6 +1,7 @@
 //! The policy engine, pure: Calico's selector language now; policy compilation and evaluation
 //! next. Nothing here does I/O, so all of it is unit-tested, property-tested and fuzzed alone.
 
+pub mod conntrack;
 pub mod engine;
 pub mod model;
 pub mod selector;

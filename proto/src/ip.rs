@@ -89,3 +89,167 @@ mod tests {
         }
     }
 }
+
+/// The five-tuple and the transport details policy and connection tracking look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number (after IPv6 extension headers).
+    pub protocol: u8,
+    /// TCP, UDP, UDP-Lite and SCTP ports; 0 for other protocols.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// ICMP or ICMPv6 type and code.
+    pub icmp: Option<(u8, u8)>,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); 0 otherwise.
+    pub tcp_flags: u8,
+    /// True for a non-first fragment (its ports are not in this packet).
+    pub later_fragment: bool,
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_UDPLITE: u8 = 136;
+
+/// IPv6 extension headers walked before giving up (RFC 8200 section 4 recommends a small bound).
+const MAX_EXTENSION_HEADERS: usize = 8;
+
+impl FlowKey {
+    /// Parses `packet`'s headers; `None` if they are truncated or malformed. Reads at most the
+    /// IP header, a bounded chain of IPv6 extension headers and 14 bytes of transport header.
+    pub fn parse(packet: &[u8]) -> Option<FlowKey> {
+        let a = addrs(packet)?;
+        let (mut protocol, mut off, mut later_fragment) = if packet[0] >> 4 == 4 {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let frag = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
+            (packet[9], ihl, frag != 0)
+        } else {
+            (packet[6], IPV6_HEADER_LEN, false)
+        };
+        if packet[0] >> 4 == 6 {
+            for _ in 0..MAX_EXTENSION_HEADERS {
+                match protocol {
+                    // Hop-by-hop, routing, destination options: length in 8-byte units after the first 8.
+                    0 | 43 | 60 => {
+                        let h = packet.get(off..off + 2)?;
+                        protocol = h[0];
+                        off += (usize::from(h[1]) + 1) * 8;
+                    }
+                    // Fragment header: fixed 8 bytes.
+                    44 => {
+                        let h = packet.get(off..off + 8)?;
+                        protocol = h[0];
+                        later_fragment = u16::from_be_bytes([h[2], h[3]]) >> 3 != 0;
+                        off += 8;
+                    }
+                    _ => break,
+                }
+            }
+            if matches!(protocol, 0 | 43 | 44 | 60) {
+                return None;
+            }
+        }
+        let mut key = FlowKey {
+            src: a.src,
+            dst: a.dst,
+            protocol,
+            src_port: 0,
+            dst_port: 0,
+            icmp: None,
+            tcp_flags: 0,
+            later_fragment,
+        };
+        if later_fragment {
+            return Some(key);
+        }
+        let l4 = packet.get(off..)?;
+        match protocol {
+            PROTO_TCP => {
+                let h = l4.get(..14)?;
+                key.src_port = u16::from_be_bytes([h[0], h[1]]);
+                key.dst_port = u16::from_be_bytes([h[2], h[3]]);
+                key.tcp_flags = h[13];
+            }
+            PROTO_UDP | PROTO_UDPLITE | PROTO_SCTP => {
+                let h = l4.get(..4)?;
+                key.src_port = u16::from_be_bytes([h[0], h[1]]);
+                key.dst_port = u16::from_be_bytes([h[2], h[3]]);
+            }
+            PROTO_ICMP | PROTO_ICMPV6 => {
+                let h = l4.get(..2)?;
+                key.icmp = Some((h[0], h[1]));
+            }
+            _ => {}
+        }
+        Some(key)
+    }
+}
+
+#[cfg(test)]
+mod flow_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v4(proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&[100, 64, 0, 1]);
+        p[16..20].copy_from_slice(&[100, 64, 0, 2]);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    #[test]
+    fn tcp_udp_and_icmp() {
+        let mut tcp = [0u8; 20];
+        tcp[..4].copy_from_slice(&[0x9c, 0x40, 0x1f, 0x90]);
+        tcp[13] = 0x02;
+        let k = FlowKey::parse(&v4(PROTO_TCP, &tcp)).unwrap();
+        assert_eq!((k.src_port, k.dst_port, k.tcp_flags), (40000, 8080, 0x02));
+        let k = FlowKey::parse(&v4(PROTO_UDP, &[0, 53, 0, 54, 0, 8, 0, 0])).unwrap();
+        assert_eq!((k.protocol, k.src_port, k.dst_port), (PROTO_UDP, 53, 54));
+        let k = FlowKey::parse(&v4(PROTO_ICMP, &[8, 0, 0, 0, 0, 1, 0, 1])).unwrap();
+        assert_eq!(k.icmp, Some((8, 0)));
+        assert_eq!(
+            FlowKey::parse(&v4(PROTO_TCP, &tcp[..13])),
+            None,
+            "truncated TCP header"
+        );
+    }
+
+    #[test]
+    fn ipv6_extension_headers_and_fragments() {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[6] = 0; // hop-by-hop
+        p[8..24].copy_from_slice(&"fd00::1".parse::<Ipv6Addr>().unwrap().octets());
+        p[24..40].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&[44, 0, 0, 0, 0, 0, 0, 0]); // hop-by-hop, next: fragment
+        p.extend_from_slice(&[PROTO_UDP, 0, 0, 0, 0, 0, 0, 7]); // first fragment, next: UDP
+        p.extend_from_slice(&[0x13, 0x88, 0x00, 0x35]);
+        let k = FlowKey::parse(&p).unwrap();
+        assert_eq!(
+            (k.protocol, k.src_port, k.dst_port, k.later_fragment),
+            (PROTO_UDP, 5000, 53, false)
+        );
+        // A later fragment: no ports.
+        let n = p.len();
+        p[n - 8] = 0x00;
+        p[n - 9] = 0x08; // offset 1 (in 8-byte units) lives in bytes 2..4 of the fragment header
+        let k = FlowKey::parse(&p).unwrap();
+        assert!(k.later_fragment);
+        assert_eq!(k.dst_port, 0);
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let _ = FlowKey::parse(&bytes);
+        }
+    }
+}
