@@ -114,6 +114,41 @@ struct Rule {
     destination: Entity,
 }
 
+impl Rule {
+    /// Protocol, ICMP and IP-version conditions.
+    fn header_matches(&self, flow: &Flow) -> bool {
+        if self.protocol.is_some_and(|x| x != flow.protocol)
+            || self.not_protocol == Some(flow.protocol)
+        {
+            return false;
+        }
+        if self.ip_version.is_some_and(|v| v != flow.ip_version) {
+            return false;
+        }
+        let icmp_match = |m: &(Option<u8>, Option<u8>)| {
+            flow.icmp
+                .is_some_and(|(t, c)| m.0.is_none_or(|x| x == t) && m.1.is_none_or(|x| x == c))
+        };
+        !(self.icmp.as_ref().is_some_and(|m| !icmp_match(m))
+            || self.not_icmp.as_ref().is_some_and(icmp_match))
+    }
+}
+
+impl Entity {
+    /// Nets and ports: what is checked per packet, not per identity.
+    fn header_matches(&self, ip: Option<IpAddr>, port: Option<u16>) -> bool {
+        let in_any = |nets: &[Cidr]| ip.is_some_and(|ip| nets.iter().any(|c| c.contains(ip)));
+        let port_in = |r: &[(u16, u16)]| {
+            port.is_some_and(|pt| r.iter().any(|(a, b)| (*a..=*b).contains(&pt)))
+        };
+        // An empty not-list excludes nothing, as in_any/port_in of an empty list is false.
+        (self.nets.is_empty() || in_any(&self.nets))
+            && !in_any(&self.not_nets)
+            && (self.ports.is_empty() || port_in(&self.ports))
+            && !port_in(&self.not_ports)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct Entity {
     nets: Vec<Cidr>,
@@ -262,57 +297,31 @@ impl PolicySet {
     }
 
     fn entity_matches(&self, p: &Policy, ent: &Entity, e: &Endpoint, port: Option<u16>) -> bool {
-        let in_any = |nets: &[Cidr]| e.ip.is_some_and(|ip| nets.iter().any(|c| c.contains(ip)));
-        if !ent.nets.is_empty() && !in_any(&ent.nets) {
-            return false;
-        }
-        if !ent.not_nets.is_empty() && in_any(&ent.not_nets) {
-            return false;
-        }
-        let port_in = |ranges: &[(u16, u16)]| {
-            port.is_some_and(|pt| ranges.iter().any(|(a, b)| (*a..=*b).contains(&pt)))
-        };
-        if !ent.ports.is_empty() && !port_in(&ent.ports) {
-            return false;
-        }
-        if !ent.not_ports.is_empty() && port_in(&ent.not_ports) {
-            return false;
-        }
+        ent.header_matches(e.ip, port) && self.selects(p, ent, e).unwrap_or(true)
+    }
+
+    /// Whether the entity's endpoint part (selectors, namespace, service accounts) matches `e`;
+    /// `None` if the entity selects no endpoints in particular (only nets and ports, or nothing).
+    fn selects(&self, p: &Policy, ent: &Entity, e: &Endpoint) -> Option<bool> {
         let selects = ent.selector.is_some()
             || ent.not_selector.is_some()
             || ent.namespace_selector.is_some()
             || ent.sa_selector.is_some()
             || !ent.sa_names.is_empty();
         if !selects {
-            return true;
+            return None;
         }
-        match &ent.namespace_selector {
-            Some(nsel) => {
-                if !nsel.matches(&self.namespace_labels(&e.namespace)) {
-                    return false;
-                }
-            }
-            None => {
-                if let Some(ns) = &p.namespace {
-                    if *ns != e.namespace {
-                        return false;
-                    }
-                }
-            }
-        }
-        if ent.selector.as_ref().is_some_and(|s| !s.matches(e)) {
-            return false;
-        }
-        if ent.not_selector.as_ref().is_some_and(|s| s.matches(e)) {
-            return false;
-        }
-        if !ent.sa_names.is_empty() && !ent.sa_names.contains(&e.name) {
-            return false;
-        }
-        if ent.sa_selector.as_ref().is_some_and(|s| !s.matches(e)) {
-            return false;
-        }
-        true
+        let in_namespace = match &ent.namespace_selector {
+            Some(nsel) => nsel.matches(&self.namespace_labels(&e.namespace)),
+            None => p.namespace.as_ref().is_none_or(|ns| *ns == e.namespace),
+        };
+        Some(
+            in_namespace
+                && ent.selector.as_ref().is_none_or(|s| s.matches(e))
+                && !ent.not_selector.as_ref().is_some_and(|s| s.matches(e))
+                && (ent.sa_names.is_empty() || ent.sa_names.contains(&e.name))
+                && ent.sa_selector.as_ref().is_none_or(|s| s.matches(e)),
+        )
     }
 
     fn rule_matches(
@@ -323,22 +332,8 @@ impl PolicySet {
         src: &Endpoint,
         dst: &Endpoint,
     ) -> bool {
-        if r.protocol.is_some_and(|x| x != flow.protocol) || r.not_protocol == Some(flow.protocol) {
-            return false;
-        }
-        if r.ip_version.is_some_and(|v| v != flow.ip_version) {
-            return false;
-        }
-        let icmp_match = |m: &(Option<u8>, Option<u8>)| {
-            flow.icmp
-                .is_some_and(|(t, c)| m.0.is_none_or(|x| x == t) && m.1.is_none_or(|x| x == c))
-        };
-        if r.icmp.as_ref().is_some_and(|m| !icmp_match(m))
-            || r.not_icmp.as_ref().is_some_and(icmp_match)
-        {
-            return false;
-        }
-        self.entity_matches(p, &r.source, src, flow.src_port)
+        r.header_matches(flow)
+            && self.entity_matches(p, &r.source, src, flow.src_port)
             && self.entity_matches(p, &r.destination, dst, flow.dst_port)
     }
 
@@ -430,6 +425,207 @@ impl PolicySet {
                 logged,
             },
         }
+    }
+}
+
+/// Why a fast-path verdict came out as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Rule,
+    Pass,
+    EndOfPolicies,
+    DefaultDeny,
+    NoPolicy,
+}
+
+/// A verdict without allocation: indices into the compiled set, names resolved on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastVerdict {
+    pub allow: bool,
+    pub reason: Reason,
+    pub policy: Option<u32>,
+    pub rule: Option<u16>,
+    /// A Log rule matched on the way.
+    pub logged: bool,
+}
+
+struct BitSet(Vec<u64>);
+
+impl BitSet {
+    fn new(n: usize) -> BitSet {
+        BitSet(vec![0; n.div_ceil(64)])
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    #[inline]
+    fn has(&self, i: u32) -> bool {
+        self.0
+            .get(i as usize / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+struct CompiledRule {
+    rule: Rule,
+    /// Identities the source / destination entity selects; `None` for any.
+    src: Option<BitSet>,
+    dst: Option<BitSet>,
+}
+
+/// A policy set resolved against the identities of the mesh: every selector evaluated once per
+/// identity ahead of time, so a verdict is a walk over the few policies that apply to one
+/// identity, with set lookups instead of selector evaluation. Rebuilt when policies or identities
+/// change.
+pub struct Compiled {
+    ids: Vec<String>,
+    rules: Vec<[Vec<CompiledRule>; 2]>,
+    /// Per identity: the policies that apply to it, [ingress, egress], in order.
+    applicable: Vec<[Vec<u32>; 2]>,
+    posture: Posture,
+}
+
+fn slot(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+impl PolicySet {
+    /// Resolves the set against `identities` (identity `i` is index `i`).
+    pub fn resolve(&self, identities: &[Endpoint]) -> Compiled {
+        let n = identities.len();
+        let members = |p: &Policy, ent: &Entity| -> Option<BitSet> {
+            let mut set: Option<BitSet> = None;
+            for (i, e) in identities.iter().enumerate() {
+                match self.selects(p, ent, e) {
+                    None => return None,
+                    Some(true) => set.get_or_insert_with(|| BitSet::new(n)).set(i),
+                    Some(false) => {
+                        set.get_or_insert_with(|| BitSet::new(n));
+                    }
+                }
+            }
+            Some(set.unwrap_or_else(|| BitSet::new(n)))
+        };
+        let compile_rules = |p: &Policy, rules: &Option<Vec<Rule>>| -> Vec<CompiledRule> {
+            rules
+                .iter()
+                .flatten()
+                .map(|r| CompiledRule {
+                    rule: r.clone(),
+                    src: members(p, &r.source),
+                    dst: members(p, &r.destination),
+                })
+                .collect()
+        };
+        let mut applicable = vec![[Vec::new(), Vec::new()]; n];
+        for (pi, p) in self.policies.iter().enumerate() {
+            for (i, e) in identities.iter().enumerate() {
+                if self.applies(p, e) {
+                    if p.ingress.is_some() {
+                        applicable[i][0].push(pi as u32);
+                    }
+                    if p.egress.is_some() {
+                        applicable[i][1].push(pi as u32);
+                    }
+                }
+            }
+        }
+        Compiled {
+            ids: self.policies.iter().map(|p| p.id.clone()).collect(),
+            rules: self
+                .policies
+                .iter()
+                .map(|p| [compile_rules(p, &p.ingress), compile_rules(p, &p.egress)])
+                .collect(),
+            applicable,
+            posture: self.posture,
+        }
+    }
+}
+
+impl Compiled {
+    /// The verdict for a flow from identity `src` to identity `dst` (indices given to
+    /// [`PolicySet::resolve`]); the same as [`PolicySet::decide`], without allocating.
+    pub fn decide(
+        &self,
+        direction: Direction,
+        flow: &Flow,
+        src: u32,
+        src_ip: Option<IpAddr>,
+        dst: u32,
+        dst_ip: Option<IpAddr>,
+    ) -> FastVerdict {
+        let local = match direction {
+            Direction::Ingress => dst,
+            Direction::Egress => src,
+        };
+        let d = slot(direction);
+        let mut logged = false;
+        let Some(list) = self.applicable.get(local as usize).map(|a| &a[d]) else {
+            return FastVerdict {
+                allow: false,
+                reason: Reason::DefaultDeny,
+                policy: None,
+                rule: None,
+                logged,
+            };
+        };
+        for &pi in list {
+            for (ri, r) in self.rules[pi as usize][d].iter().enumerate() {
+                let hit = r.rule.header_matches(flow)
+                    && r.rule.source.header_matches(src_ip, flow.src_port)
+                    && r.rule.destination.header_matches(dst_ip, flow.dst_port)
+                    && r.src.as_ref().is_none_or(|s| s.has(src))
+                    && r.dst.as_ref().is_none_or(|s| s.has(dst));
+                if !hit {
+                    continue;
+                }
+                let v = |allow, reason| FastVerdict {
+                    allow,
+                    reason,
+                    policy: Some(pi),
+                    rule: Some(ri as u16),
+                    logged,
+                };
+                match r.rule.action {
+                    Action::Log => logged = true,
+                    Action::Allow => return v(true, Reason::Rule),
+                    Action::Deny => return v(false, Reason::Rule),
+                    Action::Pass => return v(self.posture == Posture::Calico, Reason::Pass),
+                }
+            }
+        }
+        let (allow, reason) = if !list.is_empty() {
+            (false, Reason::EndOfPolicies)
+        } else if self.posture == Posture::Calico {
+            (true, Reason::NoPolicy)
+        } else {
+            (false, Reason::DefaultDeny)
+        };
+        FastVerdict {
+            allow,
+            reason,
+            policy: None,
+            rule: None,
+            logged,
+        }
+    }
+
+    /// The deciding policy's name, for logs.
+    pub fn policy_name(&self, v: &FastVerdict) -> &str {
+        match (v.reason, v.policy) {
+            (_, Some(i)) => &self.ids[i as usize],
+            (Reason::DefaultDeny, None) => "default-deny",
+            (Reason::NoPolicy, None) => "no-policy",
+            _ => "end-of-policies",
+        }
+    }
+
+    pub fn policies(&self) -> usize {
+        self.ids.len()
     }
 }
 

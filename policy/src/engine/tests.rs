@@ -365,3 +365,88 @@ fn bad_documents_are_refused_with_file_document_field_and_column() {
     assert!(e[0].message.contains("kind `Pod`"), "{e:?}");
     assert!(parse_documents("a: [", "p.yaml").is_err());
 }
+
+mod compiled {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SETS: &[&str] = &[NAMESPACE, POST_BY_NAMES, POST_BY_LABEL];
+
+    fn all_sets() -> PolicySet {
+        let order = "
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: g}
+spec:
+  order: 5
+  selector: tier in {'fe', 'be'}
+  types: [Ingress, Egress]
+  ingress:
+    - action: Log
+    - action: Deny
+      protocol: UDP
+      source: {notSelector: app == 'post', namespaceSelector: all()}
+    - action: Pass
+      source: {selector: tier == 'be'}
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination: {ports: ['8000:8100'], notNets: [100.64.9.0/24]}
+";
+        let yaml = format!("{}---{}---{order}", SETS[0], SETS[1]);
+        set(&yaml)
+    }
+
+    fn arb_endpoint() -> impl Strategy<Value = Endpoint> {
+        (
+            prop_oneof![Just("microblog"), Just("other")],
+            prop_oneof![Just("api"), Just("search"), Just("post"), Just("user")],
+            proptest::option::of(prop_oneof![Just("post"), Just("api")]),
+            proptest::option::of(prop_oneof![Just("fe"), Just("be")]),
+            proptest::option::of(0u8..=10),
+        )
+            .prop_map(|(ns, name, app, tier, ip)| {
+                let mut e = ep(ns, name, &[]);
+                if let Some(a) = app {
+                    e.labels.insert("app".into(), a.into());
+                }
+                if let Some(t) = tier {
+                    e.labels.insert("tier".into(), t.into());
+                }
+                e.ip = ip.map(|x| {
+                    format!("100.64.{}.1", if x > 5 { 9 } else { x })
+                        .parse()
+                        .unwrap()
+                });
+                e
+            })
+    }
+
+    proptest! {
+        /// The resolved fast path decides exactly as the interpreter does.
+        #[test]
+        fn compiled_agrees_with_the_interpreter(
+            ids in proptest::collection::vec(arb_endpoint(), 2..8),
+            pairs in proptest::collection::vec((0usize..8, 0usize..8, prop_oneof![Just(TCP), Just(UDP)], 7990u16..8110), 1..20),
+            calico in any::<bool>(),
+        ) {
+            let mut s = all_sets();
+            if calico {
+                s.posture = Posture::Calico;
+            }
+            let c = s.resolve(&ids);
+            for (a, b, proto, port) in pairs {
+                let (a, b) = (a % ids.len(), b % ids.len());
+                let flow = Flow { protocol: proto, src_port: Some(40000), dst_port: Some(port), icmp: None, ip_version: 4 };
+                for dir in [Direction::Ingress, Direction::Egress] {
+                    let slow = s.decide(dir, &flow, &ids[a], &ids[b]);
+                    let fast = c.decide(dir, &flow, a as u32, ids[a].ip, b as u32, ids[b].ip);
+                    prop_assert_eq!(fast.allow, slow.allow, "{:?} {:?} {:?}", dir, slow, fast);
+                    let name = c.policy_name(&fast);
+                    prop_assert!(slow.by.ends_with(name) || slow.by == name, "{} vs {}", slow.by, name);
+                    prop_assert_eq!(fast.logged, !slow.logged.is_empty());
+                }
+            }
+        }
+    }
+}
