@@ -13,14 +13,28 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_IDENTITY_TTL: &str = "720h";
 
+#[derive(clap::Args)]
 pub struct IssueArgs {
+    #[arg(long)]
     pub ca: PathBuf,
+    #[arg(long)]
     pub namespace: String,
+    /// The service account name.
+    #[arg(long)]
     pub name: String,
+    /// A label KEY=VALUE; repeat for more.
+    #[arg(long = "label")]
     pub labels: Vec<String>,
+    /// An overlay address or prefix; repeat for more.
+    #[arg(long = "ip", required = true)]
     pub ips: Vec<String>,
+    #[arg(long, default_value = DEFAULT_IDENTITY_TTL)]
     pub ttl: String,
+    /// The node's WireGuard public key (from `meshctl genkey | meshctl pubkey` or wg); the
+    /// private key then never leaves that node. Without it a key pair is made here.
+    #[arg(long)]
     pub public_key: Option<PathBuf>,
+    #[arg(long)]
     pub out: PathBuf,
 }
 

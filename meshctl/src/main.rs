@@ -144,29 +144,7 @@ enum CaCommand {
 #[derive(Subcommand)]
 enum IdentityCommand {
     /// Issue a certificate binding a WireGuard public key to TD/NAMESPACE/NAME, labels and addresses.
-    Issue {
-        #[arg(long)]
-        ca: PathBuf,
-        #[arg(long)]
-        namespace: String,
-        /// The service account name.
-        #[arg(long)]
-        name: String,
-        /// A label KEY=VALUE; repeat for more.
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// An overlay address or prefix; repeat for more.
-        #[arg(long = "ip", required = true)]
-        ips: Vec<String>,
-        #[arg(long, default_value = identity::DEFAULT_IDENTITY_TTL)]
-        ttl: String,
-        /// The node's WireGuard public key (from `meshctl genkey | meshctl pubkey` or wg); the
-        /// private key then never leaves that node. Without it a key pair is made here.
-        #[arg(long)]
-        public_key: Option<PathBuf>,
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Issue(identity::IssueArgs),
     /// Show every field of a certificate, its validity, and whether it verifies.
     Inspect {
         file: PathBuf,
@@ -217,27 +195,8 @@ fn main() -> ExitCode {
             command: CaCommand::Revoke { ca, serial },
         } => ca::revoke(&ca, serial),
         Command::Identity {
-            command:
-                IdentityCommand::Issue {
-                    ca,
-                    namespace,
-                    name,
-                    labels,
-                    ips,
-                    ttl,
-                    public_key,
-                    out,
-                },
-        } => identity::issue(identity::IssueArgs {
-            ca,
-            namespace,
-            name,
-            labels,
-            ips,
-            ttl,
-            public_key,
-            out,
-        }),
+            command: IdentityCommand::Issue(args),
+        } => identity::issue(args),
         Command::Identity {
             command: IdentityCommand::Inspect { file, ca, output },
         } => identity::inspect(&file, ca.as_deref(), output),
