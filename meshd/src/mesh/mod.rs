@@ -228,7 +228,7 @@ impl Membership {
             self.expel(&k, "replaced by a renewed certificate", out);
         }
         let addrs = cert.body.addrs.clone();
-        match self.members.get_mut(&key) {
+        let (new, changed) = match self.members.get_mut(&key) {
             Some(m) => {
                 let changed = m.endpoint != endpoint || m.certificate != cert;
                 m.endpoint = endpoint;
@@ -236,34 +236,27 @@ impl Membership {
                 if heard_ms.is_some() {
                     m.last_heard_ms = heard_ms;
                 }
-                if changed {
-                    out.push(Action::Install {
-                        key,
-                        endpoint,
-                        addrs,
-                    });
-                    out.push(Action::Persist);
-                }
-                false
+                (false, changed)
             }
             None => {
-                self.members.insert(
-                    key,
-                    MemberState {
-                        certificate: cert,
-                        endpoint,
-                        last_heard_ms: heard_ms,
-                    },
-                );
-                out.push(Action::Install {
-                    key,
+                let state = MemberState {
+                    certificate: cert,
                     endpoint,
-                    addrs,
-                });
-                out.push(Action::Persist);
-                true
+                    last_heard_ms: heard_ms,
+                };
+                self.members.insert(key, state);
+                (true, true)
             }
+        };
+        if changed {
+            out.push(Action::Install {
+                key,
+                endpoint,
+                addrs,
+            });
+            out.push(Action::Persist);
         }
+        new
     }
 
     fn expel(&mut self, key: &[u8; 32], reason: &str, out: &mut Vec<Action>) {

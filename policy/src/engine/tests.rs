@@ -13,6 +13,11 @@ fn ep(ns: &str, name: &str, labels: &[(&str, &str)]) -> Endpoint {
     }
 }
 
+/// Whether `s` lets TCP to `port` from `src` into `dst`.
+fn admits(s: &PolicySet, port: u16, src: &Endpoint, dst: &Endpoint) -> bool {
+    s.decide(Direction::Ingress, &tcp(port), src, dst).allow
+}
+
 fn tcp(port: u16) -> Flow {
     Flow {
         protocol: TCP,
@@ -272,37 +277,15 @@ metadata: {name: ops, labels: {team: ops}}
 ";
     let s = set(yaml);
     let db = ep("prod", "db", &[("app", "db")]);
+    let api = |ns| ep(ns, "a", &[("role", "api")]);
+    assert!(admits(&s, 5433, &api("prod"), &db), "inside port..endPort");
+    assert!(!admits(&s, 5434, &api("prod"), &db), "past endPort");
     assert!(
-        s.decide(
-            Direction::Ingress,
-            &tcp(5433),
-            &ep("prod", "a", &[("role", "api")]),
-            &db
-        )
-        .allow
-    );
-    assert!(
-        !s.decide(
-            Direction::Ingress,
-            &tcp(5434),
-            &ep("prod", "a", &[("role", "api")]),
-            &db
-        )
-        .allow
-    );
-    assert!(
-        !s.decide(
-            Direction::Ingress,
-            &tcp(5432),
-            &ep("dev", "a", &[("role", "api")]),
-            &db
-        )
-        .allow,
+        !admits(&s, 5432, &api("dev"), &db),
         "podSelector alone: same namespace"
     );
     assert!(
-        s.decide(Direction::Ingress, &tcp(5432), &ep("ops", "x", &[]), &db)
-            .allow,
+        admits(&s, 5432, &ep("ops", "x", &[]), &db),
         "namespaceSelector alone: any pod there"
     );
     let dns = Flow {
