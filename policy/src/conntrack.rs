@@ -64,6 +64,37 @@ impl ConnKey {
     }
 }
 
+impl ConnKey {
+    /// The first packet of the flow `e` tracks, as far as policy looks at it: the originator's
+    /// direction, a SYN for TCP, an echo request for ICMP. Used to re-decide a flow after a
+    /// policy change.
+    pub fn first_packet(&self, e: &Entry) -> FlowKey {
+        let (src, dst) = if self.lo == e.originator {
+            (self.lo, self.hi)
+        } else {
+            (self.hi, self.lo)
+        };
+        FlowKey {
+            src: src.0,
+            dst: dst.0,
+            protocol: self.protocol,
+            src_port: src.1,
+            dst_port: dst.1,
+            icmp: match self.protocol {
+                PROTO_ICMP => Some((8, 0)),
+                PROTO_ICMPV6 => Some((128, 0)),
+                _ => None,
+            },
+            tcp_flags: if self.protocol == PROTO_TCP {
+                TCP_SYN
+            } else {
+                0
+            },
+            later_fragment: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     TcpSynSent,
@@ -167,6 +198,13 @@ impl Conntrack {
         Tracked::Known { reply }
     }
 
+    /// Whether `flow` is live (for an ICMP error quoting it), without touching its state.
+    pub fn contains(&self, flow: &FlowKey, now_ms: u64) -> bool {
+        self.table
+            .get(&ConnKey::of(flow))
+            .is_some_and(|e| now_ms.saturating_sub(e.last_ms) <= self.timeout(e.state))
+    }
+
     /// Starts tracking a flow the policy allowed (the first packet's direction is its originator).
     /// A TCP flow must start with a SYN; anything else is not tracked (the caller treats it as
     /// new each time, so a stray segment gets no free pass).
@@ -244,6 +282,17 @@ impl Conntrack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_packet_rebuilds_the_originators_direction() {
+        let mut ct = Conntrack::new(8, Timeouts::default());
+        let syn = pkt("100.64.0.9", 40000, "100.64.0.1", 8080, PROTO_TCP, TCP_SYN);
+        ct.insert(&syn, 60, 0, 0);
+        let cut = ct.retain(|_, _| false);
+        let (k, e) = &cut[0];
+        assert_eq!(k.first_packet(e), syn);
+        assert!(!ct.contains(&syn, 1));
+    }
 
     fn pkt(src: &str, sp: u16, dst: &str, dp: u16, proto: u8, flags: u8) -> FlowKey {
         FlowKey {

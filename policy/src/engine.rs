@@ -100,6 +100,8 @@ struct Policy {
     sa_selector: Option<Selector>,
     ingress: Option<Vec<Rule>>,
     egress: Option<Vec<Rule>>,
+    /// Audit mode ([`crate::model::AUDIT_ANNOTATION`]): its denials are reported, not enforced.
+    audit: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -210,43 +212,37 @@ impl PolicySet {
         };
         let mut errors = Vec::new();
         for d in docs {
+            let id = d.object_name();
+            let ns = || {
+                d.metadata()
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into())
+            };
             let r = match d {
                 Document::Namespace { metadata } => {
                     set.namespaces
                         .insert(metadata.name.clone(), metadata.labels.clone());
                     Ok(None)
                 }
-                Document::CalicoNetworkPolicy { metadata, spec } => {
-                    let ns = metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into());
-                    calico(
-                        &format!("NetworkPolicy {ns}/{}", metadata.name),
-                        Some(ns),
-                        spec,
-                    )
-                    .map(Some)
+                Document::CalicoNetworkPolicy { spec, .. } => {
+                    calico(&id, Some(ns()), spec).map(Some)
                 }
-                Document::CalicoGlobalNetworkPolicy { metadata, spec } => calico(
-                    &format!("GlobalNetworkPolicy {}", metadata.name),
-                    None,
-                    spec,
-                )
-                .map(Some),
-                Document::K8sNetworkPolicy { metadata, spec } => {
-                    let ns = metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into());
-                    k8s(
-                        &format!("KubernetesNetworkPolicy {ns}/{}", metadata.name),
-                        ns,
-                        spec,
-                    )
-                    .map(Some)
+                Document::CalicoGlobalNetworkPolicy { spec, .. } => {
+                    calico(&id, None, spec).map(Some)
                 }
+                Document::K8sNetworkPolicy { spec, .. } => k8s(&id, ns(), spec).map(Some),
             };
+            let r = r.map(|p| {
+                p.map(|mut p| {
+                    p.audit = d
+                        .metadata()
+                        .annotations
+                        .get(crate::model::AUDIT_ANNOTATION)
+                        .is_some_and(|v| v == "true");
+                    p
+                })
+            });
             match r {
                 Ok(Some(p)) => set.policies.push(p),
                 Ok(None) => {}
@@ -482,6 +478,8 @@ pub struct Compiled {
     rules: Vec<[Vec<CompiledRule>; 2]>,
     /// Per identity: the policies that apply to it, [ingress, egress], in order.
     applicable: Vec<[Vec<u32>; 2]>,
+    /// Per policy: in audit mode.
+    audit: Vec<bool>,
     posture: Posture,
 }
 
@@ -541,6 +539,7 @@ impl PolicySet {
                 .map(|p| [compile_rules(p, &p.ingress), compile_rules(p, &p.egress)])
                 .collect(),
             applicable,
+            audit: self.policies.iter().map(|p| p.audit).collect(),
             posture: self.posture,
         }
     }
@@ -626,6 +625,31 @@ impl Compiled {
 
     pub fn policies(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Whether the denial `v` of identity `local`'s traffic is only audited: decided by a policy
+    /// in audit mode, or falling off the end of policies that are all in audit mode.
+    pub fn audited(&self, direction: Direction, local: u32, v: &FastVerdict) -> bool {
+        if v.allow {
+            return false;
+        }
+        match (v.reason, v.policy) {
+            (_, Some(p)) => self.audit.get(p as usize).copied().unwrap_or(false),
+            (Reason::EndOfPolicies, None) => self
+                .applicable
+                .get(local as usize)
+                .is_some_and(|a| a[slot(direction)].iter().all(|&p| self.audit[p as usize])),
+            _ => false,
+        }
+    }
+
+    /// `ingress[i]` / `egress[i]` of the deciding rule, for logs.
+    pub fn rule_name(direction: Direction, v: &FastVerdict) -> Option<String> {
+        let d = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        v.rule.map(|r| format!("{d}[{r}]"))
     }
 }
 
@@ -813,6 +837,7 @@ fn calico(
         sa_selector,
         ingress: types.iter().any(|t| t == "Ingress").then_some(ingress),
         egress: types.iter().any(|t| t == "Egress").then_some(egress),
+        audit: false,
     })
 }
 
@@ -965,6 +990,7 @@ fn k8s(id: &str, namespace: String, spec: &K8sSpec) -> Result<Policy, Vec<Compil
         sa_selector: None,
         ingress: types.iter().any(|t| t == "Ingress").then_some(ingress),
         egress: types.iter().any(|t| t == "Egress").then_some(egress),
+        audit: false,
     })
 }
 

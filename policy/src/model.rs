@@ -392,3 +392,120 @@ fn typed<'de, T: Deserialize<'de>>(de: serde_yaml_ng::Deserializer<'de>) -> Resu
         }
     })
 }
+
+/// The annotation that puts one policy in audit mode: its denials are logged and counted, and the
+/// packets pass (Calico's "logging-only mode" while an allow-list is being tried out).
+pub const AUDIT_ANNOTATION: &str = "policy.mesh/audit";
+
+impl Document {
+    /// The name `apply`, `delete`, the flow log and verdicts use for this object:
+    /// `NetworkPolicy NS/NAME`, `GlobalNetworkPolicy NAME`, `KubernetesNetworkPolicy NS/NAME` or
+    /// `Namespace NAME`. Namespaced kinds without a namespace are in `default`, as in Kubernetes.
+    pub fn object_name(&self) -> String {
+        let ns = |m: &Metadata| m.namespace.clone().unwrap_or_else(|| "default".into());
+        match self {
+            Document::CalicoNetworkPolicy { metadata, .. } => {
+                format!("NetworkPolicy {}/{}", ns(metadata), metadata.name)
+            }
+            Document::CalicoGlobalNetworkPolicy { metadata, .. } => {
+                format!("GlobalNetworkPolicy {}", metadata.name)
+            }
+            Document::K8sNetworkPolicy { metadata, .. } => {
+                format!("KubernetesNetworkPolicy {}/{}", ns(metadata), metadata.name)
+            }
+            Document::Namespace { metadata } => format!("Namespace {}", metadata.name),
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Document::CalicoNetworkPolicy { metadata, .. }
+            | Document::CalicoGlobalNetworkPolicy { metadata, .. }
+            | Document::K8sNetworkPolicy { metadata, .. }
+            | Document::Namespace { metadata } => metadata,
+        }
+    }
+}
+
+/// One object of a policy set: its name (see [`Document::object_name`]) and its YAML, normalised
+/// (re-serialised from the parsed document, so formatting and comments do not count as changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    pub name: String,
+    pub yaml: String,
+}
+
+/// Reads `text` as objects, in order, after checking every document (all of them or every error).
+/// Two documents naming the same object are an error: which one would win is not obvious.
+pub fn objects(text: &str, file: &str) -> Result<Vec<Object>, Vec<LoadError>> {
+    let docs = parse_documents(text, file)?;
+    let values: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(text)
+        .filter_map(|de| serde_yaml_ng::Value::deserialize(de).ok())
+        .filter(|v| !v.is_null())
+        .collect();
+    let mut seen = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, (doc, value)) in docs.iter().zip(values).enumerate() {
+        let name = doc.object_name();
+        if let Some(first) = seen.insert(name.clone(), i + 1) {
+            errors.push(LoadError {
+                file: file.to_string(),
+                document: i + 1,
+                kind_name: None,
+                message: format!("{name} is also document {first}"),
+            });
+            continue;
+        }
+        let yaml = serde_yaml_ng::to_string(&value).unwrap_or_default();
+        out.push(Object { name, yaml });
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The YAML stream of a set of objects, in name order: what a signed policy set carries.
+pub fn stream(objects: &[Object]) -> String {
+    let mut sorted: Vec<&Object> = objects.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    sorted.iter().map(|o| format!("---\n{}", o.yaml)).collect()
+}
+
+#[cfg(test)]
+mod object_tests {
+    use super::*;
+
+    const TWO: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: b\n  labels: {app: x}  # note\n---\n\
+apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: b}\nspec:\n  selector: all()\n";
+
+    #[test]
+    fn objects_are_named_normalised_and_streamed_in_name_order() {
+        let objs = objects(TWO, "f.yaml").unwrap();
+        let names: Vec<&str> = objs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["Namespace b", "NetworkPolicy b/p"]);
+        assert!(
+            !objs[0].yaml.contains("note"),
+            "comments are not part of the object"
+        );
+        let s = stream(&objs);
+        let again = objects(&s, "stream").unwrap();
+        assert_eq!(again, objs);
+        assert!(s.find("Namespace").unwrap() < s.find("NetworkPolicy").unwrap());
+    }
+
+    #[test]
+    fn the_same_object_twice_is_an_error_naming_both_documents() {
+        let text = format!("{TWO}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: b}}\n");
+        let errs = objects(&text, "f.yaml").unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].document, 3);
+        assert!(
+            errs[0].message.contains("Namespace b is also document 1"),
+            "{}",
+            errs[0]
+        );
+    }
+}

@@ -312,7 +312,26 @@ pub enum Message {
     Members(Vec<Member>),
     /// A CA's current revocation list.
     Revocation(RevocationList),
+    /// "I run policy set `serial`, `length` bytes, with this digest" (section 6).
+    PolicyOffer {
+        serial: u64,
+        length: u32,
+        digest: [u8; 32],
+    },
+    /// "Send me policy set `serial` from byte `offset`."
+    PolicyRequest { serial: u64, offset: u32 },
+    /// Bytes `offset..offset + data.len()` of the encoded signed policy set `serial`.
+    PolicyChunk {
+        serial: u64,
+        offset: u32,
+        length: u32,
+        data: Vec<u8>,
+    },
 }
+
+/// Largest piece of a policy set in one message; with the sealing overhead it stays under
+/// [`MAX_DATAGRAM_BYTES`].
+pub const MAX_POLICY_CHUNK_BYTES: usize = 32 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -337,6 +356,9 @@ pub fn members_digest<'a>(keys: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 
 const MSG_HELLO: u8 = 1;
 const MSG_MEMBERS: u8 = 2;
 const MSG_REVOCATION: u8 = 3;
+const MSG_POLICY_OFFER: u8 = 4;
+const MSG_POLICY_REQUEST: u8 = 5;
+const MSG_POLICY_CHUNK: u8 = 6;
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
@@ -375,6 +397,34 @@ impl Message {
                 let bytes = crl.encode();
                 b.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
                 b.extend_from_slice(&bytes);
+            }
+            Message::PolicyOffer {
+                serial,
+                length,
+                digest,
+            } => {
+                b.push(MSG_POLICY_OFFER);
+                b.extend_from_slice(&serial.to_be_bytes());
+                b.extend_from_slice(&length.to_be_bytes());
+                b.extend_from_slice(digest);
+            }
+            Message::PolicyRequest { serial, offset } => {
+                b.push(MSG_POLICY_REQUEST);
+                b.extend_from_slice(&serial.to_be_bytes());
+                b.extend_from_slice(&offset.to_be_bytes());
+            }
+            Message::PolicyChunk {
+                serial,
+                offset,
+                length,
+                data,
+            } => {
+                b.push(MSG_POLICY_CHUNK);
+                b.extend_from_slice(&serial.to_be_bytes());
+                b.extend_from_slice(&offset.to_be_bytes());
+                b.extend_from_slice(&length.to_be_bytes());
+                b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                b.extend_from_slice(data);
             }
         }
         b
@@ -441,6 +491,40 @@ impl Message {
                     return Err(ControlError::TooLarge { max: MAX_CRL_BYTES });
                 }
                 Message::Revocation(RevocationList::decode(r.take("revocation list", n)?)?)
+            }
+            MSG_POLICY_OFFER => Message::PolicyOffer {
+                serial: r.u64("serial")?,
+                length: u32::from_be_bytes(r.array("length")?),
+                digest: r.array("digest")?,
+            },
+            MSG_POLICY_REQUEST => Message::PolicyRequest {
+                serial: r.u64("serial")?,
+                offset: u32::from_be_bytes(r.array("offset")?),
+            },
+            MSG_POLICY_CHUNK => {
+                let serial = r.u64("serial")?;
+                let offset = u32::from_be_bytes(r.array("offset")?);
+                let length = u32::from_be_bytes(r.array("length")?);
+                let n = u32::from_be_bytes(r.array("chunk length")?) as usize;
+                if n > MAX_POLICY_CHUNK_BYTES {
+                    return Err(ControlError::TooLarge {
+                        max: MAX_POLICY_CHUNK_BYTES,
+                    });
+                }
+                let data = r.take("chunk", n)?.to_vec();
+                let end = offset as usize + n;
+                if length as usize > crate::policyset::MAX_SET_BYTES || end > length as usize {
+                    return Err(ControlError::Invalid {
+                        field: "chunk",
+                        reason: "outside the policy set's length",
+                    });
+                }
+                Message::PolicyChunk {
+                    serial,
+                    offset,
+                    length,
+                    data,
+                }
             }
             t => return Err(ControlError::UnknownType(t)),
         };
@@ -674,7 +758,41 @@ mod tests {
             Message::Revocation(
                 RevocationList::sign("example.org", 3, 10, vec![1, 2], &ca).unwrap(),
             ),
+            Message::PolicyOffer {
+                serial: 9,
+                length: 70_000,
+                digest: [3; 32],
+            },
+            Message::PolicyRequest {
+                serial: 9,
+                offset: 32768,
+            },
+            Message::PolicyChunk {
+                serial: 9,
+                offset: 32768,
+                length: 70_000,
+                data: vec![0xab; 100],
+            },
         ]
+    }
+
+    #[test]
+    fn a_policy_chunk_must_lie_inside_its_set() {
+        let chunk = |offset, length| Message::PolicyChunk {
+            serial: 1,
+            offset,
+            length,
+            data: vec![0; 10],
+        };
+        assert!(Message::decode(&chunk(0, 10).encode()).is_ok());
+        assert!(matches!(
+            Message::decode(&chunk(1, 10).encode()),
+            Err(ControlError::Invalid { field: "chunk", .. })
+        ));
+        assert!(matches!(
+            Message::decode(&chunk(0, u32::MAX).encode()),
+            Err(ControlError::Invalid { field: "chunk", .. })
+        ));
     }
 
     #[test]

@@ -122,6 +122,30 @@ impl FlowKey {
     /// Parses `packet`'s headers; `None` if they are truncated or malformed. Reads at most the
     /// IP header, a bounded chain of IPv6 extension headers and 14 bytes of transport header.
     pub fn parse(packet: &[u8]) -> Option<FlowKey> {
+        Self::parse_at(packet, false).map(|(k, _)| k)
+    }
+
+    /// For an ICMP or ICMPv6 error (destination unreachable, time exceeded, parameter problem,
+    /// packet too big), the flow of the packet it quotes, as that packet was sent (RFC 792, RFC
+    /// 4443 section 2.4: the quote starts with the IP header and at least 8 bytes after it).
+    pub fn quoted(packet: &[u8]) -> Option<FlowKey> {
+        let (outer, l4) = Self::parse_at(packet, false)?;
+        let is_error = match (outer.protocol, outer.icmp?) {
+            (PROTO_ICMP, (t, _)) => matches!(t, 3 | 11 | 12),
+            (PROTO_ICMPV6, (t, _)) => matches!(t, 1..=4),
+            _ => false,
+        };
+        if !is_error {
+            return None;
+        }
+        let (inner, _) = Self::parse_at(packet.get(l4 + 8..)?, true)?;
+        (inner.protocol != PROTO_ICMP && inner.protocol != PROTO_ICMPV6 || inner.icmp.is_some())
+            .then_some(inner)
+    }
+
+    /// Parses the headers and returns the offset of the transport header. A `quote` (inside an
+    /// ICMP error) needs only the first 8 bytes of the transport header.
+    fn parse_at(packet: &[u8], quote: bool) -> Option<(FlowKey, usize)> {
         let a = addrs(packet)?;
         let (mut protocol, mut off, mut later_fragment) = if packet[0] >> 4 == 4 {
             let ihl = usize::from(packet[0] & 0x0f) * 4;
@@ -164,15 +188,15 @@ impl FlowKey {
             later_fragment,
         };
         if later_fragment {
-            return Some(key);
+            return Some((key, off));
         }
         let l4 = packet.get(off..)?;
         match protocol {
             PROTO_TCP => {
-                let h = l4.get(..14)?;
+                let h = l4.get(..if quote { 8 } else { 14 })?;
                 key.src_port = u16::from_be_bytes([h[0], h[1]]);
                 key.dst_port = u16::from_be_bytes([h[2], h[3]]);
-                key.tcp_flags = h[13];
+                key.tcp_flags = h.get(13).copied().unwrap_or(0);
             }
             PROTO_UDP | PROTO_UDPLITE | PROTO_SCTP => {
                 let h = l4.get(..4)?;
@@ -182,10 +206,96 @@ impl FlowKey {
             PROTO_ICMP | PROTO_ICMPV6 => {
                 let h = l4.get(..2)?;
                 key.icmp = Some((h[0], h[1]));
+                // Echo: the identifier stands in for both ports, so a request and its reply are
+                // one flow, and two pings between the same hosts are two (RFC 792, RFC 4443 4.1).
+                if is_echo(protocol, h[0]) {
+                    let id = l4.get(4..6)?;
+                    key.src_port = u16::from_be_bytes([id[0], id[1]]);
+                    key.dst_port = key.src_port;
+                }
             }
             _ => {}
         }
-        Some(key)
+        Some((key, off))
+    }
+}
+
+/// ICMP echo request or reply (type 8/0, ICMPv6 128/129).
+pub fn is_echo(protocol: u8, icmp_type: u8) -> bool {
+    matches!(
+        (protocol, icmp_type),
+        (PROTO_ICMP, 0 | 8) | (PROTO_ICMPV6, 128 | 129)
+    )
+}
+
+#[cfg(test)]
+mod quote_tests {
+    use super::*;
+
+    fn v4(proto: u8, src: [u8; 4], dst: [u8; 4], l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    #[test]
+    fn an_icmp_error_names_the_flow_it_quotes() {
+        // A's TCP SYN to B port 8080, quoted with only 8 transport bytes, as routers do.
+        let syn = v4(
+            PROTO_TCP,
+            [100, 64, 0, 1],
+            [100, 64, 0, 2],
+            &[0x9c, 0x40, 0x1f, 0x90, 0, 0, 0, 1],
+        );
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&syn);
+        let err = v4(PROTO_ICMP, [100, 64, 0, 2], [100, 64, 0, 1], &icmp);
+        let q = FlowKey::quoted(&err).unwrap();
+        assert_eq!(
+            (q.src_port, q.dst_port, q.protocol),
+            (40000, 8080, PROTO_TCP)
+        );
+        assert_eq!(q.src, "100.64.0.1".parse::<IpAddr>().unwrap());
+        // Not an error type: nothing quoted.
+        let mut echo = icmp.clone();
+        echo[0] = 8;
+        assert_eq!(
+            FlowKey::quoted(&v4(PROTO_ICMP, [1; 4], [2; 4], &echo)),
+            None
+        );
+        // A quote cut short of the ports is not a flow.
+        assert_eq!(FlowKey::quoted(&err[..err.len() - 5]), None);
+    }
+
+    #[test]
+    fn echo_identifier_keys_request_and_reply_alike() {
+        let req = FlowKey::parse(&v4(
+            PROTO_ICMP,
+            [1; 4],
+            [2; 4],
+            &[8, 0, 0, 0, 0x12, 0x34, 0, 1],
+        ))
+        .unwrap();
+        let rep = FlowKey::parse(&v4(
+            PROTO_ICMP,
+            [2; 4],
+            [1; 4],
+            &[0, 0, 0, 0, 0x12, 0x34, 0, 1],
+        ))
+        .unwrap();
+        assert_eq!((req.src_port, rep.dst_port), (0x1234, 0x1234));
+        let unreach = FlowKey::parse(&v4(
+            PROTO_ICMP,
+            [2; 4],
+            [1; 4],
+            &[3, 1, 0, 0, 0x12, 0x34, 0, 1],
+        ))
+        .unwrap();
+        assert_eq!(unreach.src_port, 0);
     }
 }
 

@@ -9,6 +9,7 @@ pub mod control;
 pub mod duration;
 pub mod ip;
 pub mod key;
+pub mod policyset;
 mod reader;
 pub mod uapi;
 
