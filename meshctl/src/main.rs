@@ -1,10 +1,12 @@
 //! meshctl: the operator's tool. One module per subcommand group.
 
 mod ca;
+mod flows;
 mod identity;
 mod keys;
 mod peer;
 mod policy;
+mod policy_set;
 mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -48,10 +50,32 @@ enum Command {
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
     },
-    /// Policy tools.
+    /// The mesh's policy set (apply, diff, delete, get, list, status) and what-if tools.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+        /// Interface of the daemon; needed only when several run.
+        #[arg(short, long, global = true)]
+        interface: Option<String>,
+        /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
+    /// The flow log: every new flow with its verdict and deciding policy, and every end of one.
+    Flows {
+        /// Keep printing new records as they come.
+        #[arg(long)]
+        follow: bool,
+        /// Only denied (and audited) flows.
+        #[arg(long)]
+        denied: bool,
+        /// table, or json (one JSON object per line).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[arg(short, long)]
+        interface: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Make a mesh-mode daemon re-read its identity, trust bundle and revocation lists (as SIGHUP).
     Reload {
@@ -73,6 +97,50 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// Add or replace the objects of these files in the mesh's policy set (signed, pushed to every node).
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// The policy-admin signing key.
+        #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
+        key: PathBuf,
+    },
+    /// Show what `apply -f` would change.
+    Diff {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Remove objects: KIND NAME (networkpolicy NS/NAME, globalnetworkpolicy NAME, namespace NAME), or those of -f files.
+    Delete {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short = 'f', long = "file")]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
+        key: PathBuf,
+    },
+    /// Print the set in force, or one object of it (KIND NAME).
+    Get {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = policy_set::DocOutput::Yaml)]
+        output: policy_set::DocOutput,
+    },
+    /// The objects of the set in force.
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// The policy serial each node of the mesh runs.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Create a policy-admin key pair: FILE (mode 0600) signs sets; FILE.pub goes in trust.policy_admins.
+    AdminKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// What would happen to one flow: ALLOW or DENY, and the policy and rule that decided (offline).
     Check {
         /// Policy files or directories (Calico v3, Kubernetes NetworkPolicy, Namespace YAML).
@@ -180,6 +248,76 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+fn policy_command(
+    command: PolicyCommand,
+    interface: Option<String>,
+    socket: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let daemon = || peer::socket(interface.as_deref(), socket.clone());
+    let named = |kind: Option<String>, name: Option<String>| match (kind, name) {
+        (Some(k), Some(n)) => policy_set::object_name(&k, &n).map(Some),
+        (None, None) => Ok(None),
+        _ => Err(Failure::input(anyhow::anyhow!("give both KIND and NAME"))),
+    };
+    match command {
+        PolicyCommand::Selector { expr, labels } => policy::selector(&expr, &labels),
+        PolicyCommand::Check {
+            files,
+            from,
+            to,
+            from_ip,
+            to_ip,
+            proto,
+            port,
+            posture,
+        } => policy::validate_paths(&files).and_then(|()| {
+            policy::check(policy::CheckArgs {
+                files: &files,
+                from: &from,
+                to: &to,
+                from_ip: from_ip.as_deref(),
+                to_ip: to_ip.as_deref(),
+                proto: &proto,
+                port,
+                posture: if posture == "calico" {
+                    ::policy::engine::Posture::Calico
+                } else {
+                    ::policy::engine::Posture::ZeroTrust
+                },
+            })
+        }),
+        PolicyCommand::Apply { files, key } => policy_set::apply(&daemon()?, &files, &key),
+        PolicyCommand::Diff { files } => policy_set::diff(&daemon()?, &files),
+        PolicyCommand::Delete {
+            kind,
+            name,
+            files,
+            key,
+        } => {
+            let mut names: Vec<String> = named(kind, name)?.into_iter().collect();
+            if !files.is_empty() {
+                names.extend(
+                    policy_set::read_objects(&files)?
+                        .into_iter()
+                        .map(|o| o.name),
+                );
+            }
+            if names.is_empty() {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "name what to delete: KIND NAME, or -f FILE"
+                )));
+            }
+            policy_set::delete(&daemon()?, names, &key)
+        }
+        PolicyCommand::Get { kind, name, output } => {
+            policy_set::get(&daemon()?, named(kind, name)?, output)
+        }
+        PolicyCommand::List { output } => policy_set::list(&daemon()?, output),
+        PolicyCommand::Status { output } => policy_set::status(&daemon()?, output),
+        PolicyCommand::AdminKey { out } => policy_set::admin_key(&out),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -204,36 +342,18 @@ fn main() -> ExitCode {
         Command::Pubkey => keys::pubkey(),
         Command::Reload { ifname, socket } => status::reload(&ifname, socket),
         Command::Policy {
-            command: PolicyCommand::Selector { expr, labels },
-        } => policy::selector(&expr, &labels),
-        Command::Policy {
-            command:
-                PolicyCommand::Check {
-                    files,
-                    from,
-                    to,
-                    from_ip,
-                    to_ip,
-                    proto,
-                    port,
-                    posture,
-                },
-        } => policy::validate_paths(&files).and_then(|()| {
-            policy::check(policy::CheckArgs {
-                files: &files,
-                from: &from,
-                to: &to,
-                from_ip: from_ip.as_deref(),
-                to_ip: to_ip.as_deref(),
-                proto: &proto,
-                port,
-                posture: if posture == "calico" {
-                    ::policy::engine::Posture::Calico
-                } else {
-                    ::policy::engine::Posture::ZeroTrust
-                },
-            })
-        }),
+            command,
+            interface,
+            socket,
+        } => policy_command(command, interface, socket),
+        Command::Flows {
+            follow,
+            denied,
+            output,
+            interface,
+            socket,
+        } => peer::socket(interface.as_deref(), socket)
+            .and_then(|path| flows::run(&path, follow, denied, output)),
         Command::Peer {
             command,
             interface,

@@ -24,14 +24,13 @@ pub fn selector(expr: &str, labels: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Reads every policy document in `paths` (files, or directories of `*.yaml`/`*.yml`), reporting
-/// every error with its file, document and field, and compiles them.
-pub fn load(paths: &[PathBuf], posture: Posture) -> Result<PolicySet, Failure> {
+/// The policy files `paths` name: files as given, and the `*.yaml`/`*.yml` of directories.
+pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(|e| anyhow!("{}: {e}", p.display()))?
+                .map_err(|e| Failure::input(anyhow!("{}: {e}", p.display())))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
                 .collect();
@@ -41,6 +40,13 @@ pub fn load(paths: &[PathBuf], posture: Posture) -> Result<PolicySet, Failure> {
             files.push(p.clone());
         }
     }
+    Ok(files)
+}
+
+/// Reads every policy document in `paths` (files, or directories of `*.yaml`/`*.yml`), reporting
+/// every error with its file, document and field, and compiles them.
+pub fn load(paths: &[PathBuf], posture: Posture) -> Result<PolicySet, Failure> {
+    let files = files(paths)?;
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for f in &files {

@@ -15,9 +15,17 @@
 //! bundle = ["/etc/meshd/ca.crt"]            # CA certificates trusted for peers
 //! revocation_lists = ["/etc/meshd/revoked.crl"]   # optional
 //!
+//! policy_admins = ["/etc/meshd/policy-admin.pub"]  # keys whose signed policy sets are taken
+//!
 //! [peering]
 //! seeds = ["198.18.0.1:51820"]   # underlay endpoints to contact first
 //! state_dir = "/var/lib/meshd"    # default
+//!
+//! [policy]
+//! posture = "zero-trust"   # default; "calico": only endpoints a policy selects are default-deny
+//! audit = false            # true: log and count denials, but let the packets pass
+//! conntrack_max = 262144   # tracked flows; the oldest is evicted (and counted) beyond this
+//! flow_log = "/var/lib/meshd/flows.jsonl"   # default: flows.jsonl in the state directory
 //! ```
 
 use anyhow::{anyhow, bail, Context};
@@ -35,6 +43,44 @@ pub struct Config {
     pub trust: TrustSection,
     #[serde(default)]
     pub peering: PeeringSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    #[serde(default)]
+    pub posture: PostureSetting,
+    #[serde(default)]
+    pub audit: bool,
+    #[serde(default = "default_conntrack_max")]
+    pub conntrack_max: usize,
+    #[serde(default)]
+    pub flow_log: Option<PathBuf>,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            posture: PostureSetting::default(),
+            audit: false,
+            conntrack_max: default_conntrack_max(),
+            flow_log: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostureSetting {
+    #[default]
+    ZeroTrust,
+    Calico,
+}
+
+fn default_conntrack_max() -> usize {
+    262_144
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +106,9 @@ pub struct TrustSection {
     pub bundle: Vec<PathBuf>,
     #[serde(default)]
     pub revocation_lists: Vec<PathBuf>,
+    /// Public keys of the policy administrators (armored Ed25519 keys).
+    #[serde(default)]
+    pub policy_admins: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +174,12 @@ impl Config {
                 "trust.bundle: at least one CA certificate is needed".into()
             ));
         }
+        if !(1..=16_777_216).contains(&cfg.policy.conntrack_max) {
+            return Err(err(format!(
+                "policy.conntrack_max: {} is not within 1..=16777216",
+                cfg.policy.conntrack_max
+            )));
+        }
         for (i, s) in cfg.peering.seeds.iter().enumerate() {
             if s.parse::<SocketAddr>().is_err() {
                 return Err(err(format!("peering.seeds[{i}]: `{s}` is not IP:port")));
@@ -148,6 +203,8 @@ pub struct Identity {
     pub certificate: Certificate,
     pub bundle: Vec<Certificate>,
     pub revocation_lists: Vec<RevocationList>,
+    /// Ed25519 public keys of the policy administrators.
+    pub policy_admins: Vec<[u8; 32]>,
 }
 
 fn read_cert(path: &Path) -> anyhow::Result<Certificate> {
@@ -191,6 +248,20 @@ pub fn load(cfg: &Config, now: u64) -> anyhow::Result<Identity> {
         crl.verify(ca).with_context(|| p.display().to_string())?;
         revocation_lists.push(crl);
     }
+    let mut policy_admins = Vec::new();
+    for p in &cfg.trust.policy_admins {
+        let text = keyfile::read(p)?;
+        let bytes = armor::decode(proto::policyset::ADMIN_PUBLIC_KEY, &text)
+            .with_context(|| p.display().to_string())?;
+        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+            anyhow!(
+                "{}: a policy-admin key is 32 bytes, not {}",
+                p.display(),
+                b.len()
+            )
+        })?;
+        policy_admins.push(key);
+    }
     if private_key.public().0 != certificate.body.public_key {
         bail!(
             "{} is for key {}, but {} holds the private key of {}",
@@ -216,6 +287,7 @@ pub fn load(cfg: &Config, now: u64) -> anyhow::Result<Identity> {
         certificate,
         bundle,
         revocation_lists,
+        policy_admins,
     })
 }
 
@@ -278,6 +350,22 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("mtu"), "{e}");
+        let e = parse(&format!("{GOOD}\n[policy]\nposture = \"open\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `open`"), "{e}");
+        let c = parse(&format!(
+            "{GOOD}\n[policy]\nposture = \"calico\"\naudit = true\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.policy.posture, c.policy.audit),
+            (PostureSetting::Calico, true)
+        );
+        let e = parse(&format!("{GOOD}\n[policy]\nconntrack_max = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("policy.conntrack_max"), "{e}");
         let e = parse("[interface]\nname = \"x\"\n")
             .unwrap_err()
             .to_string();

@@ -40,6 +40,9 @@ drop_reasons! {
     ControlNotMesh => "control_in_plain_mode": "A control-protocol datagram reached a node not in mesh mode.",
     ControlBacklog => "control_backlog_full": "A control-protocol datagram arrived while the mesh task was behind.",
     ControlRefused => "control_refused": "A control-protocol datagram was malformed, unauthentic, replayed or from an untrusted identity.",
+    PolicyEgress => "policy_denied_egress": "Policy denied a new flow leaving this node (before encryption).",
+    PolicyIngress => "policy_denied_ingress": "Policy denied a new flow arriving at this node (after decryption).",
+    PolicyMalformed => "policy_unparsable": "A packet's transport header was too short or malformed for policy to decide.",
 }
 
 /// One counter per reason; lock-free, shared by the data-path threads.

@@ -5,6 +5,7 @@ mod config;
 mod control;
 mod device;
 mod drops;
+mod enforce;
 mod mesh;
 mod netlink;
 mod peer;

@@ -30,6 +30,82 @@ pub enum Request {
     PeerRemove {
         id: String,
     },
+    /// Flow-log records after sequence number `since` (0: the oldest kept), at most `limit`.
+    Flows {
+        #[serde(default)]
+        since: u64,
+        #[serde(default)]
+        denied_only: bool,
+        #[serde(default = "default_flow_limit")]
+        limit: usize,
+    },
+    /// The policy set this node runs (signed, base64 of its encoding), if any.
+    PolicyGet,
+    /// Install a signed policy set (base64 of its encoding) and pass it to the whole mesh.
+    PolicyApply {
+        set: String,
+    },
+    /// The policy serial each node of the mesh last said it runs.
+    PolicyStatus,
+}
+
+fn default_flow_limit() -> usize {
+    1000
+}
+
+/// One flow-log record: a new flow (allowed, denied or audited), or the end of one, with its
+/// counts. Also the JSON line written to the flow log file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub seq: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    /// `new`, `closed` (idle or finished) or `cut` (a policy change denied it).
+    pub event: String,
+    /// Where this node saw the first packet: `egress` (from its TUN) or `ingress` (from a peer).
+    pub direction: String,
+    /// `allow`, `deny`, or `audit` (denied by policy in audit mode; passed).
+    pub verdict: String,
+    pub protocol: String,
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+    /// The deciding policy (`NetworkPolicy NS/NAME`, ...) or `default-deny`, `end-of-policies`,
+    /// `no-policy`.
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Closed flows: packets and bytes in both directions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEnd {
+    pub ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The identity's trust domain, namespace and name (its service account); absent for an
+    /// address no certificate names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The policy set one node runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePolicy {
+    pub identity: String,
+    /// 0: no policy set yet.
+    pub serial: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,8 +114,21 @@ pub enum Response {
     Status(Status),
     Reloading,
     Peers(Vec<MemberInfo>),
-    Done { message: String },
-    Error { message: String },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+    Flows {
+        records: Vec<FlowRecord>,
+        next: u64,
+    },
+    /// Base64 of the signed set; `None` when the node has none.
+    Policy {
+        set: Option<String>,
+    },
+    PolicyStatus(Vec<NodePolicy>),
 }
 
 /// What `meshctl status` shows.
@@ -60,6 +149,28 @@ pub struct Status {
     pub control_rx_bytes: u64,
     #[serde(default)]
     pub control_tx_bytes: u64,
+    /// Mesh mode: the policy this node enforces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyStatus>,
+}
+
+/// What the enforcement of one node is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// The serial of the signed set in force; 0 for none.
+    pub serial: u64,
+    pub posture: String,
+    pub audit: bool,
+    pub policies: usize,
+    pub identities: usize,
+    pub conntrack_entries: usize,
+    pub conntrack_evictions: u64,
+    /// New flows allowed, denied, and denied but passed in audit mode; established flows cut
+    /// by a policy change.
+    pub allowed_flows: u64,
+    pub denied_packets: u64,
+    pub audited_flows: u64,
+    pub cut_flows: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

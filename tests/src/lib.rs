@@ -779,6 +779,8 @@ impl Pki {
 }
 
 /// Writes a mesh-mode configuration for interface `ifname`; returns its path.
+/// A mesh-mode configuration for tests of peering, not policy: Calico's posture, so that with no
+/// policy set every flow passes.
 pub fn mesh_config(
     lab: &Lab,
     ifname: &str,
@@ -787,14 +789,46 @@ pub fn mesh_config(
     bundle: &[PathBuf],
     seeds: &[&str],
 ) -> PathBuf {
+    mesh_config_with(lab, ifname, cert, key, bundle, seeds, &MeshPolicy::default())
+}
+
+/// The `[policy]` settings and policy-admin keys of a test node.
+pub struct MeshPolicy {
+    pub posture: &'static str,
+    pub audit: bool,
+    pub admins: Vec<PathBuf>,
+}
+
+impl Default for MeshPolicy {
+    fn default() -> Self {
+        MeshPolicy {
+            posture: "calico",
+            audit: false,
+            admins: Vec::new(),
+        }
+    }
+}
+
+pub fn mesh_config_with(
+    lab: &Lab,
+    ifname: &str,
+    cert: &Path,
+    key: &Path,
+    bundle: &[PathBuf],
+    seeds: &[&str],
+    policy: &MeshPolicy,
+) -> PathBuf {
     let q = |p: &Path| format!("\"{}\"", p.display());
     let text = format!(
-        "[interface]\nname = \"{ifname}\"\nlisten_port = 51820\n\n[identity]\ncertificate = {}\nprivate_key = {}\n\n[trust]\nbundle = [{}]\n\n[peering]\nseeds = [{}]\nstate_dir = {}\n",
+        "[interface]\nname = \"{ifname}\"\nlisten_port = 51820\n\n[identity]\ncertificate = {}\nprivate_key = {}\n\n[trust]\nbundle = [{}]\npolicy_admins = [{}]\n\n[peering]\nseeds = [{}]\nstate_dir = {}\n\n[policy]\nposture = \"{}\"\naudit = {}\n",
         q(cert),
         q(key),
         bundle.iter().map(|b| q(b)).collect::<Vec<_>>().join(", "),
+        policy.admins.iter().map(|b| q(b)).collect::<Vec<_>>().join(", "),
         seeds.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", "),
         q(&lab.dir.join(format!("state-{ifname}"))),
+        policy.posture,
+        policy.audit,
     );
     let path = lab.dir.join(format!("{ifname}.toml"));
     std::fs::write(&path, text).expect("writing config");

@@ -3,6 +3,8 @@
 use super::read_line_bounded;
 use crate::device::Device;
 use crate::mesh::run::{Command, MemberView};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use proto::admin::MemberInfo;
 use proto::admin::{Request, Response, MAX_MESSAGE_BYTES};
 use std::sync::Arc;
@@ -100,6 +102,51 @@ impl Admin {
                         .collect(),
                 )
             }
+            Request::Flows {
+                since,
+                denied_only,
+                limit,
+            } => match self.dev.enforcer() {
+                Some(e) => {
+                    let (records, next) = e.flow_log().query(since, denied_only, limit.min(10_000));
+                    Response::Flows { records, next }
+                }
+                None => Response::Error {
+                    message: "no policy enforcement on this interface".into(),
+                },
+            },
+            Request::PolicyGet => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                match self.ask(Command::GetPolicy { reply }, answer).await {
+                    Ok(set) => Response::Policy {
+                        set: set.map(|b| STANDARD.encode(b)),
+                    },
+                    Err(e) => e,
+                }
+            }
+            Request::PolicyStatus => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                match self.ask(Command::PolicyStatus { reply }, answer).await {
+                    Ok(nodes) => Response::PolicyStatus(nodes),
+                    Err(e) => e,
+                }
+            }
+            Request::PolicyApply { set } => {
+                let Ok(encoded) = STANDARD.decode(set.trim()) else {
+                    return Response::Error {
+                        message: "the policy set is not base64".into(),
+                    };
+                };
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                match self
+                    .ask(Command::ApplyPolicy { encoded, reply }, answer)
+                    .await
+                {
+                    Ok(Ok(message)) => Response::Done { message },
+                    Ok(Err(message)) => Response::Error { message },
+                    Err(e) => e,
+                }
+            }
             Request::PeerRemove { id } => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 if self
@@ -121,6 +168,21 @@ impl Admin {
                 }
             }
         }
+    }
+}
+
+impl Admin {
+    /// Hands `cmd` to the mesh task and waits for its answer.
+    async fn ask<T>(
+        &self,
+        cmd: Command,
+        answer: tokio::sync::oneshot::Receiver<T>,
+    ) -> Result<T, Response> {
+        let stopped = || Response::Error {
+            message: "the mesh task has stopped".into(),
+        };
+        self.commands.send(cmd).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
     }
 }
 

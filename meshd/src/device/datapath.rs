@@ -61,6 +61,12 @@ fn tun_loop(dev: &Device) {
             dev.drops.count(Drop::NoRoute);
             continue;
         };
+        // Egress policy of this node's identity, before anything is encrypted.
+        if let Some(policy) = dev.enforcer.get() {
+            if !policy.egress(packet, &peer.public_key.0, &peer.drops) {
+                continue;
+            }
+        }
         let (len, endpoint) = {
             let mut st = peer.state.lock();
             let endpoint = st.endpoint;
@@ -230,6 +236,12 @@ fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAdd
         {
             peer.drops.count(Drop::SourceNotAllowed);
             return;
+        }
+        // Ingress policy of this node's identity, with the identity whose key authenticated it.
+        if let Some(policy) = dev.enforcer.get() {
+            if !policy.ingress(&out[..len], &peer.public_key.0, &peer.drops) {
+                return;
+            }
         }
         if dev.tun.send(&out[..len]).is_err() {
             peer.drops.count(Drop::TunWrite);

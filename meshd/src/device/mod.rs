@@ -40,6 +40,8 @@ pub struct Device {
     pub control_tx_bytes: std::sync::atomic::AtomicU64,
     /// Where control-protocol datagrams go in mesh mode.
     control: std::sync::OnceLock<tokio::sync::mpsc::Sender<(std::net::SocketAddr, Vec<u8>)>>,
+    /// Mesh mode: policy enforcement on both data paths.
+    enforcer: std::sync::OnceLock<Arc<crate::enforce::Enforcer>>,
 }
 
 struct Config {
@@ -90,6 +92,7 @@ impl Device {
             udp: ArcSwapOption::empty(),
             drops: DropCounters::default(),
             control: std::sync::OnceLock::new(),
+            enforcer: std::sync::OnceLock::new(),
             control_rx_bytes: Default::default(),
             control_tx_bytes: Default::default(),
         });
@@ -101,6 +104,15 @@ impl Device {
     /// Mesh mode: control-protocol datagrams are handed to `tx` from now on.
     pub fn set_control_sink(&self, tx: tokio::sync::mpsc::Sender<(std::net::SocketAddr, Vec<u8>)>) {
         let _ = self.control.set(tx);
+    }
+
+    /// Mesh mode: every packet is subject to `enforcer` from now on.
+    pub fn set_enforcer(&self, enforcer: Arc<crate::enforce::Enforcer>) {
+        let _ = self.enforcer.set(enforcer);
+    }
+
+    pub fn enforcer(&self) -> Option<&Arc<crate::enforce::Enforcer>> {
+        self.enforcer.get()
     }
 
     /// Sends one datagram on the underlay socket (control protocol).
@@ -356,6 +368,7 @@ impl Device {
             peers,
             drops: self.drops.snapshot(),
             identity: None,
+            policy: self.enforcer().map(|e| e.status()),
             control_rx_bytes: self
                 .control_rx_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -3,6 +3,8 @@
 //! as an argument, randomness through `RngCore`, and every effect goes out as an [`Action`] for the
 //! shell (`run.rs`) to carry out.
 
+pub mod policy_store;
+pub mod policy_sync;
 pub mod ratelimit;
 pub mod run;
 pub mod state;
@@ -43,6 +45,11 @@ pub enum Action {
     },
     /// The member set changed: save it so a restart rejoins without seeds.
     Persist,
+    /// A policy-transfer message from an authenticated member, for the shell's policy sync.
+    Policy {
+        from: [u8; 32],
+        msg: Message,
+    },
 }
 
 /// Why an incoming control datagram was not acted on.
@@ -189,6 +196,15 @@ impl Membership {
         if let Some(datagram) = self.seal(to_key, msg, rng) {
             out.push(Action::Send { to, datagram });
         }
+    }
+
+    /// Seals `msg` for the member `to`, at the endpoint it was last seen at.
+    pub fn send_to(&mut self, to: &[u8; 32], msg: &Message, rng: &mut impl RngCore) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(ep) = self.members.get(to).map(|m| m.endpoint) {
+            self.send(to, ep, msg, rng, &mut out);
+        }
+        out
     }
 
     fn hello(&self, want_members: bool) -> Message {
@@ -407,6 +423,12 @@ impl Membership {
                     self.send(&key, m.endpoint, &hello, rng, out);
                 }
             }
+            m @ (Message::PolicyOffer { .. }
+            | Message::PolicyRequest { .. }
+            | Message::PolicyChunk { .. }) => out.push(Action::Policy {
+                from: sender,
+                msg: m,
+            }),
             Message::Revocation(crl) => {
                 let ca = self
                     .bundle

@@ -1,10 +1,15 @@
 //! The async shell around [`Membership`]: control datagrams in from the UDP thread, a tick, and
 //! the actions carried out on the device, the kernel (addresses, routes) and the state directory.
 
+use super::policy_store::{self, PolicyStore};
+use super::policy_sync::{PolicySync, SyncAction};
 use super::{state, Action, MemberState, Membership};
 use crate::config::{Config, Identity};
 use crate::device::Device;
+use crate::enforce::flowlog::FlowLog;
+use crate::enforce::Enforcer;
 use crate::netlink::Netlink;
+use anyhow::Context;
 use parking_lot::Mutex;
 use proto::uapi::{PeerUpdate, SetRequest};
 use proto::Key;
@@ -37,7 +42,24 @@ pub enum Command {
         id: String,
         reply: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
+    /// Install a signed policy set (its encoding) and pass it on to every member.
+    ApplyPolicy {
+        encoded: Vec<u8>,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+    /// The signed policy set in force (its encoding), if any.
+    GetPolicy {
+        reply: tokio::sync::oneshot::Sender<Option<Vec<u8>>>,
+    },
+    /// The policy serial of this node and of every member, as last heard.
+    PolicyStatus {
+        reply: tokio::sync::oneshot::Sender<Vec<proto::admin::NodePolicy>>,
+    },
 }
+
+/// A node offers its policy set to one member in turn this often, so a member that missed a
+/// change (it was down, a datagram was lost) catches up.
+const POLICY_OFFER_INTERVAL_MS: u64 = 5_000;
 
 /// Members as the admin socket shows them.
 pub type MemberView = Arc<Mutex<BTreeMap<[u8; 32], MemberState>>>;
@@ -56,6 +78,11 @@ pub struct Mesh {
     netlink: Netlink,
     state_dir: PathBuf,
     view: MemberView,
+    store: PolicyStore,
+    sync: PolicySync,
+    enforcer: Arc<Enforcer>,
+    offer_turn: usize,
+    next_offer_ms: u64,
 }
 
 impl Mesh {
@@ -89,6 +116,27 @@ impl Mesh {
         for s in cfg.seeds() {
             membership.add_seed(s, &mut OsRng);
         }
+        let store = PolicyStore::open(
+            &cfg.peering.state_dir,
+            id.policy_admins.clone(),
+            policy_store::posture(cfg.policy.posture),
+            cfg.policy.audit,
+        );
+        let mut sync = PolicySync::default();
+        if let Some(set) = &store.current {
+            sync.set_current(set.serial, set.encode(), set.digest());
+        }
+        let log_path = cfg
+            .policy
+            .flow_log
+            .clone()
+            .unwrap_or_else(|| cfg.peering.state_dir.join("flows.jsonl"));
+        let log = FlowLog::start(Some(log_path.clone()))
+            .with_context(|| format!("opening the flow log {}", log_path.display()))?;
+        let rules = store.rules(&membership.certificate().body, membership.members());
+        let enforcer = Arc::new(Enforcer::new(rules, cfg.policy.conntrack_max, log));
+        dev.set_enforcer(enforcer.clone());
+        tokio::spawn(expire_flows(enforcer.clone()));
         let mut mesh = Mesh {
             membership,
             config_path,
@@ -96,6 +144,11 @@ impl Mesh {
             netlink,
             state_dir: cfg.peering.state_dir.clone(),
             view,
+            store,
+            sync,
+            enforcer,
+            offer_turn: 0,
+            next_offer_ms: 0,
         };
         let saved = state::load(&mesh.state_dir);
         tracing::info!(members = saved.len(), dir = %mesh.state_dir.display(), "restoring saved members");
@@ -137,7 +190,13 @@ impl Mesh {
                         }
                     }
                 }
-                _ = tick.tick() => self.membership.on_tick(now_ms(), &mut OsRng),
+                _ = tick.tick() => {
+                    let mut a = self.membership.on_tick(now_ms(), &mut OsRng);
+                    let sync = self.sync.on_tick(now_ms());
+                    a.extend(self.sync_actions(sync));
+                    a.extend(self.offer_in_turn());
+                    a
+                }
             };
             self.execute(actions).await;
         }
@@ -149,6 +208,24 @@ impl Mesh {
             Command::AddPeer(addr) => {
                 self.membership.add_seed(addr, &mut OsRng);
                 Ok(self.membership.on_tick(now_ms(), &mut OsRng))
+            }
+            Command::ApplyPolicy { encoded, reply } => {
+                let result = self.take_policy(&encoded);
+                let announce = result.is_ok();
+                let _ = reply.send(result);
+                Ok(if announce {
+                    self.announce_policy()
+                } else {
+                    Vec::new()
+                })
+            }
+            Command::GetPolicy { reply } => {
+                let _ = reply.send(self.store.current.as_ref().map(|s| s.encode()));
+                Ok(Vec::new())
+            }
+            Command::PolicyStatus { reply } => {
+                let _ = reply.send(self.policy_status());
+                Ok(Vec::new())
             }
             Command::RemovePeer { id, reply } => {
                 let found = self.membership.members().iter().find(|(k, m)| {
@@ -202,14 +279,108 @@ impl Mesh {
                 now,
                 &mut OsRng,
             ));
+            self.refresh_rules();
         }
         Ok(actions)
     }
 
+    /// Verifies, compiles and installs a signed policy set; the running one stays on any error.
+    fn take_policy(&mut self, encoded: &[u8]) -> Result<String, String> {
+        let msg = self.store.accept(encoded)?;
+        if let Some(set) = &self.store.current {
+            self.sync
+                .set_current(set.serial, encoded.to_vec(), set.digest());
+        }
+        self.refresh_rules();
+        tracing::info!("{msg}");
+        Ok(msg)
+    }
+
+    /// Resolves the policy against this node and the current members, and installs the result
+    /// in the data path (which re-decides established flows).
+    fn refresh_rules(&self) {
+        let rules = self.store.rules(
+            &self.membership.certificate().body,
+            self.membership.members(),
+        );
+        self.enforcer.install(rules);
+    }
+
+    fn announce_policy(&mut self) -> Vec<Action> {
+        let Some(offer) = self.sync.offer() else {
+            return Vec::new();
+        };
+        let keys: Vec<[u8; 32]> = self.membership.members().keys().copied().collect();
+        keys.iter()
+            .flat_map(|k| self.membership.send_to(k, &offer, &mut OsRng))
+            .collect()
+    }
+
+    fn offer_in_turn(&mut self) -> Vec<Action> {
+        let now = now_ms();
+        let n = self.membership.members().len();
+        if now < self.next_offer_ms || n == 0 {
+            return Vec::new();
+        }
+        self.next_offer_ms = now + POLICY_OFFER_INTERVAL_MS;
+        let Some(offer) = self.sync.offer() else {
+            return Vec::new();
+        };
+        self.offer_turn = (self.offer_turn + 1) % n;
+        let key = *self
+            .membership
+            .members()
+            .keys()
+            .nth(self.offer_turn)
+            .expect("index in range");
+        self.membership.send_to(&key, &offer, &mut OsRng)
+    }
+
+    fn sync_actions(&mut self, acts: Vec<SyncAction>) -> Vec<Action> {
+        let mut out = Vec::new();
+        for a in acts {
+            match a {
+                SyncAction::Send(to, msg) => {
+                    out.extend(self.membership.send_to(&to, &msg, &mut OsRng))
+                }
+                SyncAction::Complete { from, encoded } => match self.take_policy(&encoded) {
+                    Ok(_) => out.extend(self.announce_policy()),
+                    Err(e) => {
+                        tracing::warn!(from = %Key(from), error = %e, "policy set from a member refused; the running one stays in force")
+                    }
+                },
+            }
+        }
+        out
+    }
+
+    fn policy_status(&self) -> Vec<proto::admin::NodePolicy> {
+        let hex = |d: [u8; 32]| hex_prefix(&d);
+        let mut out = vec![proto::admin::NodePolicy {
+            identity: self.membership.certificate().body.identity(),
+            serial: self.store.serial(),
+            digest: self.store.current.as_ref().map(|s| hex(s.digest())),
+        }];
+        for (k, m) in self.membership.members() {
+            let heard = self.sync.heard.get(k);
+            out.push(proto::admin::NodePolicy {
+                identity: m.certificate.body.identity(),
+                serial: heard.map_or(0, |h| h.0),
+                digest: heard.map(|h| hex(h.1)),
+            });
+        }
+        out
+    }
+
     async fn execute(&mut self, actions: Vec<Action>) {
         let mut persist = false;
-        for a in actions {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
             match a {
+                Action::Policy { from, msg } => {
+                    let acts = self.sync.on_message(from, msg, now_ms());
+                    queue.extend(self.sync_actions(acts));
+                }
                 Action::Send { to, datagram } => {
                     if let Err(e) = self.dev.send_datagram(&datagram, to) {
                         tracing::debug!(%to, error = %e, "control send failed");
@@ -244,6 +415,9 @@ impl Mesh {
                     if let Some(m) = self.membership.members().get(&key) {
                         tracing::info!(peer = %Key(key), identity = %m.certificate.body.identity(), %endpoint, "peer installed");
                     }
+                    if let Some(offer) = self.sync.offer() {
+                        queue.extend(self.membership.send_to(&key, &offer, &mut OsRng));
+                    }
                 }
                 Action::Remove { key, addrs, reason } => {
                     let upd = PeerUpdate {
@@ -269,10 +443,25 @@ impl Mesh {
             }
         }
         if persist {
+            self.refresh_rules();
             *self.view.lock() = self.membership.members().clone();
             if let Err(e) = state::save(&self.state_dir, self.membership.members()) {
                 tracing::warn!(error = %e, "saving members");
             }
         }
+    }
+}
+
+/// The first 8 bytes of a digest in hex: enough to tell sets apart at a glance.
+fn hex_prefix(d: &[u8; 32]) -> String {
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Forgets idle flows (writing their closing records) once a second.
+async fn expire_flows(enforcer: Arc<Enforcer>) {
+    let mut tick = tokio::time::interval(crate::enforce::flowlog::EXPIRE_INTERVAL);
+    loop {
+        tick.tick().await;
+        enforcer.expire();
     }
 }

@@ -1,0 +1,87 @@
+//! `meshctl flows [--follow] [--denied] [-o table|json]`: the flow log of the local meshd.
+
+use crate::status::request;
+use crate::{Failure, Output};
+use anyhow::{anyhow, Context};
+use proto::admin::{FlowEnd, FlowRecord, Request, Response};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// How often `--follow` asks for new records.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+pub fn run(socket: &Path, follow: bool, denied_only: bool, output: Output) -> Result<(), Failure> {
+    let mut since = 0;
+    let mut out = std::io::stdout().lock();
+    if output == Output::Table {
+        writeln!(
+            out,
+            "{:<24} {:<7} {:<8} {:<6} {:<8} {:<40} {:<40} POLICY",
+            "TIME", "EVENT", "DIR", "VERDICT", "PROTO", "SOURCE", "DESTINATION"
+        )
+        .context("writing stdout")?;
+    }
+    loop {
+        let (records, next) = match request(
+            socket,
+            &Request::Flows {
+                since,
+                denied_only,
+                limit: 1000,
+            },
+        )? {
+            Response::Flows { records, next } => (records, next),
+            Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
+            other => return Err(anyhow!("unexpected answer {other:?}").into()),
+        };
+        for r in &records {
+            let line = match output {
+                Output::Json => serde_json::to_string(r).context("encoding")?,
+                Output::Table => row(r),
+            };
+            if writeln!(out, "{line}").is_err() {
+                return Ok(()); // stdout closed (a pager quit): not an error
+            }
+        }
+        let _ = out.flush();
+        since = next;
+        if !follow {
+            return Ok(());
+        }
+        if records.len() < 1000 {
+            std::thread::sleep(FOLLOW_POLL);
+        }
+    }
+}
+
+fn end(e: &FlowEnd) -> String {
+    let who = match (&e.namespace, &e.name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        _ => "?".into(),
+    };
+    match e.port {
+        Some(p) => format!("{who}@{}:{p}", e.ip),
+        None => format!("{who}@{}", e.ip),
+    }
+}
+
+fn row(r: &FlowRecord) -> String {
+    let mut policy = r.policy.clone();
+    if let Some(rule) = &r.rule {
+        policy.push_str(&format!(" {rule}"));
+    }
+    if let (Some(p), Some(b)) = (r.packets, r.bytes) {
+        policy.push_str(&format!(" ({p} packets, {b} bytes)"));
+    }
+    format!(
+        "{:<24} {:<7} {:<8} {:<6} {:<8} {:<40} {:<40} {policy}",
+        r.time,
+        r.event,
+        r.direction,
+        r.verdict,
+        r.protocol,
+        end(&r.src),
+        end(&r.dst)
+    )
+}

@@ -1,0 +1,353 @@
+//! `meshctl policy apply | diff | delete | get | list | status | admin-key`: the policy set a mesh
+//! enforces. The set is signed here, with the policy-admin key, and handed to the local meshd,
+//! which verifies it, installs it and passes it to every node.
+
+use crate::status::request;
+use crate::{Failure, Output};
+use anyhow::{anyhow, Context};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ed25519_dalek::SigningKey;
+use policy::model::{objects, stream, Object};
+use proto::admin::{Request, Response};
+use proto::armor;
+use proto::policyset::{SignedPolicySet, ADMIN_PRIVATE_KEY, ADMIN_PUBLIC_KEY};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where `meshctl policy apply` looks for the policy-admin key unless told.
+pub const DEFAULT_ADMIN_KEY: &str = "/etc/meshd/policy-admin.key";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DocOutput {
+    Yaml,
+    Json,
+}
+
+/// `meshctl policy admin-key --out FILE`: an Ed25519 key (FILE, mode 0600) and its public half
+/// (FILE.pub) for nodes' `trust.policy_admins`.
+pub fn admin_key(out: &Path) -> Result<(), Failure> {
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    keyfile::create(
+        out,
+        armor::encode(ADMIN_PRIVATE_KEY, &key.to_bytes()).as_bytes(),
+        0o600,
+    )?;
+    let public = pub_path(out);
+    keyfile::create(
+        &public,
+        armor::encode(ADMIN_PUBLIC_KEY, &key.verifying_key().to_bytes()).as_bytes(),
+        0o644,
+    )?;
+    println!(
+        "policy-admin key {} (public half {}: name it in every node's trust.policy_admins)",
+        out.display(),
+        public.display()
+    );
+    Ok(())
+}
+
+fn pub_path(key: &Path) -> PathBuf {
+    let mut p = key.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+fn signing_key(path: &Path) -> Result<SigningKey, Failure> {
+    let text = keyfile::read_secret(path).map_err(Failure::input)?;
+    let seed = armor::decode(ADMIN_PRIVATE_KEY, &text)
+        .with_context(|| path.display().to_string())
+        .map_err(Failure::input)?;
+    let seed: [u8; 32] = seed.try_into().map_err(|_| {
+        Failure::input(anyhow!(
+            "{}: a policy-admin key is 32 bytes",
+            path.display()
+        ))
+    })?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Every object in `paths` (files, or directories of `*.yaml`/`*.yml`); all errors at once.
+pub fn read_objects(paths: &[PathBuf]) -> Result<Vec<Object>, Failure> {
+    let mut all = Vec::new();
+    let mut errors = Vec::new();
+    for f in crate::policy::files(paths)? {
+        let text = std::fs::read_to_string(&f)
+            .map_err(|e| Failure::input(anyhow!("{}: {e}", f.display())))?;
+        match objects(&text, &f.display().to_string()) {
+            Ok(mut o) => all.append(&mut o),
+            Err(e) => errors.extend(e.iter().map(|e| e.to_string())),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(invalid(errors));
+    }
+    Ok(all)
+}
+
+fn invalid(errors: Vec<String>) -> Failure {
+    Failure::input(anyhow!(
+        "the policy set is invalid ({} error(s)); nothing was applied:\n  {}",
+        errors.len(),
+        errors.join("\n  ")
+    ))
+}
+
+/// The set in force on the daemon at `socket`: its serial and objects by name.
+fn current(socket: &Path) -> Result<(u64, BTreeMap<String, Object>), Failure> {
+    match request(socket, &Request::PolicyGet)? {
+        Response::Policy { set: None } => Ok((0, BTreeMap::new())),
+        Response::Policy { set: Some(b64) } => {
+            let bytes = STANDARD.decode(b64).context("the daemon's policy set")?;
+            let set = SignedPolicySet::decode(&bytes).context("the daemon's policy set")?;
+            let objs = objects(&set.documents, "the running policy set")
+                .map_err(|e| anyhow!("the running policy set does not parse: {}", e[0]))?;
+            Ok((
+                set.serial,
+                objs.into_iter().map(|o| (o.name.clone(), o)).collect(),
+            ))
+        }
+        Response::Error { message } => Err(anyhow!("meshd refused: {message}").into()),
+        other => Err(anyhow!("unexpected answer {other:?}").into()),
+    }
+}
+
+/// Checks that `objs` compile as a whole (every error at once).
+fn validate(objs: &BTreeMap<String, Object>) -> Result<(), Failure> {
+    let list: Vec<Object> = objs.values().cloned().collect();
+    let text = stream(&list);
+    let docs = policy::model::parse_documents(&text, "the resulting set")
+        .map_err(|e| invalid(e.iter().map(|e| e.to_string()).collect()))?;
+    policy::engine::PolicySet::compile(&docs, policy::engine::Posture::ZeroTrust)
+        .map_err(|e| invalid(e.iter().map(|e| e.to_string()).collect()))?;
+    Ok(())
+}
+
+/// Signs `objs` as the next serial after `serial` and installs them on the daemon.
+fn push(
+    socket: &Path,
+    key: &Path,
+    serial: u64,
+    objs: &BTreeMap<String, Object>,
+) -> Result<String, Failure> {
+    let key = signing_key(key)?;
+    let list: Vec<Object> = objs.values().cloned().collect();
+    let issued_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let set = SignedPolicySet::sign(serial + 1, issued_at, stream(&list), &key)
+        .map_err(|e| Failure::input(anyhow!("{e}")))?;
+    match request(
+        socket,
+        &Request::PolicyApply {
+            set: STANDARD.encode(set.encode()),
+        },
+    )? {
+        Response::Done { message } => Ok(message),
+        Response::Error { message } => Err(anyhow!("meshd refused the set: {message}").into()),
+        other => Err(anyhow!("unexpected answer {other:?}").into()),
+    }
+}
+
+/// What applying `new` to `old` does to each object.
+fn changes(old: &BTreeMap<String, Object>, new: &[Object]) -> Vec<(String, &'static str)> {
+    new.iter()
+        .map(|o| {
+            let what = match old.get(&o.name) {
+                None => "created",
+                Some(cur) if cur.yaml == o.yaml => "unchanged",
+                Some(_) => "configured",
+            };
+            (o.name.clone(), what)
+        })
+        .collect()
+}
+
+/// `meshctl policy apply -f FILE|DIR`: adds or replaces these objects in the mesh's set.
+pub fn apply(socket: &Path, files: &[PathBuf], key: &Path) -> Result<(), Failure> {
+    let new = read_objects(files)?;
+    let (serial, old) = current(socket)?;
+    let mut merged = old.clone();
+    for o in &new {
+        merged.insert(o.name.clone(), o.clone());
+    }
+    validate(&merged)?;
+    let report = changes(&old, &new);
+    if merged == old {
+        for (name, what) in &report {
+            println!("{name} {what}");
+        }
+        println!("no change; policy set {serial} stays in force");
+        return Ok(());
+    }
+    let message = push(socket, key, serial, &merged)?;
+    for (name, what) in &report {
+        println!("{name} {what}");
+    }
+    println!("{message}");
+    Ok(())
+}
+
+/// `meshctl policy diff -f FILE|DIR`: what `apply` would change, as a unified diff per object.
+pub fn diff(socket: &Path, files: &[PathBuf]) -> Result<(), Failure> {
+    let new = read_objects(files)?;
+    let (serial, old) = current(socket)?;
+    let mut changed = 0;
+    for o in &new {
+        let before = old.get(&o.name).map(|c| c.yaml.as_str()).unwrap_or("");
+        if before == o.yaml {
+            continue;
+        }
+        changed += 1;
+        let label = if before.is_empty() {
+            "created"
+        } else {
+            "configured"
+        };
+        println!("# {} ({label})", o.name);
+        let d = similar::TextDiff::from_lines(before, &o.yaml);
+        print!(
+            "{}",
+            d.unified_diff()
+                .context_radius(3)
+                .header(&format!("set {serial}"), "applied")
+        );
+    }
+    if changed == 0 {
+        println!("no change against policy set {serial}");
+    }
+    Ok(())
+}
+
+/// The object name `KIND NAME` means: `networkpolicy ns/name`, `globalnetworkpolicy name`,
+/// `kubernetesnetworkpolicy ns/name`, `namespace name` (any case; `ns/` defaults to `default`).
+pub fn object_name(kind: &str, name: &str) -> Result<String, Failure> {
+    let namespaced = |k: &str| {
+        if name.contains('/') {
+            format!("{k} {name}")
+        } else {
+            format!("{k} default/{name}")
+        }
+    };
+    Ok(match kind.to_ascii_lowercase().as_str() {
+        "networkpolicy" | "netpol" => namespaced("NetworkPolicy"),
+        "kubernetesnetworkpolicy" => namespaced("KubernetesNetworkPolicy"),
+        "globalnetworkpolicy" | "gnp" => format!("GlobalNetworkPolicy {name}"),
+        "namespace" | "ns" => format!("Namespace {name}"),
+        _ => {
+            return Err(Failure::input(anyhow!(
+                "`{kind}` is not networkpolicy, globalnetworkpolicy, kubernetesnetworkpolicy or namespace"
+            )))
+        }
+    })
+}
+
+/// `meshctl policy delete KIND NAME` or `-f FILE`: removes objects from the mesh's set.
+pub fn delete(socket: &Path, names: Vec<String>, key: &Path) -> Result<(), Failure> {
+    let (serial, old) = current(socket)?;
+    let mut merged = old.clone();
+    let mut missing = Vec::new();
+    for n in &names {
+        if merged.remove(n).is_none() {
+            missing.push(n.clone());
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Failure::input(anyhow!(
+            "not in policy set {serial}: {}; nothing was deleted",
+            missing.join(", ")
+        )));
+    }
+    validate(&merged)?;
+    let message = push(socket, key, serial, &merged)?;
+    for n in &names {
+        println!("{n} deleted");
+    }
+    println!("{message}");
+    Ok(())
+}
+
+/// `meshctl policy get [KIND NAME] [-o yaml|json]`.
+pub fn get(socket: &Path, name: Option<String>, output: DocOutput) -> Result<(), Failure> {
+    let (serial, objs) = current(socket)?;
+    let chosen: Vec<&Object> = match &name {
+        Some(n) => vec![objs
+            .get(n)
+            .ok_or_else(|| Failure::from(anyhow!("{n} is not in policy set {serial}")))?],
+        None => objs.values().collect(),
+    };
+    match output {
+        DocOutput::Yaml => {
+            for o in chosen {
+                print!("---\n{}", o.yaml);
+            }
+        }
+        DocOutput::Json => {
+            let values: Vec<serde_json::Value> = chosen
+                .iter()
+                .map(|o| yaml_to_json(&o.yaml))
+                .collect::<anyhow::Result<_>>()?;
+            let v = if name.is_some() {
+                values.into_iter().next().unwrap_or_default()
+            } else {
+                serde_json::json!({ "serial": serial, "items": values })
+            };
+            println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+        }
+    }
+    Ok(())
+}
+
+fn yaml_to_json(yaml: &str) -> anyhow::Result<serde_json::Value> {
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml)?;
+    Ok(serde_json::to_value(v)?)
+}
+
+/// `meshctl policy list [-o table|json]`: the objects of the set in force.
+pub fn list(socket: &Path, output: Output) -> Result<(), Failure> {
+    let (serial, objs) = current(socket)?;
+    match output {
+        Output::Json => {
+            let names: Vec<&String> = objs.keys().collect();
+            let v = serde_json::json!({ "serial": serial, "objects": names });
+            println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+        }
+        Output::Table => {
+            println!("policy set {serial}: {} object(s)", objs.len());
+            for n in objs.keys() {
+                println!("  {n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `meshctl policy status`: the serial each node runs, as this node last heard.
+pub fn status(socket: &Path, output: Output) -> Result<(), Failure> {
+    let nodes = match request(socket, &Request::PolicyStatus)? {
+        Response::PolicyStatus(n) => n,
+        Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
+        other => return Err(anyhow!("unexpected answer {other:?}").into()),
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&nodes).context("encoding")?
+        ),
+        Output::Table => {
+            let mine = nodes.first().map_or(0, |n| n.serial);
+            println!("{:<48} {:>6}  DIGEST", "NODE", "SERIAL");
+            for n in &nodes {
+                let behind = if n.serial < mine { "  (behind)" } else { "" };
+                println!(
+                    "{:<48} {:>6}  {}{behind}",
+                    n.identity,
+                    n.serial,
+                    n.digest.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(())
+}

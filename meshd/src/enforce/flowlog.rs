@@ -1,0 +1,285 @@
+//! The flow log: every new flow (allowed, denied or audited) and every end of a flow, as JSON
+//! lines in a file and in a bounded in-memory ring that `meshctl flows` reads.
+//!
+//! The data threads only hand a small event to a bounded channel (dropped and counted when the
+//! logger falls behind); names, labels and JSON are made on the logger's own thread.
+
+use super::{Rules, LOCAL};
+use parking_lot::Mutex;
+use policy::conntrack::{ConnKey, Entry};
+use policy::engine::{Compiled, Direction, FastVerdict};
+use proto::admin::{FlowEnd, FlowRecord};
+use proto::ip::FlowKey;
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Events waiting for the logger.
+const BACKLOG: usize = 8192;
+/// Records kept in memory for `meshctl flows`.
+const RING: usize = 10_000;
+/// A denied flow is logged once per this interval however often its packets are retried.
+const DENIED_REPEAT_MS: u64 = 10_000;
+/// The log file is renamed to `*.1` when it reaches this size.
+const ROTATE_BYTES: u64 = 64 << 20;
+/// Open flows remembered for their closing record; beyond this the oldest are forgotten.
+const MAX_OPEN: usize = 1 << 20;
+
+pub enum FlowEvent {
+    New {
+        direction: Direction,
+        flow: FlowKey,
+        remote: u32,
+        verdict: FastVerdict,
+        audited: bool,
+        rules: Arc<Rules>,
+    },
+    Closed {
+        key: ConnKey,
+        entry: Entry,
+        cut: bool,
+    },
+}
+
+#[derive(Clone)]
+pub struct FlowLog {
+    tx: SyncSender<FlowEvent>,
+    ring: Arc<Mutex<Ring>>,
+    pub lost: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Ring {
+    records: VecDeque<FlowRecord>,
+    next_seq: u64,
+}
+
+impl FlowLog {
+    /// Starts the logger thread, writing to `file` if given.
+    pub fn start(file: Option<PathBuf>) -> std::io::Result<FlowLog> {
+        let (tx, rx) = sync_channel(BACKLOG);
+        let ring = Arc::new(Mutex::new(Ring {
+            records: VecDeque::new(),
+            next_seq: 1,
+        }));
+        let log = FlowLog {
+            tx,
+            ring: ring.clone(),
+            lost: Arc::default(),
+        };
+        let writer = match file {
+            Some(path) => Some(LogFile::open(path)?),
+            None => None,
+        };
+        std::thread::Builder::new()
+            .name("flow-log".into())
+            .spawn(move || run(rx, ring, writer))?;
+        Ok(log)
+    }
+
+    pub fn send(&self, e: FlowEvent) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(e) {
+            self.lost.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Records after `since`, oldest first, at most `limit`; and the sequence to ask from next.
+    pub fn query(&self, since: u64, denied_only: bool, limit: usize) -> (Vec<FlowRecord>, u64) {
+        let ring = self.ring.lock();
+        let records: Vec<FlowRecord> = ring
+            .records
+            .iter()
+            .filter(|r| r.seq > since)
+            .filter(|r| !denied_only || r.verdict != "allow")
+            .take(limit)
+            .cloned()
+            .collect();
+        let next = match records.last() {
+            Some(r) if records.len() == limit => r.seq,
+            _ => ring.next_seq - 1,
+        };
+        (records, next.max(since))
+    }
+}
+
+struct LogFile {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    size: u64,
+}
+
+impl LogFile {
+    fn open(path: PathBuf) -> std::io::Result<LogFile> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let size = file.metadata()?.len();
+        Ok(LogFile {
+            path,
+            file: std::io::BufWriter::new(file),
+            size,
+        })
+    }
+
+    fn write(&mut self, line: &str) {
+        if self.size > ROTATE_BYTES {
+            let _ = self.file.flush();
+            let _ = std::fs::rename(&self.path, self.path.with_extension("jsonl.1"));
+            match LogFile::open(self.path.clone()) {
+                Ok(f) => *self = f,
+                Err(e) => tracing::warn!(error = %e, "reopening the flow log"),
+            }
+        }
+        if writeln!(self.file, "{line}").is_ok() {
+            self.size += line.len() as u64 + 1;
+        }
+    }
+}
+
+fn run(rx: Receiver<FlowEvent>, ring: Arc<Mutex<Ring>>, mut file: Option<LogFile>) {
+    let mut open: HashMap<ConnKey, FlowRecord> = HashMap::new();
+    let mut denied: HashMap<ConnKey, u64> = HashMap::new();
+    let epoch = std::time::Instant::now();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter().take(BACKLOG));
+        for e in batch {
+            let now_ms = epoch.elapsed().as_millis() as u64;
+            let Some(rec) = record(e, &mut open, &mut denied, now_ms) else {
+                continue;
+            };
+            let mut r = ring.lock();
+            let mut rec = rec;
+            rec.seq = r.next_seq;
+            r.next_seq += 1;
+            if r.records.len() >= RING {
+                r.records.pop_front();
+            }
+            if let Some(f) = &mut file {
+                if let Ok(line) = serde_json::to_string(&rec) {
+                    f.write(&line);
+                }
+            }
+            r.records.push_back(rec);
+        }
+        if let Some(f) = &mut file {
+            let _ = f.file.flush();
+        }
+    }
+}
+
+fn record(
+    e: FlowEvent,
+    open: &mut HashMap<ConnKey, FlowRecord>,
+    denied: &mut HashMap<ConnKey, u64>,
+    now_ms: u64,
+) -> Option<FlowRecord> {
+    match e {
+        FlowEvent::New {
+            direction,
+            flow,
+            remote,
+            verdict,
+            audited,
+            rules,
+        } => {
+            let key = ConnKey::of(&flow);
+            let passed = verdict.allow || audited;
+            if !passed {
+                if denied
+                    .get(&key)
+                    .is_some_and(|t| now_ms < t + DENIED_REPEAT_MS)
+                {
+                    return None;
+                }
+                if denied.len() >= MAX_OPEN {
+                    denied.clear();
+                }
+                denied.insert(key, now_ms);
+            }
+            let (src_id, dst_id) = match direction {
+                Direction::Egress => (LOCAL, remote),
+                Direction::Ingress => (remote, LOCAL),
+            };
+            let rec = FlowRecord {
+                seq: 0,
+                time: now(),
+                event: "new".into(),
+                direction: match direction {
+                    Direction::Egress => "egress".into(),
+                    Direction::Ingress => "ingress".into(),
+                },
+                verdict: if verdict.allow {
+                    "allow"
+                } else if audited {
+                    "audit"
+                } else {
+                    "deny"
+                }
+                .into(),
+                protocol: protocol_name(flow.protocol),
+                src: end(&rules, src_id, flow.src, flow.src_port, &flow),
+                dst: end(&rules, dst_id, flow.dst, flow.dst_port, &flow),
+                policy: rules.compiled.policy_name(&verdict).to_string(),
+                rule: Compiled::rule_name(direction, &verdict),
+                packets: None,
+                bytes: None,
+            };
+            if passed {
+                if open.len() >= MAX_OPEN {
+                    open.clear();
+                }
+                open.insert(key, rec.clone());
+            }
+            Some(rec)
+        }
+        FlowEvent::Closed { key, entry, cut } => {
+            let mut rec = open.remove(&key)?;
+            rec.time = now();
+            rec.event = if cut { "cut" } else { "closed" }.into();
+            rec.packets = Some(entry.packets);
+            rec.bytes = Some(entry.bytes);
+            Some(rec)
+        }
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn end(rules: &Rules, id: u32, ip: std::net::IpAddr, port: u16, flow: &FlowKey) -> FlowEnd {
+    let who = rules.identity(id);
+    let has_ports = super::policy_flow(flow).src_port.is_some();
+    FlowEnd {
+        ip: ip.to_string(),
+        port: has_ports.then_some(port),
+        trust_domain: who.map(|i| i.trust_domain.clone()),
+        namespace: who.map(|i| i.endpoint.namespace.clone()),
+        name: who.map(|i| i.endpoint.name.clone()),
+        labels: who.map(|i| i.endpoint.labels.clone()).unwrap_or_default(),
+    }
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        n => n.to_string(),
+    }
+}
+
+/// How often idle flows are looked for (and closing records written).
+pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,0 +1,345 @@
+//! Packet-level enforcement: where a packet is allowed or dropped by policy, and why.
+//!
+//! Egress is checked in `tun-rx` before encryption, with the destination peer's identity; ingress
+//! in `udp-rx` after decryption and the allowed-IPs check, with the identity of the peer whose key
+//! authenticated the packet. Both identities come from certificates ([`Rules`] maps each
+//! member's static key to its identity), never from an address alone.
+//!
+//! A packet of a tracked flow passes on the connection table alone. A new flow gets a verdict
+//! from the compiled policy ([`policy::engine::Compiled`]); allowed flows are tracked, and every
+//! new flow, allowed or not, goes to the flow log. The table is sharded by flow, so the two data
+//! threads rarely meet on a lock; verdicts read the rules through one atomic pointer.
+
+pub mod flowlog;
+
+use crate::drops::{Drop, DropCounters};
+use arc_swap::ArcSwap;
+use flowlog::{FlowEvent, FlowLog};
+use parking_lot::Mutex;
+use policy::conntrack::{ConnKey, Conntrack, Entry, Timeouts, Tracked};
+use policy::engine::{Compiled, Direction, Endpoint, FastVerdict, Flow, Posture};
+use proto::ip::{FlowKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE};
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Connection-table shards: enough that the two data threads and the maintenance task seldom
+/// wait on each other.
+const SHARDS: usize = 16;
+/// The identity index of this node (see [`Rules::build`]).
+pub const LOCAL: u32 = 0;
+/// The index of a peer without an identity (a plain WireGuard peer): selects nothing.
+pub const UNKNOWN: u32 = u32::MAX;
+
+/// One identity as the flow log shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub endpoint: Endpoint,
+    /// The overlay addresses its certificate names.
+    pub addrs: Vec<proto::Cidr>,
+}
+
+/// Everything a verdict reads, rebuilt whenever policy or membership changes.
+pub struct Rules {
+    pub compiled: Compiled,
+    /// Index 0 is this node; then the members in key order.
+    pub identities: Vec<Identity>,
+    by_key: HashMap<[u8; 32], u32>,
+    pub audit_all: bool,
+    pub serial: u64,
+    pub posture: Posture,
+}
+
+impl Rules {
+    /// Resolves `set` against this node (`local`) and the `members` (static key, identity).
+    pub fn build(
+        set: &policy::engine::PolicySet,
+        local: Identity,
+        members: impl IntoIterator<Item = ([u8; 32], Identity)>,
+        audit_all: bool,
+        serial: u64,
+    ) -> Rules {
+        let mut identities = vec![local];
+        let mut by_key = HashMap::new();
+        for (key, id) in members {
+            by_key.insert(key, identities.len() as u32);
+            identities.push(id);
+        }
+        let endpoints: Vec<Endpoint> = identities.iter().map(|i| i.endpoint.clone()).collect();
+        Rules {
+            compiled: set.resolve(&endpoints),
+            identities,
+            by_key,
+            audit_all,
+            serial,
+            posture: set.posture,
+        }
+    }
+
+    pub fn identity_of(&self, key: &[u8; 32]) -> u32 {
+        self.by_key.get(key).copied().unwrap_or(UNKNOWN)
+    }
+
+    pub fn identity(&self, id: u32) -> Option<&Identity> {
+        self.identities.get(id as usize)
+    }
+
+    /// The verdict for the first packet of `flow`, seen in `direction`, to or from the peer
+    /// whose identity is `remote`; and whether a denial is only audited.
+    pub fn decide(&self, direction: Direction, flow: &FlowKey, remote: u32) -> (FastVerdict, bool) {
+        let (src, dst) = match direction {
+            Direction::Egress => (LOCAL, remote),
+            Direction::Ingress => (remote, LOCAL),
+        };
+        let v = self.compiled.decide(
+            direction,
+            &policy_flow(flow),
+            src,
+            Some(flow.src),
+            dst,
+            Some(flow.dst),
+        );
+        let audited = !v.allow && (self.audit_all || self.compiled.audited(direction, LOCAL, &v));
+        (v, audited)
+    }
+}
+
+/// The headers policy rules look at. Ports exist only for port protocols: an ICMP echo
+/// identifier keys the connection table but is not a port to a rule.
+pub fn policy_flow(k: &FlowKey) -> Flow {
+    let ports = matches!(
+        k.protocol,
+        PROTO_TCP | PROTO_UDP | PROTO_UDPLITE | PROTO_SCTP
+    );
+    Flow {
+        protocol: k.protocol,
+        src_port: ports.then_some(k.src_port),
+        dst_port: ports.then_some(k.dst_port),
+        icmp: k.icmp,
+        ip_version: if k.src.is_ipv4() { 4 } else { 6 },
+    }
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub allowed_flows: AtomicU64,
+    pub denied_packets: AtomicU64,
+    pub audited_flows: AtomicU64,
+    pub cut_flows: AtomicU64,
+}
+
+pub struct Enforcer {
+    rules: ArcSwap<Rules>,
+    shards: Box<[Mutex<Conntrack>]>,
+    hasher: foldhash::fast::RandomState,
+    epoch: Instant,
+    log: FlowLog,
+    pub counters: Counters,
+}
+
+impl Enforcer {
+    pub fn new(rules: Rules, conntrack_max: usize, log: FlowLog) -> Enforcer {
+        let per_shard = conntrack_max.div_ceil(SHARDS).max(1);
+        let timeouts = Timeouts {
+            // A finished TCP flow is reported (and forgotten) 10 s after its FIN or RST, as
+            // Linux's CLOSE state does; late retransmissions of the close still pass.
+            tcp_closing_ms: 10_000,
+            ..Timeouts::default()
+        };
+        Enforcer {
+            rules: ArcSwap::from_pointee(rules),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Conntrack::new(per_shard, timeouts)))
+                .collect(),
+            hasher: foldhash::fast::RandomState::default(),
+            epoch: Instant::now(),
+            log,
+            counters: Counters::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn shard(&self, flow: &FlowKey) -> &Mutex<Conntrack> {
+        let h = self.hasher.hash_one(ConnKey::of(flow)) as usize;
+        &self.shards[h % SHARDS]
+    }
+
+    /// Whether `packet`, read from the TUN device, may go to the peer with static key `remote`.
+    #[inline]
+    pub fn egress(&self, packet: &[u8], remote: &[u8; 32], drops: &DropCounters) -> bool {
+        self.check(Direction::Egress, packet, remote, drops)
+    }
+
+    /// Whether `packet`, decrypted from the peer with static key `remote`, may reach the TUN.
+    #[inline]
+    pub fn ingress(&self, packet: &[u8], remote: &[u8; 32], drops: &DropCounters) -> bool {
+        self.check(Direction::Ingress, packet, remote, drops)
+    }
+
+    fn check(
+        &self,
+        dir: Direction,
+        packet: &[u8],
+        remote: &[u8; 32],
+        drops: &DropCounters,
+    ) -> bool {
+        let Some(flow) = FlowKey::parse(packet) else {
+            drops.count(Drop::PolicyMalformed);
+            return false;
+        };
+        // A later fragment carries no ports. Its first fragment was checked, and without it the
+        // receiver cannot reassemble the datagram, so it passes.
+        if flow.later_fragment {
+            return true;
+        }
+        let now = self.now_ms();
+        // An ICMP error about a tracked flow (unreachable, too big, time exceeded) is part of it.
+        if let Some(quoted) = FlowKey::quoted(packet) {
+            if self.shard(&quoted).lock().contains(&quoted, now) {
+                return true;
+            }
+        }
+        let mut table = self.shard(&flow).lock();
+        if let Tracked::Known { .. } = table.track(&flow, packet.len(), now) {
+            return true;
+        }
+        let rules = self.rules.load();
+        let remote_id = rules.identity_of(remote);
+        let (verdict, audited) = rules.decide(dir, &flow, remote_id);
+        let pass = verdict.allow || audited;
+        if pass {
+            table.insert(&flow, packet.len(), now, 0);
+        }
+        drop(table);
+        if verdict.allow {
+            self.counters.allowed_flows.fetch_add(1, Relaxed);
+        } else if audited {
+            self.counters.audited_flows.fetch_add(1, Relaxed);
+        } else {
+            self.counters.denied_packets.fetch_add(1, Relaxed);
+            drops.count(match dir {
+                Direction::Egress => Drop::PolicyEgress,
+                Direction::Ingress => Drop::PolicyIngress,
+            });
+        }
+        self.log.send(FlowEvent::New {
+            direction: dir,
+            flow,
+            remote: remote_id,
+            verdict,
+            audited,
+            rules: rules.clone(),
+        });
+        pass
+    }
+
+    /// Installs new rules and re-decides every tracked flow under them: a flow they deny is
+    /// cut (forgotten, so its next packet is a new flow and denied) and logged.
+    pub fn install(&self, rules: Rules) {
+        let rules = Arc::new(rules);
+        self.rules.store(rules.clone());
+        for shard in self.shards.iter() {
+            let cut = shard.lock().retain(|k, e| still_allowed(&rules, k, e));
+            for (key, entry) in cut {
+                self.counters.cut_flows.fetch_add(1, Relaxed);
+                self.log.send(FlowEvent::Closed {
+                    key,
+                    entry,
+                    cut: true,
+                });
+            }
+        }
+    }
+
+    /// Forgets idle flows and logs them as closed, with their counts.
+    pub fn expire(&self) {
+        let now = self.now_ms();
+        for shard in self.shards.iter() {
+            let gone = shard.lock().expire(now);
+            for (key, entry) in gone {
+                self.log.send(FlowEvent::Closed {
+                    key,
+                    entry,
+                    cut: false,
+                });
+            }
+        }
+    }
+
+    pub fn status(&self) -> proto::admin::PolicyStatus {
+        let rules = self.rules.load();
+        let (mut entries, mut evictions) = (0, 0);
+        for s in self.shards.iter() {
+            let t = s.lock();
+            entries += t.len();
+            evictions += t.evictions;
+        }
+        proto::admin::PolicyStatus {
+            serial: rules.serial,
+            posture: match rules.posture {
+                Posture::ZeroTrust => "zero-trust".into(),
+                Posture::Calico => "calico".into(),
+            },
+            audit: rules.audit_all,
+            policies: rules.compiled.policies(),
+            identities: rules.identities.len(),
+            conntrack_entries: entries,
+            conntrack_evictions: evictions,
+            allowed_flows: self.counters.allowed_flows.load(Relaxed),
+            denied_packets: self.counters.denied_packets.load(Relaxed),
+            audited_flows: self.counters.audited_flows.load(Relaxed),
+            cut_flows: self.counters.cut_flows.load(Relaxed),
+        }
+    }
+
+    pub fn flow_log(&self) -> &FlowLog {
+        &self.log
+    }
+}
+
+/// Whether the flow `e` tracks would still be allowed (or audited) under `rules`. Which side
+/// is local follows from the originator's address: if this node's certificate names it, the flow
+/// left by egress; otherwise it came in by ingress from the identity that owns the address (the
+/// allowed IPs of a peer are exactly its certificate's addresses, the binding the data path
+/// enforced when the flow started).
+fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> bool {
+    let first = key.first_packet(e);
+    let (dir, remote_ip) = if rules.owner_of(first.src) == Some(LOCAL) {
+        (Direction::Egress, first.dst)
+    } else {
+        (Direction::Ingress, first.src)
+    };
+    let remote = rules.owner_of(remote_ip).unwrap_or(UNKNOWN);
+    let (v, audited) = rules.decide(dir, &first, remote);
+    v.allow || audited
+}
+
+impl Rules {
+    fn owner_of(&self, ip: IpAddr) -> Option<u32> {
+        self.identities
+            .iter()
+            .position(|i| i.addrs.iter().any(|c| c.contains(ip)))
+            .map(|i| i as u32)
+    }
+}
+
+/// The identity of a certificate, for policy.
+pub fn identity_of_cert(body: &proto::cert::CertBody) -> Identity {
+    Identity {
+        trust_domain: body.trust_domain.clone(),
+        endpoint: Endpoint {
+            namespace: body.namespace.clone(),
+            name: body.name.clone(),
+            labels: body.labels.clone(),
+            ip: body.addrs.first().map(|c| c.addr()),
+        },
+        addrs: body.addrs.clone(),
+    }
+}

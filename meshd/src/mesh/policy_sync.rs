@@ -1,0 +1,302 @@
+//! Passing the signed policy set from node to node, pure (PROTOCOL.md section 6).
+//!
+//! A node that runs set `serial` offers it (serial, length, digest) to a newly admitted member, to
+//! every member when the set changes, and to one member in turn every few seconds. A node that
+//! hears of a newer serial pulls it from the offerer in chunks, a window at a time, re-asking
+//! from where it stopped if the chunks stall. The shell verifies the signature and the serial of a
+//! complete set before anything uses it; this module only moves bytes.
+
+use proto::control::{Message, MAX_POLICY_CHUNK_BYTES};
+use proto::policyset::MAX_SET_BYTES;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Chunks sent for one request.
+const WINDOW: usize = 4;
+/// A transfer without progress for this long is asked again from where it stopped.
+const STALL_MS: u64 = 1_000;
+/// Re-asks before a transfer is given up (the next offer starts it again).
+const MAX_RETRIES: u32 = 10;
+
+struct Transfer {
+    from: [u8; 32],
+    serial: u64,
+    length: u32,
+    digest: [u8; 32],
+    buf: Vec<u8>,
+    last_ms: u64,
+    retries: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SyncAction {
+    Send([u8; 32], Message),
+    /// A whole set arrived (not yet verified): its encoding, and the member it came from.
+    Complete {
+        from: [u8; 32],
+        encoded: Vec<u8>,
+    },
+}
+
+#[derive(Default)]
+pub struct PolicySync {
+    current: Option<(u64, Vec<u8>, [u8; 32])>,
+    incoming: Option<Transfer>,
+    /// (serial, digest) of sets that arrived whole but were refused: not fetched again.
+    refused: BTreeSet<(u64, [u8; 32])>,
+    /// What each member last said it runs: serial and digest.
+    pub heard: BTreeMap<[u8; 32], (u64, [u8; 32])>,
+}
+
+impl PolicySync {
+    /// The set this node now runs (already verified and installed).
+    pub fn set_current(&mut self, serial: u64, encoded: Vec<u8>, digest: [u8; 32]) {
+        self.current = Some((serial, encoded, digest));
+        if self.incoming.as_ref().is_some_and(|t| t.serial <= serial) {
+            self.incoming = None;
+        }
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.current.as_ref().map_or(0, |c| c.0)
+    }
+
+    /// A set that arrived whole and failed verification or compilation.
+    #[cfg(test)]
+    pub fn refuse(&mut self, serial: u64, digest: [u8; 32]) {
+        self.refused.insert((serial, digest));
+    }
+
+    pub fn offer(&self) -> Option<Message> {
+        self.current
+            .as_ref()
+            .map(|(serial, enc, digest)| Message::PolicyOffer {
+                serial: *serial,
+                length: enc.len() as u32,
+                digest: *digest,
+            })
+    }
+
+    pub fn on_message(&mut self, from: [u8; 32], msg: Message, now_ms: u64) -> Vec<SyncAction> {
+        let mut out = Vec::new();
+        match msg {
+            Message::PolicyOffer {
+                serial,
+                length,
+                digest,
+            } => {
+                self.heard.insert(from, (serial, digest));
+                let wanted = serial > self.serial()
+                    && length as usize <= MAX_SET_BYTES
+                    && !self.refused.contains(&(serial, digest))
+                    && self
+                        .incoming
+                        .as_ref()
+                        .is_none_or(|t| t.serial < serial || t.retries >= MAX_RETRIES);
+                if wanted {
+                    self.incoming = Some(Transfer {
+                        from,
+                        serial,
+                        length,
+                        digest,
+                        buf: Vec::new(),
+                        last_ms: now_ms,
+                        retries: 0,
+                    });
+                    out.push(SyncAction::Send(
+                        from,
+                        Message::PolicyRequest { serial, offset: 0 },
+                    ));
+                }
+            }
+            Message::PolicyRequest { serial, offset } => {
+                let Some((cur, enc, _)) = &self.current else {
+                    return out;
+                };
+                if *cur != serial {
+                    return out;
+                }
+                let mut at = offset as usize;
+                for _ in 0..WINDOW {
+                    if at >= enc.len() {
+                        break;
+                    }
+                    let end = (at + MAX_POLICY_CHUNK_BYTES).min(enc.len());
+                    out.push(SyncAction::Send(
+                        from,
+                        Message::PolicyChunk {
+                            serial,
+                            offset: at as u32,
+                            length: enc.len() as u32,
+                            data: enc[at..end].to_vec(),
+                        },
+                    ));
+                    at = end;
+                }
+            }
+            Message::PolicyChunk {
+                serial,
+                offset,
+                length,
+                data,
+            } => {
+                let Some(t) = &mut self.incoming else {
+                    return out;
+                };
+                if t.from != from
+                    || t.serial != serial
+                    || t.length != length
+                    || offset as usize != t.buf.len()
+                {
+                    return out;
+                }
+                t.buf.extend_from_slice(&data);
+                t.last_ms = now_ms;
+                t.retries = 0;
+                if t.buf.len() == t.length as usize {
+                    let t = self.incoming.take().expect("present");
+                    // Marked refused until the shell installs it, so a bad set is fetched once.
+                    self.refused.insert((t.serial, t.digest));
+                    out.push(SyncAction::Complete {
+                        from,
+                        encoded: t.buf,
+                    });
+                } else if t.buf.len() % (WINDOW * MAX_POLICY_CHUNK_BYTES) == 0 {
+                    out.push(SyncAction::Send(
+                        from,
+                        Message::PolicyRequest {
+                            serial,
+                            offset: t.buf.len() as u32,
+                        },
+                    ));
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Asks again for a stalled transfer.
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<SyncAction> {
+        let Some(t) = &mut self.incoming else {
+            return Vec::new();
+        };
+        if now_ms < t.last_ms + STALL_MS || t.retries >= MAX_RETRIES {
+            return Vec::new();
+        }
+        t.retries += 1;
+        t.last_ms = now_ms;
+        vec![SyncAction::Send(
+            t.from,
+            Message::PolicyRequest {
+                serial: t.serial,
+                offset: t.buf.len() as u32,
+            },
+        )]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: [u8; 32] = [1; 32];
+    const B: [u8; 32] = [2; 32];
+
+    /// Delivers every Send between two nodes until none is left, dropping messages `lose` picks.
+    fn run(
+        a: &mut PolicySync,
+        b: &mut PolicySync,
+        first: Vec<SyncAction>,
+        mut lose: impl FnMut(&Message) -> bool,
+    ) -> Option<Vec<u8>> {
+        let mut queue: Vec<([u8; 32], [u8; 32], Message)> = Vec::new();
+        let mut done = None;
+        let mut push = |from: [u8; 32], acts: Vec<SyncAction>, q: &mut Vec<_>| {
+            for act in acts {
+                match act {
+                    SyncAction::Send(to, m) => q.push((from, to, m)),
+                    SyncAction::Complete { encoded, .. } => done = Some(encoded),
+                }
+            }
+        };
+        push(A, first, &mut queue);
+        let mut now = 0;
+        for _ in 0..10_000 {
+            now += 10;
+            if queue.is_empty() {
+                // Let the stall timer speak.
+                now += STALL_MS;
+                push(B, b.on_tick(now), &mut queue);
+                if queue.is_empty() {
+                    break;
+                }
+            }
+            let (from, to, m) = queue.remove(0);
+            if lose(&m) {
+                continue;
+            }
+            let acts = if to == B {
+                b.on_message(from, m, now)
+            } else {
+                a.on_message(from, m, now)
+            };
+            push(to, acts, &mut queue);
+        }
+        done
+    }
+
+    fn big(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_newer_set_is_pulled_whole_across_many_windows() {
+        let enc = big(MAX_POLICY_CHUNK_BYTES * 9 + 123);
+        let mut a = PolicySync::default();
+        a.set_current(5, enc.clone(), [9; 32]);
+        let mut b = PolicySync::default();
+        b.set_current(4, vec![1, 2, 3], [8; 32]);
+        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
+        assert_eq!(run(&mut a, &mut b, offer, |_| false), Some(enc));
+        assert_eq!(b.heard.get(&A), Some(&(5, [9; 32])));
+    }
+
+    #[test]
+    fn lost_chunks_are_asked_for_again() {
+        let enc = big(MAX_POLICY_CHUNK_BYTES * 6);
+        let mut a = PolicySync::default();
+        a.set_current(5, enc.clone(), [9; 32]);
+        let mut b = PolicySync::default();
+        let mut n = 0;
+        let lose_every_third_chunk = |m: &Message| {
+            n += 1;
+            matches!(m, Message::PolicyChunk { .. }) && n % 3 == 0
+        };
+        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
+        assert_eq!(
+            run(&mut a, &mut b, offer, lose_every_third_chunk),
+            Some(enc)
+        );
+    }
+
+    #[test]
+    fn an_older_or_equal_or_refused_set_is_not_fetched() {
+        let mut a = PolicySync::default();
+        a.set_current(5, big(100), [9; 32]);
+        let mut b = PolicySync::default();
+        b.set_current(5, big(100), [9; 32]);
+        let offer = a.offer().unwrap();
+        assert!(b.on_message(A, offer.clone(), 0).is_empty());
+        let mut c = PolicySync::default();
+        c.refuse(5, [9; 32]);
+        assert!(c.on_message(A, offer.clone(), 0).is_empty());
+        // A chunk nobody asked for changes nothing.
+        let stray = Message::PolicyChunk {
+            serial: 5,
+            offset: 0,
+            length: 100,
+            data: big(100),
+        };
+        assert!(c.on_message(A, stray, 0).is_empty());
+    }
+}
