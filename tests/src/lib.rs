@@ -789,7 +789,15 @@ pub fn mesh_config(
     bundle: &[PathBuf],
     seeds: &[&str],
 ) -> PathBuf {
-    mesh_config_with(lab, ifname, cert, key, bundle, seeds, &MeshPolicy::default())
+    mesh_config_with(
+        lab,
+        ifname,
+        cert,
+        key,
+        bundle,
+        seeds,
+        &MeshPolicy::default(),
+    )
 }
 
 /// The `[policy]` settings and policy-admin keys of a test node.

@@ -104,7 +104,8 @@ impl Net {
                 Action::Remove { key, .. } => {
                     self.installed[src].remove(&key);
                 }
-                Action::Persist => {}
+                // Policy sync is the shell's; its own tests are in policy_sync.rs.
+                Action::Persist | Action::Policy { .. } => {}
             }
         }
     }
