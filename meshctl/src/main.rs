@@ -4,6 +4,7 @@ mod ca;
 mod flows;
 mod identity;
 mod keys;
+mod lab;
 mod peer;
 mod policy;
 mod policy_set;
@@ -61,6 +62,14 @@ enum Command {
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
     },
+    /// The example application of Calico's zero-trust guide, as a local mesh of network namespaces.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+        /// Where the lab keeps its CA, keys, configurations and logs.
+        #[arg(long, global = true, default_value = lab::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
     /// The flow log: every new flow with its verdict and deciding policy, and every end of one.
     Flows {
         /// Keep printing new records as they come.
@@ -93,6 +102,19 @@ enum Command {
         #[arg(long)]
         socket: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the example: one node per service, identities, policies, traffic, and a report.
+    Up {
+        #[arg(long, default_value = "microblog")]
+        example: String,
+    },
+    /// Each node of the lab: peers, policy serial, flows.
+    Status,
+    /// Stop every meshd of the lab and remove its namespaces and files.
+    Down,
 }
 
 #[derive(Subcommand)]
@@ -346,6 +368,11 @@ fn main() -> ExitCode {
             interface,
             socket,
         } => policy_command(command, interface, socket),
+        Command::Lab { command, dir } => match command {
+            LabCommand::Up { example } => lab::up(&example, &dir),
+            LabCommand::Status => lab::status(&dir),
+            LabCommand::Down => lab::down(&dir),
+        },
         Command::Flows {
             follow,
             denied,
