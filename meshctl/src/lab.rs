@@ -3,7 +3,7 @@
 //! with its own identity and its own meshd; the lab applies the allow-lists, runs traffic for
 //! every edge of the flow graph and for flows that are not edges, and reports who decided what.
 //!
-//! Namespaces are `mlab-*`, the underlay is 198.18.3.0/24 on a bridge, the overlay 100.64.3.0/24.
+//! Namespaces are `mlab-*` (`--prefix`), the underlay is 198.18.3.0/24 on a bridge, the overlay 100.64.3.0/24.
 
 use crate::Failure;
 use anyhow::{anyhow, bail, Context};
@@ -20,7 +20,30 @@ use std::time::{Duration, Instant};
 
 /// Where the lab keeps its CA, keys, configurations, state and logs.
 pub const DEFAULT_DIR: &str = "/var/tmp/meshlab";
-const PREFIX: &str = "mlab";
+/// The default prefix of the lab's namespaces and interfaces.
+pub const DEFAULT_PREFIX: &str = "mlab";
+static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names this run's namespaces and interfaces `PREFIX-SERVICE` (at most 6 characters, so every
+/// interface name fits Linux's 15).
+pub fn set_prefix(prefix: &str) -> Result<(), Failure> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 6
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !ok {
+        return Err(Failure::input(anyhow!(
+            "--prefix `{prefix}`: 1 to 6 lowercase letters or digits"
+        )));
+    }
+    let _ = PREFIX.set(prefix.to_string());
+    Ok(())
+}
+
+fn prefix() -> &'static str {
+    PREFIX.get().map_or(DEFAULT_PREFIX, String::as_str)
+}
 
 /// The services of the guide: name, the port it serves, and whom it calls.
 const SERVICES: [(&str, u16); 5] = [
@@ -45,10 +68,10 @@ const POST_YAML: &str = include_str!("../../examples/microblog/post-allow-list.y
 const OTHERS_YAML: &str = include_str!("../../examples/microblog/allow-lists.yaml");
 
 fn ns(service: &str) -> String {
-    format!("{PREFIX}-{service}")
+    format!("{}-{service}", prefix())
 }
 fn ifname(service: &str) -> String {
-    format!("{PREFIX}-{service}")
+    format!("{}-{service}", prefix())
 }
 fn index(service: &str) -> usize {
     SERVICES
@@ -112,7 +135,7 @@ fn namespaces() -> Vec<String> {
         .unwrap_or_default();
     text.lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .filter(|n| n.starts_with(&format!("{}-", prefix())))
         .map(str::to_string)
         .collect()
 }
@@ -145,7 +168,7 @@ fn build(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let d = |p: &str| dir.join(p).display().to_string();
     // The switch.
-    let sw = format!("{PREFIX}-sw");
+    let sw = format!("{}-sw", prefix());
     sh(&["ip", "netns", "add", &sw])?;
     sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
     sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
@@ -168,7 +191,7 @@ fn build(dir: &Path) -> anyhow::Result<()> {
         let n = ns(service);
         sh(&["ip", "netns", "add", &n])?;
         sh(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
-        let port = format!("{PREFIX}p{i}");
+        let port = format!("{}p{i}", prefix());
         sh(&[
             "ip", "link", "add", "u0", "netns", &n, "type", "veth", "peer", "name", &port, "netns",
             &sw,

@@ -69,6 +69,9 @@ enum Command {
         /// Where the lab keeps its CA, keys, configurations and logs.
         #[arg(long, global = true, default_value = lab::DEFAULT_DIR)]
         dir: PathBuf,
+        /// Prefix of the lab's network namespaces and interfaces.
+        #[arg(long, global = true, default_value = lab::DEFAULT_PREFIX)]
+        prefix: String,
     },
     /// The flow log: every new flow with its verdict and deciding policy, and every end of one.
     Flows {
@@ -368,11 +371,15 @@ fn main() -> ExitCode {
             interface,
             socket,
         } => policy_command(command, interface, socket),
-        Command::Lab { command, dir } => match command {
+        Command::Lab {
+            command,
+            dir,
+            prefix,
+        } => lab::set_prefix(&prefix).and_then(|()| match command {
             LabCommand::Up { example } => lab::up(&example, &dir),
             LabCommand::Status => lab::status(&dir),
             LabCommand::Down => lab::down(&dir),
-        },
+        }),
         Command::Flows {
             follow,
             denied,

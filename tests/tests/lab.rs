@@ -1,0 +1,125 @@
+//! `meshctl lab`: the README's main command, run as an operator would.
+
+use mesh_tests::*;
+use std::process::{Command, Output};
+
+/// Runs `meshctl lab ARGS` with this test's prefix and directory.
+fn lab(prefix: &str, dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin("meshctl"))
+        .arg("lab")
+        .args(args)
+        .args(["--prefix", prefix, "--dir"])
+        .arg(dir)
+        .output()
+        .expect("running meshctl lab")
+}
+
+/// Takes the lab down even when the test fails.
+struct Down<'a>(&'a str, &'a std::path::Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = lab(self.0, self.1, &["down"]);
+    }
+}
+
+fn namespaces(prefix: &str) -> Vec<String> {
+    sh(&["ip", "netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn lab_up_runs_the_microblog_example_and_lab_down_removes_everything() {
+    if !can_run() {
+        return;
+    }
+    let prefix = format!("l{}", std::process::id() % 100_000);
+    let dir = std::env::temp_dir().join(format!("meshtest-lab-{prefix}"));
+    let _down = Down(&prefix, &dir);
+
+    let up = lab(&prefix, &dir, &["up", "--example", "microblog"]);
+    let out = String::from_utf8_lossy(&up.stdout).to_string();
+    assert!(
+        up.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    // Every edge allowed, by both sides' allow-lists; the non-edges denied, and by whom.
+    for (flow, verdict, by) in [
+        (
+            "api -> post:8080",
+            "ALLOWED",
+            "ingress of post: allow NetworkPolicy microblog/post-allow-list ingress[0]",
+        ),
+        (
+            "api -> search:8080",
+            "ALLOWED",
+            "ingress of search: allow NetworkPolicy microblog/search-allow-list",
+        ),
+        (
+            "api -> user:8080",
+            "ALLOWED",
+            "ingress of user: allow NetworkPolicy microblog/user-allow-list",
+        ),
+        (
+            "search -> post:8080",
+            "ALLOWED",
+            "egress of search: allow NetworkPolicy microblog/search-egress",
+        ),
+        (
+            "post -> storage:5432",
+            "ALLOWED",
+            "ingress of storage: allow NetworkPolicy microblog/storage-allow-list",
+        ),
+        (
+            "user -> storage:5432",
+            "ALLOWED",
+            "egress of user: allow NetworkPolicy microblog/storage-clients-egress",
+        ),
+        (
+            "search -> user:8080",
+            "DENIED",
+            "egress of search: deny end-of-policies",
+        ),
+        (
+            "api -> storage:5432",
+            "DENIED",
+            "egress of api: deny end-of-policies",
+        ),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(flow))
+            .unwrap_or_else(|| panic!("no line for {flow}:\n{out}"));
+        assert!(line.contains(verdict) && line.contains(by), "{line}");
+    }
+    assert_eq!(namespaces(&prefix).len(), 6, "five services and the switch");
+
+    let status = lab(&prefix, &dir, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    for service in ["api", "post", "search", "user", "storage"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(service))
+            .unwrap_or_else(|| panic!("no row for {service}:\n{text}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[3], "4", "{service} has four peers: {row}");
+        assert_eq!(cols[4], "1", "{service} enforces policy set 1: {row}");
+    }
+    // A second `up` refuses while one runs, and changes nothing.
+    let again = lab(&prefix, &dir, &["up"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already up"));
+
+    let down = lab(&prefix, &dir, &["down"]);
+    assert!(down.status.success());
+    assert!(
+        String::from_utf8_lossy(&down.stdout).contains("5 meshd stopped, 6 namespace(s) removed")
+    );
+    assert!(namespaces(&prefix).is_empty());
+    assert!(!dir.exists());
+}
