@@ -206,12 +206,17 @@ impl Conntrack {
     }
 
     /// Starts tracking a flow the policy allowed (the first packet's direction is its originator).
-    /// A TCP flow must start with a SYN; anything else is not tracked (the caller treats it as
-    /// new each time, so a stray segment gets no free pass).
+    /// A TCP flow normally starts with a SYN. A mid-stream segment the policy allowed (a connection
+    /// older than this table, after a restart or an eviction) is picked up as established, as
+    /// Linux does with `nf_conntrack_tcp_loose`: the policy decided its direction just as it would
+    /// have for the SYN. A lone RST starts nothing.
     pub fn insert(&mut self, packet: &FlowKey, len: usize, now_ms: u64, tag: u32) -> bool {
+        let f = packet.tcp_flags;
         let state = match packet.protocol {
-            PROTO_TCP if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => State::TcpSynSent,
-            PROTO_TCP => return false,
+            PROTO_TCP if f & TCP_RST != 0 => return false,
+            PROTO_TCP if f & (TCP_SYN | TCP_ACK) == TCP_SYN => State::TcpSynSent,
+            PROTO_TCP if f & TCP_FIN != 0 => State::TcpClosing,
+            PROTO_TCP => State::TcpEstablished,
             PROTO_ICMP | PROTO_ICMPV6 => State::Icmp,
             p if p == proto::ip::PROTO_UDP || p == proto::ip::PROTO_UDPLITE => {
                 State::Udp { replied: false }
@@ -333,10 +338,17 @@ mod tests {
     }
 
     #[test]
-    fn a_stray_tcp_segment_does_not_create_a_flow() {
+    fn a_mid_stream_segment_is_picked_up_in_its_direction_and_a_lone_rst_is_not() {
         let mut ct = Conntrack::new(16, Timeouts::default());
-        assert!(!ct.insert(&pkt(A, 1, B, 2, PROTO_TCP, TCP_ACK), 60, 0, 0));
+        assert!(!ct.insert(&pkt(A, 1, B, 2, PROTO_TCP, TCP_RST | TCP_ACK), 60, 0, 0));
         assert!(ct.is_empty());
+        let ack = pkt(A, 40000, B, 8080, PROTO_TCP, TCP_ACK);
+        assert!(ct.insert(&ack, 60, 0, 0));
+        let e = ct.table.values().next().unwrap().clone();
+        assert_eq!(e.state, State::TcpEstablished);
+        assert_eq!(e.originator, (A.parse().unwrap(), 40000));
+        let reply = pkt(B, 8080, A, 40000, PROTO_TCP, TCP_ACK);
+        assert_eq!(ct.track(&reply, 60, 1), Tracked::Known { reply: true });
     }
 
     #[test]

@@ -343,3 +343,6 @@ pub fn identity_of_cert(body: &proto::cert::CertBody) -> Identity {
         addrs: body.addrs.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests;

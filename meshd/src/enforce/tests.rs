@@ -1,0 +1,187 @@
+//! The enforcement decisions on real packet bytes, without sockets: what the data path drops,
+//! what it lets through on the connection table, what a policy change cuts.
+
+use super::*;
+use policy::engine::PolicySet;
+use proto::ip::{PROTO_ICMP, PROTO_TCP};
+
+const ME: [u8; 4] = [100, 64, 0, 1];
+const API: [u8; 4] = [100, 64, 0, 2];
+const OTHER: [u8; 4] = [100, 64, 0, 3];
+const API_KEY: [u8; 32] = [2; 32];
+const OTHER_KEY: [u8; 32] = [3; 32];
+
+fn identity(name: &str, app: &str, ip: [u8; 4]) -> Identity {
+    let addr = std::net::IpAddr::from(ip);
+    Identity {
+        trust_domain: "example.org".into(),
+        endpoint: Endpoint {
+            namespace: "microblog".into(),
+            name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ip: Some(addr),
+        },
+        addrs: vec![proto::Cidr::new(addr, 32).unwrap()],
+    }
+}
+
+/// This node is `post`; `api` may reach it on TCP 8080, and it may call nobody.
+const POLICY: &str = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: post-allow-list, namespace: microblog}
+spec:
+  selector: app == 'post'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source: {serviceAccounts: {names: [api]}}
+    destination: {ports: [8080]}
+";
+
+fn rules(yaml: &str, audit_all: bool, serial: u64) -> Rules {
+    let docs = policy::model::parse_documents(yaml, "test").unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap();
+    Rules::build(
+        &set,
+        identity("post", "post", ME),
+        [
+            (API_KEY, identity("api", "api", API)),
+            (OTHER_KEY, identity("other", "other", OTHER)),
+        ],
+        audit_all,
+        serial,
+    )
+}
+
+fn enforcer(yaml: &str, audit_all: bool, conntrack_max: usize) -> Enforcer {
+    Enforcer::new(
+        rules(yaml, audit_all, 1),
+        conntrack_max,
+        FlowLog::start(None).unwrap(),
+    )
+}
+
+fn ipv4(proto: u8, src: [u8; 4], dst: [u8; 4], l4: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p.extend_from_slice(l4);
+    p
+}
+
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = [0u8; 20];
+    h[..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[13] = flags;
+    ipv4(PROTO_TCP, src, dst, &h)
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+#[test]
+fn ingress_allows_what_policy_allows_and_replies_ride_the_connection() {
+    let e = enforcer(POLICY, false, 1024);
+    let drops = DropCounters::default();
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops));
+    // The reply leaves although post's egress allows nothing: it belongs to an allowed flow.
+    assert!(e.egress(&tcp(ME, 8080, API, 40000, SYN | ACK), &API_KEY, &drops));
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, ACK), &API_KEY, &drops));
+    // Another identity, another port, or post calling out: denied and counted.
+    assert!(!e.ingress(&tcp(OTHER, 40001, ME, 8080, SYN), &OTHER_KEY, &drops));
+    assert!(!e.ingress(&tcp(API, 40002, ME, 9090, SYN), &API_KEY, &drops));
+    assert!(!e.egress(&tcp(ME, 40003, API, 8080, SYN), &API_KEY, &drops));
+    assert_eq!(drops.get(Drop::PolicyIngress), 2);
+    assert_eq!(drops.get(Drop::PolicyEgress), 1);
+    let st = e.status();
+    assert_eq!((st.allowed_flows, st.denied_packets), (1, 3));
+    assert_eq!(st.conntrack_entries, 1);
+}
+
+#[test]
+fn the_identity_is_the_authenticated_peers_not_the_address() {
+    let e = enforcer(POLICY, false, 1024);
+    let drops = DropCounters::default();
+    // api's address, but authenticated as `other` (the data path checked that the address is
+    // one of that peer's allowed IPs before asking): decided as `other`, denied.
+    assert!(!e.ingress(&tcp(API, 40000, ME, 8080, SYN), &OTHER_KEY, &drops));
+    // A key that is no member selects nothing.
+    assert!(!e.ingress(&tcp(API, 40000, ME, 8080, SYN), &[9; 32], &drops));
+}
+
+#[test]
+fn icmp_errors_about_a_tracked_flow_pass_and_others_do_not() {
+    let e = enforcer(POLICY, false, 1024);
+    let drops = DropCounters::default();
+    let syn = tcp(API, 40000, ME, 8080, SYN);
+    assert!(e.ingress(&syn, &API_KEY, &drops));
+    // post's host says "port unreachable" about the SYN: quoted, related, passes outbound.
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&syn[..28]);
+    assert!(e.egress(&ipv4(PROTO_ICMP, ME, API, &icmp), &API_KEY, &drops));
+    // The same error about a flow nobody opened is a new ICMP flow, which policy denies.
+    let other = tcp(API, 40999, ME, 8080, SYN);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&other[..28]);
+    assert!(!e.egress(&ipv4(PROTO_ICMP, ME, API, &icmp), &API_KEY, &drops));
+    // Malformed transport headers are dropped and counted.
+    assert!(!e.ingress(&ipv4(PROTO_TCP, API, ME, &[0; 5]), &API_KEY, &drops));
+    assert_eq!(drops.get(Drop::PolicyMalformed), 1);
+}
+
+#[test]
+fn a_policy_change_cuts_flows_it_denies_and_keeps_the_others() {
+    let e = enforcer(POLICY, false, 1024);
+    let drops = DropCounters::default();
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops));
+    // Same policy under a new serial: the flow stays.
+    e.install(rules(POLICY, false, 2));
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, ACK), &API_KEY, &drops));
+    assert_eq!(e.status().cut_flows, 0);
+    // The allow-list moves to port 9090: the 8080 flow is cut, its next segment denied.
+    e.install(rules(&POLICY.replace("8080", "9090"), false, 3));
+    assert_eq!(e.status().cut_flows, 1);
+    assert!(!e.ingress(&tcp(API, 40000, ME, 8080, ACK), &API_KEY, &drops));
+    assert_eq!(e.status().serial, 3);
+}
+
+#[test]
+fn audit_mode_passes_and_counts_what_it_would_deny() {
+    let e = enforcer(POLICY, true, 1024);
+    let drops = DropCounters::default();
+    assert!(e.ingress(&tcp(OTHER, 40001, ME, 8080, SYN), &OTHER_KEY, &drops));
+    assert!(e.egress(&tcp(ME, 40002, API, 8080, SYN), &API_KEY, &drops));
+    let st = e.status();
+    assert_eq!(
+        (st.audited_flows, st.denied_packets, st.allowed_flows),
+        (2, 0, 0)
+    );
+    assert_eq!(
+        drops.get(Drop::PolicyIngress) + drops.get(Drop::PolicyEgress),
+        0
+    );
+    // Per policy: the annotation audits only that policy's denials.
+    let annotated = POLICY.replace(
+        "namespace: microblog}",
+        "namespace: microblog, annotations: {policy.mesh/audit: \"true\"}}",
+    );
+    let e = enforcer(&annotated, false, 1024);
+    assert!(e.ingress(&tcp(OTHER, 40001, ME, 8080, SYN), &OTHER_KEY, &drops));
+    // post's egress: no policy selects it, so default-deny, which no policy can audit.
+    assert!(!e.egress(&tcp(ME, 40002, API, 8080, SYN), &API_KEY, &drops));
+}
+
+#[test]
+fn the_connection_table_is_bounded_and_counts_evictions() {
+    let e = enforcer(POLICY, false, 16);
+    let drops = DropCounters::default();
+    for port in 0..200u16 {
+        assert!(e.ingress(&tcp(API, 20000 + port, ME, 8080, SYN), &API_KEY, &drops));
+    }
+    let st = e.status();
+    assert!(st.conntrack_entries <= 16, "{st:?}");
+    assert_eq!(st.conntrack_entries as u64 + st.conntrack_evictions, 200);
+}
