@@ -742,3 +742,80 @@ spec:
     }
     assert!(!talks(&pl.node(3).ns, pl.addr(2, 8080), QUICK));
 }
+
+#[test]
+fn policy_diff_get_list_delete_and_an_allowed_ping() {
+    if !can_run() {
+        return;
+    }
+    let mut pl = policy_lab(&[("api", &[]), ("post", &["app=post"])], &[]);
+    let icmp = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: ping}
+spec:
+  selector: all()
+  types: [Ingress, Egress]
+  ingress:
+  - action: Allow
+    protocol: ICMP
+    icmp: {type: 8}
+  egress:
+  - action: Allow
+    protocol: ICMP
+";
+    // diff against nothing: everything is created.
+    let f = pl.lab.dir.join("ping.yaml");
+    std::fs::write(&f, icmp).unwrap();
+    let diff = pl.meshctl(1, &["diff", "-f", f.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&diff.stdout).to_string();
+    assert!(
+        text.contains("# GlobalNetworkPolicy ping (created)"),
+        "{text}"
+    );
+    assert!(text.contains("+  selector: all()"), "{text}");
+    pl.apply(1, icmp);
+    // Echo requests are allowed; the replies pass on the connection table.
+    assert!(pl.lab.ping(&pl.node(1).ns, &pl.node(2).ip, 2));
+
+    // A changed object shows as a line diff; an unchanged apply is no change.
+    let changed = icmp.replace("type: 8", "type: 13");
+    std::fs::write(&f, &changed).unwrap();
+    let text = String::from_utf8_lossy(&pl.meshctl(1, &["diff", "-f", f.to_str().unwrap()]).stdout)
+        .to_string();
+    assert!(
+        text.contains("(configured)") && text.contains("-    icmp:")
+            || text.contains("-      type: 8"),
+        "{text}"
+    );
+    let o = pl.apply_with(1, icmp, &pl.admin.clone());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no change"));
+
+    let list = String::from_utf8_lossy(&pl.meshctl(2, &["list", "-o", "json"]).stdout).to_string();
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["serial"], 1);
+    assert_eq!(
+        list["objects"],
+        serde_json::json!(["GlobalNetworkPolicy ping"])
+    );
+    let got = pl.meshctl(2, &["get", "globalnetworkpolicy", "ping", "-o", "json"]);
+    let got: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(got["spec"]["selector"], "all()");
+    let yaml = String::from_utf8_lossy(&pl.meshctl(2, &["get", "-o", "yaml"]).stdout).to_string();
+    assert!(
+        yaml.starts_with("---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy"),
+        "{yaml}"
+    );
+
+    // Deleting something that is not there changes nothing; deleting the policy denies again.
+    let key = pl.admin.display().to_string();
+    let o = pl.meshctl(
+        1,
+        &["delete", "networkpolicy", "microblog/nope", "--key", &key],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not in policy set 1"));
+    let o = pl.meshctl(1, &["delete", "gnp", "ping", "--key", &key]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    pl.wait_serial(2);
+    assert!(!pl.lab.ping(&pl.node(1).ns, &pl.node(2).ip, 1));
+}
