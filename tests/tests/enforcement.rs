@@ -783,8 +783,13 @@ spec:
     let text = String::from_utf8_lossy(&pl.meshctl(1, &["diff", "-f", f.to_str().unwrap()]).stdout)
         .to_string();
     assert!(
-        text.contains("(configured)") && text.contains("-    icmp:")
-            || text.contains("-      type: 8"),
+        text.contains("(configured)")
+            && text
+                .lines()
+                .any(|l| l.starts_with('-') && l.contains("type: 8"))
+            && text
+                .lines()
+                .any(|l| l.starts_with('+') && l.contains("type: 13")),
         "{text}"
     );
     let o = pl.apply_with(1, icmp, &pl.admin.clone());
