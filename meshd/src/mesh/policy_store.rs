@@ -57,11 +57,12 @@ impl PolicyStore {
     pub fn accept(&mut self, encoded: &[u8]) -> Result<String, String> {
         let signed = SignedPolicySet::decode(encoded).map_err(|e| e.to_string())?;
         signed.verify(&self.admins).map_err(|e| e.to_string())?;
-        let running = self.serial();
-        if signed.serial <= running {
+        let running = self.current.as_ref().map(|c| (c.serial, c.digest()));
+        if !super::policy_sync::supersedes((signed.serial, signed.digest()), running) {
             return Err(format!(
-                "policy set {} is not newer than set {running}, which is in force",
-                signed.serial
+                "policy set {} is not newer than set {}, which is in force",
+                signed.serial,
+                self.serial()
             ));
         }
         let source = format!("policy set {}", signed.serial);
@@ -118,5 +119,69 @@ pub fn posture(p: crate::config::PostureSetting) -> Posture {
     match p {
         crate::config::PostureSetting::ZeroTrust => Posture::ZeroTrust,
         crate::config::PostureSetting::Calico => Posture::Calico,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    const POLICY: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  selector: all()\n  ingress: [{action: Allow}]\n";
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("meshd-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn signed(serial: u64, docs: &str, key: u8) -> Vec<u8> {
+        SignedPolicySet::sign(serial, 0, docs.into(), &SigningKey::from_bytes(&[key; 32]))
+            .unwrap()
+            .encode()
+    }
+
+    fn admin() -> [u8; 32] {
+        SigningKey::from_bytes(&[1; 32]).verifying_key().to_bytes()
+    }
+
+    #[test]
+    fn takes_only_newer_sets_its_admin_signed_and_keeps_the_old_one_on_any_error() {
+        let d = dir("accept");
+        let mut store = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
+        assert_eq!(store.serial(), 0);
+        store.accept(&signed(2, POLICY, 1)).unwrap();
+        assert_eq!(store.serial(), 2);
+        let refused = [
+            (signed(3, POLICY, 9), "not a policy-admin key"),
+            (signed(1, NS, 1), "not newer than set 2"),
+            (signed(3, "kind: Nonsense\n", 1), "is not one of"),
+            (signed(3, &POLICY.replace("all()", "all("), 1), "selector"),
+            (b"MSHS".to_vec(), "truncated"),
+        ];
+        for (bytes, why) in refused {
+            let e = store.accept(&bytes).unwrap_err();
+            assert!(e.contains(why), "{e} (wanted {why})");
+            assert_eq!(store.serial(), 2, "the running set stays after: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_set_in_force_is_enforced_again_after_a_restart() {
+        let d = dir("restart");
+        let mut store = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
+        store.accept(&signed(4, POLICY, 1)).unwrap();
+        let again = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
+        assert_eq!(again.serial(), 4);
+        assert_eq!(again.set.len(), 1);
+        // A node whose admins changed does not enforce a set it no longer trusts.
+        let other = SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes();
+        assert_eq!(
+            PolicyStore::open(&d, vec![other], Posture::ZeroTrust, false).serial(),
+            0
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -27,6 +27,13 @@ struct Transfer {
     retries: u32,
 }
 
+/// Whether set `offered` (serial, digest) replaces the running one: a higher serial does; so does
+/// the same serial with a higher digest, so that two sets signed concurrently with the same serial
+/// (two admins applying at once on different nodes) still converge to one, everywhere.
+pub fn supersedes(offered: (u64, [u8; 32]), running: Option<(u64, [u8; 32])>) -> bool {
+    running.is_none_or(|r| offered > r)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum SyncAction {
     Send([u8; 32], Message),
@@ -51,13 +58,21 @@ impl PolicySync {
     /// The set this node now runs (already verified and installed).
     pub fn set_current(&mut self, serial: u64, encoded: Vec<u8>, digest: [u8; 32]) {
         self.current = Some((serial, encoded, digest));
-        if self.incoming.as_ref().is_some_and(|t| t.serial <= serial) {
+        if self
+            .incoming
+            .as_ref()
+            .is_some_and(|t| !supersedes((t.serial, t.digest), Some((serial, digest))))
+        {
             self.incoming = None;
         }
     }
 
     pub fn serial(&self) -> u64 {
         self.current.as_ref().map_or(0, |c| c.0)
+    }
+
+    fn current_id(&self) -> Option<(u64, [u8; 32])> {
+        self.current.as_ref().map(|c| (c.0, c.2))
     }
 
     /// A set that arrived whole and failed verification or compilation.
@@ -85,13 +100,13 @@ impl PolicySync {
                 digest,
             } => {
                 self.heard.insert(from, (serial, digest));
-                let wanted = serial > self.serial()
+                let wanted = supersedes((serial, digest), self.current_id())
                     && length as usize <= MAX_SET_BYTES
                     && !self.refused.contains(&(serial, digest))
-                    && self
-                        .incoming
-                        .as_ref()
-                        .is_none_or(|t| t.serial < serial || t.retries >= MAX_RETRIES);
+                    && self.incoming.as_ref().is_none_or(|t| {
+                        supersedes((serial, digest), Some((t.serial, t.digest)))
+                            || t.retries >= MAX_RETRIES
+                    });
                 if wanted {
                     self.incoming = Some(Transfer {
                         from,
@@ -277,6 +292,24 @@ mod tests {
             run(&mut a, &mut b, offer, lose_every_third_chunk),
             Some(enc)
         );
+    }
+
+    #[test]
+    fn two_sets_with_one_serial_converge_on_the_higher_digest() {
+        assert!(supersedes((5, [2; 32]), Some((5, [1; 32]))));
+        assert!(!supersedes((5, [1; 32]), Some((5, [2; 32]))));
+        assert!(!supersedes((4, [9; 32]), Some((5, [1; 32]))));
+        assert!(supersedes((1, [0; 32]), None));
+        let mut a = PolicySync::default();
+        a.set_current(5, big(100), [2; 32]);
+        let mut b = PolicySync::default();
+        b.set_current(5, big(90), [1; 32]);
+        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
+        assert_eq!(run(&mut a, &mut b, offer, |_| false), Some(big(100)));
+        // The other way round, nothing moves.
+        let mut b2 = PolicySync::default();
+        b2.set_current(5, big(90), [1; 32]);
+        assert!(a.on_message(B, b2.offer().unwrap(), 0).is_empty());
     }
 
     #[test]
