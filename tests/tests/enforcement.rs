@@ -334,6 +334,48 @@ fn zero_trust_denies_by_default_on_the_sender_and_nothing_reaches_the_wire() {
     assert_eq!(syn["dst"]["labels"]["app"], "post");
     assert_eq!(syn["dst"]["port"], 8080);
     assert!(denied.iter().any(|r| r["protocol"] == "icmp"));
+
+    // `meshctl flows --follow` prints records as they come.
+    let mut follow = Command::new(bin("meshctl"))
+        .args([
+            "flows",
+            "--follow",
+            "--denied",
+            "-o",
+            "json",
+            "-i",
+            &pl.node(1).ifname,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let later = talks(&pl.node(1).ns, pl.addr(3, 5432), QUICK);
+    assert!(!later);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("\"search\"") && line.contains("5432") => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen, "--follow printed the new denial");
 }
 
 #[test]
