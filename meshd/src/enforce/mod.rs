@@ -13,6 +13,7 @@
 pub mod flowlog;
 
 use crate::drops::{Drop, DropCounters};
+use crate::routing::AllowedIps;
 use arc_swap::ArcSwap;
 use flowlog::{FlowEvent, FlowLog};
 use parking_lot::Mutex;
@@ -21,7 +22,6 @@ use policy::engine::{Compiled, Direction, Endpoint, FastVerdict, Flow, Posture};
 use proto::ip::{FlowKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,7 +34,7 @@ pub const LOCAL: u32 = 0;
 /// The index of a peer without an identity (a plain WireGuard peer): selects nothing.
 pub const UNKNOWN: u32 = u32::MAX;
 
-/// One identity as the flow log shows it.
+/// An identity as policy and the flow log see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub trust_domain: String,
@@ -49,6 +49,9 @@ pub struct Rules {
     /// Index 0 is this node; then the members in key order.
     pub identities: Vec<Identity>,
     by_key: HashMap<[u8; 32], u32>,
+    /// Which identity's certificate names an address (longest prefix), to re-decide tracked
+    /// flows after a change.
+    owners: AllowedIps<u32>,
     pub audit_all: bool,
     pub serial: u64,
     pub posture: Posture,
@@ -69,11 +72,18 @@ impl Rules {
             by_key.insert(key, identities.len() as u32);
             identities.push(id);
         }
+        let mut owners = AllowedIps::new();
+        for (i, id) in identities.iter().enumerate() {
+            for c in &id.addrs {
+                owners.insert(*c, i as u32);
+            }
+        }
         let endpoints: Vec<Endpoint> = identities.iter().map(|i| i.endpoint.clone()).collect();
         Rules {
             compiled: set.resolve(&endpoints),
             identities,
             by_key,
+            owners,
             audit_all,
             serial,
             posture: set.posture,
@@ -215,7 +225,7 @@ impl Enforcer {
         let (verdict, audited) = rules.decide(dir, &flow, remote_id);
         let pass = verdict.allow || audited;
         if pass {
-            table.insert(&flow, packet.len(), now, 0);
+            table.insert(&flow, packet.len(), now, direction_tag(dir));
         }
         drop(table);
         if verdict.allow {
@@ -304,30 +314,28 @@ impl Enforcer {
     }
 }
 
-/// Whether the flow `e` tracks would still be allowed (or audited) under `rules`. Which side
-/// is local follows from the originator's address: if this node's certificate names it, the flow
-/// left by egress; otherwise it came in by ingress from the identity that owns the address (the
+/// The connection table's tag of a flow: the direction its first packet was decided in.
+fn direction_tag(d: Direction) -> u32 {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+/// Whether the flow `e` tracks would still be allowed (or audited) under `rules`, decided in the
+/// direction it was first decided in, with the remote end's identity found by address (the
 /// allowed IPs of a peer are exactly its certificate's addresses, the binding the data path
 /// enforced when the flow started).
 fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> bool {
     let first = key.first_packet(e);
-    let (dir, remote_ip) = if rules.owner_of(first.src) == Some(LOCAL) {
+    let (dir, remote_ip) = if e.tag == direction_tag(Direction::Egress) {
         (Direction::Egress, first.dst)
     } else {
         (Direction::Ingress, first.src)
     };
-    let remote = rules.owner_of(remote_ip).unwrap_or(UNKNOWN);
+    let remote = rules.owners.lookup(remote_ip).copied().unwrap_or(UNKNOWN);
     let (v, audited) = rules.decide(dir, &first, remote);
     v.allow || audited
-}
-
-impl Rules {
-    fn owner_of(&self, ip: IpAddr) -> Option<u32> {
-        self.identities
-            .iter()
-            .position(|i| i.addrs.iter().any(|c| c.contains(ip)))
-            .map(|i| i as u32)
-    }
 }
 
 /// The identity of a certificate, for policy.

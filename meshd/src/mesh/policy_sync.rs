@@ -67,10 +67,6 @@ impl PolicySync {
         }
     }
 
-    pub fn serial(&self) -> u64 {
-        self.current.as_ref().map_or(0, |c| c.0)
-    }
-
     fn current_id(&self) -> Option<(u64, [u8; 32])> {
         self.current.as_ref().map(|c| (c.0, c.2))
     }
