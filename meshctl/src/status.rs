@@ -108,6 +108,22 @@ fn table(s: &Status) -> String {
         s.listen_port,
         s.mtu_bytes
     );
+    if let Some(p) = &s.policy {
+        let _ = writeln!(
+            o,
+            "  policy set {}  {} policies  posture {}{}  flows: {} allowed, {} denied packets, {} audited, {} cut  conntrack {} (evicted {})",
+            p.serial,
+            p.policies,
+            p.posture,
+            if p.audit { " (audit mode)" } else { "" },
+            p.allowed_flows,
+            p.denied_packets,
+            p.audited_flows,
+            p.cut_flows,
+            p.conntrack_entries,
+            p.conntrack_evictions
+        );
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(o, "  drops: {}", drops(&s.drops));
     }

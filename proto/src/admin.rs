@@ -171,6 +171,9 @@ pub struct PolicyStatus {
     pub denied_packets: u64,
     pub audited_flows: u64,
     pub cut_flows: u64,
+    /// Flow-log events dropped because the logger fell behind.
+    #[serde(default)]
+    pub flow_log_lost: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

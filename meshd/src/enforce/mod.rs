@@ -306,6 +306,7 @@ impl Enforcer {
             denied_packets: self.counters.denied_packets.load(Relaxed),
             audited_flows: self.counters.audited_flows.load(Relaxed),
             cut_flows: self.counters.cut_flows.load(Relaxed),
+            flow_log_lost: self.log.lost.load(Relaxed),
         }
     }
 
