@@ -185,3 +185,56 @@ fn the_connection_table_is_bounded_and_counts_evictions() {
     assert!(st.conntrack_entries <= 16, "{st:?}");
     assert_eq!(st.conntrack_entries as u64 + st.conntrack_evictions, 200);
 }
+
+fn ipv6(next: u8, src: u16, dst: u16, l4: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+    p[6] = next;
+    p[7] = 64;
+    let addr = |last: u16| {
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[14..].copy_from_slice(&last.to_be_bytes());
+        a
+    };
+    p[8..24].copy_from_slice(&addr(src));
+    p[24..40].copy_from_slice(&addr(dst));
+    p.extend_from_slice(l4);
+    p
+}
+
+#[test]
+fn ipv6_flows_and_icmpv6_echo_are_decided_and_tracked_alike() {
+    let v6 = |last: u16| -> proto::Cidr { format!("fd00::{last:x}/128").parse().unwrap() };
+    let mut me = identity("post", "post", ME);
+    me.addrs.push(v6(1));
+    let mut api = identity("api", "api", API);
+    api.addrs.push(v6(2));
+    let yaml = format!(
+        "{POLICY}---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: ping6, namespace: microblog}}\nspec:\n  selector: app == 'post'\n  ingress:\n  - action: Allow\n    protocol: ICMPv6\n    icmp: {{type: 128}}\n"
+    );
+    let docs = policy::model::parse_documents(&yaml, "test").unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap();
+    let e = Enforcer::new(
+        Rules::build(&set, me, [(API_KEY, api)], false, 1),
+        1024,
+        FlowLog::start(None).unwrap(),
+    );
+    let drops = DropCounters::default();
+    let mut syn = [0u8; 20];
+    syn[..2].copy_from_slice(&40000u16.to_be_bytes());
+    syn[2..4].copy_from_slice(&8080u16.to_be_bytes());
+    syn[13] = SYN;
+    assert!(e.ingress(&ipv6(PROTO_TCP, 2, 1, &syn), &API_KEY, &drops));
+    syn[2..4].copy_from_slice(&22u16.to_be_bytes());
+    assert!(!e.ingress(&ipv6(PROTO_TCP, 2, 1, &syn), &API_KEY, &drops));
+    // Echo request in, reply out on the same identifier; another identifier's reply is new.
+    let req = [128, 0, 0, 0, 0x12, 0x34, 0, 1];
+    let rep = [129, 0, 0, 0, 0x12, 0x34, 0, 1];
+    let stray = [129, 0, 0, 0, 0x99, 0x99, 0, 1];
+    const ICMPV6: u8 = 58;
+    assert!(e.ingress(&ipv6(ICMPV6, 2, 1, &req), &API_KEY, &drops));
+    assert!(e.egress(&ipv6(ICMPV6, 1, 2, &rep), &API_KEY, &drops));
+    assert!(!e.egress(&ipv6(ICMPV6, 1, 2, &stray), &API_KEY, &drops));
+}
