@@ -8,7 +8,10 @@ set of 1,000 policies pushed through the mesh: 950 NetworkPolicies selecting oth
 GlobalNetworkPolicies that select every identity and deny other ports (so a new flow walks them),
 and the two allow-lists the iperf3 flow needs (client egress, server ingress on 5201).
 
-Prints the median of N iperf3 runs (TCP, one stream and four) in Gbit/s and the ratio.
+For reference, the same run also measures meshd in plain WireGuard mode (configured with `wg`, no
+policy engine at all), so the cost of enforcement itself shows too.
+
+Prints the median of N iperf3 runs (TCP, one stream and four) in Gbit/s and the ratios.
 
 Run as root from the workspace root:  python3 bench/policy_throughput.py [--runs 3] [--seconds 5]
 """
@@ -20,14 +23,14 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import Topology, sh, teardown  # noqa: E402  (the plain-mode setup, helpers)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release")
-
-
-def sh(*args, check=True, **kw):
-    return subprocess.run(list(args), check=check, capture_output=True, text=True, **kw)
 
 
 def meshctl(*args):
@@ -166,15 +169,7 @@ posture = "{posture}"
         return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
 
     def close(self):
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for ns in (self.a, self.b):
-            sh("ip", "netns", "del", ns, check=False)
+        teardown(self.procs, (self.a, self.b))
 
 
 def main():
@@ -194,6 +189,14 @@ def main():
         tests = [("TCP 1 stream", ["-P", "1"]), ("TCP 4 streams", ["-P", "4"])]
         results = {}
         prefix = f"pb{os.getpid() % 10000}"
+        plain = Topology("meshd", prefix + "p")
+        try:
+            for tname, targs in tests:
+                runs = [plain.iperf(targs, args.seconds)[0] for _ in range(args.runs)]
+                results[("plain", tname)] = statistics.median(runs)
+            print("plain meshd: no policy engine", flush=True)
+        finally:
+            plain.close()
         for label, posture, policies in variants:
             m = Mesh(prefix, tmp, posture, policies)
             try:
@@ -204,11 +207,12 @@ def main():
             finally:
                 m.close()
         print(f"\nmedian of {args.runs} x {args.seconds} s, Gbit/s\n")
-        print("| test | no policy | 1,000 policies | ratio |")
-        print("|---|---|---|---|")
+        print("| test | plain meshd (no engine) | mesh, no policy | mesh, 1,000 policies | 1,000 / no policy | 1,000 / plain |")
+        print("|---|---|---|---|---|---|")
         for tname, _ in tests:
+            p = results[("plain", tname)]
             a, b = results[("no policy", tname)], results[("1,000 policies", tname)]
-            print(f"| {tname} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+            print(f"| {tname} | {p:.2f} | {a:.2f} | {b:.2f} | {b / a:.3f} | {b / p:.3f} |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

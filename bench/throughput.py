@@ -30,6 +30,19 @@ def sh(*args, check=True, **kw):
     return subprocess.run(list(args), check=check, capture_output=True, text=True, **kw)
 
 
+def teardown(procs, namespaces):
+    """Stops the daemons (SIGTERM, then SIGKILL after 5 s) and removes the namespaces."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    for ns in namespaces:
+        sh("ip", "netns", "del", ns, check=False)
+
+
 class Topology:
     """Two namespaces a and b joined by a veth, and the tunnel daemons running in them."""
 
@@ -117,15 +130,7 @@ class Topology:
         return bps / 1e9, (cpu / gb if gb > 0 and self.procs else None)
 
     def close(self):
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for ns in (self.a, self.b):
-            sh("ip", "netns", "del", ns, check=False)
+        teardown(self.procs, (self.a, self.b))
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
