@@ -166,10 +166,11 @@ enum PolicyCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// What would happen to one flow: ALLOW or DENY, and the policy and rule that decided (offline).
+    /// What would happen to one flow: ALLOW or DENY, and the policy and rule that decided: for
+    /// policy files (offline), or for the set in force on the local meshd when no -f is given.
     Check {
         /// Policy files or directories (Calico v3, Kubernetes NetworkPolicy, Namespace YAML).
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(short = 'f', long = "file")]
         files: Vec<PathBuf>,
         /// The source: NAMESPACE/NAME[,KEY=VALUE...] (NAME is the service account).
         #[arg(long)]
@@ -187,9 +188,10 @@ enum PolicyCommand {
         /// Destination port.
         #[arg(long)]
         port: Option<u16>,
-        /// zero-trust (what no policy selects is denied) or calico (it is allowed).
-        #[arg(long, default_value = "zero-trust", value_parser = ["zero-trust", "calico"])]
-        posture: String,
+        /// zero-trust (what no policy selects is denied) or calico (it is allowed); default:
+        /// zero-trust for files, the daemon's own for the set in force.
+        #[arg(long, value_parser = ["zero-trust", "calico"])]
+        posture: Option<String>,
     },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
@@ -295,22 +297,30 @@ fn policy_command(
             proto,
             port,
             posture,
-        } => policy::validate_paths(&files).and_then(|()| {
+        } => {
+            let posture = posture.map(|p| {
+                if p == "calico" {
+                    ::policy::engine::Posture::Calico
+                } else {
+                    ::policy::engine::Posture::ZeroTrust
+                }
+            });
+            let set = if files.is_empty() {
+                policy_set::running(&daemon()?, posture)?
+            } else {
+                policy::validate_paths(&files)?;
+                policy::load(&files, posture.unwrap_or_default())?
+            };
             policy::check(policy::CheckArgs {
-                files: &files,
+                set,
                 from: &from,
                 to: &to,
                 from_ip: from_ip.as_deref(),
                 to_ip: to_ip.as_deref(),
                 proto: &proto,
                 port,
-                posture: if posture == "calico" {
-                    ::policy::engine::Posture::Calico
-                } else {
-                    ::policy::engine::Posture::ZeroTrust
-                },
             })
-        }),
+        }
         PolicyCommand::Apply { files, key } => policy_set::apply(&daemon()?, &files, &key),
         PolicyCommand::Diff { files } => policy_set::diff(&daemon()?, &files),
         PolicyCommand::Delete {

@@ -99,19 +99,18 @@ fn endpoint(flag: &str, spec: &str, ip: Option<&str>) -> Result<Endpoint, Failur
 }
 
 pub struct CheckArgs<'a> {
-    pub files: &'a [PathBuf],
+    pub set: PolicySet,
     pub from: &'a str,
     pub to: &'a str,
     pub from_ip: Option<&'a str>,
     pub to_ip: Option<&'a str>,
     pub proto: &'a str,
     pub port: Option<u16>,
-    pub posture: Posture,
 }
 
 /// `meshctl policy check`: ALLOW or DENY for one flow, with what decided each direction.
 pub fn check(a: CheckArgs) -> Result<(), Failure> {
-    let set = load(a.files, a.posture)?;
+    let set = a.set;
     let src = endpoint("--from", a.from, a.from_ip)?;
     let dst = endpoint("--to", a.to, a.to_ip)?;
     let protocol = match a.proto.to_ascii_lowercase().as_str() {

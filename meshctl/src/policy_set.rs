@@ -112,6 +112,30 @@ fn current(socket: &Path) -> Result<(u64, BTreeMap<String, Object>), Failure> {
     }
 }
 
+/// The set in force on the daemon at `socket`, compiled under `posture`, or the daemon's own
+/// posture when none is given (for `meshctl policy check` without files).
+pub fn running(
+    socket: &Path,
+    posture: Option<policy::engine::Posture>,
+) -> Result<policy::engine::PolicySet, Failure> {
+    let posture = match posture {
+        Some(p) => p,
+        None => match request(socket, &Request::Status)? {
+            Response::Status(s) if s.policy.as_ref().is_some_and(|p| p.posture == "calico") => {
+                policy::engine::Posture::Calico
+            }
+            Response::Status(_) => policy::engine::Posture::ZeroTrust,
+            other => return Err(anyhow!("unexpected answer {other:?}").into()),
+        },
+    };
+    let (serial, objs) = current(socket)?;
+    let list: Vec<Object> = objs.into_values().collect();
+    let docs = policy::model::parse_documents(&stream(&list), &format!("policy set {serial}"))
+        .map_err(|e| anyhow!("the running set does not parse: {}", e[0]))?;
+    policy::engine::PolicySet::compile(&docs, posture)
+        .map_err(|e| anyhow!("the running set does not compile: {}", e[0]).into())
+}
+
 /// Checks that `objs` compile as a whole (every error at once).
 fn validate(objs: &BTreeMap<String, Object>) -> Result<(), Failure> {
     let list: Vec<Object> = objs.values().cloned().collect();

@@ -422,6 +422,38 @@ spec:
         "{nodes}"
     );
 
+    // The what-if tool reads the set in force when given no files, with the daemon's posture.
+    let check = pl.meshctl(
+        1,
+        &[
+            "check",
+            "--from",
+            "microblog/api",
+            "--to",
+            "microblog/post,app=post",
+            "--port",
+            "8080",
+        ],
+    );
+    let text = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(
+        text.starts_with("ALLOW") && text.contains("post-allow-list"),
+        "{text}"
+    );
+    let check = pl.meshctl(
+        1,
+        &[
+            "check",
+            "--from",
+            "microblog/user",
+            "--to",
+            "microblog/post,app=post",
+            "--port",
+            "8080",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).starts_with("DENY"));
+
     let flows = pl.flows(2, false);
     let allowed = flows
         .iter()
