@@ -211,7 +211,7 @@ impl Enforcer {
         }
         let now = self.now_ms();
         // An ICMP error about a tracked flow (unreachable, too big, time exceeded) is part of it.
-        if let Some(quoted) = FlowKey::quoted(packet) {
+        if let Some(quoted) = flow.icmp.and_then(|_| FlowKey::quoted(packet)) {
             if self.shard(&quoted).lock().contains(&quoted, now) {
                 return true;
             }
