@@ -185,28 +185,29 @@ def main():
         for name, ip in (("client", "100.64.0.1/32"), ("server", "100.64.0.2/32")):
             meshctl("identity", "issue", "--ca", f"{tmp}/ca", "--namespace", "bench", "--name", name,
                     "--label", f"app={name}", "--ip", ip, "--out", f"{tmp}/ids")
-        variants = [("no policy", "calico", None), ("1,000 policies", "zero-trust", policy_set())]
         tests = [("TCP 1 stream", ["-P", "1"]), ("TCP 4 streams", ["-P", "4"])]
-        results = {}
         prefix = f"pb{os.getpid() % 10000}"
-        plain = Topology("meshd", prefix + "p")
+        # All three set up at once and measured in turn, run after run, so that a change in the
+        # machine's load during the benchmark falls on every variant alike.
+        topologies = {}
         try:
-            for tname, targs in tests:
-                runs = [plain.iperf(targs, args.seconds)[0] for _ in range(args.runs)]
-                results[("plain", tname)] = statistics.median(runs)
-            print("plain meshd: no policy engine", flush=True)
-        finally:
-            plain.close()
-        for label, posture, policies in variants:
-            m = Mesh(prefix, tmp, posture, policies)
-            try:
+            topologies["plain"] = Topology("meshd", prefix + "p")
+            topologies["no policy"] = Mesh(prefix + "n", tmp, "calico", None)
+            topologies["1,000 policies"] = Mesh(prefix + "z", tmp, "zero-trust", policy_set())
+            for label in ("no policy", "1,000 policies"):
+                print(f"{label}: {topologies[label].policies} policies in force", flush=True)
+            samples = {}
+            for _ in range(args.runs):
                 for tname, targs in tests:
-                    runs = [m.iperf(targs, args.seconds) for _ in range(args.runs)]
-                    results[(label, tname)] = statistics.median(runs)
-                print(f"{label}: {m.policies} policies in force, zero trust={posture == 'zero-trust'}", flush=True)
-            finally:
-                m.close()
-        print(f"\nmedian of {args.runs} x {args.seconds} s, Gbit/s\n")
+                    for label, topo in topologies.items():
+                        r = topo.iperf(targs, args.seconds)
+                        gbps = r[0] if isinstance(r, tuple) else r
+                        samples.setdefault((label, tname), []).append(gbps)
+            results = {k: statistics.median(v) for k, v in samples.items()}
+        finally:
+            for t in topologies.values():
+                t.close()
+        print(f"\nmedian of {args.runs} x {args.seconds} s, variants interleaved, Gbit/s\n")
         print("| test | plain meshd (no engine) | mesh, no policy | mesh, 1,000 policies | 1,000 / no policy | 1,000 / plain |")
         print("|---|---|---|---|---|---|")
         for tname, _ in tests:
