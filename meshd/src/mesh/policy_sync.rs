@@ -14,8 +14,13 @@ use std::collections::{BTreeMap, BTreeSet};
 const WINDOW: usize = 4;
 /// A transfer without progress for this long is asked again from where it stopped.
 const STALL_MS: u64 = 1_000;
-/// Re-asks before a transfer is given up (the next offer starts it again).
+/// Re-asks before a transfer is given up.
 const MAX_RETRIES: u32 = 10;
+/// A member whose transfer stalled out or whose set was refused is not listened to for this long,
+/// so a faulty or hostile member cannot keep others from taking a good set.
+const DISTRUST_MS: u64 = 60_000;
+/// Refused (serial, digest) pairs remembered at most.
+const MAX_REFUSED: usize = 1024;
 
 struct Transfer {
     from: [u8; 32],
@@ -52,6 +57,8 @@ pub struct PolicySync {
     refused: BTreeSet<(u64, [u8; 32])>,
     /// What each member last said it runs: serial and digest.
     pub heard: BTreeMap<[u8; 32], (u64, [u8; 32])>,
+    /// Members not listened to until the time given (ms).
+    distrusted: BTreeMap<[u8; 32], u64>,
 }
 
 impl PolicySync {
@@ -77,6 +84,11 @@ impl PolicySync {
         self.refused.insert((serial, digest));
     }
 
+    /// The set `from` sent was refused: its offers are ignored for a while.
+    pub fn distrust(&mut self, from: [u8; 32], now_ms: u64) {
+        self.distrusted.insert(from, now_ms + DISTRUST_MS);
+    }
+
     pub fn offer(&self) -> Option<Message> {
         self.current
             .as_ref()
@@ -96,13 +108,15 @@ impl PolicySync {
                 digest,
             } => {
                 self.heard.insert(from, (serial, digest));
+                self.distrusted.retain(|_, until| *until > now_ms);
                 let wanted = supersedes((serial, digest), self.current_id())
                     && length as usize <= MAX_SET_BYTES
                     && !self.refused.contains(&(serial, digest))
-                    && self.incoming.as_ref().is_none_or(|t| {
-                        supersedes((serial, digest), Some((t.serial, t.digest)))
-                            || t.retries >= MAX_RETRIES
-                    });
+                    && !self.distrusted.contains_key(&from)
+                    && self
+                        .incoming
+                        .as_ref()
+                        .is_none_or(|t| supersedes((serial, digest), Some((t.serial, t.digest))));
                 if wanted {
                     self.incoming = Some(Transfer {
                         from,
@@ -166,6 +180,9 @@ impl PolicySync {
                 if t.buf.len() == t.length as usize {
                     let t = self.incoming.take().expect("present");
                     // Marked refused until the shell installs it, so a bad set is fetched once.
+                    if self.refused.len() >= MAX_REFUSED {
+                        self.refused.clear();
+                    }
                     self.refused.insert((t.serial, t.digest));
                     out.push(SyncAction::Complete {
                         from,
@@ -186,12 +203,18 @@ impl PolicySync {
         out
     }
 
-    /// Asks again for a stalled transfer.
+    /// Asks again for a stalled transfer, or gives it up (and distrusts its sender for a while).
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<SyncAction> {
         let Some(t) = &mut self.incoming else {
             return Vec::new();
         };
-        if now_ms < t.last_ms + STALL_MS || t.retries >= MAX_RETRIES {
+        if now_ms < t.last_ms + STALL_MS {
+            return Vec::new();
+        }
+        if t.retries >= MAX_RETRIES {
+            let from = t.from;
+            self.incoming = None;
+            self.distrust(from, now_ms);
             return Vec::new();
         }
         t.retries += 1;
@@ -306,6 +329,31 @@ mod tests {
         let mut b2 = PolicySync::default();
         b2.set_current(5, big(90), [1; 32]);
         assert!(a.on_message(B, b2.offer().unwrap(), 0).is_empty());
+    }
+
+    #[test]
+    fn a_member_that_stalls_a_transfer_is_set_aside_and_another_supplies_the_set() {
+        let mut b = PolicySync::default();
+        let hostile = [7; 32];
+        let huge = Message::PolicyOffer {
+            serial: u64::MAX,
+            length: 100,
+            digest: [1; 32],
+        };
+        assert_eq!(b.on_message(hostile, huge.clone(), 0).len(), 1);
+        // It never sends a chunk: asked again each second, then given up.
+        let mut now = 0;
+        for _ in 0..MAX_RETRIES {
+            now += STALL_MS;
+            assert_eq!(b.on_tick(now).len(), 1);
+        }
+        now += STALL_MS;
+        assert!(b.on_tick(now).is_empty());
+        // Its next offer is ignored; a good member's offer is taken.
+        assert!(b.on_message(hostile, huge, now).is_empty());
+        let mut a = PolicySync::default();
+        a.set_current(5, big(100), [9; 32]);
+        assert_eq!(b.on_message(A, a.offer().unwrap(), now).len(), 1);
     }
 
     #[test]

@@ -346,7 +346,8 @@ impl Mesh {
                 SyncAction::Complete { from, encoded } => match self.take_policy(&encoded) {
                     Ok(_) => out.extend(self.announce_policy()),
                     Err(e) => {
-                        tracing::warn!(from = %Key(from), error = %e, "policy set from a member refused; the running one stays in force")
+                        tracing::warn!(from = %Key(from), error = %e, "policy set from a member refused; the running one stays in force");
+                        self.sync.distrust(from, now_ms());
                     }
                 },
             }
