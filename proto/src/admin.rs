@@ -74,6 +74,9 @@ pub struct FlowRecord {
     pub policy: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// A `Log` rule matched on the way to the verdict.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log_rule: bool,
     /// Closed flows: packets and bytes in both directions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packets: Option<u64>,

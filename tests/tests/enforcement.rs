@@ -585,6 +585,7 @@ spec:
   order: 20
   selector: app == 'post'
   ingress:
+  - action: Log
   - action: Allow
 ";
     pl.apply(2, &format!("{EGRESS_ALL}---\n{set}"));
@@ -616,6 +617,18 @@ spec:
         by("user").as_deref(),
         Some("NetworkPolicy microblog/pass-user")
     );
+    // The Log rule on the way to api's Allow is in its flow record.
+    let flows = pl.flows(2, false);
+    let api = flows
+        .iter()
+        .find(|r| r["src"]["name"] == "api" && r["event"] == "new")
+        .expect("api's flow is logged");
+    assert_eq!(api["policy"], "NetworkPolicy microblog/allow-all");
+    assert_eq!(api["rule"], "ingress[1]");
+    assert_eq!(api["log_rule"], true);
+    assert!(flows
+        .iter()
+        .all(|r| r["src"]["name"] == "api" || r.get("log_rule").is_none()));
 }
 
 #[test]

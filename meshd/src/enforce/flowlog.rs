@@ -230,6 +230,7 @@ fn record(
                 dst: end(&rules, dst_id, flow.dst, flow.dst_port, &flow),
                 policy: rules.compiled.policy_name(&verdict).to_string(),
                 rule: Compiled::rule_name(direction, &verdict),
+                log_rule: verdict.logged,
                 packets: None,
                 bytes: None,
             };
