@@ -374,6 +374,16 @@ impl Mesh {
     }
 
     async fn execute(&mut self, actions: Vec<Action>) {
+        // Membership already changed when these actions were made: resolve policy for the new
+        // members before their peers exist on the device, so no packet meets an unknown identity.
+        if actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Install { .. } | Action::Remove { .. } | Action::Persist
+            )
+        }) {
+            self.refresh_rules();
+        }
         let mut persist = false;
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(a) = queue.pop_front() {
@@ -444,7 +454,6 @@ impl Mesh {
             }
         }
         if persist {
-            self.refresh_rules();
             *self.view.lock() = self.membership.members().clone();
             if let Err(e) = state::save(&self.state_dir, self.membership.members()) {
                 tracing::warn!(error = %e, "saving members");
