@@ -52,6 +52,22 @@ impl PolicyStore {
         self.current.as_ref().map_or(0, |s| s.serial)
     }
 
+    /// For a set an operator applies here: it must be the direct successor of the set in force
+    /// (the one `meshctl policy apply` read and merged into). A set that raced with another apply
+    /// is refused rather than silently replacing that change.
+    pub fn check_next(&self, encoded: &[u8]) -> Result<(), String> {
+        let signed = SignedPolicySet::decode(encoded).map_err(|e| e.to_string())?;
+        let running = self.serial();
+        if signed.serial != running + 1 {
+            return Err(format!(
+                "policy set {} does not follow set {running}, which is in force (another apply \
+                 landed since this one read the set?); apply again",
+                signed.serial
+            ));
+        }
+        Ok(())
+    }
+
     /// Verifies, compiles and saves `encoded`, then makes it current. On any error the running
     /// set stays in force and the error says what was wrong.
     pub fn accept(&mut self, encoded: &[u8]) -> Result<String, String> {
@@ -165,6 +181,21 @@ mod tests {
             assert!(e.contains(why), "{e} (wanted {why})");
             assert_eq!(store.serial(), 2, "the running set stays after: {e}");
         }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_operators_set_must_follow_the_one_in_force() {
+        let d = dir("next");
+        let mut store = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
+        store.check_next(&signed(1, POLICY, 1)).unwrap();
+        store.accept(&signed(1, POLICY, 1)).unwrap();
+        // Two operators read set 1; one applies 2; the other's 2 (or a jump to 5) is refused.
+        store.accept(&signed(2, NS, 1)).unwrap();
+        let e = store.check_next(&signed(2, POLICY, 1)).unwrap_err();
+        assert!(e.contains("does not follow set 2"), "{e}");
+        assert!(store.check_next(&signed(5, POLICY, 1)).is_err());
+        store.check_next(&signed(3, POLICY, 1)).unwrap();
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -210,7 +210,10 @@ impl Mesh {
                 Ok(self.membership.on_tick(now_ms(), &mut OsRng))
             }
             Command::ApplyPolicy { encoded, reply } => {
-                let result = self.take_policy(&encoded);
+                let result = self
+                    .store
+                    .check_next(&encoded)
+                    .and_then(|()| self.take_policy(&encoded));
                 let announce = result.is_ok();
                 let _ = reply.send(result);
                 Ok(if announce {
