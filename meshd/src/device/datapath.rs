@@ -89,6 +89,25 @@ fn tun_loop(dev: &Device) {
     }
 }
 
+/// Sends a keepalive to `peer` now (a handshake initiation first if there is no session).
+pub(super) fn keepalive_now(dev: &Device, peer: &Peer) {
+    let mut out = [0u8; 256];
+    let (len, endpoint) = {
+        let mut st = peer.state.lock();
+        let Some(endpoint) = st.endpoint else {
+            return; // nowhere to send it; the timers send one once an endpoint is known
+        };
+        let Some(tunn) = st.tunn.as_mut() else {
+            return;
+        };
+        match tunn.encapsulate(&[], &mut out) {
+            TunnResult::WriteToNetwork(d) => (d.len(), Some(endpoint)),
+            _ => return,
+        }
+    };
+    send(dev, peer, &out[..len], endpoint);
+}
+
 /// Sends a datagram to a peer's endpoint, counting what cannot be sent.
 #[inline]
 fn send(dev: &Device, peer: &Peer, datagram: &[u8], endpoint: Option<SocketAddr>) {

@@ -155,13 +155,27 @@ impl Device {
     /// Applies a UAPI `set` in order, then publishes the new snapshot. A failure part-way leaves
     /// what was applied before it, as wireguard-go does.
     pub fn apply(self: &Arc<Self>, req: &SetRequest) -> Result<(), UapiError> {
+        let mut kick = Vec::new();
         let mut cfg = self.config.lock();
-        let result = self.apply_locked(&mut cfg, req);
+        let result = self.apply_locked(&mut cfg, req, &mut kick);
         self.publish(&cfg);
+        drop(cfg);
+        // As the kernel module and wireguard-go do: a persistent keepalive newly turned on sends
+        // one at once, which starts a handshake. A node that restarts thus renews its sessions
+        // with every peer right away, instead of each peer finding out only after its own
+        // REKEY_TIMEOUT.
+        for peer in kick {
+            datapath::keepalive_now(self, &peer);
+        }
         result
     }
 
-    fn apply_locked(self: &Arc<Self>, cfg: &mut Config, req: &SetRequest) -> Result<(), UapiError> {
+    fn apply_locked(
+        self: &Arc<Self>,
+        cfg: &mut Config,
+        req: &SetRequest,
+        kick: &mut Vec<Arc<Peer>>,
+    ) -> Result<(), UapiError> {
         let key_changed = match req.private_key {
             Some(k) if k != cfg.private_key => {
                 cfg.private_key = k;
@@ -230,7 +244,12 @@ impl Device {
                 st.preshared_key = psk;
             }
             if let Some(ka) = upd.persistent_keepalive_secs {
-                rebuild |= st.keepalive_secs != ka;
+                if st.keepalive_secs != ka {
+                    rebuild = true;
+                    if ka > 0 {
+                        kick.push(peer.clone());
+                    }
+                }
                 st.keepalive_secs = ka;
             }
             if let Some(ep) = upd.endpoint {
