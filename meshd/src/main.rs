@@ -94,7 +94,7 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
     let now = mesh::run::now_ms() / 1000;
     let body = &id.certificate.body;
     Ok(format!(
-        "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires in {} s\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s), state in {}",
+        "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires in {} s\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s), state in {}\n  policy: posture {}, audit {}, {} policy admin(s), up to {} tracked flows",
         path.display(),
         cfg.interface.name,
         cfg.interface.listen_port,
@@ -106,7 +106,14 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
         id.bundle.len(),
         id.revocation_lists.len(),
         cfg.seeds().len(),
-        cfg.peering.state_dir.display()
+        cfg.peering.state_dir.display(),
+        match cfg.policy.posture {
+            config::PostureSetting::ZeroTrust => "zero-trust",
+            config::PostureSetting::Calico => "calico",
+        },
+        if cfg.policy.audit { "on" } else { "off" },
+        id.policy_admins.len(),
+        cfg.policy.conntrack_max,
     ))
 }
 

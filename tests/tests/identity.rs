@@ -420,6 +420,32 @@ fn meshd_check_config_validates_the_file_and_the_identity_it_names() {
         "{out}"
     );
 
+    // The policy settings and the policy-admin keys are read and checked too.
+    ok(&["policy", "admin-key", "--out", &d.p("admin.key")]);
+    let with_policy = |file: &str, admin: &str| {
+        let base = std::fs::read_to_string(d.p("good.toml")).unwrap();
+        let text = base.replace(
+            "[peering]",
+            &format!("policy_admins = [\"{}\"]\n\n[peering]", d.p(admin)),
+        ) + "\n[policy]\nposture = \"calico\"\naudit = true\nconntrack_max = 1000\n";
+        std::fs::write(d.p(file), text).unwrap();
+        d.p(file)
+    };
+    let (code, out) = check_config(&with_policy("policy.toml", "admin.key.pub"));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(
+            "policy: posture calico, audit on, 1 policy admin(s), up to 1000 tracked flows"
+        ),
+        "{out}"
+    );
+    let (code, out) = check_config(&with_policy("badadmin.toml", "ids/post.crt"));
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("post.crt") && out.contains("MESH POLICY ADMIN PUBLIC KEY"),
+        "{out}"
+    );
+
     let (code, out) = check_config(&write(
         "typo.toml",
         "ids/post.crt",
