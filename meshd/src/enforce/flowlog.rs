@@ -100,7 +100,7 @@ impl FlowLog {
             .collect();
         let next = match records.last() {
             Some(r) if records.len() == limit => r.seq,
-            _ => ring.next_seq - 1,
+            _ => ring.records.back().map_or(since, |r| r.seq),
         };
         (records, next.max(since))
     }
@@ -153,20 +153,24 @@ fn run(rx: Receiver<FlowEvent>, ring: Arc<Mutex<Ring>>, mut file: Option<LogFile
         batch.extend(rx.try_iter().take(BACKLOG));
         for e in batch {
             let now_ms = epoch.elapsed().as_millis() as u64;
-            let Some(rec) = record(e, &mut open, &mut denied, now_ms) else {
+            let Some(mut rec) = record(e, &mut open, &mut denied, now_ms) else {
                 continue;
             };
-            let mut r = ring.lock();
-            let mut rec = rec;
-            rec.seq = r.next_seq;
-            r.next_seq += 1;
-            if r.records.len() >= RING {
-                r.records.pop_front();
-            }
+            // Only this thread adds records, so numbering first and storing after the file
+            // write keeps the order, and `meshctl flows` never waits on the disk.
+            rec.seq = {
+                let mut r = ring.lock();
+                r.next_seq += 1;
+                r.next_seq - 1
+            };
             if let Some(f) = &mut file {
                 if let Ok(line) = serde_json::to_string(&rec) {
                     f.write(&line);
                 }
+            }
+            let mut r = ring.lock();
+            if r.records.len() >= RING {
+                r.records.pop_front();
             }
             r.records.push_back(rec);
         }

@@ -238,3 +238,53 @@ fn ipv6_flows_and_icmpv6_echo_are_decided_and_tracked_alike() {
     assert!(e.egress(&ipv6(ICMPV6, 1, 2, &rep), &API_KEY, &drops));
     assert!(!e.egress(&ipv6(ICMPV6, 1, 2, &stray), &API_KEY, &drops));
 }
+
+#[test]
+fn the_flow_log_names_both_identities_and_pages_without_gaps() {
+    let e = enforcer(POLICY, false, 1024);
+    let drops = DropCounters::default();
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops));
+    assert!(!e.ingress(&tcp(OTHER, 40001, ME, 8080, SYN), &OTHER_KEY, &drops));
+    // The denied SYN's retry is not logged again; a third flow is.
+    assert!(!e.ingress(&tcp(OTHER, 40001, ME, 8080, SYN), &OTHER_KEY, &drops));
+    assert!(e.ingress(&tcp(API, 40002, ME, 8080, SYN), &API_KEY, &drops));
+    let log = e.flow_log();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while log.query(0, false, 100).0.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the logger wrote nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (all, next) = log.query(0, false, 100);
+    assert_eq!(all.len(), 3);
+    assert_eq!(next, all[2].seq);
+    let first = &all[0];
+    assert_eq!(
+        (first.verdict.as_str(), first.direction.as_str()),
+        ("allow", "ingress")
+    );
+    assert_eq!(first.src.name.as_deref(), Some("api"));
+    assert_eq!(first.dst.name.as_deref(), Some("post"));
+    assert_eq!(first.dst.port, Some(8080));
+    assert_eq!(first.policy, "NetworkPolicy microblog/post-allow-list");
+    assert_eq!(first.rule.as_deref(), Some("ingress[0]"));
+    assert_eq!(all[1].verdict, "deny");
+    assert_eq!(all[1].policy, "end-of-policies");
+    // Paging: one at a time gives the same records, in order, without gaps.
+    let mut since = 0;
+    let mut paged = Vec::new();
+    loop {
+        let (page, next) = log.query(since, false, 1);
+        if page.is_empty() {
+            break;
+        }
+        paged.extend(page);
+        since = next;
+    }
+    assert_eq!(paged, all);
+    let (denied, _) = log.query(0, true, 100);
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].src.name.as_deref(), Some("other"));
+}
