@@ -912,3 +912,69 @@ spec:
     pl.wait_serial(2);
     assert!(!pl.lab.ping(&pl.node(1).ns, &pl.node(2).ip, 1));
 }
+
+#[test]
+fn a_kubernetes_network_policy_applies_as_written() {
+    if !can_run() {
+        return;
+    }
+    let mut pl = policy_lab(
+        &[
+            ("api", &["app=api"]),
+            ("post", &["app=post"]),
+            ("search", &["app=search"]),
+        ],
+        &[],
+    );
+    let k8s = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: post-from-api
+  namespace: microblog
+spec:
+  podSelector:
+    matchLabels:
+      app: post
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: api
+    ports:
+    - protocol: TCP
+      port: 8080
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: all-egress
+  namespace: microblog
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - {}
+";
+    pl.apply(2, k8s);
+    let _s = echo(&pl.node(2).ns, pl.addr(2, 8080));
+    let _t = echo(&pl.node(2).ns, pl.addr(2, 9090));
+    assert!(talks(&pl.node(1).ns, pl.addr(2, 8080), QUICK));
+    assert!(
+        !talks(&pl.node(1).ns, pl.addr(2, 9090), QUICK),
+        "only the listed port"
+    );
+    assert!(
+        !talks(&pl.node(3).ns, pl.addr(2, 8080), QUICK),
+        "only the listed pods"
+    );
+    let flows = pl.flows(2, false);
+    let allowed = flows
+        .iter()
+        .find(|r| r["verdict"] == "allow" && r["src"]["name"] == "api")
+        .expect("api's flow is logged");
+    assert_eq!(
+        allowed["policy"],
+        "KubernetesNetworkPolicy microblog/post-from-api"
+    );
+}
