@@ -137,6 +137,16 @@ impl Rule {
 }
 
 impl Entity {
+    /// Whether the entity names endpoints (selectors, namespace, service accounts) at all, as
+    /// opposed to only nets and ports, or nothing.
+    fn selects_endpoints(&self) -> bool {
+        self.selector.is_some()
+            || self.not_selector.is_some()
+            || self.namespace_selector.is_some()
+            || self.sa_selector.is_some()
+            || !self.sa_names.is_empty()
+    }
+
     /// Nets and ports: what is checked per packet, not per identity.
     fn header_matches(&self, ip: Option<IpAddr>, port: Option<u16>) -> bool {
         let in_any = |nets: &[Cidr]| ip.is_some_and(|ip| nets.iter().any(|c| c.contains(ip)));
@@ -299,12 +309,7 @@ impl PolicySet {
     /// Whether the entity's endpoint part (selectors, namespace, service accounts) matches `e`;
     /// `None` if the entity selects no endpoints in particular (only nets and ports, or nothing).
     fn selects(&self, p: &Policy, ent: &Entity, e: &Endpoint) -> Option<bool> {
-        let selects = ent.selector.is_some()
-            || ent.not_selector.is_some()
-            || ent.namespace_selector.is_some()
-            || ent.sa_selector.is_some()
-            || !ent.sa_names.is_empty();
-        if !selects {
+        if !ent.selects_endpoints() {
             return None;
         }
         let in_namespace = match &ent.namespace_selector {
@@ -445,6 +450,7 @@ pub struct FastVerdict {
     pub logged: bool,
 }
 
+#[derive(Clone)]
 struct BitSet(Vec<u64>);
 
 impl BitSet {
@@ -452,6 +458,9 @@ impl BitSet {
         BitSet(vec![0; n.div_ceil(64)])
     }
     fn set(&mut self, i: usize) {
+        if i / 64 >= self.0.len() {
+            self.0.resize(i / 64 + 1, 0);
+        }
         self.0[i / 64] |= 1 << (i % 64);
     }
     #[inline]
@@ -462,6 +471,7 @@ impl BitSet {
     }
 }
 
+#[derive(Clone)]
 struct CompiledRule {
     rule: Rule,
     /// Identities the source / destination entity selects; `None` for any.
@@ -473,6 +483,7 @@ struct CompiledRule {
 /// identity ahead of time, so a verdict is a walk over the few policies that apply to one
 /// identity, with set lookups instead of selector evaluation. Rebuilt when policies or identities
 /// change.
+#[derive(Clone)]
 pub struct Compiled {
     ids: Vec<String>,
     rules: Vec<[Vec<CompiledRule>; 2]>,
@@ -495,17 +506,16 @@ impl PolicySet {
     pub fn resolve(&self, identities: &[Endpoint]) -> Compiled {
         let n = identities.len();
         let members = |p: &Policy, ent: &Entity| -> Option<BitSet> {
-            let mut set: Option<BitSet> = None;
+            if !ent.selects_endpoints() {
+                return None;
+            }
+            let mut set = BitSet::new(n);
             for (i, e) in identities.iter().enumerate() {
-                match self.selects(p, ent, e) {
-                    None => return None,
-                    Some(true) => set.get_or_insert_with(|| BitSet::new(n)).set(i),
-                    Some(false) => {
-                        set.get_or_insert_with(|| BitSet::new(n));
-                    }
+                if self.selects(p, ent, e) == Some(true) {
+                    set.set(i);
                 }
             }
-            Some(set.unwrap_or_else(|| BitSet::new(n)))
+            Some(set)
         };
         let compile_rules = |p: &Policy, rules: &Option<Vec<Rule>>| -> Vec<CompiledRule> {
             rules
@@ -610,6 +620,45 @@ impl Compiled {
             policy: None,
             rule: None,
             logged,
+        }
+    }
+
+    /// How many identities this was resolved against.
+    pub fn identities(&self) -> usize {
+        self.applicable.len()
+    }
+
+    /// Resolves `more` identities as well, numbered after those already resolved, exactly as
+    /// [`PolicySet::resolve`] of the whole list would: one identity costs one pass over the
+    /// policies, instead of a pass over every identity. `set` must be the set this was resolved
+    /// from.
+    pub fn extend(&mut self, set: &PolicySet, more: &[Endpoint]) {
+        for e in more {
+            let i = self.applicable.len();
+            let mut applicable = [Vec::new(), Vec::new()];
+            for (pi, p) in set.policies.iter().enumerate() {
+                if set.applies(p, e) {
+                    if p.ingress.is_some() {
+                        applicable[0].push(pi as u32);
+                    }
+                    if p.egress.is_some() {
+                        applicable[1].push(pi as u32);
+                    }
+                }
+                for (d, rules) in [&p.ingress, &p.egress].into_iter().enumerate() {
+                    for (cr, r) in self.rules[pi][d].iter_mut().zip(rules.iter().flatten()) {
+                        for (bits, ent) in [(&mut cr.src, &r.source), (&mut cr.dst, &r.destination)]
+                        {
+                            if let Some(bits) = bits {
+                                if set.selects(p, ent, e) == Some(true) {
+                                    bits.set(i);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            self.applicable.push(applicable);
         }
     }
 

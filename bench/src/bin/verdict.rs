@@ -56,8 +56,8 @@ fn policies(n: usize) -> String {
 
 fn main() {
     let ids = identities();
-    println!("| policies | identities | resolve (ms) | new flow (ns/verdict, both directions) | established flow (ns/packet) |");
-    println!("|---|---|---|---|---|");
+    println!("| policies | identities | resolve all (ms) | one identity joins (ms) | new flow (ns/verdict, both directions) | established flow (ns/packet) |");
+    println!("|---|---|---|---|---|---|");
     for n in [10, 1000, 10_000] {
         let docs = parse_documents(&policies(n), "bench.yaml").expect("generated policies parse");
         let set =
@@ -65,6 +65,14 @@ fn main() {
         let t = Instant::now();
         let compiled = set.resolve(&ids);
         let resolve_ms = t.elapsed().as_secs_f64() * 1e3;
+        // A member joining: the last identity added to the others already resolved (with the
+        // copy a new snapshot needs), against resolving everything again.
+        let base = set.resolve(&ids[..IDENTITIES - 1]);
+        let t = Instant::now();
+        let mut grown = base.clone();
+        grown.extend(&set, &ids[IDENTITIES - 1..]);
+        let join_ms = t.elapsed().as_secs_f64() * 1e3;
+        black_box(grown.identities());
 
         // New flows: random identity pairs and ports, egress of the source then ingress of the
         // destination, as meshd evaluates a first packet.
@@ -133,6 +141,8 @@ fn main() {
             }
         }
         let est_ns = t.elapsed().as_nanos() as f64 / (rounds * keys.len()) as f64;
-        println!("| {n} | {IDENTITIES} | {resolve_ms:.1} | {new_ns:.0} | {est_ns:.0} |");
+        println!(
+            "| {n} | {IDENTITIES} | {resolve_ms:.1} | {join_ms:.2} | {new_ns:.0} | {est_ns:.0} |"
+        );
     }
 }

@@ -72,12 +72,7 @@ impl Rules {
             by_key.insert(key, identities.len() as u32);
             identities.push(id);
         }
-        let mut owners = AllowedIps::new();
-        for (i, id) in identities.iter().enumerate() {
-            for c in &id.addrs {
-                owners.insert(*c, i as u32);
-            }
-        }
+        let owners = owners(&identities, 0..identities.len() as u32);
         let endpoints: Vec<Endpoint> = identities.iter().map(|i| i.endpoint.clone()).collect();
         Rules {
             compiled: set.resolve(&endpoints),
@@ -88,6 +83,51 @@ impl Rules {
             serial,
             posture: set.posture,
         }
+    }
+
+    /// The same rules for a new member list, resolving only the members that are new or whose
+    /// identity changed (a removed member's index is retired, not reused). `None` when rebuilding
+    /// from scratch is better: the local identity changed, or retired indices outnumber live ones.
+    /// `set` must be the set these rules were built from.
+    pub fn with_members(
+        &self,
+        set: &policy::engine::PolicySet,
+        local: &Identity,
+        members: impl IntoIterator<Item = ([u8; 32], Identity)>,
+    ) -> Option<Rules> {
+        if self.identities.first() != Some(local) {
+            return None;
+        }
+        let mut identities = self.identities.clone();
+        let mut by_key = HashMap::new();
+        let mut added = Vec::new();
+        for (key, id) in members {
+            match self.by_key.get(&key) {
+                Some(&i) if self.identities.get(i as usize) == Some(&id) => {
+                    by_key.insert(key, i);
+                }
+                _ => {
+                    by_key.insert(key, identities.len() as u32);
+                    added.push(id.endpoint.clone());
+                    identities.push(id);
+                }
+            }
+        }
+        if identities.len() > 2 * (by_key.len() + 1) + 16 {
+            return None;
+        }
+        let mut compiled = self.compiled.clone();
+        compiled.extend(set, &added);
+        let live = std::iter::once(LOCAL).chain(by_key.values().copied());
+        Some(Rules {
+            compiled,
+            owners: owners(&identities, live),
+            identities,
+            by_key,
+            audit_all: self.audit_all,
+            serial: self.serial,
+            posture: self.posture,
+        })
     }
 
     pub fn identity_of(&self, key: &[u8; 32]) -> u32 {
@@ -310,9 +350,25 @@ impl Enforcer {
         }
     }
 
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
     pub fn flow_log(&self) -> &FlowLog {
         &self.log
     }
+}
+
+/// Which of the `live` identities' certificates names an address.
+fn owners(identities: &[Identity], live: impl Iterator<Item = u32>) -> AllowedIps<u32> {
+    let mut t = AllowedIps::new();
+    for i in live {
+        for c in &identities[i as usize].addrs {
+            t.insert(*c, i);
+        }
+    }
+    t
 }
 
 /// The connection table's tag of a flow: the direction its first packet was decided in.

@@ -288,3 +288,49 @@ fn the_flow_log_names_both_identities_and_pages_without_gaps() {
     assert_eq!(denied.len(), 1);
     assert_eq!(denied[0].src.name.as_deref(), Some("other"));
 }
+
+#[test]
+fn membership_changes_resolve_only_what_changed_and_decide_as_a_rebuild() {
+    let docs = policy::model::parse_documents(POLICY, "test").unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap();
+    let me = identity("post", "post", ME);
+    let api = identity("api", "api", API);
+    let other = identity("other", "other", OTHER);
+    let first = Rules::build(&set, me.clone(), [(API_KEY, api.clone())], false, 1);
+    let decide = |r: &Rules, key: &[u8; 32], src: [u8; 4]| {
+        let flow = FlowKey::parse(&tcp(src, 40000, ME, 8080, SYN)).unwrap();
+        let (v, _) = r.decide(Direction::Ingress, &flow, r.identity_of(key));
+        (v.allow, r.compiled.policy_name(&v).to_string())
+    };
+    // A member joins: only it is resolved; decisions equal a rebuild's.
+    let both = [(API_KEY, api.clone()), (OTHER_KEY, other.clone())];
+    let grown = first.with_members(&set, &me, both.clone()).unwrap();
+    let rebuilt = Rules::build(&set, me.clone(), both, false, 1);
+    assert_eq!(grown.identities.len(), 3);
+    for (key, ip) in [(API_KEY, API), (OTHER_KEY, OTHER)] {
+        assert_eq!(decide(&grown, &key, ip), decide(&rebuilt, &key, ip));
+    }
+    assert!(decide(&grown, &API_KEY, API).0);
+    // `other` renews as a service account the policy allows: a new index, allowed now.
+    let renamed = identity("api", "other", OTHER);
+    let renewed = grown
+        .with_members(&set, &me, [(API_KEY, api.clone()), (OTHER_KEY, renamed)])
+        .unwrap();
+    assert_eq!(
+        renewed.identities.len(),
+        4,
+        "the old index is retired, not reused"
+    );
+    assert!(decide(&renewed, &OTHER_KEY, OTHER).0);
+    // `api` leaves: its key and addresses no longer name anyone.
+    let shrunk = renewed
+        .with_members(&set, &me, [(OTHER_KEY, identity("other", "other", OTHER))])
+        .unwrap();
+    assert_eq!(shrunk.identity_of(&API_KEY), UNKNOWN);
+    assert_eq!(shrunk.owners.lookup(std::net::IpAddr::from(API)), None);
+    assert!(!decide(&shrunk, &API_KEY, API).0);
+    // A changed local identity, or many retired indices, ask for a rebuild.
+    assert!(first
+        .with_members(&set, &identity("post2", "post", ME), [])
+        .is_none());
+}

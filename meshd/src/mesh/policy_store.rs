@@ -107,17 +107,23 @@ impl PolicyStore {
         Ok(msg)
     }
 
-    /// The rules for this node (`me`) and the current members.
-    pub fn rules(&self, me: &CertBody, members: &BTreeMap<[u8; 32], MemberState>) -> Rules {
-        Rules::build(
-            &self.set,
-            identity_of_cert(me),
-            members
-                .iter()
-                .map(|(k, m)| (*k, identity_of_cert(&m.certificate.body))),
-            self.audit,
-            self.serial(),
-        )
+    /// The rules for this node (`me`) and the current members. When `prev` was built from the
+    /// set in force, only the members that changed are resolved.
+    pub fn rules(
+        &self,
+        me: &CertBody,
+        members: &BTreeMap<[u8; 32], MemberState>,
+        prev: Option<&Rules>,
+    ) -> Rules {
+        let local = identity_of_cert(me);
+        let members = members
+            .iter()
+            .map(|(k, m)| (*k, identity_of_cert(&m.certificate.body)));
+        let incremental = prev
+            .filter(|p| p.serial == self.serial() && p.audit_all == self.audit)
+            .and_then(|p| p.with_members(&self.set, &local, members.clone()));
+        incremental
+            .unwrap_or_else(|| Rules::build(&self.set, local, members, self.audit, self.serial()))
     }
 }
 

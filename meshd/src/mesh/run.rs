@@ -133,7 +133,7 @@ impl Mesh {
             .unwrap_or_else(|| cfg.peering.state_dir.join("flows.jsonl"));
         let log = FlowLog::start(Some(log_path.clone()))
             .with_context(|| format!("opening the flow log {}", log_path.display()))?;
-        let rules = store.rules(&membership.certificate().body, membership.members());
+        let rules = store.rules(&membership.certificate().body, membership.members(), None);
         let enforcer = Arc::new(Enforcer::new(rules, cfg.policy.conntrack_max, log));
         dev.set_enforcer(enforcer.clone());
         tokio::spawn(expire_flows(enforcer.clone()));
@@ -302,9 +302,11 @@ impl Mesh {
     /// Resolves the policy against this node and the current members, and installs the result
     /// in the data path (which re-decides established flows).
     fn refresh_rules(&self) {
+        let prev = self.enforcer.rules();
         let rules = self.store.rules(
             &self.membership.certificate().body,
             self.membership.members(),
+            Some(&prev),
         );
         self.enforcer.install(rules);
     }

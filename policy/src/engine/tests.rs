@@ -431,5 +431,29 @@ spec:
                 }
             }
         }
+
+        /// Resolving some identities and extending with the rest decides as resolving all at once.
+        #[test]
+        fn extending_agrees_with_resolving_everything(
+            ids in proptest::collection::vec(arb_endpoint(), 2..8),
+            first in 1usize..8,
+            pairs in proptest::collection::vec((0usize..8, 0usize..8, prop_oneof![Just(TCP), Just(UDP)], 7990u16..8110), 1..20),
+        ) {
+            let s = all_sets();
+            let first = first.min(ids.len());
+            let whole = s.resolve(&ids);
+            let mut grown = s.resolve(&ids[..first]);
+            grown.extend(&s, &ids[first..]);
+            prop_assert_eq!(grown.identities(), ids.len());
+            for (a, b, proto, port) in pairs {
+                let (a, b) = (a % ids.len(), b % ids.len());
+                let flow = Flow { protocol: proto, src_port: Some(40000), dst_port: Some(port), icmp: None, ip_version: 4 };
+                for dir in [Direction::Ingress, Direction::Egress] {
+                    let x = whole.decide(dir, &flow, a as u32, ids[a].ip, b as u32, ids[b].ip);
+                    let y = grown.decide(dir, &flow, a as u32, ids[a].ip, b as u32, ids[b].ip);
+                    prop_assert_eq!(x, y);
+                }
+            }
+        }
     }
 }
