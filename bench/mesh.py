@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import teardown  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release")
 
@@ -130,16 +133,7 @@ def run_size(n, rest_seconds):
         per_min = sum(a - b for a, b in zip(after, before)) / n * 60 / rest_seconds
         return members, policy, connected, per_min
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for ns, _, _, _ in nodes:
-            sh("ip", "netns", "del", ns, check=False)
-        sh("ip", "netns", "del", sw, check=False)
+        teardown(procs, [ns for ns, _, _, _ in nodes] + [sw])
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import Topology, sh, teardown  # noqa: E402  (the plain-mode setup, helpers)
+from throughput import Topology, sh, teardown, veth_pair  # noqa: E402  (the plain-mode setup, helpers)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release")
@@ -102,14 +102,7 @@ class Mesh:
         self.a, self.b = prefix + "a", prefix + "b"
         self.ia, self.ib = prefix + "ma", prefix + "mb"
         self.tmp, self.procs = tmp, []
-        for ns in (self.a, self.b):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "link", "add", "v" + self.a, "netns", self.a, "type", "veth",
-           "peer", "name", "v" + self.b, "netns", self.b)
-        for ns, ip in ((self.a, "198.18.0.1/24"), (self.b, "198.18.0.2/24")):
-            sh("ip", "-n", ns, "addr", "add", ip, "dev", "v" + ns)
-            sh("ip", "-n", ns, "link", "set", "v" + ns, "up")
+        veth_pair(self.a, self.b)
         for ns, ifname, name, seed in ((self.b, self.ib, "server", ""),
                                        (self.a, self.ia, "client", '"198.18.0.2:51820"')):
             state = os.path.join(tmp, f"state-{posture}-{name}")

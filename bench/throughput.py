@@ -30,6 +30,17 @@ def sh(*args, check=True, **kw):
     return subprocess.run(list(args), check=check, capture_output=True, text=True, **kw)
 
 
+def veth_pair(a, b):
+    """Namespaces `a` and `b` joined by a veth: underlay 198.18.0.1 (a) and 198.18.0.2 (b)."""
+    for ns in (a, b):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", "v" + a, "netns", a, "type", "veth", "peer", "name", "v" + b, "netns", b)
+    for ns, ip in ((a, "198.18.0.1/24"), (b, "198.18.0.2/24")):
+        sh("ip", "-n", ns, "addr", "add", ip, "dev", "v" + ns)
+        sh("ip", "-n", ns, "link", "set", "v" + ns, "up")
+
+
 def teardown(procs, namespaces):
     """Stops the daemons (SIGTERM, then SIGKILL after 5 s) and removes the namespaces."""
     for p in procs:
@@ -51,14 +62,7 @@ class Topology:
         self.ia, self.ib = prefix + "wa", prefix + "wb"
         self.procs = []
         self.tmp = tempfile.mkdtemp(prefix="meshbench-")
-        for ns in (self.a, self.b):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "link", "add", "v" + self.a, "netns", self.a, "type", "veth",
-           "peer", "name", "v" + self.b, "netns", self.b)
-        for ns, ip in ((self.a, "198.18.0.1/24"), (self.b, "198.18.0.2/24")):
-            sh("ip", "-n", ns, "addr", "add", ip, "dev", "v" + ns)
-            sh("ip", "-n", ns, "link", "set", "v" + ns, "up")
+        veth_pair(self.a, self.b)
         self.target = "198.18.0.2"
         if mode != "veth":
             self.start_tunnel()
