@@ -17,7 +17,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Operate a meshd mesh: CA and identities, keys, status"
+    about = "Operate a meshd mesh: CA and identities, keys, peers, policy, flows, status, and the local lab"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -354,6 +354,10 @@ fn policy_command(
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of stdout goes away
+    // (`meshctl flows | head`), instead of panicking on the failed write.
+    // SAFETY: resetting a signal disposition to its default before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ca {
