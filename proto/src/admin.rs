@@ -111,6 +111,8 @@ pub struct NodePolicy {
     pub digest: Option<String>,
 }
 
+// One per admin request; the size of the status answer does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {

@@ -124,7 +124,7 @@ impl PolicyLab {
     }
 
     /// Writes `yaml` to a file and applies it on node `on` with the admin key; returns the output.
-    fn apply_with(&mut self, on: usize, yaml: &str, key: &PathBuf) -> Output {
+    fn apply_with(&mut self, on: usize, yaml: &str, key: &std::path::Path) -> Output {
         self.applied += 1;
         let f = self.lab.dir.join(format!("policy-{}.yaml", self.applied));
         std::fs::write(&f, yaml).unwrap();
@@ -754,7 +754,7 @@ spec:
     run(Command::new(bin("meshctl"))
         .args(["policy", "admin-key", "--out"])
         .arg(&rogue));
-    let o = pl.apply_with(1, &NAMESPACE, &rogue);
+    let o = pl.apply_with(1, NAMESPACE, &rogue);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a policy-admin key"));
     assert_eq!(pl.serial(1), 1, "the running set stays in force");

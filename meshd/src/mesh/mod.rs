@@ -48,7 +48,7 @@ pub enum Action {
     /// A policy-transfer message from an authenticated member, for the shell's policy sync.
     Policy {
         from: [u8; 32],
-        msg: Message,
+        msg: Box<Message>,
     },
 }
 
@@ -427,7 +427,7 @@ impl Membership {
             | Message::PolicyRequest { .. }
             | Message::PolicyChunk { .. }) => out.push(Action::Policy {
                 from: sender,
-                msg: m,
+                msg: Box::new(m),
             }),
             Message::Revocation(crl) => {
                 let ca = self

@@ -39,6 +39,8 @@ pub fn supersedes(offered: (u64, [u8; 32]), running: Option<(u64, [u8; 32])>) ->
     running.is_none_or(|r| offered > r)
 }
 
+// Built a few times per transfer on the control path; boxing the message would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum SyncAction {
     Send([u8; 32], Message),

@@ -394,7 +394,7 @@ impl Mesh {
         while let Some(a) = queue.pop_front() {
             match a {
                 Action::Policy { from, msg } => {
-                    let acts = self.sync.on_message(from, msg, now_ms());
+                    let acts = self.sync.on_message(from, *msg, now_ms());
                     queue.extend(self.sync_actions(acts));
                 }
                 Action::Send { to, datagram } => {
