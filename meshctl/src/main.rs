@@ -333,6 +333,7 @@ fn policy_command(
             if !files.is_empty() {
                 names.extend(
                     policy_set::read_objects(&files)?
+                        .objects
                         .into_iter()
                         .map(|o| o.name),
                 );

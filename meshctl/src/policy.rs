@@ -2,7 +2,8 @@
 
 use crate::Failure;
 use anyhow::anyhow;
-use policy::engine::{Direction, Endpoint, Flow, PolicySet, Posture};
+use policy::engine::{CompileError, Direction, Endpoint, Flow, PolicySet, Posture};
+use policy::model::{Document, Origin};
 use policy::Selector;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,26 +48,41 @@ pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
 /// every error with its file, document and field, and compiles them.
 pub fn load(paths: &[PathBuf], posture: Posture) -> Result<PolicySet, Failure> {
     let files = files(paths)?;
-    let mut docs = Vec::new();
+    let mut located = Vec::new();
     let mut errors = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f)
             .map_err(|e| Failure::input(anyhow!("{}: {e}", f.display())))?;
-        let (mut d, e) = policy::model::parse_all(&text, &f.display().to_string());
-        docs.append(&mut d);
+        let (mut d, e) = policy::model::parse_located(&text, &f.display().to_string());
+        located.append(&mut d);
         errors.extend(e.iter().map(|e| e.to_string()));
     }
+    let dups = policy::model::duplicates(located.iter().map(|(o, d)| (o, d.object_name())));
+    errors.extend(dups.iter().map(|e| e.to_string()));
+    let origins: BTreeMap<String, Origin> = located
+        .iter()
+        .map(|(o, d)| (d.object_name(), o.clone()))
+        .collect();
+    let docs: Vec<Document> = located.into_iter().map(|(_, d)| d).collect();
     // Compile what parsed too, so every error is reported at once.
     match PolicySet::compile(&docs, posture) {
         Ok(set) if errors.is_empty() => return Ok(set),
         Ok(_) => {}
-        Err(e) => errors.extend(e.iter().map(|e| e.to_string())),
+        Err(e) => errors.extend(located_errors(&e, &origins)),
     }
     Err(Failure::input(anyhow!(
         "the policy set is invalid ({} error(s)):\n  {}",
         errors.len(),
         errors.join("\n  ")
     )))
+}
+
+/// Compile errors, each with the file and document of its policy when `origins` knows them.
+pub fn located_errors(errors: &[CompileError], origins: &BTreeMap<String, Origin>) -> Vec<String> {
+    errors
+        .iter()
+        .map(|e| e.at(origins.get(&e.policy)))
+        .collect()
 }
 
 /// `NS/NAME[,K=V...]` as an endpoint.

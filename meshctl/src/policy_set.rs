@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ed25519_dalek::SigningKey;
-use policy::model::{objects, stream, Object};
+use policy::model::{located_objects, objects, stream, Object, Origin};
 use proto::admin::{Request, Response};
 use proto::armor;
 use proto::policyset::{SignedPolicySet, ADMIN_PRIVATE_KEY, ADMIN_PUBLIC_KEY};
@@ -67,22 +67,38 @@ fn signing_key(path: &Path) -> Result<SigningKey, Failure> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
-/// Every object in `paths` (files, or directories of `*.yaml`/`*.yml`); all errors at once.
-pub fn read_objects(paths: &[PathBuf]) -> Result<Vec<Object>, Failure> {
+/// Objects read from files, with where each came from (for errors found later).
+pub struct Read {
+    pub objects: Vec<Object>,
+    pub origins: BTreeMap<String, Origin>,
+}
+
+/// Every object in `paths` (files, or directories of `*.yaml`/`*.yml`); all errors at once. An
+/// object named twice, in one file or in two, is an error.
+pub fn read_objects(paths: &[PathBuf]) -> Result<Read, Failure> {
     let mut all = Vec::new();
     let mut errors = Vec::new();
     for f in crate::policy::files(paths)? {
         let text = std::fs::read_to_string(&f)
             .map_err(|e| Failure::input(anyhow!("{}: {e}", f.display())))?;
-        match objects(&text, &f.display().to_string()) {
+        match located_objects(&text, &f.display().to_string()) {
             Ok(mut o) => all.append(&mut o),
             Err(e) => errors.extend(e.iter().map(|e| e.to_string())),
         }
     }
+    let dups = policy::model::duplicates(all.iter().map(|(at, o)| (at, o.name.clone())));
+    errors.extend(dups.iter().map(|e| e.to_string()));
     if !errors.is_empty() {
         return Err(invalid(errors));
     }
-    Ok(all)
+    let origins = all
+        .iter()
+        .map(|(at, o)| (o.name.clone(), at.clone()))
+        .collect();
+    Ok(Read {
+        objects: all.into_iter().map(|(_, o)| o).collect(),
+        origins,
+    })
 }
 
 fn invalid(errors: Vec<String>) -> Failure {
@@ -136,14 +152,18 @@ pub fn running(
         .map_err(|e| anyhow!("the running set does not compile: {}", e[0]).into())
 }
 
-/// Checks that `objs` compile as a whole (every error at once).
-fn validate(objs: &BTreeMap<String, Object>) -> Result<(), Failure> {
+/// Checks that `objs` compile as a whole (every error at once), naming the file and document of
+/// each object that came from a file.
+fn validate(
+    objs: &BTreeMap<String, Object>,
+    origins: &BTreeMap<String, Origin>,
+) -> Result<(), Failure> {
     let list: Vec<Object> = objs.values().cloned().collect();
     let text = stream(&list);
     let docs = policy::model::parse_documents(&text, "the resulting set")
         .map_err(|e| invalid(e.iter().map(|e| e.to_string()).collect()))?;
     policy::engine::PolicySet::compile(&docs, policy::engine::Posture::ZeroTrust)
-        .map_err(|e| invalid(e.iter().map(|e| e.to_string()).collect()))?;
+        .map_err(|e| invalid(crate::policy::located_errors(&e, origins)))?;
     Ok(())
 }
 
@@ -174,6 +194,15 @@ fn push(
     }
 }
 
+/// `old` with the objects of `new` added or replaced.
+fn merge(old: &BTreeMap<String, Object>, new: &[Object]) -> BTreeMap<String, Object> {
+    let mut merged = old.clone();
+    for o in new {
+        merged.insert(o.name.clone(), o.clone());
+    }
+    merged
+}
+
 /// What applying `new` to `old` does to each object.
 fn changes(old: &BTreeMap<String, Object>, new: &[Object]) -> Vec<(String, &'static str)> {
     new.iter()
@@ -190,13 +219,13 @@ fn changes(old: &BTreeMap<String, Object>, new: &[Object]) -> Vec<(String, &'sta
 
 /// `meshctl policy apply -f FILE|DIR`: adds or replaces these objects in the mesh's set.
 pub fn apply(socket: &Path, files: &[PathBuf], key: &Path) -> Result<(), Failure> {
-    let new = read_objects(files)?;
+    let Read {
+        objects: new,
+        origins,
+    } = read_objects(files)?;
     let (serial, old) = current(socket)?;
-    let mut merged = old.clone();
-    for o in &new {
-        merged.insert(o.name.clone(), o.clone());
-    }
-    validate(&merged)?;
+    let merged = merge(&old, &new);
+    validate(&merged, &origins)?;
     let report = changes(&old, &new);
     if merged == old {
         for (name, what) in &report {
@@ -215,8 +244,13 @@ pub fn apply(socket: &Path, files: &[PathBuf], key: &Path) -> Result<(), Failure
 
 /// `meshctl policy diff -f FILE|DIR`: what `apply` would change, as a unified diff per object.
 pub fn diff(socket: &Path, files: &[PathBuf]) -> Result<(), Failure> {
-    let new = read_objects(files)?;
+    let Read {
+        objects: new,
+        origins,
+    } = read_objects(files)?;
     let (serial, old) = current(socket)?;
+    // Say now what apply would refuse.
+    validate(&merge(&old, &new), &origins)?;
     let mut changed = 0;
     for o in &new {
         let before = old.get(&o.name).map(|c| c.yaml.as_str()).unwrap_or("");
@@ -283,7 +317,7 @@ pub fn delete(socket: &Path, names: Vec<String>, key: &Path) -> Result<(), Failu
             missing.join(", ")
         )));
     }
-    validate(&merged)?;
+    validate(&merged, &BTreeMap::new())?;
     let message = push(socket, key, serial, &merged)?;
     for n in &names {
         println!("{n} deleted");

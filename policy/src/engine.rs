@@ -90,6 +90,17 @@ pub struct CompileError {
     pub message: String,
 }
 
+impl CompileError {
+    /// The error with the file and document its policy came from, when known:
+    /// `FILE: document N (POLICY): FIELD: MESSAGE`.
+    pub fn at(&self, origin: Option<&crate::model::Origin>) -> String {
+        match origin {
+            Some(o) => format!("{o} ({}): {}: {}", self.policy, self.field, self.message),
+            None => self.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Policy {
     id: String,

@@ -300,6 +300,55 @@ pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Document>, Vec<Load
 /// Reads every document of `text`: those that parse, and an error for each that does not, so an
 /// operator sees everything wrong at once. Empty documents are skipped.
 pub fn parse_all(text: &str, file: &str) -> (Vec<Document>, Vec<LoadError>) {
+    let (docs, errors) = parse_located(text, file);
+    (docs.into_iter().map(|(_, d)| d).collect(), errors)
+}
+
+/// Where a document came from: its file and its place in that file's YAML stream (1-based,
+/// counting empty documents, as an editor would).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    pub document: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)
+    }
+}
+
+/// Object names that occur more than once among `named`, each as an error at its second and later
+/// places naming the first: which one should win is not obvious, so none does.
+pub fn duplicates<'a>(named: impl IntoIterator<Item = (&'a Origin, String)>) -> Vec<LoadError> {
+    let mut first: std::collections::BTreeMap<String, &Origin> = Default::default();
+    let mut errors = Vec::new();
+    for (origin, name) in named {
+        match first.get(&name) {
+            Some(at) => {
+                let place = if at.file == origin.file {
+                    format!("document {}", at.document)
+                } else {
+                    at.to_string()
+                };
+                errors.push(LoadError {
+                    file: origin.file.clone(),
+                    document: origin.document,
+                    kind_name: None,
+                    message: format!("{name} is also {place}"),
+                });
+            }
+            None => {
+                first.insert(name, origin);
+            }
+        }
+    }
+    errors
+}
+
+/// [`parse_all`], with the origin of each document, so that later errors (a selector that does
+/// not parse, say) can name the file and document too.
+pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<LoadError>) {
     let err = |document: usize, kind_name: Option<String>, message: String| LoadError {
         file: file.to_string(),
         document,
@@ -369,7 +418,13 @@ pub fn parse_all(text: &str, file: &str) -> (Vec<Document>, Vec<LoadError>) {
             )),
         };
         match result {
-            Ok(d) => docs.push(d),
+            Ok(d) => docs.push((
+                Origin {
+                    file: file.to_string(),
+                    document: n,
+                },
+                d,
+            )),
             Err(message) => errors.push(err(n, kind_name, message)),
         }
     }
@@ -438,33 +493,35 @@ pub struct Object {
 /// Reads `text` as objects, in order, after checking every document (all of them or every error).
 /// Two documents naming the same object are an error: which one would win is not obvious.
 pub fn objects(text: &str, file: &str) -> Result<Vec<Object>, Vec<LoadError>> {
-    let docs = parse_documents(text, file)?;
+    Ok(located_objects(text, file)?
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect())
+}
+
+/// [`objects`], each with its origin.
+pub fn located_objects(text: &str, file: &str) -> Result<Vec<(Origin, Object)>, Vec<LoadError>> {
+    let (docs, errors) = parse_located(text, file);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let errors = duplicates(docs.iter().map(|(o, d)| (o, d.object_name())));
+    if !errors.is_empty() {
+        return Err(errors);
+    }
     let values: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(text)
         .filter_map(|de| serde_yaml_ng::Value::deserialize(de).ok())
         .filter(|v| !v.is_null())
         .collect();
-    let mut seen = std::collections::BTreeMap::new();
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for (i, (doc, value)) in docs.iter().zip(values).enumerate() {
-        let name = doc.object_name();
-        if let Some(first) = seen.insert(name.clone(), i + 1) {
-            errors.push(LoadError {
-                file: file.to_string(),
-                document: i + 1,
-                kind_name: None,
-                message: format!("{name} is also document {first}"),
-            });
-            continue;
-        }
-        let yaml = serde_yaml_ng::to_string(&value).unwrap_or_default();
-        out.push(Object { name, yaml });
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    Ok(docs
+        .into_iter()
+        .zip(values)
+        .map(|((origin, doc), value)| {
+            let yaml = serde_yaml_ng::to_string(&value).unwrap_or_default();
+            let name = doc.object_name();
+            (origin, Object { name, yaml })
+        })
+        .collect())
 }
 
 /// The YAML stream of a set of objects, in name order: what a signed policy set carries.
@@ -494,6 +551,35 @@ apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, names
         let again = objects(&s, "stream").unwrap();
         assert_eq!(again, objs);
         assert!(s.find("Namespace").unwrap() < s.find("NetworkPolicy").unwrap());
+    }
+
+    #[test]
+    fn origins_count_every_document_and_duplicates_across_files_name_both_places() {
+        let text =
+            format!("{TWO}---\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: c}}\n");
+        let (docs, errors) = parse_located(&text, "a.yaml");
+        assert!(errors.is_empty(), "{errors:?}");
+        let at: Vec<String> = docs.iter().map(|(o, _)| o.to_string()).collect();
+        assert_eq!(
+            at,
+            [
+                "a.yaml: document 1",
+                "a.yaml: document 2",
+                "a.yaml: document 4"
+            ]
+        );
+
+        let (other, _) = parse_located(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n",
+            "b.yaml",
+        );
+        let all = docs.iter().chain(&other);
+        let errs = duplicates(all.map(|(o, d)| (o, d.object_name())));
+        assert_eq!(errs.len(), 1);
+        assert_eq!(
+            errs[0].to_string(),
+            "b.yaml: document 1: Namespace c is also a.yaml: document 4"
+        );
     }
 
     #[test]

@@ -749,6 +749,18 @@ spec:
         "{err}"
     );
     assert!(err.contains("nothing was applied"), "{err}");
+    // An error found only when compiling still names the file, document, field and column.
+    let bad_selector = allow_api.replace("app == 'post'", "app == 'post' &&");
+    let o = pl.apply_with(1, &bad_selector, &pl.admin.clone());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let file = format!("policy-{}.yaml", pl.applied);
+    assert!(
+        err.contains(&format!(
+            "{file}: document 1 (NetworkPolicy microblog/post-allow-list): spec.selector: selector `app == 'post' &&`: column 17"
+        )),
+        "{err}"
+    );
     // A set signed by a key no node trusts is refused by the daemon.
     let rogue = pl.lab.dir.join("rogue.key");
     run(Command::new(bin("meshctl"))

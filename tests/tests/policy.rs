@@ -118,6 +118,9 @@ fn an_invalid_policy_set_is_refused_naming_every_error() {
         "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: a, namespace: n}\nspec:\n  selector: app == 'x\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: b}\nspec:\n  ingres: []\n",
     )
     .unwrap();
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n";
+    std::fs::write(dir.join("ns1.yaml"), ns).unwrap();
+    std::fs::write(dir.join("ns2.yaml"), format!("---\n{ns}")).unwrap();
     let o = Command::new(bin("meshctl"))
         .args([
             "policy",
@@ -137,5 +140,17 @@ fn an_invalid_policy_set_is_refused_naming_every_error() {
         err.contains("bad.yaml: document 2 (GlobalNetworkPolicy/b): spec: unknown field `ingres`"),
         "{err}"
     );
+    // Found when compiling, still named by file, document, field and column.
+    assert!(
+        err.contains("bad.yaml: document 1 (NetworkPolicy n/a): spec.selector: selector `app == 'x`: column 8"),
+        "{err}"
+    );
+    // The same object in two files is refused, naming both.
+    assert!(
+        err.contains("ns2.yaml: document 1: Namespace n is also ")
+            && err.contains("ns1.yaml: document 1"),
+        "{err}"
+    );
+    assert!(err.contains("(3 error(s))"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

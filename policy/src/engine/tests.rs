@@ -322,11 +322,14 @@ fn bad_documents_are_refused_with_file_document_field_and_column() {
     assert!(msg.contains("unknown field `protocl`"), "{msg}");
 
     let bad_selector = POST_BY_NAMES.replace("app == 'post'", "app == 'post");
-    let docs = parse_documents(&bad_selector, "p.yaml").unwrap();
+    let (located, _) = crate::model::parse_located(&bad_selector, "p.yaml");
+    let docs: Vec<_> = located.iter().map(|(_, d)| d.clone()).collect();
     let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
-    let msg = e[0].to_string();
+    let msg = e[0].at(Some(&located[0].0));
     assert!(
-        msg.contains("NetworkPolicy microblog/post-allow-list: spec.selector"),
+        msg.starts_with(
+            "p.yaml: document 1 (NetworkPolicy microblog/post-allow-list): spec.selector"
+        ),
         "{msg}"
     );
     assert!(msg.contains("column 8"), "{msg}");
