@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 pub const MAGIC: &[u8; 4] = b"MSHP";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 const HEADER_LEN: usize = 6;
 const TYPE_PROBE: u8 = 1;
 const TYPE_PROBE_REPLY: u8 = 2;
@@ -32,10 +32,12 @@ pub const AMPLIFICATION_FACTOR: usize = 3;
 pub const MAX_DATAGRAM_BYTES: usize = 65000;
 const SEALED_HEADER_LEN: usize = HEADER_LEN + 32 + 32 + 8;
 const TAG_LEN: usize = 16;
+/// Bytes a sealed datagram adds to its plaintext: header and tag.
+pub const SEALED_OVERHEAD: usize = SEALED_HEADER_LEN + TAG_LEN;
 /// Largest number of members in one `Members` message.
 pub const MAX_MEMBERS: usize = 256;
-/// Width of the replay window, in messages.
-pub const REPLAY_WINDOW: u64 = 64;
+/// Width of the replay window, in sealed datagrams.
+pub const REPLAY_WINDOW: u64 = 128;
 const KDF_LABEL: &[u8] = b"meshd control v1";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -199,7 +201,7 @@ fn message_key(es: &[u8; 32], ss: &[u8; 32], header: &[u8], receiver: &[u8; 32])
 }
 
 /// Seals `plaintext` from `sender` to `receiver`. `ephemeral` must be fresh for every message;
-/// `counter` must grow with every message to the same receiver.
+/// `counter` must grow with every datagram to the same receiver.
 pub fn seal(
     sender: &StaticSecret,
     receiver: &[u8; 32],
@@ -207,34 +209,78 @@ pub fn seal(
     counter: u64,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, ControlError> {
-    if SEALED_HEADER_LEN + plaintext.len() + TAG_LEN > MAX_DATAGRAM_BYTES {
-        return Err(ControlError::TooLarge {
-            max: MAX_DATAGRAM_BYTES,
-        });
+    let agreed = Agreed::new(sender, receiver, ephemeral)?;
+    agreed.seal(counter, plaintext)
+}
+
+/// Seals `message` from `sender` to `receiver` as its segments ([`crate::segment`]), each a
+/// datagram of at most [`crate::segment::DATAGRAM_BYTES`], with counters `first_counter`,
+/// `first_counter + 1`, .... The segments share `ephemeral` (fresh for every message); each
+/// segment's key still differs, as the key covers the header and so the counter.
+pub fn seal_message(
+    sender: &StaticSecret,
+    receiver: &[u8; 32],
+    ephemeral: &StaticSecret,
+    first_counter: u64,
+    message: &[u8],
+) -> Result<Vec<Vec<u8>>, ControlError> {
+    let agreed = Agreed::new(sender, receiver, ephemeral)?;
+    crate::segment::split(message)?
+        .iter()
+        .zip(first_counter..)
+        .map(|(seg, counter)| agreed.seal(counter, seg))
+        .collect()
+}
+
+/// The two key agreements of a sealed message, made once for all its segments.
+struct Agreed<'a> {
+    sender: PublicKey,
+    ephemeral: PublicKey,
+    receiver: &'a [u8; 32],
+    es: [u8; 32],
+    ss: [u8; 32],
+}
+
+impl<'a> Agreed<'a> {
+    fn new(
+        sender: &StaticSecret,
+        receiver: &'a [u8; 32],
+        ephemeral: &StaticSecret,
+    ) -> Result<Agreed<'a>, ControlError> {
+        Ok(Agreed {
+            sender: PublicKey::from(sender),
+            ephemeral: PublicKey::from(ephemeral),
+            receiver,
+            es: dh(ephemeral, receiver)?,
+            ss: dh(sender, receiver)?,
+        })
     }
-    let mut b = header(TYPE_SEALED);
-    b.extend_from_slice(PublicKey::from(sender).as_bytes());
-    b.extend_from_slice(PublicKey::from(ephemeral).as_bytes());
-    b.extend_from_slice(&counter.to_be_bytes());
-    let key = message_key(
-        &dh(ephemeral, receiver)?,
-        &dh(sender, receiver)?,
-        &b,
-        receiver,
-    );
-    let ct = ChaCha20Poly1305::new(&key.into())
-        .encrypt(
-            &[0u8; 12].into(),
-            Payload {
-                msg: plaintext,
-                aad: &b,
-            },
-        )
-        .map_err(|_| ControlError::TooLarge {
-            max: MAX_DATAGRAM_BYTES,
-        })?;
-    b.extend_from_slice(&ct);
-    Ok(b)
+
+    fn seal(&self, counter: u64, plaintext: &[u8]) -> Result<Vec<u8>, ControlError> {
+        if SEALED_OVERHEAD + plaintext.len() > MAX_DATAGRAM_BYTES {
+            return Err(ControlError::TooLarge {
+                max: MAX_DATAGRAM_BYTES,
+            });
+        }
+        let mut b = header(TYPE_SEALED);
+        b.extend_from_slice(self.sender.as_bytes());
+        b.extend_from_slice(self.ephemeral.as_bytes());
+        b.extend_from_slice(&counter.to_be_bytes());
+        let key = message_key(&self.es, &self.ss, &b, self.receiver);
+        let ct = ChaCha20Poly1305::new(&key.into())
+            .encrypt(
+                &[0u8; 12].into(),
+                Payload {
+                    msg: plaintext,
+                    aad: &b,
+                },
+            )
+            .map_err(|_| ControlError::TooLarge {
+                max: MAX_DATAGRAM_BYTES,
+            })?;
+        b.extend_from_slice(&ct);
+        Ok(b)
+    }
 }
 
 impl Sealed<'_> {
@@ -263,11 +309,26 @@ impl Sealed<'_> {
 pub struct ReplayWindow {
     newest: u64,
     /// Bit i set: counter `newest - i` was seen.
-    seen: u64,
+    seen: u128,
     any: bool,
 }
 
 impl ReplayWindow {
+    /// True, and remembers them, if none of the `count` counters from `first` on was seen or is
+    /// too old (the segments of one message, [`crate::segment`]); otherwise false, remembering
+    /// nothing.
+    pub fn accept_run(&mut self, first: u64, count: u16) -> bool {
+        let mut next = self.clone();
+        for i in 0..u64::from(count) {
+            match first.checked_add(i) {
+                Some(c) if next.accept(c) => {}
+                _ => return false,
+            }
+        }
+        *self = next;
+        true
+    }
+
     /// True, and remembers it, if `counter` was not seen and is not too old.
     pub fn accept(&mut self, counter: u64) -> bool {
         if !self.any {
@@ -714,10 +775,11 @@ mod tests {
             assert!(!is_control(&[t, 0, 0, 0, 1, 2, 3]));
         }
         assert_eq!(
-            decode(b"MSHP\x02\x01"),
-            Err(ControlError::UnsupportedVersion(2))
+            decode(b"MSHP\x01\x01"),
+            Err(ControlError::UnsupportedVersion(1)),
+            "version 1 sealed whole messages, without segments"
         );
-        assert_eq!(decode(b"MSHP\x01\x09"), Err(ControlError::UnknownType(9)));
+        assert_eq!(decode(b"MSHP\x02\x09"), Err(ControlError::UnknownType(9)));
     }
 
     #[test]
@@ -728,12 +790,62 @@ mod tests {
         assert!(w.accept(98), "reordered but inside the window");
         assert!(!w.accept(98));
         assert!(w.accept(200));
-        assert!(!w.accept(100), "older than the window");
+        assert!(!w.accept(200 - REPLAY_WINDOW - 5), "older than the window");
         assert!(w.accept(199));
         assert!(!w.accept(200 - REPLAY_WINDOW));
         assert!(w.accept(200 - REPLAY_WINDOW + 1));
         assert!(w.accept(u64::MAX));
         assert!(!w.accept(u64::MAX));
+    }
+
+    #[test]
+    fn a_run_of_counters_is_accepted_whole_or_not_at_all() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept_run(10, 5));
+        assert!(!w.accept_run(10, 5), "the same message again");
+        assert!(w.accept_run(15, 3), "the next message");
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(12));
+        assert!(!w.accept_run(10, 5), "one of its counters was seen");
+        assert!(
+            w.accept(10) && w.accept(11),
+            "and none of the others was taken"
+        );
+        assert!(!w.accept_run(u64::MAX, 2), "counters past the end");
+    }
+
+    #[test]
+    fn a_large_message_crosses_in_small_datagrams_and_opens_whole() {
+        let (a, b) = (secret(1), secret(2));
+        let to = *PublicKey::from(&b).as_bytes();
+        let msg = Message::Members(
+            (0..40u8)
+                .map(|i| Member {
+                    certificate: cert_for(&secret(i + 10), "member"),
+                    endpoint: "198.18.0.1:51820".parse().unwrap(),
+                })
+                .collect(),
+        );
+        let encoded = msg.encode();
+        let datagrams = seal_message(&a, &to, &secret(3), 1000, &encoded).unwrap();
+        assert!(datagrams.len() > 1, "{} bytes", encoded.len());
+        let mut r = crate::segment::Reassembly::default();
+        let mut whole = None;
+        // Last first: the order they arrive in does not matter.
+        for d in datagrams.iter().rev() {
+            assert!(d.len() <= crate::segment::DATAGRAM_BYTES, "{}", d.len());
+            let Datagram::Sealed(s) = decode(d).unwrap() else {
+                panic!("not sealed")
+            };
+            let plain = s.open(&b).unwrap();
+            if let Some(w) = r.add(s.sender, s.counter, &plain, 0).unwrap() {
+                whole = Some(w);
+            }
+        }
+        let whole = whole.expect("complete");
+        assert_eq!(whole.first_counter, 1000);
+        assert_eq!(usize::from(whole.count), datagrams.len());
+        assert_eq!(Message::decode(&whole.message).unwrap(), msg);
     }
 
     fn sample_messages() -> Vec<Message> {
@@ -829,11 +941,11 @@ mod tests {
 mod vector {
     use super::*;
 
-    /// `testdata/sealed-v1.hex`: sender static [01; 32], receiver static [02; 32], ephemeral
-    /// [03; 32], counter 42, plaintext "hello".
+    /// `testdata/sealed-v2.hex`: sender static [01; 32], receiver static [02; 32], ephemeral
+    /// [03; 32], counter 42, message "hello" (one segment).
     #[test]
     fn sealed_vector_matches_byte_for_byte() {
-        let d = seal(
+        let mut d = seal_message(
             &StaticSecret::from([1; 32]),
             PublicKey::from(&StaticSecret::from([2; 32])).as_bytes(),
             &StaticSecret::from([3; 32]),
@@ -841,7 +953,9 @@ mod vector {
             b"hello",
         )
         .unwrap();
-        let path = format!("{}/testdata/sealed-v1.hex", env!("CARGO_MANIFEST_DIR"));
+        assert_eq!(d.len(), 1);
+        let d = d.remove(0);
+        let path = format!("{}/testdata/sealed-v2.hex", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).unwrap();
         let hex: String = text
             .lines()

@@ -11,6 +11,7 @@ pub mod ip;
 pub mod key;
 pub mod policyset;
 mod reader;
+pub mod segment;
 pub mod uapi;
 
 pub use cidr::Cidr;

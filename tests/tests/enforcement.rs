@@ -29,6 +29,39 @@ struct PolicyLab {
 /// account `ids[i-1].0` with labels `ids[i-1].1`, overlay 100.64.2.i. Zero-trust posture; the
 /// nodes in `audit` run with global audit mode on.
 fn policy_lab(ids: &[(&str, &[&str])], audit: &[usize]) -> PolicyLab {
+    policy_lab_on(ids, audit, Fragments::Pass)
+}
+
+/// What the underlay does with IP fragments.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fragments {
+    Pass,
+    /// Dropped on arrival, before the kernel could reassemble them, as by many firewalls and
+    /// cloud networks.
+    Dropped,
+}
+
+const NOFRAG_RULES: &str = "table inet nofrag {
+  chain pre {
+    type filter hook prerouting priority -500; policy accept;
+    ip frag-off & 0x3fff != 0 counter drop
+    exthdr frag exists counter drop
+  }
+}
+";
+
+/// IP fragments that arrived in `ns` and were dropped.
+fn fragments_dropped(lab: &Lab, ns: &str) -> u64 {
+    let rules = lab.exec_ok(ns, &["nft", "list", "table", "inet", "nofrag"]);
+    rules
+        .split("packets ")
+        .skip(1)
+        .filter_map(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// [`policy_lab`] on an underlay that treats fragments as `fragments` says.
+fn policy_lab_on(ids: &[(&str, &[&str])], audit: &[usize], fragments: Fragments) -> PolicyLab {
     let mut lab = Lab::new();
     let sw = lab.switch();
     let pki = Pki::new(&lab, "example.org", "ca");
@@ -41,6 +74,11 @@ fn policy_lab(ids: &[(&str, &[&str])], audit: &[usize]) -> PolicyLab {
         let i = i + 1;
         let ns = lab.host(&format!("p{i}"));
         lab.attach(&sw, &ns, &format!("198.18.2.{i}/24"));
+        if fragments == Fragments::Dropped {
+            let rules = lab.dir.join("nofrag.nft");
+            std::fs::write(&rules, NOFRAG_RULES).unwrap();
+            lab.exec_ok(&ns, &["nft", "-f", rules.to_str().unwrap()]);
+        }
         let mut extra = Vec::new();
         for l in labels.iter() {
             extra.extend(["--label", l]);
@@ -989,4 +1027,72 @@ spec:
         allowed["policy"],
         "KubernetesNetworkPolicy microblog/post-from-api"
     );
+}
+
+#[test]
+fn members_meet_and_policy_spreads_over_an_underlay_that_drops_ip_fragments() {
+    if !can_run() {
+        return;
+    }
+    // Twenty labels make certificates of about 1,000 bytes: a Members message with two of them,
+    // and every policy chunk, is larger than one packet on the link.
+    let many: Vec<String> = (0..20)
+        .map(|i| format!("team.example.org/key-{i:02}=value-{i:02}-abcdefghijkl"))
+        .collect();
+    let with = |app: &'static str| -> Vec<String> {
+        let mut l = vec![format!("app={app}")];
+        l.extend(many.iter().cloned());
+        l
+    };
+    let (api, post, search) = (with("api"), with("post"), with("search"));
+    fn refs(l: &[String]) -> Vec<&str> {
+        l.iter().map(String::as_str).collect()
+    }
+    let (api, post, search) = (refs(&api), refs(&post), refs(&search));
+    let mut pl = policy_lab_on(
+        &[("api", &api), ("post", &post), ("search", &search)],
+        &[],
+        Fragments::Dropped,
+    );
+
+    // A set of about 90 KB: api may reach post, and 300 policies that select no one.
+    let mut yaml = format!(
+        "{EGRESS_ALL}---\napiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: post-allow-list, namespace: microblog}}
+spec:
+  selector: app == 'post'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source: {{serviceAccounts: {{names: [api]}}}}
+    destination: {{ports: [8080]}}
+"
+    );
+    for i in 0..300 {
+        yaml.push_str(&format!(
+            "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: filler-{i:03}}}\n\
+             spec:\n  selector: app == 'nobody-{i:03}' && has(team.example.org/key-00)\n  ingress:\n  \
+             - action: Allow\n    protocol: TCP\n    source: {{selector: app == 'nobody-{i:03}'}}\n    \
+             destination: {{ports: [{}]}}\n",
+            10_000 + i
+        ));
+    }
+    assert!(yaml.len() > 80_000, "{} bytes", yaml.len());
+    pl.apply(1, &yaml);
+    let _post = echo(&pl.node(2).ns, pl.addr(2, 8080));
+    assert!(talks(&pl.node(1).ns, pl.addr(2, 8080), QUICK));
+    assert!(!talks(&pl.node(3).ns, pl.addr(2, 8080), QUICK));
+
+    // Nothing the nodes sent needed fragmenting...
+    for n in &pl.nodes {
+        assert_eq!(fragments_dropped(&pl.lab, &n.ns), 0, "{}", n.ns);
+    }
+    // ...and the underlay does drop fragments: a datagram larger than the link does not cross.
+    let big = pl.lab.exec(
+        &pl.node(2).ns,
+        &["ping", "-c", "1", "-W", "1", "-s", "3000", "198.18.2.1"],
+    );
+    assert!(!big.status.success(), "a fragmented ping crossed");
+    assert!(fragments_dropped(&pl.lab, &pl.node(1).ns) > 0);
 }

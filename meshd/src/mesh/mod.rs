@@ -11,6 +11,7 @@ pub mod state;
 
 use proto::cert::{Certificate, RevocationList};
 use proto::control::{self, Datagram, Member, Message, ReplayWindow};
+use proto::segment::Reassembly;
 use proto::Cidr;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, HashMap};
@@ -21,8 +22,31 @@ use x25519_dalek::StaticSecret;
 const PROBE_INTERVAL_MS: u64 = 1000;
 /// How often we ask one member (in turn) for the members it knows.
 const GOSSIP_INTERVAL_MS: u64 = 3000;
-/// Members per `Members` message; keeps a message far below the datagram limit.
+/// Members per `Members` message at most.
 const MEMBERS_PER_MESSAGE: usize = 32;
+/// Certificate bytes per `Members` message at most (a larger certificate goes alone), so that a
+/// message stays well under the largest one whatever the certificates' sizes.
+const MEMBERS_BYTES_PER_MESSAGE: usize = 16 * 1024;
+
+/// `list` in batches of at most [`MEMBERS_PER_MESSAGE`] members and, unless one certificate alone
+/// is larger, [`MEMBERS_BYTES_PER_MESSAGE`] certificate bytes.
+fn member_batches(list: Vec<Member>) -> Vec<Vec<Member>> {
+    let mut batches: Vec<Vec<Member>> = Vec::new();
+    let mut bytes = 0;
+    for m in list {
+        let size = m.certificate.encode().len();
+        let full = batches.last().is_none_or(|b| {
+            b.len() >= MEMBERS_PER_MESSAGE || bytes + size > MEMBERS_BYTES_PER_MESSAGE
+        });
+        if full {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        batches.last_mut().expect("pushed above").push(m);
+    }
+    batches
+}
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +120,8 @@ pub struct Membership {
     members: BTreeMap<[u8; 32], MemberState>,
     seeds: Vec<Seed>,
     replay: HashMap<[u8; 32], ReplayWindow>,
+    /// Messages arriving in segments (bounded in count, size and time).
+    reassembly: Reassembly,
     /// Counter of our sealed messages; starts at the clock so a restarted node's counters are
     /// above anything its peers saw before.
     counter: u64,
@@ -123,6 +149,7 @@ impl Membership {
             members: BTreeMap::new(),
             seeds: Vec::new(),
             replay: HashMap::new(),
+            reassembly: Reassembly::default(),
             counter: now_ms.saturating_mul(1_000_000),
             next_gossip_ms: now_ms,
             gossip_turn: 0,
@@ -171,18 +198,25 @@ impl Membership {
         cert.verify_identity(&self.bundle, now_ms / 1000, crl)
     }
 
-    fn seal(&mut self, to: &[u8; 32], msg: &Message, rng: &mut impl RngCore) -> Option<Vec<u8>> {
+    /// `msg` sealed for `to`, as datagrams small enough never to be fragmented (one, unless the
+    /// message is large); none if it exceeds the largest message.
+    fn seal(&mut self, to: &[u8; 32], msg: &Message, rng: &mut impl RngCore) -> Vec<Vec<u8>> {
         let mut e = [0u8; 32];
         rng.fill_bytes(&mut e);
-        self.counter += 1;
-        control::seal(
+        let first = self.counter + 1;
+        match control::seal_message(
             &self.secret,
             to,
             &StaticSecret::from(e),
-            self.counter,
+            first,
             &msg.encode(),
-        )
-        .ok()
+        ) {
+            Ok(datagrams) => {
+                self.counter += datagrams.len() as u64;
+                datagrams
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
     fn send(
@@ -193,7 +227,7 @@ impl Membership {
         rng: &mut impl RngCore,
         out: &mut Vec<Action>,
     ) {
-        if let Some(datagram) = self.seal(to_key, msg, rng) {
+        for datagram in self.seal(to_key, msg, rng) {
             out.push(Action::Send { to, datagram });
         }
     }
@@ -336,11 +370,17 @@ impl Membership {
             }
             Datagram::Sealed(sealed) => {
                 let plain = sealed.open(&self.secret)?;
-                let msg = Message::decode(&plain)?;
                 let sender = sealed.sender;
                 if self.removed.contains(&sender) {
                     return Err(Refusal::Removed);
                 }
+                let Some(whole) = self
+                    .reassembly
+                    .add(sender, sealed.counter, &plain, now_ms)?
+                else {
+                    return Ok(out); // more segments to come
+                };
+                let msg = Message::decode(&whole.message)?;
                 let cert = match &msg {
                     Message::Hello { certificate, .. } => certificate.clone(),
                     _ => self
@@ -360,7 +400,7 @@ impl Membership {
                     .replay
                     .entry(sender)
                     .or_default()
-                    .accept(sealed.counter)
+                    .accept_run(whole.first_counter, whole.count)
                 {
                     return Err(Refusal::Replay);
                 }
@@ -404,8 +444,8 @@ impl Membership {
                             endpoint: m.endpoint,
                         })
                         .collect();
-                    for chunk in list.chunks(MEMBERS_PER_MESSAGE) {
-                        self.send(&sender, from, &Message::Members(chunk.to_vec()), rng, out);
+                    for batch in member_batches(list) {
+                        self.send(&sender, from, &Message::Members(batch), rng, out);
                     }
                 }
             }
@@ -526,6 +566,7 @@ impl Membership {
     pub fn on_tick(&mut self, now_ms: u64, rng: &mut impl RngCore) -> Vec<Action> {
         let mut out = Vec::new();
         self.expel_invalid(now_ms, &mut out);
+        self.reassembly.expire(now_ms);
         let known: Vec<SocketAddr> = self.members.values().map(|m| m.endpoint).collect();
         for s in &mut self.seeds {
             let due = s

@@ -48,6 +48,21 @@ fn identity(ca: &SigningKey, i: u8, not_after: u64) -> (StaticSecret, Certificat
     (secret, cert)
 }
 
+/// [`identity`] with `n` labels of about 40 bytes each, for a certificate of any size.
+fn labelled(ca: &SigningKey, i: u8, n: usize) -> (StaticSecret, Certificate) {
+    let (secret, cert) = identity(ca, i, u64::MAX / 4);
+    let mut body = cert.body;
+    body.labels = (0..n)
+        .map(|l| {
+            (
+                format!("team.example.org/key-{l:02}"),
+                format!("value-{l:02}-{i:03}-abcdefgh"),
+            )
+        })
+        .collect();
+    (secret, body.sign(ca).unwrap())
+}
+
 fn addr(i: usize) -> SocketAddr {
     format!("198.18.1.{}:51820", i + 1).parse().unwrap()
 }
@@ -61,10 +76,15 @@ struct Net {
 
 impl Net {
     fn new(n: usize) -> (Net, SigningKey, Certificate) {
+        Net::labelled(n, 0)
+    }
+
+    /// `n` nodes whose certificates carry `labels` labels each.
+    fn labelled(n: usize, labels: usize) -> (Net, SigningKey, Certificate) {
         let (ca_key, ca_cert) = ca(9, "example.org");
         let mut nodes = Vec::new();
         for i in 0..n {
-            let (secret, cert) = identity(&ca_key, i as u8 + 1, u64::MAX / 4);
+            let (secret, cert) = labelled(&ca_key, i as u8 + 1, labels);
             let mut m = Membership::new(secret, cert, vec![ca_cert.clone()], vec![], T0_MS);
             if i > 0 {
                 m.add_seed(addr(0), &mut OsRng);
@@ -89,6 +109,15 @@ impl Net {
         while let Some((src, action)) = queue.pop() {
             match action {
                 Action::Send { to, datagram } => {
+                    // No control datagram needs IP fragmentation (the first contact's probe
+                    // reply, which carries the certificate whole, aside).
+                    if !matches!(control::decode(&datagram), Ok(Datagram::ProbeReply { .. })) {
+                        assert!(
+                            datagram.len() <= proto::segment::DATAGRAM_BYTES,
+                            "a {}-byte datagram",
+                            datagram.len()
+                        );
+                    }
                     let Some(dst) = (0..self.nodes.len()).find(|i| addr(*i) == to) else {
                         continue;
                     };
@@ -145,14 +174,16 @@ fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter
         want_members: true,
         digest: [0; 32],
     };
-    control::seal(
+    let mut d = control::seal_message(
         from,
         &to.public,
         &StaticSecret::from([77; 32]),
         counter,
         &msg.encode(),
     )
-    .unwrap()
+    .unwrap();
+    assert_eq!(d.len(), 1, "a Hello fits one datagram");
+    d.remove(0)
 }
 
 #[test]
@@ -206,7 +237,9 @@ fn refuses_other_cas_foreign_keys_tampering_replays_and_strangers() {
 
     let (s9, _) = identity(&ca_key, 9, u64::MAX / 4);
     let members = Message::Members(vec![]).encode();
-    let d = control::seal(&s9, &n.public, &StaticSecret::from([5; 32]), 1, &members).unwrap();
+    let d = control::seal_message(&s9, &n.public, &StaticSecret::from([5; 32]), 1, &members)
+        .unwrap()
+        .remove(0);
     assert_eq!(
         n.on_datagram(now, addr(6), &d, &mut OsRng),
         Err(Refusal::UnknownSender)
@@ -338,4 +371,77 @@ fn a_mesh_at_rest_exchanges_only_hellos() {
             }
         }
     }
+}
+
+#[test]
+fn large_certificates_cross_in_small_datagrams_and_a_mesh_still_forms() {
+    // About 1,000-byte certificates: a Members message of 11 of them spans many datagrams, which
+    // `deliver` checks are each within the budget, and delivers last segment first.
+    let (mut net, ca_key, _) = Net::labelled(12, 20);
+    assert!(net.nodes[0].certificate().encode().len() > 900);
+    net.tick(0);
+    for (i, m) in net.nodes.iter().enumerate() {
+        assert_eq!(m.members().len(), 11, "node {i}");
+    }
+
+    // A Hello with a 3 KB certificate, in segments arriving in any order, admits its sender once.
+    let n = &mut net.nodes[0];
+    let (big, cert) = labelled(&ca_key, 40, 64);
+    assert!(cert.encode().len() > 3000);
+    let hello = Message::Hello {
+        certificate: cert,
+        want_members: false,
+        digest: [0; 32],
+    };
+    let mut segs = control::seal_message(
+        &big,
+        &n.public,
+        &StaticSecret::from([8; 32]),
+        500,
+        &hello.encode(),
+    )
+    .unwrap();
+    assert!(segs.len() >= 3);
+    segs.swap(0, 2);
+    let now = net.now_ms;
+    let before = n.members().len();
+    for (i, d) in segs.iter().enumerate() {
+        let out = n.on_datagram(now, addr(40), d, &mut OsRng).unwrap();
+        assert_eq!(
+            out.is_empty(),
+            i + 1 < segs.len(),
+            "acted on at the last segment"
+        );
+    }
+    assert_eq!(n.members().len(), before + 1);
+    // The same segments again (a replay) are put together, and refused whole.
+    let mut refusal = None;
+    for d in &segs {
+        if let Err(e) = n.on_datagram(now, addr(40), d, &mut OsRng) {
+            refusal = Some(e);
+        }
+    }
+    assert_eq!(refusal, Some(Refusal::Replay));
+}
+
+#[test]
+fn members_are_batched_by_count_and_by_certificate_bytes() {
+    let (ca_key, _) = ca(9, "example.org");
+    let member = |i: u8, labels: usize| Member {
+        certificate: labelled(&ca_key, i, labels).1,
+        endpoint: addr(usize::from(i)),
+    };
+    let small: Vec<Member> = (1..=70).map(|i| member(i, 0)).collect();
+    let sizes: Vec<usize> = member_batches(small).iter().map(Vec::len).collect();
+    assert_eq!(sizes, [32, 32, 6]);
+    // 3 KB certificates: five to a message.
+    let big: Vec<Member> = (1..=12).map(|i| member(i, 64)).collect();
+    let batches = member_batches(big);
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 12);
+    for b in &batches {
+        let encoded = Message::Members(b.clone()).encode().len();
+        assert!(encoded <= MEMBERS_BYTES_PER_MESSAGE + 1024, "{encoded}");
+        assert!(encoded <= proto::segment::MAX_MESSAGE_BYTES);
+    }
+    assert!(batches.len() >= 3, "{}", batches.len());
 }
