@@ -2,8 +2,9 @@
 //! (which start with a type 1 to 4 and three zero bytes; ours start with `MSHP`). Specified in
 //! `proto/PROTOCOL.md` section 5. Pure: keys, randomness and time come in as arguments.
 //!
-//! - `Probe` / `ProbeReply`: a node that knows only a seed's address asks for its certificate. The
-//!   probe is padded so the reply is never more than three times its size (no amplification).
+//! - `Probe` / `ProbeReply`: a node that knows only a seed's address asks for its certificate (or,
+//!   if that does not fit one datagram, `ProbeKey`: its key). The probe is padded so the reply is
+//!   never more than three times its size (no amplification).
 //! - `Sealed`: every other message, encrypted and authenticated with ChaCha20-Poly1305 under a key
 //!   from two X25519 agreements: the sender's fresh ephemeral key with the receiver's static key,
 //!   and the sender's static key with the receiver's static key. Only the holder of the sender's
@@ -24,6 +25,7 @@ const HEADER_LEN: usize = 6;
 const TYPE_PROBE: u8 = 1;
 const TYPE_PROBE_REPLY: u8 = 2;
 const TYPE_SEALED: u8 = 3;
+const TYPE_PROBE_KEY: u8 = 4;
 /// A probe is padded to at least this many bytes.
 pub const MIN_PROBE_BYTES: usize = 1200;
 /// A reply may be at most this many times the size of the probe it answers.
@@ -79,6 +81,13 @@ pub enum Datagram<'a> {
         nonce: [u8; 16],
         certificate: Certificate,
     },
+    /// The reply of a node whose certificate does not fit one unfragmented datagram: only its
+    /// static key. The prober seals its Hello to that key; the node's Hello, with the certificate,
+    /// answers it.
+    ProbeKey {
+        nonce: [u8; 16],
+        key: [u8; 32],
+    },
     Sealed(Sealed<'a>),
 }
 
@@ -113,8 +122,9 @@ pub fn encode_probe(nonce: &[u8; 16]) -> Vec<u8> {
     b
 }
 
-/// The reply to a probe of `probe_len` bytes, or `None` if it would exceed the amplification
-/// limit (the prober must then send a larger probe).
+/// The reply to a probe of `probe_len` bytes: the certificate, or only its key if the certificate
+/// does not fit one unfragmented datagram ([`crate::segment::DATAGRAM_BYTES`]). `None` if even that
+/// would exceed the amplification limit.
 pub fn encode_probe_reply(
     nonce: &[u8; 16],
     certificate: &Certificate,
@@ -125,6 +135,11 @@ pub fn encode_probe_reply(
     let cert = certificate.encode();
     b.extend_from_slice(&(cert.len() as u16).to_be_bytes());
     b.extend_from_slice(&cert);
+    if b.len() > crate::segment::DATAGRAM_BYTES {
+        b = header(TYPE_PROBE_KEY);
+        b.extend_from_slice(nonce);
+        b.extend_from_slice(&certificate.body.public_key);
+    }
     (b.len() <= probe_len.saturating_mul(AMPLIFICATION_FACTOR)).then_some(b)
 }
 
@@ -158,6 +173,12 @@ pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, ControlError> {
             let certificate = Certificate::decode(r.take("certificate", len)?)?;
             finish(&r)?;
             Ok(Datagram::ProbeReply { nonce, certificate })
+        }
+        TYPE_PROBE_KEY => {
+            let nonce = r.array("nonce")?;
+            let key = r.array("key")?;
+            finish(&r)?;
+            Ok(Datagram::ProbeKey { nonce, key })
         }
         TYPE_SEALED => {
             let sender = r.array("sender")?;
@@ -767,6 +788,31 @@ mod tests {
             None,
             "no 3x amplification"
         );
+
+        // A certificate too large for one unfragmented datagram: the reply names only the key.
+        let mut body = cert.body.clone();
+        body.labels = (0..40)
+            .map(|i| {
+                (
+                    format!("label-key-{i:02}"),
+                    "a-value-of-some-length".repeat(2),
+                )
+            })
+            .collect();
+        let big = body.sign(&SigningKey::from_bytes(&[5; 32])).unwrap();
+        let reply = encode_probe_reply(&nonce, &big, probe.len()).unwrap();
+        assert!(reply.len() <= crate::segment::DATAGRAM_BYTES);
+        assert_eq!(
+            decode(&reply),
+            Ok(Datagram::ProbeKey {
+                nonce,
+                key: big.body.public_key
+            })
+        );
+        assert!(matches!(
+            decode(&reply[..reply.len() - 1]),
+            Err(ControlError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -1034,9 +1034,10 @@ fn members_meet_and_policy_spreads_over_an_underlay_that_drops_ip_fragments() {
     if !can_run() {
         return;
     }
-    // Twenty labels make certificates of about 1,000 bytes: a Members message with two of them,
-    // and every policy chunk, is larger than one packet on the link.
-    let many: Vec<String> = (0..20)
+    // Forty labels make certificates of about 2,000 bytes: the seed's certificate does not fit a
+    // probe reply, and every Hello, Members message and policy chunk is larger than one packet
+    // on the link.
+    let many: Vec<String> = (0..40)
         .map(|i| format!("team.example.org/key-{i:02}=value-{i:02}-abcdefghijkl"))
         .collect();
     let with = |app: &'static str| -> Vec<String> {
@@ -1054,6 +1055,10 @@ fn members_meet_and_policy_spreads_over_an_underlay_that_drops_ip_fragments() {
         &[],
         Fragments::Dropped,
     );
+
+    let text = std::fs::read_to_string(pl.lab.dir.join("ca/ids/api.crt")).unwrap();
+    let cert = proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap();
+    assert!(cert.len() > proto::segment::DATAGRAM_BYTES, "{} bytes", cert.len());
 
     // A set of about 90 KB: api may reach post, and 300 policies that select no one.
     let mut yaml = format!(

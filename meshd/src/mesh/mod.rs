@@ -107,6 +107,8 @@ pub struct MemberState {
 struct Seed {
     addr: SocketAddr,
     nonce: [u8; 16],
+    /// The key a `ProbeKey` reply named: the seed's Hello, not the reply, brings its certificate.
+    key: Option<[u8; 32]>,
     last_probe_ms: Option<u64>,
 }
 
@@ -173,6 +175,7 @@ impl Membership {
             self.seeds.push(Seed {
                 addr,
                 nonce,
+                key: None,
                 last_probe_ms: None,
             });
         }
@@ -368,6 +371,21 @@ impl Membership {
                 let hello = self.hello(true);
                 self.send(&key, from, &hello, rng, &mut out);
             }
+            Datagram::ProbeKey { nonce, key } => {
+                // The seed's certificate is too large for one datagram: our Hello goes to its key,
+                // and its Hello, which carries the certificate, admits it (or nothing does).
+                let seed = self
+                    .seeds
+                    .iter_mut()
+                    .find(|s| s.addr == from && s.nonce == nonce)
+                    .ok_or(Refusal::UnexpectedReply)?;
+                if key != self.public && !self.removed.contains(&key) {
+                    seed.key = Some(key);
+                    // Its members would be refused until it is one: asked for once it is.
+                    let hello = self.hello(false);
+                    self.send(&key, from, &hello, rng, &mut out);
+                }
+            }
             Datagram::Sealed(sealed) => {
                 let plain = sealed.open(&self.secret)?;
                 let sender = sealed.sender;
@@ -407,7 +425,12 @@ impl Membership {
                 // The message opened with the sender's static key: this is where it is now.
                 let new = self.admit(cert, from, Some(now_ms), &mut out);
                 if new {
-                    // A newcomer gets the revocation lists we hold.
+                    // A newcomer learns who we are (it may know only our key, from a ProbeKey)
+                    // and gets the revocation lists we hold. A seed known only by its key is
+                    // now asked for the members it knows.
+                    let seed = self.seeds.iter().any(|s| s.key == Some(sender));
+                    let hello = self.hello(seed);
+                    self.send(&sender, from, &hello, rng, &mut out);
                     for crl in self.revocations.values().cloned().collect::<Vec<_>>() {
                         self.send(&sender, from, &Message::Revocation(crl), rng, &mut out);
                     }
