@@ -34,6 +34,32 @@ impl Netlink {
             .with_context(|| format!("adding address {cidr}"))
     }
 
+    /// Removes `cidr` from the interface; an address already gone is not an error.
+    pub async fn del_address(&self, cidr: Cidr) -> anyhow::Result<()> {
+        use futures::TryStreamExt;
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.ifindex)
+            .set_address_filter(cidr.addr())
+            .set_prefix_length_filter(cidr.prefix_len())
+            .execute();
+        while let Some(msg) = found
+            .try_next()
+            .await
+            .with_context(|| format!("looking up address {cidr}"))?
+        {
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .with_context(|| format!("removing address {cidr}"))?;
+        }
+        Ok(())
+    }
+
     fn route(&self, cidr: Cidr) -> anyhow::Result<rtnetlink::packet_route::route::RouteMessage> {
         Ok(RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(cidr.addr(), cidr.prefix_len())

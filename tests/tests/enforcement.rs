@@ -1058,7 +1058,11 @@ fn members_meet_and_policy_spreads_over_an_underlay_that_drops_ip_fragments() {
 
     let text = std::fs::read_to_string(pl.lab.dir.join("ca/ids/api.crt")).unwrap();
     let cert = proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap();
-    assert!(cert.len() > proto::segment::DATAGRAM_BYTES, "{} bytes", cert.len());
+    assert!(
+        cert.len() > proto::segment::DATAGRAM_BYTES,
+        "{} bytes",
+        cert.len()
+    );
 
     // A set of about 90 KB: api may reach post, and 300 policies that select no one.
     let mut yaml = format!(

@@ -445,6 +445,64 @@ fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s() {
     }
 }
 
+/// Renews node `n` (named `node1`): a new key made on the node, a new certificate for `ip`, then
+/// a reload. Returns the directory of the new key and certificate.
+fn renew(lab: &mut Lab, pki: &Pki, n: &Node, ip: &str) -> std::path::PathBuf {
+    let renewed = lab.dir.join("renewed");
+    std::fs::create_dir_all(&renewed).unwrap();
+    run(std::process::Command::new(bin("meshctl"))
+        .args([
+            "identity",
+            "issue",
+            "--namespace",
+            "prod",
+            "--name",
+            "node1",
+        ])
+        .args(["--ip", ip, "--ca"])
+        .arg(&pki.dir)
+        .arg("--out")
+        .arg(&renewed));
+    let cfg = std::fs::read_to_string(&n.config).unwrap();
+    let cfg = cfg
+        .replace(
+            n.cert.to_str().unwrap(),
+            renewed.join("node1.crt").to_str().unwrap(),
+        )
+        .replace(
+            n.key.to_str().unwrap(),
+            renewed.join("node1.key").to_str().unwrap(),
+        );
+    std::fs::write(&n.config, cfg).unwrap();
+    lab.signal(&n.ifname, libc::SIGHUP);
+    renewed
+}
+
+#[test]
+fn a_renewed_certificate_with_another_address_moves_the_node_to_it() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    renew(&mut lab, &pki, &n1, "100.64.1.11/32");
+    assert!(
+        lab.ping_until(&n2.ns, "100.64.1.11", Duration::from_secs(10)),
+        "the new address is reached"
+    );
+    let addrs = lab.exec_ok(&n1.ns, &["ip", "-o", "addr", "show", "dev", &n1.ifname]);
+    assert!(addrs.contains("100.64.1.11/32"), "{addrs}");
+    assert!(
+        !addrs.contains("100.64.1.1/"),
+        "the old address left the interface: {addrs}"
+    );
+    assert!(!lab.ping(&n2.ns, "100.64.1.1", 1), "nor is it reached");
+}
+
 #[test]
 fn a_renewed_certificate_and_key_keep_a_long_tcp_transfer_alive() {
     if !can_run() {
@@ -463,37 +521,7 @@ fn a_renewed_certificate_and_key_keep_a_long_tcp_transfer_alive() {
     let sender =
         std::thread::spawn(move || tcp_send(&ns2, target, total, None, Duration::from_millis(20)));
     std::thread::sleep(Duration::from_millis(1500));
-    // Renew node 1: a new key made on the node, a new certificate, then reload.
-    let renewed = lab.dir.join("renewed");
-    std::fs::create_dir_all(&renewed).unwrap();
-    let out = run(std::process::Command::new(bin("meshctl"))
-        .args([
-            "identity",
-            "issue",
-            "--namespace",
-            "prod",
-            "--name",
-            "node1",
-            "--ip",
-            "100.64.1.1/32",
-            "--ca",
-        ])
-        .arg(&pki.dir)
-        .arg("--out")
-        .arg(&renewed));
-    assert!(out.status.success());
-    let cfg = std::fs::read_to_string(&n1.config).unwrap();
-    let cfg = cfg
-        .replace(
-            n1.cert.to_str().unwrap(),
-            renewed.join("node1.crt").to_str().unwrap(),
-        )
-        .replace(
-            n1.key.to_str().unwrap(),
-            renewed.join("node1.key").to_str().unwrap(),
-        );
-    std::fs::write(&n1.config, cfg).unwrap();
-    lab.signal(&n1.ifname, libc::SIGHUP);
+    let renewed = renew(&mut lab, &pki, &n1, "100.64.1.1/32");
     let sent = sender.join().unwrap();
     let received = sink.join().unwrap();
     assert!(sent.is_ok(), "sender: {sent:?}, receiver: {received:?}");

@@ -273,6 +273,15 @@ impl Mesh {
             for a in &id.certificate.body.addrs {
                 self.netlink.add_address(*a).await?;
             }
+            // Addresses the renewed certificate no longer names are no longer ours.
+            let old = self.membership.certificate().body.addrs.clone();
+            for a in old
+                .iter()
+                .filter(|a| !id.certificate.body.addrs.contains(a))
+            {
+                self.netlink.del_address(*a).await?;
+                tracing::info!(address = %a, "overlay address removed: not in the renewed certificate");
+            }
             tracing::info!(identity = %id.certificate.body.identity(), serial = id.certificate.body.serial, "identity renewed");
             let secret = x25519_dalek::StaticSecret::from(id.private_key.0);
             actions.extend(self.membership.renew(
