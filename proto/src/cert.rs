@@ -21,7 +21,9 @@ pub const VERSION: u8 = 1;
 pub const MAX_CERT_BYTES: usize = 32 * 1024;
 pub const MAX_LABELS: usize = 64;
 pub const MAX_ADDRS: usize = 16;
-pub const MAX_REVOKED: usize = 100_000;
+/// Serials in one revocation list at most: the list crosses the control protocol as one message
+/// ([`crate::segment::MAX_MESSAGE_BYTES`]), which holds a little over 8,000.
+pub const MAX_REVOKED: usize = 8_000;
 pub const MAX_CRL_BYTES: usize = 64 + 8 * MAX_REVOKED + 512;
 const SIGNATURE_LEN: usize = 64;
 
@@ -452,7 +454,7 @@ impl RevocationList {
             return Err(invalid(
                 "serials",
                 &serials.len().to_string(),
-                "more than 100000",
+                "more than a revocation list holds (8000)",
             ));
         }
         let mut crl = RevocationList {
@@ -488,7 +490,11 @@ impl RevocationList {
         check_trust_domain(&trust_domain)?;
         let count = u32::from_be_bytes(r.take("count", 4)?.try_into().expect("4 bytes")) as usize;
         if count > MAX_REVOKED {
-            return Err(invalid("count", &count.to_string(), "more than 100000"));
+            return Err(invalid(
+                "count",
+                &count.to_string(),
+                "more than a revocation list holds (8000)",
+            ));
         }
         let mut serials = Vec::with_capacity(count);
         for _ in 0..count {

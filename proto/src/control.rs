@@ -861,6 +861,30 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_revocation_list_crosses_as_one_message() {
+        let ca = SigningKey::from_bytes(&[5; 32]);
+        let td = format!("{}.org", "a".repeat(240));
+        let serials: Vec<u64> = (0..crate::cert::MAX_REVOKED as u64)
+            .map(|i| i * 3 + u64::MAX / 2)
+            .collect();
+        let crl = RevocationList::sign(&td, 9, 10, serials.clone(), &ca).unwrap();
+        let msg = Message::Revocation(crl).encode();
+        assert!(
+            msg.len() <= crate::segment::MAX_MESSAGE_BYTES,
+            "{}",
+            msg.len()
+        );
+        let to = *PublicKey::from(&secret(2)).as_bytes();
+        assert!(seal_message(&secret(1), &to, &secret(3), 1, &msg).is_ok());
+        let mut more = serials;
+        more.push(1);
+        assert!(
+            RevocationList::sign(&td, 9, 10, more, &ca).is_err(),
+            "one more is refused"
+        );
+    }
+
+    #[test]
     fn a_large_message_crosses_in_small_datagrams_and_opens_whole() {
         let (a, b) = (secret(1), secret(2));
         let to = *PublicKey::from(&b).as_bytes();
