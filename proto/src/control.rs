@@ -1,6 +1,6 @@
 //! The node-to-node control protocol, carried on meshd's UDP port beside WireGuard's messages
 //! (which start with a type 1 to 4 and three zero bytes; ours start with `MSHP`). Specified in
-//! `proto/PROTOCOL.md` section 5. Pure: keys, randomness and time come in as arguments.
+//! `proto/PROTOCOL.md` section 4. Pure: keys, randomness and time come in as arguments.
 //!
 //! - `Probe` / `ProbeReply`: a node that knows only a seed's address asks for its certificate (or,
 //!   if that does not fit one datagram, `ProbeKey`: its key). The probe is padded so the reply is
@@ -9,7 +9,8 @@
 //!   from two X25519 agreements: the sender's fresh ephemeral key with the receiver's static key,
 //!   and the sender's static key with the receiver's static key. Only the holder of the sender's
 //!   static private key can produce a message that opens, and each carries a counter the receiver
-//!   checks against a sliding replay window.
+//!   checks against a sliding replay window. The sender's static key travels encrypted to the
+//!   receiver, as in WireGuard's handshake, so the underlay does not show who is talking.
 
 use crate::cert::{CertError, Certificate, RevocationList, MAX_CERT_BYTES, MAX_CRL_BYTES};
 use crate::reader::{Reader, Truncated};
@@ -32,9 +33,13 @@ pub const MIN_PROBE_BYTES: usize = 1200;
 pub const AMPLIFICATION_FACTOR: usize = 3;
 /// Largest control datagram sent or accepted (fits a UDP datagram over IPv4 and IPv6).
 pub const MAX_DATAGRAM_BYTES: usize = 65000;
-const SEALED_HEADER_LEN: usize = HEADER_LEN + 32 + 32 + 8;
 const TAG_LEN: usize = 16;
-/// Bytes a sealed datagram adds to its plaintext: header and tag.
+/// Header, ephemeral key, counter: the associated data of the sender's encrypted key.
+const SEALED_CLEAR_LEN: usize = HEADER_LEN + 32 + 8;
+/// ... and the sender's encrypted static key: the associated data of the message.
+const SEALED_HEADER_LEN: usize = SEALED_CLEAR_LEN + 32 + TAG_LEN;
+const STATIC_LABEL: &[u8] = b"static";
+/// Bytes a sealed datagram adds to its plaintext: header, encrypted sender key, and tag.
 pub const SEALED_OVERHEAD: usize = SEALED_HEADER_LEN + TAG_LEN;
 /// Largest number of members in one `Members` message.
 pub const MAX_MEMBERS: usize = 256;
@@ -72,6 +77,8 @@ pub enum ControlError {
 }
 
 /// A control datagram as it crosses the network.
+// Decoded once per datagram and consumed at once; boxing the certificate would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Datagram<'a> {
     Probe {
@@ -91,12 +98,13 @@ pub enum Datagram<'a> {
     Sealed(Sealed<'a>),
 }
 
-/// A sealed message before it is opened.
+/// A sealed message before it is opened. Who sent it is known only once it is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed<'a> {
-    pub sender: [u8; 32],
     pub ephemeral: [u8; 32],
     pub counter: u64,
+    /// The sender's static key, encrypted, and its tag.
+    sender: &'a [u8],
     header: &'a [u8],
     ciphertext: &'a [u8],
 }
@@ -181,9 +189,9 @@ pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, ControlError> {
             Ok(Datagram::ProbeKey { nonce, key })
         }
         TYPE_SEALED => {
-            let sender = r.array("sender")?;
             let ephemeral = r.array("ephemeral")?;
             let counter = r.u64("counter")?;
+            let sender = r.take("sender", 32 + TAG_LEN)?;
             let ciphertext = &datagram[r.off..];
             if ciphertext.len() < TAG_LEN {
                 return Err(ControlError::Truncated {
@@ -209,6 +217,29 @@ fn dh(secret: &StaticSecret, public: &[u8; 32]) -> Result<[u8; 32], ControlError
         return Err(ControlError::WeakKey);
     }
     Ok(shared.to_bytes())
+}
+
+/// The key that hides the sender's static key: only the receiver can open it.
+fn static_key(es: &[u8; 32], clear: &[u8], receiver: &[u8; 32]) -> [u8; 32] {
+    let mut mac = <blake2::Blake2sMac256 as Mac>::new_from_slice(KDF_LABEL)
+        .expect("label is a valid key length");
+    mac.update(STATIC_LABEL);
+    mac.update(es);
+    mac.update(clear);
+    mac.update(receiver);
+    mac.finalize().into_bytes().into()
+}
+
+fn aead(key: [u8; 32], msg: &[u8], aad: &[u8]) -> Vec<u8> {
+    ChaCha20Poly1305::new(&key.into())
+        .encrypt(&[0u8; 12].into(), Payload { msg, aad })
+        .expect("a message within the datagram limit encrypts")
+}
+
+fn unaead(key: [u8; 32], msg: &[u8], aad: &[u8]) -> Result<Vec<u8>, ControlError> {
+    ChaCha20Poly1305::new(&key.into())
+        .decrypt(&[0u8; 12].into(), Payload { msg, aad })
+        .map_err(|_| ControlError::Unauthentic)
 }
 
 fn message_key(es: &[u8; 32], ss: &[u8; 32], header: &[u8], receiver: &[u8; 32]) -> [u8; 32] {
@@ -284,43 +315,47 @@ impl<'a> Agreed<'a> {
             });
         }
         let mut b = header(TYPE_SEALED);
-        b.extend_from_slice(self.sender.as_bytes());
         b.extend_from_slice(self.ephemeral.as_bytes());
         b.extend_from_slice(&counter.to_be_bytes());
-        let key = message_key(&self.es, &self.ss, &b, self.receiver);
-        let ct = ChaCha20Poly1305::new(&key.into())
-            .encrypt(
-                &[0u8; 12].into(),
-                Payload {
-                    msg: plaintext,
-                    aad: &b,
-                },
-            )
-            .map_err(|_| ControlError::TooLarge {
-                max: MAX_DATAGRAM_BYTES,
-            })?;
+        let hidden = aead(
+            static_key(&self.es, &b, self.receiver),
+            self.sender.as_bytes(),
+            &b,
+        );
+        b.extend_from_slice(&hidden);
+        let ct = aead(
+            message_key(&self.es, &self.ss, &b, self.receiver),
+            plaintext,
+            &b,
+        );
         b.extend_from_slice(&ct);
         Ok(b)
     }
 }
 
+/// A sealed datagram, opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The sender's static key: it holds the private key, or the datagram would not open.
+    pub sender: [u8; 32],
+    pub plaintext: Vec<u8>,
+}
+
 impl Sealed<'_> {
-    /// Opens the message with the receiver's static key. Success proves the sender holds the
-    /// private key of `self.sender`; the caller still checks `self.counter` for replay.
-    pub fn open(&self, receiver: &StaticSecret) -> Result<Vec<u8>, ControlError> {
+    /// Opens the message with the receiver's static key: first the sender's static key, then the
+    /// message. Success proves the sender holds the private key of the static key returned; the
+    /// caller still checks `self.counter` for replay.
+    pub fn open(&self, receiver: &StaticSecret) -> Result<Opened, ControlError> {
         let receiver_pub = *PublicKey::from(receiver).as_bytes();
         let es = dh(receiver, &self.ephemeral)?;
-        let ss = dh(receiver, &self.sender)?;
+        let clear = &self.header[..SEALED_CLEAR_LEN];
+        let sender: [u8; 32] = unaead(static_key(&es, clear, &receiver_pub), self.sender, clear)?
+            .try_into()
+            .map_err(|_| ControlError::Unauthentic)?;
+        let ss = dh(receiver, &sender)?;
         let key = message_key(&es, &ss, self.header, &receiver_pub);
-        ChaCha20Poly1305::new(&key.into())
-            .decrypt(
-                &[0u8; 12].into(),
-                Payload {
-                    msg: self.ciphertext,
-                    aad: self.header,
-                },
-            )
-            .map_err(|_| ControlError::Unauthentic)
+        let plaintext = unaead(key, self.ciphertext, self.header)?;
+        Ok(Opened { sender, plaintext })
     }
 }
 
@@ -686,7 +721,7 @@ mod tests {
         receiver: &StaticSecret,
     ) -> Result<(Vec<u8>, [u8; 32], u64), ControlError> {
         match decode(d)? {
-            Datagram::Sealed(s) => s.open(receiver).map(|p| (p, s.sender, s.counter)),
+            Datagram::Sealed(s) => s.open(receiver).map(|o| (o.plaintext, o.sender, s.counter)),
             other => panic!("not sealed: {other:?}"),
         }
     }
@@ -731,17 +766,34 @@ mod tests {
 
     #[test]
     fn a_forged_sender_field_does_not_open() {
+        // Mallory knows her ephemeral key, so she can put the victim's key in the sender field,
+        // encrypted correctly; without the victim's private key the message still cannot open.
         let (mallory, victim, b) = (secret(6), secret(1), secret(2));
-        let mut d = seal(
-            &mallory,
-            PublicKey::from(&b).as_bytes(),
-            &secret(3),
-            1,
-            b"i am victim",
-        )
-        .unwrap();
-        d[HEADER_LEN..HEADER_LEN + 32].copy_from_slice(PublicKey::from(&victim).as_bytes());
+        let b_pub = *PublicKey::from(&b).as_bytes();
+        let e = secret(3);
+        let mut d = seal(&mallory, &b_pub, &e, 1, b"i am victim").unwrap();
+        let clear = d[..SEALED_CLEAR_LEN].to_vec();
+        let es = dh(&e, &b_pub).unwrap();
+        let forged = aead(
+            static_key(&es, &clear, &b_pub),
+            PublicKey::from(&victim).as_bytes(),
+            &clear,
+        );
+        d[SEALED_CLEAR_LEN..SEALED_HEADER_LEN].copy_from_slice(&forged);
         assert_eq!(open_datagram(&d, &b), Err(ControlError::Unauthentic));
+    }
+
+    #[test]
+    fn the_sender_is_hidden_from_all_but_the_receiver() {
+        let (a, b, c) = (secret(1), secret(2), secret(4));
+        let d = seal(&a, PublicKey::from(&b).as_bytes(), &secret(3), 7, b"x").unwrap();
+        let a_pub = PublicKey::from(&a);
+        assert!(
+            !d.windows(32).any(|w| w == a_pub.as_bytes()),
+            "the sender's key is not on the wire"
+        );
+        assert_eq!(open_datagram(&d, &c), Err(ControlError::Unauthentic));
+        assert_eq!(open_datagram(&d, &b).unwrap().1, *a_pub.as_bytes());
     }
 
     #[test]
@@ -755,7 +807,7 @@ mod tests {
             b"x",
         )
         .unwrap();
-        d[HEADER_LEN + 32..HEADER_LEN + 64].fill(0);
+        d[HEADER_LEN..HEADER_LEN + 32].fill(0);
         assert_eq!(open_datagram(&d, &b), Err(ControlError::WeakKey));
         assert_eq!(
             seal(&secret(1), &[0; 32], &secret(3), 1, b"x"),
@@ -907,8 +959,8 @@ mod tests {
             let Datagram::Sealed(s) = decode(d).unwrap() else {
                 panic!("not sealed")
             };
-            let plain = s.open(&b).unwrap();
-            if let Some(w) = r.add(s.sender, s.counter, &plain, 0).unwrap() {
+            let o = s.open(&b).unwrap();
+            if let Some(w) = r.add(o.sender, s.counter, &o.plaintext, 0).unwrap() {
                 whole = Some(w);
             }
         }

@@ -387,8 +387,10 @@ impl Membership {
                 }
             }
             Datagram::Sealed(sealed) => {
-                let plain = sealed.open(&self.secret)?;
-                let sender = sealed.sender;
+                let control::Opened {
+                    sender,
+                    plaintext: plain,
+                } = sealed.open(&self.secret)?;
                 if self.removed.contains(&sender) {
                     return Err(Refusal::Removed);
                 }
