@@ -18,7 +18,10 @@
 //! policy_admins = ["/etc/meshd/policy-admin.pub"]  # keys whose signed policy sets are taken
 //!
 //! [peering]
-//! seeds = ["198.18.0.1:51820"]   # underlay endpoints to contact first
+//! seeds = ["198.18.0.1:51820"]   # underlay endpoints to contact first; KEY@IP:PORT names the
+//!                                 # seed's public key too, so no probe is needed
+//! answer_probes = true            # false: answer nothing to a sender without a certificate
+//!                                 # (every node must then name this one as KEY@IP:PORT)
 //! state_dir = "/var/lib/meshd"    # default
 //!
 //! [policy]
@@ -118,6 +121,33 @@ pub struct PeeringSection {
     pub seeds: Vec<String>,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Whether a probe (from a sender that has shown no certificate) gets this node's certificate
+    /// or key in reply.
+    #[serde(default = "yes")]
+    pub answer_probes: bool,
+}
+
+/// A seed: where to find it, and its static key when the configuration names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seed {
+    pub addr: SocketAddr,
+    pub key: Option<[u8; 32]>,
+}
+
+impl std::str::FromStr for Seed {
+    type Err = ();
+
+    /// `IP:PORT` or `KEY@IP:PORT`, KEY in WireGuard's base64.
+    fn from_str(s: &str) -> Result<Seed, ()> {
+        let (key, addr) = match s.split_once('@') {
+            Some((k, a)) => (Some(Key::from_base64(k).map_err(|_| ())?.0), a),
+            None => (None, s),
+        };
+        Ok(Seed {
+            addr: addr.parse().map_err(|_| ())?,
+            key,
+        })
+    }
 }
 
 impl Default for PeeringSection {
@@ -125,6 +155,7 @@ impl Default for PeeringSection {
         PeeringSection {
             seeds: Vec::new(),
             state_dir: default_state_dir(),
+            answer_probes: true,
         }
     }
 }
@@ -134,6 +165,9 @@ fn default_port() -> u16 {
 }
 fn default_mtu() -> u32 {
     1420
+}
+fn yes() -> bool {
+    true
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/meshd")
@@ -181,14 +215,17 @@ impl Config {
             )));
         }
         for (i, s) in cfg.peering.seeds.iter().enumerate() {
-            if s.parse::<SocketAddr>().is_err() {
-                return Err(err(format!("peering.seeds[{i}]: `{s}` is not IP:port")));
+            if s.parse::<Seed>().is_err() {
+                return Err(err(format!(
+                    "peering.seeds[{i}]: `{s}` is not IP:port or KEY@IP:port (KEY: the seed's \
+                     public key in base64)"
+                )));
             }
         }
         Ok(cfg)
     }
 
-    pub fn seeds(&self) -> Vec<SocketAddr> {
+    pub fn seeds(&self) -> Vec<Seed> {
         self.peering
             .seeds
             .iter()
@@ -307,7 +344,7 @@ private_key = "/etc/meshd/node.key"
 bundle = ["/etc/meshd/ca.crt"]
 
 [peering]
-seeds = ["198.18.0.1:51820", "[fd01::1]:51820"]
+seeds = ["198.18.0.1:51820", "[fd01::1]:51820", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=@198.18.0.3:51820"]
 "#;
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
@@ -318,7 +355,11 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820"]
     fn parses_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!((c.interface.listen_port, c.interface.mtu), (51820, 1420));
-        assert_eq!(c.seeds().len(), 2);
+        let seeds = c.seeds();
+        assert_eq!(seeds.len(), 3);
+        assert_eq!((seeds[0].key, seeds[2].key), (None, Some([1; 32])));
+        assert_eq!(seeds[2].addr, "198.18.0.3:51820".parse().unwrap());
+        assert!(c.peering.answer_probes);
         assert_eq!(c.peering.state_dir, PathBuf::from("/var/lib/meshd"));
     }
 
@@ -335,9 +376,13 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820"]
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("peering.seeds[0]: `198.18.0.1` is not IP:port"),
+            e.contains("peering.seeds[0]: `198.18.0.1` is not IP:port or KEY@IP:port"),
             "{e}"
         );
+        let e = parse(&GOOD.replace("AQEB", "!QEB"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("peering.seeds[2]"), "{e}");
         let e = parse(&GOOD.replace("\"mesh0\"", "\"a/b\""))
             .unwrap_err()
             .to_string();

@@ -94,7 +94,7 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
     let now = mesh::run::now_ms() / 1000;
     let body = &id.certificate.body;
     Ok(format!(
-        "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires in {} s\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s), state in {}\n  policy: posture {}, audit {}, {} policy admin(s), up to {} tracked flows",
+        "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires in {} s\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s) ({} by key), probes {}, state in {}\n  policy: posture {}, audit {}, {} policy admin(s), up to {} tracked flows",
         path.display(),
         cfg.interface.name,
         cfg.interface.listen_port,
@@ -106,6 +106,12 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
         id.bundle.len(),
         id.revocation_lists.len(),
         cfg.seeds().len(),
+        cfg.seeds().iter().filter(|s| s.key.is_some()).count(),
+        if cfg.peering.answer_probes {
+            "answered"
+        } else {
+            "ignored"
+        },
         cfg.peering.state_dir.display(),
         match cfg.policy.posture {
             config::PostureSetting::ZeroTrust => "zero-trust",

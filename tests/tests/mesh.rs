@@ -638,3 +638,58 @@ fn operator_peering_with_meshctl_peer_add_list_remove() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no member"));
 }
+
+/// Whether a probe sent from `ns` to `to` is answered within a second.
+fn probe_answered(ns: &str, to: &str) -> bool {
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    in_netns(ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.send_to(&proto::control::encode_probe(&[7; 16]), to)
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        s.recv_from(&mut buf).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_seed_named_by_key_can_answer_no_probe_and_still_be_joined() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    // Node 1 answers no probe: a sender without a certificate learns nothing from it.
+    let ns1 = lab.host("n1");
+    lab.attach(&sw, &ns1, "198.18.1.1/24");
+    let (cert, key) = pki.issue("prod", "node1", "100.64.1.1/32", &[]);
+    let if1 = lab.name("m1");
+    let config = mesh_config(&lab, &if1, &cert, &key, &[pki.ca_cert()], &[]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[peering]\n", "[peering]\nanswer_probes = false\n"),
+    )
+    .unwrap();
+    lab.meshd_config(&ns1, &if1, &config);
+    // Node 2 names node 1 by key and address.
+    let pub1 = proto::Key::from_base64(&std::fs::read_to_string(&key).unwrap())
+        .unwrap()
+        .public()
+        .to_base64();
+    let seed = format!("{pub1}@{SEED}");
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[&seed], &[]);
+    assert!(lab.ping_until(&n2.ns, "100.64.1.1", Duration::from_secs(10)));
+    assert_eq!(
+        lab.status(&if1)["peers"][0]["identity"],
+        "example.org/prod/node2"
+    );
+    assert!(!probe_answered(&n2.ns, SEED), "node 1 answers no probe");
+    assert!(
+        probe_answered(&ns1, "198.18.1.2:51820"),
+        "node 2, which answers probes, does"
+    );
+}

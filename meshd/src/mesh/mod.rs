@@ -95,6 +95,8 @@ pub enum Refusal {
     UntrustedRevocation,
     #[error("from a member the operator removed")]
     Removed,
+    #[error("a probe, and this node answers none (peering.answer_probes = false)")]
+    ProbeIgnored,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,8 +109,12 @@ pub struct MemberState {
 struct Seed {
     addr: SocketAddr,
     nonce: [u8; 16],
-    /// The key a `ProbeKey` reply named: the seed's Hello, not the reply, brings its certificate.
+    /// The seed's key: from the configuration (`pinned`), or from a `ProbeKey` reply. The
+    /// seed's Hello, not the key, brings its certificate.
     key: Option<[u8; 32]>,
+    /// The key came from the configuration: the seed is greeted with a sealed Hello, never
+    /// probed.
+    pinned: bool,
     last_probe_ms: Option<u64>,
 }
 
@@ -131,6 +137,7 @@ pub struct Membership {
     gossip_turn: usize,
     /// Keys the operator removed; refused until the daemon restarts.
     removed: std::collections::HashSet<[u8; 32]>,
+    answer_probes: bool,
 }
 
 impl Membership {
@@ -156,6 +163,7 @@ impl Membership {
             next_gossip_ms: now_ms,
             gossip_turn: 0,
             removed: Default::default(),
+            answer_probes: true,
         }
     }
 
@@ -167,18 +175,26 @@ impl Membership {
         &self.certificate
     }
 
-    /// Adds an underlay endpoint to contact (a seed, or an operator's `peer add`).
-    pub fn add_seed(&mut self, addr: SocketAddr, rng: &mut impl RngCore) {
+    /// Adds an underlay endpoint to contact (a seed, or an operator's `peer add`), with the
+    /// seed's static key if known: then it is greeted with a sealed Hello instead of a probe.
+    pub fn add_seed(&mut self, addr: SocketAddr, key: Option<[u8; 32]>, rng: &mut impl RngCore) {
         if self.seeds.iter().all(|s| s.addr != addr) {
             let mut nonce = [0u8; 16];
             rng.fill_bytes(&mut nonce);
             self.seeds.push(Seed {
                 addr,
                 nonce,
-                key: None,
+                key,
+                pinned: key.is_some(),
                 last_probe_ms: None,
             });
         }
+    }
+
+    /// Whether probes are answered: with `false`, a sender that has shown no certificate learns
+    /// nothing from this node, not even its key.
+    pub fn set_answer_probes(&mut self, answer: bool) {
+        self.answer_probes = answer;
     }
 
     /// Takes a member learned earlier (from the state directory) if its certificate still
@@ -343,6 +359,7 @@ impl Membership {
     ) -> Result<Vec<Action>, Refusal> {
         let mut out = Vec::new();
         match control::decode(datagram)? {
+            Datagram::Probe { .. } if !self.answer_probes => return Err(Refusal::ProbeIgnored),
             Datagram::Probe { nonce } => {
                 if let Some(reply) =
                     control::encode_probe_reply(&nonce, &self.certificate, datagram.len())
@@ -377,7 +394,7 @@ impl Membership {
                 let seed = self
                     .seeds
                     .iter_mut()
-                    .find(|s| s.addr == from && s.nonce == nonce)
+                    .find(|s| s.addr == from && s.nonce == nonce && !s.pinned)
                     .ok_or(Refusal::UnexpectedReply)?;
                 if key != self.public && !self.removed.contains(&key) {
                     seed.key = Some(key);
@@ -593,18 +610,34 @@ impl Membership {
         self.expel_invalid(now_ms, &mut out);
         self.reassembly.expire(now_ms);
         let known: Vec<SocketAddr> = self.members.values().map(|m| m.endpoint).collect();
+        let mut greet = Vec::new();
         for s in &mut self.seeds {
             let due = s
                 .last_probe_ms
                 .is_none_or(|t| now_ms >= t + PROBE_INTERVAL_MS);
-            if !known.contains(&s.addr) && due {
-                rng.fill_bytes(&mut s.nonce);
-                s.last_probe_ms = Some(now_ms);
-                out.push(Action::Send {
-                    to: s.addr,
-                    datagram: control::encode_probe(&s.nonce),
-                });
+            let reached = match s.key {
+                Some(k) if s.pinned => self.members.contains_key(&k),
+                _ => known.contains(&s.addr),
+            };
+            if reached || !due {
+                continue;
             }
+            s.last_probe_ms = Some(now_ms);
+            match s.key {
+                Some(k) if s.pinned => greet.push((k, s.addr)),
+                _ => {
+                    rng.fill_bytes(&mut s.nonce);
+                    out.push(Action::Send {
+                        to: s.addr,
+                        datagram: control::encode_probe(&s.nonce),
+                    });
+                }
+            }
+        }
+        for (key, addr) in greet {
+            // Its Hello in answer admits it, and is answered with a request for its members.
+            let hello = self.hello(false);
+            self.send(&key, addr, &hello, rng, &mut out);
         }
         if now_ms >= self.next_gossip_ms && !self.members.is_empty() {
             self.next_gossip_ms = now_ms + GOSSIP_INTERVAL_MS;

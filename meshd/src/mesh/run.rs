@@ -114,8 +114,9 @@ impl Mesh {
             now_ms(),
         );
         for s in cfg.seeds() {
-            membership.add_seed(s, &mut OsRng);
+            membership.add_seed(s.addr, s.key, &mut OsRng);
         }
+        membership.set_answer_probes(cfg.peering.answer_probes);
         let store = PolicyStore::open(
             &cfg.peering.state_dir,
             id.policy_admins.clone(),
@@ -206,7 +207,7 @@ impl Mesh {
         match cmd {
             Command::Reload => self.reload().await,
             Command::AddPeer(addr) => {
-                self.membership.add_seed(addr, &mut OsRng);
+                self.membership.add_seed(addr, None, &mut OsRng);
                 Ok(self.membership.on_tick(now_ms(), &mut OsRng))
             }
             Command::ApplyPolicy { encoded, reply } => {
@@ -252,7 +253,8 @@ impl Mesh {
     /// `meshctl reload`). A renewed certificate and key take effect without a restart: the
     /// device gets the new key, members get the new certificate, sessions re-handshake.
     async fn reload(&mut self) -> anyhow::Result<Vec<Action>> {
-        let (_, id) = crate::read_config(&self.config_path)?;
+        let (cfg, id) = crate::read_config(&self.config_path)?;
+        self.membership.set_answer_probes(cfg.peering.answer_probes);
         let now = now_ms();
         let mut actions = Vec::new();
         for crl in id.revocation_lists.iter().cloned() {

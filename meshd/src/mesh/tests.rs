@@ -81,13 +81,24 @@ impl Net {
 
     /// `n` nodes whose certificates carry `labels` labels each.
     fn labelled(n: usize, labels: usize) -> (Net, SigningKey, Certificate) {
+        Net::build(n, labels, false)
+    }
+
+    /// `n` nodes seeded with node 0, by its key too if `pinned` (and then node 0 answers no
+    /// probe).
+    fn build(n: usize, labels: usize, pinned: bool) -> (Net, SigningKey, Certificate) {
         let (ca_key, ca_cert) = ca(9, "example.org");
         let mut nodes = Vec::new();
         for i in 0..n {
             let (secret, cert) = labelled(&ca_key, i as u8 + 1, labels);
             let mut m = Membership::new(secret, cert, vec![ca_cert.clone()], vec![], T0_MS);
             if i > 0 {
-                m.add_seed(addr(0), &mut OsRng);
+                let key = pinned.then(|| {
+                    *x25519_dalek::PublicKey::from(&StaticSecret::from([1; 32])).as_bytes()
+                });
+                m.add_seed(addr(0), key, &mut OsRng);
+            } else {
+                m.set_answer_probes(!pinned);
             }
             nodes.push(m);
         }
@@ -442,4 +453,24 @@ fn members_are_batched_by_count_and_by_certificate_bytes() {
         assert!(encoded <= proto::segment::MAX_MESSAGE_BYTES);
     }
     assert!(batches.len() >= 3, "{}", batches.len());
+}
+
+#[test]
+fn a_seed_named_by_key_answers_no_probe_and_the_mesh_still_forms() {
+    let (mut net, _, _) = Net::build(5, 0, true);
+    net.tick(0);
+    for (i, m) in net.nodes.iter().enumerate() {
+        assert_eq!(m.members().len(), 4, "node {i}");
+    }
+    // A stranger's probe gets nothing: not the certificate, not the key.
+    let probe = control::encode_probe(&[3; 16]);
+    assert_eq!(
+        net.nodes[0].on_datagram(net.now_ms, addr(30), &probe, &mut OsRng),
+        Err(Refusal::ProbeIgnored)
+    );
+    // A node that answers probes still does.
+    let out = net.nodes[1]
+        .on_datagram(net.now_ms, addr(30), &probe, &mut OsRng)
+        .unwrap();
+    assert!(matches!(&out[..], [Action::Send { .. }]));
 }
