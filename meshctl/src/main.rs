@@ -204,7 +204,8 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum PeerCommand {
-    /// Contact an underlay endpoint (IP:port) and peer with the node there if its certificate verifies.
+    /// Contact an underlay endpoint (IP:port, or KEY@IP:port to greet the node there by its key
+    /// without a probe) and peer with the node there if its certificate verifies.
     Add { endpoint: String },
     /// The members this node knows: identity, endpoint, addresses, key, labels.
     List {

@@ -43,8 +43,8 @@ fn done(resp: Response) -> Result<(), Failure> {
 
 pub fn add(path: &Path, endpoint: &str) -> Result<(), Failure> {
     endpoint
-        .parse::<std::net::SocketAddr>()
-        .map_err(|_| Failure::input(anyhow!("`{endpoint}` is not IP:port")))?;
+        .parse::<proto::control::Seed>()
+        .map_err(|e| Failure::input(anyhow!("{e}")))?;
     done(request(
         path,
         &Request::PeerAdd {

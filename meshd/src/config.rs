@@ -33,9 +33,9 @@
 
 use anyhow::{anyhow, bail, Context};
 use proto::cert::{Certificate, RevocationList};
+use proto::control::Seed;
 use proto::{armor, Key};
 use serde::Deserialize;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,29 +127,6 @@ pub struct PeeringSection {
     pub answer_probes: bool,
 }
 
-/// A seed: where to find it, and its static key when the configuration names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seed {
-    pub addr: SocketAddr,
-    pub key: Option<[u8; 32]>,
-}
-
-impl std::str::FromStr for Seed {
-    type Err = ();
-
-    /// `IP:PORT` or `KEY@IP:PORT`, KEY in WireGuard's base64.
-    fn from_str(s: &str) -> Result<Seed, ()> {
-        let (key, addr) = match s.split_once('@') {
-            Some((k, a)) => (Some(Key::from_base64(k).map_err(|_| ())?.0), a),
-            None => (None, s),
-        };
-        Ok(Seed {
-            addr: addr.parse().map_err(|_| ())?,
-            key,
-        })
-    }
-}
-
 impl Default for PeeringSection {
     fn default() -> Self {
         PeeringSection {
@@ -215,11 +192,8 @@ impl Config {
             )));
         }
         for (i, s) in cfg.peering.seeds.iter().enumerate() {
-            if s.parse::<Seed>().is_err() {
-                return Err(err(format!(
-                    "peering.seeds[{i}]: `{s}` is not IP:port or KEY@IP:port (KEY: the seed's \
-                     public key in base64)"
-                )));
+            if let Err(e) = s.parse::<Seed>() {
+                return Err(err(format!("peering.seeds[{i}]: {e}")));
             }
         }
         Ok(cfg)

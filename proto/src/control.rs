@@ -76,6 +76,43 @@ pub enum ControlError {
     Certificate(#[from] CertError),
 }
 
+/// A node to contact first: where to find it, and its static key when the operator names it
+/// (then it is greeted with a sealed Hello instead of a probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seed {
+    pub addr: SocketAddr,
+    pub key: Option<[u8; 32]>,
+}
+
+/// How a seed is written: `IP:PORT` or `KEY@IP:PORT`.
+pub const SEED_FORMAT: &str = "IP:port or KEY@IP:port (KEY: the node's public key in base64)";
+
+impl std::str::FromStr for Seed {
+    type Err = String;
+
+    /// `IP:PORT` or `KEY@IP:PORT`, KEY in WireGuard's base64.
+    fn from_str(s: &str) -> Result<Seed, String> {
+        let bad = || format!("`{s}` is not {SEED_FORMAT}");
+        let (key, addr) = match s.split_once('@') {
+            Some((k, a)) => (Some(crate::Key::from_base64(k).map_err(|_| bad())?.0), a),
+            None => (None, s),
+        };
+        Ok(Seed {
+            addr: addr.parse().map_err(|_| bad())?,
+            key,
+        })
+    }
+}
+
+impl std::fmt::Display for Seed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.key {
+            Some(k) => write!(f, "{}@{}", crate::Key(k).to_base64(), self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
 /// A control datagram as it crosses the network.
 // Decoded once per datagram and consumed at once; boxing the certificate would buy nothing.
 #[allow(clippy::large_enum_variant)]
@@ -865,6 +902,29 @@ mod tests {
             decode(&reply[..reply.len() - 1]),
             Err(ControlError::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn seeds_are_written_with_or_without_a_key() {
+        let plain: Seed = "198.18.0.1:51820".parse().unwrap();
+        assert_eq!(plain.key, None);
+        let keyed: Seed = format!("{}@[fd00::1]:51820", crate::Key([1; 32]).to_base64())
+            .parse()
+            .unwrap();
+        assert_eq!(keyed.key, Some([1; 32]));
+        assert_eq!(keyed.to_string().parse::<Seed>(), Ok(keyed));
+        for bad in [
+            "198.18.0.1",
+            "@198.18.0.1:1",
+            "AAAA@198.18.0.1:1",
+            "x@y@198.18.0.1:1",
+        ] {
+            let e = bad.parse::<Seed>().unwrap_err();
+            assert!(
+                e.contains(&format!("`{bad}` is not IP:port or KEY@IP:port")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

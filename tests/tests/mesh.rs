@@ -688,6 +688,24 @@ fn a_seed_named_by_key_can_answer_no_probe_and_still_be_joined() {
         "example.org/prod/node2"
     );
     assert!(!probe_answered(&n2.ns, SEED), "node 1 answers no probe");
+    // The operator's `peer add` takes a key too.
+    let n3 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 3, &[], &[]);
+    let out = meshctl(&["peer", "add", "198.18.1.1:51820", "-i", &n3.ifname]);
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        peer_identities(&lab, &n3).is_empty(),
+        "by address alone, node 1 cannot be reached"
+    );
+    let out = meshctl(&["peer", "add", &seed, "-i", &n3.ifname]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(lab.ping_until(&n3.ns, "100.64.1.1", Duration::from_secs(10)));
+    let bad = meshctl(&["peer", "add", "AAAA@198.18.1.1:51820", "-i", &n3.ifname]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is not IP:port or KEY@IP:port"),
+        "{bad:?}"
+    );
     assert!(
         probe_answered(&ns1, "198.18.1.2:51820"),
         "node 2, which answers probes, does"

@@ -68,18 +68,16 @@ impl Admin {
                     message: "the mesh task is busy; try again".into(),
                 },
             },
-            Request::PeerAdd { endpoint } => match endpoint.parse() {
-                Ok(addr) => match self.commands.send(Command::AddPeer(addr)).await {
+            Request::PeerAdd { endpoint } => match endpoint.parse::<proto::control::Seed>() {
+                Ok(seed) => match self.commands.send(Command::AddPeer(seed)).await {
                     Ok(()) => Response::Done {
-                        message: format!("contacting {addr}"),
+                        message: format!("contacting {}", seed.addr),
                     },
                     Err(_) => Response::Error {
                         message: "the mesh task has stopped".into(),
                     },
                 },
-                Err(_) => Response::Error {
-                    message: format!("`{endpoint}` is not IP:port"),
-                },
+                Err(message) => Response::Error { message },
             },
             Request::PeerList => {
                 let members = self.members.lock();

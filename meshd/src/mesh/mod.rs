@@ -178,7 +178,14 @@ impl Membership {
     /// Adds an underlay endpoint to contact (a seed, or an operator's `peer add`), with the
     /// seed's static key if known: then it is greeted with a sealed Hello instead of a probe.
     pub fn add_seed(&mut self, addr: SocketAddr, key: Option<[u8; 32]>, rng: &mut impl RngCore) {
-        if self.seeds.iter().all(|s| s.addr != addr) {
+        if let Some(s) = self.seeds.iter_mut().find(|s| s.addr == addr) {
+            // Named again, now with its key: greet it by key from now on.
+            if key.is_some() {
+                s.key = key;
+                s.pinned = true;
+                s.last_probe_ms = None;
+            }
+        } else {
             let mut nonce = [0u8; 16];
             rng.fill_bytes(&mut nonce);
             self.seeds.push(Seed {

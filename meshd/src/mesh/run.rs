@@ -36,7 +36,7 @@ const KEEPALIVE_SECS: u16 = 25;
 /// What the operator asks of the mesh task (SIGHUP and the admin socket).
 pub enum Command {
     Reload,
-    AddPeer(SocketAddr),
+    AddPeer(proto::control::Seed),
     /// Forget a member by base64 public key or `TD/NS/NAME`; the answer says whom.
     RemovePeer {
         id: String,
@@ -206,8 +206,8 @@ impl Mesh {
     async fn command(&mut self, cmd: Command) -> anyhow::Result<Vec<Action>> {
         match cmd {
             Command::Reload => self.reload().await,
-            Command::AddPeer(addr) => {
-                self.membership.add_seed(addr, None, &mut OsRng);
+            Command::AddPeer(seed) => {
+                self.membership.add_seed(seed.addr, seed.key, &mut OsRng);
                 Ok(self.membership.on_tick(now_ms(), &mut OsRng))
             }
             Command::ApplyPolicy { encoded, reply } => {
