@@ -28,6 +28,8 @@ struct Transfer {
     length: u32,
     digest: [u8; 32],
     buf: Vec<u8>,
+    /// The offset last asked from: a window of chunks from there is on its way.
+    asked: usize,
     last_ms: u64,
     retries: u32,
 }
@@ -126,6 +128,7 @@ impl PolicySync {
                         length,
                         digest,
                         buf: Vec::new(),
+                        asked: 0,
                         last_ms: now_ms,
                         retries: 0,
                     });
@@ -169,11 +172,24 @@ impl PolicySync {
                 let Some(t) = &mut self.incoming else {
                     return out;
                 };
-                if t.from != from
-                    || t.serial != serial
-                    || t.length != length
-                    || offset as usize != t.buf.len()
-                {
+                if t.from != from || t.serial != serial || t.length != length {
+                    return out;
+                }
+                let offset = offset as usize;
+                if offset > t.buf.len() && t.asked != t.buf.len() {
+                    // A later chunk came first: the one before it was lost. Ask again from the
+                    // gap now, once, rather than after the stall timeout.
+                    t.asked = t.buf.len();
+                    t.last_ms = now_ms;
+                    out.push(SyncAction::Send(
+                        from,
+                        Message::PolicyRequest {
+                            serial,
+                            offset: t.buf.len() as u32,
+                        },
+                    ));
+                }
+                if offset != t.buf.len() {
                     return out;
                 }
                 t.buf.extend_from_slice(&data);
@@ -190,7 +206,8 @@ impl PolicySync {
                         from,
                         encoded: t.buf,
                     });
-                } else if t.buf.len() % (WINDOW * MAX_POLICY_CHUNK_BYTES) == 0 {
+                } else if t.buf.len() >= t.asked + WINDOW * MAX_POLICY_CHUNK_BYTES {
+                    t.asked = t.buf.len();
                     out.push(SyncAction::Send(
                         from,
                         Message::PolicyRequest {
@@ -221,6 +238,7 @@ impl PolicySync {
         }
         t.retries += 1;
         t.last_ms = now_ms;
+        t.asked = t.buf.len();
         vec![SyncAction::Send(
             t.from,
             Message::PolicyRequest {
@@ -245,6 +263,17 @@ mod tests {
         first: Vec<SyncAction>,
         mut lose: impl FnMut(&Message) -> bool,
     ) -> Option<Vec<u8>> {
+        run_counting(a, b, first, &mut lose).0
+    }
+
+    /// [`run`], also returning how often the transfer waited for the stall timer.
+    fn run_counting(
+        a: &mut PolicySync,
+        b: &mut PolicySync,
+        first: Vec<SyncAction>,
+        mut lose: impl FnMut(&Message) -> bool,
+    ) -> (Option<Vec<u8>>, usize) {
+        let mut stalls = 0;
         let mut queue: Vec<([u8; 32], [u8; 32], Message)> = Vec::new();
         let mut done = None;
         let mut push = |from: [u8; 32], acts: Vec<SyncAction>, q: &mut Vec<_>| {
@@ -266,6 +295,7 @@ mod tests {
                 if queue.is_empty() {
                     break;
                 }
+                stalls += 1;
             }
             let (from, to, m) = queue.remove(0);
             if lose(&m) {
@@ -278,7 +308,7 @@ mod tests {
             };
             push(to, acts, &mut queue);
         }
-        done
+        (done, stalls)
     }
 
     fn big(n: usize) -> Vec<u8> {
@@ -313,6 +343,27 @@ mod tests {
             run(&mut a, &mut b, offer, lose_every_third_chunk),
             Some(enc)
         );
+    }
+
+    #[test]
+    fn a_chunk_lost_inside_a_window_is_asked_for_at_once_without_a_stall() {
+        let enc = big(MAX_POLICY_CHUNK_BYTES * 11 + 5);
+        let mut a = PolicySync::default();
+        a.set_current(5, enc.clone(), [9; 32]);
+        let mut b = PolicySync::default();
+        // Chunks 1 and 6, the first time each is sent.
+        let mut lost = BTreeSet::new();
+        let lose_two = |m: &Message| match m {
+            Message::PolicyChunk { offset, .. } => {
+                let i = *offset as usize / MAX_POLICY_CHUNK_BYTES;
+                [1, 6].contains(&i) && lost.insert(i)
+            }
+            _ => false,
+        };
+        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
+        let (got, stalls) = run_counting(&mut a, &mut b, offer, lose_two);
+        assert_eq!(got, Some(enc));
+        assert_eq!(stalls, 0, "the gap was noticed by the chunk after it");
     }
 
     #[test]
