@@ -289,19 +289,12 @@ pub const MAX_DOCUMENTS: usize = 20_000;
 
 /// Reads every document of `text` (from `file`, for messages): all of them, or every error.
 pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Document>, Vec<LoadError>> {
-    let (docs, errors) = parse_all(text, file);
+    let (docs, errors) = parse_located(text, file);
     if errors.is_empty() {
-        Ok(docs)
+        Ok(docs.into_iter().map(|(_, d)| d).collect())
     } else {
         Err(errors)
     }
-}
-
-/// Reads every document of `text`: those that parse, and an error for each that does not, so an
-/// operator sees everything wrong at once. Empty documents are skipped.
-pub fn parse_all(text: &str, file: &str) -> (Vec<Document>, Vec<LoadError>) {
-    let (docs, errors) = parse_located(text, file);
-    (docs.into_iter().map(|(_, d)| d).collect(), errors)
 }
 
 /// Where a document came from: its file and its place in that file's YAML stream (1-based,
@@ -346,8 +339,9 @@ pub fn duplicates<'a>(named: impl IntoIterator<Item = (&'a Origin, String)>) -> 
     errors
 }
 
-/// [`parse_all`], with the origin of each document, so that later errors (a selector that does
-/// not parse, say) can name the file and document too.
+/// Reads every document of `text`: those that parse, each with its origin (so that later errors,
+/// a selector that does not parse say, can name the file and document too), and an error for each
+/// that does not, so an operator sees everything wrong at once. Empty documents are skipped.
 pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<LoadError>) {
     let err = |document: usize, kind_name: Option<String>, message: String| LoadError {
         file: file.to_string(),

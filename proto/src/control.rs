@@ -289,9 +289,10 @@ fn message_key(es: &[u8; 32], ss: &[u8; 32], header: &[u8], receiver: &[u8; 32])
     mac.finalize().into_bytes().into()
 }
 
-/// Seals `plaintext` from `sender` to `receiver`. `ephemeral` must be fresh for every message;
-/// `counter` must grow with every datagram to the same receiver.
-pub fn seal(
+/// Seals `plaintext` (one segment) from `sender` to `receiver`: what [`seal_message`] does for
+/// each segment, for tests that build datagrams by hand.
+#[cfg(test)]
+fn seal(
     sender: &StaticSecret,
     receiver: &[u8; 32],
     ephemeral: &StaticSecret,

@@ -298,12 +298,7 @@ fn packets_from_an_address_outside_the_certificate_are_dropped() {
     if !can_run() {
         return;
     }
-    let mut lab = Lab::new();
-    let sw = lab.switch();
-    let pki = Pki::new(&lab, "example.org", "ca");
-    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
-    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
-    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    let (lab, _pki, n1, n2) = seeded_pair();
     sh(&[
         "ip",
         "-n",
@@ -445,6 +440,17 @@ fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s() {
     }
 }
 
+/// Two nodes of one CA, node 2 seeded with node 1, once node 2 has pinged node 1.
+fn seeded_pair() -> (Lab, Pki, Node, Node) {
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    (lab, pki, n1, n2)
+}
+
 /// Renews node `n` (named `node1`): a new key made on the node, a new certificate for `ip`, then
 /// a reload. Returns the directory of the new key and certificate.
 fn renew(lab: &mut Lab, pki: &Pki, n: &Node, ip: &str) -> std::path::PathBuf {
@@ -483,12 +489,7 @@ fn a_renewed_certificate_with_another_address_moves_the_node_to_it() {
     if !can_run() {
         return;
     }
-    let mut lab = Lab::new();
-    let sw = lab.switch();
-    let pki = Pki::new(&lab, "example.org", "ca");
-    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
-    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
-    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    let (mut lab, pki, n1, n2) = seeded_pair();
     renew(&mut lab, &pki, &n1, "100.64.1.11/32");
     assert!(
         lab.ping_until(&n2.ns, "100.64.1.11", Duration::from_secs(10)),
@@ -508,12 +509,7 @@ fn a_renewed_certificate_and_key_keep_a_long_tcp_transfer_alive() {
     if !can_run() {
         return;
     }
-    let mut lab = Lab::new();
-    let sw = lab.switch();
-    let pki = Pki::new(&lab, "example.org", "ca");
-    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
-    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
-    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    let (mut lab, pki, n1, n2) = seeded_pair();
     let target: std::net::SocketAddr = "100.64.1.1:5001".parse().unwrap();
     let total = 16 << 20;
     let sink = tcp_sink(&n1.ns, target, total, None);

@@ -315,14 +315,20 @@ mod tests {
         (0..n).map(|i| (i * 7 % 251) as u8).collect()
     }
 
+    /// A node running set 5 (`enc`, digest [9; 32]), and its offer to B.
+    fn runs(enc: &[u8]) -> (PolicySync, Vec<SyncAction>) {
+        let mut a = PolicySync::default();
+        a.set_current(5, enc.to_vec(), [9; 32]);
+        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
+        (a, offer)
+    }
+
     #[test]
     fn a_newer_set_is_pulled_whole_across_many_windows() {
         let enc = big(MAX_POLICY_CHUNK_BYTES * 9 + 123);
-        let mut a = PolicySync::default();
-        a.set_current(5, enc.clone(), [9; 32]);
+        let (mut a, offer) = runs(&enc);
         let mut b = PolicySync::default();
         b.set_current(4, vec![1, 2, 3], [8; 32]);
-        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
         assert_eq!(run(&mut a, &mut b, offer, |_| false), Some(enc));
         assert_eq!(b.heard.get(&A), Some(&(5, [9; 32])));
     }
@@ -330,15 +336,13 @@ mod tests {
     #[test]
     fn lost_chunks_are_asked_for_again() {
         let enc = big(MAX_POLICY_CHUNK_BYTES * 6);
-        let mut a = PolicySync::default();
-        a.set_current(5, enc.clone(), [9; 32]);
+        let (mut a, offer) = runs(&enc);
         let mut b = PolicySync::default();
         let mut n = 0;
         let lose_every_third_chunk = |m: &Message| {
             n += 1;
             matches!(m, Message::PolicyChunk { .. }) && n % 3 == 0
         };
-        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
         assert_eq!(
             run(&mut a, &mut b, offer, lose_every_third_chunk),
             Some(enc)
@@ -348,8 +352,7 @@ mod tests {
     #[test]
     fn a_chunk_lost_inside_a_window_is_asked_for_at_once_without_a_stall() {
         let enc = big(MAX_POLICY_CHUNK_BYTES * 11 + 5);
-        let mut a = PolicySync::default();
-        a.set_current(5, enc.clone(), [9; 32]);
+        let (mut a, offer) = runs(&enc);
         let mut b = PolicySync::default();
         // Chunks 1 and 6, the first time each is sent.
         let mut lost = BTreeSet::new();
@@ -360,7 +363,6 @@ mod tests {
             }
             _ => false,
         };
-        let offer = vec![SyncAction::Send(B, a.offer().unwrap())];
         let (got, stalls) = run_counting(&mut a, &mut b, offer, lose_two);
         assert_eq!(got, Some(enc));
         assert_eq!(stalls, 0, "the gap was noticed by the chunk after it");
