@@ -131,37 +131,83 @@ pub fn init(trust_domain: &str, out: &Path, ttl: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn revoke(dir: &Path, serial: u64) -> Result<(), Failure> {
+/// Adds serials and keys to the CA's revocation list: `serial`, `key` (base64), and both of the
+/// certificate file `cert`. A revoked key is refused in any certificate, also one issued later.
+pub fn revoke(
+    dir: &Path,
+    serial: Option<u64>,
+    key: Option<&str>,
+    cert_file: Option<&Path>,
+) -> Result<(), Failure> {
     let ca = CaDir {
         dir: dir.to_path_buf(),
     };
-    let key = ca.signing_key()?;
+    let signing = ca.signing_key()?;
     let cert = ca.certificate()?;
-    if cert.body.public_key != key.verifying_key().to_bytes() {
+    if cert.body.public_key != signing.verifying_key().to_bytes() {
         let (k, c) = (ca.key_path(), ca.cert_path());
         return Err(anyhow!("{} does not belong to {}", k.display(), c.display()).into());
     }
-    let current = ca.revocation_list(&cert)?;
-    let (number, mut serials) = match current {
-        Some(c) => (c.number + 1, c.serials),
-        None => (1, vec![]),
+    let mut add_serials: Vec<u64> = serial.into_iter().collect();
+    let mut add_keys: Vec<[u8; 32]> = Vec::new();
+    if let Some(k) = key {
+        let k =
+            proto::Key::from_base64(k).map_err(|e| Failure::input(anyhow!("--key `{k}`: {e}")))?;
+        add_keys.push(k.0);
+    }
+    if let Some(path) = cert_file {
+        let revoked = load_certificate(path).map_err(Failure::input)?;
+        if revoked.body.issuer != cert.body.public_key {
+            return Err(anyhow!("{} was not issued by this CA", path.display()).into());
+        }
+        add_serials.push(revoked.body.serial);
+        add_keys.push(revoked.body.public_key);
+    }
+    if add_serials.is_empty() && add_keys.is_empty() {
+        return Err(Failure::input(anyhow!(
+            "name what to revoke: --serial N, --key KEY or --cert FILE"
+        )));
+    }
+    let (number, mut serials, mut keys) = match ca.revocation_list(&cert)? {
+        Some(c) => (c.number + 1, c.serials, c.keys),
+        None => (1, vec![], vec![]),
     };
-    if serials.contains(&serial) {
-        println!("serial {serial} was already revoked");
+    let fresh_serials: Vec<u64> = add_serials
+        .into_iter()
+        .filter(|s| !serials.contains(s))
+        .collect();
+    let fresh_keys: Vec<[u8; 32]> = add_keys.into_iter().filter(|k| !keys.contains(k)).collect();
+    if fresh_serials.is_empty() && fresh_keys.is_empty() {
+        println!("already revoked");
         return Ok(());
     }
-    serials.push(serial);
-    let crl = RevocationList::sign(&cert.body.trust_domain, number, now(), serials, &key)
-        .map_err(|e| anyhow!("signing the revocation list: {e}"))?;
+    serials.extend(&fresh_serials);
+    keys.extend(&fresh_keys);
+    let crl = RevocationList::sign_with_keys(
+        &cert.body.trust_domain,
+        number,
+        now(),
+        serials,
+        keys,
+        &signing,
+    )
+    .map_err(|e| anyhow!("signing the revocation list: {e}"))?;
     files::replace(
         &ca.crl_path(),
         armor::encode(armor::REVOCATION_LIST, &crl.encode()).as_bytes(),
         0o644,
     )?;
+    let what: Vec<String> = fresh_serials
+        .iter()
+        .map(|s| format!("serial {s}"))
+        .chain(fresh_keys.iter().map(|k| format!("key {}", proto::Key(*k))))
+        .collect();
     println!(
-        "revoked serial {serial}: {} now lists {} serial(s), number {number}",
+        "revoked {}: {} now lists {} serial(s) and {} key(s), number {number}",
+        what.join(", "),
         ca.crl_path().display(),
-        crl.serials.len()
+        crl.serials.len(),
+        crl.keys.len()
     );
     Ok(())
 }

@@ -230,10 +230,18 @@ enum CaCommand {
     },
     /// Add a serial to the CA's signed revocation list (DIR/revoked.crl).
     Revoke {
+        /// The CA directory (ca.key, ca.crt, revoked.crl).
         #[arg(long)]
         ca: PathBuf,
+        /// Revoke the certificate with this serial.
         #[arg(long)]
-        serial: u64,
+        serial: Option<u64>,
+        /// Revoke this public key (base64) in every certificate, also ones issued later.
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
+        /// Revoke this certificate: its serial and its public key.
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
     },
 }
 
@@ -371,8 +379,14 @@ fn main() -> ExitCode {
                 },
         } => ca::init(&trust_domain, &out, &ttl),
         Command::Ca {
-            command: CaCommand::Revoke { ca, serial },
-        } => ca::revoke(&ca, serial),
+            command:
+                CaCommand::Revoke {
+                    ca,
+                    serial,
+                    key,
+                    cert,
+                },
+        } => ca::revoke(&ca, serial, key.as_deref(), cert.as_deref()),
         Command::Identity {
             command: IdentityCommand::Issue(args),
         } => identity::issue(args),

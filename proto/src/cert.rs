@@ -24,7 +24,12 @@ pub const MAX_ADDRS: usize = 16;
 /// Serials in one revocation list at most: the list crosses the control protocol as one message
 /// ([`crate::segment::MAX_MESSAGE_BYTES`]), which holds a little over 8,000.
 pub const MAX_REVOKED: usize = 8_000;
-pub const MAX_CRL_BYTES: usize = 64 + 8 * MAX_REVOKED + 512;
+/// A revoked key weighs as much as this many serials against [`MAX_REVOKED`] (32 bytes against 8),
+/// so that any valid list still crosses the control protocol as one message.
+pub const KEY_WEIGHT: usize = 4;
+pub const MAX_CRL_BYTES: usize = 64 + 8 * MAX_REVOKED + 4 + 512;
+/// Revocation-list format version that also lists revoked public keys.
+pub const CRL_VERSION_KEYS: u8 = 2;
 const SIGNATURE_LEN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -73,7 +78,7 @@ pub enum CertError {
     TooLarge { max: usize },
     #[error("not a mesh {what} (bad magic)")]
     BadMagic { what: &'static str },
-    #[error("unsupported version {0} (this build reads version 1)")]
+    #[error("unsupported version {0} (this build reads versions 1 and 2)")]
     UnsupportedVersion(u8),
     #[error("unknown certificate kind {0}")]
     BadKind(u8),
@@ -98,8 +103,19 @@ pub enum CertError {
     UnknownIssuer,
     #[error("serial {serial} is revoked")]
     Revoked { serial: u64 },
+    #[error("the public key of serial {serial} is revoked")]
+    RevokedKey { serial: u64 },
     #[error("a {kind:?} certificate where a {expected:?} one is needed")]
     WrongKind { kind: CertKind, expected: CertKind },
+}
+
+fn b64_keys<S: serde::Serializer>(keys: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(keys.len()))?;
+    for k in keys {
+        seq.serialize_element(&crate::Key(*k).to_base64())?;
+    }
+    seq.end()
 }
 
 fn b64<S: serde::Serializer>(k: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
@@ -375,12 +391,17 @@ impl Certificate {
         self.verify_signature(&ca.body.public_key)?;
         check_time(&self.body, now)?;
         if let Some(crl) = revoked {
-            if crl.issuer == ca.body.public_key
-                && crl.serials.binary_search(&self.body.serial).is_ok()
-            {
-                return Err(CertError::Revoked {
-                    serial: self.body.serial,
-                });
+            if crl.issuer == ca.body.public_key {
+                if crl.serials.binary_search(&self.body.serial).is_ok() {
+                    return Err(CertError::Revoked {
+                        serial: self.body.serial,
+                    });
+                }
+                if crl.keys.binary_search(&self.body.public_key).is_ok() {
+                    return Err(CertError::RevokedKey {
+                        serial: self.body.serial,
+                    });
+                }
             }
         }
         Ok(())
@@ -403,7 +424,9 @@ fn check_time(body: &CertBody, now: u64) -> Result<(), CertError> {
     Ok(())
 }
 
-/// A CA-signed list of revoked serials. A higher `number` replaces a lower one.
+/// A CA-signed list of revoked serials and public keys. A higher `number` replaces a lower one. A
+/// revoked key stays refused in any certificate, also one issued after the list (a renewal that
+/// kept a stolen key).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RevocationList {
     pub trust_domain: String,
@@ -413,6 +436,9 @@ pub struct RevocationList {
     pub issued_at: u64,
     /// Sorted, unique.
     pub serials: Vec<u64>,
+    /// Sorted, unique; a list without keys is encoded as version 1, with keys as version 2.
+    #[serde(serialize_with = "b64_keys")]
+    pub keys: Vec<[u8; 32]>,
     #[serde(skip)]
     pub signature: [u8; 64],
 }
@@ -421,7 +447,11 @@ impl RevocationList {
     fn encode_body(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64 + 8 * self.serials.len());
         b.extend_from_slice(CRL_MAGIC);
-        b.push(VERSION);
+        b.push(if self.keys.is_empty() {
+            VERSION
+        } else {
+            CRL_VERSION_KEYS
+        });
         b.extend_from_slice(&self.issuer);
         b.extend_from_slice(&self.number.to_be_bytes());
         b.extend_from_slice(&self.issued_at.to_be_bytes());
@@ -429,6 +459,12 @@ impl RevocationList {
         b.extend_from_slice(&(self.serials.len() as u32).to_be_bytes());
         for s in &self.serials {
             b.extend_from_slice(&s.to_be_bytes());
+        }
+        if !self.keys.is_empty() {
+            b.extend_from_slice(&(self.keys.len() as u32).to_be_bytes());
+            for k in &self.keys {
+                b.extend_from_slice(k);
+            }
         }
         b
     }
@@ -439,30 +475,39 @@ impl RevocationList {
         b
     }
 
-    /// Builds and signs a list; `serials` are sorted and de-duplicated.
+    /// Builds and signs a list of serials; `serials` are sorted and de-duplicated.
     pub fn sign(
         trust_domain: &str,
         number: u64,
         issued_at: u64,
+        serials: Vec<u64>,
+        ca: &SigningKey,
+    ) -> Result<RevocationList, CertError> {
+        RevocationList::sign_with_keys(trust_domain, number, issued_at, serials, vec![], ca)
+    }
+
+    /// Builds and signs a list of serials and public keys; both are sorted and de-duplicated.
+    pub fn sign_with_keys(
+        trust_domain: &str,
+        number: u64,
+        issued_at: u64,
         mut serials: Vec<u64>,
+        mut keys: Vec<[u8; 32]>,
         ca: &SigningKey,
     ) -> Result<RevocationList, CertError> {
         check_trust_domain(trust_domain)?;
         serials.sort_unstable();
         serials.dedup();
-        if serials.len() > MAX_REVOKED {
-            return Err(invalid(
-                "serials",
-                &serials.len().to_string(),
-                "more than a revocation list holds (8000)",
-            ));
-        }
+        keys.sort_unstable();
+        keys.dedup();
+        check_revoked_count(serials.len(), keys.len())?;
         let mut crl = RevocationList {
             trust_domain: trust_domain.to_string(),
             issuer: ca.verifying_key().to_bytes(),
             number,
             issued_at,
             serials,
+            keys,
             signature: [0; 64],
         };
         crl.signature = ca.sign(&crl.encode_body()).to_bytes();
@@ -480,7 +525,7 @@ impl RevocationList {
             });
         }
         let version = r.u8("version")?;
-        if version != VERSION {
+        if version != VERSION && version != CRL_VERSION_KEYS {
             return Err(CertError::UnsupportedVersion(version));
         }
         let issuer = r.array::<32>("issuer")?;
@@ -489,13 +534,7 @@ impl RevocationList {
         let trust_domain = read_str(&mut r, "trust_domain")?;
         check_trust_domain(&trust_domain)?;
         let count = u32::from_be_bytes(r.take("count", 4)?.try_into().expect("4 bytes")) as usize;
-        if count > MAX_REVOKED {
-            return Err(invalid(
-                "count",
-                &count.to_string(),
-                "more than a revocation list holds (8000)",
-            ));
-        }
+        check_revoked_count(count, 0)?;
         let mut serials = Vec::with_capacity(count);
         for _ in 0..count {
             let s = r.u64("serial")?;
@@ -506,6 +545,28 @@ impl RevocationList {
                 });
             }
             serials.push(s);
+        }
+        let mut keys: Vec<[u8; 32]> = Vec::new();
+        if version == CRL_VERSION_KEYS {
+            let n =
+                u32::from_be_bytes(r.take("key count", 4)?.try_into().expect("4 bytes")) as usize;
+            check_revoked_count(count, n)?;
+            if n == 0 {
+                return Err(CertError::NotCanonical {
+                    field: "keys",
+                    reason: "a list without keys is version 1",
+                });
+            }
+            for _ in 0..n {
+                let k = r.array::<32>("key")?;
+                if keys.last().is_some_and(|l| *l >= k) {
+                    return Err(CertError::NotCanonical {
+                        field: "keys",
+                        reason: "not sorted and unique",
+                    });
+                }
+                keys.push(k);
+            }
         }
         let signature =
             <[u8; 64]>::try_from(r.take("signature", SIGNATURE_LEN)?).expect("64 bytes");
@@ -520,6 +581,7 @@ impl RevocationList {
             number,
             issued_at,
             serials,
+            keys,
             signature,
         })
     }
@@ -533,6 +595,19 @@ impl RevocationList {
         key.verify_strict(&self.encode_body(), &Signature::from_bytes(&self.signature))
             .map_err(|_| CertError::BadSignature)
     }
+}
+
+/// Serials plus keys (each weighing [`KEY_WEIGHT`]) within [`MAX_REVOKED`].
+fn check_revoked_count(serials: usize, keys: usize) -> Result<(), CertError> {
+    let weight = serials.saturating_add(keys.saturating_mul(KEY_WEIGHT));
+    if weight > MAX_REVOKED {
+        return Err(invalid(
+            "serials",
+            &format!("{serials} serials and {keys} keys"),
+            "more than a revocation list holds (8000 serials, a key counting as 4)",
+        ));
+    }
+    Ok(())
 }
 
 fn put_str(b: &mut Vec<u8>, s: &str) {
@@ -751,6 +826,60 @@ mod tests {
         let decoded = RevocationList::decode(&bytes).unwrap();
         decoded.verify(&cert).unwrap();
         assert_eq!(decoded, crl);
+    }
+
+    #[test]
+    fn a_list_with_keys_matches_its_vector_and_refuses_the_key_in_any_certificate() {
+        let ca = ca_key();
+        let bundle = [ca_cert(&ca, "example.org")];
+        let cert = identity_body(&ca).sign(&ca).unwrap();
+        let key = cert.body.public_key;
+        let crl =
+            RevocationList::sign_with_keys("example.org", 3, T0 + 60, vec![9], vec![key, key], &ca)
+                .unwrap();
+        assert_eq!(crl.keys, vec![key]);
+        let bytes = unhex(&testdata("crl-v2.hex"));
+        assert_eq!(hex::encode(crl.encode()), hex::encode(&bytes));
+        let decoded = RevocationList::decode(&bytes).unwrap();
+        decoded.verify(&bundle[0]).unwrap();
+        assert_eq!(decoded, crl);
+        // A certificate reissued for the revoked key, with a new serial, is refused too.
+        let mut body = identity_body(&ca);
+        body.serial = 4242;
+        let reissued = body.sign(&ca).unwrap();
+        assert_eq!(
+            reissued.verify_identity(&bundle, T0 + 61, Some(&crl)),
+            Err(CertError::RevokedKey { serial: 4242 })
+        );
+        // Version 2 with no keys is not canonical (that list is version 1).
+        let mut v2_empty = RevocationList::sign("example.org", 3, T0, vec![9], &ca)
+            .unwrap()
+            .encode_body();
+        v2_empty[4] = CRL_VERSION_KEYS;
+        v2_empty.extend_from_slice(&0u32.to_be_bytes());
+        v2_empty.extend_from_slice(&[0; 64]);
+        assert!(matches!(
+            RevocationList::decode(&v2_empty),
+            Err(CertError::NotCanonical { field: "keys", .. })
+        ));
+        // Keys count against the bound: 2,000 keys fill a list.
+        let many: Vec<[u8; 32]> = (0..2001u32)
+            .map(|i| {
+                let mut k = [0; 32];
+                k[..4].copy_from_slice(&i.to_be_bytes());
+                k
+            })
+            .collect();
+        assert!(RevocationList::sign_with_keys(
+            "example.org",
+            1,
+            T0,
+            vec![],
+            many[..2000].to_vec(),
+            &ca
+        )
+        .is_ok());
+        assert!(RevocationList::sign_with_keys("example.org", 1, T0, vec![], many, &ca).is_err());
     }
 
     #[test]
