@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 pub const MAGIC: &[u8; 4] = b"MSHP";
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 const HEADER_LEN: usize = 6;
 const TYPE_PROBE: u8 = 1;
 const TYPE_PROBE_REPLY: u8 = 2;
@@ -408,6 +408,27 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
+    /// A window that refuses every counter up to `floor`: for a sender whose counters before a
+    /// restart of this node are known only as a bound.
+    pub fn above(floor: u64) -> ReplayWindow {
+        ReplayWindow {
+            newest: floor,
+            seen: u128::MAX,
+            any: true,
+        }
+    }
+
+    /// The newest counter taken, if any.
+    pub fn newest(&self) -> Option<u64> {
+        self.any.then_some(self.newest)
+    }
+
+    /// Whether [`ReplayWindow::accept_run`] would take the run, without taking it: checked
+    /// before the work a message costs.
+    pub fn would_accept(&self, first: u64, count: u16) -> bool {
+        self.clone().accept_run(first, count)
+    }
+
     /// True, and remembers them, if none of the `count` counters from `first` on was seen or is
     /// too old (the segments of one message, [`crate::segment`]); otherwise false, remembering
     /// nothing.
@@ -462,6 +483,9 @@ pub enum Message {
         certificate: Certificate,
         want_members: bool,
         digest: [u8; 32],
+        /// For each CA of the sender's trust bundle, the number of the newest revocation list it
+        /// holds (0: none), so that the receiver sends it any newer list it has.
+        revocations: Vec<CrlVersion>,
     },
     /// Members the sender knows, with the endpoint it last saw each at.
     Members(Vec<Member>),
@@ -482,6 +506,16 @@ pub enum Message {
         length: u32,
         data: Vec<u8>,
     },
+}
+
+/// Largest number of CAs a Hello reports revocation lists for.
+pub const MAX_HELLO_CAS: usize = 64;
+
+/// The revocation list a node holds for one CA: the CA's key and the list's number (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CrlVersion {
+    pub issuer: [u8; 32],
+    pub number: u64,
 }
 
 /// Largest piece of a policy set in one message; with the sealing overhead it stays under
@@ -523,11 +557,19 @@ impl Message {
                 certificate,
                 want_members,
                 digest,
+                revocations,
             } => {
                 b.push(MSG_HELLO);
                 b.push(u8::from(*want_members));
                 b.extend_from_slice(digest);
                 put_cert(&mut b, certificate);
+                // Senders list at most MAX_HELLO_CAS; a longer list is cut, never invalid.
+                let n = revocations.len().min(MAX_HELLO_CAS);
+                b.push(n as u8);
+                for v in &revocations[..n] {
+                    b.extend_from_slice(&v.issuer);
+                    b.extend_from_slice(&v.number.to_be_bytes());
+                }
             }
             Message::Members(members) => {
                 b.push(MSG_MEMBERS);
@@ -605,10 +647,26 @@ impl Message {
                     }
                 };
                 let digest = r.array("digest")?;
+                let certificate = read_cert(&mut r)?;
+                let n = usize::from(r.u8("revocation list count")?);
+                if n > MAX_HELLO_CAS {
+                    return Err(ControlError::Invalid {
+                        field: "revocation list count",
+                        reason: "more than 64",
+                    });
+                }
+                let mut revocations = Vec::with_capacity(n);
+                for _ in 0..n {
+                    revocations.push(CrlVersion {
+                        issuer: r.array("issuer")?,
+                        number: r.u64("list number")?,
+                    });
+                }
                 Message::Hello {
-                    certificate: read_cert(&mut r)?,
+                    certificate,
                     want_members,
                     digest,
+                    revocations,
                 }
             }
             MSG_MEMBERS => {
@@ -938,7 +996,12 @@ mod tests {
             Err(ControlError::UnsupportedVersion(1)),
             "version 1 sealed whole messages, without segments"
         );
-        assert_eq!(decode(b"MSHP\x02\x09"), Err(ControlError::UnknownType(9)));
+        assert_eq!(
+            decode(b"MSHP\x02\x03"),
+            Err(ControlError::UnsupportedVersion(2)),
+            "version 2 Hellos did not carry revocation list numbers"
+        );
+        assert_eq!(decode(b"MSHP\x03\x09"), Err(ControlError::UnknownType(9)));
     }
 
     #[test]
@@ -1038,6 +1101,10 @@ mod tests {
                 certificate: cert_for(&secret(1), "a"),
                 want_members: true,
                 digest: [7; 32],
+                revocations: vec![CrlVersion {
+                    issuer: [4; 32],
+                    number: 9,
+                }],
             },
             Message::Members(vec![
                 Member {
@@ -1124,7 +1191,7 @@ mod tests {
 mod vector {
     use super::*;
 
-    /// `testdata/sealed-v2.hex`: sender static [01; 32], receiver static [02; 32], ephemeral
+    /// `testdata/sealed-v3.hex`: sender static [01; 32], receiver static [02; 32], ephemeral
     /// [03; 32], counter 42, message "hello" (one segment).
     #[test]
     fn sealed_vector_matches_byte_for_byte() {
@@ -1138,7 +1205,7 @@ mod vector {
         .unwrap();
         assert_eq!(d.len(), 1);
         let d = d.remove(0);
-        let path = format!("{}/testdata/sealed-v2.hex", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/testdata/sealed-v3.hex", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).unwrap();
         let hex: String = text
             .lines()

@@ -163,9 +163,15 @@ impl SignedPolicySet {
 
     /// A short digest for status displays and change detection: BLAKE2s-256 of the encoding.
     pub fn digest(&self) -> [u8; 32] {
-        use blake2::Digest;
-        blake2::Blake2s256::digest(self.encode()).into()
+        digest_of(&self.encode())
     }
+}
+
+/// The digest of an encoded set (BLAKE2s-256 of its bytes), as offers name it (section 6), so a
+/// receiver can check transferred bytes before it decodes anything.
+pub fn digest_of(encoded: &[u8]) -> [u8; 32] {
+    use blake2::Digest;
+    blake2::Blake2s256::digest(encoded).into()
 }
 
 #[cfg(test)]

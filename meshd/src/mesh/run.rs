@@ -1,9 +1,9 @@
-//! The async shell around [`Membership`]: control datagrams in from the UDP thread, a tick, and
-//! the actions carried out on the device, the kernel (addresses, routes) and the state directory.
+//! The async shell around the pure [`Node`]: control datagrams in from the UDP thread, a tick, the
+//! operator's commands, and the node's actions carried out on the device, the kernel (addresses,
+//! routes) and the state directory. It decides nothing: every decision is the node's.
 
-use super::policy_store::{self, PolicyStore};
-use super::policy_sync::{PolicySync, SyncAction};
-use super::{state, Action, MemberState, Membership};
+use super::node::{Action, Event, Node, NodeConfig};
+use super::{state, MemberState};
 use crate::config::{Config, Identity};
 use crate::device::Device;
 use crate::enforce::flowlog::FlowLog;
@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 /// Control datagrams waiting for the mesh task; more are dropped and counted.
 pub const CONTROL_BACKLOG: usize = 1024;
-/// How often membership is re-checked (expiry is cut within this, plus the check itself).
+/// How often the node's time moves (expiry is cut within this, plus the check itself).
 const TICK: Duration = Duration::from_millis(500);
 /// Control datagrams per second (and burst) accepted from one source address.
 const PER_SOURCE_RATE: u32 = 50;
@@ -57,10 +57,6 @@ pub enum Command {
     },
 }
 
-/// A node offers its policy set to one member in turn this often, so a member that missed a
-/// change (it was down, a datagram was lost) catches up.
-const POLICY_OFFER_INTERVAL_MS: u64 = 5_000;
-
 /// Members as the admin socket shows them.
 pub type MemberView = Arc<Mutex<BTreeMap<[u8; 32], MemberState>>>;
 
@@ -72,21 +68,18 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct Mesh {
-    membership: Membership,
+    node: Node,
     config_path: PathBuf,
     dev: Arc<Device>,
     netlink: Netlink,
     state_dir: PathBuf,
     view: MemberView,
-    store: PolicyStore,
-    sync: PolicySync,
     enforcer: Arc<Enforcer>,
-    offer_turn: usize,
-    next_offer_ms: u64,
 }
 
 impl Mesh {
-    /// Sets the device up for mesh mode (key, port, addresses) and restores saved members.
+    /// Sets the device up for mesh mode (key, port), builds the node from the configuration and
+    /// the state directory, and carries out what it derives (addresses, peers, routes).
     pub async fn start(
         dev: Arc<Device>,
         config_path: PathBuf,
@@ -102,61 +95,44 @@ impl Mesh {
         dev.apply(&set)
             .map_err(|e| anyhow::anyhow!("configuring the interface: {e}"))?;
         let netlink = Netlink::connect(&cfg.interface.name)?;
-        for a in &id.certificate.body.addrs {
-            netlink.add_address(*a).await?;
-        }
-        let secret = x25519_dalek::StaticSecret::from(id.private_key.0);
-        let mut membership = Membership::new(
-            secret,
-            id.certificate,
-            id.bundle,
-            id.revocation_lists,
-            now_ms(),
-        );
-        for s in cfg.seeds() {
-            membership.add_seed(s.addr, s.key, &mut OsRng);
-        }
-        membership.set_answer_probes(cfg.peering.answer_probes);
-        let store = PolicyStore::open(
-            &cfg.peering.state_dir,
-            id.policy_admins.clone(),
-            policy_store::posture(cfg.policy.posture),
-            cfg.policy.audit,
-        );
-        let mut sync = PolicySync::default();
-        if let Some(set) = &store.current {
-            sync.set_current(set.serial, set.encode(), set.digest());
-        }
+        let state_dir = cfg.peering.state_dir.clone();
+        state::prepare(&state_dir)?;
+        let saved = state::load(&state_dir);
+        let node_cfg = NodeConfig {
+            secret: x25519_dalek::StaticSecret::from(id.private_key.0),
+            certificate: id.certificate,
+            bundle: id.bundle,
+            revocations: id.revocation_lists,
+            admins: id.policy_admins.clone(),
+            posture: super::policy_book::posture(cfg.policy.posture),
+            audit: cfg.policy.audit,
+            answer_probes: cfg.peering.answer_probes,
+            seeds: cfg.seeds(),
+        };
+        let (node, actions) = Node::new(node_cfg, saved, now_ms(), &mut OsRng);
         let log_path = cfg
             .policy
             .flow_log
             .clone()
-            .unwrap_or_else(|| cfg.peering.state_dir.join("flows.jsonl"));
+            .unwrap_or_else(|| state_dir.join("flows.jsonl"));
         let log = FlowLog::start(Some(log_path.clone()))
             .with_context(|| format!("opening the flow log {}", log_path.display()))?;
-        let rules = store.rules(&membership.certificate().body, membership.members(), None);
+        let rules = node
+            .policy()
+            .rules(&node.certificate().body, node.members(), None);
         let enforcer = Arc::new(Enforcer::new(rules, cfg.policy.conntrack_max, log));
         dev.set_enforcer(enforcer.clone());
         tokio::spawn(expire_flows(enforcer.clone()));
         let mut mesh = Mesh {
-            membership,
+            node,
             config_path,
             dev,
             netlink,
-            state_dir: cfg.peering.state_dir.clone(),
+            state_dir,
             view,
-            store,
-            sync,
             enforcer,
-            offer_turn: 0,
-            next_offer_ms: 0,
         };
-        let saved = state::load(&mesh.state_dir);
-        tracing::info!(members = saved.len(), dir = %mesh.state_dir.display(), "restoring saved members");
-        for (cert, ep) in saved {
-            let actions = mesh.membership.restore(cert, ep, now_ms());
-            mesh.execute(actions).await;
-        }
+        mesh.execute(actions).await;
         Ok(mesh)
     }
 
@@ -169,102 +145,121 @@ impl Mesh {
         let mut limiter =
             super::ratelimit::SourceLimiter::new(PER_SOURCE_RATE, PER_SOURCE_BURST, MAX_SOURCES);
         loop {
-            let actions = tokio::select! {
+            let event = tokio::select! {
                 Some(cmd) = commands.recv() => match self.command(cmd).await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "command refused; the running configuration stays in force");
-                        continue;
-                    }
+                    Some(event) => event,
+                    None => continue,
                 },
-                Some((from, datagram)) = rx.recv() => {
+                Some((from, bytes)) = rx.recv() => {
                     if !limiter.allow(from.ip(), now_ms()) {
                         self.dev.count_control_refusal();
                         continue;
                     }
-                    match self.membership.on_datagram(now_ms(), from, &datagram, &mut OsRng) {
-                        Ok(a) => a,
-                        Err(refusal) => {
-                            tracing::debug!(%from, %refusal, "control datagram refused");
-                            self.dev.count_control_refusal();
-                            continue;
-                        }
-                    }
+                    Event::Datagram { from, bytes }
                 }
-                _ = tick.tick() => {
-                    let mut a = self.membership.on_tick(now_ms(), &mut OsRng);
-                    let sync = self.sync.on_tick(now_ms());
-                    a.extend(self.sync_actions(sync));
-                    a.extend(self.offer_in_turn());
-                    a
-                }
+                _ = tick.tick() => Event::Tick,
             };
-            self.execute(actions).await;
+            let datagram = matches!(event, Event::Datagram { .. });
+            match self.node.handle(event, now_ms(), &mut OsRng) {
+                Ok(actions) => self.execute(actions).await,
+                Err(refusal) if datagram => {
+                    tracing::debug!(%refusal, "control datagram refused");
+                    self.dev.count_control_refusal();
+                }
+                Err(refusal) => {
+                    tracing::warn!(%refusal, "refused; the running configuration stays in force")
+                }
+            }
         }
     }
 
-    async fn command(&mut self, cmd: Command) -> anyhow::Result<Vec<Action>> {
+    /// The event a command makes, after answering what needs no event; `None` when done.
+    async fn command(&mut self, cmd: Command) -> Option<Event> {
         match cmd {
-            Command::Reload => self.reload().await,
-            Command::AddPeer(seed) => {
-                self.membership.add_seed(seed.addr, seed.key, &mut OsRng);
-                Ok(self.membership.on_tick(now_ms(), &mut OsRng))
-            }
+            Command::Reload => match self.reload() {
+                Ok(events) => {
+                    for e in events {
+                        self.handle_logged(e).await;
+                    }
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "reload refused; the running configuration stays in force");
+                    None
+                }
+            },
+            Command::AddPeer(seed) => Some(Event::AddSeed(seed)),
             Command::ApplyPolicy { encoded, reply } => {
-                let result = self
-                    .store
-                    .check_next(&encoded)
-                    .and_then(|()| self.take_policy(&encoded));
-                let announce = result.is_ok();
-                let _ = reply.send(result);
-                Ok(if announce {
-                    self.announce_policy()
-                } else {
-                    Vec::new()
-                })
+                let answer =
+                    match self
+                        .node
+                        .handle(Event::ApplyPolicy(encoded), now_ms(), &mut OsRng)
+                    {
+                        Ok(actions) => {
+                            self.execute(actions).await;
+                            let book = self.node.policy();
+                            Ok(format!(
+                                "policy set {} in force: {} policies",
+                                book.serial(),
+                                book.len()
+                            ))
+                        }
+                        Err(e) => Err(match e {
+                            super::Refusal::Policy(text) => text,
+                            other => other.to_string(),
+                        }),
+                    };
+                let _ = reply.send(answer);
+                None
             }
             Command::GetPolicy { reply } => {
-                let _ = reply.send(self.store.current.as_ref().map(|s| s.encode()));
-                Ok(Vec::new())
+                let _ = reply.send(self.node.policy().current.as_ref().map(|s| s.encode()));
+                None
             }
             Command::PolicyStatus { reply } => {
                 let _ = reply.send(self.policy_status());
-                Ok(Vec::new())
+                None
             }
             Command::RemovePeer { id, reply } => {
-                let found = self.membership.members().iter().find(|(k, m)| {
+                let found = self.node.members().iter().find(|(k, m)| {
                     Key(**k).to_base64() == id || m.certificate.body.identity() == id
                 });
                 match found.map(|(k, m)| (*k, m.certificate.body.identity())) {
                     Some((key, identity)) => {
                         let _ = reply.send(Ok(format!("removed {identity} ({})", Key(key))));
-                        Ok(self.membership.forget(&key))
+                        Some(Event::Forget(key))
                     }
                     None => {
                         let _ = reply.send(Err(format!("no member {id}")));
-                        Ok(Vec::new())
+                        None
                     }
                 }
             }
         }
     }
 
-    /// Re-reads the configuration's identity, trust bundle and revocation lists (SIGHUP or
-    /// `meshctl reload`). A renewed certificate and key take effect without a restart: the
-    /// device gets the new key, members get the new certificate, sessions re-handshake.
-    async fn reload(&mut self) -> anyhow::Result<Vec<Action>> {
-        let (cfg, id) = crate::read_config(&self.config_path)?;
-        self.membership.set_answer_probes(cfg.peering.answer_probes);
-        let now = now_ms();
-        let mut actions = Vec::new();
-        for crl in id.revocation_lists.iter().cloned() {
-            actions.extend(
-                self.membership
-                    .add_revocation(now, crl, &mut OsRng)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            );
+    async fn handle_logged(&mut self, event: Event) {
+        match self.node.handle(event, now_ms(), &mut OsRng) {
+            Ok(actions) => self.execute(actions).await,
+            Err(e) => {
+                tracing::warn!(refusal = %e, "refused; the running configuration stays in force")
+            }
         }
-        if id.certificate != *self.membership.certificate() {
+    }
+
+    /// Re-reads the configuration's identity, trust bundle and revocation lists (SIGHUP or
+    /// `meshctl reload`) into the events that carry them to the node. A renewed key goes to the
+    /// device first, so that sessions re-handshake with it.
+    fn reload(&mut self) -> anyhow::Result<Vec<Event>> {
+        let (cfg, id) = crate::read_config(&self.config_path)?;
+        let mut events: Vec<Event> = id
+            .revocation_lists
+            .iter()
+            .cloned()
+            .map(Event::AddRevocation)
+            .collect();
+        events.push(Event::AnswerProbes(cfg.peering.answer_probes));
+        if id.certificate != *self.node.certificate() {
             let set = SetRequest {
                 private_key: Some(Some(id.private_key)),
                 ..SetRequest::default()
@@ -272,114 +267,38 @@ impl Mesh {
             self.dev
                 .apply(&set)
                 .map_err(|e| anyhow::anyhow!("new private key: {e}"))?;
-            for a in &id.certificate.body.addrs {
-                self.netlink.add_address(*a).await?;
-            }
-            // Addresses the renewed certificate no longer names are no longer ours.
-            let old = self.membership.certificate().body.addrs.clone();
-            for a in old
-                .iter()
-                .filter(|a| !id.certificate.body.addrs.contains(a))
-            {
-                self.netlink.del_address(*a).await?;
-                tracing::info!(address = %a, "overlay address removed: not in the renewed certificate");
-            }
             tracing::info!(identity = %id.certificate.body.identity(), serial = id.certificate.body.serial, "identity renewed");
-            let secret = x25519_dalek::StaticSecret::from(id.private_key.0);
-            actions.extend(self.membership.renew(
-                secret,
-                id.certificate,
-                id.bundle,
-                now,
-                &mut OsRng,
-            ));
-            self.refresh_rules();
+            events.push(Event::Renew {
+                secret: x25519_dalek::StaticSecret::from(id.private_key.0),
+                certificate: id.certificate,
+                bundle: id.bundle,
+            });
         }
-        Ok(actions)
-    }
-
-    /// Verifies, compiles and installs a signed policy set; the running one stays on any error.
-    fn take_policy(&mut self, encoded: &[u8]) -> Result<String, String> {
-        let msg = self.store.accept(encoded)?;
-        if let Some(set) = &self.store.current {
-            self.sync
-                .set_current(set.serial, encoded.to_vec(), set.digest());
-        }
-        self.refresh_rules();
-        tracing::info!("{msg}");
-        Ok(msg)
+        Ok(events)
     }
 
     /// Resolves the policy against this node and the current members, and installs the result
     /// in the data path (which re-decides established flows).
     fn refresh_rules(&self) {
         let prev = self.enforcer.rules();
-        let rules = self.store.rules(
-            &self.membership.certificate().body,
-            self.membership.members(),
+        let rules = self.node.policy().rules(
+            &self.node.certificate().body,
+            self.node.members(),
             Some(&prev),
         );
         self.enforcer.install(rules);
     }
 
-    fn announce_policy(&mut self) -> Vec<Action> {
-        let Some(offer) = self.sync.offer() else {
-            return Vec::new();
-        };
-        let keys: Vec<[u8; 32]> = self.membership.members().keys().copied().collect();
-        keys.iter()
-            .flat_map(|k| self.membership.send_to(k, &offer, &mut OsRng))
-            .collect()
-    }
-
-    fn offer_in_turn(&mut self) -> Vec<Action> {
-        let now = now_ms();
-        let n = self.membership.members().len();
-        if now < self.next_offer_ms || n == 0 {
-            return Vec::new();
-        }
-        self.next_offer_ms = now + POLICY_OFFER_INTERVAL_MS;
-        let Some(offer) = self.sync.offer() else {
-            return Vec::new();
-        };
-        self.offer_turn = (self.offer_turn + 1) % n;
-        let key = *self
-            .membership
-            .members()
-            .keys()
-            .nth(self.offer_turn)
-            .expect("index in range");
-        self.membership.send_to(&key, &offer, &mut OsRng)
-    }
-
-    fn sync_actions(&mut self, acts: Vec<SyncAction>) -> Vec<Action> {
-        let mut out = Vec::new();
-        for a in acts {
-            match a {
-                SyncAction::Send(to, msg) => {
-                    out.extend(self.membership.send_to(&to, &msg, &mut OsRng))
-                }
-                SyncAction::Complete { from, encoded } => match self.take_policy(&encoded) {
-                    Ok(_) => out.extend(self.announce_policy()),
-                    Err(e) => {
-                        tracing::warn!(from = %Key(from), error = %e, "policy set from a member refused; the running one stays in force");
-                        self.sync.distrust(from, now_ms());
-                    }
-                },
-            }
-        }
-        out
-    }
-
     fn policy_status(&self) -> Vec<proto::admin::NodePolicy> {
         let hex = |d: [u8; 32]| hex_prefix(&d);
+        let book = self.node.policy();
         let mut out = vec![proto::admin::NodePolicy {
-            identity: self.membership.certificate().body.identity(),
-            serial: self.store.serial(),
-            digest: self.store.current.as_ref().map(|s| hex(s.digest())),
+            identity: self.node.certificate().body.identity(),
+            serial: book.serial(),
+            digest: book.current.as_ref().map(|s| hex(s.digest())),
         }];
-        for (k, m) in self.membership.members() {
-            let heard = self.sync.heard.get(k);
+        for (k, m) in self.node.members() {
+            let heard = self.node.heard_policy(k);
             out.push(proto::admin::NodePolicy {
                 identity: m.certificate.body.identity(),
                 serial: heard.map_or(0, |h| h.0),
@@ -390,30 +309,19 @@ impl Mesh {
     }
 
     async fn execute(&mut self, actions: Vec<Action>) {
-        // Membership already changed when these actions were made: resolve policy for the new
-        // members before their peers exist on the device, so no packet meets an unknown identity.
-        if actions.iter().any(|a| {
-            matches!(
-                a,
-                Action::Install { .. } | Action::Remove { .. } | Action::Persist
-            )
-        }) {
-            self.refresh_rules();
-        }
-        let mut persist = false;
-        let mut queue: std::collections::VecDeque<Action> = actions.into();
-        while let Some(a) = queue.pop_front() {
+        let mut members_changed = false;
+        for a in actions {
             match a {
-                Action::Policy { from, msg } => {
-                    let acts = self.sync.on_message(from, *msg, now_ms());
-                    queue.extend(self.sync_actions(acts));
-                }
                 Action::Send { to, datagram } => {
                     if let Err(e) = self.dev.send_datagram(&datagram, to) {
                         tracing::debug!(%to, error = %e, "control send failed");
                     }
                 }
-                Action::Install {
+                Action::Resolve => {
+                    self.refresh_rules();
+                    members_changed = true;
+                }
+                Action::Peer {
                     key,
                     endpoint,
                     addrs,
@@ -426,7 +334,7 @@ impl Mesh {
                         endpoint: Some(endpoint),
                         persistent_keepalive_secs: Some(KEEPALIVE_SECS),
                         replace_allowed_ips: true,
-                        allowed_ips: addrs.clone(),
+                        allowed_ips: addrs,
                     };
                     if let Err(e) = self.dev.apply(&SetRequest {
                         peers: vec![upd],
@@ -434,19 +342,11 @@ impl Mesh {
                     }) {
                         tracing::warn!(peer = %Key(key), error = %e, "installing peer failed");
                     }
-                    for a in addrs {
-                        if let Err(e) = self.netlink.add_route(a).await {
-                            tracing::warn!(error = %e, "route");
-                        }
-                    }
-                    if let Some(m) = self.membership.members().get(&key) {
+                    if let Some(m) = self.node.members().get(&key) {
                         tracing::info!(peer = %Key(key), identity = %m.certificate.body.identity(), %endpoint, "peer installed");
                     }
-                    if let Some(offer) = self.sync.offer() {
-                        queue.extend(self.membership.send_to(&key, &offer, &mut OsRng));
-                    }
                 }
-                Action::Remove { key, addrs, reason } => {
+                Action::Unpeer { key, reason } => {
                     let upd = PeerUpdate {
                         public_key: Key(key),
                         remove: true,
@@ -461,23 +361,41 @@ impl Mesh {
                         peers: vec![upd],
                         ..SetRequest::default()
                     });
-                    for a in addrs {
-                        let _ = self.netlink.del_route(a).await;
-                    }
                     tracing::info!(peer = %Key(key), %reason, "peer removed");
                 }
-                Action::Persist => persist = true,
+                Action::Route(c) => {
+                    if let Err(e) = self.netlink.add_route(c).await {
+                        tracing::warn!(route = %c, error = %e, "adding route");
+                    }
+                }
+                Action::Unroute(c) => {
+                    if let Err(e) = self.netlink.del_route(c).await {
+                        tracing::debug!(route = %c, error = %e, "removing route");
+                    }
+                }
+                Action::Address(c) => {
+                    if let Err(e) = self.netlink.add_address(c).await {
+                        tracing::warn!(address = %c, error = %e, "adding address");
+                    }
+                }
+                Action::Unaddress(c) => match self.netlink.del_address(c).await {
+                    Ok(()) => {
+                        tracing::info!(address = %c, "overlay address removed: not in the certificate")
+                    }
+                    Err(e) => tracing::warn!(address = %c, error = %e, "removing address"),
+                },
+                Action::Store(stored) => {
+                    if let Err(e) = state::save(&self.state_dir, &stored) {
+                        tracing::warn!(error = %format!("{e:#}"), "saving state");
+                    }
+                }
             }
         }
-        if persist {
-            *self.view.lock() = self.membership.members().clone();
-            if let Err(e) = state::save(&self.state_dir, self.membership.members()) {
-                tracing::warn!(error = %e, "saving members");
-            }
+        if members_changed {
+            *self.view.lock() = self.node.members().clone();
         }
     }
 }
-
 /// The first 8 bytes of a digest in hex: enough to tell sets apart at a glance.
 fn hex_prefix(d: &[u8; 32]) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()

@@ -1,14 +1,19 @@
-//! The state directory: the members a node has learned, so that a restarted node rejoins without
-//! its seeds. Saved atomically as JSON (certificates in base64, endpoints as text); every entry is
-//! verified again when it is read back.
+//! The state directory: what a node must still know after a restart. Members (so it rejoins
+//! without its seeds), revocation lists (so a revoked member stays out), replay floors (so control
+//! datagrams captured before the restart are refused after it) and the policy set in force (so it
+//! enforces at once). The node ([`super::node`]) says what each file must hold; this module only
+//! writes and reads them: atomically, the directory mode 0700 and every file 0600, since they name
+//! the mesh's members and its policy. Everything read back is verified again by the node.
 
-use super::MemberState;
+use super::membership::Floor;
+use super::node::{Saved, Stored};
 use anyhow::Context;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use proto::cert::Certificate;
-use std::collections::BTreeMap;
+use proto::cert::{Certificate, RevocationList};
+use proto::control::Member;
 use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -17,42 +22,141 @@ struct Entry {
     endpoint: SocketAddr,
 }
 
-const FILE: &str = "members.json";
+const MEMBERS: &str = "members.json";
+const REVOCATIONS: &str = "revocations.json";
+const FLOORS: &str = "replay.json";
+const POLICY: &str = "policy.set";
 
-pub fn save(dir: &Path, members: &BTreeMap<[u8; 32], MemberState>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let entries: Vec<Entry> = members
-        .values()
-        .map(|m| Entry {
-            certificate: STANDARD.encode(m.certificate.encode()),
-            endpoint: m.endpoint,
-        })
-        .collect();
-    let text = serde_json::to_string_pretty(&entries)?;
-    let path = dir.join(FILE);
-    let tmp = dir.join(format!("{FILE}.tmp"));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+/// Creates `dir` (mode 0700) if needed, and takes group and other access away from an existing one.
+pub fn prepare(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))
+            .with_context(|| format!("restricting {} to its owner", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `dir/name` atomically, mode 0600 from the start.
+pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    prepare(dir)?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))
 }
 
-/// The saved members; an unreadable entry is skipped with a warning, never fatal.
-pub fn load(dir: &Path) -> Vec<(Certificate, SocketAddr)> {
-    let path = dir.join(FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Vec::new();
-    };
-    let entries: Vec<Entry> = match serde_json::from_str(&text) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable state file");
-            return Vec::new();
+/// Saves one file of the state directory.
+pub fn save(dir: &Path, stored: &Stored) -> anyhow::Result<()> {
+    match stored {
+        Stored::Members(members) => {
+            let entries: Vec<Entry> = members
+                .iter()
+                .map(|m| Entry {
+                    certificate: STANDARD.encode(m.certificate.encode()),
+                    endpoint: m.endpoint,
+                })
+                .collect();
+            write_private(dir, MEMBERS, &serde_json::to_vec_pretty(&entries)?)
         }
+        Stored::Revocations(lists) => {
+            let texts: Vec<String> = lists.iter().map(|l| STANDARD.encode(l.encode())).collect();
+            write_private(dir, REVOCATIONS, &serde_json::to_vec_pretty(&texts)?)
+        }
+        Stored::Floors(floors) => write_private(dir, FLOORS, &serde_json::to_vec(floors)?),
+        Stored::Policy(encoded) => write_private(dir, POLICY, encoded),
+    }
+}
+
+/// Reads a JSON file of the state directory; a missing file is empty, an unreadable one is
+/// skipped with a warning, never fatal.
+fn read_json<T: serde::de::DeserializeOwned + Default>(dir: &Path, name: &str) -> T {
+    let path = dir.join(name);
+    let Ok(text) = std::fs::read(&path) else {
+        return T::default();
     };
-    entries
+    serde_json::from_slice(&text).unwrap_or_else(|e| {
+        tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable state file");
+        T::default()
+    })
+}
+
+/// Everything the state directory holds.
+pub fn load(dir: &Path) -> Saved {
+    let entries: Vec<Entry> = read_json(dir, MEMBERS);
+    let members = entries
         .into_iter()
         .filter_map(|e| {
             let bytes = STANDARD.decode(&e.certificate).ok()?;
-            Certificate::decode(&bytes).ok().map(|c| (c, e.endpoint))
+            Certificate::decode(&bytes).ok().map(|certificate| Member {
+                certificate,
+                endpoint: e.endpoint,
+            })
         })
-        .collect()
+        .collect();
+    let texts: Vec<String> = read_json(dir, REVOCATIONS);
+    let revocations = texts
+        .iter()
+        .filter_map(|t| RevocationList::decode(&STANDARD.decode(t).ok()?).ok())
+        .collect();
+    let floors: Vec<Floor> = read_json(dir, FLOORS);
+    let policy = std::fs::read(dir.join(POLICY)).ok();
+    Saved {
+        members,
+        revocations,
+        floors,
+        policy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn files_are_private_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("meshd-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let floors = vec![Floor {
+            sender: [3; 32],
+            counter: 42,
+            heard_ms: 7,
+        }];
+        save(&dir, &Stored::Floors(floors.clone())).unwrap();
+        save(&dir, &Stored::Policy(b"MSHS".to_vec())).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "the directory is its owner's alone");
+        assert_eq!(mode(&dir.join(FLOORS)), 0o600);
+        assert_eq!(mode(&dir.join(POLICY)), 0o600);
+        let saved = load(&dir);
+        assert_eq!(saved.floors, floors);
+        assert_eq!(saved.policy.as_deref(), Some(&b"MSHS"[..]));
+        std::fs::write(dir.join(MEMBERS), "{not json").unwrap();
+        assert!(
+            load(&dir).members.is_empty(),
+            "an unreadable file is skipped"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

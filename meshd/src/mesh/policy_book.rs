@@ -1,6 +1,7 @@
-//! The policy set in force on this node: taken only when signed by a configured policy admin and
-//! newer than the one running, compiled whole before it replaces anything, and saved in the state
-//! directory so a restart enforces it again at once.
+//! The policy set in force on this node, pure: taken only when signed by a configured policy
+//! admin and newer than the one running, compiled whole before it replaces anything. The node
+//! saves what it takes in the state directory (`Stored::Policy`), so a restart enforces it again
+//! at once.
 
 use super::MemberState;
 use crate::enforce::{identity_of_cert, Rules};
@@ -8,44 +9,45 @@ use policy::engine::{PolicySet, Posture};
 use proto::cert::CertBody;
 use proto::policyset::SignedPolicySet;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-const FILE: &str = "policy.set";
-
-pub struct PolicyStore {
+pub struct PolicyBook {
     admins: Vec<[u8; 32]>,
     posture: Posture,
     audit: bool,
-    path: PathBuf,
     pub current: Option<SignedPolicySet>,
     set: PolicySet,
+    /// The highest serial this node ever ran, also one saved by an earlier run that no longer
+    /// verifies (its admin was removed): nothing at or below it is taken again.
+    floor: u64,
 }
 
-impl PolicyStore {
-    /// The store of `state_dir`, with the saved set if there is one that still verifies.
-    pub fn open(
-        state_dir: &std::path::Path,
-        admins: Vec<[u8; 32]>,
-        posture: Posture,
-        audit: bool,
-    ) -> PolicyStore {
-        let mut store = PolicyStore {
+impl PolicyBook {
+    pub fn new(admins: Vec<[u8; 32]>, posture: Posture, audit: bool) -> PolicyBook {
+        PolicyBook {
             admins,
             posture,
             audit,
-            path: state_dir.join(FILE),
             current: None,
             set: PolicySet::compile(&[], posture).unwrap_or_default(),
-        };
-        if let Ok(bytes) = std::fs::read(&store.path) {
-            match store.accept(&bytes) {
-                Ok(msg) => tracing::info!(path = %store.path.display(), "{msg}"),
-                Err(e) => {
-                    tracing::warn!(path = %store.path.display(), error = %e, "saved policy set refused; enforcing none")
-                }
-            }
+            floor: 0,
         }
-        store
+    }
+
+    /// Takes the set saved by an earlier run: enforced again if it still verifies; its serial
+    /// stays the floor either way.
+    pub fn restore(&mut self, encoded: &[u8]) -> Result<String, String> {
+        if let Ok(signed) = SignedPolicySet::decode(encoded) {
+            let result = self.accept(encoded);
+            self.floor = self.floor.max(signed.serial);
+            result
+        } else {
+            self.accept(encoded)
+        }
+    }
+
+    /// Policies in the set in force.
+    pub fn len(&self) -> usize {
+        self.set.len()
     }
 
     pub fn serial(&self) -> u64 {
@@ -68,18 +70,25 @@ impl PolicyStore {
         Ok(())
     }
 
-    /// Verifies, compiles and saves `encoded`, then makes it current. On any error the running
-    /// set stays in force and the error says what was wrong.
+    /// Verifies and compiles `encoded`, then makes it current. On any error the running set
+    /// stays in force and the error says what was wrong.
     pub fn accept(&mut self, encoded: &[u8]) -> Result<String, String> {
         let signed = SignedPolicySet::decode(encoded).map_err(|e| e.to_string())?;
         signed.verify(&self.admins).map_err(|e| e.to_string())?;
         let running = self.current.as_ref().map(|c| (c.serial, c.digest()));
-        if !super::policy_sync::supersedes((signed.serial, signed.digest()), running) {
-            return Err(format!(
-                "policy set {} is not newer than set {}, which is in force",
-                signed.serial,
-                self.serial()
-            ));
+        if !super::policy_sync::supersedes((signed.serial, signed.digest()), running)
+            || (self.current.is_none() && signed.serial <= self.floor)
+        {
+            return Err(match &self.current {
+                Some(c) => format!(
+                    "policy set {} is not newer than set {}, which is in force",
+                    signed.serial, c.serial
+                ),
+                None => format!(
+                    "policy set {} is not newer than set {}, which this node ran before",
+                    signed.serial, self.floor
+                ),
+            });
         }
         let source = format!("policy set {}", signed.serial);
         let docs = policy::model::parse_documents(&signed.documents, &source).map_err(|errs| {
@@ -94,14 +103,12 @@ impl PolicyStore {
                 .collect::<Vec<_>>()
                 .join("\n")
         })?;
-        if std::fs::read(&self.path).ok().as_deref() != Some(encoded) {
-            save(&self.path, encoded).map_err(|e| format!("{e:#}"))?;
-        }
         let msg = format!(
             "policy set {} in force: {} policies",
             signed.serial,
             set.len()
         );
+        self.floor = self.floor.max(signed.serial);
         self.set = set;
         self.current = Some(signed);
         Ok(msg)
@@ -127,16 +134,6 @@ impl PolicyStore {
     }
 }
 
-fn save(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("set.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-}
-
 pub fn posture(p: crate::config::PostureSetting) -> Posture {
     match p {
         crate::config::PostureSetting::ZeroTrust => Posture::ZeroTrust,
@@ -152,12 +149,6 @@ mod tests {
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
     const POLICY: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  selector: all()\n  ingress: [{action: Allow}]\n";
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("meshd-store-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
-    }
-
     fn signed(serial: u64, docs: &str, key: u8) -> Vec<u8> {
         SignedPolicySet::sign(serial, 0, docs.into(), &SigningKey::from_bytes(&[key; 32]))
             .unwrap()
@@ -168,10 +159,13 @@ mod tests {
         SigningKey::from_bytes(&[1; 32]).verifying_key().to_bytes()
     }
 
+    fn book(admins: Vec<[u8; 32]>) -> PolicyBook {
+        PolicyBook::new(admins, Posture::ZeroTrust, false)
+    }
+
     #[test]
     fn takes_only_newer_sets_its_admin_signed_and_keeps_the_old_one_on_any_error() {
-        let d = dir("accept");
-        let mut store = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
+        let mut store = book(vec![admin()]);
         assert_eq!(store.serial(), 0);
         store.accept(&signed(2, POLICY, 1)).unwrap();
         assert_eq!(store.serial(), 2);
@@ -187,13 +181,11 @@ mod tests {
             assert!(e.contains(why), "{e} (wanted {why})");
             assert_eq!(store.serial(), 2, "the running set stays after: {e}");
         }
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
     fn an_operators_set_must_follow_the_one_in_force() {
-        let d = dir("next");
-        let mut store = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
+        let mut store = book(vec![admin()]);
         store.check_next(&signed(1, POLICY, 1)).unwrap();
         store.accept(&signed(1, POLICY, 1)).unwrap();
         // Two operators read set 1; one applies 2; the other's 2 (or a jump to 5) is refused.
@@ -202,23 +194,23 @@ mod tests {
         assert!(e.contains("does not follow set 2"), "{e}");
         assert!(store.check_next(&signed(5, POLICY, 1)).is_err());
         store.check_next(&signed(3, POLICY, 1)).unwrap();
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
-    fn the_set_in_force_is_enforced_again_after_a_restart() {
-        let d = dir("restart");
-        let mut store = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
-        store.accept(&signed(4, POLICY, 1)).unwrap();
-        let again = PolicyStore::open(&d, vec![admin()], Posture::ZeroTrust, false);
+    fn a_saved_set_is_enforced_again_and_its_serial_stays_the_floor_even_when_refused() {
+        let saved = signed(4, POLICY, 1);
+        let mut again = book(vec![admin()]);
+        again.restore(&saved).unwrap();
         assert_eq!(again.serial(), 4);
         assert_eq!(again.set.len(), 1);
-        // A node whose admins changed does not enforce a set it no longer trusts.
+        // A node whose admins changed does not enforce a set it no longer trusts ...
         let other = SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes();
-        assert_eq!(
-            PolicyStore::open(&d, vec![other], Posture::ZeroTrust, false).serial(),
-            0
-        );
-        let _ = std::fs::remove_dir_all(&d);
+        let mut rotated = book(vec![other]);
+        assert!(rotated.restore(&saved).is_err());
+        assert_eq!(rotated.serial(), 0);
+        // ... and still takes nothing older than what it ran: a replayed old set stays out.
+        let e = rotated.accept(&signed(3, POLICY, 2)).unwrap_err();
+        assert!(e.contains("which this node ran before"), "{e}");
+        rotated.accept(&signed(5, POLICY, 2)).unwrap();
     }
 }

@@ -1,0 +1,868 @@
+//! Membership: who our peers are, learned from seeds and from peers over the control protocol
+//! (`proto::control`), and kept only while their certificates verify. One part of the pure
+//! [`super::node::Node`]: time comes in as an argument, randomness through `RngCore`, and every
+//! effect goes out as an [`Out`].
+//!
+//! What holds here, whatever arrives:
+//! - For one identity only the newest certificate (by `not_before`, then serial) is a member; an
+//!   older one is refused, also after the newer one left.
+//! - No two members hold overlapping overlay addresses, and none holds one of ours: the first
+//!   stays, a later claim is refused.
+//! - Revocation lists are kept per CA, newest number wins, and are passed to every member whose
+//!   Hello shows an older one, so a node that missed a list gets it at its next Hello.
+//! - Every sealed message's counters pass the sender's replay window, which survives a restart
+//!   as a floor (see [`Membership::floors`]).
+
+use proto::cert::{Certificate, RevocationList};
+use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
+use proto::segment::Reassembly;
+use proto::Cidr;
+use rand_core::RngCore;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use x25519_dalek::StaticSecret;
+
+/// How often an unanswered seed is probed again.
+pub const PROBE_INTERVAL_MS: u64 = 1000;
+/// How often we ask one member (in turn) for the members it knows.
+pub const GOSSIP_INTERVAL_MS: u64 = 3000;
+/// Members per `Members` message at most.
+const MEMBERS_PER_MESSAGE: usize = 32;
+/// Certificate bytes per `Members` message at most (a larger certificate goes alone), so that a
+/// message stays well under the largest one whatever the certificates' sizes.
+const MEMBERS_BYTES_PER_MESSAGE: usize = 16 * 1024;
+/// Our counters follow the clock at this many per millisecond (and by one per datagram within a
+/// millisecond), so a receiver can bound, after its own restart, the counters we used before.
+pub const COUNTER_PER_MS: u64 = 1_000_000;
+/// A restarted node lets a sender's counters lag the floor it extrapolated by this share of the
+/// time since it last heard the sender (clocks run at slightly different rates).
+const FLOOR_SLACK_PER_MILLE: u64 = 1;
+
+/// `list` in batches of at most [`MEMBERS_PER_MESSAGE`] members and, unless one certificate alone
+/// is larger, [`MEMBERS_BYTES_PER_MESSAGE`] certificate bytes.
+pub(super) fn member_batches(list: Vec<Member>) -> Vec<Vec<Member>> {
+    let mut batches: Vec<Vec<Member>> = Vec::new();
+    let mut bytes = 0;
+    for m in list {
+        let size = m.certificate.encode().len();
+        let full = batches.last().is_none_or(|b| {
+            b.len() >= MEMBERS_PER_MESSAGE || bytes + size > MEMBERS_BYTES_PER_MESSAGE
+        });
+        if full {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        batches.last_mut().expect("pushed above").push(m);
+    }
+    batches
+}
+
+/// What membership asks of the node.
+// Made and consumed at once on the control path; boxing the message would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out {
+    Send {
+        to: SocketAddr,
+        datagram: Vec<u8>,
+    },
+    /// A policy-transfer message from an authenticated member, for the node's policy sync.
+    Policy {
+        from: [u8; 32],
+        msg: Message,
+    },
+}
+
+/// Why an incoming control datagram, or a certificate in one, was not acted on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed: {0}")]
+    Malformed(#[from] control::ControlError),
+    #[error("certificate refused: {0}")]
+    Certificate(proto::cert::CertError),
+    #[error("the certificate names another key than the sender's")]
+    KeyMismatch,
+    #[error("from a sender we hold no certificate for")]
+    UnknownSender,
+    #[error("replayed or too old")]
+    Replay,
+    #[error("a probe reply we did not ask for")]
+    UnexpectedReply,
+    #[error("a revocation list from a CA we do not trust")]
+    UntrustedRevocation,
+    #[error("from a member the operator removed")]
+    Removed,
+    #[error("a probe, and this node answers none (peering.answer_probes = false)")]
+    ProbeIgnored,
+    #[error("an older certificate of {identity}, whose newer one (serial {newest}) is known")]
+    Superseded { identity: String, newest: u64 },
+    #[error("{identity} claims {addr}, which {holder} holds")]
+    AddressConflict {
+        identity: String,
+        addr: Cidr,
+        holder: String,
+    },
+    #[error("policy set refused: {0}")]
+    Policy(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    pub certificate: Certificate,
+    pub endpoint: SocketAddr,
+    pub last_heard_ms: Option<u64>,
+}
+
+/// A sender's replay window and when we last took a counter from it.
+#[derive(Debug, Clone, Default)]
+struct Replay {
+    window: ReplayWindow,
+    heard_ms: u64,
+}
+
+/// What a node saves of a sender's counters so that, after a restart, it refuses datagrams
+/// captured before it: the newest counter taken and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Floor {
+    #[serde(with = "key_b64")]
+    pub sender: [u8; 32],
+    pub counter: u64,
+    pub heard_ms: u64,
+}
+
+mod key_b64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(k: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&proto::Key(*k).to_base64())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        proto::Key::from_base64(&text)
+            .map(|k| k.0)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+struct Seed {
+    addr: SocketAddr,
+    nonce: [u8; 16],
+    /// The seed's key: from the configuration (`pinned`), or from a `ProbeKey` reply. The
+    /// seed's Hello, not the key, brings its certificate.
+    key: Option<[u8; 32]>,
+    /// The key came from the configuration: the seed is greeted with a sealed Hello, never
+    /// probed.
+    pinned: bool,
+    last_probe_ms: Option<u64>,
+}
+
+/// What changed since the node last looked, so it knows what to save and re-derive.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dirty {
+    pub members: bool,
+    pub revocations: bool,
+    pub floors: bool,
+}
+
+pub struct Membership {
+    secret: StaticSecret,
+    public: [u8; 32],
+    certificate: Certificate,
+    bundle: Vec<Certificate>,
+    /// The newest revocation list of each CA, by the CA's key.
+    revocations: BTreeMap<[u8; 32], RevocationList>,
+    members: BTreeMap<[u8; 32], MemberState>,
+    /// For each identity, (not_before, serial) of the newest certificate admitted: an older one
+    /// is refused from then on.
+    newest: HashMap<String, (u64, u64)>,
+    seeds: Vec<Seed>,
+    replay: HashMap<[u8; 32], Replay>,
+    /// Messages arriving in segments (bounded in count, size and time).
+    reassembly: Reassembly,
+    /// Counter of our last sealed datagram; see [`COUNTER_PER_MS`].
+    counter: u64,
+    next_gossip_ms: u64,
+    gossip_turn: usize,
+    /// Keys the operator removed; refused until the daemon restarts.
+    removed: HashSet<[u8; 32]>,
+    answer_probes: bool,
+    pub dirty: Dirty,
+    /// Members cut since the node last looked, with the reason.
+    expelled: Vec<([u8; 32], String)>,
+}
+
+impl Membership {
+    pub fn new(
+        secret: StaticSecret,
+        certificate: Certificate,
+        bundle: Vec<Certificate>,
+        now_ms: u64,
+    ) -> Membership {
+        let public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        Membership {
+            secret,
+            public,
+            certificate,
+            bundle,
+            revocations: BTreeMap::new(),
+            members: BTreeMap::new(),
+            newest: HashMap::new(),
+            seeds: Vec::new(),
+            replay: HashMap::new(),
+            reassembly: Reassembly::default(),
+            counter: now_ms.saturating_mul(COUNTER_PER_MS),
+            next_gossip_ms: now_ms,
+            gossip_turn: 0,
+            removed: Default::default(),
+            answer_probes: true,
+            dirty: Dirty::default(),
+            expelled: Vec::new(),
+        }
+    }
+
+    pub fn members(&self) -> &BTreeMap<[u8; 32], MemberState> {
+        &self.members
+    }
+
+    pub fn certificate(&self) -> &Certificate {
+        &self.certificate
+    }
+
+    pub fn revocations(&self) -> impl Iterator<Item = &RevocationList> {
+        self.revocations.values()
+    }
+
+    /// Adds an underlay endpoint to contact (a seed, or an operator's `peer add`), with the
+    /// seed's static key if known: then it is greeted with a sealed Hello instead of a probe.
+    pub fn add_seed(&mut self, addr: SocketAddr, key: Option<[u8; 32]>, rng: &mut impl RngCore) {
+        if let Some(s) = self.seeds.iter_mut().find(|s| s.addr == addr) {
+            // Named again, now with its key: greet it by key from now on.
+            if key.is_some() {
+                s.key = key;
+                s.pinned = true;
+                s.last_probe_ms = None;
+            }
+        } else {
+            let mut nonce = [0u8; 16];
+            rng.fill_bytes(&mut nonce);
+            self.seeds.push(Seed {
+                addr,
+                nonce,
+                key,
+                pinned: key.is_some(),
+                last_probe_ms: None,
+            });
+        }
+    }
+
+    /// Whether probes are answered: with `false`, a sender that has shown no certificate learns
+    /// nothing from this node, not even its key.
+    pub fn set_answer_probes(&mut self, answer: bool) {
+        self.answer_probes = answer;
+    }
+
+    /// Takes a member learned earlier (from the state directory) if its certificate still
+    /// verifies and it conflicts with nobody.
+    pub fn restore(&mut self, certificate: Certificate, endpoint: SocketAddr, now_ms: u64) {
+        if certificate.body.public_key != self.public {
+            if let Err(e) = self
+                .verify(&certificate, now_ms)
+                .map_err(Refusal::Certificate)
+                .and_then(|()| self.admit(certificate, endpoint, None))
+            {
+                tracing::info!(refusal = %e, "saved member not restored");
+            }
+        }
+    }
+
+    /// The replay windows to save: for each sender, the newest counter taken and when.
+    pub fn floors(&self) -> Vec<Floor> {
+        let mut v: Vec<Floor> = self
+            .replay
+            .iter()
+            .filter_map(|(k, r)| {
+                r.window.newest().map(|counter| Floor {
+                    sender: *k,
+                    counter,
+                    heard_ms: r.heard_ms,
+                })
+            })
+            .collect();
+        v.sort_by_key(|f| f.sender);
+        v
+    }
+
+    /// Takes saved floors after a restart at `now_ms`: a sender's counters follow its clock
+    /// ([`COUNTER_PER_MS`]), so anything it sent before this node went down is below its newest
+    /// saved counter plus the time since, in counter units. Datagrams captured before the restart
+    /// are refused; the sender's new ones are above.
+    pub fn restore_floors(&mut self, floors: &[Floor], now_ms: u64) {
+        for f in floors {
+            let gap = now_ms.saturating_sub(f.heard_ms);
+            let credited = gap - gap * FLOOR_SLACK_PER_MILLE / 1000;
+            let floor = f
+                .counter
+                .saturating_add(credited.saturating_mul(COUNTER_PER_MS));
+            self.replay.insert(
+                f.sender,
+                Replay {
+                    window: ReplayWindow::above(floor),
+                    heard_ms: now_ms,
+                },
+            );
+        }
+    }
+
+    /// Takes a revocation list saved earlier or named in the configuration, if it verifies and is
+    /// newer than the one held; true if taken.
+    pub fn take_revocation(&mut self, crl: RevocationList) -> Result<bool, Refusal> {
+        let ca = self
+            .bundle
+            .iter()
+            .find(|ca| ca.body.public_key == crl.issuer)
+            .ok_or(Refusal::UntrustedRevocation)?;
+        crl.verify(ca).map_err(Refusal::Certificate)?;
+        if self
+            .revocations
+            .get(&crl.issuer)
+            .is_some_and(|cur| cur.number >= crl.number)
+        {
+            return Ok(false);
+        }
+        self.revocations.insert(crl.issuer, crl);
+        self.dirty.revocations = true;
+        Ok(true)
+    }
+
+    fn verify(&self, cert: &Certificate, now_ms: u64) -> Result<(), proto::cert::CertError> {
+        let crl = self.revocations.get(&cert.body.issuer);
+        cert.verify_identity(&self.bundle, now_ms / 1000, crl)
+    }
+
+    /// `msg` sealed for `to`, as datagrams small enough never to be fragmented (one, unless the
+    /// message is large); none if it exceeds the largest message.
+    fn seal(
+        &mut self,
+        to: &[u8; 32],
+        msg: &Message,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> Vec<Vec<u8>> {
+        let mut e = [0u8; 32];
+        rng.fill_bytes(&mut e);
+        let first = (self.counter + 1).max(now_ms.saturating_mul(COUNTER_PER_MS));
+        match control::seal_message(
+            &self.secret,
+            to,
+            &StaticSecret::from(e),
+            first,
+            &msg.encode(),
+        ) {
+            Ok(datagrams) => {
+                self.counter = first + datagrams.len() as u64 - 1;
+                datagrams
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn send(
+        &mut self,
+        to_key: &[u8; 32],
+        to: SocketAddr,
+        msg: &Message,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        out: &mut Vec<Out>,
+    ) {
+        for datagram in self.seal(to_key, msg, now_ms, rng) {
+            out.push(Out::Send { to, datagram });
+        }
+    }
+
+    /// Seals `msg` for the member `to`, at the endpoint it was last seen at.
+    pub fn send_to(
+        &mut self,
+        to: &[u8; 32],
+        msg: &Message,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        out: &mut Vec<Out>,
+    ) {
+        if let Some(ep) = self.members.get(to).map(|m| m.endpoint) {
+            self.send(to, ep, msg, now_ms, rng, out);
+        }
+    }
+
+    /// The numbers of the revocation lists we hold, one per CA of our bundle (0: none).
+    fn crl_versions(&self) -> Vec<CrlVersion> {
+        self.bundle
+            .iter()
+            .take(control::MAX_HELLO_CAS)
+            .map(|ca| CrlVersion {
+                issuer: ca.body.public_key,
+                number: self
+                    .revocations
+                    .get(&ca.body.public_key)
+                    .map_or(0, |l| l.number),
+            })
+            .collect()
+    }
+
+    fn hello(&self, want_members: bool) -> Message {
+        Message::Hello {
+            certificate: self.certificate.clone(),
+            want_members,
+            digest: self.digest(),
+            revocations: self.crl_versions(),
+        }
+    }
+
+    /// The digest of the mesh as this node knows it, itself included.
+    fn digest(&self) -> [u8; 32] {
+        control::members_digest(self.members.keys().chain(std::iter::once(&self.public)))
+    }
+
+    /// Checks a verified certificate against the members without changing anything: refused if
+    /// the operator removed its key, if a newer certificate of its identity (or of its key) is
+    /// known, or if it claims an address that ours or another identity's names. Returns the keys
+    /// of older certificates of the same identity, which it replaces.
+    fn admissible(&self, cert: &Certificate) -> Result<Vec<[u8; 32]>, Refusal> {
+        let body = &cert.body;
+        if self.removed.contains(&body.public_key) {
+            return Err(Refusal::Removed);
+        }
+        let identity = body.identity();
+        let current = self
+            .members
+            .get(&body.public_key)
+            .map(|m| &m.certificate.body);
+        let newest = self
+            .newest
+            .get(&identity)
+            .copied()
+            .into_iter()
+            .chain(current.map(|c| (c.not_before, c.serial)))
+            .max();
+        if let Some((nb, serial)) = newest {
+            if (body.not_before, body.serial) < (nb, serial) {
+                return Err(Refusal::Superseded {
+                    identity,
+                    newest: serial,
+                });
+            }
+        }
+        let mine = &self.certificate.body;
+        if let Some(addr) = body.addrs.iter().find(|a| overlaps_any(a, &mine.addrs)) {
+            return Err(Refusal::AddressConflict {
+                identity,
+                addr: *addr,
+                holder: format!("{} (this node)", mine.identity()),
+            });
+        }
+        let mut replaced = Vec::new();
+        for (k, m) in &self.members {
+            if *k == body.public_key {
+                continue;
+            }
+            let other = &m.certificate.body;
+            if other.identity() == identity {
+                // Not older than the member (checked above through `newest`): it replaces it.
+                replaced.push(*k);
+            } else if let Some(addr) = body.addrs.iter().find(|a| overlaps_any(a, &other.addrs)) {
+                return Err(Refusal::AddressConflict {
+                    identity,
+                    addr: *addr,
+                    holder: other.identity(),
+                });
+            }
+        }
+        Ok(replaced)
+    }
+
+    /// Records a certificate that verified, if [`Membership::admissible`]; returns true if its
+    /// key is a new member.
+    fn admit(
+        &mut self,
+        cert: Certificate,
+        endpoint: SocketAddr,
+        heard_ms: Option<u64>,
+    ) -> Result<bool, Refusal> {
+        let replaced = self.admissible(&cert)?;
+        for k in replaced {
+            self.expel(&k, "replaced by a renewed certificate");
+        }
+        let key = cert.body.public_key;
+        let newest = self.newest.entry(cert.body.identity()).or_insert((0, 0));
+        *newest = (*newest).max((cert.body.not_before, cert.body.serial));
+        let new = match self.members.get_mut(&key) {
+            Some(m) => {
+                if m.endpoint != endpoint || m.certificate != cert {
+                    self.dirty.members = true;
+                }
+                m.endpoint = endpoint;
+                m.certificate = cert;
+                if heard_ms.is_some() {
+                    m.last_heard_ms = heard_ms;
+                }
+                false
+            }
+            None => {
+                self.members.insert(
+                    key,
+                    MemberState {
+                        certificate: cert,
+                        endpoint,
+                        last_heard_ms: heard_ms,
+                    },
+                );
+                self.dirty.members = true;
+                true
+            }
+        };
+        Ok(new)
+    }
+
+    fn expel(&mut self, key: &[u8; 32], reason: &str) -> Option<MemberState> {
+        let m = self.members.remove(key)?;
+        self.dirty.members = true;
+        self.expelled.push((*key, reason.to_string()));
+        Some(m)
+    }
+
+    /// The members cut since the last call, with the reason.
+    pub fn take_expelled(&mut self) -> Vec<([u8; 32], String)> {
+        std::mem::take(&mut self.expelled)
+    }
+
+    /// Forgets a member on the operator's request and refuses it from now on (until restart;
+    /// to exclude an identity for good, revoke its certificate).
+    pub fn forget(&mut self, key: &[u8; 32]) -> Option<MemberState> {
+        self.removed.insert(*key);
+        self.expel(key, "removed by the operator")
+    }
+
+    /// One control datagram from `from`.
+    pub fn on_datagram(
+        &mut self,
+        now_ms: u64,
+        from: SocketAddr,
+        datagram: &[u8],
+        rng: &mut impl RngCore,
+    ) -> Result<Vec<Out>, Refusal> {
+        let mut out = Vec::new();
+        match control::decode(datagram)? {
+            Datagram::Probe { .. } if !self.answer_probes => return Err(Refusal::ProbeIgnored),
+            Datagram::Probe { nonce } => {
+                if let Some(reply) =
+                    control::encode_probe_reply(&nonce, &self.certificate, datagram.len())
+                {
+                    out.push(Out::Send {
+                        to: from,
+                        datagram: reply,
+                    });
+                }
+            }
+            Datagram::ProbeReply { nonce, certificate } => {
+                if !self
+                    .seeds
+                    .iter()
+                    .any(|s| s.addr == from && s.nonce == nonce)
+                {
+                    return Err(Refusal::UnexpectedReply);
+                }
+                self.verify(&certificate, now_ms)
+                    .map_err(Refusal::Certificate)?;
+                let key = certificate.body.public_key;
+                if key == self.public {
+                    return Ok(out); // we probed ourselves
+                }
+                self.admit(certificate, from, None)?;
+                let hello = self.hello(true);
+                self.send(&key, from, &hello, now_ms, rng, &mut out);
+            }
+            Datagram::ProbeKey { nonce, key } => {
+                // The seed's certificate is too large for one datagram: our Hello goes to its key,
+                // and its Hello, which carries the certificate, admits it (or nothing does).
+                let seed = self
+                    .seeds
+                    .iter_mut()
+                    .find(|s| s.addr == from && s.nonce == nonce && !s.pinned)
+                    .ok_or(Refusal::UnexpectedReply)?;
+                if key != self.public && !self.removed.contains(&key) {
+                    seed.key = Some(key);
+                    // Its members would be refused until it is one: asked for once it is.
+                    let hello = self.hello(false);
+                    self.send(&key, from, &hello, now_ms, rng, &mut out);
+                }
+            }
+            Datagram::Sealed(sealed) => {
+                let control::Opened {
+                    sender,
+                    plaintext: plain,
+                } = sealed.open(&self.secret)?;
+                if self.removed.contains(&sender) {
+                    return Err(Refusal::Removed);
+                }
+                let Some(whole) = self
+                    .reassembly
+                    .add(sender, sealed.counter, &plain, now_ms)?
+                else {
+                    return Ok(out); // more segments to come
+                };
+                if self
+                    .replay
+                    .get(&sender)
+                    .is_some_and(|r| !r.window.would_accept(whole.first_counter, whole.count))
+                {
+                    return Err(Refusal::Replay);
+                }
+                let msg = Message::decode(&whole.message)?;
+                let cert = match &msg {
+                    Message::Hello { certificate, .. } => certificate.clone(),
+                    _ => self
+                        .members
+                        .get(&sender)
+                        .ok_or(Refusal::UnknownSender)?
+                        .certificate
+                        .clone(),
+                };
+                if cert.body.public_key != sender {
+                    return Err(Refusal::KeyMismatch);
+                }
+                // A member whose certificate stopped verifying is cut by the next tick; a refusal
+                // changes no state.
+                self.verify(&cert, now_ms).map_err(Refusal::Certificate)?;
+                // Checked before the counters are taken: a refused message moves nothing.
+                self.admissible(&cert)?;
+                let replay = self.replay.entry(sender).or_default();
+                if !replay.window.accept_run(whole.first_counter, whole.count) {
+                    return Err(Refusal::Replay);
+                }
+                replay.heard_ms = now_ms;
+                self.dirty.floors = true;
+                // The message opened with the sender's static key: this is where it is now.
+                if self.admit(cert, from, Some(now_ms))? {
+                    // A newcomer learns who we are (it may know only our key, from a ProbeKey).
+                    // A seed known only by its key is now asked for the members it knows.
+                    let seed = self.seeds.iter().any(|s| s.key == Some(sender));
+                    let hello = self.hello(seed);
+                    self.send(&sender, from, &hello, now_ms, rng, &mut out);
+                }
+                self.on_message(now_ms, sender, from, msg, rng, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn on_message(
+        &mut self,
+        now_ms: u64,
+        sender: [u8; 32],
+        from: SocketAddr,
+        msg: Message,
+        rng: &mut impl RngCore,
+        out: &mut Vec<Out>,
+    ) -> Result<(), Refusal> {
+        match msg {
+            Message::Hello {
+                want_members,
+                digest,
+                revocations,
+                ..
+            } => {
+                // Answer only if the sender's view of the mesh differs from ours.
+                if want_members && digest != self.digest() {
+                    let list: Vec<Member> = self
+                        .members
+                        .iter()
+                        .filter(|(k, _)| **k != sender)
+                        .map(|(_, m)| Member {
+                            certificate: m.certificate.clone(),
+                            endpoint: m.endpoint,
+                        })
+                        .collect();
+                    for batch in member_batches(list) {
+                        self.send(&sender, from, &Message::Members(batch), now_ms, rng, out);
+                    }
+                }
+                // Any list of a CA the sender trusts that is newer than the one it holds.
+                let newer: Vec<RevocationList> = revocations
+                    .iter()
+                    .filter_map(|v| {
+                        self.revocations
+                            .get(&v.issuer)
+                            .filter(|l| l.number > v.number)
+                            .cloned()
+                    })
+                    .collect();
+                for crl in newer {
+                    self.send(&sender, from, &Message::Revocation(crl), now_ms, rng, out);
+                }
+            }
+            Message::Members(list) => {
+                for m in list {
+                    let key = m.certificate.body.public_key;
+                    if key == self.public || self.members.contains_key(&key) {
+                        continue;
+                    }
+                    if self.verify(&m.certificate, now_ms).is_err() {
+                        continue;
+                    }
+                    if self.admit(m.certificate, m.endpoint, None).is_ok() {
+                        let hello = self.hello(false);
+                        self.send(&key, m.endpoint, &hello, now_ms, rng, out);
+                    }
+                }
+            }
+            m @ (Message::PolicyOffer { .. }
+            | Message::PolicyRequest { .. }
+            | Message::PolicyChunk { .. }) => out.push(Out::Policy {
+                from: sender,
+                msg: m,
+            }),
+            Message::Revocation(crl) => {
+                if !self.take_revocation(crl.clone())? {
+                    return Ok(());
+                }
+                self.expel_invalid(now_ms);
+                // Spread it: every member that has not got it yet gets it from us.
+                let targets: Vec<([u8; 32], SocketAddr)> = self
+                    .members
+                    .iter()
+                    .filter(|(k, _)| **k != sender)
+                    .map(|(k, m)| (*k, m.endpoint))
+                    .collect();
+                for (k, ep) in targets {
+                    self.send(&k, ep, &Message::Revocation(crl.clone()), now_ms, rng, out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a renewed identity (new certificate, possibly a new key) and the current trust
+    /// bundle, and announces the certificate to every member, which then replaces the old one.
+    pub fn renew(
+        &mut self,
+        secret: StaticSecret,
+        certificate: Certificate,
+        bundle: Vec<Certificate>,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        self.public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        self.secret = secret;
+        self.certificate = certificate;
+        self.bundle = bundle;
+        self.expel_invalid(now_ms);
+        let targets: Vec<([u8; 32], SocketAddr)> =
+            self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
+        let hello = self.hello(false);
+        for (k, ep) in targets {
+            self.send(&k, ep, &hello, now_ms, rng, &mut out);
+        }
+        out
+    }
+
+    /// Replaces the revocation list of its CA if it is newer (from the operator or a file);
+    /// cuts revoked members and spreads the list.
+    pub fn add_revocation(
+        &mut self,
+        now_ms: u64,
+        crl: RevocationList,
+        rng: &mut impl RngCore,
+    ) -> Result<Vec<Out>, Refusal> {
+        let mut out = Vec::new();
+        let me = self.public;
+        self.on_message(
+            now_ms,
+            me,
+            "0.0.0.0:0".parse().expect("literal"),
+            Message::Revocation(crl),
+            rng,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Cuts members whose certificates stopped verifying; returns them with the reason.
+    pub fn expel_invalid(&mut self, now_ms: u64) -> Vec<([u8; 32], String)> {
+        let bad: Vec<([u8; 32], String)> = self
+            .members
+            .iter()
+            .filter_map(|(k, m)| {
+                self.verify(&m.certificate, now_ms)
+                    .err()
+                    .map(|e| (*k, e.to_string()))
+            })
+            .collect();
+        for (k, why) in &bad {
+            self.expel(k, why);
+        }
+        bad
+    }
+
+    /// Periodic work: cut members whose certificates stopped verifying, probe seeds we have not
+    /// reached, and ask one member in turn for the members it knows.
+    pub fn on_tick(&mut self, now_ms: u64, rng: &mut impl RngCore) -> Vec<Out> {
+        let mut out = Vec::new();
+        self.expel_invalid(now_ms);
+        self.reassembly.expire(now_ms);
+        let known: Vec<SocketAddr> = self.members.values().map(|m| m.endpoint).collect();
+        let mut greet = Vec::new();
+        for s in &mut self.seeds {
+            let due = s
+                .last_probe_ms
+                .is_none_or(|t| now_ms >= t + PROBE_INTERVAL_MS);
+            let reached = match s.key {
+                Some(k) if s.pinned => self.members.contains_key(&k),
+                _ => known.contains(&s.addr),
+            };
+            if reached || !due {
+                continue;
+            }
+            s.last_probe_ms = Some(now_ms);
+            match s.key {
+                Some(k) if s.pinned => greet.push((k, s.addr)),
+                _ => {
+                    rng.fill_bytes(&mut s.nonce);
+                    out.push(Out::Send {
+                        to: s.addr,
+                        datagram: control::encode_probe(&s.nonce),
+                    });
+                }
+            }
+        }
+        for (key, addr) in greet {
+            // Its Hello in answer admits it, and is answered with a request for its members.
+            let hello = self.hello(false);
+            self.send(&key, addr, &hello, now_ms, rng, &mut out);
+        }
+        if now_ms >= self.next_gossip_ms && !self.members.is_empty() {
+            self.next_gossip_ms = now_ms + GOSSIP_INTERVAL_MS;
+            self.gossip_turn = (self.gossip_turn + 1) % self.members.len();
+            let (key, ep) = self
+                .members
+                .iter()
+                .nth(self.gossip_turn)
+                .map(|(k, m)| (*k, m.endpoint))
+                .expect("index in range");
+            let hello = self.hello(true);
+            self.send(&key, ep, &hello, now_ms, rng, &mut out);
+        }
+        out
+    }
+}
+
+/// True if `a` shares an address with any of `others`.
+pub fn overlaps_any(a: &Cidr, others: &[Cidr]) -> bool {
+    others
+        .iter()
+        .any(|b| a.contains(b.addr()) || b.contains(a.addr()))
+}
+
+#[cfg(test)]
+#[path = "membership_tests.rs"]
+mod tests;

@@ -1,0 +1,233 @@
+//! Membership alone: what one node refuses, and how large messages cross. The whole node, many
+//! of them over a simulated network, is tested in `node_tests.rs`.
+
+use super::*;
+use ed25519_dalek::SigningKey;
+use proto::cert::{CertBody, CertKind};
+use rand_core::OsRng;
+
+const T0_MS: u64 = 1_800_000_000_000;
+
+fn ca(seed: u8, td: &str) -> (SigningKey, Certificate) {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    let pk = key.verifying_key().to_bytes();
+    let cert = CertBody {
+        kind: CertKind::Ca,
+        serial: 1,
+        not_before: 0,
+        not_after: u64::MAX / 2,
+        trust_domain: td.into(),
+        namespace: String::new(),
+        name: "ca".into(),
+        public_key: pk,
+        issuer: pk,
+        labels: Default::default(),
+        addrs: vec![],
+    }
+    .sign(&key)
+    .unwrap();
+    (key, cert)
+}
+
+fn identity(ca: &SigningKey, i: u8, not_after: u64) -> (StaticSecret, Certificate) {
+    let secret = StaticSecret::from([i; 32]);
+    let cert = CertBody {
+        kind: CertKind::Identity,
+        serial: u64::from(i),
+        not_before: 0,
+        not_after,
+        trust_domain: "example.org".into(),
+        namespace: "prod".into(),
+        name: format!("node{i}"),
+        public_key: *x25519_dalek::PublicKey::from(&secret).as_bytes(),
+        issuer: ca.verifying_key().to_bytes(),
+        labels: Default::default(),
+        addrs: vec![format!("100.64.1.{i}/32").parse().unwrap()],
+    }
+    .sign(ca)
+    .unwrap();
+    (secret, cert)
+}
+
+/// [`identity`] with `n` labels of about 40 bytes each, for a certificate of any size.
+fn labelled(ca: &SigningKey, i: u8, n: usize) -> (StaticSecret, Certificate) {
+    let (secret, cert) = identity(ca, i, u64::MAX / 4);
+    let mut body = cert.body;
+    body.labels = (0..n)
+        .map(|l| {
+            (
+                format!("team.example.org/key-{l:02}"),
+                format!("value-{l:02}-{i:03}-abcdefgh"),
+            )
+        })
+        .collect();
+    (secret, body.sign(ca).unwrap())
+}
+
+fn addr(i: usize) -> SocketAddr {
+    format!("198.18.1.{}:51820", i + 1).parse().unwrap()
+}
+
+/// A node that knows nobody yet: node `i` of `ca_key`.
+fn lone(ca_key: &SigningKey, ca_cert: &Certificate, i: u8) -> Membership {
+    let (secret, cert) = identity(ca_key, i, u64::MAX / 4);
+    Membership::new(secret, cert, vec![ca_cert.clone()], T0_MS)
+}
+
+fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter: u64) -> Vec<u8> {
+    let msg = Message::Hello {
+        certificate: cert,
+        want_members: true,
+        digest: [0; 32],
+        revocations: vec![],
+    };
+    let mut d = control::seal_message(
+        from,
+        &to.public,
+        &StaticSecret::from([77; 32]),
+        counter,
+        &msg.encode(),
+    )
+    .unwrap();
+    assert_eq!(d.len(), 1, "a Hello fits one datagram");
+    d.remove(0)
+}
+
+#[test]
+fn refuses_other_cas_foreign_keys_tampering_replays_and_strangers() {
+    let (ca_key, ca_cert) = ca(9, "example.org");
+    let mut node = lone(&ca_key, &ca_cert, 1);
+    let (rogue_key, _) = ca(3, "example.org");
+    let n = &mut node;
+    let now = T0_MS;
+
+    let (s, cert) = identity(&rogue_key, 7, u64::MAX / 4);
+    let r = n.on_datagram(now, addr(6), &sealed_hello(&s, n, cert, 1), &mut OsRng);
+    assert!(
+        matches!(
+            r,
+            Err(Refusal::Certificate(proto::cert::CertError::UnknownIssuer))
+        ),
+        "{r:?}"
+    );
+
+    let (s7, _) = identity(&ca_key, 7, u64::MAX / 4);
+    let (_, cert8) = identity(&ca_key, 8, u64::MAX / 4);
+    let r = n.on_datagram(now, addr(6), &sealed_hello(&s7, n, cert8, 1), &mut OsRng);
+    assert_eq!(
+        r,
+        Err(Refusal::KeyMismatch),
+        "a certificate for another key than the sender's"
+    );
+
+    let (_, cert7) = identity(&ca_key, 7, u64::MAX / 4);
+    let mut bytes = cert7.encode();
+    let pos = bytes.windows(4).position(|w| w == [100, 64, 1, 7]).unwrap();
+    bytes[pos + 3] = 8;
+    let tampered = Certificate::decode(&bytes).unwrap();
+    let r = n.on_datagram(now, addr(6), &sealed_hello(&s7, n, tampered, 2), &mut OsRng);
+    assert!(
+        matches!(
+            r,
+            Err(Refusal::Certificate(proto::cert::CertError::BadSignature))
+        ),
+        "{r:?}"
+    );
+    assert!(n.members().is_empty());
+
+    let good = sealed_hello(&s7, n, cert7.clone(), 3);
+    assert!(n.on_datagram(now, addr(6), &good, &mut OsRng).is_ok());
+    assert_eq!(n.members().len(), 1);
+    assert_eq!(
+        n.on_datagram(now, addr(6), &good, &mut OsRng),
+        Err(Refusal::Replay)
+    );
+
+    let (s9, _) = identity(&ca_key, 9, u64::MAX / 4);
+    let members = Message::Members(vec![]).encode();
+    let d = control::seal_message(&s9, &n.public, &StaticSecret::from([5; 32]), 1, &members)
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        n.on_datagram(now, addr(6), &d, &mut OsRng),
+        Err(Refusal::UnknownSender)
+    );
+
+    let reply = control::encode_probe_reply(&[1; 16], &cert7, 1200).unwrap();
+    assert_eq!(
+        n.on_datagram(now, addr(6), &reply, &mut OsRng),
+        Err(Refusal::UnexpectedReply)
+    );
+    let small_probe = &control::encode_probe(&[1; 16])[..600];
+    assert!(matches!(
+        n.on_datagram(now, addr(6), small_probe, &mut OsRng),
+        Err(Refusal::Malformed(_))
+    ));
+}
+
+#[test]
+fn a_message_in_segments_arriving_in_any_order_is_taken_once() {
+    let (ca_key, ca_cert) = ca(9, "example.org");
+    let mut node = lone(&ca_key, &ca_cert, 1);
+    // A Hello with a 3 KB certificate, in segments arriving in any order, admits its sender once.
+    let n = &mut node;
+    let (big, cert) = labelled(&ca_key, 40, 64);
+    assert!(cert.encode().len() > 3000);
+    let hello = Message::Hello {
+        certificate: cert,
+        want_members: false,
+        digest: [0; 32],
+        revocations: vec![],
+    };
+    let mut segs = control::seal_message(
+        &big,
+        &n.public,
+        &StaticSecret::from([8; 32]),
+        500,
+        &hello.encode(),
+    )
+    .unwrap();
+    assert!(segs.len() >= 3);
+    segs.swap(0, 2);
+    let now = T0_MS;
+    let before = n.members().len();
+    for (i, d) in segs.iter().enumerate() {
+        let out = n.on_datagram(now, addr(40), d, &mut OsRng).unwrap();
+        assert_eq!(
+            out.is_empty(),
+            i + 1 < segs.len(),
+            "acted on at the last segment"
+        );
+    }
+    assert_eq!(n.members().len(), before + 1);
+    // The same segments again (a replay) are put together, and refused whole.
+    let mut refusal = None;
+    for d in &segs {
+        if let Err(e) = n.on_datagram(now, addr(40), d, &mut OsRng) {
+            refusal = Some(e);
+        }
+    }
+    assert_eq!(refusal, Some(Refusal::Replay));
+}
+
+#[test]
+fn members_are_batched_by_count_and_by_certificate_bytes() {
+    let (ca_key, _) = ca(9, "example.org");
+    let member = |i: u8, labels: usize| Member {
+        certificate: labelled(&ca_key, i, labels).1,
+        endpoint: addr(usize::from(i)),
+    };
+    let small: Vec<Member> = (1..=70).map(|i| member(i, 0)).collect();
+    let sizes: Vec<usize> = member_batches(small).iter().map(Vec::len).collect();
+    assert_eq!(sizes, [32, 32, 6]);
+    // 3 KB certificates: five to a message.
+    let big: Vec<Member> = (1..=12).map(|i| member(i, 64)).collect();
+    let batches = member_batches(big);
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 12);
+    for b in &batches {
+        let encoded = Message::Members(b.clone()).encode().len();
+        assert!(encoded <= MEMBERS_BYTES_PER_MESSAGE + 1024, "{encoded}");
+        assert!(encoded <= proto::segment::MAX_MESSAGE_BYTES);
+    }
+    assert!(batches.len() >= 3, "{}", batches.len());
+}

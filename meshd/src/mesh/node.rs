@@ -1,0 +1,499 @@
+//! The mesh node: one sans-I/O state machine, as quinn-proto's endpoint is one. It holds
+//! membership (seeds, gossip, certificate checks, expiry, revocation, renewal), policy sync and the
+//! decision to take a policy set, and derives from them what the device, the kernel and the
+//! state directory must hold. It takes [`Event`]s with the time and a random source and returns
+//! [`Action`]s; the async shell (`run.rs`) only carries them out.
+//!
+//! Derived, never moved around: after every event the node recomputes the WireGuard peers (each
+//! member's key, endpoint and exactly its certificate's addresses), the kernel routes (the union of
+//! those addresses) and this node's own addresses (its certificate's), and emits the difference
+//! from what it emitted before. Members never overlap one another (membership refuses a second
+//! claim), and a member whose addresses overlap this node's own is not installed.
+
+use super::membership::{Floor, MemberState, Membership, Out, Refusal};
+use super::policy_book::PolicyBook;
+use super::policy_sync::{PolicySync, SyncAction};
+use policy::engine::Posture;
+use proto::cert::{Certificate, RevocationList};
+use proto::control::{Member, Seed};
+use proto::Cidr;
+use rand_core::RngCore;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use x25519_dalek::StaticSecret;
+
+/// A node offers its policy set to one member in turn this often, so a member that missed a
+/// change (it was down, a datagram was lost) catches up.
+pub const POLICY_OFFER_INTERVAL_MS: u64 = 5_000;
+/// Replay floors are saved at most this often (they are extrapolated on restart; see
+/// [`Membership::restore_floors`]).
+const FLOOR_SAVE_INTERVAL_MS: u64 = 1_000;
+
+/// Everything a node is configured with.
+pub struct NodeConfig {
+    pub secret: StaticSecret,
+    pub certificate: Certificate,
+    pub bundle: Vec<Certificate>,
+    /// Revocation lists named in the configuration.
+    pub revocations: Vec<RevocationList>,
+    pub admins: Vec<[u8; 32]>,
+    pub posture: Posture,
+    pub audit: bool,
+    pub answer_probes: bool,
+    pub seeds: Vec<Seed>,
+}
+
+/// What an earlier run saved in the state directory; each part is verified again as it is taken.
+#[derive(Debug, Default, Clone)]
+pub struct Saved {
+    pub members: Vec<Member>,
+    pub revocations: Vec<RevocationList>,
+    pub floors: Vec<Floor>,
+    pub policy: Option<Vec<u8>>,
+}
+
+/// What happens to a node.
+pub enum Event {
+    /// A control datagram from the underlay.
+    Datagram { from: SocketAddr, bytes: Vec<u8> },
+    /// Time passes: expiry, probes, gossip, offers, stalled transfers.
+    Tick,
+    /// The operator's `peer add`.
+    AddSeed(Seed),
+    /// The operator's `peer remove`.
+    Forget([u8; 32]),
+    /// Whether probes are answered (reload).
+    AnswerProbes(bool),
+    /// The operator's `policy apply`: a signed set that must follow the one in force.
+    ApplyPolicy(Vec<u8>),
+    /// A revocation list from the operator (reload).
+    AddRevocation(RevocationList),
+    /// A renewed identity (reload).
+    Renew {
+        secret: StaticSecret,
+        certificate: Certificate,
+        bundle: Vec<Certificate>,
+    },
+}
+
+/// A file of the state directory, with what it must now hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Members(Vec<Member>),
+    Revocations(Vec<RevocationList>),
+    Floors(Vec<Floor>),
+    /// The encoded signed policy set in force.
+    Policy(Vec<u8>),
+}
+
+/// What the shell must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send {
+        to: SocketAddr,
+        datagram: Vec<u8>,
+    },
+    /// Members or policy changed: rebuild the verdict rules (before the peer actions that
+    /// follow, so no packet meets an identity the rules do not know).
+    Resolve,
+    /// Make or update the WireGuard peer `key`, with exactly `addrs` as its allowed IPs.
+    Peer {
+        key: [u8; 32],
+        endpoint: SocketAddr,
+        addrs: Vec<Cidr>,
+    },
+    /// Remove the WireGuard peer `key`.
+    Unpeer {
+        key: [u8; 32],
+        reason: String,
+    },
+    /// A kernel route to the interface.
+    Route(Cidr),
+    Unroute(Cidr),
+    /// An address of this node on the interface.
+    Address(Cidr),
+    Unaddress(Cidr),
+    Store(Stored),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Installed {
+    endpoint: SocketAddr,
+    addrs: Vec<Cidr>,
+}
+
+pub struct Node {
+    membership: Membership,
+    sync: PolicySync,
+    book: PolicyBook,
+    /// What the device was told to hold: derived, compared after every event.
+    peers: BTreeMap<[u8; 32], Installed>,
+    routes: BTreeSet<Cidr>,
+    addresses: BTreeSet<Cidr>,
+    next_offer_ms: u64,
+    offer_turn: usize,
+    next_floor_save_ms: u64,
+    /// Policy changed since the last [`Action::Resolve`].
+    policy_changed: bool,
+    /// Why members left since the last derivation, for the log.
+    reasons: BTreeMap<[u8; 32], String>,
+    /// Actions of a policy set taken from a member, for the end of the event.
+    pending: Vec<Action>,
+}
+
+impl Node {
+    /// A node from its configuration and what an earlier run saved; the actions bring the device,
+    /// the kernel and the state directory in line.
+    pub fn new(
+        cfg: NodeConfig,
+        saved: Saved,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> (Node, Vec<Action>) {
+        let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms);
+        membership.set_answer_probes(cfg.answer_probes);
+        for crl in cfg.revocations.into_iter().chain(saved.revocations) {
+            if let Err(e) = membership.take_revocation(crl) {
+                tracing::warn!(error = %e, "revocation list not taken");
+            }
+        }
+        membership.restore_floors(&saved.floors, now_ms);
+        let mut book = PolicyBook::new(cfg.admins, cfg.posture, cfg.audit);
+        let mut sync = PolicySync::default();
+        if let Some(encoded) = &saved.policy {
+            match book.restore(encoded) {
+                Ok(msg) => tracing::info!("saved {msg}"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "saved policy set refused; enforcing none")
+                }
+            }
+            if let Some(set) = &book.current {
+                sync.set_current(set.serial, encoded.clone(), set.digest());
+            }
+        }
+        tracing::info!(members = saved.members.len(), "restoring saved members");
+        for m in saved.members {
+            membership.restore(m.certificate, m.endpoint, now_ms);
+        }
+        for s in cfg.seeds {
+            membership.add_seed(s.addr, s.key, rng);
+        }
+        let mut node = Node {
+            membership,
+            sync,
+            book,
+            peers: BTreeMap::new(),
+            routes: BTreeSet::new(),
+            addresses: BTreeSet::new(),
+            next_offer_ms: now_ms,
+            offer_turn: 0,
+            next_floor_save_ms: now_ms,
+            policy_changed: true,
+            reasons: BTreeMap::new(),
+            pending: Vec::new(),
+        };
+        let mut out = Vec::new();
+        node.settle(now_ms, rng, Vec::new(), &mut out);
+        (node, out)
+    }
+
+    pub fn members(&self) -> &BTreeMap<[u8; 32], MemberState> {
+        self.membership.members()
+    }
+
+    pub fn certificate(&self) -> &Certificate {
+        self.membership.certificate()
+    }
+
+    pub fn policy(&self) -> &PolicyBook {
+        &self.book
+    }
+
+    /// What member `key` last said about its policy set: serial and digest.
+    pub fn heard_policy(&self, key: &[u8; 32]) -> Option<(u64, [u8; 32])> {
+        self.sync.heard(key)
+    }
+
+    pub fn revocations(&self) -> impl Iterator<Item = &RevocationList> {
+        self.membership.revocations()
+    }
+
+    /// Handles one event at `now_ms`. A refused event changes nothing the shell would see.
+    pub fn handle(
+        &mut self,
+        event: Event,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> Result<Vec<Action>, Refusal> {
+        let mut out = Vec::new();
+        let outs = match event {
+            Event::Datagram { from, bytes } => {
+                self.membership.on_datagram(now_ms, from, &bytes, rng)?
+            }
+            Event::Tick => {
+                let mut outs = self.membership.on_tick(now_ms, rng);
+                let acts = self.sync.on_tick(now_ms);
+                self.sync_actions(acts, now_ms, rng, &mut outs);
+                self.offer_in_turn(now_ms, rng, &mut outs);
+                outs
+            }
+            Event::AddSeed(seed) => {
+                self.membership.add_seed(seed.addr, seed.key, rng);
+                self.membership.on_tick(now_ms, rng)
+            }
+            Event::Forget(key) => {
+                if self.membership.forget(&key).is_some() {
+                    self.reasons.insert(key, "removed by the operator".into());
+                }
+                Vec::new()
+            }
+            Event::AnswerProbes(answer) => {
+                self.membership.set_answer_probes(answer);
+                Vec::new()
+            }
+            Event::ApplyPolicy(encoded) => {
+                self.book.check_next(&encoded).map_err(Refusal::Policy)?;
+                let mut outs = Vec::new();
+                self.take_policy(encoded, None, now_ms, rng, &mut outs, &mut out)
+                    .map_err(Refusal::Policy)?;
+                outs
+            }
+            Event::AddRevocation(crl) => self.membership.add_revocation(now_ms, crl, rng)?,
+            Event::Renew {
+                secret,
+                certificate,
+                bundle,
+            } => {
+                self.policy_changed = true;
+                self.membership
+                    .renew(secret, certificate, bundle, now_ms, rng)
+            }
+        };
+        self.settle(now_ms, rng, outs, &mut out);
+        Ok(out)
+    }
+
+    /// Carries membership's outputs into actions (policy messages go through policy sync), then
+    /// derives peers, routes and addresses and says what to save.
+    fn settle(
+        &mut self,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        outs: Vec<Out>,
+        out: &mut Vec<Action>,
+    ) {
+        let mut queue: std::collections::VecDeque<Out> = outs.into();
+        while let Some(o) = queue.pop_front() {
+            match o {
+                Out::Send { to, datagram } => out.push(Action::Send { to, datagram }),
+                Out::Policy { from, msg } => {
+                    let acts = self.sync.on_message(from, msg, now_ms);
+                    let mut more = Vec::new();
+                    self.sync_actions(acts, now_ms, rng, &mut more);
+                    // Stores and logs from a taken set go straight out; messages are queued.
+                    queue.extend(more);
+                }
+            }
+        }
+        out.append(&mut self.pending);
+        for (key, why) in self.membership.take_expelled() {
+            self.sync.forget(&key);
+            self.reasons.entry(key).or_insert(why);
+        }
+        let dirty = std::mem::take(&mut self.membership.dirty);
+        if dirty.members || self.policy_changed {
+            out.push(Action::Resolve);
+            self.policy_changed = false;
+        }
+        let new_peers = self.derive(out);
+        if let Some(offer) = self.sync.offer() {
+            let mut outs = Vec::new();
+            for key in new_peers {
+                self.membership
+                    .send_to(&key, &offer, now_ms, rng, &mut outs);
+            }
+            out.extend(outs.into_iter().filter_map(|o| match o {
+                Out::Send { to, datagram } => Some(Action::Send { to, datagram }),
+                Out::Policy { .. } => None,
+            }));
+        }
+        if dirty.members {
+            let list = self
+                .members()
+                .values()
+                .map(|m| Member {
+                    certificate: m.certificate.clone(),
+                    endpoint: m.endpoint,
+                })
+                .collect();
+            out.push(Action::Store(Stored::Members(list)));
+        }
+        if dirty.revocations {
+            out.push(Action::Store(Stored::Revocations(
+                self.revocations().cloned().collect(),
+            )));
+        }
+        if dirty.floors {
+            self.membership.dirty.floors = true; // saved when due
+        }
+        if self.membership.dirty.floors && now_ms >= self.next_floor_save_ms {
+            self.membership.dirty.floors = false;
+            self.next_floor_save_ms = now_ms + FLOOR_SAVE_INTERVAL_MS;
+            out.push(Action::Store(Stored::Floors(self.membership.floors())));
+        }
+    }
+
+    /// Recomputes peers, routes and addresses from the certificates and emits the differences;
+    /// returns the keys of peers that are new.
+    fn derive(&mut self, out: &mut Vec<Action>) -> Vec<[u8; 32]> {
+        let mine: BTreeSet<Cidr> = self.certificate().body.addrs.iter().copied().collect();
+        let mine_list: Vec<Cidr> = mine.iter().copied().collect();
+        let mut peers: BTreeMap<[u8; 32], Installed> = BTreeMap::new();
+        let mut claimed: Vec<Cidr> = Vec::new();
+        for (k, m) in self.membership.members() {
+            let addrs = &m.certificate.body.addrs;
+            let clash = addrs.iter().any(|a| {
+                super::membership::overlaps_any(a, &mine_list)
+                    || super::membership::overlaps_any(a, &claimed)
+            });
+            if clash {
+                if !self.peers.contains_key(k) {
+                    tracing::warn!(identity = %m.certificate.body.identity(), "member not installed: its addresses overlap this node's or another member's");
+                }
+                self.reasons
+                    .entry(*k)
+                    .or_insert_with(|| "its addresses overlap this node's".into());
+                continue;
+            }
+            claimed.extend(addrs.iter().copied());
+            peers.insert(
+                *k,
+                Installed {
+                    endpoint: m.endpoint,
+                    addrs: addrs.clone(),
+                },
+            );
+        }
+        for k in self.peers.keys() {
+            if !peers.contains_key(k) {
+                let reason = self
+                    .reasons
+                    .remove(k)
+                    .unwrap_or_else(|| "no longer a member".into());
+                out.push(Action::Unpeer { key: *k, reason });
+            }
+        }
+        self.reasons.clear();
+        let mut new = Vec::new();
+        for (k, p) in &peers {
+            match self.peers.get(k) {
+                Some(old) if old == p => {}
+                old => {
+                    if old.is_none() {
+                        new.push(*k);
+                    }
+                    out.push(Action::Peer {
+                        key: *k,
+                        endpoint: p.endpoint,
+                        addrs: p.addrs.clone(),
+                    });
+                }
+            }
+        }
+        let routes: BTreeSet<Cidr> = claimed.into_iter().collect();
+        out.extend(self.routes.difference(&routes).map(|c| Action::Unroute(*c)));
+        out.extend(routes.difference(&self.routes).map(|c| Action::Route(*c)));
+        out.extend(
+            self.addresses
+                .difference(&mine)
+                .map(|c| Action::Unaddress(*c)),
+        );
+        out.extend(
+            mine.difference(&self.addresses)
+                .map(|c| Action::Address(*c)),
+        );
+        self.peers = peers;
+        self.routes = routes;
+        self.addresses = mine;
+        new
+    }
+
+    /// Verifies, compiles and takes a signed policy set, from the operator (`from` = None) or a
+    /// member; on success it is saved and offered to every member.
+    fn take_policy(
+        &mut self,
+        encoded: Vec<u8>,
+        from: Option<[u8; 32]>,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        outs: &mut Vec<Out>,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), String> {
+        let msg = self.book.accept(&encoded)?;
+        let set = self.book.current.as_ref().expect("just accepted");
+        self.sync
+            .set_current(set.serial, encoded.clone(), set.digest());
+        tracing::info!("{msg}");
+        self.policy_changed = true;
+        actions.push(Action::Store(Stored::Policy(encoded)));
+        if let Some(offer) = self.sync.offer() {
+            let keys: Vec<[u8; 32]> = self.members().keys().copied().collect();
+            for k in keys.iter().filter(|k| Some(**k) != from) {
+                self.membership.send_to(k, &offer, now_ms, rng, outs);
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_actions(
+        &mut self,
+        acts: Vec<SyncAction>,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        outs: &mut Vec<Out>,
+    ) {
+        for a in acts {
+            match a {
+                SyncAction::Send(to, msg) => self.membership.send_to(&to, &msg, now_ms, rng, outs),
+                SyncAction::Complete {
+                    from,
+                    serial,
+                    digest,
+                    encoded,
+                } => {
+                    let mut actions = Vec::new();
+                    match self.take_policy(encoded, Some(from), now_ms, rng, outs, &mut actions) {
+                        Ok(()) => self.pending.extend(actions),
+                        Err(e) => {
+                            tracing::warn!(from = %proto::Key(from), error = %e, "policy set from a member refused; the running one stays in force");
+                            self.sync.refuse(serial, digest);
+                            self.sync.distrust(from, now_ms);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn offer_in_turn(&mut self, now_ms: u64, rng: &mut impl RngCore, outs: &mut Vec<Out>) {
+        let n = self.members().len();
+        if now_ms < self.next_offer_ms || n == 0 {
+            return;
+        }
+        self.next_offer_ms = now_ms + POLICY_OFFER_INTERVAL_MS;
+        let Some(offer) = self.sync.offer() else {
+            return;
+        };
+        self.offer_turn = (self.offer_turn + 1) % n;
+        let key = *self
+            .members()
+            .keys()
+            .nth(self.offer_turn)
+            .expect("index in range");
+        self.membership.send_to(&key, &offer, now_ms, rng, outs);
+    }
+}
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

@@ -1,0 +1,507 @@
+//! Many [`Node`]s over a simulated underlay, in memory: loss, duplication, reordering and
+//! partitions, restarts from the saved state, and adversaries that capture and inject datagrams.
+//! Everything random comes from one seed, so a run replays byte for byte ([`Sim::trace`]). Used by
+//! the node's tests and by the scale benchmark (`bench/`).
+
+use super::node::{Action, Event, Node, NodeConfig, Saved, Stored};
+use ed25519_dalek::SigningKey;
+use policy::engine::Posture;
+use proto::cert::{CertBody, CertKind, Certificate};
+use proto::control::Seed;
+use proto::Cidr;
+use rand_core::{impls, RngCore};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::net::SocketAddr;
+use x25519_dalek::StaticSecret;
+
+/// The simulated clock starts here (2027), so certificates from time 0 are valid.
+pub const T0_MS: u64 = 1_800_000_000_000;
+/// Every node's time moves this often, as the shell's tick.
+pub const TICK_MS: u64 = 500;
+
+/// A small deterministic generator (SplitMix64): the same seed gives the same run.
+#[derive(Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+impl RngCore for SimRng {
+    fn next_u32(&mut self) -> u32 {
+        self.next_u64() as u32
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        impls::fill_bytes_via_next(self, dest)
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+/// A trust domain's CA for the simulation.
+pub struct Ca {
+    pub key: SigningKey,
+    pub cert: Certificate,
+}
+
+impl Ca {
+    pub fn new(seed: u8, td: &str) -> Ca {
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let pk = key.verifying_key().to_bytes();
+        let cert = CertBody {
+            kind: CertKind::Ca,
+            serial: 1,
+            not_before: 0,
+            not_after: u64::MAX / 2,
+            trust_domain: td.into(),
+            namespace: String::new(),
+            name: "ca".into(),
+            public_key: pk,
+            issuer: pk,
+            labels: Default::default(),
+            addrs: vec![],
+        }
+        .sign(&key)
+        .expect("a valid CA body");
+        Ca { key, cert }
+    }
+
+    /// The identity `prod/node{i}` for `secret`, at overlay address 100.64.x.y of `i`.
+    pub fn identity(&self, secret: &StaticSecret, i: usize, serial: u64) -> Certificate {
+        self.issue(
+            secret,
+            &format!("node{i}"),
+            overlay(i),
+            serial,
+            0,
+            u64::MAX / 4,
+        )
+    }
+
+    pub fn issue(
+        &self,
+        secret: &StaticSecret,
+        name: &str,
+        addr: Cidr,
+        serial: u64,
+        not_before: u64,
+        not_after: u64,
+    ) -> Certificate {
+        CertBody {
+            kind: CertKind::Identity,
+            serial,
+            not_before,
+            not_after,
+            trust_domain: self.cert.body.trust_domain.clone(),
+            namespace: "prod".into(),
+            name: name.into(),
+            public_key: *x25519_dalek::PublicKey::from(secret).as_bytes(),
+            issuer: self.key.verifying_key().to_bytes(),
+            labels: [("app".to_string(), name.to_string())]
+                .into_iter()
+                .collect(),
+            addrs: vec![addr],
+        }
+        .sign(&self.key)
+        .expect("a valid identity body")
+    }
+}
+
+/// Node `i`'s overlay address.
+pub fn overlay(i: usize) -> Cidr {
+    format!("100.64.{}.{}/32", i / 250, i % 250 + 1)
+        .parse()
+        .expect("a valid address")
+}
+
+/// Node `i`'s underlay endpoint.
+pub fn underlay(i: usize) -> SocketAddr {
+    format!("198.18.{}.{}:51820", i / 250, i % 250 + 1)
+        .parse()
+        .expect("a valid endpoint")
+}
+
+/// What the shell of one node would hold: the device's peers, routes, addresses, and the state
+/// directory.
+#[derive(Debug, Default, Clone)]
+pub struct Host {
+    pub peers: BTreeMap<[u8; 32], (SocketAddr, Vec<Cidr>)>,
+    pub routes: BTreeSet<Cidr>,
+    pub addresses: BTreeSet<Cidr>,
+    pub saved: Saved,
+    pub resolves: u64,
+}
+
+pub struct SimNode {
+    pub node: Option<Node>,
+    pub addr: SocketAddr,
+    pub secret: StaticSecret,
+    pub certificate: Certificate,
+    pub seeds: Vec<Seed>,
+    pub host: Host,
+    pub refusals: u64,
+}
+
+impl SimNode {
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("the node is running")
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        *x25519_dalek::PublicKey::from(&self.secret).as_bytes()
+    }
+}
+
+struct Packet {
+    from: SocketAddr,
+    to: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+/// A datagram as the underlay saw it.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
+pub struct Sim {
+    pub nodes: Vec<SimNode>,
+    pub now_ms: u64,
+    pub rng: SimRng,
+    pub ca: Ca,
+    pub admin: SigningKey,
+    /// Percent of datagrams lost, duplicated; the largest extra delay (reordering).
+    pub loss_pct: u64,
+    pub dup_pct: u64,
+    pub jitter_ms: u64,
+    /// A side per node: datagrams between different sides are lost.
+    pub sides: Option<Vec<u8>>,
+    /// Every datagram sent, when capturing.
+    pub capture: Option<Vec<Captured>>,
+    /// Datagrams and bytes delivered.
+    pub delivered: u64,
+    pub bytes: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    packets: BTreeMap<u64, Packet>,
+    seq: u64,
+    next_tick_ms: u64,
+    trace: blake2::Blake2s256,
+}
+
+impl Sim {
+    /// `n` nodes of one CA, every node but the first seeded with the first's address; nothing runs
+    /// until [`Sim::start`].
+    pub fn new(n: usize, seed: u64) -> Sim {
+        let ca = Ca::new(9, "example.org");
+        let nodes = (0..n)
+            .map(|i| {
+                let secret = StaticSecret::from(key_seed(i));
+                let certificate = ca.identity(&secret, i, 1);
+                let seeds = if i == 0 {
+                    vec![]
+                } else {
+                    vec![Seed {
+                        addr: underlay(0),
+                        key: None,
+                    }]
+                };
+                SimNode {
+                    node: None,
+                    addr: underlay(i),
+                    secret,
+                    certificate,
+                    seeds,
+                    host: Host::default(),
+                    refusals: 0,
+                }
+            })
+            .collect();
+        use blake2::Digest;
+        Sim {
+            nodes,
+            now_ms: T0_MS,
+            rng: SimRng::new(seed),
+            ca,
+            admin: SigningKey::from_bytes(&[77; 32]),
+            loss_pct: 0,
+            dup_pct: 0,
+            jitter_ms: 0,
+            sides: None,
+            capture: None,
+            delivered: 0,
+            bytes: 0,
+            queue: BinaryHeap::new(),
+            packets: BTreeMap::new(),
+            seq: 0,
+            next_tick_ms: T0_MS,
+            trace: blake2::Blake2s256::new(),
+        }
+    }
+
+    fn config(&self, i: usize) -> NodeConfig {
+        let n = &self.nodes[i];
+        NodeConfig {
+            secret: n.secret.clone(),
+            certificate: n.certificate.clone(),
+            bundle: vec![self.ca.cert.clone()],
+            revocations: vec![],
+            admins: vec![self.admin.verifying_key().to_bytes()],
+            posture: Posture::ZeroTrust,
+            audit: false,
+            answer_probes: true,
+            seeds: n.seeds.clone(),
+        }
+    }
+
+    /// Starts (or restarts, from what it saved) node `i`.
+    pub fn start(&mut self, i: usize) {
+        let cfg = self.config(i);
+        let saved = self.nodes[i].host.saved.clone();
+        // A restart keeps the state directory; the device and the kernel start empty.
+        self.nodes[i].host = Host {
+            saved,
+            ..Host::default()
+        };
+        let (node, actions) = Node::new(
+            cfg,
+            self.nodes[i].host.saved.clone(),
+            self.now_ms,
+            &mut self.rng,
+        );
+        self.nodes[i].node = Some(node);
+        self.carry_out(i, actions);
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    /// Stops node `i` at once (as `kill -9`): what it saved stays.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].node = None;
+    }
+
+    fn carry_out(&mut self, i: usize, actions: Vec<Action>) {
+        let from = self.nodes[i].addr;
+        for a in actions {
+            let host = &mut self.nodes[i].host;
+            match a {
+                Action::Send { to, datagram } => self.send(from, to, datagram),
+                Action::Resolve => host.resolves += 1,
+                Action::Peer {
+                    key,
+                    endpoint,
+                    addrs,
+                } => {
+                    host.peers.insert(key, (endpoint, addrs));
+                }
+                Action::Unpeer { key, .. } => {
+                    host.peers.remove(&key);
+                }
+                Action::Route(c) => {
+                    assert!(host.routes.insert(c), "route {c} added twice");
+                }
+                Action::Unroute(c) => {
+                    assert!(host.routes.remove(&c), "route {c} removed but not there");
+                }
+                Action::Address(c) => {
+                    host.addresses.insert(c);
+                }
+                Action::Unaddress(c) => {
+                    host.addresses.remove(&c);
+                }
+                Action::Store(s) => match s {
+                    Stored::Members(m) => host.saved.members = m,
+                    Stored::Revocations(r) => host.saved.revocations = r,
+                    Stored::Floors(f) => host.saved.floors = f,
+                    Stored::Policy(p) => host.saved.policy = Some(p),
+                },
+            }
+        }
+    }
+
+    /// Puts a datagram on the underlay, subject to loss, duplication, delay and partitions.
+    pub fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        assert!(
+            bytes.len() <= proto::segment::DATAGRAM_BYTES,
+            "a {}-byte datagram would need fragmentation",
+            bytes.len()
+        );
+        if let Some(c) = &mut self.capture {
+            c.push(Captured {
+                from,
+                to,
+                bytes: bytes.clone(),
+            });
+        }
+        let copies = if self.rng.below(100) < self.dup_pct {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            if self.rng.below(100) < self.loss_pct {
+                continue;
+            }
+            let at = self.now_ms + 1 + self.rng.below(self.jitter_ms + 1);
+            self.seq += 1;
+            self.queue.push(Reverse((at, self.seq)));
+            self.packets.insert(
+                self.seq,
+                Packet {
+                    from,
+                    to,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+    }
+
+    fn index_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr == addr)
+    }
+
+    fn deliver(&mut self, p: Packet) {
+        let Some(dst) = self.index_of(p.to) else {
+            return;
+        };
+        if let (Some(sides), Some(src)) = (&self.sides, self.index_of(p.from)) {
+            if sides[src] != sides[dst] {
+                return;
+            }
+        }
+        {
+            use blake2::Digest;
+            self.trace.update(self.now_ms.to_be_bytes());
+            self.trace.update(p.from.to_string());
+            self.trace.update(p.to.to_string());
+            self.trace.update(&p.bytes);
+        }
+        self.delivered += 1;
+        self.bytes += p.bytes.len() as u64;
+        let now = self.now_ms;
+        let Some(node) = self.nodes[dst].node.as_mut() else {
+            return;
+        };
+        let event = Event::Datagram {
+            from: p.from,
+            bytes: p.bytes,
+        };
+        match node.handle(event, now, &mut self.rng) {
+            Ok(actions) => self.carry_out(dst, actions),
+            Err(_) => self.nodes[dst].refusals += 1,
+        }
+    }
+
+    /// Gives node `i` an event now; a refusal is counted as one from the network is.
+    pub fn handle(&mut self, i: usize, event: Event) -> Result<(), super::Refusal> {
+        let now = self.now_ms;
+        let node = self.nodes[i].node.as_mut().expect("the node is running");
+        match node.handle(event, now, &mut self.rng) {
+            Ok(actions) => {
+                self.carry_out(i, actions);
+                Ok(())
+            }
+            Err(e) => {
+                self.nodes[i].refusals += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the network and every node's tick for `ms` simulated milliseconds.
+    pub fn run(&mut self, ms: u64) {
+        let end = self.now_ms + ms;
+        loop {
+            let next_packet = self.queue.peek().map(|Reverse((at, _))| *at);
+            let next = next_packet.unwrap_or(u64::MAX).min(self.next_tick_ms);
+            if next > end {
+                break;
+            }
+            self.now_ms = next;
+            if next_packet == Some(next) {
+                let Reverse((_, seq)) = self.queue.pop().expect("peeked");
+                let p = self.packets.remove(&seq).expect("queued");
+                self.deliver(p);
+            } else {
+                self.next_tick_ms += TICK_MS;
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].node.is_some() {
+                        let _ = self.handle(i, Event::Tick);
+                    }
+                }
+            }
+        }
+        self.now_ms = end;
+    }
+
+    /// Runs until `done` holds (checked every tick) or `limit_ms` passes; returns the simulated
+    /// time it took, or `None`.
+    pub fn run_until(&mut self, limit_ms: u64, mut done: impl FnMut(&Sim) -> bool) -> Option<u64> {
+        let start = self.now_ms;
+        while self.now_ms - start <= limit_ms {
+            if done(self) {
+                return Some(self.now_ms - start);
+            }
+            self.run(TICK_MS);
+        }
+        None
+    }
+
+    /// True if every running node has every other running node installed.
+    pub fn full_mesh(&self) -> bool {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].node.is_some())
+            .collect();
+        running.iter().all(|&i| {
+            running.iter().filter(|&&j| j != i).all(|&j| {
+                self.nodes[i]
+                    .host
+                    .peers
+                    .contains_key(&self.nodes[j].public())
+            })
+        })
+    }
+
+    /// A policy set signed by the simulation's admin.
+    pub fn policy_set(&self, serial: u64, docs: &str) -> Vec<u8> {
+        proto::policyset::SignedPolicySet::sign(serial, 0, docs.into(), &self.admin)
+            .expect("a signable set")
+            .encode()
+    }
+
+    /// The digest of everything delivered so far, in order: equal for two runs from one seed.
+    pub fn trace(&self) -> [u8; 32] {
+        use blake2::Digest;
+        self.trace.clone().finalize().into()
+    }
+}
+
+/// Node `i`'s static private key.
+pub fn key_seed(i: usize) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+    k[31] = 0x5a;
+    k
+}
