@@ -56,6 +56,10 @@ pub(crate) fn parse_ifname(s: &str) -> Result<String, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Everything meshd creates (sockets, the state directory, the flow log) is its owner's alone
+    // from the moment it exists, not after a chmod.
+    // SAFETY: umask(2) has no preconditions and cannot fail.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     if let Some(path) = &args.check_config {
         return match check_config(path) {
@@ -127,6 +131,9 @@ fn start(args: Args) -> anyhow::Result<()> {
     if !args.foreground {
         return daemonize(&args);
     }
+    // Before any thread exists: on Linux capabilities are per thread, and every thread started
+    // later (the packet loops, the flow log, the runtime's) inherits this thread's sets.
+    privileges::drop_unneeded().context("dropping capabilities")?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -172,7 +179,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mesh = mesh::run::Mesh::start(dev.clone(), path, &cfg, id, members.clone()).await?;
         tokio::spawn(mesh.run(rx, reload_rx));
     }
-    privileges::drop_unneeded().context("dropping capabilities")?;
     tracing::info!(
         interface = %ifname,
         mtu,

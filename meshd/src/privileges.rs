@@ -1,6 +1,9 @@
-//! After start-up meshd keeps only the capabilities it still needs: CAP_NET_ADMIN (fwmark on the
-//! socket) and CAP_NET_BIND_SERVICE (a listen port below 1024 set later through the UAPI).
-//! Everything else, from the permitted set and from the bounding set, is dropped for good.
+//! meshd keeps only the capabilities it needs: CAP_NET_ADMIN (the TUN device, addresses and
+//! routes, fwmark on the socket) and CAP_NET_BIND_SERVICE (a listen port below 1024). Everything
+//! else, from the permitted set and from the bounding set, is dropped for good, first thing, on
+//! the only thread there is, so that no thread ever holds more. With those two alone (a non-root
+//! user with ambient capabilities, as `deploy/systemd/meshd-mesh.service` shows) meshd runs the
+//! same.
 
 use caps::{CapSet, Capability, CapsHashSet};
 

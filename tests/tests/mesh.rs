@@ -707,3 +707,55 @@ fn a_seed_named_by_key_can_answer_no_probe_and_still_be_joined() {
         "node 2, which answers probes, does"
     );
 }
+
+/// CAP_NET_ADMIN (bit 12) and CAP_NET_BIND_SERVICE (bit 10): all a meshd thread may hold.
+const KEPT_CAPS: u64 = (1 << 12) | (1 << 10);
+
+#[test]
+fn every_thread_keeps_only_two_capabilities_and_the_state_is_private() {
+    if !can_run() {
+        return;
+    }
+    let (mut lab, _pki, n1, _n2) = seeded_pair();
+    let pid = lab.child(&n1.ifname).id();
+    let tasks: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        tasks.len() >= 3,
+        "meshd runs its packet loops on threads of their own"
+    );
+    for t in &tasks {
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        for field in ["CapPrm", "CapEff", "CapInh", "CapAmb"] {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{field}:\t")))
+                .unwrap_or_else(|| panic!("{field} in {}", t.display()));
+            let caps = u64::from_str_radix(hex.trim(), 16).unwrap();
+            assert_eq!(
+                caps & !KEPT_CAPS,
+                0,
+                "{field} {caps:#x} of thread {} (the packet loops parse network input)",
+                t.display()
+            );
+        }
+    }
+    // The state directory and everything in it is root's alone; so are the flow log and sockets.
+    use std::os::unix::fs::PermissionsExt;
+    let state = lab.dir.join(format!("state-{}", n1.ifname));
+    assert!(wait_until(Duration::from_secs(5), || state
+        .join("members.json")
+        .exists())
+    .is_some());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700, "{}", state.display());
+    for e in std::fs::read_dir(&state).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(mode(&p) & 0o077, 0, "{} is readable by others", p.display());
+    }
+    assert_eq!(mode(&state.join("flows.jsonl")), 0o600);
+    let admin = format!("/var/run/meshd/{}.sock", n1.ifname);
+    assert_eq!(mode(std::path::Path::new(&admin)), 0o600);
+}

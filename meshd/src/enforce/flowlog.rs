@@ -113,14 +113,19 @@ struct LogFile {
 }
 
 impl LogFile {
+    /// Opens (or creates) the log, readable by its owner alone: it names every identity and
+    /// flow of this node. A file left readable by an older version is restricted too.
     fn open(path: PathBuf) -> std::io::Result<LogFile> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         let size = file.metadata()?.len();
         Ok(LogFile {
             path,

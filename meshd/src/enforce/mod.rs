@@ -250,9 +250,19 @@ impl Enforcer {
             return true;
         }
         let now = self.now_ms();
-        // An ICMP error about a tracked flow (unreachable, too big, time exceeded) is part of it.
+        let rules = self.rules.load();
+        let remote_id = rules.identity_of(remote);
+        // An ICMP error about a tracked flow (unreachable, too big, time exceeded) is part of it,
+        // if that flow runs through this peer: its far end is an address of the peer's
+        // certificate. A peer cannot speak for flows of others.
         if let Some(quoted) = flow.icmp.and_then(|_| FlowKey::quoted(packet)) {
-            if self.shard(&quoted).lock().contains(&quoted, now) {
+            let far = match dir {
+                Direction::Ingress => quoted.dst,
+                Direction::Egress => quoted.src,
+            };
+            if rules.owners.lookup(far) == Some(&remote_id)
+                && self.shard(&quoted).lock().contains(&quoted, now)
+            {
                 return true;
             }
         }
@@ -260,8 +270,6 @@ impl Enforcer {
         if let Tracked::Known { .. } = table.track(&flow, packet.len(), now) {
             return true;
         }
-        let rules = self.rules.load();
-        let remote_id = rules.identity_of(remote);
         let (verdict, audited) = rules.decide(dir, &flow, remote_id);
         let pass = verdict.allow || audited;
         if pass {

@@ -133,6 +133,24 @@ fn icmp_errors_about_a_tracked_flow_pass_and_others_do_not() {
 }
 
 #[test]
+fn a_peer_cannot_deliver_icmp_errors_about_another_peers_flow() {
+    let e = enforcer(POLICY, false, 1024);
+    let drops = DropCounters::default();
+    // post answers api's SYN: a tracked flow through api's tunnel.
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops));
+    let reply = tcp(ME, 8080, API, 40000, SYN | ACK);
+    assert!(e.egress(&reply, &API_KEY, &drops));
+    // `other` (denied by policy) sends "host unreachable" quoting post's reply to api, from its
+    // own address, through its own tunnel: not its flow, so it is a new ICMP flow, denied.
+    let mut icmp = vec![3, 1, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&reply[..28]);
+    assert!(!e.ingress(&ipv4(PROTO_ICMP, OTHER, ME, &icmp), &OTHER_KEY, &drops));
+    assert_eq!(drops.get(Drop::PolicyIngress), 1);
+    // The same error from api's own tunnel is part of api's flow.
+    assert!(e.ingress(&ipv4(PROTO_ICMP, API, ME, &icmp), &API_KEY, &drops));
+}
+
+#[test]
 fn a_policy_change_cuts_flows_it_denies_and_keeps_the_others() {
     let e = enforcer(POLICY, false, 1024);
     let drops = DropCounters::default();
