@@ -70,10 +70,16 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn random_serial() -> u64 {
-    let mut b = [0u8; 8];
+/// A serial that orders certificates by issue time (microseconds since the epoch, times 1024)
+/// with 10 random bits, so two certificates of one identity issued in the same second are still
+/// ordered: a node takes only the newest certificate of an identity (not_before, then serial).
+pub fn new_serial() -> u64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let mut b = [0u8; 2];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-    u64::from_be_bytes(b) >> 1
+    (micros << 10) | u64::from(u16::from_be_bytes(b) & 0x3ff)
 }
 
 pub fn init(trust_domain: &str, out: &Path, ttl: &str) -> Result<(), Failure> {
@@ -96,7 +102,7 @@ pub fn init(trust_domain: &str, out: &Path, ttl: &str) -> Result<(), Failure> {
     let now = now();
     let cert = CertBody {
         kind: CertKind::Ca,
-        serial: random_serial(),
+        serial: new_serial(),
         not_before: now,
         not_after: now.saturating_add(ttl.as_secs()),
         trust_domain: trust_domain.to_string(),

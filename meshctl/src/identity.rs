@@ -103,7 +103,7 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
         .min(ca_cert.body.not_after);
     let cert = CertBody {
         kind: CertKind::Identity,
-        serial: ca::random_serial(),
+        serial: ca::new_serial(),
         not_before: now,
         not_after,
         trust_domain: ca_cert.body.trust_domain.clone(),

@@ -736,6 +736,43 @@ impl Lab {
 
     /// Starts meshd in mesh mode in `ns` from the configuration file `config` (again, after
     /// [`Lab::stop`], for a restart).
+    /// Starts `meshd --foreground --config CONFIG` in `ns` as user and group `uid`, holding only
+    /// CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (ambient), as `deploy/systemd/meshd-mesh.service`
+    /// runs it. Its socket directories are private tmpfs mounts of its own mount namespace, owned
+    /// by that user, so the host's stay root's: reach it over the overlay, not its sockets. The
+    /// files the configuration names must be readable by `uid`, and its state directory
+    /// writable.
+    pub fn meshd_unprivileged(&mut self, ns: &str, ifname: &str, config: &Path, uid: u32) {
+        let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
+        // Every step execs the next, so the child's pid is meshd's.
+        // Debian makes /dev/net/tun mode 0666, as meshd expects; some sandboxes make it 0600, so
+        // a node of that mode is made in the private mount namespace.
+        let script = format!(
+            "set -e; for d in /run/wireguard /run/meshd /run/meshd-dev; do mkdir -p $d; \
+             mount -t tmpfs -o mode=0755 none $d; chown {uid}:{uid} $d; done; \
+             mknod -m 0666 /run/meshd-dev/tun c 10 200; \
+             mount --bind /run/meshd-dev/tun /dev/net/tun; \
+             exec setpriv --reuid={uid} --regid={uid} --clear-groups \
+             --inh-caps=+net_admin,+net_bind_service --ambient-caps=+net_admin,+net_bind_service \
+             \"$0\" --foreground --config \"$1\""
+        );
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "unshare", "--mount", "sh", "-c", &script,
+            ])
+            .arg(bin("meshd"))
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning meshd");
+        self.children.push((ifname.to_string(), child));
+    }
+
     pub fn meshd_config(&mut self, ns: &str, ifname: &str, config: &Path) {
         self.children
             .retain_mut(|(n, c)| n != ifname || matches!(c.try_wait(), Ok(None)));

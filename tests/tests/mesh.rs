@@ -491,9 +491,13 @@ fn a_renewed_certificate_with_another_address_moves_the_node_to_it() {
     }
     let (mut lab, pki, n1, n2) = seeded_pair();
     renew(&mut lab, &pki, &n1, "100.64.1.11/32");
+    let reached = lab.ping_until(&n2.ns, "100.64.1.11", Duration::from_secs(10));
     assert!(
-        lab.ping_until(&n2.ns, "100.64.1.11", Duration::from_secs(10)),
-        "the new address is reached"
+        reached,
+        "the new address is reached: node 1 {} {} node 2 {}",
+        lab.exec_ok(&n1.ns, &["ip", "-o", "addr"]),
+        lab.exec_ok(&n1.ns, &["ip", "route"]),
+        lab.exec_ok(&n2.ns, &["ip", "route"]),
     );
     let addrs = lab.exec_ok(&n1.ns, &["ip", "-o", "addr", "show", "dev", &n1.ifname]);
     assert!(addrs.contains("100.64.1.11/32"), "{addrs}");
@@ -758,4 +762,51 @@ fn every_thread_keeps_only_two_capabilities_and_the_state_is_private() {
     assert_eq!(mode(&state.join("flows.jsonl")), 0o600);
     let admin = format!("/var/run/meshd/{}.sock", n1.ifname);
     assert_eq!(mode(std::path::Path::new(&admin)), 0o600);
+}
+
+#[test]
+fn meshd_runs_as_a_non_root_user_with_only_its_two_capabilities() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let ns = lab.host("n2");
+    lab.attach(&sw, &ns, "198.18.1.2/24");
+    let (cert, key) = pki.issue("prod", "node2", "100.64.1.2/32", &[]);
+    let ifname = lab.name("m2");
+    let config = mesh_config(&lab, &ifname, &cert, &key, &[pki.ca_cert()], &[SEED]);
+    // As an operator would for the unit's user: the key is its own, the state directory too.
+    const NOBODY: u32 = 65534;
+    let state = lab.dir.join(format!("state-{ifname}"));
+    std::fs::create_dir_all(&state).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&state, &key] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    for d in [lab.dir.clone(), pki.dir.clone(), pki.dir.join("ids")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    lab.meshd_unprivileged(&ns, &ifname, &config, NOBODY);
+    assert!(
+        lab.ping_until(&ns, &n1.ip, Duration::from_secs(15)),
+        "the unprivileged node joined and carries traffic: {}",
+        lab.log(&ifname)
+    );
+    let pid = lab.child(&ifname).id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:\t")))
+            .unwrap()
+            .to_string()
+    };
+    assert!(field("Uid").starts_with("65534"), "{status}");
+    assert_eq!(
+        u64::from_str_radix(field("CapEff").trim(), 16).unwrap(),
+        KEPT_CAPS
+    );
 }

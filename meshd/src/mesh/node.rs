@@ -403,14 +403,16 @@ impl Node {
         let routes: BTreeSet<Cidr> = claimed.into_iter().collect();
         out.extend(self.routes.difference(&routes).map(|c| Action::Unroute(*c)));
         out.extend(routes.difference(&self.routes).map(|c| Action::Route(*c)));
+        // New addresses first: Linux flushes every route through a device when its last IPv4
+        // address goes, which would take the members' routes with it.
+        out.extend(
+            mine.difference(&self.addresses)
+                .map(|c| Action::Address(*c)),
+        );
         out.extend(
             self.addresses
                 .difference(&mine)
                 .map(|c| Action::Unaddress(*c)),
-        );
-        out.extend(
-            mine.difference(&self.addresses)
-                .map(|c| Action::Address(*c)),
         );
         self.peers = peers;
         self.routes = routes;

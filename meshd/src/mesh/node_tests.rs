@@ -120,6 +120,36 @@ fn a_mesh_at_rest_exchanges_only_hellos_and_offers() {
 }
 
 #[test]
+fn a_renewal_to_another_address_adds_the_new_address_before_removing_the_old() {
+    let mut sim = formed(2, 16);
+    let secret = sim.nodes[1].secret.clone();
+    let moved: proto::Cidr = "100.64.9.9/32".parse().unwrap();
+    let renewed = sim.ca.issue(&secret, "node1", moved, 2, 1, u64::MAX / 4);
+    let node = sim.nodes[1].node.as_mut().unwrap();
+    let actions = node
+        .handle(
+            Event::Renew {
+                secret,
+                certificate: renewed,
+                bundle: vec![sim.ca.cert.clone()],
+            },
+            sim.now_ms,
+            &mut sim.rng,
+        )
+        .unwrap();
+    let at = |want: &Action| actions.iter().position(|a| a == want).unwrap();
+    assert!(at(&Action::Address(moved)) < at(&Action::Unaddress(overlay(1))));
+    sim.carry_out(1, actions);
+    sim.run(3_000);
+    assert_eq!(
+        sim.nodes[0].host.peers[&sim.nodes[1].public()].1,
+        vec![moved]
+    );
+    assert!(sim.nodes[0].host.routes.contains(&moved));
+    assert!(!sim.nodes[0].host.routes.contains(&overlay(1)));
+}
+
+#[test]
 fn a_seed_named_by_key_answers_no_probe_and_the_mesh_still_forms() {
     let mut sim = Sim::new(5, 4);
     let key0 = sim.nodes[0].public();

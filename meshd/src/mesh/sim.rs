@@ -302,7 +302,8 @@ impl Sim {
         self.nodes[i].node = None;
     }
 
-    fn carry_out(&mut self, i: usize, actions: Vec<Action>) {
+    /// Carries out node `i`'s actions as its shell would.
+    pub fn carry_out(&mut self, i: usize, actions: Vec<Action>) {
         let from = self.nodes[i].addr;
         for a in actions {
             let host = &mut self.nodes[i].host;
