@@ -43,6 +43,7 @@ drop_reasons! {
     PolicyEgress => "policy_denied_egress": "Policy denied a new flow leaving this node (before encryption).",
     PolicyIngress => "policy_denied_ingress": "Policy denied a new flow arriving at this node (after decryption).",
     PolicyMalformed => "policy_unparsable": "A packet's transport header was too short or malformed for policy to decide.",
+    PolicyFragment => "policy_fragment_unmatched": "A later fragment whose first fragment did not pass (policy cannot see its ports).",
 }
 
 /// One counter per reason; lock-free, shared by the data-path threads.

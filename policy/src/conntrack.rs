@@ -91,6 +91,7 @@ impl ConnKey {
                 0
             },
             later_fragment: false,
+            fragment_id: None,
         }
     }
 }
@@ -309,6 +310,7 @@ mod tests {
             icmp: None,
             tcp_flags: flags,
             later_fragment: false,
+            fragment_id: None,
         }
     }
 

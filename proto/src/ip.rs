@@ -106,6 +106,9 @@ pub struct FlowKey {
     pub tcp_flags: u8,
     /// True for a non-first fragment (its ports are not in this packet).
     pub later_fragment: bool,
+    /// For a fragment, first or later: its IP identification (IPv4's 16 bits, IPv6's fragment
+    /// header's 32), which with the addresses and protocol names the datagram it belongs to.
+    pub fragment_id: Option<u32>,
 }
 
 pub const PROTO_ICMP: u8 = 1;
@@ -147,10 +150,15 @@ impl FlowKey {
     /// ICMP error) needs only the first 8 bytes of the transport header.
     fn parse_at(packet: &[u8], quote: bool) -> Option<(FlowKey, usize)> {
         let a = addrs(packet)?;
+        let mut fragment_id = None;
         let (mut protocol, mut off, mut later_fragment) = if packet[0] >> 4 == 4 {
             let ihl = usize::from(packet[0] & 0x0f) * 4;
-            let frag = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
-            (packet[9], ihl, frag != 0)
+            let flags = u16::from_be_bytes([packet[6], packet[7]]);
+            let offset = flags & 0x1fff;
+            if offset != 0 || flags & 0x2000 != 0 {
+                fragment_id = Some(u32::from(u16::from_be_bytes([packet[4], packet[5]])));
+            }
+            (packet[9], ihl, offset != 0)
         } else {
             (packet[6], IPV6_HEADER_LEN, false)
         };
@@ -168,6 +176,7 @@ impl FlowKey {
                         let h = packet.get(off..off + 8)?;
                         protocol = h[0];
                         later_fragment = u16::from_be_bytes([h[2], h[3]]) >> 3 != 0;
+                        fragment_id = Some(u32::from_be_bytes([h[4], h[5], h[6], h[7]]));
                         off += 8;
                     }
                     _ => break,
@@ -186,6 +195,7 @@ impl FlowKey {
             icmp: None,
             tcp_flags: 0,
             later_fragment,
+            fragment_id,
         };
         if later_fragment {
             return Some((key, off));
@@ -347,6 +357,7 @@ mod flow_tests {
             (k.protocol, k.src_port, k.dst_port, k.later_fragment),
             (PROTO_UDP, 5000, 53, false)
         );
+        assert_eq!(k.fragment_id, Some(7));
         // A later fragment: no ports.
         let n = p.len();
         p[n - 8] = 0x00;
@@ -354,6 +365,31 @@ mod flow_tests {
         let k = FlowKey::parse(&p).unwrap();
         assert!(k.later_fragment);
         assert_eq!(k.dst_port, 0);
+        assert_eq!(k.fragment_id, Some(7));
+    }
+
+    #[test]
+    fn ipv4_fragments_carry_their_identification() {
+        let mut p = v4(PROTO_UDP, &[0x13, 0x88, 0x00, 0x35, 0, 8, 0, 0]);
+        assert_eq!(
+            FlowKey::parse(&p).unwrap().fragment_id,
+            None,
+            "a whole datagram"
+        );
+        p[4..6].copy_from_slice(&0xbeefu16.to_be_bytes());
+        p[6] = 0x20; // more fragments, offset 0: the first fragment
+        let k = FlowKey::parse(&p).unwrap();
+        assert_eq!(
+            (k.fragment_id, k.later_fragment, k.dst_port),
+            (Some(0xbeef), false, 53)
+        );
+        p[6] = 0x00;
+        p[7] = 0x03; // offset 3, last fragment
+        let k = FlowKey::parse(&p).unwrap();
+        assert_eq!(
+            (k.fragment_id, k.later_fragment, k.dst_port),
+            (Some(0xbeef), true, 0)
+        );
     }
 
     proptest! {

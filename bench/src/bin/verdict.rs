@@ -129,6 +129,7 @@ fn main() {
                 icmp: None,
                 tcp_flags: 0,
                 later_fragment: false,
+                fragment_id: None,
             })
             .collect();
         for k in &keys {

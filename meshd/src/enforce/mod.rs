@@ -19,6 +19,7 @@ use flowlog::{FlowEvent, FlowLog};
 use parking_lot::Mutex;
 use policy::conntrack::{ConnKey, Conntrack, Entry, Timeouts, Tracked};
 use policy::engine::{Compiled, Direction, Endpoint, FastVerdict, Flow, Posture};
+use policy::fragments::Fragments;
 use proto::ip::{FlowKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -29,6 +30,8 @@ use std::time::Instant;
 /// Connection-table shards: enough that the two data threads and the maintenance task seldom
 /// wait on each other.
 const SHARDS: usize = 16;
+/// Fragmented datagrams in flight whose first fragment passed, at most.
+const MAX_FRAGMENTED_DATAGRAMS: usize = 4096;
 /// The identity index of this node (see [`Rules::build`]).
 pub const LOCAL: u32 = 0;
 /// The index of a peer without an identity (a plain WireGuard peer): selects nothing.
@@ -185,6 +188,8 @@ pub struct Counters {
 pub struct Enforcer {
     rules: ArcSwap<Rules>,
     shards: Box<[Mutex<Conntrack>]>,
+    /// Datagrams whose first fragment passed (only fragmented traffic takes this lock).
+    fragments: Mutex<Fragments>,
     hasher: foldhash::fast::RandomState,
     epoch: Instant,
     log: FlowLog,
@@ -205,6 +210,7 @@ impl Enforcer {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Conntrack::new(per_shard, timeouts)))
                 .collect(),
+            fragments: Mutex::new(Fragments::new(MAX_FRAGMENTED_DATAGRAMS)),
             hasher: foldhash::fast::RandomState::default(),
             epoch: Instant::now(),
             log,
@@ -244,12 +250,34 @@ impl Enforcer {
             drops.count(Drop::PolicyMalformed);
             return false;
         };
-        // A later fragment carries no ports. Its first fragment was checked, and without it the
-        // receiver cannot reassemble the datagram, so it passes.
-        if flow.later_fragment {
-            return true;
-        }
         let now = self.now_ms();
+        // A later fragment carries no ports: it passes only if the first fragment of its
+        // datagram passed (decided or tracked) in the same direction.
+        if flow.later_fragment {
+            if self.fragments.lock().later_allowed(&flow, now) {
+                return true;
+            }
+            drops.count(Drop::PolicyFragment);
+            return false;
+        }
+        let pass = self.check_flow(dir, packet, &flow, remote, drops, now);
+        if pass && flow.fragment_id.is_some() {
+            self.fragments.lock().first_passed(&flow, now);
+        }
+        pass
+    }
+
+    /// The verdict on a whole datagram or a first fragment.
+    fn check_flow(
+        &self,
+        dir: Direction,
+        packet: &[u8],
+        flow: &FlowKey,
+        remote: &[u8; 32],
+        drops: &DropCounters,
+        now: u64,
+    ) -> bool {
+        let flow = *flow;
         let rules = self.rules.load();
         let remote_id = rules.identity_of(remote);
         // An ICMP error about a tracked flow (unreachable, too big, time exceeded) is part of it,

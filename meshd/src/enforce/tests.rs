@@ -352,3 +352,45 @@ fn membership_changes_resolve_only_what_changed_and_decide_as_a_rebuild() {
         .with_members(&set, &identity("post2", "post", ME), [])
         .is_none());
 }
+
+/// `packet` as the first fragment of datagram `id` (more fragments follow).
+fn first_fragment(mut packet: Vec<u8>, id: u16) -> Vec<u8> {
+    packet[4..6].copy_from_slice(&id.to_be_bytes());
+    packet[6] = 0x20;
+    packet
+}
+
+/// A later fragment of datagram `id` from `src` to `dst`: no transport header, offset 3.
+fn later_fragment(proto: u8, src: [u8; 4], dst: [u8; 4], id: u16) -> Vec<u8> {
+    let mut p = ipv4(proto, src, dst, &[0xab; 16]);
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    p[7] = 3;
+    p
+}
+
+#[test]
+fn a_later_fragment_passes_only_when_its_first_fragment_did() {
+    let e = enforcer(POLICY, false, 1024);
+    let drops = DropCounters::default();
+    // api's SYN to 8080 in fragments: the first is decided (allowed), the rest follow it.
+    let first = first_fragment(tcp(API, 40000, ME, 8080, SYN), 77);
+    assert!(e.ingress(&first, &API_KEY, &drops));
+    assert!(e.ingress(&later_fragment(PROTO_TCP, API, ME, 77), &API_KEY, &drops));
+    // A later fragment of a datagram whose first fragment nobody saw, or was denied, is dropped
+    // and counted: its ports are not there for policy to see.
+    assert!(!e.ingress(&later_fragment(PROTO_TCP, API, ME, 78), &API_KEY, &drops));
+    let denied = first_fragment(tcp(OTHER, 40001, ME, 8080, SYN), 79);
+    assert!(!e.ingress(&denied, &OTHER_KEY, &drops));
+    assert!(!e.ingress(
+        &later_fragment(PROTO_TCP, OTHER, ME, 79),
+        &OTHER_KEY,
+        &drops
+    ));
+    // The same identification from another address is another datagram.
+    assert!(!e.ingress(
+        &later_fragment(PROTO_TCP, OTHER, ME, 77),
+        &OTHER_KEY,
+        &drops
+    ));
+    assert_eq!(drops.get(Drop::PolicyFragment), 3);
+}
