@@ -27,6 +27,7 @@ const TYPE_PROBE: u8 = 1;
 const TYPE_PROBE_REPLY: u8 = 2;
 const TYPE_SEALED: u8 = 3;
 const TYPE_PROBE_KEY: u8 = 4;
+const TYPE_COOKIE_REPLY: u8 = 5;
 /// A probe is padded to at least this many bytes.
 pub const MIN_PROBE_BYTES: usize = 1200;
 /// A reply may be at most this many times the size of the probe it answers.
@@ -39,8 +40,14 @@ const SEALED_CLEAR_LEN: usize = HEADER_LEN + 32 + 8;
 /// ... and the sender's encrypted static key: the associated data of the message.
 const SEALED_HEADER_LEN: usize = SEALED_CLEAR_LEN + 32 + TAG_LEN;
 const STATIC_LABEL: &[u8] = b"static";
-/// Bytes a sealed datagram adds to its plaintext: header, encrypted sender key, and tag.
-pub const SEALED_OVERHEAD: usize = SEALED_HEADER_LEN + TAG_LEN;
+/// The trailer of a sealed datagram: the pair MAC, then the cookie.
+pub const MAC_LEN: usize = 16;
+pub const COOKIE_LEN: usize = 16;
+const TRAILER_LEN: usize = MAC_LEN + COOKIE_LEN;
+/// Bytes a sealed datagram adds to its plaintext: header, encrypted sender key, tag and trailer.
+pub const SEALED_OVERHEAD: usize = SEALED_HEADER_LEN + TAG_LEN + TRAILER_LEN;
+const PAIR_LABEL: &[u8] = b"pair";
+const COOKIE_REPLY_LEN: usize = HEADER_LEN + MAC_LEN + COOKIE_LEN;
 /// Largest number of members in one `Members` message.
 pub const MAX_MEMBERS: usize = 256;
 /// Width of the replay window, in sealed datagrams.
@@ -133,6 +140,13 @@ pub enum Datagram<'a> {
         key: [u8; 32],
     },
     Sealed(Sealed<'a>),
+    /// "Prove you receive at your address": the answer to a sealed datagram from an address the
+    /// receiver does not know, echoing that datagram's MAC. The sender repeats the datagram with
+    /// `cookie` in its trailer.
+    CookieReply {
+        echo: [u8; MAC_LEN],
+        cookie: [u8; COOKIE_LEN],
+    },
 }
 
 /// A sealed message before it is opened. Who sent it is known only once it is opened.
@@ -144,6 +158,10 @@ pub struct Sealed<'a> {
     sender: &'a [u8],
     header: &'a [u8],
     ciphertext: &'a [u8],
+    /// Everything the MAC covers: the datagram up to the trailer.
+    macced: &'a [u8],
+    pub mac: [u8; MAC_LEN],
+    pub cookie: [u8; COOKIE_LEN],
 }
 
 /// True if `datagram` is a control message rather than a WireGuard one.
@@ -229,20 +247,29 @@ pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, ControlError> {
             let ephemeral = r.array("ephemeral")?;
             let counter = r.u64("counter")?;
             let sender = r.take("sender", 32 + TAG_LEN)?;
-            let ciphertext = &datagram[r.off..];
-            if ciphertext.len() < TAG_LEN {
+            if datagram.len() < r.off + TAG_LEN + TRAILER_LEN {
                 return Err(ControlError::Truncated {
                     field: "ciphertext",
                     offset: r.off,
                 });
             }
+            let end = datagram.len() - TRAILER_LEN;
             Ok(Datagram::Sealed(Sealed {
                 sender,
                 ephemeral,
                 counter,
                 header: &datagram[..SEALED_HEADER_LEN],
-                ciphertext,
+                ciphertext: &datagram[r.off..end],
+                macced: &datagram[..end],
+                mac: datagram[end..end + MAC_LEN].try_into().expect("16 bytes"),
+                cookie: datagram[end + MAC_LEN..].try_into().expect("16 bytes"),
             }))
+        }
+        TYPE_COOKIE_REPLY => {
+            let echo = r.array("echo")?;
+            let cookie = r.array("cookie")?;
+            finish(&r)?;
+            Ok(Datagram::CookieReply { echo, cookie })
         }
         t => Err(ControlError::UnknownType(t)),
     }
@@ -329,6 +356,80 @@ struct Agreed<'a> {
     receiver: &'a [u8; 32],
     es: [u8; 32],
     ss: [u8; 32],
+    pair: [u8; 32],
+}
+
+fn pair_from(ss: &[u8; 32], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut mac = <blake2::Blake2sMac256 as Mac>::new_from_slice(KDF_LABEL)
+        .expect("label is a valid key length");
+    mac.update(PAIR_LABEL);
+    mac.update(ss);
+    mac.update(lo);
+    mac.update(hi);
+    mac.finalize().into_bytes().into()
+}
+
+/// The key two nodes share for the MAC of their sealed datagrams (PROTOCOL.md section 4): from
+/// their static-static agreement, the same in both directions. A receiver computes it once per
+/// member and then tells that member's datagrams from forgeries with one MAC, before any
+/// Diffie-Hellman.
+pub fn pair_key(own: &StaticSecret, peer: &[u8; 32]) -> Result<[u8; 32], ControlError> {
+    let ss = dh(own, peer)?;
+    Ok(pair_from(&ss, PublicKey::from(own).as_bytes(), peer))
+}
+
+fn mac16(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
+    let mut mac = <blake2::Blake2sMac256 as Mac>::new_from_slice(key)
+        .expect("a 32-byte key is a valid key length");
+    for p in parts {
+        mac.update(p);
+    }
+    let full: [u8; 32] = mac.finalize().into_bytes().into();
+    full[..16].try_into().expect("16 bytes")
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The cookie of source `from` under `secret` (rotated by the receiver): proof that the sender
+/// receives at that address, checked without state.
+pub fn cookie(secret: &[u8; 32], from: &SocketAddr) -> [u8; COOKIE_LEN] {
+    let ip = match from.ip() {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    mac16(secret, &[&ip, &from.port().to_be_bytes()])
+}
+
+/// The answer to a sealed datagram from an unknown address (its MAC `echo`).
+pub fn encode_cookie_reply(echo: &[u8; MAC_LEN], cookie: &[u8; COOKIE_LEN]) -> Vec<u8> {
+    let mut b = header(TYPE_COOKIE_REPLY);
+    b.extend_from_slice(echo);
+    b.extend_from_slice(cookie);
+    debug_assert_eq!(b.len(), COOKIE_REPLY_LEN);
+    b
+}
+
+/// Puts `cookie` in the trailer of a sealed datagram (it is covered by neither the MAC nor the
+/// encryption, so a datagram can be repeated with it).
+pub fn set_cookie(datagram: &mut [u8], cookie: &[u8; COOKIE_LEN]) {
+    if datagram.len() >= SEALED_OVERHEAD {
+        let n = datagram.len();
+        datagram[n - COOKIE_LEN..].copy_from_slice(cookie);
+    }
+}
+
+/// The MAC of a sealed datagram (to match a cookie reply's echo).
+pub fn mac_of(datagram: &[u8]) -> Option<[u8; MAC_LEN]> {
+    let n = datagram.len();
+    (n >= SEALED_OVERHEAD).then(|| {
+        datagram[n - TRAILER_LEN..n - COOKIE_LEN]
+            .try_into()
+            .expect("16 bytes")
+    })
 }
 
 impl<'a> Agreed<'a> {
@@ -337,12 +438,15 @@ impl<'a> Agreed<'a> {
         receiver: &'a [u8; 32],
         ephemeral: &StaticSecret,
     ) -> Result<Agreed<'a>, ControlError> {
+        let ss = dh(sender, receiver)?;
+        let sender = PublicKey::from(sender);
         Ok(Agreed {
-            sender: PublicKey::from(sender),
+            pair: pair_from(&ss, sender.as_bytes(), receiver),
+            sender,
             ephemeral: PublicKey::from(ephemeral),
             receiver,
             es: dh(ephemeral, receiver)?,
-            ss: dh(sender, receiver)?,
+            ss,
         })
     }
 
@@ -367,6 +471,9 @@ impl<'a> Agreed<'a> {
             &b,
         );
         b.extend_from_slice(&ct);
+        let mac = mac16(&self.pair, &[&b]);
+        b.extend_from_slice(&mac);
+        b.extend_from_slice(&[0; COOKIE_LEN]);
         Ok(b)
     }
 }
@@ -384,17 +491,50 @@ impl Sealed<'_> {
     /// message. Success proves the sender holds the private key of the static key returned; the
     /// caller still checks `self.counter` for replay.
     pub fn open(&self, receiver: &StaticSecret) -> Result<Opened, ControlError> {
+        let step = self.open_sender(receiver)?;
+        self.open_message(receiver, step)
+    }
+
+    /// The first step of [`Sealed::open`]: one Diffie-Hellman reveals who claims to send, so
+    /// that the receiver can check the counter and the sender's budget before the second.
+    pub fn open_sender(&self, receiver: &StaticSecret) -> Result<SenderStep, ControlError> {
         let receiver_pub = *PublicKey::from(receiver).as_bytes();
         let es = dh(receiver, &self.ephemeral)?;
         let clear = &self.header[..SEALED_CLEAR_LEN];
         let sender: [u8; 32] = unaead(static_key(&es, clear, &receiver_pub), self.sender, clear)?
             .try_into()
             .map_err(|_| ControlError::Unauthentic)?;
-        let ss = dh(receiver, &sender)?;
-        let key = message_key(&es, &ss, self.header, &receiver_pub);
-        let plaintext = unaead(key, self.ciphertext, self.header)?;
-        Ok(Opened { sender, plaintext })
+        Ok(SenderStep { sender, es })
     }
+
+    /// The second step: the message, which opens only if `step.sender` sealed it.
+    pub fn open_message(
+        &self,
+        receiver: &StaticSecret,
+        step: SenderStep,
+    ) -> Result<Opened, ControlError> {
+        let receiver_pub = *PublicKey::from(receiver).as_bytes();
+        let ss = dh(receiver, &step.sender)?;
+        let key = message_key(&step.es, &ss, self.header, &receiver_pub);
+        let plaintext = unaead(key, self.ciphertext, self.header)?;
+        Ok(Opened {
+            sender: step.sender,
+            plaintext,
+        })
+    }
+
+    /// Whether the MAC was made with `pair` (see [`pair_key`]): one keyed hash, no
+    /// Diffie-Hellman. A datagram from a known member's address whose MAC holds is that
+    /// member's (or a replay of one, which its counter tells).
+    pub fn mac_valid(&self, pair: &[u8; 32]) -> bool {
+        same(&mac16(pair, &[self.macced]), &self.mac)
+    }
+}
+
+/// Who claims to have sealed a datagram, before the claim is proven.
+pub struct SenderStep {
+    pub sender: [u8; 32],
+    es: [u8; 32],
 }
 
 /// Accepts each counter at most once, and none older than the window behind the newest seen
@@ -850,14 +990,50 @@ mod tests {
             b"membership",
         )
         .unwrap();
-        for bit in 0..d.len() * 8 {
+        let pair = pair_key(&b, PublicKey::from(&a).as_bytes()).unwrap();
+        assert_eq!(pair, pair_key(&a, PublicKey::from(&b).as_bytes()).unwrap());
+        let mac_valid = |x: &[u8]| match decode(x) {
+            Ok(Datagram::Sealed(s)) => s.mac_valid(&pair),
+            _ => false,
+        };
+        assert!(mac_valid(&d));
+        let cookie_at = d.len() - COOKIE_LEN;
+        for bit in 0..cookie_at * 8 {
             let mut x = d.clone();
             x[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                open_datagram(&x, &b).is_err() || decode(&x).is_err(),
-                "bit {bit}"
-            );
+            assert!(!mac_valid(&x), "bit {bit}: the MAC catches it");
+            if bit / 8 < cookie_at - MAC_LEN {
+                assert!(
+                    open_datagram(&x, &b).is_err() || decode(&x).is_err(),
+                    "bit {bit}"
+                );
+            }
         }
+        // The cookie is outside both: a datagram is repeated with one.
+        let mut x = d.clone();
+        set_cookie(&mut x, &[9; COOKIE_LEN]);
+        assert!(mac_valid(&x));
+        assert!(open_datagram(&x, &b).is_ok());
+    }
+
+    #[test]
+    fn cookies_bind_the_source_address_and_replies_are_small() {
+        let secret = [4u8; 32];
+        let a: SocketAddr = "198.18.0.1:51820".parse().unwrap();
+        let b: SocketAddr = "198.18.0.1:51821".parse().unwrap();
+        assert_eq!(cookie(&secret, &a), cookie(&secret, &a));
+        assert_ne!(cookie(&secret, &a), cookie(&secret, &b));
+        assert_ne!(cookie(&secret, &a), cookie(&[5; 32], &a));
+        let reply = encode_cookie_reply(&[1; MAC_LEN], &cookie(&secret, &a));
+        assert_eq!(reply.len(), COOKIE_REPLY_LEN);
+        assert_eq!(
+            decode(&reply),
+            Ok(Datagram::CookieReply {
+                echo: [1; MAC_LEN],
+                cookie: cookie(&secret, &a)
+            })
+        );
+        assert!(decode(&reply[..reply.len() - 1]).is_err());
     }
 
     #[test]

@@ -13,11 +13,13 @@
 //! - Every sealed message's counters pass the sender's replay window, which survives a restart
 //!   as a floor (see [`Membership::floors`]).
 
+use super::ratelimit::SourceLimiter;
 use proto::cert::{Certificate, RevocationList};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
 use proto::segment::Reassembly;
 use proto::Cidr;
 use rand_core::RngCore;
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use x25519_dalek::StaticSecret;
@@ -34,6 +36,24 @@ const MEMBERS_BYTES_PER_MESSAGE: usize = 16 * 1024;
 /// Our counters follow the clock at this many per millisecond (and by one per datagram within a
 /// millisecond), so a receiver can bound, after its own restart, the counters we used before.
 pub const COUNTER_PER_MS: u64 = 1_000_000;
+/// Diffie-Hellman operations per second (and burst) spent on senders whose address is not a
+/// member's (joining nodes, roamed members): a flood cannot take more of the control plane.
+const UNKNOWN_DH_PER_SEC: u32 = 500;
+/// Sealed datagrams per second (and burst) taken from one authenticated sender.
+const SENDER_PER_SEC: u32 = 1_000;
+const SENDER_BURST: u32 = 2_000;
+/// Cookie and probe replies per second, in all and per source address.
+const REPLIES_PER_SEC: u32 = 2_000;
+const REPLIES_PER_SOURCE_PER_SEC: u32 = 10;
+/// The cookie secret changes this often; cookies of the previous one still count.
+const COOKIE_ROTATION_MS: u64 = 120_000;
+/// Addresses we keep cookies for, and our last datagrams to, at most.
+const MAX_COOKIE_PEERS: usize = 1024;
+/// Our last datagrams to one address, kept to repeat one a cookie reply asks for.
+const SENT_PER_PEER: usize = 8;
+/// Keys in each per-sender or per-source table, at most.
+const MAX_LIMITED: usize = 4096;
+
 /// A restarted node lets a sender's counters lag the floor it extrapolated by this share of the
 /// time since it last heard the sender (clocks run at slightly different rates).
 const FLOOR_SLACK_PER_MILLE: u64 = 1;
@@ -105,6 +125,23 @@ pub enum Refusal {
     },
     #[error("policy set refused: {0}")]
     Policy(String),
+    #[error("from an address that has not shown it receives there (no valid cookie), and no reply budget left")]
+    CookieRequired,
+    #[error("over the budget for senders at unknown addresses")]
+    Busy,
+    #[error("over the sender's rate")]
+    SenderRate,
+    #[error("a cookie reply that echoes nothing we sent")]
+    UnexpectedCookie,
+}
+
+/// What the control plane spent and refused, for `status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ControlCounters {
+    /// X25519 operations spent on received datagrams.
+    pub dh_ops: u64,
+    /// Cookie replies sent to unknown addresses.
+    pub cookie_replies: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +226,21 @@ pub struct Membership {
     pub dirty: Dirty,
     /// Members cut since the node last looked, with the reason.
     expelled: Vec<([u8; 32], String)>,
+    /// Each member's pair key ([`control::pair_key`]) and the member at each endpoint: a
+    /// datagram from a member's address is checked with one MAC before any Diffie-Hellman.
+    pairs: HashMap<[u8; 32], [u8; 32]>,
+    by_endpoint: HashMap<SocketAddr, [u8; 32]>,
+    cookie_secret: [u8; 32],
+    previous_cookie_secret: [u8; 32],
+    next_rotation_ms: u64,
+    /// Cookies others gave us, by their address; our last datagrams to each address.
+    cookies: HashMap<SocketAddr, [u8; control::COOKIE_LEN]>,
+    sent: HashMap<SocketAddr, VecDeque<Vec<u8>>>,
+    unknown_dh: SourceLimiter<()>,
+    per_sender: SourceLimiter<[u8; 32]>,
+    replies: SourceLimiter<()>,
+    replies_per_source: SourceLimiter<std::net::IpAddr>,
+    pub counters: ControlCounters,
 }
 
 impl Membership {
@@ -197,9 +249,28 @@ impl Membership {
         certificate: Certificate,
         bundle: Vec<Certificate>,
         now_ms: u64,
+        rng: &mut impl RngCore,
     ) -> Membership {
         let public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        let mut cookie_secret = [0u8; 32];
+        rng.fill_bytes(&mut cookie_secret);
         Membership {
+            pairs: HashMap::new(),
+            by_endpoint: HashMap::new(),
+            cookie_secret,
+            previous_cookie_secret: cookie_secret,
+            next_rotation_ms: now_ms + COOKIE_ROTATION_MS,
+            cookies: HashMap::new(),
+            sent: HashMap::new(),
+            unknown_dh: SourceLimiter::new(UNKNOWN_DH_PER_SEC, UNKNOWN_DH_PER_SEC, 1),
+            per_sender: SourceLimiter::new(SENDER_PER_SEC, SENDER_BURST, MAX_LIMITED),
+            replies: SourceLimiter::new(REPLIES_PER_SEC, REPLIES_PER_SEC, 1),
+            replies_per_source: SourceLimiter::new(
+                REPLIES_PER_SOURCE_PER_SEC,
+                2 * REPLIES_PER_SOURCE_PER_SEC,
+                MAX_LIMITED,
+            ),
+            counters: ControlCounters::default(),
             secret,
             public,
             certificate,
@@ -375,8 +446,47 @@ impl Membership {
         rng: &mut impl RngCore,
         out: &mut Vec<Out>,
     ) {
-        for datagram in self.seal(to_key, msg, now_ms, rng) {
+        let cookie = self.cookies.get(&to).copied();
+        for mut datagram in self.seal(to_key, msg, now_ms, rng) {
+            if let Some(c) = &cookie {
+                control::set_cookie(&mut datagram, c);
+            }
+            self.remember(to, &datagram);
             out.push(Out::Send { to, datagram });
+        }
+    }
+
+    /// Keeps our last datagrams to `to`, to repeat one with a cookie if `to` asks for it.
+    fn remember(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if !self.sent.contains_key(&to) && self.sent.len() >= MAX_COOKIE_PEERS {
+            self.sent.clear();
+        }
+        let q = self.sent.entry(to).or_default();
+        if q.len() >= SENT_PER_PEER {
+            q.pop_front();
+        }
+        q.push_back(datagram.to_vec());
+    }
+
+    /// Records a member's endpoint and pair key (a Diffie-Hellman, once per member and key).
+    fn index(&mut self, key: [u8; 32], old_endpoint: Option<SocketAddr>, endpoint: SocketAddr) {
+        if let Some(old) = old_endpoint.filter(|o| *o != endpoint) {
+            if self.by_endpoint.get(&old) == Some(&key) {
+                self.by_endpoint.remove(&old);
+            }
+        }
+        self.by_endpoint.insert(endpoint, key);
+        if !self.pairs.contains_key(&key) {
+            if let Ok(p) = control::pair_key(&self.secret, &key) {
+                self.pairs.insert(key, p);
+            }
+        }
+    }
+
+    fn unindex(&mut self, key: &[u8; 32], endpoint: SocketAddr) {
+        self.pairs.remove(key);
+        if self.by_endpoint.get(&endpoint) == Some(key) {
+            self.by_endpoint.remove(&endpoint);
         }
     }
 
@@ -495,6 +605,8 @@ impl Membership {
         let key = cert.body.public_key;
         let newest = self.newest.entry(cert.body.identity()).or_insert((0, 0));
         *newest = (*newest).max((cert.body.not_before, cert.body.serial));
+        let old_endpoint = self.members.get(&key).map(|m| m.endpoint);
+        self.index(key, old_endpoint, endpoint);
         let new = match self.members.get_mut(&key) {
             Some(m) => {
                 if m.endpoint != endpoint || m.certificate != cert {
@@ -525,6 +637,7 @@ impl Membership {
 
     fn expel(&mut self, key: &[u8; 32], reason: &str) -> Option<MemberState> {
         let m = self.members.remove(key)?;
+        self.unindex(key, m.endpoint);
         self.dirty.members = true;
         self.expelled.push((*key, reason.to_string()));
         Some(m)
@@ -554,6 +667,9 @@ impl Membership {
         match control::decode(datagram)? {
             Datagram::Probe { .. } if !self.answer_probes => return Err(Refusal::ProbeIgnored),
             Datagram::Probe { nonce } => {
+                if !self.reply_allowed(from, now_ms) {
+                    return Err(Refusal::CookieRequired);
+                }
                 if let Some(reply) =
                     control::encode_probe_reply(&nonce, &self.certificate, datagram.len())
                 {
@@ -596,11 +712,30 @@ impl Membership {
                     self.send(&key, from, &hello, now_ms, rng, &mut out);
                 }
             }
+            Datagram::CookieReply { echo, cookie } => {
+                let repeat = self
+                    .sent
+                    .get(&from)
+                    .and_then(|q| q.iter().find(|d| control::mac_of(d) == Some(echo)))
+                    .cloned()
+                    .ok_or(Refusal::UnexpectedCookie)?;
+                if !self.cookies.contains_key(&from) && self.cookies.len() >= MAX_COOKIE_PEERS {
+                    self.cookies.clear();
+                }
+                self.cookies.insert(from, cookie);
+                let mut datagram = repeat;
+                control::set_cookie(&mut datagram, &cookie);
+                out.push(Out::Send { to: from, datagram });
+            }
             Datagram::Sealed(sealed) => {
+                let Some(step) = self.first_step(&sealed, from, now_ms, &mut out)? else {
+                    return Ok(out); // a cookie reply went out
+                };
+                self.counters.dh_ops += 1;
                 let control::Opened {
                     sender,
                     plaintext: plain,
-                } = sealed.open(&self.secret)?;
+                } = sealed.open_message(&self.secret, step)?;
                 if self.removed.contains(&sender) {
                     return Err(Refusal::Removed);
                 }
@@ -653,6 +788,82 @@ impl Membership {
             }
         }
         Ok(out)
+    }
+
+    /// The cookie a sender at `from` must show now (what a cookie reply would give it).
+    #[cfg(test)]
+    pub fn cookie_for(&self, from: &SocketAddr) -> [u8; control::COOKIE_LEN] {
+        control::cookie(&self.cookie_secret, from)
+    }
+
+    /// Whether a reply to an unauthenticated sender at `from` is within both reply budgets.
+    fn reply_allowed(&mut self, from: SocketAddr, now_ms: u64) -> bool {
+        self.replies_per_source.allow(from.ip(), now_ms) && self.replies.allow((), now_ms)
+    }
+
+    /// The cheap checks before a sealed datagram costs anything, and its first Diffie-Hellman
+    /// (PROTOCOL.md section 4, "Cost"). From a member's address with that member's MAC: the
+    /// counter and the member's rate are checked before any Diffie-Hellman. From anywhere else:
+    /// the sender must show a cookie for its address (else it gets one, and `None` is returned),
+    /// the global budget must allow it, and after the first Diffie-Hellman names the sender, its
+    /// counter and rate are checked before the second.
+    fn first_step(
+        &mut self,
+        sealed: &control::Sealed<'_>,
+        from: SocketAddr,
+        now_ms: u64,
+        out: &mut Vec<Out>,
+    ) -> Result<Option<control::SenderStep>, Refusal> {
+        let member = self
+            .by_endpoint
+            .get(&from)
+            .copied()
+            .filter(|k| self.pairs.get(k).is_some_and(|p| sealed.mac_valid(p)));
+        if let Some(key) = member {
+            self.check_counter(&key, sealed.counter)?;
+            if !self.per_sender.allow(key, now_ms) {
+                return Err(Refusal::SenderRate);
+            }
+            self.counters.dh_ops += 1;
+            let step = sealed.open_sender(&self.secret)?;
+            if step.sender != key {
+                return Err(Refusal::KeyMismatch);
+            }
+            return Ok(Some(step));
+        }
+        let shown = [self.cookie_secret, self.previous_cookie_secret]
+            .iter()
+            .any(|s| control::cookie(s, &from) == sealed.cookie);
+        if !shown {
+            if !self.reply_allowed(from, now_ms) {
+                return Err(Refusal::CookieRequired);
+            }
+            self.counters.cookie_replies += 1;
+            let cookie = control::cookie(&self.cookie_secret, &from);
+            out.push(Out::Send {
+                to: from,
+                datagram: control::encode_cookie_reply(&sealed.mac, &cookie),
+            });
+            return Ok(None);
+        }
+        if !self.unknown_dh.allow((), now_ms) {
+            return Err(Refusal::Busy);
+        }
+        self.counters.dh_ops += 1;
+        let step = sealed.open_sender(&self.secret)?;
+        self.check_counter(&step.sender, sealed.counter)?;
+        if !self.per_sender.allow(step.sender, now_ms) {
+            return Err(Refusal::SenderRate);
+        }
+        Ok(Some(step))
+    }
+
+    /// Refuses a counter the sender's replay window has seen or left behind, without taking it.
+    fn check_counter(&self, sender: &[u8; 32], counter: u64) -> Result<(), Refusal> {
+        match self.replay.get(sender) {
+            Some(r) if !r.window.would_accept(counter, 1) => Err(Refusal::Replay),
+            _ => Ok(()),
+        }
     }
 
     fn on_message(
@@ -756,6 +967,12 @@ impl Membership {
         self.secret = secret;
         self.certificate = certificate;
         self.bundle = bundle;
+        self.pairs.clear();
+        let keyed: Vec<([u8; 32], SocketAddr)> =
+            self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
+        for (k, ep) in keyed {
+            self.index(k, Some(ep), ep);
+        }
         self.expel_invalid(now_ms);
         let targets: Vec<([u8; 32], SocketAddr)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
@@ -808,6 +1025,11 @@ impl Membership {
     /// reached, and ask one member in turn for the members it knows.
     pub fn on_tick(&mut self, now_ms: u64, rng: &mut impl RngCore) -> Vec<Out> {
         let mut out = Vec::new();
+        if now_ms >= self.next_rotation_ms {
+            self.previous_cookie_secret = self.cookie_secret;
+            rng.fill_bytes(&mut self.cookie_secret);
+            self.next_rotation_ms = now_ms + COOKIE_ROTATION_MS;
+        }
         self.expel_invalid(now_ms);
         self.reassembly.expire(now_ms);
         let known: Vec<SocketAddr> = self.members.values().map(|m| m.endpoint).collect();

@@ -71,7 +71,7 @@ fn addr(i: usize) -> SocketAddr {
 /// A node that knows nobody yet: node `i` of `ca_key`.
 fn lone(ca_key: &SigningKey, ca_cert: &Certificate, i: u8) -> Membership {
     let (secret, cert) = identity(ca_key, i, u64::MAX / 4);
-    Membership::new(secret, cert, vec![ca_cert.clone()], T0_MS)
+    Membership::new(secret, cert, vec![ca_cert.clone()], T0_MS, &mut OsRng)
 }
 
 fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter: u64) -> Vec<u8> {
@@ -90,7 +90,13 @@ fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter
     )
     .unwrap();
     assert_eq!(d.len(), 1, "a Hello fits one datagram");
-    d.remove(0)
+    with_cookie(to, addr(6), d.remove(0))
+}
+
+/// `datagram` with the cookie `to` asks of a sender at `from` (as after a cookie reply).
+fn with_cookie(to: &Membership, from: SocketAddr, mut datagram: Vec<u8>) -> Vec<u8> {
+    control::set_cookie(&mut datagram, &to.cookie_for(&from));
+    datagram
 }
 
 #[test]
@@ -148,6 +154,7 @@ fn refuses_other_cas_foreign_keys_tampering_replays_and_strangers() {
     let d = control::seal_message(&s9, &n.public, &StaticSecret::from([5; 32]), 1, &members)
         .unwrap()
         .remove(0);
+    let d = with_cookie(n, addr(6), d);
     assert_eq!(
         n.on_datagram(now, addr(6), &d, &mut OsRng),
         Err(Refusal::UnknownSender)
@@ -191,6 +198,9 @@ fn a_message_in_segments_arriving_in_any_order_is_taken_once() {
     segs.swap(0, 2);
     let now = T0_MS;
     let before = n.members().len();
+    for d in &mut segs {
+        control::set_cookie(d, &n.cookie_for(&addr(40)));
+    }
     for (i, d) in segs.iter().enumerate() {
         let out = n.on_datagram(now, addr(40), d, &mut OsRng).unwrap();
         assert_eq!(

@@ -150,7 +150,7 @@ impl Node {
         now_ms: u64,
         rng: &mut impl RngCore,
     ) -> (Node, Vec<Action>) {
-        let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms);
+        let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms, rng);
         membership.set_answer_probes(cfg.answer_probes);
         for crl in cfg.revocations.into_iter().chain(saved.revocations) {
             if let Err(e) = membership.take_revocation(crl) {
@@ -216,6 +216,18 @@ impl Node {
 
     pub fn revocations(&self) -> impl Iterator<Item = &RevocationList> {
         self.membership.revocations()
+    }
+
+    /// The cookie a sender at `from` must show now.
+    #[cfg(test)]
+    pub fn cookie_for(&self, from: &SocketAddr) -> [u8; proto::control::COOKIE_LEN] {
+        self.membership.cookie_for(from)
+    }
+
+    /// What the control plane spent and refused.
+    #[cfg(test)]
+    pub fn control_counters(&self) -> super::membership::ControlCounters {
+        self.membership.counters
     }
 
     /// Handles one event at `now_ms`. A refused event changes nothing the shell would see.

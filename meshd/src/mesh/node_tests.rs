@@ -475,19 +475,30 @@ fn datagrams_captured_before_a_restart_are_refused_after_it() {
     sim.start(1);
     sim.run(1_000);
     let refused = sim.nodes[1].refusals;
-    // The attacker replays node 0's old datagrams from its own address.
+    // The attacker replays node 0's old datagrams from node 0's address, and from its own
+    // address with the cookie it got there (it receives at its own address).
+    let cookie = sim.nodes[1].node().cookie_for(&underlay(66));
     for c in &captured {
         let _ = sim.handle(
             1,
             Event::Datagram {
-                from: underlay(66),
+                from: underlay(0),
                 bytes: c.bytes.clone(),
+            },
+        );
+        let mut bytes = c.bytes.clone();
+        control::set_cookie(&mut bytes, &cookie);
+        let _ = sim.handle(
+            1,
+            Event::Datagram {
+                from: underlay(66),
+                bytes,
             },
         );
     }
     assert_eq!(
         sim.nodes[1].refusals - refused,
-        captured.len() as u64,
+        2 * captured.len() as u64,
         "every replayed datagram is refused"
     );
     assert_eq!(
@@ -566,5 +577,98 @@ fn a_node_killed_while_a_set_is_applied_enforces_the_last_good_set_at_once_then_
     assert!(
         sim.run_until(10_000, |s| serial_everywhere(s, 2)).is_some(),
         "then catches up"
+    );
+}
+
+// Issue 8, attack 2: a spoofed flood silenced a node's control plane.
+
+#[test]
+fn under_a_spoofed_flood_a_set_and_a_revocation_still_reach_every_node_and_the_cost_is_bounded() {
+    let mut sim = formed(4, 17);
+    let set1 = sim.policy_set(1, POLICY);
+    sim.handle(0, Event::ApplyPolicy(set1)).unwrap();
+    assert!(sim.run_until(10_000, |s| serial_everywhere(s, 1)).is_some());
+    // Captured datagrams of the members, to replay from their addresses.
+    sim.capture = Some(Vec::new());
+    sim.run(4_000);
+    let captured: Vec<_> = sim.capture.take().unwrap();
+    let victim = sim.nodes[1].public();
+    // Datagrams sealed to the victim by throw-away keys, with and without the cookie of the
+    // attacker's own address (where it can receive one).
+    let attacker = underlay(66);
+    let cookie = sim.nodes[1].node().cookie_for(&attacker);
+    let junk: Vec<Vec<u8>> = (0..64u8)
+        .map(|i| {
+            let (secret, cert) = {
+                let s = StaticSecret::from([i.wrapping_add(100); 32]);
+                let c = sim.ca.identity(&s, 200 + usize::from(i), 1);
+                (s, c)
+            };
+            let hello = Message::Hello {
+                certificate: cert,
+                want_members: true,
+                digest: [0; 32],
+                revocations: vec![],
+            };
+            control::seal_message(
+                &secret,
+                &victim,
+                &StaticSecret::from([i; 32]),
+                1,
+                &hello.encode(),
+            )
+            .unwrap()
+            .remove(0)
+        })
+        .collect();
+    let dh_before = sim.nodes[1].node().control_counters().dh_ops;
+    // 5,000 datagrams a second for 15 s; a set and a revocation are given 2 s into it.
+    let set2 = sim.policy_set(2, &POLICY.replace("name: p", "name: q"));
+    let crl = revoke(&sim, 1, vec![], vec![sim.nodes[3].public()]);
+    let mut reached = None;
+    let start = sim.now_ms;
+    for slice in 0..1_500u64 {
+        if slice == 200 {
+            sim.handle(0, Event::ApplyPolicy(set2.clone())).unwrap();
+            sim.handle(2, Event::AddRevocation(crl.clone())).unwrap();
+        }
+        for k in 0..50u64 {
+            let pick = sim.rng.below(5);
+            let members = [underlay(0), underlay(2), underlay(3)];
+            let spoofed = members[sim.rng.below(3) as usize];
+            let (from, bytes) = match pick {
+                0 => (spoofed, b"MSHP".to_vec()),
+                1 => (spoofed, junk[(k % 64) as usize].clone()),
+                2 => {
+                    let mut d = junk[(k % 64) as usize].clone();
+                    control::set_cookie(&mut d, &cookie);
+                    (attacker, d)
+                }
+                3 => {
+                    let c = &captured[sim.rng.below(captured.len() as u64) as usize];
+                    (c.from, c.bytes.clone())
+                }
+                _ => (underlay(100 + sim.rng.below(100) as usize), junk[0].clone()),
+            };
+            let _ = sim.handle(1, Event::Datagram { from, bytes });
+        }
+        sim.run(10);
+        if slice >= 200 && reached.is_none() {
+            let done = (0..3).all(|i| sim.nodes[i].node().policy().serial() == 2)
+                && cut_everywhere(&sim, 3);
+            if done {
+                reached = Some(sim.now_ms - start - 2_000);
+            }
+        }
+    }
+    let took = reached.expect("the set and the revocation reached every node during the flood");
+    assert!(took <= 10_000, "{took} ms");
+    // What the flood cost the victim: the budget for unknown senders (500 a second), plus what
+    // its members legitimately sent, never one Diffie-Hellman per flooded datagram.
+    let spent = sim.nodes[1].node().control_counters().dh_ops - dh_before;
+    eprintln!("reached every node {took} ms after it was given; the victim spent {spent} DH");
+    assert!(
+        spent < 500 * 15 + 2_000,
+        "{spent} Diffie-Hellman operations for 75,000 datagrams"
     );
 }

@@ -1,15 +1,16 @@
-//! A token bucket per source address for control datagrams: each sealed one costs two X25519
-//! operations, so a flood from one address must not take the control plane's CPU. Pure: time is an
-//! argument. The table is bounded; when full, the stalest source is forgotten.
+//! Token buckets for the control plane's costly work: per source address (answers to unknown
+//! senders), per authenticated sender (after the first Diffie-Hellman), and one for all (a global
+//! budget, `K = ()`). Pure: time is an argument. The table is bounded; when full, the stalest key
+//! is forgotten.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::Hash;
 
-pub struct SourceLimiter {
+pub struct SourceLimiter<K> {
     rate_per_sec: u32,
     burst: u32,
     max_sources: usize,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
 }
 
 struct Bucket {
@@ -17,8 +18,8 @@ struct Bucket {
     last_ms: u64,
 }
 
-impl SourceLimiter {
-    pub fn new(rate_per_sec: u32, burst: u32, max_sources: usize) -> SourceLimiter {
+impl<K: Hash + Eq + Copy> SourceLimiter<K> {
+    pub fn new(rate_per_sec: u32, burst: u32, max_sources: usize) -> SourceLimiter<K> {
         SourceLimiter {
             rate_per_sec,
             burst,
@@ -28,7 +29,7 @@ impl SourceLimiter {
     }
 
     /// True if a datagram from `source` at `now_ms` is within its budget (and spends a token).
-    pub fn allow(&mut self, source: IpAddr, now_ms: u64) -> bool {
+    pub fn allow(&mut self, source: K, now_ms: u64) -> bool {
         let cap = u64::from(self.burst) * 1000;
         if !self.buckets.contains_key(&source) && self.buckets.len() >= self.max_sources {
             if let Some(stalest) = self
@@ -59,6 +60,7 @@ impl SourceLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn bursts_then_refills_at_the_rate_per_source() {

@@ -25,10 +25,6 @@ use tokio::sync::mpsc;
 pub const CONTROL_BACKLOG: usize = 1024;
 /// How often the node's time moves (expiry is cut within this, plus the check itself).
 const TICK: Duration = Duration::from_millis(500);
-/// Control datagrams per second (and burst) accepted from one source address.
-const PER_SOURCE_RATE: u32 = 50;
-const PER_SOURCE_BURST: u32 = 100;
-const MAX_SOURCES: usize = 4096;
 
 /// Keepalive for mesh peers, so NAT and stateful firewalls keep the path open.
 const KEEPALIVE_SECS: u16 = 25;
@@ -142,21 +138,15 @@ impl Mesh {
         mut commands: mpsc::Receiver<Command>,
     ) {
         let mut tick = tokio::time::interval(TICK);
-        let mut limiter =
-            super::ratelimit::SourceLimiter::new(PER_SOURCE_RATE, PER_SOURCE_BURST, MAX_SOURCES);
         loop {
             let event = tokio::select! {
                 Some(cmd) = commands.recv() => match self.command(cmd).await {
                     Some(event) => event,
                     None => continue,
                 },
-                Some((from, bytes)) = rx.recv() => {
-                    if !limiter.allow(from.ip(), now_ms()) {
-                        self.dev.count_control_refusal();
-                        continue;
-                    }
-                    Event::Datagram { from, bytes }
-                }
+                // Every budget is the node's: it tells a member's datagrams from a spoofed
+                // flood by their MAC, not by the source address a flood can forge.
+                Some((from, bytes)) = rx.recv() => Event::Datagram { from, bytes },
                 _ = tick.tick() => Event::Tick,
             };
             let datagram = matches!(event, Event::Datagram { .. });
