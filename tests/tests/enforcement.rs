@@ -23,6 +23,8 @@ struct PolicyLab {
     nodes: Vec<Node>,
     admin: PathBuf,
     applied: u32,
+    pki: Pki,
+    sw: Switch,
 }
 
 /// A mesh of `ids.len()` nodes, all in namespace `microblog`: node `i` (from 1) is service
@@ -117,6 +119,8 @@ fn policy_lab_on(ids: &[(&str, &[&str])], audit: &[usize], fragments: Fragments)
         nodes,
         admin,
         applied: 0,
+        pki,
+        sw,
     };
     pl.wait_members();
     pl
@@ -1104,4 +1108,182 @@ spec:
     );
     assert!(!big.status.success(), "a fragmented ping crossed");
     assert!(fragments_dropped(&pl.lab, &pl.node(1).ns) > 0);
+}
+
+/// Sends `rate` UDP datagrams a second for `secs` seconds from namespace `ns` to `dst`:51820,
+/// each with a source address forged from `sources`, through a raw socket: 4-byte control
+/// magics, sealed-looking datagrams that no key made, and probes. Returns how many were sent.
+fn spoofed_flood(
+    ns: &str,
+    dst: [u8; 4],
+    sources: Vec<[u8; 4]>,
+    rate: u64,
+    secs: u64,
+) -> std::thread::JoinHandle<u64> {
+    in_netns(ns, move || {
+        // SAFETY: a raw socket; IPPROTO_RAW implies that we write the IP header.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst),
+            },
+            sin_zero: [0; 8],
+        };
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            // Bounded in count and time: `rate` a second, in batches every 10 ms.
+            let due = start.elapsed().as_millis() as u64 * rate / 1000;
+            while sent < due {
+                let payload: Vec<u8> = match next() % 3 {
+                    0 => b"MSHP".to_vec(),
+                    1 => {
+                        let mut p = b"MSHP\x03\x03".to_vec();
+                        p.extend((0..200).map(|_| next() as u8));
+                        p
+                    }
+                    _ => {
+                        let mut p = b"MSHP\x03\x01".to_vec();
+                        p.resize(1200, 0);
+                        p
+                    }
+                };
+                let src = sources[(next() % sources.len() as u64) as usize];
+                let total = 28 + payload.len();
+                let mut pkt = vec![0u8; 28];
+                pkt[0] = 0x45;
+                pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+                pkt[8] = 64;
+                pkt[9] = 17;
+                pkt[12..16].copy_from_slice(&src);
+                pkt[16..20].copy_from_slice(&dst);
+                pkt[20..22].copy_from_slice(&51820u16.to_be_bytes());
+                pkt[22..24].copy_from_slice(&51820u16.to_be_bytes());
+                pkt[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+                pkt.extend_from_slice(&payload);
+                // SAFETY: sending a buffer we own to an address we built.
+                unsafe {
+                    libc::sendto(
+                        fd,
+                        pkt.as_ptr().cast(),
+                        pkt.len(),
+                        0,
+                        (&to as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                };
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: closing the socket we opened.
+        unsafe { libc::close(fd) };
+        sent
+    })
+}
+
+#[test]
+fn under_a_spoofed_flood_a_set_and_a_revocation_reach_every_node_and_pings_flow() {
+    if !can_run() {
+        return;
+    }
+    let mut pl = policy_lab(
+        &[
+            ("a", &["app=a"]),
+            ("b", &["app=b"]),
+            ("c", &["app=c"]),
+            ("d", &["app=d"]),
+        ],
+        &[],
+    );
+    const OPEN: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: open}
+spec:
+  selector: all()
+  ingress: [{action: Allow}]
+  egress: [{action: Allow}]
+";
+    pl.apply(1, OPEN);
+    assert!(pl
+        .lab
+        .ping_until(&pl.node(1).ns, &pl.node(2).ip, Duration::from_secs(10)));
+    // The attacker is a host on the same underlay; it forges the members' addresses and others
+    // of the subnet, 5,000 datagrams a second for 15 s, at node 2.
+    let attacker = pl.lab.host("fl");
+    pl.lab.attach(&pl.sw, &attacker, "198.18.2.66/24");
+    let mut sources: Vec<[u8; 4]> = vec![[198, 18, 2, 1], [198, 18, 2, 3], [198, 18, 2, 4]];
+    sources.extend((100..200).map(|i| [198, 18, 2, i]));
+    let flood = spoofed_flood(&attacker, [198, 18, 2, 2], sources, 5_000, 15);
+    std::thread::sleep(Duration::from_secs(2));
+    // During the flood: a new set on node 1, and node 4 revoked through node 3.
+    let set_applied = Instant::now();
+    let admin = pl.admin.clone();
+    let o = pl.apply_with(1, &OPEN.replace("name: open", "name: open-2"), &admin);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let serial = pl.serial(1);
+    let cert = pl.pki.dir.join("ids").join("d.crt");
+    run(Command::new(bin("meshctl"))
+        .args(["ca", "revoke", "--cert"])
+        .arg(&cert)
+        .arg("--ca")
+        .arg(&pl.pki.dir));
+    let config = &pl.node(3).config;
+    let text = std::fs::read_to_string(config).unwrap();
+    let crl = pl.pki.dir.join("revoked.crl");
+    std::fs::write(
+        config,
+        text.replace(
+            "[peering]",
+            &format!("revocation_lists = [\"{}\"]\n\n[peering]", crl.display()),
+        ),
+    )
+    .unwrap();
+    run(Command::new(bin("meshctl")).args(["reload", &pl.node(3).ifname]));
+    let reached = |pl: &PolicyLab| {
+        (1..=3).all(|i| pl.serial(i) == serial)
+            && (1..=3).all(|i| {
+                let st = pl.lab.status(&pl.node(i).ifname);
+                !st["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["identity"] == "example.org/microblog/d")
+            })
+    };
+    let deadline = set_applied + Duration::from_secs(10);
+    while !reached(&pl) {
+        assert!(
+            Instant::now() < deadline,
+            "the set and the revocation did not reach every node within 10 s of the flood's start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "set and revocation everywhere {:?} after",
+        set_applied.elapsed()
+    );
+    // Pings between members keep flowing while the flood goes on.
+    assert!(
+        pl.lab.ping(&pl.node(1).ns, &pl.node(2).ip, 3),
+        "pings through the flood"
+    );
+    assert!(
+        pl.lab.ping(&pl.node(3).ns, &pl.node(2).ip, 3),
+        "pings through the flood"
+    );
+    let sent = flood.join().unwrap();
+    assert!(sent >= 60_000, "the flood sent {sent} datagrams");
+    let st = pl.lab.status(&pl.node(2).ifname);
+    eprintln!("victim after the flood: {}", st["drops"]);
 }

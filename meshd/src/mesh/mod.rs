@@ -10,6 +10,8 @@ pub mod policy_sync;
 pub mod ratelimit;
 pub mod run;
 #[cfg(test)]
+mod scale;
+#[cfg(test)]
 pub mod sim;
 pub mod state;
 

@@ -1,0 +1,81 @@
+//! The scale benchmark of the mesh node: many nodes in memory over links with 1% loss, in
+//! simulated time (`bench/scale.sh` runs it: `cargo test --release -p meshd -- --ignored
+//! --nocapture scale`; `MESH_SIM_NODES` sets N, 1,000 by default). It prints, in simulated
+//! seconds, the time to full membership from one seed, the time for a policy set and for a
+//! revocation to reach every node, control bytes per node per minute at rest, and memory per node.
+
+use super::node::Event;
+use super::sim::{Sim, TICK_MS};
+use std::time::Instant;
+
+/// Resident memory of this process, in bytes (Linux).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+#[test]
+#[ignore = "a benchmark: bench/scale.sh"]
+fn scale() {
+    let n: usize = std::env::var("MESH_SIM_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
+    let wall = Instant::now();
+    let rss0 = rss_bytes();
+    let mut sim = Sim::new(n, 42);
+    sim.loss_pct = 1;
+    sim.jitter_ms = 5;
+    sim.start_all();
+    let formed = sim.run_until(600_000, Sim::full_mesh);
+    let rss1 = rss_bytes();
+    let formed_s = formed.map(|ms| ms as f64 / 1000.0);
+    eprintln!(
+        "N={n}: full membership from one seed in {:?} simulated s ({:.0} s of CPU so far)",
+        formed_s,
+        wall.elapsed().as_secs_f64()
+    );
+    let everywhere = |s: &Sim, f: &dyn Fn(&super::node::Node) -> bool| {
+        s.nodes.iter().all(|x| x.node.as_ref().is_some_and(f))
+    };
+    let set = sim.policy_set(1, "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  selector: all()\n  ingress: [{action: Allow}]\n");
+    sim.handle(0, Event::ApplyPolicy(set)).unwrap();
+    let policy = sim.run_until(120_000, |s| everywhere(s, &|x| x.policy().serial() == 1));
+    let victim = sim.nodes[n - 1].public();
+    let crl = proto::cert::RevocationList::sign_with_keys(
+        "example.org",
+        1,
+        sim.now_ms / 1000,
+        vec![],
+        vec![victim],
+        &sim.ca.key,
+    )
+    .unwrap();
+    sim.handle(n / 2, Event::AddRevocation(crl)).unwrap();
+    let revoked = sim.run_until(120_000, |s| {
+        s.nodes[..n - 1]
+            .iter()
+            .all(|x| !x.node().members().contains_key(&victim))
+    });
+    // At rest: one simulated minute after everything settled.
+    sim.run(10_000);
+    let bytes0 = sim.bytes;
+    sim.run(60_000);
+    let per_node_minute = (sim.bytes - bytes0) as f64 / n as f64;
+    eprintln!(
+        "N={n}: policy set everywhere in {:?} s, revocation everywhere in {:?} s (simulated)",
+        policy.map(|ms| ms as f64 / 1000.0),
+        revoked.map(|ms| ms as f64 / 1000.0)
+    );
+    eprintln!(
+        "N={n}: at rest {per_node_minute:.0} control bytes per node per minute; memory {:.0} KiB per node (the whole simulation, member lists included); {:.0} s of CPU; tick {TICK_MS} ms",
+        (rss1.saturating_sub(rss0)) as f64 / 1024.0 / n as f64,
+        wall.elapsed().as_secs_f64()
+    );
+    assert!(formed.is_some() && policy.is_some() && revoked.is_some());
+}
