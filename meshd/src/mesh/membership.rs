@@ -241,6 +241,7 @@ pub struct Membership {
     replies: SourceLimiter<()>,
     replies_per_source: SourceLimiter<std::net::IpAddr>,
     pub counters: ControlCounters,
+    digest_cache: std::cell::Cell<Option<[u8; 32]>>,
 }
 
 impl Membership {
@@ -271,6 +272,7 @@ impl Membership {
                 MAX_LIMITED,
             ),
             counters: ControlCounters::default(),
+            digest_cache: std::cell::Cell::new(None),
             secret,
             public,
             certificate,
@@ -528,9 +530,15 @@ impl Membership {
         }
     }
 
-    /// The digest of the mesh as this node knows it, itself included.
+    /// The digest of the mesh as this node knows it, itself included; computed once per change
+    /// of the member set, not per Hello.
     fn digest(&self) -> [u8; 32] {
-        control::members_digest(self.members.keys().chain(std::iter::once(&self.public)))
+        if let Some(d) = self.digest_cache.get() {
+            return d;
+        }
+        let d = control::members_digest(self.members.keys().chain(std::iter::once(&self.public)));
+        self.digest_cache.set(Some(d));
+        d
     }
 
     /// Checks a verified certificate against the members without changing anything: refused if
@@ -576,7 +584,10 @@ impl Membership {
                 continue;
             }
             let other = &m.certificate.body;
-            if other.identity() == identity {
+            let same_identity = other.name == body.name
+                && other.namespace == body.namespace
+                && other.trust_domain == body.trust_domain;
+            if same_identity {
                 // Not older than the member (checked above through `newest`): it replaces it.
                 replaced.push(*k);
             } else if let Some(addr) = body.addrs.iter().find(|a| overlaps_any(a, &other.addrs)) {
@@ -628,6 +639,7 @@ impl Membership {
                         last_heard_ms: heard_ms,
                     },
                 );
+                self.digest_cache.set(None);
                 self.dirty.members = true;
                 true
             }
@@ -637,6 +649,7 @@ impl Membership {
 
     fn expel(&mut self, key: &[u8; 32], reason: &str) -> Option<MemberState> {
         let m = self.members.remove(key)?;
+        self.digest_cache.set(None);
         self.unindex(key, m.endpoint);
         self.dirty.members = true;
         self.expelled.push((*key, reason.to_string()));
@@ -964,6 +977,7 @@ impl Membership {
     ) -> Vec<Out> {
         let mut out = Vec::new();
         self.public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        self.digest_cache.set(None);
         self.secret = secret;
         self.certificate = certificate;
         self.bundle = bundle;
@@ -1004,6 +1018,42 @@ impl Membership {
         Ok(out)
     }
 
+    /// Cuts members whose certificates or CAs expired: the only thing that changes with time
+    /// alone (signatures were verified at admission, and a new revocation list or bundle makes
+    /// [`Membership::expel_invalid`] verify everything again). A few comparisons per member, so
+    /// the tick costs no signature checks however large the mesh.
+    fn expel_expired(&mut self, now_ms: u64) {
+        let now = now_ms / 1000;
+        let lapsed = |b: &proto::cert::CertBody| now < b.not_before || now > b.not_after;
+        let bad: Vec<([u8; 32], String)> = self
+            .members
+            .iter()
+            .filter_map(|(k, m)| {
+                let body = &m.certificate.body;
+                let ca = self
+                    .bundle
+                    .iter()
+                    .find(|ca| ca.body.public_key == body.issuer);
+                if lapsed(body) {
+                    Some((
+                        *k,
+                        format!(
+                            "certificate outside its validity (not after {})",
+                            body.not_after
+                        ),
+                    ))
+                } else if ca.is_none_or(|ca| lapsed(&ca.body)) {
+                    Some((*k, "its CA's certificate expired".to_string()))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (k, why) in &bad {
+            self.expel(k, why);
+        }
+    }
+
     /// Cuts members whose certificates stopped verifying; returns them with the reason.
     pub fn expel_invalid(&mut self, now_ms: u64) -> Vec<([u8; 32], String)> {
         let bad: Vec<([u8; 32], String)> = self
@@ -1030,7 +1080,7 @@ impl Membership {
             rng.fill_bytes(&mut self.cookie_secret);
             self.next_rotation_ms = now_ms + COOKIE_ROTATION_MS;
         }
-        self.expel_invalid(now_ms);
+        self.expel_expired(now_ms);
         self.reassembly.expire(now_ms);
         let known: Vec<SocketAddr> = self.members.values().map(|m| m.endpoint).collect();
         let mut greet = Vec::new();

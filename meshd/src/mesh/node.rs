@@ -139,6 +139,8 @@ pub struct Node {
     reasons: BTreeMap<[u8; 32], String>,
     /// Actions of a policy set taken from a member, for the end of the event.
     pending: Vec<Action>,
+    /// This node's own certificate changed (or it just started): derive everything again.
+    rederive: bool,
 }
 
 impl Node {
@@ -191,6 +193,7 @@ impl Node {
             policy_changed: true,
             reasons: BTreeMap::new(),
             pending: Vec::new(),
+            rederive: true,
         };
         let mut out = Vec::new();
         node.settle(now_ms, rng, Vec::new(), &mut out);
@@ -277,6 +280,7 @@ impl Node {
                 bundle,
             } => {
                 self.policy_changed = true;
+                self.rederive = true;
                 self.membership
                     .renew(secret, certificate, bundle, now_ms, rng)
             }
@@ -317,7 +321,11 @@ impl Node {
             out.push(Action::Resolve);
             self.policy_changed = false;
         }
-        let new_peers = self.derive(out);
+        let new_peers = if dirty.members || std::mem::take(&mut self.rederive) {
+            self.derive(out)
+        } else {
+            Vec::new()
+        };
         if let Some(offer) = self.sync.offer() {
             let mut outs = Vec::new();
             for key in new_peers {
@@ -361,23 +369,22 @@ impl Node {
         let mine: BTreeSet<Cidr> = self.certificate().body.addrs.iter().copied().collect();
         let mine_list: Vec<Cidr> = mine.iter().copied().collect();
         let mut peers: BTreeMap<[u8; 32], Installed> = BTreeMap::new();
-        let mut claimed: Vec<Cidr> = Vec::new();
+        // Members never overlap one another (membership refuses the second claim); one may
+        // overlap this node's own addresses after this node renewed onto them.
         for (k, m) in self.membership.members() {
             let addrs = &m.certificate.body.addrs;
-            let clash = addrs.iter().any(|a| {
-                super::membership::overlaps_any(a, &mine_list)
-                    || super::membership::overlaps_any(a, &claimed)
-            });
-            if clash {
+            if addrs
+                .iter()
+                .any(|a| super::membership::overlaps_any(a, &mine_list))
+            {
                 if !self.peers.contains_key(k) {
-                    tracing::warn!(identity = %m.certificate.body.identity(), "member not installed: its addresses overlap this node's or another member's");
+                    tracing::warn!(identity = %m.certificate.body.identity(), "member not installed: its addresses overlap this node's");
                 }
                 self.reasons
                     .entry(*k)
                     .or_insert_with(|| "its addresses overlap this node's".into());
                 continue;
             }
-            claimed.extend(addrs.iter().copied());
             peers.insert(
                 *k,
                 Installed {
@@ -386,6 +393,10 @@ impl Node {
                 },
             );
         }
+        let claimed: Vec<Cidr> = peers
+            .values()
+            .flat_map(|p| p.addrs.iter().copied())
+            .collect();
         for k in self.peers.keys() {
             if !peers.contains_key(k) {
                 let reason = self
