@@ -6,27 +6,11 @@ use ed25519_dalek::SigningKey;
 use proto::cert::{CertBody, CertKind};
 use rand_core::OsRng;
 
-const T0_MS: u64 = 1_800_000_000_000;
+use crate::mesh::sim::T0_MS;
 
 fn ca(seed: u8, td: &str) -> (SigningKey, Certificate) {
-    let key = SigningKey::from_bytes(&[seed; 32]);
-    let pk = key.verifying_key().to_bytes();
-    let cert = CertBody {
-        kind: CertKind::Ca,
-        serial: 1,
-        not_before: 0,
-        not_after: u64::MAX / 2,
-        trust_domain: td.into(),
-        namespace: String::new(),
-        name: "ca".into(),
-        public_key: pk,
-        issuer: pk,
-        labels: Default::default(),
-        addrs: vec![],
-    }
-    .sign(&key)
-    .unwrap();
-    (key, cert)
+    let ca = crate::mesh::sim::Ca::new(seed, td);
+    (ca.key, ca.cert)
 }
 
 fn identity(ca: &SigningKey, i: u8, not_after: u64) -> (StaticSecret, Certificate) {
