@@ -34,14 +34,25 @@ fn policy_lab(ids: &[(&str, &[&str])], audit: &[usize]) -> PolicyLab {
     policy_lab_on(ids, audit, Fragments::Pass)
 }
 
-/// What the underlay does with IP fragments.
+/// What the underlay does with IP fragments, or with every datagram.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fragments {
     Pass,
     /// Dropped on arrival, before the kernel could reassemble them, as by many firewalls and
     /// cloud networks.
     Dropped,
+    /// Every UDP datagram arriving at a node is lost with probability 1 in 5 (this kernel has no
+    /// netem; nftables' random numbers do it).
+    Lossy,
 }
+
+const LOSSY_RULES: &str = "table inet lossy {
+  chain in {
+    type filter hook input priority -400; policy accept;
+    meta l4proto udp numgen random mod 100 < 20 counter drop
+  }
+}
+";
 
 const NOFRAG_RULES: &str = "table inet nofrag {
   chain pre {
@@ -76,9 +87,14 @@ fn policy_lab_on(ids: &[(&str, &[&str])], audit: &[usize], fragments: Fragments)
         let i = i + 1;
         let ns = lab.host(&format!("p{i}"));
         lab.attach(&sw, &ns, &format!("198.18.2.{i}/24"));
-        if fragments == Fragments::Dropped {
-            let rules = lab.dir.join("nofrag.nft");
-            std::fs::write(&rules, NOFRAG_RULES).unwrap();
+        let rules = match fragments {
+            Fragments::Pass => None,
+            Fragments::Dropped => Some(("nofrag.nft", NOFRAG_RULES)),
+            Fragments::Lossy => Some(("lossy.nft", LOSSY_RULES)),
+        };
+        if let Some((file, text)) = rules {
+            let rules = lab.dir.join(file);
+            std::fs::write(&rules, text).unwrap();
             lab.exec_ok(&ns, &["nft", "-f", rules.to_str().unwrap()]);
         }
         let mut extra = Vec::new();
@@ -1287,3 +1303,81 @@ spec:
     let st = pl.lab.status(&pl.node(2).ifname);
     eprintln!("victim after the flood: {}", st["drops"]);
 }
+
+#[test]
+fn with_20_percent_loss_10_nodes_form_a_mesh_and_a_set_and_a_revocation_reach_every_node() {
+    if !can_run() {
+        return;
+    }
+    let names: Vec<String> = (1..=10).map(|i| format!("s{i}")).collect();
+    let labels: Vec<String> = names.iter().map(|n| format!("app={n}")).collect();
+    let ids: Vec<(&str, Vec<&str>)> = names
+        .iter()
+        .zip(&labels)
+        .map(|(n, l)| (n.as_str(), vec![l.as_str()]))
+        .collect();
+    let ids: Vec<(&str, &[&str])> = ids.iter().map(|(n, l)| (*n, l.as_slice())).collect();
+    // Every node loses a fifth of what arrives; they still meet (policy_lab_on waits for it).
+    let mut pl = policy_lab_on(&ids, &[], Fragments::Lossy);
+    let lost = pl
+        .lab
+        .exec_ok(&pl.node(1).ns, &["nft", "list", "table", "inet", "lossy"]);
+    assert!(
+        !lost.contains("packets 0 "),
+        "the loss rule dropped datagrams: {lost}"
+    );
+    let given = Instant::now();
+    let admin = pl.admin.clone();
+    let o = pl.apply_with(1, POLICY_ALLOW_ALL, &admin);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let serial = pl.serial(1);
+    let cert = pl.pki.dir.join("ids").join("s10.crt");
+    run(Command::new(bin("meshctl"))
+        .args(["ca", "revoke", "--cert"])
+        .arg(&cert)
+        .arg("--ca")
+        .arg(&pl.pki.dir));
+    let config = pl.node(5).config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let crl = pl.pki.dir.join("revoked.crl");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[peering]",
+            &format!("revocation_lists = [\"{}\"]\n\n[peering]", crl.display()),
+        ),
+    )
+    .unwrap();
+    run(Command::new(bin("meshctl")).args(["reload", &pl.node(5).ifname]));
+    let reached = |pl: &PolicyLab| {
+        (1..=9).all(|i| {
+            let st = pl.lab.status(&pl.node(i).ifname);
+            st["policy"]["serial"].as_u64() == Some(serial)
+                && !st["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["identity"] == "example.org/microblog/s10")
+        })
+    };
+    while !reached(&pl) {
+        assert!(
+            given.elapsed() < Duration::from_secs(10),
+            "the set and the revocation did not reach every node within 10 s at 20% loss"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "at 20% loss: set and revocation everywhere in {:?}",
+        given.elapsed()
+    );
+}
+
+const POLICY_ALLOW_ALL: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: open}
+spec:
+  selector: all()
+  ingress: [{action: Allow}]
+  egress: [{action: Allow}]
+";
