@@ -269,7 +269,7 @@ impl Node {
             Event::ApplyPolicy(encoded) => {
                 self.book.check_next(&encoded).map_err(Refusal::Policy)?;
                 let mut outs = Vec::new();
-                self.take_policy(encoded, None, now_ms, rng, &mut outs, &mut out)
+                self.take_policy(encoded, now_ms, rng, &mut outs, &mut out)
                     .map_err(Refusal::Policy)?;
                 outs
             }
@@ -443,12 +443,11 @@ impl Node {
         new
     }
 
-    /// Verifies, compiles and takes a signed policy set, from the operator (`from` = None) or a
-    /// member; on success it is saved and offered to every member.
+    /// Verifies, compiles and takes a signed policy set, from the operator or a member; on
+    /// success it is saved and offered to every member.
     fn take_policy(
         &mut self,
         encoded: Vec<u8>,
-        from: Option<[u8; 32]>,
         now_ms: u64,
         rng: &mut impl RngCore,
         outs: &mut Vec<Out>,
@@ -461,9 +460,11 @@ impl Node {
         tracing::info!("{msg}");
         self.policy_changed = true;
         actions.push(Action::Store(Stored::Policy(encoded)));
+        // Every member hears of it, the one it came from too: `policy status` there shows what
+        // this node runs from what this node said.
         if let Some(offer) = self.sync.offer() {
             let keys: Vec<[u8; 32]> = self.members().keys().copied().collect();
-            for k in keys.iter().filter(|k| Some(**k) != from) {
+            for k in &keys {
                 self.membership.send_to(k, &offer, now_ms, rng, outs);
             }
         }
@@ -487,7 +488,7 @@ impl Node {
                     encoded,
                 } => {
                     let mut actions = Vec::new();
-                    match self.take_policy(encoded, Some(from), now_ms, rng, outs, &mut actions) {
+                    match self.take_policy(encoded, now_ms, rng, outs, &mut actions) {
                         Ok(()) => self.pending.extend(actions),
                         Err(e) => {
                             tracing::warn!(from = %proto::Key(from), error = %e, "policy set from a member refused; the running one stays in force");
