@@ -1126,6 +1126,29 @@ spec:
     assert!(fragments_dropped(&pl.lab, &pl.node(1).ns) > 0);
 }
 
+/// Revokes identity `name` (its serial and key) and gives the list to node `via` alone: its
+/// configuration names the list, and `meshctl reload` reads it; the mesh spreads it from there.
+fn revoke_through(pl: &PolicyLab, name: &str, via: usize) {
+    let cert = pl.pki.dir.join("ids").join(format!("{name}.crt"));
+    run(Command::new(bin("meshctl"))
+        .args(["ca", "revoke", "--cert"])
+        .arg(&cert)
+        .arg("--ca")
+        .arg(&pl.pki.dir));
+    let config = &pl.node(via).config;
+    let text = std::fs::read_to_string(config).unwrap();
+    let crl = pl.pki.dir.join("revoked.crl");
+    std::fs::write(
+        config,
+        text.replace(
+            "[peering]",
+            &format!("revocation_lists = [\"{}\"]\n\n[peering]", crl.display()),
+        ),
+    )
+    .unwrap();
+    run(Command::new(bin("meshctl")).args(["reload", &pl.node(via).ifname]));
+}
+
 /// Sends `rate` UDP datagrams a second for `secs` seconds from namespace `ns` to `dst`:51820,
 /// each with a source address forged from `sources`, through a raw socket: 4-byte control
 /// magics, sealed-looking datagrams that no key made, and probes. Returns how many were sent.
@@ -1222,15 +1245,7 @@ fn under_a_spoofed_flood_a_set_and_a_revocation_reach_every_node_and_pings_flow(
         ],
         &[],
     );
-    const OPEN: &str = "apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata: {name: open}
-spec:
-  selector: all()
-  ingress: [{action: Allow}]
-  egress: [{action: Allow}]
-";
-    pl.apply(1, OPEN);
+    pl.apply(1, POLICY_ALLOW_ALL);
     assert!(pl
         .lab
         .ping_until(&pl.node(1).ns, &pl.node(2).ip, Duration::from_secs(10)));
@@ -1245,27 +1260,14 @@ spec:
     // During the flood: a new set on node 1, and node 4 revoked through node 3.
     let set_applied = Instant::now();
     let admin = pl.admin.clone();
-    let o = pl.apply_with(1, &OPEN.replace("name: open", "name: open-2"), &admin);
+    let o = pl.apply_with(
+        1,
+        &POLICY_ALLOW_ALL.replace("name: open", "name: open-2"),
+        &admin,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let serial = pl.serial(1);
-    let cert = pl.pki.dir.join("ids").join("d.crt");
-    run(Command::new(bin("meshctl"))
-        .args(["ca", "revoke", "--cert"])
-        .arg(&cert)
-        .arg("--ca")
-        .arg(&pl.pki.dir));
-    let config = &pl.node(3).config;
-    let text = std::fs::read_to_string(config).unwrap();
-    let crl = pl.pki.dir.join("revoked.crl");
-    std::fs::write(
-        config,
-        text.replace(
-            "[peering]",
-            &format!("revocation_lists = [\"{}\"]\n\n[peering]", crl.display()),
-        ),
-    )
-    .unwrap();
-    run(Command::new(bin("meshctl")).args(["reload", &pl.node(3).ifname]));
+    revoke_through(&pl, "d", 3);
     let reached = |pl: &PolicyLab| {
         (1..=3).all(|i| pl.serial(i) == serial)
             && (1..=3).all(|i| {
@@ -1331,24 +1333,7 @@ fn with_20_percent_loss_10_nodes_form_a_mesh_and_a_set_and_a_revocation_reach_ev
     let o = pl.apply_with(1, POLICY_ALLOW_ALL, &admin);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let serial = pl.serial(1);
-    let cert = pl.pki.dir.join("ids").join("s10.crt");
-    run(Command::new(bin("meshctl"))
-        .args(["ca", "revoke", "--cert"])
-        .arg(&cert)
-        .arg("--ca")
-        .arg(&pl.pki.dir));
-    let config = pl.node(5).config.clone();
-    let text = std::fs::read_to_string(&config).unwrap();
-    let crl = pl.pki.dir.join("revoked.crl");
-    std::fs::write(
-        &config,
-        text.replace(
-            "[peering]",
-            &format!("revocation_lists = [\"{}\"]\n\n[peering]", crl.display()),
-        ),
-    )
-    .unwrap();
-    run(Command::new(bin("meshctl")).args(["reload", &pl.node(5).ifname]));
+    revoke_through(&pl, "s10", 5);
     let reached = |pl: &PolicyLab| {
         (1..=9).all(|i| {
             let st = pl.lab.status(&pl.node(i).ifname);
