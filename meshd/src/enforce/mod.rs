@@ -278,12 +278,12 @@ impl Enforcer {
         now: u64,
     ) -> bool {
         let flow = *flow;
-        let rules = self.rules.load();
-        let remote_id = rules.identity_of(remote);
         // An ICMP error about a tracked flow (unreachable, too big, time exceeded) is part of it,
         // if that flow runs through this peer: its far end is an address of the peer's
         // certificate. A peer cannot speak for flows of others.
         if let Some(quoted) = flow.icmp.and_then(|_| FlowKey::quoted(packet)) {
+            let rules = self.rules.load();
+            let remote_id = rules.identity_of(remote);
             let far = match dir {
                 Direction::Ingress => quoted.dst,
                 Direction::Egress => quoted.src,
@@ -298,6 +298,9 @@ impl Enforcer {
         if let Tracked::Known { .. } = table.track(&flow, packet.len(), now) {
             return true;
         }
+        // Only a new flow reads the rules; a tracked one passes on the table alone.
+        let rules = self.rules.load();
+        let remote_id = rules.identity_of(remote);
         let (verdict, audited) = rules.decide(dir, &flow, remote_id);
         let pass = verdict.allow || audited;
         if pass {
