@@ -326,8 +326,8 @@ fn seal(
     counter: u64,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, ControlError> {
-    let agreed = Agreed::new(sender, receiver, ephemeral)?;
-    agreed.seal(counter, plaintext)
+    let pair = Pair::new(sender, receiver)?;
+    Agreed::new(&pair, ephemeral)?.seal(counter, plaintext)
 }
 
 /// Seals `message` from `sender` to `receiver` as its segments ([`crate::segment`]), each a
@@ -341,7 +341,19 @@ pub fn seal_message(
     first_counter: u64,
     message: &[u8],
 ) -> Result<Vec<Vec<u8>>, ControlError> {
-    let agreed = Agreed::new(sender, receiver, ephemeral)?;
+    let pair = Pair::new(sender, receiver)?;
+    seal_message_in(&pair, ephemeral, first_counter, message)
+}
+
+/// [`seal_message`] with the static-static agreement made earlier: one Diffie-Hellman (the
+/// ephemeral's) per message instead of two.
+pub fn seal_message_in(
+    pair: &Pair,
+    ephemeral: &StaticSecret,
+    first_counter: u64,
+    message: &[u8],
+) -> Result<Vec<Vec<u8>>, ControlError> {
+    let agreed = Agreed::new(pair, ephemeral)?;
     crate::segment::split(message)?
         .iter()
         .zip(first_counter..)
@@ -349,14 +361,62 @@ pub fn seal_message(
         .collect()
 }
 
-/// The two key agreements of a sealed message, made once for all its segments.
-struct Agreed<'a> {
-    sender: PublicKey,
-    ephemeral: PublicKey,
-    receiver: &'a [u8; 32],
-    es: [u8; 32],
+/// What a node's static key agrees with one peer's (PROTOCOL.md section 4): the static-static
+/// Diffie-Hellman and the pair key of the MAC. Made once per peer and kept, so sealing to a
+/// member or opening from one costs one Diffie-Hellman, not two.
+#[derive(Clone)]
+pub struct Pair {
+    own: [u8; 32],
+    peer: [u8; 32],
     ss: [u8; 32],
-    pair: [u8; 32],
+    mac: [u8; 32],
+}
+
+impl Pair {
+    pub fn new(own: &StaticSecret, peer: &[u8; 32]) -> Result<Pair, ControlError> {
+        Pair::with_public(own, PublicKey::from(own).as_bytes(), peer)
+    }
+
+    /// [`Pair::new`] when the caller already holds `own`'s public key (saves a scalar
+    /// multiplication).
+    pub fn with_public(
+        own: &StaticSecret,
+        own_public: &[u8; 32],
+        peer: &[u8; 32],
+    ) -> Result<Pair, ControlError> {
+        let ss = dh(own, peer)?;
+        Ok(Pair {
+            own: *own_public,
+            peer: *peer,
+            mac: pair_from(&ss, own_public, peer),
+            ss,
+        })
+    }
+
+    /// The peer's static key.
+    pub fn peer(&self) -> &[u8; 32] {
+        &self.peer
+    }
+
+    /// The key of the MAC both ends put on their sealed datagrams ([`Sealed::mac_valid`]).
+    pub fn mac_key(&self) -> &[u8; 32] {
+        &self.mac
+    }
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pair")
+            .field("peer", &crate::Key(self.peer))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The agreements of one sealed message, made once for all its segments.
+struct Agreed<'a> {
+    pair: &'a Pair,
+    ephemeral: PublicKey,
+    es: [u8; 32],
 }
 
 fn pair_from(ss: &[u8; 32], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
@@ -375,8 +435,7 @@ fn pair_from(ss: &[u8; 32], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 /// member and then tells that member's datagrams from forgeries with one MAC, before any
 /// Diffie-Hellman.
 pub fn pair_key(own: &StaticSecret, peer: &[u8; 32]) -> Result<[u8; 32], ControlError> {
-    let ss = dh(own, peer)?;
-    Ok(pair_from(&ss, PublicKey::from(own).as_bytes(), peer))
+    Ok(Pair::new(own, peer)?.mac)
 }
 
 fn mac16(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
@@ -433,20 +492,11 @@ pub fn mac_of(datagram: &[u8]) -> Option<[u8; MAC_LEN]> {
 }
 
 impl<'a> Agreed<'a> {
-    fn new(
-        sender: &StaticSecret,
-        receiver: &'a [u8; 32],
-        ephemeral: &StaticSecret,
-    ) -> Result<Agreed<'a>, ControlError> {
-        let ss = dh(sender, receiver)?;
-        let sender = PublicKey::from(sender);
+    fn new(pair: &'a Pair, ephemeral: &StaticSecret) -> Result<Agreed<'a>, ControlError> {
         Ok(Agreed {
-            pair: pair_from(&ss, sender.as_bytes(), receiver),
-            sender,
+            pair,
             ephemeral: PublicKey::from(ephemeral),
-            receiver,
-            es: dh(ephemeral, receiver)?,
-            ss,
+            es: dh(ephemeral, &pair.peer)?,
         })
     }
 
@@ -456,22 +506,19 @@ impl<'a> Agreed<'a> {
                 max: MAX_DATAGRAM_BYTES,
             });
         }
+        let receiver = &self.pair.peer;
         let mut b = header(TYPE_SEALED);
         b.extend_from_slice(self.ephemeral.as_bytes());
         b.extend_from_slice(&counter.to_be_bytes());
-        let hidden = aead(
-            static_key(&self.es, &b, self.receiver),
-            self.sender.as_bytes(),
-            &b,
-        );
+        let hidden = aead(static_key(&self.es, &b, receiver), &self.pair.own, &b);
         b.extend_from_slice(&hidden);
         let ct = aead(
-            message_key(&self.es, &self.ss, &b, self.receiver),
+            message_key(&self.es, &self.pair.ss, &b, receiver),
             plaintext,
             &b,
         );
         b.extend_from_slice(&ct);
-        let mac = mac16(&self.pair, &[&b]);
+        let mac = mac16(&self.pair.mac, &[&b]);
         b.extend_from_slice(&mac);
         b.extend_from_slice(&[0; COOKIE_LEN]);
         Ok(b)
@@ -498,10 +545,18 @@ impl Sealed<'_> {
     /// The first step of [`Sealed::open`]: one Diffie-Hellman reveals who claims to send, so
     /// that the receiver can check the counter and the sender's budget before the second.
     pub fn open_sender(&self, receiver: &StaticSecret) -> Result<SenderStep, ControlError> {
-        let receiver_pub = *PublicKey::from(receiver).as_bytes();
+        self.open_sender_as(receiver, PublicKey::from(receiver).as_bytes())
+    }
+
+    /// [`Sealed::open_sender`] when the caller holds the receiver's public key.
+    pub fn open_sender_as(
+        &self,
+        receiver: &StaticSecret,
+        receiver_public: &[u8; 32],
+    ) -> Result<SenderStep, ControlError> {
         let es = dh(receiver, &self.ephemeral)?;
         let clear = &self.header[..SEALED_CLEAR_LEN];
-        let sender: [u8; 32] = unaead(static_key(&es, clear, &receiver_pub), self.sender, clear)?
+        let sender: [u8; 32] = unaead(static_key(&es, clear, receiver_public), self.sender, clear)?
             .try_into()
             .map_err(|_| ControlError::Unauthentic)?;
         Ok(SenderStep { sender, es })
@@ -513,9 +568,17 @@ impl Sealed<'_> {
         receiver: &StaticSecret,
         step: SenderStep,
     ) -> Result<Opened, ControlError> {
-        let receiver_pub = *PublicKey::from(receiver).as_bytes();
-        let ss = dh(receiver, &step.sender)?;
-        let key = message_key(&step.es, &ss, self.header, &receiver_pub);
+        let pair = Pair::new(receiver, &step.sender)?;
+        self.open_message_in(&pair, step)
+    }
+
+    /// [`Sealed::open_message`] with the receiver's agreement with `step.sender` made earlier
+    /// (no Diffie-Hellman). A pair with another peer than the claimed sender opens nothing.
+    pub fn open_message_in(&self, pair: &Pair, step: SenderStep) -> Result<Opened, ControlError> {
+        if pair.peer != step.sender {
+            return Err(ControlError::Unauthentic);
+        }
+        let key = message_key(&step.es, &pair.ss, self.header, &pair.own);
         let plaintext = unaead(key, self.ciphertext, self.header)?;
         Ok(Opened {
             sender: step.sender,

@@ -20,7 +20,7 @@ use proto::segment::Reassembly;
 use proto::Cidr;
 use rand_core::RngCore;
 use std::collections::VecDeque;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use x25519_dalek::StaticSecret;
 
@@ -226,9 +226,13 @@ pub struct Membership {
     pub dirty: Dirty,
     /// Members cut since the node last looked, with the reason.
     expelled: Vec<([u8; 32], String)>,
-    /// Each member's pair key ([`control::pair_key`]) and the member at each endpoint: a
-    /// datagram from a member's address is checked with one MAC before any Diffie-Hellman.
-    pairs: HashMap<[u8; 32], [u8; 32]>,
+    /// Keys whose member entry was added, changed or removed since the node last looked.
+    touched: BTreeSet<[u8; 32]>,
+    /// Each member's static agreement ([`control::Pair`]: the pair key of the MAC and the
+    /// static-static Diffie-Hellman) and the member at each endpoint: a datagram from a member's
+    /// address is checked with one MAC before any Diffie-Hellman, and sealing to a member or
+    /// opening from one costs one Diffie-Hellman, not two.
+    pairs: HashMap<[u8; 32], control::Pair>,
     by_endpoint: HashMap<SocketAddr, [u8; 32]>,
     cookie_secret: [u8; 32],
     previous_cookie_secret: [u8; 32],
@@ -276,7 +280,7 @@ impl Membership {
             secret,
             public,
             certificate,
-            bundle,
+            bundle: checked_bundle(bundle),
             revocations: BTreeMap::new(),
             members: BTreeMap::new(),
             newest: HashMap::new(),
@@ -290,6 +294,7 @@ impl Membership {
             answer_probes: true,
             dirty: Dirty::default(),
             expelled: Vec::new(),
+            touched: BTreeSet::new(),
         }
     }
 
@@ -341,7 +346,7 @@ impl Membership {
             if let Err(e) = self
                 .verify(&certificate, now_ms)
                 .map_err(Refusal::Certificate)
-                .and_then(|()| self.admit(certificate, endpoint, None))
+                .and_then(|()| self.admit(certificate, endpoint, None, None))
             {
                 tracing::info!(refusal = %e, "saved member not restored");
             }
@@ -407,9 +412,31 @@ impl Membership {
         Ok(true)
     }
 
+    /// Checks a certificate against the bundle (whose CA signatures were checked when it was
+    /// taken) and the revocation lists. A member's own certificate, byte for byte, is not checked
+    /// for its signature again: that held at admission, and a new list or bundle checks every
+    /// member again ([`Membership::expel_invalid`]).
     fn verify(&self, cert: &Certificate, now_ms: u64) -> Result<(), proto::cert::CertError> {
         let crl = self.revocations.get(&cert.body.issuer);
-        cert.verify_identity(&self.bundle, now_ms / 1000, crl)
+        let known = self
+            .members
+            .get(&cert.body.public_key)
+            .is_some_and(|m| m.certificate == *cert);
+        if known {
+            cert.recheck_identity(&self.bundle, now_ms / 1000, crl)
+        } else {
+            cert.verify_identity_checked_bundle(&self.bundle, now_ms / 1000, crl)
+        }
+    }
+
+    /// Our agreement with `peer`: the member's, kept, or made now.
+    fn pair(&self, peer: &[u8; 32]) -> Option<std::borrow::Cow<'_, control::Pair>> {
+        match self.pairs.get(peer) {
+            Some(p) => Some(std::borrow::Cow::Borrowed(p)),
+            None => control::Pair::with_public(&self.secret, &self.public, peer)
+                .ok()
+                .map(std::borrow::Cow::Owned),
+        }
     }
 
     /// `msg` sealed for `to`, as datagrams small enough never to be fragmented (one, unless the
@@ -424,13 +451,10 @@ impl Membership {
         let mut e = [0u8; 32];
         rng.fill_bytes(&mut e);
         let first = (self.counter + 1).max(now_ms.saturating_mul(COUNTER_PER_MS));
-        match control::seal_message(
-            &self.secret,
-            to,
-            &StaticSecret::from(e),
-            first,
-            &msg.encode(),
-        ) {
+        let Some(pair) = self.pair(to) else {
+            return Vec::new(); // a low-order key: nothing can be sealed to it
+        };
+        match control::seal_message_in(&pair, &StaticSecret::from(e), first, &msg.encode()) {
             Ok(datagrams) => {
                 self.counter = first + datagrams.len() as u64 - 1;
                 datagrams
@@ -470,8 +494,15 @@ impl Membership {
         q.push_back(datagram.to_vec());
     }
 
-    /// Records a member's endpoint and pair key (a Diffie-Hellman, once per member and key).
-    fn index(&mut self, key: [u8; 32], old_endpoint: Option<SocketAddr>, endpoint: SocketAddr) {
+    /// Records a member's endpoint and agreement (`pair` if the caller made it, else a
+    /// Diffie-Hellman, once per member and key).
+    fn index(
+        &mut self,
+        key: [u8; 32],
+        old_endpoint: Option<SocketAddr>,
+        endpoint: SocketAddr,
+        pair: Option<control::Pair>,
+    ) {
         if let Some(old) = old_endpoint.filter(|o| *o != endpoint) {
             if self.by_endpoint.get(&old) == Some(&key) {
                 self.by_endpoint.remove(&old);
@@ -479,7 +510,10 @@ impl Membership {
         }
         self.by_endpoint.insert(endpoint, key);
         if !self.pairs.contains_key(&key) {
-            if let Ok(p) = control::pair_key(&self.secret, &key) {
+            let made = pair
+                .filter(|p| *p.peer() == key)
+                .or_else(|| control::Pair::with_public(&self.secret, &self.public, &key).ok());
+            if let Some(p) = made {
                 self.pairs.insert(key, p);
             }
         }
@@ -608,6 +642,7 @@ impl Membership {
         cert: Certificate,
         endpoint: SocketAddr,
         heard_ms: Option<u64>,
+        pair: Option<control::Pair>,
     ) -> Result<bool, Refusal> {
         let replaced = self.admissible(&cert)?;
         for k in replaced {
@@ -617,11 +652,12 @@ impl Membership {
         let newest = self.newest.entry(cert.body.identity()).or_insert((0, 0));
         *newest = (*newest).max((cert.body.not_before, cert.body.serial));
         let old_endpoint = self.members.get(&key).map(|m| m.endpoint);
-        self.index(key, old_endpoint, endpoint);
+        self.index(key, old_endpoint, endpoint, pair);
         let new = match self.members.get_mut(&key) {
             Some(m) => {
                 if m.endpoint != endpoint || m.certificate != cert {
                     self.dirty.members = true;
+                    self.touched.insert(key);
                 }
                 m.endpoint = endpoint;
                 m.certificate = cert;
@@ -641,6 +677,7 @@ impl Membership {
                 );
                 self.digest_cache.set(None);
                 self.dirty.members = true;
+                self.touched.insert(key);
                 true
             }
         };
@@ -652,8 +689,14 @@ impl Membership {
         self.digest_cache.set(None);
         self.unindex(key, m.endpoint);
         self.dirty.members = true;
+        self.touched.insert(*key);
         self.expelled.push((*key, reason.to_string()));
         Some(m)
+    }
+
+    /// The keys whose member entry was added, changed or removed since the last call.
+    pub fn take_touched(&mut self) -> BTreeSet<[u8; 32]> {
+        std::mem::take(&mut self.touched)
     }
 
     /// The members cut since the last call, with the reason.
@@ -706,7 +749,7 @@ impl Membership {
                 if key == self.public {
                     return Ok(out); // we probed ourselves
                 }
-                self.admit(certificate, from, None)?;
+                self.admit(certificate, from, None, None)?;
                 let hello = self.hello(true);
                 self.send(&key, from, &hello, now_ms, rng, &mut out);
             }
@@ -744,11 +787,25 @@ impl Membership {
                 let Some(step) = self.first_step(&sealed, from, now_ms, &mut out)? else {
                     return Ok(out); // a cookie reply went out
                 };
-                self.counters.dh_ops += 1;
+                let made = match self.pairs.get(&step.sender) {
+                    Some(_) => None,
+                    None => {
+                        self.counters.dh_ops += 1;
+                        Some(control::Pair::with_public(
+                            &self.secret,
+                            &self.public,
+                            &step.sender,
+                        )?)
+                    }
+                };
+                let pair = made
+                    .as_ref()
+                    .or_else(|| self.pairs.get(&step.sender))
+                    .expect("kept or made above");
                 let control::Opened {
                     sender,
                     plaintext: plain,
-                } = sealed.open_message(&self.secret, step)?;
+                } = sealed.open_message_in(pair, step)?;
                 if self.removed.contains(&sender) {
                     return Err(Refusal::Removed);
                 }
@@ -790,7 +847,7 @@ impl Membership {
                 replay.heard_ms = now_ms;
                 self.dirty.floors = true;
                 // The message opened with the sender's static key: this is where it is now.
-                if self.admit(cert, from, Some(now_ms))? {
+                if self.admit(cert, from, Some(now_ms), made)? {
                     // A newcomer learns who we are (it may know only our key, from a ProbeKey).
                     // A seed known only by its key is now asked for the members it knows.
                     let seed = self.seeds.iter().any(|s| s.key == Some(sender));
@@ -827,18 +884,18 @@ impl Membership {
         now_ms: u64,
         out: &mut Vec<Out>,
     ) -> Result<Option<control::SenderStep>, Refusal> {
-        let member = self
-            .by_endpoint
-            .get(&from)
-            .copied()
-            .filter(|k| self.pairs.get(k).is_some_and(|p| sealed.mac_valid(p)));
+        let member = self.by_endpoint.get(&from).copied().filter(|k| {
+            self.pairs
+                .get(k)
+                .is_some_and(|p| sealed.mac_valid(p.mac_key()))
+        });
         if let Some(key) = member {
             self.check_counter(&key, sealed.counter)?;
             if !self.per_sender.allow(key, now_ms) {
                 return Err(Refusal::SenderRate);
             }
             self.counters.dh_ops += 1;
-            let step = sealed.open_sender(&self.secret)?;
+            let step = sealed.open_sender_as(&self.secret, &self.public)?;
             if step.sender != key {
                 return Err(Refusal::KeyMismatch);
             }
@@ -863,7 +920,7 @@ impl Membership {
             return Err(Refusal::Busy);
         }
         self.counters.dh_ops += 1;
-        let step = sealed.open_sender(&self.secret)?;
+        let step = sealed.open_sender_as(&self.secret, &self.public)?;
         self.check_counter(&step.sender, sealed.counter)?;
         if !self.per_sender.allow(step.sender, now_ms) {
             return Err(Refusal::SenderRate);
@@ -933,7 +990,7 @@ impl Membership {
                     if self.verify(&m.certificate, now_ms).is_err() {
                         continue;
                     }
-                    if self.admit(m.certificate, m.endpoint, None).is_ok() {
+                    if self.admit(m.certificate, m.endpoint, None, None).is_ok() {
                         let hello = self.hello(false);
                         self.send(&key, m.endpoint, &hello, now_ms, rng, out);
                     }
@@ -980,12 +1037,12 @@ impl Membership {
         self.digest_cache.set(None);
         self.secret = secret;
         self.certificate = certificate;
-        self.bundle = bundle;
+        self.bundle = checked_bundle(bundle);
         self.pairs.clear();
         let keyed: Vec<([u8; 32], SocketAddr)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
         for (k, ep) in keyed {
-            self.index(k, Some(ep), ep);
+            self.index(k, Some(ep), ep, None);
         }
         self.expel_invalid(now_ms);
         let targets: Vec<([u8; 32], SocketAddr)> =
@@ -1126,6 +1183,22 @@ impl Membership {
         }
         out
     }
+}
+
+/// The CA certificates of `bundle` whose self-signatures verify (checked once here, not with
+/// every certificate); the others are logged and left out.
+fn checked_bundle(bundle: Vec<Certificate>) -> Vec<Certificate> {
+    bundle
+        .into_iter()
+        .filter(|ca| {
+            let ok = ca.body.kind == proto::cert::CertKind::Ca
+                && ca.verify_signature(&ca.body.public_key).is_ok();
+            if !ok {
+                tracing::warn!(ca = %ca.body.identity(), "a trust bundle entry that is not a self-signed CA is left out");
+            }
+            ok
+        })
+        .collect()
 }
 
 /// True if `a` shares an address with any of `others`.

@@ -28,6 +28,9 @@ pub const POLICY_OFFER_INTERVAL_MS: u64 = 5_000;
 /// Replay floors are saved at most this often (they are extrapolated on restart; see
 /// [`Membership::restore_floors`]).
 const FLOOR_SAVE_INTERVAL_MS: u64 = 1_000;
+/// The member list is saved at most this often: a member learned just before a crash is learned
+/// again, and a mesh of N nodes forming does not write an N-member file N times.
+const MEMBERS_SAVE_INTERVAL_MS: u64 = 1_000;
 
 /// Everything a node is configured with.
 pub struct NodeConfig {
@@ -133,6 +136,9 @@ pub struct Node {
     next_offer_ms: u64,
     offer_turn: usize,
     next_floor_save_ms: u64,
+    /// The member list changed since it was last saved.
+    members_unsaved: bool,
+    next_members_save_ms: u64,
     /// Policy changed since the last [`Action::Resolve`].
     policy_changed: bool,
     /// Why members left since the last derivation, for the log.
@@ -190,6 +196,8 @@ impl Node {
             next_offer_ms: now_ms,
             offer_turn: 0,
             next_floor_save_ms: now_ms,
+            members_unsaved: false,
+            next_members_save_ms: now_ms,
             policy_changed: true,
             reasons: BTreeMap::new(),
             pending: Vec::new(),
@@ -321,8 +329,11 @@ impl Node {
             out.push(Action::Resolve);
             self.policy_changed = false;
         }
-        let new_peers = if dirty.members || std::mem::take(&mut self.rederive) {
-            self.derive(out)
+        let touched = self.membership.take_touched();
+        let new_peers = if std::mem::take(&mut self.rederive) {
+            self.derive(None, out)
+        } else if !touched.is_empty() {
+            self.derive(Some(touched), out)
         } else {
             Vec::new()
         };
@@ -337,7 +348,10 @@ impl Node {
                 Out::Policy { .. } => None,
             }));
         }
-        if dirty.members {
+        self.members_unsaved |= dirty.members;
+        if self.members_unsaved && now_ms >= self.next_members_save_ms {
+            self.members_unsaved = false;
+            self.next_members_save_ms = now_ms + MEMBERS_SAVE_INTERVAL_MS;
             let list = self
                 .members()
                 .values()
@@ -363,69 +377,92 @@ impl Node {
         }
     }
 
-    /// Recomputes peers, routes and addresses from the certificates and emits the differences;
-    /// returns the keys of peers that are new.
-    fn derive(&mut self, out: &mut Vec<Action>) -> Vec<[u8; 32]> {
+    /// What the device must hold for member `key`, from its certificate alone: its endpoint and
+    /// exactly its addresses, or nothing if it is no member or its addresses overlap this
+    /// node's own (then the reason is noted).
+    fn wanted(&mut self, key: &[u8; 32], mine: &[Cidr]) -> Option<Installed> {
+        let m = self.membership.members().get(key)?;
+        let addrs = &m.certificate.body.addrs;
+        if addrs
+            .iter()
+            .any(|a| super::membership::overlaps_any(a, mine))
+        {
+            if !self.peers.contains_key(key) {
+                tracing::warn!(identity = %m.certificate.body.identity(), "member not installed: its addresses overlap this node's");
+            }
+            self.reasons
+                .entry(*key)
+                .or_insert_with(|| "its addresses overlap this node's".into());
+            return None;
+        }
+        Some(Installed {
+            endpoint: m.endpoint,
+            addrs: addrs.clone(),
+        })
+    }
+
+    /// Recomputes, from the certificates, the peers of `keys` (every member and installed peer if
+    /// `None`: this node's own addresses changed), their routes and this node's addresses, and
+    /// emits the differences; returns the keys of peers that are new. Members never overlap one
+    /// another (membership refuses the second claim), so a route belongs to one peer and the
+    /// peers not in `keys` keep theirs: the result is what a derivation of every member would
+    /// give (the simulator checks that after every event).
+    fn derive(&mut self, keys: Option<BTreeSet<[u8; 32]>>, out: &mut Vec<Action>) -> Vec<[u8; 32]> {
         let mine: BTreeSet<Cidr> = self.certificate().body.addrs.iter().copied().collect();
         let mine_list: Vec<Cidr> = mine.iter().copied().collect();
-        let mut peers: BTreeMap<[u8; 32], Installed> = BTreeMap::new();
-        // Members never overlap one another (membership refuses the second claim); one may
-        // overlap this node's own addresses after this node renewed onto them.
-        for (k, m) in self.membership.members() {
-            let addrs = &m.certificate.body.addrs;
-            if addrs
-                .iter()
-                .any(|a| super::membership::overlaps_any(a, &mine_list))
-            {
-                if !self.peers.contains_key(k) {
-                    tracing::warn!(identity = %m.certificate.body.identity(), "member not installed: its addresses overlap this node's");
+        let keys = keys.unwrap_or_else(|| {
+            self.members()
+                .keys()
+                .chain(self.peers.keys())
+                .copied()
+                .collect()
+        });
+        let mut gone = Vec::new();
+        let mut changed = Vec::new();
+        let mut new = Vec::new();
+        let mut old_routes = BTreeSet::new();
+        let mut new_routes = BTreeSet::new();
+        for k in keys {
+            let want = self.wanted(&k, &mine_list);
+            let have = self.peers.get(&k);
+            old_routes.extend(have.iter().flat_map(|p| p.addrs.iter().copied()));
+            new_routes.extend(want.iter().flat_map(|p| p.addrs.iter().copied()));
+            match (have, want) {
+                (Some(_), None) => gone.push(k),
+                (have, Some(want)) if have != Some(&want) => {
+                    if have.is_none() {
+                        new.push(k);
+                    }
+                    changed.push((k, want));
                 }
-                self.reasons
-                    .entry(*k)
-                    .or_insert_with(|| "its addresses overlap this node's".into());
-                continue;
+                _ => {}
             }
-            peers.insert(
-                *k,
-                Installed {
-                    endpoint: m.endpoint,
-                    addrs: addrs.clone(),
-                },
-            );
         }
-        let claimed: Vec<Cidr> = peers
-            .values()
-            .flat_map(|p| p.addrs.iter().copied())
-            .collect();
-        for k in self.peers.keys() {
-            if !peers.contains_key(k) {
-                let reason = self
-                    .reasons
-                    .remove(k)
-                    .unwrap_or_else(|| "no longer a member".into());
-                out.push(Action::Unpeer { key: *k, reason });
-            }
+        for k in gone {
+            self.peers.remove(&k);
+            let reason = self
+                .reasons
+                .remove(&k)
+                .unwrap_or_else(|| "no longer a member".into());
+            out.push(Action::Unpeer { key: k, reason });
         }
         self.reasons.clear();
-        let mut new = Vec::new();
-        for (k, p) in &peers {
-            match self.peers.get(k) {
-                Some(old) if old == p => {}
-                old => {
-                    if old.is_none() {
-                        new.push(*k);
-                    }
-                    out.push(Action::Peer {
-                        key: *k,
-                        endpoint: p.endpoint,
-                        addrs: p.addrs.clone(),
-                    });
-                }
-            }
+        for (k, p) in changed {
+            out.push(Action::Peer {
+                key: k,
+                endpoint: p.endpoint,
+                addrs: p.addrs.clone(),
+            });
+            self.peers.insert(k, p);
         }
-        let routes: BTreeSet<Cidr> = claimed.into_iter().collect();
-        out.extend(self.routes.difference(&routes).map(|c| Action::Unroute(*c)));
-        out.extend(routes.difference(&self.routes).map(|c| Action::Route(*c)));
+        for c in old_routes.difference(&new_routes) {
+            self.routes.remove(c);
+            out.push(Action::Unroute(*c));
+        }
+        for c in new_routes.difference(&old_routes) {
+            self.routes.insert(*c);
+            out.push(Action::Route(*c));
+        }
         // New addresses first: Linux flushes every route through a device when its last IPv4
         // address goes, which would take the members' routes with it.
         out.extend(
@@ -437,10 +474,37 @@ impl Node {
                 .difference(&mine)
                 .map(|c| Action::Unaddress(*c)),
         );
-        self.peers = peers;
-        self.routes = routes;
         self.addresses = mine;
         new
+    }
+
+    /// Whether the peers and routes the node holds are what a derivation of every member from
+    /// scratch gives (the simulator's check of [`Node::derive`]).
+    #[cfg(test)]
+    pub fn derived_from_scratch(&self) -> bool {
+        let mine: Vec<Cidr> = self.certificate().body.addrs.clone();
+        let peers: BTreeMap<[u8; 32], Installed> = self
+            .members()
+            .iter()
+            .filter(|(_, m)| {
+                !m.certificate
+                    .body
+                    .addrs
+                    .iter()
+                    .any(|a| super::membership::overlaps_any(a, &mine))
+            })
+            .map(|(k, m)| {
+                (
+                    *k,
+                    Installed {
+                        endpoint: m.endpoint,
+                        addrs: m.certificate.body.addrs.clone(),
+                    },
+                )
+            })
+            .collect();
+        let routes: BTreeSet<Cidr> = peers.values().flat_map(|p| p.addrs.clone()).collect();
+        peers == self.peers && routes == self.routes
     }
 
     /// Verifies, compiles and takes a signed policy set, from the operator or a member; on

@@ -49,7 +49,9 @@ fn serial_everywhere(sim: &Sim, serial: u64) -> bool {
 
 #[test]
 fn five_nodes_from_one_seed_converge_to_a_full_mesh_with_derived_peers_and_routes() {
-    let sim = formed(5, 1);
+    let mut sim = formed(5, 1);
+    // The member list is saved at most once a second.
+    sim.run(1_000);
     for (i, n) in sim.nodes.iter().enumerate() {
         assert_eq!(n.host.peers.len(), 4, "node {i}");
         assert_eq!(n.host.addresses, [overlay(i)].into_iter().collect());
@@ -88,7 +90,7 @@ fn a_run_replays_byte_for_byte_from_its_seed() {
 #[test]
 fn expiry_cuts_a_member_on_the_next_tick() {
     let mut sim = Sim::new(2, 2);
-    let secret = sim.nodes[1].secret.clone();
+    let secret = sim.nodes[1].secret().clone();
     let lasts = T0_MS / 1000 + 10;
     sim.nodes[1].certificate = sim.ca.issue(&secret, "node1", overlay(1), 5, 0, lasts);
     sim.start_all();
@@ -122,7 +124,7 @@ fn a_mesh_at_rest_exchanges_only_hellos_and_offers() {
 #[test]
 fn a_renewal_to_another_address_adds_the_new_address_before_removing_the_old() {
     let mut sim = formed(2, 16);
-    let secret = sim.nodes[1].secret.clone();
+    let secret = sim.nodes[1].secret().clone();
     let moved: proto::Cidr = "100.64.9.9/32".parse().unwrap();
     let renewed = sim.ca.issue(&secret, "node1", moved, 2, 1, u64::MAX / 4);
     let node = sim.nodes[1].node.as_mut().unwrap();
@@ -178,7 +180,7 @@ fn large_certificates_cross_in_small_datagrams_and_a_mesh_still_forms() {
     let mut sim = Sim::new(12, 5);
     sim.jitter_ms = 20;
     for i in 0..12 {
-        let secret = sim.nodes[i].secret.clone();
+        let secret = sim.nodes[i].secret().clone();
         let mut body = sim.ca.identity(&secret, i, 1).body;
         body.labels = (0..40)
             .map(|l| {
@@ -241,7 +243,7 @@ fn a_certificate_reissued_for_a_revoked_key_stays_refused() {
     sim.run(2_000);
     assert!(cut_everywhere(&sim, 2));
     // The holder of the stolen key gets a renewal with a new serial: still refused everywhere.
-    let secret = sim.nodes[2].secret.clone();
+    let secret = sim.nodes[2].secret().clone();
     let renewed = sim
         .ca
         .issue(&secret, "node2", overlay(2), 99, 1, u64::MAX / 4);
@@ -274,7 +276,7 @@ fn a_member_serving_wrong_bytes_does_not_keep_a_node_from_the_new_set() {
         length: set2.len() as u32,
         digest: proto::policyset::digest_of(&set2),
     };
-    let hostile = sim.nodes[1].secret.clone();
+    let hostile = sim.nodes[1].secret().clone();
     let to = sim.nodes[2].public();
     let seal = |counter: u64, msg: &Message| {
         control::seal_message(
@@ -373,7 +375,7 @@ fn replaying_an_old_certificate_of_a_renewed_identity_changes_nothing() {
     let renewed = sim
         .ca
         .issue(&secret, "node2", overlay(2), 2, 1, u64::MAX / 4);
-    sim.nodes[2].secret = secret.clone();
+    sim.nodes[2].rekey(secret.clone());
     sim.nodes[2].certificate = renewed.clone();
     sim.handle(
         2,
@@ -397,7 +399,7 @@ fn replaying_an_old_certificate_of_a_renewed_identity_changes_nothing() {
         endpoint: underlay(40),
     }]);
     let d = control::seal_message(
-        &sim.nodes[1].secret,
+        sim.nodes[1].secret(),
         &sim.nodes[0].public(),
         &StaticSecret::from([5; 32]),
         (sim.now_ms + 1) * crate::mesh::membership::COUNTER_PER_MS,
@@ -427,7 +429,7 @@ fn replaying_an_old_certificate_of_a_renewed_identity_changes_nothing() {
 fn two_members_claiming_one_address_are_never_both_installed() {
     let mut sim = Sim::new(4, 11);
     // Node 3 holds a certificate (another identity) for node 2's address.
-    let secret = sim.nodes[3].secret.clone();
+    let secret = sim.nodes[3].secret().clone();
     sim.nodes[3].certificate = sim
         .ca
         .issue(&secret, "squatter", overlay(2), 7, 0, u64::MAX / 4);

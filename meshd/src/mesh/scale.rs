@@ -31,6 +31,7 @@ fn scale() {
     let mut sim = Sim::new(n, 42);
     sim.loss_pct = 1;
     sim.jitter_ms = 5;
+    sim.check_derivation = false;
     sim.start_all();
     let formed = sim.run_until(600_000, Sim::full_mesh);
     let rss1 = rss_bytes();

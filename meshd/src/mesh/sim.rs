@@ -152,7 +152,9 @@ pub struct Host {
 pub struct SimNode {
     pub node: Option<Node>,
     pub addr: SocketAddr,
-    pub secret: StaticSecret,
+    secret: StaticSecret,
+    /// The public key of `secret` (an X25519 base multiplication, computed once).
+    key: [u8; 32],
     pub certificate: Certificate,
     pub seeds: Vec<Seed>,
     pub host: Host,
@@ -165,7 +167,17 @@ impl SimNode {
     }
 
     pub fn public(&self) -> [u8; 32] {
-        *x25519_dalek::PublicKey::from(&self.secret).as_bytes()
+        self.key
+    }
+
+    pub fn secret(&self) -> &StaticSecret {
+        &self.secret
+    }
+
+    /// A new key pair for the node (a renewal onto a new key), used from its next start.
+    pub fn rekey(&mut self, secret: StaticSecret) {
+        self.key = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        self.secret = secret;
     }
 }
 
@@ -197,6 +209,9 @@ pub struct Sim {
     pub sides: Option<Vec<u8>>,
     /// Every datagram sent, when capturing.
     pub capture: Option<Vec<Captured>>,
+    /// After every event, check that the node's peers and routes are what a derivation from
+    /// scratch gives (O(members) per event: off for the scale benchmark).
+    pub check_derivation: bool,
     /// Datagrams and bytes delivered.
     pub delivered: u64,
     pub bytes: u64,
@@ -227,6 +242,7 @@ impl Sim {
                 SimNode {
                     node: None,
                     addr: underlay(i),
+                    key: *x25519_dalek::PublicKey::from(&secret).as_bytes(),
                     secret,
                     certificate,
                     seeds,
@@ -247,6 +263,7 @@ impl Sim {
             jitter_ms: 0,
             sides: None,
             capture: None,
+            check_derivation: true,
             delivered: 0,
             bytes: 0,
             queue: BinaryHeap::new(),
@@ -304,6 +321,14 @@ impl Sim {
 
     /// Carries out node `i`'s actions as its shell would.
     pub fn carry_out(&mut self, i: usize, actions: Vec<Action>) {
+        if self.check_derivation {
+            if let Some(node) = &self.nodes[i].node {
+                assert!(
+                    node.derived_from_scratch(),
+                    "node {i}: the peers and routes derived for what changed differ from a derivation of every member"
+                );
+            }
+        }
         let from = self.nodes[i].addr;
         for a in actions {
             let host = &mut self.nodes[i].host;
