@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_SIM_NODES="${MESH_SIM_NODES:-1000}"
 cargo test --release -p meshd -- --ignored --nocapture --exact mesh::scale::scale 2>&1 \
-  | grep -E '^N=|test result|panicked'
+  | grep -E '^N=|^t=|test result|panicked'

@@ -46,6 +46,21 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix_len) == self.addr
     }
+
+    /// The prefix as an interval: its family (4 or 6) and its first and last address as
+    /// numbers. Two prefixes overlap exactly when their intervals of one family do.
+    pub fn span(&self) -> (u8, u128, u128) {
+        let (family, first, bits) = match self.addr {
+            IpAddr::V4(a) => (4, u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (6, u128::from(a), 128),
+        };
+        let host_bits = u32::from(bits - self.prefix_len);
+        let last = match host_bits {
+            128 => u128::MAX,
+            h => first | ((1u128 << h) - 1),
+        };
+        (family, first, last)
+    }
 }
 
 fn max_len(addr: &IpAddr) -> u8 {
@@ -137,6 +152,36 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn spans_overlap_exactly_when_prefixes_do() {
+        let c = |t: &str| t.parse::<Cidr>().unwrap();
+        assert_eq!(c("10.0.0.0/8").span(), (4, 0x0a00_0000, 0x0aff_ffff));
+        assert_eq!(c("0.0.0.0/0").span(), (4, 0, 0xffff_ffff));
+        assert_eq!(c("::/0").span(), (6, 0, u128::MAX));
+        assert_eq!(c("fd00::1/128").span().1, c("fd00::1/128").span().2);
+        let all = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.3/32",
+            "11.0.0.0/8",
+            "0.0.0.0/0",
+            "::/0",
+            "fd00::/8",
+            "fd00::1/128",
+            "::a01:203/128",
+        ];
+        for a in all {
+            for b in all {
+                let (a, b) = (c(a), c(b));
+                let (fa, sa, ea) = a.span();
+                let (fb, sb, eb) = b.span();
+                let by_span = fa == fb && sa <= eb && sb <= ea;
+                let by_prefix = a.contains(b.addr()) || b.contains(a.addr());
+                assert_eq!(by_span, by_prefix, "{a} {b}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

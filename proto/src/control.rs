@@ -327,7 +327,12 @@ fn seal(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, ControlError> {
     let pair = Pair::new(sender, receiver)?;
-    Agreed::new(&pair, ephemeral)?.seal(counter, plaintext)
+    let ephemeral = Ephemeral::new(ephemeral, receiver)?;
+    Agreed {
+        pair: &pair,
+        ephemeral: &ephemeral,
+    }
+    .seal(counter, plaintext)
 }
 
 /// Seals `message` from `sender` to `receiver` as its segments ([`crate::segment`]), each a
@@ -353,12 +358,76 @@ pub fn seal_message_in(
     first_counter: u64,
     message: &[u8],
 ) -> Result<Vec<Vec<u8>>, ControlError> {
-    let agreed = Agreed::new(pair, ephemeral)?;
+    seal_message_with(
+        pair,
+        &Ephemeral::new(ephemeral, pair.peer())?,
+        first_counter,
+        message,
+    )
+}
+
+/// [`seal_message`] with both agreements made earlier: no Diffie-Hellman. `ephemeral` must be
+/// for `pair`'s peer; a sender keeps one per receiver for at most
+/// [`EPHEMERAL_LIFETIME_MS`] (PROTOCOL.md section 4).
+pub fn seal_message_with(
+    pair: &Pair,
+    ephemeral: &Ephemeral,
+    first_counter: u64,
+    message: &[u8],
+) -> Result<Vec<Vec<u8>>, ControlError> {
+    if ephemeral.peer != pair.peer {
+        return Err(ControlError::Invalid {
+            field: "ephemeral",
+            reason: "made for another receiver",
+        });
+    }
+    let agreed = Agreed { pair, ephemeral };
     crate::segment::split(message)?
         .iter()
         .zip(first_counter..)
         .map(|(seg, counter)| agreed.seal(counter, seg))
         .collect()
+}
+
+/// How long a sender may seal messages to one receiver under one ephemeral key. Every message's
+/// key still differs (it covers the counter); what a stolen static key could open afterwards is
+/// bounded to this window, as WireGuard bounds a session.
+pub const EPHEMERAL_LIFETIME_MS: u64 = 120_000;
+
+/// A sender's ephemeral key for one receiver, with its agreement with the receiver's static key.
+#[derive(Clone)]
+pub struct Ephemeral {
+    public: [u8; 32],
+    es: [u8; 32],
+    peer: [u8; 32],
+}
+
+impl Ephemeral {
+    /// From a fresh random secret (which is not kept).
+    pub fn new(secret: &StaticSecret, peer: &[u8; 32]) -> Result<Ephemeral, ControlError> {
+        Ok(Ephemeral {
+            public: *PublicKey::from(secret).as_bytes(),
+            es: dh(secret, peer)?,
+            peer: *peer,
+        })
+    }
+}
+
+impl std::fmt::Debug for Ephemeral {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ephemeral")
+            .field("public", &crate::Key(self.public))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a receiver computed from a sender's ephemeral key: kept, it opens the sender's next
+/// datagrams under the same ephemeral key without a Diffie-Hellman
+/// ([`Sealed::open_sender_known`]). The same computation, done once.
+#[derive(Clone)]
+pub struct EphemeralAgreement {
+    ephemeral: [u8; 32],
+    es: [u8; 32],
 }
 
 /// What a node's static key agrees with one peer's (PROTOCOL.md section 4): the static-static
@@ -415,8 +484,7 @@ impl std::fmt::Debug for Pair {
 /// The agreements of one sealed message, made once for all its segments.
 struct Agreed<'a> {
     pair: &'a Pair,
-    ephemeral: PublicKey,
-    es: [u8; 32],
+    ephemeral: &'a Ephemeral,
 }
 
 fn pair_from(ss: &[u8; 32], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
@@ -491,15 +559,7 @@ pub fn mac_of(datagram: &[u8]) -> Option<[u8; MAC_LEN]> {
     })
 }
 
-impl<'a> Agreed<'a> {
-    fn new(pair: &'a Pair, ephemeral: &StaticSecret) -> Result<Agreed<'a>, ControlError> {
-        Ok(Agreed {
-            pair,
-            ephemeral: PublicKey::from(ephemeral),
-            es: dh(ephemeral, &pair.peer)?,
-        })
-    }
-
+impl Agreed<'_> {
     fn seal(&self, counter: u64, plaintext: &[u8]) -> Result<Vec<u8>, ControlError> {
         if SEALED_OVERHEAD + plaintext.len() > MAX_DATAGRAM_BYTES {
             return Err(ControlError::TooLarge {
@@ -507,16 +567,13 @@ impl<'a> Agreed<'a> {
             });
         }
         let receiver = &self.pair.peer;
+        let es = &self.ephemeral.es;
         let mut b = header(TYPE_SEALED);
-        b.extend_from_slice(self.ephemeral.as_bytes());
+        b.extend_from_slice(&self.ephemeral.public);
         b.extend_from_slice(&counter.to_be_bytes());
-        let hidden = aead(static_key(&self.es, &b, receiver), &self.pair.own, &b);
+        let hidden = aead(static_key(es, &b, receiver), &self.pair.own, &b);
         b.extend_from_slice(&hidden);
-        let ct = aead(
-            message_key(&self.es, &self.pair.ss, &b, receiver),
-            plaintext,
-            &b,
-        );
+        let ct = aead(message_key(es, &self.pair.ss, &b, receiver), plaintext, &b);
         b.extend_from_slice(&ct);
         let mac = mac16(&self.pair.mac, &[&b]);
         b.extend_from_slice(&mac);
@@ -555,11 +612,33 @@ impl Sealed<'_> {
         receiver_public: &[u8; 32],
     ) -> Result<SenderStep, ControlError> {
         let es = dh(receiver, &self.ephemeral)?;
+        self.sender_under(receiver_public, es)
+    }
+
+    /// [`Sealed::open_sender_as`] with an agreement kept from an earlier datagram: no
+    /// Diffie-Hellman. `None` if this datagram's ephemeral key is another.
+    pub fn open_sender_known(
+        &self,
+        receiver_public: &[u8; 32],
+        known: &EphemeralAgreement,
+    ) -> Option<Result<SenderStep, ControlError>> {
+        (known.ephemeral == self.ephemeral).then(|| self.sender_under(receiver_public, known.es))
+    }
+
+    fn sender_under(
+        &self,
+        receiver_public: &[u8; 32],
+        es: [u8; 32],
+    ) -> Result<SenderStep, ControlError> {
         let clear = &self.header[..SEALED_CLEAR_LEN];
         let sender: [u8; 32] = unaead(static_key(&es, clear, receiver_public), self.sender, clear)?
             .try_into()
             .map_err(|_| ControlError::Unauthentic)?;
-        Ok(SenderStep { sender, es })
+        Ok(SenderStep {
+            sender,
+            es,
+            ephemeral: self.ephemeral,
+        })
     }
 
     /// The second step: the message, which opens only if `step.sender` sealed it.
@@ -598,6 +677,17 @@ impl Sealed<'_> {
 pub struct SenderStep {
     pub sender: [u8; 32],
     es: [u8; 32],
+    ephemeral: [u8; 32],
+}
+
+impl SenderStep {
+    /// The agreement to keep once the message opened, for the sender's next datagrams.
+    pub fn agreement(&self) -> EphemeralAgreement {
+        EphemeralAgreement {
+            ephemeral: self.ephemeral,
+            es: self.es,
+        }
+    }
 }
 
 /// Accepts each counter at most once, and none older than the window behind the newest seen
@@ -729,6 +819,17 @@ pub const MAX_POLICY_CHUNK_BYTES: usize = 32 * 1024;
 pub struct Member {
     pub certificate: Certificate,
     pub endpoint: SocketAddr,
+}
+
+/// Bytes of an encoded `Members` message before its first member.
+pub const MEMBERS_HEADER_LEN: usize = 3;
+
+impl Member {
+    /// Bytes this member takes in an encoded `Members` message.
+    pub fn encoded_len(&self) -> usize {
+        let ip = if self.endpoint.is_ipv4() { 4 } else { 16 };
+        2 + self.certificate.encode().len() + 1 + ip + 2
+    }
 }
 
 /// A digest of a set of members' static keys: BLAKE2s-256 of the keys in ascending order. Two
@@ -1040,6 +1141,63 @@ mod tests {
             Err(ControlError::Unauthentic),
             "only the receiver opens it"
         );
+    }
+
+    #[test]
+    fn kept_agreements_open_exactly_what_a_full_open_does() {
+        let (a, b) = (secret(1), secret(2));
+        let (a_pub, b_pub) = (
+            *PublicKey::from(&a).as_bytes(),
+            *PublicKey::from(&b).as_bytes(),
+        );
+        let pair_ab = Pair::new(&a, &b_pub).unwrap();
+        let pair_ba = Pair::with_public(&b, &b_pub, &a_pub).unwrap();
+        assert_eq!(pair_ab.mac_key(), pair_ba.mac_key());
+        // One ephemeral for two messages: each opens with the full computation...
+        let eph = Ephemeral::new(&secret(3), &b_pub).unwrap();
+        let first = seal_message_with(&pair_ab, &eph, 10, b"one").unwrap();
+        let second = seal_message_with(&pair_ab, &eph, 11, b"two").unwrap();
+        assert_ne!(first[0][..], second[0][..]);
+        // (Each datagram is one segment: a segment header, then the message.)
+        assert!(open_datagram(&first[0], &b).unwrap().0.ends_with(b"one"));
+        assert!(open_datagram(&second[0], &b).unwrap().0.ends_with(b"two"));
+        // ...and the second also with what the first left, without a Diffie-Hellman.
+        let Ok(Datagram::Sealed(s1)) = decode(&first[0]) else {
+            panic!("sealed")
+        };
+        let kept = s1.open_sender_as(&b, &b_pub).unwrap().agreement();
+        let Ok(Datagram::Sealed(s2)) = decode(&second[0]) else {
+            panic!("sealed")
+        };
+        let step = s2.open_sender_known(&b_pub, &kept).unwrap().unwrap();
+        assert_eq!(step.sender, a_pub);
+        let opened = s2.open_message_in(&pair_ba, step).unwrap().plaintext;
+        assert_eq!(opened, open_datagram(&second[0], &b).unwrap().0);
+        // A datagram under another ephemeral is not for the kept agreement.
+        let other = seal_message_in(&pair_ab, &secret(4), 12, b"three").unwrap();
+        let Ok(Datagram::Sealed(s3)) = decode(&other[0]) else {
+            panic!("sealed")
+        };
+        assert!(s3.open_sender_known(&b_pub, &kept).is_none());
+        // A pair with someone else opens nothing; an ephemeral for another receiver seals nothing.
+        let step = s2.open_sender_known(&b_pub, &kept).unwrap().unwrap();
+        let pair_b9 = Pair::new(&b, PublicKey::from(&secret(9)).as_bytes()).unwrap();
+        assert_eq!(
+            s2.open_message_in(&pair_b9, step).unwrap_err(),
+            ControlError::Unauthentic
+        );
+        let eph_9 = Ephemeral::new(&secret(3), PublicKey::from(&secret(9)).as_bytes()).unwrap();
+        assert!(seal_message_with(&pair_ab, &eph_9, 13, b"x").is_err());
+        // A forged sender under the kept agreement does not open.
+        let mut forged = second[0].clone();
+        forged[SEALED_CLEAR_LEN] ^= 1;
+        let Ok(Datagram::Sealed(sf)) = decode(&forged) else {
+            panic!("sealed")
+        };
+        assert!(matches!(
+            sf.open_sender_known(&b_pub, &kept),
+            Some(Err(ControlError::Unauthentic))
+        ));
     }
 
     #[test]

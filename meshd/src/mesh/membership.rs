@@ -28,11 +28,22 @@ use x25519_dalek::StaticSecret;
 pub const PROBE_INTERVAL_MS: u64 = 1000;
 /// How often we ask one member (in turn) for the members it knows.
 pub const GOSSIP_INTERVAL_MS: u64 = 3000;
+/// While asking brings new members (the mesh is forming or growing), the next member is asked
+/// this soon instead; an answer that brings nobody new restores [`GOSSIP_INTERVAL_MS`], so a
+/// mesh at rest, or one whose views differ for good (two claims of one address), is not asked
+/// faster.
+const GOSSIP_HURRIED_MS: u64 = 500;
+/// A member learned from a list or from the state directory that has not spoken yet is greeted
+/// again after this long (its greeting or its answer may have been lost), doubling up to
+/// [`GREET_RETRY_MAX_MS`].
+const GREET_RETRY_MS: u64 = 1000;
+const GREET_RETRY_MAX_MS: u64 = 30_000;
 /// Members per `Members` message at most.
 const MEMBERS_PER_MESSAGE: usize = 32;
-/// Certificate bytes per `Members` message at most (a larger certificate goes alone), so that a
-/// message stays well under the largest one whatever the certificates' sizes.
-const MEMBERS_BYTES_PER_MESSAGE: usize = 16 * 1024;
+/// A `Members` message is at most this large unless one certificate alone is larger: one
+/// datagram, so a list arrives member batch by member batch, a lost datagram costs only its own
+/// few members, and nothing waits in reassembly (whose room is bounded per sender).
+const MEMBERS_BYTES_PER_MESSAGE: usize = proto::segment::SEGMENT_PAYLOAD_BYTES;
 /// Our counters follow the clock at this many per millisecond (and by one per datagram within a
 /// millisecond), so a receiver can bound, after its own restart, the counters we used before.
 pub const COUNTER_PER_MS: u64 = 1_000_000;
@@ -58,19 +69,19 @@ const MAX_LIMITED: usize = 4096;
 /// time since it last heard the sender (clocks run at slightly different rates).
 const FLOOR_SLACK_PER_MILLE: u64 = 1;
 
-/// `list` in batches of at most [`MEMBERS_PER_MESSAGE`] members and, unless one certificate alone
-/// is larger, [`MEMBERS_BYTES_PER_MESSAGE`] certificate bytes.
+/// `list` in batches of at most [`MEMBERS_PER_MESSAGE`] members and, unless one member alone is
+/// larger, [`MEMBERS_BYTES_PER_MESSAGE`] encoded bytes.
 pub(super) fn member_batches(list: Vec<Member>) -> Vec<Vec<Member>> {
     let mut batches: Vec<Vec<Member>> = Vec::new();
     let mut bytes = 0;
     for m in list {
-        let size = m.certificate.encode().len();
+        let size = m.encoded_len();
         let full = batches.last().is_none_or(|b| {
             b.len() >= MEMBERS_PER_MESSAGE || bytes + size > MEMBERS_BYTES_PER_MESSAGE
         });
         if full {
             batches.push(Vec::new());
-            bytes = 0;
+            bytes = control::MEMBERS_HEADER_LEN;
         }
         bytes += size;
         batches.last_mut().expect("pushed above").push(m);
@@ -212,6 +223,11 @@ pub struct Membership {
     /// For each identity, (not_before, serial) of the newest certificate admitted: an older one
     /// is refused from then on.
     newest: HashMap<String, (u64, u64)>,
+    /// The member holding each identity, and the members' addresses as intervals
+    /// ([`Cidr::span`]) by (family, first address): members never overlap, so a new claim is
+    /// checked against its neighbours, not against every member.
+    holders: HashMap<String, [u8; 32]>,
+    claims: BTreeMap<(u8, u128), (u128, [u8; 32])>,
     seeds: Vec<Seed>,
     replay: HashMap<[u8; 32], Replay>,
     /// Messages arriving in segments (bounded in count, size and time).
@@ -219,7 +235,11 @@ pub struct Membership {
     /// Counter of our last sealed datagram; see [`COUNTER_PER_MS`].
     counter: u64,
     next_gossip_ms: u64,
+    last_gossip_ms: u64,
     gossip_turn: usize,
+    /// Members not heard from since they were admitted: when to greet each again, and the wait
+    /// after that.
+    unheard: BTreeMap<[u8; 32], (u64, u64)>,
     /// Keys the operator removed; refused until the daemon restarts.
     removed: HashSet<[u8; 32]>,
     answer_probes: bool,
@@ -234,6 +254,11 @@ pub struct Membership {
     /// opening from one costs one Diffie-Hellman, not two.
     pairs: HashMap<[u8; 32], control::Pair>,
     by_endpoint: HashMap<SocketAddr, [u8; 32]>,
+    /// Our ephemeral key for each receiver, until it expires ([`control::EPHEMERAL_LIFETIME_MS`]),
+    /// and each member's last ephemeral agreement: a message to or from a member costs no
+    /// Diffie-Hellman while its ephemeral key lasts.
+    ephemerals: HashMap<[u8; 32], (control::Ephemeral, u64)>,
+    received: HashMap<[u8; 32], control::EphemeralAgreement>,
     cookie_secret: [u8; 32],
     previous_cookie_secret: [u8; 32],
     next_rotation_ms: u64,
@@ -262,6 +287,8 @@ impl Membership {
         Membership {
             pairs: HashMap::new(),
             by_endpoint: HashMap::new(),
+            ephemerals: HashMap::new(),
+            received: HashMap::new(),
             cookie_secret,
             previous_cookie_secret: cookie_secret,
             next_rotation_ms: now_ms + COOKIE_ROTATION_MS,
@@ -284,12 +311,16 @@ impl Membership {
             revocations: BTreeMap::new(),
             members: BTreeMap::new(),
             newest: HashMap::new(),
+            holders: HashMap::new(),
+            claims: BTreeMap::new(),
             seeds: Vec::new(),
             replay: HashMap::new(),
             reassembly: Reassembly::default(),
             counter: now_ms.saturating_mul(COUNTER_PER_MS),
             next_gossip_ms: now_ms,
+            last_gossip_ms: now_ms,
             gossip_turn: 0,
+            unheard: BTreeMap::new(),
             removed: Default::default(),
             answer_probes: true,
             dirty: Dirty::default(),
@@ -342,13 +373,17 @@ impl Membership {
     /// Takes a member learned earlier (from the state directory) if its certificate still
     /// verifies and it conflicts with nobody.
     pub fn restore(&mut self, certificate: Certificate, endpoint: SocketAddr, now_ms: u64) {
-        if certificate.body.public_key != self.public {
+        let key = certificate.body.public_key;
+        if key != self.public {
             if let Err(e) = self
                 .verify(&certificate, now_ms)
                 .map_err(Refusal::Certificate)
                 .and_then(|()| self.admit(certificate, endpoint, None, None))
             {
                 tracing::info!(refusal = %e, "saved member not restored");
+            } else {
+                // Greeted at the first tick: it learns where we are now, and we that it is there.
+                self.unheard.insert(key, (now_ms, GREET_RETRY_MS));
             }
         }
     }
@@ -399,7 +434,8 @@ impl Membership {
             .iter()
             .find(|ca| ca.body.public_key == crl.issuer)
             .ok_or(Refusal::UntrustedRevocation)?;
-        crl.verify(ca).map_err(Refusal::Certificate)?;
+        // A list no newer than ours changes nothing, whatever its signature: not worth checking
+        // (every member passes a new list on, so most copies a node gets are repeats).
         if self
             .revocations
             .get(&crl.issuer)
@@ -407,6 +443,7 @@ impl Membership {
         {
             return Ok(false);
         }
+        crl.verify(ca).map_err(Refusal::Certificate)?;
         self.revocations.insert(crl.issuer, crl);
         self.dirty.revocations = true;
         Ok(true)
@@ -448,13 +485,27 @@ impl Membership {
         now_ms: u64,
         rng: &mut impl RngCore,
     ) -> Vec<Vec<u8>> {
-        let mut e = [0u8; 32];
-        rng.fill_bytes(&mut e);
         let first = (self.counter + 1).max(now_ms.saturating_mul(COUNTER_PER_MS));
+        let fresh = self
+            .ephemerals
+            .get(to)
+            .is_some_and(|(_, expires)| now_ms < *expires);
+        if !fresh {
+            let mut e = [0u8; 32];
+            rng.fill_bytes(&mut e);
+            match control::Ephemeral::new(&StaticSecret::from(e), to) {
+                Ok(eph) => {
+                    let expires = now_ms + control::EPHEMERAL_LIFETIME_MS;
+                    self.ephemerals.insert(*to, (eph, expires));
+                }
+                Err(_) => return Vec::new(), // a low-order key: nothing can be sealed to it
+            }
+        }
         let Some(pair) = self.pair(to) else {
-            return Vec::new(); // a low-order key: nothing can be sealed to it
+            return Vec::new();
         };
-        match control::seal_message_in(&pair, &StaticSecret::from(e), first, &msg.encode()) {
+        let (eph, _) = &self.ephemerals[to];
+        match control::seal_message_with(&pair, eph, first, &msg.encode()) {
             Ok(datagrams) => {
                 self.counter = first + datagrams.len() as u64 - 1;
                 datagrams
@@ -521,6 +572,9 @@ impl Membership {
 
     fn unindex(&mut self, key: &[u8; 32], endpoint: SocketAddr) {
         self.pairs.remove(key);
+        self.unheard.remove(key);
+        self.ephemerals.remove(key);
+        self.received.remove(key);
         if self.by_endpoint.get(&endpoint) == Some(key) {
             self.by_endpoint.remove(&endpoint);
         }
@@ -612,27 +666,60 @@ impl Membership {
                 holder: format!("{} (this node)", mine.identity()),
             });
         }
-        let mut replaced = Vec::new();
-        for (k, m) in &self.members {
-            if *k == body.public_key {
-                continue;
-            }
-            let other = &m.certificate.body;
-            let same_identity = other.name == body.name
-                && other.namespace == body.namespace
-                && other.trust_domain == body.trust_domain;
-            if same_identity {
-                // Not older than the member (checked above through `newest`): it replaces it.
-                replaced.push(*k);
-            } else if let Some(addr) = body.addrs.iter().find(|a| overlaps_any(a, &other.addrs)) {
+        let key = body.public_key;
+        let replaced: Vec<[u8; 32]> = self
+            .holders
+            .get(&identity)
+            .filter(|k| **k != key)
+            .copied()
+            .into_iter()
+            .collect();
+        for addr in &body.addrs {
+            let holder = self
+                .claimants(addr)
+                .find(|k| *k != key && !replaced.contains(k));
+            if let Some(holder) = holder {
                 return Err(Refusal::AddressConflict {
                     identity,
                     addr: *addr,
-                    holder: other.identity(),
+                    holder: self.members[&holder].certificate.body.identity(),
                 });
             }
         }
         Ok(replaced)
+    }
+
+    /// The members whose addresses overlap `addr`. Members' intervals are disjoint, so those are
+    /// the ones just before `addr`'s last address, walking back while they reach its first.
+    fn claimants(&self, addr: &Cidr) -> impl Iterator<Item = [u8; 32]> + '_ {
+        let (family, first, last) = addr.span();
+        self.claims
+            .range(..=(family, last))
+            .rev()
+            .take_while(move |((f, _), (end, _))| *f == family && *end >= first)
+            .map(|(_, (_, k))| *k)
+    }
+
+    /// Records `cert`'s identity and addresses as `key`'s (`add`) or forgets them.
+    fn claim(&mut self, key: [u8; 32], cert: &Certificate, add: bool) {
+        let identity = cert.body.identity();
+        for a in &cert.body.addrs {
+            let (family, first, last) = a.span();
+            if add {
+                self.claims.insert((family, first), (last, key));
+            } else if self
+                .claims
+                .get(&(family, first))
+                .is_some_and(|(_, k)| *k == key)
+            {
+                self.claims.remove(&(family, first));
+            }
+        }
+        if add {
+            self.holders.insert(identity, key);
+        } else if self.holders.get(&identity) == Some(&key) {
+            self.holders.remove(&identity);
+        }
     }
 
     /// Records a certificate that verified, if [`Membership::admissible`]; returns true if its
@@ -653,9 +740,19 @@ impl Membership {
         *newest = (*newest).max((cert.body.not_before, cert.body.serial));
         let old_endpoint = self.members.get(&key).map(|m| m.endpoint);
         self.index(key, old_endpoint, endpoint, pair);
+        let previous = self
+            .members
+            .get(&key)
+            .filter(|m| m.certificate != cert)
+            .map(|m| m.certificate.clone());
+        if let Some(old) = &previous {
+            self.claim(key, old, false);
+            self.claim(key, &cert, true);
+        }
         let new = match self.members.get_mut(&key) {
             Some(m) => {
-                if m.endpoint != endpoint || m.certificate != cert {
+                let renewed = m.certificate != cert;
+                if m.endpoint != endpoint || renewed {
                     self.dirty.members = true;
                     self.touched.insert(key);
                 }
@@ -667,6 +764,7 @@ impl Membership {
                 false
             }
             None => {
+                self.claim(key, &cert, true);
                 self.members.insert(
                     key,
                     MemberState {
@@ -686,6 +784,7 @@ impl Membership {
 
     fn expel(&mut self, key: &[u8; 32], reason: &str) -> Option<MemberState> {
         let m = self.members.remove(key)?;
+        self.claim(*key, &m.certificate, false);
         self.digest_cache.set(None);
         self.unindex(key, m.endpoint);
         self.dirty.members = true;
@@ -802,10 +901,14 @@ impl Membership {
                     .as_ref()
                     .or_else(|| self.pairs.get(&step.sender))
                     .expect("kept or made above");
+                let agreement = step.agreement();
                 let control::Opened {
                     sender,
                     plaintext: plain,
                 } = sealed.open_message_in(pair, step)?;
+                if self.members.contains_key(&sender) {
+                    self.received.insert(sender, agreement.clone());
+                }
                 if self.removed.contains(&sender) {
                     return Err(Refusal::Removed);
                 }
@@ -847,7 +950,10 @@ impl Membership {
                 replay.heard_ms = now_ms;
                 self.dirty.floors = true;
                 // The message opened with the sender's static key: this is where it is now.
-                if self.admit(cert, from, Some(now_ms), made)? {
+                let new = self.admit(cert, from, Some(now_ms), made)?;
+                self.received.insert(sender, agreement);
+                self.unheard.remove(&sender);
+                if new {
                     // A newcomer learns who we are (it may know only our key, from a ProbeKey).
                     // A seed known only by its key is now asked for the members it knows.
                     let seed = self.seeds.iter().any(|s| s.key == Some(sender));
@@ -858,6 +964,22 @@ impl Membership {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the identity and address indexes hold exactly what the members' certificates
+    /// say (the simulator checks it after every event).
+    #[cfg(test)]
+    pub fn indexes_match_members(&self) -> bool {
+        let mut holders = HashMap::new();
+        let mut claims = BTreeMap::new();
+        for (k, m) in &self.members {
+            holders.insert(m.certificate.body.identity(), *k);
+            for a in &m.certificate.body.addrs {
+                let (family, first, last) = a.span();
+                claims.insert((family, first), (last, *k));
+            }
+        }
+        holders == self.holders && claims == self.claims
     }
 
     /// The cookie a sender at `from` must show now (what a cookie reply would give it).
@@ -894,8 +1016,17 @@ impl Membership {
             if !self.per_sender.allow(key, now_ms) {
                 return Err(Refusal::SenderRate);
             }
-            self.counters.dh_ops += 1;
-            let step = sealed.open_sender_as(&self.secret, &self.public)?;
+            let kept = self
+                .received
+                .get(&key)
+                .and_then(|known| sealed.open_sender_known(&self.public, known));
+            let step = match kept {
+                Some(step) => step?,
+                None => {
+                    self.counters.dh_ops += 1;
+                    sealed.open_sender_as(&self.secret, &self.public)?
+                }
+            };
             if step.sender != key {
                 return Err(Refusal::KeyMismatch);
             }
@@ -982,6 +1113,7 @@ impl Membership {
                 }
             }
             Message::Members(list) => {
+                let mut learned = false;
                 for m in list {
                     let key = m.certificate.body.public_key;
                     if key == self.public || self.members.contains_key(&key) {
@@ -993,7 +1125,15 @@ impl Membership {
                     if self.admit(m.certificate, m.endpoint, None, None).is_ok() {
                         let hello = self.hello(false);
                         self.send(&key, m.endpoint, &hello, now_ms, rng, out);
+                        self.unheard
+                            .insert(key, (now_ms + GREET_RETRY_MS, GREET_RETRY_MS));
+                        learned = true;
                     }
+                }
+                if learned {
+                    self.next_gossip_ms = self
+                        .next_gossip_ms
+                        .min(self.last_gossip_ms + GOSSIP_HURRIED_MS);
                 }
             }
             m @ (Message::PolicyOffer { .. }
@@ -1038,7 +1178,9 @@ impl Membership {
         self.secret = secret;
         self.certificate = certificate;
         self.bundle = checked_bundle(bundle);
+        // Every agreement involving our static key changes with it.
         self.pairs.clear();
+        self.received.clear();
         let keyed: Vec<([u8; 32], SocketAddr)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
         for (k, ep) in keyed {
@@ -1139,6 +1281,7 @@ impl Membership {
         }
         self.expel_expired(now_ms);
         self.reassembly.expire(now_ms);
+        self.ephemerals.retain(|_, (_, expires)| now_ms < *expires);
         let known: Vec<SocketAddr> = self.members.values().map(|m| m.endpoint).collect();
         let mut greet = Vec::new();
         for s in &mut self.seeds {
@@ -1169,8 +1312,26 @@ impl Membership {
             let hello = self.hello(false);
             self.send(&key, addr, &hello, now_ms, rng, &mut out);
         }
+        let due: Vec<[u8; 32]> = self
+            .unheard
+            .iter()
+            .filter(|(_, (at, _))| now_ms >= *at)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let Some(ep) = self.members.get(&key).map(|m| m.endpoint) else {
+                continue;
+            };
+            if let Some((at, wait)) = self.unheard.get_mut(&key) {
+                *at = now_ms + *wait;
+                *wait = (*wait * 2).min(GREET_RETRY_MAX_MS);
+            }
+            let hello = self.hello(false);
+            self.send(&key, ep, &hello, now_ms, rng, &mut out);
+        }
         if now_ms >= self.next_gossip_ms && !self.members.is_empty() {
             self.next_gossip_ms = now_ms + GOSSIP_INTERVAL_MS;
+            self.last_gossip_ms = now_ms;
             self.gossip_turn = (self.gossip_turn + 1) % self.members.len();
             let (key, ep) = self
                 .members

@@ -205,23 +205,38 @@ fn a_message_in_segments_arriving_in_any_order_is_taken_once() {
 }
 
 #[test]
-fn members_are_batched_by_count_and_by_certificate_bytes() {
+fn members_are_batched_one_datagram_to_a_message_unless_one_member_is_larger() {
     let (ca_key, _) = ca(9, "example.org");
     let member = |i: u8, labels: usize| Member {
         certificate: labelled(&ca_key, i, labels).1,
         endpoint: addr(usize::from(i)),
     };
+    let datagrams = |batch: &[Member]| {
+        control::seal_message(
+            &StaticSecret::from([1; 32]),
+            &[9; 32],
+            &StaticSecret::from([2; 32]),
+            1,
+            &Message::Members(batch.to_vec()).encode(),
+        )
+        .unwrap()
+        .len()
+    };
     let small: Vec<Member> = (1..=70).map(|i| member(i, 0)).collect();
-    let sizes: Vec<usize> = member_batches(small).iter().map(Vec::len).collect();
-    assert_eq!(sizes, [32, 32, 6]);
-    // 3 KB certificates: five to a message.
-    let big: Vec<Member> = (1..=12).map(|i| member(i, 64)).collect();
-    let batches = member_batches(big);
-    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 12);
+    let batches = member_batches(small.clone());
+    assert_eq!(batches.concat(), small, "every member, in order");
     for b in &batches {
-        let encoded = Message::Members(b.clone()).encode().len();
-        assert!(encoded <= MEMBERS_BYTES_PER_MESSAGE + 1024, "{encoded}");
-        assert!(encoded <= proto::segment::MAX_MESSAGE_BYTES);
+        assert_eq!(datagrams(b), 1, "a batch of {} is one datagram", b.len());
+        assert!(b.len() <= 32);
     }
-    assert!(batches.len() >= 3, "{}", batches.len());
+    assert!(
+        batches[0].len() > 1,
+        "small certificates share a datagram: {}",
+        batches[0].len()
+    );
+    // A 3 KB certificate does not fit one datagram: it goes alone, in segments.
+    let big: Vec<Member> = (1..=3).map(|i| member(i, 64)).collect();
+    let batches = member_batches(big);
+    assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+    assert!(datagrams(&batches[0]) > 1);
 }

@@ -479,7 +479,8 @@ impl Node {
     }
 
     /// Whether the peers and routes the node holds are what a derivation of every member from
-    /// scratch gives (the simulator's check of [`Node::derive`]).
+    /// scratch gives (the simulator's check of [`Node::derive`]), and membership's indexes what
+    /// its members say.
     #[cfg(test)]
     pub fn derived_from_scratch(&self) -> bool {
         let mine: Vec<Cidr> = self.certificate().body.addrs.clone();
@@ -504,7 +505,7 @@ impl Node {
             })
             .collect();
         let routes: BTreeSet<Cidr> = peers.values().flat_map(|p| p.addrs.clone()).collect();
-        peers == self.peers && routes == self.routes
+        peers == self.peers && routes == self.routes && self.membership.indexes_match_members()
     }
 
     /// Verifies, compiles and takes a signed policy set, from the operator or a member; on

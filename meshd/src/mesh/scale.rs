@@ -33,7 +33,24 @@ fn scale() {
     sim.jitter_ms = 5;
     sim.check_derivation = false;
     sim.start_all();
-    let formed = sim.run_until(600_000, Sim::full_mesh);
+    let progress = std::env::var("MESH_SIM_PROGRESS").is_ok();
+    let formed = sim.run_until(600_000, |s| {
+        if progress && s.now_ms % 1000 == 0 {
+            let installed: usize = s.nodes.iter().map(|x| x.host.peers.len()).sum();
+            let complete = s
+                .nodes
+                .iter()
+                .filter(|x| x.host.peers.len() == n - 1)
+                .count();
+            eprintln!(
+                "t={:>4.1}s installed {:>5.1}% of pairs, {complete} nodes complete, {:.0} s of CPU",
+                (s.now_ms - super::sim::T0_MS) as f64 / 1000.0,
+                100.0 * installed as f64 / (n * (n - 1)) as f64,
+                wall.elapsed().as_secs_f64()
+            );
+        }
+        Sim::full_mesh(s)
+    });
     let rss1 = rss_bytes();
     let formed_s = formed.map(|ms| ms as f64 / 1000.0);
     eprintln!(

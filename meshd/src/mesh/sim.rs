@@ -325,7 +325,7 @@ impl Sim {
             if let Some(node) = &self.nodes[i].node {
                 assert!(
                     node.derived_from_scratch(),
-                    "node {i}: the peers and routes derived for what changed differ from a derivation of every member"
+                    "node {i}: what was derived for what changed (peers, routes, membership's indexes) differs from a derivation of every member"
                 );
             }
         }
