@@ -124,6 +124,22 @@ fn table(s: &Status) -> String {
             p.conntrack_evictions
         );
     }
+    if let Some(c) = &s.control {
+        let _ = writeln!(
+            o,
+            "  control: {} members  {} bytes in, {} out  {} Diffie-Hellman on received datagrams  {} cookie replies  refused: {}",
+            c.members,
+            s.control_rx_bytes,
+            s.control_tx_bytes,
+            c.dh_ops,
+            c.cookie_replies,
+            if c.refused.is_empty() {
+                "-".to_string()
+            } else {
+                drops(&c.refused)
+            }
+        );
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(o, "  drops: {}", drops(&s.drops));
     }

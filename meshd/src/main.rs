@@ -1,8 +1,8 @@
 //! meshd: a userspace WireGuard daemon. This file parses arguments, sets up logging and wires the
 //! device to its control sockets and signals; nothing else.
 
+mod api;
 mod config;
-mod control;
 mod device;
 mod drops;
 mod enforce;
@@ -158,13 +158,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => (args.ifname.clone().context("no interface name")?, args.mtu),
     };
     let dev = device::Device::create(&ifname, mtu)?;
-    let uapi_path = PathBuf::from(control::uapi::socket_path(&ifname));
+    let uapi_path = PathBuf::from(api::uapi::socket_path(&ifname));
     let admin_path = PathBuf::from(proto::admin::socket_path(&ifname));
-    let _files = control::SocketFiles;
-    let uapi = control::bind_socket(&uapi_path)?;
-    control::remove_at_exit(uapi_path.clone());
-    let admin = control::bind_socket(&admin_path)?;
-    control::remove_at_exit(admin_path.clone());
+    let _files = api::SocketFiles;
+    let uapi = api::bind_socket(&uapi_path)?;
+    api::remove_at_exit(uapi_path.clone());
+    let admin = api::bind_socket(&admin_path)?;
+    api::remove_at_exit(admin_path.clone());
     let members = mesh::run::MemberView::default();
     let mut me = None;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
@@ -188,14 +188,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "meshd up"
     );
 
-    tokio::spawn(control::uapi::serve(uapi, dev.clone()));
-    let admin_state = control::admin::Admin {
+    tokio::spawn(api::uapi::serve(uapi, dev.clone()));
+    let admin_state = api::admin::Admin {
         dev: dev.clone(),
         members,
         me,
         commands: reload_tx.clone(),
     };
-    tokio::spawn(control::admin::serve(admin, admin_state));
+    tokio::spawn(api::admin::serve(admin, admin_state));
     tokio::spawn(device::run_timers(dev.clone()));
 
     use tokio::signal::unix::{signal, SignalKind};
@@ -243,7 +243,7 @@ fn daemonize(args: &Args) -> anyhow::Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting the meshd daemon")?;
-    let socket = control::uapi::socket_path(&ifname);
+    let socket = api::uapi::socket_path(&ifname);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {

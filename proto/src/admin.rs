@@ -157,6 +157,21 @@ pub struct Status {
     /// Mesh mode: the policy this node enforces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyStatus>,
+    /// Mesh mode: what the control protocol spent and refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlStatus>,
+}
+
+/// What a node's control protocol spent on received datagrams, and what it refused, by reason
+/// (`replay`, `cookie_required`, `busy`, `sender_rate`, `certificate`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ControlStatus {
+    pub members: usize,
+    /// X25519 operations spent on received datagrams.
+    pub dh_ops: u64,
+    /// Cookie replies sent to senders at addresses that had not shown they receive there.
+    pub cookie_replies: u64,
+    pub refused: BTreeMap<String, u64>,
 }
 
 /// What the enforcement of one node is doing.

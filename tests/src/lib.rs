@@ -6,6 +6,8 @@
 //! Addresses: underlay from 198.18.0.0/15 (IPv6 fd01::/64), overlay from 100.64.0.0/10 (IPv6
 //! fd00::/64), all inside namespaces the lab made.
 
+pub mod policy_lab;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

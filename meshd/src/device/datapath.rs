@@ -47,7 +47,7 @@ fn tun_loop(dev: &Device) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::error!(error = %e, "reading the TUN device failed; stopping");
-                crate::control::remove_socket_files();
+                crate::api::remove_socket_files();
                 std::process::exit(1);
             }
         };

@@ -388,6 +388,7 @@ impl Device {
             drops: self.drops.snapshot(),
             identity: None,
             policy: self.enforcer().map(|e| e.status()),
+            control: None,
             control_rx_bytes: self
                 .control_rx_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -34,10 +34,25 @@ pub const GOSSIP_INTERVAL_MS: u64 = 3000;
 /// faster.
 const GOSSIP_HURRIED_MS: u64 = 500;
 /// A member learned from a list or from the state directory that has not spoken yet is greeted
-/// again after this long (its greeting or its answer may have been lost), doubling up to
-/// [`GREET_RETRY_MAX_MS`].
+/// again (its greeting or its answer may have been lost, or it was over its budget for senders
+/// at unknown addresses while a whole mesh started): every [`GREET_RETRY_MS`] for the first
+/// [`FAST_GREETINGS`] times, then after a wait that doubles up to [`GREET_RETRY_MAX_MS`].
 const GREET_RETRY_MS: u64 = 1000;
+const FAST_GREETINGS: u32 = 8;
 const GREET_RETRY_MAX_MS: u64 = 30_000;
+/// A greeting (a Hello without `want_members`) from a member is answered with our Hello when we
+/// sealed nothing to that member for this long: the greeter (restarted, or it learned us from a
+/// list) then hears us and stops greeting. An answer is never answered (we sealed to the member
+/// just before), so Hellos do not ping-pong.
+const GREETING_ANSWER_AFTER_MS: u64 = 60_000;
+
+/// When to greet an unheard member again after `greetings` greetings.
+fn greet_wait_ms(greetings: u32) -> u64 {
+    match greetings.checked_sub(FAST_GREETINGS) {
+        None => GREET_RETRY_MS,
+        Some(over) => (GREET_RETRY_MS << (over + 1).min(5)).min(GREET_RETRY_MAX_MS),
+    }
+}
 /// Members per `Members` message at most.
 const MEMBERS_PER_MESSAGE: usize = 32;
 /// A `Members` message is at most this large unless one certificate alone is larger: one
@@ -146,6 +161,30 @@ pub enum Refusal {
     UnexpectedCookie,
 }
 
+impl Refusal {
+    /// A short name of the reason, for counters (`meshctl status`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Malformed(_) => "malformed",
+            Refusal::Certificate(_) => "certificate",
+            Refusal::KeyMismatch => "key_mismatch",
+            Refusal::UnknownSender => "unknown_sender",
+            Refusal::Replay => "replay",
+            Refusal::UnexpectedReply => "unexpected_reply",
+            Refusal::UntrustedRevocation => "untrusted_revocation",
+            Refusal::Removed => "removed",
+            Refusal::ProbeIgnored => "probe_ignored",
+            Refusal::Superseded { .. } => "superseded",
+            Refusal::AddressConflict { .. } => "address_conflict",
+            Refusal::Policy(_) => "policy",
+            Refusal::CookieRequired => "cookie_required",
+            Refusal::Busy => "busy",
+            Refusal::SenderRate => "sender_rate",
+            Refusal::UnexpectedCookie => "unexpected_cookie",
+        }
+    }
+}
+
 /// What the control plane spent and refused, for `status`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ControlCounters {
@@ -237,9 +276,11 @@ pub struct Membership {
     next_gossip_ms: u64,
     last_gossip_ms: u64,
     gossip_turn: usize,
-    /// Members not heard from since they were admitted: when to greet each again, and the wait
-    /// after that.
-    unheard: BTreeMap<[u8; 32], (u64, u64)>,
+    /// Members not heard from since they were admitted: when to greet each again, and how often
+    /// it was greeted.
+    unheard: BTreeMap<[u8; 32], (u64, u32)>,
+    /// When we last sealed a message to each member.
+    sealed_to: HashMap<[u8; 32], u64>,
     /// Keys the operator removed; refused until the daemon restarts.
     removed: HashSet<[u8; 32]>,
     answer_probes: bool,
@@ -321,6 +362,7 @@ impl Membership {
             last_gossip_ms: now_ms,
             gossip_turn: 0,
             unheard: BTreeMap::new(),
+            sealed_to: HashMap::new(),
             removed: Default::default(),
             answer_probes: true,
             dirty: Dirty::default(),
@@ -383,7 +425,7 @@ impl Membership {
                 tracing::info!(refusal = %e, "saved member not restored");
             } else {
                 // Greeted at the first tick: it learns where we are now, and we that it is there.
-                self.unheard.insert(key, (now_ms, GREET_RETRY_MS));
+                self.unheard.insert(key, (now_ms, 0));
             }
         }
     }
@@ -524,6 +566,9 @@ impl Membership {
         out: &mut Vec<Out>,
     ) {
         let cookie = self.cookies.get(&to).copied();
+        if self.members.contains_key(to_key) {
+            self.sealed_to.insert(*to_key, now_ms);
+        }
         for mut datagram in self.seal(to_key, msg, now_ms, rng) {
             if let Some(c) = &cookie {
                 control::set_cookie(&mut datagram, c);
@@ -572,6 +617,7 @@ impl Membership {
 
     fn unindex(&mut self, key: &[u8; 32], endpoint: SocketAddr) {
         self.pairs.remove(key);
+        self.sealed_to.remove(key);
         self.unheard.remove(key);
         self.ephemerals.remove(key);
         self.received.remove(key);
@@ -982,6 +1028,12 @@ impl Membership {
         holders == self.holders && claims == self.claims
     }
 
+    /// Members not heard from since they were admitted (greeted again until they speak).
+    #[cfg(test)]
+    pub fn unheard(&self) -> usize {
+        self.unheard.len()
+    }
+
     /// The cookie a sender at `from` must show now (what a cookie reply would give it).
     #[cfg(test)]
     pub fn cookie_for(&self, from: &SocketAddr) -> [u8; control::COOKIE_LEN] {
@@ -1111,6 +1163,20 @@ impl Membership {
                 for crl in newer {
                     self.send(&sender, from, &Message::Revocation(crl), now_ms, rng, out);
                 }
+                // The sender holds a newer list than ours: our Hello in answer shows our number,
+                // and its answer brings the list (whichever side greeted, a list crosses).
+                let behind = revocations.iter().any(|v| {
+                    self.bundle.iter().any(|ca| ca.body.public_key == v.issuer)
+                        && self.revocations.get(&v.issuer).map_or(0, |l| l.number) < v.number
+                });
+                let quiet = self
+                    .sealed_to
+                    .get(&sender)
+                    .is_none_or(|t| now_ms >= t + GREETING_ANSWER_AFTER_MS);
+                if behind || (!want_members && quiet) {
+                    let hello = self.hello(false);
+                    self.send(&sender, from, &hello, now_ms, rng, out);
+                }
             }
             Message::Members(list) => {
                 let mut learned = false;
@@ -1125,8 +1191,7 @@ impl Membership {
                     if self.admit(m.certificate, m.endpoint, None, None).is_ok() {
                         let hello = self.hello(false);
                         self.send(&key, m.endpoint, &hello, now_ms, rng, out);
-                        self.unheard
-                            .insert(key, (now_ms + GREET_RETRY_MS, GREET_RETRY_MS));
+                        self.unheard.insert(key, (now_ms + greet_wait_ms(1), 1));
                         learned = true;
                     }
                 }
@@ -1322,9 +1387,9 @@ impl Membership {
             let Some(ep) = self.members.get(&key).map(|m| m.endpoint) else {
                 continue;
             };
-            if let Some((at, wait)) = self.unheard.get_mut(&key) {
-                *at = now_ms + *wait;
-                *wait = (*wait * 2).min(GREET_RETRY_MAX_MS);
+            if let Some((at, greetings)) = self.unheard.get_mut(&key) {
+                *greetings += 1;
+                *at = now_ms + greet_wait_ms(*greetings);
             }
             let hello = self.hello(false);
             self.send(&key, ep, &hello, now_ms, rng, &mut out);

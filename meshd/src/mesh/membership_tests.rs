@@ -240,3 +240,82 @@ fn members_are_batched_one_datagram_to_a_message_unless_one_member_is_larger() {
     assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
     assert!(datagrams(&batches[0]) > 1);
 }
+
+#[test]
+fn a_newer_revocation_list_crosses_whichever_side_greets() {
+    let (ca_key, ca_cert) = ca(9, "example.org");
+    let mut a = lone(&ca_key, &ca_cert, 1);
+    let mut b = lone(&ca_key, &ca_cert, 2);
+    let (sa, _) = identity(&ca_key, 1, u64::MAX / 4);
+    let (a_at, b_at) = (addr(1), addr(2));
+    let now = T0_MS;
+    let greeting = |a: &Membership, b: &Membership, counter: u64| {
+        control::seal_message(
+            &sa,
+            &b.public,
+            &StaticSecret::from([77; 32]),
+            counter,
+            &a.hello(false).encode(),
+        )
+        .unwrap()
+        .remove(0)
+    };
+    let sends = |outs: Vec<Out>| -> Vec<Vec<u8>> {
+        outs.into_iter()
+            .filter_map(|o| match o {
+                Out::Send { datagram, .. } => Some(datagram),
+                Out::Policy { .. } => None,
+            })
+            .collect()
+    };
+    // a greets b, b admits a and greets back, a admits b.
+    let first = with_cookie(&b, a_at, greeting(&a, &b, 1));
+    for d in sends(b.on_datagram(now, a_at, &first, &mut OsRng).unwrap()) {
+        a.on_datagram(now, b_at, &with_cookie(&a, b_at, d), &mut OsRng)
+            .unwrap();
+    }
+    assert_eq!((a.members().len(), b.members().len()), (1, 1));
+    // a learns a list; a greets b again. b, which is behind, answers with its own Hello, whose
+    // number makes a send the list.
+    let (_, revoked) = identity(&ca_key, 9, u64::MAX / 4);
+    let crl = RevocationList::sign_with_keys(
+        "example.org",
+        1,
+        now / 1000,
+        vec![],
+        vec![revoked.body.public_key],
+        &ca_key,
+    )
+    .unwrap();
+    assert!(a.take_revocation(crl).unwrap());
+    let answer = sends(
+        b.on_datagram(now, a_at, &greeting(&a, &b, 2), &mut OsRng)
+            .unwrap(),
+    );
+    assert_eq!(answer.len(), 1, "b answers a's Hello: it is behind");
+    for d in answer {
+        for list in sends(a.on_datagram(now, b_at, &d, &mut OsRng).unwrap()) {
+            b.on_datagram(now, a_at, &list, &mut OsRng).unwrap();
+        }
+    }
+    assert_eq!(b.revocations().map(|l| l.number).collect::<Vec<_>>(), [1]);
+    // Even, the next greeting is answered with nothing (its counter above a's own, which the
+    // list used).
+    let later = (now + 1) * COUNTER_PER_MS;
+    assert!(b
+        .on_datagram(now, a_at, &greeting(&a, &b, later), &mut OsRng)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn an_unheard_member_is_greeted_every_second_for_a_while_then_less_often() {
+    let waits: Vec<u64> = (1..=16).map(greet_wait_ms).collect();
+    assert_eq!(
+        waits,
+        [
+            1000, 1000, 1000, 1000, 1000, 1000, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000,
+            30000, 30000
+        ]
+    );
+}

@@ -147,6 +147,8 @@ pub struct Node {
     pending: Vec<Action>,
     /// This node's own certificate changed (or it just started): derive everything again.
     rederive: bool,
+    /// Control datagrams refused, by [`Refusal::kind`].
+    refused: BTreeMap<&'static str, u64>,
 }
 
 impl Node {
@@ -202,6 +204,7 @@ impl Node {
             reasons: BTreeMap::new(),
             pending: Vec::new(),
             rederive: true,
+            refused: BTreeMap::new(),
         };
         let mut out = Vec::new();
         node.settle(now_ms, rng, Vec::new(), &mut out);
@@ -241,6 +244,27 @@ impl Node {
         self.membership.counters
     }
 
+    /// Members not heard from since they were admitted.
+    #[cfg(test)]
+    pub fn unheard(&self) -> usize {
+        self.membership.unheard()
+    }
+
+    /// What `meshctl status` shows of the control protocol.
+    pub fn control_status(&self) -> proto::admin::ControlStatus {
+        let c = self.membership.counters;
+        proto::admin::ControlStatus {
+            members: self.members().len(),
+            dh_ops: c.dh_ops,
+            cookie_replies: c.cookie_replies,
+            refused: self
+                .refused
+                .iter()
+                .map(|(k, n)| (k.to_string(), *n))
+                .collect(),
+        }
+    }
+
     /// Handles one event at `now_ms`. A refused event changes nothing the shell would see.
     pub fn handle(
         &mut self,
@@ -251,7 +275,13 @@ impl Node {
         let mut out = Vec::new();
         let outs = match event {
             Event::Datagram { from, bytes } => {
-                self.membership.on_datagram(now_ms, from, &bytes, rng)?
+                match self.membership.on_datagram(now_ms, from, &bytes, rng) {
+                    Ok(outs) => outs,
+                    Err(refusal) => {
+                        *self.refused.entry(refusal.kind()).or_default() += 1;
+                        return Err(refusal);
+                    }
+                }
             }
             Event::Tick => {
                 let mut outs = self.membership.on_tick(now_ms, rng);

@@ -674,3 +674,29 @@ fn under_a_spoofed_flood_a_set_and_a_revocation_still_reach_every_node_and_the_c
         "{spent} Diffie-Hellman operations for 75,000 datagrams"
     );
 }
+
+#[test]
+fn a_restarted_node_greets_its_saved_members_until_each_has_answered_then_rests() {
+    let mut sim = formed(6, 21);
+    sim.run(20_000);
+    sim.kill(0);
+    sim.run(2_000);
+    sim.start(0);
+    assert_eq!(sim.nodes[0].node().unheard(), 5, "every saved member");
+    // Each member answers a greeting once it sealed nothing to the greeter for a minute, or
+    // speaks to it sooner on its own; then the greetings stop.
+    let quiet = sim.run_until(70_000, |s| s.nodes[0].node().unheard() == 0);
+    assert!(
+        quiet.is_some(),
+        "still greeting {}",
+        sim.nodes[0].node().unheard()
+    );
+    sim.run(5_000);
+    let before = sim.delivered;
+    sim.run(30_000);
+    let per_node = (sim.delivered - before) as f64 / 6.0;
+    assert!(
+        (9.0..=11.0).contains(&per_node),
+        "{per_node} datagrams per node at rest afterwards"
+    );
+}

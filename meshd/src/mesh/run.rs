@@ -51,6 +51,10 @@ pub enum Command {
     PolicyStatus {
         reply: tokio::sync::oneshot::Sender<Vec<proto::admin::NodePolicy>>,
     },
+    /// What the control protocol spent and refused.
+    ControlStatus {
+        reply: tokio::sync::oneshot::Sender<proto::admin::ControlStatus>,
+    },
 }
 
 /// Members as the admin socket shows them.
@@ -208,6 +212,10 @@ impl Mesh {
             }
             Command::PolicyStatus { reply } => {
                 let _ = reply.send(self.policy_status());
+                None
+            }
+            Command::ControlStatus { reply } => {
+                let _ = reply.send(self.node.control_status());
                 None
             }
             Command::RemovePeer { id, reply } => {

@@ -1,4 +1,4 @@
-//! Local control: the WireGuard UAPI socket (for `wg`) and the admin socket (for `meshctl`).
+//! The local API: the WireGuard UAPI socket (for `wg`) and the admin socket (for `meshctl`).
 //! Both are Unix sockets that only root can open.
 
 pub mod admin;

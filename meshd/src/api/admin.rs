@@ -49,6 +49,13 @@ impl Admin {
             Request::Status => {
                 let mut status = self.dev.status();
                 status.identity = self.me.clone();
+                if self.me.is_some() {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    match self.ask(Command::ControlStatus { reply }, answer).await {
+                        Ok(control) => status.control = Some(control),
+                        Err(e) => return e,
+                    }
+                }
                 let members = self.members.lock();
                 for p in &mut status.peers {
                     let key = proto::Key::from_base64(&p.public_key)
