@@ -381,7 +381,7 @@ fn a_short_lived_certificate_is_cut_at_expiry() {
 }
 
 #[test]
-fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s() {
+fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s_and_lasts_across_a_restart() {
     if !can_run() {
         return;
     }
@@ -438,6 +438,23 @@ fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s() {
         assert_eq!(peer_identities(&lab, n).len(), 2, "the others stay");
         assert!(!lab.ping(&nodes[3].ns, &n.ip, 1));
     }
+    // The list lasts: node 2, which learned it over the control protocol only, restarts while
+    // node 4 keeps greeting it, and never takes node 4 back.
+    let n2 = &nodes[1];
+    lab.stop(&n2.ifname, libc::SIGTERM);
+    lab.meshd_config(&n2.ns, &n2.ifname, &n2.config);
+    let restarted = Instant::now();
+    while restarted.elapsed() < Duration::from_secs(8) {
+        let ids = peer_identities(&lab, n2);
+        assert!(
+            !ids.contains(&"example.org/prod/node4".to_string()),
+            "node 2 took the revoked node back {:?} after its restart",
+            restarted.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(peer_identities(&lab, n2).len(), 2, "the others are back");
+    assert!(!lab.ping(&nodes[3].ns, &n2.ip, 1));
 }
 
 /// Two nodes of one CA, node 2 seeded with node 1, once node 2 has pinged node 1.
