@@ -188,8 +188,15 @@ impl Lab {
         self.wait_for_uapi(ifname);
     }
 
+    /// Forgets a daemon of interface `ifname` that has exited, so that another can take the name.
+    fn forget_exited(&mut self, ifname: &str) {
+        self.children
+            .retain_mut(|(n, c)| n != ifname || matches!(c.try_wait(), Ok(None)));
+    }
+
     /// Starts Debian's wireguard-go in the foreground in `ns` with interface `ifname`.
     pub fn wireguard_go(&mut self, ns: &str, ifname: &str) {
+        self.forget_exited(ifname);
         let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "wireguard-go", "-f", ifname])
@@ -776,8 +783,7 @@ impl Lab {
     }
 
     pub fn meshd_config(&mut self, ns: &str, ifname: &str, config: &Path) {
-        self.children
-            .retain_mut(|(n, c)| n != ifname || matches!(c.try_wait(), Ok(None)));
+        self.forget_exited(ifname);
         self.spawn_meshd(ns, ifname, &["--config".as_ref(), config.as_os_str()]);
     }
 }

@@ -381,7 +381,8 @@ fn a_short_lived_certificate_is_cut_at_expiry() {
 }
 
 #[test]
-fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s_and_lasts_across_a_restart() {
+fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s_and_lasts_across_a_restart()
+{
     if !can_run() {
         return;
     }
