@@ -50,8 +50,11 @@ const PAIR_LABEL: &[u8] = b"pair";
 const COOKIE_REPLY_LEN: usize = HEADER_LEN + MAC_LEN + COOKIE_LEN;
 /// Largest number of members in one `Members` message.
 pub const MAX_MEMBERS: usize = 256;
-/// Width of the replay window, in sealed datagrams.
-pub const REPLAY_WINDOW: u64 = 128;
+/// Width of the replay window, in sealed datagrams: wide enough for a whole member list of a
+/// large mesh, sent in one burst and reordered on the way (2,048 datagrams carry about 10,000
+/// members).
+pub const REPLAY_WINDOW: u64 = 2048;
+const WINDOW_WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 const KDF_LABEL: &[u8] = b"meshd control v1";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -692,12 +695,28 @@ impl SenderStep {
 
 /// Accepts each counter at most once, and none older than the window behind the newest seen
 /// (RFC 6479's idea, as WireGuard uses for its data messages).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayWindow {
     newest: u64,
-    /// Bit i set: counter `newest - i` was seen.
-    seen: u128,
+    /// A ring of [`REPLAY_WINDOW`] bits: the bit of counter `c` (at `c % REPLAY_WINDOW`) is set
+    /// if `c` was seen; bits of counters past `newest` are clear.
+    seen: Box<[u64; WINDOW_WORDS]>,
     any: bool,
+}
+
+impl Default for ReplayWindow {
+    fn default() -> ReplayWindow {
+        ReplayWindow {
+            newest: 0,
+            seen: Box::new([0; WINDOW_WORDS]),
+            any: false,
+        }
+    }
+}
+
+fn window_bit(counter: u64) -> (usize, u64) {
+    let i = counter % REPLAY_WINDOW;
+    ((i / 64) as usize, 1 << (i % 64))
 }
 
 impl ReplayWindow {
@@ -706,7 +725,7 @@ impl ReplayWindow {
     pub fn above(floor: u64) -> ReplayWindow {
         ReplayWindow {
             newest: floor,
-            seen: u128::MAX,
+            seen: Box::new([u64::MAX; WINDOW_WORDS]),
             any: true,
         }
     }
@@ -719,49 +738,57 @@ impl ReplayWindow {
     /// Whether [`ReplayWindow::accept_run`] would take the run, without taking it: checked
     /// before the work a message costs.
     pub fn would_accept(&self, first: u64, count: u16) -> bool {
-        self.clone().accept_run(first, count)
+        (0..u64::from(count)).all(|i| match first.checked_add(i) {
+            None => false,
+            Some(_) if !self.any => true,
+            Some(c) if c > self.newest => true,
+            Some(c) => {
+                let (w, b) = window_bit(c);
+                self.newest - c < REPLAY_WINDOW && self.seen[w] & b == 0
+            }
+        })
     }
 
     /// True, and remembers them, if none of the `count` counters from `first` on was seen or is
     /// too old (the segments of one message, [`crate::segment`]); otherwise false, remembering
     /// nothing.
     pub fn accept_run(&mut self, first: u64, count: u16) -> bool {
-        let mut next = self.clone();
-        for i in 0..u64::from(count) {
-            match first.checked_add(i) {
-                Some(c) if next.accept(c) => {}
-                _ => return false,
-            }
+        if !self.would_accept(first, count) {
+            return false;
         }
-        *self = next;
+        for i in 0..u64::from(count) {
+            // No overflow: would_accept checked every counter of the run.
+            let taken = self.accept(first + i);
+            debug_assert!(taken, "would_accept said every counter is new");
+        }
         true
     }
 
     /// True, and remembers it, if `counter` was not seen and is not too old.
     pub fn accept(&mut self, counter: u64) -> bool {
         if !self.any {
-            *self = ReplayWindow {
-                newest: counter,
-                seen: 1,
-                any: true,
-            };
-            return true;
-        }
-        if counter > self.newest {
-            let shift = counter - self.newest;
-            self.seen = if shift >= REPLAY_WINDOW {
-                1
-            } else {
-                (self.seen << shift) | 1
-            };
+            *self.seen = [0; WINDOW_WORDS];
             self.newest = counter;
-            return true;
-        }
-        let age = self.newest - counter;
-        if age >= REPLAY_WINDOW || self.seen & (1 << age) != 0 {
+            self.any = true;
+        } else if counter > self.newest {
+            // The counters between the old newest and this one are unseen: clear their bits.
+            if counter - self.newest >= REPLAY_WINDOW {
+                *self.seen = [0; WINDOW_WORDS];
+            } else {
+                for c in self.newest + 1..=counter {
+                    let (w, b) = window_bit(c);
+                    self.seen[w] &= !b;
+                }
+            }
+            self.newest = counter;
+        } else if self.newest - counter >= REPLAY_WINDOW {
             return false;
         }
-        self.seen |= 1 << age;
+        let (w, b) = window_bit(counter);
+        if self.seen[w] & b != 0 {
+            return false;
+        }
+        self.seen[w] |= b;
         true
     }
 }
@@ -1404,17 +1431,55 @@ mod tests {
     #[test]
     fn replay_window_accepts_each_counter_once() {
         let mut w = ReplayWindow::default();
-        assert!(w.accept(100));
-        assert!(!w.accept(100));
-        assert!(w.accept(98), "reordered but inside the window");
-        assert!(!w.accept(98));
-        assert!(w.accept(200));
-        assert!(!w.accept(200 - REPLAY_WINDOW - 5), "older than the window");
-        assert!(w.accept(199));
-        assert!(!w.accept(200 - REPLAY_WINDOW));
-        assert!(w.accept(200 - REPLAY_WINDOW + 1));
+        let top = 10_000;
+        assert!(w.accept(top - 100));
+        assert!(!w.accept(top - 100));
+        assert!(w.accept(top - 102), "reordered but inside the window");
+        assert!(!w.accept(top - 102));
+        assert!(w.accept(top));
+        assert!(!w.accept(top - REPLAY_WINDOW - 5), "older than the window");
+        assert!(w.accept(top - 1));
+        assert!(!w.accept(top - REPLAY_WINDOW));
+        assert!(w.accept(top - REPLAY_WINDOW + 1));
+        assert!(!w.accept(top - 100), "seen, still inside the window");
+        // A jump of more than the window forgets everything before it.
+        assert!(w.accept(top + 3 * REPLAY_WINDOW));
+        assert!(!w.accept(top));
+        assert!(w.accept(top + 3 * REPLAY_WINDOW - 1));
         assert!(w.accept(u64::MAX));
         assert!(!w.accept(u64::MAX));
+        // A floor refuses everything up to it and takes what follows.
+        let mut f = ReplayWindow::above(top);
+        assert!(!f.accept(top) && !f.accept(top - 1) && !f.accept(top - REPLAY_WINDOW - 1));
+        assert!(f.accept(top + 1));
+        assert!(!f.accept(top + 1));
+    }
+
+    proptest::proptest! {
+        /// The ring of bits decides as a plain set of seen counters with the same window does,
+        /// for any order of arrival (reordering, duplicates, jumps).
+        #[test]
+        fn replay_window_is_a_sliding_set(steps in proptest::collection::vec((0u64..6000, proptest::bool::ANY), 1..400)) {
+            let mut w = ReplayWindow::default();
+            let mut seen = std::collections::BTreeSet::new();
+            let mut newest: Option<u64> = None;
+            let mut base = 1_000_000u64;
+            for (offset, jump) in steps {
+                if jump {
+                    base += offset;
+                }
+                let c = base - offset.min(base);
+                let model = match newest {
+                    Some(n) if c + REPLAY_WINDOW <= n => false,
+                    _ => !seen.contains(&c),
+                };
+                proptest::prop_assert_eq!(w.accept(c), model, "counter {}", c);
+                if model {
+                    seen.insert(c);
+                    newest = Some(newest.map_or(c, |n| n.max(c)));
+                }
+            }
+        }
     }
 
     #[test]
@@ -1431,6 +1496,8 @@ mod tests {
             "and none of the others was taken"
         );
         assert!(!w.accept_run(u64::MAX, 2), "counters past the end");
+        assert!(w.accept_run(u64::MAX, 1), "the very last counter");
+        assert!(!w.accept(u64::MAX));
     }
 
     #[test]
