@@ -393,8 +393,9 @@ pub fn seal_message_with(
 }
 
 /// How long a sender may seal messages to one receiver under one ephemeral key. Every message's
-/// key still differs (it covers the counter); what a stolen static key could open afterwards is
-/// bounded to this window, as WireGuard bounds a session.
+/// key still differs (it covers the counter). The ephemeral term keeps a thief of the sender's
+/// static key from opening what it sent; it does nothing against a thief of the receiver's
+/// (PROTOCOL.md section 4), so control messages carry nothing secret.
 pub const EPHEMERAL_LIFETIME_MS: u64 = 120_000;
 
 /// A sender's ephemeral key for one receiver, with its agreement with the receiver's static key.

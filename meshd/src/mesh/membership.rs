@@ -40,6 +40,15 @@ const GOSSIP_HURRIED_MS: u64 = 500;
 const GREET_RETRY_MS: u64 = 1000;
 const FAST_GREETINGS: u32 = 8;
 const GREET_RETRY_MAX_MS: u64 = 30_000;
+/// After this many greetings (about 40 s) an unheard member is left to gossip: an endpoint a
+/// member listed may be stale or a victim's, and is not greeted for ever.
+const MAX_GREETINGS: u32 = 12;
+/// Greetings sent per tick at most, whatever the lists brought.
+const GREETINGS_PER_TICK: usize = 256;
+/// A Hello showing newer revocation lists than ours is answered at most this often per member
+/// (the answer brings the lists; a list that never verifies here must not make two nodes
+/// exchange Hellos without end).
+const BEHIND_ANSWER_INTERVAL_MS: u64 = 5_000;
 /// A greeting (a Hello without `want_members`) from a member is answered with our Hello when we
 /// sealed nothing to that member for this long: the greeter (restarted, or it learned us from a
 /// list) then hears us and stops greeting. An answer is never answered (we sealed to the member
@@ -247,6 +256,8 @@ struct Seed {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Dirty {
     pub members: bool,
+    /// A member was cut or replaced: saved at once, so that a restart never brings it back.
+    pub members_removed: bool,
     pub revocations: bool,
     pub floors: bool,
 }
@@ -749,7 +760,7 @@ impl Membership {
     /// Records `cert`'s identity and addresses as `key`'s (`add`) or forgets them.
     fn claim(&mut self, key: [u8; 32], cert: &Certificate, add: bool) {
         let identity = cert.body.identity();
-        for a in &cert.body.addrs {
+        for a in outermost(&cert.body.addrs) {
             let (family, first, last) = a.span();
             if add {
                 self.claims.insert((family, first), (last, key));
@@ -794,6 +805,7 @@ impl Membership {
         if let Some(old) = &previous {
             self.claim(key, old, false);
             self.claim(key, &cert, true);
+            self.dirty.members_removed = true; // the older certificate must not come back
         }
         let new = match self.members.get_mut(&key) {
             Some(m) => {
@@ -831,6 +843,7 @@ impl Membership {
     fn expel(&mut self, key: &[u8; 32], reason: &str) -> Option<MemberState> {
         let m = self.members.remove(key)?;
         self.claim(*key, &m.certificate, false);
+        self.dirty.members_removed = true;
         self.digest_cache.set(None);
         self.unindex(key, m.endpoint);
         self.dirty.members = true;
@@ -1016,16 +1029,35 @@ impl Membership {
     /// say (the simulator checks it after every event).
     #[cfg(test)]
     pub fn indexes_match_members(&self) -> bool {
-        let mut holders = HashMap::new();
-        let mut claims = BTreeMap::new();
-        for (k, m) in &self.members {
-            holders.insert(m.certificate.body.identity(), *k);
-            for a in &m.certificate.body.addrs {
-                let (family, first, last) = a.span();
-                claims.insert((family, first), (last, *k));
-            }
-        }
-        holders == self.holders && claims == self.claims
+        let holders: HashMap<String, [u8; 32]> = self
+            .members
+            .iter()
+            .map(|(k, m)| (m.certificate.body.identity(), *k))
+            .collect();
+        // The claims are disjoint intervals (what `claimants` relies on)...
+        let disjoint = self
+            .claims
+            .iter()
+            .zip(self.claims.iter().skip(1))
+            .all(|(((f1, _), (last, _)), ((f2, first), _))| f1 != f2 || last < first);
+        // ...each a member's address...
+        let owned = self.claims.iter().all(|((f, first), (last, k))| {
+            self.members.get(k).is_some_and(|m| {
+                m.certificate
+                    .body
+                    .addrs
+                    .iter()
+                    .any(|a| a.span() == (*f, *first, *last))
+            })
+        });
+        // ...and every member's every address is covered by its own claims, and no other's.
+        let covered = self.members.iter().all(|(k, m)| {
+            m.certificate.body.addrs.iter().all(|a| {
+                let mut holders = self.claimants(a).peekable();
+                holders.peek().is_some() && holders.all(|h| h == *k)
+            })
+        });
+        holders == self.holders && disjoint && owned && covered
     }
 
     /// Members not heard from since they were admitted (greeted again until they speak).
@@ -1169,11 +1201,11 @@ impl Membership {
                     self.bundle.iter().any(|ca| ca.body.public_key == v.issuer)
                         && self.revocations.get(&v.issuer).map_or(0, |l| l.number) < v.number
                 });
-                let quiet = self
-                    .sealed_to
-                    .get(&sender)
-                    .is_none_or(|t| now_ms >= t + GREETING_ANSWER_AFTER_MS);
-                if behind || (!want_members && quiet) {
+                let quiet_for =
+                    |ms: u64| self.sealed_to.get(&sender).is_none_or(|t| now_ms >= t + ms);
+                if (behind && quiet_for(BEHIND_ANSWER_INTERVAL_MS))
+                    || (!want_members && quiet_for(GREETING_ANSWER_AFTER_MS))
+                {
                     let hello = self.hello(false);
                     self.send(&sender, from, &hello, now_ms, rng, out);
                 }
@@ -1243,9 +1275,11 @@ impl Membership {
         self.secret = secret;
         self.certificate = certificate;
         self.bundle = checked_bundle(bundle);
-        // Every agreement involving our static key changes with it.
+        // Every agreement involving our static key changes with it; and no ephemeral key is
+        // shared by messages under the old and the new static key (it would link them).
         self.pairs.clear();
         self.received.clear();
+        self.ephemerals.clear();
         let keyed: Vec<([u8; 32], SocketAddr)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
         for (k, ep) in keyed {
@@ -1377,11 +1411,14 @@ impl Membership {
             let hello = self.hello(false);
             self.send(&key, addr, &hello, now_ms, rng, &mut out);
         }
+        self.unheard
+            .retain(|_, (_, greetings)| *greetings < MAX_GREETINGS);
         let due: Vec<[u8; 32]> = self
             .unheard
             .iter()
             .filter(|(_, (at, _))| now_ms >= *at)
             .map(|(k, _)| *k)
+            .take(GREETINGS_PER_TICK)
             .collect();
         for key in due {
             let Some(ep) = self.members.get(&key).map(|m| m.endpoint) else {
@@ -1425,6 +1462,16 @@ fn checked_bundle(bundle: Vec<Certificate>) -> Vec<Certificate> {
             ok
         })
         .collect()
+}
+
+/// The addresses of `addrs` that no other of them contains: a certificate may name nested
+/// prefixes, and the claims index holds disjoint intervals only.
+fn outermost(addrs: &[Cidr]) -> impl Iterator<Item = &Cidr> {
+    addrs.iter().filter(move |a| {
+        !addrs
+            .iter()
+            .any(|b| b.prefix_len() < a.prefix_len() && b.contains(a.addr()))
+    })
 }
 
 /// True if `a` shares an address with any of `others`.

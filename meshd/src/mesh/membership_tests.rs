@@ -288,6 +288,8 @@ fn a_newer_revocation_list_crosses_whichever_side_greets() {
     )
     .unwrap();
     assert!(a.take_revocation(crl).unwrap());
+    // (b answers a Hello that shows newer lists at most once in 5 s; it just greeted a.)
+    let now = now + 6_000;
     let answer = sends(
         b.on_datagram(now, a_at, &greeting(&a, &b, 2), &mut OsRng)
             .unwrap(),
@@ -318,4 +320,76 @@ fn an_unheard_member_is_greeted_every_second_for_a_while_then_less_often() {
             30000, 30000
         ]
     );
+}
+
+#[test]
+fn a_member_naming_nested_prefixes_still_holds_all_of_them() {
+    let (ca_key, ca_cert) = ca(9, "example.org");
+    let mut n = lone(&ca_key, &ca_cert, 1);
+    let now = T0_MS;
+    let with_addrs = |i: u8, addrs: &[&str]| {
+        let (secret, cert) = identity(&ca_key, i, u64::MAX / 4);
+        let mut body = cert.body;
+        body.addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        (secret, body.sign(&ca_key).unwrap())
+    };
+    // Two shapes of nesting: a host inside the range, and one prefix with two lengths.
+    let (s2, c2) = with_addrs(2, &["100.70.0.0/16", "100.70.0.5/32"]);
+    let (s3, c3) = with_addrs(3, &["100.80.0.0/16", "100.80.0.0/24"]);
+    for (s, c, counter) in [(&s2, c2, 1), (&s3, c3, 2)] {
+        let d = sealed_hello(s, &n, c, counter);
+        n.on_datagram(now, addr(6), &d, &mut OsRng).unwrap();
+    }
+    assert_eq!(n.members().len(), 2);
+    assert!(n.indexes_match_members());
+    for (i, claim) in [(4u8, "100.70.1.0/24"), (5, "100.80.9.0/24")] {
+        let (s, c) = with_addrs(i, &[claim]);
+        let d = sealed_hello(&s, &n, c, 10 + u64::from(i));
+        let r = n.on_datagram(now, addr(6), &d, &mut OsRng);
+        assert!(
+            matches!(r, Err(Refusal::AddressConflict { .. })),
+            "{claim} lies inside a member's /16: {r:?}"
+        );
+    }
+    assert_eq!(n.members().len(), 2);
+}
+
+#[test]
+fn a_listed_member_that_never_answers_is_greeted_a_dozen_times_then_left_to_gossip() {
+    let (ca_key, ca_cert) = ca(9, "example.org");
+    let mut n = lone(&ca_key, &ca_cert, 1);
+    let now = T0_MS;
+    let (s2, c2) = identity(&ca_key, 2, u64::MAX / 4);
+    n.on_datagram(now, addr(6), &sealed_hello(&s2, &n, c2, 1), &mut OsRng)
+        .unwrap();
+    // Member 2 lists member 3 at an address where nobody answers (stale, or a victim's).
+    let (_, c3) = identity(&ca_key, 3, u64::MAX / 4);
+    let victim = addr(50);
+    let list = Message::Members(vec![Member {
+        certificate: c3,
+        endpoint: victim,
+    }]);
+    let d = control::seal_message(
+        &s2,
+        &n.public,
+        &StaticSecret::from([5; 32]),
+        2,
+        &list.encode(),
+    )
+    .unwrap()
+    .remove(0);
+    n.on_datagram(now, addr(6), &d, &mut OsRng).unwrap();
+    assert_eq!(n.unheard(), 1);
+    let mut greeted_until = None;
+    for t in (500..120_000).step_by(500) {
+        n.on_tick(now + t, &mut OsRng);
+        if n.unheard() == 0 && greeted_until.is_none() {
+            greeted_until = Some(t);
+        }
+    }
+    // Greeted every second for 8 s, then after 2, 4, 8 and 16 s: left to gossip at about 38 s
+    // (gossip still asks each member in turn, as any other).
+    let t = greeted_until.expect("greetings stop");
+    assert!((30_000..=45_000).contains(&t), "greeted until {t} ms");
+    assert_eq!(MAX_GREETINGS, 12);
 }

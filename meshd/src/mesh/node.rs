@@ -28,8 +28,9 @@ pub const POLICY_OFFER_INTERVAL_MS: u64 = 5_000;
 /// Replay floors are saved at most this often (they are extrapolated on restart; see
 /// [`Membership::restore_floors`]).
 const FLOOR_SAVE_INTERVAL_MS: u64 = 1_000;
-/// The member list is saved at most this often: a member learned just before a crash is learned
-/// again, and a mesh of N nodes forming does not write an N-member file N times.
+/// The member list is saved at most this often when members only join or move (a member learned
+/// just before a crash is learned again, and a mesh of N nodes forming does not write an N-member
+/// file N times); at once when one is cut or replaced.
 const MEMBERS_SAVE_INTERVAL_MS: u64 = 1_000;
 
 /// Everything a node is configured with.
@@ -379,7 +380,7 @@ impl Node {
             }));
         }
         self.members_unsaved |= dirty.members;
-        if self.members_unsaved && now_ms >= self.next_members_save_ms {
+        if self.members_unsaved && (dirty.members_removed || now_ms >= self.next_members_save_ms) {
             self.members_unsaved = false;
             self.next_members_save_ms = now_ms + MEMBERS_SAVE_INTERVAL_MS;
             let list = self
