@@ -163,7 +163,8 @@ pub struct Status {
 }
 
 /// What a node's control protocol spent on received datagrams, and what it refused, by reason
-/// (`replay`, `cookie_required`, `busy`, `sender_rate`, `certificate`, ...).
+/// (`replay`, `cookie_required`, `busy`, `sender_rate`, `certificate`, ...; a certificate in a
+/// member's list refused as `listed_superseded`, `listed_address_conflict`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ControlStatus {
     pub members: usize,

@@ -828,3 +828,98 @@ fn meshd_runs_as_a_non_root_user_with_only_its_two_capabilities() {
         KEPT_CAPS
     );
 }
+
+/// A certificate file's certificate.
+fn certificate(path: &std::path::Path) -> proto::cert::Certificate {
+    let text = std::fs::read_to_string(path).unwrap();
+    proto::cert::Certificate::decode(
+        &proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_member_replaying_an_old_certificate_of_a_renewed_identity_changes_nothing() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    let n3 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 3, &[SEED], &[]);
+    for n in [&n2, &n3] {
+        assert!(lab.ping_until(&n.ns, &n1.ip, Duration::from_secs(15)));
+    }
+    // Node 1 renews onto a new key, same address. Its old certificate is still valid, and its
+    // old key is in the wrong hands.
+    let old = certificate(&n1.cert);
+    let renewed = renew(&mut lab, &pki, &n1, "100.64.1.1/32");
+    let new_key = proto::Key(certificate(&renewed.join("node1.crt")).body.public_key).to_base64();
+    let holds = |lab: &Lab, key: &str| {
+        lab.status(&n2.ifname)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["public_key"] == key)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || holds(&lab, &new_key)).is_some(),
+        "node 2 took node 1's renewed key"
+    );
+    // Node 3 turns hostile: its daemon stops, and from its address, sealed with its own key, it
+    // tells node 2 of node 1's old certificate at an endpoint of its choosing.
+    lab.stop(&n3.ifname, libc::SIGKILL);
+    let key3 = proto::Key::from_base64(std::fs::read_to_string(&n3.key).unwrap().trim()).unwrap();
+    let pub2 =
+        proto::Key::from_base64(lab.status(&n2.ifname)["public_key"].as_str().unwrap()).unwrap();
+    let members = proto::control::Message::Members(vec![proto::control::Member {
+        certificate: old.clone(),
+        endpoint: "198.18.1.3:51820".parse().unwrap(),
+    }]);
+    // Counters follow the sender's clock in nanoseconds; ahead of anything node 3 sent.
+    let counter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        + 1_000_000_000;
+    let datagrams = proto::control::seal_message(
+        &x25519_dalek::StaticSecret::from(key3.0),
+        &pub2.0,
+        &x25519_dalek::StaticSecret::from([0x42; 32]),
+        counter,
+        &members.encode(),
+    )
+    .unwrap();
+    let refused_before = lab.status(&n2.ifname)["control"]["refused"]["listed_superseded"]
+        .as_u64()
+        .unwrap_or(0);
+    in_netns(&n3.ns, move || {
+        let s = std::net::UdpSocket::bind("198.18.1.3:51820").unwrap();
+        for d in datagrams {
+            s.send_to(&d, "198.18.1.2:51820").unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // Nothing a user can see changed on node 2: node 1 is its renewed key, the old key is no
+    // peer, node 1 is reached, and the refusal is counted.
+    let st = lab.status(&n2.ifname);
+    let old_key = proto::Key(old.body.public_key).to_base64();
+    assert!(
+        holds(&lab, &new_key) && !holds(&lab, &old_key),
+        "{}",
+        st["peers"]
+    );
+    assert_eq!(
+        st["control"]["refused"]["listed_superseded"]
+            .as_u64()
+            .unwrap_or(0),
+        refused_before + 1,
+        "the old certificate was refused and counted: {}",
+        st["control"]
+    );
+    assert!(lab.ping(&n2.ns, &n1.ip, 2), "node 1 is still reached");
+}

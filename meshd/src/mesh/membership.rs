@@ -322,6 +322,8 @@ pub struct Membership {
     replies: SourceLimiter<()>,
     replies_per_source: SourceLimiter<std::net::IpAddr>,
     pub counters: ControlCounters,
+    /// Certificates in members' lists that were refused, by [`Refusal::kind`].
+    pub listed_refused: BTreeMap<&'static str, u64>,
     digest_cache: std::cell::Cell<Option<[u8; 32]>>,
 }
 
@@ -355,6 +357,7 @@ impl Membership {
                 MAX_LIMITED,
             ),
             counters: ControlCounters::default(),
+            listed_refused: BTreeMap::new(),
             digest_cache: std::cell::Cell::new(None),
             secret,
             public,
@@ -1217,10 +1220,18 @@ impl Membership {
                     if key == self.public || self.members.contains_key(&key) {
                         continue;
                     }
-                    if self.verify(&m.certificate, now_ms).is_err() {
+                    if let Err(e) = self.verify(&m.certificate, now_ms) {
+                        *self
+                            .listed_refused
+                            .entry(Refusal::Certificate(e).kind())
+                            .or_default() += 1;
                         continue;
                     }
-                    if self.admit(m.certificate, m.endpoint, None, None).is_ok() {
+                    let admitted = self.admit(m.certificate, m.endpoint, None, None);
+                    if let Err(e) = &admitted {
+                        *self.listed_refused.entry(e.kind()).or_default() += 1;
+                    }
+                    if admitted.is_ok() {
                         let hello = self.hello(false);
                         self.send(&key, m.endpoint, &hello, now_ms, rng, out);
                         self.unheard.insert(key, (now_ms + greet_wait_ms(1), 1));

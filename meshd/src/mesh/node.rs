@@ -258,10 +258,17 @@ impl Node {
             members: self.members().len(),
             dh_ops: c.dh_ops,
             cookie_replies: c.cookie_replies,
+            // Datagrams refused, and certificates refused in members' lists (`listed_...`).
             refused: self
                 .refused
                 .iter()
                 .map(|(k, n)| (k.to_string(), *n))
+                .chain(
+                    self.membership
+                        .listed_refused
+                        .iter()
+                        .map(|(k, n)| (format!("listed_{k}"), *n)),
+                )
                 .collect(),
         }
     }
