@@ -762,3 +762,166 @@ spec:
     assert!(client.join().unwrap(), "a's connection to b still works");
     drop(server);
 }
+
+/// Node c's part, played by hand after its daemon stopped: for `secs` seconds on c's address,
+/// it opens what arrives with c's key; it passes the offer of serial `after`+ it hears from a on to
+/// b as its own, and answers b's requests with zeros. Returns (offers passed on, requests
+/// answered).
+fn serve_wrong_bytes(
+    ns: &str,
+    me: std::net::SocketAddr,
+    b: std::net::SocketAddr,
+    key_c: [u8; 32],
+    pub_a: [u8; 32],
+    pub_b: [u8; 32],
+    after: u64,
+    secs: u64,
+) -> std::thread::JoinHandle<(u32, u32)> {
+    use proto::control::{decode, seal_message, Datagram, Message};
+    use x25519_dalek::StaticSecret;
+    in_netns(ns, move || {
+        let s = std::net::UdpSocket::bind(me).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let secret = StaticSecret::from(key_c);
+        let mut counter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            + 1_000_000_000;
+        let mut send = |msg: &Message| {
+            let ds = seal_message(
+                &secret,
+                &pub_b,
+                &StaticSecret::from([0x24; 32]),
+                counter,
+                &msg.encode(),
+            )
+            .unwrap();
+            counter += ds.len() as u64;
+            for d in ds {
+                s.send_to(&d, b).unwrap();
+            }
+        };
+        let (mut offered, mut answered, mut offered_length) = (0, 0, 0u32);
+        let start = Instant::now();
+        let mut buf = [0u8; 65536];
+        while start.elapsed() < Duration::from_secs(secs) {
+            let Ok((n, _)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            let Ok(Datagram::Sealed(sealed)) = decode(&buf[..n]) else {
+                continue;
+            };
+            let Ok(opened) = sealed.open(&secret) else {
+                continue;
+            };
+            // One-segment messages: index 0, count 1, then the message.
+            if opened.plaintext.len() < 4 || opened.plaintext[..4] != [0, 0, 0, 1] {
+                continue;
+            }
+            match Message::decode(&opened.plaintext[4..]) {
+                Ok(offer @ Message::PolicyOffer { serial, length, .. })
+                    if opened.sender == pub_a && serial > after =>
+                {
+                    send(&offer);
+                    offered += 1;
+                    offered_length = length;
+                }
+                Ok(Message::PolicyRequest { serial, offset }) if opened.sender == pub_b => {
+                    // The real set's length, every byte zero.
+                    let length = offered_length;
+                    send(&Message::PolicyChunk {
+                        serial,
+                        offset,
+                        length,
+                        data: vec![0; (length - offset.min(length)) as usize],
+                    });
+                    answered += 1;
+                }
+                _ => {}
+            }
+        }
+        (offered, answered)
+    })
+}
+
+#[test]
+fn a_member_serving_wrong_bytes_does_not_keep_a_node_from_the_new_set() {
+    if !can_run() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut pl = policy_lab(
+        &[("a", &["app=a"]), ("b", &["app=b"]), ("c", &["app=c"])],
+        &[],
+    );
+    let first = pl.apply(1, POLICY_ALLOW_ALL);
+    let key = |pl: &PolicyLab, i: usize| {
+        proto::Key::from_base64(
+            pl.lab.status(&pl.node(i).ifname)["public_key"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap()
+        .0
+    };
+    let (pub_a, pub_b) = (key(&pl, 1), key(&pl, 2));
+    // b stops hearing a's control messages for now, so that c's word comes first.
+    let ns_b = pl.node(2).ns.clone();
+    let block = pl.lab.dir.join("block-a.nft");
+    std::fs::write(
+        &block,
+        "table inet blocka {\n  chain in {\n    type filter hook input priority -400; policy accept;\n    ip saddr 198.18.2.1 udp dport 51820 @th,64,32 0x4d534850 counter drop\n  }\n}\n",
+    )
+    .unwrap();
+    pl.lab
+        .exec_ok(&ns_b, &["nft", "-f", block.to_str().unwrap()]);
+    // c turns hostile: it passes on a's offer of the next set as its own and serves zeros.
+    let if_c = pl.node(3).ifname.clone();
+    pl.lab.stop(&if_c, libc::SIGKILL);
+    let key_c = proto::Key::from_base64(
+        std::fs::read_to_string(pl.pki.dir.join("ids").join("c.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap()
+    .0;
+    let hostile = serve_wrong_bytes(
+        &pl.node(3).ns.clone(),
+        "198.18.2.3:51820".parse().unwrap(),
+        "198.18.2.2:51820".parse().unwrap(),
+        key_c,
+        pub_a,
+        pub_b,
+        first,
+        8,
+    );
+    let admin = pl.admin.clone();
+    let o = pl.apply_with(
+        1,
+        &POLICY_ALLOW_ALL.replace("name: open", "name: open-2"),
+        &admin,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let second = pl.serial(1);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(pl.serial(2), first, "b did not take c's zeros");
+    // a is heard again: b takes the set from it within 10 s.
+    pl.lab
+        .exec_ok(&ns_b, &["nft", "delete", "table", "inet", "blocka"]);
+    let heard = Instant::now();
+    while pl.serial(2) != second {
+        assert!(
+            heard.elapsed() < Duration::from_secs(10),
+            "b did not take the set from the honest member within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("b took set {second} {:?} after hearing a", heard.elapsed());
+    let (offered, answered) = hostile.join().unwrap();
+    assert!(
+        offered >= 1 && answered >= 1,
+        "c offered {offered} times and served zeros {answered} times"
+    );
+}
