@@ -767,16 +767,26 @@ spec:
 /// it opens what arrives with c's key; it passes the offer of serial `after`+ it hears from a on to
 /// b as its own, and answers b's requests with zeros. Returns (offers passed on, requests
 /// answered).
+/// The keys the hostile member c plays with: its own private key, a's and b's public keys.
+struct HostileKeys {
+    c: [u8; 32],
+    a: [u8; 32],
+    b: [u8; 32],
+}
+
 fn serve_wrong_bytes(
     ns: &str,
     me: std::net::SocketAddr,
     b: std::net::SocketAddr,
-    key_c: [u8; 32],
-    pub_a: [u8; 32],
-    pub_b: [u8; 32],
+    keys: HostileKeys,
     after: u64,
     secs: u64,
 ) -> std::thread::JoinHandle<(u32, u32)> {
+    let HostileKeys {
+        c: key_c,
+        a: pub_a,
+        b: pub_b,
+    } = keys;
     use proto::control::{decode, seal_message, Datagram, Message};
     use x25519_dalek::StaticSecret;
     in_netns(ns, move || {
@@ -891,9 +901,11 @@ fn a_member_serving_wrong_bytes_does_not_keep_a_node_from_the_new_set() {
         &pl.node(3).ns.clone(),
         "198.18.2.3:51820".parse().unwrap(),
         "198.18.2.2:51820".parse().unwrap(),
-        key_c,
-        pub_a,
-        pub_b,
+        HostileKeys {
+            c: key_c,
+            a: pub_a,
+            b: pub_b,
+        },
         first,
         8,
     );
