@@ -68,6 +68,23 @@ pub fn fragments_dropped(lab: &Lab, ns: &str) -> u64 {
         .sum()
 }
 
+/// [`policy_lab_on`] with `n` identities `{prefix}1` to `{prefix}{n}`, each labelled `app=` its
+/// name.
+pub fn numbered_policy_lab(prefix: &str, n: usize, fragments: Fragments) -> PolicyLab {
+    let names: Vec<String> = (1..=n).map(|i| format!("{prefix}{i}")).collect();
+    let labels: Vec<Vec<String>> = names.iter().map(|n| vec![format!("app={n}")]).collect();
+    let label_refs: Vec<Vec<&str>> = labels
+        .iter()
+        .map(|l| l.iter().map(String::as_str).collect())
+        .collect();
+    let ids: Vec<(&str, &[&str])> = names
+        .iter()
+        .zip(&label_refs)
+        .map(|(n, l)| (n.as_str(), l.as_slice()))
+        .collect();
+    policy_lab_on(&ids, &[], fragments)
+}
+
 /// [`policy_lab`] on an underlay that treats fragments as `fragments` says.
 pub fn policy_lab_on(ids: &[(&str, &[&str])], audit: &[usize], fragments: Fragments) -> PolicyLab {
     let mut lab = Lab::new();

@@ -458,6 +458,17 @@ fn revocation_reaching_one_node_cuts_the_identity_everywhere_within_5s_and_lasts
     assert!(!lab.ping(&nodes[3].ns, &n2.ip, 1));
 }
 
+/// Three nodes of one CA, nodes 2 and 3 seeded with node 1.
+fn three_nodes() -> (Lab, Pki, Node, Node, Node) {
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
+    let n3 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 3, &[SEED], &[]);
+    (lab, pki, n1, n2, n3)
+}
+
 /// Two nodes of one CA, node 2 seeded with node 1, once node 2 has pinged node 1.
 fn seeded_pair() -> (Lab, Pki, Node, Node) {
     let mut lab = Lab::new();
@@ -567,12 +578,7 @@ fn a_restarted_node_rejoins_from_its_state_without_seeds() {
     if !can_run() {
         return;
     }
-    let mut lab = Lab::new();
-    let sw = lab.switch();
-    let pki = Pki::new(&lab, "example.org", "ca");
-    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
-    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
-    let n3 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 3, &[SEED], &[]);
+    let (mut lab, _pki, n1, n2, n3) = three_nodes();
     for n in [&n1, &n2] {
         assert!(lab.ping_until(&n3.ns, &n.ip, Duration::from_secs(10)));
     }
@@ -843,12 +849,7 @@ fn a_member_replaying_an_old_certificate_of_a_renewed_identity_changes_nothing()
     if !can_run() {
         return;
     }
-    let mut lab = Lab::new();
-    let sw = lab.switch();
-    let pki = Pki::new(&lab, "example.org", "ca");
-    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
-    let n2 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 2, &[SEED], &[]);
-    let n3 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 3, &[SEED], &[]);
+    let (mut lab, pki, n1, n2, n3) = three_nodes();
     for n in [&n2, &n3] {
         assert!(lab.ping_until(&n.ns, &n1.ip, Duration::from_secs(15)));
     }
