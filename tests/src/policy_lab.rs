@@ -216,6 +216,17 @@ impl PolicyLab {
         serial
     }
 
+    /// Node `i`'s peer whose certificate names `example.org/microblog/{name}`, as `status` shows
+    /// it.
+    pub fn peer(&self, i: usize, name: &str) -> Option<serde_json::Value> {
+        let identity = format!("example.org/microblog/{name}");
+        self.lab.status(&self.node(i).ifname)["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["identity"] == identity.as_str())
+            .cloned()
+    }
+
     pub fn serial(&self, i: usize) -> u64 {
         self.lab.status(&self.node(i).ifname)["policy"]["serial"]
             .as_u64()

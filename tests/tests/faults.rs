@@ -134,15 +134,7 @@ fn under_a_spoofed_flood_a_set_and_a_revocation_reach_every_node_and_pings_flow(
     let serial = pl.serial(1);
     revoke_through(&pl, "d", 3);
     let reached = |pl: &PolicyLab| {
-        (1..=3).all(|i| pl.serial(i) == serial)
-            && (1..=3).all(|i| {
-                let st = pl.lab.status(&pl.node(i).ifname);
-                !st["peers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p["identity"] == "example.org/microblog/d")
-            })
+        (1..=3).all(|i| pl.serial(i) == serial) && (1..=3).all(|i| pl.peer(i, "d").is_none())
     };
     let deadline = set_applied + Duration::from_secs(10);
     while !reached(&pl) {
@@ -205,28 +197,15 @@ fn with_20_percent_loss_10_nodes_form_a_mesh_and_a_set_and_a_revocation_reach_ev
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let serial = pl.serial(1);
     revoke_through(&pl, "s10", 5);
-    let reached = |pl: &PolicyLab| {
-        (1..=9).all(|i| {
-            let st = pl.lab.status(&pl.node(i).ifname);
-            st["policy"]["serial"].as_u64() == Some(serial)
-                && !st["peers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p["identity"] == "example.org/microblog/s10")
-        })
-    };
+    let reached =
+        |pl: &PolicyLab| (1..=9).all(|i| pl.serial(i) == serial && pl.peer(i, "s10").is_none());
     while !reached(&pl) {
         assert!(
             given.elapsed() < Duration::from_secs(10),
             "the set and the revocation did not reach every node within 10 s at 20% loss: serials {:?}, s10 held by {:?}",
             (1..=9).map(|i| pl.serial(i)).collect::<Vec<_>>(),
             (1..=9)
-                .filter(|i| pl.lab.status(&pl.node(*i).ifname)["peers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p["identity"] == "example.org/microblog/s10"))
+                .filter(|i| pl.peer(*i, "s10").is_some())
                 .collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -235,6 +214,14 @@ fn with_20_percent_loss_10_nodes_form_a_mesh_and_a_set_and_a_revocation_reach_ev
         "at 20% loss: set and revocation everywhere in {:?}",
         given.elapsed()
     );
+}
+
+/// Nodes a, b and c, labelled `app=a`, `app=b` and `app=c`.
+fn abc_lab() -> PolicyLab {
+    policy_lab(
+        &[("a", &["app=a"]), ("b", &["app=b"]), ("c", &["app=c"])],
+        &[],
+    )
 }
 
 /// Drops every control datagram (they start with `MSHP`) arriving in a namespace, and nothing
@@ -276,10 +263,7 @@ fn a_node_killed_while_a_set_spreads_enforces_its_last_good_set_at_once_then_cat
         return;
     }
     let _one = one_at_a_time();
-    let mut pl = policy_lab(
-        &[("a", &["app=a"]), ("b", &["app=b"]), ("c", &["app=c"])],
-        &[],
-    );
+    let mut pl = abc_lab();
     let first = pl.apply(1, EGRESS_ALL_AND_C_FROM_A);
     assert!(pl
         .lab
@@ -378,13 +362,7 @@ fn after_a_30_s_partition_both_halves_converge_on_the_newest_set_and_the_revocat
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let newest = pl.serial(2);
     revoke_through(&pl, "h8", 6);
-    let has_h8 = |pl: &PolicyLab, i: usize| {
-        pl.lab.status(&pl.node(i).ifname)["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["identity"] == "example.org/microblog/h8")
-    };
+    let has_h8 = |pl: &PolicyLab, i: usize| pl.peer(i, "h8").is_some();
     std::thread::sleep(Duration::from_secs(30).saturating_sub(parted.elapsed()));
     // The partition held: each side has only its own news.
     assert!((1..=4).all(|i| pl.serial(i) == newest && has_h8(&pl, i)));
@@ -436,10 +414,7 @@ fn control_datagrams_captured_before_a_restart_are_refused_after_it_from_any_add
         return;
     }
     let _one = one_at_a_time();
-    let mut pl = policy_lab(
-        &[("a", &["app=a"]), ("b", &["app=b"]), ("c", &["app=c"])],
-        &[],
-    );
+    let mut pl = abc_lab();
     pl.apply(1, POLICY_ALLOW_ALL);
     // An observer of the underlay records what node 1 sends node 2 for a while.
     let ns2 = pl.node(2).ns.clone();
@@ -502,14 +477,7 @@ fn control_datagrams_captured_before_a_restart_are_refused_after_it_from_any_add
         "{refused} of {sent} replays shown with a cookie were refused as replays"
     );
     // Nothing moved: node 2 still reaches node 1 where node 1 is.
-    let st = pl.lab.status(&if2);
-    let peer1 = st["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["identity"] == "example.org/microblog/a")
-        .expect("node 1 is still a member")
-        .clone();
+    let peer1 = pl.peer(2, "a").expect("node 1 is still a member");
     assert_eq!(peer1["endpoint"], "198.18.2.1:51820", "{peer1}");
     assert!(pl.lab.ping(&pl.node(2).ns, &pl.node(1).ip, 2));
 }
@@ -602,10 +570,7 @@ fn a_compromised_member_cannot_deliver_icmp_errors_or_fragments_about_other_memb
         return;
     }
     let _one = one_at_a_time();
-    let mut pl = policy_lab(
-        &[("a", &["app=a"]), ("b", &["app=b"]), ("c", &["app=c"])],
-        &[],
-    );
+    let mut pl = abc_lab();
     pl.apply(
         1,
         "apiVersion: projectcalico.org/v3
@@ -688,13 +653,9 @@ spec:
         sh(&full);
     }
     let drops_before = |pl: &PolicyLab, reason: &str| {
-        pl.lab.status(&if_a)["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["identity"] == "example.org/microblog/c")
-            .map(|p| p["drops"][reason].as_u64().unwrap_or(0))
-            .unwrap()
+        pl.peer(1, "c").expect("a still holds c")["drops"][reason]
+            .as_u64()
+            .unwrap_or(0)
     };
     // A handshake first: c's pings reach a, whose ingress refuses them. (a takes wireguard-go's
     // handshake only once its TAI64N timestamp passes the last one meshd's boringtun sent, whose
@@ -846,10 +807,7 @@ fn a_member_serving_wrong_bytes_does_not_keep_a_node_from_the_new_set() {
         return;
     }
     let _one = one_at_a_time();
-    let mut pl = policy_lab(
-        &[("a", &["app=a"]), ("b", &["app=b"]), ("c", &["app=c"])],
-        &[],
-    );
+    let mut pl = abc_lab();
     let first = pl.apply(1, POLICY_ALLOW_ALL);
     let key = |pl: &PolicyLab, i: usize| {
         proto::Key::from_base64(

@@ -106,15 +106,20 @@ fn expiry_cuts_a_member_on_the_next_tick() {
     assert!(sim.nodes[0].host.routes.is_empty(), "and its route with it");
 }
 
+/// Datagrams delivered in the next 30 simulated seconds, per node.
+fn delivered_per_node_in_30_s(sim: &mut Sim) -> f64 {
+    let before = sim.delivered;
+    sim.run(30_000);
+    (sim.delivered - before) as f64 / sim.nodes.len() as f64
+}
+
 #[test]
 fn a_mesh_at_rest_exchanges_only_hellos_and_offers() {
     let mut sim = formed(4, 3);
     sim.run(10_000);
-    let before = sim.delivered;
-    sim.run(30_000);
     // Each node: a Hello per gossip interval (3 s) and an offer per offer interval when it runs a
     // set; none here, so 10 Hellos in 30 s, and nobody answers with Members.
-    let per_node = (sim.delivered - before) as f64 / 4.0;
+    let per_node = delivered_per_node_in_30_s(&mut sim);
     assert!(
         (9.0..=11.0).contains(&per_node),
         "{per_node} datagrams per node"
@@ -692,9 +697,7 @@ fn a_restarted_node_greets_its_saved_members_until_each_has_answered_then_rests(
         sim.nodes[0].node().unheard()
     );
     sim.run(5_000);
-    let before = sim.delivered;
-    sim.run(30_000);
-    let per_node = (sim.delivered - before) as f64 / 6.0;
+    let per_node = delivered_per_node_in_30_s(&mut sim);
     assert!(
         (9.0..=11.0).contains(&per_node),
         "{per_node} datagrams per node at rest afterwards"
