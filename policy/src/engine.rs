@@ -4,12 +4,20 @@
 //! the endpoint, by order (then name); within a policy, rules in order; the first Allow or Deny
 //! decides, Log records and goes on, Pass leaves the policies. If policies select the endpoint and
 //! none allows, the flow is denied; if none selects it, the posture decides (zero trust: deny).
+//!
+//! Trust domains: every identity carries the label `mesh.io/trust-domain` (from its certificate,
+//! never from its labels), also among its namespace's labels. An identity of another trust domain
+//! than the set's own ([`PolicySet::trust_domain`]) is selected only by a policy or rule whose
+//! selectors name that label: policies written for local identities never match a remote one,
+//! however alike its namespace, name and labels, and neither do rules that select no identities
+//! in particular (`source: {}`, `nets` alone).
 
 use crate::model::{
     self, CalicoRule, CalicoSpec, Document, EntityRule, K8sPeer, K8sSpec, LabelSelector, PortValue,
     ProtocolValue,
 };
 use crate::selector::{Selector, Subject};
+use proto::trust::{Federation, TRUST_DOMAIN_LABEL};
 use proto::Cidr;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -46,6 +54,7 @@ pub enum Posture {
 /// An endpoint as policy sees it: from its certificate, and its overlay address if known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    pub trust_domain: String,
     pub namespace: String,
     /// The service account.
     pub name: String,
@@ -55,8 +64,28 @@ pub struct Endpoint {
 
 impl Subject for Endpoint {
     fn label(&self, key: &str) -> Option<&str> {
+        if key == TRUST_DOMAIN_LABEL {
+            return Some(&self.trust_domain);
+        }
         self.labels.get(key).map(String::as_str)
     }
+}
+
+impl Endpoint {
+    /// `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/NAME`.
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.name
+        )
+    }
+}
+
+fn names_trust_domain<'a>(selectors: impl IntoIterator<Item = &'a Option<Selector>>) -> bool {
+    selectors
+        .into_iter()
+        .flatten()
+        .any(|s| s.mentions(TRUST_DOMAIN_LABEL))
 }
 
 /// The headers of a flow that rules look at.
@@ -115,6 +144,14 @@ struct Policy {
     audit: bool,
 }
 
+impl Policy {
+    /// Whether the policy may apply to identities of another trust domain.
+    fn names_trust_domain(&self) -> bool {
+        self.selector.mentions(TRUST_DOMAIN_LABEL)
+            || names_trust_domain([&self.namespace_selector, &self.sa_selector])
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Rule {
     action: Action,
@@ -158,6 +195,16 @@ impl Entity {
             || !self.sa_names.is_empty()
     }
 
+    /// Whether the entity may match identities of another trust domain.
+    fn names_trust_domain(&self) -> bool {
+        names_trust_domain([
+            &self.selector,
+            &self.not_selector,
+            &self.namespace_selector,
+            &self.sa_selector,
+        ])
+    }
+
     /// Nets and ports: what is checked per packet, not per identity.
     fn header_matches(&self, ip: Option<IpAddr>, port: Option<u16>) -> bool {
         let in_any = |nets: &[Cidr]| ip.is_some_and(|ip| nets.iter().any(|c| c.contains(ip)));
@@ -190,7 +237,11 @@ struct Entity {
 pub struct PolicySet {
     policies: Vec<Policy>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    federations: Vec<Federation>,
     pub posture: Posture,
+    /// The trust domain whose identities the policies are written for: the node's own. Set it
+    /// before evaluating ([`PolicySet::in_trust_domain`]); every other is remote.
+    pub trust_domain: String,
 }
 
 struct Ctx<'a> {
@@ -253,6 +304,17 @@ impl PolicySet {
                     calico(&id, None, spec).map(Some)
                 }
                 Document::K8sNetworkPolicy { spec, .. } => k8s(&id, ns(), spec).map(Some),
+                Document::Federation { metadata, spec } => {
+                    match crate::federation::federation(&metadata.name, spec) {
+                        Ok(f) => set.federations.push(f),
+                        Err(e) => errors.push(CompileError {
+                            policy: id.clone(),
+                            field: e.field,
+                            message: e.message,
+                        }),
+                    }
+                    Ok(None)
+                }
             };
             let r = r.map(|p| {
                 p.map(|mut p| {
@@ -278,6 +340,17 @@ impl PolicySet {
         Ok(set)
     }
 
+    /// The set, for identities of `trust_domain` (see [`PolicySet::trust_domain`]).
+    pub fn in_trust_domain(mut self, trust_domain: &str) -> PolicySet {
+        self.trust_domain = trust_domain.to_string();
+        self
+    }
+
+    /// The other clusters' CAs the set trusts, and within what scope.
+    pub fn federations(&self) -> &[Federation] {
+        &self.federations
+    }
+
     pub fn len(&self) -> usize {
         self.policies.len()
     }
@@ -286,22 +359,37 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
-    /// Namespace labels, with Calico's implicit `projectcalico.org/name`.
-    fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
-        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
+    /// The labels of `e`'s namespace: the set's Namespace labels for a local identity (a remote
+    /// cluster's namespace is not ours, whatever its name), with Calico's implicit
+    /// `projectcalico.org/name`, Kubernetes' `kubernetes.io/metadata.name` and the trust domain.
+    fn namespace_labels(&self, e: &Endpoint) -> BTreeMap<String, String> {
+        let ns = &e.namespace;
+        let mut l = if self.is_local(e) {
+            self.namespaces.get(ns).cloned().unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
         l.insert("projectcalico.org/name".into(), ns.to_string());
         l.insert("kubernetes.io/metadata.name".into(), ns.to_string());
+        l.insert(TRUST_DOMAIN_LABEL.into(), e.trust_domain.clone());
         l
     }
 
+    fn is_local(&self, e: &Endpoint) -> bool {
+        e.trust_domain == self.trust_domain
+    }
+
     fn applies(&self, p: &Policy, e: &Endpoint) -> bool {
+        if !self.is_local(e) && !p.names_trust_domain() {
+            return false;
+        }
         if let Some(ns) = &p.namespace {
             if *ns != e.namespace {
                 return false;
             }
         }
         if let Some(nsel) = &p.namespace_selector {
-            if !nsel.matches(&self.namespace_labels(&e.namespace)) {
+            if !nsel.matches(&self.namespace_labels(e)) {
                 return false;
             }
         }
@@ -319,12 +407,16 @@ impl PolicySet {
 
     /// Whether the entity's endpoint part (selectors, namespace, service accounts) matches `e`;
     /// `None` if the entity selects no endpoints in particular (only nets and ports, or nothing).
+    /// A remote identity is matched only by an entity whose selectors name the trust domain.
     fn selects(&self, p: &Policy, ent: &Entity, e: &Endpoint) -> Option<bool> {
+        if !self.is_local(e) && !ent.names_trust_domain() {
+            return Some(false);
+        }
         if !ent.selects_endpoints() {
             return None;
         }
         let in_namespace = match &ent.namespace_selector {
-            Some(nsel) => nsel.matches(&self.namespace_labels(&e.namespace)),
+            Some(nsel) => nsel.matches(&self.namespace_labels(e)),
             None => p.namespace.as_ref().is_none_or(|ns| *ns == e.namespace),
         };
         Some(
@@ -516,13 +608,14 @@ impl PolicySet {
     /// Resolves the set against `identities` (identity `i` is index `i`).
     pub fn resolve(&self, identities: &[Endpoint]) -> Compiled {
         let n = identities.len();
+        let any_remote = identities.iter().any(|e| !self.is_local(e));
         let members = |p: &Policy, ent: &Entity| -> Option<BitSet> {
-            if !ent.selects_endpoints() {
+            if !ent.selects_endpoints() && !any_remote {
                 return None;
             }
             let mut set = BitSet::new(n);
             for (i, e) in identities.iter().enumerate() {
-                if self.selects(p, ent, e) == Some(true) {
+                if self.selects(p, ent, e).unwrap_or(true) {
                     set.set(i);
                 }
             }
@@ -660,8 +753,15 @@ impl Compiled {
                     for (cr, r) in self.rules[pi][d].iter_mut().zip(rules.iter().flatten()) {
                         for (bits, ent) in [(&mut cr.src, &r.source), (&mut cr.dst, &r.destination)]
                         {
+                            let selected = set.selects(p, ent, e);
+                            if bits.is_none() && selected == Some(false) {
+                                // "Any" so far, but not this one: every earlier identity.
+                                let mut all = BitSet::new(i + 1);
+                                (0..i).for_each(|j| all.set(j));
+                                *bits = Some(all);
+                            }
                             if let Some(bits) = bits {
-                                if set.selects(p, ent, e) == Some(true) {
+                                if selected.unwrap_or(true) {
                                     bits.set(i);
                                 }
                             }

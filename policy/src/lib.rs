@@ -3,6 +3,7 @@
 
 pub mod conntrack;
 pub mod engine;
+pub mod federation;
 pub mod fragments;
 pub mod model;
 pub mod selector;

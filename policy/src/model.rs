@@ -1,7 +1,8 @@
 //! The policy documents operators write, as Calico and Kubernetes define them, read from YAML
 //! unchanged: `projectcalico.org/v3` `NetworkPolicy` and `GlobalNetworkPolicy`,
-//! `networking.k8s.io/v1` `NetworkPolicy`, and `v1` `Namespace` (for namespace labels). Unknown
-//! fields are errors, named by their path in the document.
+//! `networking.k8s.io/v1` `NetworkPolicy`, and `v1` `Namespace` (for namespace labels); and the
+//! mesh's own `mesh.io/v1` `Federation` ([`crate::federation`]). Unknown fields are errors, named
+//! by their path in the document.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -242,6 +243,10 @@ pub enum Document {
     Namespace {
         metadata: Metadata,
     },
+    Federation {
+        metadata: Metadata,
+        spec: crate::federation::FederationSpec,
+    },
 }
 
 /// A document that could not be read: which file, which document (1-based), what and where.
@@ -406,9 +411,11 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             ("networking.k8s.io/v1", "NetworkPolicy") => typed::<Raw<K8sSpec>>(de)
                 .map(|r| Document::K8sNetworkPolicy { metadata: r.metadata, spec: r.spec }),
             ("v1", "Namespace") => typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
+            (crate::federation::API_VERSION, crate::federation::KIND) => typed::<Raw<crate::federation::FederationSpec>>(de)
+                .map(|r| Document::Federation { metadata: r.metadata, spec: r.spec }),
             _ => Err(format!(
                 "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy or \
-                 GlobalNetworkPolicy, networking.k8s.io/v1 NetworkPolicy, v1 Namespace"
+                 GlobalNetworkPolicy, networking.k8s.io/v1 NetworkPolicy, v1 Namespace, mesh.io/v1 Federation"
             )),
         };
         match result {
@@ -463,6 +470,7 @@ impl Document {
                 format!("KubernetesNetworkPolicy {}/{}", ns(metadata), metadata.name)
             }
             Document::Namespace { metadata } => format!("Namespace {}", metadata.name),
+            Document::Federation { metadata, .. } => format!("Federation {}", metadata.name),
         }
     }
 
@@ -471,7 +479,8 @@ impl Document {
             Document::CalicoNetworkPolicy { metadata, .. }
             | Document::CalicoGlobalNetworkPolicy { metadata, .. }
             | Document::K8sNetworkPolicy { metadata, .. }
-            | Document::Namespace { metadata } => metadata,
+            | Document::Namespace { metadata }
+            | Document::Federation { metadata, .. } => metadata,
         }
     }
 }

@@ -92,6 +92,23 @@ impl Selector {
         Ok(e)
     }
 
+    /// Whether the selector names label `key` anywhere (in any test, under any `!`).
+    pub fn mentions(&self, key: &str) -> bool {
+        match self {
+            Selector::All | Selector::Global => false,
+            Selector::Eq(k, _)
+            | Selector::Ne(k, _)
+            | Selector::In(k, _)
+            | Selector::NotIn(k, _)
+            | Selector::Has(k)
+            | Selector::Contains(k, _)
+            | Selector::StartsWith(k, _)
+            | Selector::EndsWith(k, _) => k == key,
+            Selector::Not(e) => e.mentions(key),
+            Selector::And(a, b) | Selector::Or(a, b) => a.mentions(key) || b.mentions(key),
+        }
+    }
+
     pub fn matches(&self, s: &impl Subject) -> bool {
         match self {
             Selector::All => true,

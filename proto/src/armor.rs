@@ -44,6 +44,20 @@ pub fn decode(label: &'static str, text: &str) -> Result<Vec<u8>, ArmorError> {
         .map_err(|e| ArmorError::Base64(e.to_string()))
 }
 
+/// The bytes of every `label` block in `text`, in order (none: an empty list).
+pub fn decode_all(label: &'static str, text: &str) -> Result<Vec<Vec<u8>>, ArmorError> {
+    let begin = format!("-----BEGIN {label}-----");
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(&begin) {
+        let block = &rest[at..];
+        out.push(decode(label, block)?);
+        let end = format!("-----END {label}-----");
+        rest = &block[block.find(&end).ok_or(ArmorError::NoEnd(label))? + end.len()..];
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +77,16 @@ mod tests {
         let cut = &text[..text.len() - 10];
         assert_eq!(
             decode(CERTIFICATE, cut),
+            Err(ArmorError::NoEnd(CERTIFICATE))
+        );
+        let two = format!("{text}{}", encode(CERTIFICATE, b"second"));
+        assert_eq!(
+            decode_all(CERTIFICATE, &two).unwrap(),
+            vec![data.clone(), b"second".to_vec()]
+        );
+        assert_eq!(decode_all(CERTIFICATE, "").unwrap(), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            decode_all(CERTIFICATE, cut),
             Err(ArmorError::NoEnd(CERTIFICATE))
         );
     }

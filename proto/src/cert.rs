@@ -5,6 +5,8 @@
 //! A certificate binds a public key to a name. A CA certificate binds the CA's Ed25519 key to its
 //! trust domain and is self-signed; an identity certificate binds a workload's X25519 (WireGuard)
 //! key to `TRUST_DOMAIN/NAMESPACE/NAME`, its labels and its overlay addresses, signed by the CA.
+//! A CA certificate may list address ranges: its scope. Its identities' addresses must then lie
+//! within them, or they are refused (as a Nebula CA limits its certificates' networks).
 //! Decoding accepts exactly one byte string per certificate (sorted, unique labels and addresses,
 //! host bits zero, no trailing bytes), so a signature covers the only encoding of its content.
 
@@ -59,6 +61,7 @@ pub struct CertBody {
     #[serde(serialize_with = "b64")]
     pub issuer: [u8; 32],
     pub labels: BTreeMap<String, String>,
+    /// An identity's overlay addresses; for a CA, the ranges its identities may hold (none: any).
     pub addrs: Vec<Cidr>,
 }
 
@@ -107,6 +110,14 @@ pub enum CertError {
     RevokedKey { serial: u64 },
     #[error("a {kind:?} certificate where a {expected:?} one is needed")]
     WrongKind { kind: CertKind, expected: CertKind },
+    #[error("trust domain {trust_domain} is not trusted here (neither this node's nor federated)")]
+    UntrustedTrustDomain { trust_domain: String },
+    #[error("{field} `{value}` is outside its CA's scope ({scope})")]
+    OutOfScope {
+        field: &'static str,
+        value: String,
+        scope: String,
+    },
 }
 
 fn b64_keys<S: serde::Serializer>(keys: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
@@ -149,8 +160,8 @@ impl CertBody {
                     ));
                 }
                 check_name("name", &self.name, 253)?;
-                if !self.addrs.is_empty() || !self.labels.is_empty() {
-                    return Err(invalid("addrs", "", "a CA has no labels or addresses"));
+                if !self.labels.is_empty() {
+                    return Err(invalid("labels", "", "a CA has no labels"));
                 }
                 if self.public_key != self.issuer {
                     return Err(invalid("issuer", "", "a CA certificate is self-signed"));
@@ -430,6 +441,7 @@ impl Certificate {
             self.verify_signature(&ca.body.public_key)?;
         }
         check_time(&self.body, now)?;
+        check_ranges(&ca.body, &self.body)?;
         if let Some(crl) = revoked {
             if crl.issuer == ca.body.public_key {
                 if crl.serials.binary_search(&self.body.serial).is_ok() {
@@ -454,6 +466,34 @@ enum Signatures {
     All,
     Identity,
     None,
+}
+
+/// An identity's addresses against its CA's ranges, if the CA lists any.
+pub fn check_ranges(ca: &CertBody, id: &CertBody) -> Result<(), CertError> {
+    if ca.addrs.is_empty() {
+        return Ok(());
+    }
+    match id
+        .addrs
+        .iter()
+        .find(|a| !ca.addrs.iter().any(|r| r.covers(a)))
+    {
+        Some(a) => Err(CertError::OutOfScope {
+            field: "address",
+            value: a.to_string(),
+            scope: format!("CA {} grants {}", ca.name, list(&ca.addrs)),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `a, b, c`.
+pub fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn check_time(body: &CertBody, now: u64) -> Result<(), CertError> {
@@ -673,7 +713,7 @@ fn invalid(field: &'static str, value: &str, reason: &'static str) -> CertError 
 }
 
 /// SPIFFE trust domain: 1 to 255 of lowercase letters, digits, `.`, `-`, `_`.
-fn check_trust_domain(s: &str) -> Result<(), CertError> {
+pub fn check_trust_domain(s: &str) -> Result<(), CertError> {
     let ok = !s.is_empty()
         && s.len() <= 255
         && s.bytes()
@@ -687,7 +727,7 @@ fn check_trust_domain(s: &str) -> Result<(), CertError> {
 
 /// A Kubernetes-style DNS name: lowercase alphanumerics, `-` and `.`, starting and ending with an
 /// alphanumeric, at most `max` bytes.
-fn check_name(field: &'static str, s: &str, max: usize) -> Result<(), CertError> {
+pub fn check_name(field: &'static str, s: &str, max: usize) -> Result<(), CertError> {
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     let ok = !s.is_empty()
         && s.len() <= max
@@ -712,9 +752,22 @@ fn check_name(field: &'static str, s: &str, max: usize) -> Result<(), CertError>
     }
 }
 
+/// Labels under this prefix are the mesh's own (`mesh.io/trust-domain`): set from the
+/// certificate's fields when policy looks at an identity, never carried as labels, so no CA can
+/// make an identity look like one of another trust domain.
+pub const RESERVED_LABEL_PREFIX: &str = "mesh.io/";
+
 /// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of 1 to 63
 /// alphanumerics, `-`, `_`, `.`, starting and ending with an alphanumeric.
+
 fn check_label_key(k: &str) -> Result<(), CertError> {
+    if k.starts_with(RESERVED_LABEL_PREFIX) {
+        return Err(invalid(
+            "label key",
+            k,
+            "mesh.io/ labels are set by the mesh, not by certificates",
+        ));
+    }
     let (prefix, name) = match k.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, k),
@@ -839,6 +892,33 @@ mod tests {
             .flat_map(|l| l.split_whitespace())
             .collect();
         hex::decode(clean).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_cannot_carry_the_mesh_labels() {
+        let mut body = identity_body(&ca_key());
+        body.labels
+            .insert("mesh.io/trust-domain".into(), "partner.org".into());
+        let e = body.sign(&ca_key()).unwrap_err();
+        assert!(e.to_string().contains("mesh.io/"), "{e}");
+    }
+
+    #[test]
+    fn a_ca_with_ranges_grants_only_addresses_inside_them() {
+        let key = ca_key();
+        let mut ca = ca_cert(&key, "example.org").body;
+        ca.addrs = vec!["100.64.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
+        let ca = ca.sign(&key).unwrap();
+        let inside = identity_body(&key).sign(&key).unwrap();
+        assert_eq!(inside.verify_identity(&[ca.clone()], T0 + 1, None), Ok(()));
+        let mut body = identity_body(&key);
+        body.addrs = vec!["100.64.1.5/32".parse().unwrap()];
+        let outside = body.sign(&key).unwrap();
+        let e = outside.verify_identity(&[ca], T0 + 1, None).unwrap_err();
+        assert!(
+            matches!(&e, CertError::OutOfScope { field: "address", value, .. } if value == "100.64.1.5/32"),
+            "{e}"
+        );
     }
 
     #[test]

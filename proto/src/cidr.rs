@@ -49,6 +49,18 @@ impl Cidr {
 
     /// The prefix as an interval: its family (4 or 6) and its first and last address as
     /// numbers. Two prefixes overlap exactly when their intervals of one family do.
+    /// Whether every address of `other` is in `self`.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        let (fa, a0, a1) = self.span();
+        let (fb, b0, b1) = other.span();
+        fa == fb && a0 <= b0 && b1 <= a1
+    }
+
+    /// Whether `self` and `other` share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.covers(other) || other.covers(self)
+    }
+
     pub fn span(&self) -> (u8, u128, u128) {
         let (family, first, bits) = match self.addr {
             IpAddr::V4(a) => (4, u128::from(u32::from(a)), 32),

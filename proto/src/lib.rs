@@ -12,6 +12,7 @@ pub mod key;
 pub mod policyset;
 mod reader;
 pub mod segment;
+pub mod trust;
 pub mod uapi;
 
 pub use cidr::Cidr;

@@ -1,8 +1,12 @@
 use super::*;
 use crate::model::parse_documents;
 
+const LOCAL: &str = "example.org";
+const PARTNER: &str = "partner.org";
+
 fn ep(ns: &str, name: &str, labels: &[(&str, &str)]) -> Endpoint {
     Endpoint {
+        trust_domain: LOCAL.into(),
         namespace: ns.into(),
         name: name.into(),
         labels: labels
@@ -30,7 +34,107 @@ fn tcp(port: u16) -> Flow {
 
 fn set(yaml: &str) -> PolicySet {
     let docs = parse_documents(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e:?}"));
-    PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_or_else(|e| panic!("{e:?}"))
+    PolicySet::compile(&docs, Posture::ZeroTrust)
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .in_trust_domain(LOCAL)
+}
+
+/// `e` as an identity of another trust domain.
+fn remote(mut e: Endpoint) -> Endpoint {
+    e.trust_domain = PARTNER.into();
+    e
+}
+
+/// The seed's post-allow-list, unchanged: a federated `microblog/api` with the very labels and
+/// namespace of the local one is still denied; a rule naming the trust domain admits it.
+#[test]
+fn local_policies_never_match_a_remote_identity() {
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/microblog/post-allow-list.yaml"
+    ))
+    .unwrap();
+    let s = set(&format!("{NAMESPACE}---\n{seed}"));
+    let api = ep("microblog", "api", &[("app", "api")]);
+    assert!(admits(&s, 8080, &api, &post()));
+    let v = s.decide(Direction::Ingress, &tcp(8080), &remote(api.clone()), &post());
+    assert_eq!((v.allow, v.by.as_str()), (false, "end-of-policies"));
+    // Nor does a policy that selects no identity in particular, or nets alone.
+    let open = set(&format!(
+        "{NAMESPACE}---{}",
+        "
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: open}
+spec:
+  selector: all()
+  ingress: [{action: Allow}, {action: Allow, source: {nets: [0.0.0.0/0]}}]
+  egress: [{action: Allow}]
+"
+    ));
+    assert!(admits(&open, 8080, &api, &post()));
+    assert!(!admits(&open, 8080, &remote(api.clone()), &post()));
+    // A remote identity is not governed by local policies either.
+    let v = open.decide(Direction::Egress, &tcp(8080), &remote(api.clone()), &post());
+    assert_eq!(v.by, "default-deny");
+    // Naming the label, in any of the three selectors, is how a remote identity is admitted.
+    for source in [
+        "selector: mesh.io/trust-domain == 'partner.org'",
+        "namespaceSelector: mesh.io/trust-domain == 'partner.org' && projectcalico.org/name == 'microblog'",
+        "serviceAccounts: {selector: mesh.io/trust-domain == 'partner.org', names: [api]}",
+    ] {
+        let s = set(&format!(
+            "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: partner-api, namespace: microblog}}
+spec:
+  selector: app == 'post'
+  ingress: [{{action: Allow, protocol: TCP, source: {{{source}}}}}]
+"
+        ));
+        assert!(admits(&s, 8080, &remote(api.clone()), &post()), "{source}");
+        let mut third = remote(api.clone());
+        third.trust_domain = "third.org".into();
+        assert!(!admits(&s, 8080, &third, &post()), "{source}");
+        // The local microblog/api is not of partner.org.
+        assert!(!admits(&s, 8080, &api, &post()), "{source}");
+    }
+}
+
+/// A remote namespace of the same name is not the local one: its labels come from nowhere.
+#[test]
+fn a_remote_namespace_has_none_of_the_local_namespace_labels() {
+    let s = set(&format!(
+        "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: p, namespace: microblog}}
+spec:
+  selector: app == 'post'
+  ingress: [{{action: Allow, source: {{namespaceSelector: app == 'microblog' && has(mesh.io/trust-domain)}}}}]
+"
+    ));
+    let api = ep("microblog", "api", &[]);
+    assert!(admits(&s, 8080, &api, &post()));
+    assert!(!admits(&s, 8080, &remote(api), &post()));
+}
+
+#[test]
+fn the_trust_domain_label_cannot_be_forged_by_labels() {
+    let s = set(&format!(
+        "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: p, namespace: microblog}}
+spec:
+  selector: app == 'post'
+  ingress: [{{action: Allow, source: {{selector: mesh.io/trust-domain == 'example.org'}}}}]
+"
+    ));
+    let forged = remote(ep("microblog", "api", &[("mesh.io/trust-domain", LOCAL)]));
+    assert!(!admits(&s, 8080, &forged, &post()));
+    assert!(admits(&s, 8080, &ep("microblog", "api", &[]), &post()));
 }
 
 const NAMESPACE: &str = "
@@ -358,6 +462,19 @@ mod compiled {
 
     const SETS: &[&str] = &[NAMESPACE, POST_BY_NAMES, POST_BY_LABEL];
 
+    const FEDERATED: &str = "
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: f}
+spec:
+  order: 7
+  selector: app == 'post'
+  ingress:
+    - action: Allow
+      protocol: TCP
+      source: {namespaceSelector: mesh.io/trust-domain == 'partner.org', selector: app == 'api'}
+";
+
     fn all_sets() -> PolicySet {
         let order = "
 apiVersion: projectcalico.org/v3
@@ -379,7 +496,7 @@ spec:
       protocol: TCP
       destination: {ports: ['8000:8100'], notNets: [100.64.9.0/24]}
 ";
-        let yaml = format!("{}---{}---{order}", SETS[0], SETS[1]);
+        let yaml = format!("{}---{}---{order}---{FEDERATED}", SETS[0], SETS[1]);
         set(&yaml)
     }
 
@@ -390,9 +507,13 @@ spec:
             proptest::option::of(prop_oneof![Just("post"), Just("api")]),
             proptest::option::of(prop_oneof![Just("fe"), Just("be")]),
             proptest::option::of(0u8..=10),
+            any::<bool>(),
         )
-            .prop_map(|(ns, name, app, tier, ip)| {
+            .prop_map(|(ns, name, app, tier, ip, local)| {
                 let mut e = ep(ns, name, &[]);
+                if !local {
+                    e = remote(e);
+                }
                 if let Some(a) = app {
                     e.labels.insert("app".into(), a.into());
                 }
