@@ -172,7 +172,8 @@ enum PolicyCommand {
         /// Policy files or directories (Calico v3, Kubernetes NetworkPolicy, Namespace YAML).
         #[arg(short = 'f', long = "file")]
         files: Vec<PathBuf>,
-        /// The source: NAMESPACE/NAME[,KEY=VALUE...] (NAME is the service account).
+        /// The source: [TRUST_DOMAIN/]NAMESPACE/NAME[,KEY=VALUE...] (NAME is the service
+        /// account; without TRUST_DOMAIN, the local one).
         #[arg(long)]
         from: String,
         /// The destination, as --from.
@@ -192,6 +193,11 @@ enum PolicyCommand {
         /// zero-trust for files, the daemon's own for the set in force.
         #[arg(long, value_parser = ["zero-trust", "calico"])]
         posture: Option<String>,
+        /// The local trust domain, whose identities the policies are written for (identities of
+        /// any other are matched only by selectors naming mesh.io/trust-domain); default: the
+        /// daemon's own for the set in force, cluster.local for files.
+        #[arg(long)]
+        trust_domain: Option<String>,
     },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
@@ -306,6 +312,7 @@ fn policy_command(
             proto,
             port,
             posture,
+            trust_domain,
         } => {
             let posture = posture.map(|p| {
                 if p == "calico" {
@@ -315,10 +322,11 @@ fn policy_command(
                 }
             });
             let set = if files.is_empty() {
-                policy_set::running(&daemon()?, posture)?
+                policy_set::running(&daemon()?, posture, trust_domain.as_deref())?
             } else {
                 policy::validate_paths(&files)?;
                 policy::load(&files, posture.unwrap_or_default())?
+                    .in_trust_domain(trust_domain.as_deref().unwrap_or(policy::DEFAULT_TRUST_DOMAIN))
             };
             policy::check(policy::CheckArgs {
                 set,

@@ -8,6 +8,10 @@ use policy::Selector;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The local trust domain `policy check` assumes for files, unless told (Kubernetes' and Istio's
+/// default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 /// `meshctl policy selector EXPR --labels K=V,...`: prints `true` or `false`.
 pub fn selector(expr: &str, labels: &str) -> Result<(), Failure> {
     let sel = Selector::parse(expr).map_err(|e| {
@@ -85,14 +89,21 @@ pub fn located_errors(errors: &[CompileError], origins: &BTreeMap<String, Origin
         .collect()
 }
 
-/// `NS/NAME[,K=V...]` as an endpoint.
-fn endpoint(flag: &str, spec: &str, ip: Option<&str>) -> Result<Endpoint, Failure> {
+/// `[TD/]NS/NAME[,K=V...]` as an endpoint; without `TD/`, of trust domain `local`.
+fn endpoint(flag: &str, spec: &str, ip: Option<&str>, local: &str) -> Result<Endpoint, Failure> {
     let mut parts = spec.split(',');
     let id = parts.next().unwrap_or_default();
-    let (namespace, name) = id
-        .split_once('/')
-        .filter(|(a, b)| !a.is_empty() && !b.is_empty())
-        .ok_or_else(|| Failure::input(anyhow!("{flag}: `{id}` is not NAMESPACE/NAME")))?;
+    let names: Vec<&str> = id.split('/').collect();
+    let (trust_domain, namespace, name) = match names[..] {
+        [ns, name] => (local, ns, name),
+        [td, ns, name] => (td, ns, name),
+        _ => ("", "", ""),
+    };
+    if [trust_domain, namespace, name].iter().any(|s| s.is_empty()) {
+        return Err(Failure::input(anyhow!(
+            "{flag}: `{id}` is not [TRUST_DOMAIN/]NAMESPACE/NAME"
+        )));
+    }
     let mut labels = BTreeMap::new();
     for kv in parts {
         let (k, v) = kv
@@ -107,6 +118,7 @@ fn endpoint(flag: &str, spec: &str, ip: Option<&str>) -> Result<Endpoint, Failur
         })
         .transpose()?;
     Ok(Endpoint {
+        trust_domain: trust_domain.into(),
         namespace: namespace.into(),
         name: name.into(),
         labels,
@@ -127,8 +139,8 @@ pub struct CheckArgs<'a> {
 /// `meshctl policy check`: ALLOW or DENY for one flow, with what decided each direction.
 pub fn check(a: CheckArgs) -> Result<(), Failure> {
     let set = a.set;
-    let src = endpoint("--from", a.from, a.from_ip)?;
-    let dst = endpoint("--to", a.to, a.to_ip)?;
+    let src = endpoint("--from", a.from, a.from_ip, &set.trust_domain)?;
+    let dst = endpoint("--to", a.to, a.to_ip, &set.trust_domain)?;
     let protocol = match a.proto.to_ascii_lowercase().as_str() {
         "tcp" => policy::engine::TCP,
         "udp" => policy::engine::UDP,
@@ -161,9 +173,8 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
     );
     for (what, ep, v) in [("egress of", &src, &egress), ("ingress of", &dst, &ingress)] {
         println!(
-            "  {what} {}/{}: {} by {}{}",
-            ep.namespace,
-            ep.name,
+            "  {what} {}: {} by {}{}",
+            ep.spiffe_id(),
             if v.allow { "allowed" } else { "denied" },
             v.by,
             v.rule

@@ -133,22 +133,33 @@ fn current(socket: &Path) -> Result<(u64, BTreeMap<String, Object>), Failure> {
 pub fn running(
     socket: &Path,
     posture: Option<policy::engine::Posture>,
+    trust_domain: Option<&str>,
 ) -> Result<policy::engine::PolicySet, Failure> {
-    let posture = match posture {
-        Some(p) => p,
-        None => match request(socket, &Request::Status)? {
-            Response::Status(s) if s.policy.as_ref().is_some_and(|p| p.posture == "calico") => {
-                policy::engine::Posture::Calico
-            }
-            Response::Status(_) => policy::engine::Posture::ZeroTrust,
-            other => return Err(anyhow!("unexpected answer {other:?}").into()),
-        },
+    let status = match request(socket, &Request::Status)? {
+        Response::Status(s) => s,
+        other => return Err(anyhow!("unexpected answer {other:?}").into()),
     };
+    let posture = posture.unwrap_or(
+        if status.policy.as_ref().is_some_and(|p| p.posture == "calico") {
+            policy::engine::Posture::Calico
+        } else {
+            policy::engine::Posture::ZeroTrust
+        },
+    );
+    // The daemon's identity is TD/NS/NAME.
+    let own = status
+        .identity
+        .as_deref()
+        .and_then(|i| i.split('/').next())
+        .unwrap_or(crate::policy::DEFAULT_TRUST_DOMAIN)
+        .to_string();
+    let trust_domain = trust_domain.unwrap_or(&own);
     let (serial, objs) = current(socket)?;
     let list: Vec<Object> = objs.into_values().collect();
     let docs = policy::model::parse_documents(&stream(&list), &format!("policy set {serial}"))
         .map_err(|e| anyhow!("the running set does not parse: {}", e[0]))?;
     policy::engine::PolicySet::compile(&docs, posture)
+        .map(|s| s.in_trust_domain(trust_domain))
         .map_err(|e| anyhow!("the running set does not compile: {}", e[0]).into())
 }
 

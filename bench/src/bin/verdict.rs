@@ -19,6 +19,7 @@ fn identities() -> Vec<Endpoint> {
             labels.insert("app".to_string(), format!("svc{i}"));
             labels.insert("tier".to_string(), ["fe", "be", "db"][i % 3].to_string());
             Endpoint {
+                trust_domain: "example.org".into(),
                 namespace: format!("ns{}", i % NAMESPACES),
                 name: format!("svc{i}"),
                 labels,

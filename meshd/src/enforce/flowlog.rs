@@ -272,9 +272,10 @@ fn end(rules: &Rules, id: u32, ip: std::net::IpAddr, port: u16, flow: &FlowKey) 
     FlowEnd {
         ip: ip.to_string(),
         port: has_ports.then_some(port),
-        trust_domain: who.map(|i| i.trust_domain.clone()),
+        trust_domain: who.map(|i| i.endpoint.trust_domain.clone()),
         namespace: who.map(|i| i.endpoint.namespace.clone()),
         name: who.map(|i| i.endpoint.name.clone()),
+        spiffe_id: who.map(|i| i.endpoint.spiffe_id()),
         labels: who.map(|i| i.endpoint.labels.clone()).unwrap_or_default(),
     }
 }

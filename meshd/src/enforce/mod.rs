@@ -40,7 +40,6 @@ pub const UNKNOWN: u32 = u32::MAX;
 /// An identity as policy and the flow log see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub trust_domain: String,
     pub endpoint: Endpoint,
     /// The overlay addresses its certificate names.
     pub addrs: Vec<proto::Cidr>,
@@ -437,8 +436,8 @@ fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> bool {
 /// The identity of a certificate, for policy.
 pub fn identity_of_cert(body: &proto::cert::CertBody) -> Identity {
     Identity {
-        trust_domain: body.trust_domain.clone(),
         endpoint: Endpoint {
+            trust_domain: body.trust_domain.clone(),
             namespace: body.namespace.clone(),
             name: body.name.clone(),
             labels: body.labels.clone(),

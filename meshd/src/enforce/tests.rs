@@ -14,8 +14,8 @@ const OTHER_KEY: [u8; 32] = [3; 32];
 fn identity(name: &str, app: &str, ip: [u8; 4]) -> Identity {
     let addr = std::net::IpAddr::from(ip);
     Identity {
-        trust_domain: "example.org".into(),
         endpoint: Endpoint {
+            trust_domain: "example.org".into(),
             namespace: "microblog".into(),
             name: name.into(),
             labels: [("app".to_string(), app.to_string())].into(),
@@ -40,7 +40,9 @@ spec:
 
 fn rules(yaml: &str, audit_all: bool, serial: u64) -> Rules {
     let docs = policy::model::parse_documents(yaml, "test").unwrap();
-    let set = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust)
+        .unwrap()
+        .in_trust_domain("example.org");
     Rules::build(
         &set,
         identity("post", "post", ME),
@@ -233,7 +235,9 @@ fn ipv6_flows_and_icmpv6_echo_are_decided_and_tracked_alike() {
         "{POLICY}---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: ping6, namespace: microblog}}\nspec:\n  selector: app == 'post'\n  ingress:\n  - action: Allow\n    protocol: ICMPv6\n    icmp: {{type: 128}}\n"
     );
     let docs = policy::model::parse_documents(&yaml, "test").unwrap();
-    let set = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust)
+        .unwrap()
+        .in_trust_domain("example.org");
     let e = Enforcer::new(
         Rules::build(&set, me, [(API_KEY, api)], false, 1),
         1024,
@@ -310,7 +314,9 @@ fn the_flow_log_names_both_identities_and_pages_without_gaps() {
 #[test]
 fn membership_changes_resolve_only_what_changed_and_decide_as_a_rebuild() {
     let docs = policy::model::parse_documents(POLICY, "test").unwrap();
-    let set = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust)
+        .unwrap()
+        .in_trust_domain("example.org");
     let me = identity("post", "post", ME);
     let api = identity("api", "api", API);
     let other = identity("other", "other", OTHER);

@@ -14,7 +14,8 @@
 //!   as a floor (see [`Membership::floors`]).
 
 use super::ratelimit::SourceLimiter;
-use proto::cert::{Certificate, RevocationList};
+use proto::cert::{CertError, Certificate, RevocationList};
+use proto::trust::{Federation, Signature, Trust};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
 use proto::segment::Reassembly;
 use proto::Cidr;
@@ -175,6 +176,8 @@ impl Refusal {
     pub fn kind(&self) -> &'static str {
         match self {
             Refusal::Malformed(_) => "malformed",
+            Refusal::Certificate(CertError::OutOfScope { .. }) => "out_of_scope",
+            Refusal::Certificate(CertError::UntrustedTrustDomain { .. }) => "untrusted_trust_domain",
             Refusal::Certificate(_) => "certificate",
             Refusal::KeyMismatch => "key_mismatch",
             Refusal::UnknownSender => "unknown_sender",
@@ -266,7 +269,9 @@ pub struct Membership {
     secret: StaticSecret,
     public: [u8; 32],
     certificate: Certificate,
-    bundle: Vec<Certificate>,
+    /// The CAs trusted, and for what: this trust domain's from the bundle, and the federations
+    /// of the policy set in force.
+    trust: Trust,
     /// The newest revocation list of each CA, by the CA's key.
     revocations: BTreeMap<[u8; 32], RevocationList>,
     members: BTreeMap<[u8; 32], MemberState>,
@@ -361,8 +366,8 @@ impl Membership {
             digest_cache: std::cell::Cell::new(None),
             secret,
             public,
+            trust: trust_of(&certificate, bundle),
             certificate,
-            bundle: checked_bundle(bundle),
             revocations: BTreeMap::new(),
             members: BTreeMap::new(),
             newest: HashMap::new(),
@@ -486,9 +491,8 @@ impl Membership {
     /// newer than the one held; true if taken.
     pub fn take_revocation(&mut self, crl: RevocationList) -> Result<bool, Refusal> {
         let ca = self
-            .bundle
-            .iter()
-            .find(|ca| ca.body.public_key == crl.issuer)
+            .trust
+            .ca(&crl.issuer)
             .ok_or(Refusal::UntrustedRevocation)?;
         // A list no newer than ours changes nothing, whatever its signature: not worth checking
         // (every member passes a new list on, so most copies a node gets are repeats).
@@ -515,11 +519,12 @@ impl Membership {
             .members
             .get(&cert.body.public_key)
             .is_some_and(|m| m.certificate == *cert);
-        if known {
-            cert.recheck_identity(&self.bundle, now_ms / 1000, crl)
+        let signature = if known {
+            Signature::Known
         } else {
-            cert.verify_identity_checked_bundle(&self.bundle, now_ms / 1000, crl)
-        }
+            Signature::Verify
+        };
+        self.trust.check(cert, now_ms / 1000, crl, signature)
     }
 
     /// Our agreement with `peer`: the member's, kept, or made now.
@@ -656,8 +661,8 @@ impl Membership {
 
     /// The numbers of the revocation lists we hold, one per CA of our bundle (0: none).
     fn crl_versions(&self) -> Vec<CrlVersion> {
-        self.bundle
-            .iter()
+        self.trust
+            .cas()
             .take(control::MAX_HELLO_CAS)
             .map(|ca| CrlVersion {
                 issuer: ca.body.public_key,
@@ -1201,7 +1206,7 @@ impl Membership {
                 // The sender holds a newer list than ours: our Hello in answer shows our number,
                 // and its answer brings the list (whichever side greeted, a list crosses).
                 let behind = revocations.iter().any(|v| {
-                    self.bundle.iter().any(|ca| ca.body.public_key == v.issuer)
+                    self.trust.ca(&v.issuer).is_some()
                         && self.revocations.get(&v.issuer).map_or(0, |l| l.number) < v.number
                 });
                 let quiet_for =
@@ -1284,8 +1289,10 @@ impl Membership {
         self.public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
         self.digest_cache.set(None);
         self.secret = secret;
+        let federations: Vec<Federation> = self.trust.federations().cloned().collect();
+        self.trust = trust_of(&certificate, bundle);
+        self.federate_quietly(federations);
         self.certificate = certificate;
-        self.bundle = checked_bundle(bundle);
         // Every agreement involving our static key changes with it; and no ephemeral key is
         // shared by messages under the old and the new static key (it would link them).
         self.pairs.clear();
@@ -1339,10 +1346,7 @@ impl Membership {
             .iter()
             .filter_map(|(k, m)| {
                 let body = &m.certificate.body;
-                let ca = self
-                    .bundle
-                    .iter()
-                    .find(|ca| ca.body.public_key == body.issuer);
+                let ca = self.trust.ca(&body.issuer);
                 if lapsed(body) {
                     Some((
                         *k,
@@ -1361,6 +1365,36 @@ impl Membership {
         for (k, why) in &bad {
             self.expel(k, why);
         }
+    }
+
+    /// Trusts the federations of the policy set in force, in place of those before, and cuts
+    /// every member they no longer cover (a removed federation, a narrowed scope). Seeds not
+    /// reached yet are tried again at once: they may be of a newly federated trust domain.
+    pub fn federate(&mut self, federations: Vec<Federation>, now_ms: u64) {
+        if self.trust.federations().eq(federations.iter()) {
+            return;
+        }
+        self.federate_quietly(federations);
+        for s in &mut self.seeds {
+            s.last_probe_ms = None;
+        }
+        for (k, why) in self.expel_invalid(now_ms) {
+            tracing::info!(member = %proto::Key(k), %why, "member cut: no longer trusted");
+        }
+    }
+
+    fn federate_quietly(&mut self, federations: Vec<Federation>) {
+        for (what, why) in self.trust.federate(federations) {
+            tracing::warn!(%what, %why, "left out of a federation");
+        }
+    }
+
+    /// Whether member `key` is of this node's own trust domain (policy sets pass only between
+    /// such members: another cluster's are signed by its own admins).
+    pub fn same_domain(&self, key: &[u8; 32]) -> bool {
+        self.members
+            .get(key)
+            .is_some_and(|m| self.trust.is_local(&m.certificate.body.trust_domain))
     }
 
     /// Cuts members whose certificates stopped verifying; returns them with the reason.
@@ -1459,20 +1493,15 @@ impl Membership {
     }
 }
 
-/// The CA certificates of `bundle` whose self-signatures verify (checked once here, not with
-/// every certificate); the others are logged and left out.
-fn checked_bundle(bundle: Vec<Certificate>) -> Vec<Certificate> {
-    bundle
-        .into_iter()
-        .filter(|ca| {
-            let ok = ca.body.kind == proto::cert::CertKind::Ca
-                && ca.verify_signature(&ca.body.public_key).is_ok();
-            if !ok {
-                tracing::warn!(ca = %ca.body.identity(), "a trust bundle entry that is not a self-signed CA is left out");
-            }
-            ok
-        })
-        .collect()
+/// Trust in the CAs of `bundle` of our own trust domain (the one of `certificate`), whose
+/// self-signatures are checked once here, not with every certificate; the others are logged and
+/// left out.
+fn trust_of(certificate: &Certificate, bundle: Vec<Certificate>) -> Trust {
+    let (trust, left_out) = Trust::new(&certificate.body.trust_domain, bundle);
+    for (ca, why) in left_out {
+        tracing::warn!(%ca, %why, "a trust bundle entry is left out");
+    }
+    trust
 }
 
 /// The addresses of `addrs` that no other of them contains: a certificate may name nested

@@ -161,6 +161,7 @@ impl Node {
         now_ms: u64,
         rng: &mut impl RngCore,
     ) -> (Node, Vec<Action>) {
+        let trust_domain = cfg.certificate.body.trust_domain.clone();
         let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms, rng);
         membership.set_answer_probes(cfg.answer_probes);
         for crl in cfg.revocations.into_iter().chain(saved.revocations) {
@@ -169,7 +170,7 @@ impl Node {
             }
         }
         membership.restore_floors(&saved.floors, now_ms);
-        let mut book = PolicyBook::new(cfg.admins, cfg.posture, cfg.audit);
+        let mut book = PolicyBook::new(&trust_domain, cfg.admins, cfg.posture, cfg.audit);
         let mut sync = PolicySync::default();
         if let Some(encoded) = &saved.policy {
             match book.restore(encoded) {
@@ -182,6 +183,8 @@ impl Node {
                 sync.set_current(set.serial, encoded.clone(), set.digest());
             }
         }
+        // Before the saved members, so that federated ones are trusted again.
+        membership.federate(book.federations(), now_ms);
         tracing::info!(members = saved.members.len(), "restoring saved members");
         for m in saved.members {
             membership.restore(m.certificate, m.endpoint, now_ms);
@@ -348,6 +351,9 @@ impl Node {
         while let Some(o) = queue.pop_front() {
             match o {
                 Out::Send { to, datagram } => out.push(Action::Send { to, datagram }),
+                Out::Policy { from, .. } if !self.membership.same_domain(&from) => {
+                    tracing::debug!(from = %proto::Key(from), "policy message from another trust domain ignored");
+                }
                 Out::Policy { from, msg } => {
                     let acts = self.sync.on_message(from, msg, now_ms);
                     let mut more = Vec::new();
@@ -378,6 +384,9 @@ impl Node {
         if let Some(offer) = self.sync.offer() {
             let mut outs = Vec::new();
             for key in new_peers {
+                if !self.membership.same_domain(&key) {
+                    continue;
+                }
                 self.membership
                     .send_to(&key, &offer, now_ms, rng, &mut outs);
             }
@@ -563,10 +572,16 @@ impl Node {
         tracing::info!("{msg}");
         self.policy_changed = true;
         actions.push(Action::Store(Stored::Policy(encoded)));
-        // Every member hears of it, the one it came from too: `policy status` there shows what
-        // this node runs from what this node said.
+        self.membership.federate(self.book.federations(), now_ms);
+        // Every member of our trust domain hears of it, the one it came from too: `policy
+        // status` there shows what this node runs from what this node said.
         if let Some(offer) = self.sync.offer() {
-            let keys: Vec<[u8; 32]> = self.members().keys().copied().collect();
+            let keys: Vec<[u8; 32]> = self
+                .members()
+                .keys()
+                .filter(|k| self.membership.same_domain(k))
+                .copied()
+                .collect();
             for k in &keys {
                 self.membership.send_to(k, &offer, now_ms, rng, outs);
             }
@@ -619,7 +634,10 @@ impl Node {
             .keys()
             .nth(self.offer_turn)
             .expect("index in range");
-        self.membership.send_to(&key, &offer, now_ms, rng, outs);
+        // Another trust domain's member misses its turn: its admins sign its sets.
+        if self.membership.same_domain(&key) {
+            self.membership.send_to(&key, &offer, now_ms, rng, outs);
+        }
     }
 }
 

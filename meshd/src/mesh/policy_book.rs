@@ -11,6 +11,8 @@ use proto::policyset::SignedPolicySet;
 use std::collections::BTreeMap;
 
 pub struct PolicyBook {
+    /// This node's trust domain: the one the policies are written for.
+    trust_domain: String,
     admins: Vec<[u8; 32]>,
     posture: Posture,
     audit: bool,
@@ -22,13 +24,21 @@ pub struct PolicyBook {
 }
 
 impl PolicyBook {
-    pub fn new(admins: Vec<[u8; 32]>, posture: Posture, audit: bool) -> PolicyBook {
+    pub fn new(
+        trust_domain: &str,
+        admins: Vec<[u8; 32]>,
+        posture: Posture,
+        audit: bool,
+    ) -> PolicyBook {
         PolicyBook {
+            trust_domain: trust_domain.to_string(),
             admins,
             posture,
             audit,
             current: None,
-            set: PolicySet::compile(&[], posture).unwrap_or_default(),
+            set: PolicySet::compile(&[], posture)
+                .unwrap_or_default()
+                .in_trust_domain(trust_domain),
             floor: 0,
         }
     }
@@ -43,6 +53,11 @@ impl PolicyBook {
         } else {
             self.accept(encoded)
         }
+    }
+
+    /// The federations of the set in force.
+    pub fn federations(&self) -> Vec<proto::trust::Federation> {
+        self.set.federations().to_vec()
     }
 
     /// Policies in the set in force.
@@ -97,12 +112,14 @@ impl PolicyBook {
                 .collect::<Vec<_>>()
                 .join("\n")
         })?;
-        let set = PolicySet::compile(&docs, self.posture).map_err(|errs| {
-            errs.iter()
-                .map(|e| format!("{source}: {e}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })?;
+        let set = PolicySet::compile(&docs, self.posture)
+            .map_err(|errs| {
+                errs.iter()
+                    .map(|e| format!("{source}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })?
+            .in_trust_domain(&self.trust_domain);
         let msg = format!(
             "policy set {} in force: {} policies",
             signed.serial,
@@ -160,7 +177,7 @@ mod tests {
     }
 
     fn book(admins: Vec<[u8; 32]>) -> PolicyBook {
-        PolicyBook::new(admins, Posture::ZeroTrust, false)
+        PolicyBook::new("example.org", admins, Posture::ZeroTrust, false)
     }
 
     #[test]
