@@ -325,8 +325,11 @@ fn policy_command(
                 policy_set::running(&daemon()?, posture, trust_domain.as_deref())?
             } else {
                 policy::validate_paths(&files)?;
-                policy::load(&files, posture.unwrap_or_default())?
-                    .in_trust_domain(trust_domain.as_deref().unwrap_or(policy::DEFAULT_TRUST_DOMAIN))
+                policy::load(&files, posture.unwrap_or_default())?.in_trust_domain(
+                    trust_domain
+                        .as_deref()
+                        .unwrap_or(policy::DEFAULT_TRUST_DOMAIN),
+                )
             };
             policy::check(policy::CheckArgs {
                 set,

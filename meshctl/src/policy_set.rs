@@ -140,7 +140,11 @@ pub fn running(
         other => return Err(anyhow!("unexpected answer {other:?}").into()),
     };
     let posture = posture.unwrap_or(
-        if status.policy.as_ref().is_some_and(|p| p.posture == "calico") {
+        if status
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.posture == "calico")
+        {
             policy::engine::Posture::Calico
         } else {
             policy::engine::Posture::ZeroTrust

@@ -16,7 +16,7 @@
 //!   routes: []                   # the ranges its gateways may serve (default: none)
 //! ```
 
-use proto::cert::{Certificate, CertKind};
+use proto::cert::{CertKind, Certificate};
 use proto::trust::Federation;
 use proto::Cidr;
 use serde::Deserialize;
@@ -84,7 +84,10 @@ pub fn federation(name: &str, spec: &FederationSpec) -> Result<Federation, Feder
         ));
     }
     if blocks.len() > MAX_CAS {
-        return Err(err("spec.bundle", format!("more than {MAX_CAS} CA certificates")));
+        return Err(err(
+            "spec.bundle",
+            format!("more than {MAX_CAS} CA certificates"),
+        ));
     }
     let mut cas = Vec::new();
     for (i, b) in blocks.iter().enumerate() {
@@ -96,10 +99,7 @@ pub fn federation(name: &str, spec: &FederationSpec) -> Result<Federation, Feder
         if ca.body.trust_domain != name {
             return Err(err(
                 &at,
-                format!(
-                    "a CA of trust domain {}, not {name}",
-                    ca.body.trust_domain
-                ),
+                format!("a CA of trust domain {}, not {name}", ca.body.trust_domain),
             ));
         }
         ca.verify_signature(&ca.body.public_key)
@@ -164,8 +164,11 @@ mod tests {
 
     #[test]
     fn a_rotation_bundle_gives_two_cas() {
-        let f = federation("partner.org", &spec(ca("partner.org", 1) + &ca("partner.org", 2)))
-            .unwrap();
+        let f = federation(
+            "partner.org",
+            &spec(ca("partner.org", 1) + &ca("partner.org", 2)),
+        )
+        .unwrap();
         assert_eq!(f.cas.len(), 2);
         assert_eq!(f.addresses[0].to_string(), "100.65.0.0/16");
     }
@@ -174,19 +177,32 @@ mod tests {
     fn every_mistake_names_its_field() {
         let cases: Vec<(FederationSpec, &str, &str)> = vec![
             (spec(String::new()), "spec.bundle", "BEGIN"),
-            (spec(ca("example.org", 1)), "spec.bundle certificate 1", "example.org"),
             (
-                FederationSpec { addresses: vec![], ..spec(ca("partner.org", 1)) },
+                spec(ca("example.org", 1)),
+                "spec.bundle certificate 1",
+                "example.org",
+            ),
+            (
+                FederationSpec {
+                    addresses: vec![],
+                    ..spec(ca("partner.org", 1))
+                },
                 "spec.addresses",
                 "ranges",
             ),
             (
-                FederationSpec { addresses: vec!["100.65.0.1/16".into()], ..spec(ca("partner.org", 1)) },
+                FederationSpec {
+                    addresses: vec!["100.65.0.1/16".into()],
+                    ..spec(ca("partner.org", 1))
+                },
                 "spec.addresses[0]",
                 "host bits",
             ),
             (
-                FederationSpec { namespaces: vec!["Bad_NS".into()], ..spec(ca("partner.org", 1)) },
+                FederationSpec {
+                    namespaces: vec!["Bad_NS".into()],
+                    ..spec(ca("partner.org", 1))
+                },
                 "spec.namespaces[0]",
                 "a-z",
             ),
@@ -208,7 +224,17 @@ mod tests {
         let flipped: String = line
             .chars()
             .enumerate()
-            .map(|(i, c)| if i == 20 { if c == 'A' { 'B' } else { 'A' } } else { c })
+            .map(|(i, c)| {
+                if i == 20 {
+                    if c == 'A' {
+                        'B'
+                    } else {
+                        'A'
+                    }
+                } else {
+                    c
+                }
+            })
             .collect();
         text = text.replacen(&line, &flipped, 1);
         let e = federation("partner.org", &spec(text)).unwrap_err();

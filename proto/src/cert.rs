@@ -907,7 +907,10 @@ mod tests {
     fn a_ca_with_ranges_grants_only_addresses_inside_them() {
         let key = ca_key();
         let mut ca = ca_cert(&key, "example.org").body;
-        ca.addrs = vec!["100.64.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
+        ca.addrs = vec![
+            "100.64.0.0/24".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+        ];
         let ca = ca.sign(&key).unwrap();
         let inside = identity_body(&key).sign(&key).unwrap();
         assert_eq!(inside.verify_identity(&[ca.clone()], T0 + 1, None), Ok(()));

@@ -186,14 +186,26 @@ fn check_ca(ca: &Certificate) -> Result<(), String> {
 }
 
 /// A federated identity against its federation's scope and the local CAs' ranges.
-pub fn check_scope(f: &Federation, local_ranges: &[Cidr], cert: &Certificate) -> Result<(), CertError> {
+pub fn check_scope(
+    f: &Federation,
+    local_ranges: &[Cidr],
+    cert: &Certificate,
+) -> Result<(), CertError> {
     let body = &cert.body;
-    let out = |field, value: String, scope: String| CertError::OutOfScope { field, value, scope };
+    let out = |field, value: String, scope: String| CertError::OutOfScope {
+        field,
+        value,
+        scope,
+    };
     if !f.namespaces.is_empty() && !f.namespaces.contains(&body.namespace) {
         return Err(out(
             "namespace",
             body.namespace.clone(),
-            format!("federation {} allows namespaces {}", f.trust_domain, list(&f.namespaces)),
+            format!(
+                "federation {} allows namespaces {}",
+                f.trust_domain,
+                list(&f.namespaces)
+            ),
         ));
     }
     for a in &body.addrs {
@@ -201,7 +213,11 @@ pub fn check_scope(f: &Federation, local_ranges: &[Cidr], cert: &Certificate) ->
             return Err(out(
                 "address",
                 a.to_string(),
-                format!("federation {} allows {}", f.trust_domain, list(&f.addresses)),
+                format!(
+                    "federation {} allows {}",
+                    f.trust_domain,
+                    list(&f.addresses)
+                ),
             ));
         }
         if let Some(r) = local_ranges.iter().find(|r| r.overlaps(a)) {
@@ -328,11 +344,20 @@ mod tests {
     fn out_of_scope_namespace_and_address_are_refused() {
         let (trust, _, b) = two_clusters();
         let ns = id(&b, "partner.org", "kube-system", &["100.65.0.9/32"]);
-        assert_eq!(refused_field(trust.check(&ns, NOW, None, Signature::Verify)), "namespace");
+        assert_eq!(
+            refused_field(trust.check(&ns, NOW, None, Signature::Verify)),
+            "namespace"
+        );
         let addr = id(&b, "partner.org", "microblog", &["100.64.0.2/32"]);
-        assert_eq!(refused_field(trust.check(&addr, NOW, None, Signature::Verify)), "address");
+        assert_eq!(
+            refused_field(trust.check(&addr, NOW, None, Signature::Verify)),
+            "address"
+        );
         let wide = id(&b, "partner.org", "microblog", &["100.65.0.0/15"]);
-        assert_eq!(refused_field(trust.check(&wide, NOW, None, Signature::Verify)), "address");
+        assert_eq!(
+            refused_field(trust.check(&wide, NOW, None, Signature::Verify)),
+            "address"
+        );
     }
 
     #[test]
@@ -344,13 +369,19 @@ mod tests {
         f.addresses = vec!["100.64.0.0/10".parse().unwrap()];
         trust.federate(vec![f]);
         let cert = id(&b_key, "partner.org", "microblog", &["100.64.0.2/32"]);
-        assert_eq!(refused_field(trust.check(&cert, NOW, None, Signature::Verify)), "address");
+        assert_eq!(
+            refused_field(trust.check(&cert, NOW, None, Signature::Verify)),
+            "address"
+        );
         // Outside the local ranges, the federation's scope decides.
         let cert = id(&b_key, "partner.org", "microblog", &["100.66.0.2/32"]);
         assert_eq!(trust.check(&cert, NOW, None, Signature::Verify), Ok(()));
         // The local CA's own ranges hold for local identities too.
         let local = id(&a_key, "example.org", "demo", &["100.66.0.2/32"]);
-        assert_eq!(refused_field(trust.check(&local, NOW, None, Signature::Verify)), "address");
+        assert_eq!(
+            refused_field(trust.check(&local, NOW, None, Signature::Verify)),
+            "address"
+        );
     }
 
     #[test]
@@ -375,7 +406,10 @@ mod tests {
             own
         }]);
         assert_eq!(left.len(), 2, "{left:?}");
-        assert_eq!(trust.federation("partner.org").map(|f| f.cas.len()), Some(0));
+        assert_eq!(
+            trust.federation("partner.org").map(|f| f.cas.len()),
+            Some(0)
+        );
         assert!(trust.federation("example.org").is_none());
     }
 

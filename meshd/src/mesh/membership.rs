@@ -15,9 +15,9 @@
 
 use super::ratelimit::SourceLimiter;
 use proto::cert::{CertError, Certificate, RevocationList};
-use proto::trust::{Federation, Signature, Trust};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
 use proto::segment::Reassembly;
+use proto::trust::{Federation, Signature, Trust};
 use proto::Cidr;
 use rand_core::RngCore;
 use std::collections::VecDeque;
@@ -177,7 +177,9 @@ impl Refusal {
         match self {
             Refusal::Malformed(_) => "malformed",
             Refusal::Certificate(CertError::OutOfScope { .. }) => "out_of_scope",
-            Refusal::Certificate(CertError::UntrustedTrustDomain { .. }) => "untrusted_trust_domain",
+            Refusal::Certificate(CertError::UntrustedTrustDomain { .. }) => {
+                "untrusted_trust_domain"
+            }
             Refusal::Certificate(_) => "certificate",
             Refusal::KeyMismatch => "key_mismatch",
             Refusal::UnknownSender => "unknown_sender",

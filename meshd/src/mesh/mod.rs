@@ -3,6 +3,8 @@
 //! addresses derived from them); `run.rs` is the thin async shell that carries its actions out on
 //! the device, the kernel and the state directory (`state.rs`).
 
+#[cfg(test)]
+mod federation_tests;
 pub mod membership;
 pub mod node;
 pub mod policy_book;

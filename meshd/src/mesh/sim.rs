@@ -156,6 +156,10 @@ pub struct SimNode {
     /// The public key of `secret` (an X25519 base multiplication, computed once).
     key: [u8; 32],
     pub certificate: Certificate,
+    /// The node's trust bundle and policy admins (the simulation's CA and admin unless a test
+    /// makes the node one of another cluster).
+    pub bundle: Vec<Certificate>,
+    pub admins: Vec<[u8; 32]>,
     pub seeds: Vec<Seed>,
     pub host: Host,
     pub refusals: u64,
@@ -227,6 +231,7 @@ impl Sim {
     /// until [`Sim::start`].
     pub fn new(n: usize, seed: u64) -> Sim {
         let ca = Ca::new(9, "example.org");
+        let admin = SigningKey::from_bytes(&[77; 32]);
         let nodes = (0..n)
             .map(|i| {
                 let secret = StaticSecret::from(key_seed(i));
@@ -245,6 +250,8 @@ impl Sim {
                     key: *x25519_dalek::PublicKey::from(&secret).as_bytes(),
                     secret,
                     certificate,
+                    bundle: vec![ca.cert.clone()],
+                    admins: vec![admin.verifying_key().to_bytes()],
                     seeds,
                     host: Host::default(),
                     refusals: 0,
@@ -257,7 +264,7 @@ impl Sim {
             now_ms: T0_MS,
             rng: SimRng::new(seed),
             ca,
-            admin: SigningKey::from_bytes(&[77; 32]),
+            admin,
             loss_pct: 0,
             dup_pct: 0,
             jitter_ms: 0,
@@ -279,9 +286,9 @@ impl Sim {
         NodeConfig {
             secret: n.secret.clone(),
             certificate: n.certificate.clone(),
-            bundle: vec![self.ca.cert.clone()],
+            bundle: n.bundle.clone(),
             revocations: vec![],
-            admins: vec![self.admin.verifying_key().to_bytes()],
+            admins: n.admins.clone(),
             posture: Posture::ZeroTrust,
             audit: false,
             answer_probes: true,

@@ -57,7 +57,12 @@ fn local_policies_never_match_a_remote_identity() {
     let s = set(&format!("{NAMESPACE}---\n{seed}"));
     let api = ep("microblog", "api", &[("app", "api")]);
     assert!(admits(&s, 8080, &api, &post()));
-    let v = s.decide(Direction::Ingress, &tcp(8080), &remote(api.clone()), &post());
+    let v = s.decide(
+        Direction::Ingress,
+        &tcp(8080),
+        &remote(api.clone()),
+        &post(),
+    );
     assert_eq!((v.allow, v.by.as_str()), (false, "end-of-policies"));
     // Nor does a policy that selects no identity in particular, or nets alone.
     let open = set(&format!(

@@ -1,0 +1,235 @@
+//! Two clusters over the simulated underlay: cluster A (example.org) and cluster B (partner.org),
+//! each with its own CA and policy admin. They trust each other only once each side's policy set
+//! federates the other, only within the scope it names, and no longer once it stops.
+
+use super::node::Event;
+use super::sim::{Ca, Sim};
+use ed25519_dalek::SigningKey;
+use proto::cert::Certificate;
+use proto::control::Seed;
+use proto::policyset::SignedPolicySet;
+use x25519_dalek::StaticSecret;
+
+const A: [usize; 2] = [0, 1];
+const B: [usize; 2] = [2, 3];
+/// A node of cluster B whose address lies outside the scope A grants B.
+const B_OUT_OF_SCOPE: usize = 4;
+
+const ALLOW_ALL: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  selector: all()\n  ingress: [{action: Allow}]\n";
+
+struct Clusters {
+    sim: Sim,
+    ca_b: Ca,
+    admin_b: SigningKey,
+}
+
+/// A `Federation` document trusting `cas` for `td` within `addresses`, namespace `prod`.
+fn federation(td: &str, cas: &[&Certificate], addresses: &str) -> String {
+    let bundle: String = cas
+        .iter()
+        .flat_map(|c| {
+            proto::armor::encode(proto::armor::CERTIFICATE, &c.encode())
+                .lines()
+                .map(|l| format!("    {l}\n"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    format!(
+        "apiVersion: mesh.io/v1\nkind: Federation\nmetadata: {{name: {td}}}\nspec:\n  \
+         addresses: [{addresses}]\n  namespaces: [prod]\n  bundle: |\n{bundle}"
+    )
+}
+
+/// Nodes 0-1 of cluster A, 2-4 of cluster B (B's seed is node 2, whose seed is A's node 0);
+/// each cluster formed, and neither trusting the other yet.
+fn clusters(seed: u64) -> Clusters {
+    let mut sim = Sim::new(5, seed);
+    let ca_b = Ca::new(10, "partner.org");
+    let admin_b = SigningKey::from_bytes(&[78; 32]);
+    for i in [B[0], B[1], B_OUT_OF_SCOPE] {
+        let addr = if i == B_OUT_OF_SCOPE {
+            "100.66.0.1/32"
+        } else {
+            &format!("100.65.0.{i}/32")
+        };
+        let n = &mut sim.nodes[i];
+        n.certificate = ca_b.issue(
+            n.secret(),
+            &format!("b{i}"),
+            addr.parse().unwrap(),
+            1,
+            0,
+            u64::MAX / 4,
+        );
+        n.bundle = vec![ca_b.cert.clone()];
+        n.admins = vec![admin_b.verifying_key().to_bytes()];
+        if i != B[0] {
+            n.seeds = vec![Seed {
+                addr: super::sim::underlay(B[0]),
+                key: None,
+            }];
+        }
+    }
+    sim.start_all();
+    sim.run(5_000);
+    let mut c = Clusters { sim, ca_b, admin_b };
+    assert!(c.peered(&A, &A) && c.peered(&B, &B), "each cluster formed");
+    assert!(
+        c.none_peered(&A, &B) && c.none_peered(&B, &A),
+        "no trust across before federation"
+    );
+    c
+}
+
+/// Whether every node of `xs` has every other node of `ys` installed.
+fn peered(sim: &Sim, xs: &[usize], ys: &[usize]) -> bool {
+    xs.iter().all(|&x| {
+        ys.iter()
+            .filter(|&&y| y != x)
+            .all(|&y| sim.nodes[x].host.peers.contains_key(&sim.nodes[y].public()))
+    })
+}
+
+/// Whether no node of `xs` has a node of `ys` installed or as a member.
+fn none_peered(sim: &Sim, xs: &[usize], ys: &[usize]) -> bool {
+    xs.iter().all(|&x| {
+        ys.iter().all(|&y| {
+            let k = sim.nodes[y].public();
+            !sim.nodes[x].host.peers.contains_key(&k)
+                && !sim.nodes[x].node().members().contains_key(&k)
+        })
+    })
+}
+
+impl Clusters {
+    fn peered(&self, xs: &[usize], ys: &[usize]) -> bool {
+        peered(&self.sim, xs, ys)
+    }
+
+    fn none_peered(&self, xs: &[usize], ys: &[usize]) -> bool {
+        none_peered(&self.sim, xs, ys)
+    }
+
+    fn apply_a(&mut self, serial: u64, docs: &str) {
+        let set = self.sim.policy_set(serial, docs);
+        self.sim.handle(A[0], Event::ApplyPolicy(set)).unwrap();
+    }
+
+    fn apply_b(&mut self, serial: u64, docs: &str) {
+        let set = SignedPolicySet::sign(serial, 0, docs.into(), &self.admin_b)
+            .unwrap()
+            .encode();
+        self.sim.handle(B[0], Event::ApplyPolicy(set)).unwrap();
+    }
+
+    fn refused(&self, i: usize, kind: &str) -> u64 {
+        let s = self.sim.nodes[i].node().control_status();
+        s.refused.get(kind).copied().unwrap_or(0)
+            + s.refused
+                .get(&format!("listed_{kind}"))
+                .copied()
+                .unwrap_or(0)
+    }
+
+    fn federate_both(&mut self) {
+        let fed_b = federation("partner.org", &[&self.ca_b.cert], "100.65.0.0/16");
+        self.apply_a(1, &format!("{ALLOW_ALL}---\n{fed_b}"));
+        let fed_a = federation("example.org", &[&self.sim.ca.cert], "100.64.0.0/16");
+        self.apply_b(1, &format!("{ALLOW_ALL}---\n{fed_a}"));
+    }
+}
+
+#[test]
+fn federated_clusters_peer_within_scope_keep_their_own_sets_and_are_cut_when_unfederated() {
+    let mut c = clusters(21);
+    assert!(
+        c.refused(B[0], "untrusted_trust_domain") > 0,
+        "A's seed's answer was refused at B, and counted: {:?}",
+        c.sim.nodes[B[0]].node().control_status().refused
+    );
+    c.federate_both();
+    let everyone = [A[0], A[1], B[0], B[1]];
+    let t = c.sim.run_until(10_000, |s| peered(s, &everyone, &everyone));
+    assert!(
+        t.is_some(),
+        "A and B peer with each other within 10 s of federating"
+    );
+    // The node outside the scope A grants B stays out of A, counted; B keeps it.
+    assert!(c.none_peered(&A, &[B_OUT_OF_SCOPE]));
+    assert!(c.peered(&B, &[B_OUT_OF_SCOPE]));
+    assert!(
+        c.refused(A[0], "out_of_scope") > 0,
+        "the out-of-scope certificate was refused and counted"
+    );
+    // Each cluster runs its own set: A's admin signs A's, B's signs B's; neither takes the other's.
+    let digest = |i: usize| {
+        c.sim.nodes[i]
+            .node()
+            .policy()
+            .current
+            .as_ref()
+            .map(|s| s.digest())
+    };
+    assert_eq!(digest(A[1]), digest(A[0]));
+    assert_eq!(digest(B[1]), digest(B[0]));
+    assert_ne!(digest(A[0]), digest(B[0]));
+    // A removes the federation: every A node cuts every B node within 5 s.
+    c.apply_a(2, ALLOW_ALL);
+    let t = c.sim.run_until(5_000, |s| none_peered(s, &A, &B));
+    assert!(
+        t.is_some(),
+        "removing the federation cut B from every A node within 5 s"
+    );
+    c.sim.run(10_000);
+    assert!(c.none_peered(&A, &B), "and B stays out");
+}
+
+#[test]
+fn a_remote_ca_rotation_keeps_the_federated_members() {
+    let mut c = clusters(22);
+    c.federate_both();
+    assert!(c.sim.run_until(10_000, |s| peered(s, &A, &B)).is_some());
+    let new_b = Ca::new(11, "partner.org");
+    let both = federation("partner.org", &[&c.ca_b.cert, &new_b.cert], "100.65.0.0/16");
+    c.apply_a(2, &format!("{ALLOW_ALL}---\n{both}"));
+    c.sim.run(2_000);
+    // B renews every node onto the new CA.
+    for i in [B[0], B[1], B_OUT_OF_SCOPE] {
+        let n = &c.sim.nodes[i];
+        let secret: StaticSecret = n.secret().clone();
+        let addr = n.certificate.body.addrs[0];
+        let cert = new_b.issue(&secret, &format!("b{i}"), addr, 2, 0, u64::MAX / 4);
+        c.sim.nodes[i].certificate = cert.clone();
+        c.sim.nodes[i].bundle = vec![c.ca_b.cert.clone(), new_b.cert.clone()];
+        let bundle = c.sim.nodes[i].bundle.clone();
+        c.sim
+            .handle(
+                i,
+                Event::Renew {
+                    secret,
+                    certificate: cert,
+                    bundle,
+                },
+            )
+            .unwrap();
+    }
+    c.sim.run(3_000);
+    let only_new = federation("partner.org", &[&new_b.cert], "100.65.0.0/16");
+    c.apply_a(3, &format!("{ALLOW_ALL}---\n{only_new}"));
+    for _ in 0..20 {
+        c.sim.run(500);
+        assert!(
+            c.peered(&A, &B),
+            "the federated members stay installed through the rotation"
+        );
+    }
+    for &x in &A {
+        for &y in &B {
+            let m = &c.sim.nodes[x].node().members()[&c.sim.nodes[y].public()];
+            assert_eq!(
+                m.certificate.body.issuer,
+                new_b.key.verifying_key().to_bytes()
+            );
+        }
+    }
+}
