@@ -82,8 +82,22 @@ pub fn new_serial() -> u64 {
     (micros << 10) | u64::from(u16::from_be_bytes(b) & 0x3ff)
 }
 
-pub fn init(trust_domain: &str, out: &Path, ttl: &str) -> Result<(), Failure> {
+pub fn init(
+    trust_domain: &str,
+    out: &Path,
+    ttl: &str,
+    addresses: &[String],
+) -> Result<(), Failure> {
     let ttl = proto::duration::parse(ttl).map_err(|e| Failure::input(anyhow!("--ttl: {e}")))?;
+    let mut ranges: Vec<proto::Cidr> = addresses
+        .iter()
+        .map(|a| {
+            a.parse()
+                .map_err(|e| Failure::input(anyhow!("--addresses `{a}`: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    ranges.sort();
+    ranges.dedup();
     let ca = CaDir {
         dir: out.to_path_buf(),
     };
@@ -111,7 +125,7 @@ pub fn init(trust_domain: &str, out: &Path, ttl: &str) -> Result<(), Failure> {
         public_key: public,
         issuer: public,
         labels: BTreeMap::new(),
-        addrs: vec![],
+        addrs: ranges,
     }
     .sign(&key)
     .map_err(|e| Failure::input(anyhow!("--trust-domain: {e}")))?;
@@ -126,6 +140,12 @@ pub fn init(trust_domain: &str, out: &Path, ttl: &str) -> Result<(), Failure> {
         0o644,
     )?;
     println!("CA for trust domain {trust_domain} in {}", out.display());
+    if !cert.body.addrs.is_empty() {
+        println!(
+            "  grants addresses in {} only",
+            proto::cert::list(&cert.body.addrs)
+        );
+    }
     println!(
         "  key  {} (mode 600: keep it offline)",
         ca.key_path().display()

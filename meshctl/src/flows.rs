@@ -55,11 +55,9 @@ pub fn run(socket: &Path, follow: bool, denied_only: bool, output: Output) -> Re
     }
 }
 
+/// `SPIFFE_ID@IP[:PORT]`, or `?@IP` for an address no certificate names.
 fn end(e: &FlowEnd) -> String {
-    let who = match (&e.namespace, &e.name) {
-        (Some(ns), Some(n)) => format!("{ns}/{n}"),
-        _ => "?".into(),
-    };
+    let who = e.spiffe_id.as_deref().unwrap_or("?");
     match e.port {
         Some(p) => format!("{who}@{}:{p}", e.ip),
         None => format!("{who}@{}", e.ip),
@@ -75,7 +73,7 @@ fn row(r: &FlowRecord) -> String {
         policy.push_str(&format!(" ({p} packets, {b} bytes)"));
     }
     format!(
-        "{:<24} {:<7} {:<8} {:<6} {:<8} {:<40} {:<40} {policy}",
+        "{:<24} {:<7} {:<8} {:<6} {:<8} {:<56} {:<56} {policy}",
         r.time,
         r.event,
         r.direction,

@@ -116,6 +116,8 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
     }
     .sign(&ca_key)
     .map_err(|e| input(anyhow!("{e}")))?;
+    proto::cert::check_ranges(&ca_cert.body, &cert.body)
+        .map_err(|e| input(anyhow!("--ip: {e}")))?;
 
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     if let Some(private) = new_private {
@@ -231,7 +233,7 @@ pub fn inspect(file: &Path, ca_dir: Option<&Path>, output: Output) -> Result<(),
 }
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
-fn utc(secs: u64) -> String {
+pub fn utc(secs: u64) -> String {
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // Civil-from-days, H. Hinnant's algorithm.

@@ -1,6 +1,7 @@
 //! meshctl: the operator's tool. One module per subcommand group.
 
 mod ca;
+mod federation;
 mod flows;
 mod identity;
 mod keys;
@@ -55,6 +56,17 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+        /// Interface of the daemon; needed only when several run.
+        #[arg(short, long, global = true)]
+        interface: Option<String>,
+        /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
+    /// Trust in other clusters' CAs, each within a scope (part of the signed policy set).
+    Federation {
+        #[command(subcommand)]
+        command: FederationCommand,
         /// Interface of the daemon; needed only when several run.
         #[arg(short, long, global = true)]
         interface: Option<String>,
@@ -209,6 +221,45 @@ enum PolicyCommand {
 }
 
 #[derive(Subcommand)]
+enum FederationCommand {
+    /// Trust another cluster's CAs (add or replace), within a scope: identities of that trust
+    /// domain are admitted only with addresses inside --addresses and, if given, namespaces in
+    /// --namespaces; policy selects them only by naming mesh.io/trust-domain.
+    Add {
+        /// The remote trust domain.
+        #[arg(long)]
+        trust_domain: String,
+        /// Its CA certificates (one file; two CAs during a rotation).
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// The namespaces its identities may name; default: any.
+        #[arg(long, value_delimiter = ',', value_name = "NS,...")]
+        namespaces: Vec<String>,
+        /// The overlay ranges its identities may hold; default: the ranges its CA lists.
+        #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+        addresses: Vec<String>,
+        /// The ranges its gateways may serve; default: none.
+        #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+        routes: Vec<String>,
+        /// The policy-admin signing key.
+        #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
+        key: PathBuf,
+    },
+    /// The federations in force: trust domain, scope, CAs.
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stop trusting a trust domain: every member of it is cut.
+    Remove {
+        trust_domain: String,
+        /// The policy-admin signing key.
+        #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
+        key: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum PeerCommand {
     /// Contact an underlay endpoint (IP:port, or KEY@IP:port to greet the node there by its key
     /// without a probe) and peer with the node there if its certificate verifies.
@@ -233,6 +284,10 @@ enum CaCommand {
         /// Validity, e.g. 3650d, 8760h.
         #[arg(long, default_value = ca::DEFAULT_CA_TTL)]
         ttl: String,
+        /// The overlay ranges this CA's identities may hold (its scope), comma-separated; every
+        /// address it grants must lie inside one. Default: any address.
+        #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+        addresses: Vec<String>,
     },
     /// Add a serial to the CA's signed revocation list (DIR/revoked.crl).
     Revoke {
@@ -387,8 +442,9 @@ fn main() -> ExitCode {
                     trust_domain,
                     out,
                     ttl,
+                    addresses,
                 },
-        } => ca::init(&trust_domain, &out, &ttl),
+        } => ca::init(&trust_domain, &out, &ttl, &addresses),
         Command::Ca {
             command:
                 CaCommand::Revoke {
@@ -429,6 +485,34 @@ fn main() -> ExitCode {
             socket,
         } => peer::socket(interface.as_deref(), socket)
             .and_then(|path| flows::run(&path, follow, denied, output)),
+        Command::Federation {
+            command,
+            interface,
+            socket,
+        } => peer::socket(interface.as_deref(), socket).and_then(|path| match command {
+            FederationCommand::Add {
+                trust_domain,
+                bundle,
+                namespaces,
+                addresses,
+                routes,
+                key,
+            } => federation::add(
+                &path,
+                federation::AddArgs {
+                    trust_domain: &trust_domain,
+                    bundle: &bundle,
+                    namespaces: &namespaces,
+                    addresses: &addresses,
+                    routes: &routes,
+                    key: &key,
+                },
+            ),
+            FederationCommand::List { output } => federation::list(&path, output),
+            FederationCommand::Remove { trust_domain, key } => {
+                federation::remove(&path, &trust_domain, &key)
+            }
+        }),
         Command::Peer {
             command,
             interface,

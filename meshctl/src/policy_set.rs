@@ -110,7 +110,7 @@ fn invalid(errors: Vec<String>) -> Failure {
 }
 
 /// The set in force on the daemon at `socket`: its serial and objects by name.
-fn current(socket: &Path) -> Result<(u64, BTreeMap<String, Object>), Failure> {
+pub fn current(socket: &Path) -> Result<(u64, BTreeMap<String, Object>), Failure> {
     match request(socket, &Request::PolicyGet)? {
         Response::Policy { set: None } => Ok((0, BTreeMap::new())),
         Response::Policy { set: Some(b64) } => {
@@ -169,7 +169,7 @@ pub fn running(
 
 /// Checks that `objs` compile as a whole (every error at once), naming the file and document of
 /// each object that came from a file.
-fn validate(
+pub fn validate(
     objs: &BTreeMap<String, Object>,
     origins: &BTreeMap<String, Origin>,
 ) -> Result<(), Failure> {
@@ -183,7 +183,7 @@ fn validate(
 }
 
 /// Signs `objs` as the next serial after `serial` and installs them on the daemon.
-fn push(
+pub fn push(
     socket: &Path,
     key: &Path,
     serial: u64,
@@ -210,7 +210,7 @@ fn push(
 }
 
 /// `old` with the objects of `new` added or replaced.
-fn merge(old: &BTreeMap<String, Object>, new: &[Object]) -> BTreeMap<String, Object> {
+pub fn merge(old: &BTreeMap<String, Object>, new: &[Object]) -> BTreeMap<String, Object> {
     let mut merged = old.clone();
     for o in new {
         merged.insert(o.name.clone(), o.clone());

@@ -98,7 +98,7 @@ fn table(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     if let Some(id) = &s.identity {
-        let _ = writeln!(o, "identity {id}");
+        let _ = writeln!(o, "identity {id}  {}", s.spiffe_id.as_deref().unwrap_or(""));
     }
     let _ = writeln!(
         o,
@@ -167,7 +167,7 @@ fn table(s: &Status) -> String {
                 drops(&p.drops)
             }
         );
-        if let Some(id) = &p.identity {
+        if let Some(id) = p.spiffe_id.as_ref().or(p.identity.as_ref()) {
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let expiry = p
                 .cert_not_after

@@ -167,9 +167,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     api::remove_at_exit(admin_path.clone());
     let members = mesh::run::MemberView::default();
     let mut me = None;
+    let mut me_spiffe = None;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
     if let Some((cfg, id)) = mesh_config {
         me = Some(id.certificate.body.identity());
+        me_spiffe = Some(id.certificate.body.spiffe_id());
         let (tx, rx) = tokio::sync::mpsc::channel(mesh::run::CONTROL_BACKLOG);
         dev.set_control_sink(tx);
         let path = args
@@ -193,6 +195,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dev: dev.clone(),
         members,
         me,
+        me_spiffe,
         commands: reload_tx.clone(),
     };
     tokio::spawn(api::admin::serve(admin, admin_state));

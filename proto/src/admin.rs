@@ -149,9 +149,11 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Packets dropped by the device before a peer was known, by reason.
     pub drops: BTreeMap<String, u64>,
-    /// Mesh mode: this node's own identity.
+    /// Mesh mode: this node's own identity (`TD/NS/NAME`), also as a SPIFFE ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
     /// Control-protocol bytes (UDP payload) received and sent.
     #[serde(default)]
     pub control_rx_bytes: u64,
@@ -212,9 +214,12 @@ pub struct PeerStatus {
     pub persistent_keepalive_secs: u16,
     /// Packets from or to this peer that were dropped, by reason.
     pub drops: BTreeMap<String, u64>,
-    /// Mesh mode: the identity its certificate names (`TD/NS/NAME`), labels and expiry.
+    /// Mesh mode: the identity its certificate names (`TD/NS/NAME`, and as a SPIFFE ID), labels
+    /// and expiry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -144,6 +144,10 @@ fn zero_trust_denies_by_default_on_the_sender_and_nothing_reaches_the_wire() {
     assert_eq!(syn["dst"]["name"], "post");
     assert_eq!(syn["dst"]["namespace"], "microblog");
     assert_eq!(syn["dst"]["trust_domain"], "example.org");
+    assert_eq!(
+        syn["dst"]["spiffe_id"],
+        "spiffe://example.org/ns/microblog/sa/post"
+    );
     assert_eq!(syn["dst"]["labels"]["app"], "post");
     assert_eq!(syn["dst"]["port"], 8080);
     assert!(denied.iter().any(|r| r["protocol"] == "icmp"));

@@ -17,8 +17,9 @@ use tokio::sync::mpsc::Sender;
 pub struct Admin {
     pub dev: Arc<Device>,
     pub members: MemberView,
-    /// Mesh mode: our own identity.
+    /// Mesh mode: our own identity (`TD/NS/NAME`) and SPIFFE ID.
     pub me: Option<String>,
+    pub me_spiffe: Option<String>,
     pub commands: Sender<Command>,
 }
 
@@ -49,6 +50,7 @@ impl Admin {
             Request::Status => {
                 let mut status = self.dev.status();
                 status.identity = self.me.clone();
+                status.spiffe_id = self.me_spiffe.clone();
                 if self.me.is_some() {
                     let (reply, answer) = tokio::sync::oneshot::channel();
                     match self.ask(Command::ControlStatus { reply }, answer).await {
@@ -63,6 +65,7 @@ impl Admin {
                         .unwrap_or_default();
                     if let Some(m) = members.get(&key) {
                         p.identity = Some(m.certificate.body.identity());
+                        p.spiffe_id = Some(m.certificate.body.spiffe_id());
                         p.labels = m.certificate.body.labels.clone();
                         p.cert_not_after = Some(m.certificate.body.not_after);
                     }

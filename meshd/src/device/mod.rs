@@ -374,6 +374,7 @@ impl Device {
                     persistent_keepalive_secs: p.persistent_keepalive_secs,
                     drops: peer.map(|p| p.drops.snapshot()).unwrap_or_default(),
                     identity: None,
+                    spiffe_id: None,
                     labels: Default::default(),
                     cert_not_after: None,
                 }
@@ -387,6 +388,7 @@ impl Device {
             peers,
             drops: self.drops.snapshot(),
             identity: None,
+            spiffe_id: None,
             policy: self.enforcer().map(|e| e.status()),
             control: None,
             control_rx_bytes: self
