@@ -161,27 +161,38 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
         icmp: None,
         ip_version: if v6 { 6 } else { 4 },
     };
-    let egress = set.decide(Direction::Egress, &flow, &src, &dst);
-    let ingress = set.decide(Direction::Ingress, &flow, &src, &dst);
+    // An identity of another trust domain is governed by its own cluster's policies: only the
+    // local end's direction is decided here.
+    let local = |e: &Endpoint| e.trust_domain == set.trust_domain;
+    let egress = local(&src).then(|| set.decide(Direction::Egress, &flow, &src, &dst));
+    let ingress = local(&dst).then(|| set.decide(Direction::Ingress, &flow, &src, &dst));
+    let allowed = |v: &Option<policy::engine::Verdict>| v.as_ref().is_none_or(|v| v.allow);
     println!(
         "{}",
-        if egress.allow && ingress.allow {
+        if allowed(&egress) && allowed(&ingress) {
             "ALLOW"
         } else {
             "DENY"
         }
     );
     for (what, ep, v) in [("egress of", &src, &egress), ("ingress of", &dst, &ingress)] {
-        println!(
-            "  {what} {}: {} by {}{}",
-            ep.spiffe_id(),
-            if v.allow { "allowed" } else { "denied" },
-            v.by,
-            v.rule
-                .as_ref()
-                .map(|r| format!(" rule {r}"))
-                .unwrap_or_default()
-        );
+        match v {
+            Some(v) => println!(
+                "  {what} {}: {} by {}{}",
+                ep.spiffe_id(),
+                if v.allow { "allowed" } else { "denied" },
+                v.by,
+                v.rule
+                    .as_ref()
+                    .map(|r| format!(" rule {r}"))
+                    .unwrap_or_default()
+            ),
+            None => println!(
+                "  {what} {}: decided by {}'s own policies, not these",
+                ep.spiffe_id(),
+                ep.trust_domain
+            ),
+        }
     }
     Ok(())
 }

@@ -759,7 +759,6 @@ pub const RESERVED_LABEL_PREFIX: &str = "mesh.io/";
 
 /// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of 1 to 63
 /// alphanumerics, `-`, `_`, `.`, starting and ending with an alphanumeric.
-
 fn check_label_key(k: &str) -> Result<(), CertError> {
     if k.starts_with(RESERVED_LABEL_PREFIX) {
         return Err(invalid(
@@ -913,7 +912,7 @@ mod tests {
         ];
         let ca = ca.sign(&key).unwrap();
         let inside = identity_body(&key).sign(&key).unwrap();
-        assert_eq!(inside.verify_identity(&[ca.clone()], T0 + 1, None), Ok(()));
+        assert_eq!(inside.verify_identity(std::slice::from_ref(&ca), T0 + 1, None), Ok(()));
         let mut body = identity_body(&key);
         body.addrs = vec!["100.64.1.5/32".parse().unwrap()];
         let outside = body.sign(&key).unwrap();

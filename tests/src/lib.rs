@@ -802,6 +802,23 @@ impl Pki {
         Pki { dir }
     }
 
+    /// A CA that grants only addresses inside `ranges` (comma-separated CIDRs).
+    pub fn with_ranges(lab: &Lab, trust_domain: &str, name: &str, ranges: &str) -> Pki {
+        let dir = lab.dir.join(name);
+        run(Command::new(bin("meshctl"))
+            .args([
+                "ca",
+                "init",
+                "--trust-domain",
+                trust_domain,
+                "--addresses",
+                ranges,
+            ])
+            .arg("--out")
+            .arg(&dir));
+        Pki { dir }
+    }
+
     /// Issues an identity `ns/name` with overlay address `ip` (extra meshctl arguments allowed);
     /// returns (certificate, key) paths.
     pub fn issue(&self, ns: &str, name: &str, ip: &str, extra: &[&str]) -> (PathBuf, PathBuf) {

@@ -72,7 +72,7 @@ fn clusters(seed: u64) -> Clusters {
     }
     sim.start_all();
     sim.run(5_000);
-    let mut c = Clusters { sim, ca_b, admin_b };
+    let c = Clusters { sim, ca_b, admin_b };
     assert!(c.peered(&A, &A) && c.peered(&B, &B), "each cluster formed");
     assert!(
         c.none_peered(&A, &B) && c.none_peered(&B, &A),

@@ -1,0 +1,443 @@
+//! Federation with a remote cluster (issue 9), with real daemons: cluster A (example.org: post,
+//! api) and cluster B (partner.org: api, search, and two nodes outside the scope A grants B), each
+//! with its own CA, scope and policy admin, on one switch. A rogue CA claiming A's trust domain
+//! tries too.
+
+use mesh_tests::*;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Node {
+    ns: String,
+    ifname: String,
+}
+
+struct Cluster {
+    pki: Pki,
+    admin: PathBuf,
+}
+
+/// `meshctl ARGS -i IFNAME`, which must succeed; its standard output.
+fn meshctl_ok(ifname: &str, args: &[&str]) -> String {
+    let o = Command::new(bin("meshctl"))
+        .args(args)
+        .args(["-i", ifname])
+        .output()
+        .expect("running meshctl");
+    assert!(
+        o.status.success(),
+        "meshctl {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn apply(lab: &Lab, ifname: &str, admin: &Path, name: &str, yaml: &str) {
+    let f = lab.dir.join(format!("{name}.yaml"));
+    std::fs::write(&f, yaml).unwrap();
+    meshctl_ok(
+        ifname,
+        &[
+            "policy",
+            "apply",
+            "-f",
+            f.to_str().unwrap(),
+            "--key",
+            admin.to_str().unwrap(),
+        ],
+    );
+}
+
+/// The identities (TD/NS/NAME) of the peers `ifname` has installed.
+fn peers(lab: &Lab, ifname: &str) -> Vec<String> {
+    lab.status(ifname)["peers"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p["identity"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// Whether a TCP connection from `ns` to `addr` opens within `timeout`.
+fn connects(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&addr, timeout).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A TCP server in `ns` on `addr` that accepts every connection (for the life of the test).
+fn listen(ns: &str, addr: SocketAddr) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    drop(in_netns(ns, move || {
+        let l = TcpListener::bind(addr).expect("bind");
+        tx.send(()).unwrap();
+        for s in l.incoming() {
+            drop(s);
+        }
+    }));
+    rx.recv_timeout(Duration::from_secs(5)).expect("listening");
+}
+
+const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: microblog\n  labels:\n    app: microblog\n";
+
+/// A's rule for B's api: it names the trust-domain label, as a remote identity requires.
+const PARTNER_API: &str = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: partner-api
+  namespace: microblog
+spec:
+  selector: app == 'post'
+  ingress:
+    - action: Allow
+      protocol: TCP
+      source:
+        selector: mesh.io/trust-domain == 'partner.org' && app == 'api'
+      destination:
+        ports: [8080]
+";
+
+/// A's identities may call any identity of A (egress); ingress policy decides.
+const A_EGRESS: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: egress
+spec:
+  selector: all()
+  egress:
+    - action: Allow
+";
+
+/// B lets its identities call example.org (egress); A's policy decides what they reach.
+const B_EGRESS: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: to-example
+spec:
+  selector: all()
+  egress:
+    - action: Allow
+      destination:
+        namespaceSelector: mesh.io/trust-domain == 'example.org'
+";
+
+#[test]
+fn a_federated_cluster_reaches_only_what_policy_names_within_its_scope_until_unfederated() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let a = Cluster {
+        pki: Pki::with_ranges(&lab, "example.org", "ca-a", "100.64.0.0/16"),
+        admin: lab.dir.join("admin-a.key"),
+    };
+    let b = Cluster {
+        pki: Pki::with_ranges(&lab, "partner.org", "ca-b", "100.65.0.0/16"),
+        admin: lab.dir.join("admin-b.key"),
+    };
+    let rogue = Pki::new(&lab, "example.org", "ca-rogue");
+    for c in [&a, &b] {
+        run(Command::new(bin("meshctl"))
+            .args(["policy", "admin-key", "--out"])
+            .arg(&c.admin));
+    }
+    // (cluster, namespace, name, labels, address, underlay, seed)
+    let specs: [(&str, &str, &str, &str, &str, &str, &str); 7] = [
+        (
+            "a",
+            "microblog",
+            "post",
+            "app=post",
+            "100.64.2.1/32",
+            "198.18.2.1",
+            "",
+        ),
+        (
+            "a",
+            "microblog",
+            "api",
+            "app=api",
+            "100.64.2.2/32",
+            "198.18.2.2",
+            "198.18.2.1:51820",
+        ),
+        (
+            "b",
+            "microblog",
+            "api",
+            "app=api",
+            "100.65.0.1/32",
+            "198.18.2.11",
+            "198.18.2.1:51820",
+        ),
+        (
+            "b",
+            "microblog",
+            "search",
+            "app=search",
+            "100.65.0.2/32",
+            "198.18.2.12",
+            "198.18.2.11:51820",
+        ),
+        // Within B's own CA, outside the scope A grants B: another namespace, another range.
+        (
+            "b",
+            "kube-system",
+            "dns",
+            "app=dns",
+            "100.65.0.3/32",
+            "198.18.2.13",
+            "198.18.2.11:51820",
+        ),
+        (
+            "b",
+            "microblog",
+            "batch",
+            "app=api",
+            "100.65.1.4/32",
+            "198.18.2.14",
+            "198.18.2.11:51820",
+        ),
+        // A CA nobody trusts, claiming A's trust domain, B's api's labels and an A address.
+        (
+            "r",
+            "microblog",
+            "api2",
+            "app=api",
+            "100.64.2.9/32",
+            "198.18.2.21",
+            "",
+        ),
+    ];
+    let mut nodes = Vec::new();
+    for (i, (cluster, ns_name, name, label, addr, underlay, seed)) in specs.iter().enumerate() {
+        let ns = lab.host(&format!("f{i}"));
+        lab.attach(&sw, &ns, &format!("{underlay}/24"));
+        let (pki, admin, bundle) = match *cluster {
+            "a" => (&a.pki, &a.admin, a.pki.ca_cert()),
+            "b" => (&b.pki, &b.admin, b.pki.ca_cert()),
+            _ => (&rogue, &a.admin, rogue.ca_cert()),
+        };
+        let (cert, key) = pki.issue(ns_name, name, addr, &["--label", label]);
+        let ifname = lab.name(&format!("g{i}"));
+        let seeds: Vec<&str> = if seed.is_empty() { vec![] } else { vec![seed] };
+        let policy = MeshPolicy {
+            posture: "zero-trust",
+            audit: false,
+            admins: vec![PathBuf::from(format!("{}.pub", admin.display()))],
+        };
+        let config = mesh_config_with(&lab, &ifname, &cert, &key, &[bundle], &seeds, &policy);
+        lab.meshd_config(&ns, &ifname, &config);
+        nodes.push(Node { ns, ifname });
+    }
+    let (post, api, b_api, b_search) = (&nodes[0], &nodes[1], &nodes[2], &nodes[3]);
+    let b_all = [2, 3, 4, 5];
+    wait_for("each cluster forms", Duration::from_secs(30), || {
+        peers(&lab, &post.ifname).contains(&"example.org/microblog/api".to_string())
+            && b_all
+                .iter()
+                .all(|&i| peers(&lab, &nodes[i].ifname).len() == 3)
+    });
+    assert!(
+        peers(&lab, &post.ifname)
+            .iter()
+            .all(|p| p.starts_with("example.org/microblog/api")),
+        "before federation A trusts nothing of B, nor the rogue CA: {:?}",
+        peers(&lab, &post.ifname)
+    );
+
+    // The rogue node greets A's post by its key, showing its certificate.
+    let post_key = lab.status(&post.ifname)["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    meshctl_ok(
+        &nodes[6].ifname,
+        &["peer", "add", &format!("{post_key}@198.18.2.1:51820")],
+    );
+
+    // Policy on each side, then each side federates the other within a scope.
+    let seed_post = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog/post-allow-list.yaml"),
+    )
+    .unwrap();
+    apply(
+        &lab,
+        &post.ifname,
+        &a.admin,
+        "a1",
+        &format!("{NAMESPACE}---\n{A_EGRESS}---\n{seed_post}"),
+    );
+    apply(&lab, &b_api.ifname, &b.admin, "b1", B_EGRESS);
+    meshctl_ok(
+        &post.ifname,
+        &[
+            "federation",
+            "add",
+            "--trust-domain",
+            "partner.org",
+            "--bundle",
+            b.pki.ca_cert().to_str().unwrap(),
+            "--addresses",
+            "100.65.0.0/24",
+            "--namespaces",
+            "microblog",
+            "--key",
+            a.admin.to_str().unwrap(),
+        ],
+    );
+    meshctl_ok(
+        &b_api.ifname,
+        &[
+            "federation",
+            "add",
+            "--trust-domain",
+            "example.org",
+            "--bundle",
+            a.pki.ca_cert().to_str().unwrap(),
+            "--key",
+            b.admin.to_str().unwrap(),
+        ],
+    );
+    let listed = meshctl_ok(&post.ifname, &["federation", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["federations"][0]["trust_domain"], "partner.org");
+    assert_eq!(listed["federations"][0]["addresses"][0], "100.65.0.0/24");
+    let took = wait_for("A and B peer", Duration::from_secs(20), || {
+        let p = peers(&lab, &post.ifname);
+        p.contains(&"partner.org/microblog/api".to_string())
+            && p.contains(&"partner.org/microblog/search".to_string())
+            && peers(&lab, &b_api.ifname).contains(&"example.org/microblog/post".to_string())
+    });
+    eprintln!("federated peering took {took:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    let installed = peers(&lab, &post.ifname);
+    for outsider in [
+        "partner.org/kube-system/dns",
+        "partner.org/microblog/batch",
+        "example.org/microblog/api2",
+    ] {
+        assert!(
+            !installed.contains(&outsider.to_string()),
+            "{outsider} is outside every scope: {installed:?}"
+        );
+    }
+    let refused = &lab.status(&post.ifname)["control"]["refused"];
+    let count = |k: &str| {
+        refused[k].as_u64().unwrap_or(0) + refused[format!("listed_{k}")].as_u64().unwrap_or(0)
+    };
+    assert!(
+        count("out_of_scope") >= 1,
+        "out-of-scope certificates are refused and counted: {refused}"
+    );
+    assert!(
+        count("certificate") >= 1,
+        "the rogue CA's certificate is refused and counted: {refused}"
+    );
+
+    // The seed's post-allow-list, unchanged, does not admit B's microblog/api, though its
+    // namespace, name and labels are those of A's api, which it admits.
+    let post_addr: SocketAddr = "100.64.2.1:8080".parse().unwrap();
+    listen(&post.ns, post_addr);
+    assert!(
+        connects(&api.ns, post_addr, Duration::from_secs(5)),
+        "A's api reaches post"
+    );
+    assert!(
+        !connects(&b_api.ns, post_addr, Duration::from_secs(2)),
+        "B's api is denied by the seed's list"
+    );
+    let flows = Command::new(bin("meshctl"))
+        .args(["flows", "--denied", "-o", "json", "-i", &post.ifname])
+        .output()
+        .unwrap();
+    let denied: Vec<serde_json::Value> = String::from_utf8_lossy(&flows.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let from_b = denied
+        .iter()
+        .find(|r| r["src"]["trust_domain"] == "partner.org")
+        .unwrap_or_else(|| panic!("a denied flow from partner.org in the log: {denied:?}"));
+    assert_eq!(
+        from_b["src"]["spiffe_id"],
+        "spiffe://partner.org/ns/microblog/sa/api"
+    );
+    assert_eq!(
+        from_b["dst"]["spiffe_id"],
+        "spiffe://example.org/ns/microblog/sa/post"
+    );
+    assert_eq!(from_b["policy"], "end-of-policies");
+
+    // A rule naming the trust domain admits B's api, and only it.
+    apply(&lab, &post.ifname, &a.admin, "a2", PARTNER_API);
+    wait_for("B's api admitted", Duration::from_secs(10), || {
+        connects(&b_api.ns, post_addr, Duration::from_secs(1))
+    });
+    assert!(
+        !connects(&b_search.ns, post_addr, Duration::from_secs(2)),
+        "B's search is not named"
+    );
+    let policy_check = meshctl_ok(
+        &post.ifname,
+        &[
+            "policy",
+            "check",
+            "--from",
+            "partner.org/microblog/api,app=api",
+            "--to",
+            "microblog/post,app=post",
+            "--port",
+            "8080",
+        ],
+    );
+    assert!(policy_check.starts_with("ALLOW"), "{policy_check}");
+    assert!(
+        policy_check.contains("spiffe://partner.org/ns/microblog/sa/api"),
+        "{policy_check}"
+    );
+
+    // Removing the federation cuts B from A within 5 s, and its flows with it.
+    meshctl_ok(
+        &api.ifname,
+        &[
+            "federation",
+            "remove",
+            "partner.org",
+            "--key",
+            a.admin.to_str().unwrap(),
+        ],
+    );
+    let took = wait_for("B cut from A", Duration::from_secs(5), || {
+        [post, api].iter().all(|n| {
+            peers(&lab, &n.ifname)
+                .iter()
+                .all(|p| !p.starts_with("partner.org/"))
+        })
+    });
+    eprintln!("unfederated in {took:?}");
+    assert!(
+        !connects(&b_api.ns, post_addr, Duration::from_secs(2)),
+        "B's api no longer reaches post"
+    );
+    assert!(
+        connects(&api.ns, post_addr, Duration::from_secs(5)),
+        "A's own traffic is untouched"
+    );
+}
