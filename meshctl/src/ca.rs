@@ -126,6 +126,7 @@ pub fn init(
         issuer: public,
         labels: BTreeMap::new(),
         addrs: ranges,
+        routes: vec![],
     }
     .sign(&key)
     .map_err(|e| Failure::input(anyhow!("--trust-domain: {e}")))?;

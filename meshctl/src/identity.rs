@@ -28,6 +28,9 @@ pub struct IssueArgs {
     /// An overlay address or prefix; repeat for more.
     #[arg(long = "ip", required = true)]
     pub ips: Vec<String>,
+    /// A range outside the mesh this identity may serve as a gateway; repeat for more.
+    #[arg(long = "route", value_name = "CIDR")]
+    pub routes: Vec<String>,
     #[arg(long, default_value = DEFAULT_IDENTITY_TTL)]
     pub ttl: String,
     /// The node's WireGuard public key (from `meshctl genkey | meshctl pubkey` or wg); the
@@ -57,6 +60,20 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
     }
     addrs.sort();
     addrs.dedup();
+    let mut routes = Vec::new();
+    for r in &a.routes {
+        let c: Cidr = r
+            .parse()
+            .map_err(|e| input(anyhow!("--route `{r}`: {e}")))?;
+        if c.to_string() != *r {
+            return Err(input(anyhow!(
+                "--route `{r}`: host bits set (did you mean {c}?)"
+            )));
+        }
+        routes.push(c);
+    }
+    routes.sort();
+    routes.dedup();
     if addrs.is_empty() {
         return Err(input(anyhow!(
             "--ip: an identity needs at least one overlay address"
@@ -113,6 +130,7 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
         issuer: ca_cert.body.public_key,
         labels,
         addrs,
+        routes,
     }
     .sign(&ca_key)
     .map_err(|e| input(anyhow!("{e}")))?;
@@ -219,6 +237,9 @@ pub fn inspect(file: &Path, ca_dir: Option<&Path>, output: Output) -> Result<(),
                     addrs.join(",")
                 }
             );
+            if !b.routes.is_empty() {
+                println!("  routes       {}", proto::cert::list(&b.routes));
+            }
             match &verification {
                 Some(Ok(())) => println!("  verifies     yes"),
                 Some(Err(e)) => println!("  verifies     NO: {e}"),

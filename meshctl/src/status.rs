@@ -167,7 +167,8 @@ fn table(s: &Status) -> String {
                 drops(&p.drops)
             }
         );
-        if let Some(id) = p.spiffe_id.as_ref().or(p.identity.as_ref()) {
+        if let Some(id) = &p.identity {
+            let spiffe = p.spiffe_id.as_deref().unwrap_or("");
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let expiry = p
                 .cert_not_after
@@ -175,7 +176,7 @@ fn table(s: &Status) -> String {
                 .unwrap_or_default();
             let _ = writeln!(
                 o,
-                "    identity: {id}  labels: {}  {expiry}",
+                "    identity: {id}  {spiffe}  labels: {}  {expiry}",
                 if labels.is_empty() {
                     "-".into()
                 } else {

@@ -29,6 +29,11 @@
 //! audit = false            # true: log and count denials, but let the packets pass
 //! conntrack_max = 262144   # tracked flows; the oldest is evicted (and counted) beyond this
 //! flow_log = "/var/lib/meshd/flows.jsonl"   # default: flows.jsonl in the state directory
+//!
+//! [gateway]
+//! routes = ["198.19.0.0/24"]   # routes outside the mesh this node serves; each must be granted
+//!                              # by its certificate (`meshctl identity issue --route`)
+//! masquerade = false           # true: forwarded traffic leaves with this node's underlay address
 //! ```
 
 use anyhow::{anyhow, bail, Context};
@@ -48,6 +53,17 @@ pub struct Config {
     pub peering: PeeringSection,
     #[serde(default)]
     pub policy: PolicySection,
+    #[serde(default)]
+    pub gateway: GatewaySection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    #[serde(default)]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub masquerade: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,7 +212,30 @@ impl Config {
                 return Err(err(format!("peering.seeds[{i}]: {e}")));
             }
         }
+        for (i, r) in cfg.gateway.routes.iter().enumerate() {
+            match r.parse::<proto::Cidr>() {
+                Err(e) => return Err(err(format!("gateway.routes[{i}]: `{r}`: {e}"))),
+                Ok(c) if c.to_string() != *r => {
+                    return Err(err(format!(
+                        "gateway.routes[{i}]: `{r}` has host bits set (did you mean {c}?)"
+                    )))
+                }
+                Ok(_) => {}
+            }
+        }
+        if cfg.gateway.routes.len() > proto::cert::MAX_ADDRS {
+            return Err(err("gateway.routes: more than 16".into()));
+        }
         Ok(cfg)
+    }
+
+    /// The routes this node serves as a gateway (validated by [`Config::parse`]).
+    pub fn gateway_routes(&self) -> Vec<proto::Cidr> {
+        self.gateway
+            .routes
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .collect()
     }
 
     pub fn seeds(&self) -> Vec<Seed> {
@@ -293,6 +332,20 @@ pub fn load(cfg: &Config, now: u64) -> anyhow::Result<Identity> {
                 cert_path.display()
             )
         })?;
+    for r in cfg.gateway_routes() {
+        if !certificate.body.routes.iter().any(|g| g.covers(&r)) {
+            bail!(
+                "gateway.routes: {r} is not granted by {} (it grants {}); a node serves only \
+                 routes its CA granted (meshctl identity issue --route)",
+                cert_path.display(),
+                if certificate.body.routes.is_empty() {
+                    "none".to_string()
+                } else {
+                    proto::cert::list(&certificate.body.routes)
+                }
+            );
+        }
+    }
     Ok(Identity {
         private_key,
         certificate,

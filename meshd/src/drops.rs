@@ -44,6 +44,7 @@ drop_reasons! {
     PolicyIngress => "policy_denied_ingress": "Policy denied a new flow arriving at this node (after decryption).",
     PolicyMalformed => "policy_unparsable": "A packet's transport header was too short or malformed for policy to decide.",
     PolicyFragment => "policy_fragment_unmatched": "A later fragment whose first fragment did not pass (policy cannot see its ports).",
+    PolicyNotHere => "policy_not_this_node": "A packet neither to nor from this node's addresses nor a route it serves as a gateway.",
 }
 
 /// One counter per reason; lock-free, shared by the data-path threads.

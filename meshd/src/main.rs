@@ -6,6 +6,7 @@ mod config;
 mod device;
 mod drops;
 mod enforce;
+mod forwarding;
 mod mesh;
 mod netlink;
 mod peer;

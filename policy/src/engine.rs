@@ -11,6 +11,15 @@
 //! selectors name that label: policies written for local identities never match a remote one,
 //! however alike its namespace, name and labels, and neither do rules that select no identities
 //! in particular (`source: {}`, `nets` alone).
+//!
+//! External networks: an address outside the mesh is an [`End::External`]. Calico rules select it
+//! as Calico selects network sets: by `nets`/`notNets`, or by a selector matching the labels of an
+//! external network (a `NetworkSet`, `GlobalNetworkSet`, `ExternalNetwork` or
+//! `GlobalExternalNetwork`) that contains the address. A namespaced policy's selector sees the
+//! networks of its namespace; a global policy's, every network; `namespaceSelector` picks
+//! namespaced networks by their namespace's labels, or global ones with `global()`. Service
+//! accounts and Kubernetes pod selectors never match an external address. No policy governs an
+//! external end: only the mesh end's direction is decided.
 
 use crate::model::{
     self, CalicoRule, CalicoSpec, Document, EntityRule, K8sPeer, K8sSpec, LabelSelector, PortValue,
@@ -80,6 +89,54 @@ impl Endpoint {
         )
     }
 }
+
+/// One end of a flow: an identity of the mesh, or an address outside it.
+#[derive(Debug, Clone, Copy)]
+pub enum End<'a> {
+    Identity(&'a Endpoint),
+    External(IpAddr),
+}
+
+/// An external network: a named set of addresses outside the mesh, with labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// The object name: `GlobalNetworkSet NAME`, `ExternalNetwork NS/NAME`, ...
+    pub name: String,
+    /// `None` for a global one.
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub nets: Vec<Cidr>,
+}
+
+impl Subject for Network {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+    fn is_global(&self) -> bool {
+        self.namespace.is_none()
+    }
+}
+
+impl Network {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// What `namespaceSelector` is matched against for a global network: no namespace, no labels.
+struct NoNamespace;
+
+impl Subject for NoNamespace {
+    fn label(&self, _: &str) -> Option<&str> {
+        None
+    }
+    fn is_global(&self) -> bool {
+        true
+    }
+}
+
+/// The identity index that stands for an address outside the mesh in [`Compiled::decide`].
+pub const EXTERNAL: u32 = u32::MAX - 1;
 
 fn names_trust_domain<'a>(selectors: impl IntoIterator<Item = &'a Option<Selector>>) -> bool {
     selectors
@@ -230,6 +287,8 @@ struct Entity {
     sa_selector: Option<Selector>,
     ports: Vec<(u16, u16)>,
     not_ports: Vec<(u16, u16)>,
+    /// A Calico rule's entity: its selectors may select external networks too.
+    calico: bool,
 }
 
 /// A compiled policy set and the namespace labels it matches against.
@@ -238,6 +297,7 @@ pub struct PolicySet {
     policies: Vec<Policy>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     federations: Vec<Federation>,
+    networks: Vec<Network>,
     pub posture: Posture,
     /// The trust domain whose identities the policies are written for: the node's own. Set it
     /// before evaluating ([`PolicySet::in_trust_domain`]); every other is remote.
@@ -304,6 +364,28 @@ impl PolicySet {
                     calico(&id, None, spec).map(Some)
                 }
                 Document::K8sNetworkPolicy { spec, .. } => k8s(&id, ns(), spec).map(Some),
+                Document::Network { metadata, spec, .. } => {
+                    let ctx = Ctx {
+                        policy: &id,
+                        field: "spec.nets".into(),
+                    };
+                    match nets(&ctx, &spec.nets) {
+                        Ok(cidrs) if cidrs.is_empty() => {
+                            errors.push(ctx.err("an external network needs at least one address"))
+                        }
+                        Ok(cidrs) => set.networks.push(Network {
+                            name: id.clone(),
+                            namespace: match d {
+                                Document::Network { global: true, .. } => None,
+                                _ => Some(ns()),
+                            },
+                            labels: metadata.labels.clone(),
+                            nets: cidrs,
+                        }),
+                        Err(e) => errors.push(e),
+                    }
+                    Ok(None)
+                }
                 Document::Federation { metadata, spec } => {
                     match crate::federation::federation(&metadata.name, spec) {
                         Ok(f) => set.federations.push(f),
@@ -344,6 +426,11 @@ impl PolicySet {
     pub fn in_trust_domain(mut self, trust_domain: &str) -> PolicySet {
         self.trust_domain = trust_domain.to_string();
         self
+    }
+
+    /// The external networks of the set.
+    pub fn networks(&self) -> &[Network] {
+        &self.networks
     }
 
     /// The other clusters' CAs the set trusts, and within what scope.
@@ -401,8 +488,42 @@ impl PolicySet {
         p.selector.matches(e)
     }
 
-    fn entity_matches(&self, p: &Policy, ent: &Entity, e: &Endpoint, port: Option<u16>) -> bool {
-        ent.header_matches(e.ip, port) && self.selects(p, ent, e).unwrap_or(true)
+    fn entity_matches(&self, p: &Policy, ent: &Entity, end: End, port: Option<u16>) -> bool {
+        match end {
+            End::Identity(e) => {
+                ent.header_matches(e.ip, port) && self.selects(p, ent, e).unwrap_or(true)
+            }
+            End::External(ip) => {
+                ent.header_matches(Some(ip), port)
+                    && (!ent.selects_endpoints()
+                        || self
+                            .networks
+                            .iter()
+                            .any(|n| n.contains(ip) && self.selects_network(p, ent, n)))
+            }
+        }
+    }
+
+    /// Whether an entity that selects endpoints selects external network `n`, as Calico's rule
+    /// selectors select network sets.
+    fn selects_network(&self, p: &Policy, ent: &Entity, n: &Network) -> bool {
+        if !ent.calico || !ent.sa_names.is_empty() || ent.sa_selector.is_some() {
+            return false;
+        }
+        let in_namespace = match (&ent.namespace_selector, &n.namespace) {
+            // `all()` names every namespace, which a global network is not in.
+            (Some(nsel), None) => !matches!(nsel, Selector::All) && nsel.matches(&NoNamespace),
+            (Some(nsel), Some(ns)) => {
+                let mut labels = self.namespaces.get(ns).cloned().unwrap_or_default();
+                labels.insert("projectcalico.org/name".into(), ns.clone());
+                labels.insert("kubernetes.io/metadata.name".into(), ns.clone());
+                nsel.matches(&labels)
+            }
+            (None, _) => p.namespace.is_none() || p.namespace == n.namespace,
+        };
+        in_namespace
+            && ent.selector.as_ref().is_none_or(|s| s.matches(n))
+            && !ent.not_selector.as_ref().is_some_and(|s| s.matches(n))
     }
 
     /// Whether the entity's endpoint part (selectors, namespace, service accounts) matches `e`;
@@ -428,14 +549,7 @@ impl PolicySet {
         )
     }
 
-    fn rule_matches(
-        &self,
-        p: &Policy,
-        r: &Rule,
-        flow: &Flow,
-        src: &Endpoint,
-        dst: &Endpoint,
-    ) -> bool {
+    fn rule_matches(&self, p: &Policy, r: &Rule, flow: &Flow, src: End, dst: End) -> bool {
         r.header_matches(flow)
             && self.entity_matches(p, &r.source, src, flow.src_port)
             && self.entity_matches(p, &r.destination, dst, flow.dst_port)
@@ -450,9 +564,24 @@ impl PolicySet {
         src: &Endpoint,
         dst: &Endpoint,
     ) -> Verdict {
-        let local = match direction {
-            Direction::Ingress => dst,
-            Direction::Egress => src,
+        self.decide_ends(direction, flow, End::Identity(src), End::Identity(dst))
+    }
+
+    /// [`PolicySet::decide`] where either end may be outside the mesh. The end whose direction is
+    /// decided must be an identity: nothing governs an external one (denied, `outside-the-mesh`,
+    /// if asked).
+    pub fn decide_ends(&self, direction: Direction, flow: &Flow, src: End, dst: End) -> Verdict {
+        let local = match (direction, src, dst) {
+            (Direction::Ingress, _, End::Identity(e))
+            | (Direction::Egress, End::Identity(e), _) => e,
+            _ => {
+                return Verdict {
+                    allow: false,
+                    by: "outside-the-mesh".into(),
+                    rule: None,
+                    logged: Vec::new(),
+                }
+            }
         };
         let mut logged = Vec::new();
         let mut selected = false;
@@ -580,6 +709,9 @@ struct CompiledRule {
     /// Identities the source / destination entity selects; `None` for any.
     src: Option<BitSet>,
     dst: Option<BitSet>,
+    /// External networks the source / destination entity selects; `None` for any address.
+    src_nets: Option<BitSet>,
+    dst_nets: Option<BitSet>,
 }
 
 /// A policy set resolved against the identities of the mesh: every selector evaluated once per
@@ -595,6 +727,10 @@ pub struct Compiled {
     /// Per policy: in audit mode.
     audit: Vec<bool>,
     posture: Posture,
+    /// Every address of every external network, with the network's index, most specific first;
+    /// and the networks' names.
+    network_nets: Vec<(Cidr, u32)>,
+    network_names: Vec<String>,
 }
 
 fn slot(d: Direction) -> usize {
@@ -621,6 +757,18 @@ impl PolicySet {
             }
             Some(set)
         };
+        let networks = |p: &Policy, ent: &Entity| -> Option<BitSet> {
+            if !ent.selects_endpoints() {
+                return None;
+            }
+            let mut set = BitSet::new(self.networks.len());
+            for (i, n) in self.networks.iter().enumerate() {
+                if self.selects_network(p, ent, n) {
+                    set.set(i);
+                }
+            }
+            Some(set)
+        };
         let compile_rules = |p: &Policy, rules: &Option<Vec<Rule>>| -> Vec<CompiledRule> {
             rules
                 .iter()
@@ -629,9 +777,18 @@ impl PolicySet {
                     rule: r.clone(),
                     src: members(p, &r.source),
                     dst: members(p, &r.destination),
+                    src_nets: networks(p, &r.source),
+                    dst_nets: networks(p, &r.destination),
                 })
                 .collect()
         };
+        let mut network_nets: Vec<(Cidr, u32)> = self
+            .networks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.nets.iter().map(move |c| (*c, i as u32)))
+            .collect();
+        network_nets.sort_by_key(|(c, _)| std::cmp::Reverse(c.prefix_len()));
         let mut applicable = vec![[Vec::new(), Vec::new()]; n];
         for (pi, p) in self.policies.iter().enumerate() {
             for (i, e) in identities.iter().enumerate() {
@@ -655,6 +812,8 @@ impl PolicySet {
             applicable,
             audit: self.policies.iter().map(|p| p.audit).collect(),
             posture: self.posture,
+            network_nets,
+            network_names: self.networks.iter().map(|n| n.name.clone()).collect(),
         }
     }
 }
@@ -691,8 +850,8 @@ impl Compiled {
                 let hit = r.rule.header_matches(flow)
                     && r.rule.source.header_matches(src_ip, flow.src_port)
                     && r.rule.destination.header_matches(dst_ip, flow.dst_port)
-                    && r.src.as_ref().is_none_or(|s| s.has(src))
-                    && r.dst.as_ref().is_none_or(|s| s.has(dst));
+                    && self.end_selected(&r.src, &r.src_nets, src, src_ip)
+                    && self.end_selected(&r.dst, &r.dst_nets, dst, dst_ip);
                 if !hit {
                     continue;
                 }
@@ -725,6 +884,41 @@ impl Compiled {
             rule: None,
             logged,
         }
+    }
+
+    /// Whether a rule's entity (its identities `ids`, its external networks `nets`) selects end
+    /// `idx` ([`EXTERNAL`]: the address `ip` outside the mesh).
+    #[inline]
+    fn end_selected(
+        &self,
+        ids: &Option<BitSet>,
+        nets: &Option<BitSet>,
+        idx: u32,
+        ip: Option<IpAddr>,
+    ) -> bool {
+        if idx != EXTERNAL {
+            return ids.as_ref().is_none_or(|s| s.has(idx));
+        }
+        match (nets, ip) {
+            (None, _) => true,
+            (Some(bits), Some(ip)) => self
+                .network_nets
+                .iter()
+                .any(|(c, n)| bits.has(*n) && c.contains(ip)),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// The external networks that contain `ip`, most specific first (for the flow log).
+    pub fn networks_at(&self, ip: IpAddr) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for (c, n) in &self.network_nets {
+            let name = self.network_names[*n as usize].as_str();
+            if c.contains(ip) && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
     }
 
     /// How many identities this was resolved against.
@@ -890,6 +1084,7 @@ fn entity(ctx: &Ctx, e: &EntityRule, proto: Option<u8>) -> Result<Entity, Compil
         sa_selector,
         ports,
         not_ports,
+        calico: true,
     })
 }
 

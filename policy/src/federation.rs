@@ -147,6 +147,7 @@ mod tests {
             issuer: pk,
             labels: Default::default(),
             addrs: vec![],
+            routes: vec![],
         }
         .sign(&key)
         .unwrap();

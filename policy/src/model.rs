@@ -1,7 +1,9 @@
 //! The policy documents operators write, as Calico and Kubernetes define them, read from YAML
 //! unchanged: `projectcalico.org/v3` `NetworkPolicy` and `GlobalNetworkPolicy`,
 //! `networking.k8s.io/v1` `NetworkPolicy`, and `v1` `Namespace` (for namespace labels); and the
-//! mesh's own `mesh.io/v1` `Federation` ([`crate::federation`]). Unknown fields are errors, named
+//! mesh's own `mesh.io/v1` `Federation` ([`crate::federation`]). External networks: Calico's
+//! `NetworkSet` and `GlobalNetworkSet`, and the mesh's `mesh.io/v1` `ExternalNetwork` and
+//! `GlobalExternalNetwork`, the same thing under the mesh's names. Unknown fields are errors, named
 //! by their path in the document.
 
 use serde::Deserialize;
@@ -146,6 +148,23 @@ pub enum PortValue {
     Text(String),
 }
 
+/// The `spec` of a network set or external network: its addresses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkSetSpec {
+    #[serde(default)]
+    pub nets: Vec<String>,
+}
+
+/// Which kind named an external network (they mean the same; the name is kept for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkKind {
+    /// `projectcalico.org/v3` `NetworkSet` / `GlobalNetworkSet`.
+    CalicoNetworkSet,
+    /// `mesh.io/v1` `ExternalNetwork` / `GlobalExternalNetwork`.
+    ExternalNetwork,
+}
+
 /// `networking.k8s.io/v1` NetworkPolicy `spec`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -246,6 +265,13 @@ pub enum Document {
     Federation {
         metadata: Metadata,
         spec: crate::federation::FederationSpec,
+    },
+    /// A named set of addresses outside the mesh, with labels that rule selectors match.
+    Network {
+        metadata: Metadata,
+        spec: NetworkSetSpec,
+        kind: NetworkKind,
+        global: bool,
     },
 }
 
@@ -413,9 +439,25 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             ("v1", "Namespace") => typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
             (crate::federation::API_VERSION, crate::federation::KIND) => typed::<Raw<crate::federation::FederationSpec>>(de)
                 .map(|r| Document::Federation { metadata: r.metadata, spec: r.spec }),
+            ("projectcalico.org/v3", "NetworkSet" | "GlobalNetworkSet")
+            | (crate::federation::API_VERSION, "ExternalNetwork" | "GlobalExternalNetwork") => {
+                let network_kind = if api == crate::federation::API_VERSION {
+                    NetworkKind::ExternalNetwork
+                } else {
+                    NetworkKind::CalicoNetworkSet
+                };
+                let global = kind.starts_with("Global");
+                typed::<Raw<NetworkSetSpec>>(de).and_then(|r| {
+                    if global && r.metadata.namespace.is_some() {
+                        return Err(format!("metadata.namespace: a {kind} is not namespaced"));
+                    }
+                    Ok(Document::Network { metadata: r.metadata, spec: r.spec, kind: network_kind, global })
+                })
+            }
             _ => Err(format!(
-                "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy or \
-                 GlobalNetworkPolicy, networking.k8s.io/v1 NetworkPolicy, v1 Namespace, mesh.io/v1 Federation"
+                "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy, \
+                 GlobalNetworkPolicy, NetworkSet or GlobalNetworkSet, networking.k8s.io/v1 NetworkPolicy, \
+                 v1 Namespace, mesh.io/v1 Federation, ExternalNetwork or GlobalExternalNetwork"
             )),
         };
         match result {
@@ -471,6 +513,22 @@ impl Document {
             }
             Document::Namespace { metadata } => format!("Namespace {}", metadata.name),
             Document::Federation { metadata, .. } => format!("Federation {}", metadata.name),
+            Document::Network {
+                metadata,
+                kind,
+                global,
+                ..
+            } => {
+                let k = match kind {
+                    NetworkKind::CalicoNetworkSet => "NetworkSet",
+                    NetworkKind::ExternalNetwork => "ExternalNetwork",
+                };
+                if *global {
+                    format!("Global{k} {}", metadata.name)
+                } else {
+                    format!("{k} {}/{}", ns(metadata), metadata.name)
+                }
+            }
         }
     }
 
@@ -480,7 +538,8 @@ impl Document {
             | Document::CalicoGlobalNetworkPolicy { metadata, .. }
             | Document::K8sNetworkPolicy { metadata, .. }
             | Document::Namespace { metadata }
-            | Document::Federation { metadata, .. } => metadata,
+            | Document::Federation { metadata, .. }
+            | Document::Network { metadata, .. } => metadata,
         }
     }
 }

@@ -100,6 +100,9 @@ pub struct FlowEnd {
     /// The same identity as a SPIFFE ID: `spiffe://TD/ns/NAMESPACE/sa/NAME`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<String>,
+    /// An address outside the mesh: the external networks that contain it, most specific first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }

@@ -19,6 +19,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const CERT_MAGIC: &[u8; 4] = b"MSHC";
 pub const CRL_MAGIC: &[u8; 4] = b"MSHR";
 pub const VERSION: u8 = 1;
+/// Certificate format version that also lists routes (a gateway's grant); a certificate without
+/// routes is always encoded as version 1, so each content has one encoding.
+pub const VERSION_ROUTES: u8 = 2;
 /// No valid certificate is larger: 3 names, 64 labels and 16 addresses at their maximum sizes.
 pub const MAX_CERT_BYTES: usize = 32 * 1024;
 pub const MAX_LABELS: usize = 64;
@@ -63,6 +66,9 @@ pub struct CertBody {
     pub labels: BTreeMap<String, String>,
     /// An identity's overlay addresses; for a CA, the ranges its identities may hold (none: any).
     pub addrs: Vec<Cidr>,
+    /// Ranges outside the mesh this identity may serve as a gateway (granted only by the CA).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +203,22 @@ impl CertBody {
                 "more than 16",
             ));
         }
+        if self.routes.len() > MAX_ADDRS {
+            return Err(invalid(
+                "routes",
+                &self.routes.len().to_string(),
+                "more than 16",
+            ));
+        }
+        if !self.routes.is_empty() && self.kind == CertKind::Ca {
+            return Err(invalid("routes", "", "a CA has no routes"));
+        }
+        if !self.routes.windows(2).all(|w| w[0] < w[1]) {
+            return Err(CertError::NotCanonical {
+                field: "routes",
+                reason: "not sorted and unique",
+            });
+        }
         if !self.addrs.windows(2).all(|w| w[0] < w[1]) {
             return Err(CertError::NotCanonical {
                 field: "addrs",
@@ -210,7 +232,11 @@ impl CertBody {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(256);
         b.extend_from_slice(CERT_MAGIC);
-        b.push(VERSION);
+        b.push(if self.routes.is_empty() {
+            VERSION
+        } else {
+            VERSION_ROUTES
+        });
         b.push(self.kind as u8);
         b.extend_from_slice(&self.serial.to_be_bytes());
         b.extend_from_slice(&self.not_before.to_be_bytes());
@@ -225,18 +251,9 @@ impl CertBody {
             put_str(&mut b, k);
             put_str(&mut b, v);
         }
-        b.push(self.addrs.len() as u8);
-        for a in &self.addrs {
-            match a.addr() {
-                IpAddr::V4(v4) => {
-                    b.extend_from_slice(&[4, a.prefix_len()]);
-                    b.extend_from_slice(&v4.octets());
-                }
-                IpAddr::V6(v6) => {
-                    b.extend_from_slice(&[6, a.prefix_len()]);
-                    b.extend_from_slice(&v6.octets());
-                }
-            }
+        put_cidrs(&mut b, &self.addrs);
+        if !self.routes.is_empty() {
+            put_cidrs(&mut b, &self.routes);
         }
         b
     }
@@ -276,7 +293,7 @@ impl Certificate {
             });
         }
         let version = r.u8("version")?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_ROUTES {
             return Err(CertError::UnsupportedVersion(version));
         }
         let kind = match r.u8("kind")? {
@@ -307,31 +324,19 @@ impl Certificate {
             last = Some(k.clone());
             labels.insert(k, v);
         }
-        let n_addrs = r.u8("addrs")? as usize;
-        let mut addrs = Vec::with_capacity(n_addrs.min(MAX_ADDRS));
-        for _ in 0..n_addrs {
-            let family = r.u8("address family")?;
-            let len = r.u8("prefix length")?;
-            let addr: IpAddr = match family {
-                4 => Ipv4Addr::from(<[u8; 4]>::try_from(r.take("address", 4)?).expect("4 bytes"))
-                    .into(),
-                6 => {
-                    Ipv6Addr::from(<[u8; 16]>::try_from(r.take("address", 16)?).expect("16 bytes"))
-                        .into()
-                }
-                f => return Err(invalid("address family", &f.to_string(), "must be 4 or 6")),
-            };
-            let cidr = Cidr::new(addr, len).map_err(|_| {
-                invalid("prefix length", &len.to_string(), "too long for the family")
-            })?;
-            if cidr.addr() != addr {
+        let addrs = read_cidrs(&mut r, "addrs")?;
+        let routes = if version == VERSION_ROUTES {
+            let routes = read_cidrs(&mut r, "routes")?;
+            if routes.is_empty() {
                 return Err(CertError::NotCanonical {
-                    field: "addrs",
-                    reason: "host bits set",
+                    field: "routes",
+                    reason: "version 2 without routes (that is version 1)",
                 });
             }
-            addrs.push(cidr);
-        }
+            routes
+        } else {
+            Vec::new()
+        };
         let signature =
             <[u8; 64]>::try_from(r.take("signature", SIGNATURE_LEN)?).expect("64 bytes");
         if r.off != bytes.len() {
@@ -351,6 +356,7 @@ impl Certificate {
             issuer,
             labels,
             addrs,
+            routes,
         };
         body.validate()?;
         Ok(Certificate { body, signature })
@@ -818,6 +824,51 @@ impl From<Truncated> for CertError {
     }
 }
 
+/// A u8 count, then each prefix as family (4 or 6), length and address bytes.
+fn put_cidrs(b: &mut Vec<u8>, cidrs: &[Cidr]) {
+    b.push(cidrs.len() as u8);
+    for a in cidrs {
+        match a.addr() {
+            IpAddr::V4(v4) => {
+                b.extend_from_slice(&[4, a.prefix_len()]);
+                b.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                b.extend_from_slice(&[6, a.prefix_len()]);
+                b.extend_from_slice(&v6.octets());
+            }
+        }
+    }
+}
+
+/// What [`put_cidrs`] wrote, host bits zero.
+fn read_cidrs(r: &mut Reader, field: &'static str) -> Result<Vec<Cidr>, CertError> {
+    let n = r.u8(field)? as usize;
+    let mut out = Vec::with_capacity(n.min(MAX_ADDRS));
+    for _ in 0..n {
+        let family = r.u8("address family")?;
+        let len = r.u8("prefix length")?;
+        let addr: IpAddr = match family {
+            4 => {
+                Ipv4Addr::from(<[u8; 4]>::try_from(r.take("address", 4)?).expect("4 bytes")).into()
+            }
+            6 => Ipv6Addr::from(<[u8; 16]>::try_from(r.take("address", 16)?).expect("16 bytes"))
+                .into(),
+            f => return Err(invalid("address family", &f.to_string(), "must be 4 or 6")),
+        };
+        let cidr = Cidr::new(addr, len)
+            .map_err(|_| invalid("prefix length", &len.to_string(), "too long for the family"))?;
+        if cidr.addr() != addr {
+            return Err(CertError::NotCanonical {
+                field,
+                reason: "host bits set",
+            });
+        }
+        out.push(cidr);
+    }
+    Ok(out)
+}
+
 /// A u8-length-prefixed UTF-8 string.
 fn read_str(r: &mut Reader, field: &'static str) -> Result<String, CertError> {
     let n = r.u8(field)? as usize;
@@ -852,6 +903,7 @@ mod tests {
             issuer: pk,
             labels: BTreeMap::new(),
             addrs: vec![],
+            routes: vec![],
         }
         .sign(key)
         .unwrap()
@@ -876,6 +928,7 @@ mod tests {
                 "100.64.0.5/32".parse().unwrap(),
                 "fd00::5/128".parse().unwrap(),
             ],
+            routes: vec![],
         }
     }
 
@@ -891,6 +944,44 @@ mod tests {
             .flat_map(|l| l.split_whitespace())
             .collect();
         hex::decode(clean).unwrap()
+    }
+
+    #[test]
+    fn routes_make_version_2_and_only_routes_do() {
+        let key = ca_key();
+        let plain = identity_body(&key).sign(&key).unwrap();
+        assert_eq!(plain.encode()[4], VERSION);
+        let mut body = identity_body(&key);
+        body.routes = vec![
+            "198.19.0.0/24".parse().unwrap(),
+            "fd19::/64".parse().unwrap(),
+        ];
+        let gw = body.sign(&key).unwrap();
+        let bytes = gw.encode();
+        assert_eq!(bytes[4], VERSION_ROUTES);
+        assert_eq!(Certificate::decode(&bytes).unwrap(), gw);
+        for n in 0..bytes.len() {
+            assert!(
+                Certificate::decode(&bytes[..n]).is_err(),
+                "accepted at {n} bytes"
+            );
+        }
+        // Version 2 with no routes is a second encoding of a version 1 certificate: refused.
+        let mut v2 = plain.body.encode();
+        v2[4] = VERSION_ROUTES;
+        v2.push(0);
+        v2.extend_from_slice(&plain.signature);
+        assert!(matches!(
+            Certificate::decode(&v2),
+            Err(CertError::NotCanonical {
+                field: "routes",
+                ..
+            })
+        ));
+        // A CA grants routes; it holds none.
+        let mut ca = ca_cert(&key, "example.org").body;
+        ca.routes = vec!["198.19.0.0/24".parse().unwrap()];
+        assert!(ca.sign(&key).is_err());
     }
 
     #[test]
@@ -912,7 +1003,10 @@ mod tests {
         ];
         let ca = ca.sign(&key).unwrap();
         let inside = identity_body(&key).sign(&key).unwrap();
-        assert_eq!(inside.verify_identity(std::slice::from_ref(&ca), T0 + 1, None), Ok(()));
+        assert_eq!(
+            inside.verify_identity(std::slice::from_ref(&ca), T0 + 1, None),
+            Ok(())
+        );
         let mut body = identity_body(&key);
         body.addrs = vec!["100.64.1.5/32".parse().unwrap()];
         let outside = body.sign(&key).unwrap();
@@ -1205,6 +1299,7 @@ mod tests {
                     issuer: ca.verifying_key().to_bytes(),
                     labels,
                     addrs,
+                    routes: vec![],
                 }
             })
     }

@@ -14,6 +14,7 @@
 
 use crate::cert::{CertError, Certificate, RevocationList, MAX_CERT_BYTES, MAX_CRL_BYTES};
 use crate::reader::{Reader, Truncated};
+use crate::Cidr;
 use blake2::digest::Mac;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::ChaCha20Poly1305;
@@ -827,7 +828,14 @@ pub enum Message {
         length: u32,
         data: Vec<u8>,
     },
+    /// "Which routes do you serve now?", to a member whose certificate grants routes (section 8).
+    GatewayProbe { nonce: u64 },
+    /// The answer: the probe's nonce and the routes the sender serves (none: it serves nothing).
+    GatewayServing { nonce: u64, routes: Vec<Cidr> },
 }
+
+/// Routes in one [`Message::GatewayServing`] at most (as many as a certificate grants).
+pub const MAX_SERVING_ROUTES: usize = crate::cert::MAX_ADDRS;
 
 /// Largest number of CAs a Hello reports revocation lists for.
 pub const MAX_HELLO_CAS: usize = 64;
@@ -880,6 +888,8 @@ const MSG_REVOCATION: u8 = 3;
 const MSG_POLICY_OFFER: u8 = 4;
 const MSG_POLICY_REQUEST: u8 = 5;
 const MSG_POLICY_CHUNK: u8 = 6;
+const MSG_GATEWAY_PROBE: u8 = 7;
+const MSG_GATEWAY_SERVING: u8 = 8;
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
@@ -954,6 +964,28 @@ impl Message {
                 b.extend_from_slice(&length.to_be_bytes());
                 b.extend_from_slice(&(data.len() as u32).to_be_bytes());
                 b.extend_from_slice(data);
+            }
+            Message::GatewayProbe { nonce } => {
+                b.push(MSG_GATEWAY_PROBE);
+                b.extend_from_slice(&nonce.to_be_bytes());
+            }
+            Message::GatewayServing { nonce, routes } => {
+                b.push(MSG_GATEWAY_SERVING);
+                b.extend_from_slice(&nonce.to_be_bytes());
+                let n = routes.len().min(MAX_SERVING_ROUTES);
+                b.push(n as u8);
+                for c in &routes[..n] {
+                    match c.addr() {
+                        IpAddr::V4(a) => {
+                            b.extend_from_slice(&[4, c.prefix_len()]);
+                            b.extend_from_slice(&a.octets());
+                        }
+                        IpAddr::V6(a) => {
+                            b.extend_from_slice(&[6, c.prefix_len()]);
+                            b.extend_from_slice(&a.octets());
+                        }
+                    }
+                }
             }
         }
         b
@@ -1071,6 +1103,45 @@ impl Message {
                     data,
                 }
             }
+            MSG_GATEWAY_PROBE => Message::GatewayProbe {
+                nonce: r.u64("nonce")?,
+            },
+            MSG_GATEWAY_SERVING => {
+                let nonce = r.u64("nonce")?;
+                let n = usize::from(r.u8("route count")?);
+                if n > MAX_SERVING_ROUTES {
+                    return Err(ControlError::Invalid {
+                        field: "route count",
+                        reason: "more than 16",
+                    });
+                }
+                let mut routes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (family, len) = (r.u8("route family")?, r.u8("route prefix length")?);
+                    let ip: IpAddr = match family {
+                        4 => Ipv4Addr::from(r.array::<4>("route")?).into(),
+                        6 => Ipv6Addr::from(r.array::<16>("route")?).into(),
+                        _ => {
+                            return Err(ControlError::Invalid {
+                                field: "route family",
+                                reason: "must be 4 or 6",
+                            })
+                        }
+                    };
+                    let c = Cidr::new(ip, len).map_err(|_| ControlError::Invalid {
+                        field: "route prefix length",
+                        reason: "too long for the family",
+                    })?;
+                    if c.addr() != ip {
+                        return Err(ControlError::Invalid {
+                            field: "route",
+                            reason: "host bits set",
+                        });
+                    }
+                    routes.push(c);
+                }
+                Message::GatewayServing { nonce, routes }
+            }
             t => return Err(ControlError::UnknownType(t)),
         };
         finish(&r)?;
@@ -1139,6 +1210,7 @@ mod tests {
             issuer: ca.verifying_key().to_bytes(),
             labels: BTreeMap::new(),
             addrs: vec!["100.64.0.1/32".parse().unwrap()],
+            routes: vec![],
         }
         .sign(&ca)
         .unwrap()
@@ -1600,7 +1672,39 @@ mod tests {
                 length: 70_000,
                 data: vec![0xab; 100],
             },
+            Message::GatewayProbe { nonce: 77 },
+            Message::GatewayServing {
+                nonce: 77,
+                routes: vec![],
+            },
+            Message::GatewayServing {
+                nonce: u64::MAX,
+                routes: vec![
+                    "198.19.0.0/24".parse().unwrap(),
+                    "fd19::/64".parse().unwrap(),
+                ],
+            },
         ]
+    }
+
+    #[test]
+    fn a_serving_answer_is_bounded_and_canonical() {
+        let routes: Vec<Cidr> = (0..17)
+            .map(|i| format!("198.19.{i}.0/24").parse().unwrap())
+            .collect();
+        let mut bytes = Message::GatewayServing { nonce: 1, routes }.encode();
+        // The encoder cuts at 16; a decoder refuses a count above it.
+        assert_eq!(bytes[9], 16);
+        bytes[9] = 17;
+        assert!(Message::decode(&bytes).is_err());
+        let mut host_bits = Message::GatewayServing {
+            nonce: 1,
+            routes: vec!["198.19.0.0/24".parse().unwrap()],
+        }
+        .encode();
+        let last = host_bits.len() - 1;
+        host_bits[last] = 1;
+        assert!(Message::decode(&host_bits).is_err());
     }
 
     #[test]

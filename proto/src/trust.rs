@@ -228,6 +228,25 @@ pub fn check_scope(
             ));
         }
     }
+    if let Some(r) = body
+        .routes
+        .iter()
+        .find(|r| !f.routes.iter().any(|g| g.covers(r)))
+    {
+        return Err(out(
+            "route",
+            r.to_string(),
+            format!(
+                "federation {} allows routes {}",
+                f.trust_domain,
+                if f.routes.is_empty() {
+                    "none".to_string()
+                } else {
+                    list(&f.routes)
+                }
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -255,6 +274,7 @@ mod tests {
             issuer: pk,
             labels: Default::default(),
             addrs: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+            routes: vec![],
         }
         .sign(&key)
         .unwrap();
@@ -276,6 +296,7 @@ mod tests {
             issuer: ca.verifying_key().to_bytes(),
             labels: Default::default(),
             addrs,
+            routes: vec![],
         }
         .sign(ca)
         .unwrap()
@@ -357,6 +378,14 @@ mod tests {
         assert_eq!(
             refused_field(trust.check(&wide, NOW, None, Signature::Verify)),
             "address"
+        );
+        // A route the federation does not allow (it allows none).
+        let mut gw = id(&b, "partner.org", "microblog", &["100.65.0.9/32"]).body;
+        gw.routes = vec!["198.19.0.0/24".parse().unwrap()];
+        let gw = gw.sign(&b).unwrap();
+        assert_eq!(
+            refused_field(trust.check(&gw, NOW, None, Signature::Verify)),
+            "route"
         );
     }
 

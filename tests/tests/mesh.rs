@@ -636,7 +636,7 @@ fn operator_peering_with_meshctl_peer_add_list_remove() {
     assert_eq!(list[0]["endpoint"], "198.18.1.2:51820");
     let table = String::from_utf8(meshctl(&["status", &n1.ifname]).stdout).unwrap();
     assert!(
-        table.contains("identity: example.org/prod/node2"),
+        table.contains("identity: example.org/prod/node2  spiffe://example.org/ns/prod/sa/node2"),
         "{table}"
     );
 

@@ -4,10 +4,10 @@
 //! The data threads only hand a small event to a bounded channel (dropped and counted when the
 //! logger falls behind); names, labels and JSON are made on the logger's own thread.
 
-use super::{Rules, LOCAL};
+use super::{Decision, Rules, EXTERNAL};
 use parking_lot::Mutex;
 use policy::conntrack::{ConnKey, Entry};
-use policy::engine::{Compiled, Direction, FastVerdict};
+use policy::engine::{Compiled, Direction};
 use proto::admin::{FlowEnd, FlowRecord};
 use proto::ip::FlowKey;
 use std::collections::{HashMap, VecDeque};
@@ -31,11 +31,8 @@ const MAX_OPEN: usize = 1 << 20;
 
 pub enum FlowEvent {
     New {
-        direction: Direction,
         flow: FlowKey,
-        remote: u32,
-        verdict: FastVerdict,
-        audited: bool,
+        decision: Decision,
         rules: Arc<Rules>,
     },
     Closed {
@@ -193,13 +190,17 @@ fn record(
 ) -> Option<FlowRecord> {
     match e {
         FlowEvent::New {
-            direction,
             flow,
-            remote,
-            verdict,
-            audited,
+            decision,
             rules,
         } => {
+            let Decision {
+                verdict,
+                audited,
+                direction,
+                src: src_id,
+                dst: dst_id,
+            } = decision;
             let key = ConnKey::of(&flow);
             let passed = verdict.allow || audited;
             if !passed {
@@ -214,10 +215,6 @@ fn record(
                 }
                 denied.insert(key, now_ms);
             }
-            let (src_id, dst_id) = match direction {
-                Direction::Egress => (LOCAL, remote),
-                Direction::Ingress => (remote, LOCAL),
-            };
             let rec = FlowRecord {
                 seq: 0,
                 time: now(),
@@ -276,6 +273,16 @@ fn end(rules: &Rules, id: u32, ip: std::net::IpAddr, port: u16, flow: &FlowKey) 
         namespace: who.map(|i| i.endpoint.namespace.clone()),
         name: who.map(|i| i.endpoint.name.clone()),
         spiffe_id: who.map(|i| i.endpoint.spiffe_id()),
+        networks: if id == EXTERNAL {
+            rules
+                .compiled
+                .networks_at(ip)
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        } else {
+            Vec::new()
+        },
         labels: who.map(|i| i.endpoint.labels.clone()).unwrap_or_default(),
     }
 }

@@ -36,6 +36,7 @@ const MAX_FRAGMENTED_DATAGRAMS: usize = 4096;
 pub const LOCAL: u32 = 0;
 /// The index of a peer without an identity (a plain WireGuard peer): selects nothing.
 pub const UNKNOWN: u32 = u32::MAX;
+pub use policy::engine::EXTERNAL;
 
 /// An identity as policy and the flow log see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,20 @@ pub struct Rules {
     pub audit_all: bool,
     pub serial: u64,
     pub posture: Posture,
+    /// The routes outside the mesh this node serves as a gateway.
+    pub served: Vec<proto::Cidr>,
+}
+
+/// A verdict on the first packet of a flow, and what it was decided as: the policy direction of
+/// the governed identity, and the two ends ([`LOCAL`], a member, [`EXTERNAL`] or [`UNKNOWN`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Decision {
+    pub verdict: FastVerdict,
+    /// A denial that is only audited.
+    pub audited: bool,
+    pub direction: Direction,
+    pub src: u32,
+    pub dst: u32,
 }
 
 impl Rules {
@@ -84,7 +99,14 @@ impl Rules {
             audit_all,
             serial,
             posture: set.posture,
+            served: Vec::new(),
         }
+    }
+
+    /// The same rules on a node that serves `routes` as a gateway.
+    pub fn serving(mut self, routes: &[proto::Cidr]) -> Rules {
+        self.served = routes.to_vec();
+        self
     }
 
     /// The same rules for a new member list, resolving only the members that are new or whose
@@ -129,6 +151,7 @@ impl Rules {
             audit_all: self.audit_all,
             serial: self.serial,
             posture: self.posture,
+            served: self.served.clone(),
         })
     }
 
@@ -140,14 +163,65 @@ impl Rules {
         self.identities.get(id as usize)
     }
 
-    /// The verdict for the first packet of `flow`, seen in `direction`, to or from the peer
-    /// whose identity is `remote`; and whether a denial is only audited.
-    pub fn decide(&self, direction: Direction, flow: &FlowKey, remote: u32) -> (FastVerdict, bool) {
-        let (src, dst) = match direction {
-            Direction::Egress => (LOCAL, remote),
-            Direction::Ingress => (remote, LOCAL),
+    /// The two ends of `flow` as seen at this node `at` (Egress: read from the TUN device, for
+    /// peer `remote`; Ingress: decrypted from peer `remote`, for the TUN device), and the policy
+    /// direction that decides it: this node's own traffic is decided by its identity's egress or
+    /// ingress; traffic it forwards as a gateway, between a member and a route it serves, by the
+    /// member's ingress (from outside) or egress (to outside), the external end selected by its
+    /// address. `None`: the packet is neither this node's nor for a route it serves.
+    ///
+    /// The far end is the authenticated peer's identity; or, for an address no identity holds
+    /// (the data path checked the peer's allowed IPs, which hold only its own addresses and the
+    /// routes it carries, and a route never overlaps an identity's address), outside the mesh.
+    pub fn ends(
+        &self,
+        at: Direction,
+        flow: &FlowKey,
+        remote: u32,
+    ) -> Option<(Direction, u32, u32)> {
+        let here = |ip| match self.owners.lookup(ip) {
+            Some(&LOCAL) => Some(LOCAL),
+            _ if self.served.iter().any(|r| r.contains(ip)) => Some(EXTERNAL),
+            _ => None,
         };
-        let v = self.compiled.decide(
+        // The far end is the authenticated peer, whatever the address says, unless no identity
+        // holds the address: then it is outside the mesh (through a gateway peer).
+        let there = |ip| match self.owners.lookup(ip) {
+            Some(&LOCAL) => None,
+            _ if remote == UNKNOWN => Some(UNKNOWN),
+            Some(_) => Some(remote),
+            None => Some(EXTERNAL),
+        };
+        let member = |id| id != EXTERNAL && id != UNKNOWN;
+        match at {
+            Direction::Egress => {
+                let (src, dst) = (here(flow.src)?, there(flow.dst)?);
+                if src == LOCAL {
+                    Some((Direction::Egress, src, dst))
+                } else {
+                    member(dst).then_some((Direction::Ingress, src, dst))
+                }
+            }
+            Direction::Ingress => {
+                let (src, dst) = (there(flow.src)?, here(flow.dst)?);
+                if dst == LOCAL {
+                    Some((Direction::Ingress, src, dst))
+                } else {
+                    member(src).then_some((Direction::Egress, src, dst))
+                }
+            }
+        }
+    }
+
+    /// The verdict for the first packet of `flow`, seen at this node `at`, to or from the peer
+    /// whose identity is `remote` (see [`Rules::ends`]); `None` if it is not this node's to pass.
+    pub fn decide(&self, at: Direction, flow: &FlowKey, remote: u32) -> Option<Decision> {
+        let (direction, src, dst) = self.ends(at, flow, remote)?;
+        let governed = match direction {
+            Direction::Egress => src,
+            Direction::Ingress => dst,
+        };
+        let verdict = self.compiled.decide(
             direction,
             &policy_flow(flow),
             src,
@@ -155,8 +229,15 @@ impl Rules {
             dst,
             Some(flow.dst),
         );
-        let audited = !v.allow && (self.audit_all || self.compiled.audited(direction, LOCAL, &v));
-        (v, audited)
+        let audited = !verdict.allow
+            && (self.audit_all || self.compiled.audited(direction, governed, &verdict));
+        Some(Decision {
+            verdict,
+            audited,
+            direction,
+            src,
+            dst,
+        })
     }
 }
 
@@ -300,7 +381,14 @@ impl Enforcer {
         // Only a new flow reads the rules; a tracked one passes on the table alone.
         let rules = self.rules.load();
         let remote_id = rules.identity_of(remote);
-        let (verdict, audited) = rules.decide(dir, &flow, remote_id);
+        let Some(d) = rules.decide(dir, &flow, remote_id) else {
+            drop(table);
+            drops.count(Drop::PolicyNotHere);
+            return false;
+        };
+        let Decision {
+            verdict, audited, ..
+        } = d;
         let pass = verdict.allow || audited;
         if pass {
             table.insert(&flow, packet.len(), now, direction_tag(dir));
@@ -312,17 +400,14 @@ impl Enforcer {
             self.counters.audited_flows.fetch_add(1, Relaxed);
         } else {
             self.counters.denied_packets.fetch_add(1, Relaxed);
-            drops.count(match dir {
+            drops.count(match d.direction {
                 Direction::Egress => Drop::PolicyEgress,
                 Direction::Ingress => Drop::PolicyIngress,
             });
         }
         self.log.send(FlowEvent::New {
-            direction: dir,
             flow,
-            remote: remote_id,
-            verdict,
-            audited,
+            decision: d,
             rules: rules.clone(),
         });
         pass
@@ -428,9 +513,12 @@ fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> bool {
     } else {
         (Direction::Ingress, first.src)
     };
-    let remote = rules.owners.lookup(remote_ip).copied().unwrap_or(UNKNOWN);
-    let (v, audited) = rules.decide(dir, &first, remote);
-    v.allow || audited
+    // A member's address names it; any other far end is outside the mesh (a plain WireGuard
+    // peer's flows, by address alone, are no different under the rules).
+    let remote = rules.owners.lookup(remote_ip).copied().unwrap_or(EXTERNAL);
+    rules
+        .decide(dir, &first, remote)
+        .is_some_and(|d| d.verdict.allow || d.audited)
 }
 
 /// The identity of a certificate, for policy.

@@ -9,6 +9,7 @@ const ME: [u8; 4] = [100, 64, 0, 1];
 const API: [u8; 4] = [100, 64, 0, 2];
 const OTHER: [u8; 4] = [100, 64, 0, 3];
 const API_KEY: [u8; 32] = [2; 32];
+const ME_KEY: [u8; 32] = [1; 32];
 const OTHER_KEY: [u8; 32] = [3; 32];
 
 fn identity(name: &str, app: &str, ip: [u8; 4]) -> Identity {
@@ -323,7 +324,10 @@ fn membership_changes_resolve_only_what_changed_and_decide_as_a_rebuild() {
     let first = Rules::build(&set, me.clone(), [(API_KEY, api.clone())], false, 1);
     let decide = |r: &Rules, key: &[u8; 32], src: [u8; 4]| {
         let flow = FlowKey::parse(&tcp(src, 40000, ME, 8080, SYN)).unwrap();
-        let (v, _) = r.decide(Direction::Ingress, &flow, r.identity_of(key));
+        let v = r
+            .decide(Direction::Ingress, &flow, r.identity_of(key))
+            .expect("a flow to this node")
+            .verdict;
         (v.allow, r.compiled.policy_name(&v).to_string())
     };
     // A member joins: only it is resolved; decisions equal a rebuild's.
@@ -399,4 +403,114 @@ fn a_later_fragment_passes_only_when_its_first_fragment_did() {
         &drops
     ));
     assert_eq!(drops.get(Drop::PolicyFragment), 3);
+}
+
+/// A gateway serving 198.19.0.0/24 (this node, `post`), and a client (`api`) behind it.
+const EXTERNAL_HOST: [u8; 4] = [198, 19, 0, 5];
+const GATEWAY_POLICY: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata: {name: partner-db, labels: {role: partner-db}}
+spec:
+  nets: [198.19.0.0/24]
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-out, namespace: microblog}
+spec:
+  selector: app == 'api'
+  egress:
+  - action: Allow
+    protocol: TCP
+    destination: {selector: role == 'partner-db', namespaceSelector: global(), ports: [5432]}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: from-partner, namespace: microblog}
+spec:
+  selector: app == 'api'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source: {selector: role == 'partner-db', namespaceSelector: global()}
+    destination: {ports: [8080]}
+";
+
+fn gateway() -> Enforcer {
+    let mut r = rules(GATEWAY_POLICY, false, 1);
+    r = r.serving(&["198.19.0.0/24".parse().unwrap()]);
+    Enforcer::new(r, 1024, FlowLog::start(None).unwrap())
+}
+
+/// At the gateway, traffic between a member and a route it serves is decided by the member's
+/// policy, the source identity being the authenticated peer: api's egress to the partner
+/// database, api's ingress from it; replies ride the connection table; nothing else crosses.
+#[test]
+fn a_gateway_decides_forwarded_flows_by_the_members_policy() {
+    let e = gateway();
+    let drops = DropCounters::default();
+    // api → partner-db:5432, decrypted at the gateway: api's egress allows it.
+    assert!(e.ingress(&tcp(API, 40000, EXTERNAL_HOST, 5432, SYN), &API_KEY, &drops));
+    // The database's answer, read from the TUN device on its way back: tracked.
+    assert!(e.egress(
+        &tcp(EXTERNAL_HOST, 5432, API, 40000, SYN | ACK),
+        &API_KEY,
+        &drops
+    ));
+    // api → another port, and `other` (no egress policy) → the database: denied here.
+    assert!(!e.ingress(&tcp(API, 40001, EXTERNAL_HOST, 22, SYN), &API_KEY, &drops));
+    assert!(!e.ingress(
+        &tcp(OTHER, 40002, EXTERNAL_HOST, 5432, SYN),
+        &OTHER_KEY,
+        &drops
+    ));
+    assert_eq!(
+        drops.get(Drop::PolicyEgress),
+        2,
+        "decided as the member's egress"
+    );
+    // partner-db → api:8080, read from the TUN device at the gateway: api's ingress allows it.
+    assert!(e.egress(&tcp(EXTERNAL_HOST, 50000, API, 8080, SYN), &API_KEY, &drops));
+    // ... but not to `other`, nor to api's other ports.
+    assert!(!e.egress(
+        &tcp(EXTERNAL_HOST, 50001, OTHER, 8080, SYN),
+        &OTHER_KEY,
+        &drops
+    ));
+    assert!(!e.egress(&tcp(EXTERNAL_HOST, 50002, API, 22, SYN), &API_KEY, &drops));
+    assert_eq!(
+        drops.get(Drop::PolicyIngress),
+        2,
+        "decided as the member's ingress"
+    );
+    // An address outside the routes this node serves is not its to forward, either way.
+    let elsewhere = [198, 19, 7, 5];
+    assert!(!e.ingress(&tcp(API, 40003, elsewhere, 5432, SYN), &API_KEY, &drops));
+    assert!(!e.egress(&tcp(elsewhere, 5432, API, 8080, SYN), &API_KEY, &drops));
+    assert_eq!(drops.get(Drop::PolicyNotHere), 2);
+}
+
+/// At a client, an address no identity holds is outside the mesh: api's traffic to the partner
+/// database (through its gateway peer) is decided against the network's labels.
+#[test]
+fn a_client_decides_traffic_to_an_external_network_by_its_labels() {
+    let r = Rules::build(
+        &{
+            let docs = policy::model::parse_documents(GATEWAY_POLICY, "test").unwrap();
+            PolicySet::compile(&docs, Posture::ZeroTrust)
+                .unwrap()
+                .in_trust_domain("example.org")
+        },
+        identity("api", "api", API),
+        [(ME_KEY, identity("post", "post", ME))],
+        false,
+        1,
+    );
+    let e = Enforcer::new(r, 1024, FlowLog::start(None).unwrap());
+    let drops = DropCounters::default();
+    assert!(e.egress(&tcp(API, 40000, EXTERNAL_HOST, 5432, SYN), &ME_KEY, &drops));
+    assert!(!e.egress(&tcp(API, 40001, EXTERNAL_HOST, 80, SYN), &ME_KEY, &drops));
+    // From the database to api:8080 through the gateway: api's ingress, by the network's labels.
+    assert!(e.ingress(&tcp(EXTERNAL_HOST, 50000, API, 8080, SYN), &ME_KEY, &drops));
+    // A source the gateway peer does hold (its own address) is that identity, not outside.
+    assert!(!e.ingress(&tcp(ME, 50001, API, 8080, SYN), &ME_KEY, &drops));
 }

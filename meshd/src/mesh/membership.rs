@@ -128,6 +128,11 @@ pub enum Out {
         from: [u8; 32],
         msg: Message,
     },
+    /// A gateway probe or answer from an authenticated member, for the node's gateways.
+    Gateway {
+        from: [u8; 32],
+        msg: Message,
+    },
 }
 
 /// Why an incoming control datagram, or a certificate in one, was not acted on.
@@ -758,6 +763,11 @@ impl Membership {
 
     /// The members whose addresses overlap `addr`. Members' intervals are disjoint, so those are
     /// the ones just before `addr`'s last address, walking back while they reach its first.
+    /// Whether any member's address shares an address with `c`.
+    pub fn claimed(&self, c: &Cidr) -> bool {
+        self.claimants(c).next().is_some()
+    }
+
     fn claimants(&self, addr: &Cidr) -> impl Iterator<Item = [u8; 32]> + '_ {
         let (family, first, last) = addr.span();
         self.claims
@@ -1257,6 +1267,12 @@ impl Membership {
                 from: sender,
                 msg: m,
             }),
+            m @ (Message::GatewayProbe { .. } | Message::GatewayServing { .. }) => {
+                out.push(Out::Gateway {
+                    from: sender,
+                    msg: m,
+                })
+            }
             Message::Revocation(crl) => {
                 if !self.take_revocation(crl.clone())? {
                     return Ok(());

@@ -27,6 +27,7 @@ fn identity(ca: &SigningKey, i: u8, not_after: u64) -> (StaticSecret, Certificat
         issuer: ca.verifying_key().to_bytes(),
         labels: Default::default(),
         addrs: vec![format!("100.64.1.{i}/32").parse().unwrap()],
+        routes: vec![],
     }
     .sign(ca)
     .unwrap();
@@ -264,7 +265,7 @@ fn a_newer_revocation_list_crosses_whichever_side_greets() {
         outs.into_iter()
             .filter_map(|o| match o {
                 Out::Send { datagram, .. } => Some(datagram),
-                Out::Policy { .. } => None,
+                Out::Policy { .. } | Out::Gateway { .. } => None,
             })
             .collect()
     };

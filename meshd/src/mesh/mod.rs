@@ -5,6 +5,7 @@
 
 #[cfg(test)]
 mod federation_tests;
+pub mod gateways;
 pub mod membership;
 pub mod node;
 pub mod policy_book;

@@ -10,6 +10,7 @@
 //! from what it emitted before. Members never overlap one another (membership refuses a second
 //! claim), and a member whose addresses overlap this node's own is not installed.
 
+use super::gateways::Gateways;
 use super::membership::{Floor, MemberState, Membership, Out, Refusal};
 use super::policy_book::PolicyBook;
 use super::policy_sync::{PolicySync, SyncAction};
@@ -45,6 +46,9 @@ pub struct NodeConfig {
     pub audit: bool,
     pub answer_probes: bool,
     pub seeds: Vec<Seed>,
+    /// The routes outside the mesh this node serves as a gateway (`[gateway] routes`; each
+    /// granted by its certificate).
+    pub gateway_routes: Vec<Cidr>,
 }
 
 /// What an earlier run saved in the state directory; each part is verified again as it is taken.
@@ -130,6 +134,9 @@ pub struct Node {
     membership: Membership,
     sync: PolicySync,
     book: PolicyBook,
+    gateways: Gateways,
+    /// The gateway carrying each route, as last derived.
+    chosen: BTreeMap<Cidr, [u8; 32]>,
     /// What the device was told to hold: derived, compared after every event.
     peers: BTreeMap<[u8; 32], Installed>,
     routes: BTreeSet<Cidr>,
@@ -192,10 +199,13 @@ impl Node {
         for s in cfg.seeds {
             membership.add_seed(s.addr, s.key, rng);
         }
+        let gateways = Gateways::new(cfg.gateway_routes, rng.next_u64());
         let mut node = Node {
             membership,
             sync,
             book,
+            gateways,
+            chosen: BTreeMap::new(),
             peers: BTreeMap::new(),
             routes: BTreeSet::new(),
             addresses: BTreeSet::new(),
@@ -221,6 +231,11 @@ impl Node {
 
     pub fn certificate(&self) -> &Certificate {
         self.membership.certificate()
+    }
+
+    /// The routes this node serves as a gateway.
+    pub fn serving(&self) -> &[Cidr] {
+        self.gateways.serving()
     }
 
     pub fn policy(&self) -> &PolicyBook {
@@ -299,6 +314,15 @@ impl Node {
                 let acts = self.sync.on_tick(now_ms);
                 self.sync_actions(acts, now_ms, rng, &mut outs);
                 self.offer_in_turn(now_ms, rng, &mut outs);
+                let members = self.membership.members();
+                self.gateways.set_candidates(
+                    members
+                        .iter()
+                        .map(|(k, m)| (*k, m.certificate.body.routes.as_slice())),
+                );
+                for (k, probe) in self.gateways.on_tick(now_ms) {
+                    self.membership.send_to(&k, &probe, now_ms, rng, &mut outs);
+                }
                 outs
             }
             Event::AddSeed(seed) => {
@@ -351,6 +375,14 @@ impl Node {
         while let Some(o) = queue.pop_front() {
             match o {
                 Out::Send { to, datagram } => out.push(Action::Send { to, datagram }),
+                Out::Gateway { from, msg } => {
+                    if let Some(answer) = self.gateways.on_message(from, msg, now_ms) {
+                        let mut more = Vec::new();
+                        self.membership
+                            .send_to(&from, &answer, now_ms, rng, &mut more);
+                        queue.extend(more);
+                    }
+                }
                 Out::Policy { from, .. } if !self.membership.same_domain(&from) => {
                     tracing::debug!(from = %proto::Key(from), "policy message from another trust domain ignored");
                 }
@@ -373,7 +405,14 @@ impl Node {
             out.push(Action::Resolve);
             self.policy_changed = false;
         }
-        let touched = self.membership.take_touched();
+        let mut touched = self.membership.take_touched();
+        // The gateways whose routes changed (one died, or came back), and, when members came or
+        // went, every gateway: a route never overlaps a member's address.
+        let chosen = self.chosen_routes(now_ms);
+        if chosen != self.chosen || (!touched.is_empty() && !chosen.is_empty()) {
+            touched.extend(self.chosen.values().chain(chosen.values()).copied());
+            self.chosen = chosen;
+        }
         let new_peers = if std::mem::take(&mut self.rederive) {
             self.derive(None, out)
         } else if !touched.is_empty() {
@@ -392,7 +431,7 @@ impl Node {
             }
             out.extend(outs.into_iter().filter_map(|o| match o {
                 Out::Send { to, datagram } => Some(Action::Send { to, datagram }),
-                Out::Policy { .. } => None,
+                Out::Policy { .. } | Out::Gateway { .. } => None,
             }));
         }
         self.members_unsaved |= dirty.members;
@@ -424,12 +463,36 @@ impl Node {
         }
     }
 
-    /// What the device must hold for member `key`, from its certificate alone: its endpoint and
-    /// exactly its addresses, or nothing if it is no member or its addresses overlap this
-    /// node's own (then the reason is noted).
+    /// For each route outside the mesh that a live gateway serves, the gateway that carries it
+    /// here: not one this node serves itself, and never one that shares an address with this
+    /// node or a member (a route cannot take an identity's traffic).
+    fn chosen_routes(&self, now_ms: u64) -> BTreeMap<Cidr, [u8; 32]> {
+        let mine = &self.certificate().body.addrs;
+        self.gateways
+            .chosen(now_ms)
+            .into_iter()
+            .filter(|(r, _)| {
+                !self.gateways.serving().contains(r)
+                    && !super::membership::overlaps_any(r, mine)
+                    && !self.membership.claimed(r)
+            })
+            .collect()
+    }
+
+    /// What the device must hold for member `key`, from its certificate and the gateway
+    /// choice: its endpoint, exactly its addresses, and the routes it carries for this node; or
+    /// nothing if it is no member or its addresses overlap this node's own (then the reason is
+    /// noted).
     fn wanted(&mut self, key: &[u8; 32], mine: &[Cidr]) -> Option<Installed> {
         let m = self.membership.members().get(key)?;
-        let addrs = &m.certificate.body.addrs;
+        let mut addrs = m.certificate.body.addrs.clone();
+        addrs.extend(
+            self.chosen
+                .iter()
+                .filter(|(_, g)| *g == key)
+                .map(|(r, _)| *r),
+        );
+        let addrs = &addrs;
         if addrs
             .iter()
             .any(|a| super::membership::overlaps_any(a, mine))
@@ -542,11 +605,13 @@ impl Node {
                     .any(|a| super::membership::overlaps_any(a, &mine))
             })
             .map(|(k, m)| {
+                let mut addrs = m.certificate.body.addrs.clone();
+                addrs.extend(self.chosen.iter().filter(|(_, g)| *g == k).map(|(r, _)| *r));
                 (
                     *k,
                     Installed {
                         endpoint: m.endpoint,
-                        addrs: m.certificate.body.addrs.clone(),
+                        addrs,
                     },
                 )
             })

@@ -137,6 +137,7 @@ impl PolicyBook {
         &self,
         me: &CertBody,
         members: &BTreeMap<[u8; 32], MemberState>,
+        served: &[proto::Cidr],
         prev: Option<&Rules>,
     ) -> Rules {
         let local = identity_of_cert(me);
@@ -144,10 +145,13 @@ impl PolicyBook {
             .iter()
             .map(|(k, m)| (*k, identity_of_cert(&m.certificate.body)));
         let incremental = prev
-            .filter(|p| p.serial == self.serial() && p.audit_all == self.audit)
+            .filter(|p| {
+                p.serial == self.serial() && p.audit_all == self.audit && p.served == served
+            })
             .and_then(|p| p.with_members(&self.set, &local, members.clone()));
-        incremental
-            .unwrap_or_else(|| Rules::build(&self.set, local, members, self.audit, self.serial()))
+        incremental.unwrap_or_else(|| {
+            Rules::build(&self.set, local, members, self.audit, self.serial()).serving(served)
+        })
     }
 }
 

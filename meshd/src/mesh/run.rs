@@ -75,6 +75,8 @@ pub struct Mesh {
     state_dir: PathBuf,
     view: MemberView,
     enforcer: Arc<Enforcer>,
+    /// The masquerade table while this node serves routes with `gateway.masquerade`.
+    _masquerade: Option<crate::forwarding::Masquerade>,
 }
 
 impl Mesh {
@@ -95,6 +97,17 @@ impl Mesh {
         dev.apply(&set)
             .map_err(|e| anyhow::anyhow!("configuring the interface: {e}"))?;
         let netlink = Netlink::connect(&cfg.interface.name)?;
+        let gateway_routes = cfg.gateway_routes();
+        let masquerade = if gateway_routes.is_empty() {
+            None
+        } else {
+            crate::forwarding::check(&gateway_routes)?;
+            tracing::info!(routes = %proto::cert::list(&gateway_routes), "serving as a gateway");
+            cfg.gateway
+                .masquerade
+                .then(|| crate::forwarding::Masquerade::install(&cfg.interface.name))
+                .transpose()?
+        };
         let state_dir = cfg.peering.state_dir.clone();
         state::prepare(&state_dir)?;
         let saved = state::load(&state_dir);
@@ -108,6 +121,7 @@ impl Mesh {
             audit: cfg.policy.audit,
             answer_probes: cfg.peering.answer_probes,
             seeds: cfg.seeds(),
+            gateway_routes,
         };
         let (node, actions) = Node::new(node_cfg, saved, now_ms(), &mut OsRng);
         let log_path = cfg
@@ -117,9 +131,12 @@ impl Mesh {
             .unwrap_or_else(|| state_dir.join("flows.jsonl"));
         let log = FlowLog::start(Some(log_path.clone()))
             .with_context(|| format!("opening the flow log {}", log_path.display()))?;
-        let rules = node
-            .policy()
-            .rules(&node.certificate().body, node.members(), None);
+        let rules = node.policy().rules(
+            &node.certificate().body,
+            node.members(),
+            node.serving(),
+            None,
+        );
         let enforcer = Arc::new(Enforcer::new(rules, cfg.policy.conntrack_max, log));
         dev.set_enforcer(enforcer.clone());
         tokio::spawn(expire_flows(enforcer.clone()));
@@ -131,6 +148,7 @@ impl Mesh {
             state_dir,
             view,
             enforcer,
+            _masquerade: masquerade,
         };
         mesh.execute(actions).await;
         Ok(mesh)
@@ -282,6 +300,7 @@ impl Mesh {
         let rules = self.node.policy().rules(
             &self.node.certificate().body,
             self.node.members(),
+            self.node.serving(),
             Some(&prev),
         );
         self.enforcer.install(rules);

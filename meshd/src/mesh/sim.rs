@@ -77,6 +77,7 @@ impl Ca {
             issuer: pk,
             labels: Default::default(),
             addrs: vec![],
+            routes: vec![],
         }
         .sign(&key)
         .expect("a valid CA body");
@@ -118,6 +119,7 @@ impl Ca {
                 .into_iter()
                 .collect(),
             addrs: vec![addr],
+            routes: vec![],
         }
         .sign(&self.key)
         .expect("a valid identity body")
@@ -160,6 +162,8 @@ pub struct SimNode {
     /// makes the node one of another cluster).
     pub bundle: Vec<Certificate>,
     pub admins: Vec<[u8; 32]>,
+    /// The routes the node serves as a gateway.
+    pub gateway_routes: Vec<Cidr>,
     pub seeds: Vec<Seed>,
     pub host: Host,
     pub refusals: u64,
@@ -252,6 +256,7 @@ impl Sim {
                     certificate,
                     bundle: vec![ca.cert.clone()],
                     admins: vec![admin.verifying_key().to_bytes()],
+                    gateway_routes: Vec::new(),
                     seeds,
                     host: Host::default(),
                     refusals: 0,
@@ -293,6 +298,7 @@ impl Sim {
             audit: false,
             answer_probes: true,
             seeds: n.seeds.clone(),
+            gateway_routes: n.gateway_routes.clone(),
         }
     }
 

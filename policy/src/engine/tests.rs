@@ -107,6 +107,182 @@ spec:
     }
 }
 
+const NETWORKS: &str = "
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata: {name: partner-db, labels: {role: partner-db}}
+spec:
+  nets: [198.19.1.0/24, 'fd19::/64']
+---
+apiVersion: mesh.io/v1
+kind: ExternalNetwork
+metadata: {name: legacy, namespace: microblog, labels: {role: legacy}}
+spec:
+  nets: [198.19.2.0/24]
+---
+apiVersion: mesh.io/v1
+kind: GlobalExternalNetwork
+metadata: {name: internet, labels: {role: internet}}
+spec:
+  nets: [0.0.0.0/0]
+";
+
+fn ext(ip: &str) -> End<'static> {
+    End::External(ip.parse().unwrap())
+}
+
+fn egress_to(s: &PolicySet, src: &Endpoint, dst: End, port: u16) -> Verdict {
+    s.decide_ends(Direction::Egress, &tcp(port), End::Identity(src), dst)
+}
+
+/// Rules select external networks by label exactly as Calico selects network sets: a global
+/// policy sees every network, a namespaced one the networks of its namespace, `namespaceSelector:
+/// global()` the global ones; `nets` keeps working; service accounts never match an address.
+#[test]
+fn rules_select_external_networks_by_label_as_calico_selects_network_sets() {
+    let policies = "
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-out, namespace: microblog}
+spec:
+  selector: app == 'api'
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination: {selector: role == 'legacy', ports: [5432]}
+    - action: Allow
+      protocol: TCP
+      destination: {selector: role == 'partner-db', namespaceSelector: global(), ports: [5432]}
+    - action: Allow
+      protocol: TCP
+      destination: {nets: [198.19.9.0/24]}
+    - action: Deny
+      destination: {serviceAccounts: {names: [api]}}
+";
+    let s = set(&format!("{NAMESPACE}---{NETWORKS}---{policies}"));
+    let api = ep("microblog", "api", &[("app", "api")]);
+    let v = egress_to(&s, &api, ext("198.19.2.7"), 5432);
+    assert_eq!((v.allow, v.rule.as_deref()), (true, Some("egress[0]")));
+    let v = egress_to(&s, &api, ext("198.19.1.7"), 5432);
+    assert_eq!((v.allow, v.rule.as_deref()), (true, Some("egress[1]")));
+    let mut v6 = tcp(5432);
+    v6.ip_version = 6;
+    assert!(
+        s.decide_ends(Direction::Egress, &v6, End::Identity(&api), ext("fd19::7"))
+            .allow
+    );
+    assert!(
+        !egress_to(&s, &api, ext("198.19.1.7"), 22).allow,
+        "the port is part of the rule"
+    );
+    assert!(
+        egress_to(&s, &api, ext("198.19.9.1"), 80).allow,
+        "nets alone"
+    );
+    let v = egress_to(&s, &api, ext("198.19.3.1"), 5432);
+    assert_eq!((v.allow, v.by.as_str()), (false, "end-of-policies"));
+    // A namespaced policy's plain selector does not see global networks.
+    let plain = set(&format!(
+        "{NAMESPACE}---{NETWORKS}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: p, namespace: microblog}}
+spec:
+  selector: app == 'api'
+  egress: [{{action: Allow, destination: {{selector: role == 'partner-db'}}}}]
+"
+    ));
+    assert!(!egress_to(&plain, &api, ext("198.19.1.7"), 5432).allow);
+    // A global policy's does.
+    let global = set(&format!(
+        "{NAMESPACE}---{NETWORKS}---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: g}}
+spec:
+  selector: app == 'api'
+  egress: [{{action: Allow, destination: {{selector: \"role in {{'partner-db', 'legacy'}}\"}}}}]
+"
+    ));
+    assert!(egress_to(&global, &api, ext("198.19.1.7"), 5432).allow);
+    assert!(egress_to(&global, &api, ext("198.19.2.7"), 5432).allow);
+    assert!(
+        !egress_to(&global, &api, ext("198.19.5.7"), 5432).allow,
+        "internet is not selected"
+    );
+    let c = global.resolve(std::slice::from_ref(&api));
+    assert_eq!(
+        c.networks_at("198.19.1.7".parse().unwrap()),
+        vec![
+            "GlobalNetworkSet partner-db",
+            "GlobalExternalNetwork internet"
+        ]
+    );
+}
+
+/// Traffic from an external network into the mesh: the destination's ingress decides, with the
+/// network (by label, or by `nets`) as the source; Kubernetes pod selectors never match it.
+#[test]
+fn ingress_from_an_external_network_and_kubernetes_peers() {
+    let s = set(&format!(
+        "{NAMESPACE}---{NETWORKS}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: from-legacy, namespace: microblog}}
+spec:
+  selector: app == 'post'
+  ingress: [{{action: Allow, protocol: TCP, source: {{selector: role == 'legacy'}}, destination: {{ports: [8080]}}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: k, namespace: microblog}}
+spec:
+  podSelector: {{matchLabels: {{app: search}}}}
+  ingress:
+    - from: [{{podSelector: {{}}}}]
+    - from: [{{ipBlock: {{cidr: 198.19.1.0/24}}}}]
+      ports: [{{port: 443}}]
+"
+    ));
+    let into = |dst: &Endpoint, src: &str, port| {
+        s.decide_ends(Direction::Ingress, &tcp(port), ext(src), End::Identity(dst))
+    };
+    assert!(into(&post(), "198.19.2.9", 8080).allow);
+    assert!(!into(&post(), "198.19.1.9", 8080).allow);
+    let search = ep("microblog", "search", &[("app", "search")]);
+    assert!(
+        !into(&search, "198.19.2.9", 80).allow,
+        "a pod selector is not an address"
+    );
+    assert!(into(&search, "198.19.1.9", 443).allow, "ipBlock is");
+    // Nothing governs the external end.
+    let v = s.decide_ends(
+        Direction::Egress,
+        &tcp(8080),
+        ext("198.19.2.9"),
+        End::Identity(&post()),
+    );
+    assert_eq!((v.allow, v.by.as_str()), (false, "outside-the-mesh"));
+}
+
+#[test]
+fn bad_external_networks_are_named() {
+    let errs = parse_documents(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: x, namespace: a}\nspec: {nets: [10.0.0.0/8]}\n",
+        "t.yaml",
+    )
+    .unwrap_err();
+    assert!(errs[0].message.contains("not namespaced"), "{errs:?}");
+    let docs = parse_documents(
+        "apiVersion: mesh.io/v1\nkind: ExternalNetwork\nmetadata: {name: x}\nspec: {nets: [nope]}\n",
+        "t.yaml",
+    )
+    .unwrap();
+    let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+    assert_eq!(e[0].policy, "ExternalNetwork default/x");
+    assert!(e[0].field.starts_with("spec.nets"), "{e:?}");
+}
+
 /// A remote namespace of the same name is not the local one: its labels come from nowhere.
 #[test]
 fn a_remote_namespace_has_none_of_the_local_namespace_labels() {
@@ -501,7 +677,27 @@ spec:
       protocol: TCP
       destination: {ports: ['8000:8100'], notNets: [100.64.9.0/24]}
 ";
-        let yaml = format!("{}---{}---{order}---{FEDERATED}", SETS[0], SETS[1]);
+        let by_network = "
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: n, namespace: microblog}
+spec:
+  order: 6
+  selector: all()
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination: {selector: role == 'legacy'}
+    - action: Deny
+      destination: {selector: role == 'partner-db', namespaceSelector: global()}
+  ingress:
+    - action: Allow
+      source: {selector: has(role)}
+";
+        let yaml = format!(
+            "{}---{}---{order}---{FEDERATED}---{NETWORKS}---{by_network}",
+            SETS[0], SETS[1]
+        );
         set(&yaml)
     }
 
@@ -550,9 +746,22 @@ spec:
             for (a, b, proto, port) in pairs {
                 let (a, b) = (a % ids.len(), b % ids.len());
                 let flow = Flow { protocol: proto, src_port: Some(40000), dst_port: Some(port), icmp: None, ip_version: 4 };
+                // Each end an identity, or (for one in three) an address outside the mesh.
+                let end = |i: usize| -> (End, u32, Option<std::net::IpAddr>) {
+                    if i % 3 == 2 {
+                        let ip: std::net::IpAddr = format!("198.19.{}.9", i % 4).parse().unwrap();
+                        (End::External(ip), EXTERNAL, Some(ip))
+                    } else {
+                        (End::Identity(&ids[i]), i as u32, ids[i].ip)
+                    }
+                };
+                let ((src, si, sip), (dst, di, dip)) = (end(a), end(b));
                 for dir in [Direction::Ingress, Direction::Egress] {
-                    let slow = s.decide(dir, &flow, &ids[a], &ids[b]);
-                    let fast = c.decide(dir, &flow, a as u32, ids[a].ip, b as u32, ids[b].ip);
+                    let slow = s.decide_ends(dir, &flow, src, dst);
+                    if slow.by == "outside-the-mesh" {
+                        continue;
+                    }
+                    let fast = c.decide(dir, &flow, si, sip, di, dip);
                     prop_assert_eq!(fast.allow, slow.allow, "{:?} {:?} {:?}", dir, slow, fast);
                     let name = c.policy_name(&fast);
                     prop_assert!(slow.by.ends_with(name) || slow.by == name, "{} vs {}", slow.by, name);
