@@ -5,6 +5,8 @@
 
 #[cfg(test)]
 mod federation_tests;
+#[cfg(test)]
+mod gateway_tests;
 pub mod gateways;
 pub mod membership;
 pub mod node;
