@@ -724,7 +724,12 @@ pub struct Switch {
 
 impl Lab {
     pub fn switch(&mut self) -> Switch {
-        let ns = self.host("sw");
+        self.switch_named("sw")
+    }
+
+    /// A second (third...) switch: `suffix` names its namespace.
+    pub fn switch_named(&mut self, suffix: &str) -> Switch {
+        let ns = self.host(suffix);
         sh(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"]);
         sh(&["ip", "-n", &ns, "link", "set", "br0", "up"]);
         Switch { ns }
@@ -732,15 +737,20 @@ impl Lab {
 
     /// Attaches `host` to the switch with underlay address `addr` (CIDR) on its interface `u0`.
     pub fn attach(&mut self, sw: &Switch, host: &str, addr: &str) {
-        let port = truncate(&format!("p{host}"));
+        self.attach_as(sw, host, "u0", addr);
+    }
+
+    /// [`Lab::attach`] on the host's interface `ifc` (a host on two switches).
+    pub fn attach_as(&mut self, sw: &Switch, host: &str, ifc: &str, addr: &str) {
+        let port = truncate(&format!("p{host}{ifc}"));
         sh(&[
-            "ip", "link", "add", "u0", "netns", host, "type", "veth", "peer", "name", &port,
+            "ip", "link", "add", ifc, "netns", host, "type", "veth", "peer", "name", &port,
             "netns", &sw.ns,
         ]);
         sh(&["ip", "-n", &sw.ns, "link", "set", &port, "master", "br0"]);
         sh(&["ip", "-n", &sw.ns, "link", "set", &port, "up"]);
-        sh(&["ip", "-n", host, "addr", "add", addr, "dev", "u0", "nodad"]);
-        sh(&["ip", "-n", host, "link", "set", "u0", "up"]);
+        sh(&["ip", "-n", host, "addr", "add", addr, "dev", ifc, "nodad"]);
+        sh(&["ip", "-n", host, "link", "set", ifc, "up"]);
     }
 
     /// Starts meshd in mesh mode in `ns` from the configuration file `config` (again, after

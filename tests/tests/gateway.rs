@@ -1,0 +1,398 @@
+//! External networks through policy-enforcing gateways (issue 9), with real daemons: two
+//! gateways serving 198.19.0.0/24 (masquerading), an external host behind them that is not in the
+//! mesh (a TCP and a UDP server), an allowed identity (`api`), a disallowed one (`web`, whose own
+//! node runs in audit mode, so only the gateway stands in its way), and a node whose certificate
+//! grants no route.
+
+use mesh_tests::*;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const ROUTE: &str = "198.19.0.0/24";
+const EXT: &str = "198.19.0.5";
+
+const POLICY: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata:
+  name: partner-db
+  labels:
+    role: partner-db
+spec:
+  nets:
+    - 198.19.0.0/24
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: api-to-partner
+  namespace: microblog
+spec:
+  selector: app == 'api'
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination:
+        selector: role == 'partner-db'
+        namespaceSelector: global()
+        ports: [5432]
+    - action: Allow
+      protocol: UDP
+      destination:
+        selector: role == 'partner-db'
+        namespaceSelector: global()
+        ports: [5353]
+  ingress:
+    - action: Allow
+      protocol: TCP
+      source:
+        selector: role == 'partner-db'
+        namespaceSelector: global()
+      destination:
+        ports: [8080]
+";
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+fn connects(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&addr, timeout).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether a UDP datagram from `ns` to `addr` is echoed back within `timeout`.
+fn udp_echoes(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
+    in_netns(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(timeout)).unwrap();
+        s.send_to(b"ping", addr).unwrap();
+        let mut buf = [0u8; 16];
+        matches!(s.recv_from(&mut buf), Ok((4, _)))
+    })
+    .join()
+    .unwrap()
+}
+
+/// A TCP server accepting every connection and a UDP echo server, in `ns`.
+fn servers(ns: &str, tcp: SocketAddr, udp: Option<SocketAddr>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    drop(in_netns(ns, move || {
+        let l = TcpListener::bind(tcp).expect("bind tcp");
+        tx.send(()).unwrap();
+        for s in l.incoming() {
+            drop(s);
+        }
+    }));
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("tcp listening");
+    if let Some(udp) = udp {
+        drop(in_netns(ns, move || {
+            let s = UdpSocket::bind(udp).expect("bind udp");
+            tx2.send(()).unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        }));
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("udp listening");
+    }
+}
+
+/// Which peer of `ifname` holds the route, by its overlay address.
+fn carrier(lab: &Lab, ifname: &str) -> Option<String> {
+    lab.status(ifname)["peers"]
+        .as_array()?
+        .iter()
+        .find_map(|p| {
+            let ips = p["allowed_ips"].as_array()?;
+            ips.iter()
+                .any(|i| i == ROUTE)
+                .then(|| ips[0].as_str().unwrap_or("").to_string())
+        })
+}
+
+fn flows(ifname: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(bin("meshctl"))
+        .args(["flows", "-o", "json", "-i", ifname])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_over() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let outside = lab.switch_named("so");
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let admin = lab.dir.join("admin.key");
+    run(Command::new(bin("meshctl"))
+        .args(["policy", "admin-key", "--out"])
+        .arg(&admin));
+    let ext = lab.host("x");
+    lab.attach(&outside, &ext, &format!("{EXT}/24"));
+    // (suffix, name, labels, overlay, underlay, routes granted, audit)
+    let specs = [
+        (
+            "g1",
+            "gateway1",
+            "app=gateway",
+            "100.64.3.1/32",
+            "198.18.3.1",
+            true,
+            false,
+        ),
+        (
+            "g2",
+            "gateway2",
+            "app=gateway",
+            "100.64.3.2/32",
+            "198.18.3.2",
+            true,
+            false,
+        ),
+        (
+            "a",
+            "api",
+            "app=api",
+            "100.64.3.3/32",
+            "198.18.3.3",
+            false,
+            false,
+        ),
+        (
+            "w",
+            "web",
+            "app=web",
+            "100.64.3.4/32",
+            "198.18.3.4",
+            false,
+            true,
+        ),
+    ];
+    let mut nodes = Vec::new();
+    for (i, (suffix, name, label, addr, underlay, gateway, audit)) in specs.iter().enumerate() {
+        let ns = lab.host(suffix);
+        lab.attach(&sw, &ns, &format!("{underlay}/24"));
+        let mut extra = vec!["--label", label];
+        if *gateway {
+            extra.extend(["--route", "198.19.0.0/16"]);
+            lab.attach_as(&outside, &ns, "u1", &format!("198.19.0.{}/24", i + 1));
+            lab.exec_ok(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        }
+        let (cert, key) = pki.issue("microblog", name, addr, &extra);
+        let ifname = lab.name(&format!("m{suffix}"));
+        let seeds: Vec<&str> = if i == 0 {
+            vec![]
+        } else {
+            vec!["198.18.3.1:51820"]
+        };
+        let policy = MeshPolicy {
+            posture: "zero-trust",
+            audit: *audit,
+            admins: vec![PathBuf::from(format!("{}.pub", admin.display()))],
+        };
+        let config = mesh_config_with(
+            &lab,
+            &ifname,
+            &cert,
+            &key,
+            &[pki.ca_cert()],
+            &seeds,
+            &policy,
+        );
+        if *gateway {
+            let mut text = std::fs::read_to_string(&config).unwrap();
+            text.push_str(&format!(
+                "\n[gateway]\nroutes = [\"{ROUTE}\"]\nmasquerade = true\n"
+            ));
+            std::fs::write(&config, text).unwrap();
+        }
+        lab.meshd_config(&ns, &ifname, &config);
+        nodes.push((ns, ifname));
+    }
+    let (api, web) = (&nodes[2], &nodes[3]);
+
+    // A node whose certificate grants no route cannot serve one: its configuration is refused.
+    let (cert, key) = pki.issue("microblog", "rogue", "100.64.3.9/32", &[]);
+    let rogue = mesh_config(&lab, "rogue0", &cert, &key, &[pki.ca_cert()], &[]);
+    let mut text = std::fs::read_to_string(&rogue).unwrap();
+    text.push_str(&format!("\n[gateway]\nroutes = [\"{ROUTE}\"]\n"));
+    std::fs::write(&rogue, text).unwrap();
+    let o = Command::new(bin("meshd"))
+        .args(["--check-config", rogue.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let says = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a gateway without the grant is refused"
+    );
+    assert!(
+        says.contains("gateway.routes") && says.contains("not granted"),
+        "{says}"
+    );
+
+    let f = lab.dir.join("policy.yaml");
+    std::fs::write(&f, POLICY).unwrap();
+    let out = Command::new(bin("meshctl"))
+        .args([
+            "policy",
+            "apply",
+            "-f",
+            f.to_str().unwrap(),
+            "--key",
+            admin.to_str().unwrap(),
+        ])
+        .args(["-i", &api.1])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every node routes 198.19.0.0/24 to the same gateway (the live one with the lower key).
+    let gateways = ["100.64.3.1/32", "100.64.3.2/32"];
+    wait_for(
+        "api and web route 198.19.0.0/24 to a gateway",
+        Duration::from_secs(20),
+        || {
+            let a = carrier(&lab, &api.1);
+            a.as_deref().is_some_and(|c| gateways.contains(&c))
+                && carrier(&lab, &web.1) == a
+                && [&nodes[0], &nodes[1], web]
+                    .iter()
+                    .all(|n| lab.status(&n.1)["policy"]["serial"].as_u64() == Some(1))
+        },
+    );
+    let first = gateways
+        .iter()
+        .position(|g| carrier(&lab, &api.1).as_deref() == Some(*g))
+        .unwrap();
+    let (gw, standby) = (&nodes[first], &nodes[1 - first]);
+    let db: SocketAddr = format!("{EXT}:5432").parse().unwrap();
+    let dns: SocketAddr = format!("{EXT}:5353").parse().unwrap();
+    servers(&ext, db, Some(dns));
+
+    // The allowed identity reaches the external host, TCP and UDP; the flow log names the
+    // network.
+    assert!(
+        connects(&api.0, db, Duration::from_secs(5)),
+        "api reaches the partner database"
+    );
+    assert!(
+        udp_echoes(&api.0, dns, Duration::from_secs(3)),
+        "and its UDP service"
+    );
+    let rec = flows(&api.1)
+        .into_iter()
+        .find(|r| r["dst"]["ip"] == EXT && r["verdict"] == "allow")
+        .expect("api's flow to the database in its log");
+    assert_eq!(rec["dst"]["networks"][0], "GlobalNetworkSet partner-db");
+    assert_eq!(
+        rec["src"]["spiffe_id"],
+        "spiffe://example.org/ns/microblog/sa/api"
+    );
+
+    // The disallowed one: its own node only audits (audit mode), the gateway drops it.
+    assert!(
+        !connects(&web.0, db, Duration::from_secs(2)),
+        "web is stopped at the gateway"
+    );
+    let at_gateway = flows(&gw.1);
+    let denied = at_gateway
+        .iter()
+        .find(|r| r["src"]["name"] == "web" && r["verdict"] == "deny")
+        .unwrap_or_else(|| panic!("the gateway's log shows web denied: {at_gateway:?}"));
+    assert_eq!(denied["direction"], "egress", "decided as web's egress");
+    assert_eq!(denied["dst"]["networks"][0], "GlobalNetworkSet partner-db");
+    assert!(flows(&web.1)
+        .iter()
+        .any(|r| r["dst"]["ip"] == EXT && r["verdict"] == "audit"));
+
+    // The external host reaches the allowed service through the gateway, and nothing else.
+    let api_svc: SocketAddr = "100.64.3.3:8080".parse().unwrap();
+    let api_other: SocketAddr = "100.64.3.3:9090".parse().unwrap();
+    let web_svc: SocketAddr = "100.64.3.4:8080".parse().unwrap();
+    servers(&api.0, api_svc, None);
+    servers(&api.0, api_other, None);
+    servers(&web.0, web_svc, None);
+    let via = format!("198.19.0.{}", first + 1);
+    lab.exec_ok(&ext, &["ip", "route", "add", "100.64.0.0/16", "via", &via]);
+    assert!(
+        connects(&ext, api_svc, Duration::from_secs(5)),
+        "the external host reaches api:8080"
+    );
+    assert!(
+        !connects(&ext, api_other, Duration::from_secs(2)),
+        "not api:9090"
+    );
+    assert!(
+        !connects(&ext, web_svc, Duration::from_secs(2)),
+        "nor web (stopped at the gateway)"
+    );
+    let from_ext = flows(&api.1)
+        .into_iter()
+        .find(|r| r["src"]["ip"] == EXT && r["verdict"] == "allow")
+        .expect("the inbound flow in api's log");
+    assert_eq!(from_ext["direction"], "ingress");
+    assert_eq!(
+        from_ext["src"]["networks"][0],
+        "GlobalNetworkSet partner-db"
+    );
+    assert!(
+        flows(&gw.1).iter().any(|r| r["src"]["ip"] == EXT
+            && r["dst"]["name"] == "web"
+            && r["verdict"] == "deny"
+            && r["direction"] == "ingress"),
+        "the gateway decided web's ingress"
+    );
+
+    // Failover: the gateway dies; api's traffic moves to the other within 5 s, and back.
+    lab.stop(&gw.1, libc::SIGKILL);
+    let moved = wait_for(
+        "the route moves to the standby gateway",
+        Duration::from_secs(5),
+        || carrier(&lab, &api.1).as_deref() == Some(gateways[1 - first]),
+    );
+    eprintln!("failover took {moved:?}");
+    assert!(
+        connects(&api.0, db, Duration::from_secs(5)),
+        "api reaches the database through the standby"
+    );
+    assert!(
+        flows(&standby.1)
+            .iter()
+            .any(|r| r["src"]["name"] == "api" && r["verdict"] == "allow"),
+        "the standby gateway decided api's flow"
+    );
+    let config = lab.dir.join(format!("{}.toml", gw.1));
+    lab.meshd_config(&gw.0, &gw.1, &config);
+    let back = wait_for("the route moves back", Duration::from_secs(10), || {
+        carrier(&lab, &api.1).as_deref() == Some(gateways[first])
+    });
+    eprintln!("failback took {back:?} (with the restart)");
+    assert!(
+        connects(&api.0, db, Duration::from_secs(5)),
+        "and through the first gateway again"
+    );
+}
