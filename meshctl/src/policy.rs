@@ -2,7 +2,7 @@
 
 use crate::Failure;
 use anyhow::anyhow;
-use policy::engine::{CompileError, Direction, Endpoint, Flow, PolicySet, Posture};
+use policy::engine::{CompileError, Direction, End, Endpoint, Flow, PolicySet, Posture};
 use policy::model::{Document, Origin};
 use policy::Selector;
 use std::collections::BTreeMap;
@@ -137,10 +137,62 @@ pub struct CheckArgs<'a> {
 }
 
 /// `meshctl policy check`: ALLOW or DENY for one flow, with what decided each direction.
+/// `--from`/`--to`: an identity, or an address outside the mesh.
+enum CheckEnd {
+    Identity(Endpoint),
+    External(std::net::IpAddr),
+}
+
+impl CheckEnd {
+    fn parse(flag: &str, spec: &str, ip: Option<&str>, local: &str) -> Result<CheckEnd, Failure> {
+        match spec.parse() {
+            Ok(addr) => Ok(CheckEnd::External(addr)),
+            Err(_) => endpoint(flag, spec, ip, local).map(CheckEnd::Identity),
+        }
+    }
+
+    fn end(&self) -> End<'_> {
+        match self {
+            CheckEnd::Identity(e) => End::Identity(e),
+            CheckEnd::External(ip) => End::External(*ip),
+        }
+    }
+
+    fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            CheckEnd::Identity(e) => e.ip,
+            CheckEnd::External(ip) => Some(*ip),
+        }
+    }
+
+    /// A SPIFFE ID, or the address with the external networks that contain it.
+    fn name(&self, set: &PolicySet) -> String {
+        match self {
+            CheckEnd::Identity(e) => e.spiffe_id(),
+            CheckEnd::External(ip) => {
+                let nets: Vec<&str> = set
+                    .networks()
+                    .iter()
+                    .filter(|n| n.contains(*ip))
+                    .map(|n| n.name.as_str())
+                    .collect();
+                if nets.is_empty() {
+                    format!("{ip} (outside the mesh)")
+                } else {
+                    format!("{ip} ({})", nets.join(", "))
+                }
+            }
+        }
+    }
+}
+
+/// `meshctl policy check`: ALLOW or DENY for one flow, with what decided each direction. An end
+/// outside the mesh, or of another trust domain, is not governed by these policies: only the
+/// local identity's direction is decided.
 pub fn check(a: CheckArgs) -> Result<(), Failure> {
     let set = a.set;
-    let src = endpoint("--from", a.from, a.from_ip, &set.trust_domain)?;
-    let dst = endpoint("--to", a.to, a.to_ip, &set.trust_domain)?;
+    let src = CheckEnd::parse("--from", a.from, a.from_ip, &set.trust_domain)?;
+    let dst = CheckEnd::parse("--to", a.to, a.to_ip, &set.trust_domain)?;
     let protocol = match a.proto.to_ascii_lowercase().as_str() {
         "tcp" => policy::engine::TCP,
         "udp" => policy::engine::UDP,
@@ -153,7 +205,7 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
             ))
         })?,
     };
-    let v6 = src.ip.or(dst.ip).is_some_and(|ip| ip.is_ipv6());
+    let v6 = src.ip().or(dst.ip()).is_some_and(|ip| ip.is_ipv6());
     let flow = Flow {
         protocol,
         src_port: None,
@@ -161,12 +213,24 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
         icmp: None,
         ip_version: if v6 { 6 } else { 4 },
     };
-    // An identity of another trust domain is governed by its own cluster's policies: only the
-    // local end's direction is decided here.
-    let local = |e: &Endpoint| e.trust_domain == set.trust_domain;
-    let egress = local(&src).then(|| set.decide(Direction::Egress, &flow, &src, &dst));
-    let ingress = local(&dst).then(|| set.decide(Direction::Ingress, &flow, &src, &dst));
-    let allowed = |v: &Option<policy::engine::Verdict>| v.as_ref().is_none_or(|v| v.allow);
+    let governed = |e: &CheckEnd| match e {
+        CheckEnd::Identity(e) if e.trust_domain == set.trust_domain => None,
+        CheckEnd::Identity(e) => Some(format!(
+            "decided by {}'s own policies, not these",
+            e.trust_domain
+        )),
+        CheckEnd::External(_) => Some("outside the mesh: no policy governs it".to_string()),
+    };
+    let decide = |dir, e: &CheckEnd| {
+        governed(e).map_or_else(
+            || Ok(set.decide_ends(dir, &flow, src.end(), dst.end())),
+            Err,
+        )
+    };
+    let egress = decide(Direction::Egress, &src);
+    let ingress = decide(Direction::Ingress, &dst);
+    let allowed =
+        |v: &Result<policy::engine::Verdict, String>| v.as_ref().map_or(true, |v| v.allow);
     println!(
         "{}",
         if allowed(&egress) && allowed(&ingress) {
@@ -175,11 +239,11 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
             "DENY"
         }
     );
-    for (what, ep, v) in [("egress of", &src, &egress), ("ingress of", &dst, &ingress)] {
+    for (what, end, v) in [("egress of", &src, &egress), ("ingress of", &dst, &ingress)] {
         match v {
-            Some(v) => println!(
+            Ok(v) => println!(
                 "  {what} {}: {} by {}{}",
-                ep.spiffe_id(),
+                end.name(&set),
                 if v.allow { "allowed" } else { "denied" },
                 v.by,
                 v.rule
@@ -187,11 +251,7 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
                     .map(|r| format!(" rule {r}"))
                     .unwrap_or_default()
             ),
-            None => println!(
-                "  {what} {}: decided by {}'s own policies, not these",
-                ep.spiffe_id(),
-                ep.trust_domain
-            ),
+            Err(why) => println!("  {what} {}: {why}", end.name(&set)),
         }
     }
     Ok(())

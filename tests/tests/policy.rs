@@ -65,7 +65,7 @@ fn meshctl_policy_check_decides_offline_and_names_the_deciding_policy() {
     ]);
     assert_eq!(code, Some(0));
     assert!(out.starts_with("ALLOW\n"), "{out}");
-    assert!(out.contains("ingress of microblog/post: allowed by NetworkPolicy microblog/post-allow-list rule ingress[0]"), "{out}");
+    assert!(out.contains("ingress of spiffe://cluster.local/ns/microblog/sa/post: allowed by NetworkPolicy microblog/post-allow-list rule ingress[0]"), "{out}");
 
     let (_, out, _) = check(&[
         "--from",
@@ -92,7 +92,9 @@ fn meshctl_policy_check_decides_offline_and_names_the_deciding_policy() {
     ]);
     assert!(
         out.starts_with("DENY\n")
-            && out.contains("egress of microblog/api: denied by default-deny"),
+            && out.contains(
+                "egress of spiffe://cluster.local/ns/microblog/sa/api: denied by default-deny"
+            ),
         "{out}"
     );
     let (_, out, _) = check(&[
@@ -106,6 +108,89 @@ fn meshctl_policy_check_decides_offline_and_names_the_deciding_policy() {
         "calico",
     ]);
     assert!(out.starts_with("DENY\n"), "wrong port: {out}");
+}
+
+/// What-if for external networks and other trust domains: an address outside the mesh is
+/// selected by the labels of the network sets that contain it, and only the local identity's
+/// direction is decided.
+#[test]
+fn meshctl_policy_check_knows_external_networks_and_remote_trust_domains() {
+    let dir = std::env::temp_dir().join(format!("meshctl-ext-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("ext.yaml"),
+        "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata: {name: partner-db, labels: {role: partner-db}}
+spec: {nets: [198.19.0.0/24]}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-out, namespace: microblog}
+spec:
+  selector: app == 'api'
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination: {selector: role == 'partner-db', namespaceSelector: global(), ports: [5432]}
+",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(bin("meshctl"))
+            .args([
+                "policy",
+                "check",
+                "-f",
+                dir.to_str().unwrap(),
+                "--trust-domain",
+                "example.org",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = run(&[
+        "--from",
+        "microblog/api,app=api",
+        "--to",
+        "198.19.0.5",
+        "--port",
+        "5432",
+    ]);
+    assert!(out.starts_with("ALLOW\n"), "{out}");
+    assert!(out.contains("egress of spiffe://example.org/ns/microblog/sa/api: allowed by NetworkPolicy microblog/api-out rule egress[0]"), "{out}");
+    assert!(
+        out.contains("ingress of 198.19.0.5 (GlobalNetworkSet partner-db): outside the mesh"),
+        "{out}"
+    );
+    let out = run(&[
+        "--from",
+        "microblog/api,app=api",
+        "--to",
+        "198.19.1.5",
+        "--port",
+        "5432",
+    ]);
+    assert!(
+        out.starts_with("DENY\n") && out.contains("198.19.1.5 (outside the mesh)"),
+        "{out}"
+    );
+    let out = run(&[
+        "--from",
+        "partner.org/microblog/api,app=api",
+        "--to",
+        "198.19.0.5",
+        "--port",
+        "5432",
+    ]);
+    assert!(
+        out.contains("decided by partner.org's own policies"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
