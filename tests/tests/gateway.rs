@@ -1,7 +1,7 @@
 //! External networks through policy-enforcing gateways (issue 9), with real daemons: two
 //! gateways serving 198.19.0.0/24 (masquerading), an external host behind them that is not in the
-//! mesh (a TCP and a UDP server), an allowed identity (`api`), a disallowed one (`web`, whose own
-//! node runs in audit mode, so only the gateway stands in its way), and a node whose certificate
+//! mesh (a TCP and a UDP server), an allowed identity (`api`), a disallowed one (`web`: stopped at
+//! its own node, then, with that node in audit mode, at the gateway), and a node whose certificate
 //! grants no route.
 
 use mesh_tests::*;
@@ -185,7 +185,7 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
             "100.64.3.4/32",
             "198.18.3.4",
             false,
-            true,
+            false,
         ),
     ];
     let mut nodes = Vec::new();
@@ -313,7 +313,38 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
         "spiffe://example.org/ns/microblog/sa/api"
     );
 
-    // The disallowed one: its own node only audits (audit mode), the gateway drops it.
+    // The disallowed one is dropped at its own node...
+    assert!(
+        !connects(&web.0, db, Duration::from_secs(2)),
+        "web is stopped at its node"
+    );
+    let st = lab.status(&web.1);
+    let dropped: u64 = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["drops"]["policy_denied_egress"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(dropped >= 1, "counted at web's node: {st}");
+    assert!(
+        !flows(&gw.1).iter().any(|r| r["src"]["name"] == "web"),
+        "nothing of web reached the gateway"
+    );
+    // ... and, when its node is made to skip its egress checks (audit mode: it lets denials
+    // through), at the gateway.
+    lab.stop(&web.1, libc::SIGTERM);
+    let config = lab.dir.join(format!("{}.toml", web.1));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("audit = false", "audit = true")).unwrap();
+    lab.meshd_config(&web.0, &web.1, &config);
+    wait_for(
+        "web rejoins and routes through the gateway",
+        Duration::from_secs(15),
+        || {
+            carrier(&lab, &web.1).as_deref() == Some(gateways[first])
+                && lab.status(&web.1)["policy"]["audit"] == true
+        },
+    );
     assert!(
         !connects(&web.0, db, Duration::from_secs(2)),
         "web is stopped at the gateway"

@@ -233,3 +233,27 @@ fn a_remote_ca_rotation_keeps_the_federated_members() {
         }
     }
 }
+
+#[test]
+fn a_federation_lasts_across_a_restart() {
+    let mut c = clusters(23);
+    c.federate_both();
+    let everyone = [A[0], A[1], B[0], B[1]];
+    assert!(c
+        .sim
+        .run_until(10_000, |s| peered(s, &everyone, &everyone))
+        .is_some());
+    // A's node restarts from its state directory: the saved set brings the federation back
+    // before the saved members, so B's are trusted again at once, without any other node's help.
+    c.sim.kill(A[1]);
+    c.sim.start(A[1]);
+    let k = c.sim.nodes[B[0]].public();
+    assert!(
+        c.sim.nodes[A[1]].node().members().contains_key(&k),
+        "B's member restored at start"
+    );
+    assert!(c
+        .sim
+        .run_until(5_000, |s| peered(s, &everyone, &everyone))
+        .is_some());
+}
