@@ -914,3 +914,52 @@ pub fn mesh_config_with(
     std::fs::write(&path, text).expect("writing config");
     path
 }
+
+/// Waits until `done` holds, checking every 50 ms; fails the test naming `what` after `limit`.
+/// Returns how long it took.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Whether a TCP connection from `ns` to `addr` opens within `timeout`.
+pub fn tcp_connects(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&addr, timeout).is_ok()
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// A TCP server in `ns` on `addr` that accepts (and closes) every connection, for the life of the
+/// test process; returns once it listens.
+pub fn tcp_accept_all(ns: &str, addr: SocketAddr) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    drop(in_netns(ns, move || {
+        let l = TcpListener::bind(addr).expect("bind");
+        let _ = tx.send(());
+        for s in l.incoming() {
+            drop(s);
+        }
+    }));
+    rx.recv_timeout(Duration::from_secs(5)).expect("listening");
+}
+
+/// The flow log of the daemon of interface `ifname` (`meshctl flows -o json`), denied flows only
+/// with `denied`.
+pub fn flow_records(ifname: &str, denied: bool) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(bin("meshctl"));
+    cmd.args(["flows", "-o", "json", "-i", ifname]);
+    if denied {
+        cmd.arg("--denied");
+    }
+    let out = run(&mut cmd);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("flow record is JSON"))
+        .collect()
+}

@@ -267,15 +267,7 @@ impl PolicyLab {
 
     /// The flow log of node `i` (JSON lines from `meshctl flows -o json`).
     pub fn flows(&self, i: usize, denied: bool) -> Vec<serde_json::Value> {
-        let mut args = vec!["flows", "-o", "json", "-i", &self.node(i).ifname];
-        if denied {
-            args.push("--denied");
-        }
-        let out = run(Command::new(bin("meshctl")).args(&args));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("flow record is JSON"))
-            .collect()
+        flow_records(&self.node(i).ifname, denied)
     }
 }
 

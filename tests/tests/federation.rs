@@ -4,10 +4,10 @@
 //! tries too.
 
 use mesh_tests::*;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Node {
     ns: String,
@@ -60,37 +60,6 @@ fn peers(lab: &Lab, ifname: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
-
-/// Whether a TCP connection from `ns` to `addr` opens within `timeout`.
-fn connects(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
-    in_netns(ns, move || {
-        TcpStream::connect_timeout(&addr, timeout).is_ok()
-    })
-    .join()
-    .unwrap()
-}
-
-/// A TCP server in `ns` on `addr` that accepts every connection (for the life of the test).
-fn listen(ns: &str, addr: SocketAddr) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    drop(in_netns(ns, move || {
-        let l = TcpListener::bind(addr).expect("bind");
-        tx.send(()).unwrap();
-        for s in l.incoming() {
-            drop(s);
-        }
-    }));
-    rx.recv_timeout(Duration::from_secs(5)).expect("listening");
 }
 
 const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: microblog\n  labels:\n    app: microblog\n";
@@ -354,23 +323,16 @@ fn a_federated_cluster_reaches_only_what_policy_names_within_its_scope_until_unf
     // The seed's post-allow-list, unchanged, does not admit B's microblog/api, though its
     // namespace, name and labels are those of A's api, which it admits.
     let post_addr: SocketAddr = "100.64.2.1:8080".parse().unwrap();
-    listen(&post.ns, post_addr);
+    tcp_accept_all(&post.ns, post_addr);
     assert!(
-        connects(&api.ns, post_addr, Duration::from_secs(5)),
+        tcp_connects(&api.ns, post_addr, Duration::from_secs(5)),
         "A's api reaches post"
     );
     assert!(
-        !connects(&b_api.ns, post_addr, Duration::from_secs(2)),
+        !tcp_connects(&b_api.ns, post_addr, Duration::from_secs(2)),
         "B's api is denied by the seed's list"
     );
-    let flows = Command::new(bin("meshctl"))
-        .args(["flows", "--denied", "-o", "json", "-i", &post.ifname])
-        .output()
-        .unwrap();
-    let denied: Vec<serde_json::Value> = String::from_utf8_lossy(&flows.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let denied = flow_records(&post.ifname, true);
     let from_b = denied
         .iter()
         .find(|r| r["src"]["trust_domain"] == "partner.org")
@@ -388,10 +350,10 @@ fn a_federated_cluster_reaches_only_what_policy_names_within_its_scope_until_unf
     // A rule naming the trust domain admits B's api, and only it.
     apply(&lab, &post.ifname, &a.admin, "a2", PARTNER_API);
     wait_for("B's api admitted", Duration::from_secs(10), || {
-        connects(&b_api.ns, post_addr, Duration::from_secs(1))
+        tcp_connects(&b_api.ns, post_addr, Duration::from_secs(1))
     });
     assert!(
-        !connects(&b_search.ns, post_addr, Duration::from_secs(2)),
+        !tcp_connects(&b_search.ns, post_addr, Duration::from_secs(2)),
         "B's search is not named"
     );
     let policy_check = meshctl_ok(
@@ -433,11 +395,11 @@ fn a_federated_cluster_reaches_only_what_policy_names_within_its_scope_until_unf
     });
     eprintln!("unfederated in {took:?}");
     assert!(
-        !connects(&b_api.ns, post_addr, Duration::from_secs(2)),
+        !tcp_connects(&b_api.ns, post_addr, Duration::from_secs(2)),
         "B's api no longer reaches post"
     );
     assert!(
-        connects(&api.ns, post_addr, Duration::from_secs(5)),
+        tcp_connects(&api.ns, post_addr, Duration::from_secs(5)),
         "A's own traffic is untouched"
     );
 }

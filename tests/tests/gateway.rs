@@ -5,10 +5,10 @@
 //! grants no route.
 
 use mesh_tests::*;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const ROUTE: &str = "198.19.0.0/24";
 const EXT: &str = "198.19.0.5";
@@ -53,23 +53,6 @@ spec:
         ports: [8080]
 ";
 
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
-fn connects(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
-    in_netns(ns, move || {
-        TcpStream::connect_timeout(&addr, timeout).is_ok()
-    })
-    .join()
-    .unwrap()
-}
-
 /// Whether a UDP datagram from `ns` to `addr` is echoed back within `timeout`.
 fn udp_echoes(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
     in_netns(ns, move || {
@@ -83,23 +66,14 @@ fn udp_echoes(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
     .unwrap()
 }
 
-/// A TCP server accepting every connection and a UDP echo server, in `ns`.
+/// A TCP server accepting every connection and, with `udp`, a UDP echo server, in `ns`.
 fn servers(ns: &str, tcp: SocketAddr, udp: Option<SocketAddr>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx2 = tx.clone();
-    drop(in_netns(ns, move || {
-        let l = TcpListener::bind(tcp).expect("bind tcp");
-        tx.send(()).unwrap();
-        for s in l.incoming() {
-            drop(s);
-        }
-    }));
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("tcp listening");
+    tcp_accept_all(ns, tcp);
     if let Some(udp) = udp {
+        let (tx, rx) = std::sync::mpsc::channel();
         drop(in_netns(ns, move || {
             let s = UdpSocket::bind(udp).expect("bind udp");
-            tx2.send(()).unwrap();
+            let _ = tx.send(());
             let mut buf = [0u8; 64];
             while let Ok((n, from)) = s.recv_from(&mut buf) {
                 let _ = s.send_to(&buf[..n], from);
@@ -121,17 +95,6 @@ fn carrier(lab: &Lab, ifname: &str) -> Option<String> {
                 .any(|i| i == ROUTE)
                 .then(|| ips[0].as_str().unwrap_or("").to_string())
         })
-}
-
-fn flows(ifname: &str) -> Vec<serde_json::Value> {
-    let out = Command::new(bin("meshctl"))
-        .args(["flows", "-o", "json", "-i", ifname])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]
@@ -296,14 +259,14 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
     // The allowed identity reaches the external host, TCP and UDP; the flow log names the
     // network.
     assert!(
-        connects(&api.0, db, Duration::from_secs(5)),
+        tcp_connects(&api.0, db, Duration::from_secs(5)),
         "api reaches the partner database"
     );
     assert!(
         udp_echoes(&api.0, dns, Duration::from_secs(3)),
         "and its UDP service"
     );
-    let rec = flows(&api.1)
+    let rec = flow_records(&api.1, false)
         .into_iter()
         .find(|r| r["dst"]["ip"] == EXT && r["verdict"] == "allow")
         .expect("api's flow to the database in its log");
@@ -315,7 +278,7 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
 
     // The disallowed one is dropped at its own node...
     assert!(
-        !connects(&web.0, db, Duration::from_secs(2)),
+        !tcp_connects(&web.0, db, Duration::from_secs(2)),
         "web is stopped at its node"
     );
     let st = lab.status(&web.1);
@@ -327,7 +290,9 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
         .sum();
     assert!(dropped >= 1, "counted at web's node: {st}");
     assert!(
-        !flows(&gw.1).iter().any(|r| r["src"]["name"] == "web"),
+        !flow_records(&gw.1, false)
+            .iter()
+            .any(|r| r["src"]["name"] == "web"),
         "nothing of web reached the gateway"
     );
     // ... and, when its node is made to skip its egress checks (audit mode: it lets denials
@@ -346,17 +311,17 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
         },
     );
     assert!(
-        !connects(&web.0, db, Duration::from_secs(2)),
+        !tcp_connects(&web.0, db, Duration::from_secs(2)),
         "web is stopped at the gateway"
     );
-    let at_gateway = flows(&gw.1);
+    let at_gateway = flow_records(&gw.1, false);
     let denied = at_gateway
         .iter()
         .find(|r| r["src"]["name"] == "web" && r["verdict"] == "deny")
         .unwrap_or_else(|| panic!("the gateway's log shows web denied: {at_gateway:?}"));
     assert_eq!(denied["direction"], "egress", "decided as web's egress");
     assert_eq!(denied["dst"]["networks"][0], "GlobalNetworkSet partner-db");
-    assert!(flows(&web.1)
+    assert!(flow_records(&web.1, false)
         .iter()
         .any(|r| r["dst"]["ip"] == EXT && r["verdict"] == "audit"));
 
@@ -370,18 +335,18 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
     let via = format!("198.19.0.{}", first + 1);
     lab.exec_ok(&ext, &["ip", "route", "add", "100.64.0.0/16", "via", &via]);
     assert!(
-        connects(&ext, api_svc, Duration::from_secs(5)),
+        tcp_connects(&ext, api_svc, Duration::from_secs(5)),
         "the external host reaches api:8080"
     );
     assert!(
-        !connects(&ext, api_other, Duration::from_secs(2)),
+        !tcp_connects(&ext, api_other, Duration::from_secs(2)),
         "not api:9090"
     );
     assert!(
-        !connects(&ext, web_svc, Duration::from_secs(2)),
+        !tcp_connects(&ext, web_svc, Duration::from_secs(2)),
         "nor web (stopped at the gateway)"
     );
-    let from_ext = flows(&api.1)
+    let from_ext = flow_records(&api.1, false)
         .into_iter()
         .find(|r| r["src"]["ip"] == EXT && r["verdict"] == "allow")
         .expect("the inbound flow in api's log");
@@ -391,10 +356,12 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
         "GlobalNetworkSet partner-db"
     );
     assert!(
-        flows(&gw.1).iter().any(|r| r["src"]["ip"] == EXT
-            && r["dst"]["name"] == "web"
-            && r["verdict"] == "deny"
-            && r["direction"] == "ingress"),
+        flow_records(&gw.1, false)
+            .iter()
+            .any(|r| r["src"]["ip"] == EXT
+                && r["dst"]["name"] == "web"
+                && r["verdict"] == "deny"
+                && r["direction"] == "ingress"),
         "the gateway decided web's ingress"
     );
 
@@ -407,11 +374,11 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
     );
     eprintln!("failover took {moved:?}");
     assert!(
-        connects(&api.0, db, Duration::from_secs(5)),
+        tcp_connects(&api.0, db, Duration::from_secs(5)),
         "api reaches the database through the standby"
     );
     assert!(
-        flows(&standby.1)
+        flow_records(&standby.1, false)
             .iter()
             .any(|r| r["src"]["name"] == "api" && r["verdict"] == "allow"),
         "the standby gateway decided api's flow"
@@ -423,7 +390,7 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
     });
     eprintln!("failback took {back:?} (with the restart)");
     assert!(
-        connects(&api.0, db, Duration::from_secs(5)),
+        tcp_connects(&api.0, db, Duration::from_secs(5)),
         "and through the first gateway again"
     );
 }
