@@ -47,8 +47,6 @@ impl Cidr {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix_len) == self.addr
     }
 
-    /// The prefix as an interval: its family (4 or 6) and its first and last address as
-    /// numbers. Two prefixes overlap exactly when their intervals of one family do.
     /// Whether every address of `other` is in `self`.
     pub fn covers(&self, other: &Cidr) -> bool {
         let (fa, a0, a1) = self.span();
@@ -61,6 +59,8 @@ impl Cidr {
         self.covers(other) || other.covers(self)
     }
 
+    /// The prefix as an interval: its family (4 or 6) and its first and last address as
+    /// numbers. Two prefixes overlap exactly when their intervals of one family do.
     pub fn span(&self) -> (u8, u128, u128) {
         let (family, first, bits) = match self.addr {
             IpAddr::V4(a) => (4, u128::from(u32::from(a)), 32),

@@ -57,7 +57,7 @@ fn clusters(seed: u64) -> Clusters {
             n.secret(),
             &format!("b{i}"),
             addr.parse().unwrap(),
-            1,
+            100 + i as u64,
             0,
             u64::MAX / 4,
         );
@@ -198,7 +198,14 @@ fn a_remote_ca_rotation_keeps_the_federated_members() {
         let n = &c.sim.nodes[i];
         let secret: StaticSecret = n.secret().clone();
         let addr = n.certificate.body.addrs[0];
-        let cert = new_b.issue(&secret, &format!("b{i}"), addr, 2, 0, u64::MAX / 4);
+        let cert = new_b.issue(
+            &secret,
+            &format!("b{i}"),
+            addr,
+            200 + i as u64,
+            0,
+            u64::MAX / 4,
+        );
         c.sim.nodes[i].certificate = cert.clone();
         c.sim.nodes[i].bundle = vec![c.ca_b.cert.clone(), new_b.cert.clone()];
         let bundle = c.sim.nodes[i].bundle.clone();
@@ -256,4 +263,51 @@ fn a_federation_lasts_across_a_restart() {
         .sim
         .run_until(5_000, |s| peered(s, &everyone, &everyone))
         .is_some());
+}
+
+/// A partner CA's revocation list, once taken, lasts across a restart: the saved federation is
+/// trusted again before the saved lists are taken, so the revoked partner node stays out.
+#[test]
+fn a_federated_cas_revocation_lasts_across_a_restart() {
+    let mut c = clusters(24);
+    c.federate_both();
+    let everyone = [A[0], A[1], B[0], B[1]];
+    assert!(c
+        .sim
+        .run_until(10_000, |s| peered(s, &everyone, &everyone))
+        .is_some());
+    let serial = c.sim.nodes[B[1]].certificate.body.serial;
+    let crl = proto::cert::RevocationList::sign(
+        "partner.org",
+        1,
+        c.sim.now_ms / 1000,
+        vec![serial],
+        &c.ca_b.key,
+    )
+    .unwrap();
+    c.sim.handle(A[0], Event::AddRevocation(crl)).unwrap();
+    assert!(c
+        .sim
+        .run_until(5_000, |s| none_peered(s, &A, &[B[1]]))
+        .is_some());
+    c.sim.run(2_000);
+    // The restarted node can hear only the revoked one: nobody else can bring the list back.
+    c.sim.sides = Some(vec![0, 1, 0, 1, 0]);
+    c.sim.kill(A[1]);
+    c.sim.start(A[1]);
+    c.sim.run(10_000);
+    assert!(
+        none_peered(&c.sim, &[A[1]], &[B[1]]),
+        "the revoked partner node stays out of the restarted node"
+    );
+    c.sim.sides = None;
+    c.sim.run(10_000);
+    let k = c.sim.nodes[B[0]].public();
+    assert!(
+        peered(&c.sim, &[A[1]], &[B[0]]),
+        "its other members are back: member {} refused {:?} b0 refused {:?}",
+        c.sim.nodes[A[1]].node().members().contains_key(&k),
+        c.sim.nodes[A[1]].node().control_status().refused,
+        c.sim.nodes[B[0]].node().control_status().refused
+    );
 }

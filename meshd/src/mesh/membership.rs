@@ -761,13 +761,13 @@ impl Membership {
         Ok(replaced)
     }
 
-    /// The members whose addresses overlap `addr`. Members' intervals are disjoint, so those are
-    /// the ones just before `addr`'s last address, walking back while they reach its first.
     /// Whether any member's address shares an address with `c`.
     pub fn claimed(&self, c: &Cidr) -> bool {
         self.claimants(c).next().is_some()
     }
 
+    /// The members whose addresses overlap `addr`. Members' intervals are disjoint, so those are
+    /// the ones just before `addr`'s last address, walking back while they reach its first.
     fn claimants(&self, addr: &Cidr) -> impl Iterator<Item = [u8; 32]> + '_ {
         let (family, first, last) = addr.span();
         self.claims

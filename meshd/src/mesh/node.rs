@@ -171,12 +171,6 @@ impl Node {
         let trust_domain = cfg.certificate.body.trust_domain.clone();
         let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms, rng);
         membership.set_answer_probes(cfg.answer_probes);
-        for crl in cfg.revocations.into_iter().chain(saved.revocations) {
-            if let Err(e) = membership.take_revocation(crl) {
-                tracing::warn!(error = %e, "revocation list not taken");
-            }
-        }
-        membership.restore_floors(&saved.floors, now_ms);
         let mut book = PolicyBook::new(&trust_domain, cfg.admins, cfg.posture, cfg.audit);
         let mut sync = PolicySync::default();
         if let Some(encoded) = &saved.policy {
@@ -190,8 +184,15 @@ impl Node {
                 sync.set_current(set.serial, encoded.clone(), set.digest());
             }
         }
-        // Before the saved members, so that federated ones are trusted again.
+        // Before the revocation lists (federated CAs' lists are taken only once their CAs are
+        // trusted) and the saved members (federated ones are trusted again).
         membership.federate(book.federations(), now_ms);
+        for crl in cfg.revocations.into_iter().chain(saved.revocations) {
+            if let Err(e) = membership.take_revocation(crl) {
+                tracing::warn!(error = %e, "revocation list not taken");
+            }
+        }
+        membership.restore_floors(&saved.floors, now_ms);
         tracing::info!(members = saved.members.len(), "restoring saved members");
         for m in saved.members {
             membership.restore(m.certificate, m.endpoint, now_ms);
