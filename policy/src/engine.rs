@@ -7,10 +7,12 @@
 //!
 //! Trust domains: every identity carries the label `mesh.io/trust-domain` (from its certificate,
 //! never from its labels), also among its namespace's labels. An identity of another trust domain
-//! than the set's own ([`PolicySet::trust_domain`]) is selected only by a policy or rule whose
-//! selectors name that label: policies written for local identities never match a remote one,
-//! however alike its namespace, name and labels, and neither do rules that select no identities
-//! in particular (`source: {}`, `nets` alone).
+//! than the set's own ([`PolicySet::trust_domain`]) is selected only by a policy or rule one of
+//! whose selectors pins that label (`==`, `in` or a string match, in every alternative:
+//! [`Selector::pins`]): policies written for local identities never match a remote one, however
+//! alike its namespace, name and labels, and neither do rules that select no identities in
+//! particular (`source: {}`, `nets` alone). No posture lets a remote identity through: with no
+//! policy for it, it is denied also under Calico's posture.
 //!
 //! External networks: an address outside the mesh is an [`End::External`]. Calico rules select it
 //! as Calico selects network sets: by `nets`/`notNets`, or by a selector matching the labels of an
@@ -138,11 +140,13 @@ impl Subject for NoNamespace {
 /// The identity index that stands for an address outside the mesh in [`Compiled::decide`].
 pub const EXTERNAL: u32 = u32::MAX - 1;
 
+/// Whether one of `selectors` pins the trust domain ([`Selector::pins`]): only then may what they
+/// select include identities of another trust domain.
 fn names_trust_domain<'a>(selectors: impl IntoIterator<Item = &'a Option<Selector>>) -> bool {
     selectors
         .into_iter()
         .flatten()
-        .any(|s| s.mentions(TRUST_DOMAIN_LABEL))
+        .any(|s| s.pins(TRUST_DOMAIN_LABEL))
 }
 
 /// The headers of a flow that rules look at.
@@ -204,7 +208,7 @@ struct Policy {
 impl Policy {
     /// Whether the policy may apply to identities of another trust domain.
     fn names_trust_domain(&self) -> bool {
-        self.selector.mentions(TRUST_DOMAIN_LABEL)
+        self.selector.pins(TRUST_DOMAIN_LABEL)
             || names_trust_domain([&self.namespace_selector, &self.sa_selector])
     }
 }
@@ -252,14 +256,10 @@ impl Entity {
             || !self.sa_names.is_empty()
     }
 
-    /// Whether the entity may match identities of another trust domain.
+    /// Whether the entity may match identities of another trust domain: one of its positive
+    /// selectors pins the trust domain (a `notSelector` only excludes).
     fn names_trust_domain(&self) -> bool {
-        names_trust_domain([
-            &self.selector,
-            &self.not_selector,
-            &self.namespace_selector,
-            &self.sa_selector,
-        ])
+        names_trust_domain([&self.selector, &self.namespace_selector, &self.sa_selector])
     }
 
     /// Nets and ports: what is checked per packet, not per identity.
@@ -627,7 +627,7 @@ impl PolicySet {
                     }
                     Action::Pass => {
                         return Verdict {
-                            allow: self.posture == Posture::Calico,
+                            allow: self.posture == Posture::Calico && self.is_local(local),
                             by: format!("passed by {}", p.id),
                             rule,
                             logged,
@@ -645,15 +645,15 @@ impl PolicySet {
             };
         }
         match self.posture {
-            Posture::ZeroTrust => Verdict {
-                allow: false,
-                by: "default-deny".into(),
+            Posture::Calico if self.is_local(local) => Verdict {
+                allow: true,
+                by: "no-policy".into(),
                 rule: None,
                 logged,
             },
-            Posture::Calico => Verdict {
-                allow: true,
-                by: "no-policy".into(),
+            _ => Verdict {
+                allow: false,
+                by: "default-deny".into(),
                 rule: None,
                 logged,
             },
@@ -727,6 +727,8 @@ pub struct Compiled {
     /// Per policy: in audit mode.
     audit: Vec<bool>,
     posture: Posture,
+    /// Per identity: of another trust domain (never let through by the posture).
+    remote: Vec<bool>,
     /// Every address of every external network, with the network's index, most specific first;
     /// and the networks' names.
     network_nets: Vec<(Cidr, u32)>,
@@ -812,6 +814,7 @@ impl PolicySet {
             applicable,
             audit: self.policies.iter().map(|p| p.audit).collect(),
             posture: self.posture,
+            remote: identities.iter().map(|e| !self.is_local(e)).collect(),
             network_nets,
             network_names: self.networks.iter().map(|n| n.name.clone()).collect(),
         }
@@ -845,6 +848,10 @@ impl Compiled {
                 logged,
             };
         };
+        // Calico's posture lets through what no policy selects, but never for another trust
+        // domain's identity.
+        let calico = self.posture == Posture::Calico
+            && !self.remote.get(local as usize).copied().unwrap_or(true);
         for &pi in list {
             for (ri, r) in self.rules[pi as usize][d].iter().enumerate() {
                 let hit = r.rule.header_matches(flow)
@@ -866,13 +873,13 @@ impl Compiled {
                     Action::Log => logged = true,
                     Action::Allow => return v(true, Reason::Rule),
                     Action::Deny => return v(false, Reason::Rule),
-                    Action::Pass => return v(self.posture == Posture::Calico, Reason::Pass),
+                    Action::Pass => return v(calico, Reason::Pass),
                 }
             }
         }
         let (allow, reason) = if !list.is_empty() {
             (false, Reason::EndOfPolicies)
-        } else if self.posture == Posture::Calico {
+        } else if calico {
             (true, Reason::NoPolicy)
         } else {
             (false, Reason::DefaultDeny)
@@ -964,6 +971,7 @@ impl Compiled {
                 }
             }
             self.applicable.push(applicable);
+            self.remote.push(!set.is_local(e));
         }
     }
 

@@ -92,20 +92,20 @@ impl Selector {
         Ok(e)
     }
 
-    /// Whether the selector names label `key` anywhere (in any test, under any `!`).
-    pub fn mentions(&self, key: &str) -> bool {
+    /// Whether every label set the selector matches has label `key` with a value the selector
+    /// names (`==`, `in`, or a string match), in every alternative: `k == 'a' && x` and
+    /// `k == 'a' || k == 'b'` pin `k`; `x || k == 'a'`, `k != 'a'`, `!(k == 'a')` and `has(k)`
+    /// do not.
+    pub fn pins(&self, key: &str) -> bool {
         match self {
-            Selector::All | Selector::Global => false,
             Selector::Eq(k, _)
-            | Selector::Ne(k, _)
             | Selector::In(k, _)
-            | Selector::NotIn(k, _)
-            | Selector::Has(k)
             | Selector::Contains(k, _)
             | Selector::StartsWith(k, _)
             | Selector::EndsWith(k, _) => k == key,
-            Selector::Not(e) => e.mentions(key),
-            Selector::And(a, b) | Selector::Or(a, b) => a.mentions(key) || b.mentions(key),
+            Selector::And(a, b) => a.pins(key) || b.pins(key),
+            Selector::Or(a, b) => a.pins(key) && b.pins(key),
+            _ => false,
         }
     }
 
@@ -399,6 +399,21 @@ impl fmt::Display for Selector {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn pins_means_every_alternative_names_a_value() {
+        let pins = |t: &str| Selector::parse(t).unwrap().pins("k");
+        assert!(pins("k == 'a'"));
+        assert!(pins("k in {'a', 'b'} && x == 'y'"));
+        assert!(pins("k == 'a' || k ends with '.b'"));
+        assert!(pins("(k == 'a' || k == 'b') && !has(z)"));
+        assert!(!pins("x == 'y' || k == 'a'"));
+        assert!(!pins("k != 'a'"));
+        assert!(!pins("!(k == 'a')"));
+        assert!(!pins("has(k)"));
+        assert!(!pins("all()"));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

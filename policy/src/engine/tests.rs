@@ -283,6 +283,57 @@ fn bad_external_networks_are_named() {
     assert!(e[0].field.starts_with("spec.nets"), "{e:?}");
 }
 
+/// Naming the label is not enough: it must pin the trust domain in every alternative, and no
+/// posture lets a remote identity through.
+#[test]
+fn a_rule_admits_a_remote_identity_only_if_it_pins_the_trust_domain() {
+    let rule = |source: &str| {
+        set(&format!(
+            "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: g}}
+spec:
+  selector: app == 'post'
+  ingress: [{{action: Allow, source: {{{source}}}}}]
+"
+        ))
+    };
+    let mut third = remote(ep("microblog", "fe", &[("app", "frontend")]));
+    third.trust_domain = "third.org".into();
+    for loose in [
+        "selector: \"app == 'frontend' || mesh.io/trust-domain == 'partner.org'\"",
+        "notSelector: \"mesh.io/trust-domain == 'evil.org'\"",
+        "selector: \"has(mesh.io/trust-domain)\"",
+        "selector: \"mesh.io/trust-domain != 'x'\"",
+    ] {
+        assert!(!admits(&rule(loose), 8080, &third, &post()), "{loose}");
+    }
+    let pinned = rule(
+        "selector: \"mesh.io/trust-domain in {'third.org', 'partner.org'} && app == 'frontend'\"",
+    );
+    assert!(admits(&pinned, 8080, &third, &post()));
+    // Calico's posture allows what no policy selects, but not for a remote identity.
+    let mut calico = set(NAMESPACE);
+    calico.posture = Posture::Calico;
+    let v = calico.decide(Direction::Egress, &tcp(8080), &third, &post());
+    assert_eq!((v.allow, v.by.as_str()), (false, "default-deny"));
+    assert!(
+        calico
+            .decide(Direction::Egress, &tcp(8080), &post(), &third)
+            .allow
+    );
+    let c = calico.resolve(&[post(), third.clone()]);
+    assert!(
+        !c.decide(Direction::Egress, &tcp(8080), 1, None, 0, None)
+            .allow
+    );
+    assert!(
+        c.decide(Direction::Egress, &tcp(8080), 0, None, 1, None)
+            .allow
+    );
+}
+
 /// A remote namespace of the same name is not the local one: its labels come from nowhere.
 #[test]
 fn a_remote_namespace_has_none_of_the_local_namespace_labels() {
