@@ -228,6 +228,17 @@ pub fn check_scope(
             ));
         }
     }
+    if let Some((r, l)) = body
+        .routes
+        .iter()
+        .find_map(|r| local_ranges.iter().find(|l| l.overlaps(r)).map(|l| (r, l)))
+    {
+        return Err(out(
+            "route",
+            r.to_string(),
+            format!("{l} is granted by this trust domain's own CA"),
+        ));
+    }
     if let Some(r) = body
         .routes
         .iter()
@@ -405,6 +416,16 @@ mod tests {
         // Outside the local ranges, the federation's scope decides.
         let cert = id(&b_key, "partner.org", "microblog", &["100.66.0.2/32"]);
         assert_eq!(trust.check(&cert, NOW, None, Signature::Verify), Ok(()));
+        // Nor a route inside them, whatever the federation's routes allow.
+        trust.federations.get_mut("partner.org").unwrap().routes =
+            vec!["100.64.0.0/10".parse().unwrap()];
+        let mut gw = id(&b_key, "partner.org", "microblog", &["100.66.0.2/32"]).body;
+        gw.routes = vec!["100.64.5.0/24".parse().unwrap()];
+        let gw = gw.sign(&b_key).unwrap();
+        assert_eq!(
+            refused_field(trust.check(&gw, NOW, None, Signature::Verify)),
+            "route"
+        );
         // The local CA's own ranges hold for local identities too.
         let local = id(&a_key, "example.org", "demo", &["100.66.0.2/32"]);
         assert_eq!(

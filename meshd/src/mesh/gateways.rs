@@ -6,7 +6,8 @@
 //! echoes the nonce of a probe still outstanding. A candidate that has not answered for
 //! [`DEAD_MS`] is dead. Each route goes to the live candidate serving it with the lowest key, so
 //! every node picks the same gateway, traffic moves to another within [`DEAD_MS`] plus a probe
-//! interval when one dies, and back when it answers again.
+//! interval when one dies, and back when it answers again. A gateway of this node's own trust
+//! domain is preferred to a federated one serving the same route.
 
 use proto::control::Message;
 use proto::Cidr;
@@ -19,6 +20,8 @@ pub const DEAD_MS: u64 = 3_000;
 
 #[derive(Debug, Clone, Default)]
 struct Candidate {
+    /// Of another (federated) trust domain: chosen only when no local candidate serves.
+    remote: bool,
     /// What its certificate grants.
     granted: Vec<Cidr>,
     /// What it last said it serves (within `granted`).
@@ -52,12 +55,16 @@ impl Gateways {
     }
 
     /// Keeps the candidates in step with the members: `granted` is each member's certificate
-    /// routes (members without any are no candidates).
-    pub fn set_candidates<'a>(&mut self, granted: impl Iterator<Item = ([u8; 32], &'a [Cidr])>) {
+    /// routes (members without any are no candidates) and whether it is of another trust domain.
+    pub fn set_candidates<'a>(
+        &mut self,
+        granted: impl Iterator<Item = ([u8; 32], &'a [Cidr], bool)>,
+    ) {
         let mut seen = BTreeSet::new();
-        for (k, routes) in granted.filter(|(_, r)| !r.is_empty()) {
+        for (k, routes, remote) in granted.filter(|(_, r, _)| !r.is_empty()) {
             seen.insert(k);
             let c = self.candidates.entry(k).or_default();
+            c.remote = remote;
             if c.granted != routes {
                 c.granted = routes.to_vec();
                 c.serving.retain(|r| routes.iter().any(|g| g.covers(r)));
@@ -110,10 +117,13 @@ impl Gateways {
         }
     }
 
-    /// For each route some live candidate serves: the one that carries it (the lowest key).
+    /// For each route some live candidate serves: the one that carries it (of this trust domain
+    /// if one serves it, then the lowest key).
     pub fn chosen(&self, now_ms: u64) -> BTreeMap<Cidr, [u8; 32]> {
         let mut out = BTreeMap::new();
-        for (k, c) in &self.candidates {
+        let mut order: Vec<(&[u8; 32], &Candidate)> = self.candidates.iter().collect();
+        order.sort_by_key(|(k, c)| (c.remote, **k));
+        for (k, c) in order {
             let alive = c
                 .last_answer_ms
                 .is_some_and(|t| now_ms.saturating_sub(t) < DEAD_MS);
@@ -160,7 +170,7 @@ mod tests {
     fn the_lowest_live_key_carries_a_route_and_it_fails_over_and_back() {
         let mut gw = Gateways::new(vec![], 0);
         let g = granted();
-        gw.set_candidates([(G1, g.as_slice()), (G2, g.as_slice())].into_iter());
+        gw.set_candidates([(G1, g.as_slice(), false), (G2, g.as_slice(), false)].into_iter());
         let both: &[([u8; 32], &[&str])] = &[(G1, &["198.19.0.0/24"]), (G2, &["198.19.0.0/24"])];
         round(&mut gw, 0, both);
         assert_eq!(gw.chosen(10)[&cidr("198.19.0.0/24")], G1);
@@ -185,7 +195,7 @@ mod tests {
     fn only_granted_routes_and_answers_to_our_probes_count() {
         let mut gw = Gateways::new(vec![], 0);
         let g = granted();
-        gw.set_candidates([(G1, g.as_slice())].into_iter());
+        gw.set_candidates([(G1, g.as_slice(), false)].into_iter());
         // A route outside the grant is ignored.
         round(
             &mut gw,
@@ -200,7 +210,7 @@ mod tests {
         // An answer with a nonce we never sent, or from a member that is no candidate, is not
         // taken.
         let mut late = Gateways::new(vec![], 0);
-        late.set_candidates([(G1, g.as_slice())].into_iter());
+        late.set_candidates([(G1, g.as_slice(), false)].into_iter());
         let forged = Message::GatewayServing {
             nonce: 999,
             routes: vec![cidr("198.19.0.0/24")],
@@ -210,8 +220,19 @@ mod tests {
         assert!(late.chosen(2).is_empty());
         // A member whose certificate grants nothing is never probed.
         let mut none = Gateways::new(vec![], 0);
-        none.set_candidates([(G2, &[][..])].into_iter());
+        none.set_candidates([(G2, &[][..], false)].into_iter());
         assert!(none.on_tick(0).is_empty());
+    }
+
+    #[test]
+    fn a_local_gateway_is_preferred_to_a_federated_one() {
+        let mut gw = Gateways::new(vec![], 0);
+        let g = granted();
+        // G1 has the lower key but is of another trust domain.
+        gw.set_candidates([(G1, g.as_slice(), true), (G2, g.as_slice(), false)].into_iter());
+        let both: &[([u8; 32], &[&str])] = &[(G1, &["198.19.0.0/24"]), (G2, &["198.19.0.0/24"])];
+        round(&mut gw, 0, both);
+        assert_eq!(gw.chosen(10)[&cidr("198.19.0.0/24")], G2);
     }
 
     #[test]

@@ -316,11 +316,11 @@ impl Node {
                 self.sync_actions(acts, now_ms, rng, &mut outs);
                 self.offer_in_turn(now_ms, rng, &mut outs);
                 let members = self.membership.members();
-                self.gateways.set_candidates(
-                    members
-                        .iter()
-                        .map(|(k, m)| (*k, m.certificate.body.routes.as_slice())),
-                );
+                let local = &self.membership.certificate().body.trust_domain;
+                self.gateways.set_candidates(members.iter().map(|(k, m)| {
+                    let body = &m.certificate.body;
+                    (*k, body.routes.as_slice(), body.trust_domain != *local)
+                }));
                 for (k, probe) in self.gateways.on_tick(now_ms) {
                     self.membership.send_to(&k, &probe, now_ms, rng, &mut outs);
                 }
