@@ -139,6 +139,9 @@ impl Subject for NoNamespace {
 
 /// The identity index that stands for an address outside the mesh in [`Compiled::decide`].
 pub const EXTERNAL: u32 = u32::MAX - 1;
+/// The identity index of a peer without an identity (a plain WireGuard peer): matched only by
+/// rules that select no identity in particular (`{}`, `nets`, ports).
+pub const UNKNOWN: u32 = u32::MAX;
 
 /// Whether one of `selectors` pins the trust domain ([`Selector::pins`]): only then may what they
 /// select include identities of another trust domain.
@@ -712,6 +715,9 @@ struct CompiledRule {
     /// External networks the source / destination entity selects; `None` for any address.
     src_nets: Option<BitSet>,
     dst_nets: Option<BitSet>,
+    /// The source / destination entity selects no identity in particular.
+    src_open: bool,
+    dst_open: bool,
 }
 
 /// A policy set resolved against the identities of the mesh: every selector evaluated once per
@@ -781,6 +787,8 @@ impl PolicySet {
                     dst: members(p, &r.destination),
                     src_nets: networks(p, &r.source),
                     dst_nets: networks(p, &r.destination),
+                    src_open: !r.source.selects_endpoints(),
+                    dst_open: !r.destination.selects_endpoints(),
                 })
                 .collect()
         };
@@ -857,8 +865,8 @@ impl Compiled {
                 let hit = r.rule.header_matches(flow)
                     && r.rule.source.header_matches(src_ip, flow.src_port)
                     && r.rule.destination.header_matches(dst_ip, flow.dst_port)
-                    && self.end_selected(&r.src, &r.src_nets, src, src_ip)
-                    && self.end_selected(&r.dst, &r.dst_nets, dst, dst_ip);
+                    && self.end_selected(&r.src, &r.src_nets, r.src_open, src, src_ip)
+                    && self.end_selected(&r.dst, &r.dst_nets, r.dst_open, dst, dst_ip);
                 if !hit {
                     continue;
                 }
@@ -893,16 +901,21 @@ impl Compiled {
         }
     }
 
-    /// Whether a rule's entity (its identities `ids`, its external networks `nets`) selects end
-    /// `idx` ([`EXTERNAL`]: the address `ip` outside the mesh).
+    /// Whether a rule's entity (its identities `ids`, its external networks `nets`; `open` if it
+    /// selects no identity in particular) selects end `idx` ([`EXTERNAL`]: the address `ip`
+    /// outside the mesh; [`UNKNOWN`]: a peer without an identity).
     #[inline]
     fn end_selected(
         &self,
         ids: &Option<BitSet>,
         nets: &Option<BitSet>,
+        open: bool,
         idx: u32,
         ip: Option<IpAddr>,
     ) -> bool {
+        if idx == UNKNOWN {
+            return open;
+        }
         if idx != EXTERNAL {
             return ids.as_ref().is_none_or(|s| s.has(idx));
         }

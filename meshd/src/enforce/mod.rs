@@ -34,9 +34,7 @@ const SHARDS: usize = 16;
 const MAX_FRAGMENTED_DATAGRAMS: usize = 4096;
 /// The identity index of this node (see [`Rules::build`]).
 pub const LOCAL: u32 = 0;
-/// The index of a peer without an identity (a plain WireGuard peer): selects nothing.
-pub const UNKNOWN: u32 = u32::MAX;
-pub use policy::engine::EXTERNAL;
+pub use policy::engine::{EXTERNAL, UNKNOWN};
 
 /// An identity as policy and the flow log see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,7 +389,11 @@ impl Enforcer {
         } = d;
         let pass = verdict.allow || audited;
         if pass {
-            table.insert(&flow, packet.len(), now, direction_tag(dir));
+            let far = match dir {
+                Direction::Egress => d.dst,
+                Direction::Ingress => d.src,
+            };
+            table.insert(&flow, packet.len(), now, flow_tag(dir, far));
         }
         drop(table);
         if verdict.allow {
@@ -495,6 +497,18 @@ fn owners(identities: &[Identity], live: impl Iterator<Item = u32>) -> AllowedIp
 }
 
 /// The connection table's tag of a flow: the direction its first packet was decided in.
+/// The connection table's tag of a flow: the direction its first packet was seen in at this
+/// node (bit 0), and what its far end (the peer's side) was (bits 1-2: a member, outside the
+/// mesh, or a peer without an identity), so that it is decided again as it was first.
+fn flow_tag(d: Direction, far: u32) -> u32 {
+    let kind = match far {
+        EXTERNAL => 1,
+        UNKNOWN => 2,
+        _ => 0,
+    };
+    direction_tag(d) | kind << 1
+}
+
 fn direction_tag(d: Direction) -> u32 {
     match d {
         Direction::Ingress => 0,
@@ -508,14 +522,22 @@ fn direction_tag(d: Direction) -> u32 {
 /// enforced when the flow started).
 fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> bool {
     let first = key.first_packet(e);
-    let (dir, remote_ip) = if e.tag == direction_tag(Direction::Egress) {
+    let (dir, remote_ip) = if e.tag & 1 == direction_tag(Direction::Egress) {
         (Direction::Egress, first.dst)
     } else {
         (Direction::Ingress, first.src)
     };
-    // A member's address names it; any other far end is outside the mesh (a plain WireGuard
-    // peer's flows, by address alone, are no different under the rules).
-    let remote = rules.owners.lookup(remote_ip).copied().unwrap_or(EXTERNAL);
+    // The far end as it was first: a member (by its address now: one that left, or whose
+    // federation was removed, holds none, and its flows are cut), outside the mesh, or a peer
+    // without an identity.
+    let remote = match e.tag >> 1 {
+        1 => EXTERNAL,
+        2 => UNKNOWN,
+        _ => match rules.owners.lookup(remote_ip) {
+            Some(&id) => id,
+            None => return false,
+        },
+    };
     rules
         .decide(dir, &first, remote)
         .is_some_and(|d| d.verdict.allow || d.audited)

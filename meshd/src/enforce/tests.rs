@@ -514,3 +514,33 @@ fn a_client_decides_traffic_to_an_external_network_by_its_labels() {
     // A source the gateway peer does hold (its own address) is that identity, not outside.
     assert!(!e.ingress(&tcp(ME, 50001, API, 8080, SYN), &ME_KEY, &drops));
 }
+
+/// A member's tracked flow is decided again as the member's: once it is no member (it left,
+/// was revoked, or its federation was removed), the flow is cut, even under a rule that lets
+/// any address in (an address no identity holds is not the member it was).
+#[test]
+fn a_flow_of_a_member_that_left_is_cut_even_where_any_address_may_come_in() {
+    let open = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: open, namespace: microblog}
+spec:
+  selector: app == 'post'
+  ingress: [{action: Allow}]
+";
+    let e = enforcer(open, false, 1024);
+    let drops = DropCounters::default();
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops));
+    let docs = policy::model::parse_documents(open, "test").unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust)
+        .unwrap()
+        .in_trust_domain("example.org");
+    let without_api = Rules::build(
+        &set,
+        identity("post", "post", ME),
+        [(OTHER_KEY, identity("other", "other", OTHER))],
+        false,
+        1,
+    );
+    e.install(without_api);
+    assert_eq!(e.status().cut_flows, 1, "api's flow is cut");
+}

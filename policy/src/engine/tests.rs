@@ -334,6 +334,38 @@ spec:
     );
 }
 
+/// A peer without an identity is matched by rules that select no identity in particular,
+/// whether or not identities of another trust domain are resolved too.
+#[test]
+fn a_peer_without_an_identity_matches_open_rules_only() {
+    let s = set(&format!(
+        "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: p, namespace: microblog}}
+spec:
+  selector: app == 'post'
+  ingress:
+    - {{action: Allow, protocol: TCP, destination: {{ports: [8080]}}}}
+    - {{action: Allow, protocol: TCP, source: {{selector: app == 'api'}}}}
+"
+    ));
+    for ids in [
+        vec![post()],
+        vec![post(), remote(ep("microblog", "api", &[]))],
+    ] {
+        let c = s.resolve(&ids);
+        assert!(
+            c.decide(Direction::Ingress, &tcp(8080), UNKNOWN, None, 0, None)
+                .allow
+        );
+        assert!(
+            !c.decide(Direction::Ingress, &tcp(9090), UNKNOWN, None, 0, None)
+                .allow
+        );
+    }
+}
+
 /// A remote namespace of the same name is not the local one: its labels come from nowhere.
 #[test]
 fn a_remote_namespace_has_none_of_the_local_namespace_labels() {
