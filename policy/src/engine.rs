@@ -417,6 +417,25 @@ impl PolicySet {
                 Err(mut e) => errors.append(&mut e),
             }
         }
+        // Two clusters never share an address: each federation's ranges are its own.
+        for (i, f) in set.federations.iter().enumerate() {
+            for g in &set.federations[..i] {
+                if let Some((a, b)) = f
+                    .addresses
+                    .iter()
+                    .find_map(|a| g.addresses.iter().find(|b| a.overlaps(b)).map(|b| (a, b)))
+                {
+                    errors.push(CompileError {
+                        policy: format!("Federation {}", f.trust_domain),
+                        field: "spec.addresses".into(),
+                        message: format!(
+                            "{a} overlaps {b} of federation {}: two trust domains never share an address",
+                            g.trust_domain
+                        ),
+                    });
+                }
+            }
+        }
         if !errors.is_empty() {
             return Err(errors);
         }

@@ -115,6 +115,11 @@ impl Trust {
         left_out
     }
 
+    /// The address ranges the local CAs list (none: they grant any address).
+    pub fn local_ranges(&self) -> &[Cidr] {
+        &self.local_ranges
+    }
+
     /// This node's trust domain.
     pub fn local(&self) -> &str {
         &self.local

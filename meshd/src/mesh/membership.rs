@@ -1392,6 +1392,13 @@ impl Membership {
         if self.trust.federations().eq(federations.iter()) {
             return;
         }
+        if !federations.is_empty() && self.trust.local_ranges().is_empty() {
+            tracing::warn!(
+                "federated, but this trust domain's CAs list no address ranges: a federated \
+                 identity may take an address this one would grant (give the CA ranges: meshctl \
+                 ca init --addresses)"
+            );
+        }
         self.federate_quietly(federations);
         for s in &mut self.seeds {
             s.last_probe_ms = None;

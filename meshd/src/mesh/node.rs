@@ -473,9 +473,15 @@ impl Node {
             .chosen(now_ms)
             .into_iter()
             .filter(|(r, _)| {
-                !self.gateways.serving().contains(r)
-                    && !super::membership::overlaps_any(r, mine)
-                    && !self.membership.claimed(r)
+                if self.gateways.serving().contains(r) {
+                    return false;
+                }
+                let overlaps =
+                    super::membership::overlaps_any(r, mine) || self.membership.claimed(r);
+                if overlaps && !self.chosen.contains_key(r) {
+                    tracing::debug!(route = %r, "a gateway's route shares addresses with this node or a member: not routed into the mesh");
+                }
+                !overlaps
             })
             .collect()
     }

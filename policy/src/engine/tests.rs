@@ -366,6 +366,69 @@ spec:
     }
 }
 
+#[test]
+fn two_federations_never_share_an_address() {
+    let ca = |td: &str, seed: u8| {
+        use ed25519_dalek::SigningKey;
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let pk = key.verifying_key().to_bytes();
+        let cert = proto::cert::CertBody {
+            kind: proto::cert::CertKind::Ca,
+            serial: 1,
+            not_before: 0,
+            not_after: u64::MAX / 2,
+            trust_domain: td.into(),
+            namespace: String::new(),
+            name: "ca".into(),
+            public_key: pk,
+            issuer: pk,
+            labels: Default::default(),
+            addrs: vec![],
+            routes: vec![],
+        }
+        .sign(&key)
+        .unwrap();
+        proto::armor::encode(proto::armor::CERTIFICATE, &cert.encode())
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    let fed = |td: &str, seed, addrs: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: Federation\nmetadata: {{name: {td}}}\nspec:\n  addresses: [{addrs}]\n  bundle: |\n{}",
+            ca(td, seed)
+        )
+    };
+    let docs = parse_documents(
+        &format!(
+            "{}---\n{}",
+            fed("a.org", 1, "100.65.0.0/16"),
+            fed("b.org", 2, "100.65.7.0/24")
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+    assert_eq!(e[0].field, "spec.addresses", "{e:?}");
+    assert!(e[0].message.contains("a.org"), "{e:?}");
+    let docs = parse_documents(
+        &format!(
+            "{}---\n{}",
+            fed("a.org", 1, "100.65.0.0/16"),
+            fed("b.org", 2, "100.66.0.0/16")
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(
+        PolicySet::compile(&docs, Posture::ZeroTrust)
+            .unwrap()
+            .federations()
+            .len(),
+        2
+    );
+}
+
 /// A remote namespace of the same name is not the local one: its labels come from nowhere.
 #[test]
 fn a_remote_namespace_has_none_of_the_local_namespace_labels() {
