@@ -6,8 +6,7 @@ use anyhow::{anyhow, Context};
 use ed25519_dalek::SigningKey;
 use keyfile as files;
 use proto::armor;
-use proto::cert::{CertBody, CertKind, Certificate, RevocationList};
-use std::collections::BTreeMap;
+use proto::cert::{CertBody, Certificate, RevocationList};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CA_TTL: &str = "3650d";
@@ -114,20 +113,14 @@ pub fn init(
     let key = SigningKey::from_bytes(&seed);
     let public = key.verifying_key().to_bytes();
     let now = now();
-    let cert = CertBody {
-        kind: CertKind::Ca,
-        serial: new_serial(),
-        not_before: now,
-        not_after: now.saturating_add(ttl.as_secs()),
-        trust_domain: trust_domain.to_string(),
-        namespace: String::new(),
-        name: "mesh-ca".into(),
-        public_key: public,
-        issuer: public,
-        labels: BTreeMap::new(),
-        addrs: ranges,
-        routes: vec![],
-    }
+    let cert = CertBody::ca(
+        trust_domain,
+        "mesh-ca",
+        public,
+        new_serial(),
+        (now, now.saturating_add(ttl.as_secs())),
+        ranges,
+    )
     .sign(&key)
     .map_err(|e| Failure::input(anyhow!("--trust-domain: {e}")))?;
     files::create(

@@ -127,30 +127,18 @@ pub fn federation(name: &str, spec: &FederationSpec) -> Result<Federation, Feder
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
     use proto::cert::CertBody;
 
-    fn ca(td: &str, seed: u8) -> String {
+    /// A self-signed CA certificate of `td` from key seed `seed`, armored.
+    pub(crate) fn ca(td: &str, seed: u8) -> String {
         let key = SigningKey::from_bytes(&[seed; 32]);
         let pk = key.verifying_key().to_bytes();
-        let cert = CertBody {
-            kind: CertKind::Ca,
-            serial: 1,
-            not_before: 0,
-            not_after: u64::MAX / 2,
-            trust_domain: td.into(),
-            namespace: String::new(),
-            name: "ca".into(),
-            public_key: pk,
-            issuer: pk,
-            labels: Default::default(),
-            addrs: vec![],
-            routes: vec![],
-        }
-        .sign(&key)
-        .unwrap();
+        let cert = CertBody::ca(td, "ca", pk, 1, (0, u64::MAX / 2), vec![])
+            .sign(&key)
+            .unwrap();
         proto::armor::encode(proto::armor::CERTIFICATE, &cert.encode())
     }
 

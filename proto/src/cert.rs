@@ -140,6 +140,31 @@ fn b64<S: serde::Serializer>(k: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl CertBody {
+    /// A CA's body: self-issued by `public_key`, granting addresses in `ranges` (none: any).
+    pub fn ca(
+        trust_domain: &str,
+        name: &str,
+        public_key: [u8; 32],
+        serial: u64,
+        validity: (u64, u64),
+        ranges: Vec<Cidr>,
+    ) -> CertBody {
+        CertBody {
+            kind: CertKind::Ca,
+            serial,
+            not_before: validity.0,
+            not_after: validity.1,
+            trust_domain: trust_domain.to_string(),
+            namespace: String::new(),
+            name: name.to_string(),
+            public_key,
+            issuer: public_key,
+            labels: BTreeMap::new(),
+            addrs: ranges,
+            routes: Vec::new(),
+        }
+    }
+
     /// The identity as a SPIFFE ID: `spiffe://TD/ns/NS/sa/NAME`.
     pub fn spiffe_id(&self) -> String {
         format!(

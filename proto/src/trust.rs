@@ -277,23 +277,16 @@ mod tests {
 
     fn ca(seed: u8, td: &str, ranges: &[&str]) -> (SigningKey, Certificate) {
         let key = SigningKey::from_bytes(&[seed; 32]);
-        let pk = key.verifying_key().to_bytes();
-        let cert = CertBody {
-            kind: CertKind::Ca,
-            serial: 1,
-            not_before: NOW - 10,
-            not_after: NOW + 1000,
-            trust_domain: td.into(),
-            namespace: String::new(),
-            name: format!("{td}-ca"),
-            public_key: pk,
-            issuer: pk,
-            labels: Default::default(),
-            addrs: ranges.iter().map(|r| r.parse().unwrap()).collect(),
-            routes: vec![],
-        }
-        .sign(&key)
-        .unwrap();
+        let ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        let body = CertBody::ca(
+            td,
+            &format!("{td}-ca"),
+            key.verifying_key().to_bytes(),
+            1,
+            (NOW - 10, NOW + 1000),
+            ranges,
+        );
+        let cert = body.sign(&key).unwrap();
         (key, cert)
     }
 

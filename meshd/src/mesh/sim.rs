@@ -65,22 +65,9 @@ impl Ca {
     pub fn new(seed: u8, td: &str) -> Ca {
         let key = SigningKey::from_bytes(&[seed; 32]);
         let pk = key.verifying_key().to_bytes();
-        let cert = CertBody {
-            kind: CertKind::Ca,
-            serial: 1,
-            not_before: 0,
-            not_after: u64::MAX / 2,
-            trust_domain: td.into(),
-            namespace: String::new(),
-            name: "ca".into(),
-            public_key: pk,
-            issuer: pk,
-            labels: Default::default(),
-            addrs: vec![],
-            routes: vec![],
-        }
-        .sign(&key)
-        .expect("a valid CA body");
+        let cert = CertBody::ca(td, "ca", pk, 1, (0, u64::MAX / 2), vec![])
+            .sign(&key)
+            .expect("a valid CA body");
         Ca { key, cert }
     }
 

@@ -369,26 +369,7 @@ spec:
 #[test]
 fn two_federations_never_share_an_address() {
     let ca = |td: &str, seed: u8| {
-        use ed25519_dalek::SigningKey;
-        let key = SigningKey::from_bytes(&[seed; 32]);
-        let pk = key.verifying_key().to_bytes();
-        let cert = proto::cert::CertBody {
-            kind: proto::cert::CertKind::Ca,
-            serial: 1,
-            not_before: 0,
-            not_after: u64::MAX / 2,
-            trust_domain: td.into(),
-            namespace: String::new(),
-            name: "ca".into(),
-            public_key: pk,
-            issuer: pk,
-            labels: Default::default(),
-            addrs: vec![],
-            routes: vec![],
-        }
-        .sign(&key)
-        .unwrap();
-        proto::armor::encode(proto::armor::CERTIFICATE, &cert.encode())
+        crate::federation::tests::ca(td, seed)
             .lines()
             .map(|l| format!("    {l}\n"))
             .collect::<String>()
