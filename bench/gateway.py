@@ -25,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import ROOT, sh, teardown  # noqa: E402
+from throughput import ROOT, received_bps, sh, teardown  # noqa: E402
 
 TESTS = [("tcp1", "TCP 1 stream", ["-P", "1"]),
          ("udp", "UDP 1400 B", ["-u", "-b", "0", "-l", "1400"])]
@@ -170,11 +170,7 @@ state_dir = "{self.tmp}/state-{side}"
         out = sh("ip", "netns", "exec", self.c, "iperf3", "-c", EXT, "-t", str(seconds), "-J", *args,
                  timeout=seconds + 30)
         server.wait(timeout=10)
-        import json
-        end = json.loads(out.stdout)["end"]
-        if "sum_received" in end:
-            return end["sum_received"]["bits_per_second"] / 1e9
-        return end["sum"]["bits_per_second"] * (1 - end["sum"].get("lost_percent", 0) / 100) / 1e9
+        return received_bps(out.stdout) / 1e9
 
     def close(self):
         teardown(self.procs, (self.c, self.g, self.x))

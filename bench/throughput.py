@@ -30,6 +30,15 @@ def sh(*args, check=True, **kw):
     return subprocess.run(list(args), check=check, capture_output=True, text=True, **kw)
 
 
+def received_bps(iperf_json):
+    """Bits per second received, from `iperf3 -J` output: TCP's received sum, or UDP's sum less
+    the datagrams lost."""
+    end = json.loads(iperf_json)["end"]
+    if "sum_received" in end:
+        return end["sum_received"]["bits_per_second"]
+    return end["sum"]["bits_per_second"] * (1 - end["sum"].get("lost_percent", 0) / 100)
+
+
 def veth_pair(a, b):
     """Namespaces `a` and `b` joined by a veth: underlay 198.18.0.1 (a) and 198.18.0.2 (b)."""
     for ns in (a, b):
@@ -125,11 +134,7 @@ class Topology:
                  "-J", *args, timeout=seconds + 30)
         cpu = self.cpu_seconds() - cpu0
         server.wait(timeout=10)
-        end = json.loads(out.stdout)["end"]
-        if "sum_received" in end:
-            bps = end["sum_received"]["bits_per_second"]
-        else:
-            bps = end["sum"]["bits_per_second"] * (1 - end["sum"].get("lost_percent", 0) / 100)
+        bps = received_bps(out.stdout)
         gb = bps * seconds / 8 / 1e9
         return bps / 1e9, (cpu / gb if gb > 0 and self.procs else None)
 

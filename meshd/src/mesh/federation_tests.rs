@@ -14,6 +14,8 @@ const A: [usize; 2] = [0, 1];
 const B: [usize; 2] = [2, 3];
 /// A node of cluster B whose address lies outside the scope A grants B.
 const B_OUT_OF_SCOPE: usize = 4;
+/// The nodes of both clusters within each other's scope.
+const EVERYONE: [usize; 4] = [A[0], A[1], B[0], B[1]];
 
 const ALLOW_ALL: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  selector: all()\n  ingress: [{action: Allow}]\n";
 
@@ -131,6 +133,19 @@ impl Clusters {
                 .unwrap_or(0)
     }
 
+    /// Both sides federate the other; waits until A and B peer (10 s at most).
+    fn federated(seed: u64) -> Clusters {
+        let mut c = clusters(seed);
+        c.federate_both();
+        assert!(
+            c.sim
+                .run_until(10_000, |s| peered(s, &EVERYONE, &EVERYONE))
+                .is_some(),
+            "A and B peer within 10 s of federating"
+        );
+        c
+    }
+
     fn federate_both(&mut self) {
         let fed_b = federation("partner.org", &[&self.ca_b.cert], "100.65.0.0/16");
         self.apply_a(1, &format!("{ALLOW_ALL}---\n{fed_b}"));
@@ -148,8 +163,7 @@ fn federated_clusters_peer_within_scope_keep_their_own_sets_and_are_cut_when_unf
         c.sim.nodes[B[0]].node().control_status().refused
     );
     c.federate_both();
-    let everyone = [A[0], A[1], B[0], B[1]];
-    let t = c.sim.run_until(10_000, |s| peered(s, &everyone, &everyone));
+    let t = c.sim.run_until(10_000, |s| peered(s, &EVERYONE, &EVERYONE));
     assert!(
         t.is_some(),
         "A and B peer with each other within 10 s of federating"
@@ -186,9 +200,7 @@ fn federated_clusters_peer_within_scope_keep_their_own_sets_and_are_cut_when_unf
 
 #[test]
 fn a_remote_ca_rotation_keeps_the_federated_members() {
-    let mut c = clusters(22);
-    c.federate_both();
-    assert!(c.sim.run_until(10_000, |s| peered(s, &A, &B)).is_some());
+    let mut c = Clusters::federated(22);
     let new_b = Ca::new(11, "partner.org");
     let both = federation("partner.org", &[&c.ca_b.cert, &new_b.cert], "100.65.0.0/16");
     c.apply_a(2, &format!("{ALLOW_ALL}---\n{both}"));
@@ -243,13 +255,7 @@ fn a_remote_ca_rotation_keeps_the_federated_members() {
 
 #[test]
 fn a_federation_lasts_across_a_restart() {
-    let mut c = clusters(23);
-    c.federate_both();
-    let everyone = [A[0], A[1], B[0], B[1]];
-    assert!(c
-        .sim
-        .run_until(10_000, |s| peered(s, &everyone, &everyone))
-        .is_some());
+    let mut c = Clusters::federated(23);
     // A's node restarts from its state directory: the saved set brings the federation back
     // before the saved members, so B's are trusted again at once, without any other node's help.
     c.sim.kill(A[1]);
@@ -261,7 +267,7 @@ fn a_federation_lasts_across_a_restart() {
     );
     assert!(c
         .sim
-        .run_until(5_000, |s| peered(s, &everyone, &everyone))
+        .run_until(5_000, |s| peered(s, &EVERYONE, &EVERYONE))
         .is_some());
 }
 
@@ -269,13 +275,7 @@ fn a_federation_lasts_across_a_restart() {
 /// trusted again before the saved lists are taken, so the revoked partner node stays out.
 #[test]
 fn a_federated_cas_revocation_lasts_across_a_restart() {
-    let mut c = clusters(24);
-    c.federate_both();
-    let everyone = [A[0], A[1], B[0], B[1]];
-    assert!(c
-        .sim
-        .run_until(10_000, |s| peered(s, &everyone, &everyone))
-        .is_some());
+    let mut c = Clusters::federated(24);
     let serial = c.sim.nodes[B[1]].certificate.body.serial;
     let crl = proto::cert::RevocationList::sign(
         "partner.org",

@@ -380,34 +380,21 @@ fn two_federations_never_share_an_address() {
             ca(td, seed)
         )
     };
-    let docs = parse_documents(
-        &format!(
+    let two = |b_addrs: &str| {
+        let text = format!(
             "{}---\n{}",
             fed("a.org", 1, "100.65.0.0/16"),
-            fed("b.org", 2, "100.65.7.0/24")
-        ),
-        "t.yaml",
-    )
-    .unwrap();
-    let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+            fed("b.org", 2, b_addrs)
+        );
+        PolicySet::compile(
+            &parse_documents(&text, "t.yaml").unwrap(),
+            Posture::ZeroTrust,
+        )
+    };
+    let e = two("100.65.7.0/24").unwrap_err();
     assert_eq!(e[0].field, "spec.addresses", "{e:?}");
     assert!(e[0].message.contains("a.org"), "{e:?}");
-    let docs = parse_documents(
-        &format!(
-            "{}---\n{}",
-            fed("a.org", 1, "100.65.0.0/16"),
-            fed("b.org", 2, "100.66.0.0/16")
-        ),
-        "t.yaml",
-    )
-    .unwrap();
-    assert_eq!(
-        PolicySet::compile(&docs, Posture::ZeroTrust)
-            .unwrap()
-            .federations()
-            .len(),
-        2
-    );
+    assert_eq!(two("100.66.0.0/16").unwrap().federations().len(), 2);
 }
 
 /// A remote namespace of the same name is not the local one: its labels come from nowhere.
