@@ -34,6 +34,11 @@
 //! routes = ["198.19.0.0/24"]   # routes outside the mesh this node serves; each must be granted
 //!                              # by its certificate (`meshctl identity issue --route`)
 //! masquerade = false           # true: forwarded traffic leaves with this node's underlay address
+//!
+//! [relay]
+//! serve = false        # true: relay frames between members that cannot reach each other
+//! via = ["KEY"]        # members (public keys) to reach others through when their own address
+//!                      # does not answer: this cluster's relay, for a federated cluster
 //! ```
 
 use anyhow::{anyhow, bail, Context};
@@ -42,6 +47,9 @@ use proto::control::Seed;
 use proto::{armor, Key};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+
+/// Relays a node names at most (each unheard member is greeted through every one).
+pub const MAX_RELAYS: usize = 8;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +63,17 @@ pub struct Config {
     pub policy: PolicySection,
     #[serde(default)]
     pub gateway: GatewaySection,
+    #[serde(default)]
+    pub relay: RelaySection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    #[serde(default)]
+    pub serve: bool,
+    #[serde(default)]
+    pub via: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -226,7 +245,27 @@ impl Config {
         if cfg.gateway.routes.len() > proto::cert::MAX_ADDRS {
             return Err(err("gateway.routes: more than 16".into()));
         }
+        for (i, k) in cfg.relay.via.iter().enumerate() {
+            if let Err(e) = Key::from_base64(k) {
+                return Err(err(format!(
+                    "relay.via[{i}]: `{k}` is not a public key (base64 of 32 bytes): {e}"
+                )));
+            }
+        }
+        if cfg.relay.via.len() > MAX_RELAYS {
+            return Err(err(format!("relay.via: more than {MAX_RELAYS}")));
+        }
         Ok(cfg)
+    }
+
+    /// The members asked to relay (validated by [`Config::parse`]).
+    pub fn relays(&self) -> Vec<[u8; 32]> {
+        self.relay
+            .via
+            .iter()
+            .filter_map(|k| Key::from_base64(k).ok())
+            .map(|k| k.0)
+            .collect()
     }
 
     /// The routes this node serves as a gateway (validated by [`Config::parse`]).

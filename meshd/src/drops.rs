@@ -45,6 +45,10 @@ drop_reasons! {
     PolicyMalformed => "policy_unparsable": "A packet's transport header was too short or malformed for policy to decide.",
     PolicyFragment => "policy_fragment_unmatched": "A later fragment whose first fragment did not pass (policy cannot see its ports).",
     PolicyNotHere => "policy_not_this_node": "A packet neither to nor from this node's addresses nor a route it serves as a gateway.",
+    RelayNotServed => "relay_not_served": "A relay frame for another node reached a node that relays for no one.",
+    RelayUnknownNode => "relay_unknown_node": "A relay frame from or to a node that is not a member here.",
+    RelayWrongPath => "relay_wrong_path": "A relay frame that did not arrive along this node's path to its source, or would go back where it came from.",
+    RelayExpired => "relay_expired": "A relay frame that used up its hops.",
 }
 
 /// One counter per reason; lock-free, shared by the data-path threads.

@@ -6,8 +6,8 @@ use crate::drops::DropCounters;
 use boringtun::noise::Tunn;
 use boringtun::x25519;
 use parking_lot::Mutex;
+use proto::relay::Endpoint;
 use proto::{Cidr, Key};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Peer {
@@ -26,7 +26,7 @@ pub struct Peer {
 pub struct PeerState {
     /// `None` until the interface has a private key.
     pub tunn: Option<Tunn>,
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Endpoint>,
     pub allowed_ips: Vec<Cidr>,
     pub preshared_key: Option<Key>,
     pub keepalive_secs: u16,

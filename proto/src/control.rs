@@ -536,6 +536,15 @@ pub fn cookie(secret: &[u8; 32], from: &SocketAddr) -> [u8; COOKIE_LEN] {
     mac16(secret, &[&ip, &from.port().to_be_bytes()])
 }
 
+/// The cookie of a sender reached through `relay` under `tag` (PROTOCOL.md §9).
+pub fn cookie_relayed(secret: &[u8; 32], relay: &SocketAddr, tag: &[u8; 8]) -> [u8; COOKIE_LEN] {
+    let ip = match relay.ip() {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    mac16(secret, &[&ip, &relay.port().to_be_bytes(), tag])
+}
+
 /// The answer to a sealed datagram from an unknown address (its MAC `echo`).
 pub fn encode_cookie_reply(echo: &[u8; MAC_LEN], cookie: &[u8; COOKIE_LEN]) -> Vec<u8> {
     let mut b = header(TYPE_COOKIE_REPLY);

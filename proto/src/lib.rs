@@ -11,6 +11,7 @@ pub mod ip;
 pub mod key;
 pub mod policyset;
 mod reader;
+pub mod relay;
 pub mod segment;
 pub mod trust;
 pub mod uapi;

@@ -11,14 +11,17 @@ use crate::peer::Peer;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
+use proto::relay::{self, Endpoint, Tag, HEADER_LEN};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest IP packet the TUN device can hand us, and so the largest plaintext.
 const MAX_PACKET_BYTES: usize = 65535;
-/// Room for the WireGuard data header and tag (32 bytes), or a whole handshake message (148).
-const MAX_DATAGRAM_BYTES: usize = MAX_PACKET_BYTES + 148;
+/// Room for a relay frame's header (20 bytes; every datagram is made after that much headroom,
+/// so that a relayed one is framed without a copy), then the WireGuard data header and tag (32
+/// bytes) or a whole handshake message (148).
+const MAX_DATAGRAM_BYTES: usize = HEADER_LEN + MAX_PACKET_BYTES + 148;
 /// How often the protocol timers are driven (boringtun's own device uses 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -74,7 +77,7 @@ fn tun_loop(dev: &Device) {
                 peer.drops.count(Drop::NoPrivateKey);
                 continue;
             };
-            match tunn.encapsulate(packet, &mut out) {
+            match tunn.encapsulate(packet, &mut out[HEADER_LEN..]) {
                 TunnResult::WriteToNetwork(d) => (d.len(), endpoint),
                 TunnResult::Done => continue,
                 TunnResult::Err(e) => {
@@ -85,7 +88,8 @@ fn tun_loop(dev: &Device) {
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => continue,
             }
         };
-        send(dev, peer, &out[..len], endpoint);
+        let me = snap.local.as_ref().map(|l| l.tag);
+        send(dev, peer, &mut out, len, endpoint, me);
     }
 }
 
@@ -100,17 +104,26 @@ pub(super) fn keepalive_now(dev: &Device, peer: &Peer) {
         let Some(tunn) = st.tunn.as_mut() else {
             return;
         };
-        match tunn.encapsulate(&[], &mut out) {
+        match tunn.encapsulate(&[], &mut out[HEADER_LEN..]) {
             TunnResult::WriteToNetwork(d) => (d.len(), Some(endpoint)),
             _ => return,
         }
     };
-    send(dev, peer, &out[..len], endpoint);
+    let me = dev.snapshot().local.as_ref().map(|l| l.tag);
+    send(dev, peer, &mut out, len, endpoint, me);
 }
 
-/// Sends a datagram to a peer's endpoint, counting what cannot be sent.
+/// Sends the datagram at `buf[HEADER_LEN..HEADER_LEN + len]` to a peer's endpoint, in a relay
+/// frame (written into the headroom) for a relayed one, counting what cannot be sent.
 #[inline]
-fn send(dev: &Device, peer: &Peer, datagram: &[u8], endpoint: Option<SocketAddr>) {
+fn send(
+    dev: &Device,
+    peer: &Peer,
+    buf: &mut [u8],
+    len: usize,
+    endpoint: Option<Endpoint>,
+    me: Option<Tag>,
+) {
     let Some(endpoint) = endpoint else {
         peer.drops.count(Drop::NoEndpoint);
         return;
@@ -120,7 +133,7 @@ fn send(dev: &Device, peer: &Peer, datagram: &[u8], endpoint: Option<SocketAddr>
         peer.drops.count(Drop::UdpSend);
         return;
     };
-    match sock.send_to(datagram, endpoint) {
+    match send_framed(sock, buf, HEADER_LEN, len, endpoint, me) {
         Ok(n) => peer.add_tx(n),
         Err(e) => {
             tracing::trace!(peer = %peer.public_key, error = %e, "send failed");
@@ -159,9 +172,106 @@ fn is_current(dev: &Device, socket: &Arc<Underlay>) -> bool {
         .is_some_and(|cur| Arc::ptr_eq(cur, socket))
 }
 
-/// One datagram from the underlay: find its peer, let boringtun authenticate and decrypt it,
-/// then deliver, reply or count a drop. Never panics on any input.
+/// Sends `buf[start..start + len]` to `to`: as it is to a direct endpoint; for a relayed one,
+/// after a frame header written just before it (`start` leaves room for one), or in a copy
+/// when it does not.
+#[inline]
+fn send_framed(
+    sock: &Underlay,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    to: Endpoint,
+    me: Option<Tag>,
+) -> std::io::Result<usize> {
+    match (to, me) {
+        (Endpoint::Direct(a), _) => sock.send_to(&buf[start..start + len], a),
+        (Endpoint::Relayed { relay, tag }, Some(me)) if start >= HEADER_LEN => {
+            let h = relay::Header {
+                ttl: relay::INITIAL_TTL,
+                src: me,
+                dst: tag,
+            };
+            let head: &mut [u8; HEADER_LEN] = (&mut buf[start - HEADER_LEN..start])
+                .try_into()
+                .expect("HEADER_LEN bytes");
+            h.write(head);
+            sock.send_to(&buf[start - HEADER_LEN..start + len], relay)
+        }
+        (Endpoint::Relayed { relay, tag }, Some(me)) => {
+            sock.send_to(&relay::frame(me, tag, &buf[start..start + len]), relay)
+        }
+        (Endpoint::Relayed { .. }, None) => Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "no key to frame with",
+        )),
+    }
+}
+
+/// Where `part` (a slice boringtun returned) starts in `buf`, which it was written into.
+#[inline]
+fn offset_in(buf_start: usize, part: &[u8]) -> usize {
+    part.as_ptr() as usize - buf_start
+}
+
+/// One datagram from the underlay: a relay frame (delivered here or relayed on), or a datagram
+/// from the sender itself. Never panics on any input.
 fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    if relay::is_frame(datagram) {
+        on_frame(dev, socket, datagram, from, out);
+        return;
+    }
+    on_inner(dev, socket, datagram, Endpoint::Direct(from), out);
+}
+
+/// A relay frame: for this node (its inner datagram is then taken as from the sender, through
+/// the relay it came from) or, at a relay, for a member it forwards to (PROTOCOL.md §9).
+fn on_frame(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    let Some((header, inner)) = relay::parse(datagram) else {
+        dev.drops.count(Drop::MalformedDatagram);
+        return;
+    };
+    let snap = dev.snapshot();
+    let Some(local) = snap.local.as_ref() else {
+        dev.drops.count(Drop::NoPrivateKey);
+        return;
+    };
+    let serve = dev.relay_serve.load(std::sync::atomic::Ordering::Relaxed);
+    let path = |t: &Tag| snap.by_tag.get(t).and_then(|p| p.state.lock().endpoint);
+    match relay::decide(&header, from, local.tag, serve, path) {
+        relay::Verdict::Deliver(endpoint) => {
+            if relay::is_frame(inner) {
+                dev.drops.count(Drop::MalformedDatagram); // frames are never nested
+                return;
+            }
+            on_inner(dev, socket, inner, endpoint, out);
+        }
+        relay::Verdict::Forward(to) => {
+            let n = datagram.len();
+            out[..n].copy_from_slice(datagram);
+            out[1] = header.ttl - 1;
+            match socket.send_to(&out[..n], to) {
+                Ok(_) => {
+                    dev.relayed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    dev.relayed_bytes
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(_) => dev.drops.count(Drop::UdpSend),
+            }
+        }
+        relay::Verdict::Drop(why) => dev.drops.count(match why {
+            relay::Refused::NotRelay => Drop::RelayNotServed,
+            relay::Refused::UnknownNode => Drop::RelayUnknownNode,
+            relay::Refused::WrongPath => Drop::RelayWrongPath,
+            relay::Refused::Expired => Drop::RelayExpired,
+        }),
+    }
+}
+
+/// One datagram from a sender (directly or through a relay): find its peer, let boringtun
+/// authenticate and decrypt it, then deliver, reply or count a drop.
+fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, out: &mut [u8]) {
     if proto::control::is_control(datagram) {
         // The control plane is not the data path: a copy per message is fine here.
         dev.control_rx_bytes
@@ -181,25 +291,29 @@ fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAdd
         dev.drops.count(Drop::NoPrivateKey);
         return;
     };
-    let packet = match local
-        .rate_limiter
-        .verify_packet(Some(from.ip()), datagram, out)
-    {
-        Ok(p) => p,
-        Err(TunnResult::WriteToNetwork(cookie)) => {
-            let _ = socket.send_to(cookie, from);
-            dev.drops.count(Drop::CookieSent);
-            return;
-        }
-        Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
-            dev.drops.count(Drop::BadMac);
-            return;
-        }
-        Err(_) => {
-            dev.drops.count(Drop::MalformedDatagram);
-            return;
-        }
-    };
+    let me = Some(local.tag);
+    let base = out.as_ptr() as usize;
+    let packet =
+        match local
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut out[HEADER_LEN..])
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let (start, len) = (offset_in(base, cookie), cookie.len());
+                let _ = send_framed(socket, out, start, len, from, me);
+                dev.drops.count(Drop::CookieSent);
+                return;
+            }
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                dev.drops.count(Drop::BadMac);
+                return;
+            }
+            Err(_) => {
+                dev.drops.count(Drop::MalformedDatagram);
+                return;
+            }
+        };
     let peer = match &packet {
         Packet::HandshakeInit(init) => {
             match parse_handshake_anon(&local.secret, &local.public, init) {
@@ -227,15 +341,20 @@ fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAdd
         peer.drops.count(Drop::NoPrivateKey);
         return;
     };
-    let delivered = match tunn.decapsulate(Some(from.ip()), datagram, out) {
+    let delivered = match tunn.decapsulate(Some(from.ip()), datagram, &mut out[HEADER_LEN..]) {
         TunnResult::Done => None,
         TunnResult::WriteToNetwork(reply) => {
-            let _ = socket.send_to(reply, from).map(|n| peer.add_tx(n));
-            flush_queue(tunn, socket, peer, from, out);
+            let (start, len) = (offset_in(base, reply), reply.len());
+            let _ = send_framed(socket, out, start, len, from, me).map(|n| peer.add_tx(n));
+            flush_queue(tunn, socket, peer, from, me, out);
             None
         }
-        TunnResult::WriteToTunnelV4(p, src) => Some((p.len(), std::net::IpAddr::V4(src))),
-        TunnResult::WriteToTunnelV6(p, src) => Some((p.len(), std::net::IpAddr::V6(src))),
+        TunnResult::WriteToTunnelV4(p, src) => {
+            Some((offset_in(base, p), p.len(), std::net::IpAddr::V4(src)))
+        }
+        TunnResult::WriteToTunnelV6(p, src) => {
+            Some((offset_in(base, p), p.len(), std::net::IpAddr::V6(src)))
+        }
         TunnResult::Err(e) => {
             peer.drops.count(drop_reason(&e));
             return;
@@ -246,7 +365,8 @@ fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAdd
     drop(st);
     peer.add_rx(datagram.len());
 
-    if let Some((len, src)) = delivered {
+    if let Some((start, len, src)) = delivered {
+        let packet = &out[start..start + len];
         // Cryptokey routing, inbound: the inner source must be one of this peer's allowed IPs.
         if !snap
             .routes
@@ -258,20 +378,29 @@ fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAdd
         }
         // Ingress policy of this node's identity, with the identity whose key authenticated it.
         if let Some(policy) = dev.enforcer.get() {
-            if !policy.ingress(&out[..len], &peer.public_key.0, &peer.drops) {
+            if !policy.ingress(packet, &peer.public_key.0, &peer.drops) {
                 return;
             }
         }
-        if dev.tun.send(&out[..len]).is_err() {
+        if dev.tun.send(packet).is_err() {
             peer.drops.count(Drop::TunWrite);
         }
     }
 }
 
 /// After a handshake completes, boringtun hands back the packets it queued while waiting.
-fn flush_queue(tunn: &mut Tunn, socket: &Underlay, peer: &Peer, to: SocketAddr, out: &mut [u8]) {
-    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], out) {
-        match socket.send_to(d, to) {
+fn flush_queue(
+    tunn: &mut Tunn,
+    socket: &Underlay,
+    peer: &Peer,
+    to: Endpoint,
+    me: Option<Tag>,
+    out: &mut [u8],
+) {
+    let base = out.as_ptr() as usize;
+    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut out[HEADER_LEN..]) {
+        let (start, len) = (offset_in(base, d), d.len());
+        match send_framed(socket, out, start, len, to, me) {
             Ok(n) => peer.add_tx(n),
             Err(_) => peer.drops.count(Drop::UdpSend),
         }
@@ -312,7 +441,7 @@ pub async fn run_timers(dev: Arc<Device>) {
                 let Some(tunn) = st.tunn.as_mut() else {
                     continue;
                 };
-                match tunn.update_timers(&mut out) {
+                match tunn.update_timers(&mut out[HEADER_LEN..]) {
                     TunnResult::WriteToNetwork(d) => (d.len(), endpoint),
                     TunnResult::Err(WireGuardError::ConnectionExpired) => {
                         tracing::debug!(peer = %peer.public_key, "session expired");
@@ -321,7 +450,8 @@ pub async fn run_timers(dev: Arc<Device>) {
                     _ => continue,
                 }
             };
-            send(&dev, peer, &out[..len], endpoint);
+            let me = snap.local.as_ref().map(|l| l.tag);
+            send(&dev, peer, &mut out, len, endpoint, me);
         }
     }
 }

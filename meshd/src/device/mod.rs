@@ -14,6 +14,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519;
 use parking_lot::Mutex;
+use proto::relay::{Endpoint, Tag};
 use proto::uapi::{self, DeviceInfo, PeerInfo, SetRequest, UapiError};
 use proto::Key;
 use std::collections::{BTreeMap, HashMap};
@@ -39,7 +40,12 @@ pub struct Device {
     pub control_rx_bytes: std::sync::atomic::AtomicU64,
     pub control_tx_bytes: std::sync::atomic::AtomicU64,
     /// Where control-protocol datagrams go in mesh mode.
-    control: std::sync::OnceLock<tokio::sync::mpsc::Sender<(std::net::SocketAddr, Vec<u8>)>>,
+    control: std::sync::OnceLock<tokio::sync::mpsc::Sender<(Endpoint, Vec<u8>)>>,
+    /// Whether this node relays frames between its members (`[relay] serve`; PROTOCOL.md §9).
+    relay_serve: std::sync::atomic::AtomicBool,
+    /// Frames relayed, and their bytes.
+    pub relayed: std::sync::atomic::AtomicU64,
+    pub relayed_bytes: std::sync::atomic::AtomicU64,
     /// Mesh mode: policy enforcement on both data paths.
     enforcer: std::sync::OnceLock<Arc<crate::enforce::Enforcer>>,
 }
@@ -58,12 +64,16 @@ pub struct Snapshot {
     pub routes: AllowedIps<Arc<Peer>>,
     pub by_index: HashMap<u32, Arc<Peer>>,
     pub by_key: HashMap<[u8; 32], Arc<Peer>>,
+    /// Peers by their tag in relay frames.
+    pub by_tag: HashMap<Tag, Arc<Peer>>,
     pub local: Option<LocalKeys>,
 }
 
 pub struct LocalKeys {
     pub secret: x25519::StaticSecret,
     pub public: x25519::PublicKey,
+    /// This node's tag in relay frames.
+    pub tag: Tag,
     /// Shared by every peer: MAC1 checks and cookies for handshakes before a peer is known.
     pub rate_limiter: Arc<RateLimiter>,
 }
@@ -92,6 +102,9 @@ impl Device {
             udp: ArcSwapOption::empty(),
             drops: DropCounters::default(),
             control: std::sync::OnceLock::new(),
+            relay_serve: Default::default(),
+            relayed: Default::default(),
+            relayed_bytes: Default::default(),
             enforcer: std::sync::OnceLock::new(),
             control_rx_bytes: Default::default(),
             control_tx_bytes: Default::default(),
@@ -102,8 +115,22 @@ impl Device {
     }
 
     /// Mesh mode: control-protocol datagrams are handed to `tx` from now on.
-    pub fn set_control_sink(&self, tx: tokio::sync::mpsc::Sender<(std::net::SocketAddr, Vec<u8>)>) {
+    pub fn set_control_sink(&self, tx: tokio::sync::mpsc::Sender<(Endpoint, Vec<u8>)>) {
         let _ = self.control.set(tx);
+    }
+
+    /// Mesh mode: whether frames between two members are relayed (`[relay] serve`).
+    pub fn set_relay(&self, serve: bool) {
+        self.relay_serve
+            .store(serve, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Where the device sends to peer `key` from now on (a relayed path, which the UAPI cannot
+    /// name; the node derives it).
+    pub fn set_endpoint(&self, key: &[u8; 32], endpoint: Endpoint) {
+        if let Some(p) = self.snapshot().by_key.get(key) {
+            p.state.lock().endpoint = Some(endpoint);
+        }
     }
 
     /// Mesh mode: every packet is subject to `enforcer` from now on.
@@ -115,15 +142,25 @@ impl Device {
         self.enforcer.get()
     }
 
-    /// Sends one datagram on the underlay socket (control protocol).
-    pub fn send_datagram(
-        &self,
-        datagram: &[u8],
-        to: std::net::SocketAddr,
-    ) -> std::io::Result<usize> {
+    /// Sends one datagram on the underlay socket (control protocol), in a relay frame for a
+    /// relayed endpoint.
+    pub fn send_datagram(&self, datagram: &[u8], to: Endpoint) -> std::io::Result<usize> {
         match self.udp.load().as_ref() {
             Some(s) => {
-                let n = s.send_to(datagram, to)?;
+                let n = match to {
+                    Endpoint::Direct(a) => s.send_to(datagram, a)?,
+                    Endpoint::Relayed { relay, tag } => {
+                        let me =
+                            self.snapshot()
+                                .local
+                                .as_ref()
+                                .map(|l| l.tag)
+                                .ok_or_else(|| {
+                                    std::io::Error::new(std::io::ErrorKind::NotConnected, "no key")
+                                })?;
+                        s.send_to(&proto::relay::frame(me, tag, datagram), relay)?
+                    }
+                };
                 self.control_tx_bytes
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 Ok(n)
@@ -253,7 +290,7 @@ impl Device {
                 st.keepalive_secs = ka;
             }
             if let Some(ep) = upd.endpoint {
-                st.endpoint = Some(udp::canonical(ep));
+                st.endpoint = Some(Endpoint::Direct(udp::canonical(ep)));
             }
             if upd.replace_allowed_ips {
                 st.allowed_ips.clear();
@@ -286,7 +323,9 @@ impl Device {
         let mut routes = AllowedIps::new();
         let mut by_index = HashMap::new();
         let mut by_key = HashMap::new();
+        let mut by_tag = HashMap::new();
         for p in cfg.peers.values() {
+            by_tag.insert(Tag::of(&p.public_key.0), p.clone());
             for a in &p.state.lock().allowed_ips {
                 routes.insert(*a, p.clone());
             }
@@ -298,6 +337,7 @@ impl Device {
             let public = x25519::PublicKey::from(&secret);
             let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
             LocalKeys {
+                tag: Tag::of(public.as_bytes()),
                 secret,
                 public,
                 rate_limiter,
@@ -307,6 +347,7 @@ impl Device {
             routes,
             by_index,
             by_key,
+            by_tag,
             local,
         }));
     }
@@ -331,7 +372,7 @@ impl Device {
                 PeerInfo {
                     public_key: p.public_key,
                     preshared_key: st.preshared_key,
-                    endpoint: st.endpoint,
+                    endpoint: st.endpoint.map(|e| e.first_hop()),
                     last_handshake: last,
                     tx_bytes: p.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
                     rx_bytes: p.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
@@ -407,6 +448,7 @@ impl Snapshot {
             routes: AllowedIps::new(),
             by_index: HashMap::new(),
             by_key: HashMap::new(),
+            by_tag: HashMap::new(),
             local: None,
         }
     }

@@ -45,6 +45,11 @@ fn federation(td: &str, cas: &[&Certificate], addresses: &str) -> String {
 /// Nodes 0-1 of cluster A, 2-4 of cluster B (B's seed is node 2, whose seed is A's node 0);
 /// each cluster formed, and neither trusting the other yet.
 fn clusters(seed: u64) -> Clusters {
+    clusters_with(seed, |_| {})
+}
+
+/// [`clusters`], with `underlay` changing the simulation before any node starts.
+fn clusters_with(seed: u64, underlay: impl FnOnce(&mut Sim)) -> Clusters {
     let mut sim = Sim::new(5, seed);
     let ca_b = Ca::new(10, "partner.org");
     let admin_b = SigningKey::from_bytes(&[78; 32]);
@@ -72,6 +77,7 @@ fn clusters(seed: u64) -> Clusters {
             }];
         }
     }
+    underlay(&mut sim);
     sim.start_all();
     sim.run(5_000);
     let c = Clusters { sim, ca_b, admin_b };
@@ -89,6 +95,21 @@ fn peered(sim: &Sim, xs: &[usize], ys: &[usize]) -> bool {
         ys.iter()
             .filter(|&&y| y != x)
             .all(|&y| sim.nodes[x].host.peers.contains_key(&sim.nodes[y].public()))
+    })
+}
+
+/// Whether every node of `xs` has heard every other node of `ys` (so each reaches the other),
+/// and has the WireGuard peer where it heard it.
+fn heard(sim: &Sim, xs: &[usize], ys: &[usize]) -> bool {
+    xs.iter().all(|&x| {
+        ys.iter().filter(|&&y| y != x).all(|&y| {
+            let k = sim.nodes[y].public();
+            let m = sim.nodes[x].node().members().get(&k);
+            m.is_some_and(|m| {
+                m.last_heard_ms.is_some()
+                    && sim.nodes[x].host.peers.get(&k).map(|p| p.0) == Some(m.endpoint)
+            })
+        })
     })
 }
 
@@ -309,5 +330,83 @@ fn a_federated_cas_revocation_lasts_across_a_restart() {
         c.sim.nodes[A[1]].node().members().contains_key(&k),
         c.sim.nodes[A[1]].node().control_status().refused,
         c.sim.nodes[B[0]].node().control_status().refused
+    );
+}
+
+/// Cluster A's underlay (link 1) and cluster B's (link 2) do not reach each other; A's node 0 and
+/// B's node 2 are also on a third (link 4) and relay, and every node asks its cluster's relay.
+fn relayed_underlays(sim: &mut Sim) {
+    sim.links = Some(vec![1 | 4, 1, 2 | 4, 2, 2]);
+    let (ga, gb) = (sim.nodes[A[0]].public(), sim.nodes[B[0]].public());
+    for i in 0..5 {
+        let n = &mut sim.nodes[i];
+        n.relay_serve = i == A[0] || i == B[0];
+        n.relays = match i {
+            0 => vec![gb],
+            2 => vec![ga],
+            1 => vec![ga],
+            _ => vec![gb],
+        };
+    }
+}
+
+#[test]
+fn clusters_whose_underlays_do_not_meet_peer_through_a_relay_of_each() {
+    use proto::relay::{Endpoint, Tag};
+    let mut c = clusters_with(25, relayed_underlays);
+    c.federate_both();
+    let t = c.sim.run_until(20_000, |s| heard(s, &EVERYONE, &EVERYONE));
+    assert!(
+        t.is_some(),
+        "every node of A and B hears every other within 20 s of federating, through the relays"
+    );
+    let relayed_before = c.sim.relayed;
+    assert!(relayed_before > 0);
+    let ep =
+        |x: usize, y: usize| c.sim.nodes[x].node().members()[&c.sim.nodes[y].public()].endpoint;
+    let via = |relay: usize, to: usize| Endpoint::Relayed {
+        relay: super::sim::underlay(relay),
+        tag: Tag::of(&c.sim.nodes[to].public()),
+    };
+    // a1 reaches b1 through its own relay (which passes it to B's), b1 reaches a1 through B's;
+    // the relays reach each other directly, and each reaches the other's cluster through the
+    // other; inside a cluster nothing is relayed.
+    assert_eq!(ep(A[1], B[1]), via(A[0], B[1]));
+    assert_eq!(ep(B[1], A[1]), via(B[0], A[1]));
+    assert_eq!(ep(A[0], B[0]), Endpoint::Direct(super::sim::underlay(B[0])));
+    assert_eq!(ep(A[0], B[1]), via(B[0], B[1]));
+    assert_eq!(ep(B[0], A[1]), via(A[0], A[1]));
+    assert_eq!(ep(A[1], A[0]), Endpoint::Direct(super::sim::underlay(A[0])));
+    assert_eq!(ep(B[1], B[0]), Endpoint::Direct(super::sim::underlay(B[0])));
+    // The paths hold: the mesh at rest keeps talking through them.
+    c.sim.run(10_000);
+    assert!(heard(&c.sim, &EVERYONE, &EVERYONE));
+    assert!(
+        c.sim.relayed > relayed_before,
+        "gossip keeps crossing the relays"
+    );
+    // Removing the federation cuts B from every A node within 5 s, relayed or not.
+    c.apply_a(2, ALLOW_ALL);
+    assert!(c.sim.run_until(5_000, |s| none_peered(s, &A, &B)).is_some());
+}
+
+#[test]
+fn without_relays_clusters_whose_underlays_do_not_meet_stay_apart() {
+    let mut c = clusters_with(26, |sim| {
+        relayed_underlays(sim);
+        for n in &mut sim.nodes {
+            n.relay_serve = false;
+        }
+    });
+    c.federate_both();
+    c.sim.run(20_000);
+    assert!(
+        !heard(&c.sim, &[A[1]], &[B[1]]) && !heard(&c.sim, &[B[1]], &[A[1]]),
+        "a node that relays for no one passes nothing on"
+    );
+    assert_eq!(c.sim.relayed, 0);
+    assert!(
+        heard(&c.sim, &[A[0]], &[B[0]]),
+        "the nodes on both underlays still peer"
     );
 }

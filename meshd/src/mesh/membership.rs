@@ -16,6 +16,7 @@
 use super::ratelimit::SourceLimiter;
 use proto::cert::{CertError, Certificate, RevocationList};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
+use proto::relay::{Endpoint, Tag};
 use proto::segment::Reassembly;
 use proto::trust::{Federation, Signature, Trust};
 use proto::Cidr;
@@ -55,6 +56,9 @@ const BEHIND_ANSWER_INTERVAL_MS: u64 = 5_000;
 /// list) then hears us and stops greeting. An answer is never answered (we sealed to the member
 /// just before), so Hellos do not ping-pong.
 const GREETING_ANSWER_AFTER_MS: u64 = 60_000;
+/// A member heard at its own address within this long keeps that path: the same member's
+/// messages through a relay (a greeting sent both ways) do not move it onto the longer one.
+const DIRECT_PREFERRED_MS: u64 = 10_000;
 
 /// When to greet an unheard member again after `greetings` greetings.
 fn greet_wait_ms(greetings: u32) -> u64 {
@@ -120,7 +124,7 @@ pub(super) fn member_batches(list: Vec<Member>) -> Vec<Vec<Member>> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Out {
     Send {
-        to: SocketAddr,
+        to: Endpoint,
         datagram: Vec<u8>,
     },
     /// A policy-transfer message from an authenticated member, for the node's policy sync.
@@ -204,6 +208,12 @@ impl Refusal {
     }
 }
 
+/// Where a message came from (the sender's endpoint, now), and whether it moved the sender there.
+struct Arrival {
+    from: Endpoint,
+    moved: bool,
+}
+
 /// What the control plane spent and refused, for `status`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ControlCounters {
@@ -216,8 +226,14 @@ pub struct ControlCounters {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberState {
     pub certificate: Certificate,
-    pub endpoint: SocketAddr,
+    /// Where it is reached now: its own address, or through a relay (PROTOCOL.md §9).
+    pub endpoint: Endpoint,
+    /// Its own underlay address as last known (what member lists and the state directory carry;
+    /// the relay's, for a member only ever heard through one).
+    pub address: SocketAddr,
     pub last_heard_ms: Option<u64>,
+    /// When it was last heard at its own address.
+    pub direct_heard_ms: Option<u64>,
 }
 
 /// A sender's replay window and when we last took a counter from it.
@@ -317,7 +333,7 @@ pub struct Membership {
     /// address is checked with one MAC before any Diffie-Hellman, and sealing to a member or
     /// opening from one costs one Diffie-Hellman, not two.
     pairs: HashMap<[u8; 32], control::Pair>,
-    by_endpoint: HashMap<SocketAddr, [u8; 32]>,
+    by_endpoint: HashMap<Endpoint, [u8; 32]>,
     /// Our ephemeral key for each receiver, until it expires ([`control::EPHEMERAL_LIFETIME_MS`]),
     /// and each member's last ephemeral agreement: a message to or from a member costs no
     /// Diffie-Hellman while its ephemeral key lasts.
@@ -327,8 +343,11 @@ pub struct Membership {
     previous_cookie_secret: [u8; 32],
     next_rotation_ms: u64,
     /// Cookies others gave us, by their address; our last datagrams to each address.
-    cookies: HashMap<SocketAddr, [u8; control::COOKIE_LEN]>,
-    sent: HashMap<SocketAddr, VecDeque<Vec<u8>>>,
+    cookies: HashMap<Endpoint, [u8; control::COOKIE_LEN]>,
+    sent: HashMap<Endpoint, VecDeque<Vec<u8>>>,
+    /// The members this node asks to relay to members it has not heard from at their own
+    /// address (`[relay] via`).
+    relays: Vec<[u8; 32]>,
     unknown_dh: SourceLimiter<()>,
     per_sender: SourceLimiter<[u8; 32]>,
     replies: SourceLimiter<()>,
@@ -360,6 +379,7 @@ impl Membership {
             next_rotation_ms: now_ms + COOKIE_ROTATION_MS,
             cookies: HashMap::new(),
             sent: HashMap::new(),
+            relays: Vec::new(),
             unknown_dh: SourceLimiter::new(UNKNOWN_DH_PER_SEC, UNKNOWN_DH_PER_SEC, 1),
             per_sender: SourceLimiter::new(SENDER_PER_SEC, SENDER_BURST, MAX_LIMITED),
             replies: SourceLimiter::new(REPLIES_PER_SEC, REPLIES_PER_SEC, 1),
@@ -441,6 +461,7 @@ impl Membership {
     /// Takes a member learned earlier (from the state directory) if its certificate still
     /// verifies and it conflicts with nobody.
     pub fn restore(&mut self, certificate: Certificate, endpoint: SocketAddr, now_ms: u64) {
+        let endpoint = Endpoint::Direct(endpoint);
         let key = certificate.body.public_key;
         if key != self.public {
             if let Err(e) = self
@@ -585,7 +606,7 @@ impl Membership {
     fn send(
         &mut self,
         to_key: &[u8; 32],
-        to: SocketAddr,
+        to: Endpoint,
         msg: &Message,
         now_ms: u64,
         rng: &mut impl RngCore,
@@ -605,7 +626,7 @@ impl Membership {
     }
 
     /// Keeps our last datagrams to `to`, to repeat one with a cookie if `to` asks for it.
-    fn remember(&mut self, to: SocketAddr, datagram: &[u8]) {
+    fn remember(&mut self, to: Endpoint, datagram: &[u8]) {
         if !self.sent.contains_key(&to) && self.sent.len() >= MAX_COOKIE_PEERS {
             self.sent.clear();
         }
@@ -621,8 +642,8 @@ impl Membership {
     fn index(
         &mut self,
         key: [u8; 32],
-        old_endpoint: Option<SocketAddr>,
-        endpoint: SocketAddr,
+        old_endpoint: Option<Endpoint>,
+        endpoint: Endpoint,
         pair: Option<control::Pair>,
     ) {
         if let Some(old) = old_endpoint.filter(|o| *o != endpoint) {
@@ -641,7 +662,7 @@ impl Membership {
         }
     }
 
-    fn unindex(&mut self, key: &[u8; 32], endpoint: SocketAddr) {
+    fn unindex(&mut self, key: &[u8; 32], endpoint: Endpoint) {
         self.pairs.remove(key);
         self.sealed_to.remove(key);
         self.unheard.remove(key);
@@ -649,6 +670,41 @@ impl Membership {
         self.received.remove(key);
         if self.by_endpoint.get(&endpoint) == Some(key) {
             self.by_endpoint.remove(&endpoint);
+        }
+    }
+
+    /// The members asked to relay (`[relay] via`).
+    pub fn set_relays(&mut self, relays: Vec<[u8; 32]>) {
+        self.relays = relays;
+    }
+
+    /// Greets member `key` (a Hello without `want_members`) at its own address and, while it
+    /// has not been heard, through each of our relays that we reach directly: the first path
+    /// its answer takes is the one used from then on.
+    fn greet(&mut self, key: &[u8; 32], now_ms: u64, rng: &mut impl RngCore, out: &mut Vec<Out>) {
+        let Some(m) = self.members.get(key) else {
+            return;
+        };
+        let mut paths = vec![m.endpoint];
+        if m.last_heard_ms.is_none() {
+            let direct = Endpoint::Direct(m.address);
+            if !paths.contains(&direct) {
+                paths.push(direct);
+            }
+            let tag = Tag::of(key);
+            for r in &self.relays {
+                let relay = self.members.get(r).and_then(|rm| rm.endpoint.direct());
+                if let (Some(relay), false) = (relay, r == key) {
+                    let via = Endpoint::Relayed { relay, tag };
+                    if !paths.contains(&via) {
+                        paths.push(via);
+                    }
+                }
+            }
+        }
+        let hello = self.hello(false);
+        for p in paths {
+            self.send(key, p, &hello, now_ms, rng, out);
         }
     }
 
@@ -804,7 +860,7 @@ impl Membership {
     fn admit(
         &mut self,
         cert: Certificate,
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         heard_ms: Option<u64>,
         pair: Option<control::Pair>,
     ) -> Result<bool, Refusal> {
@@ -816,6 +872,21 @@ impl Membership {
         let newest = self.newest.entry(cert.body.identity()).or_insert((0, 0));
         *newest = (*newest).max((cert.body.not_before, cert.body.serial));
         let old_endpoint = self.members.get(&key).map(|m| m.endpoint);
+        // Heard through a relay while it was heard at its own address lately: it stays there.
+        let endpoint = match (self.members.get(&key), heard_ms) {
+            (Some(m), Some(now)) if endpoint.is_relayed() && !m.endpoint.is_relayed() => {
+                let recent = m
+                    .direct_heard_ms
+                    .is_some_and(|t| now < t + DIRECT_PREFERRED_MS);
+                if recent {
+                    m.endpoint
+                } else {
+                    endpoint
+                }
+            }
+            _ => endpoint,
+        };
+        let direct_heard = heard_ms.filter(|_| !endpoint.is_relayed());
         self.index(key, old_endpoint, endpoint, pair);
         let previous = self
             .members
@@ -835,9 +906,15 @@ impl Membership {
                     self.touched.insert(key);
                 }
                 m.endpoint = endpoint;
+                if let Some(a) = endpoint.direct() {
+                    m.address = a;
+                }
                 m.certificate = cert;
                 if heard_ms.is_some() {
                     m.last_heard_ms = heard_ms;
+                }
+                if direct_heard.is_some() {
+                    m.direct_heard_ms = direct_heard;
                 }
                 false
             }
@@ -848,7 +925,9 @@ impl Membership {
                     MemberState {
                         certificate: cert,
                         endpoint,
+                        address: endpoint.first_hop(),
                         last_heard_ms: heard_ms,
+                        direct_heard_ms: direct_heard,
                     },
                 );
                 self.digest_cache.set(None);
@@ -893,10 +972,11 @@ impl Membership {
     pub fn on_datagram(
         &mut self,
         now_ms: u64,
-        from: SocketAddr,
+        from: impl Into<Endpoint>,
         datagram: &[u8],
         rng: &mut impl RngCore,
     ) -> Result<Vec<Out>, Refusal> {
+        let from = from.into();
         let mut out = Vec::new();
         match control::decode(datagram)? {
             Datagram::Probe { .. } if !self.answer_probes => return Err(Refusal::ProbeIgnored),
@@ -917,7 +997,7 @@ impl Membership {
                 if !self
                     .seeds
                     .iter()
-                    .any(|s| s.addr == from && s.nonce == nonce)
+                    .any(|s| Endpoint::Direct(s.addr) == from && s.nonce == nonce)
                 {
                     return Err(Refusal::UnexpectedReply);
                 }
@@ -937,7 +1017,7 @@ impl Membership {
                 let seed = self
                     .seeds
                     .iter_mut()
-                    .find(|s| s.addr == from && s.nonce == nonce && !s.pinned)
+                    .find(|s| Endpoint::Direct(s.addr) == from && s.nonce == nonce && !s.pinned)
                     .ok_or(Refusal::UnexpectedReply)?;
                 if key != self.public && !self.removed.contains(&key) {
                     seed.key = Some(key);
@@ -1029,7 +1109,10 @@ impl Membership {
                 replay.heard_ms = now_ms;
                 self.dirty.floors = true;
                 // The message opened with the sender's static key: this is where it is now.
+                let before = self.members.get(&sender).map(|m| m.endpoint);
                 let new = self.admit(cert, from, Some(now_ms), made)?;
+                let moved = before
+                    .is_some_and(|b| Some(b) != self.members.get(&sender).map(|m| m.endpoint));
                 self.received.insert(sender, agreement);
                 self.unheard.remove(&sender);
                 if new {
@@ -1039,7 +1122,11 @@ impl Membership {
                     let hello = self.hello(seed);
                     self.send(&sender, from, &hello, now_ms, rng, &mut out);
                 }
-                self.on_message(now_ms, sender, from, msg, rng, &mut out)?;
+                // Answers go where the member is now (a greeting through a relay, while it is
+                // heard at its own address, is answered there).
+                let from = self.members.get(&sender).map_or(from, |m| m.endpoint);
+                let arrival = Arrival { from, moved };
+                self.on_message(now_ms, sender, arrival, msg, rng, &mut out)?;
             }
         }
         Ok(out)
@@ -1088,12 +1175,12 @@ impl Membership {
 
     /// The cookie a sender at `from` must show now (what a cookie reply would give it).
     #[cfg(test)]
-    pub fn cookie_for(&self, from: &SocketAddr) -> [u8; control::COOKIE_LEN] {
-        control::cookie(&self.cookie_secret, from)
+    pub fn cookie_for(&self, from: impl Into<Endpoint>) -> [u8; control::COOKIE_LEN] {
+        cookie(&self.cookie_secret, &from.into())
     }
 
     /// Whether a reply to an unauthenticated sender at `from` is within both reply budgets.
-    fn reply_allowed(&mut self, from: SocketAddr, now_ms: u64) -> bool {
+    fn reply_allowed(&mut self, from: Endpoint, now_ms: u64) -> bool {
         self.replies_per_source.allow(from.ip(), now_ms) && self.replies.allow((), now_ms)
     }
 
@@ -1106,7 +1193,7 @@ impl Membership {
     fn first_step(
         &mut self,
         sealed: &control::Sealed<'_>,
-        from: SocketAddr,
+        from: Endpoint,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) -> Result<Option<control::SenderStep>, Refusal> {
@@ -1138,13 +1225,13 @@ impl Membership {
         }
         let shown = [self.cookie_secret, self.previous_cookie_secret]
             .iter()
-            .any(|s| control::cookie(s, &from) == sealed.cookie);
+            .any(|s| cookie(s, &from) == sealed.cookie);
         if !shown {
             if !self.reply_allowed(from, now_ms) {
                 return Err(Refusal::CookieRequired);
             }
             self.counters.cookie_replies += 1;
-            let cookie = control::cookie(&self.cookie_secret, &from);
+            let cookie = cookie(&self.cookie_secret, &from);
             out.push(Out::Send {
                 to: from,
                 datagram: control::encode_cookie_reply(&sealed.mac, &cookie),
@@ -1175,7 +1262,7 @@ impl Membership {
         &mut self,
         now_ms: u64,
         sender: [u8; 32],
-        from: SocketAddr,
+        Arrival { from, moved }: Arrival,
         msg: Message,
         rng: &mut impl RngCore,
         out: &mut Vec<Out>,
@@ -1195,7 +1282,7 @@ impl Membership {
                         .filter(|(k, _)| **k != sender)
                         .map(|(_, m)| Member {
                             certificate: m.certificate.clone(),
-                            endpoint: m.endpoint,
+                            endpoint: m.address,
                         })
                         .collect();
                     for batch in member_batches(list) {
@@ -1224,7 +1311,7 @@ impl Membership {
                 let quiet_for =
                     |ms: u64| self.sealed_to.get(&sender).is_none_or(|t| now_ms >= t + ms);
                 if (behind && quiet_for(BEHIND_ANSWER_INTERVAL_MS))
-                    || (!want_members && quiet_for(GREETING_ANSWER_AFTER_MS))
+                    || (!want_members && (moved || quiet_for(GREETING_ANSWER_AFTER_MS)))
                 {
                     let hello = self.hello(false);
                     self.send(&sender, from, &hello, now_ms, rng, out);
@@ -1244,13 +1331,13 @@ impl Membership {
                             .or_default() += 1;
                         continue;
                     }
-                    let admitted = self.admit(m.certificate, m.endpoint, None, None);
+                    let admitted =
+                        self.admit(m.certificate, Endpoint::Direct(m.endpoint), None, None);
                     if let Err(e) = &admitted {
                         *self.listed_refused.entry(e.kind()).or_default() += 1;
                     }
                     if admitted.is_ok() {
-                        let hello = self.hello(false);
-                        self.send(&key, m.endpoint, &hello, now_ms, rng, out);
+                        self.greet(&key, now_ms, rng, out);
                         self.unheard.insert(key, (now_ms + greet_wait_ms(1), 1));
                         learned = true;
                     }
@@ -1279,7 +1366,7 @@ impl Membership {
                 }
                 self.expel_invalid(now_ms);
                 // Spread it: every member that has not got it yet gets it from us.
-                let targets: Vec<([u8; 32], SocketAddr)> = self
+                let targets: Vec<([u8; 32], Endpoint)> = self
                     .members
                     .iter()
                     .filter(|(k, _)| **k != sender)
@@ -1316,13 +1403,13 @@ impl Membership {
         self.pairs.clear();
         self.received.clear();
         self.ephemerals.clear();
-        let keyed: Vec<([u8; 32], SocketAddr)> =
+        let keyed: Vec<([u8; 32], Endpoint)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
         for (k, ep) in keyed {
             self.index(k, Some(ep), ep, None);
         }
         self.expel_invalid(now_ms);
-        let targets: Vec<([u8; 32], SocketAddr)> =
+        let targets: Vec<([u8; 32], Endpoint)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
         let hello = self.hello(false);
         for (k, ep) in targets {
@@ -1344,7 +1431,10 @@ impl Membership {
         self.on_message(
             now_ms,
             me,
-            "0.0.0.0:0".parse().expect("literal"),
+            Arrival {
+                from: Endpoint::Direct("0.0.0.0:0".parse().expect("literal")),
+                moved: false,
+            },
             Message::Revocation(crl),
             rng,
             &mut out,
@@ -1451,7 +1541,7 @@ impl Membership {
         self.expel_expired(now_ms);
         self.reassembly.expire(now_ms);
         self.ephemerals.retain(|_, (_, expires)| now_ms < *expires);
-        let known: Vec<SocketAddr> = self.members.values().map(|m| m.endpoint).collect();
+        let known: Vec<SocketAddr> = self.members.values().map(|m| m.address).collect();
         let mut greet = Vec::new();
         for s in &mut self.seeds {
             let due = s
@@ -1466,11 +1556,11 @@ impl Membership {
             }
             s.last_probe_ms = Some(now_ms);
             match s.key {
-                Some(k) if s.pinned => greet.push((k, s.addr)),
+                Some(k) if s.pinned => greet.push((k, Endpoint::Direct(s.addr))),
                 _ => {
                     rng.fill_bytes(&mut s.nonce);
                     out.push(Out::Send {
-                        to: s.addr,
+                        to: Endpoint::Direct(s.addr),
                         datagram: control::encode_probe(&s.nonce),
                     });
                 }
@@ -1491,15 +1581,11 @@ impl Membership {
             .take(GREETINGS_PER_TICK)
             .collect();
         for key in due {
-            let Some(ep) = self.members.get(&key).map(|m| m.endpoint) else {
-                continue;
-            };
             if let Some((at, greetings)) = self.unheard.get_mut(&key) {
                 *greetings += 1;
                 *at = now_ms + greet_wait_ms(*greetings);
             }
-            let hello = self.hello(false);
-            self.send(&key, ep, &hello, now_ms, rng, &mut out);
+            self.greet(&key, now_ms, rng, &mut out);
         }
         if now_ms >= self.next_gossip_ms && !self.members.is_empty() {
             self.next_gossip_ms = now_ms + GOSSIP_INTERVAL_MS;
@@ -1515,6 +1601,15 @@ impl Membership {
             self.send(&key, ep, &hello, now_ms, rng, &mut out);
         }
         out
+    }
+}
+
+/// The cookie of a sender at `from`: of its address (PROTOCOL.md §4), or of the relay and its
+/// tag for one heard through a relay.
+fn cookie(secret: &[u8; 32], from: &Endpoint) -> [u8; control::COOKIE_LEN] {
+    match from {
+        Endpoint::Direct(a) => control::cookie(secret, a),
+        Endpoint::Relayed { relay, tag } => control::cookie_relayed(secret, relay, &tag.0),
     }
 }
 

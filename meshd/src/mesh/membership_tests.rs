@@ -80,7 +80,7 @@ fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter
 
 /// `datagram` with the cookie `to` asks of a sender at `from` (as after a cookie reply).
 fn with_cookie(to: &Membership, from: SocketAddr, mut datagram: Vec<u8>) -> Vec<u8> {
-    control::set_cookie(&mut datagram, &to.cookie_for(&from));
+    control::set_cookie(&mut datagram, &to.cookie_for(from));
     datagram
 }
 
@@ -184,7 +184,7 @@ fn a_message_in_segments_arriving_in_any_order_is_taken_once() {
     let now = T0_MS;
     let before = n.members().len();
     for d in &mut segs {
-        control::set_cookie(d, &n.cookie_for(&addr(40)));
+        control::set_cookie(d, &n.cookie_for(addr(40)));
     }
     for (i, d) in segs.iter().enumerate() {
         let out = n.on_datagram(now, addr(40), d, &mut OsRng).unwrap();

@@ -17,10 +17,10 @@ use super::policy_sync::{PolicySync, SyncAction};
 use policy::engine::Posture;
 use proto::cert::{Certificate, RevocationList};
 use proto::control::{Member, Seed};
+use proto::relay::Endpoint;
 use proto::Cidr;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use x25519_dalek::StaticSecret;
 
 /// A node offers its policy set to one member in turn this often, so a member that missed a
@@ -49,6 +49,9 @@ pub struct NodeConfig {
     /// The routes outside the mesh this node serves as a gateway (`[gateway] routes`; each
     /// granted by its certificate).
     pub gateway_routes: Vec<Cidr>,
+    /// The members asked to relay to members not reached at their own address (`[relay] via`,
+    /// by key; PROTOCOL.md §9).
+    pub relays: Vec<[u8; 32]>,
 }
 
 /// What an earlier run saved in the state directory; each part is verified again as it is taken.
@@ -63,7 +66,7 @@ pub struct Saved {
 /// What happens to a node.
 pub enum Event {
     /// A control datagram from the underlay.
-    Datagram { from: SocketAddr, bytes: Vec<u8> },
+    Datagram { from: Endpoint, bytes: Vec<u8> },
     /// Time passes: expiry, probes, gossip, offers, stalled transfers.
     Tick,
     /// The operator's `peer add`.
@@ -98,7 +101,7 @@ pub enum Stored {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Send {
-        to: SocketAddr,
+        to: Endpoint,
         datagram: Vec<u8>,
     },
     /// Members or policy changed: rebuild the verdict rules (before the peer actions that
@@ -107,7 +110,7 @@ pub enum Action {
     /// Make or update the WireGuard peer `key`, with exactly `addrs` as its allowed IPs.
     Peer {
         key: [u8; 32],
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         addrs: Vec<Cidr>,
     },
     /// Remove the WireGuard peer `key`.
@@ -126,7 +129,7 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Installed {
-    endpoint: SocketAddr,
+    endpoint: Endpoint,
     addrs: Vec<Cidr>,
 }
 
@@ -171,6 +174,7 @@ impl Node {
         let trust_domain = cfg.certificate.body.trust_domain.clone();
         let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms, rng);
         membership.set_answer_probes(cfg.answer_probes);
+        membership.set_relays(cfg.relays);
         let mut book = PolicyBook::new(&trust_domain, cfg.admins, cfg.posture, cfg.audit);
         let mut sync = PolicySync::default();
         if let Some(encoded) = &saved.policy {
@@ -254,7 +258,7 @@ impl Node {
 
     /// The cookie a sender at `from` must show now.
     #[cfg(test)]
-    pub fn cookie_for(&self, from: &SocketAddr) -> [u8; proto::control::COOKIE_LEN] {
+    pub fn cookie_for(&self, from: impl Into<Endpoint>) -> [u8; proto::control::COOKIE_LEN] {
         self.membership.cookie_for(from)
     }
 
@@ -444,7 +448,7 @@ impl Node {
                 .values()
                 .map(|m| Member {
                     certificate: m.certificate.clone(),
-                    endpoint: m.endpoint,
+                    endpoint: m.address,
                 })
                 .collect();
             out.push(Action::Store(Stored::Members(list)));

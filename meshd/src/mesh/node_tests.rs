@@ -65,7 +65,7 @@ fn five_nodes_from_one_seed_converge_to_a_full_mesh_with_derived_peers_and_route
             // Allowed IPs are exactly the certificate's addresses, the endpoint where it spoke.
             assert_eq!(
                 n.host.peers[&sim.nodes[j].public()],
-                (underlay(j), vec![overlay(j)])
+                (underlay(j).into(), vec![overlay(j)])
             );
         }
         assert_eq!(n.host.saved.members.len(), 4, "members are saved");
@@ -170,7 +170,7 @@ fn a_seed_named_by_key_answers_no_probe_and_the_mesh_still_forms() {
     let r = sim.handle(
         0,
         Event::Datagram {
-            from: underlay(30),
+            from: underlay(30).into(),
             bytes: probe,
         },
     );
@@ -298,7 +298,7 @@ fn a_member_serving_wrong_bytes_does_not_keep_a_node_from_the_new_set() {
         sim.handle(
             2,
             Event::Datagram {
-                from: underlay(1),
+                from: underlay(1).into(),
                 bytes: d,
             },
         )
@@ -315,7 +315,7 @@ fn a_member_serving_wrong_bytes_does_not_keep_a_node_from_the_new_set() {
         let _ = sim.handle(
             2,
             Event::Datagram {
-                from: underlay(1),
+                from: underlay(1).into(),
                 bytes: d,
             },
         );
@@ -415,7 +415,7 @@ fn replaying_an_old_certificate_of_a_renewed_identity_changes_nothing() {
         sim.handle(
             0,
             Event::Datagram {
-                from: underlay(1),
+                from: underlay(1).into(),
                 bytes: d,
             },
         )
@@ -484,12 +484,12 @@ fn datagrams_captured_before_a_restart_are_refused_after_it() {
     let refused = sim.nodes[1].refusals;
     // The attacker replays node 0's old datagrams from node 0's address, and from its own
     // address with the cookie it got there (it receives at its own address).
-    let cookie = sim.nodes[1].node().cookie_for(&underlay(66));
+    let cookie = sim.nodes[1].node().cookie_for(underlay(66));
     for c in &captured {
         let _ = sim.handle(
             1,
             Event::Datagram {
-                from: underlay(0),
+                from: underlay(0).into(),
                 bytes: c.bytes.clone(),
             },
         );
@@ -498,7 +498,7 @@ fn datagrams_captured_before_a_restart_are_refused_after_it() {
         let _ = sim.handle(
             1,
             Event::Datagram {
-                from: underlay(66),
+                from: underlay(66).into(),
                 bytes,
             },
         );
@@ -510,7 +510,7 @@ fn datagrams_captured_before_a_restart_are_refused_after_it() {
     );
     assert_eq!(
         sim.nodes[1].host.peers[&sim.nodes[0].public()].0,
-        underlay(0),
+        underlay(0).into(),
         "the endpoint stays"
     );
     // Node 0's new datagrams still pass.
@@ -603,7 +603,7 @@ fn under_a_spoofed_flood_a_set_and_a_revocation_still_reach_every_node_and_the_c
     // Datagrams sealed to the victim by throw-away keys, with and without the cookie of the
     // attacker's own address (where it can receive one).
     let attacker = underlay(66);
-    let cookie = sim.nodes[1].node().cookie_for(&attacker);
+    let cookie = sim.nodes[1].node().cookie_for(attacker);
     let junk: Vec<Vec<u8>> = (0..64u8)
         .map(|i| {
             let (secret, cert) = {
@@ -657,7 +657,13 @@ fn under_a_spoofed_flood_a_set_and_a_revocation_still_reach_every_node_and_the_c
                 }
                 _ => (underlay(100 + sim.rng.below(100) as usize), junk[0].clone()),
             };
-            let _ = sim.handle(1, Event::Datagram { from, bytes });
+            let _ = sim.handle(
+                1,
+                Event::Datagram {
+                    from: from.into(),
+                    bytes,
+                },
+            );
         }
         sim.run(10);
         if slice >= 200 && reached.is_none() {

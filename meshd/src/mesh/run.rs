@@ -15,7 +15,6 @@ use proto::uapi::{PeerUpdate, SetRequest};
 use proto::Key;
 use rand_core::OsRng;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,7 +121,12 @@ impl Mesh {
             answer_probes: cfg.peering.answer_probes,
             seeds: cfg.seeds(),
             gateway_routes,
+            relays: cfg.relays(),
         };
+        dev.set_relay(cfg.relay.serve);
+        if cfg.relay.serve {
+            tracing::info!("relaying between members");
+        }
         let (node, actions) = Node::new(node_cfg, saved, now_ms(), &mut OsRng);
         let log_path = cfg
             .policy
@@ -156,7 +160,7 @@ impl Mesh {
 
     pub async fn run(
         mut self,
-        mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+        mut rx: mpsc::Receiver<(proto::relay::Endpoint, Vec<u8>)>,
         mut commands: mpsc::Receiver<Command>,
     ) {
         let mut tick = tokio::time::interval(TICK);
@@ -348,7 +352,7 @@ impl Mesh {
                         remove: false,
                         update_only: false,
                         preshared_key: None,
-                        endpoint: Some(endpoint),
+                        endpoint: endpoint.direct(),
                         persistent_keepalive_secs: Some(KEEPALIVE_SECS),
                         replace_allowed_ips: true,
                         allowed_ips: addrs,
@@ -358,6 +362,9 @@ impl Mesh {
                         ..SetRequest::default()
                     }) {
                         tracing::warn!(peer = %Key(key), error = %e, "installing peer failed");
+                    }
+                    if endpoint.is_relayed() {
+                        self.dev.set_endpoint(&key, endpoint);
                     }
                     if let Some(m) = self.node.members().get(&key) {
                         tracing::info!(peer = %Key(key), identity = %m.certificate.body.identity(), %endpoint, "peer installed");

@@ -8,6 +8,7 @@ use ed25519_dalek::SigningKey;
 use policy::engine::Posture;
 use proto::cert::{CertBody, CertKind, Certificate};
 use proto::control::Seed;
+use proto::relay::{self, Endpoint, Tag};
 use proto::Cidr;
 use rand_core::{impls, RngCore};
 use std::cmp::Reverse;
@@ -131,7 +132,7 @@ pub fn underlay(i: usize) -> SocketAddr {
 /// directory.
 #[derive(Debug, Default, Clone)]
 pub struct Host {
-    pub peers: BTreeMap<[u8; 32], (SocketAddr, Vec<Cidr>)>,
+    pub peers: BTreeMap<[u8; 32], (Endpoint, Vec<Cidr>)>,
     pub routes: BTreeSet<Cidr>,
     pub addresses: BTreeSet<Cidr>,
     pub saved: Saved,
@@ -151,6 +152,9 @@ pub struct SimNode {
     pub admins: Vec<[u8; 32]>,
     /// The routes the node serves as a gateway.
     pub gateway_routes: Vec<Cidr>,
+    /// Whether its device relays frames, and the members it asks to relay (PROTOCOL.md §9).
+    pub relay_serve: bool,
+    pub relays: Vec<[u8; 32]>,
     pub seeds: Vec<Seed>,
     pub host: Host,
     pub refusals: u64,
@@ -202,6 +206,11 @@ pub struct Sim {
     pub jitter_ms: u64,
     /// A side per node: datagrams between different sides are lost.
     pub sides: Option<Vec<u8>>,
+    /// The underlay links of each node, as bits: a datagram crosses only between nodes that
+    /// share one (separate underlays joined by nodes on both).
+    pub links: Option<Vec<u8>>,
+    /// Frames relayed by the nodes' devices.
+    pub relayed: u64,
     /// Every datagram sent, when capturing.
     pub capture: Option<Vec<Captured>>,
     /// After every event, check that the node's peers and routes are what a derivation from
@@ -244,6 +253,8 @@ impl Sim {
                     bundle: vec![ca.cert.clone()],
                     admins: vec![admin.verifying_key().to_bytes()],
                     gateway_routes: Vec::new(),
+                    relay_serve: false,
+                    relays: Vec::new(),
                     seeds,
                     host: Host::default(),
                     refusals: 0,
@@ -261,6 +272,8 @@ impl Sim {
             dup_pct: 0,
             jitter_ms: 0,
             sides: None,
+            links: None,
+            relayed: 0,
             capture: None,
             check_derivation: true,
             delivered: 0,
@@ -286,6 +299,7 @@ impl Sim {
             answer_probes: true,
             seeds: n.seeds.clone(),
             gateway_routes: n.gateway_routes.clone(),
+            relays: n.relays.clone(),
         }
     }
 
@@ -333,7 +347,13 @@ impl Sim {
         for a in actions {
             let host = &mut self.nodes[i].host;
             match a {
-                Action::Send { to, datagram } => self.send(from, to, datagram),
+                Action::Send { to, datagram } => match to {
+                    Endpoint::Direct(to) => self.send(from, to, datagram),
+                    Endpoint::Relayed { relay, tag } => {
+                        let me = Tag::of(&self.nodes[i].key);
+                        self.send(from, relay, relay::frame(me, tag, &datagram))
+                    }
+                },
                 Action::Resolve => host.resolves += 1,
                 Action::Peer {
                     key,
@@ -369,8 +389,13 @@ impl Sim {
 
     /// Puts a datagram on the underlay, subject to loss, duplication, delay and partitions.
     pub fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        let inner = if relay::is_frame(&bytes) {
+            relay::HEADER_LEN
+        } else {
+            0
+        };
         assert!(
-            bytes.len() <= proto::segment::DATAGRAM_BYTES,
+            bytes.len() - inner <= proto::segment::DATAGRAM_BYTES,
             "a {}-byte datagram would need fragmentation",
             bytes.len()
         );
@@ -417,6 +442,11 @@ impl Sim {
                 return;
             }
         }
+        if let (Some(links), Some(src)) = (&self.links, self.index_of(p.from)) {
+            if links[src] & links[dst] == 0 {
+                return;
+            }
+        }
         {
             use blake2::Digest;
             self.trace.update(self.now_ms.to_be_bytes());
@@ -427,13 +457,40 @@ impl Sim {
         self.delivered += 1;
         self.bytes += p.bytes.len() as u64;
         let now = self.now_ms;
+        if self.nodes[dst].node.is_none() {
+            return;
+        }
+        // A relay frame meets the node's device first, as in meshd's data path.
+        let (from, bytes) = match relay::parse(&p.bytes) {
+            None => (Endpoint::Direct(p.from), p.bytes),
+            Some((header, inner)) => {
+                let host = &self.nodes[dst];
+                let path = |t: &Tag| {
+                    host.host
+                        .peers
+                        .iter()
+                        .find(|(k, _)| Tag::of(k) == *t)
+                        .map(|(_, (e, _))| *e)
+                };
+                let me = Tag::of(&host.key);
+                match relay::decide(&header, p.from, me, host.relay_serve, path) {
+                    relay::Verdict::Deliver(from) => (from, inner.to_vec()),
+                    relay::Verdict::Forward(to) => {
+                        let mut bytes = p.bytes.clone();
+                        bytes[1] = header.ttl - 1;
+                        self.relayed += 1;
+                        let at = self.nodes[dst].addr;
+                        self.send(at, to, bytes);
+                        return;
+                    }
+                    relay::Verdict::Drop(_) => return,
+                }
+            }
+        };
         let Some(node) = self.nodes[dst].node.as_mut() else {
             return;
         };
-        let event = Event::Datagram {
-            from: p.from,
-            bytes: p.bytes,
-        };
+        let event = Event::Datagram { from, bytes };
         match node.handle(event, now, &mut self.rng) {
             Ok(actions) => self.carry_out(dst, actions),
             Err(_) => self.nodes[dst].refusals += 1,
