@@ -124,6 +124,13 @@ fn table(s: &Status) -> String {
             p.conntrack_evictions
         );
     }
+    if s.relayed_datagrams > 0 {
+        let _ = writeln!(
+            o,
+            "  relay: {} datagrams ({} bytes) relayed between members",
+            s.relayed_datagrams, s.relayed_bytes
+        );
+    }
     if let Some(c) = &s.control {
         let _ = writeln!(
             o,

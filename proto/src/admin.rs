@@ -162,6 +162,11 @@ pub struct Status {
     pub control_rx_bytes: u64,
     #[serde(default)]
     pub control_tx_bytes: u64,
+    /// Frames this node relayed between two other members, and their bytes (`[relay] serve`).
+    #[serde(default)]
+    pub relayed_datagrams: u64,
+    #[serde(default)]
+    pub relayed_bytes: u64,
     /// Mesh mode: the policy this node enforces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyStatus>,

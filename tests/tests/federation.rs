@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+const MB: u64 = 1 << 20;
+
 struct Node {
     ns: String,
     ifname: String,
@@ -402,4 +404,321 @@ fn a_federated_cluster_reaches_only_what_policy_names_within_its_scope_until_unf
         tcp_connects(&api.ns, post_addr, Duration::from_secs(5)),
         "A's own traffic is untouched"
     );
+}
+
+/// The public key a certificate names (from `meshctl identity inspect`).
+fn public_key_of(cert: &Path) -> String {
+    let out = run(Command::new(bin("meshctl"))
+        .args(["identity", "inspect"])
+        .arg(cert));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("public key")
+                .map(|k| k.trim().to_string())
+        })
+        .expect("inspect names the public key")
+}
+
+/// The UDP payloads of the IPv4 frames of a capture (ARP and link housekeeping left out); panics
+/// on anything else crossing the link.
+fn udp_payloads(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for f in frames {
+        let ethertype = u16::from_be_bytes([f[12], f[13]]);
+        if ethertype != 0x0800 {
+            continue; // ARP, and the IPv6 neighbour discovery and MLD of a new link
+        }
+        let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+        let (proto, multicast) = (f[14 + 9], f[14 + 16] & 0xf0 == 0xe0);
+        if multicast || proto == 2 {
+            continue; // IGMP reports of a new link
+        }
+        assert_eq!(
+            proto, 17,
+            "only UDP crosses between the relays (frame {f:02x?})"
+        );
+        out.push(f[l4 + 8..].to_vec());
+    }
+    out
+}
+
+/// Clusters on underlays that do not reach each other: A's post and B's api and search see only
+/// their own cluster's switch; one relay node of each cluster is also on a third switch with the
+/// other's. Federated, B's api reaches A's post through both relays, end to end encrypted and
+/// decided by post's policy with B's api's identity; B's search is denied; the relays carry only
+/// relay frames of WireGuard and sealed control messages.
+#[test]
+fn clusters_on_separate_underlays_federate_through_a_relay_of_each() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (sw_a, sw_b, sw_x) = (
+        lab.switch_named("swa"),
+        lab.switch_named("swb"),
+        lab.switch_named("swx"),
+    );
+    let a = Cluster {
+        pki: Pki::with_ranges(&lab, "example.org", "ca-a", "100.64.0.0/16"),
+        admin: lab.dir.join("admin-a.key"),
+    };
+    let b = Cluster {
+        pki: Pki::with_ranges(&lab, "partner.org", "ca-b", "100.65.0.0/16"),
+        admin: lab.dir.join("admin-b.key"),
+    };
+    for c in [&a, &b] {
+        run(Command::new(bin("meshctl"))
+            .args(["policy", "admin-key", "--out"])
+            .arg(&c.admin));
+    }
+    // (cluster, name, labels, overlay, own underlay, the relay-link underlay, seed)
+    let specs: [(&str, &str, &str, &str, &str, &str, &str); 5] = [
+        (
+            "a",
+            "relay",
+            "app=relay",
+            "100.64.4.1/32",
+            "198.18.4.1",
+            "198.18.6.1",
+            "",
+        ),
+        (
+            "a",
+            "post",
+            "app=post",
+            "100.64.4.2/32",
+            "198.18.4.2",
+            "",
+            "198.18.4.1:51820",
+        ),
+        (
+            "b",
+            "relay",
+            "app=relay",
+            "100.65.0.1/32",
+            "198.18.5.1",
+            "198.18.6.2",
+            "198.18.6.1:51820",
+        ),
+        (
+            "b",
+            "api",
+            "app=api",
+            "100.65.0.2/32",
+            "198.18.5.2",
+            "",
+            "198.18.5.1:51820",
+        ),
+        (
+            "b",
+            "search",
+            "app=search",
+            "100.65.0.3/32",
+            "198.18.5.3",
+            "",
+            "198.18.5.1:51820",
+        ),
+    ];
+    let issued: Vec<(PathBuf, PathBuf)> = specs
+        .iter()
+        .map(|(cluster, name, label, addr, ..)| {
+            let pki = if *cluster == "a" { &a.pki } else { &b.pki };
+            pki.issue("microblog", name, addr, &["--label", label])
+        })
+        .collect();
+    let (relay_a, relay_b) = (public_key_of(&issued[0].0), public_key_of(&issued[2].0));
+    let mut nodes = Vec::new();
+    for (i, (cluster, _, _, _, underlay, link, seed)) in specs.iter().enumerate() {
+        let ns = lab.host(&format!("r{i}"));
+        let sw = if *cluster == "a" { &sw_a } else { &sw_b };
+        lab.attach(sw, &ns, &format!("{underlay}/24"));
+        if !link.is_empty() {
+            lab.attach_as(&sw_x, &ns, "u1", &format!("{link}/24"));
+        }
+        let c = if *cluster == "a" { &a } else { &b };
+        let ifname = lab.name(&format!("q{i}"));
+        let seeds: Vec<&str> = if seed.is_empty() { vec![] } else { vec![seed] };
+        let policy = MeshPolicy {
+            posture: "zero-trust",
+            audit: false,
+            admins: vec![PathBuf::from(format!("{}.pub", c.admin.display()))],
+        };
+        let (cert, key) = &issued[i];
+        let config = mesh_config_with(
+            &lab,
+            &ifname,
+            cert,
+            key,
+            &[c.pki.ca_cert()],
+            &seeds,
+            &policy,
+        );
+        // Each relay serves and asks the other cluster's; every other node asks its own.
+        let relay = match (i, *cluster) {
+            (0, _) => format!("serve = true\nvia = [\"{relay_b}\"]"),
+            (2, _) => format!("serve = true\nvia = [\"{relay_a}\"]"),
+            (_, "a") => format!("via = [\"{relay_a}\"]"),
+            _ => format!("via = [\"{relay_b}\"]"),
+        };
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("\n[relay]\n{relay}\n"));
+        std::fs::write(&config, text).unwrap();
+        lab.meshd_config(&ns, &ifname, &config);
+        nodes.push(Node { ns, ifname });
+    }
+    let (relay_a_node, post, relay_b_node, api, search) =
+        (&nodes[0], &nodes[1], &nodes[2], &nodes[3], &nodes[4]);
+    assert!(
+        !lab.ping(&post.ns, "198.18.5.2", 1),
+        "A's post cannot reach B's underlay"
+    );
+
+    apply(
+        &lab,
+        &post.ifname,
+        &a.admin,
+        "a1",
+        &format!(
+            "{NAMESPACE}---\n{A_EGRESS}---\n{PARTNER_API}---\n{}",
+            PARTNER_API
+                .replace("partner-api", "partner-bulk")
+                .replace("[8080]", "[5001]")
+        ),
+    );
+    apply(&lab, &api.ifname, &b.admin, "b1", B_EGRESS);
+    meshctl_ok(
+        &post.ifname,
+        &[
+            "federation",
+            "add",
+            "--trust-domain",
+            "partner.org",
+            "--bundle",
+            b.pki.ca_cert().to_str().unwrap(),
+            "--addresses",
+            "100.65.0.0/24",
+            "--namespaces",
+            "microblog",
+            "--key",
+            a.admin.to_str().unwrap(),
+        ],
+    );
+    meshctl_ok(
+        &api.ifname,
+        &[
+            "federation",
+            "add",
+            "--trust-domain",
+            "example.org",
+            "--bundle",
+            a.pki.ca_cert().to_str().unwrap(),
+            "--key",
+            b.admin.to_str().unwrap(),
+        ],
+    );
+    let post_addr: SocketAddr = "100.64.4.2:8080".parse().unwrap();
+    tcp_accept_all(&post.ns, post_addr);
+    let took = wait_for(
+        "B's api reaches A's post through the relays",
+        Duration::from_secs(30),
+        || tcp_connects(&api.ns, post_addr, Duration::from_secs(1)),
+    );
+    eprintln!("federated through relays in {took:?}");
+
+    // What crosses between the relays while B's api talks to post: relay frames, each holding a
+    // WireGuard message or a sealed control datagram, and never the plaintext.
+    const CANARY: &[u8] = b"RELAYED-PLAINTEXT-CANARY-0123456789";
+    let cap = lab.capture(&relay_a_node.ns, "u1");
+    let sink = tcp_sink(
+        &post.ns,
+        "100.64.4.2:5001".parse().unwrap(),
+        MB,
+        Some(CANARY),
+    );
+    tcp_send(
+        &api.ns,
+        "100.64.4.2:5001".parse().unwrap(),
+        MB,
+        Some(CANARY),
+        Duration::ZERO,
+    )
+    .expect("B's api sends 1 MB to post");
+    assert_eq!(sink.join().unwrap(), Ok(MB));
+    let payloads = udp_payloads(&cap.finish());
+    let mut data = 0;
+    for p in &payloads {
+        assert!(
+            !p.windows(CANARY.len()).any(|w| w == CANARY),
+            "plaintext seen between the relays"
+        );
+        let (header, inner) = proto::relay::parse(p)
+            .unwrap_or_else(|| panic!("only relay frames between the relays: {p:02x?}"));
+        assert!(header.ttl >= 1);
+        let wireguard = (1..=4).contains(&inner[0]) && inner[1..4] == [0, 0, 0];
+        assert!(
+            wireguard || proto::control::is_control(inner),
+            "a frame holds a WireGuard message or a control datagram"
+        );
+        data += usize::from(inner[0] == 4);
+    }
+    assert!(
+        data > 500,
+        "the transfer crossed the relays ({data} data messages)"
+    );
+
+    // Post's policy decided with B's api's identity, at post: search is not named.
+    wait_for(
+        "post denies B's search and logs it",
+        Duration::from_secs(15),
+        || {
+            assert!(
+                !tcp_connects(&search.ns, post_addr, Duration::from_secs(1)),
+                "B's search is denied"
+            );
+            flow_records(&post.ifname, true)
+                .iter()
+                .any(|r| r["src"]["spiffe_id"] == "spiffe://partner.org/ns/microblog/sa/search")
+        },
+    );
+    // Post's tunnel to B's api leaves through A's relay; the relays reach each other directly.
+    let endpoint = |n: &Node, identity: &str| {
+        lab.status(&n.ifname)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["identity"] == identity)
+            .map(|p| p["endpoint"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(
+        endpoint(post, "partner.org/microblog/api").as_deref(),
+        Some("198.18.4.1:51820")
+    );
+    assert_eq!(
+        endpoint(relay_b_node, "example.org/microblog/relay").as_deref(),
+        Some("198.18.6.1:51820")
+    );
+    let relayed = lab.status(&relay_a_node.ifname)["relayed_datagrams"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(relayed > 500, "A's relay counts what it relayed: {relayed}");
+
+    // Removing the federation cuts B from post within 5 s, through the relays too.
+    meshctl_ok(
+        &post.ifname,
+        &[
+            "federation",
+            "remove",
+            "partner.org",
+            "--key",
+            a.admin.to_str().unwrap(),
+        ],
+    );
+    wait_for("B cut from A", Duration::from_secs(5), || {
+        peers(&lab, &post.ifname)
+            .iter()
+            .all(|p| !p.starts_with("partner.org/"))
+    });
+    assert!(!tcp_connects(&api.ns, post_addr, Duration::from_secs(2)));
 }

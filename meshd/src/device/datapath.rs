@@ -113,6 +113,29 @@ pub(super) fn keepalive_now(dev: &Device, peer: &Peer) {
     send(dev, peer, &mut out, len, endpoint, me);
 }
 
+/// Moves `peer` to `endpoint`; without a session, sends a handshake initiation there now.
+pub(super) fn move_endpoint(dev: &Device, peer: &Peer, endpoint: Endpoint, me: Option<Tag>) {
+    let mut out = [0u8; 256];
+    let len = {
+        let mut st = peer.state.lock();
+        if st.endpoint == Some(endpoint) {
+            return;
+        }
+        st.endpoint = Some(endpoint);
+        let Some(tunn) = st.tunn.as_mut() else {
+            return;
+        };
+        if tunn.time_since_last_handshake().is_some() {
+            return; // the session goes on at the new endpoint
+        }
+        match tunn.format_handshake_initiation(&mut out[HEADER_LEN..], true) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            _ => return,
+        }
+    };
+    send(dev, peer, &mut out, len, Some(endpoint), me);
+}
+
 /// Sends the datagram at `buf[HEADER_LEN..HEADER_LEN + len]` to a peer's endpoint, in a relay
 /// frame (written into the headroom) for a relayed one, counting what cannot be sent.
 #[inline]

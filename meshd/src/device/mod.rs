@@ -125,12 +125,16 @@ impl Device {
             .store(serve, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Where the device sends to peer `key` from now on (a relayed path, which the UAPI cannot
-    /// name; the node derives it).
+    /// Where the device sends to peer `key` from now on (the node derives it; a relayed path
+    /// the UAPI cannot name). A handshake that has not completed is sent again at once to the
+    /// new endpoint: one sent to the old (a member's listed address that turned out unreachable)
+    /// would otherwise be retried only after WireGuard's 5-second rekey timeout.
     pub fn set_endpoint(&self, key: &[u8; 32], endpoint: Endpoint) {
-        if let Some(p) = self.snapshot().by_key.get(key) {
-            p.state.lock().endpoint = Some(endpoint);
-        }
+        let snap = self.snapshot();
+        let Some(peer) = snap.by_key.get(key) else {
+            return;
+        };
+        datapath::move_endpoint(self, peer, endpoint, snap.local.as_ref().map(|l| l.tag));
     }
 
     /// Mesh mode: every packet is subject to `enforcer` from now on.
@@ -437,6 +441,10 @@ impl Device {
                 .load(std::sync::atomic::Ordering::Relaxed),
             control_tx_bytes: self
                 .control_tx_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            relayed_datagrams: self.relayed.load(std::sync::atomic::Ordering::Relaxed),
+            relayed_bytes: self
+                .relayed_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),
         }
     }

@@ -352,7 +352,7 @@ impl Mesh {
                         remove: false,
                         update_only: false,
                         preshared_key: None,
-                        endpoint: endpoint.direct(),
+                        endpoint: None, // set below, where a pending handshake follows it
                         persistent_keepalive_secs: Some(KEEPALIVE_SECS),
                         replace_allowed_ips: true,
                         allowed_ips: addrs,
@@ -363,9 +363,7 @@ impl Mesh {
                     }) {
                         tracing::warn!(peer = %Key(key), error = %e, "installing peer failed");
                     }
-                    if endpoint.is_relayed() {
-                        self.dev.set_endpoint(&key, endpoint);
-                    }
+                    self.dev.set_endpoint(&key, endpoint);
                     if let Some(m) = self.node.members().get(&key) {
                         tracing::info!(peer = %Key(key), identity = %m.certificate.body.identity(), %endpoint, "peer installed");
                     }
