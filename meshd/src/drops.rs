@@ -48,7 +48,8 @@ drop_reasons! {
     RelayNotServed => "relay_not_served": "A relay frame for another node reached a node that relays for no one.",
     RelayUnknownNode => "relay_unknown_node": "A relay frame from or to a node that is not a member here.",
     RelayWrongPath => "relay_wrong_path": "A relay frame that did not arrive along this node's path to its source, or would go back where it came from.",
-    RelayExpired => "relay_expired": "A relay frame that used up its hops.",
+    RelayExpired => "relay_expired": "A relay frame that used up its hops, or claims more than a sender gives.",
+    RelayForeignPair => "relay_foreign_pair": "A relay frame between two members of other trust domains.",
 }
 
 /// One counter per reason; lock-free, shared by the data-path threads.

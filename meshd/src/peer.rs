@@ -6,12 +6,16 @@ use crate::drops::DropCounters;
 use boringtun::noise::Tunn;
 use boringtun::x25519;
 use parking_lot::Mutex;
-use proto::relay::Endpoint;
+use proto::relay::{Endpoint, Tag};
 use proto::{Cidr, Key};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Peer {
     pub public_key: Key,
+    /// Its tag in relay frames.
+    pub tag: Tag,
+    /// Mesh mode: it is of this node's trust domain (a relay joins only pairs with one such end).
+    pub local: std::sync::atomic::AtomicBool,
     /// Our 24-bit local index for this peer; boringtun puts it in the top bits of every session
     /// index, so a message's receiver index names the peer it belongs to.
     pub index: u32,
@@ -35,6 +39,8 @@ pub struct PeerState {
 impl Peer {
     pub fn new(public_key: Key, index: u32) -> Peer {
         Peer {
+            tag: Tag::of(&public_key.0),
+            local: Default::default(),
             public_key,
             index,
             state: Mutex::new(PeerState {

@@ -186,8 +186,11 @@ pub enum Refused {
     UnknownNode,
     /// It did not arrive along this node's own path to its source (a spoofed or looping frame).
     WrongPath,
-    /// Its hops are used up.
+    /// Its hops are used up (or it claims more than a sender may give it).
     Expired,
+    /// Neither end is of the relay's own trust domain: a relay serves its own cluster, and does
+    /// not join two others that may not trust each other.
+    ForeignPair,
 }
 
 impl Refused {
@@ -197,20 +200,23 @@ impl Refused {
             Refused::UnknownNode => "relay_unknown_node",
             Refused::WrongPath => "relay_wrong_path",
             Refused::Expired => "relay_expired",
+            Refused::ForeignPair => "relay_foreign_pair",
         }
     }
 }
 
 /// The decision for a frame with `header` that arrived from `from`, at a node whose tag is `me`.
-/// `path` gives this node's current endpoint of a member by tag. A relay forwards only between
-/// two members, only a frame that came along its own path to the source (the reverse-path check
-/// routers make against spoofing), and never back where it came from.
+/// `path` gives this node's current endpoint of a member by tag, and whether the member is of
+/// this node's trust domain. A relay forwards only between two members one of which is of its
+/// own trust domain, only a frame that came along its own path to the source (the reverse-path
+/// check routers make against spoofing), never back where it came from, and never more than
+/// [`INITIAL_TTL`] hops.
 pub fn decide(
     header: &Header,
     from: SocketAddr,
     me: Tag,
     serve: bool,
-    path: impl Fn(&Tag) -> Option<Endpoint>,
+    path: impl Fn(&Tag) -> Option<(Endpoint, bool)>,
 ) -> Verdict {
     if header.dst == me {
         if header.src == me {
@@ -227,13 +233,17 @@ pub fn decide(
     if header.src == me {
         return Verdict::Drop(Refused::UnknownNode);
     }
-    let (Some(back), Some(next)) = (path(&header.src), path(&header.dst)) else {
+    let (Some((back, src_local)), Some((next, dst_local))) = (path(&header.src), path(&header.dst))
+    else {
         return Verdict::Drop(Refused::UnknownNode);
     };
     if back.first_hop() != from {
         return Verdict::Drop(Refused::WrongPath);
     }
-    if header.ttl <= 1 {
+    if !src_local && !dst_local {
+        return Verdict::Drop(Refused::ForeignPair);
+    }
+    if header.ttl <= 1 || header.ttl > INITIAL_TTL {
         return Verdict::Drop(Refused::Expired);
     }
     let to = next.first_hop();
@@ -274,18 +284,29 @@ mod tests {
         assert!(!is_frame(b"MSHP") && !is_frame(&[4, 0, 0, 0]) && is_frame(&f));
     }
 
-    /// A relay between a1 (direct) and b1 (behind another relay).
-    fn paths(t: &Tag) -> Option<Endpoint> {
-        let (a1, b1, gb) = (Tag::of(&[1; 32]), Tag::of(&[2; 32]), Tag::of(&[3; 32]));
+    /// A relay between a1 (direct, of its own trust domain) and b1 (behind another relay, of
+    /// another), with gb (b's relay), c1 (of a third trust domain, direct) and a5 (of its own,
+    /// behind gb).
+    fn paths(t: &Tag) -> Option<(Endpoint, bool)> {
+        let (a1, b1, gb, c1) = (
+            Tag::of(&[1; 32]),
+            Tag::of(&[2; 32]),
+            Tag::of(&[3; 32]),
+            Tag::of(&[4; 32]),
+        );
         if *t == a1 {
-            Some(Endpoint::Direct(addr("198.18.1.1:51820")))
+            Some((Endpoint::Direct(addr("198.18.1.1:51820")), true))
         } else if *t == b1 {
-            Some(Endpoint::Relayed {
-                relay: addr("198.19.0.2:51820"),
-                tag: b1,
-            })
+            let relay = addr("198.19.0.2:51820");
+            Some((Endpoint::Relayed { relay, tag: b1 }, false))
         } else if *t == gb {
-            Some(Endpoint::Direct(addr("198.19.0.2:51820")))
+            Some((Endpoint::Direct(addr("198.19.0.2:51820")), false))
+        } else if *t == c1 {
+            Some((Endpoint::Direct(addr("198.19.0.3:51820")), false))
+        } else if *t == Tag::of(&[5; 32]) {
+            // A member of its own trust domain that it reaches through b's relay.
+            let relay = addr("198.19.0.2:51820");
+            Some((Endpoint::Relayed { relay, tag: *t }, true))
         } else {
             None
         }
@@ -334,13 +355,28 @@ mod tests {
             decide(&Header { ttl: 1, ..h }, from_a1, me, true, paths),
             Verdict::Drop(Refused::Expired)
         );
+        // More hops than a sender gives: a loop of relays cannot keep a frame for 255 rounds.
+        assert_eq!(
+            decide(&Header { ttl: 255, ..h }, from_a1, me, true, paths),
+            Verdict::Drop(Refused::Expired)
+        );
+        // Two members of other trust domains are not joined through this relay.
+        let foreign = Header {
+            ttl: 3,
+            src: Tag::of(&[4; 32]),
+            dst: b1,
+        };
+        assert_eq!(
+            decide(&foreign, addr("198.19.0.3:51820"), me, true, paths),
+            Verdict::Drop(Refused::ForeignPair)
+        );
         assert_eq!(
             decide(&h, from_a1, me, false, paths),
             Verdict::Drop(Refused::NotRelay)
         );
         let looped = Header {
             src: Tag::of(&[3; 32]),
-            dst: b1,
+            dst: Tag::of(&[5; 32]),
             ttl: 3,
         };
         assert_eq!(

@@ -394,3 +394,203 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
         "and through the first gateway again"
     );
 }
+
+const ROUTE6: &str = "fd19::/64";
+const EXT6: &str = "fd19::5";
+
+const POLICY6: &str = "apiVersion: mesh.io/v1
+kind: GlobalExternalNetwork
+metadata:
+  name: partner-db6
+  labels:
+    role: partner-db
+spec:
+  nets:
+    - fd19::/64
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: api-to-partner
+  namespace: microblog
+spec:
+  selector: app == 'api'
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination:
+        selector: role == 'partner-db'
+        namespaceSelector: global()
+        ports: [5432]
+  ingress:
+    - action: Allow
+      protocol: TCP
+      source:
+        selector: role == 'partner-db'
+        namespaceSelector: global()
+      destination:
+        ports: [8080]
+";
+
+/// An IPv6 external network behind a gateway (no masquerade: the external host routes the
+/// overlay's IPv6 range back to the gateway): the allowed identity reaches it and is reached from
+/// it on the allowed port; the other identity reaches nothing; the flow logs name the network.
+#[test]
+fn an_ipv6_external_network_is_reached_through_a_gateway_that_enforces_policy() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let outside = lab.switch_named("so");
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let admin = lab.dir.join("admin.key");
+    run(Command::new(bin("meshctl"))
+        .args(["policy", "admin-key", "--out"])
+        .arg(&admin));
+    let ext = lab.host("x");
+    lab.attach(&outside, &ext, &format!("{EXT6}/64"));
+    // (suffix, name, labels, overlay v4, overlay v6, underlay, gateway)
+    let specs = [
+        (
+            "g",
+            "gateway",
+            "app=gateway",
+            "100.64.7.1/32",
+            "fd64::1/128",
+            "198.18.7.1",
+            true,
+        ),
+        (
+            "a",
+            "api",
+            "app=api",
+            "100.64.7.3/32",
+            "fd64::3/128",
+            "198.18.7.3",
+            false,
+        ),
+        (
+            "w",
+            "web",
+            "app=web",
+            "100.64.7.4/32",
+            "fd64::4/128",
+            "198.18.7.4",
+            false,
+        ),
+    ];
+    let mut nodes = Vec::new();
+    for (i, (suffix, name, label, v4, v6, underlay, gateway)) in specs.iter().enumerate() {
+        let ns = lab.host(suffix);
+        lab.attach(&sw, &ns, &format!("{underlay}/24"));
+        let mut extra = vec!["--label", label, "--ip", v6];
+        if *gateway {
+            extra.extend(["--route", ROUTE6]);
+            lab.attach_as(&outside, &ns, "u1", "fd19::1/64");
+            lab.exec_ok(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        }
+        let (cert, key) = pki.issue("microblog", name, v4, &extra);
+        let ifname = lab.name(&format!("s{suffix}"));
+        let seeds: Vec<&str> = if i == 0 {
+            vec![]
+        } else {
+            vec!["198.18.7.1:51820"]
+        };
+        let policy = MeshPolicy {
+            posture: "zero-trust",
+            audit: false,
+            admins: vec![PathBuf::from(format!("{}.pub", admin.display()))],
+        };
+        let config = mesh_config_with(
+            &lab,
+            &ifname,
+            &cert,
+            &key,
+            &[pki.ca_cert()],
+            &seeds,
+            &policy,
+        );
+        if *gateway {
+            let mut text = std::fs::read_to_string(&config).unwrap();
+            text.push_str(&format!("\n[gateway]\nroutes = [\"{ROUTE6}\"]\n"));
+            std::fs::write(&config, text).unwrap();
+        }
+        lab.meshd_config(&ns, &ifname, &config);
+        nodes.push((ns, ifname));
+    }
+    let (gw, api, web) = (&nodes[0], &nodes[1], &nodes[2]);
+    let f = lab.dir.join("policy6.yaml");
+    std::fs::write(&f, POLICY6).unwrap();
+    let out = Command::new(bin("meshctl"))
+        .args(["policy", "apply", "-f", f.to_str().unwrap(), "--key"])
+        .arg(&admin)
+        .args(["-i", &api.1])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let routed = |n: &(String, String)| {
+        lab.status(&n.1)["peers"].as_array().is_some_and(|ps| {
+            ps.iter().any(|p| {
+                p["allowed_ips"]
+                    .as_array()
+                    .is_some_and(|ips| ips.iter().any(|i| i == ROUTE6))
+            })
+        }) && lab.status(&n.1)["policy"]["serial"].as_u64() == Some(1)
+    };
+    wait_for(
+        "api and web route fd19::/64 to the gateway",
+        Duration::from_secs(20),
+        || routed(api) && routed(web) && lab.status(&gw.1)["policy"]["serial"].as_u64() == Some(1),
+    );
+    // No masquerade: the external host routes the overlay's IPv6 range back to the gateway.
+    lab.exec_ok(
+        &ext,
+        &["ip", "-6", "route", "add", "fd64::/16", "via", "fd19::1"],
+    );
+    let db: SocketAddr = format!("[{EXT6}]:5432").parse().unwrap();
+    servers(&ext, db, None);
+    assert!(
+        tcp_connects(&api.0, db, Duration::from_secs(5)),
+        "api reaches the IPv6 partner database"
+    );
+    assert!(
+        !tcp_connects(&web.0, db, Duration::from_secs(2)),
+        "web does not"
+    );
+    let rec = flow_records(&gw.1, false)
+        .into_iter()
+        .find(|r| r["dst"]["ip"] == EXT6 && r["verdict"] == "allow")
+        .expect("the gateway decided api's flow to the database");
+    assert_eq!(rec["src"]["name"], "api");
+    assert_eq!(
+        rec["dst"]["networks"][0],
+        "GlobalExternalNetwork partner-db6"
+    );
+
+    // Inbound.
+    let api_svc: SocketAddr = "[fd64::3]:8080".parse().unwrap();
+    let web_svc: SocketAddr = "[fd64::4]:8080".parse().unwrap();
+    servers(&api.0, api_svc, None);
+    servers(&web.0, web_svc, None);
+    assert!(
+        tcp_connects(&ext, api_svc, Duration::from_secs(5)),
+        "the external host reaches api:8080 over IPv6"
+    );
+    assert!(
+        !tcp_connects(&ext, web_svc, Duration::from_secs(2)),
+        "not web"
+    );
+    let from_ext = flow_records(&api.1, false)
+        .into_iter()
+        .find(|r| r["src"]["ip"] == EXT6 && r["verdict"] == "allow")
+        .expect("the inbound IPv6 flow in api's log");
+    assert_eq!(
+        from_ext["src"]["networks"][0],
+        "GlobalExternalNetwork partner-db6"
+    );
+}

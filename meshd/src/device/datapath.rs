@@ -260,7 +260,11 @@ fn on_frame(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, 
         return;
     };
     let serve = dev.relay_serve.load(std::sync::atomic::Ordering::Relaxed);
-    let path = |t: &Tag| snap.by_tag.get(t).and_then(|p| p.state.lock().endpoint);
+    let path = |t: &Tag| {
+        let peer = snap.by_tag.get(t)?;
+        let local = peer.local.load(std::sync::atomic::Ordering::Relaxed);
+        peer.state.lock().endpoint.map(|e| (e, local))
+    };
     match relay::decide(&header, from, local.tag, serve, path) {
         relay::Verdict::Deliver(endpoint) => {
             if relay::is_frame(inner) {
@@ -288,6 +292,7 @@ fn on_frame(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, 
             relay::Refused::UnknownNode => Drop::RelayUnknownNode,
             relay::Refused::WrongPath => Drop::RelayWrongPath,
             relay::Refused::Expired => Drop::RelayExpired,
+            relay::Refused::ForeignPair => Drop::RelayForeignPair,
         }),
     }
 }
@@ -358,6 +363,16 @@ fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, ou
         });
         return;
     };
+    // Through a relay, the frame's source tag must be the peer's own: replies go to that tag.
+    if let Endpoint::Relayed { tag, .. } = from {
+        if tag != peer.tag {
+            peer.drops.count(Drop::RelayWrongPath);
+            return;
+        }
+    }
+    // A cookie reply's key comes from the peer's public key, which anyone may know: it proves
+    // nothing about where the peer is.
+    let roams = !matches!(packet, Packet::PacketCookieReply(_));
 
     let mut st = peer.state.lock();
     let Some(tunn) = st.tunn.as_mut() else {
@@ -384,7 +399,9 @@ fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, ou
         }
     };
     // The message authenticated: this is where the peer is now (WireGuard paper section 2.1).
-    st.endpoint = Some(from);
+    if roams {
+        st.endpoint = Some(from);
+    }
     drop(st);
     peer.add_rx(datagram.len());
 

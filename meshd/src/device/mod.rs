@@ -129,10 +129,17 @@ impl Device {
     /// the UAPI cannot name). A handshake that has not completed is sent again at once to the
     /// new endpoint: one sent to the old (a member's listed address that turned out unreachable)
     /// would otherwise be retried only after WireGuard's 5-second rekey timeout.
-    pub fn set_endpoint(&self, key: &[u8; 32], endpoint: Endpoint) {
+    /// `local`: the peer is of this node's trust domain (what a relay checks).
+    pub fn set_endpoint(&self, key: &[u8; 32], endpoint: Endpoint, local: bool) {
         let snap = self.snapshot();
         let Some(peer) = snap.by_key.get(key) else {
             return;
+        };
+        peer.local
+            .store(local, std::sync::atomic::Ordering::Relaxed);
+        let endpoint = match endpoint {
+            Endpoint::Direct(a) => Endpoint::Direct(udp::canonical(a)),
+            relayed => relayed,
         };
         datapath::move_endpoint(self, peer, endpoint, snap.local.as_ref().map(|l| l.tag));
     }
@@ -329,7 +336,7 @@ impl Device {
         let mut by_key = HashMap::new();
         let mut by_tag = HashMap::new();
         for p in cfg.peers.values() {
-            by_tag.insert(Tag::of(&p.public_key.0), p.clone());
+            by_tag.insert(p.tag, p.clone());
             for a in &p.state.lock().allowed_ips {
                 routes.insert(*a, p.clone());
             }

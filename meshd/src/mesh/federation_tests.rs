@@ -410,3 +410,32 @@ fn without_relays_clusters_whose_underlays_do_not_meet_stay_apart() {
         "the nodes on both underlays still peer"
     );
 }
+
+#[test]
+fn a_member_reached_through_a_relay_returns_to_its_own_address_once_that_answers() {
+    use proto::relay::Endpoint;
+    let mut c = clusters_with(27, relayed_underlays);
+    c.federate_both();
+    assert!(c
+        .sim
+        .run_until(20_000, |s| heard(s, &EVERYONE, &EVERYONE))
+        .is_some());
+    let ep =
+        |s: &Sim, x: usize, y: usize| s.nodes[x].node().members()[&s.nodes[y].public()].endpoint;
+    assert!(ep(&c.sim, A[1], B[1]).is_relayed());
+    // The underlays are joined: within a recheck (30 s) both ends use their own addresses.
+    c.sim.links = Some(vec![7; 5]);
+    let direct = |s: &Sim| {
+        ep(s, A[1], B[1]) == Endpoint::Direct(super::sim::underlay(B[1]))
+            && ep(s, B[1], A[1]) == Endpoint::Direct(super::sim::underlay(A[1]))
+    };
+    assert!(
+        c.sim.run_until(35_000, direct).is_some(),
+        "a1 and b1 talk directly within 35 s of the underlays meeting"
+    );
+    assert_eq!(
+        c.sim.nodes[A[1]].host.peers[&c.sim.nodes[B[1]].public()].0,
+        Endpoint::Direct(super::sim::underlay(B[1])),
+        "and the WireGuard peer follows"
+    );
+}

@@ -59,6 +59,9 @@ const GREETING_ANSWER_AFTER_MS: u64 = 60_000;
 /// A member heard at its own address within this long keeps that path: the same member's
 /// messages through a relay (a greeting sent both ways) do not move it onto the longer one.
 const DIRECT_PREFERRED_MS: u64 = 10_000;
+/// A member reached through a relay is greeted at its own address and through every relay this
+/// often, so its path follows what answers.
+const RELAYED_RECHECK_MS: u64 = 30_000;
 
 /// When to greet an unheard member again after `greetings` greetings.
 fn greet_wait_ms(greetings: u32) -> u64 {
@@ -228,9 +231,9 @@ pub struct MemberState {
     pub certificate: Certificate,
     /// Where it is reached now: its own address, or through a relay (PROTOCOL.md §9).
     pub endpoint: Endpoint,
-    /// Its own underlay address as last known (what member lists and the state directory carry;
-    /// the relay's, for a member only ever heard through one).
-    pub address: SocketAddr,
+    /// Its own underlay address as last known: what member lists and the state directory carry
+    /// (none for a member only ever heard through a relay, which they then leave out).
+    pub address: Option<SocketAddr>,
     pub last_heard_ms: Option<u64>,
     /// When it was last heard at its own address.
     pub direct_heard_ms: Option<u64>,
@@ -313,6 +316,7 @@ pub struct Membership {
     /// Counter of our last sealed datagram; see [`COUNTER_PER_MS`].
     counter: u64,
     next_gossip_ms: u64,
+    next_recheck_ms: u64,
     last_gossip_ms: u64,
     gossip_turn: usize,
     /// Members not heard from since they were admitted: when to greet each again, and how often
@@ -351,7 +355,9 @@ pub struct Membership {
     unknown_dh: SourceLimiter<()>,
     per_sender: SourceLimiter<[u8; 32]>,
     replies: SourceLimiter<()>,
-    replies_per_source: SourceLimiter<std::net::IpAddr>,
+    /// By source address, and by tag for a sender through a relay (a relay passes on only its
+    /// members' tags, so these are few).
+    replies_per_source: SourceLimiter<(std::net::IpAddr, Option<Tag>)>,
     pub counters: ControlCounters,
     /// Certificates in members' lists that were refused, by [`Refusal::kind`].
     pub listed_refused: BTreeMap<&'static str, u64>,
@@ -405,6 +411,7 @@ impl Membership {
             reassembly: Reassembly::default(),
             counter: now_ms.saturating_mul(COUNTER_PER_MS),
             next_gossip_ms: now_ms,
+            next_recheck_ms: now_ms + RELAYED_RECHECK_MS,
             last_gossip_ms: now_ms,
             gossip_turn: 0,
             unheard: BTreeMap::new(),
@@ -678,18 +685,22 @@ impl Membership {
         self.relays = relays;
     }
 
-    /// Greets member `key` (a Hello without `want_members`) at its own address and, while it
-    /// has not been heard, through each of our relays that we reach directly: the first path
-    /// its answer takes is the one used from then on.
+    /// Greets member `key` (a Hello without `want_members`) where it is reached now and, while
+    /// it has not been heard or is reached through a relay, also at its own address and through
+    /// each of our relays that we reach directly: the path its answer takes is the one used from
+    /// then on, its own address first. A relayed member is greeted so again every
+    /// [`RELAYED_RECHECK_MS`], so it returns to its own address when that answers again, and
+    /// moves to another relay when its relay stops.
     fn greet(&mut self, key: &[u8; 32], now_ms: u64, rng: &mut impl RngCore, out: &mut Vec<Out>) {
         let Some(m) = self.members.get(key) else {
             return;
         };
         let mut paths = vec![m.endpoint];
-        if m.last_heard_ms.is_none() {
-            let direct = Endpoint::Direct(m.address);
-            if !paths.contains(&direct) {
-                paths.push(direct);
+        if m.last_heard_ms.is_none() || m.endpoint.is_relayed() {
+            if let Some(direct) = m.address.map(Endpoint::Direct) {
+                if !paths.contains(&direct) {
+                    paths.push(direct);
+                }
             }
             let tag = Tag::of(key);
             for r in &self.relays {
@@ -872,6 +883,7 @@ impl Membership {
         let newest = self.newest.entry(cert.body.identity()).or_insert((0, 0));
         *newest = (*newest).max((cert.body.not_before, cert.body.serial));
         let old_endpoint = self.members.get(&key).map(|m| m.endpoint);
+        let direct_heard = heard_ms.filter(|_| !endpoint.is_relayed());
         // Heard through a relay while it was heard at its own address lately: it stays there.
         let endpoint = match (self.members.get(&key), heard_ms) {
             (Some(m), Some(now)) if endpoint.is_relayed() && !m.endpoint.is_relayed() => {
@@ -886,7 +898,6 @@ impl Membership {
             }
             _ => endpoint,
         };
-        let direct_heard = heard_ms.filter(|_| !endpoint.is_relayed());
         self.index(key, old_endpoint, endpoint, pair);
         let previous = self
             .members
@@ -907,7 +918,7 @@ impl Membership {
                 }
                 m.endpoint = endpoint;
                 if let Some(a) = endpoint.direct() {
-                    m.address = a;
+                    m.address = Some(a);
                 }
                 m.certificate = cert;
                 if heard_ms.is_some() {
@@ -925,7 +936,7 @@ impl Membership {
                     MemberState {
                         certificate: cert,
                         endpoint,
-                        address: endpoint.first_hop(),
+                        address: endpoint.direct(),
                         last_heard_ms: heard_ms,
                         direct_heard_ms: direct_heard,
                     },
@@ -1065,6 +1076,12 @@ impl Membership {
                     sender,
                     plaintext: plain,
                 } = sealed.open_message_in(pair, step)?;
+                // Through a relay, the frame's source tag must be the sender's: answers go there.
+                if let Endpoint::Relayed { tag, .. } = from {
+                    if tag != Tag::of(&sender) {
+                        return Err(Refusal::KeyMismatch);
+                    }
+                }
                 if self.members.contains_key(&sender) {
                     self.received.insert(sender, agreement.clone());
                 }
@@ -1181,7 +1198,11 @@ impl Membership {
 
     /// Whether a reply to an unauthenticated sender at `from` is within both reply budgets.
     fn reply_allowed(&mut self, from: Endpoint, now_ms: u64) -> bool {
-        self.replies_per_source.allow(from.ip(), now_ms) && self.replies.allow((), now_ms)
+        let source = match from {
+            Endpoint::Direct(a) => (a.ip(), None),
+            Endpoint::Relayed { relay, tag } => (relay.ip(), Some(tag)),
+        };
+        self.replies_per_source.allow(source, now_ms) && self.replies.allow((), now_ms)
     }
 
     /// The cheap checks before a sealed datagram costs anything, and its first Diffie-Hellman
@@ -1280,9 +1301,11 @@ impl Membership {
                         .members
                         .iter()
                         .filter(|(k, _)| **k != sender)
-                        .map(|(_, m)| Member {
-                            certificate: m.certificate.clone(),
-                            endpoint: m.address,
+                        .filter_map(|(_, m)| {
+                            Some(Member {
+                                certificate: m.certificate.clone(),
+                                endpoint: m.address?,
+                            })
                         })
                         .collect();
                     for batch in member_batches(list) {
@@ -1541,7 +1564,7 @@ impl Membership {
         self.expel_expired(now_ms);
         self.reassembly.expire(now_ms);
         self.ephemerals.retain(|_, (_, expires)| now_ms < *expires);
-        let known: Vec<SocketAddr> = self.members.values().map(|m| m.address).collect();
+        let known: Vec<SocketAddr> = self.members.values().filter_map(|m| m.address).collect();
         let mut greet = Vec::new();
         for s in &mut self.seeds {
             let due = s
@@ -1586,6 +1609,18 @@ impl Membership {
                 *at = now_ms + greet_wait_ms(*greetings);
             }
             self.greet(&key, now_ms, rng, &mut out);
+        }
+        if now_ms >= self.next_recheck_ms {
+            self.next_recheck_ms = now_ms + RELAYED_RECHECK_MS;
+            let relayed: Vec<[u8; 32]> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m.endpoint.is_relayed())
+                .map(|(k, _)| *k)
+                .collect();
+            for key in relayed {
+                self.greet(&key, now_ms, rng, &mut out);
+            }
         }
         if now_ms >= self.next_gossip_ms && !self.members.is_empty() {
             self.next_gossip_ms = now_ms + GOSSIP_INTERVAL_MS;

@@ -394,3 +394,97 @@ fn a_listed_member_that_never_answers_is_greeted_a_dozen_times_then_left_to_goss
     assert!((30_000..=45_000).contains(&t), "greeted until {t} ms");
     assert_eq!(MAX_GREETINGS, 12);
 }
+
+/// A sealed Hello from `from` to `to`, with the cookie of a sender at `endpoint`.
+fn sealed_hello_at(
+    from: &StaticSecret,
+    to: &Membership,
+    cert: Certificate,
+    counter: u64,
+    endpoint: Endpoint,
+) -> Vec<u8> {
+    let msg = Message::Hello {
+        certificate: cert,
+        want_members: false,
+        digest: [0; 32],
+        revocations: vec![],
+    };
+    let mut d = control::seal_message(
+        from,
+        &to.public,
+        &StaticSecret::from([77; 32]),
+        counter,
+        &msg.encode(),
+    )
+    .unwrap();
+    let mut datagram = d.remove(0);
+    control::set_cookie(&mut datagram, &to.cookie_for(endpoint));
+    datagram
+}
+
+#[test]
+fn through_a_relay_only_the_senders_own_tag_counts_and_its_path_is_never_listed_or_saved() {
+    let (ca_key, ca_cert) = ca(9, "example.org");
+    let mut n = lone(&ca_key, &ca_cert, 1);
+    let (s7, cert7) = identity(&ca_key, 7, u64::MAX / 4);
+    let key7 = cert7.body.public_key;
+    let relay = addr(5);
+    // A genuine Hello of node 7 in a frame whose source tag names someone else: refused (its
+    // answers would go to that someone), and nothing moves.
+    let wrong = Endpoint::Relayed {
+        relay,
+        tag: Tag::of(&[9; 32]),
+    };
+    let d = sealed_hello_at(&s7, &n, cert7.clone(), 1, wrong);
+    assert_eq!(
+        n.on_datagram(T0_MS, wrong, &d, &mut OsRng),
+        Err(Refusal::KeyMismatch)
+    );
+    assert!(n.members().is_empty());
+    // With its own tag it is admitted, reached through the relay, with no address of its own.
+    let right = Endpoint::Relayed {
+        relay,
+        tag: Tag::of(&key7),
+    };
+    let d = sealed_hello_at(&s7, &n, cert7.clone(), 2, right);
+    n.on_datagram(T0_MS, right, &d, &mut OsRng).unwrap();
+    let m = &n.members()[&key7];
+    assert_eq!((m.endpoint, m.address), (right, None));
+    // Node 8 asks for members: node 7 is not listed (the relay's address is not its own).
+    let (s8, cert8) = identity(&ca_key, 8, u64::MAX / 4);
+    let d = sealed_hello(&s8, &n, cert8, 1);
+    let out = n.on_datagram(T0_MS, addr(6), &d, &mut OsRng).unwrap();
+    let sent: Vec<&Vec<u8>> = out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Send { to, datagram } if *to == Endpoint::Direct(addr(6)) => Some(datagram),
+            _ => None,
+        })
+        .collect();
+    assert!(!sent.is_empty(), "node 8 is answered");
+    let k8 = *x25519_dalek::PublicKey::from(&s8).as_bytes();
+    let pair = control::Pair::with_public(&s8, &k8, &n.public).unwrap();
+    for d in sent {
+        let Ok(control::Datagram::Sealed(sealed)) = control::decode(d) else {
+            continue;
+        };
+        let step = sealed.open_sender_as(&s8, &k8).unwrap();
+        let opened = sealed.open_message_in(&pair, step).unwrap();
+        let seg = proto::segment::parse(&opened.plaintext).unwrap();
+        if let Ok(Message::Members(list)) = Message::decode(seg.payload) {
+            assert!(
+                list.iter().all(|m| m.certificate.body.public_key != key7),
+                "a member known only through a relay is not listed"
+            );
+        }
+    }
+    // Heard at its own address, it moves there, and stays there when it is heard through the
+    // relay again within 10 s.
+    let own = Endpoint::Direct(addr(7));
+    let d = sealed_hello_at(&s7, &n, cert7.clone(), 3, own);
+    n.on_datagram(T0_MS + 100, own, &d, &mut OsRng).unwrap();
+    assert_eq!(n.members()[&key7].address, Some(addr(7)));
+    let d = sealed_hello_at(&s7, &n, cert7, 4, right);
+    n.on_datagram(T0_MS + 200, right, &d, &mut OsRng).unwrap();
+    assert_eq!(n.members()[&key7].endpoint, own);
+}

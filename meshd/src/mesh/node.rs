@@ -446,9 +446,11 @@ impl Node {
             let list = self
                 .members()
                 .values()
-                .map(|m| Member {
-                    certificate: m.certificate.clone(),
-                    endpoint: m.address,
+                .filter_map(|m| {
+                    Some(Member {
+                        certificate: m.certificate.clone(),
+                        endpoint: m.address?,
+                    })
                 })
                 .collect();
             out.push(Action::Store(Stored::Members(list)));

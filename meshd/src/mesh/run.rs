@@ -363,7 +363,13 @@ impl Mesh {
                     }) {
                         tracing::warn!(peer = %Key(key), error = %e, "installing peer failed");
                     }
-                    self.dev.set_endpoint(&key, endpoint);
+                    let td = &self.node.certificate().body.trust_domain;
+                    let local = self
+                        .node
+                        .members()
+                        .get(&key)
+                        .is_some_and(|m| m.certificate.body.trust_domain == *td);
+                    self.dev.set_endpoint(&key, endpoint, local);
                     if let Some(m) = self.node.members().get(&key) {
                         tracing::info!(peer = %Key(key), identity = %m.certificate.body.identity(), %endpoint, "peer installed");
                     }

@@ -465,12 +465,20 @@ impl Sim {
             None => (Endpoint::Direct(p.from), p.bytes),
             Some((header, inner)) => {
                 let host = &self.nodes[dst];
+                let node = host.node();
+                let td = &node.certificate().body.trust_domain;
                 let path = |t: &Tag| {
                     host.host
                         .peers
                         .iter()
                         .find(|(k, _)| Tag::of(k) == *t)
-                        .map(|(_, (e, _))| *e)
+                        .map(|(k, (e, _))| {
+                            let local = node
+                                .members()
+                                .get(k)
+                                .is_some_and(|m| m.certificate.body.trust_domain == *td);
+                            (*e, local)
+                        })
                 };
                 let me = Tag::of(&host.key);
                 match relay::decide(&header, p.from, me, host.relay_serve, path) {
