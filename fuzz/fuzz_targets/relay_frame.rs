@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let me = Tag::of(&[0; 32]);
-    let members: Vec<(Tag, Endpoint)> = (1..4u8)
+    let members: Vec<(Tag, (Endpoint, bool))> = (1..4u8)
         .map(|i| {
             let direct = SocketAddr::from(([198, 18, 0, i], 51820));
             let ep = if i == 3 {

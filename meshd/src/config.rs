@@ -430,6 +430,32 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE
     }
 
     #[test]
+    fn relays_are_named_by_key_and_a_bad_one_is_named_in_the_error() {
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let c = parse(&format!(
+            "{GOOD}\n[relay]\nserve = true\nvia = [\"{key}\"]\n"
+        ))
+        .unwrap();
+        assert!(c.relay.serve);
+        assert_eq!(c.relays(), vec![[1; 32]]);
+        assert!(
+            !parse(GOOD).unwrap().relay.serve,
+            "no relaying unless asked"
+        );
+        let e = parse(&format!("{GOOD}\n[relay]\nvia = [\"198.18.0.1:51820\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("relay.via[0]: `198.18.0.1:51820` is not a public key"),
+            "{e}"
+        );
+        let e = parse(&format!("{GOOD}\n[relay]\nserves = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `serves`"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_file_and_the_key() {
         let e = parse(&GOOD.replace("name = \"mesh0\"", "name = \"mesh0\"\nlisten_prot = 1"))
             .unwrap_err();
