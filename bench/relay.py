@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Throughput between two nodes whose underlays meet only through two relays, in the same run on
+the same machine.
+
+Four namespaces in a line: A (198.18.10.1), RA (198.18.10.2 | 198.18.11.1), RB (198.18.11.2 |
+198.18.12.1) and B (198.18.12.2). iperf3 from A to B through:
+  routed        RA and RB as plain IP routers, no tunnel: the ceiling;
+  meshd-routed  A and B in a two-node mesh over the routed underlay (what meshd carries when the
+                underlay is routed);
+  meshd-relay   no routing at all: meshd on all four, RA and RB serve as relays (`[relay]`), A
+                names RA, B names RB, the relays name each other; A's tunnel to B is end to end,
+                its frames relayed twice;
+  wireguard-go  A and B as stock wireguard-go peers over the routed underlay (a stock tunnel has
+                no relays: the underlay must be routed).
+Prints the median of N runs in Gbit/s and the ratio of meshd-relay to each of the others.
+
+Run as root from the workspace root:  python3 bench/relay.py [--runs 3] [--seconds 5]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import ROOT, received_bps, sh, teardown  # noqa: E402
+
+TESTS = [("tcp1", "TCP 1 stream", ["-P", "1"]),
+         ("udp", "UDP 1400 B", ["-u", "-b", "0", "-l", "1400"])]
+# (name, links: (interface, underlay address)), in line order.
+NODES = [("a", [("u0", "198.18.10.1/24")]),
+         ("ra", [("u0", "198.18.10.2/24"), ("u1", "198.18.11.1/24")]),
+         ("rb", [("u1", "198.18.11.2/24"), ("u0", "198.18.12.1/24")]),
+         ("b", [("u0", "198.18.12.2/24")])]
+OVERLAY = {"a": "100.64.0.1", "ra": "100.64.0.2", "rb": "100.64.0.3", "b": "100.64.0.4"}
+
+
+def meshctl(*args, **kw):
+    return sh(os.path.join(ROOT, "target/release/meshctl"), *args, **kw)
+
+
+class Line:
+    """A — RA — RB — B, and the daemons of one mode."""
+
+    def __init__(self, mode, prefix):
+        self.mode = mode
+        self.ns = {name: prefix + name for name, _ in NODES}
+        self.procs = []
+        self.tmp = tempfile.mkdtemp(prefix="meshbench-relay-")
+        for ns in self.ns.values():
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for (left, llinks), (right, rlinks) in zip(NODES, NODES[1:]):
+            (lifc, lip), (rifc, rip) = llinks[-1], rlinks[0]
+            a, b = self.ns[left], self.ns[right]
+            sh("ip", "link", "add", "t" + lifc, "netns", a, "type", "veth", "peer", "name",
+               "t" + rifc, "netns", b)
+            sh("ip", "-n", a, "link", "set", "t" + lifc, "name", lifc)
+            sh("ip", "-n", b, "link", "set", "t" + rifc, "name", rifc)
+            for ns, ifc, ip in ((a, lifc, lip), (b, rifc, rip)):
+                sh("ip", "-n", ns, "addr", "add", ip, "dev", ifc)
+                sh("ip", "-n", ns, "link", "set", ifc, "up")
+        if mode != "meshd-relay":
+            self.route_underlay()
+        if mode == "routed":
+            self.target = "198.18.12.2"
+        elif mode == "wireguard-go":
+            self.wireguard_go()
+            self.target = OVERLAY["b"]
+        else:
+            self.meshd(["a", "b"] if mode == "meshd-routed" else ["a", "ra", "rb", "b"])
+            self.target = OVERLAY["b"]
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if sh("ip", "netns", "exec", self.ns["a"], "ping", "-c", "1", "-W", "1", self.target,
+                  check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"{mode}: A did not reach {self.target} within 30 s")
+
+    def route_underlay(self):
+        for r in ("ra", "rb"):
+            sh("ip", "netns", "exec", self.ns[r], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for node, net, via in (("a", "198.18.12.0/24", "198.18.10.2"),
+                               ("ra", "198.18.12.0/24", "198.18.11.2"),
+                               ("rb", "198.18.10.0/24", "198.18.11.1"),
+                               ("b", "198.18.10.0/24", "198.18.12.1")):
+            sh("ip", "-n", self.ns[node], "route", "add", net, "via", via)
+
+    def spawn(self, ns, cmd, env=None):
+        p = subprocess.Popen(["ip", "netns", "exec", ns] + cmd,
+                             env=dict(os.environ, RUST_LOG="warn", **(env or {})),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+
+    def wait_socket(self, path):
+        for _ in range(500):
+            if os.path.exists(path):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.mode} did not open {path}")
+
+    def wireguard_go(self):
+        keys = {}
+        for side in ("a", "b"):
+            self.spawn(self.ns[side], ["wireguard-go", "-f", "rw" + side], {"WG_PROCESS_FOREGROUND": "1"})
+            self.wait_socket(f"/var/run/wireguard/rw{side}.sock")
+            path = os.path.join(self.tmp, side + ".key")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(sh("wg", "genkey").stdout)
+            keys[side] = (path, sh("wg", "pubkey", input=open(path).read()).stdout.strip())
+        for side, other, endpoint in (("a", "b", "198.18.12.2"), ("b", "a", "198.18.10.1")):
+            sh("wg", "set", "rw" + side, "private-key", keys[side][0], "listen-port", "51820", "peer",
+               keys[other][1], "endpoint", endpoint + ":51820", "allowed-ips", OVERLAY[other] + "/32")
+            sh("ip", "-n", self.ns[side], "addr", "add", OVERLAY[side] + "/24", "dev", "rw" + side)
+            sh("ip", "-n", self.ns[side], "link", "set", "rw" + side, "mtu", "1420", "up")
+
+    def meshd(self, nodes):
+        ca = os.path.join(self.tmp, "ca")
+        meshctl("ca", "init", "--trust-domain", "example.org", "--out", ca)
+        keys = {}
+        for name in nodes:
+            meshctl("identity", "issue", "--ca", ca, "--namespace", "bench", "--name", name,
+                    "--ip", OVERLAY[name] + "/32", "--out", self.tmp)
+            private = open(os.path.join(self.tmp, name + ".key")).read()
+            keys[name] = sh("wg", "pubkey", input=private).stdout.strip()
+        relayed = len(nodes) == 4
+        # Seeds along the line; relays as in the README.
+        seeds = {"a": "198.18.10.2" if relayed else "198.18.12.2", "ra": "198.18.11.2",
+                 "rb": "198.18.11.1", "b": "198.18.12.1"}
+        relay = {"a": f'via = ["{keys.get("ra")}"]', "ra": f'serve = true\nvia = ["{keys.get("rb")}"]',
+                 "rb": f'serve = true\nvia = ["{keys.get("ra")}"]', "b": f'via = ["{keys.get("rb")}"]'}
+        for name in nodes:
+            config = os.path.join(self.tmp, name + ".toml")
+            with open(config, "w") as f:
+                f.write(f"""[interface]
+name = "br{name}"
+
+[identity]
+certificate = "{self.tmp}/{name}.crt"
+private_key = "{self.tmp}/{name}.key"
+
+[trust]
+bundle = ["{ca}/ca.crt"]
+
+[peering]
+seeds = ["{seeds[name]}:51820"]
+state_dir = "{self.tmp}/state-{name}"
+
+[policy]
+posture = "calico"
+""" + (f"\n[relay]\n{relay[name]}\n" if relayed else ""))
+            self.spawn(self.ns[name], [os.path.join(ROOT, "target/release/meshd"), "--foreground",
+                                       "--config", config])
+            self.wait_socket(f"/var/run/meshd/br{name}.sock")
+
+    def iperf(self, args, seconds):
+        server = subprocess.Popen(["ip", "netns", "exec", self.ns["b"], "iperf3", "-s", "-1", "-B",
+                                   self.target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        out = sh("ip", "netns", "exec", self.ns["a"], "iperf3", "-c", self.target, "-t", str(seconds),
+                 "-J", *args, timeout=seconds + 30)
+        server.wait(timeout=10)
+        return received_bps(out.stdout) / 1e9
+
+    def close(self):
+        teardown(self.procs, self.ns.values())
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--modes", default="routed,meshd-routed,meshd-relay,wireguard-go")
+    opts = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/relay.py needs root (network namespaces, TUN)")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd", "-p", "meshctl"], cwd=ROOT, check=True)
+    modes = opts.modes.split(",")
+    results = {}
+    for mode in modes:
+        for key, _, args in TESTS:
+            runs = []
+            for _ in range(opts.runs):
+                line = Line(mode, f"rl{os.getpid() % 10000}")
+                try:
+                    runs.append(line.iperf(args, opts.seconds))
+                finally:
+                    line.close()
+            results[(mode, key)] = statistics.median(runs)
+            print(f"  {mode:13} {key:5} {results[(mode, key)]:6.2f} Gbit/s  runs: "
+                  + " ".join(f"{x:.2f}" for x in runs), file=sys.stderr)
+    others = [m for m in modes if m != "meshd-relay"]
+    print(f"\niperf3 between two nodes through two relays (or a routed underlay), median of "
+          f"{opts.runs} runs of {opts.seconds} s\n")
+    head = "| test | " + " | ".join(f"{m} Gbit/s" for m in modes) + " | " + \
+        " | ".join(f"meshd-relay / {m}" for m in others) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for key, label, _ in TESTS:
+        row = [label] + [f"{results[(m, key)]:.2f}" for m in modes]
+        if "meshd-relay" in modes:
+            row += [f"{results[('meshd-relay', key)] / results[(m, key)]:.2f}" for m in others]
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
