@@ -18,14 +18,13 @@ Run as root from the workspace root:  python3 bench/gateway.py [--runs 3] [--sec
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import ROOT, received_bps, sh, teardown  # noqa: E402
+from throughput import ROOT, compare, received_bps, sh, teardown  # noqa: E402
 
 TESTS = [("tcp1", "TCP 1 stream", ["-P", "1"]),
          ("udp", "UDP 1400 B", ["-u", "-b", "0", "-l", "1400"])]
@@ -186,32 +185,8 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench/gateway.py needs root (network namespaces, TUN)")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd", "-p", "meshctl"], cwd=ROOT, check=True)
-    modes = opts.modes.split(",")
-    results = {}
-    for mode in modes:
-        for key, _, args in TESTS:
-            runs = []
-            for _ in range(opts.runs):
-                line = Line(mode, f"gb{os.getpid() % 10000}")
-                try:
-                    runs.append(line.iperf(args, opts.seconds))
-                finally:
-                    line.close()
-            results[(mode, key)] = statistics.median(runs)
-            print(f"  {mode:13} {key:5} {results[(mode, key)]:6.2f} Gbit/s  runs: "
-                  + " ".join(f"{x:.2f}" for x in runs), file=sys.stderr)
-    others = [m for m in modes if m != "meshd"]
-    print(f"\niperf3 from a client through a gateway to an external host, median of {opts.runs} runs "
-          f"of {opts.seconds} s\n")
-    head = "| test | " + " | ".join(f"{m} Gbit/s" for m in modes) + " | " + \
-        " | ".join(f"meshd / {m}" for m in others) + " |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for key, label, _ in TESTS:
-        row = [label] + [f"{results[(m, key)]:.2f}" for m in modes]
-        if "meshd" in modes:
-            row += [f"{results[('meshd', key)] / results[(m, key)]:.2f}" for m in others]
-        print("| " + " | ".join(row) + " |")
+    compare(lambda mode: Line(mode, f"gb{os.getpid() % 10000}"), opts.modes.split(","), TESTS,
+            opts.runs, opts.seconds, "meshd", "iperf3 from a client through a gateway to an external host")
 
 
 if __name__ == "__main__":

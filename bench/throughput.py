@@ -39,6 +39,37 @@ def received_bps(iperf_json):
     return end["sum"]["bits_per_second"] * (1 - end["sum"].get("lost_percent", 0) / 100)
 
 
+def compare(make, modes, tests, runs, seconds, lead, title):
+    """Measures every test of `tests` ((key, label, iperf3 arguments)) `runs` times in each mode,
+    each run on a fresh setup (`make(mode)` returns one with `iperf(args, seconds)` in Gbit/s and
+    `close()`); prints progress, then a Markdown table of the medians and the ratio of mode `lead`
+    to every other."""
+    results = {}
+    for mode in modes:
+        for key, _, args in tests:
+            got = []
+            for _ in range(runs):
+                setup = make(mode)
+                try:
+                    got.append(setup.iperf(args, seconds))
+                finally:
+                    setup.close()
+            results[(mode, key)] = statistics.median(got)
+            print(f"  {mode:13} {key:5} {results[(mode, key)]:6.2f} Gbit/s  runs: "
+                  + " ".join(f"{x:.2f}" for x in got), file=sys.stderr)
+    others = [m for m in modes if m != lead]
+    print(f"\n{title}, median of {runs} runs of {seconds} s\n")
+    head = "| test | " + " | ".join(f"{m} Gbit/s" for m in modes) + " | " + \
+        " | ".join(f"{lead} / {m}" for m in others) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for key, label, _ in tests:
+        row = [label] + [f"{results[(m, key)]:.2f}" for m in modes]
+        if lead in modes:
+            row += [f"{results[(lead, key)] / results[(m, key)]:.2f}" for m in others]
+        print("| " + " | ".join(row) + " |")
+
+
 def veth_pair(a, b):
     """Namespaces `a` and `b` joined by a veth: underlay 198.18.0.1 (a) and 198.18.0.2 (b)."""
     for ns in (a, b):

@@ -21,6 +21,60 @@ struct Cluster {
     admin: PathBuf,
 }
 
+/// Cluster A (example.org, CA ranges 100.64.0.0/16) and cluster B (partner.org, 100.65.0.0/16),
+/// each with its CA and policy-admin key.
+fn clusters(lab: &Lab) -> (Cluster, Cluster) {
+    let cluster = |td: &str, name: &str, ranges: &str| {
+        let c = Cluster {
+            pki: Pki::with_ranges(lab, td, &format!("ca-{name}"), ranges),
+            admin: lab.dir.join(format!("admin-{name}.key")),
+        };
+        run(Command::new(bin("meshctl"))
+            .args(["policy", "admin-key", "--out"])
+            .arg(&c.admin));
+        c
+    };
+    (
+        cluster("example.org", "a", "100.64.0.0/16"),
+        cluster("partner.org", "b", "100.65.0.0/16"),
+    )
+}
+
+/// Each side federates the other through one of its nodes: A trusts partner.org within
+/// 100.65.0.0/24 and namespace microblog; B trusts example.org.
+fn federate(a: &Cluster, a_node: &str, b: &Cluster, b_node: &str) {
+    meshctl_ok(
+        a_node,
+        &[
+            "federation",
+            "add",
+            "--trust-domain",
+            "partner.org",
+            "--bundle",
+            b.pki.ca_cert().to_str().unwrap(),
+            "--addresses",
+            "100.65.0.0/24",
+            "--namespaces",
+            "microblog",
+            "--key",
+            a.admin.to_str().unwrap(),
+        ],
+    );
+    meshctl_ok(
+        b_node,
+        &[
+            "federation",
+            "add",
+            "--trust-domain",
+            "example.org",
+            "--bundle",
+            a.pki.ca_cert().to_str().unwrap(),
+            "--key",
+            b.admin.to_str().unwrap(),
+        ],
+    );
+}
+
 /// `meshctl ARGS -i IFNAME`, which must succeed; its standard output.
 fn meshctl_ok(ifname: &str, args: &[&str]) -> String {
     let o = Command::new(bin("meshctl"))
@@ -114,20 +168,8 @@ fn a_federated_cluster_reaches_only_what_policy_names_within_its_scope_until_unf
     }
     let mut lab = Lab::new();
     let sw = lab.switch();
-    let a = Cluster {
-        pki: Pki::with_ranges(&lab, "example.org", "ca-a", "100.64.0.0/16"),
-        admin: lab.dir.join("admin-a.key"),
-    };
-    let b = Cluster {
-        pki: Pki::with_ranges(&lab, "partner.org", "ca-b", "100.65.0.0/16"),
-        admin: lab.dir.join("admin-b.key"),
-    };
+    let (a, b) = clusters(&lab);
     let rogue = Pki::new(&lab, "example.org", "ca-rogue");
-    for c in [&a, &b] {
-        run(Command::new(bin("meshctl"))
-            .args(["policy", "admin-key", "--out"])
-            .arg(&c.admin));
-    }
     // (cluster, namespace, name, labels, address, underlay, seed)
     let specs: [(&str, &str, &str, &str, &str, &str, &str); 7] = [
         (
@@ -256,36 +298,7 @@ fn a_federated_cluster_reaches_only_what_policy_names_within_its_scope_until_unf
         &format!("{NAMESPACE}---\n{A_EGRESS}---\n{seed_post}"),
     );
     apply(&lab, &b_api.ifname, &b.admin, "b1", B_EGRESS);
-    meshctl_ok(
-        &post.ifname,
-        &[
-            "federation",
-            "add",
-            "--trust-domain",
-            "partner.org",
-            "--bundle",
-            b.pki.ca_cert().to_str().unwrap(),
-            "--addresses",
-            "100.65.0.0/24",
-            "--namespaces",
-            "microblog",
-            "--key",
-            a.admin.to_str().unwrap(),
-        ],
-    );
-    meshctl_ok(
-        &b_api.ifname,
-        &[
-            "federation",
-            "add",
-            "--trust-domain",
-            "example.org",
-            "--bundle",
-            a.pki.ca_cert().to_str().unwrap(),
-            "--key",
-            b.admin.to_str().unwrap(),
-        ],
-    );
+    federate(&a, &post.ifname, &b, &b_api.ifname);
     let listed = meshctl_ok(&post.ifname, &["federation", "list", "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed["federations"][0]["trust_domain"], "partner.org");
@@ -460,19 +473,7 @@ fn clusters_on_separate_underlays_federate_through_a_relay_of_each() {
         lab.switch_named("swb"),
         lab.switch_named("swx"),
     );
-    let a = Cluster {
-        pki: Pki::with_ranges(&lab, "example.org", "ca-a", "100.64.0.0/16"),
-        admin: lab.dir.join("admin-a.key"),
-    };
-    let b = Cluster {
-        pki: Pki::with_ranges(&lab, "partner.org", "ca-b", "100.65.0.0/16"),
-        admin: lab.dir.join("admin-b.key"),
-    };
-    for c in [&a, &b] {
-        run(Command::new(bin("meshctl"))
-            .args(["policy", "admin-key", "--out"])
-            .arg(&c.admin));
-    }
+    let (a, b) = clusters(&lab);
     // (cluster, name, labels, overlay, own underlay, the relay-link underlay, seed)
     let specs: [(&str, &str, &str, &str, &str, &str, &str); 5] = [
         (
@@ -588,36 +589,7 @@ fn clusters_on_separate_underlays_federate_through_a_relay_of_each() {
         ),
     );
     apply(&lab, &api.ifname, &b.admin, "b1", B_EGRESS);
-    meshctl_ok(
-        &post.ifname,
-        &[
-            "federation",
-            "add",
-            "--trust-domain",
-            "partner.org",
-            "--bundle",
-            b.pki.ca_cert().to_str().unwrap(),
-            "--addresses",
-            "100.65.0.0/24",
-            "--namespaces",
-            "microblog",
-            "--key",
-            a.admin.to_str().unwrap(),
-        ],
-    );
-    meshctl_ok(
-        &api.ifname,
-        &[
-            "federation",
-            "add",
-            "--trust-domain",
-            "example.org",
-            "--bundle",
-            a.pki.ca_cert().to_str().unwrap(),
-            "--key",
-            b.admin.to_str().unwrap(),
-        ],
-    );
+    federate(&a, &post.ifname, &b, &api.ifname);
     let post_addr: SocketAddr = "100.64.4.2:8080".parse().unwrap();
     tcp_accept_all(&post.ns, post_addr);
     let took = wait_for(

@@ -6,7 +6,7 @@
 
 use mesh_tests::*;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -84,6 +84,35 @@ fn servers(ns: &str, tcp: SocketAddr, udp: Option<SocketAddr>) {
     }
 }
 
+/// The mesh's switch, the outside switch, a CA and a policy-admin key.
+fn gateway_lab(lab: &mut Lab) -> (Switch, Switch, Pki, PathBuf) {
+    let sw = lab.switch();
+    let outside = lab.switch_named("so");
+    let pki = Pki::new(lab, "example.org", "ca");
+    let admin = lab.dir.join("admin.key");
+    run(Command::new(bin("meshctl"))
+        .args(["policy", "admin-key", "--out"])
+        .arg(&admin));
+    (sw, outside, pki, admin)
+}
+
+/// `meshctl policy apply` of `yaml` through `ifname`, signed with `admin`; must succeed.
+fn apply_policy(lab: &Lab, ifname: &str, admin: &Path, yaml: &str) {
+    let f = lab.dir.join("policy.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let out = Command::new(bin("meshctl"))
+        .args(["policy", "apply", "-f", f.to_str().unwrap(), "--key"])
+        .arg(admin)
+        .args(["-i", ifname])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Which peer of `ifname` holds the route, by its overlay address.
 fn carrier(lab: &Lab, ifname: &str) -> Option<String> {
     lab.status(ifname)["peers"]
@@ -103,13 +132,7 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
         return;
     }
     let mut lab = Lab::new();
-    let sw = lab.switch();
-    let outside = lab.switch_named("so");
-    let pki = Pki::new(&lab, "example.org", "ca");
-    let admin = lab.dir.join("admin.key");
-    run(Command::new(bin("meshctl"))
-        .args(["policy", "admin-key", "--out"])
-        .arg(&admin));
+    let (sw, outside, pki, admin) = gateway_lab(&mut lab);
     let ext = lab.host("x");
     lab.attach(&outside, &ext, &format!("{EXT}/24"));
     // (suffix, name, labels, overlay, underlay, routes granted, audit)
@@ -214,25 +237,7 @@ fn an_external_network_is_reached_through_gateways_that_enforce_policy_and_fail_
         "{says}"
     );
 
-    let f = lab.dir.join("policy.yaml");
-    std::fs::write(&f, POLICY).unwrap();
-    let out = Command::new(bin("meshctl"))
-        .args([
-            "policy",
-            "apply",
-            "-f",
-            f.to_str().unwrap(),
-            "--key",
-            admin.to_str().unwrap(),
-        ])
-        .args(["-i", &api.1])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_policy(&lab, &api.1, &admin, POLICY);
     // Every node routes 198.19.0.0/24 to the same gateway (the live one with the lower key).
     let gateways = ["100.64.3.1/32", "100.64.3.2/32"];
     wait_for(
@@ -441,13 +446,7 @@ fn an_ipv6_external_network_is_reached_through_a_gateway_that_enforces_policy() 
         return;
     }
     let mut lab = Lab::new();
-    let sw = lab.switch();
-    let outside = lab.switch_named("so");
-    let pki = Pki::new(&lab, "example.org", "ca");
-    let admin = lab.dir.join("admin.key");
-    run(Command::new(bin("meshctl"))
-        .args(["policy", "admin-key", "--out"])
-        .arg(&admin));
+    let (sw, outside, pki, admin) = gateway_lab(&mut lab);
     let ext = lab.host("x");
     lab.attach(&outside, &ext, &format!("{EXT6}/64"));
     // (suffix, name, labels, overlay v4, overlay v6, underlay, gateway)
@@ -520,19 +519,7 @@ fn an_ipv6_external_network_is_reached_through_a_gateway_that_enforces_policy() 
         nodes.push((ns, ifname));
     }
     let (gw, api, web) = (&nodes[0], &nodes[1], &nodes[2]);
-    let f = lab.dir.join("policy6.yaml");
-    std::fs::write(&f, POLICY6).unwrap();
-    let out = Command::new(bin("meshctl"))
-        .args(["policy", "apply", "-f", f.to_str().unwrap(), "--key"])
-        .arg(&admin)
-        .args(["-i", &api.1])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_policy(&lab, &api.1, &admin, POLICY6);
     let routed = |n: &(String, String)| {
         lab.status(&n.1)["peers"].as_array().is_some_and(|ps| {
             ps.iter().any(|p| {

@@ -60,9 +60,21 @@ fn lone(ca_key: &SigningKey, ca_cert: &Certificate, i: u8) -> Membership {
 }
 
 fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter: u64) -> Vec<u8> {
+    sealed_hello_at(from, to, cert, counter, true, addr(6).into())
+}
+
+/// A sealed Hello from `from` to `to`, with the cookie of a sender at `endpoint`.
+fn sealed_hello_at(
+    from: &StaticSecret,
+    to: &Membership,
+    cert: Certificate,
+    counter: u64,
+    want_members: bool,
+    endpoint: Endpoint,
+) -> Vec<u8> {
     let msg = Message::Hello {
         certificate: cert,
-        want_members: true,
+        want_members,
         digest: [0; 32],
         revocations: vec![],
     };
@@ -75,7 +87,9 @@ fn sealed_hello(from: &StaticSecret, to: &Membership, cert: Certificate, counter
     )
     .unwrap();
     assert_eq!(d.len(), 1, "a Hello fits one datagram");
-    with_cookie(to, addr(6), d.remove(0))
+    let mut datagram = d.remove(0);
+    control::set_cookie(&mut datagram, &to.cookie_for(endpoint));
+    datagram
 }
 
 /// `datagram` with the cookie `to` asks of a sender at `from` (as after a cookie reply).
@@ -395,33 +409,6 @@ fn a_listed_member_that_never_answers_is_greeted_a_dozen_times_then_left_to_goss
     assert_eq!(MAX_GREETINGS, 12);
 }
 
-/// A sealed Hello from `from` to `to`, with the cookie of a sender at `endpoint`.
-fn sealed_hello_at(
-    from: &StaticSecret,
-    to: &Membership,
-    cert: Certificate,
-    counter: u64,
-    endpoint: Endpoint,
-) -> Vec<u8> {
-    let msg = Message::Hello {
-        certificate: cert,
-        want_members: false,
-        digest: [0; 32],
-        revocations: vec![],
-    };
-    let mut d = control::seal_message(
-        from,
-        &to.public,
-        &StaticSecret::from([77; 32]),
-        counter,
-        &msg.encode(),
-    )
-    .unwrap();
-    let mut datagram = d.remove(0);
-    control::set_cookie(&mut datagram, &to.cookie_for(endpoint));
-    datagram
-}
-
 #[test]
 fn through_a_relay_only_the_senders_own_tag_counts_and_its_path_is_never_listed_or_saved() {
     let (ca_key, ca_cert) = ca(9, "example.org");
@@ -435,7 +422,7 @@ fn through_a_relay_only_the_senders_own_tag_counts_and_its_path_is_never_listed_
         relay,
         tag: Tag::of(&[9; 32]),
     };
-    let d = sealed_hello_at(&s7, &n, cert7.clone(), 1, wrong);
+    let d = sealed_hello_at(&s7, &n, cert7.clone(), 1, false, wrong);
     assert_eq!(
         n.on_datagram(T0_MS, wrong, &d, &mut OsRng),
         Err(Refusal::KeyMismatch)
@@ -446,7 +433,7 @@ fn through_a_relay_only_the_senders_own_tag_counts_and_its_path_is_never_listed_
         relay,
         tag: Tag::of(&key7),
     };
-    let d = sealed_hello_at(&s7, &n, cert7.clone(), 2, right);
+    let d = sealed_hello_at(&s7, &n, cert7.clone(), 2, false, right);
     n.on_datagram(T0_MS, right, &d, &mut OsRng).unwrap();
     let m = &n.members()[&key7];
     assert_eq!((m.endpoint, m.address), (right, None));
@@ -481,10 +468,10 @@ fn through_a_relay_only_the_senders_own_tag_counts_and_its_path_is_never_listed_
     // Heard at its own address, it moves there, and stays there when it is heard through the
     // relay again within 10 s.
     let own = Endpoint::Direct(addr(7));
-    let d = sealed_hello_at(&s7, &n, cert7.clone(), 3, own);
+    let d = sealed_hello_at(&s7, &n, cert7.clone(), 3, false, own);
     n.on_datagram(T0_MS + 100, own, &d, &mut OsRng).unwrap();
     assert_eq!(n.members()[&key7].address, Some(addr(7)));
-    let d = sealed_hello_at(&s7, &n, cert7, 4, right);
+    let d = sealed_hello_at(&s7, &n, cert7, 4, false, right);
     n.on_datagram(T0_MS + 200, right, &d, &mut OsRng).unwrap();
     assert_eq!(n.members()[&key7].endpoint, own);
 }
