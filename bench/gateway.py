@@ -15,16 +15,12 @@ Gbit/s and the ratio of meshd to each of the others.
 Run as root from the workspace root:  python3 bench/gateway.py [--runs 3] [--seconds 5]
 """
 
-import argparse
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import ROOT, compare, received_bps, sh, teardown  # noqa: E402
+from throughput import ROOT, Setup, bench_main, meshctl, sh  # noqa: E402
 
 TESTS = [("tcp1", "TCP 1 stream", ["-P", "1"]),
          ("udp", "UDP 1400 B", ["-u", "-b", "0", "-l", "1400"])]
@@ -52,18 +48,13 @@ spec:
 """
 
 
-def meshctl(*args, **kw):
-    return sh(os.path.join(ROOT, "target/release/meshctl"), *args, **kw)
 
-
-class Line:
+class Line(Setup):
     """C — G — X, and the daemons of one mode."""
 
     def __init__(self, mode, prefix):
-        self.mode = mode
+        super().__init__(mode, "meshbench-gw-")
         self.c, self.g, self.x = prefix + "c", prefix + "g", prefix + "x"
-        self.procs = []
-        self.tmp = tempfile.mkdtemp(prefix="meshbench-gw-")
         for ns in (self.c, self.g, self.x):
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -85,19 +76,6 @@ class Line:
         else:
             self.meshd()
         sh("ip", "netns", "exec", self.c, "ping", "-c", "2", "-W", "2", EXT)
-
-    def spawn(self, ns, cmd, env=None):
-        p = subprocess.Popen(["ip", "netns", "exec", ns] + cmd,
-                             env=dict(os.environ, RUST_LOG="warn", **(env or {})),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs.append(p)
-
-    def wait_socket(self, path):
-        for _ in range(500):
-            if os.path.exists(path):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.mode} did not open {path}")
 
     def wireguard_go(self):
         keys = {}
@@ -163,30 +141,16 @@ state_dir = "{self.tmp}/state-{side}"
         raise RuntimeError("the client never routed 198.19.0.0/24 to the gateway")
 
     def iperf(self, args, seconds):
-        server = subprocess.Popen(["ip", "netns", "exec", self.x, "iperf3", "-s", "-1", "-B", EXT],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-        out = sh("ip", "netns", "exec", self.c, "iperf3", "-c", EXT, "-t", str(seconds), "-J", *args,
-                 timeout=seconds + 30)
-        server.wait(timeout=10)
-        return received_bps(out.stdout) / 1e9
+        return self.iperf3(self.c, self.x, EXT, args, seconds)
 
     def close(self):
-        teardown(self.procs, (self.c, self.g, self.x))
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.close_in((self.c, self.g, self.x))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--modes", default="direct,meshd,wireguard-go")
-    opts = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench/gateway.py needs root (network namespaces, TUN)")
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd", "-p", "meshctl"], cwd=ROOT, check=True)
-    compare(lambda mode: Line(mode, f"gb{os.getpid() % 10000}"), opts.modes.split(","), TESTS,
-            opts.runs, opts.seconds, "meshd", "iperf3 from a client through a gateway to an external host")
+    bench_main(__doc__, "gateway.py", "direct,meshd,wireguard-go", "meshd",
+               "iperf3 from a client through a gateway to an external host",
+               lambda mode: Line(mode, f"gb{os.getpid() % 10000}"), TESTS)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,12 @@ Prints the median of N runs in Gbit/s and the ratio of meshd-relay to each of th
 Run as root from the workspace root:  python3 bench/relay.py [--runs 3] [--seconds 5]
 """
 
-import argparse
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import ROOT, compare, received_bps, sh, teardown  # noqa: E402
+from throughput import ROOT, Setup, bench_main, meshctl, sh  # noqa: E402
 
 TESTS = [("tcp1", "TCP 1 stream", ["-P", "1"]),
          ("udp", "UDP 1400 B", ["-u", "-b", "0", "-l", "1400"])]
@@ -38,18 +34,13 @@ NODES = [("a", [("u0", "198.18.10.1/24")]),
 OVERLAY = {"a": "100.64.0.1", "ra": "100.64.0.2", "rb": "100.64.0.3", "b": "100.64.0.4"}
 
 
-def meshctl(*args, **kw):
-    return sh(os.path.join(ROOT, "target/release/meshctl"), *args, **kw)
 
-
-class Line:
+class Line(Setup):
     """A — RA — RB — B, and the daemons of one mode."""
 
     def __init__(self, mode, prefix):
-        self.mode = mode
+        super().__init__(mode, "meshbench-relay-")
         self.ns = {name: prefix + name for name, _ in NODES}
-        self.procs = []
-        self.tmp = tempfile.mkdtemp(prefix="meshbench-relay-")
         for ns in self.ns.values():
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -90,19 +81,6 @@ class Line:
                                ("rb", "198.18.10.0/24", "198.18.11.1"),
                                ("b", "198.18.10.0/24", "198.18.12.1")):
             sh("ip", "-n", self.ns[node], "route", "add", net, "via", via)
-
-    def spawn(self, ns, cmd, env=None):
-        p = subprocess.Popen(["ip", "netns", "exec", ns] + cmd,
-                             env=dict(os.environ, RUST_LOG="warn", **(env or {})),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs.append(p)
-
-    def wait_socket(self, path):
-        for _ in range(500):
-            if os.path.exists(path):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.mode} did not open {path}")
 
     def wireguard_go(self):
         keys = {}
@@ -159,30 +137,16 @@ posture = "calico"
             self.wait_socket(f"/var/run/meshd/br{name}.sock")
 
     def iperf(self, args, seconds):
-        server = subprocess.Popen(["ip", "netns", "exec", self.ns["b"], "iperf3", "-s", "-1", "-B",
-                                   self.target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-        out = sh("ip", "netns", "exec", self.ns["a"], "iperf3", "-c", self.target, "-t", str(seconds),
-                 "-J", *args, timeout=seconds + 30)
-        server.wait(timeout=10)
-        return received_bps(out.stdout) / 1e9
+        return self.iperf3(self.ns["a"], self.ns["b"], self.target, args, seconds)
 
     def close(self):
-        teardown(self.procs, self.ns.values())
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.close_in(self.ns.values())
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--modes", default="routed,meshd-routed,meshd-relay,wireguard-go")
-    opts = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench/relay.py needs root (network namespaces, TUN)")
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd", "-p", "meshctl"], cwd=ROOT, check=True)
-    compare(lambda mode: Line(mode, f"rl{os.getpid() % 10000}"), opts.modes.split(","), TESTS,
-            opts.runs, opts.seconds, "meshd-relay", "iperf3 between two nodes through two relays (or a routed underlay)")
+    bench_main(__doc__, "relay.py", "routed,meshd-routed,meshd-relay,wireguard-go", "meshd-relay",
+               "iperf3 between two nodes through two relays (or a routed underlay)",
+               lambda mode: Line(mode, f"rl{os.getpid() % 10000}"), TESTS)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def compare(make, modes, tests, runs, seconds, lead, title):
             results[(mode, key)] = statistics.median(got)
             print(f"  {mode:13} {key:5} {results[(mode, key)]:6.2f} Gbit/s  runs: "
                   + " ".join(f"{x:.2f}" for x in got), file=sys.stderr)
-    others = [m for m in modes if m != lead]
+    others = [m for m in modes if m != lead] if lead in modes else []
     print(f"\n{title}, median of {runs} runs of {seconds} s\n")
     head = "| test | " + " | ".join(f"{m} Gbit/s" for m in modes) + " | " + \
         " | ".join(f"{lead} / {m}" for m in others) + " |"
@@ -65,9 +65,62 @@ def compare(make, modes, tests, runs, seconds, lead, title):
     print("|" + "---|" * (head.count("|") - 1))
     for key, label, _ in tests:
         row = [label] + [f"{results[(m, key)]:.2f}" for m in modes]
-        if lead in modes:
-            row += [f"{results[(lead, key)] / results[(m, key)]:.2f}" for m in others]
+        row += [f"{results[(lead, key)] / results[(m, key)]:.2f}" for m in others]
         print("| " + " | ".join(row) + " |")
+
+
+def meshctl(*args, **kw):
+    return sh(os.path.join(ROOT, "target/release/meshctl"), *args, **kw)
+
+
+class Setup:
+    """What a multi-namespace benchmark setup shares: its daemons, a scratch directory, iperf3."""
+
+    def __init__(self, mode, tmp_prefix):
+        self.mode = mode
+        self.procs = []
+        self.tmp = tempfile.mkdtemp(prefix=tmp_prefix)
+
+    def spawn(self, ns, cmd, env=None):
+        p = subprocess.Popen(["ip", "netns", "exec", ns] + cmd,
+                             env=dict(os.environ, RUST_LOG="warn", **(env or {})),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+
+    def wait_socket(self, path):
+        for _ in range(500):
+            if os.path.exists(path):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.mode} did not open {path}")
+
+    def iperf3(self, client_ns, server_ns, target, args, seconds):
+        """Gbit/s received from one iperf3 run of `seconds` from `client_ns` to `target`."""
+        server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", target],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        out = sh("ip", "netns", "exec", client_ns, "iperf3", "-c", target, "-t", str(seconds), "-J",
+                 *args, timeout=seconds + 30)
+        server.wait(timeout=10)
+        return received_bps(out.stdout) / 1e9
+
+    def close_in(self, namespaces):
+        teardown(self.procs, namespaces)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def bench_main(doc, name, modes, lead, title, make, tests):
+    """The command line of a multi-namespace benchmark: --runs, --seconds, --modes; as root; builds
+    meshd and meshctl, then [`compare`]s the modes."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--modes", default=modes)
+    opts = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit(f"bench/{name} needs root (network namespaces, TUN)")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd", "-p", "meshctl"], cwd=ROOT, check=True)
+    compare(make, opts.modes.split(","), tests, opts.runs, opts.seconds, lead, title)
 
 
 def veth_pair(a, b):
