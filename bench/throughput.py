@@ -59,10 +59,9 @@ def compare(make, modes, tests, runs, seconds, lead, title):
                   + " ".join(f"{x:.2f}" for x in got), file=sys.stderr)
     others = [m for m in modes if m != lead] if lead in modes else []
     print(f"\n{title}, median of {runs} runs of {seconds} s\n")
-    head = "| test | " + " | ".join(f"{m} Gbit/s" for m in modes) + " | " + \
-        " | ".join(f"{lead} / {m}" for m in others) + " |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    columns = ["test"] + [f"{m} Gbit/s" for m in modes] + [f"{lead} / {m}" for m in others]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for key, label, _ in tests:
         row = [label] + [f"{results[(m, key)]:.2f}" for m in modes]
         row += [f"{results[(lead, key)] / results[(m, key)]:.2f}" for m in others]
