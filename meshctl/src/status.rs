@@ -83,11 +83,14 @@ pub fn query(path: &Path) -> anyhow::Result<Status> {
 pub fn reload(ifname: &str, socket: Option<PathBuf>) -> Result<(), Failure> {
     let path = socket.unwrap_or_else(|| PathBuf::from(admin::socket_path(ifname)));
     match request(&path, &Request::Reload)? {
-        Response::Reloading => {
-            println!("{ifname}: reloading");
+        Response::Done { message } => {
+            println!("{ifname}: {message}");
             Ok(())
         }
-        Response::Error { message } => Err(anyhow!("meshd refused: {message}").into()),
+        Response::Error { message } => Err(anyhow!(
+            "{ifname}: reload refused, the running configuration stays in force: {message}"
+        )
+        .into()),
         other => Err(anyhow!("unexpected answer {other:?}").into()),
     }
 }

@@ -51,7 +51,7 @@ use std::path::{Path, PathBuf};
 /// Relays a node names at most (each unheard member is greeted through every one).
 pub const MAX_RELAYS: usize = 8;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub interface: InterfaceSection,
@@ -67,7 +67,7 @@ pub struct Config {
     pub relay: RelaySection,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelaySection {
     #[serde(default)]
@@ -76,7 +76,7 @@ pub struct RelaySection {
     pub via: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySection {
     #[serde(default)]
@@ -85,7 +85,7 @@ pub struct GatewaySection {
     pub masquerade: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySection {
     #[serde(default)]
@@ -121,7 +121,7 @@ fn default_conntrack_max() -> usize {
     262_144
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceSection {
     pub name: String,
@@ -131,14 +131,14 @@ pub struct InterfaceSection {
     pub mtu: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySection {
     pub certificate: PathBuf,
     pub private_key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustSection {
     pub bundle: Vec<PathBuf>,
@@ -149,7 +149,7 @@ pub struct TrustSection {
     pub policy_admins: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeeringSection {
     #[serde(default)]

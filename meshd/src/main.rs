@@ -211,8 +211,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading identity, trust bundle and revocation lists");
-                if reload_tx.try_send(mesh::run::Command::Reload).is_err() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                if reload_tx.try_send(mesh::run::Command::Reload { reply: None }).is_err() {
                     tracing::warn!("SIGHUP ignored: not in mesh mode, or a reload is pending");
                 }
             }

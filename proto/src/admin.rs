@@ -123,7 +123,6 @@ pub struct NodePolicy {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Status(Status),
-    Reloading,
     Peers(Vec<MemberInfo>),
     Done {
         message: String,

@@ -927,3 +927,82 @@ fn a_member_replaying_an_old_certificate_of_a_renewed_identity_changes_nothing()
     );
     assert!(lab.ping(&n2.ns, &n1.ip, 2), "node 1 is still reached");
 }
+
+/// `meshctl reload IFNAME`: (success, standard output, standard error).
+fn reload(ifname: &str) -> (bool, String, String) {
+    let o = std::process::Command::new(bin("meshctl"))
+        .args(["reload", ifname])
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The operator hears what a reload did, or why it was refused (and the node keeps running as
+/// before); a trust bundle and `[policy]` change without a restart; settings that need one are
+/// named; SIGHUP logs the same outcome.
+#[test]
+fn a_reload_says_what_it_changed_or_why_it_was_refused() {
+    if !can_run() {
+        return;
+    }
+    let (mut lab, _pki, n1, n2) = seeded_pair();
+    let (ok, out, _) = reload(&n1.ifname);
+    assert!(ok && out.contains("nothing changed"), "{out}");
+
+    // A certificate file that does not parse: refused with the file named; nothing moved.
+    let good = std::fs::read(&n1.cert).unwrap();
+    std::fs::write(&n1.cert, b"garbage\n").unwrap();
+    let (ok, _, err) = reload(&n1.ifname);
+    assert!(!ok, "a refused reload fails");
+    assert!(
+        err.contains("reload refused") && err.contains(n1.cert.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(lab.ping(&n2.ns, &n1.ip, 1), "the node runs as before");
+    std::fs::write(&n1.cert, good).unwrap();
+
+    // A second CA in the bundle, audit mode on, and a new port (which needs a restart).
+    let other = Pki::new(&lab, "example.org", "ca2");
+    let cfg = std::fs::read_to_string(&n1.config).unwrap();
+    let bundle_line = cfg.lines().find(|l| l.starts_with("bundle = ")).unwrap();
+    let changed = cfg
+        .replace(
+            bundle_line,
+            &format!(
+                "{}, \"{}\"]",
+                bundle_line.trim_end_matches(']'),
+                other.ca_cert().display()
+            ),
+        )
+        .replace("audit = false", "audit = true")
+        .replace("listen_port = 51820", "listen_port = 51821");
+    std::fs::write(&n1.config, changed).unwrap();
+    let (ok, out, err) = reload(&n1.ifname);
+    assert!(ok, "{err}");
+    assert!(out.contains("trust bundle: 2 CAs"), "{out}");
+    assert!(out.contains("audit on"), "{out}");
+    assert!(
+        out.contains("needs a restart (running as before): [interface]"),
+        "{out}"
+    );
+    let st = lab.status(&n1.ifname);
+    assert_eq!(st["policy"]["audit"], true);
+    assert_eq!(st["listen_port"], 51820, "the port stays until a restart");
+    assert!(lab.ping(&n2.ns, &n1.ip, 1));
+
+    // SIGHUP logs the same outcome.
+    let outcomes = |lab: &Lab| {
+        lab.log(&n1.ifname)
+            .lines()
+            .filter(|l| l.contains("reloaded") && l.contains("needs a restart"))
+            .count()
+    };
+    let before = outcomes(&lab);
+    lab.signal(&n1.ifname, libc::SIGHUP);
+    let logged = wait_until(Duration::from_secs(5), || outcomes(&lab) > before);
+    assert!(logged.is_some(), "{}", lab.log(&n1.ifname));
+}

@@ -72,12 +72,17 @@ impl Admin {
                 }
                 Response::Status(status)
             }
-            Request::Reload => match self.commands.try_send(Command::Reload) {
-                Ok(()) => Response::Reloading,
-                Err(_) => Response::Error {
-                    message: "the mesh task is busy; try again".into(),
-                },
-            },
+            Request::Reload => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                match self
+                    .ask(Command::Reload { reply: Some(reply) }, answer)
+                    .await
+                {
+                    Ok(Ok(message)) => Response::Done { message },
+                    Ok(Err(message)) => Response::Error { message },
+                    Err(e) => e,
+                }
+            }
             Request::PeerAdd { endpoint } => match endpoint.parse::<proto::control::Seed>() {
                 Ok(seed) => match self.commands.send(Command::AddPeer(seed)).await {
                     Ok(()) => Response::Done {

@@ -1501,6 +1501,21 @@ impl Membership {
     /// Trusts the federations of the policy set in force, in place of those before, and cuts
     /// every member they no longer cover (a removed federation, a narrowed scope). Seeds not
     /// reached yet are tried again at once: they may be of a newly federated trust domain.
+    /// Trusts the CAs of `bundle` (of this node's trust domain) instead of the bundle's so far,
+    /// with the same federations: members no CA vouches for any more are cut, and seeds not
+    /// reached yet are contacted again (they may be of a newly trusted CA).
+    pub fn set_bundle(&mut self, bundle: Vec<Certificate>, now_ms: u64) {
+        let federations: Vec<Federation> = self.trust.federations().cloned().collect();
+        self.trust = trust_of(&self.certificate, bundle);
+        self.federate_quietly(federations);
+        for s in &mut self.seeds {
+            s.last_probe_ms = None;
+        }
+        for (k, why) in self.expel_invalid(now_ms) {
+            tracing::info!(member = %proto::Key(k), %why, "member cut: no longer trusted");
+        }
+    }
+
     pub fn federate(&mut self, federations: Vec<Federation>, now_ms: u64) {
         if self.trust.federations().eq(federations.iter()) {
             return;

@@ -79,6 +79,15 @@ pub enum Event {
     ApplyPolicy(Vec<u8>),
     /// A revocation list from the operator (reload).
     AddRevocation(RevocationList),
+    /// A changed trust bundle with the same identity (reload).
+    Trust { bundle: Vec<Certificate> },
+    /// Changed policy admins, posture or audit mode (reload). Refused, changing nothing, when the
+    /// set in force does not compile under the new posture.
+    Reconfigure {
+        admins: Vec<[u8; 32]>,
+        posture: Posture,
+        audit: bool,
+    },
     /// A renewed identity (reload).
     Renew {
         secret: StaticSecret,
@@ -352,6 +361,26 @@ impl Node {
                 outs
             }
             Event::AddRevocation(crl) => self.membership.add_revocation(now_ms, crl, rng)?,
+            Event::Trust { bundle } => {
+                self.rederive = true;
+                self.membership.set_bundle(bundle, now_ms);
+                Vec::new()
+            }
+            Event::Reconfigure {
+                admins,
+                posture,
+                audit,
+            } => {
+                let notes = self
+                    .book
+                    .reconfigure(admins, posture, audit)
+                    .map_err(Refusal::Policy)?;
+                for note in notes {
+                    tracing::warn!("{note}");
+                }
+                self.policy_changed = true;
+                Vec::new()
+            }
             Event::Renew {
                 secret,
                 certificate,

@@ -709,3 +709,45 @@ fn a_restarted_node_greets_its_saved_members_until_each_has_answered_then_rests(
         "{per_node} datagrams per node at rest afterwards"
     );
 }
+
+#[test]
+fn a_reloaded_trust_bundle_admits_a_newly_trusted_ca_and_cuts_a_dropped_one() {
+    let mut sim = Sim::new(3, 31);
+    let ca2 = crate::mesh::sim::Ca::new(12, "example.org");
+    let first = sim.ca.cert.clone();
+    let both = vec![first.clone(), ca2.cert.clone()];
+    let n = &mut sim.nodes[2];
+    n.certificate = ca2.issue(n.secret(), "node2", overlay(2), 5, 0, u64::MAX / 4);
+    n.bundle = both.clone();
+    let k2 = sim.nodes[2].public();
+    sim.start_all();
+    sim.run(5_000);
+    let has = |s: &Sim, i: usize| s.nodes[i].host.peers.contains_key(&k2);
+    assert!(!has(&sim, 0) && !has(&sim, 1), "a CA nobody trusts yet");
+    for i in [0, 1] {
+        sim.handle(
+            i,
+            Event::Trust {
+                bundle: both.clone(),
+            },
+        )
+        .unwrap();
+    }
+    assert!(
+        sim.run_until(5_000, |s| has(s, 0) && has(s, 1)).is_some(),
+        "the newly trusted CA's node joins within 5 s, without a restart"
+    );
+    sim.handle(
+        0,
+        Event::Trust {
+            bundle: vec![first],
+        },
+    )
+    .unwrap();
+    assert!(
+        !has(&sim, 0),
+        "a CA dropped from the bundle: its node is cut at once"
+    );
+    sim.run(5_000);
+    assert!(!has(&sim, 0) && has(&sim, 1));
+}

@@ -105,21 +105,7 @@ impl PolicyBook {
                 ),
             });
         }
-        let source = format!("policy set {}", signed.serial);
-        let docs = policy::model::parse_documents(&signed.documents, &source).map_err(|errs| {
-            errs.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })?;
-        let set = PolicySet::compile(&docs, self.posture)
-            .map_err(|errs| {
-                errs.iter()
-                    .map(|e| format!("{source}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })?
-            .in_trust_domain(&self.trust_domain);
+        let set = compile(&signed, self.posture, &self.trust_domain)?;
         let msg = format!(
             "policy set {} in force: {} policies",
             signed.serial,
@@ -129,6 +115,54 @@ impl PolicyBook {
         self.set = set;
         self.current = Some(signed);
         Ok(msg)
+    }
+
+    /// Takes new policy admins, posture and audit mode, as a restart with them would: the set in
+    /// force is compiled again under the new posture (refused, changing nothing, if it does not
+    /// compile), and dropped if no admin signs it any more (its serial stays the floor). Returns
+    /// what an operator should know.
+    pub fn reconfigure(
+        &mut self,
+        admins: Vec<[u8; 32]>,
+        posture: Posture,
+        audit: bool,
+    ) -> Result<Vec<String>, String> {
+        let mut notes = Vec::new();
+        let trusted = self
+            .current
+            .as_ref()
+            .filter(|s| s.verify(&admins).is_ok())
+            .cloned();
+        if let (Some(c), None) = (&self.current, &trusted) {
+            notes.push(format!(
+                "policy set {} is signed by no policy admin any more: no set in force",
+                c.serial
+            ));
+        }
+        let set = match &trusted {
+            Some(signed) => compile(signed, posture, &self.trust_domain)?,
+            None => PolicySet::compile(&[], posture)
+                .unwrap_or_default()
+                .in_trust_domain(&self.trust_domain),
+        };
+        self.admins = admins;
+        self.posture = posture;
+        self.audit = audit;
+        self.current = trusted;
+        self.set = set;
+        Ok(notes)
+    }
+
+    /// The set in force, in a few words.
+    pub fn describe(&self) -> String {
+        match &self.current {
+            Some(s) => format!(
+                "policy set {} in force: {} policies",
+                s.serial,
+                self.set.len()
+            ),
+            None => "no policy set in force".into(),
+        }
     }
 
     /// The rules for this node (`me`) and the current members. When `prev` was built from the
@@ -153,6 +187,29 @@ impl PolicyBook {
             Rules::build(&self.set, local, members, self.audit, self.serial()).serving(served)
         })
     }
+}
+
+/// Parses and compiles the documents of a verified set for `trust_domain`.
+fn compile(
+    signed: &SignedPolicySet,
+    posture: Posture,
+    trust_domain: &str,
+) -> Result<PolicySet, String> {
+    let source = format!("policy set {}", signed.serial);
+    let docs = policy::model::parse_documents(&signed.documents, &source).map_err(|errs| {
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    Ok(PolicySet::compile(&docs, posture)
+        .map_err(|errs| {
+            errs.iter()
+                .map(|e| format!("{source}: {e}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?
+        .in_trust_domain(trust_domain))
 }
 
 pub fn posture(p: crate::config::PostureSetting) -> Posture {
@@ -202,6 +259,31 @@ mod tests {
             assert!(e.contains(why), "{e} (wanted {why})");
             assert_eq!(store.serial(), 2, "the running set stays after: {e}");
         }
+    }
+
+    #[test]
+    fn a_reload_takes_new_admins_posture_and_audit_as_a_restart_would() {
+        let mut store = book(vec![admin()]);
+        store.accept(&signed(3, POLICY, 1)).unwrap();
+        // Another posture and audit mode: the set in force stays, compiled again.
+        let notes = store
+            .reconfigure(vec![admin()], Posture::Calico, true)
+            .unwrap();
+        assert!(notes.is_empty());
+        assert_eq!((store.serial(), store.set.len(), store.audit), (3, 1, true));
+        assert_eq!(store.posture, Posture::Calico);
+        // Its admin removed: no set in force, said so; nothing at or below 3 comes back.
+        let other = SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes();
+        let notes = store
+            .reconfigure(vec![other], Posture::ZeroTrust, false)
+            .unwrap();
+        assert!(
+            notes[0].contains("policy set 3 is signed by no policy admin"),
+            "{notes:?}"
+        );
+        assert_eq!((store.serial(), store.set.len()), (0, 0));
+        assert!(store.accept(&signed(3, POLICY, 2)).is_err());
+        store.accept(&signed(4, POLICY, 2)).unwrap();
     }
 
     #[test]

@@ -30,7 +30,11 @@ const KEEPALIVE_SECS: u16 = 25;
 
 /// What the operator asks of the mesh task (SIGHUP and the admin socket).
 pub enum Command {
-    Reload,
+    /// Re-read the configuration and what it names (SIGHUP, `meshctl reload`); the answer says
+    /// what changed and what needs a restart, or why nothing changed.
+    Reload {
+        reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    },
     AddPeer(proto::control::Seed),
     /// Forget a member by base64 public key or `TD/NS/NAME`; the answer says whom.
     RemovePeer {
@@ -76,6 +80,11 @@ pub struct Mesh {
     enforcer: Arc<Enforcer>,
     /// The masquerade table while this node serves routes with `gateway.masquerade`.
     _masquerade: Option<crate::forwarding::Masquerade>,
+    /// The configuration in force, and the trust bundle and policy admins it named: what a
+    /// reload compares the files with.
+    running: Config,
+    bundle: Vec<proto::cert::Certificate>,
+    admins: Vec<[u8; 32]>,
 }
 
 impl Mesh {
@@ -110,6 +119,7 @@ impl Mesh {
         let state_dir = cfg.peering.state_dir.clone();
         state::prepare(&state_dir)?;
         let saved = state::load(&state_dir);
+        let (bundle, admins) = (id.bundle.clone(), id.policy_admins.clone());
         let node_cfg = NodeConfig {
             secret: x25519_dalek::StaticSecret::from(id.private_key.0),
             certificate: id.certificate,
@@ -153,6 +163,9 @@ impl Mesh {
             view,
             enforcer,
             _masquerade: masquerade,
+            running: cfg.clone(),
+            bundle,
+            admins,
         };
         mesh.execute(actions).await;
         Ok(mesh)
@@ -192,18 +205,20 @@ impl Mesh {
     /// The event a command makes, after answering what needs no event; `None` when done.
     async fn command(&mut self, cmd: Command) -> Option<Event> {
         match cmd {
-            Command::Reload => match self.reload() {
-                Ok(events) => {
-                    for e in events {
-                        self.handle_logged(e).await;
-                    }
-                    None
+            Command::Reload { reply } => {
+                let answer = self.reload().await;
+                match &answer {
+                    Ok(summary) => tracing::info!(%summary, "reloaded"),
+                    Err(reason) => tracing::warn!(
+                        %reason,
+                        "reload refused; the running configuration stays in force"
+                    ),
                 }
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "reload refused; the running configuration stays in force");
-                    None
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
                 }
-            },
+                None
+            }
             Command::AddPeer(seed) => Some(Event::AddSeed(seed)),
             Command::ApplyPolicy { encoded, reply } => {
                 let answer =
@@ -270,15 +285,43 @@ impl Mesh {
     /// Re-reads the configuration's identity, trust bundle and revocation lists (SIGHUP or
     /// `meshctl reload`) into the events that carry them to the node. A renewed key goes to the
     /// device first, so that sessions re-handshake with it.
-    fn reload(&mut self) -> anyhow::Result<Vec<Event>> {
-        let (cfg, id) = crate::read_config(&self.config_path)?;
-        let mut events: Vec<Event> = id
-            .revocation_lists
-            .iter()
-            .cloned()
-            .map(Event::AddRevocation)
-            .collect();
-        events.push(Event::AnswerProbes(cfg.peering.answer_probes));
+    /// Re-reads the configuration file and what it names, and applies what changed: the
+    /// identity (a renewal), the trust bundle, revocation lists, new seeds, `answer_probes`, the
+    /// policy admins and `[policy]` posture and audit. A file that does not read, parse or verify
+    /// changes nothing; settings that need a restart are named in the answer and left as they run.
+    async fn reload(&mut self) -> Result<String, String> {
+        let (cfg, id) = crate::read_config(&self.config_path).map_err(|e| format!("{e:#}"))?;
+        let mut done = Vec::new();
+        let restart = restart_needed(&self.running, &cfg);
+        let posture = super::policy_book::posture(cfg.policy.posture);
+        // The policy settings first: the one change that can be refused (the set in force must
+        // compile under the new posture), before anything else moved.
+        let policy = (cfg.policy.posture != self.running.policy.posture
+            || cfg.policy.audit != self.running.policy.audit
+            || id.policy_admins != self.admins)
+            .then(|| Event::Reconfigure {
+                admins: id.policy_admins.clone(),
+                posture,
+                audit: cfg.policy.audit,
+            });
+        if let Some(event) = policy {
+            match self.node.handle(event, now_ms(), &mut OsRng) {
+                Ok(actions) => self.execute(actions).await,
+                Err(super::Refusal::Policy(why)) => return Err(why),
+                Err(other) => return Err(other.to_string()),
+            }
+            done.push(format!(
+                "policy: posture {}, audit {}, {} admins; {}",
+                match cfg.policy.posture {
+                    crate::config::PostureSetting::ZeroTrust => "zero-trust",
+                    crate::config::PostureSetting::Calico => "calico",
+                },
+                if cfg.policy.audit { "on" } else { "off" },
+                id.policy_admins.len(),
+                self.node.policy().describe()
+            ));
+        }
+        let mut events: Vec<Event> = Vec::new();
         if id.certificate != *self.node.certificate() {
             let set = SetRequest {
                 private_key: Some(Some(id.private_key)),
@@ -286,15 +329,63 @@ impl Mesh {
             };
             self.dev
                 .apply(&set)
-                .map_err(|e| anyhow::anyhow!("new private key: {e}"))?;
-            tracing::info!(identity = %id.certificate.body.identity(), serial = id.certificate.body.serial, "identity renewed");
+                .map_err(|e| format!("new private key: {e}"))?;
+            done.push(format!(
+                "identity {} renewed: serial {}",
+                id.certificate.body.identity(),
+                id.certificate.body.serial
+            ));
             events.push(Event::Renew {
                 secret: x25519_dalek::StaticSecret::from(id.private_key.0),
-                certificate: id.certificate,
-                bundle: id.bundle,
+                certificate: id.certificate.clone(),
+                bundle: id.bundle.clone(),
+            });
+        } else if id.bundle != self.bundle {
+            done.push(format!("trust bundle: {} CAs", id.bundle.len()));
+            events.push(Event::Trust {
+                bundle: id.bundle.clone(),
             });
         }
-        Ok(events)
+        for crl in &id.revocation_lists {
+            events.push(Event::AddRevocation(crl.clone()));
+        }
+        if !id.revocation_lists.is_empty() {
+            done.push(format!("{} revocation lists", id.revocation_lists.len()));
+        }
+        if cfg.peering.answer_probes != self.running.peering.answer_probes {
+            done.push(format!("answer_probes = {}", cfg.peering.answer_probes));
+        }
+        events.push(Event::AnswerProbes(cfg.peering.answer_probes));
+        let new_seeds: Vec<_> = cfg
+            .seeds()
+            .into_iter()
+            .filter(|s| !self.running.seeds().contains(s))
+            .collect();
+        if !new_seeds.is_empty() {
+            done.push(format!("{} new seeds", new_seeds.len()));
+        }
+        events.extend(new_seeds.into_iter().map(Event::AddSeed));
+        for e in events {
+            self.handle_logged(e).await;
+        }
+        let mut running = cfg;
+        // What needs a restart keeps running as it was, and stays so for the next comparison.
+        keep_restart_settings(&mut running, &self.running);
+        self.running = running;
+        self.bundle = id.bundle;
+        self.admins = id.policy_admins;
+        let mut answer = if done.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            done.join("; ")
+        };
+        if !restart.is_empty() {
+            answer.push_str(&format!(
+                "; needs a restart (running as before): {}",
+                restart.join(", ")
+            ));
+        }
+        Ok(answer)
     }
 
     /// Resolves the policy against this node and the current members, and installs the result
@@ -435,5 +526,52 @@ async fn expire_flows(enforcer: Arc<Enforcer>) {
     loop {
         tick.tick().await;
         enforcer.expire();
+    }
+}
+
+/// The settings that differ between `running` and `new` and that only a restart applies.
+fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if running.interface != new.interface {
+        out.push("[interface]");
+    }
+    if running.peering.state_dir != new.peering.state_dir {
+        out.push("peering.state_dir");
+    }
+    if running
+        .peering
+        .seeds
+        .iter()
+        .any(|s| !new.peering.seeds.contains(s))
+    {
+        out.push("peering.seeds (a removed seed)");
+    }
+    if running.policy.conntrack_max != new.policy.conntrack_max {
+        out.push("policy.conntrack_max");
+    }
+    if running.policy.flow_log != new.policy.flow_log {
+        out.push("policy.flow_log");
+    }
+    if running.gateway != new.gateway {
+        out.push("[gateway]");
+    }
+    if running.relay != new.relay {
+        out.push("[relay]");
+    }
+    out
+}
+
+/// `new` with the settings only a restart applies put back as they run.
+fn keep_restart_settings(new: &mut Config, running: &Config) {
+    new.interface = running.interface.clone();
+    new.peering.state_dir = running.peering.state_dir.clone();
+    new.policy.conntrack_max = running.policy.conntrack_max;
+    new.policy.flow_log = running.policy.flow_log.clone();
+    new.gateway = running.gateway.clone();
+    new.relay = running.relay.clone();
+    for s in &running.peering.seeds {
+        if !new.peering.seeds.contains(s) {
+            new.peering.seeds.push(s.clone());
+        }
     }
 }
