@@ -2,6 +2,8 @@
 //! files the configuration names and checks that they make a usable identity.
 //!
 //! ```toml
+//! log_format = "text"      # or "json": one object per line; text has colour only on a terminal
+//!
 //! [interface]
 //! name = "mesh0"
 //! listen_port = 51820      # default 51820
@@ -51,9 +53,22 @@ use std::path::{Path, PathBuf};
 /// Relays a node names at most (each unheard member is greeted through every one).
 pub const MAX_RELAYS: usize = 8;
 
+/// How meshd writes its log lines (`log_format`, or `meshd --log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; colour only when standard error is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `message` and the fields).
+    Json,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
+    pub log_format: LogFormat,
     pub interface: InterfaceSection,
     pub identity: IdentitySection,
     pub trust: TrustSection,
@@ -427,6 +442,17 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE
         assert_eq!(seeds[2].addr, "198.18.0.3:51820".parse().unwrap());
         assert!(c.peering.answer_probes);
         assert_eq!(c.peering.state_dir, PathBuf::from("/var/lib/meshd"));
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json() {
+        assert_eq!(parse(GOOD).unwrap().log_format, LogFormat::Text);
+        let c = parse(&format!("log_format = \"json\"\n{GOOD}")).unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        let e = parse(&format!("log_format = \"xml\"\n{GOOD}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `xml`"), "{e}");
     }
 
     #[test]

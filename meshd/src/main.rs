@@ -37,6 +37,10 @@ struct Args {
     /// Validate a mesh-mode configuration file and the files it names, then exit.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object per line); default:
+    /// the configuration's `log_format`, else text.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<config::LogFormat>,
     /// Name of the TUN interface to create (at most 15 bytes).
     #[arg(value_parser = parse_ifname)]
     ifname: Option<String>,
@@ -128,6 +132,34 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
     ))
 }
 
+/// The log format: the command line's, else the configuration file's (read again, in full, by
+/// `run`, which reports any error in it), else text.
+fn log_format(args: &Args) -> config::LogFormat {
+    args.log_format.unwrap_or_else(|| {
+        args.config
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| config::Config::parse(&text, std::path::Path::new("")).ok())
+            .map(|c| c.log_format)
+            .unwrap_or_default()
+    })
+}
+
+/// Log lines to standard error: text, with colour only when it is a terminal (a file or the
+/// journal gets no escape codes), or one JSON object per line.
+fn init_logging(format: config::LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        config::LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
+}
+
 fn start(args: Args) -> anyhow::Result<()> {
     if !args.foreground {
         return daemonize(&args);
@@ -135,13 +167,7 @@ fn start(args: Args) -> anyhow::Result<()> {
     // Before any thread exists: on Linux capabilities are per thread, and every thread started
     // later (the packet loops, the flow log, the runtime's) inherits this thread's sets.
     privileges::drop_unneeded().context("dropping capabilities")?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(log_format(&args));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1006,3 +1006,35 @@ fn a_reload_says_what_it_changed_or_why_it_was_refused() {
     let logged = wait_until(Duration::from_secs(5), || outcomes(&lab) > before);
     assert!(logged.is_some(), "{}", lab.log(&n1.ifname));
 }
+
+/// A log written to a file carries no colour escape codes; with `log_format = "json"` every line
+/// is one JSON object with the level and the message.
+#[test]
+fn logs_in_files_have_no_colour_codes_and_json_lines_parse() {
+    if !can_run() {
+        return;
+    }
+    let (mut lab, _pki, n1, n2) = seeded_pair();
+    let text = lab.log(&n1.ifname);
+    assert!(text.contains("meshd up"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no escape codes in a file: {text:?}"
+    );
+    lab.stop(&n2.ifname, libc::SIGTERM);
+    let cfg = std::fs::read_to_string(&n2.config).unwrap();
+    std::fs::write(&n2.config, format!("log_format = \"json\"\n{cfg}")).unwrap();
+    lab.meshd_config(&n2.ns, &n2.ifname, &n2.config);
+    assert!(lab.ping_until(&n2.ns, &n1.ip, Duration::from_secs(10)));
+    let log = lab.log(&n2.ifname);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "meshd up" && l["level"] == "INFO"),
+        "{log}"
+    );
+}

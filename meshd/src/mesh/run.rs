@@ -532,6 +532,9 @@ async fn expire_flows(enforcer: Arc<Enforcer>) {
 /// The settings that differ between `running` and `new` and that only a restart applies.
 fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
+    if running.log_format != new.log_format {
+        out.push("log_format");
+    }
     if running.interface != new.interface {
         out.push("[interface]");
     }
@@ -563,6 +566,7 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
 
 /// `new` with the settings only a restart applies put back as they run.
 fn keep_restart_settings(new: &mut Config, running: &Config) {
+    new.log_format = running.log_format;
     new.interface = running.interface.clone();
     new.peering.state_dir = running.peering.state_dir.clone();
     new.policy.conntrack_max = running.policy.conntrack_max;
