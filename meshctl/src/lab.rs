@@ -128,16 +128,93 @@ fn meshd() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("meshd"))
 }
 
-fn namespaces() -> Vec<String> {
+/// Every network namespace on the host.
+fn all_namespaces() -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output();
     let text = out
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     text.lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{}-", prefix())))
         .map(str::to_string)
         .collect()
+}
+
+/// What a lab made, written into its directory as it goes (`lab.json`), so that `lab down`
+/// removes exactly that: the namespaces it added and the daemons it started, then the directory,
+/// which it created. Nothing else, whatever its name, is touched.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    namespaces: Vec<String>,
+    /// Each daemon's pid and its configuration file (a pid reused by another process since is
+    /// not signalled).
+    daemons: Vec<(u32, PathBuf)>,
+}
+
+const MANIFEST: &str = "lab.json";
+
+impl Manifest {
+    fn load(dir: &Path) -> Option<Manifest> {
+        let text = std::fs::read_to_string(dir.join(MANIFEST)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(MANIFEST);
+        std::fs::write(&path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Its namespaces that still exist.
+    fn live(&self) -> Vec<String> {
+        let all = all_namespaces();
+        self.namespaces
+            .iter()
+            .filter(|n| all.contains(n))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Adds namespace `name` and records it first.
+fn add_namespace(dir: &Path, m: &mut Manifest, name: &str) -> anyhow::Result<()> {
+    m.namespaces.push(name.to_string());
+    m.save(dir)?;
+    sh(&["ip", "netns", "add", name])
+}
+
+/// Checks that `dir` may hold a new lab: absent, empty, or a lab this command made that is down
+/// (then emptied); and that no namespace the lab would add exists.
+fn prepare(dir: &Path) -> Result<(), Failure> {
+    if let Some(m) = Manifest::load(dir) {
+        let live = m.live();
+        if !live.is_empty() {
+            return Err(anyhow!(
+                "a lab is already up in {} ({}); `meshctl lab down --dir {}` removes it",
+                dir.display(),
+                live.join(", "),
+                dir.display()
+            )
+            .into());
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
+    } else if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Failure::input(anyhow!(
+            "--dir {}: not empty, and not a lab meshctl made (no {MANIFEST}); give a new or empty \
+             directory",
+            dir.display()
+        )));
+    }
+    let all = all_namespaces();
+    let ours: Vec<String> = std::iter::once(format!("{}-sw", prefix()))
+        .chain(SERVICES.iter().map(|(s, _)| ns(s)))
+        .collect();
+    if let Some(taken) = ours.iter().find(|n| all.contains(n)) {
+        return Err(Failure::input(anyhow!(
+            "network namespace {taken} exists and is not this lab's; give another --prefix"
+        )));
+    }
+    Ok(())
 }
 
 pub fn up(example: &str, dir: &Path) -> Result<(), Failure> {
@@ -146,9 +223,7 @@ pub fn up(example: &str, dir: &Path) -> Result<(), Failure> {
             "no example `{example}` (there is: microblog)"
         )));
     }
-    if !namespaces().is_empty() {
-        return Err(anyhow!("a lab is already up; `meshctl lab down` removes it").into());
-    }
+    prepare(dir)?;
     let started = Instant::now();
     let result = build(dir).and_then(|()| report());
     if let Err(e) = result {
@@ -164,12 +239,13 @@ pub fn up(example: &str, dir: &Path) -> Result<(), Failure> {
 }
 
 fn build(dir: &Path) -> anyhow::Result<()> {
-    let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut made = Manifest::default();
+    made.save(dir)?;
     let d = |p: &str| dir.join(p).display().to_string();
     // The switch.
     let sw = format!("{}-sw", prefix());
-    sh(&["ip", "netns", "add", &sw])?;
+    add_namespace(dir, &mut made, &sw)?;
     sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
     sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
     // The root of trust and the policy administrator.
@@ -189,7 +265,7 @@ fn build(dir: &Path) -> anyhow::Result<()> {
     for (service, _) in SERVICES {
         let i = index(service);
         let n = ns(service);
-        sh(&["ip", "netns", "add", &n])?;
+        add_namespace(dir, &mut made, &n)?;
         sh(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
         let port = format!("{}p{i}", prefix());
         sh(&[
@@ -257,7 +333,8 @@ fn build(dir: &Path) -> anyhow::Result<()> {
             .process_group(0)
             .spawn()
             .context("starting meshd")?;
-        std::fs::write(dir.join(format!("{service}.pid")), child.id().to_string())?;
+        made.daemons.push((child.id(), cfg_path.clone()));
+        made.save(dir)?;
         println!(
             "  {service:<8} namespace {n:<13} underlay 198.18.3.{i}  overlay {}  identity lab.example/microblog/{service}",
             overlay(service)
@@ -484,8 +561,8 @@ fn decided_by(from: &str, to: &str) -> String {
 }
 
 pub fn status(dir: &Path) -> Result<(), Failure> {
-    if namespaces().is_empty() {
-        println!("no lab is up");
+    if Manifest::load(dir).is_none_or(|m| m.live().is_empty()) {
+        println!("no lab is up in {}", dir.display());
         return Ok(());
     }
     println!("lab in {}", dir.display());
@@ -516,35 +593,55 @@ pub fn status(dir: &Path) -> Result<(), Failure> {
 }
 
 pub fn down(dir: &Path) -> Result<(), Failure> {
+    let Some(made) = Manifest::load(dir) else {
+        if std::fs::metadata(dir).is_err() {
+            println!("no lab in {}", dir.display());
+            return Ok(());
+        }
+        return Err(Failure::input(anyhow!(
+            "{} holds no lab meshctl made (no {MANIFEST}); nothing removed",
+            dir.display()
+        )));
+    };
     let mut stopped = 0;
-    for (service, _) in SERVICES {
-        let pid_file = dir.join(format!("{service}.pid"));
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-        {
-            // `ip netns exec` runs meshd in its own process (exec), so this is meshd.
-            // SAFETY: sending a signal to a pid we started.
-            if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
-                stopped += 1;
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while alive(pid) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+    for (pid, config) in &made.daemons {
+        let Ok(pid) = i32::try_from(*pid) else {
+            continue;
+        };
+        if !runs_with(pid, config) {
+            continue; // exited, or the pid is another process's now
+        }
+        // `ip netns exec` runs meshd in its own process (exec), so this is meshd.
+        // SAFETY: sending a signal to a pid we started, checked to be still that daemon.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+            stopped += 1;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+    for (service, _) in SERVICES {
         let _ = std::fs::remove_file(socket(service));
     }
-    let gone = namespaces();
+    let gone = made.live();
     for n in &gone {
         let _ = sh(&["ip", "netns", "del", n]);
     }
-    let _ = std::fs::remove_dir_all(dir);
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     println!(
         "lab down: {stopped} meshd stopped, {} namespace(s) removed",
         gone.len()
     );
     Ok(())
+}
+
+/// Whether `pid` is a live process whose command line names `config` (the daemon the lab
+/// started, not another that took its pid since).
+fn runs_with(pid: i32, config: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let wanted = config.as_os_str().as_encoded_bytes();
+    alive(pid) && cmdline.split(|b| *b == 0).any(|arg| arg == wanted)
 }
 
 /// Whether `pid` runs (a zombie, exited but not yet reaped by its parent, does not).

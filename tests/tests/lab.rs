@@ -123,3 +123,76 @@ fn lab_up_runs_the_microblog_example_and_lab_down_removes_everything() {
     assert!(namespaces(&prefix).is_empty());
     assert!(!dir.exists());
 }
+
+/// Removes a network namespace this test added, even when the test fails.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The lab removes only what it made: it refuses a directory holding someone else's files and a
+/// prefix whose namespaces exist, and `lab down` leaves a namespace of its prefix that it did not
+/// add, and a directory it did not make.
+#[test]
+fn the_lab_leaves_what_it_did_not_make_alone() {
+    if !can_run() {
+        return;
+    }
+    let prefix = format!("k{}", std::process::id() % 100_000);
+    let base = std::env::temp_dir().join(format!("meshtest-lab-{prefix}"));
+    let _cleanup = Down(&prefix, &base.join("lab"));
+    std::fs::create_dir_all(&base).unwrap();
+
+    // Someone else's directory: refused, its file kept, no namespace added.
+    let theirs = base.join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("sentinel"), "keep me").unwrap();
+    let up = lab(&prefix, &theirs, &["up"]);
+    assert_eq!(up.status.code(), Some(2), "a usage error");
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        err.contains("not empty, and not a lab meshctl made"),
+        "{err}"
+    );
+    let down = lab(&prefix, &theirs, &["down"]);
+    assert!(!down.status.success(), "down refuses it too");
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("sentinel")).unwrap(),
+        "keep me"
+    );
+    assert!(namespaces(&prefix).is_empty());
+
+    // A namespace the lab would add exists: refused, naming it; it stays.
+    let post = Netns(format!("{prefix}-post"));
+    sh(&["ip", "netns", "add", &post.0]);
+    let dir = base.join("lab");
+    let up = lab(&prefix, &dir, &["up"]);
+    assert_eq!(up.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(err.contains(&format!("{}-post exists", prefix)), "{err}");
+    assert_eq!(namespaces(&prefix), vec![post.0.clone()]);
+    drop(post);
+
+    // A namespace of the prefix that the lab does not use: up works around it, down leaves it.
+    let foreign = Netns(format!("{prefix}-foreign"));
+    sh(&["ip", "netns", "add", &foreign.0]);
+    let up = lab(&prefix, &dir, &["up"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let down = lab(&prefix, &dir, &["down"]);
+    assert!(down.status.success());
+    assert_eq!(
+        namespaces(&prefix),
+        vec![foreign.0.clone()],
+        "the foreign one stays"
+    );
+    assert!(!dir.exists(), "the directory the lab made is gone");
+    assert!(theirs.join("sentinel").exists());
+    let _ = std::fs::remove_dir_all(&base);
+}
