@@ -1,5 +1,6 @@
 //! `meshctl ca`: the mesh's root of trust. A CA directory holds `ca.key` (Ed25519 seed, mode
-//! 0600), `ca.crt` (the self-signed CA certificate) and `revoked.crl` (the signed revocation list).
+//! 0600), `ca.crt` (the self-signed CA certificate), `revoked.crl` (the signed revocation list)
+//! and `issued.jsonl` (one line per certificate issued: what `ca revoke --serial` checks).
 
 use crate::Failure;
 use anyhow::{anyhow, Context};
@@ -24,6 +25,44 @@ impl CaDir {
     }
     pub fn crl_path(&self) -> PathBuf {
         self.dir.join("revoked.crl")
+    }
+    pub fn issued_path(&self) -> PathBuf {
+        self.dir.join("issued.jsonl")
+    }
+
+    /// Records a certificate this CA issued (appended, mode 0600 like the rest of the CA).
+    pub fn record(&self, body: &CertBody) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.issued_path();
+        let line = serde_json::json!({
+            "serial": body.serial,
+            "identity": body.identity(),
+            "public_key": proto::Key(body.public_key).to_base64(),
+            "not_after": crate::identity::utc(body.not_after),
+        });
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Whether this CA issued `serial`; `None` when it keeps no record (made before meshctl kept
+    /// one).
+    pub fn issued(&self, serial: u64) -> anyhow::Result<Option<bool>> {
+        let path = self.issued_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Some(text.lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v["serial"].as_u64() == Some(serial))
+        })))
     }
 
     pub fn signing_key(&self) -> anyhow::Result<SigningKey> {
@@ -168,6 +207,26 @@ pub fn revoke(
         let (k, c) = (ca.key_path(), ca.cert_path());
         return Err(anyhow!("{} does not belong to {}", k.display(), c.display()).into());
     }
+    if let Some(s) = serial {
+        match ca.issued(s)? {
+            Some(true) => {}
+            Some(false) => {
+                return Err(Failure::input(anyhow!(
+                    "--serial {s}: this CA never issued it (not in {}); revoke a certificate \
+                     with --cert FILE, a key with --key",
+                    ca.issued_path().display()
+                )))
+            }
+            None => {
+                return Err(Failure::input(anyhow!(
+                    "--serial {s}: {} keeps no record of what it issued ({} is missing), so a \
+                     serial cannot be checked; revoke with --cert FILE or --key KEY",
+                    dir.display(),
+                    ca.issued_path().display()
+                )))
+            }
+        }
+    }
     let mut add_serials: Vec<u64> = serial.into_iter().collect();
     let mut add_keys: Vec<[u8; 32]> = Vec::new();
     if let Some(k) = key {
@@ -230,4 +289,94 @@ pub fn revoke(
         crl.keys.len()
     );
     Ok(())
+}
+
+/// What `ca crl inspect -o json` prints.
+#[derive(serde::Serialize)]
+struct CrlView {
+    trust_domain: String,
+    number: u64,
+    issued_at: String,
+    issuer: String,
+    serials: Vec<u64>,
+    keys: Vec<String>,
+    /// "ok", or why it does not verify; absent without --ca.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification: Option<String>,
+}
+
+/// Prints a revocation list: its number, when it was signed, and what it revokes; with `--ca`,
+/// whether that CA signed it. Exit 1 when it does not verify.
+pub fn crl_inspect(
+    file: &Path,
+    ca_dir: Option<&Path>,
+    output: crate::Output,
+) -> Result<(), Failure> {
+    let bytes = armor::decode(armor::REVOCATION_LIST, &files::read(file)?)
+        .with_context(|| format!("{}", file.display()))
+        .map_err(Failure::input)?;
+    let crl = RevocationList::decode(&bytes)
+        .with_context(|| format!("{}", file.display()))
+        .map_err(Failure::input)?;
+    let verification = match ca_dir {
+        None => None,
+        Some(d) => {
+            let ca = CaDir {
+                dir: d.to_path_buf(),
+            }
+            .certificate()?;
+            Some(match crl.verify(&ca) {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            })
+        }
+    };
+    let view = CrlView {
+        trust_domain: crl.trust_domain.clone(),
+        number: crl.number,
+        issued_at: crate::identity::utc(crl.issued_at),
+        issuer: proto::Key(crl.issuer).to_base64(),
+        serials: crl.serials.clone(),
+        keys: crl
+            .keys
+            .iter()
+            .map(|k| proto::Key(*k).to_base64())
+            .collect(),
+        verification,
+    };
+    match output {
+        crate::Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&view).map_err(|e| anyhow!(e))?
+        ),
+        crate::Output::Table => {
+            println!("Revocation list {}", file.display());
+            println!("  trust domain {}", view.trust_domain);
+            println!("  number       {}", view.number);
+            println!("  issued at    {}", view.issued_at);
+            println!("  issuer       {}", view.issuer);
+            let list = |v: Vec<String>| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            println!(
+                "  serials      {}",
+                list(view.serials.iter().map(u64::to_string).collect())
+            );
+            println!("  keys         {}", list(view.keys.clone()));
+            println!(
+                "  verifies     {}",
+                view.verification
+                    .as_deref()
+                    .unwrap_or("not checked (give --ca DIR)")
+            );
+        }
+    }
+    match &view.verification {
+        Some(v) if v != "ok" => Err(anyhow!("{}: {v}", file.display()).into()),
+        _ => Ok(()),
+    }
 }

@@ -39,6 +39,10 @@ pub struct IssueArgs {
     pub public_key: Option<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
+    /// Renew in place: replace OUT/NAME.crt; the key in OUT/NAME.key (if there) stays and the
+    /// new certificate binds it, so the node keeps its key (reload it to take the certificate).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn issue(a: IssueArgs) -> Result<(), Failure> {
@@ -94,8 +98,12 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
 
     let cert_path = a.out.join(format!("{}.crt", a.name));
     let key_path = a.out.join(format!("{}.key", a.name));
-    if cert_path.exists() {
-        return Err(anyhow!("{} exists; refusing to overwrite it", cert_path.display()).into());
+    if cert_path.exists() && !a.force {
+        return Err(anyhow!(
+            "{} exists; refusing to overwrite it (--force renews it in place)",
+            cert_path.display()
+        )
+        .into());
     }
     let (public, new_private) = match &a.public_key {
         Some(path) => {
@@ -103,6 +111,12 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
             let k =
                 Key::from_base64(&text).map_err(|e| input(anyhow!("{}: {e}", path.display())))?;
             (k, None)
+        }
+        None if a.force && key_path.exists() => {
+            let text = files::read_secret(&key_path)?;
+            let private = Key::from_base64(&text)
+                .map_err(|e| input(anyhow!("{}: {e}", key_path.display())))?;
+            (private.public(), None)
         }
         None => {
             if key_path.exists() {
@@ -142,11 +156,13 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
         files::create(&key_path, format!("{private}\n").as_bytes(), 0o600)?;
         println!("key  {} (mode 600)", key_path.display());
     }
-    files::create(
-        &cert_path,
-        armor::encode(armor::CERTIFICATE, &cert.encode()).as_bytes(),
-        0o644,
-    )?;
+    ca_dir.record(&cert.body)?;
+    let pem = armor::encode(armor::CERTIFICATE, &cert.encode());
+    if a.force {
+        files::replace(&cert_path, pem.as_bytes(), 0o644)?;
+    } else {
+        files::create(&cert_path, pem.as_bytes(), 0o644)?;
+    }
     println!(
         "cert {} for {} serial {}",
         cert_path.display(),

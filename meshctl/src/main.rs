@@ -304,6 +304,27 @@ enum CaCommand {
         #[arg(long, value_name = "FILE")]
         cert: Option<PathBuf>,
     },
+    /// Revocation lists.
+    Crl {
+        #[command(subcommand)]
+        command: CrlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CrlCommand {
+    /// Show a revocation list: its number, when it was signed, what it revokes; with --ca,
+    /// whether that CA signed it (exit 1 if not).
+    Inspect {
+        /// The revocation list (e.g. CA_DIR/revoked.crl).
+        file: PathBuf,
+        /// The CA directory whose signature to check.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// table or json.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -454,6 +475,12 @@ fn main() -> ExitCode {
                     cert,
                 },
         } => ca::revoke(&ca, serial, key.as_deref(), cert.as_deref()),
+        Command::Ca {
+            command:
+                CaCommand::Crl {
+                    command: CrlCommand::Inspect { file, ca, output },
+                },
+        } => ca::crl_inspect(&file, ca.as_deref(), output),
         Command::Identity {
             command: IdentityCommand::Issue(args),
         } => identity::issue(args),

@@ -97,11 +97,75 @@ pub fn reload(ifname: &str, socket: Option<PathBuf>) -> Result<(), Failure> {
 
 use std::io::Read;
 
+/// A session lasts at most 180 s after its handshake (WireGuard's reject-after time), and mesh
+/// peers keep theirs renewed: a peer whose last handshake is older is not reached.
+fn online(handshake_age_secs: Option<u64>) -> bool {
+    handshake_age_secs.is_some_and(|a| a < 180)
+}
+
+/// How long until `not_after`, in the largest units that say it ("29d 23h", "5h 2m", "40s"), or
+/// how long ago it passed.
+fn time_left(not_after: u64, now: u64) -> String {
+    let (secs, ago) = if not_after >= now {
+        (not_after - now, false)
+    } else {
+        (now - not_after, true)
+    };
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    let span = if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {}s", secs % 60)
+    } else {
+        format!("{secs}s")
+    };
+    if ago {
+        format!("{span} ago")
+    } else {
+        format!("in {span}")
+    }
+}
+
+/// EXPIRED, REVOKED (or another reason members refuse it), or EXPIRES SOON (less than a quarter
+/// of its lifetime left): what the operator must act on.
+fn certificate_warning(c: &proto::admin::OwnCertificate, now: u64) -> Option<String> {
+    if now >= c.not_after {
+        return Some("EXPIRED: members refuse this node; renew it".into());
+    }
+    if let Some(p) = &c.problem {
+        let what = if p.contains("revoked") {
+            "REVOKED"
+        } else {
+            "REFUSED"
+        };
+        return Some(format!("{what}: {p}"));
+    }
+    let lifetime = c.not_after.saturating_sub(c.not_before);
+    (c.not_after - now < lifetime / 4).then(|| "EXPIRES SOON: renew it".to_string())
+}
+
 fn table(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     if let Some(id) = &s.identity {
         let _ = writeln!(o, "identity {id}  {}", s.spiffe_id.as_deref().unwrap_or(""));
+    }
+    if let Some(c) = &s.certificate {
+        let now = crate::ca::now();
+        let _ = writeln!(
+            o,
+            "  addresses {}  serial {}  expires {} ({}){}",
+            proto::cert::list(&c.addresses),
+            c.serial,
+            crate::identity::utc(c.not_after),
+            time_left(c.not_after, now),
+            match certificate_warning(c, now) {
+                Some(w) => format!("  {w}"),
+                None => String::new(),
+            }
+        );
     }
     let _ = writeln!(
         o,
@@ -155,8 +219,8 @@ fn table(s: &Status) -> String {
     }
     let _ = writeln!(
         o,
-        "  {:<44}  {:<22}  {:>9}  {:>12}  {:>12}  DROPS",
-        "PEER", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"
+        "  {:<44}  {:<22}  {:<7}  {:>9}  {:>12}  {:>12}  DROPS",
+        "PEER", "ENDPOINT", "STATE", "HANDSHAKE", "RX BYTES", "TX BYTES"
     );
     for p in &s.peers {
         let hs = p
@@ -165,9 +229,14 @@ fn table(s: &Status) -> String {
             .unwrap_or_else(|| "never".into());
         let _ = writeln!(
             o,
-            "  {:<44}  {:<22}  {:>9}  {:>12}  {:>12}  {}",
+            "  {:<44}  {:<22}  {:<7}  {:>9}  {:>12}  {:>12}  {}",
             p.public_key,
             p.endpoint.as_deref().unwrap_or("(none)"),
+            if online(p.handshake_age_secs) {
+                "online"
+            } else {
+                "offline"
+            },
             hs,
             p.rx_bytes,
             p.tx_bytes,
@@ -213,4 +282,38 @@ fn drops(d: &std::collections::BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own(not_before: u64, not_after: u64, problem: Option<&str>) -> proto::admin::OwnCertificate {
+        proto::admin::OwnCertificate {
+            not_before,
+            not_after,
+            problem: problem.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_node_says_when_its_certificate_needs_the_operator() {
+        let day = 86_400;
+        assert_eq!(certificate_warning(&own(0, 30 * day, None), 10 * day), None);
+        assert!(certificate_warning(&own(0, 30 * day, None), 25 * day)
+            .unwrap()
+            .starts_with("EXPIRES SOON"));
+        assert!(certificate_warning(&own(0, 30 * day, None), 30 * day)
+            .unwrap()
+            .starts_with("EXPIRED"));
+        let revoked = own(0, 30 * day, Some("serial 7 is revoked"));
+        assert_eq!(
+            certificate_warning(&revoked, day).unwrap(),
+            "REVOKED: serial 7 is revoked"
+        );
+        assert_eq!(time_left(30 * day, 10 * day + 3600), "in 19d 23h");
+        assert_eq!(time_left(100, 160), "1m 0s ago");
+        assert!(online(Some(179)) && !online(Some(180)) && !online(None));
+    }
 }

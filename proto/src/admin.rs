@@ -172,6 +172,9 @@ pub struct Status {
     /// Mesh mode: what the control protocol spent and refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlStatus>,
+    /// Mesh mode: this node's own certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<OwnCertificate>,
 }
 
 /// What a node's control protocol spent on received datagrams, and what it refused, by reason
@@ -185,6 +188,22 @@ pub struct ControlStatus {
     /// Cookie replies sent to senders at addresses that had not shown they receive there.
     pub cookie_replies: u64,
     pub refused: BTreeMap<String, u64>,
+}
+
+/// This node's own certificate, as the node holds it now (after any renewal), and why the mesh
+/// would refuse it if it would.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct OwnCertificate {
+    pub identity: String,
+    pub spiffe_id: String,
+    pub addresses: Vec<Cidr>,
+    pub serial: u64,
+    /// Unix seconds.
+    pub not_before: u64,
+    pub not_after: u64,
+    /// Why members refuse it now (expired, revoked, its CA no longer trusted); `None` while valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// What the enforcement of one node is doing.

@@ -232,7 +232,16 @@ fn inspect_refuses_other_cas_tampering_revocation_and_expiry() {
     let (code, j) = inspect_json(&cert, Some(&d.p("ca")));
     assert_eq!(code, Some(1));
     assert_eq!(j["verification"], format!("serial {serial} is revoked"));
-    ok(&["ca", "revoke", "--ca", &d.p("ca"), "--serial", "42"]);
+    // A serial this CA never issued is an error, naming it; the list stays as it was.
+    let out = meshctl(&["ca", "revoke", "--ca", &d.p("ca"), "--serial", "42"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--serial 42: this CA never issued it"),
+        "{err}"
+    );
+    let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    ok(&["ca", "revoke", "--ca", &d.p("ca"), "--key", key]);
     let crl = proto::armor::decode(
         proto::armor::REVOCATION_LIST,
         &std::fs::read_to_string(d.p("ca/revoked.crl")).unwrap(),
@@ -240,10 +249,55 @@ fn inspect_refuses_other_cas_tampering_revocation_and_expiry() {
     .unwrap();
     let crl = proto::cert::RevocationList::decode(&crl).unwrap();
     assert_eq!(
-        (crl.number, crl.serials.len()),
-        (2, 2),
+        (crl.number, crl.serials.len(), crl.keys.len()),
+        (2, 1, 1),
         "each revocation bumps the list number"
     );
+    // The list as an operator reads it, and checked against its CA.
+    let shown = ok(&[
+        "ca",
+        "crl",
+        "inspect",
+        &d.p("ca/revoked.crl"),
+        "--ca",
+        &d.p("ca"),
+    ]);
+    assert!(shown.contains("number       2"), "{shown}");
+    assert!(
+        shown.contains(&serial.to_string()) && shown.contains(key),
+        "{shown}"
+    );
+    assert!(shown.contains("verifies     ok"), "{shown}");
+    let j: serde_json::Value = serde_json::from_str(&ok(&[
+        "ca",
+        "crl",
+        "inspect",
+        &d.p("ca/revoked.crl"),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(j["serials"][0], serial);
+    assert_eq!(j["keys"][0], key);
+    assert!(j["issued_at"].as_str().unwrap().ends_with('Z'));
+    let other = Dir::new("otherca");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &other.p("ca"),
+    ]);
+    let out = meshctl(&[
+        "ca",
+        "crl",
+        "inspect",
+        &d.p("ca/revoked.crl"),
+        "--ca",
+        &other.p("ca"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "another CA did not sign it");
 
     ok(&[
         "identity",
@@ -482,4 +536,76 @@ fn meshd_check_config_validates_the_file_and_the_identity_it_names() {
     let (code, out) = check_config(&d.p("missing.toml"));
     assert_eq!(code, Some(1));
     assert!(out.contains("missing.toml"), "{out}");
+}
+
+#[test]
+fn identity_issue_force_renews_in_place_keeping_the_key() {
+    let d = Dir::new("force");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("ca"),
+    ]);
+    let args = |extra: &[&'static str]| {
+        let mut a: Vec<String> = [
+            "identity",
+            "issue",
+            "--ca",
+            &d.p("ca"),
+            "--namespace",
+            "prod",
+            "--name",
+            "web",
+            "--ip",
+            "100.64.1.1/32",
+            "--out",
+            &d.p("ids"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| meshctl(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run(args(&[])).status.success());
+    let key = std::fs::read(d.p("ids/web.key")).unwrap();
+    let first = inspect_json(&d.p("ids/web.crt"), None).1;
+    // Without --force: refused, and it says how to renew.
+    let again = run(args(&[]));
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force renews it in place"));
+    // With --force: a new certificate (serial, validity) for the same key; the key file stays.
+    let renewed = run(args(&["--force", "--label", "tier=front"]));
+    assert!(
+        renewed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&renewed.stderr)
+    );
+    let second = inspect_json(&d.p("ids/web.crt"), Some(&d.p("ca"))).1;
+    assert_eq!(
+        std::fs::read(d.p("ids/web.key")).unwrap(),
+        key,
+        "the key stays"
+    );
+    assert_eq!(second["public_key"], first["public_key"]);
+    assert_ne!(second["serial"], first["serial"]);
+    assert_eq!(second["labels"]["tier"], "front");
+    assert_eq!(second["verification"], "ok");
+    assert_eq!(mode(&d.p("ids/web.crt")), 0o644);
+    // The CA recorded both: either serial can be revoked by number.
+    for s in [&first["serial"], &second["serial"]] {
+        ok(&[
+            "ca",
+            "revoke",
+            "--ca",
+            &d.p("ca"),
+            "--serial",
+            &s.to_string(),
+        ]);
+    }
+    assert_eq!(mode(&d.p("ca/issued.jsonl")), 0o600);
 }

@@ -1038,3 +1038,70 @@ fn logs_in_files_have_no_colour_codes_and_json_lines_parse() {
         "{log}"
     );
 }
+
+/// `meshctl status` starts with the node itself (addresses, serial, expiry in RFC 3339 and time
+/// left) and says so when its own certificate is revoked; peers show online.
+#[test]
+fn status_starts_with_the_node_and_warns_when_it_is_revoked() {
+    if !can_run() {
+        return;
+    }
+    let (lab, pki, n1, n2) = seeded_pair();
+    let status = |ifname: &str| {
+        let o = std::process::Command::new(bin("meshctl"))
+            .args(["status", ifname])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let text = status(&n1.ifname);
+    let mut lines = text.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("identity example.org/prod/node1"),
+        "{text}"
+    );
+    let me = lines.next().unwrap();
+    assert!(me.contains("addresses 100.64.1.1/32"), "{me}");
+    assert!(
+        me.contains("Z (in 29d 23h)") || me.contains("Z (in 30d 0h)"),
+        "RFC 3339 and time left: {me}"
+    );
+    assert!(!me.contains("REVOKED") && !me.contains("EXPIRE"), "{me}");
+    assert!(
+        text.lines().any(|l| l.contains(" online ")),
+        "the peer is online: {text}"
+    );
+
+    // Node 1 is revoked on node 2: node 2 cuts it, and tells it why, with the list.
+    run(std::process::Command::new(bin("meshctl"))
+        .args(["ca", "revoke", "--cert"])
+        .arg(&n1.cert)
+        .arg("--ca")
+        .arg(&pki.dir));
+    let cfg = std::fs::read_to_string(&n2.config).unwrap();
+    let crl = pki.dir.join("revoked.crl");
+    std::fs::write(
+        &n2.config,
+        cfg.replace(
+            "[peering]",
+            &format!("revocation_lists = [\"{}\"]\n\n[peering]", crl.display()),
+        ),
+    )
+    .unwrap();
+    run(std::process::Command::new(bin("meshctl")).args(["reload", &n2.ifname]));
+    let told = wait_until(Duration::from_secs(10), || {
+        status(&n1.ifname).contains("REVOKED: ")
+    });
+    let text = status(&n1.ifname);
+    assert!(told.is_some(), "node 1 shows it is revoked: {text}");
+    let json = lab.status(&n1.ifname);
+    assert!(
+        json["certificate"]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("revoked")),
+        "{json}"
+    );
+}

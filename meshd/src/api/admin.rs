@@ -54,7 +54,12 @@ impl Admin {
                 if self.me.is_some() {
                     let (reply, answer) = tokio::sync::oneshot::channel();
                     match self.ask(Command::ControlStatus { reply }, answer).await {
-                        Ok(control) => status.control = Some(control),
+                        Ok((control, own)) => {
+                            status.control = Some(control);
+                            status.identity = Some(own.identity.clone());
+                            status.spiffe_id = Some(own.spiffe_id.clone());
+                            status.certificate = Some(own);
+                        }
                         Err(e) => return e,
                     }
                 }

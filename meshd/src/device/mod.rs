@@ -443,6 +443,7 @@ impl Device {
             spiffe_id: None,
             policy: self.enforcer().map(|e| e.status()),
             control: None,
+            certificate: None,
             control_rx_bytes: self
                 .control_rx_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -62,6 +62,8 @@ const DIRECT_PREFERRED_MS: u64 = 10_000;
 /// A member reached through a relay is greeted at its own address and through every relay this
 /// often, so its path follows what answers.
 const RELAYED_RECHECK_MS: u64 = 30_000;
+/// A sender whose certificate is revoked is sent the list at most this often.
+const REVOKED_TELL_MS: u64 = 30_000;
 
 /// When to greet an unheard member again after `greetings` greetings.
 fn greet_wait_ms(greetings: u32) -> u64 {
@@ -352,6 +354,9 @@ pub struct Membership {
     /// The members this node asks to relay to members it has not heard from at their own
     /// address (`[relay] via`).
     relays: Vec<[u8; 32]>,
+    /// When each revoked sender was last sent its revocation list, and what waits to be sent.
+    told_revoked: HashMap<[u8; 32], u64>,
+    deferred: Vec<Out>,
     unknown_dh: SourceLimiter<()>,
     per_sender: SourceLimiter<[u8; 32]>,
     replies: SourceLimiter<()>,
@@ -386,6 +391,8 @@ impl Membership {
             cookies: HashMap::new(),
             sent: HashMap::new(),
             relays: Vec::new(),
+            told_revoked: HashMap::new(),
+            deferred: Vec::new(),
             unknown_dh: SourceLimiter::new(UNKNOWN_DH_PER_SEC, UNKNOWN_DH_PER_SEC, 1),
             per_sender: SourceLimiter::new(SENDER_PER_SEC, SENDER_BURST, MAX_LIMITED),
             replies: SourceLimiter::new(REPLIES_PER_SEC, REPLIES_PER_SEC, 1),
@@ -560,6 +567,51 @@ impl Membership {
             Signature::Verify
         };
         self.trust.check(cert, now_ms / 1000, crl, signature)
+    }
+
+    /// Queues the revocation list that revokes `cert` for its holder at `from` (a message to a
+    /// sender that opened, so it is that holder's), at most once per [`REVOKED_TELL_MS`] per
+    /// holder; the node sends it with its next actions ([`Membership::take_deferred`]).
+    fn tell_revoked(
+        &mut self,
+        cert: &Certificate,
+        from: Endpoint,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) {
+        let key = cert.body.public_key;
+        if self
+            .told_revoked
+            .get(&key)
+            .is_some_and(|t| now_ms < t + REVOKED_TELL_MS)
+        {
+            return;
+        }
+        if self.told_revoked.len() >= MAX_LIMITED {
+            self.told_revoked.clear();
+        }
+        self.told_revoked.insert(key, now_ms);
+        let Some(crl) = self.revocations.get(&cert.body.issuer).cloned() else {
+            return;
+        };
+        let mut out = Vec::new();
+        self.send(&key, from, &Message::Revocation(crl), now_ms, rng, &mut out);
+        self.deferred.extend(out);
+    }
+
+    /// Datagrams queued while handling one that was refused (see [`Membership::tell_revoked`]).
+    pub fn take_deferred(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// Why members would refuse this node's own certificate now (expired, revoked by a list this
+    /// node holds, its CA no longer trusted), if they would.
+    pub fn own_problem(&self, now_ms: u64) -> Option<String> {
+        let crl = self.revocations.get(&self.certificate.body.issuer);
+        self.trust
+            .check(&self.certificate, now_ms / 1000, crl, Signature::Verify)
+            .err()
+            .map(|e| e.to_string())
     }
 
     /// Our agreement with `peer`: the member's, kept, or made now.
@@ -1115,8 +1167,14 @@ impl Membership {
                     return Err(Refusal::KeyMismatch);
                 }
                 // A member whose certificate stopped verifying is cut by the next tick; a refusal
-                // changes no state.
-                self.verify(&cert, now_ms).map_err(Refusal::Certificate)?;
+                // changes no state, but a sender whose certificate is revoked is told, with the
+                // list, so that its operator sees it there.
+                if let Err(e) = self.verify(&cert, now_ms) {
+                    if matches!(e, CertError::Revoked { .. } | CertError::RevokedKey { .. }) {
+                        self.tell_revoked(&cert, from, now_ms, rng);
+                    }
+                    return Err(Refusal::Certificate(e));
+                }
                 // Checked before the counters are taken: a refused message moves nothing.
                 self.admissible(&cert)?;
                 let replay = self.replay.entry(sender).or_default();
@@ -1386,6 +1444,9 @@ impl Membership {
             Message::Revocation(crl) => {
                 if !self.take_revocation(crl.clone())? {
                     return Ok(());
+                }
+                if let Some(problem) = self.own_problem(now_ms) {
+                    tracing::warn!(%problem, "this node's own certificate: members refuse it; renew it");
                 }
                 self.expel_invalid(now_ms);
                 // Spread it: every member that has not got it yet gets it from us.

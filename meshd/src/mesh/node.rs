@@ -284,6 +284,20 @@ impl Node {
     }
 
     /// What `meshctl status` shows of the control protocol.
+    /// This node's certificate now, and why members would refuse it (`None` while valid).
+    pub fn own_certificate(&self, now_ms: u64) -> proto::admin::OwnCertificate {
+        let b = &self.certificate().body;
+        proto::admin::OwnCertificate {
+            identity: b.identity(),
+            spiffe_id: b.spiffe_id(),
+            addresses: b.addrs.clone(),
+            serial: b.serial,
+            not_before: b.not_before,
+            not_after: b.not_after,
+            problem: self.membership.own_problem(now_ms),
+        }
+    }
+
     pub fn control_status(&self) -> proto::admin::ControlStatus {
         let c = self.membership.counters;
         proto::admin::ControlStatus {
@@ -324,7 +338,8 @@ impl Node {
                 }
             }
             Event::Tick => {
-                let mut outs = self.membership.on_tick(now_ms, rng);
+                let mut outs = self.membership.take_deferred();
+                outs.extend(self.membership.on_tick(now_ms, rng));
                 let acts = self.sync.on_tick(now_ms);
                 self.sync_actions(acts, now_ms, rng, &mut outs);
                 self.offer_in_turn(now_ms, rng, &mut outs);

@@ -56,7 +56,10 @@ pub enum Command {
     },
     /// What the control protocol spent and refused.
     ControlStatus {
-        reply: tokio::sync::oneshot::Sender<proto::admin::ControlStatus>,
+        reply: tokio::sync::oneshot::Sender<(
+            proto::admin::ControlStatus,
+            proto::admin::OwnCertificate,
+        )>,
     },
 }
 
@@ -252,7 +255,8 @@ impl Mesh {
                 None
             }
             Command::ControlStatus { reply } => {
-                let _ = reply.send(self.node.control_status());
+                let own = self.node.own_certificate(now_ms());
+                let _ = reply.send((self.node.control_status(), own));
                 None
             }
             Command::RemovePeer { id, reply } => {
