@@ -396,6 +396,27 @@ pub fn list(socket: &Path, output: Output) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Whether node `n` runs the set this node runs (`mine`), as far as this node can tell: a member
+/// not heard from for [`proto::admin::OFFLINE_AFTER_SECS`] is offline, and the serial shown is
+/// only what it last said.
+fn sync_state(n: &proto::admin::NodePolicy, mine: u64) -> String {
+    if n.this_node {
+        return "this node".into();
+    }
+    match n.last_seen_secs {
+        Some(age) if age < proto::admin::OFFLINE_AFTER_SECS => {}
+        Some(age) => return format!("offline ({age}s)"),
+        None => return "offline (never seen)".into(),
+    }
+    if n.serial < mine {
+        "behind".into()
+    } else if n.serial > mine {
+        "ahead".into()
+    } else {
+        "in sync".into()
+    }
+}
+
 /// `meshctl policy status`: the serial each node runs, as this node last heard.
 pub fn status(socket: &Path, output: Output) -> Result<(), Failure> {
     let nodes = match request(socket, &Request::PolicyStatus)? {
@@ -410,17 +431,46 @@ pub fn status(socket: &Path, output: Output) -> Result<(), Failure> {
         ),
         Output::Table => {
             let mine = nodes.first().map_or(0, |n| n.serial);
-            println!("{:<48} {:>6}  DIGEST", "NODE", "SERIAL");
+            println!("{:<48} {:>6}  {:<18}  DIGEST", "NODE", "SERIAL", "STATE");
             for n in &nodes {
-                let behind = if n.serial < mine { "  (behind)" } else { "" };
                 println!(
-                    "{:<48} {:>6}  {}{behind}",
+                    "{:<48} {:>6}  {:<18}  {}",
                     n.identity,
                     n.serial,
+                    sync_state(n, mine),
                     n.digest.as_deref().unwrap_or("-")
                 );
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod sync_tests {
+    use super::sync_state;
+    use proto::admin::NodePolicy;
+
+    fn node(serial: u64, seen: Option<u64>) -> NodePolicy {
+        NodePolicy {
+            identity: "example.org/prod/x".into(),
+            serial,
+            digest: None,
+            last_seen_secs: seen,
+            this_node: false,
+        }
+    }
+
+    #[test]
+    fn a_dead_node_is_offline_not_in_sync() {
+        assert_eq!(sync_state(&node(3, Some(5)), 3), "in sync");
+        assert_eq!(sync_state(&node(2, Some(5)), 3), "behind");
+        assert_eq!(sync_state(&node(3, Some(75)), 3), "offline (75s)");
+        assert_eq!(sync_state(&node(3, None), 3), "offline (never seen)");
+        let me = NodePolicy {
+            this_node: true,
+            ..node(3, None)
+        };
+        assert_eq!(sync_state(&me, 3), "this node");
+    }
 }

@@ -97,10 +97,10 @@ pub fn reload(ifname: &str, socket: Option<PathBuf>) -> Result<(), Failure> {
 
 use std::io::Read;
 
-/// A session lasts at most 180 s after its handshake (WireGuard's reject-after time), and mesh
-/// peers keep theirs renewed: a peer whose last handshake is older is not reached.
-fn online(handshake_age_secs: Option<u64>) -> bool {
-    handshake_age_secs.is_some_and(|a| a < 180)
+/// A peer heard from within [`proto::admin::OFFLINE_AFTER_SECS`] (mesh peers send a keepalive
+/// every 25 s).
+fn online(last_seen_secs: Option<u64>) -> bool {
+    last_seen_secs.is_some_and(|a| a < proto::admin::OFFLINE_AFTER_SECS)
 }
 
 /// How long until `not_after`, in the largest units that say it ("29d 23h", "5h 2m", "40s"), or
@@ -232,7 +232,7 @@ fn table(s: &Status) -> String {
             "  {:<44}  {:<22}  {:<7}  {:>9}  {:>12}  {:>12}  {}",
             p.public_key,
             p.endpoint.as_deref().unwrap_or("(none)"),
-            if online(p.handshake_age_secs) {
+            if online(p.last_seen_secs) {
                 "online"
             } else {
                 "offline"
@@ -314,6 +314,6 @@ mod tests {
         );
         assert_eq!(time_left(30 * day, 10 * day + 3600), "in 19d 23h");
         assert_eq!(time_left(100, 160), "1m 0s ago");
-        assert!(online(Some(179)) && !online(Some(180)) && !online(None));
+        assert!(online(Some(59)) && !online(Some(60)) && !online(None));
     }
 }

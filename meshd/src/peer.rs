@@ -23,6 +23,9 @@ pub struct Peer {
     /// UDP payload bytes sent to and received from this peer, as `wg show` reports transfer.
     pub tx_bytes: AtomicU64,
     pub rx_bytes: AtomicU64,
+    /// The device's coarse clock ([`crate::device::Device::clock_ms`]) when the last
+    /// authenticated datagram arrived from the peer; 0: never.
+    pub last_rx_ms: AtomicU64,
     pub drops: DropCounters,
 }
 
@@ -52,6 +55,7 @@ impl Peer {
             }),
             tx_bytes: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
+            last_rx_ms: AtomicU64::new(0),
             drops: DropCounters::default(),
         }
     }

@@ -107,6 +107,10 @@ pub struct FlowEnd {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A mesh peer not heard from for this long is offline: it sends a keepalive every 25 s, so this
+/// is one keepalive lost and a margin.
+pub const OFFLINE_AFTER_SECS: u64 = 60;
+
 /// The policy set one node runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePolicy {
@@ -115,6 +119,15 @@ pub struct NodePolicy {
     pub serial: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Seconds since this node last received an authenticated datagram from the member (mesh
+    /// peers send a keepalive at least every 25 s); absent for this node itself and for a member
+    /// never reached. Older than [`OFFLINE_AFTER_SECS`]: the member is offline, and the serial is
+    /// only what it last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_secs: Option<u64>,
+    /// This node itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub this_node: bool,
 }
 
 // One per admin request; the size of the status answer does not matter.
@@ -235,6 +248,10 @@ pub struct PeerStatus {
     pub allowed_ips: Vec<Cidr>,
     /// Seconds since the last completed handshake, if any.
     pub handshake_age_secs: Option<u64>,
+    /// Seconds since the last authenticated datagram from the peer (a keepalive at least every
+    /// 25 s from a mesh peer that is up), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_secs: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
     pub persistent_keepalive_secs: u16,

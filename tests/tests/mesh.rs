@@ -1074,6 +1074,27 @@ fn status_starts_with_the_node_and_warns_when_it_is_revoked() {
         text.lines().any(|l| l.contains(" online ")),
         "the peer is online: {text}"
     );
+    let seen = lab.status(&n1.ifname)["peers"][0]["last_seen_secs"].as_u64();
+    assert!(seen.is_some_and(|s| s < 60), "{seen:?}");
+    let o = std::process::Command::new(bin("meshctl"))
+        .args(["policy", "status", "-i", &n1.ifname])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    let row = |who: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(who))
+            .map(str::to_string)
+    };
+    assert!(
+        row("example.org/prod/node1").is_some_and(|r| r.contains("this node")),
+        "{table}"
+    );
+    assert!(
+        row("example.org/prod/node2").is_some_and(|r| r.contains("in sync")),
+        "{table}"
+    );
 
     // Node 1 is revoked on node 2: node 2 cuts it, and tells it why, with the list.
     run(std::process::Command::new(bin("meshctl"))

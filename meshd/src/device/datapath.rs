@@ -404,6 +404,8 @@ fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, ou
     }
     drop(st);
     peer.add_rx(datagram.len());
+    peer.last_rx_ms
+        .store(dev.clock_ms(), std::sync::atomic::Ordering::Relaxed);
 
     if let Some((start, len, src)) = delivered {
         let packet = &out[start..start + len];
@@ -468,6 +470,7 @@ pub async fn run_timers(dev: Arc<Device>) {
     loop {
         tick.tick().await;
         ticks += 1;
+        dev.tick_clock();
         let snap = dev.snapshot();
         if ticks.is_multiple_of(4) {
             if let Some(local) = &snap.local {

@@ -46,6 +46,9 @@ pub struct Device {
     /// Frames relayed, and their bytes.
     pub relayed: std::sync::atomic::AtomicU64,
     pub relayed_bytes: std::sync::atomic::AtomicU64,
+    /// Milliseconds since the Unix epoch, as of the last timer tick (250 ms): what the data path
+    /// stamps packets with, without a clock read per packet.
+    clock_ms: std::sync::atomic::AtomicU64,
     /// Mesh mode: policy enforcement on both data paths.
     enforcer: std::sync::OnceLock<Arc<crate::enforce::Enforcer>>,
 }
@@ -105,6 +108,7 @@ impl Device {
             relay_serve: Default::default(),
             relayed: Default::default(),
             relayed_bytes: Default::default(),
+            clock_ms: std::sync::atomic::AtomicU64::new(crate::mesh::run::now_ms()),
             enforcer: std::sync::OnceLock::new(),
             control_rx_bytes: Default::default(),
             control_tx_bytes: Default::default(),
@@ -180,6 +184,26 @@ impl Device {
                 std::io::ErrorKind::NotConnected,
                 "no UDP socket",
             )),
+        }
+    }
+
+    /// The coarse clock (see `clock_ms`).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn tick_clock(&self) {
+        self.clock_ms.store(
+            crate::mesh::run::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Seconds since `peer` was last heard (an authenticated datagram), if ever.
+    pub fn last_seen_secs(&self, peer: &Peer) -> Option<u64> {
+        match peer.last_rx_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            t => Some(self.clock_ms().saturating_sub(t) / 1000),
         }
     }
 
@@ -421,6 +445,7 @@ impl Device {
                     endpoint: p.endpoint.map(|e| e.to_string()),
                     allowed_ips: p.allowed_ips.clone(),
                     handshake_age_secs: age.map(|a| a.as_secs()),
+                    last_seen_secs: peer.and_then(|p| self.last_seen_secs(p)),
                     tx_bytes: p.tx_bytes,
                     rx_bytes: p.rx_bytes,
                     persistent_keepalive_secs: p.persistent_keepalive_secs,

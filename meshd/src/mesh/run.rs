@@ -88,6 +88,7 @@ pub struct Mesh {
     running: Config,
     bundle: Vec<proto::cert::Certificate>,
     admins: Vec<[u8; 32]>,
+    revocations: Vec<proto::cert::RevocationList>,
 }
 
 impl Mesh {
@@ -123,6 +124,7 @@ impl Mesh {
         state::prepare(&state_dir)?;
         let saved = state::load(&state_dir);
         let (bundle, admins) = (id.bundle.clone(), id.policy_admins.clone());
+        let revocations = id.revocation_lists.clone();
         let node_cfg = NodeConfig {
             secret: x25519_dalek::StaticSecret::from(id.private_key.0),
             certificate: id.certificate,
@@ -169,6 +171,7 @@ impl Mesh {
             running: cfg.clone(),
             bundle,
             admins,
+            revocations,
         };
         mesh.execute(actions).await;
         Ok(mesh)
@@ -353,8 +356,8 @@ impl Mesh {
         for crl in &id.revocation_lists {
             events.push(Event::AddRevocation(crl.clone()));
         }
-        if !id.revocation_lists.is_empty() {
-            done.push(format!("{} revocation lists", id.revocation_lists.len()));
+        if id.revocation_lists != self.revocations {
+            done.push(format!("revocation lists: {}", id.revocation_lists.len()));
         }
         if cfg.peering.answer_probes != self.running.peering.answer_probes {
             done.push(format!("answer_probes = {}", cfg.peering.answer_probes));
@@ -378,6 +381,7 @@ impl Mesh {
         self.running = running;
         self.bundle = id.bundle;
         self.admins = id.policy_admins;
+        self.revocations = id.revocation_lists;
         let mut answer = if done.is_empty() {
             "nothing changed".to_string()
         } else {
@@ -412,13 +416,19 @@ impl Mesh {
             identity: self.node.certificate().body.identity(),
             serial: book.serial(),
             digest: book.current.as_ref().map(|s| hex(s.digest())),
+            last_seen_secs: None,
+            this_node: true,
         }];
+        let snap = self.dev.snapshot();
         for (k, m) in self.node.members() {
             let heard = self.node.heard_policy(k);
+            let seen = snap.by_key.get(k).and_then(|p| self.dev.last_seen_secs(p));
             out.push(proto::admin::NodePolicy {
                 identity: m.certificate.body.identity(),
                 serial: heard.map_or(0, |h| h.0),
                 digest: heard.map(|h| hex(h.1)),
+                last_seen_secs: seen,
+                this_node: false,
             });
         }
         out
