@@ -358,6 +358,15 @@ impl Failure {
     pub fn input(error: anyhow::Error) -> Failure {
         Failure { code: 2, error }
     }
+
+    /// Exit 1 with nothing more on stderr: the answer on stdout already says it ("DENY",
+    /// differences found), as `grep` and `diff` exit 1.
+    pub fn answer() -> Failure {
+        Failure {
+            code: 1,
+            error: anyhow::anyhow!(""),
+        }
+    }
 }
 
 impl From<anyhow::Error> for Failure {
@@ -561,7 +570,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("meshctl: {:#}", f.error);
+            let message = format!("{:#}", f.error);
+            if !message.is_empty() {
+                eprintln!("meshctl: {message}");
+            }
             ExitCode::from(f.code)
         }
     }

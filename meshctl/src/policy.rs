@@ -231,14 +231,8 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
     let ingress = decide(Direction::Ingress, &dst);
     let allowed =
         |v: &Result<policy::engine::Verdict, String>| v.as_ref().map_or(true, |v| v.allow);
-    println!(
-        "{}",
-        if allowed(&egress) && allowed(&ingress) {
-            "ALLOW"
-        } else {
-            "DENY"
-        }
-    );
+    let allow = allowed(&egress) && allowed(&ingress);
+    println!("{}", if allow { "ALLOW" } else { "DENY" });
     for (what, end, v) in [("egress of", &src, &egress), ("ingress of", &dst, &ingress)] {
         match v {
             Ok(v) => println!(
@@ -254,7 +248,11 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
             Err(why) => println!("  {what} {}: {why}", end.name(&set)),
         }
     }
-    Ok(())
+    if allow {
+        Ok(())
+    } else {
+        Err(Failure::answer())
+    }
 }
 
 pub fn validate_paths(files: &[PathBuf]) -> Result<(), Failure> {

@@ -289,8 +289,10 @@ pub fn diff(socket: &Path, files: &[PathBuf]) -> Result<(), Failure> {
     }
     if changed == 0 {
         println!("no change against policy set {serial}");
+        Ok(())
+    } else {
+        Err(Failure::answer())
     }
-    Ok(())
 }
 
 /// The object name `KIND NAME` means: `networkpolicy ns/name`, `globalnetworkpolicy name`,

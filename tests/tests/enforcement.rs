@@ -684,6 +684,11 @@ spec:
     let f = pl.lab.dir.join("ping.yaml");
     std::fs::write(&f, icmp).unwrap();
     let diff = pl.meshctl(1, &["diff", "-f", f.to_str().unwrap()]);
+    assert_eq!(
+        diff.status.code(),
+        Some(1),
+        "differences: exit 1, as diff does"
+    );
     let text = String::from_utf8_lossy(&diff.stdout).to_string();
     assert!(
         text.contains("# GlobalNetworkPolicy ping (created)"),

@@ -67,7 +67,7 @@ fn meshctl_policy_check_decides_offline_and_names_the_deciding_policy() {
     assert!(out.starts_with("ALLOW\n"), "{out}");
     assert!(out.contains("ingress of spiffe://cluster.local/ns/microblog/sa/post: allowed by NetworkPolicy microblog/post-allow-list rule ingress[0]"), "{out}");
 
-    let (_, out, _) = check(&[
+    let (code, out, err) = check(&[
         "--from",
         "microblog/user",
         "--to",
@@ -81,6 +81,12 @@ fn meshctl_policy_check_decides_offline_and_names_the_deciding_policy() {
         out.starts_with("DENY\n") && out.contains("denied by end-of-policies"),
         "{out}"
     );
+    assert_eq!(
+        code,
+        Some(1),
+        "DENY exits 1, as grep does when nothing matches"
+    );
+    assert!(err.is_empty(), "the answer is on stdout: {err}");
     // Zero trust: api's egress is selected by no policy, so it is denied too.
     let (_, out, _) = check(&[
         "--from",
