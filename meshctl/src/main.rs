@@ -15,9 +15,17 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The version and the git commit built from (`meshctl --version`, `meshctl version`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MESH_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
-    version,
+    version = VERSION,
     about = "Operate a meshd mesh: CA and identities, keys, peers, policy, flows, status, and the local lab"
 )]
 struct Cli {
@@ -37,6 +45,8 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Print meshctl's version and the git commit it was built from.
+    Version,
     /// Print a new private key (base64), like `wg genkey`.
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
@@ -496,6 +506,10 @@ fn main() -> ExitCode {
         Command::Identity {
             command: IdentityCommand::Inspect { file, ca, output },
         } => identity::inspect(&file, ca.as_deref(), output),
+        Command::Version => {
+            println!("meshctl {VERSION}");
+            Ok(())
+        }
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
         Command::Reload { ifname, socket } => status::reload(&ifname, socket),

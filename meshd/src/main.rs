@@ -18,9 +18,17 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// The version and the git commit built from (`meshd --version`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MESH_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = VERSION,
     about = "Userspace WireGuard daemon of the mesh; configure it with `wg` or meshctl"
 )]
 #[command(group(clap::ArgGroup::new("mode").required(true).args(["ifname", "config", "check_config"])))]

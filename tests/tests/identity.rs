@@ -609,3 +609,29 @@ fn identity_issue_force_renews_in_place_keeping_the_key() {
     }
     assert_eq!(mode(&d.p("ca/issued.jsonl")), 0o600);
 }
+
+#[test]
+fn both_binaries_name_the_git_commit_they_were_built_from() {
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let want = commit.unwrap_or_else(|| "unknown".into());
+    let meshd = Command::new(bin("meshd"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&meshd.stdout);
+    assert!(
+        text.starts_with("meshd 0.") && text.contains(&format!("({want})")),
+        "{text}"
+    );
+    let text = ok(&["version"]);
+    assert!(
+        text.starts_with("meshctl 0.") && text.contains(&format!("({want})")),
+        "{text}"
+    );
+}

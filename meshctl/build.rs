@@ -1,0 +1,1 @@
+include!("../build-support/git_commit.rs");
