@@ -344,36 +344,30 @@ pub fn crl_inspect(
             .collect(),
         verification,
     };
-    match output {
-        crate::Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&view).map_err(|e| anyhow!(e))?
-        ),
-        crate::Output::Table => {
-            println!("Revocation list {}", file.display());
-            println!("  trust domain {}", view.trust_domain);
-            println!("  number       {}", view.number);
-            println!("  issued at    {}", view.issued_at);
-            println!("  issuer       {}", view.issuer);
-            let list = |v: Vec<String>| {
-                if v.is_empty() {
-                    "-".to_string()
-                } else {
-                    v.join(", ")
-                }
-            };
-            println!(
-                "  serials      {}",
-                list(view.serials.iter().map(u64::to_string).collect())
-            );
-            println!("  keys         {}", list(view.keys.clone()));
-            println!(
-                "  verifies     {}",
-                view.verification
-                    .as_deref()
-                    .unwrap_or("not checked (give --ca DIR)")
-            );
-        }
+    if let Some(_wide) = output.data(&view)? {
+        println!("Revocation list {}", file.display());
+        println!("  trust domain {}", view.trust_domain);
+        println!("  number       {}", view.number);
+        println!("  issued at    {}", view.issued_at);
+        println!("  issuer       {}", view.issuer);
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        println!(
+            "  serials      {}",
+            list(view.serials.iter().map(u64::to_string).collect())
+        );
+        println!("  keys         {}", list(view.keys.clone()));
+        println!(
+            "  verifies     {}",
+            view.verification
+                .as_deref()
+                .unwrap_or("not checked (give --ca DIR)")
+        );
     }
     match &view.verification {
         Some(v) if v != "ok" => Err(anyhow!("{}: {v}", file.display()).into()),

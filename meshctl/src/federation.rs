@@ -178,41 +178,34 @@ pub fn list(socket: &Path, output: Output) -> Result<(), Failure> {
             routes: f.routes.iter().map(|c| c.to_string()).collect(),
         })
         .collect();
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "serial": serial, "federations": views })
-            )
-            .context("encoding")?
-        ),
-        Output::Table => {
-            println!("policy set {serial}: {} federation(s)", views.len());
-            for v in &views {
-                let any = |l: &[String]| {
-                    if l.is_empty() {
-                        "any".to_string()
-                    } else {
-                        l.join(",")
-                    }
-                };
-                println!("{}", v.trust_domain);
-                println!("  addresses   {}", v.addresses.join(","));
-                println!("  namespaces  {}", any(&v.namespaces));
-                println!(
-                    "  routes      {}",
-                    if v.routes.is_empty() {
-                        "none".into()
-                    } else {
-                        v.routes.join(",")
-                    }
-                );
-                for c in &v.cas {
-                    println!(
-                        "  ca          {} {} (until {})",
-                        c.name, c.public_key, c.not_after
-                    );
+    if let Some(_wide) =
+        output.data(&serde_json::json!({ "serial": serial, "federations": views }))?
+    {
+        println!("policy set {serial}: {} federation(s)", views.len());
+        for v in &views {
+            let any = |l: &[String]| {
+                if l.is_empty() {
+                    "any".to_string()
+                } else {
+                    l.join(",")
                 }
+            };
+            println!("{}", v.trust_domain);
+            println!("  addresses   {}", v.addresses.join(","));
+            println!("  namespaces  {}", any(&v.namespaces));
+            println!(
+                "  routes      {}",
+                if v.routes.is_empty() {
+                    "none".into()
+                } else {
+                    v.routes.join(",")
+                }
+            );
+            for c in &v.cas {
+                println!(
+                    "  ca          {} {} (until {})",
+                    c.name, c.public_key, c.not_after
+                );
             }
         }
     }

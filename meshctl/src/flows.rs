@@ -14,10 +14,10 @@ const FOLLOW_POLL: Duration = Duration::from_millis(250);
 pub fn run(socket: &Path, follow: bool, denied_only: bool, output: Output) -> Result<(), Failure> {
     let mut since = 0;
     let mut out = std::io::stdout().lock();
-    if output == Output::Table {
+    if matches!(output, Output::Table | Output::Wide) {
         writeln!(
             out,
-            "{:<24} {:<7} {:<8} {:<6} {:<8} {:<40} {:<40} POLICY",
+            "{:<24} {:<7} {:<8} {:<6} {:<8} {:<56} {:<56} POLICY",
             "TIME", "EVENT", "DIR", "VERDICT", "PROTO", "SOURCE", "DESTINATION"
         )
         .context("writing stdout")?;
@@ -38,7 +38,12 @@ pub fn run(socket: &Path, follow: bool, denied_only: bool, output: Output) -> Re
         for r in &records {
             let line = match output {
                 Output::Json => serde_json::to_string(r).context("encoding")?,
-                Output::Table => row(r),
+                Output::Yaml => format!(
+                    "---\n{}",
+                    serde_yaml_ng::to_string(r).context("encoding")?.trim_end()
+                ),
+                Output::Table => row(r, false),
+                Output::Wide => row(r, true),
             };
             if writeln!(out, "{line}").is_err() {
                 return Ok(()); // stdout closed (a pager quit): not an error
@@ -64,7 +69,8 @@ fn end(e: &FlowEnd) -> String {
     }
 }
 
-fn row(r: &FlowRecord) -> String {
+/// One record; `wide` adds each end's labels.
+fn row(r: &FlowRecord, wide: bool) -> String {
     let mut policy = r.policy.clone();
     if let Some(rule) = &r.rule {
         policy.push_str(&format!(" {rule}"));
@@ -72,7 +78,7 @@ fn row(r: &FlowRecord) -> String {
     if let (Some(p), Some(b)) = (r.packets, r.bytes) {
         policy.push_str(&format!(" ({p} packets, {b} bytes)"));
     }
-    format!(
+    let mut line = format!(
         "{:<24} {:<7} {:<8} {:<6} {:<8} {:<56} {:<56} {policy}",
         r.time,
         r.event,
@@ -81,5 +87,17 @@ fn row(r: &FlowRecord) -> String {
         r.protocol,
         end(&r.src),
         end(&r.dst)
-    )
+    );
+    if wide {
+        let labels = |e: &FlowEnd| {
+            let l: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            if l.is_empty() {
+                "-".to_string()
+            } else {
+                l.join(",")
+            }
+        };
+        line.push_str(&format!(" src[{}] dst[{}]", labels(&r.src), labels(&r.dst)));
+    }
+    line
 }

@@ -15,8 +15,10 @@ pub const DEFAULT_IDENTITY_TTL: &str = "720h";
 
 #[derive(clap::Args)]
 pub struct IssueArgs {
-    #[arg(long)]
+    /// The CA directory (ca.key, ca.crt) that signs.
+    #[arg(long, value_name = "DIR")]
     pub ca: PathBuf,
+    /// The workload's namespace.
     #[arg(long)]
     pub namespace: String,
     /// The service account name.
@@ -31,13 +33,15 @@ pub struct IssueArgs {
     /// A range outside the mesh this identity may serve as a gateway; repeat for more.
     #[arg(long = "route", value_name = "CIDR")]
     pub routes: Vec<String>,
+    /// Validity, e.g. 30d, 12h, 90s.
     #[arg(long, default_value = DEFAULT_IDENTITY_TTL)]
     pub ttl: String,
     /// The node's WireGuard public key (from `meshctl genkey | meshctl pubkey` or wg); the
     /// private key then never leaves that node. Without it a key pair is made here.
     #[arg(long)]
     pub public_key: Option<PathBuf>,
-    #[arg(long)]
+    /// Directory for NAME.crt (and NAME.key when the key pair is made here, mode 0600).
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Renew in place: replace OUT/NAME.crt; the key in OUT/NAME.key (if there) stays and the
     /// new certificate binds it, so the node keeps its key (reload it to take the certificate).
@@ -214,53 +218,47 @@ pub fn inspect(file: &Path, ca_dir: Option<&Path>, output: Output) -> Result<(),
             .clone()
             .map(|v| v.err().unwrap_or_else(|| "ok".into())),
     };
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&view).context("encoding")?
-        ),
-        Output::Table => {
-            println!("{:?} certificate {}", b.kind, file.display());
-            if b.kind == CertKind::Identity {
-                println!("  identity     {}", view.identity);
-                println!("  spiffe id    {}", view.spiffe_id);
+    if let Some(_wide) = output.data(&view)? {
+        println!("{:?} certificate {}", b.kind, file.display());
+        if b.kind == CertKind::Identity {
+            println!("  identity     {}", view.identity);
+            println!("  spiffe id    {}", view.spiffe_id);
+        } else {
+            println!("  trust domain {}", b.trust_domain);
+            println!("  name         {}", b.name);
+        }
+        println!("  serial       {}", b.serial);
+        println!("  public key   {}", Key(b.public_key));
+        println!("  issuer       {}", Key(b.issuer));
+        println!(
+            "  valid        {} .. {}",
+            view.not_before_utc, view.not_after_utc
+        );
+        let labels: Vec<String> = b.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "  labels       {}",
+            if labels.is_empty() {
+                "-".into()
             } else {
-                println!("  trust domain {}", b.trust_domain);
-                println!("  name         {}", b.name);
+                labels.join(",")
             }
-            println!("  serial       {}", b.serial);
-            println!("  public key   {}", Key(b.public_key));
-            println!("  issuer       {}", Key(b.issuer));
-            println!(
-                "  valid        {} .. {}",
-                view.not_before_utc, view.not_after_utc
-            );
-            let labels: Vec<String> = b.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!(
-                "  labels       {}",
-                if labels.is_empty() {
-                    "-".into()
-                } else {
-                    labels.join(",")
-                }
-            );
-            let addrs: Vec<String> = b.addrs.iter().map(|a| a.to_string()).collect();
-            println!(
-                "  addresses    {}",
-                if addrs.is_empty() {
-                    "-".into()
-                } else {
-                    addrs.join(",")
-                }
-            );
-            if !b.routes.is_empty() {
-                println!("  routes       {}", proto::cert::list(&b.routes));
+        );
+        let addrs: Vec<String> = b.addrs.iter().map(|a| a.to_string()).collect();
+        println!(
+            "  addresses    {}",
+            if addrs.is_empty() {
+                "-".into()
+            } else {
+                addrs.join(",")
             }
-            match &verification {
-                Some(Ok(())) => println!("  verifies     yes"),
-                Some(Err(e)) => println!("  verifies     NO: {e}"),
-                None => println!("  verifies     not checked (give --ca DIR)"),
-            }
+        );
+        if !b.routes.is_empty() {
+            println!("  routes       {}", proto::cert::list(&b.routes));
+        }
+        match &verification {
+            Some(Ok(())) => println!("  verifies     yes"),
+            Some(Err(e)) => println!("  verifies     NO: {e}"),
+            None => println!("  verifies     not checked (give --ca DIR)"),
         }
     }
     match verification {

@@ -47,6 +47,19 @@ enum Command {
     },
     /// Print meshctl's version and the git commit it was built from.
     Version,
+    /// Print a completion script for a shell, e.g. `meshctl completion bash >
+    /// /etc/bash_completion.d/meshctl`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages: meshctl.1 and one per subcommand (meshctl-policy-apply.1, ...).
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Print a new private key (base64), like `wg genkey`.
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
@@ -55,34 +68,22 @@ enum Command {
     Peer {
         #[command(subcommand)]
         command: PeerCommand,
-        /// Interface of the daemon; needed only when several run.
-        #[arg(short, long, global = true)]
-        interface: Option<String>,
-        /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Daemon,
     },
     /// The mesh's policy set (apply, diff, delete, get, list, status) and what-if tools.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
-        /// Interface of the daemon; needed only when several run.
-        #[arg(short, long, global = true)]
-        interface: Option<String>,
-        /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Daemon,
     },
     /// Trust in other clusters' CAs, each within a scope (part of the signed policy set).
     Federation {
         #[command(subcommand)]
         command: FederationCommand,
-        /// Interface of the daemon; needed only when several run.
-        #[arg(short, long, global = true)]
-        interface: Option<String>,
-        /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
-        #[arg(long, global = true)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Daemon,
     },
     /// The example application of Calico's zero-trust guide, as a local mesh of network namespaces.
     Lab {
@@ -103,36 +104,63 @@ enum Command {
         /// Only denied (and audited) flows.
         #[arg(long)]
         denied: bool,
-        /// table, or json (one JSON object per line).
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
-        #[arg(short, long)]
-        interface: Option<String>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Daemon,
     },
-    /// Make a mesh-mode daemon re-read its identity, trust bundle and revocation lists (as SIGHUP).
+    /// Make a mesh-mode daemon re-read its configuration (as SIGHUP) and print what it applied;
+    /// exit 1 with the daemon's reason when it refused (the running configuration stays).
     Reload {
-        ifname: String,
-        #[arg(long)]
-        socket: Option<PathBuf>,
-    },
-    /// Show peers, endpoints, handshake age, bytes and drops, read from the running daemon.
-    Status {
-        /// Interface; every running meshd when omitted.
+        #[command(flatten)]
+        daemon: Daemon,
+        /// Same as -i (kept for scripts written before -i).
+        #[arg(hide = true, conflicts_with = "interface")]
         ifname: Option<String>,
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-        /// Admin socket to use instead of /var/run/meshd/IFNAME.sock.
-        #[arg(long)]
-        socket: Option<std::path::PathBuf>,
     },
+    /// The node (identity, certificate, policy, control protocol) and its peers, read from the
+    /// running daemon; every running meshd when no -i is given.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
+        output: Output,
+        #[command(flatten)]
+        daemon: Daemon,
+        /// Same as -i (kept for scripts written before -i).
+        #[arg(hide = true, conflicts_with = "interface")]
+        ifname: Option<String>,
+    },
+}
+
+/// The help of every `-f`.
+const FILES_HELP: &str =
+    "Policy files or directories (Calico v3, Kubernetes NetworkPolicy, Namespace YAML); - reads standard input";
+
+/// The help of every `-o`.
+const OUTPUT_HELP: &str = "Output format: table, wide (more columns), json or yaml";
+
+/// Which daemon a command talks to.
+#[derive(clap::Args, Clone, Default)]
+struct Daemon {
+    /// Interface of the daemon; needed only when several run.
+    #[arg(short = 'i', long = "interface", value_name = "IFNAME", global = true)]
+    interface: Option<String>,
+    /// Admin socket to use instead of /run/meshd/IFNAME.sock.
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+}
+
+impl Daemon {
+    /// The admin socket: the one named, the interface's, or the only meshd running.
+    fn path(&self) -> Result<PathBuf, Failure> {
+        peer::socket(self.interface.as_deref(), self.socket.clone())
+    }
 }
 
 #[derive(Subcommand)]
 enum LabCommand {
     /// Build the example: one node per service, identities, policies, traffic, and a report.
     Up {
+        /// The example to build (microblog: Calico's zero-trust guide).
         #[arg(long, default_value = "microblog")]
         example: String,
     },
@@ -146,7 +174,7 @@ enum LabCommand {
 enum PolicyCommand {
     /// Add or replace the objects of these files in the mesh's policy set (signed, pushed to every node).
     Apply {
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(short = 'f', long = "file", required = true, value_name = "FILE|DIR|-", help = FILES_HELP)]
         files: Vec<PathBuf>,
         /// The policy-admin signing key.
         #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
@@ -154,45 +182,50 @@ enum PolicyCommand {
     },
     /// Show what `apply -f` would change.
     Diff {
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(short = 'f', long = "file", required = true, value_name = "FILE|DIR|-", help = FILES_HELP)]
         files: Vec<PathBuf>,
     },
     /// Remove objects: KIND NAME (networkpolicy NS/NAME, globalnetworkpolicy NAME, namespace NAME), or those of -f files.
     Delete {
+        /// networkpolicy, globalnetworkpolicy, namespace, ... (as `policy list` names them).
         kind: Option<String>,
+        /// The object's name (NAMESPACE/NAME for namespaced kinds).
         name: Option<String>,
-        #[arg(short = 'f', long = "file")]
+        #[arg(short = 'f', long = "file", value_name = "FILE|DIR|-", help = FILES_HELP)]
         files: Vec<PathBuf>,
+        /// The policy-admin signing key.
         #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
         key: PathBuf,
     },
     /// Print the set in force, or one object of it (KIND NAME).
     Get {
+        /// networkpolicy, globalnetworkpolicy, namespace, ... (as `policy list` names them).
         kind: Option<String>,
+        /// The object's name (NAMESPACE/NAME for namespaced kinds).
         name: Option<String>,
-        #[arg(short, long, value_enum, default_value_t = policy_set::DocOutput::Yaml)]
-        output: policy_set::DocOutput,
+        #[arg(short, long, value_enum, default_value_t = Output::Yaml, help = OUTPUT_HELP)]
+        output: Output,
     },
     /// The objects of the set in force.
     List {
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
     /// The policy serial each node of the mesh runs.
     Status {
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
     /// Create a policy-admin key pair: FILE (mode 0600) signs sets; FILE.pub goes in trust.policy_admins.
     AdminKey {
-        #[arg(long)]
+        /// Where to write the private key (FILE.pub gets the public one).
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// What would happen to one flow: ALLOW or DENY, and the policy and rule that decided: for
     /// policy files (offline), or for the set in force on the local meshd when no -f is given.
     Check {
-        /// Policy files or directories (Calico v3, Kubernetes NetworkPolicy, Namespace YAML).
-        #[arg(short = 'f', long = "file")]
+        #[arg(short = 'f', long = "file", value_name = "FILE|DIR|-", help = FILES_HELP)]
         files: Vec<PathBuf>,
         /// The source: [TRUST_DOMAIN/]NAMESPACE/NAME[,KEY=VALUE...] (NAME is the service
         /// account; without TRUST_DOMAIN, the local one).
@@ -201,9 +234,11 @@ enum PolicyCommand {
         /// The destination, as --from.
         #[arg(long)]
         to: String,
-        #[arg(long)]
+        /// The source's address, for policies that match nets (default: none).
+        #[arg(long, value_name = "IP")]
         from_ip: Option<String>,
-        #[arg(long)]
+        /// The destination's address, for policies that match nets or external networks.
+        #[arg(long, value_name = "IP")]
         to_ip: Option<String>,
         /// tcp, udp, icmp, icmpv6, sctp or a protocol number.
         #[arg(long, default_value = "tcp")]
@@ -223,6 +258,7 @@ enum PolicyCommand {
     },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
+        /// The selector, e.g. "app == 'post' && has(tier)".
         expr: String,
         /// Labels as K=V,K=V.
         #[arg(long, default_value = "")]
@@ -257,11 +293,12 @@ enum FederationCommand {
     },
     /// The federations in force: trust domain, scope, CAs.
     List {
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
     /// Stop trusting a trust domain: every member of it is cut.
     Remove {
+        /// The remote trust domain to stop trusting.
         trust_domain: String,
         /// The policy-admin signing key.
         #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
@@ -273,23 +310,31 @@ enum FederationCommand {
 enum PeerCommand {
     /// Contact an underlay endpoint (IP:port, or KEY@IP:port to greet the node there by its key
     /// without a probe) and peer with the node there if its certificate verifies.
-    Add { endpoint: String },
+    Add {
+        /// IP:PORT, or KEY@IP:PORT.
+        endpoint: String,
+    },
     /// The members this node knows: identity, endpoint, addresses, key, labels.
     List {
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
     /// Forget a member, by public key or TD/NS/NAME, and refuse it until the daemon restarts.
-    Remove { id: String },
+    Remove {
+        /// The member's public key (base64), or its identity [TD/]NAMESPACE/NAME.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a CA: an Ed25519 key (mode 0600) and a self-signed CA certificate.
     Init {
+        /// The trust domain its identities belong to (as in SPIFFE IDs), e.g. cluster.local.
         #[arg(long)]
         trust_domain: String,
-        #[arg(long)]
+        /// The directory to create: ca.key (mode 0600) and ca.crt.
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Validity, e.g. 3650d, 8760h.
         #[arg(long, default_value = ca::DEFAULT_CA_TTL)]
@@ -331,8 +376,7 @@ enum CrlCommand {
         /// The CA directory whose signature to check.
         #[arg(long)]
         ca: Option<PathBuf>,
-        /// table or json.
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
 }
@@ -343,19 +387,48 @@ enum IdentityCommand {
     Issue(identity::IssueArgs),
     /// Show every field of a certificate, its validity, and whether it verifies.
     Inspect {
+        /// The certificate file (NAME.crt).
         file: PathBuf,
         /// Verify against this CA directory (its ca.crt and revoked.crl).
         #[arg(long)]
         ca: Option<PathBuf>,
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+/// How a read command prints: the same four everywhere.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum Output {
+    /// Columns for a terminal.
     Table,
+    /// The table with more columns.
+    Wide,
+    /// JSON (one object per line for a stream of records).
     Json,
+    /// YAML (one document per record for a stream).
+    Yaml,
+}
+
+impl Output {
+    /// Prints `value` as JSON or YAML and returns `None`; for a table returns `Some(wide)`, and
+    /// the caller prints it.
+    pub fn data<T: serde::Serialize>(self, value: &T) -> Result<Option<bool>, Failure> {
+        use anyhow::Context;
+        match self {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(value).context("encoding JSON")?
+            ),
+            Output::Yaml => print!(
+                "{}",
+                serde_yaml_ng::to_string(value).context("encoding YAML")?
+            ),
+            Output::Table => return Ok(Some(false)),
+            Output::Wide => return Ok(Some(true)),
+        }
+        Ok(None)
+    }
 }
 
 /// A failure and the exit code it maps to: 1 when the operation failed, 2 for bad input.
@@ -385,12 +458,20 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn policy_command(
-    command: PolicyCommand,
-    interface: Option<String>,
-    socket: Option<PathBuf>,
-) -> Result<(), Failure> {
-    let daemon = || peer::socket(interface.as_deref(), socket.clone());
+/// `meshctl man --out DIR`.
+fn man_pages(out: &std::path::Path) -> Result<(), Failure> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cmd = Cli::command().name("meshctl");
+    clap_mangen::generate_to(cmd, out)
+        .with_context(|| format!("writing man pages into {}", out.display()))?;
+    println!("man pages written to {}", out.display());
+    Ok(())
+}
+
+fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure> {
+    let daemon = || daemon.path();
     let named = |kind: Option<String>, name: Option<String>| match (kind, name) {
         (Some(k), Some(n)) => policy_set::object_name(&k, &n).map(Some),
         (None, None) => Ok(None),
@@ -510,14 +591,27 @@ fn main() -> ExitCode {
             println!("meshctl {VERSION}");
             Ok(())
         }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out } => man_pages(&out),
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
-        Command::Reload { ifname, socket } => status::reload(&ifname, socket),
-        Command::Policy {
-            command,
-            interface,
-            socket,
-        } => policy_command(command, interface, socket),
+        Command::Reload { daemon, ifname } => {
+            let daemon = Daemon {
+                interface: daemon.interface.or(ifname),
+                ..daemon
+            };
+            daemon.path().and_then(|path| status::reload(&path))
+        }
+        Command::Policy { command, daemon } => policy_command(command, daemon),
         Command::Lab {
             command,
             dir,
@@ -531,15 +625,11 @@ fn main() -> ExitCode {
             follow,
             denied,
             output,
-            interface,
-            socket,
-        } => peer::socket(interface.as_deref(), socket)
+            daemon,
+        } => daemon
+            .path()
             .and_then(|path| flows::run(&path, follow, denied, output)),
-        Command::Federation {
-            command,
-            interface,
-            socket,
-        } => peer::socket(interface.as_deref(), socket).and_then(|path| match command {
+        Command::Federation { command, daemon } => daemon.path().and_then(|path| match command {
             FederationCommand::Add {
                 trust_domain,
                 bundle,
@@ -563,11 +653,7 @@ fn main() -> ExitCode {
                 federation::remove(&path, &trust_domain, &key)
             }
         }),
-        Command::Peer {
-            command,
-            interface,
-            socket,
-        } => match peer::socket(interface.as_deref(), socket) {
+        Command::Peer { command, daemon } => match daemon.path() {
             Err(f) => Err(f),
             Ok(path) => match command {
                 PeerCommand::Add { endpoint } => peer::add(&path, &endpoint),
@@ -576,10 +662,10 @@ fn main() -> ExitCode {
             },
         },
         Command::Status {
-            ifname,
             output,
-            socket,
-        } => status::run(ifname, output, socket),
+            daemon,
+            ifname,
+        } => status::run(daemon.interface.or(ifname), output, daemon.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -590,5 +676,46 @@ fn main() -> ExitCode {
             }
             ExitCode::from(f.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is for, and `-o` means the same
+    /// four formats everywhere.
+    #[test]
+    fn every_argument_has_help_and_outputs_agree() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+                if arg.get_short() == Some('o') {
+                    let values: Vec<String> = arg
+                        .get_possible_values()
+                        .iter()
+                        .map(|v| v.get_name().to_string())
+                        .collect();
+                    assert_eq!(values, ["table", "wide", "json", "yaml"], "{path}");
+                }
+                if arg.get_short() == Some('i') {
+                    assert_eq!(arg.get_long(), Some("interface"), "{path}");
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "meshctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        Cli::command().debug_assert();
     }
 }

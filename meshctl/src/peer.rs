@@ -2,7 +2,7 @@
 
 use crate::status::request;
 use crate::{Failure, Output};
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use proto::admin::{self, Request, Response};
 use std::path::{Path, PathBuf};
 
@@ -63,33 +63,40 @@ pub fn list(path: &Path, output: Output) -> Result<(), Failure> {
         Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
         other => return Err(anyhow!("unexpected answer {other:?}").into()),
     };
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&peers).context("encoding")?
-        ),
-        Output::Table => {
-            println!(
-                "{:<36}  {:<22}  {:<18}  {:<44}  LABELS",
-                "IDENTITY", "ENDPOINT", "ADDRESSES", "PUBLIC KEY"
+    if let Some(wide) = output.data(&peers)? {
+        print!(
+            "{:<36}  {:<22}  {:<18}  {:<44}  ",
+            "IDENTITY", "ENDPOINT", "ADDRESSES", "PUBLIC KEY"
+        );
+        if wide {
+            print!("{:>8}  {:<20}  ", "SERIAL", "EXPIRES");
+        }
+        println!("LABELS");
+        for p in &peers {
+            let addrs: Vec<String> = p.addrs.iter().map(|a| a.to_string()).collect();
+            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            print!(
+                "{:<36}  {:<22}  {:<18}  {:<44}  ",
+                p.identity,
+                p.endpoint,
+                addrs.join(","),
+                p.public_key,
             );
-            for p in &peers {
-                let addrs: Vec<String> = p.addrs.iter().map(|a| a.to_string()).collect();
-                let labels: Vec<String> =
-                    p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
-                    "{:<36}  {:<22}  {:<18}  {:<44}  {}",
-                    p.identity,
-                    p.endpoint,
-                    addrs.join(","),
-                    p.public_key,
-                    if labels.is_empty() {
-                        "-".into()
-                    } else {
-                        labels.join(",")
-                    }
+            if wide {
+                print!(
+                    "{:>8}  {:<20}  ",
+                    p.serial,
+                    crate::identity::utc(p.not_after)
                 );
             }
+            println!(
+                "{}",
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                }
+            );
         }
     }
     Ok(())

@@ -29,8 +29,34 @@ pub fn selector(expr: &str, labels: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The policy texts `paths` name, each with the name errors give it: files as given, the
+/// `*.yaml`/`*.yml` of directories, and standard input for `-` (read once, named `<stdin>`).
+pub fn sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, Failure> {
+    let mut out = Vec::new();
+    let mut stdin_read = false;
+    for p in paths {
+        if p.as_os_str() == "-" {
+            if stdin_read {
+                return Err(Failure::input(anyhow!("-f - given twice")));
+            }
+            stdin_read = true;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| Failure::input(anyhow!("reading standard input: {e}")))?;
+            out.push(("<stdin>".to_string(), text));
+            continue;
+        }
+        for f in files(std::slice::from_ref(p))? {
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| Failure::input(anyhow!("{}: {e}", f.display())))?;
+            out.push((f.display().to_string(), text));
+        }
+    }
+    Ok(out)
+}
+
 /// The policy files `paths` name: files as given, and the `*.yaml`/`*.yml` of directories.
-pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
+fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -51,13 +77,10 @@ pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
 /// Reads every policy document in `paths` (files, or directories of `*.yaml`/`*.yml`), reporting
 /// every error with its file, document and field, and compiles them.
 pub fn load(paths: &[PathBuf], posture: Posture) -> Result<PolicySet, Failure> {
-    let files = files(paths)?;
     let mut located = Vec::new();
     let mut errors = Vec::new();
-    for f in &files {
-        let text = std::fs::read_to_string(f)
-            .map_err(|e| Failure::input(anyhow!("{}: {e}", f.display())))?;
-        let (mut d, e) = policy::model::parse_located(&text, &f.display().to_string());
+    for (name, text) in sources(paths)? {
+        let (mut d, e) = policy::model::parse_located(&text, &name);
         located.append(&mut d);
         errors.extend(e.iter().map(|e| e.to_string()));
     }
@@ -257,7 +280,7 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
 
 pub fn validate_paths(files: &[PathBuf]) -> Result<(), Failure> {
     for f in files {
-        if !Path::new(f).exists() {
+        if f.as_os_str() != "-" && !Path::new(f).exists() {
             return Err(Failure::input(anyhow!(
                 "-f {}: no such file or directory",
                 f.display()

@@ -18,12 +18,6 @@ use std::path::{Path, PathBuf};
 /// Where `meshctl policy apply` looks for the policy-admin key unless told.
 pub const DEFAULT_ADMIN_KEY: &str = "/etc/meshd/policy-admin.key";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DocOutput {
-    Yaml,
-    Json,
-}
-
 /// `meshctl policy admin-key --out FILE`: an Ed25519 key (FILE, mode 0600) and its public half
 /// (FILE.pub) for nodes' `trust.policy_admins`.
 pub fn admin_key(out: &Path) -> Result<(), Failure> {
@@ -78,10 +72,8 @@ pub struct Read {
 pub fn read_objects(paths: &[PathBuf]) -> Result<Read, Failure> {
     let mut all = Vec::new();
     let mut errors = Vec::new();
-    for f in crate::policy::files(paths)? {
-        let text = std::fs::read_to_string(&f)
-            .map_err(|e| Failure::input(anyhow!("{}: {e}", f.display())))?;
-        match located_objects(&text, &f.display().to_string()) {
+    for (name, text) in crate::policy::sources(paths)? {
+        match located_objects(&text, &name) {
             Ok(mut o) => all.append(&mut o),
             Err(e) => errors.extend(e.iter().map(|e| e.to_string())),
         }
@@ -343,8 +335,9 @@ pub fn delete(socket: &Path, names: Vec<String>, key: &Path) -> Result<(), Failu
     Ok(())
 }
 
-/// `meshctl policy get [KIND NAME] [-o yaml|json]`.
-pub fn get(socket: &Path, name: Option<String>, output: DocOutput) -> Result<(), Failure> {
+/// `meshctl policy get [KIND NAME] [-o yaml|json|table|wide]`: the objects as they were applied
+/// (YAML), as JSON, or their names in a table.
+pub fn get(socket: &Path, name: Option<String>, output: Output) -> Result<(), Failure> {
     let (serial, objs) = current(socket)?;
     let chosen: Vec<&Object> = match &name {
         Some(n) => vec![objs
@@ -353,12 +346,18 @@ pub fn get(socket: &Path, name: Option<String>, output: DocOutput) -> Result<(),
         None => objs.values().collect(),
     };
     match output {
-        DocOutput::Yaml => {
+        Output::Table | Output::Wide => {
+            println!("policy set {serial}");
+            for o in chosen {
+                println!("  {}", o.name);
+            }
+        }
+        Output::Yaml => {
             for o in chosen {
                 print!("---\n{}", o.yaml);
             }
         }
-        DocOutput::Json => {
+        Output::Json => {
             let values: Vec<serde_json::Value> = chosen
                 .iter()
                 .map(|o| yaml_to_json(&o.yaml))
@@ -382,17 +381,14 @@ fn yaml_to_json(yaml: &str) -> anyhow::Result<serde_json::Value> {
 /// `meshctl policy list [-o table|json]`: the objects of the set in force.
 pub fn list(socket: &Path, output: Output) -> Result<(), Failure> {
     let (serial, objs) = current(socket)?;
-    match output {
-        Output::Json => {
-            let names: Vec<&String> = objs.keys().collect();
-            let v = serde_json::json!({ "serial": serial, "objects": names });
-            println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
-        }
-        Output::Table => {
-            println!("policy set {serial}: {} object(s)", objs.len());
-            for n in objs.keys() {
-                println!("  {n}");
-            }
+    let names: Vec<&String> = objs.keys().collect();
+    if output
+        .data(&serde_json::json!({ "serial": serial, "objects": names }))?
+        .is_some()
+    {
+        println!("policy set {serial}: {} object(s)", objs.len());
+        for n in objs.keys() {
+            println!("  {n}");
         }
     }
     Ok(())
@@ -426,23 +422,31 @@ pub fn status(socket: &Path, output: Output) -> Result<(), Failure> {
         Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
         other => return Err(anyhow!("unexpected answer {other:?}").into()),
     };
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&nodes).context("encoding")?
-        ),
-        Output::Table => {
-            let mine = nodes.first().map_or(0, |n| n.serial);
-            println!("{:<48} {:>6}  {:<18}  DIGEST", "NODE", "SERIAL", "STATE");
-            for n in &nodes {
-                println!(
-                    "{:<48} {:>6}  {:<18}  {}",
-                    n.identity,
-                    n.serial,
-                    sync_state(n, mine),
-                    n.digest.as_deref().unwrap_or("-")
-                );
-            }
+    if let Some(wide) = output.data(&nodes)? {
+        let mine = nodes.first().map_or(0, |n| n.serial);
+        print!("{:<48} {:>6}  {:<18}  DIGEST", "NODE", "SERIAL", "STATE");
+        println!("{}", if wide { "  LAST SEEN" } else { "" });
+        for n in &nodes {
+            print!(
+                "{:<48} {:>6}  {:<18}  {}",
+                n.identity,
+                n.serial,
+                sync_state(n, mine),
+                n.digest.as_deref().unwrap_or("-")
+            );
+            let seen = match (n.this_node, n.last_seen_secs) {
+                (true, _) => "-".to_string(),
+                (false, Some(age)) => format!("{age}s ago"),
+                (false, None) => "never".to_string(),
+            };
+            println!(
+                "{}",
+                if wide {
+                    format!("  {seen}")
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     Ok(())

@@ -19,19 +19,14 @@ pub fn run(ifname: Option<String>, output: Output, socket: Option<PathBuf>) -> R
         all.push(query(s)?);
     }
     let mut out = std::io::stdout().lock();
-    match output {
-        Output::Json => {
-            let text = if all.len() == 1 {
-                serde_json::to_string_pretty(&all[0])
-            } else {
-                serde_json::to_string_pretty(&all)
-            };
-            writeln!(out, "{}", text.context("encoding status")?).context("writing stdout")?;
-        }
-        Output::Table => {
-            for s in &all {
-                write!(out, "{}", table(s)).context("writing stdout")?;
-            }
+    let shown = if all.len() == 1 {
+        output.data(&all[0])?
+    } else {
+        output.data(&all)?
+    };
+    if let Some(wide) = shown {
+        for s in &all {
+            write!(out, "{}", table(s, wide)).context("writing stdout")?;
         }
     }
     Ok(())
@@ -80,9 +75,12 @@ pub fn query(path: &Path) -> anyhow::Result<Status> {
 }
 
 /// `meshctl reload`: the daemon re-reads its identity, trust bundle and revocation lists.
-pub fn reload(ifname: &str, socket: Option<PathBuf>) -> Result<(), Failure> {
-    let path = socket.unwrap_or_else(|| PathBuf::from(admin::socket_path(ifname)));
-    match request(&path, &Request::Reload)? {
+/// `meshctl reload`: the daemon's answer, or exit 1 with its reason.
+pub fn reload(path: &Path) -> Result<(), Failure> {
+    let ifname = path
+        .file_stem()
+        .map_or("meshd".into(), |s| s.to_string_lossy().into_owned());
+    match request(path, &Request::Reload)? {
         Response::Done { message } => {
             println!("{ifname}: {message}");
             Ok(())
@@ -146,7 +144,9 @@ fn certificate_warning(c: &proto::admin::OwnCertificate, now: u64) -> Option<Str
     (c.not_after - now < lifetime / 4).then(|| "EXPIRES SOON: renew it".to_string())
 }
 
-fn table(s: &Status) -> String {
+/// The node, then its peers; `wide` adds packet and handshake counters and what the control
+/// protocol received.
+fn table(s: &Status, wide: bool) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     if let Some(id) = &s.identity {
@@ -214,6 +214,9 @@ fn table(s: &Status) -> String {
             }
         );
     }
+    if let (true, Some(c)) = (wide, &s.control) {
+        let _ = writeln!(o, "  control messages received: {}", drops(&c.received));
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(o, "  drops: {}", drops(&s.drops));
     }
@@ -251,7 +254,7 @@ fn table(s: &Status) -> String {
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let expiry = p
                 .cert_not_after
-                .map(|t| format!("certificate expires at {t} (Unix time)"))
+                .map(|t| format!("certificate expires {}", crate::identity::utc(t)))
                 .unwrap_or_default();
             let _ = writeln!(
                 o,
@@ -261,6 +264,17 @@ fn table(s: &Status) -> String {
                 } else {
                     labels.join(",")
                 }
+            );
+        }
+        if wide {
+            let _ = writeln!(
+                o,
+                "    packets: {} in, {} out  handshakes received: {}  last seen: {}",
+                p.rx_packets,
+                p.tx_packets,
+                p.handshakes,
+                p.last_seen_secs
+                    .map_or("never".to_string(), |a| format!("{a}s ago"))
             );
         }
         let ips: Vec<String> = p.allowed_ips.iter().map(|c| c.to_string()).collect();

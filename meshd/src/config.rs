@@ -80,6 +80,18 @@ pub struct Config {
     pub gateway: GatewaySection,
     #[serde(default)]
     pub relay: RelaySection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: Prometheus metrics and health endpoints, off unless `listen` is set. They name
+/// peers and identities: listen on a loopback or management address, not a public one.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `ADDR:PORT` for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -9,6 +9,7 @@ mod enforce;
 mod forwarding;
 mod mesh;
 mod netlink;
+mod notify;
 mod peer;
 mod privileges;
 mod routing;
@@ -31,7 +32,7 @@ const VERSION: &str = concat!(
     version = VERSION,
     about = "Userspace WireGuard daemon of the mesh; configure it with `wg` or meshctl"
 )]
-#[command(group(clap::ArgGroup::new("mode").required(true).args(["ifname", "config", "check_config"])))]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["ifname", "config", "check_config", "man"])))]
 struct Args {
     /// Stay in the foreground instead of detaching (as systemd and tests run it).
     #[arg(short = 'f', long)]
@@ -49,6 +50,9 @@ struct Args {
     /// the configuration's `log_format`, else text.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<config::LogFormat>,
+    /// Print the man page (roff, section 8) and exit.
+    #[arg(long, hide = true)]
+    man: bool,
     /// Name of the TUN interface to create (at most 15 bytes).
     #[arg(value_parser = parse_ifname)]
     ifname: Option<String>,
@@ -74,6 +78,17 @@ fn main() -> std::process::ExitCode {
     // SAFETY: umask(2) has no preconditions and cannot fail.
     unsafe { libc::umask(0o077) };
     let args = Args::parse();
+    if args.man {
+        use clap::CommandFactory;
+        let page = clap_mangen::Man::new(Args::command().name("meshd")).section("8");
+        return match page.render(&mut std::io::stdout()) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshd: writing the man page: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     if let Some(path) = &args.check_config {
         return match check_config(path) {
             Ok(summary) => {
@@ -111,14 +126,17 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
     let now = mesh::run::now_ms() / 1000;
     let body = &id.certificate.body;
     Ok(format!(
-        "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires in {} s\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s) ({} by key), probes {}, state in {}\n  policy: posture {}, audit {}, {} policy admin(s), up to {} tracked flows",
+        "{}: OK\n  interface {} port {} mtu {}\n  identity {} serial {}, expires {} ({} left)\n  public key {} (the private key matches the certificate)\n  {} trusted CA(s), {} revocation list(s), {} seed(s) ({} by key), probes {}, state in {}\n  policy: posture {}, audit {}, {} policy admin(s), up to {} tracked flows{}",
         path.display(),
         cfg.interface.name,
         cfg.interface.listen_port,
         cfg.interface.mtu,
         body.identity(),
         body.serial,
-        body.not_after.saturating_sub(now),
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(body.not_after)
+        ),
+        humantime::format_duration(Duration::from_secs(body.not_after.saturating_sub(now))),
         id.private_key.public(),
         id.bundle.len(),
         id.revocation_lists.len(),
@@ -137,6 +155,10 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
         if cfg.policy.audit { "on" } else { "off" },
         id.policy_admins.len(),
         cfg.policy.conntrack_max,
+        match cfg.metrics.listen {
+            Some(a) => format!("\n  metrics at http://{a}/metrics, /healthz, /readyz"),
+            None => String::new(),
+        },
     ))
 }
 
@@ -203,8 +225,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let members = mesh::run::MemberView::default();
     let mut me = None;
     let mut me_spiffe = None;
+    let mut metrics = None;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
     if let Some((cfg, id)) = mesh_config {
+        if let Some(addr) = cfg.metrics.listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the metrics listener [metrics] listen = {addr}")
+            })?;
+            metrics = Some((addr, listener));
+        }
         me = Some(id.certificate.body.identity());
         me_spiffe = Some(id.certificate.body.spiffe_id());
         let (tx, rx) = tokio::sync::mpsc::channel(mesh::run::CONTROL_BACKLOG);
@@ -233,6 +262,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         me_spiffe,
         commands: reload_tx.clone(),
     };
+    if let Some((addr, listener)) = metrics {
+        tracing::info!(listen = %addr, "metrics at /metrics, health at /healthz and /readyz");
+        tokio::spawn(api::http::serve(listener, admin_state.clone(), VERSION));
+    }
     tokio::spawn(api::admin::serve(admin, admin_state));
     tokio::spawn(device::run_timers(dev.clone()));
 
@@ -240,6 +273,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    notify::notify(&format!("READY=1\nSTATUS={ifname} up"));
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
@@ -252,6 +286,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    notify::notify("STOPPING=1");
     // `_files` removes the sockets; the TUN interface goes away when the process closes it.
     Ok(())
 }

@@ -23,6 +23,11 @@ pub struct Peer {
     /// UDP payload bytes sent to and received from this peer, as `wg show` reports transfer.
     pub tx_bytes: AtomicU64,
     pub rx_bytes: AtomicU64,
+    /// Datagrams sent to and authenticated from this peer.
+    pub tx_packets: AtomicU64,
+    pub rx_packets: AtomicU64,
+    /// Handshake messages from this peer that authenticated.
+    pub handshakes: AtomicU64,
     /// The device's coarse clock ([`crate::device::Device::clock_ms`]) when the last
     /// authenticated datagram arrived from the peer; 0: never.
     pub last_rx_ms: AtomicU64,
@@ -55,6 +60,9 @@ impl Peer {
             }),
             tx_bytes: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
+            tx_packets: AtomicU64::new(0),
+            rx_packets: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
             last_rx_ms: AtomicU64::new(0),
             drops: DropCounters::default(),
         }
@@ -63,11 +71,13 @@ impl Peer {
     #[inline]
     pub fn add_tx(&self, bytes: usize) {
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
     }
 
     #[inline]
     pub fn add_rx(&self, bytes: usize) {
         self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -201,6 +201,9 @@ pub struct ControlStatus {
     /// Cookie replies sent to senders at addresses that had not shown they receive there.
     pub cookie_replies: u64,
     pub refused: BTreeMap<String, u64>,
+    /// Authenticated messages received, by kind (`hello`, `members`, `policy_chunk`, ...).
+    #[serde(default)]
+    pub received: BTreeMap<String, u64>,
 }
 
 /// This node's own certificate, as the node holds it now (after any renewal), and why the mesh
@@ -239,6 +242,22 @@ pub struct PolicyStatus {
     /// Flow-log events dropped because the logger fell behind.
     #[serde(default)]
     pub flow_log_lost: u64,
+    /// Decisions on new flows by direction, deciding policy and action (each packet of a denied
+    /// flow is decided again); counted by the flow logger, so `flow_log_lost` are missing here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<VerdictCount>,
+}
+
+/// How often one policy decided one way in one direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictCount {
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// The deciding policy, or `default-deny`.
+    pub policy: String,
+    /// `allow`, `deny` or `audit` (denied by policy, passed in audit mode).
+    pub action: String,
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +273,14 @@ pub struct PeerStatus {
     pub last_seen_secs: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// UDP datagrams sent to and authenticated from this peer.
+    #[serde(default)]
+    pub tx_packets: u64,
+    #[serde(default)]
+    pub rx_packets: u64,
+    /// Handshake messages from this peer that authenticated (initiations and responses).
+    #[serde(default)]
+    pub handshakes: u64,
     pub persistent_keepalive_secs: u16,
     /// Packets from or to this peer that were dropped, by reason.
     pub drops: BTreeMap<String, u64>,

@@ -843,6 +843,22 @@ pub enum Message {
     GatewayServing { nonce: u64, routes: Vec<Cidr> },
 }
 
+impl Message {
+    /// A short name of the kind, for counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Members(_) => "members",
+            Message::Revocation(_) => "revocation",
+            Message::PolicyOffer { .. } => "policy_offer",
+            Message::PolicyRequest { .. } => "policy_request",
+            Message::PolicyChunk { .. } => "policy_chunk",
+            Message::GatewayProbe { .. } => "gateway_probe",
+            Message::GatewayServing { .. } => "gateway_serving",
+        }
+    }
+}
+
 /// Routes in one [`Message::GatewayServing`] at most (as many as a certificate grants).
 pub const MAX_SERVING_ROUTES: usize = crate::cert::MAX_ADDRS;
 

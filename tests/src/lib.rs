@@ -99,6 +99,8 @@ pub struct Lab {
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
     pub dir: PathBuf,
+    /// Environment given to every meshd started from now on (`NOTIFY_SOCKET`, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -113,6 +115,7 @@ impl Lab {
             namespaces: Vec::new(),
             children: Vec::new(),
             dir,
+            env: Vec::new(),
         }
     }
 
@@ -180,6 +183,7 @@ impl Lab {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -900,7 +904,7 @@ pub fn mesh_config_with(
 ) -> PathBuf {
     let q = |p: &Path| format!("\"{}\"", p.display());
     let text = format!(
-        "[interface]\nname = \"{ifname}\"\nlisten_port = 51820\n\n[identity]\ncertificate = {}\nprivate_key = {}\n\n[trust]\nbundle = [{}]\npolicy_admins = [{}]\n\n[peering]\nseeds = [{}]\nstate_dir = {}\n\n[policy]\nposture = \"{}\"\naudit = {}\n",
+        "[interface]\nname = \"{ifname}\"\nlisten_port = 51820\n\n[identity]\ncertificate = {}\nprivate_key = {}\n\n[trust]\nbundle = [{}]\npolicy_admins = [{}]\n\n[peering]\nseeds = [{}]\nstate_dir = {}\n\n[policy]\nposture = \"{}\"\naudit = {}\n\n[metrics]\nlisten = \"{METRICS}\"\n",
         q(cert),
         q(key),
         bundle.iter().map(|b| q(b)).collect::<Vec<_>>().join(", "),
@@ -913,6 +917,38 @@ pub fn mesh_config_with(
     let path = lab.dir.join(format!("{ifname}.toml"));
     std::fs::write(&path, text).expect("writing config");
     path
+}
+
+/// Where every test node serves its metrics and health endpoints: its namespace's own loopback.
+pub const METRICS: &str = "127.0.0.1:9469";
+
+/// `GET path` from the metrics listener of the node in `ns`: the status code and the body.
+pub fn http_get(ns: &str, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&METRICS.parse().unwrap(), Duration::from_secs(2))
+            .expect("connecting to the metrics listener");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        s.write_all(request.as_bytes())
+            .expect("sending the request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("reading the answer");
+        let code = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (code, body.to_string())
+    })
+    .join()
+    .expect("metrics request")
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed) in metrics `text`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Waits until `done` holds, checking every 50 ms; fails the test naming `what` after `limit`.

@@ -889,3 +889,119 @@ spec:
     assert!(!big.status.success(), "a fragmented ping crossed");
     assert!(fragments_dropped(&pl.lab, &pl.node(1).ns) > 0);
 }
+
+/// The Prometheus metrics of post (node 2), scraped from its namespace's loopback.
+fn metrics(pl: &PolicyLab) -> String {
+    let (code, body) = http_get(&pl.node(2).ns, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+#[test]
+fn metrics_move_during_a_transfer_and_count_verdicts_and_drops_by_reason() {
+    if !can_run() {
+        return;
+    }
+    let mut pl = policy_lab(&[("api", &[]), ("post", &["app=post"]), ("user", &[])], &[]);
+    let post_ns = pl.node(2).ns.clone();
+    // Zero trust without a set denies every flow: the node is alive but not ready.
+    assert_eq!(http_get(&post_ns, "/healthz"), (200, "ok\n".to_string()));
+    let (code, body) = http_get(&post_ns, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("FAIL policy"), "{body}");
+    let post_allow = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: post-allow-list
+  namespace: microblog
+spec:
+  selector: app == 'post'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source:
+      serviceAccounts:
+        names: [\"api\", \"search\"]
+    destination:
+      ports: [8080]
+";
+    let serial = pl.apply(1, &format!("{NAMESPACE}---\n{EGRESS_ALL}---\n{post_allow}"));
+    pl.wait_serial(serial);
+    let (code, body) = http_get(&post_ns, "/readyz");
+    assert_eq!(code, 200, "ready once a set is in force: {body}");
+    assert!(body.contains(&format!("set {serial} in force")), "{body}");
+
+    let key = |i: usize| {
+        pl.lab.status(&pl.node(i).ifname)["public_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (api, user) = (key(1), key(3));
+    let peer = |name: &str, key: &str| {
+        format!("{{public_key=\"{key}\",identity=\"example.org/microblog/{name}\"}}")
+    };
+    let rx = format!("meshd_peer_rx_bytes_total{}", peer("api", &api));
+
+    // 64 MiB from api to post; the counter is read while the transfer runs.
+    const BYTES: u64 = 64 << 20;
+    let to = pl.addr(2, 8080);
+    let api_ns = pl.node(1).ns.clone();
+    let transfer = std::thread::spawn({
+        let post_ns = post_ns.clone();
+        move || tcp_transfer(&api_ns, &post_ns, to, BYTES)
+    });
+    let mut seen = Vec::new();
+    while !transfer.is_finished() && seen.len() < 200 {
+        if let Some(v) = sample(&metrics(&pl), &rx) {
+            seen.push(v);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    transfer.join().expect("the transfer");
+    let after = metrics(&pl);
+    let total = sample(&after, &rx).expect("rx bytes of api");
+    assert!(total >= BYTES as f64, "{total} < {BYTES}");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "a counter never goes down: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|v| *v > 0.0 && *v < total),
+        "scraped while moving: {seen:?} then {total}"
+    );
+    let packets = format!("meshd_peer_rx_packets_total{}", peer("api", &api));
+    assert!(sample(&after, &packets).unwrap() >= (BYTES / 1500) as f64);
+    let handshakes = format!("meshd_peer_handshakes_total{}", peer("api", &api));
+    assert!(sample(&after, &handshakes).unwrap() >= 1.0, "{after}");
+
+    // user -> post is denied at post's ingress: a drop by reason, from user's key, and a
+    // verdict of the end of the policies.
+    assert!(!talks(&pl.node(3).ns, pl.addr(2, 8080), QUICK));
+    let denied = format!(
+        "meshd_dropped_packets_total{{reason=\"policy_denied_ingress\",public_key=\"{user}\"}}"
+    );
+    let allow = "meshd_policy_verdicts_total{direction=\"ingress\",policy=\"NetworkPolicy microblog/post-allow-list\",action=\"allow\"}";
+    let deny = "meshd_policy_verdicts_total{direction=\"ingress\",policy=\"end-of-policies\",action=\"deny\"}";
+    wait_for("the denial in the metrics", Duration::from_secs(5), || {
+        let m = metrics(&pl);
+        sample(&m, &denied).unwrap_or(0.0) >= 1.0
+            && sample(&m, allow).unwrap_or(0.0) >= 1.0
+            && sample(&m, deny).unwrap_or(0.0) >= 1.0
+    });
+    let m = metrics(&pl);
+    assert_eq!(sample(&m, "meshd_policy_serial"), Some(serial as f64));
+    assert_eq!(sample(&m, "meshd_members"), Some(2.0));
+    assert_eq!(sample(&m, "meshd_ready"), Some(1.0));
+    assert!(sample(&m, "meshd_control_messages_total{kind=\"hello\"}").unwrap() >= 1.0);
+    assert!(
+        m.lines().any(|l| l.starts_with(
+            "meshd_certificate_expiry_timestamp_seconds{identity=\"example.org/microblog/post\"}"
+        )),
+        "{m}"
+    );
+    assert!(m.contains("# TYPE meshd_conntrack_entries gauge"));
+    // Anything but GET of the three paths is refused, and the daemon goes on.
+    assert_eq!(http_get(&post_ns, "/").0, 404);
+    assert_eq!(http_get(&post_ns, "/healthz").0, 200);
+}

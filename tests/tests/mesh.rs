@@ -362,6 +362,8 @@ fn a_short_lived_certificate_is_cut_at_expiry() {
         lab.ping_until(&n1.ns, &n2.ip, Duration::from_secs(5)),
         "works while valid"
     );
+    let (code, body) = http_get(&n2.ns, "/readyz");
+    assert_eq!(code, 200, "ready while valid: {body}");
     let text = std::fs::read_to_string(&n2.cert).unwrap();
     let cert = proto::cert::Certificate::decode(
         &proto::armor::decode(proto::armor::CERTIFICATE, &text).unwrap(),
@@ -381,6 +383,16 @@ fn a_short_lived_certificate_is_cut_at_expiry() {
     );
     assert!(!lab.ping(&n1.ns, &n2.ip, 2));
     assert!(!lab.ping(&n2.ns, &n1.ip, 2));
+    // The expired node says so to its orchestrator, and is still alive.
+    let (code, body) = http_get(&n2.ns, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("FAIL identity") && body.contains("expired"),
+        "{body}"
+    );
+    assert_eq!(http_get(&n2.ns, "/healthz").0, 200);
+    let (_, metrics) = http_get(&n2.ns, "/metrics");
+    assert_eq!(sample(&metrics, "meshd_ready"), Some(0.0), "{metrics}");
 }
 
 #[test]
@@ -643,7 +655,7 @@ fn operator_peering_with_meshctl_peer_add_list_remove() {
         "{table}"
     );
 
-    let out = meshctl(&["peer", "remove", "example.org/prod/node2", "-i", &n1.ifname]);
+    let out = meshctl(&["peer", "remove", "prod/node2", "-i", &n1.ifname]);
     assert!(out.status.success(), "{out:?}");
     assert!(peer_identities(&lab, &n1).is_empty());
     std::thread::sleep(Duration::from_secs(4));
@@ -928,10 +940,10 @@ fn a_member_replaying_an_old_certificate_of_a_renewed_identity_changes_nothing()
     assert!(lab.ping(&n2.ns, &n1.ip, 2), "node 1 is still reached");
 }
 
-/// `meshctl reload IFNAME`: (success, standard output, standard error).
+/// `meshctl reload -i IFNAME`: (success, standard output, standard error).
 fn reload(ifname: &str) -> (bool, String, String) {
     let o = std::process::Command::new(bin("meshctl"))
-        .args(["reload", ifname])
+        .args(["reload", "-i", ifname])
         .output()
         .unwrap();
     (
@@ -1125,4 +1137,51 @@ fn status_starts_with_the_node_and_warns_when_it_is_revoked() {
             .is_some_and(|p| p.contains("revoked")),
         "{json}"
     );
+}
+
+/// What systemd's `Type=notify` hears: READY=1 first (the sockets listen by then), RELOADING=1
+/// and READY=1 around a reload (with the outcome, also of a refused one), STOPPING=1 at the end.
+#[test]
+fn the_service_manager_hears_ready_reloading_and_stopping() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let path = lab.dir.join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 1024];
+        let n = manager.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    lab.env
+        .push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    let n1 = node(&mut lab, &sw, &pki, &[pki.ca_cert()], 1, &[], &[]);
+    assert_eq!(next(), format!("READY=1\nSTATUS={} up", n1.ifname));
+    assert!(std::path::Path::new(&proto::admin::socket_path(&n1.ifname)).exists());
+
+    assert!(reload(&n1.ifname).0);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1\nSTATUS=reloaded");
+
+    std::fs::write(&n1.cert, b"garbage\n").unwrap();
+    assert!(!reload(&n1.ifname).0);
+    assert!(next().starts_with("RELOADING=1"));
+    let refused = next();
+    assert!(
+        refused.starts_with("READY=1\nSTATUS=reload refused: ") && !refused[9..].contains('\n'),
+        "{refused}"
+    );
+
+    lab.stop(&n1.ifname, libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1");
 }

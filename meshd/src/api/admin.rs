@@ -47,36 +47,10 @@ impl Admin {
             };
         }
         match req {
-            Request::Status => {
-                let mut status = self.dev.status();
-                status.identity = self.me.clone();
-                status.spiffe_id = self.me_spiffe.clone();
-                if self.me.is_some() {
-                    let (reply, answer) = tokio::sync::oneshot::channel();
-                    match self.ask(Command::ControlStatus { reply }, answer).await {
-                        Ok((control, own)) => {
-                            status.control = Some(control);
-                            status.identity = Some(own.identity.clone());
-                            status.spiffe_id = Some(own.spiffe_id.clone());
-                            status.certificate = Some(own);
-                        }
-                        Err(e) => return e,
-                    }
-                }
-                let members = self.members.lock();
-                for p in &mut status.peers {
-                    let key = proto::Key::from_base64(&p.public_key)
-                        .map(|k| k.0)
-                        .unwrap_or_default();
-                    if let Some(m) = members.get(&key) {
-                        p.identity = Some(m.certificate.body.identity());
-                        p.spiffe_id = Some(m.certificate.body.spiffe_id());
-                        p.labels = m.certificate.body.labels.clone();
-                        p.cert_not_after = Some(m.certificate.body.not_after);
-                    }
-                }
-                Response::Status(status)
-            }
+            Request::Status => match self.status().await {
+                Ok(status) => Response::Status(status),
+                Err(e) => e,
+            },
             Request::Reload => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 match self
@@ -190,6 +164,35 @@ impl Admin {
 }
 
 impl Admin {
+    /// The whole view of the node: device, peers with their identities, control protocol,
+    /// policy and own certificate. `meshctl status` and the metrics both show this.
+    pub async fn status(&self) -> Result<proto::admin::Status, Response> {
+        let mut status = self.dev.status();
+        status.identity = self.me.clone();
+        status.spiffe_id = self.me_spiffe.clone();
+        if self.me.is_some() {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let (control, own) = self.ask(Command::ControlStatus { reply }, answer).await?;
+            status.control = Some(control);
+            status.identity = Some(own.identity.clone());
+            status.spiffe_id = Some(own.spiffe_id.clone());
+            status.certificate = Some(own);
+        }
+        let members = self.members.lock();
+        for p in &mut status.peers {
+            let key = proto::Key::from_base64(&p.public_key)
+                .map(|k| k.0)
+                .unwrap_or_default();
+            if let Some(m) = members.get(&key) {
+                p.identity = Some(m.certificate.body.identity());
+                p.spiffe_id = Some(m.certificate.body.spiffe_id());
+                p.labels = m.certificate.body.labels.clone();
+                p.cert_not_after = Some(m.certificate.body.not_after);
+            }
+        }
+        Ok(status)
+    }
+
     /// Hands `cmd` to the mesh task and waits for its answer.
     async fn ask<T>(
         &self,

@@ -2,6 +2,8 @@
 //! Both are Unix sockets that only root can open.
 
 pub mod admin;
+pub mod http;
+pub mod metrics;
 pub mod uapi;
 
 use anyhow::Context;

@@ -373,6 +373,10 @@ fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, ou
     // A cookie reply's key comes from the peer's public key, which anyone may know: it proves
     // nothing about where the peer is.
     let roams = !matches!(packet, Packet::PacketCookieReply(_));
+    let handshake = matches!(
+        packet,
+        Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+    );
 
     let mut st = peer.state.lock();
     let Some(tunn) = st.tunn.as_mut() else {
@@ -404,6 +408,10 @@ fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, ou
     }
     drop(st);
     peer.add_rx(datagram.len());
+    if handshake {
+        peer.handshakes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     peer.last_rx_ms
         .store(dev.clock_ms(), std::sync::atomic::Ordering::Relaxed);
 

@@ -18,6 +18,7 @@ use proto::relay::{Endpoint, Tag};
 use proto::uapi::{self, DeviceInfo, PeerInfo, SetRequest, UapiError};
 use proto::Key;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -448,6 +449,9 @@ impl Device {
                     last_seen_secs: peer.and_then(|p| self.last_seen_secs(p)),
                     tx_bytes: p.tx_bytes,
                     rx_bytes: p.rx_bytes,
+                    tx_packets: peer.map_or(0, |p| p.tx_packets.load(Relaxed)),
+                    rx_packets: peer.map_or(0, |p| p.rx_packets.load(Relaxed)),
+                    handshakes: peer.map_or(0, |p| p.handshakes.load(Relaxed)),
                     persistent_keepalive_secs: p.persistent_keepalive_secs,
                     drops: peer.map(|p| p.drops.snapshot()).unwrap_or_default(),
                     identity: None,

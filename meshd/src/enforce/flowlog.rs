@@ -28,6 +28,12 @@ const DENIED_REPEAT_MS: u64 = 10_000;
 const ROTATE_BYTES: u64 = 64 << 20;
 /// Open flows remembered for their closing record; beyond this the oldest are forgotten.
 const MAX_OPEN: usize = 1 << 20;
+/// (direction, policy, action) counters kept; policies of sets replaced long ago beyond this are
+/// counted under the policy name `other`.
+const MAX_VERDICT_KEYS: usize = 4096;
+
+/// Decisions on new flows by (direction, deciding policy, action).
+pub type VerdictCounts = std::collections::BTreeMap<(&'static str, String, &'static str), u64>;
 
 pub enum FlowEvent {
     New {
@@ -47,6 +53,7 @@ pub struct FlowLog {
     tx: SyncSender<FlowEvent>,
     ring: Arc<Mutex<Ring>>,
     pub lost: Arc<AtomicU64>,
+    pub verdicts: Arc<Mutex<VerdictCounts>>,
 }
 
 #[derive(Default)]
@@ -67,14 +74,16 @@ impl FlowLog {
             tx,
             ring: ring.clone(),
             lost: Arc::default(),
+            verdicts: Arc::default(),
         };
+        let verdicts = log.verdicts.clone();
         let writer = match file {
             Some(path) => Some(LogFile::open(path)?),
             None => None,
         };
         std::thread::Builder::new()
             .name("flow-log".into())
-            .spawn(move || run(rx, ring, writer))?;
+            .spawn(move || run(rx, ring, verdicts, writer))?;
         Ok(log)
     }
 
@@ -146,7 +155,12 @@ impl LogFile {
     }
 }
 
-fn run(rx: Receiver<FlowEvent>, ring: Arc<Mutex<Ring>>, mut file: Option<LogFile>) {
+fn run(
+    rx: Receiver<FlowEvent>,
+    ring: Arc<Mutex<Ring>>,
+    verdicts: Arc<Mutex<VerdictCounts>>,
+    mut file: Option<LogFile>,
+) {
     let mut open: HashMap<ConnKey, FlowRecord> = HashMap::new();
     let mut denied: HashMap<ConnKey, u64> = HashMap::new();
     let epoch = std::time::Instant::now();
@@ -155,6 +169,12 @@ fn run(rx: Receiver<FlowEvent>, ring: Arc<Mutex<Ring>>, mut file: Option<LogFile
         batch.extend(rx.try_iter().take(BACKLOG));
         for e in batch {
             let now_ms = epoch.elapsed().as_millis() as u64;
+            if let FlowEvent::New {
+                decision, rules, ..
+            } = &e
+            {
+                count_verdict(&mut verdicts.lock(), decision, rules);
+            }
             let Some(mut rec) = record(e, &mut open, &mut denied, now_ms) else {
                 continue;
             };
@@ -182,6 +202,31 @@ fn run(rx: Receiver<FlowEvent>, ring: Arc<Mutex<Ring>>, mut file: Option<LogFile
     }
 }
 
+fn count_verdict(counts: &mut VerdictCounts, d: &Decision, rules: &Rules) {
+    let direction = match d.direction {
+        Direction::Egress => "egress",
+        Direction::Ingress => "ingress",
+    };
+    let action = action(d);
+    let mut policy = rules.compiled.policy_name(&d.verdict).to_string();
+    if counts.len() >= MAX_VERDICT_KEYS
+        && !counts.contains_key(&(direction, policy.clone(), action))
+    {
+        policy = "other".into();
+    }
+    *counts.entry((direction, policy, action)).or_default() += 1;
+}
+
+fn action(d: &Decision) -> &'static str {
+    if d.verdict.allow {
+        "allow"
+    } else if d.audited {
+        "audit"
+    } else {
+        "deny"
+    }
+}
+
 fn record(
     e: FlowEvent,
     open: &mut HashMap<ConnKey, FlowRecord>,
@@ -194,6 +239,7 @@ fn record(
             decision,
             rules,
         } => {
+            let verdict_name = action(&decision);
             let Decision {
                 verdict,
                 audited,
@@ -223,14 +269,7 @@ fn record(
                     Direction::Egress => "egress".into(),
                     Direction::Ingress => "ingress".into(),
                 },
-                verdict: if verdict.allow {
-                    "allow"
-                } else if audited {
-                    "audit"
-                } else {
-                    "deny"
-                }
-                .into(),
+                verdict: verdict_name.into(),
                 protocol: protocol_name(flow.protocol),
                 src: end(&rules, src_id, flow.src, flow.src_port, &flow),
                 dst: end(&rules, dst_id, flow.dst, flow.dst_port, &flow),

@@ -472,6 +472,20 @@ impl Enforcer {
             audited_flows: self.counters.audited_flows.load(Relaxed),
             cut_flows: self.counters.cut_flows.load(Relaxed),
             flow_log_lost: self.log.lost.load(Relaxed),
+            verdicts: self
+                .log
+                .verdicts
+                .lock()
+                .iter()
+                .map(
+                    |((direction, policy, action), n)| proto::admin::VerdictCount {
+                        direction: direction.to_string(),
+                        policy: policy.clone(),
+                        action: action.to_string(),
+                        count: *n,
+                    },
+                )
+                .collect(),
         }
     }
 

@@ -366,6 +366,8 @@ pub struct Membership {
     pub counters: ControlCounters,
     /// Certificates in members' lists that were refused, by [`Refusal::kind`].
     pub listed_refused: BTreeMap<&'static str, u64>,
+    /// Messages that authenticated and passed the replay window, by [`Message::kind`].
+    pub received_kinds: BTreeMap<&'static str, u64>,
     digest_cache: std::cell::Cell<Option<[u8; 32]>>,
 }
 
@@ -403,6 +405,7 @@ impl Membership {
             ),
             counters: ControlCounters::default(),
             listed_refused: BTreeMap::new(),
+            received_kinds: BTreeMap::new(),
             digest_cache: std::cell::Cell::new(None),
             secret,
             public,
@@ -1201,6 +1204,7 @@ impl Membership {
                 // heard at its own address, is answered there).
                 let from = self.members.get(&sender).map_or(from, |m| m.endpoint);
                 let arrival = Arrival { from, moved };
+                *self.received_kinds.entry(msg.kind()).or_default() += 1;
                 self.on_message(now_ms, sender, arrival, msg, rng, &mut out)?;
             }
         }

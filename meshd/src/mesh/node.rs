@@ -316,6 +316,12 @@ impl Node {
                         .map(|(k, n)| (format!("listed_{k}"), *n)),
                 )
                 .collect(),
+            received: self
+                .membership
+                .received_kinds
+                .iter()
+                .map(|(k, n)| (k.to_string(), *n))
+                .collect(),
         }
     }
 

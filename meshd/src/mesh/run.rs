@@ -212,6 +212,7 @@ impl Mesh {
     async fn command(&mut self, cmd: Command) -> Option<Event> {
         match cmd {
             Command::Reload { reply } => {
+                crate::notify::reloading();
                 let answer = self.reload().await;
                 match &answer {
                     Ok(summary) => tracing::info!(%summary, "reloaded"),
@@ -220,6 +221,12 @@ impl Mesh {
                         "reload refused; the running configuration stays in force"
                     ),
                 }
+                let outcome = match &answer {
+                    Ok(_) => "reloaded".to_string(),
+                    // One line: the protocol separates its fields by newlines.
+                    Err(reason) => format!("reload refused: {}", reason.replace('\n', " ")),
+                };
+                crate::notify::notify(&format!("READY=1\nSTATUS={outcome}"));
                 if let Some(reply) = reply {
                     let _ = reply.send(answer);
                 }
@@ -263,8 +270,16 @@ impl Mesh {
                 None
             }
             Command::RemovePeer { id, reply } => {
+                // NAMESPACE/NAME names an identity of this node's own trust domain, as
+                // everywhere else in meshctl.
+                let own_td = self.node.own_certificate(now_ms()).identity;
+                let own_td = own_td.split('/').next().unwrap_or_default();
+                let full = match id.matches('/').count() {
+                    1 => format!("{own_td}/{id}"),
+                    _ => id.clone(),
+                };
                 let found = self.node.members().iter().find(|(k, m)| {
-                    Key(**k).to_base64() == id || m.certificate.body.identity() == id
+                    Key(**k).to_base64() == id || m.certificate.body.identity() == full
                 });
                 match found.map(|(k, m)| (*k, m.certificate.body.identity())) {
                     Some((key, identity)) => {
@@ -575,6 +590,9 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     if running.relay != new.relay {
         out.push("[relay]");
     }
+    if running.metrics != new.metrics {
+        out.push("[metrics]");
+    }
     out
 }
 
@@ -587,6 +605,7 @@ fn keep_restart_settings(new: &mut Config, running: &Config) {
     new.policy.flow_log = running.policy.flow_log.clone();
     new.gateway = running.gateway.clone();
     new.relay = running.relay.clone();
+    new.metrics = running.metrics.clone();
     for s in &running.peering.seeds {
         if !new.peering.seeds.contains(s) {
             new.peering.seeds.push(s.clone());
