@@ -69,6 +69,10 @@ pub enum LogFormat {
 pub struct Config {
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Reload when this file or a file it names changes (checked every 5 s), as for a
+    /// Kubernetes ConfigMap updated in place.
+    #[serde(default)]
+    pub reload_on_change: bool,
     pub interface: InterfaceSection,
     pub identity: IdentitySection,
     pub trust: TrustSection,

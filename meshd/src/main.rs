@@ -242,6 +242,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .config
             .clone()
             .context("mesh mode without a config path")?;
+        if cfg.reload_on_change {
+            tokio::spawn(mesh::watch::run(path.clone(), reload_tx.clone()));
+        }
         let mesh = mesh::run::Mesh::start(dev.clone(), path, &cfg, id, members.clone()).await?;
         tokio::spawn(mesh.run(rx, reload_rx));
     }

@@ -1185,3 +1185,43 @@ fn the_service_manager_hears_ready_reloading_and_stopping() {
     lab.stop(&n1.ifname, libc::SIGTERM);
     assert_eq!(next(), "STOPPING=1");
 }
+
+/// `reload_on_change = true` (as in the Kubernetes DaemonSet, whose ConfigMap is updated in
+/// place): a changed file is taken without a signal, a broken one is refused once and the node
+/// runs on.
+#[test]
+fn a_node_that_watches_its_files_reloads_when_they_change() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let ns = lab.host("w1");
+    lab.attach(&sw, &ns, "198.18.1.1/24");
+    let (cert, key) = pki.issue("prod", "watcher", "100.64.1.1/32", &[]);
+    let ifname = lab.name("w1");
+    let config = mesh_config(&lab, &ifname, &cert, &key, &[pki.ca_cert()], &[]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("reload_on_change = true\n{text}")).unwrap();
+    lab.meshd_config(&ns, &ifname, &config);
+    assert_eq!(lab.status(&ifname)["policy"]["audit"], false);
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("audit = false", "audit = true")).unwrap();
+    wait_for("the watched change taken", Duration::from_secs(12), || {
+        lab.status(&ifname)["policy"]["audit"] == true
+    });
+    assert!(lab
+        .log(&ifname)
+        .contains("configuration files changed: reloading"));
+
+    std::fs::write(&cert, b"garbage\n").unwrap();
+    wait_for(
+        "the broken certificate refused",
+        Duration::from_secs(12),
+        || lab.log(&ifname).contains("reload refused"),
+    );
+    assert!(lab.alive(&ifname), "the node runs on");
+    assert_eq!(lab.status(&ifname)["policy"]["audit"], true);
+}

@@ -19,5 +19,6 @@ mod scale;
 #[cfg(test)]
 pub mod sim;
 pub mod state;
+pub mod watch;
 
 pub use membership::{MemberState, Refusal};

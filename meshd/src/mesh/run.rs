@@ -564,6 +564,9 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     if running.log_format != new.log_format {
         out.push("log_format");
     }
+    if running.reload_on_change != new.reload_on_change {
+        out.push("reload_on_change");
+    }
     if running.interface != new.interface {
         out.push("[interface]");
     }
@@ -599,6 +602,7 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
 /// `new` with the settings only a restart applies put back as they run.
 fn keep_restart_settings(new: &mut Config, running: &Config) {
     new.log_format = running.log_format;
+    new.reload_on_change = running.reload_on_change;
     new.interface = running.interface.clone();
     new.peering.state_dir = running.peering.state_dir.clone();
     new.policy.conntrack_max = running.policy.conntrack_max;
