@@ -228,7 +228,9 @@ enum PolicyCommand {
         #[arg(short = 'f', long = "file", value_name = "FILE|DIR|-", help = FILES_HELP)]
         files: Vec<PathBuf>,
         /// The source: [TRUST_DOMAIN/]NAMESPACE/NAME[,KEY=VALUE...] (NAME is the service
-        /// account; without TRUST_DOMAIN, the local one).
+        /// account; without TRUST_DOMAIN, the local one), or an IP address outside the mesh.
+        /// Without -f and without labels, the labels and address come from the member's
+        /// certificate in the live mesh.
         #[arg(long)]
         from: String,
         /// The destination, as --from.
@@ -255,6 +257,8 @@ enum PolicyCommand {
         /// daemon's own for the set in force, cluster.local for files.
         #[arg(long)]
         trust_domain: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
+        output: Output,
     },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
@@ -489,6 +493,7 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             port,
             posture,
             trust_domain,
+            output,
         } => {
             let posture = posture.map(|p| {
                 if p == "calico" {
@@ -497,8 +502,11 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
                     ::policy::engine::Posture::ZeroTrust
                 }
             });
+            let mut known = None;
             let set = if files.is_empty() {
-                policy_set::running(&daemon()?, posture, trust_domain.as_deref())?
+                let socket = daemon()?;
+                known = Some(policy_set::known(&socket)?);
+                policy_set::running(&socket, posture, trust_domain.as_deref())?
             } else {
                 policy::validate_paths(&files)?;
                 policy::load(&files, posture.unwrap_or_default())?.in_trust_domain(
@@ -509,6 +517,8 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             };
             policy::check(policy::CheckArgs {
                 set,
+                known,
+                output,
                 from: &from,
                 to: &to,
                 from_ip: from_ip.as_deref(),

@@ -112,8 +112,24 @@ pub fn located_errors(errors: &[CompileError], origins: &BTreeMap<String, Origin
         .collect()
 }
 
-/// `[TD/]NS/NAME[,K=V...]` as an endpoint; without `TD/`, of trust domain `local`.
-fn endpoint(flag: &str, spec: &str, ip: Option<&str>, local: &str) -> Result<Endpoint, Failure> {
+/// An identity the live mesh knows: its labels and first address, from its certificate.
+pub struct Known {
+    /// `TD/NS/NAME`
+    pub identity: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// `[TD/]NS/NAME[,K=V...]` as an endpoint; without `TD/`, of trust domain `local`. Given no
+/// labels and identities of a live mesh (`known`), the identity is looked up there and takes its
+/// certificate's labels and address; one the mesh does not know is an error.
+fn endpoint(
+    flag: &str,
+    spec: &str,
+    ip: Option<&str>,
+    local: &str,
+    known: Option<&[Known]>,
+) -> Result<Endpoint, Failure> {
     let mut parts = spec.split(',');
     let id = parts.next().unwrap_or_default();
     let names: Vec<&str> = id.split('/').collect();
@@ -134,12 +150,22 @@ fn endpoint(flag: &str, spec: &str, ip: Option<&str>, local: &str) -> Result<End
             .ok_or_else(|| Failure::input(anyhow!("{flag}: `{kv}` is not KEY=VALUE")))?;
         labels.insert(k.to_string(), v.to_string());
     }
-    let ip = ip
+    let mut ip = ip
         .map(|t| {
             t.parse()
                 .map_err(|_| Failure::input(anyhow!("{flag}-ip: `{t}` is not an IP address")))
         })
         .transpose()?;
+    if let (true, Some(known)) = (labels.is_empty() && !spec.contains(','), known) {
+        let full = format!("{trust_domain}/{namespace}/{name}");
+        let Some(k) = known.iter().find(|k| k.identity == full) else {
+            return Err(Failure::input(anyhow!(
+                "{flag}: the mesh has no member {full}; give its labels ({id},KEY=VALUE...) to ask about it anyway"
+            )));
+        };
+        labels = k.labels.clone();
+        ip = ip.or(k.ip);
+    }
     Ok(Endpoint {
         trust_domain: trust_domain.into(),
         namespace: namespace.into(),
@@ -151,6 +177,9 @@ fn endpoint(flag: &str, spec: &str, ip: Option<&str>, local: &str) -> Result<End
 
 pub struct CheckArgs<'a> {
     pub set: PolicySet,
+    /// The live mesh's identities, when checking against the set in force.
+    pub known: Option<Vec<Known>>,
+    pub output: crate::Output,
     pub from: &'a str,
     pub to: &'a str,
     pub from_ip: Option<&'a str>,
@@ -167,10 +196,16 @@ enum CheckEnd {
 }
 
 impl CheckEnd {
-    fn parse(flag: &str, spec: &str, ip: Option<&str>, local: &str) -> Result<CheckEnd, Failure> {
+    fn parse(
+        flag: &str,
+        spec: &str,
+        ip: Option<&str>,
+        local: &str,
+        known: Option<&[Known]>,
+    ) -> Result<CheckEnd, Failure> {
         match spec.parse() {
             Ok(addr) => Ok(CheckEnd::External(addr)),
-            Err(_) => endpoint(flag, spec, ip, local).map(CheckEnd::Identity),
+            Err(_) => endpoint(flag, spec, ip, local, known).map(CheckEnd::Identity),
         }
     }
 
@@ -214,8 +249,9 @@ impl CheckEnd {
 /// local identity's direction is decided.
 pub fn check(a: CheckArgs) -> Result<(), Failure> {
     let set = a.set;
-    let src = CheckEnd::parse("--from", a.from, a.from_ip, &set.trust_domain)?;
-    let dst = CheckEnd::parse("--to", a.to, a.to_ip, &set.trust_domain)?;
+    let known = a.known.as_deref();
+    let src = CheckEnd::parse("--from", a.from, a.from_ip, &set.trust_domain, known)?;
+    let dst = CheckEnd::parse("--to", a.to, a.to_ip, &set.trust_domain, known)?;
     let protocol = match a.proto.to_ascii_lowercase().as_str() {
         "tcp" => policy::engine::TCP,
         "udp" => policy::engine::UDP,
@@ -255,6 +291,35 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
     let allowed =
         |v: &Result<policy::engine::Verdict, String>| v.as_ref().map_or(true, |v| v.allow);
     let allow = allowed(&egress) && allowed(&ingress);
+    let side = |end: &CheckEnd, v: &Result<policy::engine::Verdict, String>| {
+        let mut o = serde_json::json!({ "end": end.name(&set) });
+        if let CheckEnd::Identity(e) = end {
+            o["labels"] = serde_json::json!(e.labels);
+        }
+        match v {
+            Ok(v) => {
+                o["allowed"] = v.allow.into();
+                o["by"] = v.by.to_string().into();
+                o["rule"] = serde_json::json!(v.rule);
+            }
+            Err(why) => o["not_governed"] = why.clone().into(),
+        }
+        o
+    };
+    let answer = serde_json::json!({
+        "verdict": if allow { "ALLOW" } else { "DENY" },
+        "protocol": a.proto,
+        "port": a.port,
+        "egress": side(&src, &egress),
+        "ingress": side(&dst, &ingress),
+    });
+    if a.output.data(&answer)?.is_none() {
+        return if allow {
+            Ok(())
+        } else {
+            Err(Failure::answer())
+        };
+    }
     println!("{}", if allow { "ALLOW" } else { "DENY" });
     for (what, end, v) in [("egress of", &src, &egress), ("ingress of", &dst, &ingress)] {
         match v {

@@ -159,6 +159,32 @@ pub fn running(
         .map_err(|e| anyhow!("the running set does not compile: {}", e[0]).into())
 }
 
+/// The identities of the live mesh as the daemon at `socket` knows them: itself and its members,
+/// with the labels and first address of their certificates.
+pub fn known(socket: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
+    let first = |a: &[proto::Cidr]| a.first().map(|c| c.addr());
+    let mut out = Vec::new();
+    if let Response::Status(s) = request(socket, &Request::Status)? {
+        if let Some(own) = s.certificate {
+            out.push(crate::policy::Known {
+                identity: own.identity,
+                labels: own.labels,
+                ip: first(&own.addresses),
+            });
+        }
+    }
+    match request(socket, &Request::PeerList)? {
+        Response::Peers(peers) => out.extend(peers.into_iter().map(|p| crate::policy::Known {
+            ip: first(&p.addrs),
+            identity: p.identity,
+            labels: p.labels,
+        })),
+        Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
+        other => return Err(anyhow!("unexpected answer {other:?}").into()),
+    }
+    Ok(out)
+}
+
 /// Checks that `objs` compile as a whole (every error at once), naming the file and document of
 /// each object that came from a file.
 pub fn validate(

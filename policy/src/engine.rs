@@ -184,11 +184,17 @@ pub struct CompileError {
 }
 
 impl CompileError {
-    /// The error with the file and document its policy came from, when known:
-    /// `FILE: document N (POLICY): FIELD: MESSAGE`.
+    /// The error with the file, line and column of its field, when its policy's origin is
+    /// known: `FILE:LINE:COLUMN: document N (POLICY): FIELD: MESSAGE`.
     pub fn at(&self, origin: Option<&crate::model::Origin>) -> String {
         match origin {
-            Some(o) => format!("{o} ({}): {}: {}", self.policy, self.field, self.message),
+            Some(o) => format!(
+                "{} ({}): {}: {}",
+                o.at(&self.field),
+                self.policy,
+                self.field,
+                self.message
+            ),
             None => self.to_string(),
         }
     }

@@ -92,11 +92,76 @@ pub struct RuleMetadata {
 }
 
 /// A protocol by name (`TCP`, `UDP`, `ICMP`, `ICMPv6`, `SCTP`, `UDPLite`) or number.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ProtocolValue {
     Number(u8),
     Name(String),
+}
+
+impl<'de> Deserialize<'de> for ProtocolValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NumberOrName {
+            what: "protocol number",
+            max: u8::MAX as u64,
+            expecting: "a protocol: TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number 0 to 255",
+            number: |n| ProtocolValue::Number(n as u8),
+            name: ProtocolValue::Name,
+        })
+    }
+}
+
+/// A YAML scalar that is a bounded number or a name, with errors in the user's words ("port 80800
+/// is out of range (0 to 65535)", not "did not match any variant of untagged enum").
+struct NumberOrName<T> {
+    what: &'static str,
+    max: u64,
+    expecting: &'static str,
+    number: fn(u64) -> T,
+    name: fn(String) -> T,
+}
+
+impl<T> serde::de::Visitor<'_> for NumberOrName<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<T, E> {
+        if n > self.max {
+            return Err(E::custom(format!(
+                "{} {n} is out of range (0 to {})",
+                self.what, self.max
+            )));
+        }
+        Ok((self.number)(n))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<T, E> {
+        match u64::try_from(n) {
+            Ok(n) => self.visit_u64(n),
+            Err(_) => Err(E::custom(format!(
+                "{} {n} is out of range (0 to {})",
+                self.what, self.max
+            ))),
+        }
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+        Ok((self.name)(s.to_string()))
+    }
+}
+
+/// A port number field (`endPort`): 0 to 65535, said so when it is not.
+fn port_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let v: Option<PortValue> = Option::deserialize(d)?;
+    match v {
+        None => Ok(None),
+        Some(PortValue::Number(n)) => Ok(Some(n)),
+        Some(PortValue::Text(t)) => Err(serde::de::Error::custom(format!(
+            "`{t}` is not a port number (0 to 65535)"
+        ))),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -141,11 +206,22 @@ pub struct ServiceAccountMatch {
 }
 
 /// A port (`8080`), a range (`"8000:8080"`) or a named port (not supported: an error later).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PortValue {
     Number(u16),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for PortValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NumberOrName {
+            what: "port",
+            max: u16::MAX as u64,
+            expecting: "a port 0 to 65535, a range like \"8000:8080\" or a port name",
+            number: |n| PortValue::Number(n as u16),
+            name: PortValue::Text,
+        })
+    }
 }
 
 /// The `spec` of a network set or external network: its addresses.
@@ -240,7 +316,7 @@ pub struct K8sPort {
     pub protocol: Option<String>,
     #[serde(default)]
     pub port: Option<PortValue>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "port_number")]
     pub end_port: Option<u16>,
 }
 
@@ -277,9 +353,12 @@ pub enum Document {
 
 /// A document that could not be read: which file, which document (1-based), what and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}: document {document}{}: {message}", kind_name.as_ref().map(|k| format!(" ({k})")).unwrap_or_default())]
+#[error("{file}:{line}:{column}: document {document}{}: {message}", kind_name.as_ref().map(|k| format!(" ({k})")).unwrap_or_default())]
 pub struct LoadError {
     pub file: String,
+    /// 1-based, in the file.
+    pub line: usize,
+    pub column: usize,
     pub document: usize,
     /// `Kind/name` when known.
     pub kind_name: Option<String>,
@@ -334,11 +413,22 @@ pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Document>, Vec<Load
 pub struct Origin {
     pub file: String,
     pub document: usize,
+    /// The whole file, to place a field of the document later (an error found by compiling).
+    pub text: std::sync::Arc<str>,
+}
+
+impl Origin {
+    /// `FILE:LINE:COLUMN: document N` of field `path` of this document (its first line when the
+    /// field is not found).
+    pub fn at(&self, path: &str) -> String {
+        let (line, column) = crate::location::field_position(&self.text, self.document, path);
+        format!("{}:{line}:{column}: document {}", self.file, self.document)
+    }
 }
 
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: document {}", self.file, self.document)
+        write!(f, "{}", self.at(""))
     }
 }
 
@@ -355,8 +445,12 @@ pub fn duplicates<'a>(named: impl IntoIterator<Item = (&'a Origin, String)>) -> 
                 } else {
                     at.to_string()
                 };
+                let (line, column) =
+                    crate::location::field_position(&origin.text, origin.document, "metadata.name");
                 errors.push(LoadError {
                     file: origin.file.clone(),
+                    line,
+                    column,
                     document: origin.document,
                     kind_name: None,
                     message: format!("{name} is also {place}"),
@@ -374,16 +468,33 @@ pub fn duplicates<'a>(named: impl IntoIterator<Item = (&'a Origin, String)>) -> 
 /// a selector that does not parse say, can name the file and document too), and an error for each
 /// that does not, so an operator sees everything wrong at once. Empty documents are skipped.
 pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<LoadError>) {
-    let err = |document: usize, kind_name: Option<String>, message: String| LoadError {
-        file: file.to_string(),
-        document,
-        kind_name,
-        message,
+    let shared: std::sync::Arc<str> = text.into();
+    let starts = crate::location::document_starts(text);
+    // An error's place: where the parser says, else the document's first line.
+    let err = |document: usize,
+               kind_name: Option<String>,
+               (message, at): (String, Option<(usize, usize)>)| {
+        let (line, column) = at.unwrap_or_else(|| {
+            let start = starts.get(document.saturating_sub(1)).copied().unwrap_or(0);
+            (start + 1, 1)
+        });
+        LoadError {
+            file: file.to_string(),
+            line,
+            column,
+            document,
+            kind_name,
+            message,
+        }
     };
     if text.len() > MAX_FILE_BYTES {
         return (
             vec![],
-            vec![err(0, None, format!("larger than {MAX_FILE_BYTES} bytes"))],
+            vec![err(
+                0,
+                None,
+                (format!("larger than {MAX_FILE_BYTES} bytes"), None),
+            )],
         );
     }
     // Pass 1: the kind of each document.
@@ -395,13 +506,13 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
                 vec![err(
                     i + 1,
                     None,
-                    format!("more than {MAX_DOCUMENTS} documents"),
+                    (format!("more than {MAX_DOCUMENTS} documents"), None),
                 )],
             );
         }
         match serde_yaml_ng::Value::deserialize(de) {
             Ok(v) => heads.push(Some(v)),
-            Err(e) => return (vec![], vec![err(i + 1, None, e.to_string())]),
+            Err(e) => return (vec![], vec![err(i + 1, None, yaml_error(&e))]),
         }
     }
     // Pass 2: each document as its kind, with the path of any bad field.
@@ -429,15 +540,20 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             .and_then(|v| v.as_str())
             .unwrap_or("?");
         let kind_name = Some(format!("{kind}/{name}"));
+        let doc = Doc {
+            head: &head,
+            text,
+            document: n,
+        };
         let result = match (api.as_str(), kind.as_str()) {
-            ("projectcalico.org/v3", "NetworkPolicy") => typed::<Raw<CalicoSpec>>(de)
+            ("projectcalico.org/v3", "NetworkPolicy") => doc.typed::<Raw<CalicoSpec>>(de)
                 .map(|r| Document::CalicoNetworkPolicy { metadata: r.metadata, spec: r.spec }),
-            ("projectcalico.org/v3", "GlobalNetworkPolicy") => typed::<Raw<CalicoSpec>>(de)
+            ("projectcalico.org/v3", "GlobalNetworkPolicy") => doc.typed::<Raw<CalicoSpec>>(de)
                 .map(|r| Document::CalicoGlobalNetworkPolicy { metadata: r.metadata, spec: r.spec }),
-            ("networking.k8s.io/v1", "NetworkPolicy") => typed::<Raw<K8sSpec>>(de)
+            ("networking.k8s.io/v1", "NetworkPolicy") => doc.typed::<Raw<K8sSpec>>(de)
                 .map(|r| Document::K8sNetworkPolicy { metadata: r.metadata, spec: r.spec }),
-            ("v1", "Namespace") => typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
-            (crate::federation::API_VERSION, crate::federation::KIND) => typed::<Raw<crate::federation::FederationSpec>>(de)
+            ("v1", "Namespace") => doc.typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
+            (crate::federation::API_VERSION, crate::federation::KIND) => doc.typed::<Raw<crate::federation::FederationSpec>>(de)
                 .map(|r| Document::Federation { metadata: r.metadata, spec: r.spec }),
             ("projectcalico.org/v3", "NetworkSet" | "GlobalNetworkSet")
             | (crate::federation::API_VERSION, "ExternalNetwork" | "GlobalExternalNetwork") => {
@@ -447,47 +563,149 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
                     NetworkKind::CalicoNetworkSet
                 };
                 let global = kind.starts_with("Global");
-                typed::<Raw<NetworkSetSpec>>(de).and_then(|r| {
+                doc.typed::<Raw<NetworkSetSpec>>(de).and_then(|r| {
                     if global && r.metadata.namespace.is_some() {
-                        return Err(format!("metadata.namespace: a {kind} is not namespaced"));
+                        return Err(vec![(format!("metadata.namespace: a {kind} is not namespaced"), None)]);
                     }
                     Ok(Document::Network { metadata: r.metadata, spec: r.spec, kind: network_kind, global })
                 })
             }
-            _ => Err(format!(
+            _ => Err(vec![(format!(
                 "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy, \
                  GlobalNetworkPolicy, NetworkSet or GlobalNetworkSet, networking.k8s.io/v1 NetworkPolicy, \
                  v1 Namespace, mesh.io/v1 Federation, ExternalNetwork or GlobalExternalNetwork"
-            )),
+            ), None)]),
         };
         match result {
             Ok(d) => docs.push((
                 Origin {
                     file: file.to_string(),
                     document: n,
+                    text: shared.clone(),
                 },
                 d,
             )),
-            Err(message) => errors.push(err(n, kind_name, message)),
+            Err(problems) => {
+                errors.extend(problems.into_iter().map(|p| err(n, kind_name.clone(), p)))
+            }
         }
     }
     (docs, errors)
 }
 
-fn typed<'de, T: Deserialize<'de>>(de: serde_yaml_ng::Deserializer<'de>) -> Result<T, String> {
+/// A YAML error's message without the position the library appends, and that position (1-based).
+fn yaml_error(e: &serde_yaml_ng::Error) -> (String, Option<(usize, usize)>) {
+    let at = e.location().map(|l| (l.line(), l.column()));
+    let mut message = e.to_string();
+    if let Some((line, column)) = at {
+        for suffix in [
+            format!(" at line {line} column {column}"),
+            format!(" at position {}", e.location().map_or(0, |l| l.index())),
+        ] {
+            if let Some(i) = message.find(&suffix) {
+                message.replace_range(i..i + suffix.len(), "");
+            }
+        }
+    }
+    (message, at)
+}
+
+/// What is wrong, and where (1-based line and column) when known.
+type Problem = (String, Option<(usize, usize)>);
+
+/// One document being read as its kind.
+struct Doc<'a> {
+    head: &'a serde_yaml_ng::Value,
+    text: &'a str,
+    document: usize,
+}
+
+/// Errors reported in one document at most.
+const MAX_ERRORS_PER_DOCUMENT: usize = 16;
+
+impl Doc<'_> {
+    /// The document as `T`, or every problem in it: the first as the parser met it, then the
+    /// next ones found by reading the document again without each bad field, so an operator sees
+    /// them all at once. A field missing only because a bad one was taken out is not reported.
+    fn typed<T: serde::de::DeserializeOwned>(
+        &self,
+        de: serde_yaml_ng::Deserializer<'_>,
+    ) -> Result<T, Vec<Problem>> {
+        let first = match typed::<T>(de) {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        let mut problems = vec![(first.0, first.1)];
+        let mut value = self.head.clone();
+        let mut path = first.2;
+        while problems.len() < MAX_ERRORS_PER_DOCUMENT && remove_path(&mut value, &path) {
+            let Err((message, _, next)) = typed::<T>(value.clone()) else {
+                break;
+            };
+            if message.contains("missing field") || next == path {
+                break;
+            }
+            let (line, column) = crate::location::field_position(self.text, self.document, &next);
+            problems.push((message, Some((line, column))));
+            path = next;
+        }
+        Err(problems)
+    }
+}
+
+/// Takes the field at `path` (`spec.ingress[0].protocl`) out of `v`: a key from its mapping, or
+/// for a bad item of a list the whole list (taking the item out would renumber the others).
+fn remove_path(v: &mut serde_yaml_ng::Value, path: &str) -> bool {
+    let mut keys: Vec<&str> = path.split('.').filter(|k| !k.is_empty()).collect();
+    // A list item: drop the list's key instead.
+    while keys.last().is_some_and(|k| k.ends_with(']')) {
+        let last = keys.pop().unwrap_or_default();
+        match last.find('[') {
+            Some(0) | None => {}
+            Some(i) => keys.push(&last[..i]),
+        }
+    }
+    let Some((last, parents)) = keys.split_last() else {
+        return false;
+    };
+    let mut node = v;
+    for key in parents {
+        let (name, indexes) = match key.find('[') {
+            Some(i) => (&key[..i], &key[i..]),
+            None => (*key, ""),
+        };
+        let Some(next) = node.get_mut(name) else {
+            return false;
+        };
+        node = next;
+        for ix in indexes.split(['[', ']']).filter(|s| !s.is_empty()) {
+            let Some(next) = ix.parse::<usize>().ok().and_then(|i| node.get_mut(i)) else {
+                return false;
+            };
+            node = next;
+        }
+    }
+    node.as_mapping_mut()
+        .is_some_and(|m| m.remove(*last).is_some())
+}
+
+fn typed<'de, T: Deserialize<'de>>(
+    de: impl serde::Deserializer<'de, Error = serde_yaml_ng::Error>,
+) -> Result<T, (String, Option<(usize, usize)>, String)> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
+        let (inner, at) = yaml_error(e.inner());
         // The YAML library often names the field itself; say it once.
         let named = inner
             .split(':')
             .next()
             .is_some_and(|head| !head.contains(' ') && path.starts_with(head));
-        if path == "." || named {
+        let message = if path == "." || named {
             inner
         } else {
             format!("{path}: {inner}")
-        }
+        };
+        (message, at, path)
     })
 }
 
@@ -625,9 +843,9 @@ apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, names
         assert_eq!(
             at,
             [
-                "a.yaml: document 1",
-                "a.yaml: document 2",
-                "a.yaml: document 4"
+                "a.yaml:1:1: document 1",
+                "a.yaml:7:1: document 2",
+                "a.yaml:14:1: document 4"
             ]
         );
 
@@ -640,7 +858,7 @@ apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, names
         assert_eq!(errs.len(), 1);
         assert_eq!(
             errs[0].to_string(),
-            "b.yaml: document 1: Namespace c is also a.yaml: document 4"
+            "b.yaml:1:1: document 1: Namespace c is also a.yaml:14:1: document 4"
         );
     }
 

@@ -213,6 +213,8 @@ pub struct OwnCertificate {
     pub identity: String,
     pub spiffe_id: String,
     pub addresses: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     pub serial: u64,
     /// Unix seconds.
     pub not_before: u64,

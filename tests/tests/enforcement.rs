@@ -270,6 +270,50 @@ spec:
         ],
     );
     assert!(String::from_utf8_lossy(&check.stdout).starts_with("DENY"));
+    assert_eq!(check.status.code(), Some(1), "DENY exits 1, as grep does");
+
+    // Against the live mesh no labels are needed: they come from the members' certificates.
+    let check = pl.meshctl(
+        1,
+        &[
+            "check",
+            "--from",
+            "microblog/api",
+            "--to",
+            "microblog/post",
+            "--port",
+            "8080",
+            "-o",
+            "json",
+        ],
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&check.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&check.stdout)));
+    assert_eq!(answer["verdict"], "ALLOW", "{answer}");
+    assert_eq!(answer["ingress"]["labels"]["app"], "post", "{answer}");
+    assert_eq!(
+        answer["ingress"]["by"], "NetworkPolicy microblog/post-allow-list",
+        "{answer}"
+    );
+    assert_eq!(check.status.code(), Some(0));
+    let check = pl.meshctl(
+        1,
+        &[
+            "check",
+            "--from",
+            "microblog/nobody",
+            "--to",
+            "microblog/post",
+            "--port",
+            "8080",
+        ],
+    );
+    assert_eq!(check.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&check.stderr)
+            .contains("the mesh has no member example.org/microblog/nobody"),
+        "{check:?}"
+    );
 
     let flows = pl.flows(2, false);
     let allowed = flows

@@ -206,7 +206,7 @@ fn an_invalid_policy_set_is_refused_naming_every_error() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("bad.yaml"),
-        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: a, namespace: n}\nspec:\n  selector: app == 'x\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: b}\nspec:\n  ingres: []\n",
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: a, namespace: n}\nspec:\n  selector: app == 'x\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: b}\nspec:\n  ingres: []\n  ingress:\n  - action: Allow\n    protocol: 300\n    destination:\n      ports: [80800]\n",
     )
     .unwrap();
     let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n";
@@ -227,21 +227,53 @@ fn an_invalid_policy_set_is_refused_naming_every_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
+    // Every error of a document, each at its file, line and column, in the user's words.
     assert!(
-        err.contains("bad.yaml: document 2 (GlobalNetworkPolicy/b): spec: unknown field `ingres`"),
+        err.contains(
+            "bad.yaml:11:3: document 2 (GlobalNetworkPolicy/b): spec: unknown field `ingres`"
+        ),
         "{err}"
     );
-    // Found when compiling, still named by file, document, field and column.
     assert!(
-        err.contains("bad.yaml: document 1 (NetworkPolicy n/a): spec.selector: selector `app == 'x`: column 8"),
+        err.contains("bad.yaml:14:5: document 2 (GlobalNetworkPolicy/b): spec.ingress[0].protocol: protocol number 300 is out of range (0 to 255)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.yaml:16:7: document 2 (GlobalNetworkPolicy/b): spec.ingress[0].destination.ports[0]: port 80800 is out of range (0 to 65535)"),
+        "{err}"
+    );
+    assert!(!err.contains("untagged enum"), "{err}");
+    // Found when compiling, still named by file, line, column, document and field.
+    assert!(
+        err.contains("bad.yaml:5:3: document 1 (NetworkPolicy n/a): spec.selector: selector `app == 'x`: column 8"),
         "{err}"
     );
     // The same object in two files is refused, naming both.
     assert!(
-        err.contains("ns2.yaml: document 1: Namespace n is also ")
-            && err.contains("ns1.yaml: document 1"),
+        err.contains("ns2.yaml:2:1: document 1: Namespace n is also ")
+            && err.contains("ns1.yaml:1:1: document 1"),
         "{err}"
     );
-    assert!(err.contains("(3 error(s))"), "{err}");
+    assert!(err.contains("(5 error(s))"), "{err}");
+
+    // -f - reads standard input; its errors name <stdin>.
+    let mut child = Command::new(bin("meshctl"))
+        .args(["policy", "check", "-f", "-", "--from", "n/a", "--to", "n/b"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n---\napiVersion: v1\nkind: Namespce\nmetadata: {name: m}\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("<stdin>:5:1: document 2"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

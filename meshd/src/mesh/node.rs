@@ -291,6 +291,7 @@ impl Node {
             identity: b.identity(),
             spiffe_id: b.spiffe_id(),
             addresses: b.addrs.clone(),
+            labels: b.labels.clone(),
             serial: b.serial,
             not_before: b.not_before,
             not_after: b.not_after,

@@ -712,10 +712,18 @@ fn bad_documents_are_refused_with_file_document_field_and_column() {
     );
     let e = parse_documents(&bad_field, "policies.yaml").unwrap_err();
     let msg = e[0].to_string();
+    // FILE:LINE:COLUMN at the bad key itself.
+    let line_of = |text: &str, msg: &str| -> (usize, usize) {
+        let mut at = msg.split(':').skip(1).map(|n| n.parse::<usize>().unwrap());
+        let (l, c) = (at.next().unwrap(), at.next().unwrap());
+        let line = text.lines().nth(l - 1).unwrap();
+        (l, line[c - 1..].len())
+    };
+    let (l, _) = line_of(&bad_field, &msg);
+    let line = bad_field.lines().nth(l - 1).unwrap();
+    assert!(line.contains("protocl"), "{msg} points at `{line}`");
     assert!(
-        msg.starts_with(
-            "policies.yaml: document 2 (NetworkPolicy/post-allow-list): spec.ingress[0]"
-        ),
+        msg.contains(": document 2 (NetworkPolicy/post-allow-list): spec.ingress[0]"),
         "{msg}"
     );
     assert!(msg.contains("unknown field `protocl`"), "{msg}");
@@ -725,10 +733,14 @@ fn bad_documents_are_refused_with_file_document_field_and_column() {
     let docs: Vec<_> = located.iter().map(|(_, d)| d.clone()).collect();
     let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
     let msg = e[0].at(Some(&located[0].0));
+    let (l, _) = line_of(&bad_selector, &msg);
+    let line = bad_selector.lines().nth(l - 1).unwrap();
     assert!(
-        msg.starts_with(
-            "p.yaml: document 1 (NetworkPolicy microblog/post-allow-list): spec.selector"
-        ),
+        line.trim_start().starts_with("selector: app == 'post"),
+        "{msg} points at `{line}`"
+    );
+    assert!(
+        msg.contains(": document 1 (NetworkPolicy microblog/post-allow-list): spec.selector"),
         "{msg}"
     );
     assert!(msg.contains("column 8"), "{msg}");
