@@ -36,7 +36,7 @@ def sh(*args, check=True):
 
 
 def status(ifname):
-    out = sh(f"{BIN}/meshctl", "status", ifname, "-o", "json", check=False)
+    out = sh(f"{BIN}/meshctl", "status", "-i", ifname, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 

@@ -136,7 +136,7 @@ posture = "{posture}"
         self.policies = self.status(self.ib)["policy"]["policies"]
 
     def status(self, ifname):
-        return json.loads(meshctl("status", ifname, "-o", "json"))
+        return json.loads(meshctl("status", "-i", ifname, "-o", "json"))
 
     def wait(self, ok, what):
         deadline = time.time() + 30

@@ -41,6 +41,6 @@ ip netns exec "$a" ping -c 3 -i 0.2 100.64.0.2
 echo; echo "== wg show $wa"
 wg show "$wa"
 echo; echo "== meshctl status $wb"
-"$bin/meshctl" status "$wb"
+"$bin/meshctl" status -i "$wb"
 [ "$keep" = "--keep" ] && echo "left up: namespaces $a $b; remove with: ip netns del $a; ip netns del $b; pkill -f 'meshd --foreground .*$p'"
 exit 0

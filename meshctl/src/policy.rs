@@ -292,7 +292,8 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
         |v: &Result<policy::engine::Verdict, String>| v.as_ref().map_or(true, |v| v.allow);
     let allow = allowed(&egress) && allowed(&ingress);
     let side = |end: &CheckEnd, v: &Result<policy::engine::Verdict, String>| {
-        let mut o = serde_json::json!({ "end": end.name(&set) });
+        // The address decided with (a member's first; ask with --from-ip/--to-ip for another).
+        let mut o = serde_json::json!({ "end": end.name(&set), "ip": end.ip() });
         if let CheckEnd::Identity(e) = end {
             o["labels"] = serde_json::json!(e.labels);
         }

@@ -226,6 +226,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut me = None;
     let mut me_spiffe = None;
     let mut metrics = None;
+    let mut mesh_task = None;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
     if let Some((cfg, id)) = mesh_config {
         if let Some(addr) = cfg.metrics.listen {
@@ -246,7 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::spawn(mesh::watch::run(path.clone(), reload_tx.clone()));
         }
         let mesh = mesh::run::Mesh::start(dev.clone(), path, &cfg, id, members.clone()).await?;
-        tokio::spawn(mesh.run(rx, reload_rx));
+        mesh_task = Some(tokio::spawn(mesh.run(rx, reload_rx)));
     }
     tracing::info!(
         interface = %ifname,
@@ -277,15 +278,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     notify::notify(&format!("READY=1\nSTATUS={ifname} up"));
+    // The mesh task never ends; if it does (a panic), the node no longer follows the mesh and
+    // must not look alive: exit, so systemd or the kubelet restarts it from its state.
+    let mesh_ended = async {
+        match mesh_task {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(mesh_ended);
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            ended = &mut mesh_ended => {
+                tracing::error!(outcome = ?ended, "the mesh task ended; exiting");
+                notify::notify("STOPPING=1");
+                anyhow::bail!("the mesh task ended: {ended:?}");
+            }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                if reload_tx.try_send(mesh::run::Command::Reload { reply: None }).is_err() {
-                    tracing::warn!("SIGHUP ignored: not in mesh mode, or a reload is pending");
+                if args.config.is_none() {
+                    tracing::warn!("SIGHUP ignored: not in mesh mode");
+                    continue;
                 }
+                // Queued behind other commands, never dropped because status requests are many.
+                let tx = reload_tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(mesh::run::Command::Reload { reply: None }).await;
+                });
             }
         }
     }

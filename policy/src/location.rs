@@ -158,24 +158,63 @@ pub fn locate(lines: &[&str], path: &str) -> Option<(usize, usize)> {
     found
 }
 
-/// The 1-based line and column of field `path` of document `document` (1-based, as the parser
-/// counts) of `text`; the document's first line when the field cannot be found.
-pub fn field_position(text: &str, document: usize, path: &str) -> (usize, usize) {
-    let starts = document_starts(text);
-    let lines: Vec<&str> = text.lines().collect();
-    let start = starts
-        .get(document.saturating_sub(1))
-        .copied()
-        .unwrap_or(0)
-        .min(lines.len());
-    let end = starts
-        .get(document)
-        .map_or(lines.len(), |s| s.saturating_sub(1));
-    let doc = &lines[start..end.max(start)];
-    match locate(doc, path) {
-        Some((l, c)) => (start + l + 1, c + 1),
-        None => (start + 1, 1),
+/// The documents of one file, found once: each as its first line and its own text, so that
+/// placing a field costs the document's length, not the file's.
+pub struct Documents<'a> {
+    text: &'a str,
+    starts: Vec<usize>,
+    /// Byte offset of each line's start, and the text's length at the end.
+    offsets: Vec<usize>,
+}
+
+impl<'a> Documents<'a> {
+    pub fn new(text: &'a str) -> Documents<'a> {
+        let mut offsets = vec![0];
+        offsets.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        if offsets.last() != Some(&text.len()) {
+            offsets.push(text.len());
+        }
+        Documents {
+            text,
+            starts: document_starts(text),
+            offsets,
+        }
     }
+
+    /// Document `document` (1-based, as the parser counts): its first line (0-based) and text.
+    pub fn get(&self, document: usize) -> (usize, &'a str) {
+        let lines = self.offsets.len() - 1;
+        let start = self
+            .starts
+            .get(document.saturating_sub(1))
+            .copied()
+            .unwrap_or(0)
+            .min(lines);
+        // Up to the next document's `---` line.
+        let end = self
+            .starts
+            .get(document)
+            .map_or(lines, |s| s.saturating_sub(1))
+            .clamp(start, lines);
+        (start, &self.text[self.offsets[start]..self.offsets[end]])
+    }
+}
+
+/// The 1-based line and column of field `path` in a document whose text is `doc` and whose first
+/// line in its file is `first_line` (0-based); the document's first line when not found.
+pub fn position_in(doc: &str, first_line: usize, path: &str) -> (usize, usize) {
+    let lines: Vec<&str> = doc.lines().collect();
+    match locate(&lines, path) {
+        Some((l, c)) => (first_line + l + 1, c + 1),
+        None => (first_line + 1, 1),
+    }
+}
+
+/// The 1-based line and column of field `path` of document `document` of `text` (see
+/// [`Documents`], which does it without reading the file again for each field).
+pub fn field_position(text: &str, document: usize, path: &str) -> (usize, usize) {
+    let (first, doc) = Documents::new(text).get(document);
+    position_in(doc, first, path)
 }
 
 #[cfg(test)]

@@ -413,7 +413,9 @@ pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Document>, Vec<Load
 pub struct Origin {
     pub file: String,
     pub document: usize,
-    /// The whole file, to place a field of the document later (an error found by compiling).
+    /// The document's first line in the file (0-based) and its text, to place a field of it
+    /// later (an error found by compiling).
+    pub first_line: usize,
     pub text: std::sync::Arc<str>,
 }
 
@@ -421,8 +423,13 @@ impl Origin {
     /// `FILE:LINE:COLUMN: document N` of field `path` of this document (its first line when the
     /// field is not found).
     pub fn at(&self, path: &str) -> String {
-        let (line, column) = crate::location::field_position(&self.text, self.document, path);
+        let (line, column) = self.position(path);
         format!("{}:{line}:{column}: document {}", self.file, self.document)
+    }
+
+    /// The 1-based line and column of field `path`.
+    pub fn position(&self, path: &str) -> (usize, usize) {
+        crate::location::position_in(&self.text, self.first_line, path)
     }
 }
 
@@ -445,8 +452,7 @@ pub fn duplicates<'a>(named: impl IntoIterator<Item = (&'a Origin, String)>) -> 
                 } else {
                     at.to_string()
                 };
-                let (line, column) =
-                    crate::location::field_position(&origin.text, origin.document, "metadata.name");
+                let (line, column) = origin.position("metadata.name");
                 errors.push(LoadError {
                     file: origin.file.clone(),
                     line,
@@ -468,16 +474,12 @@ pub fn duplicates<'a>(named: impl IntoIterator<Item = (&'a Origin, String)>) -> 
 /// a selector that does not parse say, can name the file and document too), and an error for each
 /// that does not, so an operator sees everything wrong at once. Empty documents are skipped.
 pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<LoadError>) {
-    let shared: std::sync::Arc<str> = text.into();
-    let starts = crate::location::document_starts(text);
+    let documents = crate::location::Documents::new(text);
     // An error's place: where the parser says, else the document's first line.
     let err = |document: usize,
                kind_name: Option<String>,
                (message, at): (String, Option<(usize, usize)>)| {
-        let (line, column) = at.unwrap_or_else(|| {
-            let start = starts.get(document.saturating_sub(1)).copied().unwrap_or(0);
-            (start + 1, 1)
-        });
+        let (line, column) = at.unwrap_or_else(|| (documents.get(document).0 + 1, 1));
         LoadError {
             file: file.to_string(),
             line,
@@ -540,10 +542,11 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             .and_then(|v| v.as_str())
             .unwrap_or("?");
         let kind_name = Some(format!("{kind}/{name}"));
+        let (first_line, doc_text) = documents.get(n);
         let doc = Doc {
             head: &head,
-            text,
-            document: n,
+            text: doc_text,
+            first_line,
         };
         let result = match (api.as_str(), kind.as_str()) {
             ("projectcalico.org/v3", "NetworkPolicy") => doc.typed::<Raw<CalicoSpec>>(de)
@@ -581,7 +584,8 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
                 Origin {
                     file: file.to_string(),
                     document: n,
-                    text: shared.clone(),
+                    first_line,
+                    text: doc_text.into(),
                 },
                 d,
             )),
@@ -616,8 +620,9 @@ type Problem = (String, Option<(usize, usize)>);
 /// One document being read as its kind.
 struct Doc<'a> {
     head: &'a serde_yaml_ng::Value,
+    /// The document's own text and its first line in the file (0-based).
     text: &'a str,
-    document: usize,
+    first_line: usize,
 }
 
 /// Errors reported in one document at most.
@@ -645,7 +650,7 @@ impl Doc<'_> {
             if message.contains("missing field") || next == path {
                 break;
             }
-            let (line, column) = crate::location::field_position(self.text, self.document, &next);
+            let (line, column) = crate::location::position_in(self.text, self.first_line, &next);
             problems.push((message, Some((line, column))));
             path = next;
         }

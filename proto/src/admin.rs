@@ -216,8 +216,10 @@ pub struct OwnCertificate {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     pub serial: u64,
-    /// Unix seconds.
+    /// Unix seconds, RFC 3339 on the wire.
+    #[serde(with = "crate::time::as_rfc3339")]
     pub not_before: u64,
+    #[serde(with = "crate::time::as_rfc3339")]
     pub not_after: u64,
     /// Why members refuse it now (expired, revoked, its CA no longer trusted); `None` while valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,7 +296,11 @@ pub struct PeerStatus {
     pub spiffe_id: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::option_rfc3339"
+    )]
     pub cert_not_after: Option<u64>,
 }
 
@@ -308,6 +314,7 @@ pub struct MemberInfo {
     pub addrs: Vec<Cidr>,
     pub endpoint: String,
     pub serial: u64,
-    /// Certificate expiry, seconds since the Unix epoch.
+    /// Certificate expiry: Unix seconds, RFC 3339 on the wire.
+    #[serde(with = "crate::time::as_rfc3339")]
     pub not_after: u64,
 }

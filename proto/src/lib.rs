@@ -13,6 +13,7 @@ pub mod policyset;
 mod reader;
 pub mod relay;
 pub mod segment;
+pub mod time;
 pub mod trust;
 pub mod uapi;
 

@@ -101,6 +101,8 @@ pub struct Lab {
     pub dir: PathBuf,
     /// Environment given to every meshd started from now on (`NOTIFY_SOCKET`, say).
     pub env: Vec<(String, String)>,
+    /// A command meshd is started under from now on (`strace -f -o FILE`, say).
+    pub exec_prefix: Vec<String>,
 }
 
 impl Lab {
@@ -116,6 +118,7 @@ impl Lab {
             children: Vec::new(),
             dir,
             env: Vec::new(),
+            exec_prefix: Vec::new(),
         }
     }
 
@@ -176,6 +179,7 @@ impl Lab {
         let log = File::create(self.dir.join(format!("{ifname}.log"))).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
+            .args(&self.exec_prefix)
             .arg(bin("meshd"))
             .arg("--foreground")
             .args(args)
@@ -329,7 +333,7 @@ impl Lab {
 
     /// Status of the meshd of `ifname`, as `meshctl status -o json` prints it.
     pub fn status(&self, ifname: &str) -> serde_json::Value {
-        let out = run(Command::new(bin("meshctl")).args(["status", ifname, "-o", "json"]));
+        let out = run(Command::new(bin("meshctl")).args(["status", "-i", ifname, "-o", "json"]));
         serde_json::from_slice(&out.stdout).expect("meshctl status -o json is JSON")
     }
 

@@ -169,7 +169,8 @@ fn the_daemonset_runs_meshd_with_one_capability_and_probes_its_health() {
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert!(sc.get("privileged").is_none());
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // Liveness through the admin socket, which no one outside the pod can hold busy.
+    assert_eq!(c["livenessProbe"]["exec"]["command"][1], "status");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert!(c["resources"]["limits"]["memory"].is_string());
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
@@ -323,4 +324,134 @@ fn the_dockerfile_lints_and_builds_from_what_exists() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The system calls a unit's `SystemCallFilter=` lines allow, resolved in order as systemd does
+/// (the first line an allow-list, `~` lines taking calls out, later lines adding them back),
+/// with groups expanded by `systemd-analyze syscall-filter`.
+fn allowed_syscalls(analyze: &Path, unit: &str) -> std::collections::BTreeSet<String> {
+    fn expand(analyze: &Path, item: &str, out: &mut std::collections::BTreeSet<String>) {
+        if !item.starts_with('@') {
+            out.insert(item.to_string());
+            return;
+        }
+        let o = Command::new(analyze)
+            .args(["syscall-filter", item])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        for line in text.lines().skip(1) {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            expand(analyze, t, out);
+        }
+    }
+    let mut allowed = std::collections::BTreeSet::new();
+    for value in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let (deny, list) = match value.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
+        let mut set = std::collections::BTreeSet::new();
+        for item in list.split_whitespace() {
+            expand(analyze, item, &mut set);
+        }
+        if deny {
+            allowed.retain(|s| !set.contains(s));
+        } else {
+            allowed.extend(set);
+        }
+    }
+    allowed
+}
+
+/// meshd under the mesh unit's system-call filter: every call it makes while it starts, peers,
+/// carries traffic, serves metrics, reloads and stops is one the filter allows, so systemd would
+/// not kill it (capset, which drops capabilities at start, is in @privileged).
+#[test]
+fn every_system_call_meshd_makes_passes_the_units_filter() {
+    if !can_run() {
+        return;
+    }
+    let (Some(strace), Some(analyze)) = (tool("strace"), tool("systemd-analyze")) else {
+        return;
+    };
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/meshd-mesh@.service")).unwrap();
+    let allowed = allowed_syscalls(&analyze, &unit);
+    assert!(allowed.contains("read") && !allowed.contains("reboot"));
+
+    let mut lab = Lab::new();
+    let sw = lab.switch();
+    let pki = Pki::new(&lab, "example.org", "ca");
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let ns = lab.host(&format!("s{i}"));
+        lab.attach(&sw, &ns, &format!("198.18.1.{i}/24"));
+        let (cert, key) = pki.issue("prod", &format!("n{i}"), &format!("100.64.1.{i}/32"), &[]);
+        let ifname = lab.name(&format!("s{i}"));
+        let seeds: &[&str] = if i == 1 { &[] } else { &["198.18.1.1:51820"] };
+        let config = mesh_config(&lab, &ifname, &cert, &key, &[pki.ca_cert()], seeds);
+        let trace = lab.dir.join(format!("strace-{i}.txt"));
+        lab.exec_prefix = vec![
+            strace.display().to_string(),
+            "-f".into(),
+            "-qq".into(),
+            "-o".into(),
+            trace.display().to_string(),
+        ];
+        lab.meshd_config(&ns, &ifname, &config);
+        nodes.push((ns, ifname, config, trace));
+    }
+    assert!(
+        lab.ping_until(
+            &nodes[0].0,
+            "100.64.1.2",
+            std::time::Duration::from_secs(10)
+        ),
+        "the two nodes peer"
+    );
+    assert_eq!(http_get(&nodes[0].0, "/metrics").0, 200);
+    let reload = Command::new(bin("meshctl"))
+        .args(["reload", "-i", &nodes[0].1])
+        .output()
+        .unwrap();
+    assert!(reload.status.success(), "{reload:?}");
+    for (_, ifname, config, trace) in &nodes {
+        // SIGTERM to meshd itself: the child the lab holds is strace.
+        run(Command::new("pkill").args([
+            "-TERM",
+            "-f",
+            "--",
+            &format!("--config {}", config.display()),
+        ]));
+        lab.stop(ifname, 0);
+        let text = std::fs::read_to_string(trace).unwrap();
+        let mut made = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            // `PID name(args...` or `PID <... name resumed>`
+            let rest = line.split_once(' ').map_or(line, |(_, r)| r).trim_start();
+            let rest = rest.strip_prefix("<... ").unwrap_or(rest);
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() && rest[name.len()..].starts_with(['(', ' ']) {
+                made.insert(name);
+            }
+        }
+        assert!(
+            made.contains("capset") && made.contains("sendto"),
+            "{made:?}"
+        );
+        let refused: Vec<&String> = made.iter().filter(|s| !allowed.contains(*s)).collect();
+        assert!(
+            refused.is_empty(),
+            "{ifname}: meshd makes system calls the unit's filter refuses: {refused:?}"
+        );
+    }
 }

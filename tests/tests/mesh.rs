@@ -1061,7 +1061,7 @@ fn status_starts_with_the_node_and_warns_when_it_is_revoked() {
     let (lab, pki, n1, n2) = seeded_pair();
     let status = |ifname: &str| {
         let o = std::process::Command::new(bin("meshctl"))
-            .args(["status", ifname])
+            .args(["status", "-i", ifname])
             .output()
             .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
@@ -1086,8 +1086,27 @@ fn status_starts_with_the_node_and_warns_when_it_is_revoked() {
         text.lines().any(|l| l.contains(" online ")),
         "the peer is online: {text}"
     );
-    let seen = lab.status(&n1.ifname)["peers"][0]["last_seen_secs"].as_u64();
+    let json = lab.status(&n1.ifname);
+    let seen = json["peers"][0]["last_seen_secs"].as_u64();
     assert!(seen.is_some_and(|s| s < 60), "{seen:?}");
+    // Times in JSON are RFC 3339 too, and so is YAML, the same document.
+    let rfc3339 = |v: &serde_json::Value| {
+        v.as_str()
+            .is_some_and(|t| proto::time::parse_rfc3339(t).is_some())
+    };
+    assert!(rfc3339(&json["certificate"]["not_after"]), "{json}");
+    assert!(rfc3339(&json["peers"][0]["cert_not_after"]), "{json}");
+    let yaml = std::process::Command::new(bin("meshctl"))
+        .args(["status", "-i", &n1.ifname, "-o", "yaml"])
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&yaml.stdout);
+    assert!(
+        yaml.lines().any(|l| l
+            .trim_start()
+            .starts_with("identity: example.org/prod/node1")),
+        "{yaml}"
+    );
     let o = std::process::Command::new(bin("meshctl"))
         .args(["policy", "status", "-i", &n1.ifname])
         .output()

@@ -164,6 +164,11 @@ impl Admin {
 }
 
 impl Admin {
+    /// False once the mesh task (mesh mode) has stopped taking commands.
+    pub fn alive(&self) -> bool {
+        self.me.is_none() || !self.commands.is_closed()
+    }
+
     /// The whole view of the node: device, peers with their identities, control protocol,
     /// policy and own certificate. `meshctl status` and the metrics both show this.
     pub async fn status(&self) -> Result<proto::admin::Status, Response> {

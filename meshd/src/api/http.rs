@@ -1,6 +1,11 @@
 //! The metrics listener (`[metrics] listen`): `GET /metrics`, `/healthz` and `/readyz` over
 //! HTTP/1.1, one request per connection. It is a network parser, so it is bounded: a request head
-//! of at most [`MAX_HEAD_BYTES`], read within [`READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] at once.
+//! of at most [`MAX_HEAD_BYTES`], read within [`READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] at once
+//! (one more is told 503 at once). The node's status is taken at most once per [`STATUS_TTL`]
+//! however many scrape, so a flood of requests costs the mesh task nothing more.
+//!
+//! Anyone who can reach the listener can hold its connections: the DaemonSet's liveness probe
+//! therefore asks the admin socket (`meshctl status`), not this listener.
 
 use super::admin::Admin;
 use super::metrics;
@@ -10,8 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const MAX_HEAD_BYTES: usize = 4096;
-pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_CONNECTIONS: usize = 16;
+pub const STATUS_TTL: Duration = Duration::from_secs(1);
+
+/// The last status taken, shared by the connections.
+type Cached = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, proto::admin::Status)>>>;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +75,7 @@ pub fn route(head: &[u8]) -> Result<(Route, bool), Refusal> {
 
 pub async fn serve(listener: TcpListener, admin: Admin, version: &'static str) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let cached: Cached = Arc::default();
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -75,19 +85,43 @@ pub async fn serve(listener: TcpListener, admin: Admin, version: &'static str) {
                 continue;
             }
         };
-        // Over the limit, a connection is closed at once rather than queued.
+        // Over the limit, a connection is told so and closed at once rather than queued (a
+        // non-blocking write of a few bytes into a fresh socket's buffer).
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let _ = stream.try_write(BUSY);
             continue;
         };
-        let admin = admin.clone();
+        let (admin, cached) = (admin.clone(), cached.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = tokio::time::timeout(READ_TIMEOUT * 2, answer(stream, admin, version)).await;
+            let _ = tokio::time::timeout(READ_TIMEOUT * 2, answer(stream, admin, cached, version))
+                .await;
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, admin: Admin, version: &str) -> std::io::Result<()> {
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
+
+/// The node's status, taken again only when the cached one is older than [`STATUS_TTL`].
+async fn status(admin: &Admin, cached: &Cached) -> Option<proto::admin::Status> {
+    let mut c = cached.lock().await;
+    if let Some((at, s)) = c.as_ref() {
+        if at.elapsed() < STATUS_TTL {
+            return Some(s.clone());
+        }
+    }
+    let s = admin.status().await.ok()?;
+    *c = Some((tokio::time::Instant::now(), s.clone()));
+    Some(s)
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    admin: Admin,
+    cached: Cached,
+    version: &str,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     let read = async {
@@ -116,15 +150,22 @@ async fn answer(mut stream: TcpStream, admin: Admin, version: &str) -> std::io::
             "not found: /metrics, /healthz, /readyz\n".to_string(),
             false,
         ),
-        Ok((Route::Health, h)) => (200, "text/plain", "ok\n".to_string(), h),
-        Ok((route, h)) => match admin.status().await {
-            Err(_) => (
+        // Alive while the mesh task (mesh mode) takes commands.
+        Ok((Route::Health, h)) if admin.alive() => (200, "text/plain", "ok\n".to_string(), h),
+        Ok((Route::Health, h)) => (
+            503,
+            "text/plain",
+            "the mesh task has stopped\n".to_string(),
+            h,
+        ),
+        Ok((route, h)) => match status(&admin, &cached).await {
+            None => (
                 503,
                 "text/plain",
                 "the mesh task has stopped\n".to_string(),
                 h,
             ),
-            Ok(status) => {
+            Some(status) => {
                 let ready = metrics::readiness(&status, crate::mesh::run::now_ms() / 1000);
                 match route {
                     Route::Metrics => (

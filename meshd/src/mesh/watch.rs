@@ -12,6 +12,9 @@ use std::time::Duration;
 use tokio::sync::mpsc::Sender;
 
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
+/// Bytes of each file read for the fingerprint; a larger file is compared by its first bytes,
+/// size and modification time.
+const MAX_READ_BYTES: u64 = 1 << 20;
 
 /// The files a configuration names, besides itself.
 pub fn named_files(cfg: &Config) -> Vec<PathBuf> {
@@ -25,12 +28,30 @@ pub fn named_files(cfg: &Config) -> Vec<PathBuf> {
     v
 }
 
-/// A digest of the contents of `config` and of the files it names now (a missing or unreadable
-/// file counts as such, so its return is a change too).
+/// What a file is now, for comparison: its size, modification time and first
+/// [`MAX_READ_BYTES`]; `None` when missing, unreadable or not a regular file (a FIFO would block).
+fn snapshot(path: &Path) -> Option<(u64, Option<std::time::SystemTime>, Vec<u8>)> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_READ_BYTES)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some((meta.len(), meta.modified().ok(), bytes))
+}
+
+/// A digest of `config` and of the files it names now (a missing or unreadable file counts as
+/// such, so its return is a change too). Blocking: the shell runs it off the async thread.
 pub fn fingerprint(config: &Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    let text = std::fs::read(config).ok();
-    text.hash(&mut h);
+    let own = snapshot(config);
+    own.hash(&mut h);
+    let text = own.map(|(_, _, bytes)| bytes);
     let named = text
         .and_then(|t| String::from_utf8(t).ok())
         .and_then(|t| Config::parse(&t, config).ok())
@@ -38,19 +59,31 @@ pub fn fingerprint(config: &Path) -> u64 {
         .unwrap_or_default();
     for f in named {
         f.hash(&mut h);
-        std::fs::read(&f).ok().hash(&mut h);
+        snapshot(&f).hash(&mut h);
     }
     h.finish()
 }
 
+/// The fingerprint, read on a blocking thread so a slow disk never stalls the node.
+async fn fingerprint_off_thread(config: &Path) -> Option<u64> {
+    let config = config.to_path_buf();
+    tokio::task::spawn_blocking(move || fingerprint(&config))
+        .await
+        .ok()
+}
+
 /// Asks for a reload whenever the fingerprint of `config` changes.
 pub async fn run(config: PathBuf, commands: Sender<Command>) {
-    let mut last = fingerprint(&config);
+    let Some(mut last) = fingerprint_off_thread(&config).await else {
+        return;
+    };
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
-        let now = fingerprint(&config);
+        let Some(now) = fingerprint_off_thread(&config).await else {
+            continue;
+        };
         if now == last {
             continue;
         }
