@@ -260,6 +260,21 @@ enum PolicyCommand {
         #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
+    /// Run the PolicyTest cases of policy files against the set they make, offline: each case
+    /// with its verdict, and for a failure what decided; exit 1 when any fails. `policy apply`
+    /// runs them too, and refuses a change that fails one.
+    Test {
+        #[arg(short = 'f', long = "file", required = true, value_name = "FILE|DIR|-", help = FILES_HELP)]
+        files: Vec<PathBuf>,
+        /// zero-trust (what no policy selects is denied) or calico (it is allowed).
+        #[arg(long, value_parser = ["zero-trust", "calico"], default_value = "zero-trust")]
+        posture: String,
+        /// The local trust domain, whose identities the policies are written for.
+        #[arg(long, default_value = policy::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
+        output: Output,
+    },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
         /// The selector, e.g. "app == 'post' && has(tier)".
@@ -483,6 +498,21 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
     };
     match command {
         PolicyCommand::Selector { expr, labels } => policy::selector(&expr, &labels),
+        PolicyCommand::Test {
+            files,
+            posture,
+            trust_domain,
+            output,
+        } => {
+            policy::validate_paths(&files)?;
+            let posture = if posture == "calico" {
+                ::policy::engine::Posture::Calico
+            } else {
+                ::policy::engine::Posture::ZeroTrust
+            };
+            let set = policy::load(&files, posture)?.in_trust_domain(&trust_domain);
+            policy::test(&set, output)
+        }
         PolicyCommand::Check {
             files,
             from,

@@ -2,8 +2,10 @@
 
 use crate::Failure;
 use anyhow::anyhow;
-use policy::engine::{CompileError, Direction, End, Endpoint, Flow, PolicySet, Posture};
+use policy::engine::{CompileError, PolicySet, Posture};
+use policy::model::ProtocolValue;
 use policy::model::{Document, Origin};
+use policy::testing::{self, FlowEnd};
 use policy::Selector;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -120,59 +122,37 @@ pub struct Known {
     pub ip: Option<std::net::IpAddr>,
 }
 
-/// `[TD/]NS/NAME[,K=V...]` as an endpoint; without `TD/`, of trust domain `local`. Given no
+/// One end of `policy check`: `[TD/]NS/NAME[,K=V...]`, an IP address or `network:NAME`. Given no
 /// labels and identities of a live mesh (`known`), the identity is looked up there and takes its
-/// certificate's labels and address; one the mesh does not know is an error.
-fn endpoint(
+/// certificate's labels and first address; one the mesh does not know is an error.
+fn resolve(
     flag: &str,
     spec: &str,
     ip: Option<&str>,
-    local: &str,
+    set: &PolicySet,
     known: Option<&[Known]>,
-) -> Result<Endpoint, Failure> {
-    let mut parts = spec.split(',');
-    let id = parts.next().unwrap_or_default();
-    let names: Vec<&str> = id.split('/').collect();
-    let (trust_domain, namespace, name) = match names[..] {
-        [ns, name] => (local, ns, name),
-        [td, ns, name] => (td, ns, name),
-        _ => ("", "", ""),
-    };
-    if [trust_domain, namespace, name].iter().any(|s| s.is_empty()) {
-        return Err(Failure::input(anyhow!(
-            "{flag}: `{id}` is not [TRUST_DOMAIN/]NAMESPACE/NAME"
-        )));
-    }
-    let mut labels = BTreeMap::new();
-    for kv in parts {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| Failure::input(anyhow!("{flag}: `{kv}` is not KEY=VALUE")))?;
-        labels.insert(k.to_string(), v.to_string());
-    }
-    let mut ip = ip
+) -> Result<FlowEnd, Failure> {
+    let ip = ip
         .map(|t| {
             t.parse()
                 .map_err(|_| Failure::input(anyhow!("{flag}-ip: `{t}` is not an IP address")))
         })
         .transpose()?;
-    if let (true, Some(known)) = (labels.is_empty() && !spec.contains(','), known) {
-        let full = format!("{trust_domain}/{namespace}/{name}");
-        let Some(k) = known.iter().find(|k| k.identity == full) else {
-            return Err(Failure::input(anyhow!(
-                "{flag}: the mesh has no member {full}; give its labels ({id},KEY=VALUE...) to ask about it anyway"
-            )));
-        };
-        labels = k.labels.clone();
-        ip = ip.or(k.ip);
+    let mut end =
+        testing::parse_end(spec, ip, set).map_err(|e| Failure::input(anyhow!("{flag}: {e}")))?;
+    if let (FlowEnd::Identity(e), Some(known)) = (&mut end, known) {
+        if e.labels.is_empty() && !spec.contains(',') {
+            let full = format!("{}/{}/{}", e.trust_domain, e.namespace, e.name);
+            let k = known.iter().find(|k| k.identity == full).ok_or_else(|| {
+                Failure::input(anyhow!(
+                    "{flag}: the mesh has no member {full}; give its labels ({spec},KEY=VALUE...) to ask about it anyway"
+                ))
+            })?;
+            e.labels = k.labels.clone();
+            e.ip = e.ip.or(k.ip);
+        }
     }
-    Ok(Endpoint {
-        trust_domain: trust_domain.into(),
-        namespace: namespace.into(),
-        name: name.into(),
-        labels,
-        ip,
-    })
+    Ok(end)
 }
 
 pub struct CheckArgs<'a> {
@@ -188,113 +168,22 @@ pub struct CheckArgs<'a> {
     pub port: Option<u16>,
 }
 
-/// `meshctl policy check`: ALLOW or DENY for one flow, with what decided each direction.
-/// `--from`/`--to`: an identity, or an address outside the mesh.
-enum CheckEnd {
-    Identity(Endpoint),
-    External(std::net::IpAddr),
-}
-
-impl CheckEnd {
-    fn parse(
-        flag: &str,
-        spec: &str,
-        ip: Option<&str>,
-        local: &str,
-        known: Option<&[Known]>,
-    ) -> Result<CheckEnd, Failure> {
-        match spec.parse() {
-            Ok(addr) => Ok(CheckEnd::External(addr)),
-            Err(_) => endpoint(flag, spec, ip, local, known).map(CheckEnd::Identity),
-        }
-    }
-
-    fn end(&self) -> End<'_> {
-        match self {
-            CheckEnd::Identity(e) => End::Identity(e),
-            CheckEnd::External(ip) => End::External(*ip),
-        }
-    }
-
-    fn ip(&self) -> Option<std::net::IpAddr> {
-        match self {
-            CheckEnd::Identity(e) => e.ip,
-            CheckEnd::External(ip) => Some(*ip),
-        }
-    }
-
-    /// A SPIFFE ID, or the address with the external networks that contain it.
-    fn name(&self, set: &PolicySet) -> String {
-        match self {
-            CheckEnd::Identity(e) => e.spiffe_id(),
-            CheckEnd::External(ip) => {
-                let nets: Vec<&str> = set
-                    .networks()
-                    .iter()
-                    .filter(|n| n.contains(*ip))
-                    .map(|n| n.name.as_str())
-                    .collect();
-                if nets.is_empty() {
-                    format!("{ip} (outside the mesh)")
-                } else {
-                    format!("{ip} ({})", nets.join(", "))
-                }
-            }
-        }
-    }
-}
-
 /// `meshctl policy check`: ALLOW or DENY for one flow, with what decided each direction. An end
 /// outside the mesh, or of another trust domain, is not governed by these policies: only the
 /// local identity's direction is decided.
 pub fn check(a: CheckArgs) -> Result<(), Failure> {
     let set = a.set;
     let known = a.known.as_deref();
-    let src = CheckEnd::parse("--from", a.from, a.from_ip, &set.trust_domain, known)?;
-    let dst = CheckEnd::parse("--to", a.to, a.to_ip, &set.trust_domain, known)?;
-    let protocol = match a.proto.to_ascii_lowercase().as_str() {
-        "tcp" => policy::engine::TCP,
-        "udp" => policy::engine::UDP,
-        "icmp" => policy::engine::ICMP,
-        "icmpv6" => policy::engine::ICMPV6,
-        "sctp" => policy::engine::SCTP,
-        other => other.parse().map_err(|_| {
-            Failure::input(anyhow!(
-                "--proto: `{other}` is not tcp, udp, icmp, icmpv6, sctp or a number"
-            ))
-        })?,
-    };
-    let v6 = src.ip().or(dst.ip()).is_some_and(|ip| ip.is_ipv6());
-    let flow = Flow {
-        protocol,
-        src_port: None,
-        dst_port: a.port,
-        icmp: None,
-        ip_version: if v6 { 6 } else { 4 },
-    };
-    let governed = |e: &CheckEnd| match e {
-        CheckEnd::Identity(e) if e.trust_domain == set.trust_domain => None,
-        CheckEnd::Identity(e) => Some(format!(
-            "decided by {}'s own policies, not these",
-            e.trust_domain
-        )),
-        CheckEnd::External(_) => Some("outside the mesh: no policy governs it".to_string()),
-    };
-    let decide = |dir, e: &CheckEnd| {
-        governed(e).map_or_else(
-            || Ok(set.decide_ends(dir, &flow, src.end(), dst.end())),
-            Err,
-        )
-    };
-    let egress = decide(Direction::Egress, &src);
-    let ingress = decide(Direction::Ingress, &dst);
-    let allowed =
-        |v: &Result<policy::engine::Verdict, String>| v.as_ref().map_or(true, |v| v.allow);
-    let allow = allowed(&egress) && allowed(&ingress);
-    let side = |end: &CheckEnd, v: &Result<policy::engine::Verdict, String>| {
+    let src = resolve("--from", a.from, a.from_ip, &set, known)?;
+    let dst = resolve("--to", a.to, a.to_ip, &set, known)?;
+    let protocol = testing::protocol_number(&ProtocolValue::Name(a.proto.to_string()))
+        .map_err(|e| Failure::input(anyhow!("--proto: {e}")))?;
+    let answer = testing::decide(&set, &src, &dst, protocol, a.port);
+    let allow = answer.allow;
+    let side = |end: &FlowEnd, v: &testing::Side| {
         // The address decided with (a member's first; ask with --from-ip/--to-ip for another).
         let mut o = serde_json::json!({ "end": end.name(&set), "ip": end.ip() });
-        if let CheckEnd::Identity(e) = end {
+        if let FlowEnd::Identity(e) = end {
             o["labels"] = serde_json::json!(e.labels);
         }
         match v {
@@ -307,34 +196,32 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
         }
         o
     };
-    let answer = serde_json::json!({
+    let json = serde_json::json!({
         "verdict": if allow { "ALLOW" } else { "DENY" },
         "protocol": a.proto,
         "port": a.port,
-        "egress": side(&src, &egress),
-        "ingress": side(&dst, &ingress),
+        "egress": side(&src, &answer.egress),
+        "ingress": side(&dst, &answer.ingress),
     });
-    if a.output.data(&answer)?.is_none() {
-        return if allow {
-            Ok(())
-        } else {
-            Err(Failure::answer())
-        };
-    }
-    println!("{}", if allow { "ALLOW" } else { "DENY" });
-    for (what, end, v) in [("egress of", &src, &egress), ("ingress of", &dst, &ingress)] {
-        match v {
-            Ok(v) => println!(
-                "  {what} {}: {} by {}{}",
-                end.name(&set),
-                if v.allow { "allowed" } else { "denied" },
-                v.by,
-                v.rule
-                    .as_ref()
-                    .map(|r| format!(" rule {r}"))
-                    .unwrap_or_default()
-            ),
-            Err(why) => println!("  {what} {}: {why}", end.name(&set)),
+    if a.output.data(&json)?.is_some() {
+        println!("{}", if allow { "ALLOW" } else { "DENY" });
+        for (what, end, v) in [
+            ("egress of", &src, &answer.egress),
+            ("ingress of", &dst, &answer.ingress),
+        ] {
+            match v {
+                Ok(v) => println!(
+                    "  {what} {}: {} by {}{}",
+                    end.name(&set),
+                    if v.allow { "allowed" } else { "denied" },
+                    v.by,
+                    v.rule
+                        .as_ref()
+                        .map(|r| format!(" rule {r}"))
+                        .unwrap_or_default()
+                ),
+                Err(why) => println!("  {what} {}: {why}", end.name(&set)),
+            }
         }
     }
     if allow {
@@ -342,6 +229,81 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
     } else {
         Err(Failure::answer())
     }
+}
+
+/// `meshctl policy test -f ...`: every `PolicyTest` case of the set the files make, with its
+/// verdict, and for a failure what decided; exit 1 when any fails.
+pub fn test(set: &PolicySet, output: crate::Output) -> Result<(), Failure> {
+    let results = testing::run(set, &set.tests);
+    let failed = results.iter().filter(|r| !r.passed()).count();
+    let rows: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "test": r.test,
+                "case": r.index,
+                "name": r.name,
+                "expect": format!("{:?}", r.expect),
+                "passed": r.passed(),
+                "verdict": r.answer.as_ref().ok().map(|a| if a.allow { "Allow" } else { "Deny" }),
+                "decided_by": r.answer.as_ref().ok().map(|a| a.decided_by()),
+                "error": r.answer.as_ref().err(),
+            })
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "cases": results.len(),
+        "failed": failed,
+        "results": rows,
+    });
+    if let Some(wide) = output.data(&summary)? {
+        for r in &results {
+            let mark = if r.passed() { "PASS" } else { "FAIL" };
+            let got = match &r.answer {
+                Ok(a) if !r.passed() || wide => format!(
+                    "  got {} by {}",
+                    if a.allow { "Allow" } else { "Deny" },
+                    a.decided_by()
+                ),
+                Ok(_) => String::new(),
+                Err(e) => format!("  cannot decide: {e}"),
+            };
+            println!(
+                "{mark}  {}[{}] {}: expect {:?}{got}",
+                r.test, r.index, r.name, r.expect
+            );
+        }
+        println!(
+            "{} case(s), {} passed, {failed} failed",
+            results.len(),
+            results.len() - failed
+        );
+    }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure::answer())
+    }
+}
+
+/// The cases of `set` that fail, one line each, for the gate of `policy apply`.
+pub fn failing_tests(set: &PolicySet) -> Vec<String> {
+    testing::run(set, &set.tests)
+        .into_iter()
+        .filter(|r| !r.passed())
+        .map(|r| match &r.answer {
+            Ok(a) => format!(
+                "{}[{}] {}: expected {:?}, got {} by {}",
+                r.test,
+                r.index,
+                r.name,
+                r.expect,
+                if a.allow { "Allow" } else { "Deny" },
+                a.decided_by()
+            ),
+            Err(e) => format!("{}[{}] {}: cannot decide: {e}", r.test, r.index, r.name),
+        })
+        .collect()
 }
 
 pub fn validate_paths(files: &[PathBuf]) -> Result<(), Failure> {

@@ -127,6 +127,53 @@ pub fn running(
     posture: Option<policy::engine::Posture>,
     trust_domain: Option<&str>,
 ) -> Result<policy::engine::PolicySet, Failure> {
+    let (posture, trust_domain) = daemon_view(socket, posture, trust_domain)?;
+    let (_, objs) = current(socket)?;
+    compiled(&objs, posture, &trust_domain)
+        .map_err(|e| anyhow!("the running set does not compile: {e}").into())
+}
+
+/// `objs` compiled under `posture` for `trust_domain`; the first error if they do not.
+fn compiled(
+    objs: &BTreeMap<String, Object>,
+    posture: policy::engine::Posture,
+    trust_domain: &str,
+) -> Result<policy::engine::PolicySet, String> {
+    let list: Vec<Object> = objs.values().cloned().collect();
+    let docs = policy::model::parse_documents(&stream(&list), "the policy set")
+        .map_err(|e| e[0].to_string())?;
+    policy::engine::PolicySet::compile(&docs, posture)
+        .map(|s| s.in_trust_domain(trust_domain))
+        .map_err(|e| e[0].to_string())
+}
+
+/// The `PolicyTest` cases of `objs`, decided as the daemon at `socket` decides (its posture and
+/// trust domain): a failing one refuses the whole change, as Tailscale refuses an ACL whose
+/// tests fail. Nodes do not run tests; this is the author's gate.
+fn gate(socket: &Path, objs: &BTreeMap<String, Object>) -> Result<(), Failure> {
+    if !objs.keys().any(|k| k.starts_with("PolicyTest ")) {
+        return Ok(());
+    }
+    let (posture, trust_domain) = daemon_view(socket, None, None)?;
+    let set = compiled(objs, posture, &trust_domain).map_err(|e| anyhow!("{e}"))?;
+    let failing = crate::policy::failing_tests(&set);
+    if failing.is_empty() {
+        return Ok(());
+    }
+    Err(anyhow!(
+        "the resulting set fails {} policy test case(s); nothing was applied:\n  {}",
+        failing.len(),
+        failing.join("\n  ")
+    )
+    .into())
+}
+
+/// The daemon's posture and trust domain, unless given.
+fn daemon_view(
+    socket: &Path,
+    posture: Option<policy::engine::Posture>,
+    trust_domain: Option<&str>,
+) -> Result<(policy::engine::Posture, String), Failure> {
     let status = match request(socket, &Request::Status)? {
         Response::Status(s) => s,
         other => return Err(anyhow!("unexpected answer {other:?}").into()),
@@ -149,14 +196,7 @@ pub fn running(
         .and_then(|i| i.split('/').next())
         .unwrap_or(crate::policy::DEFAULT_TRUST_DOMAIN)
         .to_string();
-    let trust_domain = trust_domain.unwrap_or(&own);
-    let (serial, objs) = current(socket)?;
-    let list: Vec<Object> = objs.into_values().collect();
-    let docs = policy::model::parse_documents(&stream(&list), &format!("policy set {serial}"))
-        .map_err(|e| anyhow!("the running set does not parse: {}", e[0]))?;
-    policy::engine::PolicySet::compile(&docs, posture)
-        .map(|s| s.in_trust_domain(trust_domain))
-        .map_err(|e| anyhow!("the running set does not compile: {}", e[0]).into())
+    Ok((posture, trust_domain.unwrap_or(&own).to_string()))
 }
 
 /// The identities of the live mesh as the daemon at `socket` knows them: itself and its members,
@@ -259,6 +299,7 @@ pub fn apply(socket: &Path, files: &[PathBuf], key: &Path) -> Result<(), Failure
     let (serial, old) = current(socket)?;
     let merged = merge(&old, &new);
     validate(&merged, &origins)?;
+    gate(socket, &merged)?;
     let report = changes(&old, &new);
     if merged == old {
         for (name, what) in &report {
@@ -353,6 +394,7 @@ pub fn delete(socket: &Path, names: Vec<String>, key: &Path) -> Result<(), Failu
         )));
     }
     validate(&merged, &BTreeMap::new())?;
+    gate(socket, &merged)?;
     let message = push(socket, key, serial, &merged)?;
     for n in &names {
         println!("{n} deleted");

@@ -311,6 +311,8 @@ pub struct PolicySet {
     /// The trust domain whose identities the policies are written for: the node's own. Set it
     /// before evaluating ([`PolicySet::in_trust_domain`]); every other is remote.
     pub trust_domain: String,
+    /// The `PolicyTest` objects of the set (object name, cases): they decide nothing.
+    pub tests: Vec<(String, crate::testing::PolicyTestSpec)>,
 }
 
 struct Ctx<'a> {
@@ -393,6 +395,10 @@ impl PolicySet {
                         }),
                         Err(e) => errors.push(e),
                     }
+                    Ok(None)
+                }
+                Document::PolicyTest { spec, .. } => {
+                    set.tests.push((id.clone(), spec.clone()));
                     Ok(None)
                 }
                 Document::Federation { metadata, spec } => {

@@ -8,5 +8,6 @@ pub mod fragments;
 pub mod location;
 pub mod model;
 pub mod selector;
+pub mod testing;
 
 pub use selector::{Selector, SelectorError};

@@ -349,6 +349,12 @@ pub enum Document {
         kind: NetworkKind,
         global: bool,
     },
+    /// Expected flows, checked by `meshctl policy test` and before every apply
+    /// ([`crate::testing`]); nodes ignore them.
+    PolicyTest {
+        metadata: Metadata,
+        spec: crate::testing::PolicyTestSpec,
+    },
 }
 
 /// A document that could not be read: which file, which document (1-based), what and where.
@@ -558,6 +564,11 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             ("v1", "Namespace") => doc.typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
             (crate::federation::API_VERSION, crate::federation::KIND) => doc.typed::<Raw<crate::federation::FederationSpec>>(de)
                 .map(|r| Document::Federation { metadata: r.metadata, spec: r.spec }),
+            (crate::testing::API_VERSION, crate::testing::KIND) => doc.typed::<Raw<crate::testing::PolicyTestSpec>>(de)
+                .and_then(|r| match r.metadata.namespace {
+                    Some(_) => Err(vec![("metadata.namespace: a PolicyTest is not namespaced".into(), None)]),
+                    None => Ok(Document::PolicyTest { metadata: r.metadata, spec: r.spec }),
+                }),
             ("projectcalico.org/v3", "NetworkSet" | "GlobalNetworkSet")
             | (crate::federation::API_VERSION, "ExternalNetwork" | "GlobalExternalNetwork") => {
                 let network_kind = if api == crate::federation::API_VERSION {
@@ -576,7 +587,7 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             _ => Err(vec![(format!(
                 "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy, \
                  GlobalNetworkPolicy, NetworkSet or GlobalNetworkSet, networking.k8s.io/v1 NetworkPolicy, \
-                 v1 Namespace, mesh.io/v1 Federation, ExternalNetwork or GlobalExternalNetwork"
+                 v1 Namespace, mesh.io/v1 Federation, ExternalNetwork, GlobalExternalNetwork or PolicyTest"
             ), None)]),
         };
         match result {
@@ -736,6 +747,7 @@ impl Document {
             }
             Document::Namespace { metadata } => format!("Namespace {}", metadata.name),
             Document::Federation { metadata, .. } => format!("Federation {}", metadata.name),
+            Document::PolicyTest { metadata, .. } => format!("PolicyTest {}", metadata.name),
             Document::Network {
                 metadata,
                 kind,
@@ -762,6 +774,7 @@ impl Document {
             | Document::K8sNetworkPolicy { metadata, .. }
             | Document::Namespace { metadata }
             | Document::Federation { metadata, .. }
+            | Document::PolicyTest { metadata, .. }
             | Document::Network { metadata, .. } => metadata,
         }
     }

@@ -1052,3 +1052,47 @@ spec:
     assert_eq!(http_get(&post_ns, "/").0, 404);
     assert_eq!(http_get(&post_ns, "/healthz").0, 200);
 }
+
+/// The author's gate: `policy apply` runs the PolicyTest cases of the resulting set as the daemon
+/// would decide them, and refuses a change that breaks one, naming it; the set in force stays.
+#[test]
+fn apply_refuses_a_change_that_fails_a_policy_test() {
+    if !can_run() {
+        return;
+    }
+    let pl = policy_lab(&[("api", &[]), ("post", &["app=post"])], &[]);
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog");
+    let apply = |path: &std::path::Path| {
+        Command::new(bin("meshctl"))
+            .args(["policy", "apply", "-f"])
+            .arg(path)
+            .args([
+                "--key",
+                pl.admin.to_str().unwrap(),
+                "-i",
+                &pl.node(1).ifname,
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = apply(&examples);
+    assert!(o.status.success(), "{o:?}");
+    pl.wait_serial(1);
+
+    let changed = pl.lab.dir.join("post-without-search.yaml");
+    let post = std::fs::read_to_string(examples.join("post-allow-list.yaml")).unwrap();
+    std::fs::write(
+        &changed,
+        post.replace(r#"names: ["api", "search"]"#, r#"names: ["api"]"#),
+    )
+    .unwrap();
+    let o = apply(&changed);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("fails 1 policy test case(s); nothing was applied")
+            && err.contains("PolicyTest microblog-flows[1] search reaches post: expected Allow, got Deny by end-of-policies"),
+        "{err}"
+    );
+    assert_eq!(pl.serial(1), 1, "the set in force stays");
+}

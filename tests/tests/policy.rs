@@ -1,6 +1,7 @@
 //! The policy what-if tools from the operator's side.
 
 use mesh_tests::bin;
+use std::path::Path;
 use std::process::Command;
 
 fn selector(expr: &str, labels: &str) -> (Option<i32>, String, String) {
@@ -275,5 +276,53 @@ fn an_invalid_policy_set_is_refused_naming_every_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("<stdin>:5:1: document 2"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `meshctl policy test`: the microblog's own cases pass; with `search` taken out of
+/// post-allow-list exactly its case fails, named with what decided, and the command exits 1.
+#[test]
+fn policy_tests_run_offline_and_name_the_failing_case() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog");
+    let o = Command::new(bin("meshctl"))
+        .args(["policy", "test", "-f"])
+        .arg(&examples)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("11 case(s), 11 passed, 0 failed"), "{out}");
+
+    let dir = std::env::temp_dir().join(format!("meshctl-policy-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&examples).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text.replace(r#"names: ["api", "search"]"#, r#"names: ["api"]"#);
+        std::fs::write(dir.join(p.file_name().unwrap()), text).unwrap();
+    }
+    let o = Command::new(bin("meshctl"))
+        .args(["policy", "test", "-o", "json", "-f"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["failed"], 1, "{report}");
+    let failed: Vec<&serde_json::Value> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["passed"] == false)
+        .collect();
+    assert_eq!(failed[0]["name"], "search reaches post");
+    assert_eq!(failed[0]["verdict"], "Deny");
+    assert_eq!(failed[0]["decided_by"], "end-of-policies");
     let _ = std::fs::remove_dir_all(&dir);
 }
