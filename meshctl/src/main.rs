@@ -180,10 +180,21 @@ enum PolicyCommand {
         #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY)]
         key: PathBuf,
     },
-    /// Show what `apply -f` would change.
+    /// Show what `apply -f` would change, per object; with --connectivity, which flows between
+    /// identities it newly allows and newly denies. Exit 1 when there are differences.
     Diff {
         #[arg(short = 'f', long = "file", required = true, value_name = "FILE|DIR|-", help = FILES_HELP)]
         files: Vec<PathBuf>,
+        /// Compare what the two sets decide for every pair of identities and every protocol and
+        /// port a rule names, instead of their text.
+        #[arg(long)]
+        connectivity: bool,
+        /// The identities to compare (a YAML list of [TD/]NS/NAME,K=V..., or the output of
+        /// `meshctl status -o yaml`); default: the live mesh's members.
+        #[arg(long, value_name = "FILE", requires = "connectivity")]
+        identities: Option<PathBuf>,
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
+        output: Output,
     },
     /// Remove objects: KIND NAME (networkpolicy NS/NAME, globalnetworkpolicy NAME, namespace NAME), or those of -f files.
     Delete {
@@ -558,7 +569,18 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             })
         }
         PolicyCommand::Apply { files, key } => policy_set::apply(&daemon()?, &files, &key),
-        PolicyCommand::Diff { files } => policy_set::diff(&daemon()?, &files),
+        PolicyCommand::Diff {
+            files,
+            connectivity: false,
+            output,
+            ..
+        } => policy_set::diff(&daemon()?, &files, output),
+        PolicyCommand::Diff {
+            files,
+            identities,
+            output,
+            ..
+        } => policy_set::connectivity(&daemon()?, &files, identities.as_deref(), output),
         PolicyCommand::Delete {
             kind,
             name,

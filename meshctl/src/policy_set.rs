@@ -316,8 +316,166 @@ pub fn apply(socket: &Path, files: &[PathBuf], key: &Path) -> Result<(), Failure
     Ok(())
 }
 
+/// `meshctl policy diff -f FILE|DIR --connectivity`: for every pair of identities (the live
+/// mesh's, or those of `identities`) and every protocol and port a rule of either set names,
+/// the flows the change newly allows and newly denies, with what decided before and after;
+/// exit 1 when connectivity changes.
+pub fn connectivity(
+    socket: &Path,
+    files: &[PathBuf],
+    identities: Option<&Path>,
+    output: crate::Output,
+) -> Result<(), Failure> {
+    use policy::testing::{self, FlowEnd};
+    let Read {
+        objects: new,
+        origins,
+    } = read_objects(files)?;
+    let (serial, old) = current(socket)?;
+    let merged = merge(&old, &new);
+    validate(&merged, &origins)?;
+    let (posture, trust_domain) = daemon_view(socket, None, None)?;
+    let before =
+        compiled(&old, posture, &trust_domain).map_err(|e| anyhow!("policy set {serial}: {e}"))?;
+    let after = compiled(&merged, posture, &trust_domain).map_err(|e| anyhow!("{e}"))?;
+    let known = match identities {
+        Some(path) => identities_file(path)?,
+        None => known(socket)?,
+    };
+    let mut ends: Vec<FlowEnd> = Vec::new();
+    for k in &known {
+        let mut end = testing::parse_end(&k.identity, k.ip, &after)
+            .map_err(|e| Failure::input(anyhow!("identity {}: {e}", k.identity)))?;
+        if let FlowEnd::Identity(e) = &mut end {
+            e.labels.extend(k.labels.clone());
+        }
+        if !ends.contains(&end) {
+            ends.push(end);
+        }
+    }
+    let changes = testing::connectivity_diff(&before, &after, &ends);
+    let probes = before.probes().union(&after.probes()).count();
+    let row = |c: &testing::FlowChange| {
+        serde_json::json!({
+            "from": c.from,
+            "to": c.to,
+            "protocol": testing::protocol_name(c.protocol),
+            "port": c.port,
+            "before": c.before.decided_by(),
+            "after": c.after.decided_by(),
+        })
+    };
+    let (allowed, denied): (Vec<&testing::FlowChange>, Vec<&testing::FlowChange>) =
+        changes.iter().partition(|c| c.after.allow);
+    let report = serde_json::json!({
+        "serial": serial,
+        "identities": ends.len(),
+        "probes": probes,
+        "newly_allowed": allowed.iter().map(|c| row(c)).collect::<Vec<_>>(),
+        "newly_denied": denied.iter().map(|c| row(c)).collect::<Vec<_>>(),
+    });
+    if output.data(&report)?.is_some() {
+        println!(
+            "connectivity against policy set {serial}: {} identities, {probes} protocol/port(s) probed",
+            ends.len()
+        );
+        for (what, list, was, now) in [
+            ("newly denied", &denied, "allowed", "denied"),
+            ("newly allowed", &allowed, "denied", "allowed"),
+        ] {
+            if list.is_empty() {
+                continue;
+            }
+            println!("{what} ({}):", list.len());
+            for c in list.iter() {
+                let port = c.port.map_or(String::new(), |p| format!("/{p}"));
+                println!(
+                    "  {} -> {}  {}{port}  was {was} by {}; now {now} by {}",
+                    c.from,
+                    c.to,
+                    testing::protocol_name(c.protocol),
+                    c.before.decided_by(),
+                    c.after.decided_by()
+                );
+            }
+        }
+        if changes.is_empty() {
+            println!("no change in connectivity");
+        }
+    }
+    if changes.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::answer())
+    }
+}
+
+/// Identities from a file: a YAML list of `[TD/]NS/NAME[,K=V...]`, or what `meshctl status -o
+/// yaml` prints (one node, or a list of them: each node and its peers, with their labels).
+fn identities_file(path: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::input(anyhow!("--identities {}: {e}", path.display())))?;
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .map_err(|e| Failure::input(anyhow!("--identities {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    let labelled = |m: &serde_yaml_ng::Value| -> Option<crate::policy::Known> {
+        let identity = m.get("identity")?.as_str()?.to_string();
+        let labels = m
+            .get("labels")
+            .and_then(|l| serde_yaml_ng::from_value(l.clone()).ok())
+            .unwrap_or_default();
+        Some(crate::policy::Known {
+            identity,
+            labels,
+            ip: None,
+        })
+    };
+    let mut node = |n: &serde_yaml_ng::Value| {
+        out.extend(n.get("certificate").and_then(labelled));
+        if let Some(peers) = n.get("peers").and_then(|p| p.as_sequence()) {
+            out.extend(peers.iter().filter_map(labelled));
+        }
+    };
+    let items: Vec<serde_yaml_ng::Value> = match v {
+        serde_yaml_ng::Value::Sequence(s) => s,
+        other => vec![other],
+    };
+    let mut plain = Vec::new();
+    for item in &items {
+        match item.as_str() {
+            Some(s) => plain.push(s.to_string()),
+            None => node(item),
+        }
+    }
+    for s in plain {
+        let (id, labels) = s.split_once(',').unwrap_or((&s, ""));
+        let mut map = BTreeMap::new();
+        for kv in labels.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                Failure::input(anyhow!(
+                    "--identities {}: `{kv}` is not KEY=VALUE",
+                    path.display()
+                ))
+            })?;
+            map.insert(k.to_string(), v.to_string());
+        }
+        out.push(crate::policy::Known {
+            identity: id.to_string(),
+            labels: map,
+            ip: None,
+        });
+    }
+    if out.is_empty() {
+        return Err(Failure::input(anyhow!(
+            "--identities {}: no identities found",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
 /// `meshctl policy diff -f FILE|DIR`: what `apply` would change, as a unified diff per object.
-pub fn diff(socket: &Path, files: &[PathBuf]) -> Result<(), Failure> {
+pub fn diff(socket: &Path, files: &[PathBuf], output: crate::Output) -> Result<(), Failure> {
     let Read {
         objects: new,
         origins,
@@ -325,29 +483,40 @@ pub fn diff(socket: &Path, files: &[PathBuf]) -> Result<(), Failure> {
     let (serial, old) = current(socket)?;
     // Say now what apply would refuse.
     validate(&merge(&old, &new), &origins)?;
-    let mut changed = 0;
+    let mut changes = Vec::new();
     for o in &new {
         let before = old.get(&o.name).map(|c| c.yaml.as_str()).unwrap_or("");
         if before == o.yaml {
             continue;
         }
-        changed += 1;
         let label = if before.is_empty() {
             "created"
         } else {
             "configured"
         };
-        println!("# {} ({label})", o.name);
         let d = similar::TextDiff::from_lines(before, &o.yaml);
-        print!(
-            "{}",
-            d.unified_diff()
-                .context_radius(3)
-                .header(&format!("set {serial}"), "applied")
-        );
+        let text = d
+            .unified_diff()
+            .context_radius(3)
+            .header(&format!("set {serial}"), "applied")
+            .to_string();
+        changes.push(serde_json::json!({ "object": o.name, "change": label, "diff": text }));
     }
-    if changed == 0 {
-        println!("no change against policy set {serial}");
+    let report = serde_json::json!({ "serial": serial, "changes": changes });
+    if output.data(&report)?.is_some() {
+        for c in &changes {
+            println!(
+                "# {} ({})",
+                c["object"].as_str().unwrap_or(""),
+                c["change"].as_str().unwrap_or("")
+            );
+            print!("{}", c["diff"].as_str().unwrap_or(""));
+        }
+        if changes.is_empty() {
+            println!("no change against policy set {serial}");
+        }
+    }
+    if changes.is_empty() {
         Ok(())
     } else {
         Err(Failure::answer())

@@ -467,6 +467,34 @@ impl PolicySet {
         &self.networks
     }
 
+    /// The (protocol, destination port) pairs the rules name, which a connectivity diff probes:
+    /// each range's first and last port, `None` for a rule without ports (a rule without a
+    /// protocol is probed as TCP).
+    pub fn probes(&self) -> std::collections::BTreeSet<(u8, Option<u16>)> {
+        let mut out = std::collections::BTreeSet::new();
+        let rules = self
+            .policies
+            .iter()
+            .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten());
+        for r in rules {
+            let protocol = r.protocol.unwrap_or(TCP);
+            let ranges: Vec<&(u16, u16)> = r
+                .destination
+                .ports
+                .iter()
+                .chain(&r.destination.not_ports)
+                .collect();
+            if ranges.is_empty() {
+                out.insert((protocol, None));
+            }
+            for (a, b) in ranges {
+                out.insert((protocol, Some(*a)));
+                out.insert((protocol, Some(*b)));
+            }
+        }
+        out
+    }
+
     /// The other clusters' CAs the set trusts, and within what scope.
     pub fn federations(&self) -> &[Federation] {
         &self.federations

@@ -159,6 +159,19 @@ pub fn protocol_number(v: &ProtocolValue) -> Result<u8, String> {
     }
 }
 
+/// A protocol's name as policies write it (`TCP`, `UDP`, ...), or its number.
+pub fn protocol_name(n: u8) -> String {
+    match n {
+        TCP => "TCP".into(),
+        UDP => "UDP".into(),
+        ICMP => "ICMP".into(),
+        ICMPV6 => "ICMPv6".into(),
+        SCTP => "SCTP".into(),
+        UDPLITE => "UDPLite".into(),
+        n => n.to_string(),
+    }
+}
+
 /// What one direction's policies said: a verdict, or why none of these policies governs it (an
 /// end outside the mesh, or of another trust domain, which its own policies govern).
 pub type Side = Result<Verdict, String>;
@@ -293,6 +306,60 @@ pub fn run(set: &PolicySet, tests: &[(String, PolicyTestSpec)]) -> Vec<CaseResul
     out
 }
 
+/// A flow whose verdict a change of policy set changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowChange {
+    /// `TD/NS/NAME` of each end.
+    pub from: String,
+    pub to: String,
+    pub protocol: u8,
+    pub port: Option<u16>,
+    pub before: FlowAnswer,
+    pub after: FlowAnswer,
+}
+
+/// `TD/NS/NAME` of an identity end, the address otherwise.
+fn end_id(e: &FlowEnd) -> String {
+    match e {
+        FlowEnd::Identity(e) => format!("{}/{}/{}", e.trust_domain, e.namespace, e.name),
+        FlowEnd::External(ip) => ip.to_string(),
+    }
+}
+
+/// Every flow between two of `ends` (in each direction) on every protocol and port that a rule
+/// of either set names, whose verdict differs between `old` and `new`, in order of source,
+/// destination, protocol and port. A set against itself gives nothing.
+pub fn connectivity_diff(old: &PolicySet, new: &PolicySet, ends: &[FlowEnd]) -> Vec<FlowChange> {
+    let probes: std::collections::BTreeSet<(u8, Option<u16>)> =
+        old.probes().union(&new.probes()).copied().collect();
+    let mut out = Vec::new();
+    for (i, src) in ends.iter().enumerate() {
+        for (j, dst) in ends.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            for &(protocol, port) in &probes {
+                let before = decide(old, src, dst, protocol, port);
+                let after = decide(new, src, dst, protocol, port);
+                if before.allow != after.allow {
+                    out.push(FlowChange {
+                        from: end_id(src),
+                        to: end_id(dst),
+                        protocol,
+                        port,
+                        before,
+                        after,
+                    });
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        (&a.from, &a.to, a.protocol, a.port).cmp(&(&b.from, &b.to, b.protocol, b.port))
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +401,59 @@ mod tests {
         let answer = failed[0].answer.as_ref().unwrap();
         assert!(!answer.allow);
         assert_eq!(answer.decided_by(), "end-of-policies");
+    }
+
+    fn microblog_ends(s: &PolicySet) -> Vec<FlowEnd> {
+        ["api", "post", "search", "user", "storage"]
+            .iter()
+            .map(|n| parse_end(&format!("microblog/{n},app={n}"), None, s).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_connectivity_diff_of_removing_search_is_exactly_search_to_post_8080() {
+        let old = set(POST);
+        let new = set(&POST.replace(r#"["api", "search"]"#, r#"["api"]"#));
+        let ends = microblog_ends(&old);
+        assert!(connectivity_diff(&old, &old, &ends).is_empty());
+        let changes = connectivity_diff(&old, &new, &ends);
+        assert_eq!(changes.len(), 1, "{changes:#?}");
+        let c = &changes[0];
+        assert_eq!(
+            (c.from.as_str(), c.to.as_str(), c.protocol, c.port),
+            (
+                "cluster.local/microblog/search",
+                "cluster.local/microblog/post",
+                TCP,
+                Some(8080)
+            )
+        );
+        assert!(c.before.allow && !c.after.allow);
+        assert_eq!(c.after.decided_by(), "end-of-policies");
+        assert_eq!(
+            c.before.decided_by(),
+            "NetworkPolicy microblog/post-allow-list ingress[0]"
+        );
+    }
+
+    proptest::proptest! {
+        /// Every change the diff lists is what deciding the flow under each set says, and a set
+        /// against itself lists nothing, whichever allow-list a service loses.
+        #[test]
+        fn the_diff_agrees_with_deciding_each_pair(drop_api in proptest::bool::ANY, port in 8000u16..8100) {
+            let old = set(POST);
+            let names = if drop_api { r#"["search"]"# } else { r#"["api"]"# };
+            let new = set(&POST.replace(r#"["api", "search"]"#, names).replace("- 8080", &format!("- {port}")));
+            let ends = microblog_ends(&old);
+            proptest::prop_assert!(connectivity_diff(&new, &new, &ends).is_empty());
+            for c in connectivity_diff(&old, &new, &ends) {
+                let find = |id: &str| ends.iter().find(|e| end_id(e) == id).unwrap().clone();
+                let (src, dst) = (find(&c.from), find(&c.to));
+                proptest::prop_assert_eq!(decide(&old, &src, &dst, c.protocol, c.port).allow, c.before.allow);
+                proptest::prop_assert_eq!(decide(&new, &src, &dst, c.protocol, c.port).allow, c.after.allow);
+                proptest::prop_assert_ne!(c.before.allow, c.after.allow);
+            }
+        }
     }
 
     #[test]

@@ -1060,7 +1060,7 @@ fn apply_refuses_a_change_that_fails_a_policy_test() {
     if !can_run() {
         return;
     }
-    let pl = policy_lab(&[("api", &[]), ("post", &["app=post"])], &[]);
+    let pl = policy_lab(&[("api", &["app=api"]), ("post", &["app=post"])], &[]);
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog");
     let apply = |path: &std::path::Path| {
         Command::new(bin("meshctl"))
@@ -1095,4 +1095,61 @@ fn apply_refuses_a_change_that_fails_a_policy_test() {
         "{err}"
     );
     assert_eq!(pl.serial(1), 1, "the set in force stays");
+
+    // What the change does to flows, for a reviewer: against identities listed in a file, and
+    // against the live mesh's members (labels from their certificates).
+    let diff = |file: &std::path::Path, extra: &[&str]| {
+        Command::new(bin("meshctl"))
+            .args(["policy", "diff", "--connectivity", "-o", "json", "-f"])
+            .arg(file)
+            .args(extra)
+            .args(["-i", &pl.node(1).ifname])
+            .output()
+            .unwrap()
+    };
+    let ids = pl.lab.dir.join("identities.yaml");
+    std::fs::write(
+        &ids,
+        ["api", "post", "search", "user", "storage"]
+            .iter()
+            .map(|n| format!("- microblog/{n},app={n}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let o = diff(&changed, &["--identities", ids.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["identities"], 5);
+    assert_eq!(
+        report["newly_allowed"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    let denied = report["newly_denied"].as_array().unwrap();
+    assert_eq!(denied.len(), 1, "{report}");
+    assert_eq!(denied[0]["from"], "example.org/microblog/search");
+    assert_eq!(denied[0]["to"], "example.org/microblog/post");
+    assert_eq!(denied[0]["port"], 8080);
+    assert_eq!(
+        denied[0]["before"],
+        "NetworkPolicy microblog/post-allow-list ingress[0]"
+    );
+
+    let without_api = pl.lab.dir.join("post-without-api.yaml");
+    std::fs::write(
+        &without_api,
+        post.replace(r#"names: ["api", "search"]"#, r#"names: ["search"]"#),
+    )
+    .unwrap();
+    let o = diff(&without_api, &[]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["identities"], 2, "the live mesh: api and post");
+    let denied = report["newly_denied"].as_array().unwrap();
+    assert_eq!(denied.len(), 1, "{report}");
+    assert_eq!(denied[0]["from"], "example.org/microblog/api");
+
+    // The set in force against itself: no change, exit 0.
+    let o = diff(&examples.join("post-allow-list.yaml"), &[]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
 }
