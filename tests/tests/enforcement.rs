@@ -109,6 +109,24 @@ spec:
   - action: Allow
 ";
 
+/// post-allow-list by service-account names, as the guide writes it but for its namespace selector.
+const POST_BY_NAMES: &str = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: post-allow-list
+  namespace: microblog
+spec:
+  selector: app == 'post'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source:
+      serviceAccounts:
+        names: [\"api\", \"search\"]
+    destination:
+      ports: [8080]
+";
+
 #[test]
 fn zero_trust_denies_by_default_on_the_sender_and_nothing_reaches_the_wire() {
     if !can_run() {
@@ -201,24 +219,11 @@ fn allow_by_service_account_names_pushed_from_another_node_with_replies_and_flow
         return;
     }
     let mut pl = policy_lab(&[("api", &[]), ("post", &["app=post"]), ("user", &[])], &[]);
-    let post_allow = "apiVersion: projectcalico.org/v3
-kind: NetworkPolicy
-metadata:
-  name: post-allow-list
-  namespace: microblog
-spec:
-  selector: app == 'post'
-  ingress:
-  - action: Allow
-    protocol: TCP
-    source:
-      serviceAccounts:
-        names: [\"api\", \"search\"]
-    destination:
-      ports: [8080]
-";
     // Applied on node 3 (user), enforced on node 2 (post): the set travels the mesh.
-    let serial = pl.apply(3, &format!("{NAMESPACE}---\n{EGRESS_ALL}---\n{post_allow}"));
+    let serial = pl.apply(
+        3,
+        &format!("{NAMESPACE}---\n{EGRESS_ALL}---\n{POST_BY_NAMES}"),
+    );
     assert_eq!(serial, 1);
     let _server = echo(&pl.node(2).ns, pl.addr(2, 8080));
     assert!(
@@ -953,23 +958,10 @@ fn metrics_move_during_a_transfer_and_count_verdicts_and_drops_by_reason() {
     let (code, body) = http_get(&post_ns, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("FAIL policy"), "{body}");
-    let post_allow = "apiVersion: projectcalico.org/v3
-kind: NetworkPolicy
-metadata:
-  name: post-allow-list
-  namespace: microblog
-spec:
-  selector: app == 'post'
-  ingress:
-  - action: Allow
-    protocol: TCP
-    source:
-      serviceAccounts:
-        names: [\"api\", \"search\"]
-    destination:
-      ports: [8080]
-";
-    let serial = pl.apply(1, &format!("{NAMESPACE}---\n{EGRESS_ALL}---\n{post_allow}"));
+    let serial = pl.apply(
+        1,
+        &format!("{NAMESPACE}---\n{EGRESS_ALL}---\n{POST_BY_NAMES}"),
+    );
     pl.wait_serial(serial);
     let (code, body) = http_get(&post_ns, "/readyz");
     assert_eq!(code, 200, "ready once a set is in force: {body}");
