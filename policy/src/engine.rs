@@ -1088,23 +1088,9 @@ impl Compiled {
 }
 
 fn protocol(ctx: &Ctx, v: &Option<ProtocolValue>) -> Result<Option<u8>, CompileError> {
-    Ok(match v {
-        None => None,
-        Some(ProtocolValue::Number(n)) => Some(*n),
-        Some(ProtocolValue::Name(s)) => Some(match s.to_ascii_uppercase().as_str() {
-            "TCP" => TCP,
-            "UDP" => UDP,
-            "ICMP" => ICMP,
-            "ICMPV6" => ICMPV6,
-            "SCTP" => SCTP,
-            "UDPLITE" => UDPLITE,
-            _ => {
-                return Err(ctx.err(format!(
-                    "unknown protocol `{s}` (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number)"
-                )))
-            }
-        }),
-    })
+    v.as_ref()
+        .map(|p| crate::testing::protocol_number(p).map_err(|e| ctx.err(e)))
+        .transpose()
 }
 
 fn port_ranges(ctx: &Ctx, ports: &[PortValue]) -> Result<Vec<(u16, u16)>, CompileError> {

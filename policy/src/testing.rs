@@ -141,7 +141,8 @@ pub fn parse_end(spec: &str, ip: Option<IpAddr>, set: &PolicySet) -> Result<Flow
     }))
 }
 
-/// A protocol by name or number, as policies write it.
+/// A protocol by name or number, as policies write it: the one table of names, for the
+/// compiler, the what-if tools and the flow log.
 pub fn protocol_number(v: &ProtocolValue) -> Result<u8, String> {
     match v {
         ProtocolValue::Number(n) => Ok(*n),
@@ -153,7 +154,9 @@ pub fn protocol_number(v: &ProtocolValue) -> Result<u8, String> {
             "SCTP" => Ok(SCTP),
             "UDPLITE" => Ok(UDPLITE),
             other => other.parse().map_err(|_| {
-                format!("`{s}` is not TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number")
+                format!(
+                    "unknown protocol `{s}` (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number)"
+                )
             }),
         },
     }

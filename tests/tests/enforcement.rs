@@ -1145,3 +1145,44 @@ fn apply_refuses_a_change_that_fails_a_policy_test() {
     let o = diff(&examples.join("post-allow-list.yaml"), &[]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");
 }
+
+/// Whoever reaches the metrics listener cannot wedge it: 16 idle connections fill it, the next
+/// is told 503 at once instead of waiting, the idle ones are dropped after the 2 s head timeout,
+/// and then a scrape works again.
+#[test]
+fn idle_connections_do_not_wedge_the_metrics_listener() {
+    if !can_run() {
+        return;
+    }
+    let pl = policy_lab(&[("api", &[]), ("post", &["app=post"])], &[]);
+    let ns = pl.node(2).ns.clone();
+    let held = in_netns(&ns, || {
+        let idle: Vec<TcpStream> = (0..16)
+            .map(|_| TcpStream::connect(METRICS).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut extra = TcpStream::connect(METRICS).expect("connect");
+        extra
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut answer = String::new();
+        let _ = extra.read_to_string(&mut answer);
+        (idle, answer)
+    })
+    .join()
+    .unwrap();
+    let (idle, answer) = held;
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "over the limit: {answer:?}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, body) = http_get(&ns, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    drop(idle);
+    assert_eq!(
+        pl.lab.status(&pl.node(2).ifname)["interface"],
+        pl.node(2).ifname.as_str(),
+        "meshd answers its admin socket throughout"
+    );
+}

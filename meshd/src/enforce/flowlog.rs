@@ -326,16 +326,9 @@ fn end(rules: &Rules, id: u32, ip: std::net::IpAddr, port: u16, flow: &FlowKey) 
     }
 }
 
+/// The flow log's protocol names: the policy language's, in lower case (`tcp`, `icmpv6`).
 pub fn protocol_name(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        136 => "udplite".into(),
-        n => n.to_string(),
-    }
+    policy::testing::protocol_name(p).to_ascii_lowercase()
 }
 
 /// How often idle flows are looked for (and closing records written).

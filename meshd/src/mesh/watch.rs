@@ -129,6 +129,17 @@ mod tests {
         assert_ne!(b, c, "a new trust bundle");
         std::fs::write(&config, text.replace("m0", "m1")).unwrap();
         assert_ne!(c, fingerprint(&config), "the file itself");
+        // A named file that is a FIFO (opening it would block the node) counts as unreadable.
+        let fifo = dir.join("node.key");
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a path we own, with a valid NUL-terminated string.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let with_fifo = fingerprint(&config);
+        assert_eq!(
+            with_fifo,
+            fingerprint(&config),
+            "read without blocking, stable"
+        );
         std::fs::write(&config, "not toml [").unwrap();
         let broken = fingerprint(&config);
         assert_eq!(
