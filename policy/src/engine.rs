@@ -27,7 +27,7 @@ use crate::model::{
     self, CalicoRule, CalicoSpec, Document, EntityRule, K8sPeer, K8sSpec, LabelSelector, PortValue,
     ProtocolValue,
 };
-use crate::selector::{Selector, Subject};
+use crate::selector::{Selector, Subject, NAMESPACED_LABEL};
 use proto::trust::{Federation, TRUST_DOMAIN_LABEL};
 use proto::Cidr;
 use std::collections::BTreeMap;
@@ -114,9 +114,6 @@ impl Subject for Network {
     fn label(&self, key: &str) -> Option<&str> {
         self.labels.get(key).map(String::as_str)
     }
-    fn is_global(&self) -> bool {
-        self.namespace.is_none()
-    }
 }
 
 impl Network {
@@ -125,15 +122,13 @@ impl Network {
     }
 }
 
-/// What `namespaceSelector` is matched against for a global network: no namespace, no labels.
+/// What a rule's `namespaceSelector` is matched against for a global network: no namespace, no
+/// labels (not even [`NAMESPACED_LABEL`]).
 struct NoNamespace;
 
 impl Subject for NoNamespace {
     fn label(&self, _: &str) -> Option<&str> {
         None
-    }
-    fn is_global(&self) -> bool {
-        true
     }
 }
 
@@ -338,7 +333,32 @@ impl Ctx<'_> {
             },
         }
     }
+    /// A selector anywhere but a rule's `namespaceSelector`: Calico refuses `global()` there.
     fn selector(&self, text: &Option<String>) -> Result<Option<Selector>, CompileError> {
+        text.as_ref()
+            .map(|t| {
+                Selector::check_outside_rule_namespaces(t)
+                    .map_err(|e| self.err(format!("selector `{t}`: {e}")))?;
+                Selector::parse(t).map_err(|e| self.err(format!("selector `{t}`: {e}")))
+            })
+            .transpose()
+    }
+
+    /// A rule's `namespaceSelector`, as Calico means it ([`Selector::for_rule_namespaces`]);
+    /// empty is none (the policy's own namespace).
+    fn rule_namespaces(&self, text: &Option<String>) -> Result<Option<Selector>, CompileError> {
+        let Some(t) = text.as_ref().filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        Selector::check_rule_namespace_text(t)
+            .map_err(|e| self.err(format!("selector `{t}`: {e}")))?;
+        let s = Selector::parse(t).map_err(|e| self.err(format!("selector `{t}`: {e}")))?;
+        Ok(Some(s.for_rule_namespaces()))
+    }
+
+    /// A selector Calico evaluates as written, where `global()` matches everything (a rule's
+    /// `notSelector`, `serviceAccounts.selector`).
+    fn any_selector(&self, text: &Option<String>) -> Result<Option<Selector>, CompileError> {
         text.as_ref()
             .map(|t| Selector::parse(t).map_err(|e| self.err(format!("selector `{t}`: {e}"))))
             .transpose()
@@ -520,6 +540,7 @@ impl PolicySet {
         };
         l.insert("projectcalico.org/name".into(), ns.to_string());
         l.insert("kubernetes.io/metadata.name".into(), ns.to_string());
+        l.insert(NAMESPACED_LABEL.into(), ns.to_string());
         l.insert(TRUST_DOMAIN_LABEL.into(), e.trust_domain.clone());
         l
     }
@@ -573,12 +594,12 @@ impl PolicySet {
             return false;
         }
         let in_namespace = match (&ent.namespace_selector, &n.namespace) {
-            // `all()` names every namespace, which a global network is not in.
-            (Some(nsel), None) => !matches!(nsel, Selector::All) && nsel.matches(&NoNamespace),
+            (Some(nsel), None) => nsel.matches(&NoNamespace),
             (Some(nsel), Some(ns)) => {
                 let mut labels = self.namespaces.get(ns).cloned().unwrap_or_default();
                 labels.insert("projectcalico.org/name".into(), ns.clone());
                 labels.insert("kubernetes.io/metadata.name".into(), ns.clone());
+                labels.insert(NAMESPACED_LABEL.into(), ns.clone());
                 nsel.matches(&labels)
             }
             (None, _) => p.namespace.is_none() || p.namespace == n.namespace,
@@ -1134,7 +1155,8 @@ fn entity(ctx: &Ctx, e: &EntityRule, proto: Option<u8>) -> Result<Entity, Compil
     let (sa_names, sa_selector) = match &e.service_accounts {
         Some(sa) => (
             sa.names.clone(),
-            ctx.at("serviceAccounts.selector").selector(&sa.selector)?,
+            ctx.at("serviceAccounts.selector")
+                .any_selector(&sa.selector)?,
         ),
         None => (vec![], None),
     };
@@ -1142,10 +1164,10 @@ fn entity(ctx: &Ctx, e: &EntityRule, proto: Option<u8>) -> Result<Entity, Compil
         nets: nets(&ctx.at("nets"), &e.nets)?,
         not_nets: nets(&ctx.at("notNets"), &e.not_nets)?,
         selector: ctx.at("selector").selector(&e.selector)?,
-        not_selector: ctx.at("notSelector").selector(&e.not_selector)?,
+        not_selector: ctx.at("notSelector").any_selector(&e.not_selector)?,
         namespace_selector: ctx
             .at("namespaceSelector")
-            .selector(&e.namespace_selector)?,
+            .rule_namespaces(&e.namespace_selector)?,
         sa_names,
         sa_selector,
         ports,
@@ -1314,7 +1336,7 @@ fn k8s_rules(
             }
             if let Some(ns) = &peer.namespace_selector {
                 remote.namespace_selector =
-                    Some(label_selector(&pctx.at("namespaceSelector"), ns)?);
+                    Some(label_selector(&pctx.at("namespaceSelector"), ns)?.for_rule_namespaces());
                 remote.selector.get_or_insert(Selector::All);
             }
             if let Some(b) = &peer.ip_block {

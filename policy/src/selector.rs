@@ -1,20 +1,24 @@
-//! Calico's label selector language, the whole of it
+//! Calico's label selector language, the whole of it, parsed and decided as Calico's own
+//! tokenizer and parser (`libcalico-go/lib/selector`) do
 //! (<https://docs.tigera.io/calico/latest/reference/resources/networkpolicy#selectors>):
 //!
 //! | expression | matches a label set where |
 //! |---|---|
 //! | `all()` | always (also the empty selector) |
-//! | `global()` | the resource is not namespaced |
+//! | `global()` | always; in a rule's `namespaceSelector`, the resource is in no namespace |
 //! | `k == 'v'` | label `k` is `v` |
 //! | `k != 'v'` | label `k` is absent or not `v` |
 //! | `k in {'a', 'b'}` | label `k` is one of the values |
-//! | `k not in {'a', 'b'}` | label `k` is absent or none of them |
+//! | `k not in {'a', 'b'}` (`notin`) | label `k` is absent or none of them |
 //! | `has(k)` / `!has(k)` | label `k` is present / absent |
-//! | `k contains 's'`, `k starts with 's'`, `k ends with 's'` | label `k` is present and so |
+//! | `k contains 's'`, `k starts with 's'` (`startswith`), `k ends with 's'` (`endswith`) | label `k` is present and so |
 //! | `!e`, `e && e`, `e \|\| e`, `(e)` | not, and, or (`!` binds tightest, then `&&`, then `\|\|`) |
 //!
-//! Strings take single or double quotes. A parse error names the column (1-based) and what was
-//! expected there.
+//! Strings take single or double quotes, without escapes. Whitespace is spaces and tabs. Where
+//! `global()` may stand is the validator's business: [`Selector::check_rule_namespace_text`],
+//! [`Selector::check_outside_rule_namespaces`]. A parse error names the column (1-based) and
+//! what was expected there. The one difference from Calico: at most [`MAX_DEPTH`] nested
+//! parentheses.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -46,12 +50,9 @@ pub struct SelectorError {
     pub found: String,
 }
 
-/// What a selector is matched against: labels, and whether the resource is namespaced.
+/// What a selector is matched against: labels.
 pub trait Subject {
     fn label(&self, key: &str) -> Option<&str>;
-    fn is_global(&self) -> bool {
-        false
-    }
 }
 
 impl Subject for BTreeMap<String, String> {
@@ -60,12 +61,29 @@ impl Subject for BTreeMap<String, String> {
     }
 }
 
+/// The label every namespaced resource has in a rule's namespace selector, after
+/// [`Selector::for_rule_namespaces`] (Calico's `projectcalico.org/namespace`).
+pub const NAMESPACED_LABEL: &str = "projectcalico.org/namespace";
+
 /// The longest selector we parse; policies are written by people, not generated without bound.
 pub const MAX_SELECTOR_CHARS: usize = 64 * 1024;
-/// The deepest nesting of parentheses and `!` we accept (keeps recursion bounded).
-pub const MAX_DEPTH: usize = 64;
+/// The deepest nesting of parentheses we accept (keeps recursion bounded). Calico has no bound
+/// but the input's length; a run of `!` is folded, as Calico folds it, and costs no depth.
+pub const MAX_DEPTH: usize = 256;
+/// The longest label key, in bytes, as Calico's tokenizer allows.
+pub const MAX_LABEL_BYTES: usize = 512;
+
+/// Calico's message for `global()` where only a rule's `namespaceSelector` may have it.
+pub const GLOBAL_ONLY_IN_RULE_NAMESPACES: &str =
+    "global() can only be used in an EntityRule namespaceSelector";
 
 impl Selector {
+    /// Parses a selector exactly as Calico's tokenizer and parser (`libcalico-go/lib/selector`)
+    /// do: whitespace is spaces and tabs; `has(`, `all(` and `global(` open a call only with no
+    /// gap before `(` (otherwise `has`, `all` and the operator words are label keys); the
+    /// operators `starts with`, `ends with` and `not in` may be written as one word or with any
+    /// gap; a set may end in a comma; label keys are at most [`MAX_LABEL_BYTES`]; a run of `!`
+    /// folds to one or none.
     pub fn parse(text: &str) -> Result<Selector, SelectorError> {
         let chars: Vec<char> = text.chars().collect();
         if chars.len() > MAX_SELECTOR_CHARS {
@@ -75,21 +93,66 @@ impl Selector {
                 found: format!("{} characters", chars.len()),
             });
         }
+        let tokens = tokenize(&chars)?;
         let mut p = Parser {
-            s: chars,
+            s: &chars,
+            tokens,
             pos: 0,
             depth: 0,
         };
-        p.skip_ws();
-        if p.at_end() {
+        if p.peek() == &Tok::Eof {
             return Ok(Selector::All);
         }
         let e = p.or()?;
-        p.skip_ws();
-        if !p.at_end() {
+        if p.peek() != &Tok::Eof {
             return Err(p.error("`&&`, `||` or the end"));
         }
         Ok(e)
+    }
+
+    /// Whether a selector's text may stand in a rule's `namespaceSelector` as Calico's validator
+    /// decides: if it mentions `global(` at all, it must be `global()` alone.
+    pub fn check_rule_namespace_text(text: &str) -> Result<(), String> {
+        let only_global = text
+            .trim_matches([' ', '\t'])
+            .strip_prefix("global(")
+            .is_some_and(|rest| rest.trim_start_matches([' ', '\t']) == ")");
+        if text.contains("global(") && !only_global {
+            return Err("global() cannot be combined with other selectors".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a selector's text may stand anywhere but a rule's `namespaceSelector` (a policy's
+    /// selectors, a rule's `selector`): Calico refuses any text containing `global(` there.
+    pub fn check_outside_rule_namespaces(text: &str) -> Result<(), String> {
+        if text.contains("global(") {
+            return Err(GLOBAL_ONLY_IN_RULE_NAMESPACES.into());
+        }
+        Ok(())
+    }
+
+    /// The selector as a rule's `namespaceSelector` means it, as Calico rewrites it: `all()` is
+    /// every namespace (`has(projectcalico.org/namespace)`) and `global()` is the resources in
+    /// none (`!has(projectcalico.org/namespace)`), wherever they stand in the expression. Match
+    /// the result against a namespace's labels with [`NAMESPACED_LABEL`] among them, or against
+    /// no labels for a global resource.
+    pub fn for_rule_namespaces(&self) -> Selector {
+        let has = || Selector::Has(NAMESPACED_LABEL.to_string());
+        match self {
+            Selector::All => has(),
+            Selector::Global => Selector::Not(Box::new(has())),
+            Selector::Not(e) => Selector::Not(Box::new(e.for_rule_namespaces())),
+            Selector::And(a, b) => Selector::And(
+                Box::new(a.for_rule_namespaces()),
+                Box::new(b.for_rule_namespaces()),
+            ),
+            Selector::Or(a, b) => Selector::Or(
+                Box::new(a.for_rule_namespaces()),
+                Box::new(b.for_rule_namespaces()),
+            ),
+            other => other.clone(),
+        }
     }
 
     /// Whether every label set the selector matches has label `key` with a value the selector
@@ -109,10 +172,11 @@ impl Selector {
         }
     }
 
+    /// Whether the selector matches; `global()` matches everything, as Calico's does, except
+    /// in a rule's namespace selector ([`Selector::for_rule_namespaces`]).
     pub fn matches(&self, s: &impl Subject) -> bool {
         match self {
-            Selector::All => true,
-            Selector::Global => s.is_global(),
+            Selector::All | Selector::Global => true,
             Selector::Eq(k, v) => s.label(k) == Some(v.as_str()),
             Selector::Ne(k, v) => s.label(k) != Some(v.as_str()),
             Selector::In(k, vs) => s.label(k).is_some_and(|x| vs.contains(x)),
@@ -128,223 +192,380 @@ impl Selector {
     }
 }
 
-struct Parser {
-    s: Vec<char>,
-    pos: usize,
-    depth: usize,
+/// A token of Calico's selector tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Label(String),
+    Str(String),
+    LBrace,
+    RBrace,
+    Comma,
+    Eq,
+    Ne,
+    In,
+    Not,
+    NotIn,
+    Contains,
+    StartsWith,
+    EndsWith,
+    All,
+    Global,
+    Has(String),
+    LParen,
+    RParen,
+    And,
+    Or,
+    Eof,
 }
 
 fn is_key_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "_./-".contains(c)
 }
 
-impl Parser {
-    fn at_end(&self) -> bool {
-        self.pos >= self.s.len()
+fn is_space(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
+fn error_at(s: &[char], pos: usize, expected: &str) -> SelectorError {
+    let found = if pos >= s.len() {
+        "the end".to_string()
+    } else {
+        let rest: String = s[pos..].iter().take(12).collect();
+        format!("`{rest}`")
+    };
+    SelectorError {
+        column: pos + 1,
+        expected: expected.to_string(),
+        found,
+    }
+}
+
+/// Calico's tokenizer, over characters: each token with its 0-based position.
+fn tokenize(s: &[char]) -> Result<Vec<(Tok, usize)>, SelectorError> {
+    let mut out: Vec<(Tok, usize)> = Vec::new();
+    let mut i = 0;
+    let skip = |i: &mut usize| {
+        while s.get(*i).copied().is_some_and(is_space) {
+            *i += 1;
+        }
+    };
+    let starts = |i: usize, w: &str| w.chars().enumerate().all(|(k, c)| s.get(i + k) == Some(&c));
+    let boundary = |i: usize| !s.get(i).copied().is_some_and(is_key_char);
+    // A label key at `i`: its end, or the error.
+    let key = |i: usize| -> Result<usize, SelectorError> {
+        let mut j = i;
+        while s.get(j).copied().is_some_and(is_key_char) {
+            j += 1;
+        }
+        if j == i {
+            return Err(error_at(
+                s,
+                i,
+                "a label key, all(), global(), has(...), `!` or `(`",
+            ));
+        }
+        // Key characters are ASCII: characters are bytes.
+        if j - i > MAX_LABEL_BYTES {
+            return Err(error_at(
+                s,
+                i,
+                &format!("a label key of at most {MAX_LABEL_BYTES} bytes"),
+            ));
+        }
+        Ok(j)
+    };
+    // Words `ws` at `i` with any gap between them and a word boundary after: the end.
+    let words = |i: usize, ws: &[&str]| -> Option<usize> {
+        let mut j = i;
+        for (n, w) in ws.iter().enumerate() {
+            if !starts(j, w) {
+                return None;
+            }
+            j += w.len();
+            if n + 1 < ws.len() {
+                while s.get(j).copied().is_some_and(is_space) {
+                    j += 1;
+                }
+            }
+        }
+        boundary(j).then_some(j)
+    };
+    loop {
+        skip(&mut i);
+        let Some(&c) = s.get(i) else {
+            out.push((Tok::Eof, i));
+            return Ok(out);
+        };
+        let at = i;
+        let after_label = matches!(out.last(), Some((Tok::Label(_), _)));
+        let tok = match c {
+            '(' => {
+                i += 1;
+                Tok::LParen
+            }
+            ')' => {
+                i += 1;
+                Tok::RParen
+            }
+            '{' => {
+                i += 1;
+                Tok::LBrace
+            }
+            '}' => {
+                i += 1;
+                Tok::RBrace
+            }
+            ',' => {
+                i += 1;
+                Tok::Comma
+            }
+            '"' | '\'' => {
+                let Some(len) = s[i + 1..].iter().position(|&x| x == c) else {
+                    return Err(error_at(s, i, "a closing quote"));
+                };
+                let v: String = s[i + 1..i + 1 + len].iter().collect();
+                i += len + 2;
+                Tok::Str(v)
+            }
+            '=' if starts(i, "==") => {
+                i += 2;
+                Tok::Eq
+            }
+            '=' => return Err(error_at(s, i, "`==`")),
+            '!' if starts(i, "!=") => {
+                i += 2;
+                Tok::Ne
+            }
+            '!' => {
+                i += 1;
+                Tok::Not
+            }
+            '&' if starts(i, "&&") => {
+                i += 2;
+                Tok::And
+            }
+            '&' => return Err(error_at(s, i, "`&&`")),
+            '|' if starts(i, "||") => {
+                i += 2;
+                Tok::Or
+            }
+            '|' => return Err(error_at(s, i, "`||`")),
+            _ if after_label => {
+                let ops: [(&[&str], Tok); 5] = [
+                    (&["contains"], Tok::Contains),
+                    (&["starts", "with"], Tok::StartsWith),
+                    (&["ends", "with"], Tok::EndsWith),
+                    (&["not", "in"], Tok::NotIn),
+                    (&["in"], Tok::In),
+                ];
+                let Some((end, tok)) = ops
+                    .into_iter()
+                    .find_map(|(ws, tok)| words(i, ws).map(|end| (end, tok)))
+                else {
+                    return Err(error_at(
+                        s,
+                        i,
+                        "an operator: ==, !=, in, not in, contains, starts with, ends with",
+                    ));
+                };
+                i = end;
+                tok
+            }
+            _ if starts(i, "has(") => {
+                i += 4;
+                skip(&mut i);
+                let end = key(i)?;
+                let k: String = s[i..end].iter().collect();
+                i = end;
+                skip(&mut i);
+                if s.get(i) != Some(&')') {
+                    return Err(error_at(s, i, "`)`"));
+                }
+                i += 1;
+                Tok::Has(k)
+            }
+            _ if starts(i, "all(") || starts(i, "global(") => {
+                let global = starts(i, "global(");
+                i += if global { 7 } else { 4 };
+                skip(&mut i);
+                if s.get(i) != Some(&')') {
+                    return Err(error_at(s, i, "`)`"));
+                }
+                i += 1;
+                if global {
+                    Tok::Global
+                } else {
+                    Tok::All
+                }
+            }
+            _ => {
+                let end = key(i)?;
+                let k: String = s[i..end].iter().collect();
+                i = end;
+                Tok::Label(k)
+            }
+        };
+        out.push((tok, at));
+    }
+}
+
+/// Calico's parser, over the tokens (which end in [`Tok::Eof`]).
+struct Parser<'a> {
+    s: &'a [char],
+    tokens: Vec<(Tok, usize)>,
+    pos: usize,
+    depth: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> &Tok {
+        &self.tokens[self.pos.min(self.tokens.len() - 1)].0
     }
 
-    fn peek(&self) -> Option<char> {
-        self.s.get(self.pos).copied()
-    }
-
-    fn skip_ws(&mut self) {
-        while self.peek().is_some_and(char::is_whitespace) {
+    fn next(&mut self) -> Tok {
+        let t = self.peek().clone();
+        if self.pos < self.tokens.len() - 1 {
             self.pos += 1;
         }
+        t
     }
 
     fn error(&self, expected: &str) -> SelectorError {
-        let found = match self.peek() {
-            None => "the end".to_string(),
-            Some(_) => {
-                let rest: String = self.s[self.pos..].iter().take(12).collect();
-                format!("`{rest}`")
-            }
-        };
-        SelectorError {
-            column: self.pos + 1,
-            expected: expected.to_string(),
-            found,
-        }
-    }
-
-    /// Consumes `tok` (after spaces) if it is next.
-    fn eat(&mut self, tok: &str) -> bool {
-        self.skip_ws();
-        let t: Vec<char> = tok.chars().collect();
-        if self.s[self.pos..].starts_with(&t) {
-            // A word token must not run on into a key (`has` vs `hash`).
-            let word = t.last().is_some_and(|c| c.is_ascii_alphabetic());
-            if word
-                && self
-                    .s
-                    .get(self.pos + t.len())
-                    .copied()
-                    .is_some_and(is_key_char)
-            {
-                return false;
-            }
-            self.pos += t.len();
-            true
-        } else {
-            false
-        }
+        let at = self.tokens[self.pos.min(self.tokens.len() - 1)].1;
+        error_at(self.s, at, expected)
     }
 
     fn or(&mut self) -> Result<Selector, SelectorError> {
         let mut e = self.and()?;
-        while self.eat("||") {
+        while self.peek() == &Tok::Or {
+            self.next();
             e = Selector::Or(Box::new(e), Box::new(self.and()?));
         }
         Ok(e)
     }
 
     fn and(&mut self) -> Result<Selector, SelectorError> {
-        let mut e = self.unary()?;
-        while self.eat("&&") {
-            e = Selector::And(Box::new(e), Box::new(self.unary()?));
+        let mut e = self.operation()?;
+        while self.peek() == &Tok::And {
+            self.next();
+            e = Selector::And(Box::new(e), Box::new(self.operation()?));
         }
         Ok(e)
     }
 
-    fn nested<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> Result<T, SelectorError>,
-    ) -> Result<T, SelectorError> {
-        if self.depth >= MAX_DEPTH {
-            return Err(self.error(&format!("at most {MAX_DEPTH} levels of nesting")));
+    /// One operation, after any run of `!` (folded: an odd run negates).
+    fn operation(&mut self) -> Result<Selector, SelectorError> {
+        let mut negated = false;
+        while self.peek() == &Tok::Not {
+            self.next();
+            negated = !negated;
         }
-        self.depth += 1;
-        let r = f(self);
-        self.depth -= 1;
-        r
-    }
-
-    fn unary(&mut self) -> Result<Selector, SelectorError> {
-        self.skip_ws();
-        if self.peek() == Some('!') && self.s.get(self.pos + 1) != Some(&'=') {
-            self.pos += 1;
-            return self.nested(|p| Ok(Selector::Not(Box::new(p.unary()?))));
-        }
-        if self.eat("(") {
-            let e = self.nested(|p| p.or())?;
-            if !self.eat(")") {
-                return Err(self.error("`)`"));
+        let e = match self.peek().clone() {
+            Tok::Has(k) => {
+                self.next();
+                Selector::Has(k)
             }
-            return Ok(e);
-        }
-        self.primary()
-    }
-
-    fn primary(&mut self) -> Result<Selector, SelectorError> {
-        if self.eat("all") {
-            return self.empty_call(Selector::All);
-        }
-        if self.eat("global") {
-            return self.empty_call(Selector::Global);
-        }
-        if self.eat("has") {
-            if !self.eat("(") {
-                return Err(self.error("`(` after has"));
+            Tok::All => {
+                self.next();
+                Selector::All
             }
-            let k = self.key()?;
-            if !self.eat(")") {
-                return Err(self.error("`)`"));
+            Tok::Global => {
+                self.next();
+                Selector::Global
             }
-            return Ok(Selector::Has(k));
-        }
-        let k = self.key()?;
-        if self.eat("==") {
-            return Ok(Selector::Eq(k, self.string()?));
-        }
-        if self.eat("!=") {
-            return Ok(Selector::Ne(k, self.string()?));
-        }
-        if self.eat("not") {
-            if !self.eat("in") {
-                return Err(self.error("`in` after `not`"));
+            Tok::LParen => {
+                if self.depth >= MAX_DEPTH {
+                    return Err(self.error(&format!("at most {MAX_DEPTH} levels of parentheses")));
+                }
+                self.next();
+                self.depth += 1;
+                let e = self.or();
+                self.depth -= 1;
+                let e = e?;
+                if self.peek() != &Tok::RParen {
+                    return Err(self.error("`)`"));
+                }
+                self.next();
+                e
             }
-            return Ok(Selector::NotIn(k, self.set()?));
-        }
-        if self.eat("in") {
-            return Ok(Selector::In(k, self.set()?));
-        }
-        if self.eat("contains") {
-            return Ok(Selector::Contains(k, self.string()?));
-        }
-        if self.eat("starts") {
-            if !self.eat("with") {
-                return Err(self.error("`with` after `starts`"));
+            Tok::Label(k) => {
+                self.next();
+                self.comparison(k)?
             }
-            return Ok(Selector::StartsWith(k, self.string()?));
-        }
-        if self.eat("ends") {
-            if !self.eat("with") {
-                return Err(self.error("`with` after `ends`"));
-            }
-            return Ok(Selector::EndsWith(k, self.string()?));
-        }
-        Err(self.error("an operator: ==, !=, in, not in, contains, starts with, ends with"))
-    }
-
-    fn empty_call(&mut self, e: Selector) -> Result<Selector, SelectorError> {
-        if self.eat("(") && self.eat(")") {
-            Ok(e)
-        } else {
-            Err(self.error("`()`"))
-        }
-    }
-
-    fn key(&mut self) -> Result<String, SelectorError> {
-        self.skip_ws();
-        let start = self.pos;
-        while self.peek().is_some_and(is_key_char) {
-            self.pos += 1;
-        }
-        if self.pos == start {
-            return Err(self.error("a label key, all(), global(), has(...), `!` or `(`"));
-        }
-        Ok(self.s[start..self.pos].iter().collect())
-    }
-
-    fn string(&mut self) -> Result<String, SelectorError> {
-        self.skip_ws();
-        let quote = match self.peek() {
-            Some(q @ ('\'' | '"')) => q,
-            _ => return Err(self.error("a quoted string")),
+            _ => return Err(self.error("a label key, all(), global(), has(...), `!` or `(`")),
         };
-        let start = self.pos;
-        self.pos += 1;
-        let from = self.pos;
-        while let Some(c) = self.peek() {
-            if c == quote {
-                let v: String = self.s[from..self.pos].iter().collect();
-                self.pos += 1;
-                return Ok(v);
-            }
-            self.pos += 1;
-        }
-        self.pos = start;
-        Err(self.error("a closing quote"))
+        Ok(if negated {
+            Selector::Not(Box::new(e))
+        } else {
+            e
+        })
     }
 
+    fn comparison(&mut self, k: String) -> Result<Selector, SelectorError> {
+        let op = self.peek().clone();
+        let string = |p: &mut Self| match p.peek().clone() {
+            Tok::Str(v) => {
+                p.next();
+                Ok(v)
+            }
+            _ => Err(p.error("a quoted string")),
+        };
+        match op {
+            Tok::Eq => {
+                self.next();
+                Ok(Selector::Eq(k, string(self)?))
+            }
+            Tok::Ne => {
+                self.next();
+                Ok(Selector::Ne(k, string(self)?))
+            }
+            Tok::Contains => {
+                self.next();
+                Ok(Selector::Contains(k, string(self)?))
+            }
+            Tok::StartsWith => {
+                self.next();
+                Ok(Selector::StartsWith(k, string(self)?))
+            }
+            Tok::EndsWith => {
+                self.next();
+                Ok(Selector::EndsWith(k, string(self)?))
+            }
+            Tok::In | Tok::NotIn => {
+                self.next();
+                let set = self.set()?;
+                Ok(if op == Tok::In {
+                    Selector::In(k, set)
+                } else {
+                    Selector::NotIn(k, set)
+                })
+            }
+            _ => {
+                Err(self.error("an operator: ==, !=, in, not in, contains, starts with, ends with"))
+            }
+        }
+    }
+
+    /// `{` strings separated by commas, perhaps one more comma, `}`.
     fn set(&mut self) -> Result<BTreeSet<String>, SelectorError> {
-        if !self.eat("{") {
+        if self.peek() != &Tok::LBrace {
             return Err(self.error("`{`"));
         }
+        self.next();
         let mut vs = BTreeSet::new();
-        if self.eat("}") {
-            return Ok(vs);
-        }
-        loop {
-            vs.insert(self.string()?);
-            if self.eat("}") {
-                return Ok(vs);
+        while let Tok::Str(v) = self.peek().clone() {
+            self.next();
+            vs.insert(v);
+            if self.peek() != &Tok::Comma {
+                break;
             }
-            if !self.eat(",") {
-                return Err(self.error("`,` or `}`"));
-            }
+            self.next();
         }
+        if self.peek() != &Tok::RBrace {
+            return Err(self.error("`,` or `}`"));
+        }
+        self.next();
+        Ok(vs)
     }
 }
 
@@ -361,8 +582,9 @@ impl fmt::Display for Selector {
         };
         let set = |vs: &BTreeSet<String>| vs.iter().map(|v| q(v)).collect::<Vec<_>>().join(", ");
         // `!` applies to one term: a compound operand needs parentheses.
+        // `!!e` would fold away: a negated negation needs them too.
         let operand = |e: &Selector| match e {
-            Selector::And(..) | Selector::Or(..) => format!("({e})"),
+            Selector::And(..) | Selector::Or(..) | Selector::Not(..) => format!("({e})"),
             _ => e.to_string(),
         };
         match self {
@@ -446,7 +668,10 @@ mod tests {
     fn every_operator() {
         let l = [("app", "web-frontend"), ("tier", "fe"), ("empty", "")];
         assert!(m("all()", &l) && m("", &l) && m("  ", &l));
-        assert!(!m("global()", &l));
+        assert!(
+            m("global()", &l),
+            "global() matches everything outside a rule's namespaces"
+        );
         assert!(m("app != 'db'", &l) && m("missing != 'x'", &l) && !m("tier != 'fe'", &l));
         assert!(
             m("tier in {'fe', 'be'}", &l) && !m("tier in {}", &l) && !m("missing in {'x'}", &l)
@@ -489,12 +714,343 @@ mod tests {
         assert_eq!(e.column, 11);
         let e = Selector::parse("a == 'b' c").unwrap_err();
         assert_eq!(e.column, 10);
-        assert!(
-            Selector::parse(&"(".repeat(100)).is_err(),
-            "nesting is bounded"
-        );
+        assert!(Selector::parse(&"(".repeat(100)).is_err());
+        let deep = format!("{}a == 'b'{}", "(".repeat(MAX_DEPTH), ")".repeat(MAX_DEPTH));
+        assert!(Selector::parse(&deep).is_ok());
+        let deeper = format!("({deep})");
+        let e = Selector::parse(&deeper).unwrap_err();
+        assert!(e.expected.contains("levels of parentheses"), "{e}");
         assert!(Selector::parse("a starts 'x'").is_err());
         assert!(Selector::parse("all(").is_err());
+    }
+
+    /// Calico's own test vectors (libcalico-go/lib/selector/parser/parser_test.go and
+    /// tokenizer/tokenizer_test.go): what it accepts, how it decides, what it refuses.
+    #[test]
+    fn calicos_parser_test_vectors() {
+        type Labels<'a> = &'a [&'a [(&'a str, &'a str)]];
+        let cases: &[(&str, Labels, Labels)] = &[
+            (
+                r#"a == "b""#,
+                &[&[("a", "b")], &[("a", "b"), ("c", "d")]],
+                &[&[], &[("a", "c")], &[("c", "d")]],
+            ),
+            (
+                r#"a == "b" && c == "d""#,
+                &[&[("a", "b"), ("c", "d")]],
+                &[
+                    &[],
+                    &[("a", "b"), ("c", "e")],
+                    &[("a", "c"), ("c", "d")],
+                    &[("c", "d")],
+                    &[("a", "b")],
+                ],
+            ),
+            (
+                r#"a == "b" || c == "d""#,
+                &[&[("a", "b"), ("c", "d")], &[("a", "b")], &[("c", "d")]],
+                &[&[], &[("a", "e"), ("c", "e")], &[("c", "e")], &[("a", "e")]],
+            ),
+            (
+                r#"a in {"'", '"', "c"}"#,
+                &[&[("a", "c")], &[("a", "\"")], &[("a", "'")]],
+                &[&[], &[("a", "e")]],
+            ),
+            (
+                r#"a not in {"'", '"', "c"}"#,
+                &[&[], &[("a", "e")]],
+                &[&[("a", "c")], &[("a", "\"")], &[("a", "'")]],
+            ),
+            ("a == 'a'", &[&[("a", "a")]], &[&[("a", "b")], &[]]),
+            (r#"a == "a""#, &[&[("a", "a")]], &[]),
+            (r#"a != "b""#, &[&[("a", "a")]], &[]),
+            (r#"a != "a""#, &[&[]], &[&[("a", "a")]]),
+            ("a != 'a'", &[], &[&[("a", "a")]]),
+            (
+                r#"a contains "a""#,
+                &[&[("a", "a")], &[("a", "bab")], &[("a", "aaa"), ("b", "c")]],
+                &[&[], &[("a", "b")], &[("b", "aaa")]],
+            ),
+            (
+                r#"a starts with "a""#,
+                &[&[("a", "a")], &[("a", "abb")], &[("a", "aaa"), ("b", "c")]],
+                &[&[], &[("a", "b")], &[("a", "baa")], &[("b", "aaa")]],
+            ),
+            (
+                r#"a ends with "a""#,
+                &[&[("a", "a")], &[("a", "bba")], &[("a", "aaa"), ("b", "c")]],
+                &[&[], &[("a", "b")], &[("a", "aab")], &[("b", "aaa")]],
+            ),
+            (r#"a in {"a"}"#, &[&[("a", "a")]], &[&[("a", "b")]]),
+            (r#"!a in {"a"}"#, &[&[("a", "b")]], &[]),
+            (
+                r#"a in {"a", "b"}"#,
+                &[&[("a", "a")], &[("a", "b")]],
+                &[&[("a", "c")]],
+            ),
+            (r#"a not in {"d", "e"}"#, &[&[("a", "a")]], &[]),
+            (r#"a not in {"a"}"#, &[], &[&[("a", "a")]]),
+            ("has(a)", &[&[("a", "b")]], &[]),
+            ("!has(a)", &[&[("b", "b")]], &[&[("a", "b")]]),
+            ("has(b)", &[], &[&[("a", "b")]]),
+            ("!!has(b)", &[], &[&[("a", "b")]]),
+            ("! has(a)", &[], &[&[("a", "b")]]),
+            ("!!! has(a)", &[], &[&[("a", "b")]]),
+            ("!!!has(a)", &[], &[&[("a", "b")]]),
+            ("!! ! has(a)", &[], &[&[("a", "b")]]),
+            ("! !!has(a)", &[], &[&[("a", "b")]]),
+            ("", &[&[], &[("a", "b")]], &[]),
+            (" ", &[&[]], &[]),
+            ("all()", &[&[]], &[]),
+            (" all()", &[&[], &[("a", "b")]], &[]),
+            ("global()", &[&[]], &[]),
+            (" global()", &[&[], &[("a", "b")]], &[]),
+            (
+                "a == 'a1' && b == 'b1'",
+                &[&[("a", "a1"), ("b", "b1")]],
+                &[],
+            ),
+            (
+                "a == 'a1' && b != 'b1'",
+                &[],
+                &[&[("a", "a1"), ("b", "b1")]],
+            ),
+            (
+                "a != 'a1' && b == 'b1'",
+                &[],
+                &[&[("a", "a1"), ("b", "b1")]],
+            ),
+            (
+                "a != 'a1' && b != 'b1'",
+                &[],
+                &[&[("a", "a1"), ("b", "b1")]],
+            ),
+            (
+                "a != 'a1' && !b == 'b1'",
+                &[],
+                &[&[("a", "a1"), ("b", "b1")]],
+            ),
+            (
+                "!a == 'a1' && b == 'b1'",
+                &[],
+                &[&[("a", "a1"), ("b", "b1")]],
+            ),
+            ("has(a) && !has(b)", &[&[("a", "a")]], &[]),
+            ("!has(b) && has(a)", &[&[("a", "a")]], &[]),
+            ("!(!has(a) || has(b))", &[&[("a", "a")]], &[]),
+            ("!(has(b) || !has(a))", &[&[("a", "a")]], &[]),
+            (
+                "a == 'a1' || b == 'b1'",
+                &[&[("a", "a1"), ("b", "b1")]],
+                &[],
+            ),
+            (
+                "a == 'a1' || b != 'b1'",
+                &[&[("a", "a1"), ("b", "b1")]],
+                &[],
+            ),
+            (
+                "a != 'a1' || b == 'b1'",
+                &[&[("a", "a1"), ("b", "b1")]],
+                &[],
+            ),
+            (
+                "a != 'a1' || b != 'b1'",
+                &[],
+                &[&[("a", "a1"), ("b", "b1")]],
+            ),
+            (
+                "! a == 'a1' || ! b == 'b1'",
+                &[],
+                &[&[("a", "a1"), ("b", "b1")]],
+            ),
+            // The tokenizer's: operator words as keys, one-word and spaced operators.
+            (
+                r#"contains contains "contains""#,
+                &[&[("contains", "contains")]],
+                &[],
+            ),
+            (r#"label contains"value""#, &[&[("label", "a value")]], &[]),
+            (
+                r#"label startswith "value""#,
+                &[&[("label", "values")]],
+                &[&[("label", "a value")]],
+            ),
+            (
+                r#"label endswith "value""#,
+                &[&[("label", "a value")]],
+                &[&[("label", "values")]],
+            ),
+            (
+                r#"startswith starts with "value""#,
+                &[&[("startswith", "values")]],
+                &[],
+            ),
+            (
+                r#"endswith ends with "value""#,
+                &[&[("endswith", "a value")]],
+                &[],
+            ),
+            (
+                "label starts  with \"value\"",
+                &[&[("label", "values")]],
+                &[],
+            ),
+            (
+                "label ends \t with \"value\"",
+                &[&[("label", "a value")]],
+                &[],
+            ),
+            (r#"a not in {}"#, &[&[], &[("a", "x")]], &[]),
+            (
+                r#"a notin{"bar"}&&!has(foo)||b in{"c"}"#,
+                &[&[("a", "x")], &[("b", "c"), ("foo", "")]],
+                &[&[("a", "bar")]],
+            ),
+            (
+                r#"a  not  in  {"bar"}  &&  ! has( foo )  ||  b  in  {'c'} "#,
+                &[&[("a", "x")]],
+                &[&[("a", "bar")]],
+            ),
+            (
+                "has(calico/k8s_NS-.1/role)",
+                &[&[("calico/k8s_NS-.1/role", "")]],
+                &[],
+            ),
+            (
+                "has == 'x' && all == 'y' && global == 'z' && not == 'n' && in == 'i'",
+                &[&[
+                    ("has", "x"),
+                    ("all", "y"),
+                    ("global", "z"),
+                    ("not", "n"),
+                    ("in", "i"),
+                ]],
+                &[],
+            ),
+            ("a in {'x', 'y',}", &[&[("a", "y")]], &[&[("a", "z")]]),
+            ("all( ) && global( )", &[&[]], &[]),
+            ("a == 'x'\t", &[&[("a", "x")]], &[]),
+        ];
+        for (sel, yes, no) in cases {
+            let parsed = Selector::parse(sel).unwrap_or_else(|e| panic!("{sel:?}: {e}"));
+            let again = Selector::parse(&parsed.to_string()).unwrap();
+            for l in *yes {
+                assert!(parsed.matches(&labels(l)), "{sel:?} should match {l:?}");
+                assert!(again.matches(&labels(l)), "{parsed} should match {l:?}");
+            }
+            for l in *no {
+                assert!(
+                    !parsed.matches(&labels(l)),
+                    "{sel:?} should not match {l:?}"
+                );
+                assert!(
+                    !again.matches(&labels(l)),
+                    "{parsed} should not match {l:?}"
+                );
+            }
+        }
+        let long = "a".repeat(MAX_LABEL_BYTES);
+        assert!(Selector::parse(&format!("{long} == 'v'")).is_ok());
+        let e = Selector::parse(&format!("{long}a == 'v'")).unwrap_err();
+        assert!(e.expected.contains("512 bytes"), "{e}");
+        for bad in [
+            "b == b",
+            "b contains b",
+            "b starts with b",
+            "b ends with b",
+            "'b1' == b",
+            "b",
+            "a b",
+            "!",
+            r#"foo == "bar" &"#,
+            r#"foo == "bar" |"#,
+            "foo != ||",
+            r#"foo in {"", ||"#,
+            r#"foo in """#,
+            r#""FOO"#,
+            r#""FOO'"#,
+            "'FOO",
+            "(",
+            r#"(a == "foo""#,
+            ")",
+            "()",
+            "%",
+            r#"a == "b" && %"#,
+            r#"a == "b" || %"#,
+            "a ",
+            "has(foo) &&",
+            r#"label == "value"#,
+            "label == 'value",
+            r#"label = "value""#,
+            "all(",
+            "global(",
+            "has()",
+            "has(foo",
+            "has( foo ",
+            r#"a == "b" & has(foo)"#,
+            r#"a == "b" | has(foo)"#,
+            r#"label starts foo "value""#,
+            r#"label inf "value""#,
+            r#"label ends foo "value""#,
+            r#"label ends withs "value""#,
+            r#"label squiggles "value""#,
+            // Not spaces: a newline is not whitespace; `has (`, `all ()` are a label and garbage.
+            "a == 'x'\n",
+            "has (a)",
+            "all ()",
+            "global ()",
+            "a in {,}",
+            "a in {'x',,}",
+        ] {
+            assert!(Selector::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        // Calico's canonicalisation tests, as equivalences.
+        for (a, b) in [
+            (" (all() )", "all()"),
+            ("! (has( b)||! has(a ))", "!(has(b) || !has(a))"),
+            (r#"! (a == "b"&&! c != "d")"#, r#"!(a == "b" && !c != "d")"#),
+            (r#"a startswith '"'"#, r#"a starts with '"'"#),
+            (r#"a endswith "'""#, r#"a ends with "'""#),
+            (r#"a!='"'"#, r#"a != '"'"#),
+            (
+                r#"a in {"z", "z", "x", "y", "x", "a"}"#,
+                r#"a in {"a", "x", "y", "z"}"#,
+            ),
+        ] {
+            assert_eq!(
+                Selector::parse(a).unwrap(),
+                Selector::parse(b).unwrap(),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
+    fn where_global_may_stand_and_what_it_means_there() {
+        assert!(Selector::check_rule_namespace_text("global()").is_ok());
+        assert!(Selector::check_rule_namespace_text(" global(\t) ").is_ok());
+        assert!(Selector::check_rule_namespace_text("a == 'b' && all()").is_ok());
+        for bad in [
+            "global() || a == 'b'",
+            "!global()",
+            "(global())",
+            "a == 'global('",
+        ] {
+            assert!(Selector::check_rule_namespace_text(bad).is_err(), "{bad}");
+        }
+        assert!(Selector::check_outside_rule_namespaces("a == 'b'").is_ok());
+        let e = Selector::check_outside_rule_namespaces("global()").unwrap_err();
+        assert_eq!(e, GLOBAL_ONLY_IN_RULE_NAMESPACES);
+        // In a rule's namespaces, all() is every namespace and global() none, at any depth.
+        let ns = labels(&[(NAMESPACED_LABEL, "shop"), ("env", "prod")]);
+        let none = labels(&[]);
+        let r = |t: &str| Selector::parse(t).unwrap().for_rule_namespaces();
+        assert!(r("all()").matches(&ns) && !r("all()").matches(&none));
+        assert!(!r("global()").matches(&ns) && r("global()").matches(&none));
+        assert!(r("!all()").matches(&none) && !r("!all()").matches(&ns));
+        assert!(r("env == 'prod' && all()").matches(&ns));
+        assert!(!r("(env == 'x' || all()) && !all()").matches(&ns));
     }
 
     fn arb_selector() -> impl Strategy<Value = Selector> {

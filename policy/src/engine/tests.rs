@@ -220,6 +220,84 @@ spec:
     );
 }
 
+/// `global()` stands only in a rule's `namespaceSelector`, alone, as Calico's validator says; there
+/// `all()` is every namespace and `global()` none, at any depth, as Calico rewrites them; an empty
+/// `namespaceSelector` is the policy's own namespace.
+#[test]
+fn global_and_all_in_rule_namespace_selectors_as_calico_means_them() {
+    let refused = |spec: &str| {
+        let yaml = format!(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: microblog}}\nspec:\n{spec}"
+        );
+        let docs = crate::model::parse_documents(&yaml, "p.yaml").unwrap();
+        let errors = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let e = refused("  selector: global()\n  ingress: [{action: Allow}]\n");
+    assert!(
+        e.contains("spec.selector")
+            && e.contains("global() can only be used in an EntityRule namespaceSelector"),
+        "{e}"
+    );
+    let e = refused(
+        "  selector: all()\n  ingress: [{action: Allow, source: {selector: \"a == 'global('\"}}]\n",
+    );
+    assert!(e.contains("spec.ingress[0].source.selector"), "{e}");
+    let e = refused("  selector: all()\n  ingress: [{action: Allow, source: {namespaceSelector: global() || has(x)}}]\n");
+    assert!(
+        e.contains("namespaceSelector")
+            && e.contains("global() cannot be combined with other selectors"),
+        "{e}"
+    );
+
+    let api = ep("microblog", "api", &[("app", "api")]);
+    let other = ep("shop", "api", &[("app", "api")]);
+    let with = |nsel: &str| {
+        set(&format!(
+            "{NAMESPACE}---{NETWORKS}---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: g}}
+spec:
+  selector: all()
+  egress: [{{action: Allow, destination: {{selector: \"role in {{'legacy', 'partner-db'}} || app == 'api'\", namespaceSelector: \"{nsel}\"}}}}]
+"
+        ))
+    };
+    let to = |s: &PolicySet, dst: End| egress_to(s, &api, dst, 5432).allow;
+    let every_namespace = with("all()");
+    assert!(to(&every_namespace, End::Identity(&other)));
+    assert!(
+        to(&every_namespace, ext("198.19.2.7")),
+        "a namespaced network"
+    );
+    assert!(!to(&every_namespace, ext("198.19.1.7")), "not a global one");
+    let no_namespace = with("!all()");
+    assert!(!to(&no_namespace, End::Identity(&other)));
+    assert!(!to(&no_namespace, ext("198.19.2.7")));
+    assert!(to(&no_namespace, ext("198.19.1.7")), "!all() is global()");
+    let either = with("app == 'microblog' || !all()");
+    assert!(to(&either, ext("198.19.1.7")) && to(&either, End::Identity(&api)));
+    assert!(!to(&either, End::Identity(&other)));
+    // Empty: the policy's own namespace (for a global policy, any).
+    let own = set(&format!(
+        "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: p, namespace: microblog}}
+spec:
+  selector: all()
+  egress: [{{action: Allow, destination: {{selector: app == 'api', namespaceSelector: ''}}}}]
+"
+    ));
+    assert!(to(&own, End::Identity(&api)));
+    assert!(!to(&own, End::Identity(&other)));
+}
+
 /// Traffic from an external network into the mesh: the destination's ingress decides, with the
 /// network (by label, or by `nets`) as the source; Kubernetes pod selectors never match it.
 #[test]
