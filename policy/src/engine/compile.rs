@@ -1,0 +1,500 @@
+//! Documents (Calico, Kubernetes, ours) compiled into policies: every field checked, every
+//! selector parsed once, every error reported with the object and the field.
+
+use super::*;
+
+struct Ctx<'a> {
+    policy: &'a str,
+    field: String,
+}
+
+impl Ctx<'_> {
+    fn err(&self, message: impl Into<String>) -> CompileError {
+        CompileError {
+            policy: self.policy.to_string(),
+            field: self.field.clone(),
+            message: message.into(),
+        }
+    }
+    fn at(&self, field: &str) -> Ctx<'_> {
+        Ctx {
+            policy: self.policy,
+            field: if self.field.is_empty() {
+                field.to_string()
+            } else {
+                format!("{}.{field}", self.field)
+            },
+        }
+    }
+    /// A selector anywhere but a rule's `namespaceSelector`: Calico refuses `global()` there.
+    fn selector(&self, text: &Option<String>) -> Result<Option<Selector>, CompileError> {
+        text.as_ref()
+            .map(|t| {
+                Selector::check_outside_rule_namespaces(t)
+                    .map_err(|e| self.err(format!("selector `{t}`: {e}")))?;
+                Selector::parse(t).map_err(|e| self.err(format!("selector `{t}`: {e}")))
+            })
+            .transpose()
+    }
+
+    /// A rule's `namespaceSelector`, as Calico means it ([`Selector::for_rule_namespaces`]);
+    /// empty is none (the policy's own namespace).
+    fn rule_namespaces(&self, text: &Option<String>) -> Result<Option<Selector>, CompileError> {
+        let Some(t) = text.as_ref().filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        Selector::check_rule_namespace_text(t)
+            .map_err(|e| self.err(format!("selector `{t}`: {e}")))?;
+        let s = Selector::parse(t).map_err(|e| self.err(format!("selector `{t}`: {e}")))?;
+        Ok(Some(s.for_rule_namespaces()))
+    }
+
+    /// A selector Calico evaluates as written, where `global()` matches everything (a rule's
+    /// `notSelector`, `serviceAccounts.selector`).
+    fn any_selector(&self, text: &Option<String>) -> Result<Option<Selector>, CompileError> {
+        text.as_ref()
+            .map(|t| Selector::parse(t).map_err(|e| self.err(format!("selector `{t}`: {e}"))))
+            .transpose()
+    }
+}
+
+impl PolicySet {
+    /// Compiles documents into a policy set; every error is reported, and nothing is compiled if
+    /// any document is wrong.
+    pub fn compile(docs: &[Document], posture: Posture) -> Result<PolicySet, Vec<CompileError>> {
+        let mut set = PolicySet {
+            posture,
+            ..PolicySet::default()
+        };
+        let mut errors = Vec::new();
+        for d in docs {
+            let id = d.object_name();
+            let ns = || {
+                d.metadata()
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into())
+            };
+            let r = match d {
+                Document::Namespace { metadata } => {
+                    set.namespaces
+                        .insert(metadata.name.clone(), metadata.labels.clone());
+                    Ok(None)
+                }
+                Document::CalicoNetworkPolicy { spec, .. } => {
+                    calico(&id, Some(ns()), spec).map(Some)
+                }
+                Document::CalicoGlobalNetworkPolicy { spec, .. } => {
+                    calico(&id, None, spec).map(Some)
+                }
+                Document::K8sNetworkPolicy { spec, .. } => k8s(&id, ns(), spec).map(Some),
+                Document::Network { metadata, spec, .. } => {
+                    let ctx = Ctx {
+                        policy: &id,
+                        field: "spec.nets".into(),
+                    };
+                    match nets(&ctx, &spec.nets) {
+                        Ok(cidrs) if cidrs.is_empty() => {
+                            errors.push(ctx.err("an external network needs at least one address"))
+                        }
+                        Ok(cidrs) => set.networks.push(Network {
+                            name: id.clone(),
+                            namespace: match d {
+                                Document::Network { global: true, .. } => None,
+                                _ => Some(ns()),
+                            },
+                            labels: metadata.labels.clone(),
+                            nets: cidrs,
+                        }),
+                        Err(e) => errors.push(e),
+                    }
+                    Ok(None)
+                }
+                Document::PolicyTest { spec, .. } => {
+                    set.tests.push((id.clone(), spec.clone()));
+                    Ok(None)
+                }
+                Document::Federation { metadata, spec } => {
+                    match crate::federation::federation(&metadata.name, spec) {
+                        Ok(f) => set.federations.push(f),
+                        Err(e) => errors.push(CompileError {
+                            policy: id.clone(),
+                            field: e.field,
+                            message: e.message,
+                        }),
+                    }
+                    Ok(None)
+                }
+            };
+            let r = r.map(|p| {
+                p.map(|mut p| {
+                    p.audit = d
+                        .metadata()
+                        .annotations
+                        .get(crate::model::AUDIT_ANNOTATION)
+                        .is_some_and(|v| v == "true");
+                    p
+                })
+            });
+            match r {
+                Ok(Some(p)) => set.policies.push(p),
+                Ok(None) => {}
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        // Two clusters never share an address: each federation's ranges are its own.
+        for (i, f) in set.federations.iter().enumerate() {
+            for g in &set.federations[..i] {
+                if let Some((a, b)) = f
+                    .addresses
+                    .iter()
+                    .find_map(|a| g.addresses.iter().find(|b| a.overlaps(b)).map(|b| (a, b)))
+                {
+                    errors.push(CompileError {
+                        policy: format!("Federation {}", f.trust_domain),
+                        field: "spec.addresses".into(),
+                        message: format!(
+                            "{a} overlaps {b} of federation {}: two trust domains never share an address",
+                            g.trust_domain
+                        ),
+                    });
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        set.policies
+            .sort_by(|a, b| a.order.total_cmp(&b.order).then_with(|| a.id.cmp(&b.id)));
+        Ok(set)
+    }
+}
+
+fn protocol(ctx: &Ctx, v: &Option<ProtocolValue>) -> Result<Option<u8>, CompileError> {
+    v.as_ref()
+        .map(|p| crate::testing::protocol_number(p).map_err(|e| ctx.err(e)))
+        .transpose()
+}
+
+fn port_ranges(ctx: &Ctx, ports: &[PortValue]) -> Result<Vec<(u16, u16)>, CompileError> {
+    ports
+        .iter()
+        .map(|p| match p {
+            PortValue::Number(n) => Ok((*n, *n)),
+            PortValue::Text(t) => {
+                let parsed = match t.split_once(':') {
+                    Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                    None => t.trim().parse::<u16>().ok().map(|n| (n, n)),
+                };
+                match parsed {
+                    Some((a, b)) if a <= b => Ok((a, b)),
+                    _ => Err(ctx.err(format!("`{t}` is not a port or a range like 8000:8080 (named ports are not supported)"))),
+                }
+            }
+        })
+        .collect()
+}
+
+fn nets(ctx: &Ctx, v: &[String]) -> Result<Vec<Cidr>, CompileError> {
+    v.iter()
+        .map(|n| n.parse().map_err(|e| ctx.err(format!("`{n}`: {e}"))))
+        .collect()
+}
+
+fn entity(ctx: &Ctx, e: &EntityRule, proto: Option<u8>) -> Result<Entity, CompileError> {
+    let ports = port_ranges(&ctx.at("ports"), &e.ports)?;
+    let not_ports = port_ranges(&ctx.at("notPorts"), &e.not_ports)?;
+    if (!ports.is_empty() || !not_ports.is_empty())
+        && !matches!(proto, Some(TCP | UDP | SCTP | UDPLITE))
+    {
+        return Err(ctx.err("ports need protocol TCP, UDP, SCTP or UDPLite on the rule"));
+    }
+    if e.services.is_some() {
+        return Err(ctx
+            .at("services")
+            .err("Kubernetes service matches are not supported"));
+    }
+    let (sa_names, sa_selector) = match &e.service_accounts {
+        Some(sa) => (
+            sa.names.clone(),
+            ctx.at("serviceAccounts.selector")
+                .any_selector(&sa.selector)?,
+        ),
+        None => (vec![], None),
+    };
+    Ok(Entity {
+        nets: nets(&ctx.at("nets"), &e.nets)?,
+        not_nets: nets(&ctx.at("notNets"), &e.not_nets)?,
+        selector: ctx.at("selector").selector(&e.selector)?,
+        not_selector: ctx.at("notSelector").any_selector(&e.not_selector)?,
+        namespace_selector: ctx
+            .at("namespaceSelector")
+            .rule_namespaces(&e.namespace_selector)?,
+        sa_names,
+        sa_selector,
+        ports,
+        not_ports,
+        calico: true,
+    })
+}
+
+fn rule(ctx: &Ctx, r: &CalicoRule) -> Result<Rule, CompileError> {
+    let action = match r.action.as_str() {
+        "Allow" => Action::Allow,
+        "Deny" => Action::Deny,
+        "Log" => Action::Log,
+        "Pass" => Action::Pass,
+        a => {
+            return Err(ctx
+                .at("action")
+                .err(format!("`{a}` is not Allow, Deny, Log or Pass")))
+        }
+    };
+    if r.http.is_some() {
+        return Err(ctx.at("http").err("HTTP matches are not supported"));
+    }
+    let proto = protocol(&ctx.at("protocol"), &r.protocol)?;
+    let icmp = |i: &Option<model::Icmp>| i.as_ref().map(|i| (i.icmp_type, i.code));
+    if let Some(v) = r.ip_version {
+        if v != 4 && v != 6 {
+            return Err(ctx.at("ipVersion").err(format!("{v} is not 4 or 6")));
+        }
+    }
+    Ok(Rule {
+        action,
+        protocol: proto,
+        not_protocol: protocol(&ctx.at("notProtocol"), &r.not_protocol)?,
+        icmp: icmp(&r.icmp),
+        not_icmp: icmp(&r.not_icmp),
+        ip_version: r.ip_version,
+        source: entity(&ctx.at("source"), &r.source, proto)?,
+        destination: entity(&ctx.at("destination"), &r.destination, proto)?,
+    })
+}
+
+fn calico(
+    id: &str,
+    namespace: Option<String>,
+    spec: &CalicoSpec,
+) -> Result<Policy, Vec<CompileError>> {
+    let ctx = Ctx {
+        policy: id,
+        field: "spec".into(),
+    };
+    let mut errors = Vec::new();
+    let mut rules = |list: &[CalicoRule], dir: &str| -> Vec<Rule> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                rule(&ctx.at(&format!("{dir}[{i}]")), r)
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            })
+            .collect()
+    };
+    let ingress = rules(&spec.ingress, "ingress");
+    let egress = rules(&spec.egress, "egress");
+    let types: Vec<String> = spec.types.clone().unwrap_or_else(|| {
+        let mut t = vec!["Ingress".to_string()];
+        if !spec.egress.is_empty() {
+            t.push("Egress".into());
+        }
+        t
+    });
+    for t in &types {
+        if t != "Ingress" && t != "Egress" {
+            errors.push(
+                ctx.at("types")
+                    .err(format!("`{t}` is not Ingress or Egress")),
+            );
+        }
+    }
+    if spec.tier.as_deref().is_some_and(|t| t != "default") {
+        errors.push(ctx.at("tier").err("only the default tier is supported"));
+    }
+    let selector = ctx
+        .at("selector")
+        .selector(&spec.selector)
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten();
+    let namespace_selector = ctx
+        .at("namespaceSelector")
+        .selector(&spec.namespace_selector)
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten();
+    let sa_selector = ctx
+        .at("serviceAccountSelector")
+        .selector(&spec.service_account_selector)
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Policy {
+        id: id.to_string(),
+        namespace,
+        order: spec.order.unwrap_or(f64::INFINITY),
+        selector: selector.unwrap_or(Selector::All),
+        namespace_selector,
+        sa_selector,
+        ingress: types.iter().any(|t| t == "Ingress").then_some(ingress),
+        egress: types.iter().any(|t| t == "Egress").then_some(egress),
+        audit: false,
+    })
+}
+
+/// A Kubernetes label selector as a Calico selector.
+fn label_selector(ctx: &Ctx, s: &LabelSelector) -> Result<Selector, CompileError> {
+    let mut parts: Vec<Selector> = s
+        .match_labels
+        .iter()
+        .map(|(k, v)| Selector::Eq(k.clone(), v.clone()))
+        .collect();
+    for (i, r) in s.match_expressions.iter().enumerate() {
+        let values = r.values.iter().cloned().collect();
+        parts.push(match r.operator.as_str() {
+            "In" => Selector::In(r.key.clone(), values),
+            "NotIn" => Selector::NotIn(r.key.clone(), values),
+            "Exists" => Selector::Has(r.key.clone()),
+            "DoesNotExist" => Selector::Not(Box::new(Selector::Has(r.key.clone()))),
+            op => {
+                return Err(ctx
+                    .at(&format!("matchExpressions[{i}].operator"))
+                    .err(format!("`{op}` is not In, NotIn, Exists or DoesNotExist")))
+            }
+        });
+    }
+    Ok(parts
+        .into_iter()
+        .reduce(|a, b| Selector::And(Box::new(a), Box::new(b)))
+        .unwrap_or(Selector::All))
+}
+
+fn k8s_rules(
+    ctx: &Ctx,
+    peers: &Option<Vec<K8sPeer>>,
+    ports: &Option<Vec<model::K8sPort>>,
+    ingress: bool,
+) -> Result<Vec<Rule>, CompileError> {
+    // An absent or empty list matches everything.
+    let peers: Vec<Option<&K8sPeer>> = match peers {
+        Some(p) if !p.is_empty() => p.iter().map(Some).collect(),
+        _ => vec![None],
+    };
+    let ports: Vec<Option<&model::K8sPort>> = match ports {
+        Some(p) if !p.is_empty() => p.iter().map(Some).collect(),
+        _ => vec![None],
+    };
+    let mut out = Vec::new();
+    for (pi, peer) in peers.iter().enumerate() {
+        let pctx = ctx.at(&format!("{}[{pi}]", if ingress { "from" } else { "to" }));
+        let mut remote = Entity::default();
+        if let Some(peer) = peer {
+            if let Some(ps) = &peer.pod_selector {
+                remote.selector = Some(label_selector(&pctx.at("podSelector"), ps)?);
+            }
+            if let Some(ns) = &peer.namespace_selector {
+                remote.namespace_selector =
+                    Some(label_selector(&pctx.at("namespaceSelector"), ns)?.for_rule_namespaces());
+                remote.selector.get_or_insert(Selector::All);
+            }
+            if let Some(b) = &peer.ip_block {
+                remote.nets = nets(&pctx.at("ipBlock.cidr"), std::slice::from_ref(&b.cidr))?;
+                remote.not_nets = nets(&pctx.at("ipBlock.except"), &b.except)?;
+            }
+        }
+        for (ti, port) in ports.iter().enumerate() {
+            let tctx = ctx.at(&format!("ports[{ti}]"));
+            let (mut proto, mut ranges) = (None, Vec::new());
+            if let Some(p) = port {
+                let name = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                proto = protocol(&tctx.at("protocol"), &Some(ProtocolValue::Name(name)))?;
+                if let Some(pv) = &p.port {
+                    ranges = port_ranges(&tctx.at("port"), std::slice::from_ref(pv))?;
+                    if let Some(end) = p.end_port {
+                        if end < ranges[0].0 {
+                            return Err(tctx
+                                .at("endPort")
+                                .err(format!("{end} is below port {}", ranges[0].0)));
+                        }
+                        ranges[0].1 = end;
+                    }
+                }
+            }
+            // The port is the destination's: the local endpoint's on ingress, the peer's on egress.
+            let mut peer_side = remote.clone();
+            let mut local_side = Entity::default();
+            if ingress {
+                local_side.ports = ranges;
+            } else {
+                peer_side.ports = ranges;
+            }
+            let (source, destination) = if ingress {
+                (peer_side, local_side)
+            } else {
+                (local_side, peer_side)
+            };
+            out.push(Rule {
+                action: Action::Allow,
+                protocol: proto,
+                not_protocol: None,
+                icmp: None,
+                not_icmp: None,
+                ip_version: None,
+                source,
+                destination,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn k8s(id: &str, namespace: String, spec: &K8sSpec) -> Result<Policy, Vec<CompileError>> {
+    let ctx = Ctx {
+        policy: id,
+        field: "spec".into(),
+    };
+    let one = |e: CompileError| vec![e];
+    let selector = label_selector(&ctx.at("podSelector"), &spec.pod_selector).map_err(one)?;
+    let types: Vec<String> = spec.policy_types.clone().unwrap_or_else(|| {
+        let mut t = vec!["Ingress".to_string()];
+        if spec.egress.is_some() {
+            t.push("Egress".into());
+        }
+        t
+    });
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        ingress.extend(
+            k8s_rules(&ctx.at(&format!("ingress[{i}]")), &r.from, &r.ports, true).map_err(one)?,
+        );
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.iter().flatten().enumerate() {
+        egress.extend(
+            k8s_rules(&ctx.at(&format!("egress[{i}]")), &r.to, &r.ports, false).map_err(one)?,
+        );
+    }
+    for t in &types {
+        if t != "Ingress" && t != "Egress" {
+            return Err(one(ctx
+                .at("policyTypes")
+                .err(format!("`{t}` is not Ingress or Egress"))));
+        }
+    }
+    Ok(Policy {
+        id: id.to_string(),
+        namespace: Some(namespace),
+        // Calico orders Kubernetes policies at 1000.
+        order: 1000.0,
+        selector,
+        namespace_selector: None,
+        sa_selector: None,
+        ingress: types.iter().any(|t| t == "Ingress").then_some(ingress),
+        egress: types.iter().any(|t| t == "Egress").then_some(egress),
+        audit: false,
+    })
+}

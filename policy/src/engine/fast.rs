@@ -1,0 +1,368 @@
+//! The fast path: a policy set resolved against the identities of the mesh, decided without
+//! allocating.
+
+use super::*;
+
+/// Why a fast-path verdict came out as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Rule,
+    Pass,
+    EndOfPolicies,
+    DefaultDeny,
+    NoPolicy,
+}
+
+/// A verdict without allocation: indices into the compiled set, names resolved on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastVerdict {
+    pub allow: bool,
+    pub reason: Reason,
+    pub policy: Option<u32>,
+    pub rule: Option<u16>,
+    /// A Log rule matched on the way.
+    pub logged: bool,
+}
+
+#[derive(Clone)]
+struct BitSet(Vec<u64>);
+
+impl BitSet {
+    fn new(n: usize) -> BitSet {
+        BitSet(vec![0; n.div_ceil(64)])
+    }
+    fn set(&mut self, i: usize) {
+        if i / 64 >= self.0.len() {
+            self.0.resize(i / 64 + 1, 0);
+        }
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    #[inline]
+    fn has(&self, i: u32) -> bool {
+        self.0
+            .get(i as usize / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+#[derive(Clone)]
+struct CompiledRule {
+    rule: Rule,
+    /// Identities the source / destination entity selects; `None` for any.
+    src: Option<BitSet>,
+    dst: Option<BitSet>,
+    /// External networks the source / destination entity selects; `None` for any address.
+    src_nets: Option<BitSet>,
+    dst_nets: Option<BitSet>,
+    /// The source / destination entity selects no identity in particular.
+    src_open: bool,
+    dst_open: bool,
+}
+
+/// A policy set resolved against the identities of the mesh: every selector evaluated once per
+/// identity ahead of time, so a verdict is a walk over the few policies that apply to one
+/// identity, with set lookups instead of selector evaluation. Rebuilt when policies or identities
+/// change.
+#[derive(Clone)]
+pub struct Compiled {
+    ids: Vec<String>,
+    rules: Vec<[Vec<CompiledRule>; 2]>,
+    /// Per identity: the policies that apply to it, [ingress, egress], in order.
+    applicable: Vec<[Vec<u32>; 2]>,
+    /// Per policy: in audit mode.
+    audit: Vec<bool>,
+    posture: Posture,
+    /// Per identity: of another trust domain (never let through by the posture).
+    remote: Vec<bool>,
+    /// Every address of every external network, with the network's index, most specific first;
+    /// and the networks' names.
+    network_nets: Vec<(Cidr, u32)>,
+    network_names: Vec<String>,
+}
+
+fn slot(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+impl PolicySet {
+    /// Resolves the set against `identities` (identity `i` is index `i`).
+    pub fn resolve(&self, identities: &[Endpoint]) -> Compiled {
+        let n = identities.len();
+        let any_remote = identities.iter().any(|e| !self.is_local(e));
+        let members = |p: &Policy, ent: &Entity| -> Option<BitSet> {
+            if !ent.selects_endpoints() && !any_remote {
+                return None;
+            }
+            let mut set = BitSet::new(n);
+            for (i, e) in identities.iter().enumerate() {
+                if self.selects(p, ent, e).unwrap_or(true) {
+                    set.set(i);
+                }
+            }
+            Some(set)
+        };
+        let networks = |p: &Policy, ent: &Entity| -> Option<BitSet> {
+            if !ent.selects_endpoints() {
+                return None;
+            }
+            let mut set = BitSet::new(self.networks.len());
+            for (i, n) in self.networks.iter().enumerate() {
+                if self.selects_network(p, ent, n) {
+                    set.set(i);
+                }
+            }
+            Some(set)
+        };
+        let compile_rules = |p: &Policy, rules: &Option<Vec<Rule>>| -> Vec<CompiledRule> {
+            rules
+                .iter()
+                .flatten()
+                .map(|r| CompiledRule {
+                    rule: r.clone(),
+                    src: members(p, &r.source),
+                    dst: members(p, &r.destination),
+                    src_nets: networks(p, &r.source),
+                    dst_nets: networks(p, &r.destination),
+                    src_open: !r.source.selects_endpoints(),
+                    dst_open: !r.destination.selects_endpoints(),
+                })
+                .collect()
+        };
+        let mut network_nets: Vec<(Cidr, u32)> = self
+            .networks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.nets.iter().map(move |c| (*c, i as u32)))
+            .collect();
+        network_nets.sort_by_key(|(c, _)| std::cmp::Reverse(c.prefix_len()));
+        let mut applicable = vec![[Vec::new(), Vec::new()]; n];
+        for (pi, p) in self.policies.iter().enumerate() {
+            for (i, e) in identities.iter().enumerate() {
+                if self.applies(p, e) {
+                    if p.ingress.is_some() {
+                        applicable[i][0].push(pi as u32);
+                    }
+                    if p.egress.is_some() {
+                        applicable[i][1].push(pi as u32);
+                    }
+                }
+            }
+        }
+        Compiled {
+            ids: self.policies.iter().map(|p| p.id.clone()).collect(),
+            rules: self
+                .policies
+                .iter()
+                .map(|p| [compile_rules(p, &p.ingress), compile_rules(p, &p.egress)])
+                .collect(),
+            applicable,
+            audit: self.policies.iter().map(|p| p.audit).collect(),
+            posture: self.posture,
+            remote: identities.iter().map(|e| !self.is_local(e)).collect(),
+            network_nets,
+            network_names: self.networks.iter().map(|n| n.name.clone()).collect(),
+        }
+    }
+}
+
+impl Compiled {
+    /// The verdict for a flow from identity `src` to identity `dst` (indices given to
+    /// [`PolicySet::resolve`]); the same as [`PolicySet::decide`], without allocating.
+    pub fn decide(
+        &self,
+        direction: Direction,
+        flow: &Flow,
+        src: u32,
+        src_ip: Option<IpAddr>,
+        dst: u32,
+        dst_ip: Option<IpAddr>,
+    ) -> FastVerdict {
+        let local = match direction {
+            Direction::Ingress => dst,
+            Direction::Egress => src,
+        };
+        let d = slot(direction);
+        let mut logged = false;
+        let Some(list) = self.applicable.get(local as usize).map(|a| &a[d]) else {
+            return FastVerdict {
+                allow: false,
+                reason: Reason::DefaultDeny,
+                policy: None,
+                rule: None,
+                logged,
+            };
+        };
+        // Calico's posture lets through what no policy selects, but never for another trust
+        // domain's identity.
+        let calico = self.posture == Posture::Calico
+            && !self.remote.get(local as usize).copied().unwrap_or(true);
+        for &pi in list {
+            for (ri, r) in self.rules[pi as usize][d].iter().enumerate() {
+                let hit = r.rule.header_matches(flow)
+                    && r.rule.source.header_matches(src_ip, flow.src_port)
+                    && r.rule.destination.header_matches(dst_ip, flow.dst_port)
+                    && self.end_selected(&r.src, &r.src_nets, r.src_open, src, src_ip)
+                    && self.end_selected(&r.dst, &r.dst_nets, r.dst_open, dst, dst_ip);
+                if !hit {
+                    continue;
+                }
+                let v = |allow, reason| FastVerdict {
+                    allow,
+                    reason,
+                    policy: Some(pi),
+                    rule: Some(ri as u16),
+                    logged,
+                };
+                match r.rule.action {
+                    Action::Log => logged = true,
+                    Action::Allow => return v(true, Reason::Rule),
+                    Action::Deny => return v(false, Reason::Rule),
+                    Action::Pass => return v(calico, Reason::Pass),
+                }
+            }
+        }
+        let (allow, reason) = if !list.is_empty() {
+            (false, Reason::EndOfPolicies)
+        } else if calico {
+            (true, Reason::NoPolicy)
+        } else {
+            (false, Reason::DefaultDeny)
+        };
+        FastVerdict {
+            allow,
+            reason,
+            policy: None,
+            rule: None,
+            logged,
+        }
+    }
+
+    /// Whether a rule's entity (its identities `ids`, its external networks `nets`; `open` if it
+    /// selects no identity in particular) selects end `idx` ([`EXTERNAL`]: the address `ip`
+    /// outside the mesh; [`UNKNOWN`]: a peer without an identity).
+    #[inline]
+    fn end_selected(
+        &self,
+        ids: &Option<BitSet>,
+        nets: &Option<BitSet>,
+        open: bool,
+        idx: u32,
+        ip: Option<IpAddr>,
+    ) -> bool {
+        if idx == UNKNOWN {
+            return open;
+        }
+        if idx != EXTERNAL {
+            return ids.as_ref().is_none_or(|s| s.has(idx));
+        }
+        match (nets, ip) {
+            (None, _) => true,
+            (Some(bits), Some(ip)) => self
+                .network_nets
+                .iter()
+                .any(|(c, n)| bits.has(*n) && c.contains(ip)),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// The external networks that contain `ip`, most specific first (for the flow log).
+    pub fn networks_at(&self, ip: IpAddr) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for (c, n) in &self.network_nets {
+            let name = self.network_names[*n as usize].as_str();
+            if c.contains(ip) && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    /// How many identities this was resolved against.
+    pub fn identities(&self) -> usize {
+        self.applicable.len()
+    }
+
+    /// Resolves `more` identities as well, numbered after those already resolved, exactly as
+    /// [`PolicySet::resolve`] of the whole list would: one identity costs one pass over the
+    /// policies, instead of a pass over every identity. `set` must be the set this was resolved
+    /// from.
+    pub fn extend(&mut self, set: &PolicySet, more: &[Endpoint]) {
+        for e in more {
+            let i = self.applicable.len();
+            let mut applicable = [Vec::new(), Vec::new()];
+            for (pi, p) in set.policies.iter().enumerate() {
+                if set.applies(p, e) {
+                    if p.ingress.is_some() {
+                        applicable[0].push(pi as u32);
+                    }
+                    if p.egress.is_some() {
+                        applicable[1].push(pi as u32);
+                    }
+                }
+                for (d, rules) in [&p.ingress, &p.egress].into_iter().enumerate() {
+                    for (cr, r) in self.rules[pi][d].iter_mut().zip(rules.iter().flatten()) {
+                        for (bits, ent) in [(&mut cr.src, &r.source), (&mut cr.dst, &r.destination)]
+                        {
+                            let selected = set.selects(p, ent, e);
+                            if bits.is_none() && selected == Some(false) {
+                                // "Any" so far, but not this one: every earlier identity.
+                                let mut all = BitSet::new(i + 1);
+                                (0..i).for_each(|j| all.set(j));
+                                *bits = Some(all);
+                            }
+                            if let Some(bits) = bits {
+                                if selected.unwrap_or(true) {
+                                    bits.set(i);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            self.applicable.push(applicable);
+            self.remote.push(!set.is_local(e));
+        }
+    }
+
+    /// The deciding policy's name, for logs.
+    pub fn policy_name(&self, v: &FastVerdict) -> &str {
+        match (v.reason, v.policy) {
+            (_, Some(i)) => &self.ids[i as usize],
+            (Reason::DefaultDeny, None) => "default-deny",
+            (Reason::NoPolicy, None) => "no-policy",
+            _ => "end-of-policies",
+        }
+    }
+
+    pub fn policies(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the denial `v` of identity `local`'s traffic is only audited: decided by a policy
+    /// in audit mode, or falling off the end of policies that are all in audit mode.
+    pub fn audited(&self, direction: Direction, local: u32, v: &FastVerdict) -> bool {
+        if v.allow {
+            return false;
+        }
+        match (v.reason, v.policy) {
+            (_, Some(p)) => self.audit.get(p as usize).copied().unwrap_or(false),
+            (Reason::EndOfPolicies, None) => self
+                .applicable
+                .get(local as usize)
+                .is_some_and(|a| a[slot(direction)].iter().all(|&p| self.audit[p as usize])),
+            _ => false,
+        }
+    }
+
+    /// `ingress[i]` / `egress[i]` of the deciding rule, for logs.
+    pub fn rule_name(direction: Direction, v: &FastVerdict) -> Option<String> {
+        let d = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        v.rule.map(|r| format!("{d}[{r}]"))
+    }
+}
