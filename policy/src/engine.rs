@@ -1,9 +1,13 @@
 //! Policy compilation and evaluation, pure. Documents (Calico and Kubernetes) compile into one
-//! form: policies with a selector, an order and ingress/egress rules; every selector is parsed once,
-//! here. `decide` evaluates one direction for one endpoint the way Calico does: policies that select
-//! the endpoint, by order (then name); within a policy, rules in order; the first Allow or Deny
-//! decides, Log records and goes on, Pass leaves the policies. If policies select the endpoint and
-//! none allows, the flow is denied; if none selects it, the posture decides (zero trust: deny).
+//! form: policies with a tier, a selector, an order and ingress/egress rules; every selector is
+//! parsed once, here. `decide` evaluates one direction for one endpoint the way Calico does:
+//! tier by tier (by the tier's order, then name), the tiers in which a policy selects the endpoint
+//! and has that direction among its types; within a tier, policies by order (then name); within a
+//! policy, rules in order. The first Allow or Deny decides, Log records and goes on, Pass skips the
+//! rest of the tier. A tier that selects the endpoint and whose rules decide nothing ends in its
+//! `defaultAction`: Deny (`end-of-policies` in the `default` tier, `end-of-tier TIER` in another),
+//! or Pass to the next tier. Past the last tier (everything passed) or where no policy selects the
+//! endpoint, the posture decides (zero trust: deny; Calico: allow, as its profiles do).
 //!
 //! Trust domains: every identity carries the label `mesh.io/trust-domain` (from its certificate,
 //! never from its labels), also among its namespace's labels. An identity of another trust domain
@@ -200,9 +204,36 @@ impl CompileError {
     }
 }
 
+/// The tier every policy without `spec.tier` is in, and every Kubernetes policy.
+pub const DEFAULT_TIER: &str = "default";
+/// The `default` tier's order, and a tier's without one, as Calico defaults them.
+pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
+
+/// A tier, as the set evaluates it.
+#[derive(Debug, Clone, PartialEq)]
+struct Tier {
+    name: String,
+    order: f64,
+    /// `defaultAction: Pass`: the end of the tier goes on to the next tier instead of denying.
+    pass: bool,
+}
+
+impl Tier {
+    /// What denies at the end of the tier, as verdicts name it.
+    fn end_name(&self) -> String {
+        if self.name == DEFAULT_TIER {
+            "end-of-policies".into()
+        } else {
+            format!("end-of-tier {}", self.name)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Policy {
     id: String,
+    /// Index into [`PolicySet::tiers`].
+    tier: usize,
     namespace: Option<String>,
     order: f64,
     selector: Selector,
@@ -303,7 +334,10 @@ struct Entity {
 /// A compiled policy set and the namespace labels it matches against.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
+    /// Sorted by tier, then order, then name: the order of evaluation.
     policies: Vec<Policy>,
+    /// Sorted by order, then name; `default` always among them.
+    tiers: Vec<Tier>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     federations: Vec<Federation>,
     networks: Vec<Network>,
@@ -507,63 +541,66 @@ impl PolicySet {
             }
         };
         let mut logged = Vec::new();
-        let mut selected = false;
-        for p in &self.policies {
-            let rules = match direction {
-                Direction::Ingress => &p.ingress,
-                Direction::Egress => &p.egress,
-            };
-            let Some(rules) = rules else { continue };
-            if !self.applies(p, local) {
-                continue;
-            }
-            selected = true;
-            for (i, r) in rules.iter().enumerate() {
-                if !self.rule_matches(p, r, flow, src, dst) {
+        // Who passed the flow on last: a policy's Pass rule or a tier's defaultAction.
+        let mut passed: Option<(String, Option<String>)> = None;
+        let dir = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        for (t, tier) in self.tiers.iter().enumerate() {
+            let (mut selected, mut tier_passed) = (false, false);
+            'tier: for p in self.policies.iter().filter(|p| p.tier == t) {
+                let rules = match direction {
+                    Direction::Ingress => &p.ingress,
+                    Direction::Egress => &p.egress,
+                };
+                let Some(rules) = rules else { continue };
+                if !self.applies(p, local) {
                     continue;
                 }
-                let rule = Some(format!(
-                    "{}[{i}]",
-                    if direction == Direction::Ingress {
-                        "ingress"
-                    } else {
-                        "egress"
+                selected = true;
+                for (i, r) in rules.iter().enumerate() {
+                    if !self.rule_matches(p, r, flow, src, dst) {
+                        continue;
                     }
-                ));
-                match r.action {
-                    Action::Log => logged.push(p.id.clone()),
-                    Action::Allow => {
-                        return Verdict {
-                            allow: true,
-                            by: p.id.clone(),
-                            rule,
-                            logged,
-                        }
-                    }
-                    Action::Deny => {
-                        return Verdict {
-                            allow: false,
-                            by: p.id.clone(),
-                            rule,
-                            logged,
-                        }
-                    }
-                    Action::Pass => {
-                        return Verdict {
-                            allow: self.posture == Posture::Calico && self.is_local(local),
-                            by: format!("passed by {}", p.id),
-                            rule,
-                            logged,
+                    let rule = Some(format!("{dir}[{i}]"));
+                    let decided = |allow| Verdict {
+                        allow,
+                        by: p.id.clone(),
+                        rule: rule.clone(),
+                        logged: logged.clone(),
+                    };
+                    match r.action {
+                        Action::Log => logged.push(p.id.clone()),
+                        Action::Allow => return decided(true),
+                        Action::Deny => return decided(false),
+                        Action::Pass => {
+                            passed = Some((format!("passed by {}", p.id), rule));
+                            tier_passed = true;
+                            break 'tier;
                         }
                     }
                 }
             }
-        }
-        if selected {
+            if !selected || tier_passed {
+                continue;
+            }
+            if tier.pass {
+                passed = Some((format!("passed by tier {}", tier.name), None));
+                continue;
+            }
             return Verdict {
                 allow: false,
-                by: "end-of-policies".into(),
+                by: tier.end_name(),
                 rule: None,
+                logged,
+            };
+        }
+        if let Some((by, rule)) = passed {
+            return Verdict {
+                allow: self.posture == Posture::Calico && self.is_local(local),
+                by,
+                rule,
                 logged,
             };
         }

@@ -1,5 +1,5 @@
 //! The policy documents operators write, as Calico and Kubernetes define them, read from YAML
-//! unchanged: `projectcalico.org/v3` `NetworkPolicy` and `GlobalNetworkPolicy`,
+//! unchanged: `projectcalico.org/v3` `NetworkPolicy`, `GlobalNetworkPolicy` and `Tier`,
 //! `networking.k8s.io/v1` `NetworkPolicy`, and `v1` `Namespace` (for namespace labels); and the
 //! mesh's own `mesh.io/v1` `Federation` ([`crate::federation`]). External networks: Calico's
 //! `NetworkSet` and `GlobalNetworkSet`, and the mesh's `mesh.io/v1` `ExternalNetwork` and
@@ -320,6 +320,19 @@ pub struct K8sPort {
     pub end_port: Option<u16>,
 }
 
+/// `projectcalico.org/v3` Tier `spec`: where the tier's policies stand among the others, and what
+/// the end of the tier does to a flow no rule of it decided.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TierSpec {
+    /// Lower first; none is Calico's default, 1,000,000 (the `default` tier's).
+    #[serde(default)]
+    pub order: Option<f64>,
+    /// `Deny` (Calico's default) or `Pass`.
+    #[serde(default)]
+    pub default_action: Option<String>,
+}
+
 /// One YAML document of a known kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Document {
@@ -337,6 +350,11 @@ pub enum Document {
     },
     Namespace {
         metadata: Metadata,
+    },
+    /// A Calico tier: an ordered group of policies ([`crate::engine`]).
+    Tier {
+        metadata: Metadata,
+        spec: TierSpec,
     },
     Federation {
         metadata: Metadata,
@@ -380,6 +398,19 @@ struct Raw<S> {
     kind: String,
     metadata: Metadata,
     spec: S,
+}
+
+/// A document whose `spec` may be left out (a `Tier`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOptional<S> {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: Option<S>,
 }
 
 #[derive(Deserialize)]
@@ -562,6 +593,10 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             ("networking.k8s.io/v1", "NetworkPolicy") => doc.typed::<Raw<K8sSpec>>(de)
                 .map(|r| Document::K8sNetworkPolicy { metadata: r.metadata, spec: r.spec }),
             ("v1", "Namespace") => doc.typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
+            ("projectcalico.org/v3", "Tier") => doc.typed::<RawOptional<TierSpec>>(de).and_then(|r| match r.metadata.namespace {
+                Some(_) => Err(vec![("metadata.namespace: a Tier is not namespaced".into(), None)]),
+                None => Ok(Document::Tier { metadata: r.metadata, spec: r.spec.unwrap_or_default() }),
+            }),
             (crate::federation::API_VERSION, crate::federation::KIND) => doc.typed::<Raw<crate::federation::FederationSpec>>(de)
                 .map(|r| Document::Federation { metadata: r.metadata, spec: r.spec }),
             (crate::testing::API_VERSION, crate::testing::KIND) => doc.typed::<Raw<crate::testing::PolicyTestSpec>>(de)
@@ -586,7 +621,7 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             }
             _ => Err(vec![(format!(
                 "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy, \
-                 GlobalNetworkPolicy, NetworkSet or GlobalNetworkSet, networking.k8s.io/v1 NetworkPolicy, \
+                 GlobalNetworkPolicy, Tier, NetworkSet or GlobalNetworkSet, networking.k8s.io/v1 NetworkPolicy, \
                  v1 Namespace, mesh.io/v1 Federation, ExternalNetwork, GlobalExternalNetwork or PolicyTest"
             ), None)]),
         };
@@ -746,6 +781,7 @@ impl Document {
                 format!("KubernetesNetworkPolicy {}/{}", ns(metadata), metadata.name)
             }
             Document::Namespace { metadata } => format!("Namespace {}", metadata.name),
+            Document::Tier { metadata, .. } => format!("Tier {}", metadata.name),
             Document::Federation { metadata, .. } => format!("Federation {}", metadata.name),
             Document::PolicyTest { metadata, .. } => format!("PolicyTest {}", metadata.name),
             Document::Network {
@@ -773,6 +809,7 @@ impl Document {
             | Document::CalicoGlobalNetworkPolicy { metadata, .. }
             | Document::K8sNetworkPolicy { metadata, .. }
             | Document::Namespace { metadata }
+            | Document::Tier { metadata, .. }
             | Document::Federation { metadata, .. }
             | Document::PolicyTest { metadata, .. }
             | Document::Network { metadata, .. } => metadata,

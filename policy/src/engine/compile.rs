@@ -67,6 +67,8 @@ impl PolicySet {
             ..PolicySet::default()
         };
         let mut errors = Vec::new();
+        // Each policy's tier, by name, until every Tier is read.
+        let mut tier_of: Vec<(String, String)> = Vec::new();
         for d in docs {
             let id = d.object_name();
             let ns = || {
@@ -79,6 +81,20 @@ impl PolicySet {
                 Document::Namespace { metadata } => {
                     set.namespaces
                         .insert(metadata.name.clone(), metadata.labels.clone());
+                    Ok(None)
+                }
+                Document::Tier { metadata, spec } => {
+                    match tier(&id, &metadata.name, spec) {
+                        Ok(t) if set.tiers.iter().any(|x| x.name == t.name) => errors.push(
+                            CompileError {
+                                policy: id.clone(),
+                                field: "metadata.name".into(),
+                                message: "a second Tier of this name".into(),
+                            },
+                        ),
+                        Ok(t) => set.tiers.push(t),
+                        Err(e) => errors.push(e),
+                    }
                     Ok(None)
                 }
                 Document::CalicoNetworkPolicy { spec, .. } => {
@@ -137,7 +153,15 @@ impl PolicySet {
                 })
             });
             match r {
-                Ok(Some(p)) => set.policies.push(p),
+                Ok(Some(p)) => {
+                    let tier = match d {
+                        Document::CalicoNetworkPolicy { spec, .. }
+                        | Document::CalicoGlobalNetworkPolicy { spec, .. } => spec.tier.clone(),
+                        _ => None,
+                    };
+                    tier_of.push((p.id.clone(), tier.unwrap_or_else(|| DEFAULT_TIER.into())));
+                    set.policies.push(p)
+                }
                 Ok(None) => {}
                 Err(mut e) => errors.append(&mut e),
             }
@@ -161,13 +185,65 @@ impl PolicySet {
                 }
             }
         }
+        if !set.tiers.iter().any(|t| t.name == DEFAULT_TIER) {
+            set.tiers.push(Tier {
+                name: DEFAULT_TIER.into(),
+                order: DEFAULT_TIER_ORDER,
+                pass: false,
+            });
+        }
+        set.tiers
+            .sort_by(|a, b| a.order.total_cmp(&b.order).then_with(|| a.name.cmp(&b.name)));
+        for (p, (id, name)) in set.policies.iter_mut().zip(&tier_of) {
+            match set.tiers.iter().position(|t| t.name == *name) {
+                Some(i) => p.tier = i,
+                None => errors.push(CompileError {
+                    policy: id.clone(),
+                    field: "spec.tier".into(),
+                    message: format!("there is no Tier `{name}` in the set"),
+                }),
+            }
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
-        set.policies
-            .sort_by(|a, b| a.order.total_cmp(&b.order).then_with(|| a.id.cmp(&b.id)));
+        set.policies.sort_by(|a, b| {
+            (a.tier.cmp(&b.tier))
+                .then(a.order.total_cmp(&b.order))
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok(set)
     }
+}
+
+/// A Tier object: Calico's defaults (order 1,000,000, `Deny`) and rules (the `default` tier's
+/// order is 1,000,000).
+fn tier(id: &str, name: &str, spec: &model::TierSpec) -> Result<Tier, CompileError> {
+    let ctx = Ctx {
+        policy: id,
+        field: "spec".into(),
+    };
+    let order = spec.order.unwrap_or(DEFAULT_TIER_ORDER);
+    if !order.is_finite() {
+        return Err(ctx.at("order").err(format!("{order} is not a number")));
+    }
+    if name == DEFAULT_TIER && order != DEFAULT_TIER_ORDER {
+        return Err(ctx.at("order").err("the default tier's order is 1000000"));
+    }
+    let pass = match spec.default_action.as_deref() {
+        None | Some("Deny") => false,
+        Some("Pass") => true,
+        Some(a) => {
+            return Err(ctx
+                .at("defaultAction")
+                .err(format!("`{a}` is not Deny or Pass")))
+        }
+    };
+    Ok(Tier {
+        name: name.to_string(),
+        order,
+        pass,
+    })
 }
 
 fn protocol(ctx: &Ctx, v: &Option<ProtocolValue>) -> Result<Option<u8>, CompileError> {
@@ -309,9 +385,6 @@ fn calico(
             );
         }
     }
-    if spec.tier.as_deref().is_some_and(|t| t != "default") {
-        errors.push(ctx.at("tier").err("only the default tier is supported"));
-    }
     let selector = ctx
         .at("selector")
         .selector(&spec.selector)
@@ -334,6 +407,7 @@ fn calico(
         return Err(errors);
     }
     Ok(Policy {
+        tier: 0,
         id: id.to_string(),
         namespace,
         order: spec.order.unwrap_or(f64::INFINITY),
@@ -486,6 +560,7 @@ fn k8s(id: &str, namespace: String, spec: &K8sSpec) -> Result<Policy, Vec<Compil
         }
     }
     Ok(Policy {
+        tier: 0,
         id: id.to_string(),
         namespace: Some(namespace),
         // Calico orders Kubernetes policies at 1000.

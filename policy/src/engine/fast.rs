@@ -7,8 +7,11 @@ use super::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     Rule,
+    /// Passed on by a Pass rule (`policy` and `rule` say which) or by a tier's `defaultAction:
+    /// Pass` (`tier` says which), past the last tier.
     Pass,
-    EndOfPolicies,
+    /// The end of tier `tier`, which selected the endpoint and whose rules decided nothing.
+    EndOfTier,
     DefaultDeny,
     NoPolicy,
 }
@@ -22,6 +25,8 @@ pub struct FastVerdict {
     pub rule: Option<u16>,
     /// A Log rule matched on the way.
     pub logged: bool,
+    /// The tier of the deciding policy, or whose end decided.
+    pub tier: u16,
 }
 
 #[derive(Clone)]
@@ -71,6 +76,11 @@ pub struct Compiled {
     applicable: Vec<[Vec<u32>; 2]>,
     /// Per policy: in audit mode.
     audit: Vec<bool>,
+    /// Per policy: its tier (policies are in tier order).
+    tier_of: Vec<u16>,
+    /// Per tier: whether its end passes on, what a denial at its end is called, and what a pass
+    /// by its end is called.
+    tiers: Vec<(bool, String, String)>,
     posture: Posture,
     /// Per identity: of another trust domain (never let through by the posture).
     remote: Vec<bool>,
@@ -160,6 +170,12 @@ impl PolicySet {
                 .collect(),
             applicable,
             audit: self.policies.iter().map(|p| p.audit).collect(),
+            tier_of: self.policies.iter().map(|p| p.tier as u16).collect(),
+            tiers: self
+                .tiers
+                .iter()
+                .map(|t| (t.pass, t.end_name(), format!("tier {}", t.name)))
+                .collect(),
             posture: self.posture,
             remote: identities.iter().map(|e| !self.is_local(e)).collect(),
             network_nets,
@@ -186,57 +202,67 @@ impl Compiled {
         };
         let d = slot(direction);
         let mut logged = false;
+        let done = |allow, reason, policy, rule, tier, logged| FastVerdict {
+            allow,
+            reason,
+            policy,
+            rule,
+            logged,
+            tier,
+        };
         let Some(list) = self.applicable.get(local as usize).map(|a| &a[d]) else {
-            return FastVerdict {
-                allow: false,
-                reason: Reason::DefaultDeny,
-                policy: None,
-                rule: None,
-                logged,
-            };
+            return done(false, Reason::DefaultDeny, None, None, 0, logged);
         };
         // Calico's posture lets through what no policy selects, but never for another trust
         // domain's identity.
         let calico = self.posture == Posture::Calico
             && !self.remote.get(local as usize).copied().unwrap_or(true);
-        for &pi in list {
-            for (ri, r) in self.rules[pi as usize][d].iter().enumerate() {
-                let hit = r.rule.header_matches(flow)
-                    && r.rule.source.header_matches(src_ip, flow.src_port)
-                    && r.rule.destination.header_matches(dst_ip, flow.dst_port)
-                    && self.end_selected(&r.src, &r.src_nets, r.src_open, src, src_ip)
-                    && self.end_selected(&r.dst, &r.dst_nets, r.dst_open, dst, dst_ip);
-                if !hit {
+        // The last pass: (policy, rule, tier).
+        let mut passed: Option<(Option<u32>, Option<u16>, u16)> = None;
+        let mut k = 0;
+        while k < list.len() {
+            let tier = self.tier_of[list[k] as usize];
+            let mut tier_passed = false;
+            while k < list.len() && self.tier_of[list[k] as usize] == tier {
+                let pi = list[k];
+                k += 1;
+                if tier_passed {
                     continue;
                 }
-                let v = |allow, reason| FastVerdict {
-                    allow,
-                    reason,
-                    policy: Some(pi),
-                    rule: Some(ri as u16),
-                    logged,
-                };
-                match r.rule.action {
-                    Action::Log => logged = true,
-                    Action::Allow => return v(true, Reason::Rule),
-                    Action::Deny => return v(false, Reason::Rule),
-                    Action::Pass => return v(calico, Reason::Pass),
+                for (ri, r) in self.rules[pi as usize][d].iter().enumerate() {
+                    let hit = r.rule.header_matches(flow)
+                        && r.rule.source.header_matches(src_ip, flow.src_port)
+                        && r.rule.destination.header_matches(dst_ip, flow.dst_port)
+                        && self.end_selected(&r.src, &r.src_nets, r.src_open, src, src_ip)
+                        && self.end_selected(&r.dst, &r.dst_nets, r.dst_open, dst, dst_ip);
+                    if !hit {
+                        continue;
+                    }
+                    let (p, ri) = (Some(pi), Some(ri as u16));
+                    match r.rule.action {
+                        Action::Log => logged = true,
+                        Action::Allow => return done(true, Reason::Rule, p, ri, tier, logged),
+                        Action::Deny => return done(false, Reason::Rule, p, ri, tier, logged),
+                        Action::Pass => {
+                            passed = Some((p, ri, tier));
+                            tier_passed = true;
+                            break;
+                        }
+                    }
                 }
             }
+            if tier_passed {
+                continue;
+            }
+            if !self.tiers[tier as usize].0 {
+                return done(false, Reason::EndOfTier, None, None, tier, logged);
+            }
+            passed = Some((None, None, tier));
         }
-        let (allow, reason) = if !list.is_empty() {
-            (false, Reason::EndOfPolicies)
-        } else if calico {
-            (true, Reason::NoPolicy)
-        } else {
-            (false, Reason::DefaultDeny)
-        };
-        FastVerdict {
-            allow,
-            reason,
-            policy: None,
-            rule: None,
-            logged,
+        match passed {
+            Some((p, ri, tier)) => done(calico, Reason::Pass, p, ri, tier, logged),
+            None if calico => done(true, Reason::NoPolicy, None, None, 0, logged),
+            None => done(false, Reason::DefaultDeny, None, None, 0, logged),
         }
     }
 
@@ -327,13 +353,18 @@ impl Compiled {
         }
     }
 
-    /// The deciding policy's name, for logs.
+    /// The deciding policy's name, for logs: a policy, `end-of-policies` (the end of the
+    /// `default` tier), `end-of-tier TIER`, `tier TIER` (passed on by its end), `default-deny` or
+    /// `no-policy`.
     pub fn policy_name(&self, v: &FastVerdict) -> &str {
+        let tier = self.tiers.get(v.tier as usize);
         match (v.reason, v.policy) {
             (_, Some(i)) => &self.ids[i as usize],
             (Reason::DefaultDeny, None) => "default-deny",
             (Reason::NoPolicy, None) => "no-policy",
-            _ => "end-of-policies",
+            (Reason::EndOfTier, None) => tier.map_or("end-of-policies", |t| t.1.as_str()),
+            (Reason::Pass, None) => tier.map_or("end-of-policies", |t| t.2.as_str()),
+            (Reason::Rule, None) => "end-of-policies",
         }
     }
 
@@ -349,10 +380,12 @@ impl Compiled {
         }
         match (v.reason, v.policy) {
             (_, Some(p)) => self.audit.get(p as usize).copied().unwrap_or(false),
-            (Reason::EndOfPolicies, None) => self
-                .applicable
-                .get(local as usize)
-                .is_some_and(|a| a[slot(direction)].iter().all(|&p| self.audit[p as usize])),
+            (Reason::EndOfTier, None) => self.applicable.get(local as usize).is_some_and(|a| {
+                a[slot(direction)]
+                    .iter()
+                    .filter(|&&p| self.tier_of[p as usize] == v.tier)
+                    .all(|&p| self.audit[p as usize])
+            }),
             _ => false,
         }
     }

@@ -32,6 +32,13 @@ fn tcp(port: u16) -> Flow {
     }
 }
 
+fn udp(port: u16) -> Flow {
+    Flow {
+        protocol: UDP,
+        ..tcp(port)
+    }
+}
+
 fn set(yaml: &str) -> PolicySet {
     let docs = parse_documents(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e:?}"));
     PolicySet::compile(&docs, Posture::ZeroTrust)
@@ -654,6 +661,172 @@ fn post_allow_list_by_service_account_label_and_namespace_selector() {
     );
 }
 
+/// Calico's tiers: tier by tier by order; a tier counts for an endpoint and a direction only if
+/// one of its policies selects the endpoint and has that direction among its types; Pass skips
+/// the rest of the tier; the end of a tier that counts denies, or passes with `defaultAction:
+/// Pass`; past the last tier the posture decides.
+#[test]
+fn tiers_pass_and_the_end_of_a_tier_as_calico_evaluates_them() {
+    let yaml = "
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 100}
+---
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: platform}
+spec: {order: 300, defaultAction: Pass}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.blocklist}
+spec:
+  tier: security
+  order: 1
+  selector: all()
+  types: [Ingress]
+  ingress:
+    - action: Deny
+      source: {selector: quarantined == 'true'}
+    - action: Pass
+      source: {selector: app == 'api'}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.later}
+spec:
+  tier: security
+  order: 2
+  selector: all()
+  types: [Ingress]
+  ingress:
+    - action: Allow
+      source: {selector: app == 'api'}
+    - action: Allow
+      source: {selector: app == 'search'}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: platform.monitoring}
+spec:
+  tier: platform
+  selector: app == 'post'
+  ingress:
+    - action: Allow
+      source: {selector: app == 'prometheus'}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: post-allow-list, namespace: microblog}
+spec:
+  selector: app == 'post'
+  ingress:
+    - action: Allow
+      source: {selector: app == 'api'}
+";
+    let s = set(yaml);
+    let post = ep("microblog", "post", &[("app", "post")]);
+    let from = |labels: &[(&str, &str)]| {
+        s.decide(Direction::Ingress, &tcp(8080), &ep("microblog", "x", labels), &post)
+    };
+    // Denied in the first tier, whatever later tiers say.
+    let v = from(&[("app", "api"), ("quarantined", "true")]);
+    assert_eq!((v.allow, v.by.as_str()), (false, "GlobalNetworkPolicy security.blocklist"));
+    // Pass skips security.later (which would allow) and the end of the security tier; platform
+    // decides nothing and passes at its end; the default tier allows.
+    let v = from(&[("app", "api")]);
+    assert_eq!((v.allow, v.by.as_str()), (true, "NetworkPolicy microblog/post-allow-list"));
+    // Allowed in the first tier: later tiers are never asked.
+    let v = from(&[("app", "search")]);
+    assert_eq!((v.allow, v.by.as_str()), (true, "GlobalNetworkPolicy security.later"));
+    // Nothing in the security tier decides: its end denies (Calico's defaultAction Deny).
+    let v = from(&[("app", "prometheus")]);
+    assert_eq!((v.allow, v.by.as_str()), (false, "end-of-tier security"));
+    // Egress: no policy of the security tier has Egress among its types, so that tier does not
+    // count; platform.monitoring has (types default to Ingress only): nothing selects.
+    let v = s.decide(Direction::Egress, &tcp(8080), &post, &ep("microblog", "x", &[]));
+    assert_eq!((v.allow, v.by.as_str()), (false, "default-deny"));
+
+    // The same through the fast path, with the same names.
+    let ids = [
+        post.clone(),
+        ep("microblog", "x", &[("app", "api")]),
+        ep("microblog", "x", &[("app", "prometheus")]),
+    ];
+    let c = s.resolve(&ids);
+    let fast = |src: u32| c.decide(Direction::Ingress, &tcp(8080), src, None, 0, None);
+    assert_eq!(c.policy_name(&fast(1)), "NetworkPolicy microblog/post-allow-list");
+    assert!(fast(1).allow);
+    let v = fast(2);
+    assert_eq!((v.allow, v.reason, c.policy_name(&v)), (false, Reason::EndOfTier, "end-of-tier security"));
+
+    // Everything passed, past the last tier: zero trust denies, Calico's posture allows.
+    let passing = "
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: first}
+spec: {order: 1, defaultAction: Pass}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: first.p}
+spec:
+  tier: first
+  selector: all()
+  ingress: [{action: Pass, protocol: TCP}]
+";
+    let mut s = set(passing);
+    let a = ep("microblog", "a", &[]);
+    let v = s.decide(Direction::Ingress, &tcp(1), &a, &post);
+    assert_eq!((v.allow, v.by.as_str()), (false, "passed by GlobalNetworkPolicy first.p"));
+    let v = s.decide(Direction::Ingress, &udp(1), &a, &post);
+    assert_eq!((v.allow, v.by.as_str()), (false, "passed by tier first"));
+    s.posture = Posture::Calico;
+    assert!(s.decide(Direction::Ingress, &udp(1), &a, &post).allow);
+    let c = s.resolve(&[a.clone(), post.clone()]);
+    let v = c.decide(Direction::Ingress, &udp(1), 0, None, 1, None);
+    assert_eq!((v.allow, v.reason, c.policy_name(&v)), (true, Reason::Pass, "tier first"));
+}
+
+/// Tiers as Calico defines them: `default` always exists at order 1,000,000; a tier without an
+/// order is there too (then by name); a policy names an existing tier; `defaultAction` is Deny or
+/// Pass.
+#[test]
+fn tier_objects_are_checked() {
+    let refused = |yaml: &str| {
+        let docs = crate::model::parse_documents(yaml, "t.yaml").unwrap();
+        let errors = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+        errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+    };
+    let e = refused(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x.p}\nspec: {tier: x, selector: all()}\n",
+    );
+    assert!(e.contains("spec.tier") && e.contains("no Tier `x`"), "{e}");
+    let e = refused("apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: x}\nspec: {defaultAction: Allow}\n");
+    assert!(e.contains("spec.defaultAction") && e.contains("`Allow` is not Deny or Pass"), "{e}");
+    let e = refused("apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: default}\nspec: {order: 5}\n");
+    assert!(e.contains("the default tier's order is 1000000"), "{e}");
+    // An unordered tier sits with default, before it by name ("a" < "default").
+    let s = set("
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: a}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: a.deny}
+spec: {tier: a, selector: all(), ingress: [{action: Deny}]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow}
+spec: {order: 1, selector: all(), ingress: [{action: Allow}]}
+");
+    let v = s.decide(Direction::Ingress, &tcp(1), &ep("a", "b", &[]), &post());
+    assert_eq!(v.by, "GlobalNetworkPolicy a.deny");
+}
+
 #[test]
 fn order_deny_pass_and_log() {
     let yaml = "
@@ -898,8 +1071,51 @@ spec:
     - action: Allow
       source: {selector: has(role)}
 ";
+        // Tiers: one ahead of default that passes at its end, one that denies at its end.
+        let tiers = "
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 100, defaultAction: Pass}
+---
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: platform}
+spec: {order: 200}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.quarantine}
+spec:
+  tier: security
+  selector: app == 'post'
+  types: [Ingress, Egress]
+  ingress:
+    - action: Deny
+      protocol: UDP
+    - action: Pass
+      source: {selector: app == 'api'}
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination: {ports: [8100]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: platform.fe}
+spec:
+  tier: platform
+  selector: tier == 'fe'
+  ingress:
+    - action: Allow
+      protocol: TCP
+      destination: {ports: ['8000:8010']}
+    - action: Pass
+      protocol: TCP
+      destination: {ports: ['8011:8050']}
+";
         let yaml = format!(
-            "{}---{}---{order}---{FEDERATED}---{NETWORKS}---{by_network}",
+            "{}---{}---{order}---{FEDERATED}---{NETWORKS}---{by_network}---{tiers}",
             SETS[0], SETS[1]
         );
         set(&yaml)
