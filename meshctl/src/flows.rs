@@ -1,4 +1,5 @@
-//! `meshctl flows [--follow] [--denied] [-o table|json]`: the flow log of the local meshd.
+//! `meshctl flows [--follow] [--denied] [--staged] [-o table|wide|json|yaml]`: the flow log of
+//! the local meshd.
 
 use crate::status::request;
 use crate::{Failure, Output};
@@ -11,7 +12,16 @@ use std::time::Duration;
 /// How often `--follow` asks for new records.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
-pub fn run(socket: &Path, follow: bool, denied_only: bool, output: Output) -> Result<(), Failure> {
+/// Which records `meshctl flows` asks for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Filter {
+    /// Only flows denied (or audited) by the enforced policies.
+    pub denied: bool,
+    /// Only new flows the staged policies would deny.
+    pub staged: bool,
+}
+
+pub fn run(socket: &Path, follow: bool, filter: Filter, output: Output) -> Result<(), Failure> {
     let mut since = 0;
     let mut out = std::io::stdout().lock();
     if matches!(output, Output::Table | Output::Wide) {
@@ -27,7 +37,8 @@ pub fn run(socket: &Path, follow: bool, denied_only: bool, output: Output) -> Re
             socket,
             &Request::Flows {
                 since,
-                denied_only,
+                denied_only: filter.denied,
+                staged_denied: filter.staged,
                 limit: 1000,
             },
         )? {
@@ -77,6 +88,13 @@ fn row(r: &FlowRecord, wide: bool) -> String {
     }
     if let (Some(p), Some(b)) = (r.packets, r.bytes) {
         policy.push_str(&format!(" ({p} packets, {b} bytes)"));
+    }
+    if let Some(s) = &r.staged {
+        policy.push_str(&format!(" [staged: {} by {}", s.verdict, s.policy));
+        if let Some(rule) = &s.rule {
+            policy.push_str(&format!(" {rule}"));
+        }
+        policy.push(']');
     }
     let mut line = format!(
         "{:<24} {:<7} {:<8} {:<6} {:<8} {:<56} {:<56} {policy}",

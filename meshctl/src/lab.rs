@@ -522,6 +522,7 @@ fn decided_by(from: &str, to: &str) -> String {
             &Request::Flows {
                 since: 0,
                 denied_only: false,
+                staged_denied: false,
                 limit: 10_000,
             },
         ) else {

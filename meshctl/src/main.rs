@@ -104,6 +104,10 @@ enum Command {
         /// Only denied (and audited) flows.
         #[arg(long)]
         denied: bool,
+        /// Only flows the staged policies (StagedNetworkPolicy, ...) would deny: what promoting
+        /// them would cut.
+        #[arg(long)]
+        staged: bool,
         #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
         #[command(flatten)]
@@ -196,7 +200,7 @@ enum PolicyCommand {
         #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
-    /// Remove objects: KIND NAME (networkpolicy NS/NAME, globalnetworkpolicy NAME, namespace NAME), or those of -f files.
+    /// Remove objects: KIND NAME (networkpolicy NS/NAME, globalnetworkpolicy NAME, stagednetworkpolicy NS/NAME, tier NAME, namespace NAME, ...), or those of -f files.
     Delete {
         /// networkpolicy, globalnetworkpolicy, namespace, ... (as `policy list` names them).
         kind: Option<String>,
@@ -686,11 +690,12 @@ fn main() -> ExitCode {
         Command::Flows {
             follow,
             denied,
+            staged,
             output,
             daemon,
         } => daemon
             .path()
-            .and_then(|path| flows::run(&path, follow, denied, output)),
+            .and_then(|path| flows::run(&path, follow, flows::Filter { denied, staged }, output)),
         Command::Federation { command, daemon } => daemon.path().and_then(|path| match command {
             FederationCommand::Add {
                 trust_domain,

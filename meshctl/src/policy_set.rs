@@ -524,7 +524,8 @@ pub fn diff(socket: &Path, files: &[PathBuf], output: crate::Output) -> Result<(
 }
 
 /// The object name `KIND NAME` means: `networkpolicy ns/name`, `globalnetworkpolicy name`,
-/// `kubernetesnetworkpolicy ns/name`, `namespace name` (any case; `ns/` defaults to `default`).
+/// `kubernetesnetworkpolicy ns/name`, their staged kinds (`stagednetworkpolicy`, ...), `tier name`,
+/// `namespace name` (any case; `ns/` defaults to `default`; Calico's short names too).
 pub fn object_name(kind: &str, name: &str) -> Result<String, Failure> {
     let namespaced = |k: &str| {
         if name.contains('/') {
@@ -537,10 +538,15 @@ pub fn object_name(kind: &str, name: &str) -> Result<String, Failure> {
         "networkpolicy" | "netpol" => namespaced("NetworkPolicy"),
         "kubernetesnetworkpolicy" => namespaced("KubernetesNetworkPolicy"),
         "globalnetworkpolicy" | "gnp" => format!("GlobalNetworkPolicy {name}"),
+        "stagednetworkpolicy" | "snp" => namespaced("StagedNetworkPolicy"),
+        "stagedkubernetesnetworkpolicy" | "sknp" => namespaced("StagedKubernetesNetworkPolicy"),
+        "stagedglobalnetworkpolicy" | "sgnp" => format!("StagedGlobalNetworkPolicy {name}"),
+        "tier" => format!("Tier {name}"),
         "namespace" | "ns" => format!("Namespace {name}"),
         _ => {
             return Err(Failure::input(anyhow!(
-                "`{kind}` is not networkpolicy, globalnetworkpolicy, kubernetesnetworkpolicy or namespace"
+                "`{kind}` is not networkpolicy, globalnetworkpolicy, kubernetesnetworkpolicy, \
+                 their staged kinds (stagednetworkpolicy, ...), tier or namespace"
             )))
         }
     })

@@ -29,7 +29,7 @@
 
 use crate::model::{
     self, CalicoRule, CalicoSpec, Document, EntityRule, K8sPeer, K8sSpec, LabelSelector, PortValue,
-    ProtocolValue,
+    ProtocolValue, StagedAction,
 };
 use crate::selector::{Selector, Subject, NAMESPACED_LABEL};
 use proto::trust::{Federation, TRUST_DOMAIN_LABEL};
@@ -347,6 +347,20 @@ pub struct PolicySet {
     pub trust_domain: String,
     /// The `PolicyTest` objects of the set (object name, cases): they decide nothing.
     pub tests: Vec<(String, crate::testing::PolicyTestSpec)>,
+    /// Staged policies (`stagedAction: Set`): they decide nothing; [`PolicySet::staged_view`].
+    staged: Vec<Policy>,
+    /// The enforced policies the staged view leaves out, by object name: those a staged policy
+    /// replaces or deletes.
+    staged_deletes: Vec<String>,
+}
+
+/// The order of evaluation: by tier, then order, then name.
+fn sort_policies(policies: &mut [Policy]) {
+    policies.sort_by(|a, b| {
+        (a.tier.cmp(&b.tier))
+            .then(a.order.total_cmp(&b.order))
+            .then_with(|| a.id.cmp(&b.id))
+    });
 }
 
 impl PolicySet {
@@ -396,6 +410,29 @@ impl PolicySet {
 
     pub fn len(&self) -> usize {
         self.policies.len()
+    }
+
+    /// Whether the set stages any change ([`PolicySet::staged_view`]).
+    pub fn has_staged(&self) -> bool {
+        !self.staged.is_empty() || !self.staged_deletes.is_empty()
+    }
+
+    /// What the set would decide with its staged changes enforced: the enforced policies and the
+    /// staged ones together, in tier and policy order (as Calico's flow logs evaluate staged
+    /// policies), where a staged policy stands in place of the enforced policy of the same kind,
+    /// namespace and name (its promotion), and a staged `Delete` leaves that policy out. `None` if
+    /// nothing is staged.
+    pub fn staged_view(&self) -> Option<PolicySet> {
+        if !self.has_staged() {
+            return None;
+        }
+        let mut view = self.clone();
+        view.policies
+            .retain(|p| !self.staged_deletes.contains(&p.id));
+        view.policies.append(&mut view.staged);
+        view.staged_deletes.clear();
+        sort_policies(&mut view.policies);
+        Some(view)
     }
 
     pub fn is_empty(&self) -> bool {

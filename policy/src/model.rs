@@ -31,11 +31,14 @@ pub struct Metadata {
 }
 
 /// `projectcalico.org/v3` NetworkPolicy and GlobalNetworkPolicy `spec`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CalicoSpec {
     #[serde(default)]
     pub tier: Option<String>,
+    /// Only in the staged kinds ([`StagedAction`]).
+    #[serde(default)]
+    pub staged_action: Option<String>,
     #[serde(default)]
     pub order: Option<f64>,
     #[serde(default)]
@@ -242,10 +245,15 @@ pub enum NetworkKind {
 }
 
 /// `networking.k8s.io/v1` NetworkPolicy `spec`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct K8sSpec {
+    /// Empty (or left out) selects every pod of the namespace.
+    #[serde(default)]
     pub pod_selector: LabelSelector,
+    /// Only in `StagedKubernetesNetworkPolicy` ([`StagedAction`]).
+    #[serde(default)]
+    pub staged_action: Option<String>,
     #[serde(default)]
     pub policy_types: Option<Vec<String>>,
     #[serde(default)]
@@ -333,6 +341,30 @@ pub struct TierSpec {
     pub default_action: Option<String>,
 }
 
+/// What a staged policy (Calico's `StagedNetworkPolicy`, `StagedGlobalNetworkPolicy`,
+/// `StagedKubernetesNetworkPolicy`, `spec.stagedAction`) stages. It never decides a packet: the
+/// flow log says what the enforced set with the staged changes would have decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagedAction {
+    /// Calico's default: the policy is evaluated as if it were enforced, beside the enforced
+    /// ones (`Learn` and `Ignore`, which open-source Calico evaluates the same way, too).
+    Set,
+    /// The enforced policy of the same kind, namespace and name is left out.
+    Delete,
+}
+
+impl StagedAction {
+    pub fn parse(v: Option<&str>) -> Result<StagedAction, String> {
+        match v {
+            None | Some("Set" | "Learn" | "Ignore") => Ok(StagedAction::Set),
+            Some("Delete") => Ok(StagedAction::Delete),
+            Some(x) => Err(format!(
+                "spec.stagedAction: `{x}` is not Set, Delete, Learn or Ignore"
+            )),
+        }
+    }
+}
+
 /// One YAML document of a known kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Document {
@@ -366,6 +398,12 @@ pub enum Document {
         spec: NetworkSetSpec,
         kind: NetworkKind,
         global: bool,
+    },
+    /// A staged `NetworkPolicy`, `GlobalNetworkPolicy` or Kubernetes `NetworkPolicy` (the
+    /// document `policy`, whose `spec.stagedAction` says what is staged).
+    Staged {
+        action: StagedAction,
+        policy: Box<Document>,
     },
     /// Expected flows, checked by `meshctl policy test` and before every apply
     /// ([`crate::testing`]); nodes ignore them.
@@ -592,6 +630,23 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
                 .map(|r| Document::CalicoGlobalNetworkPolicy { metadata: r.metadata, spec: r.spec }),
             ("networking.k8s.io/v1", "NetworkPolicy") => doc.typed::<Raw<K8sSpec>>(de)
                 .map(|r| Document::K8sNetworkPolicy { metadata: r.metadata, spec: r.spec }),
+            ("projectcalico.org/v3", "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy") => doc
+                .typed::<Raw<CalicoSpec>>(de)
+                .and_then(|r| {
+                    let action = StagedAction::parse(r.spec.staged_action.as_deref()).map_err(|e| vec![(e, None)])?;
+                    let policy = if kind == "StagedNetworkPolicy" {
+                        Document::CalicoNetworkPolicy { metadata: r.metadata, spec: r.spec }
+                    } else {
+                        Document::CalicoGlobalNetworkPolicy { metadata: r.metadata, spec: r.spec }
+                    };
+                    Ok(Document::Staged { action, policy: Box::new(policy) })
+                }),
+            ("projectcalico.org/v3", "StagedKubernetesNetworkPolicy") => doc.typed::<Raw<K8sSpec>>(de)
+                .and_then(|r| {
+                    let action = StagedAction::parse(r.spec.staged_action.as_deref()).map_err(|e| vec![(e, None)])?;
+                    let policy = Document::K8sNetworkPolicy { metadata: r.metadata, spec: r.spec };
+                    Ok(Document::Staged { action, policy: Box::new(policy) })
+                }),
             ("v1", "Namespace") => doc.typed::<RawNamespace>(de).map(|r| Document::Namespace { metadata: r.metadata }),
             ("projectcalico.org/v3", "Tier") => doc.typed::<RawOptional<TierSpec>>(de).and_then(|r| match r.metadata.namespace {
                 Some(_) => Err(vec![("metadata.namespace: a Tier is not namespaced".into(), None)]),
@@ -621,7 +676,8 @@ pub fn parse_located(text: &str, file: &str) -> (Vec<(Origin, Document)>, Vec<Lo
             }
             _ => Err(vec![(format!(
                 "apiVersion `{api}` kind `{kind}` is not one of projectcalico.org/v3 NetworkPolicy, \
-                 GlobalNetworkPolicy, Tier, NetworkSet or GlobalNetworkSet, networking.k8s.io/v1 NetworkPolicy, \
+                 GlobalNetworkPolicy, Tier, StagedNetworkPolicy, StagedGlobalNetworkPolicy, \
+                 StagedKubernetesNetworkPolicy, NetworkSet or GlobalNetworkSet, networking.k8s.io/v1 NetworkPolicy, \
                  v1 Namespace, mesh.io/v1 Federation, ExternalNetwork, GlobalExternalNetwork or PolicyTest"
             ), None)]),
         };
@@ -782,6 +838,7 @@ impl Document {
             }
             Document::Namespace { metadata } => format!("Namespace {}", metadata.name),
             Document::Tier { metadata, .. } => format!("Tier {}", metadata.name),
+            Document::Staged { policy, .. } => format!("Staged{}", policy.object_name()),
             Document::Federation { metadata, .. } => format!("Federation {}", metadata.name),
             Document::PolicyTest { metadata, .. } => format!("PolicyTest {}", metadata.name),
             Document::Network {
@@ -805,6 +862,7 @@ impl Document {
 
     pub fn metadata(&self) -> &Metadata {
         match self {
+            Document::Staged { policy, .. } => policy.metadata(),
             Document::CalicoNetworkPolicy { metadata, .. }
             | Document::CalicoGlobalNetworkPolicy { metadata, .. }
             | Document::K8sNetworkPolicy { metadata, .. }

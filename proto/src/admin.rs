@@ -36,6 +36,9 @@ pub enum Request {
         since: u64,
         #[serde(default)]
         denied_only: bool,
+        /// Only new flows that the staged policies would deny.
+        #[serde(default)]
+        staged_denied: bool,
         #[serde(default = "default_flow_limit")]
         limit: usize,
     },
@@ -82,6 +85,21 @@ pub struct FlowRecord {
     pub packets: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// New flows, when the set stages policies: what the set with its staged changes would
+    /// have decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedVerdict>,
+}
+
+/// What the staged policies would have decided for a flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedVerdict {
+    /// `allow` or `deny`.
+    pub verdict: String,
+    /// The deciding policy (a staged one: `StagedNetworkPolicy NS/NAME`, ...), as `policy`.
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

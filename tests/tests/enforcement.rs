@@ -497,6 +497,109 @@ spec:
         .all(|r| r["src"]["name"] == "api" || r.get("log_rule").is_none()));
 }
 
+/// A new allow-list rolls out without an outage: staged (a `StagedNetworkPolicy` of the same name),
+/// search's connections to post keep working and post's flow log says the staged set would deny
+/// them (`meshctl flows --staged`); promoted (applied as a `NetworkPolicy`, the staged object
+/// deleted), the same connections are denied while api's still pass.
+#[test]
+fn a_staged_policy_logs_would_be_denials_then_denies_once_promoted() {
+    if !can_run() {
+        return;
+    }
+    let mut pl = policy_lab(
+        &[("api", &[]), ("post", &["app=post"]), ("search", &[])],
+        &[],
+    );
+    pl.apply(
+        2,
+        &format!("{NAMESPACE}---\n{EGRESS_ALL}---\n{POST_BY_NAMES}"),
+    );
+    let _s = echo(&pl.node(2).ns, pl.addr(2, 8080));
+    let tighter = POST_BY_NAMES.replace("names: [\"api\", \"search\"]", "names: [\"api\"]");
+    assert_ne!(tighter, POST_BY_NAMES);
+    let staged = tighter.replace("kind: NetworkPolicy", "kind: StagedNetworkPolicy");
+    pl.apply(2, &staged);
+    assert!(
+        talks(&pl.node(3).ns, pl.addr(2, 8080), QUICK),
+        "search: a staged policy denies nothing"
+    );
+    assert!(talks(&pl.node(1).ns, pl.addr(2, 8080), QUICK));
+
+    let would = |i: usize| {
+        let out = run(Command::new(bin("meshctl")).args([
+            "flows",
+            "--staged",
+            "-o",
+            "json",
+            "-i",
+            &pl.node(i).ifname,
+        ]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let mut staged_denied = Vec::new();
+    wait_for(
+        "post's flow log to show search's flow",
+        Duration::from_secs(5),
+        || {
+            staged_denied = would(2);
+            !staged_denied.is_empty()
+        },
+    );
+    assert!(
+        staged_denied.iter().all(|r| r["src"]["name"] == "search"
+            && r["verdict"] == "allow"
+            && r["staged"]["verdict"] == "deny"
+            && r["staged"]["policy"] == "end-of-policies"),
+        "{staged_denied:?}"
+    );
+    let flows = pl.flows(2, false);
+    let api = flows
+        .iter()
+        .find(|r| r["src"]["name"] == "api" && r["event"] == "new")
+        .expect("api's flow is logged");
+    assert_eq!(api["staged"]["verdict"], "allow");
+    assert_eq!(
+        api["staged"]["policy"],
+        "StagedNetworkPolicy microblog/post-allow-list"
+    );
+    // The table says it too.
+    let table =
+        run(Command::new(bin("meshctl")).args(["flows", "--staged", "-i", &pl.node(2).ifname]));
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(
+        table.contains("[staged: deny by end-of-policies]"),
+        "{table}"
+    );
+
+    // Promoted: the enforced policy takes the staged spec; the staged object goes.
+    pl.apply(2, &tighter);
+    let key = pl.admin.display().to_string();
+    let o = pl.meshctl(
+        2,
+        &[
+            "delete",
+            "stagednetworkpolicy",
+            "microblog/post-allow-list",
+            "--key",
+            &key,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    pl.wait_serial(pl.serial(2));
+    assert!(
+        !talks(&pl.node(3).ns, pl.addr(2, 8080), QUICK),
+        "search: denied once promoted"
+    );
+    assert!(talks(&pl.node(1).ns, pl.addr(2, 8080), QUICK));
+    let denied = pl.flows(2, true);
+    assert!(denied.iter().any(|r| r["src"]["name"] == "search"
+        && r["policy"] == "end-of-policies"
+        && r.get("staged").is_none()));
+}
+
 #[test]
 fn the_receiver_enforces_ingress_even_when_the_sender_lets_everything_out_and_audit_passes() {
     if !can_run() {

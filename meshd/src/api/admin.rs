@@ -97,10 +97,13 @@ impl Admin {
             Request::Flows {
                 since,
                 denied_only,
+                staged_denied,
                 limit,
             } => match self.dev.enforcer() {
                 Some(e) => {
-                    let (records, next) = e.flow_log().query(since, denied_only, limit.min(10_000));
+                    let (records, next) =
+                        e.flow_log()
+                            .query(since, denied_only, staged_denied, limit.min(10_000));
                     Response::Flows { records, next }
                 }
                 None => Response::Error {

@@ -8,7 +8,7 @@ use super::{Decision, Rules, EXTERNAL};
 use parking_lot::Mutex;
 use policy::conntrack::{ConnKey, Entry};
 use policy::engine::{Compiled, Direction};
-use proto::admin::{FlowEnd, FlowRecord};
+use proto::admin::{FlowEnd, FlowRecord, StagedVerdict};
 use proto::ip::FlowKey;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -94,13 +94,21 @@ impl FlowLog {
     }
 
     /// Records after `since`, oldest first, at most `limit`; and the sequence to ask from next.
-    pub fn query(&self, since: u64, denied_only: bool, limit: usize) -> (Vec<FlowRecord>, u64) {
+    /// `staged_denied`: only new flows the staged policies would deny.
+    pub fn query(
+        &self,
+        since: u64,
+        denied_only: bool,
+        staged_denied: bool,
+        limit: usize,
+    ) -> (Vec<FlowRecord>, u64) {
         let ring = self.ring.lock();
         let records: Vec<FlowRecord> = ring
             .records
             .iter()
             .filter(|r| r.seq > since)
             .filter(|r| !denied_only || r.verdict != "allow")
+            .filter(|r| !staged_denied || r.staged.as_ref().is_some_and(|s| s.verdict == "deny"))
             .take(limit)
             .cloned()
             .collect();
@@ -278,6 +286,17 @@ fn record(
                 log_rule: verdict.logged,
                 packets: None,
                 bytes: None,
+                staged: rules
+                    .staged_verdict(&flow, &decision)
+                    .map(|v| StagedVerdict {
+                        verdict: if v.allow { "allow" } else { "deny" }.into(),
+                        policy: rules
+                            .staged
+                            .as_ref()
+                            .map_or("", |c| c.policy_name(&v))
+                            .to_string(),
+                        rule: Compiled::rule_name(direction, &v),
+                    }),
             };
             if passed {
                 if open.len() >= MAX_OPEN {

@@ -47,6 +47,10 @@ pub struct Identity {
 /// Everything a verdict reads, rebuilt whenever policy or membership changes.
 pub struct Rules {
     pub compiled: Compiled,
+    /// The set with its staged changes ([`policy::engine::PolicySet::staged_view`]), resolved
+    /// against the same identities: the flow log says what it would decide. It never decides a
+    /// packet.
+    pub staged: Option<Compiled>,
     /// Index 0 is this node; then the members in key order.
     pub identities: Vec<Identity>,
     by_key: HashMap<[u8; 32], u32>,
@@ -91,6 +95,7 @@ impl Rules {
         let endpoints: Vec<Endpoint> = identities.iter().map(|i| i.endpoint.clone()).collect();
         Rules {
             compiled: set.resolve(&endpoints),
+            staged: set.staged_view().map(|view| view.resolve(&endpoints)),
             identities,
             by_key,
             owners,
@@ -140,9 +145,18 @@ impl Rules {
         }
         let mut compiled = self.compiled.clone();
         compiled.extend(set, &added);
+        let staged = match (&self.staged, set.staged_view()) {
+            (Some(c), Some(view)) => {
+                let mut c = c.clone();
+                c.extend(&view, &added);
+                Some(c)
+            }
+            _ => None,
+        };
         let live = std::iter::once(LOCAL).chain(by_key.values().copied());
         Some(Rules {
             compiled,
+            staged,
             owners: owners(&identities, live),
             identities,
             by_key,
@@ -209,6 +223,20 @@ impl Rules {
                 }
             }
         }
+    }
+
+    /// What the staged view ([`Rules::staged`]) would decide for a flow decided as `d`; `None`
+    /// when nothing is staged.
+    pub fn staged_verdict(&self, flow: &FlowKey, d: &Decision) -> Option<FastVerdict> {
+        let staged = self.staged.as_ref()?;
+        Some(staged.decide(
+            d.direction,
+            &policy_flow(flow),
+            d.src,
+            Some(flow.src),
+            d.dst,
+            Some(flow.dst),
+        ))
     }
 
     /// The verdict for the first packet of `flow`, seen at this node `at`, to or from the peer

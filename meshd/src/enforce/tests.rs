@@ -273,14 +273,14 @@ fn the_flow_log_names_both_identities_and_pages_without_gaps() {
     assert!(e.ingress(&tcp(API, 40002, ME, 8080, SYN), &API_KEY, &drops));
     let log = e.flow_log();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while log.query(0, false, 100).0.len() < 3 {
+    while log.query(0, false, false, 100).0.len() < 3 {
         assert!(
             std::time::Instant::now() < deadline,
             "the logger wrote nothing"
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let (all, next) = log.query(0, false, 100);
+    let (all, next) = log.query(0, false, false, 100);
     assert_eq!(all.len(), 3);
     assert_eq!(next, all[2].seq);
     let first = &all[0];
@@ -299,7 +299,7 @@ fn the_flow_log_names_both_identities_and_pages_without_gaps() {
     let mut since = 0;
     let mut paged = Vec::new();
     loop {
-        let (page, next) = log.query(since, false, 1);
+        let (page, next) = log.query(since, false, false, 1);
         if page.is_empty() {
             break;
         }
@@ -307,14 +307,94 @@ fn the_flow_log_names_both_identities_and_pages_without_gaps() {
         since = next;
     }
     assert_eq!(paged, all);
-    let (denied, _) = log.query(0, true, 100);
+    let (denied, _) = log.query(0, true, false, 100);
     assert_eq!(denied.len(), 1);
     assert_eq!(denied[0].src.name.as_deref(), Some("other"));
 }
 
+/// A staged policy changes no packet's fate; the flow log records what it would have decided, and
+/// the query for staged denials finds exactly those flows.
+#[test]
+fn the_flow_log_records_the_staged_verdict_and_packets_pass_as_enforced() {
+    let staged = format!(
+        "{POLICY}---
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata: {{name: no-api, namespace: microblog}}
+spec:
+  order: 1
+  selector: app == 'post'
+  ingress:
+  - action: Deny
+    source: {{serviceAccounts: {{names: [api]}}}}
+"
+    );
+    let e = enforcer(&staged, false, 1024);
+    let drops = DropCounters::default();
+    assert!(
+        e.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops),
+        "staged denies nothing"
+    );
+    assert!(!e.ingress(&tcp(OTHER, 40001, ME, 8080, SYN), &OTHER_KEY, &drops));
+    let log = e.flow_log();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while log.query(0, false, false, 100).0.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the logger wrote nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (all, _) = log.query(0, false, false, 100);
+    assert_eq!(all[0].verdict, "allow");
+    let s = all[0].staged.as_ref().expect("a staged verdict");
+    assert_eq!(
+        (s.verdict.as_str(), s.policy.as_str(), s.rule.as_deref()),
+        (
+            "deny",
+            "StagedNetworkPolicy microblog/no-api",
+            Some("ingress[0]")
+        )
+    );
+    let s = all[1].staged.as_ref().unwrap();
+    assert_eq!(
+        (s.verdict.as_str(), s.policy.as_str()),
+        ("deny", "end-of-policies")
+    );
+    let (would, _) = log.query(0, false, true, 100);
+    assert_eq!(would.len(), 2);
+    // Without staged policies, no staged verdict.
+    let plain = enforcer(POLICY, false, 1024);
+    assert!(plain.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops));
+    while plain.flow_log().query(0, false, false, 100).0.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the logger wrote nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(plain.flow_log().query(0, false, false, 100).0[0]
+        .staged
+        .is_none());
+    assert!(plain.flow_log().query(0, false, true, 100).0.is_empty());
+}
+
 #[test]
 fn membership_changes_resolve_only_what_changed_and_decide_as_a_rebuild() {
-    let docs = policy::model::parse_documents(POLICY, "test").unwrap();
+    // With a staged policy that denies `other` when it is service account `api`: the staged
+    // view grows with the members too.
+    let yaml = format!(
+        "{POLICY}---
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata: {{name: no-other, namespace: microblog}}
+spec:
+  order: 1
+  selector: app == 'post'
+  ingress: [{{action: Deny, source: {{selector: app == 'other'}}}}]
+"
+    );
+    let docs = policy::model::parse_documents(&yaml, "test").unwrap();
     let set = PolicySet::compile(&docs, Posture::ZeroTrust)
         .unwrap()
         .in_trust_domain("example.org");
@@ -324,11 +404,18 @@ fn membership_changes_resolve_only_what_changed_and_decide_as_a_rebuild() {
     let first = Rules::build(&set, me.clone(), [(API_KEY, api.clone())], false, 1);
     let decide = |r: &Rules, key: &[u8; 32], src: [u8; 4]| {
         let flow = FlowKey::parse(&tcp(src, 40000, ME, 8080, SYN)).unwrap();
-        let v = r
+        let d = r
             .decide(Direction::Ingress, &flow, r.identity_of(key))
-            .expect("a flow to this node")
-            .verdict;
-        (v.allow, r.compiled.policy_name(&v).to_string())
+            .expect("a flow to this node");
+        let v = d.verdict;
+        let s = r.staged_verdict(&flow, &d).expect("a staged verdict");
+        let staged = r.staged.as_ref().unwrap().policy_name(&s).to_string();
+        (
+            v.allow,
+            r.compiled.policy_name(&v).to_string(),
+            s.allow,
+            staged,
+        )
     };
     // A member joins: only it is resolved; decisions equal a rebuild's.
     let both = [(API_KEY, api.clone()), (OTHER_KEY, other.clone())];
@@ -349,7 +436,9 @@ fn membership_changes_resolve_only_what_changed_and_decide_as_a_rebuild() {
         4,
         "the old index is retired, not reused"
     );
-    assert!(decide(&renewed, &OTHER_KEY, OTHER).0);
+    let d = decide(&renewed, &OTHER_KEY, OTHER);
+    assert!(d.0 && !d.2, "{d:?}");
+    assert_eq!(d.3, "StagedNetworkPolicy microblog/no-other");
     // `api` leaves: its key and addresses no longer name anyone.
     let shrunk = renewed
         .with_members(&set, &me, [(OTHER_KEY, identity("other", "other", OTHER))])

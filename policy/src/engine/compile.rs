@@ -69,6 +69,7 @@ impl PolicySet {
         let mut errors = Vec::new();
         // Each policy's tier, by name, until every Tier is read.
         let mut tier_of: Vec<(String, String)> = Vec::new();
+        let mut staged_tier_of: Vec<(String, String)> = Vec::new();
         for d in docs {
             let id = d.object_name();
             let ns = || {
@@ -77,7 +78,33 @@ impl PolicySet {
                     .clone()
                     .unwrap_or_else(|| "default".into())
             };
+            let staged_action = match d {
+                Document::CalicoNetworkPolicy { spec, .. }
+                | Document::CalicoGlobalNetworkPolicy { spec, .. } => spec.staged_action.as_ref(),
+                Document::K8sNetworkPolicy { spec, .. } => spec.staged_action.as_ref(),
+                _ => None,
+            };
+            if staged_action.is_some() {
+                errors.push(CompileError {
+                    policy: id.clone(),
+                    field: "spec.stagedAction".into(),
+                    message: "only the Staged kinds have a stagedAction".into(),
+                });
+            }
             let r = match d {
+                Document::Staged { action, policy } => {
+                    match staged(&id, *action, policy) {
+                        Ok(Staged::Delete(name)) => set.staged_deletes.push(name),
+                        Ok(Staged::Set(p, tier)) => {
+                            // The staged version of an enforced policy stands in its place.
+                            set.staged_deletes.push(policy.object_name());
+                            staged_tier_of.push((p.id.clone(), tier));
+                            set.staged.push(p);
+                        }
+                        Err(mut e) => errors.append(&mut e),
+                    }
+                    Ok(None)
+                }
                 Document::Namespace { metadata } => {
                     set.namespaces
                         .insert(metadata.name.clone(), metadata.labels.clone());
@@ -85,13 +112,13 @@ impl PolicySet {
                 }
                 Document::Tier { metadata, spec } => {
                     match tier(&id, &metadata.name, spec) {
-                        Ok(t) if set.tiers.iter().any(|x| x.name == t.name) => errors.push(
-                            CompileError {
+                        Ok(t) if set.tiers.iter().any(|x| x.name == t.name) => {
+                            errors.push(CompileError {
                                 policy: id.clone(),
                                 field: "metadata.name".into(),
                                 message: "a second Tier of this name".into(),
-                            },
-                        ),
+                            })
+                        }
                         Ok(t) => set.tiers.push(t),
                         Err(e) => errors.push(e),
                     }
@@ -192,9 +219,13 @@ impl PolicySet {
                 pass: false,
             });
         }
-        set.tiers
-            .sort_by(|a, b| a.order.total_cmp(&b.order).then_with(|| a.name.cmp(&b.name)));
-        for (p, (id, name)) in set.policies.iter_mut().zip(&tier_of) {
+        set.tiers.sort_by(|a, b| {
+            a.order
+                .total_cmp(&b.order)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        tier_of.append(&mut staged_tier_of);
+        for (p, (id, name)) in set.policies.iter_mut().chain(&mut set.staged).zip(&tier_of) {
             match set.tiers.iter().position(|t| t.name == *name) {
                 Some(i) => p.tier = i,
                 None => errors.push(CompileError {
@@ -207,13 +238,75 @@ impl PolicySet {
         if !errors.is_empty() {
             return Err(errors);
         }
-        set.policies.sort_by(|a, b| {
-            (a.tier.cmp(&b.tier))
-                .then(a.order.total_cmp(&b.order))
-                .then_with(|| a.id.cmp(&b.id))
-        });
+        sort_policies(&mut set.policies);
         Ok(set)
     }
+}
+
+/// What a staged document stages.
+enum Staged {
+    /// The object name of the enforced policy left out.
+    Delete(String),
+    /// A policy, and its tier's name.
+    Set(Policy, String),
+}
+
+/// A staged policy (`id` is its object name, `StagedNetworkPolicy NS/NAME`, ...): compiled as its
+/// enforced kind would be; a `Delete` has no fields but `tier` and `stagedAction`, as Calico's
+/// validator requires.
+fn staged(id: &str, action: StagedAction, policy: &Document) -> Result<Staged, Vec<CompileError>> {
+    let ns = || {
+        policy
+            .metadata()
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into())
+    };
+    let zero = match policy {
+        Document::CalicoNetworkPolicy { spec, .. }
+        | Document::CalicoGlobalNetworkPolicy { spec, .. } => {
+            *spec
+                == CalicoSpec {
+                    tier: spec.tier.clone(),
+                    staged_action: spec.staged_action.clone(),
+                    ..CalicoSpec::default()
+                }
+        }
+        Document::K8sNetworkPolicy { spec, .. } => {
+            *spec
+                == K8sSpec {
+                    staged_action: spec.staged_action.clone(),
+                    ..K8sSpec::default()
+                }
+        }
+        _ => false,
+    };
+    if action == StagedAction::Delete {
+        if !zero {
+            return Err(vec![CompileError {
+                policy: id.into(),
+                field: "spec".into(),
+                message: "a staged Delete has no fields but tier and stagedAction".into(),
+            }]);
+        }
+        return Ok(Staged::Delete(policy.object_name()));
+    }
+    let (p, tier) = match policy {
+        Document::CalicoNetworkPolicy { spec, .. } => (calico(id, Some(ns()), spec)?, &spec.tier),
+        Document::CalicoGlobalNetworkPolicy { spec, .. } => (calico(id, None, spec)?, &spec.tier),
+        Document::K8sNetworkPolicy { spec, .. } => (k8s(id, ns(), spec)?, &None),
+        _ => {
+            return Err(vec![CompileError {
+                policy: id.into(),
+                field: String::new(),
+                message: "only a policy can be staged".into(),
+            }])
+        }
+    };
+    Ok(Staged::Set(
+        p,
+        tier.clone().unwrap_or_else(|| DEFAULT_TIER.into()),
+    ))
 }
 
 /// A Tier object: Calico's defaults (order 1,000,000, `Deny`) and rules (the `default` tier's

@@ -728,24 +728,43 @@ spec:
     let s = set(yaml);
     let post = ep("microblog", "post", &[("app", "post")]);
     let from = |labels: &[(&str, &str)]| {
-        s.decide(Direction::Ingress, &tcp(8080), &ep("microblog", "x", labels), &post)
+        s.decide(
+            Direction::Ingress,
+            &tcp(8080),
+            &ep("microblog", "x", labels),
+            &post,
+        )
     };
     // Denied in the first tier, whatever later tiers say.
     let v = from(&[("app", "api"), ("quarantined", "true")]);
-    assert_eq!((v.allow, v.by.as_str()), (false, "GlobalNetworkPolicy security.blocklist"));
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (false, "GlobalNetworkPolicy security.blocklist")
+    );
     // Pass skips security.later (which would allow) and the end of the security tier; platform
     // decides nothing and passes at its end; the default tier allows.
     let v = from(&[("app", "api")]);
-    assert_eq!((v.allow, v.by.as_str()), (true, "NetworkPolicy microblog/post-allow-list"));
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (true, "NetworkPolicy microblog/post-allow-list")
+    );
     // Allowed in the first tier: later tiers are never asked.
     let v = from(&[("app", "search")]);
-    assert_eq!((v.allow, v.by.as_str()), (true, "GlobalNetworkPolicy security.later"));
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (true, "GlobalNetworkPolicy security.later")
+    );
     // Nothing in the security tier decides: its end denies (Calico's defaultAction Deny).
     let v = from(&[("app", "prometheus")]);
     assert_eq!((v.allow, v.by.as_str()), (false, "end-of-tier security"));
     // Egress: no policy of the security tier has Egress among its types, so that tier does not
     // count; platform.monitoring has (types default to Ingress only): nothing selects.
-    let v = s.decide(Direction::Egress, &tcp(8080), &post, &ep("microblog", "x", &[]));
+    let v = s.decide(
+        Direction::Egress,
+        &tcp(8080),
+        &post,
+        &ep("microblog", "x", &[]),
+    );
     assert_eq!((v.allow, v.by.as_str()), (false, "default-deny"));
 
     // The same through the fast path, with the same names.
@@ -756,10 +775,16 @@ spec:
     ];
     let c = s.resolve(&ids);
     let fast = |src: u32| c.decide(Direction::Ingress, &tcp(8080), src, None, 0, None);
-    assert_eq!(c.policy_name(&fast(1)), "NetworkPolicy microblog/post-allow-list");
+    assert_eq!(
+        c.policy_name(&fast(1)),
+        "NetworkPolicy microblog/post-allow-list"
+    );
     assert!(fast(1).allow);
     let v = fast(2);
-    assert_eq!((v.allow, v.reason, c.policy_name(&v)), (false, Reason::EndOfTier, "end-of-tier security"));
+    assert_eq!(
+        (v.allow, v.reason, c.policy_name(&v)),
+        (false, Reason::EndOfTier, "end-of-tier security")
+    );
 
     // Everything passed, past the last tier: zero trust denies, Calico's posture allows.
     let passing = "
@@ -779,14 +804,20 @@ spec:
     let mut s = set(passing);
     let a = ep("microblog", "a", &[]);
     let v = s.decide(Direction::Ingress, &tcp(1), &a, &post);
-    assert_eq!((v.allow, v.by.as_str()), (false, "passed by GlobalNetworkPolicy first.p"));
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (false, "passed by GlobalNetworkPolicy first.p")
+    );
     let v = s.decide(Direction::Ingress, &udp(1), &a, &post);
     assert_eq!((v.allow, v.by.as_str()), (false, "passed by tier first"));
     s.posture = Posture::Calico;
     assert!(s.decide(Direction::Ingress, &udp(1), &a, &post).allow);
     let c = s.resolve(&[a.clone(), post.clone()]);
     let v = c.decide(Direction::Ingress, &udp(1), 0, None, 1, None);
-    assert_eq!((v.allow, v.reason, c.policy_name(&v)), (true, Reason::Pass, "tier first"));
+    assert_eq!(
+        (v.allow, v.reason, c.policy_name(&v)),
+        (true, Reason::Pass, "tier first")
+    );
 }
 
 /// Tiers as Calico defines them: `default` always exists at order 1,000,000; a tier without an
@@ -797,14 +828,21 @@ fn tier_objects_are_checked() {
     let refused = |yaml: &str| {
         let docs = crate::model::parse_documents(yaml, "t.yaml").unwrap();
         let errors = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
-        errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     let e = refused(
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x.p}\nspec: {tier: x, selector: all()}\n",
     );
     assert!(e.contains("spec.tier") && e.contains("no Tier `x`"), "{e}");
     let e = refused("apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: x}\nspec: {defaultAction: Allow}\n");
-    assert!(e.contains("spec.defaultAction") && e.contains("`Allow` is not Deny or Pass"), "{e}");
+    assert!(
+        e.contains("spec.defaultAction") && e.contains("`Allow` is not Deny or Pass"),
+        "{e}"
+    );
     let e = refused("apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: default}\nspec: {order: 5}\n");
     assert!(e.contains("the default tier's order is 1000000"), "{e}");
     // An unordered tier sits with default, before it by name ("a" < "default").
@@ -825,6 +863,134 @@ spec: {order: 1, selector: all(), ingress: [{action: Allow}]}
 ");
     let v = s.decide(Direction::Ingress, &tcp(1), &ep("a", "b", &[]), &post());
     assert_eq!(v.by, "GlobalNetworkPolicy a.deny");
+}
+
+/// Staged policies decide nothing; the staged view is the enforced set with the staged policies
+/// beside the enforced ones (Calico's pending evaluation), less the enforced policies a staged
+/// Delete names. The three staged kinds compile as their enforced kinds do.
+#[test]
+fn staged_policies_are_evaluated_beside_the_enforced_set_without_deciding() {
+    let yaml = format!(
+        "{NAMESPACE}---{POST_BY_NAMES}---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: allow-all-egress}}
+spec:
+  selector: all()
+  types: [Egress]
+  egress: [{{action: Allow}}]
+---
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata: {{name: post-tighter, namespace: microblog}}
+spec:
+  order: 1
+  selector: app == 'post'
+  ingress:
+    - action: Deny
+      source: {{serviceAccounts: {{names: [search]}}}}
+---
+apiVersion: projectcalico.org/v3
+kind: StagedGlobalNetworkPolicy
+metadata: {{name: allow-all-egress}}
+spec:
+  stagedAction: Delete
+---
+apiVersion: projectcalico.org/v3
+kind: StagedKubernetesNetworkPolicy
+metadata: {{name: api-egress, namespace: microblog}}
+spec:
+  stagedAction: Set
+  podSelector: {{matchLabels: {{app: api}}}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{{podSelector: {{matchLabels: {{app: post}}}}}}]
+      ports: [{{port: 8080}}]
+"
+    );
+    let s = set(&yaml);
+    let search = ep("microblog", "search", &[("app", "search")]);
+    let api = ep("microblog", "api", &[("app", "api")]);
+    let user = ep("microblog", "user", &[("app", "user")]);
+    // The enforced set is unchanged by what is staged.
+    assert!(s.has_staged());
+    assert!(admits(&s, 8080, &search, &post()));
+    assert!(s.decide(Direction::Egress, &tcp(5432), &api, &user).allow);
+    let view = s.staged_view().unwrap();
+    let v = view.decide(Direction::Ingress, &tcp(8080), &search, &post());
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (false, "StagedNetworkPolicy microblog/post-tighter")
+    );
+    assert!(
+        view.decide(Direction::Ingress, &tcp(8080), &api, &post())
+            .allow
+    );
+    // The Delete takes allow-all-egress out; the staged Kubernetes policy allows api -> post.
+    let v = view.decide(Direction::Egress, &tcp(5432), &api, &user);
+    assert_eq!((v.allow, v.by.as_str()), (false, "end-of-policies"));
+    let v = view.decide(Direction::Egress, &tcp(8080), &api, &post());
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (true, "StagedKubernetesNetworkPolicy microblog/api-egress")
+    );
+    let v = view.decide(Direction::Egress, &tcp(5432), &user, &api);
+    assert_eq!((v.allow, v.by.as_str()), (false, "default-deny"));
+    // The fast path agrees.
+    let ids = [search.clone(), post(), api.clone(), user.clone()];
+    let c = view.resolve(&ids);
+    let v = c.decide(Direction::Ingress, &tcp(8080), 0, None, 1, None);
+    assert_eq!(
+        (v.allow, c.policy_name(&v)),
+        (false, "StagedNetworkPolicy microblog/post-tighter")
+    );
+    // Nothing staged, no view.
+    assert!(set(POST_BY_NAMES).staged_view().is_none());
+    // A staged version of an enforced policy stands in its place: what promoting it would do.
+    let next = format!(
+        "{NAMESPACE}---{POST_BY_NAMES}---{}",
+        POST_BY_NAMES
+            .replace("kind: NetworkPolicy", "kind: StagedNetworkPolicy")
+            .replace("names: ['api', 'search']", "names: ['api']")
+    );
+    let s = set(&next);
+    assert!(admits(&s, 8080, &search, &post()));
+    let view = s.staged_view().unwrap();
+    let v = view.decide(Direction::Ingress, &tcp(8080), &search, &post());
+    assert_eq!((v.allow, v.by.as_str()), (false, "end-of-policies"));
+    let v = view.decide(Direction::Ingress, &tcp(8080), &api, &post());
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (true, "StagedNetworkPolicy microblog/post-allow-list")
+    );
+
+    let refused = |yaml: &str| {
+        let docs = crate::model::parse_documents(yaml, "s.yaml");
+        let errors: Vec<String> = match docs {
+            Err(e) => e.iter().map(|e| e.to_string()).collect(),
+            Ok(docs) => PolicySet::compile(&docs, Posture::ZeroTrust)
+                .unwrap_err()
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+        };
+        errors.join("\n")
+    };
+    let e = refused("apiVersion: projectcalico.org/v3\nkind: StagedGlobalNetworkPolicy\nmetadata: {name: x}\nspec: {stagedAction: Delete, selector: all()}\n");
+    assert!(
+        e.contains("a staged Delete has no fields but tier and stagedAction"),
+        "{e}"
+    );
+    let e = refused("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\nspec: {stagedAction: Set}\n");
+    assert!(
+        e.contains("spec.stagedAction") && e.contains("only the Staged kinds"),
+        "{e}"
+    );
+    let e = refused("apiVersion: projectcalico.org/v3\nkind: StagedNetworkPolicy\nmetadata: {name: x}\nspec: {stagedAction: Maybe}\n");
+    assert!(
+        e.contains("`Maybe` is not Set, Delete, Learn or Ignore"),
+        "{e}"
+    );
 }
 
 #[test]
