@@ -33,6 +33,10 @@ pub struct IssueArgs {
     /// A range outside the mesh this identity may serve as a gateway; repeat for more.
     #[arg(long = "route", value_name = "CIDR")]
     pub routes: Vec<String>,
+    /// A named port NAME=PORT[/tcp|udp|sctp] (TCP if left out), as a Kubernetes container port:
+    /// rules that name the port (`ports: [http]`) match it; repeat for more.
+    #[arg(long = "port", value_name = "NAME=PORT/PROTO")]
+    pub ports: Vec<String>,
     /// Validity, e.g. 30d, 12h, 90s.
     #[arg(long, default_value = DEFAULT_IDENTITY_TTL)]
     pub ttl: String,
@@ -82,6 +86,22 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
     }
     routes.sort();
     routes.dedup();
+    let mut ports: Vec<proto::cert::NamedPort> = Vec::new();
+    for p in &a.ports {
+        let np: proto::cert::NamedPort =
+            p.parse().map_err(|e| input(anyhow!("--port `{p}`: {e}")))?;
+        if let Some(other) = ports
+            .iter()
+            .find(|o| o.name == np.name && o.protocol == np.protocol)
+        {
+            return Err(input(anyhow!(
+                "--port `{p}`: {} is named already ({other})",
+                np.name
+            )));
+        }
+        ports.push(np);
+    }
+    ports.sort();
     if addrs.is_empty() {
         return Err(input(anyhow!(
             "--ip: an identity needs at least one overlay address"
@@ -149,6 +169,7 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
         labels,
         addrs,
         routes,
+        ports,
     }
     .sign(&ca_key)
     .map_err(|e| input(anyhow!("{e}")))?;

@@ -22,6 +22,11 @@ pub const VERSION: u8 = 1;
 /// Certificate format version that also lists routes (a gateway's grant); a certificate without
 /// routes is always encoded as version 1, so each content has one encoding.
 pub const VERSION_ROUTES: u8 = 2;
+/// Certificate format version that also lists named ports (after the routes, which it always
+/// lists, perhaps none); used exactly when the certificate names ports.
+pub const VERSION_PORTS: u8 = 3;
+/// Named ports in one certificate at most.
+pub const MAX_PORTS: usize = 64;
 /// No valid certificate is larger: 3 names, 64 labels and 16 addresses at their maximum sizes.
 pub const MAX_CERT_BYTES: usize = 32 * 1024;
 pub const MAX_LABELS: usize = 64;
@@ -69,6 +74,89 @@ pub struct CertBody {
     /// Ranges outside the mesh this identity may serve as a gateway (granted only by the CA).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Cidr>,
+    /// An identity's named ports, as a Kubernetes container's (`http` = 8080/TCP): rules that
+    /// name a port match them. Sorted and unique by (name, protocol).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<NamedPort>,
+}
+
+/// A named port of an identity: `NAME=PORT/PROTOCOL`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct NamedPort {
+    /// An IANA service name, as Kubernetes requires of a port name: 1–15 of `a-z 0-9 -`, at least
+    /// one letter, no `-` at either end or twice in a row.
+    pub name: String,
+    /// 6 (TCP), 17 (UDP) or 132 (SCTP).
+    pub protocol: u8,
+    /// 1–65535.
+    pub port: u16,
+}
+
+impl NamedPort {
+    /// Checks a named port as a certificate holds it.
+    pub fn validate(&self) -> Result<(), CertError> {
+        let n = &self.name;
+        let ok = (1..=15).contains(&n.len())
+            && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && n.bytes().any(|b| b.is_ascii_lowercase())
+            && !n.starts_with('-')
+            && !n.ends_with('-')
+            && !n.contains("--");
+        if !ok {
+            return Err(invalid(
+                "port name",
+                n,
+                "1-15 of a-z 0-9 -, a letter among them, no - at either end or twice",
+            ));
+        }
+        if !matches!(self.protocol, 6 | 17 | 132) {
+            return Err(invalid(
+                "port protocol",
+                &self.protocol.to_string(),
+                "must be 6 (TCP), 17 (UDP) or 132 (SCTP)",
+            ));
+        }
+        if self.port == 0 {
+            return Err(invalid("port", "0", "must be 1-65535"));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for NamedPort {
+    /// `http=8080/tcp`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match self.protocol {
+            6 => "tcp",
+            17 => "udp",
+            132 => "sctp",
+            _ => "?",
+        };
+        write!(f, "{}={}/{proto}", self.name, self.port)
+    }
+}
+
+impl std::str::FromStr for NamedPort {
+    type Err = CertError;
+    /// `NAME=PORT[/tcp|udp|sctp]` (TCP when left out, as in Kubernetes).
+    fn from_str(s: &str) -> Result<NamedPort, CertError> {
+        let bad = || invalid("named port", s, "expected NAME=PORT[/tcp|udp|sctp]");
+        let (name, rest) = s.split_once('=').ok_or_else(bad)?;
+        let (port, proto) = rest.split_once('/').unwrap_or((rest, "tcp"));
+        let protocol = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            "sctp" => 132,
+            _ => return Err(bad()),
+        };
+        let p = NamedPort {
+            name: name.to_string(),
+            protocol,
+            port: port.parse().map_err(|_| bad())?,
+        };
+        p.validate()?;
+        Ok(p)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +175,7 @@ pub enum CertError {
     TooLarge { max: usize },
     #[error("not a mesh {what} (bad magic)")]
     BadMagic { what: &'static str },
-    #[error("unsupported version {0} (this build reads versions 1 and 2)")]
+    #[error("unsupported version {0} (this build reads versions 1 to 3)")]
     UnsupportedVersion(u8),
     #[error("unknown certificate kind {0}")]
     BadKind(u8),
@@ -162,6 +250,7 @@ impl CertBody {
             labels: BTreeMap::new(),
             addrs: ranges,
             routes: Vec::new(),
+            ports: Vec::new(),
         }
     }
 
@@ -250,6 +339,29 @@ impl CertBody {
                 reason: "not sorted and unique",
             });
         }
+        if self.ports.len() > MAX_PORTS {
+            return Err(invalid(
+                "ports",
+                &self.ports.len().to_string(),
+                "more than 64",
+            ));
+        }
+        if !self.ports.is_empty() && self.kind == CertKind::Ca {
+            return Err(invalid("ports", "", "a CA has no ports"));
+        }
+        for p in &self.ports {
+            p.validate()?;
+        }
+        if !self
+            .ports
+            .windows(2)
+            .all(|w| (&w[0].name, w[0].protocol) < (&w[1].name, w[1].protocol))
+        {
+            return Err(CertError::NotCanonical {
+                field: "ports",
+                reason: "not sorted and unique by name and protocol",
+            });
+        }
         Ok(())
     }
 
@@ -257,11 +369,7 @@ impl CertBody {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(256);
         b.extend_from_slice(CERT_MAGIC);
-        b.push(if self.routes.is_empty() {
-            VERSION
-        } else {
-            VERSION_ROUTES
-        });
+        b.push(self.version());
         b.push(self.kind as u8);
         b.extend_from_slice(&self.serial.to_be_bytes());
         b.extend_from_slice(&self.not_before.to_be_bytes());
@@ -277,10 +385,29 @@ impl CertBody {
             put_str(&mut b, v);
         }
         put_cidrs(&mut b, &self.addrs);
-        if !self.routes.is_empty() {
+        if self.version() >= VERSION_ROUTES {
             put_cidrs(&mut b, &self.routes);
         }
+        if self.version() == VERSION_PORTS {
+            b.push(self.ports.len() as u8);
+            for p in &self.ports {
+                put_str(&mut b, &p.name);
+                b.push(p.protocol);
+                b.extend_from_slice(&p.port.to_be_bytes());
+            }
+        }
         b
+    }
+
+    /// The one version that encodes this content: 3 with named ports, else 2 with routes, else 1.
+    fn version(&self) -> u8 {
+        if !self.ports.is_empty() {
+            VERSION_PORTS
+        } else if !self.routes.is_empty() {
+            VERSION_ROUTES
+        } else {
+            VERSION
+        }
     }
 
     /// Signs the body with the CA's key. The body must name that key as its issuer.
@@ -318,7 +445,7 @@ impl Certificate {
             });
         }
         let version = r.u8("version")?;
-        if version != VERSION && version != VERSION_ROUTES {
+        if !matches!(version, VERSION | VERSION_ROUTES | VERSION_PORTS) {
             return Err(CertError::UnsupportedVersion(version));
         }
         let kind = match r.u8("kind")? {
@@ -350,9 +477,9 @@ impl Certificate {
             labels.insert(k, v);
         }
         let addrs = read_cidrs(&mut r, "addrs")?;
-        let routes = if version == VERSION_ROUTES {
+        let routes = if version >= VERSION_ROUTES {
             let routes = read_cidrs(&mut r, "routes")?;
-            if routes.is_empty() {
+            if routes.is_empty() && version == VERSION_ROUTES {
                 return Err(CertError::NotCanonical {
                     field: "routes",
                     reason: "version 2 without routes (that is version 1)",
@@ -362,6 +489,26 @@ impl Certificate {
         } else {
             Vec::new()
         };
+        let mut ports = Vec::new();
+        if version == VERSION_PORTS {
+            let n = r.u8("ports")? as usize;
+            if n == 0 {
+                return Err(CertError::NotCanonical {
+                    field: "ports",
+                    reason: "version 3 without ports (that is version 1 or 2)",
+                });
+            }
+            for _ in 0..n {
+                let name = read_str(&mut r, "port name")?;
+                let protocol = r.u8("port protocol")?;
+                let port = u16::from_be_bytes(r.array::<2>("port")?);
+                ports.push(NamedPort {
+                    name,
+                    protocol,
+                    port,
+                });
+            }
+        }
         let signature =
             <[u8; 64]>::try_from(r.take("signature", SIGNATURE_LEN)?).expect("64 bytes");
         if r.off != bytes.len() {
@@ -382,6 +529,7 @@ impl Certificate {
             labels,
             addrs,
             routes,
+            ports,
         };
         body.validate()?;
         Ok(Certificate { body, signature })
@@ -929,6 +1077,7 @@ mod tests {
             labels: BTreeMap::new(),
             addrs: vec![],
             routes: vec![],
+            ports: vec![],
         }
         .sign(key)
         .unwrap()
@@ -954,6 +1103,7 @@ mod tests {
                 "fd00::5/128".parse().unwrap(),
             ],
             routes: vec![],
+            ports: vec![],
         }
     }
 
@@ -1007,6 +1157,67 @@ mod tests {
         let mut ca = ca_cert(&key, "example.org").body;
         ca.routes = vec!["198.19.0.0/24".parse().unwrap()];
         assert!(ca.sign(&key).is_err());
+    }
+
+    fn with_ports(key: &SigningKey) -> CertBody {
+        let mut body = identity_body(key);
+        body.ports = ["http=8080/tcp", "dns=53/udp", "dns=53/tcp", "metrics=9090"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        body.ports.sort();
+        body
+    }
+
+    #[test]
+    fn named_ports_make_version_3_and_the_vector_matches_byte_for_byte() {
+        let key = ca_key();
+        let cert = with_ports(&key).sign(&key).unwrap();
+        let bytes = cert.encode();
+        assert_eq!(bytes[4], VERSION_PORTS);
+        let expected = unhex(&testdata("identity-v3.hex"));
+        assert_eq!(hex::encode(&bytes), hex::encode(&expected));
+        let decoded = Certificate::decode(&expected).unwrap();
+        assert_eq!(decoded, cert);
+        assert_eq!(
+            decoded.body.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            ["dns=53/tcp", "dns=53/udp", "http=8080/tcp", "metrics=9090/tcp"]
+        );
+        for n in 0..bytes.len() {
+            assert!(Certificate::decode(&bytes[..n]).is_err(), "accepted at {n} bytes");
+        }
+        // With routes too, still version 3.
+        let mut body = with_ports(&key);
+        body.routes = vec!["198.19.0.0/24".parse().unwrap()];
+        let gw = body.sign(&key).unwrap();
+        assert_eq!(Certificate::decode(&gw.encode()).unwrap(), gw);
+        // Version 3 without ports is a second encoding of version 1: refused.
+        let plain = identity_body(&key).sign(&key).unwrap();
+        let mut v3 = plain.body.encode();
+        v3[4] = VERSION_PORTS;
+        v3.extend_from_slice(&[0, 0]);
+        v3.extend_from_slice(&plain.signature);
+        assert!(matches!(
+            Certificate::decode(&v3),
+            Err(CertError::NotCanonical { field: "ports", .. })
+        ));
+        // Unsorted or twice the same (name, protocol): refused when signing and decoding.
+        let mut body = with_ports(&key);
+        body.ports.swap(0, 2);
+        assert!(matches!(body.sign(&key), Err(CertError::NotCanonical { field: "ports", .. })));
+        let mut body = with_ports(&key);
+        body.ports[1] = body.ports[0].clone();
+        assert!(body.sign(&key).is_err());
+        // A CA has no ports; names, protocols and port numbers are checked.
+        let mut ca = ca_cert(&key, "example.org").body;
+        ca.ports = with_ports(&key).ports;
+        assert!(ca.sign(&key).is_err());
+        for bad in ["HTTP=80", "-web=80", "web-=80", "we--b=80", "1234=80", "averyveryverylongname=80", "web=0", "web=80/icmp", "web", "web=x"] {
+            assert!(bad.parse::<NamedPort>().is_err(), "{bad}");
+        }
+        let mut body = with_ports(&key);
+        body.ports[0].protocol = 1;
+        assert!(body.sign(&key).is_err());
     }
 
     #[test]
@@ -1303,8 +1514,14 @@ mod tests {
             "[a-z][a-z0-9-]{0,20}[a-z0-9]",
             proptest::collection::btree_map(label.0, label.1, 0..8),
             proptest::collection::btree_set((any::<u32>(), 0u8..=32), 0..6),
+            proptest::collection::btree_set((0u32..1 << 16, 16u8..=24), 0..3),
+            proptest::collection::btree_map(
+                ("[a-z][a-z0-9]{0,13}", prop_oneof![Just(6u8), Just(17), Just(132)]),
+                1u16..,
+                0..4,
+            ),
         )
-            .prop_map(|(serial, nb, ns, name, labels, addrs)| {
+            .prop_map(|(serial, nb, ns, name, labels, addrs, routes, ports)| {
                 let ca = ca_key();
                 let mut addrs: Vec<Cidr> = addrs
                     .into_iter()
@@ -1312,6 +1529,16 @@ mod tests {
                     .collect();
                 addrs.sort();
                 addrs.dedup();
+                let mut routes: Vec<Cidr> = routes
+                    .into_iter()
+                    .map(|(a, l)| Cidr::new(IpAddr::V4((0xc613_0000 | a).into()), l).unwrap())
+                    .collect();
+                routes.sort();
+                routes.dedup();
+                let ports = ports
+                    .into_iter()
+                    .map(|((name, protocol), port)| NamedPort { name, protocol, port })
+                    .collect();
                 CertBody {
                     kind: CertKind::Identity,
                     serial,
@@ -1324,7 +1551,8 @@ mod tests {
                     issuer: ca.verifying_key().to_bytes(),
                     labels,
                     addrs,
-                    routes: vec![],
+                    routes,
+                    ports,
                 }
             })
     }

@@ -1236,6 +1236,7 @@ mod tests {
             labels: BTreeMap::new(),
             addrs: vec!["100.64.0.1/32".parse().unwrap()],
             routes: vec![],
+            ports: vec![],
         }
         .sign(&ca)
         .unwrap()

@@ -306,6 +306,7 @@ mod tests {
             labels: Default::default(),
             addrs,
             routes: vec![],
+            ports: vec![],
         }
         .sign(ca)
         .unwrap()

@@ -108,6 +108,7 @@ impl Ca {
                 .collect(),
             addrs: vec![addr],
             routes: vec![],
+            ports: vec![],
         }
         .sign(&self.key)
         .expect("a valid identity body")
