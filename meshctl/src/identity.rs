@@ -276,6 +276,9 @@ pub fn inspect(file: &Path, ca_dir: Option<&Path>, output: Output) -> Result<(),
         if !b.routes.is_empty() {
             println!("  routes       {}", proto::cert::list(&b.routes));
         }
+        if !b.ports.is_empty() {
+            println!("  ports        {}", proto::cert::list(&b.ports));
+        }
         match &verification {
             Some(Ok(())) => println!("  verifies     yes"),
             Some(Err(e)) => println!("  verifies     NO: {e}"),

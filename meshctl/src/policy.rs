@@ -120,6 +120,16 @@ pub struct Known {
     pub identity: String,
     pub labels: BTreeMap<String, String>,
     pub ip: Option<std::net::IpAddr>,
+    /// The named ports of its certificate.
+    pub ports: Vec<proto::cert::NamedPort>,
+}
+
+/// Named ports as the daemon lists them (`NAME=PORT/PROTO`); one that does not parse is left out.
+pub fn named_ports(list: &[String]) -> Vec<proto::cert::NamedPort> {
+    let mut ports: Vec<proto::cert::NamedPort> =
+        list.iter().filter_map(|p| p.parse().ok()).collect();
+    ports.sort();
+    ports
 }
 
 /// One end of `policy check`: `[TD/]NS/NAME[,K=V...]`, an IP address or `network:NAME`. Given no
@@ -150,6 +160,7 @@ fn resolve(
             })?;
             e.labels = k.labels.clone();
             e.ip = e.ip.or(k.ip);
+            e.ports = k.ports.clone();
         }
     }
     Ok(end)

@@ -210,6 +210,7 @@ pub fn known(socket: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
                 identity: own.identity,
                 labels: own.labels,
                 ip: first(&own.addresses),
+                ports: crate::policy::named_ports(&own.ports),
             });
         }
     }
@@ -218,6 +219,7 @@ pub fn known(socket: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
             ip: first(&p.addrs),
             identity: p.identity,
             labels: p.labels,
+            ports: crate::policy::named_ports(&p.ports),
         })),
         Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
         other => return Err(anyhow!("unexpected answer {other:?}").into()),
@@ -348,6 +350,9 @@ pub fn connectivity(
             .map_err(|e| Failure::input(anyhow!("identity {}: {e}", k.identity)))?;
         if let FlowEnd::Identity(e) = &mut end {
             e.labels.extend(k.labels.clone());
+            if e.ports.is_empty() {
+                e.ports = k.ports.clone();
+            }
         }
         if !ends.contains(&end) {
             ends.push(end);
@@ -424,10 +429,15 @@ fn identities_file(path: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
             .get("labels")
             .and_then(|l| serde_yaml_ng::from_value(l.clone()).ok())
             .unwrap_or_default();
+        let ports: Vec<String> = m
+            .get("ports")
+            .and_then(|l| serde_yaml_ng::from_value(l.clone()).ok())
+            .unwrap_or_default();
         Some(crate::policy::Known {
             identity,
             labels,
             ip: None,
+            ports: crate::policy::named_ports(&ports),
         })
     };
     let mut node = |n: &serde_yaml_ng::Value| {
@@ -450,7 +460,14 @@ fn identities_file(path: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
     for s in plain {
         let (id, labels) = s.split_once(',').unwrap_or((&s, ""));
         let mut map = BTreeMap::new();
+        let mut ports = Vec::new();
         for kv in labels.split(',').filter(|kv| !kv.is_empty()) {
+            if let Some(p) = kv.strip_prefix("port:") {
+                ports.push(p.parse().map_err(|e| {
+                    Failure::input(anyhow!("--identities {}: `{kv}`: {e}", path.display()))
+                })?);
+                continue;
+            }
             let (k, v) = kv.split_once('=').ok_or_else(|| {
                 Failure::input(anyhow!(
                     "--identities {}: `{kv}` is not KEY=VALUE",
@@ -459,10 +476,12 @@ fn identities_file(path: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
             })?;
             map.insert(k.to_string(), v.to_string());
         }
+        ports.sort();
         out.push(crate::policy::Known {
             identity: id.to_string(),
             labels: map,
             ip: None,
+            ports,
         });
     }
     if out.is_empty() {

@@ -256,9 +256,14 @@ fn table(s: &Status, wide: bool) -> String {
                 .cert_not_after
                 .map(|t| format!("certificate expires {}", crate::identity::utc(t)))
                 .unwrap_or_default();
+            let ports = if p.ports.is_empty() {
+                String::new()
+            } else {
+                format!("ports: {}  ", p.ports.join(","))
+            };
             let _ = writeln!(
                 o,
-                "    identity: {id}  {spiffe}  labels: {}  {expiry}",
+                "    identity: {id}  {spiffe}  labels: {}  {ports}{expiry}",
                 if labels.is_empty() {
                     "-".into()
                 } else {

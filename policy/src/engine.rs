@@ -32,6 +32,7 @@ use crate::model::{
     ProtocolValue, StagedAction,
 };
 use crate::selector::{Selector, Subject, NAMESPACED_LABEL};
+use proto::cert::NamedPort;
 use proto::trust::{Federation, TRUST_DOMAIN_LABEL};
 use proto::Cidr;
 use std::collections::BTreeMap;
@@ -80,6 +81,8 @@ pub struct Endpoint {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub ip: Option<IpAddr>,
+    /// Its certificate's named ports, which rules that name a port match.
+    pub ports: Vec<NamedPort>,
 }
 
 impl Subject for Endpoint {
@@ -302,8 +305,16 @@ impl Entity {
         names_trust_domain([&self.selector, &self.namespace_selector, &self.sa_selector])
     }
 
-    /// Nets and ports: what is checked per packet, not per identity.
-    fn header_matches(&self, ip: Option<IpAddr>, port: Option<u16>) -> bool {
+    /// Nets and ports: what is checked per packet. `named` / `not_named`: whether the end's
+    /// identity has one of the entity's named ports / not-ports at this flow's protocol and port
+    /// (the caller looks them up: they are the identity's).
+    fn header_matches(
+        &self,
+        ip: Option<IpAddr>,
+        port: Option<u16>,
+        named: bool,
+        not_named: bool,
+    ) -> bool {
         let in_any = |nets: &[Cidr]| ip.is_some_and(|ip| nets.iter().any(|c| c.contains(ip)));
         let port_in = |r: &[(u16, u16)]| {
             port.is_some_and(|pt| r.iter().any(|(a, b)| (*a..=*b).contains(&pt)))
@@ -311,8 +322,20 @@ impl Entity {
         // An empty not-list excludes nothing, as in_any/port_in of an empty list is false.
         (self.nets.is_empty() || in_any(&self.nets))
             && !in_any(&self.not_nets)
-            && (self.ports.is_empty() || port_in(&self.ports))
-            && !port_in(&self.not_ports)
+            && ((self.ports.is_empty() && self.named_ports.is_empty())
+                || port_in(&self.ports)
+                || named)
+            && !(port_in(&self.not_ports) || not_named)
+    }
+
+    /// Whether identity `e` has one of `names` as a named port at `protocol` and `port`.
+    fn named_port(names: &[String], e: &Endpoint, protocol: u8, port: Option<u16>) -> bool {
+        !names.is_empty()
+            && port.is_some_and(|pt| {
+                e.ports
+                    .iter()
+                    .any(|np| np.protocol == protocol && np.port == pt && names.contains(&np.name))
+            })
     }
 }
 
@@ -327,6 +350,9 @@ struct Entity {
     sa_selector: Option<Selector>,
     ports: Vec<(u16, u16)>,
     not_ports: Vec<(u16, u16)>,
+    /// Port names (`ports: [http]`): the end's identity's named ports.
+    named_ports: Vec<String>,
+    not_named_ports: Vec<String>,
     /// A Calico rule's entity: its selectors may select external networks too.
     calico: bool,
 }
@@ -482,13 +508,24 @@ impl PolicySet {
         p.selector.matches(e)
     }
 
-    fn entity_matches(&self, p: &Policy, ent: &Entity, end: End, port: Option<u16>) -> bool {
+    fn entity_matches(
+        &self,
+        p: &Policy,
+        ent: &Entity,
+        end: End,
+        protocol: u8,
+        port: Option<u16>,
+    ) -> bool {
         match end {
             End::Identity(e) => {
-                ent.header_matches(e.ip, port) && self.selects(p, ent, e).unwrap_or(true)
+                let named = Entity::named_port(&ent.named_ports, e, protocol, port);
+                let not_named = Entity::named_port(&ent.not_named_ports, e, protocol, port);
+                ent.header_matches(e.ip, port, named, not_named)
+                    && self.selects(p, ent, e).unwrap_or(true)
             }
+            // An address outside the mesh has no named ports.
             End::External(ip) => {
-                ent.header_matches(Some(ip), port)
+                ent.header_matches(Some(ip), port, false, false)
                     && (!ent.selects_endpoints()
                         || self
                             .networks
@@ -545,8 +582,8 @@ impl PolicySet {
 
     fn rule_matches(&self, p: &Policy, r: &Rule, flow: &Flow, src: End, dst: End) -> bool {
         r.header_matches(flow)
-            && self.entity_matches(p, &r.source, src, flow.src_port)
-            && self.entity_matches(p, &r.destination, dst, flow.dst_port)
+            && self.entity_matches(p, &r.source, src, flow.protocol, flow.src_port)
+            && self.entity_matches(p, &r.destination, dst, flow.protocol, flow.dst_port)
     }
 
     /// The verdict for `flow` from `src` to `dst` in `direction`: egress is evaluated for `src`,

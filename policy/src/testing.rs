@@ -89,7 +89,9 @@ impl FlowEnd {
     }
 }
 
-/// `[TD/]NS/NAME[,K=V...]` (without `TD/`, of `set`'s trust domain), an IP address, or
+/// `[TD/]NS/NAME[,K=V...][,port:NAME=PORT/PROTO...]` (without `TD/`, of `set`'s trust domain;
+/// `port:` items are the identity's named ports, as its certificate would list them), an IP
+/// address, or
 /// `network:NAME` for an external network of `set` (`NAME` as in its metadata, `NS/NAME` for a
 /// namespaced one). `ip` is the identity's address, when the caller knows one.
 pub fn parse_end(spec: &str, ip: Option<IpAddr>, set: &PolicySet) -> Result<FlowEnd, String> {
@@ -126,18 +128,28 @@ pub fn parse_end(spec: &str, ip: Option<IpAddr>, set: &PolicySet) -> Result<Flow
         ));
     }
     let mut labels = BTreeMap::new();
+    let mut ports: Vec<proto::cert::NamedPort> = Vec::new();
     for kv in parts {
+        if let Some(p) = kv.strip_prefix("port:") {
+            let np = p
+                .parse()
+                .map_err(|e| format!("`{kv}` is not port:NAME=PORT[/PROTO]: {e}"))?;
+            ports.push(np);
+            continue;
+        }
         let (k, v) = kv
             .split_once('=')
-            .ok_or_else(|| format!("`{kv}` is not KEY=VALUE"))?;
+            .ok_or_else(|| format!("`{kv}` is not KEY=VALUE or port:NAME=PORT[/PROTO]"))?;
         labels.insert(k.to_string(), v.to_string());
     }
+    ports.sort();
     Ok(FlowEnd::Identity(Endpoint {
         trust_domain: trust_domain.into(),
         namespace: namespace.into(),
         name: name.into(),
         labels,
         ip,
+        ports,
     }))
 }
 
@@ -333,8 +345,14 @@ fn end_id(e: &FlowEnd) -> String {
 /// of either set names, whose verdict differs between `old` and `new`, in order of source,
 /// destination, protocol and port. A set against itself gives nothing.
 pub fn connectivity_diff(old: &PolicySet, new: &PolicySet, ends: &[FlowEnd]) -> Vec<FlowChange> {
-    let probes: std::collections::BTreeSet<(u8, Option<u16>)> =
+    let mut probes: std::collections::BTreeSet<(u8, Option<u16>)> =
         old.probes().union(&new.probes()).copied().collect();
+    // A rule that names a port matches each identity's port of that name: probe them all.
+    for e in ends {
+        if let FlowEnd::Identity(e) = e {
+            probes.extend(e.ports.iter().map(|p| (p.protocol, Some(p.port))));
+        }
+    }
     let mut out = Vec::new();
     for (i, src) in ends.iter().enumerate() {
         for (j, dst) in ends.iter().enumerate() {

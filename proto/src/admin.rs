@@ -233,6 +233,9 @@ pub struct OwnCertificate {
     pub addresses: Vec<Cidr>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Named ports, `NAME=PORT/PROTO`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
     pub serial: u64,
     /// Unix seconds, RFC 3339 on the wire.
     #[serde(with = "crate::time::as_rfc3339")]
@@ -314,6 +317,9 @@ pub struct PeerStatus {
     pub spiffe_id: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Named ports of its certificate, `NAME=PORT/PROTO`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -329,6 +335,9 @@ pub struct MemberInfo {
     pub identity: String,
     pub spiffe_id: String,
     pub labels: BTreeMap<String, String>,
+    /// Named ports of its certificate, `NAME=PORT/PROTO`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
     pub addrs: Vec<Cidr>,
     pub endpoint: String,
     pub serial: u64,

@@ -97,7 +97,8 @@ impl NamedPort {
     pub fn validate(&self) -> Result<(), CertError> {
         let n = &self.name;
         let ok = (1..=15).contains(&n.len())
-            && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && n.bytes().any(|b| b.is_ascii_lowercase())
             && !n.starts_with('-')
             && !n.ends_with('-')
@@ -1180,11 +1181,24 @@ mod tests {
         let decoded = Certificate::decode(&expected).unwrap();
         assert_eq!(decoded, cert);
         assert_eq!(
-            decoded.body.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-            ["dns=53/tcp", "dns=53/udp", "http=8080/tcp", "metrics=9090/tcp"]
+            decoded
+                .body
+                .ports
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>(),
+            [
+                "dns=53/tcp",
+                "dns=53/udp",
+                "http=8080/tcp",
+                "metrics=9090/tcp"
+            ]
         );
         for n in 0..bytes.len() {
-            assert!(Certificate::decode(&bytes[..n]).is_err(), "accepted at {n} bytes");
+            assert!(
+                Certificate::decode(&bytes[..n]).is_err(),
+                "accepted at {n} bytes"
+            );
         }
         // With routes too, still version 3.
         let mut body = with_ports(&key);
@@ -1204,7 +1218,10 @@ mod tests {
         // Unsorted or twice the same (name, protocol): refused when signing and decoding.
         let mut body = with_ports(&key);
         body.ports.swap(0, 2);
-        assert!(matches!(body.sign(&key), Err(CertError::NotCanonical { field: "ports", .. })));
+        assert!(matches!(
+            body.sign(&key),
+            Err(CertError::NotCanonical { field: "ports", .. })
+        ));
         let mut body = with_ports(&key);
         body.ports[1] = body.ports[0].clone();
         assert!(body.sign(&key).is_err());
@@ -1212,7 +1229,18 @@ mod tests {
         let mut ca = ca_cert(&key, "example.org").body;
         ca.ports = with_ports(&key).ports;
         assert!(ca.sign(&key).is_err());
-        for bad in ["HTTP=80", "-web=80", "web-=80", "we--b=80", "1234=80", "averyveryverylongname=80", "web=0", "web=80/icmp", "web", "web=x"] {
+        for bad in [
+            "HTTP=80",
+            "-web=80",
+            "web-=80",
+            "we--b=80",
+            "1234=80",
+            "averyveryverylongname=80",
+            "web=0",
+            "web=80/icmp",
+            "web",
+            "web=x",
+        ] {
             assert!(bad.parse::<NamedPort>().is_err(), "{bad}");
         }
         let mut body = with_ports(&key);
@@ -1516,7 +1544,10 @@ mod tests {
             proptest::collection::btree_set((any::<u32>(), 0u8..=32), 0..6),
             proptest::collection::btree_set((0u32..1 << 16, 16u8..=24), 0..3),
             proptest::collection::btree_map(
-                ("[a-z][a-z0-9]{0,13}", prop_oneof![Just(6u8), Just(17), Just(132)]),
+                (
+                    "[a-z][a-z0-9]{0,13}",
+                    prop_oneof![Just(6u8), Just(17), Just(132)],
+                ),
                 1u16..,
                 0..4,
             ),
@@ -1537,7 +1568,11 @@ mod tests {
                 routes.dedup();
                 let ports = ports
                     .into_iter()
-                    .map(|((name, protocol), port)| NamedPort { name, protocol, port })
+                    .map(|((name, protocol), port)| NamedPort {
+                        name,
+                        protocol,
+                        port,
+                    })
                     .collect();
                 CertBody {
                     kind: CertKind::Identity,

@@ -23,7 +23,8 @@ pub struct PolicyLab {
 }
 
 /// A mesh of `ids.len()` nodes, all in namespace `microblog`: node `i` (from 1) is service
-/// account `ids[i-1].0` with labels `ids[i-1].1`, overlay 100.64.2.i. Zero-trust posture; the
+/// account `ids[i-1].0` with labels `ids[i-1].1` (and `--flag=...` items passed to `identity
+/// issue` as they are), overlay 100.64.2.i. Zero-trust posture; the
 /// nodes in `audit` run with global audit mode on.
 pub fn policy_lab(ids: &[(&str, &[&str])], audit: &[usize]) -> PolicyLab {
     policy_lab_on(ids, audit, Fragments::Pass)
@@ -109,9 +110,14 @@ pub fn policy_lab_on(ids: &[(&str, &[&str])], audit: &[usize], fragments: Fragme
             std::fs::write(&rules, text).unwrap();
             lab.exec_ok(&ns, &["nft", "-f", rules.to_str().unwrap()]);
         }
+        // A label KEY=VALUE, or an `identity issue` flag as it is (`--port=http=8080/tcp`).
         let mut extra = Vec::new();
         for l in labels.iter() {
-            extra.extend(["--label", l]);
+            if l.starts_with("--") {
+                extra.push(*l);
+            } else {
+                extra.extend(["--label", l]);
+            }
         }
         let (cert, key) = pki.issue("microblog", name, &format!("100.64.2.{i}/32"), &extra);
         let ifname = lab.name(&format!("e{i}"));

@@ -362,7 +362,10 @@ fn label_selector_with_namespace_selector_and_port_and_protocol_scoping() {
     let mut pl = policy_lab(
         &[
             ("api", &["svc-post=access"]),
-            ("post", &["app=post"]),
+            (
+                "post",
+                &["app=post", "--port=http=9090/tcp", "--port=stats=8080/udp"],
+            ),
             ("search", &[]),
         ],
         &[],
@@ -405,9 +408,62 @@ spec:
         !talks(&pl.node(3).ns, pl.addr(2, 8080), QUICK),
         "no svc-post label"
     );
+    // A rule that names a port matches the port of that name in post's certificate, on both
+    // nodes (api's egress names it too): http is 9090/TCP, not 8080; stats is UDP.
+    let named = policy
+        .replace("[\"8080:8081\"]", "[http, stats]")
+        .replace("name: post-allow-list", "name: post-by-port-name");
+    let egress = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-to-http, namespace: microblog}
+spec:
+  selector: svc-post == 'access'
+  types: [Egress]
+  egress:
+  - action: Allow
+    protocol: TCP
+    destination: {selector: app == 'post', ports: [http]}
+";
+    pl.apply(1, &format!("{NAMESPACE}---\n{named}---\n{egress}"));
+    let key = pl.admin.display().to_string();
+    for gone in [
+        ["networkpolicy", "microblog/post-allow-list"],
+        ["gnp", "egress-all"],
+    ] {
+        let o = pl.meshctl(1, &["delete", gone[0], gone[1], "--key", &key]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    pl.wait_serial(pl.serial(1));
+    assert!(
+        talks(&pl.node(1).ns, pl.addr(2, 9090), QUICK),
+        "http is post's 9090/TCP"
+    );
+    assert!(
+        !talks(&pl.node(1).ns, pl.addr(2, 8080), QUICK),
+        "8080/TCP has no name"
+    );
+    let flows = pl.flows(2, false);
+    assert!(flows.iter().any(|r| r["dst"]["port"] == 9090
+        && r["verdict"] == "allow"
+        && r["policy"] == "NetworkPolicy microblog/post-by-port-name"));
+    // The live what-if takes post's named ports from its certificate.
+    let o = pl.meshctl(
+        1,
+        &[
+            "check",
+            "--from",
+            "microblog/api",
+            "--to",
+            "microblog/post",
+            "--port",
+            "9090",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+
     // The namespace's labels count: relabelled, the same selector no longer matches.
     pl.apply(1, &NAMESPACE.replace("app: microblog", "app: other"));
-    assert!(!talks(&pl.node(1).ns, pl.addr(2, 8080), QUICK));
+    assert!(!talks(&pl.node(1).ns, pl.addr(2, 9090), QUICK));
 }
 
 #[test]

@@ -28,6 +28,7 @@ fn identities() -> Vec<Endpoint> {
                         .parse()
                         .unwrap(),
                 ),
+                ports: Vec::new(),
             }
         })
         .collect()

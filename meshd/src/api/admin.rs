@@ -85,6 +85,7 @@ impl Admin {
                                 identity: b.identity(),
                                 spiffe_id: b.spiffe_id(),
                                 labels: b.labels.clone(),
+                                ports: b.ports.iter().map(ToString::to_string).collect(),
                                 addrs: b.addrs.clone(),
                                 endpoint: m.endpoint.to_string(),
                                 serial: b.serial,
@@ -195,6 +196,13 @@ impl Admin {
                 p.identity = Some(m.certificate.body.identity());
                 p.spiffe_id = Some(m.certificate.body.spiffe_id());
                 p.labels = m.certificate.body.labels.clone();
+                p.ports = m
+                    .certificate
+                    .body
+                    .ports
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 p.cert_not_after = Some(m.certificate.body.not_after);
             }
         }

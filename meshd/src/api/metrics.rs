@@ -372,6 +372,7 @@ mod tests {
                 identity: Some("td/prod/api".into()),
                 spiffe_id: None,
                 labels: Default::default(),
+                ports: Vec::new(),
                 cert_not_after: Some(2_000_000_000),
             }],
             drops: [("handshake_failed".to_string(), 3)].into(),

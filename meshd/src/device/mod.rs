@@ -457,6 +457,7 @@ impl Device {
                     identity: None,
                     spiffe_id: None,
                     labels: Default::default(),
+                    ports: Vec::new(),
                     cert_not_after: None,
                 }
             })

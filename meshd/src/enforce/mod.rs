@@ -594,6 +594,7 @@ pub fn identity_of_cert(body: &proto::cert::CertBody) -> Identity {
             name: body.name.clone(),
             labels: body.labels.clone(),
             ip: body.addrs.first().map(|c| c.addr()),
+            ports: body.ports.clone(),
         },
         addrs: body.addrs.clone(),
     }

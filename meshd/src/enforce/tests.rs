@@ -21,6 +21,7 @@ fn identity(name: &str, app: &str, ip: [u8; 4]) -> Identity {
             name: name.into(),
             labels: [("app".to_string(), app.to_string())].into(),
             ip: Some(addr),
+            ports: Vec::new(),
         },
         addrs: vec![proto::Cidr::new(addr, 32).unwrap()],
     }

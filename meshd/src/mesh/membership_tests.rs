@@ -28,7 +28,7 @@ fn identity(ca: &SigningKey, i: u8, not_after: u64) -> (StaticSecret, Certificat
         labels: Default::default(),
         addrs: vec![format!("100.64.1.{i}/32").parse().unwrap()],
         routes: vec![],
-            ports: vec![],
+        ports: vec![],
     }
     .sign(ca)
     .unwrap();

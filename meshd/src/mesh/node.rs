@@ -292,6 +292,7 @@ impl Node {
             spiffe_id: b.spiffe_id(),
             addresses: b.addrs.clone(),
             labels: b.labels.clone(),
+            ports: b.ports.iter().map(ToString::to_string).collect(),
             serial: b.serial,
             not_before: b.not_before,
             not_after: b.not_after,

@@ -345,23 +345,41 @@ fn protocol(ctx: &Ctx, v: &Option<ProtocolValue>) -> Result<Option<u8>, CompileE
         .transpose()
 }
 
-fn port_ranges(ctx: &Ctx, ports: &[PortValue]) -> Result<Vec<(u16, u16)>, CompileError> {
-    ports
-        .iter()
-        .map(|p| match p {
-            PortValue::Number(n) => Ok((*n, *n)),
+/// Ports and ranges, and port names (an identity's named ports, matched per identity).
+type Ports = (Vec<(u16, u16)>, Vec<String>);
+
+fn port_ranges(ctx: &Ctx, ports: &[PortValue]) -> Result<Ports, CompileError> {
+    let (mut ranges, mut names) = (Vec::new(), Vec::new());
+    for p in ports {
+        match p {
+            PortValue::Number(n) => ranges.push((*n, *n)),
             PortValue::Text(t) => {
                 let parsed = match t.split_once(':') {
-                    Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                    Some((a, b)) => a
+                        .trim()
+                        .parse::<u16>()
+                        .ok()
+                        .zip(b.trim().parse::<u16>().ok()),
                     None => t.trim().parse::<u16>().ok().map(|n| (n, n)),
                 };
+                let named = NamedPort {
+                    name: t.clone(),
+                    protocol: TCP,
+                    port: 1,
+                };
                 match parsed {
-                    Some((a, b)) if a <= b => Ok((a, b)),
-                    _ => Err(ctx.err(format!("`{t}` is not a port or a range like 8000:8080 (named ports are not supported)"))),
+                    Some((a, b)) if a <= b => ranges.push((a, b)),
+                    None if named.validate().is_ok() => names.push(t.clone()),
+                    _ => {
+                        return Err(ctx.err(format!(
+                            "`{t}` is not a port, a range like 8000:8080 or a port name (1-15 of a-z 0-9 -)"
+                        )))
+                    }
                 }
             }
-        })
-        .collect()
+        }
+    }
+    Ok((ranges, names))
 }
 
 fn nets(ctx: &Ctx, v: &[String]) -> Result<Vec<Cidr>, CompileError> {
@@ -371,12 +389,19 @@ fn nets(ctx: &Ctx, v: &[String]) -> Result<Vec<Cidr>, CompileError> {
 }
 
 fn entity(ctx: &Ctx, e: &EntityRule, proto: Option<u8>) -> Result<Entity, CompileError> {
-    let ports = port_ranges(&ctx.at("ports"), &e.ports)?;
-    let not_ports = port_ranges(&ctx.at("notPorts"), &e.not_ports)?;
+    let (ports, named_ports) = port_ranges(&ctx.at("ports"), &e.ports)?;
+    let (not_ports, not_named_ports) = port_ranges(&ctx.at("notPorts"), &e.not_ports)?;
+    // Numbers need the rule's protocol; a named port alone carries its own (Calico 3.32), but
+    // not under a protocol that has no ports.
     if (!ports.is_empty() || !not_ports.is_empty())
         && !matches!(proto, Some(TCP | UDP | SCTP | UDPLITE))
     {
         return Err(ctx.err("ports need protocol TCP, UDP, SCTP or UDPLite on the rule"));
+    }
+    if (!named_ports.is_empty() || !not_named_ports.is_empty())
+        && !matches!(proto, None | Some(TCP | UDP | SCTP))
+    {
+        return Err(ctx.err("named ports need protocol TCP, UDP or SCTP on the rule, or none"));
     }
     if e.services.is_some() {
         return Err(ctx
@@ -403,6 +428,8 @@ fn entity(ctx: &Ctx, e: &EntityRule, proto: Option<u8>) -> Result<Entity, Compil
         sa_selector,
         ports,
         not_ports,
+        named_ports,
+        not_named_ports,
         calico: true,
     })
 }
@@ -575,13 +602,18 @@ fn k8s_rules(
         }
         for (ti, port) in ports.iter().enumerate() {
             let tctx = ctx.at(&format!("ports[{ti}]"));
-            let (mut proto, mut ranges) = (None, Vec::new());
+            let (mut proto, mut ranges, mut names) = (None, Vec::new(), Vec::new());
             if let Some(p) = port {
                 let name = p.protocol.clone().unwrap_or_else(|| "TCP".into());
                 proto = protocol(&tctx.at("protocol"), &Some(ProtocolValue::Name(name)))?;
                 if let Some(pv) = &p.port {
-                    ranges = port_ranges(&tctx.at("port"), std::slice::from_ref(pv))?;
-                    if let Some(end) = p.end_port {
+                    (ranges, names) = port_ranges(&tctx.at("port"), std::slice::from_ref(pv))?;
+                    if !names.is_empty() && p.end_port.is_some() {
+                        return Err(tctx
+                            .at("endPort")
+                            .err("a named port has no range: endPort needs a number"));
+                    }
+                    if let Some(end) = p.end_port.filter(|_| !ranges.is_empty()) {
                         if end < ranges[0].0 {
                             return Err(tctx
                                 .at("endPort")
@@ -594,11 +626,13 @@ fn k8s_rules(
             // The port is the destination's: the local endpoint's on ingress, the peer's on egress.
             let mut peer_side = remote.clone();
             let mut local_side = Entity::default();
-            if ingress {
-                local_side.ports = ranges;
+            let side = if ingress {
+                &mut local_side
             } else {
-                peer_side.ports = ranges;
-            }
+                &mut peer_side
+            };
+            side.ports = ranges;
+            side.named_ports = names;
             let (source, destination) = if ingress {
                 (peer_side, local_side)
             } else {

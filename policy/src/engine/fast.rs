@@ -62,6 +62,53 @@ struct CompiledRule {
     /// The source / destination entity selects no identity in particular.
     src_open: bool,
     dst_open: bool,
+    /// The named ports of the source and destination entities, resolved against the identities:
+    /// (identity, protocol, port), sorted, for [`NamedPorts::SRC`] ... [`NamedPorts::DST_NOT`].
+    named: NamedPorts,
+}
+
+/// (identity, protocol, port) of the named ports an entity names, for its ports and its
+/// not-ports, at each end; sorted, looked up by binary search. Empty for the rules (nearly all)
+/// that name no port.
+#[derive(Clone, Default)]
+struct NamedPorts([Vec<(u32, u8, u16)>; 4]);
+
+impl NamedPorts {
+    const SRC: usize = 0;
+    const SRC_NOT: usize = 1;
+    const DST: usize = 2;
+    const DST_NOT: usize = 3;
+
+    fn lists(r: &Rule) -> [&[String]; 4] {
+        [
+            &r.source.named_ports,
+            &r.source.not_named_ports,
+            &r.destination.named_ports,
+            &r.destination.not_named_ports,
+        ]
+    }
+
+    /// Adds identity `i`'s named ports that rule `r` names.
+    fn add(&mut self, r: &Rule, i: u32, e: &Endpoint) {
+        for (list, names) in self.0.iter_mut().zip(NamedPorts::lists(r)) {
+            if names.is_empty() {
+                continue;
+            }
+            let before = list.len();
+            for np in e.ports.iter().filter(|np| names.contains(&np.name)) {
+                list.push((i, np.protocol, np.port));
+            }
+            if list.len() > before {
+                list.sort_unstable();
+            }
+        }
+    }
+
+    #[inline]
+    fn has(&self, which: usize, idx: u32, protocol: u8, port: Option<u16>) -> bool {
+        let list = &self.0[which];
+        !list.is_empty() && port.is_some_and(|pt| list.binary_search(&(idx, protocol, pt)).is_ok())
+    }
 }
 
 /// A policy set resolved against the identities of the mesh: every selector evaluated once per
@@ -138,6 +185,13 @@ impl PolicySet {
                     dst_nets: networks(p, &r.destination),
                     src_open: !r.source.selects_endpoints(),
                     dst_open: !r.destination.selects_endpoints(),
+                    named: {
+                        let mut named = NamedPorts::default();
+                        for (i, e) in identities.iter().enumerate() {
+                            named.add(r, i as u32, e);
+                        }
+                        named
+                    },
                 })
                 .collect()
         };
@@ -230,9 +284,21 @@ impl Compiled {
                     continue;
                 }
                 for (ri, r) in self.rules[pi as usize][d].iter().enumerate() {
+                    let named = |which, idx, port| r.named.has(which, idx, flow.protocol, port);
+                    let (sp, dp) = (flow.src_port, flow.dst_port);
                     let hit = r.rule.header_matches(flow)
-                        && r.rule.source.header_matches(src_ip, flow.src_port)
-                        && r.rule.destination.header_matches(dst_ip, flow.dst_port)
+                        && r.rule.source.header_matches(
+                            src_ip,
+                            sp,
+                            named(NamedPorts::SRC, src, sp),
+                            named(NamedPorts::SRC_NOT, src, sp),
+                        )
+                        && r.rule.destination.header_matches(
+                            dst_ip,
+                            dp,
+                            named(NamedPorts::DST, dst, dp),
+                            named(NamedPorts::DST_NOT, dst, dp),
+                        )
                         && self.end_selected(&r.src, &r.src_nets, r.src_open, src, src_ip)
                         && self.end_selected(&r.dst, &r.dst_nets, r.dst_open, dst, dst_ip);
                     if !hit {
@@ -330,6 +396,7 @@ impl Compiled {
                 }
                 for (d, rules) in [&p.ingress, &p.egress].into_iter().enumerate() {
                     for (cr, r) in self.rules[pi][d].iter_mut().zip(rules.iter().flatten()) {
+                        cr.named.add(r, i as u32, e);
                         for (bits, ent) in [(&mut cr.src, &r.source), (&mut cr.dst, &r.destination)]
                         {
                             let selected = set.selects(p, ent, e);

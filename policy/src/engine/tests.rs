@@ -14,6 +14,7 @@ fn ep(ns: &str, name: &str, labels: &[(&str, &str)]) -> Endpoint {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         ip: None,
+        ports: Vec::new(),
     }
 }
 
@@ -993,6 +994,231 @@ spec:
     );
 }
 
+fn with_ports(mut e: Endpoint, ports: &[&str]) -> Endpoint {
+    e.ports = ports.iter().map(|p| p.parse().unwrap()).collect();
+    e.ports.sort();
+    e
+}
+
+/// Named ports, as Calico and Kubernetes match container ports: a rule's `ports: [http]` is the
+/// destination identity's port of that name and protocol (the source's in `source.ports`), an
+/// address outside the mesh has none, and the fast path agrees.
+#[test]
+fn rules_that_name_ports_match_the_identities_named_ports() {
+    let yaml = format!(
+        "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: post-in, namespace: microblog}}
+spec:
+  selector: app == 'post'
+  ingress:
+    - action: Deny
+      protocol: TCP
+      destination: {{ports: [debug]}}
+    - action: Allow
+      protocol: TCP
+      source: {{selector: app == 'api'}}
+      destination: {{ports: [http, 9000]}}
+    - action: Allow
+      destination: {{ports: [dns]}}
+    - action: Allow
+      protocol: TCP
+      source: {{selector: app == 'api', ports: [client]}}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: api-out, namespace: microblog}}
+spec:
+  selector: app == 'api'
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination: {{ports: [http], notPorts: [admin]}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: user-in, namespace: microblog}}
+spec:
+  podSelector: {{matchLabels: {{app: user}}}}
+  ingress:
+    - ports: [{{port: http}}]
+"
+    );
+    let s = set(&yaml);
+    let post = with_ports(
+        ep("microblog", "post", &[("app", "post")]),
+        &[
+            "http=8080/tcp",
+            "debug=8081/tcp",
+            "dns=53/udp",
+            "admin=8080/tcp",
+        ],
+    );
+    let api = with_ports(
+        ep("microblog", "api", &[("app", "api")]),
+        &["client=40000/tcp"],
+    );
+    let user = with_ports(
+        ep("microblog", "user", &[("app", "user")]),
+        &["http=7000/tcp"],
+    );
+    let flow = |protocol, sport, dport| Flow {
+        protocol,
+        src_port: Some(sport),
+        dst_port: Some(dport),
+        icmp: None,
+        ip_version: 4,
+    };
+    let cases: &[(&Endpoint, &Endpoint, Direction, Flow, bool, &str)] = &[
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(TCP, 1, 8080),
+            true,
+            "http is post's 8080/TCP",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(TCP, 1, 9000),
+            true,
+            "a number beside a name",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(TCP, 1, 8081),
+            false,
+            "debug is denied first",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(TCP, 1, 7000),
+            false,
+            "7000 is user's http",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(UDP, 1, 8080),
+            false,
+            "post names no 8080/UDP",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(UDP, 1, 53),
+            true,
+            "a named port alone takes its protocol",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(TCP, 1, 53),
+            false,
+            "dns is 53/UDP",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Ingress,
+            flow(TCP, 40000, 22),
+            true,
+            "source port named client",
+        ),
+        (
+            &api,
+            &post,
+            Direction::Egress,
+            flow(TCP, 1, 8080),
+            false,
+            "post's admin is 8080/TCP too: a not-port",
+        ),
+        (
+            &api,
+            &user,
+            Direction::Egress,
+            flow(TCP, 1, 7000),
+            true,
+            "the destination's http",
+        ),
+        (
+            &api,
+            &user,
+            Direction::Egress,
+            flow(TCP, 1, 8080),
+            false,
+            "post's http is not user's",
+        ),
+        (
+            &post,
+            &user,
+            Direction::Ingress,
+            flow(TCP, 1, 7000),
+            true,
+            "Kubernetes: the pod's own port",
+        ),
+        (
+            &post,
+            &user,
+            Direction::Ingress,
+            flow(TCP, 1, 8080),
+            false,
+            "Kubernetes: not the peer's",
+        ),
+    ];
+    let ids = [api.clone(), post.clone(), user.clone()];
+    let c = s.resolve(&ids);
+    let idx = |e: &Endpoint| ids.iter().position(|x| x == e).unwrap() as u32;
+    for (src, dst, dir, f, allow, why) in cases {
+        let v = s.decide(*dir, f, src, dst);
+        assert_eq!(v.allow, *allow, "{why}: {v:?}");
+        let fast = c.decide(*dir, f, idx(src), None, idx(dst), None);
+        assert_eq!(fast.allow, *allow, "fast path: {why}");
+    }
+    // An address outside the mesh never has a named port.
+    let v = s.decide_ends(
+        Direction::Egress,
+        &flow(TCP, 1, 8080),
+        End::Identity(&api),
+        ext("198.19.1.1"),
+    );
+    assert!(!v.allow);
+
+    let refused = |rule: &str| {
+        let yaml = format!(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: x}}\nspec:\n  selector: all()\n  ingress: [{rule}]\n"
+        );
+        let docs = crate::model::parse_documents(&yaml, "x.yaml").unwrap();
+        let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+        e.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let e = refused("{action: Allow, protocol: ICMP, destination: {ports: [http]}}");
+    assert!(
+        e.contains("named ports need protocol TCP, UDP or SCTP"),
+        "{e}"
+    );
+    let e = refused("{action: Allow, protocol: TCP, destination: {ports: [Http_1]}}");
+    assert!(
+        e.contains("`Http_1` is not a port, a range like 8000:8080 or a port name"),
+        "{e}"
+    );
+    let e = refused("{action: Allow, destination: {ports: [80]}}");
+    assert!(e.contains("ports need protocol"), "{e}");
+}
+
 #[test]
 fn order_deny_pass_and_log() {
     let yaml = "
@@ -1279,6 +1505,22 @@ spec:
     - action: Pass
       protocol: TCP
       destination: {ports: ['8011:8050']}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: named}
+spec:
+  order: 1
+  selector: has(app)
+  types: [Ingress, Egress]
+  ingress:
+    - action: Allow
+      destination: {ports: [web]}
+  egress:
+    - action: Deny
+      protocol: TCP
+      destination: {notPorts: [ops, '8090:8095']}
+      source: {ports: [web]}
 ";
         let yaml = format!(
             "{}---{}---{order}---{FEDERATED}---{NETWORKS}---{by_network}---{tiers}",
@@ -1295,9 +1537,17 @@ spec:
             proptest::option::of(prop_oneof![Just("fe"), Just("be")]),
             proptest::option::of(0u8..=10),
             any::<bool>(),
+            proptest::option::of(prop_oneof![
+                Just("web=8000/tcp"),
+                Just("web=8020/udp"),
+                Just("ops=8099/tcp")
+            ]),
         )
-            .prop_map(|(ns, name, app, tier, ip, local)| {
+            .prop_map(|(ns, name, app, tier, ip, local, port)| {
                 let mut e = ep(ns, name, &[]);
+                if let Some(p) = port {
+                    e.ports = vec![p.parse().unwrap()];
+                }
                 if !local {
                     e = remote(e);
                 }
