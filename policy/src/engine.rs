@@ -41,7 +41,7 @@ use std::net::IpAddr;
 mod compile;
 mod fast;
 
-pub use fast::{Compiled, FastVerdict, Reason};
+pub use fast::{Audit, Compiled, FastVerdict, Reason};
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -235,6 +235,10 @@ impl Tier {
 #[derive(Debug, Clone)]
 struct Policy {
     id: String,
+    /// The name it sorts by among policies of equal order: its id, or for a staged policy the
+    /// name of the policy it would be once promoted, so the staged view orders it as promotion
+    /// would.
+    sort_name: String,
     /// Index into [`PolicySet::tiers`].
     tier: usize,
     namespace: Option<String>,
@@ -385,6 +389,7 @@ fn sort_policies(policies: &mut [Policy]) {
     policies.sort_by(|a, b| {
         (a.tier.cmp(&b.tier))
             .then(a.order.total_cmp(&b.order))
+            .then_with(|| a.sort_name.cmp(&b.sort_name))
             .then_with(|| a.id.cmp(&b.id))
     });
 }

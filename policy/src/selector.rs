@@ -37,8 +37,10 @@ pub enum Selector {
     StartsWith(String, String),
     EndsWith(String, String),
     Not(Box<Selector>),
-    And(Box<Selector>, Box<Selector>),
-    Or(Box<Selector>, Box<Selector>),
+    /// Two or more terms, as Calico's parser builds them: a chain of `&&` or `||` is one node,
+    /// so only parentheses (at most [`MAX_DEPTH`]) make the tree deeper.
+    And(Vec<Selector>),
+    Or(Vec<Selector>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -143,15 +145,28 @@ impl Selector {
             Selector::All => has(),
             Selector::Global => Selector::Not(Box::new(has())),
             Selector::Not(e) => Selector::Not(Box::new(e.for_rule_namespaces())),
-            Selector::And(a, b) => Selector::And(
-                Box::new(a.for_rule_namespaces()),
-                Box::new(b.for_rule_namespaces()),
-            ),
-            Selector::Or(a, b) => Selector::Or(
-                Box::new(a.for_rule_namespaces()),
-                Box::new(b.for_rule_namespaces()),
-            ),
+            Selector::And(v) => {
+                Selector::And(v.iter().map(Selector::for_rule_namespaces).collect())
+            }
+            Selector::Or(v) => Selector::Or(v.iter().map(Selector::for_rule_namespaces).collect()),
             other => other.clone(),
+        }
+    }
+
+    /// `terms` joined by `&&`: the one term itself, `all()` for none.
+    pub fn all_of(mut terms: Vec<Selector>) -> Selector {
+        match terms.len() {
+            0 => Selector::All,
+            1 => terms.remove(0),
+            _ => Selector::And(terms),
+        }
+    }
+
+    /// `terms` joined by `||`: the one term itself. Never empty.
+    fn any_of(mut terms: Vec<Selector>) -> Selector {
+        match terms.len() {
+            1 => terms.remove(0),
+            _ => Selector::Or(terms),
         }
     }
 
@@ -166,8 +181,8 @@ impl Selector {
             | Selector::Contains(k, _)
             | Selector::StartsWith(k, _)
             | Selector::EndsWith(k, _) => k == key,
-            Selector::And(a, b) => a.pins(key) || b.pins(key),
-            Selector::Or(a, b) => a.pins(key) && b.pins(key),
+            Selector::And(v) => v.iter().any(|e| e.pins(key)),
+            Selector::Or(v) => v.iter().all(|e| e.pins(key)),
             _ => false,
         }
     }
@@ -186,8 +201,8 @@ impl Selector {
             Selector::StartsWith(k, v) => s.label(k).is_some_and(|x| x.starts_with(v.as_str())),
             Selector::EndsWith(k, v) => s.label(k).is_some_and(|x| x.ends_with(v.as_str())),
             Selector::Not(e) => !e.matches(s),
-            Selector::And(a, b) => a.matches(s) && b.matches(s),
-            Selector::Or(a, b) => a.matches(s) || b.matches(s),
+            Selector::And(v) => v.iter().all(|e| e.matches(s)),
+            Selector::Or(v) => v.iter().any(|e| e.matches(s)),
         }
     }
 }
@@ -436,21 +451,21 @@ impl Parser<'_> {
     }
 
     fn or(&mut self) -> Result<Selector, SelectorError> {
-        let mut e = self.and()?;
+        let mut terms = vec![self.and()?];
         while self.peek() == &Tok::Or {
             self.next();
-            e = Selector::Or(Box::new(e), Box::new(self.and()?));
+            terms.push(self.and()?);
         }
-        Ok(e)
+        Ok(Selector::any_of(terms))
     }
 
     fn and(&mut self) -> Result<Selector, SelectorError> {
-        let mut e = self.operation()?;
+        let mut terms = vec![self.operation()?];
         while self.peek() == &Tok::And {
             self.next();
-            e = Selector::And(Box::new(e), Box::new(self.operation()?));
+            terms.push(self.operation()?);
         }
-        Ok(e)
+        Ok(Selector::all_of(terms))
     }
 
     /// One operation, after any run of `!` (folded: an odd run negates).
@@ -599,21 +614,26 @@ impl fmt::Display for Selector {
             Selector::StartsWith(k, v) => write!(f, "{k} starts with {}", q(v)),
             Selector::EndsWith(k, v) => write!(f, "{k} ends with {}", q(v)),
             Selector::Not(e) => write!(f, "!{}", operand(e)),
-            // Both operators associate to the left: a right operand of the same kind, and any
-            // `||` inside `&&`, needs parentheses.
-            Selector::And(a, b) => {
-                let left = match **a {
-                    Selector::Or(..) => format!("({a})"),
-                    _ => a.to_string(),
-                };
-                write!(f, "{left} && {}", operand(b))
+            // A nested chain keeps its parentheses, so the text parses back to the same tree.
+            Selector::And(v) => {
+                let terms: Vec<String> = v
+                    .iter()
+                    .map(|e| match e {
+                        Selector::And(..) | Selector::Or(..) => format!("({e})"),
+                        _ => e.to_string(),
+                    })
+                    .collect();
+                write!(f, "{}", terms.join(" && "))
             }
-            Selector::Or(a, b) => {
-                let right = match **b {
-                    Selector::Or(..) => format!("({b})"),
-                    _ => b.to_string(),
-                };
-                write!(f, "{a} || {right}")
+            Selector::Or(v) => {
+                let terms: Vec<String> = v
+                    .iter()
+                    .map(|e| match e {
+                        Selector::Or(..) => format!("({e})"),
+                        _ => e.to_string(),
+                    })
+                    .collect();
+                write!(f, "{}", terms.join(" || "))
             }
         }
     }
@@ -1026,6 +1046,33 @@ mod tests {
         }
     }
 
+    /// The longest selector is a chain of thousands of terms: one node, not a tree as deep as
+    /// the chain, so matching, printing, copying and dropping it need no deep stack.
+    #[test]
+    fn a_long_chain_is_one_node_and_needs_no_deep_stack() {
+        for op in ["&&", "||"] {
+            let term = "a == 'b' ";
+            let n = MAX_SELECTOR_CHARS / (term.len() + 3);
+            let text = vec![term; n].join(&format!("{op} "));
+            assert!(text.chars().count() <= MAX_SELECTOR_CHARS);
+            let handle = std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let sel = Selector::parse(&text).unwrap();
+                    let labels = labels(&[("a", "b")]);
+                    assert!(sel.matches(&labels));
+                    let again = Selector::parse(&sel.to_string()).unwrap();
+                    assert_eq!(again, sel.clone().for_rule_namespaces());
+                    match &sel {
+                        Selector::And(v) | Selector::Or(v) => v.len(),
+                        _ => 0,
+                    }
+                })
+                .unwrap();
+            assert!(handle.join().unwrap() > 5000, "{op}");
+        }
+    }
+
     #[test]
     fn where_global_may_stand_and_what_it_means_there() {
         assert!(Selector::check_rule_namespace_text("global()").is_ok());
@@ -1072,9 +1119,9 @@ mod tests {
         leaf.prop_recursive(4, 16, 2, |inner| {
             prop_oneof![
                 inner.clone().prop_map(|e| Selector::Not(Box::new(e))),
-                (inner.clone(), inner.clone())
-                    .prop_map(|(a, b)| Selector::And(Box::new(a), Box::new(b))),
-                (inner.clone(), inner).prop_map(|(a, b)| Selector::Or(Box::new(a), Box::new(b))),
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| Selector::And(vec![a, b])),
+                (inner.clone(), inner.clone(), inner)
+                    .prop_map(|(a, b, c)| Selector::Or(vec![a, b, c])),
             ]
         })
     }

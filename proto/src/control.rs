@@ -806,6 +806,9 @@ impl ReplayWindow {
 
 /// What a sealed message says.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A Hello carries a whole certificate; messages are control traffic, a few per second, so the
+// size of the enum costs nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Message {
     /// "This is who I am": the sender's certificate, which must name the sealing key.
     /// `want_members` asks the receiver to answer with the members it knows, unless its

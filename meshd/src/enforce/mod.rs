@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use flowlog::{FlowEvent, FlowLog};
 use parking_lot::Mutex;
 use policy::conntrack::{ConnKey, Conntrack, Entry, Timeouts, Tracked};
-use policy::engine::{Compiled, Direction, Endpoint, FastVerdict, Flow, Posture};
+use policy::engine::{Audit, Compiled, Direction, Endpoint, FastVerdict, Flow, Posture};
 use policy::fragments::Fragments;
 use proto::ip::{FlowKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE};
 use std::collections::HashMap;
@@ -243,20 +243,19 @@ impl Rules {
     /// whose identity is `remote` (see [`Rules::ends`]); `None` if it is not this node's to pass.
     pub fn decide(&self, at: Direction, flow: &FlowKey, remote: u32) -> Option<Decision> {
         let (direction, src, dst) = self.ends(at, flow, remote)?;
-        let governed = match direction {
-            Direction::Egress => src,
-            Direction::Ingress => dst,
-        };
-        let verdict = self.compiled.decide(
-            direction,
-            &policy_flow(flow),
-            src,
-            Some(flow.src),
-            dst,
-            Some(flow.dst),
-        );
+        let pflow = policy_flow(flow);
+        let (s, d) = ((src, Some(flow.src)), (dst, Some(flow.dst)));
+        let mut verdict = self.compiled.decide(direction, &pflow, s.0, s.1, d.0, d.1);
         let audited = !verdict.allow
-            && (self.audit_all || self.compiled.audited(direction, governed, &verdict));
+            && (self.audit_all
+                || match self.compiled.audit(direction, &pflow, s, d, &verdict) {
+                    Some(Audit::Passes) => true,
+                    Some(Audit::Denied(enforced)) => {
+                        verdict = enforced;
+                        false
+                    }
+                    None => false,
+                });
         Some(Decision {
             verdict,
             audited,

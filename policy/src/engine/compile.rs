@@ -99,7 +99,7 @@ impl PolicySet {
                             // The staged version of an enforced policy stands in its place.
                             set.staged_deletes.push(policy.object_name());
                             staged_tier_of.push((p.id.clone(), tier));
-                            set.staged.push(p);
+                            set.staged.push(*p);
                         }
                         Err(mut e) => errors.append(&mut e),
                     }
@@ -243,12 +243,26 @@ impl PolicySet {
     }
 }
 
+/// Rules of one policy in one direction at most (a Kubernetes rule counts once per peer and
+/// port): every rule is resolved against every identity, and verdicts name rules by a u16.
+pub const MAX_RULES: usize = 10_000;
+
+/// Refuses a direction of a policy with more than [`MAX_RULES`] rules.
+fn bounded(ctx: &Ctx, dir: &str, n: usize) -> Result<(), CompileError> {
+    if n > MAX_RULES {
+        return Err(ctx.at(dir).err(format!(
+            "{n} rules (Kubernetes: one per peer and port); at most {MAX_RULES}"
+        )));
+    }
+    Ok(())
+}
+
 /// What a staged document stages.
 enum Staged {
     /// The object name of the enforced policy left out.
     Delete(String),
     /// A policy, and its tier's name.
-    Set(Policy, String),
+    Set(Box<Policy>, String),
 }
 
 /// A staged policy (`id` is its object name, `StagedNetworkPolicy NS/NAME`, ...): compiled as its
@@ -303,8 +317,12 @@ fn staged(id: &str, action: StagedAction, policy: &Document) -> Result<Staged, V
             }])
         }
     };
+    let p = Policy {
+        sort_name: policy.object_name(),
+        ..p
+    };
     Ok(Staged::Set(
-        p,
+        Box::new(p),
         tier.clone().unwrap_or_else(|| DEFAULT_TIER.into()),
     ))
 }
@@ -488,6 +506,11 @@ fn calico(
             })
             .collect()
     };
+    for (list, dir) in [(&spec.ingress, "ingress"), (&spec.egress, "egress")] {
+        if let Err(e) = bounded(&ctx, dir, list.len()) {
+            return Err(vec![e]);
+        }
+    }
     let ingress = rules(&spec.ingress, "ingress");
     let egress = rules(&spec.egress, "egress");
     let types: Vec<String> = spec.types.clone().unwrap_or_else(|| {
@@ -528,6 +551,7 @@ fn calico(
     }
     Ok(Policy {
         tier: 0,
+        sort_name: id.to_string(),
         id: id.to_string(),
         namespace,
         order: spec.order.unwrap_or(f64::INFINITY),
@@ -561,10 +585,7 @@ fn label_selector(ctx: &Ctx, s: &LabelSelector) -> Result<Selector, CompileError
             }
         });
     }
-    Ok(parts
-        .into_iter()
-        .reduce(|a, b| Selector::And(Box::new(a), Box::new(b)))
-        .unwrap_or(Selector::All))
+    Ok(Selector::all_of(parts))
 }
 
 fn k8s_rules(
@@ -667,6 +688,19 @@ fn k8s(id: &str, namespace: String, spec: &K8sSpec) -> Result<Policy, Vec<Compil
         }
         t
     });
+    // Each rule expands to one per peer and port: count before building any.
+    let count = |peers: &Option<Vec<K8sPeer>>, ports: &Option<Vec<model::K8sPort>>| {
+        let n = |l: Option<usize>| l.filter(|&n| n > 0).unwrap_or(1);
+        n(peers.as_ref().map(Vec::len)).saturating_mul(n(ports.as_ref().map(Vec::len)))
+    };
+    let ins: usize = (spec.ingress.iter().flatten())
+        .map(|r| count(&r.from, &r.ports))
+        .fold(0, usize::saturating_add);
+    let outs: usize = (spec.egress.iter().flatten())
+        .map(|r| count(&r.to, &r.ports))
+        .fold(0, usize::saturating_add);
+    bounded(&ctx, "ingress", ins).map_err(one)?;
+    bounded(&ctx, "egress", outs).map_err(one)?;
     let mut ingress = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
         ingress.extend(
@@ -688,6 +722,7 @@ fn k8s(id: &str, namespace: String, spec: &K8sSpec) -> Result<Policy, Vec<Compil
     }
     Ok(Policy {
         tier: 0,
+        sort_name: id.to_string(),
         id: id.to_string(),
         namespace: Some(namespace),
         // Calico orders Kubernetes policies at 1000.

@@ -16,6 +16,15 @@ pub enum Reason {
     NoPolicy,
 }
 
+/// What audit mode makes of a denial ([`Compiled::audit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audit {
+    /// Reported as a denial, passed.
+    Passes,
+    /// Denied by the enforced policies, with their verdict.
+    Denied(FastVerdict),
+}
+
 /// A verdict without allocation: indices into the compiled set, names resolved on demand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FastVerdict {
@@ -88,7 +97,8 @@ impl NamedPorts {
         ]
     }
 
-    /// Adds identity `i`'s named ports that rule `r` names.
+    /// Adds identity `i`'s named ports that rule `r` names; `i` is larger than every identity
+    /// added before, so sorting what it adds keeps the list sorted.
     fn add(&mut self, r: &Rule, i: u32, e: &Endpoint) {
         for (list, names) in self.0.iter_mut().zip(NamedPorts::lists(r)) {
             if names.is_empty() {
@@ -98,9 +108,7 @@ impl NamedPorts {
             for np in e.ports.iter().filter(|np| names.contains(&np.name)) {
                 list.push((i, np.protocol, np.port));
             }
-            if list.len() > before {
-                list.sort_unstable();
-            }
+            list[before..].sort_unstable();
         }
     }
 
@@ -250,6 +258,18 @@ impl Compiled {
         dst: u32,
         dst_ip: Option<IpAddr>,
     ) -> FastVerdict {
+        self.walk(direction, flow, (src, src_ip), (dst, dst_ip), false)
+    }
+
+    /// [`Compiled::decide`]; with `skip_audit`, as if the policies in audit mode were not there.
+    fn walk(
+        &self,
+        direction: Direction,
+        flow: &Flow,
+        (src, src_ip): (u32, Option<IpAddr>),
+        (dst, dst_ip): (u32, Option<IpAddr>),
+        skip_audit: bool,
+    ) -> FastVerdict {
         let local = match direction {
             Direction::Ingress => dst,
             Direction::Egress => src,
@@ -276,13 +296,14 @@ impl Compiled {
         let mut k = 0;
         while k < list.len() {
             let tier = self.tier_of[list[k] as usize];
-            let mut tier_passed = false;
+            let (mut tier_passed, mut tier_selected) = (false, false);
             while k < list.len() && self.tier_of[list[k] as usize] == tier {
                 let pi = list[k];
                 k += 1;
-                if tier_passed {
+                if tier_passed || (skip_audit && self.audit[pi as usize]) {
                     continue;
                 }
+                tier_selected = true;
                 for (ri, r) in self.rules[pi as usize][d].iter().enumerate() {
                     let named = |which, idx, port| r.named.has(which, idx, flow.protocol, port);
                     let (sp, dp) = (flow.src_port, flow.dst_port);
@@ -317,7 +338,7 @@ impl Compiled {
                     }
                 }
             }
-            if tier_passed {
+            if tier_passed || !tier_selected {
                 continue;
             }
             if !self.tiers[tier as usize].0 {
@@ -439,21 +460,45 @@ impl Compiled {
         self.ids.len()
     }
 
-    /// Whether the denial `v` of identity `local`'s traffic is only audited: decided by a policy
-    /// in audit mode, or falling off the end of policies that are all in audit mode.
-    pub fn audited(&self, direction: Direction, local: u32, v: &FastVerdict) -> bool {
+    /// What policies in audit mode ([`crate::model::AUDIT_ANNOTATION`]) make of the denial `v`
+    /// of a flow ([`Compiled::decide`] with the same arguments). Their denials are reported, not
+    /// enforced, but they never switch off the policies that are enforced: a denial that an
+    /// audit-mode policy decided (its Deny or Pass, or the end of a tier of audit-mode policies
+    /// alone) is decided again as if no policy were in audit mode. The flow passes, audited, if
+    /// that allows it or if audit-mode policies alone select the identity (a log-only rollout);
+    /// otherwise the enforced verdict stands. `None`: the denial is not an audit-mode policy's.
+    pub fn audit(
+        &self,
+        direction: Direction,
+        flow: &Flow,
+        src: (u32, Option<IpAddr>),
+        dst: (u32, Option<IpAddr>),
+        v: &FastVerdict,
+    ) -> Option<Audit> {
         if v.allow {
-            return false;
+            return None;
         }
-        match (v.reason, v.policy) {
-            (_, Some(p)) => self.audit.get(p as usize).copied().unwrap_or(false),
-            (Reason::EndOfTier, None) => self.applicable.get(local as usize).is_some_and(|a| {
-                a[slot(direction)]
-                    .iter()
-                    .filter(|&&p| self.tier_of[p as usize] == v.tier)
-                    .all(|&p| self.audit[p as usize])
-            }),
+        let local = match direction {
+            Direction::Ingress => dst.0,
+            Direction::Egress => src.0,
+        };
+        let list = &self.applicable.get(local as usize)?[slot(direction)];
+        let by_audit = match (v.reason, v.policy) {
+            (Reason::Rule | Reason::Pass, Some(p)) => self.audit[p as usize],
+            (Reason::EndOfTier, None) => list
+                .iter()
+                .filter(|&&p| self.tier_of[p as usize] == v.tier)
+                .all(|&p| self.audit[p as usize]),
             _ => false,
+        };
+        if !by_audit {
+            return None;
+        }
+        let enforced = self.walk(direction, flow, src, dst, true);
+        if enforced.allow || list.iter().all(|&p| self.audit[p as usize]) {
+            Some(Audit::Passes)
+        } else {
+            Some(Audit::Denied(enforced))
         }
     }
 

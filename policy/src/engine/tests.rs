@@ -821,6 +821,108 @@ spec:
     );
 }
 
+/// Policies in audit mode report what they would deny and never switch off the enforced ones: a
+/// denial an audit-mode policy decides is decided again without the audit-mode policies; it
+/// passes if that allows it, or if audit-mode policies alone select the identity.
+#[test]
+fn audit_mode_policies_never_switch_off_enforced_ones_in_any_tier() {
+    let yaml = format!(
+        "{NAMESPACE}---
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {{name: trial}}
+spec: {{order: 100}}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: trial.probe, annotations: {{policy.mesh/audit: 'true'}}}}
+spec:
+  tier: trial
+  selector: all()
+  ingress:
+    - action: Deny
+      source: {{selector: app == 'search'}}
+    - action: Allow
+      protocol: TCP
+      destination: {{ports: [443]}}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: db-in, namespace: microblog}}
+spec:
+  selector: app == 'db'
+  ingress:
+    - action: Allow
+      source: {{selector: \"app in {{'api', 'search'}}\"}}
+"
+    );
+    let s = set(&yaml);
+    let ids = [
+        ep("microblog", "db", &[("app", "db")]),
+        ep("microblog", "web", &[("app", "web")]),
+        ep("microblog", "api", &[("app", "api")]),
+        ep("microblog", "search", &[("app", "search")]),
+        ep("microblog", "lonely", &[("app", "lonely")]),
+    ];
+    let c = s.resolve(&ids);
+    let fate = |src: u32, dst: u32| {
+        let f = tcp(5432);
+        let v = c.decide(Direction::Ingress, &f, src, None, dst, None);
+        let audit = c.audit(Direction::Ingress, &f, (src, None), (dst, None), &v);
+        (v, audit)
+    };
+    // web -> db: the end of the audit-only tier would deny; the enforced db-in denies too.
+    let (v, audit) = fate(1, 0);
+    assert_eq!((v.allow, c.policy_name(&v)), (false, "end-of-tier trial"));
+    let Some(Audit::Denied(enforced)) = audit else {
+        panic!("{audit:?}")
+    };
+    assert_eq!(c.policy_name(&enforced), "end-of-policies");
+    // search -> db: the audit-mode Deny is reported; db-in allows, so it passes.
+    let (v, audit) = fate(3, 0);
+    assert_eq!(
+        (v.allow, c.policy_name(&v)),
+        (false, "GlobalNetworkPolicy trial.probe")
+    );
+    assert_eq!(audit, Some(Audit::Passes));
+    // lonely is selected by the audit-mode policy alone: a log-only rollout, it passes.
+    let (v, audit) = fate(1, 4);
+    assert!(!v.allow);
+    assert_eq!(audit, Some(Audit::Passes));
+    // A denial no audit-mode policy decided is not audit's business.
+    let yaml2 = yaml.replace("policy.mesh/audit: 'true'", "x: 'y'");
+    let c2 = set(&yaml2).resolve(&ids);
+    let v = c2.decide(Direction::Ingress, &tcp(5432), 3, None, 0, None);
+    assert_eq!(
+        c2.audit(Direction::Ingress, &tcp(5432), (3, None), (0, None), &v),
+        None
+    );
+}
+
+/// A policy cannot make every node resolve millions of rules: a direction has at most
+/// MAX_RULES, a Kubernetes rule counting once per peer and port.
+#[test]
+fn rule_counts_are_bounded() {
+    let peers = vec!["{podSelector: {}}"; 200].join(", ");
+    let ports = vec!["{port: 80}"; 100].join(", ");
+    let yaml = format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: big, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{peers}], ports: [{ports}]}}]\n"
+    );
+    let docs = parse_documents(&yaml, "big.yaml").unwrap();
+    let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+    assert!(e[0].to_string().contains("20000 rules"), "{e:?}");
+    let rules = vec!["{action: Allow}"; compile::MAX_RULES + 1].join(", ");
+    let yaml = format!(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  egress: [{rules}]\n"
+    );
+    let docs = parse_documents(&yaml, "big.yaml").unwrap();
+    let e = PolicySet::compile(&docs, Posture::ZeroTrust).unwrap_err();
+    assert!(
+        e[0].to_string().contains("spec.egress") && e[0].to_string().contains("at most"),
+        "{e:?}"
+    );
+}
+
 /// Tiers as Calico defines them: `default` always exists at order 1,000,000; a tier without an
 /// order is there too (then by name); a policy names an existing tier; `defaultAction` is Deny or
 /// Pass.
@@ -947,6 +1049,33 @@ spec:
     );
     // Nothing staged, no view.
     assert!(set(POST_BY_NAMES).staged_view().is_none());
+    // Among policies of equal order, a staged one sorts by the name it will have once promoted:
+    // staged `a` (deny) comes before enforced `b` (allow), as promoted `a` would.
+    let equal = "
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: b, namespace: microblog}
+spec:
+  order: 10
+  selector: app == 'post'
+  ingress: [{action: Allow}]
+---
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata: {name: a, namespace: microblog}
+spec:
+  order: 10
+  selector: app == 'post'
+  ingress: [{action: Deny}]
+";
+    let v = set(equal)
+        .staged_view()
+        .unwrap()
+        .decide(Direction::Ingress, &tcp(1), &search, &post());
+    assert_eq!(
+        (v.allow, v.by.as_str()),
+        (false, "StagedNetworkPolicy microblog/a")
+    );
     // A staged version of an enforced policy stands in its place: what promoting it would do.
     let next = format!(
         "{NAMESPACE}---{POST_BY_NAMES}---{}",
