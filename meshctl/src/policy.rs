@@ -207,13 +207,26 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
         }
         o
     };
-    let json = serde_json::json!({
+    // With staged policies: what the set would decide were they promoted (the exit code stays
+    // the enforced verdict's).
+    let staged = set
+        .staged_view()
+        .map(|view| testing::decide(&view, &src, &dst, protocol, a.port));
+    let mut json = serde_json::json!({
         "verdict": if allow { "ALLOW" } else { "DENY" },
         "protocol": a.proto,
         "port": a.port,
         "egress": side(&src, &answer.egress),
         "ingress": side(&dst, &answer.ingress),
     });
+    if let Some(s) = &staged {
+        json["staged"] = serde_json::json!({
+            "verdict": if s.allow { "ALLOW" } else { "DENY" },
+            "decided_by": s.decided_by(),
+            "egress": side(&src, &s.egress),
+            "ingress": side(&dst, &s.ingress),
+        });
+    }
     if a.output.data(&json)?.is_some() {
         println!("{}", if allow { "ALLOW" } else { "DENY" });
         for (what, end, v) in [
@@ -233,6 +246,10 @@ pub fn check(a: CheckArgs) -> Result<(), Failure> {
                 ),
                 Err(why) => println!("  {what} {}: {why}", end.name(&set)),
             }
+        }
+        if let Some(s) = &staged {
+            let verdict = if s.allow { "ALLOW" } else { "DENY" };
+            println!("  staged: {verdict} by {}", s.decided_by());
         }
     }
     if allow {

@@ -326,3 +326,134 @@ fn policy_tests_run_offline_and_name_the_failing_case() {
     assert_eq!(failed[0]["decided_by"], "end-of-policies");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The what-if tool knows the Calico model this release adds: beside the enforced verdict it says
+/// what the staged policies would decide, a tier ahead of `default` decides first, and an
+/// identity's named ports (`,port:NAME=PORT/PROTO`) meet rules that name them.
+#[test]
+fn policy_check_shows_staged_verdicts_tiers_and_named_ports() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog");
+    let dir = std::env::temp_dir().join(format!("meshctl-policy-staged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&examples).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let staged = std::fs::read_to_string(examples.join("post-allow-list.yaml"))
+        .unwrap()
+        .replace("kind: NetworkPolicy", "kind: StagedNetworkPolicy")
+        .replace(r#"names: ["api", "search"]"#, r#"names: ["api"]"#);
+    assert!(staged.contains("StagedNetworkPolicy") && !staged.contains(r#""search""#));
+    std::fs::write(dir.join("staged.yaml"), staged).unwrap();
+    let check = |args: &[&str]| {
+        let o = Command::new(bin("meshctl"))
+            .args(["policy", "check", "--posture", "calico", "-f"])
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let search = [
+        "--from",
+        "microblog/search",
+        "--to",
+        "microblog/post,app=post",
+        "--port",
+        "8080",
+    ];
+    let (code, out) = check(&search);
+    assert_eq!(
+        code,
+        Some(0),
+        "the enforced verdict decides the exit: {out}"
+    );
+    assert!(
+        out.starts_with("ALLOW\n") && out.contains("  staged: DENY by end-of-policies"),
+        "{out}"
+    );
+    let (_, out) = check(&[&search[..], &["-o", "json"]].concat());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["staged"]["verdict"], "DENY");
+    assert_eq!(v["staged"]["ingress"]["by"], "end-of-policies");
+    let (_, out) = check(&[
+        "--from",
+        "microblog/api",
+        "--to",
+        "microblog/post,app=post",
+        "--port",
+        "8080",
+    ]);
+    assert!(
+        out.contains("staged: ALLOW by StagedNetworkPolicy microblog/post-allow-list"),
+        "{out}"
+    );
+
+    // A tier ahead of default: its Deny decides before post-allow-list is asked.
+    std::fs::write(
+        dir.join("tier.yaml"),
+        "apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 100}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.no-search}
+spec:
+  tier: security
+  selector: app == 'post'
+  ingress:
+    - action: Deny
+      source: {serviceAccounts: {names: [search]}}
+    - action: Pass
+",
+    )
+    .unwrap();
+    let (code, out) = check(&search);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("denied by GlobalNetworkPolicy security.no-search rule ingress[0]"),
+        "{out}"
+    );
+    let (code, _) = check(&[
+        "--from",
+        "microblog/api",
+        "--to",
+        "microblog/post,app=post",
+        "--port",
+        "8080",
+    ]);
+    assert_eq!(
+        code,
+        Some(0),
+        "Pass goes on to the default tier, which allows api"
+    );
+
+    // Named ports: the rule names `web`; post's web is 8080/TCP.
+    let named = std::fs::read_to_string(examples.join("post-allow-list.yaml"))
+        .unwrap()
+        .replace("          - 8080", "          - web");
+    assert!(named.contains("- web"));
+    std::fs::write(dir.join("post-allow-list.yaml"), named).unwrap();
+    std::fs::remove_file(dir.join("tier.yaml")).unwrap();
+    std::fs::remove_file(dir.join("policy-tests.yaml")).unwrap();
+    let api_to = |to: &str| check(&["--from", "microblog/api", "--to", to, "--port", "8080"]).0;
+    assert_eq!(api_to("microblog/post,app=post,port:web=8080/tcp"), Some(0));
+    assert_eq!(api_to("microblog/post,app=post,port:web=9090/tcp"), Some(1));
+    assert_eq!(api_to("microblog/post,app=post"), Some(1));
+    let (code, out) = check(&[
+        "--from",
+        "microblog/api",
+        "--to",
+        "microblog/post,port:Web=1",
+        "--port",
+        "1",
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
