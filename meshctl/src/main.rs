@@ -290,6 +290,28 @@ enum PolicyCommand {
         #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
+    /// The flow graph the policies allow: identities (and external networks) as nodes, allowed
+    /// flows as edges labelled with protocol and port, and the policies that allowed them.
+    Graph {
+        #[arg(short = 'f', long = "file", required = true, value_name = "FILE|DIR|-", help = FILES_HELP)]
+        files: Vec<PathBuf>,
+        /// The identities to draw (a YAML list of [TD/]NS/NAME,K=V..., or the output of
+        /// `meshctl status -o yaml`); default: those the files' PolicyTest cases name.
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
+        /// Merge the identities that share the value of this label into one node.
+        #[arg(long, value_name = "LABEL")]
+        group_by: Option<String>,
+        /// zero-trust (what no policy selects is denied) or calico (it is allowed).
+        #[arg(long, value_parser = ["zero-trust", "calico"], default_value = "zero-trust")]
+        posture: String,
+        /// The local trust domain, whose identities the policies are written for.
+        #[arg(long, default_value = policy::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// table, wide, json, yaml, or dot (Graphviz).
+        #[arg(short, long, value_enum, default_value_t = GraphOutput::Table)]
+        output: GraphOutput,
+    },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
         /// The selector, e.g. "app == 'post' && has(tier)".
@@ -431,6 +453,19 @@ enum IdentityCommand {
     },
 }
 
+/// How `policy graph` prints: the four of every read command, and pictures.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum GraphOutput {
+    /// One line per edge.
+    Table,
+    /// The edges with the policies that allowed them.
+    Wide,
+    Json,
+    Yaml,
+    /// Graphviz DOT.
+    Dot,
+}
+
 /// How a read command prints: the same four everywhere.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum Output {
@@ -527,6 +562,23 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             };
             let set = policy::load(&files, posture)?.in_trust_domain(&trust_domain);
             policy::test(&set, output)
+        }
+        PolicyCommand::Graph {
+            files,
+            identities,
+            group_by,
+            posture,
+            trust_domain,
+            output,
+        } => {
+            policy::validate_paths(&files)?;
+            let posture = if posture == "calico" {
+                ::policy::engine::Posture::Calico
+            } else {
+                ::policy::engine::Posture::ZeroTrust
+            };
+            let set = policy::load(&files, posture)?.in_trust_domain(&trust_domain);
+            policy::graph(&set, identities.as_deref(), group_by.as_deref(), output)
         }
         PolicyCommand::Check {
             files,
@@ -752,7 +804,7 @@ mod cli_tests {
     use clap::CommandFactory;
 
     /// Every flag and argument of every command says what it is for, and `-o` means the same
-    /// four formats everywhere.
+    /// four formats everywhere (`policy graph` adds pictures after them).
     #[test]
     fn every_argument_has_help_and_outputs_agree() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
@@ -770,7 +822,10 @@ mod cli_tests {
                         .iter()
                         .map(|v| v.get_name().to_string())
                         .collect();
-                    assert_eq!(values, ["table", "wide", "json", "yaml"], "{path}");
+                    assert_eq!(values[..4], ["table", "wide", "json", "yaml"], "{path}");
+                    if values.len() > 4 {
+                        assert_eq!(path, "meshctl policy graph");
+                    }
                 }
                 if arg.get_short() == Some('i') {
                     assert_eq!(arg.get_long(), Some("interface"), "{path}");

@@ -166,6 +166,71 @@ fn resolve(
     Ok(end)
 }
 
+/// `meshctl policy graph`: what the set allows between the identities (`identities`, else those
+/// its PolicyTest cases name) and its external networks.
+pub fn graph(
+    set: &PolicySet,
+    identities: Option<&std::path::Path>,
+    group_by: Option<&str>,
+    output: crate::GraphOutput,
+) -> Result<(), Failure> {
+    use ::policy::graph;
+    let ends: Vec<FlowEnd> = match identities {
+        Some(path) => {
+            let mut ends = Vec::new();
+            for k in crate::policy_set::identities_file(path)? {
+                let mut end = testing::parse_end(&k.identity, k.ip, set)
+                    .map_err(|e| Failure::input(anyhow!("identity {}: {e}", k.identity)))?;
+                if let FlowEnd::Identity(e) = &mut end {
+                    e.labels.extend(k.labels.clone());
+                    if e.ports.is_empty() {
+                        e.ports = k.ports.clone();
+                    }
+                }
+                ends.push(end);
+            }
+            ends
+        }
+        None => graph::identities_of_tests(set),
+    };
+    if ends.is_empty() {
+        return Err(Failure::input(anyhow!(
+            "no identities to draw: give --identities FILE, or PolicyTest cases in the files"
+        )));
+    }
+    let mut g = graph::graph(set, &ends);
+    if let Some(key) = group_by {
+        g = g.grouped_by(key);
+    }
+    let wide = match output {
+        crate::GraphOutput::Dot => {
+            print!("{}", g.to_dot());
+            return Ok(());
+        }
+        crate::GraphOutput::Json => crate::Output::Json.data(&g)?,
+        crate::GraphOutput::Yaml => crate::Output::Yaml.data(&g)?,
+        crate::GraphOutput::Table => Some(false),
+        crate::GraphOutput::Wide => Some(true),
+    };
+    if let Some(wide) = wide {
+        println!("{:<40} {:<40} FLOWS", "FROM", "TO");
+        for e in &g.edges {
+            let mut line = format!(
+                "{:<40} {:<40} {}",
+                g.nodes[e.from].id,
+                g.nodes[e.to].id,
+                e.flows.join(", ")
+            );
+            if wide {
+                line.push_str(&format!("  [{}]", e.by.join("; ")));
+            }
+            println!("{line}");
+        }
+        println!("{} node(s), {} edge(s)", g.nodes.len(), g.edges.len());
+    }
+    Ok(())
+}
+
 pub struct CheckArgs<'a> {
     pub set: PolicySet,
     /// The live mesh's identities, when checking against the set in force.

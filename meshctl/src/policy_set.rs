@@ -417,7 +417,7 @@ pub fn connectivity(
 
 /// Identities from a file: a YAML list of `[TD/]NS/NAME[,K=V...]`, or what `meshctl status -o
 /// yaml` prints (one node, or a list of them: each node and its peers, with their labels).
-fn identities_file(path: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
+pub fn identities_file(path: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::input(anyhow!("--identities {}: {e}", path.display())))?;
     let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)

@@ -5,6 +5,7 @@ pub mod conntrack;
 pub mod engine;
 pub mod federation;
 pub mod fragments;
+pub mod graph;
 pub mod location;
 pub mod model;
 pub mod selector;

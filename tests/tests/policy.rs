@@ -457,3 +457,69 @@ spec:
     assert_eq!(code, Some(2), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `meshctl policy graph` from the policy files alone: the guide's microblog flow graph, as a
+/// table, JSON and Graphviz DOT.
+#[test]
+fn policy_graph_draws_the_microblog_flow_graph_from_the_files() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog");
+    let graph = |args: &[&str]| {
+        let o = Command::new(bin("meshctl"))
+            .args(["policy", "graph", "-f"])
+            .arg(&examples)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let table = graph(&[]);
+    assert!(table.contains("5 node(s), 6 edge(s)"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&graph(&["-o", "json"])).unwrap();
+    let name = |i: &serde_json::Value| {
+        json["nodes"][i.as_u64().unwrap() as usize]["id"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let mut edges: Vec<String> = json["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}->{} {}",
+                name(&e["from"]),
+                name(&e["to"]),
+                e["flows"][0].as_str().unwrap()
+            )
+        })
+        .collect();
+    edges.sort();
+    assert_eq!(
+        edges,
+        [
+            "api->post TCP 8080",
+            "api->search TCP 8080",
+            "api->user TCP 8080",
+            "post->storage TCP 5432",
+            "search->post TCP 8080",
+            "user->storage TCP 5432"
+        ]
+    );
+    let dot = graph(&["-o", "dot", "--group-by", "app"]);
+    assert!(
+        dot.contains("\"app=search\" -> \"app=post\" [label=\"TCP 8080\"];"),
+        "{dot}"
+    );
+    let wide = graph(&["-o", "wide"]);
+    assert!(
+        wide.contains(
+            "NetworkPolicy microblog/search-egress; NetworkPolicy microblog/post-allow-list"
+        ),
+        "{wide}"
+    );
+}
