@@ -1,5 +1,6 @@
 //! meshctl: the operator's tool. One module per subcommand group.
 
+mod graph_svg;
 mod ca;
 mod federation;
 mod flows;
@@ -464,6 +465,8 @@ pub enum GraphOutput {
     Yaml,
     /// Graphviz DOT.
     Dot,
+    /// An SVG picture, laid out here (no Graphviz needed).
+    Svg,
 }
 
 /// How a read command prints: the same four everywhere.

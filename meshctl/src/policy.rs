@@ -207,6 +207,10 @@ pub fn graph(
             print!("{}", g.to_dot());
             return Ok(());
         }
+        crate::GraphOutput::Svg => {
+            print!("{}", crate::graph_svg::to_svg(&g));
+            return Ok(());
+        }
         crate::GraphOutput::Json => crate::Output::Json.data(&g)?,
         crate::GraphOutput::Yaml => crate::Output::Yaml.data(&g)?,
         crate::GraphOutput::Table => Some(false),
