@@ -5,11 +5,11 @@
 use layout::backends::svg::SVGWriter;
 use layout::core::base::Orientation;
 use layout::core::color::Color;
-use layout::core::style::StyleAttr;
+use layout::core::style::{LineStyleKind, StyleAttr};
 use layout::std_shapes::render::get_shape_size;
 use layout::std_shapes::shapes::{Arrow, Element, ShapeKind};
 use layout::topo::layout::VisualGraph;
-use policy::graph::{Graph, NodeKind};
+use policy::graph::{EdgeState, Graph, NodeKind};
 
 const FONT: usize = 14;
 
@@ -26,10 +26,10 @@ pub fn to_svg(g: &Graph) -> String {
         .filter_map(|n| n.id.split_once('/').map(|(td, _)| td))
         .collect();
     let label = |n: &policy::graph::Node| match n.kind {
-        NodeKind::Identity if domains.len() == 1 => n
-            .id
-            .split_once('/')
-            .map_or(n.id.clone(), |(_, rest)| rest.to_string()),
+        NodeKind::Identity if domains.len() == 1 => {
+            n.id.split_once('/')
+                .map_or(n.id.clone(), |(_, rest)| rest.to_string())
+        }
         NodeKind::Identity => n.id.clone(),
         NodeKind::Network => short(&n.id),
     };
@@ -47,9 +47,36 @@ pub fn to_svg(g: &Graph) -> String {
         })
         .collect();
     for e in &g.edges {
-        let mut arrow = Arrow::simple(&e.flows.join(", "));
-        arrow.look = StyleAttr::new(Color::fast("black"), 2, None, 0, FONT - 2);
+        let mut arrow = Arrow::simple(&e.label());
+        let (color, line) = match e.state(g.overlaid) {
+            None | Some(EdgeState::Used) => ("black", LineStyleKind::Normal),
+            Some(EdgeState::Unused) => ("gray", LineStyleKind::Dotted),
+            Some(EdgeState::WouldDeny) => ("darkorange", LineStyleKind::Normal),
+            Some(EdgeState::Denied) => ("red", LineStyleKind::Dashed),
+        };
+        arrow.look = StyleAttr::new(Color::fast(color), 2, None, 0, FONT - 2);
+        arrow.line_style = line;
         vg.add_edge(arrow, handles[e.from], handles[e.to]);
+    }
+    if g.overlaid {
+        // The legend: one box per kind of edge, in the colour edges of that kind have.
+        for (text, color) in [
+            ("used and allowed", "black"),
+            ("allowed, never used", "gray"),
+            ("would be denied (audit, staged)", "darkorange"),
+            ("denied attempts", "red"),
+        ] {
+            let shape = ShapeKind::new_box(text);
+            let look = StyleAttr::new(
+                Color::fast(color),
+                2,
+                Some(Color::fast("white")),
+                0,
+                FONT - 2,
+            );
+            let size = get_shape_size(dir, &shape, FONT - 2, false);
+            vg.add_node(Element::create(shape, look, dir, size));
+        }
     }
     let mut svg = SVGWriter::new();
     vg.do_it(false, false, false, &mut svg);
@@ -98,10 +125,18 @@ mod tests {
             .in_trust_domain("cluster.local");
         let g = policy::graph::graph(&set, &policy::graph::identities_of_tests(&set));
         let svg = to_svg(&g);
-        for name in ["microblog/api", "microblog/post", "microblog/storage", "TCP 5432"] {
+        for name in [
+            "microblog/api",
+            "microblog/post",
+            "microblog/storage",
+            "TCP 5432",
+        ] {
             assert!(svg.contains(name), "{name}");
         }
-        assert!(!svg.contains("cluster.local/"), "one trust domain: names without it");
+        assert!(
+            !svg.contains("cluster.local/"),
+            "one trust domain: names without it"
+        );
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/microblog-graph.svg");
         let saved = std::fs::read_to_string(path).unwrap_or_default();
         assert!(

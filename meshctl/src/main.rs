@@ -1,9 +1,9 @@
 //! meshctl: the operator's tool. One module per subcommand group.
 
-mod graph_svg;
 mod ca;
 mod federation;
 mod flows;
+mod graph_svg;
 mod identity;
 mod keys;
 mod lab;
@@ -303,6 +303,10 @@ enum PolicyCommand {
         /// Merge the identities that share the value of this label into one node.
         #[arg(long, value_name = "LABEL")]
         group_by: Option<String>,
+        /// Flow logs to overlay (`meshctl flows -o json` or a node's flows.jsonl; repeat for
+        /// more): edges used, allowed but never used, denied attempts, would-be denials.
+        #[arg(long = "flows", value_name = "FILE")]
+        flows: Vec<PathBuf>,
         /// zero-trust (what no policy selects is denied) or calico (it is allowed).
         #[arg(long, value_parser = ["zero-trust", "calico"], default_value = "zero-trust")]
         posture: String,
@@ -570,6 +574,7 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             files,
             identities,
             group_by,
+            flows,
             posture,
             trust_domain,
             output,
@@ -581,7 +586,13 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
                 ::policy::engine::Posture::ZeroTrust
             };
             let set = policy::load(&files, posture)?.in_trust_domain(&trust_domain);
-            policy::graph(&set, identities.as_deref(), group_by.as_deref(), output)
+            policy::graph(
+                &set,
+                identities.as_deref(),
+                group_by.as_deref(),
+                &flows,
+                output,
+            )
         }
         PolicyCommand::Check {
             files,

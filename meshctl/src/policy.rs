@@ -172,6 +172,7 @@ pub fn graph(
     set: &PolicySet,
     identities: Option<&std::path::Path>,
     group_by: Option<&str>,
+    flows: &[PathBuf],
     output: crate::GraphOutput,
 ) -> Result<(), Failure> {
     use ::policy::graph;
@@ -199,6 +200,9 @@ pub fn graph(
         )));
     }
     let mut g = graph::graph(set, &ends);
+    if !flows.is_empty() {
+        g.overlay(&read_flow_logs(flows)?);
+    }
     if let Some(key) = group_by {
         g = g.grouped_by(key);
     }
@@ -223,8 +227,17 @@ pub fn graph(
                 "{:<40} {:<40} {}",
                 g.nodes[e.from].id,
                 g.nodes[e.to].id,
-                e.flows.join(", ")
+                e.label()
             );
+            if let Some(state) = e.state(g.overlaid) {
+                line.push_str(&format!(
+                    "  {}",
+                    serde_json::to_value(state)
+                        .unwrap_or_default()
+                        .as_str()
+                        .unwrap_or("")
+                ));
+            }
             if wide {
                 line.push_str(&format!("  [{}]", e.by.join("; ")));
             }
@@ -233,6 +246,39 @@ pub fn graph(
         println!("{} node(s), {} edge(s)", g.nodes.len(), g.edges.len());
     }
     Ok(())
+}
+
+/// Flow-log records from JSON-lines files, each line a record; at most 64 MiB a file, and a
+/// line that is not a record is an error naming the file and line.
+fn read_flow_logs(paths: &[PathBuf]) -> Result<Vec<proto::admin::FlowRecord>, Failure> {
+    use anyhow::Context;
+    use std::io::Read;
+    const MAX_BYTES: u64 = 64 << 20;
+    let mut out = Vec::new();
+    for path in paths {
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .with_context(|| format!("--flows {}", path.display()))?
+            .take(MAX_BYTES + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading --flows {}", path.display()))?;
+        if text.len() as u64 > MAX_BYTES {
+            return Err(Failure::input(anyhow!(
+                "--flows {}: larger than {MAX_BYTES} bytes",
+                path.display()
+            )));
+        }
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            out.push(serde_json::from_str(line).map_err(|e| {
+                Failure::input(anyhow!("--flows {}:{}: {e}", path.display(), i + 1))
+            })?);
+        }
+    }
+    Ok(out)
 }
 
 pub struct CheckArgs<'a> {

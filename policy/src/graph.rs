@@ -37,12 +37,83 @@ pub struct Edge {
     pub flows: Vec<String>,
     /// The policies that allowed them, on each side (`egress`, `ingress`), without repeats.
     pub by: Vec<String>,
+    /// Flows observed in flow logs ([`Graph::overlay`]), by flow (`TCP 8080`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub seen: BTreeMap<String, Seen>,
+}
+
+/// What the flow logs say of one flow of an edge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Seen {
+    /// New flows allowed (and not flagged below).
+    pub allowed: u64,
+    /// New flows denied.
+    pub denied: u64,
+    /// New flows that passed but audit mode or the staged policies would deny.
+    pub would_deny: u64,
+}
+
+impl Edge {
+    /// The allowed flows, then any seen flow that is not among them.
+    pub fn label(&self) -> String {
+        let mut all = self.flows.clone();
+        all.extend(
+            self.seen
+                .keys()
+                .filter(|f| !self.flows.contains(f))
+                .cloned(),
+        );
+        all.join(", ")
+    }
+}
+
+/// How an edge is drawn once flows are overlaid: the worst of what was seen on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EdgeState {
+    /// Allowed, and used.
+    Used,
+    /// Allowed by the policies, never seen: a candidate to tighten.
+    Unused,
+    /// Seen passing, but audit mode or the staged policies would deny it.
+    WouldDeny,
+    /// Denied attempts.
+    Denied,
+}
+
+impl Edge {
+    /// The edge's state given what was seen; `None` before any overlay.
+    pub fn state(&self, overlaid: bool) -> Option<EdgeState> {
+        if !overlaid {
+            return None;
+        }
+        let sum = |f: fn(&Seen) -> u64| self.seen.values().map(f).sum::<u64>();
+        Some(if sum(|s| s.denied) > 0 {
+            EdgeState::Denied
+        } else if sum(|s| s.would_deny) > 0 {
+            EdgeState::WouldDeny
+        } else if sum(|s| s.allowed) > 0 {
+            EdgeState::Used
+        } else {
+            EdgeState::Unused
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Graph {
     pub nodes: Vec<Node>,
     pub edges: Vec<Edge>,
+    /// Flow logs were overlaid: every edge has a state ([`Edge::state`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub overlaid: bool,
+    /// Records whose ends are not nodes of the graph.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unplaced: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The identities the set's `PolicyTest` cases name (with the labels and named ports the cases
@@ -126,6 +197,7 @@ pub fn graph(set: &PolicySet, identities: &[FlowEnd]) -> Graph {
                     to: j,
                     flows,
                     by,
+                    seen: BTreeMap::new(),
                 });
             }
         }
@@ -133,10 +205,62 @@ pub fn graph(set: &PolicySet, identities: &[FlowEnd]) -> Graph {
     Graph {
         nodes: ends.into_iter().map(|(n, _)| n).collect(),
         edges,
+        ..Graph::default()
     }
 }
 
 impl Graph {
+    /// Overlays flow-log records (`meshctl flows -o json`, or a node's `flows.jsonl`): each new
+    /// flow between two nodes counts on its edge as allowed, denied, or would-deny (audited, or
+    /// denied by the staged policies); a denied flow where no edge is allowed adds one. An end is
+    /// a node by its identity, or by the first external network it is in.
+    pub fn overlay(&mut self, records: &[proto::admin::FlowRecord]) {
+        self.overlaid = true;
+        let node = |g: &Graph, e: &proto::admin::FlowEnd| -> Option<usize> {
+            match (&e.trust_domain, &e.namespace, &e.name) {
+                (Some(td), Some(ns), Some(n)) => {
+                    let id = format!("{td}/{ns}/{n}");
+                    g.nodes.iter().position(|x| x.id == id)
+                }
+                _ => e
+                    .networks
+                    .iter()
+                    .find_map(|net| g.nodes.iter().position(|x| x.id == *net)),
+            }
+        };
+        for r in records.iter().filter(|r| r.event == "new") {
+            let (Some(from), Some(to)) = (node(self, &r.src), node(self, &r.dst)) else {
+                self.unplaced += 1;
+                continue;
+            };
+            let flow = match r.dst.port {
+                Some(p) => format!("{} {p}", r.protocol.to_ascii_uppercase()),
+                None => r.protocol.to_ascii_uppercase(),
+            };
+            let at = match self.edges.iter().position(|e| e.from == from && e.to == to) {
+                Some(at) => at,
+                None => {
+                    self.edges.push(Edge {
+                        from,
+                        to,
+                        flows: Vec::new(),
+                        by: Vec::new(),
+                        seen: BTreeMap::new(),
+                    });
+                    self.edges.len() - 1
+                }
+            };
+            let seen = self.edges[at].seen.entry(flow).or_default();
+            let staged_deny = r.staged.as_ref().is_some_and(|s| s.verdict == "deny");
+            match r.verdict.as_str() {
+                "deny" => seen.denied += 1,
+                "audit" => seen.would_deny += 1,
+                _ if staged_deny => seen.would_deny += 1,
+                _ => seen.allowed += 1,
+            }
+        }
+    }
+
     /// The same graph with nodes that share the value of label `key` merged into one (named
     /// `key=value`; nodes without the label stay as they are), and their edges merged.
     pub fn grouped_by(&self, key: &str) -> Graph {
@@ -171,7 +295,14 @@ impl Graph {
                 to,
                 flows: Vec::new(),
                 by: Vec::new(),
+                seen: BTreeMap::new(),
             });
+            for (f, s) in &e.seen {
+                let t = m.seen.entry(f.clone()).or_default();
+                t.allowed += s.allowed;
+                t.denied += s.denied;
+                t.would_deny += s.would_deny;
+            }
             for f in &e.flows {
                 if !m.flows.contains(f) {
                     m.flows.push(f.clone());
@@ -186,6 +317,8 @@ impl Graph {
         Graph {
             nodes,
             edges: merged.into_values().collect(),
+            overlaid: self.overlaid,
+            unplaced: self.unplaced,
         }
     }
 
@@ -202,11 +335,17 @@ impl Graph {
             out.push_str(&format!("  {} [shape={shape}];\n", q(&n.id)));
         }
         for e in &self.edges {
+            let style = match e.state(self.overlaid) {
+                None | Some(EdgeState::Used) => "",
+                Some(EdgeState::Unused) => ", style=dashed, color=gray50",
+                Some(EdgeState::WouldDeny) => ", color=darkorange",
+                Some(EdgeState::Denied) => ", style=dashed, color=red",
+            };
             out.push_str(&format!(
-                "  {} -> {} [label={}];\n",
+                "  {} -> {} [label={}{style}];\n",
                 q(&self.nodes[e.from].id),
                 q(&self.nodes[e.to].id),
-                q(&e.flows.join(", "))
+                q(&e.label())
             ));
         }
         out.push_str("}\n");
@@ -283,6 +422,97 @@ mod tests {
         let mut without = expected.clone();
         without.remove(&("search".into(), "post".into(), "TCP 8080".into()));
         assert_eq!(edges(&graph(&less, &ids)), without);
+    }
+
+    fn record(
+        from: &str,
+        to: &str,
+        port: u16,
+        verdict: &str,
+        staged: Option<&str>,
+    ) -> proto::admin::FlowRecord {
+        let end = |name: &str, port| proto::admin::FlowEnd {
+            ip: "100.64.3.1".into(),
+            port,
+            trust_domain: Some("cluster.local".into()),
+            namespace: Some("microblog".into()),
+            name: Some(name.into()),
+            spiffe_id: None,
+            networks: vec![],
+            labels: BTreeMap::new(),
+        };
+        proto::admin::FlowRecord {
+            seq: 1,
+            time: String::new(),
+            event: "new".into(),
+            direction: "ingress".into(),
+            verdict: verdict.into(),
+            protocol: "tcp".into(),
+            src: end(from, Some(40000)),
+            dst: end(to, Some(port)),
+            policy: String::new(),
+            rule: None,
+            log_rule: false,
+            packets: None,
+            bytes: None,
+            staged: staged.map(|v| proto::admin::StagedVerdict {
+                verdict: v.into(),
+                policy: String::new(),
+                rule: None,
+            }),
+        }
+    }
+
+    /// Observed flows overlaid: used edges, allowed edges never used, denied attempts (a new
+    /// edge), and flows that audit mode or staged policies would deny.
+    #[test]
+    fn observed_flows_mark_used_unused_denied_and_would_deny_edges() {
+        let set = microblog();
+        let mut g = graph(&set, &identities_of_tests(&set));
+        assert_eq!(g.edges[0].state(g.overlaid), None);
+        let mut closed = record("api", "post", 8080, "allow", None);
+        closed.event = "closed".into();
+        let mut stranger = record("api", "post", 8080, "allow", None);
+        stranger.src.name = Some("nobody".into());
+        g.overlay(&[
+            record("api", "post", 8080, "allow", None),
+            record("api", "post", 8080, "allow", None),
+            closed,
+            record("search", "user", 8080, "deny", None),
+            record("user", "storage", 5432, "audit", None),
+            record("post", "storage", 5432, "allow", Some("deny")),
+            stranger,
+        ]);
+        let edge = |a: &str, b: &str| {
+            g.edges
+                .iter()
+                .find(|e| g.nodes[e.from].id.ends_with(a) && g.nodes[e.to].id.ends_with(b))
+                .unwrap_or_else(|| panic!("{a} -> {b}"))
+        };
+        let state = |a, b| edge(a, b).state(g.overlaid).unwrap();
+        assert_eq!(state("/api", "/post"), EdgeState::Used);
+        assert_eq!(
+            edge("/api", "/post").seen["TCP 8080"].allowed,
+            2,
+            "new flows only"
+        );
+        assert_eq!(state("/api", "/search"), EdgeState::Unused);
+        assert_eq!(state("/search", "/user"), EdgeState::Denied);
+        assert!(
+            edge("/search", "/user").flows.is_empty(),
+            "no flow is allowed there"
+        );
+        assert_eq!(edge("/search", "/user").label(), "TCP 8080");
+        assert_eq!(state("/user", "/storage"), EdgeState::WouldDeny);
+        assert_eq!(state("/post", "/storage"), EdgeState::WouldDeny);
+        assert_eq!(g.unplaced, 1);
+        assert_eq!(g.edges.len(), 7);
+        let dot = g.to_dot();
+        assert!(
+            dot.contains("[label=\"TCP 8080\", style=dashed, color=red]"),
+            "{dot}"
+        );
+        assert!(dot.contains("style=dashed, color=gray50"), "{dot}");
     }
 
     #[test]

@@ -523,3 +523,69 @@ fn policy_graph_draws_the_microblog_flow_graph_from_the_files() {
         "{wide}"
     );
 }
+
+/// Flow logs overlaid on the graph: each edge says whether it was used, never used, denied or
+/// would be denied; a bad line is refused with its file and line.
+#[test]
+fn policy_graph_overlays_observed_flows() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog");
+    let dir = std::env::temp_dir().join(format!("meshctl-graph-flows-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = |from: &str, to: &str, port: u16, verdict: &str| {
+        let end = |name: &str, port: u16| {
+            serde_json::json!({"ip": "100.64.3.1", "port": port, "trust_domain": "cluster.local",
+                "namespace": "microblog", "name": name, "labels": {}})
+        };
+        serde_json::json!({"seq": 1, "time": "2026-11-24T00:00:00.000Z", "event": "new",
+            "direction": "ingress", "verdict": verdict, "protocol": "tcp",
+            "src": end(from, 40000), "dst": end(to, port), "policy": "p"})
+        .to_string()
+    };
+    let log = dir.join("flows.jsonl");
+    let lines = [
+        rec("api", "post", 8080, "allow"),
+        rec("search", "user", 8080, "deny"),
+        rec("user", "storage", 5432, "audit"),
+    ];
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let run = |log: &Path| {
+        Command::new(bin("meshctl"))
+            .args(["policy", "graph", "-f"])
+            .arg(&examples)
+            .arg("--flows")
+            .arg(log)
+            .output()
+            .unwrap()
+    };
+    let o = run(&log);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let state = |from: &str, to: &str| {
+        out.lines()
+            .find(|l| {
+                l.starts_with(&format!("cluster.local/microblog/{from} "))
+                    && l.contains(&format!("microblog/{to} "))
+            })
+            .unwrap_or_else(|| panic!("{from} -> {to}: {out}"))
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(state("api", "post"), "used");
+    assert_eq!(state("api", "search"), "unused");
+    assert_eq!(state("search", "user"), "denied");
+    assert_eq!(state("user", "storage"), "would-deny");
+    assert!(out.contains("5 node(s), 7 edge(s)"), "{out}");
+    std::fs::write(&log, format!("{}\nnot json\n", lines[0])).unwrap();
+    let o = run(&log);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("flows.jsonl:2"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
