@@ -562,12 +562,8 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             output,
         } => {
             policy::validate_paths(&files)?;
-            let posture = if posture == "calico" {
-                ::policy::engine::Posture::Calico
-            } else {
-                ::policy::engine::Posture::ZeroTrust
-            };
-            let set = policy::load(&files, posture)?.in_trust_domain(&trust_domain);
+            let set =
+                policy::load(&files, policy::posture(&posture))?.in_trust_domain(&trust_domain);
             policy::test(&set, output)
         }
         PolicyCommand::Graph {
@@ -580,12 +576,8 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             output,
         } => {
             policy::validate_paths(&files)?;
-            let posture = if posture == "calico" {
-                ::policy::engine::Posture::Calico
-            } else {
-                ::policy::engine::Posture::ZeroTrust
-            };
-            let set = policy::load(&files, posture)?.in_trust_domain(&trust_domain);
+            let set =
+                policy::load(&files, policy::posture(&posture))?.in_trust_domain(&trust_domain);
             policy::graph(
                 &set,
                 identities.as_deref(),
@@ -606,13 +598,7 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             trust_domain,
             output,
         } => {
-            let posture = posture.map(|p| {
-                if p == "calico" {
-                    ::policy::engine::Posture::Calico
-                } else {
-                    ::policy::engine::Posture::ZeroTrust
-                }
-            });
+            let posture = posture.as_deref().map(policy::posture);
             let mut known = None;
             let set = if files.is_empty() {
                 let socket = daemon()?;

@@ -76,6 +76,15 @@ fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     Ok(files)
 }
 
+/// A `--posture` value (`calico`, else zero trust; clap allows only the two).
+pub fn posture(name: &str) -> Posture {
+    if name == "calico" {
+        Posture::Calico
+    } else {
+        Posture::ZeroTrust
+    }
+}
+
 /// Reads every policy document in `paths` (files, or directories of `*.yaml`/`*.yml`), reporting
 /// every error with its file, document and field, and compiles them.
 pub fn load(paths: &[PathBuf], posture: Posture) -> Result<PolicySet, Failure> {

@@ -356,19 +356,11 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Posture;
 
-    const NAMESPACE: &str = include_str!("../../examples/microblog/namespace.yaml");
-    const POST: &str = include_str!("../../examples/microblog/post-allow-list.yaml");
-    const OTHERS: &str = include_str!("../../examples/microblog/allow-lists.yaml");
-    const TESTS: &str = include_str!("../../examples/microblog/policy-tests.yaml");
+    use crate::testing::microblog::{self, POST};
 
     fn microblog() -> PolicySet {
-        let text = format!("{NAMESPACE}\n---\n{POST}\n---\n{OTHERS}\n---\n{TESTS}");
-        let docs = crate::model::parse_documents(&text, "microblog").unwrap();
-        PolicySet::compile(&docs, Posture::ZeroTrust)
-            .unwrap()
-            .in_trust_domain("cluster.local")
+        microblog::set(POST)
     }
 
     fn edges(g: &Graph) -> BTreeSet<(String, String, String)> {
@@ -411,14 +403,7 @@ mod tests {
             ]
         );
         // Removing search from post's allow-list removes exactly that edge.
-        let text = format!(
-            "{NAMESPACE}\n---\n{}\n---\n{OTHERS}\n---\n{TESTS}",
-            POST.replace(r#"["api", "search"]"#, r#"["api"]"#)
-        );
-        let docs = crate::model::parse_documents(&text, "microblog").unwrap();
-        let less = PolicySet::compile(&docs, Posture::ZeroTrust)
-            .unwrap()
-            .in_trust_domain("cluster.local");
+        let less = microblog::set(&POST.replace(r#"["api", "search"]"#, r#"["api"]"#));
         let mut without = expected.clone();
         without.remove(&("search".into(), "post".into(), "TCP 8080".into()));
         assert_eq!(edges(&graph(&less, &ids)), without);

@@ -381,23 +381,31 @@ pub fn connectivity_diff(old: &PolicySet, new: &PolicySet, ends: &[FlowEnd]) -> 
     out
 }
 
+/// The microblog example of `examples/microblog`, for the tests of this crate.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::Posture;
+pub(crate) mod microblog {
+    use crate::engine::{PolicySet, Posture};
 
-    const NAMESPACE: &str = include_str!("../../examples/microblog/namespace.yaml");
-    const POST: &str = include_str!("../../examples/microblog/post-allow-list.yaml");
-    const OTHERS: &str = include_str!("../../examples/microblog/allow-lists.yaml");
-    const TESTS: &str = include_str!("../../examples/microblog/policy-tests.yaml");
+    pub const NAMESPACE: &str = include_str!("../../examples/microblog/namespace.yaml");
+    pub const POST: &str = include_str!("../../examples/microblog/post-allow-list.yaml");
+    pub const OTHERS: &str = include_str!("../../examples/microblog/allow-lists.yaml");
+    pub const TESTS: &str = include_str!("../../examples/microblog/policy-tests.yaml");
 
-    fn set(post: &str) -> PolicySet {
+    /// The example's set, with `post` for its post-allow-list.
+    pub fn set(post: &str) -> PolicySet {
         let text = format!("{NAMESPACE}\n---\n{post}\n---\n{OTHERS}\n---\n{TESTS}");
         let docs = crate::model::parse_documents(&text, "microblog").unwrap();
         PolicySet::compile(&docs, Posture::ZeroTrust)
             .unwrap()
             .in_trust_domain("cluster.local")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::microblog::{set, NAMESPACE, POST};
+    use super::*;
+    use crate::engine::Posture;
 
     #[test]
     fn the_microblog_passes_its_own_tests() {
