@@ -561,9 +561,7 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             trust_domain,
             output,
         } => {
-            policy::validate_paths(&files)?;
-            let set =
-                policy::load(&files, policy::posture(&posture))?.in_trust_domain(&trust_domain);
+            let set = policy::load_for(&files, &posture, &trust_domain)?;
             policy::test(&set, output)
         }
         PolicyCommand::Graph {
@@ -575,9 +573,7 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             trust_domain,
             output,
         } => {
-            policy::validate_paths(&files)?;
-            let set =
-                policy::load(&files, policy::posture(&posture))?.in_trust_domain(&trust_domain);
+            let set = policy::load_for(&files, &posture, &trust_domain)?;
             policy::graph(
                 &set,
                 identities.as_deref(),

@@ -76,6 +76,16 @@ fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     Ok(files)
 }
 
+/// The set of `paths` (checked first) under `--posture` and `--trust-domain` values.
+pub fn load_for(
+    paths: &[PathBuf],
+    posture_name: &str,
+    trust_domain: &str,
+) -> Result<PolicySet, Failure> {
+    validate_paths(paths)?;
+    Ok(load(paths, posture(posture_name))?.in_trust_domain(trust_domain))
+}
+
 /// A `--posture` value (`calico`, else zero trust; clap allows only the two).
 pub fn posture(name: &str) -> Posture {
     if name == "calico" {
@@ -175,6 +185,25 @@ fn resolve(
     Ok(end)
 }
 
+/// Known identities as flow ends of `set`: each with its labels and named ports, once.
+pub fn ends_of(known: &[Known], set: &PolicySet) -> Result<Vec<FlowEnd>, Failure> {
+    let mut ends: Vec<FlowEnd> = Vec::new();
+    for k in known {
+        let mut end = testing::parse_end(&k.identity, k.ip, set)
+            .map_err(|e| Failure::input(anyhow!("identity {}: {e}", k.identity)))?;
+        if let FlowEnd::Identity(e) = &mut end {
+            e.labels.extend(k.labels.clone());
+            if e.ports.is_empty() {
+                e.ports = k.ports.clone();
+            }
+        }
+        if !ends.contains(&end) {
+            ends.push(end);
+        }
+    }
+    Ok(ends)
+}
+
 /// `meshctl policy graph`: what the set allows between the identities (`identities`, else those
 /// its PolicyTest cases name) and its external networks.
 pub fn graph(
@@ -186,21 +215,7 @@ pub fn graph(
 ) -> Result<(), Failure> {
     use ::policy::graph;
     let ends: Vec<FlowEnd> = match identities {
-        Some(path) => {
-            let mut ends = Vec::new();
-            for k in crate::policy_set::identities_file(path)? {
-                let mut end = testing::parse_end(&k.identity, k.ip, set)
-                    .map_err(|e| Failure::input(anyhow!("identity {}: {e}", k.identity)))?;
-                if let FlowEnd::Identity(e) = &mut end {
-                    e.labels.extend(k.labels.clone());
-                    if e.ports.is_empty() {
-                        e.ports = k.ports.clone();
-                    }
-                }
-                ends.push(end);
-            }
-            ends
-        }
+        Some(path) => ends_of(&crate::policy_set::identities_file(path)?, set)?,
         None => graph::identities_of_tests(set),
     };
     if ends.is_empty() {

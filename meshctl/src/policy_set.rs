@@ -328,7 +328,7 @@ pub fn connectivity(
     identities: Option<&Path>,
     output: crate::Output,
 ) -> Result<(), Failure> {
-    use policy::testing::{self, FlowEnd};
+    use policy::testing;
     let Read {
         objects: new,
         origins,
@@ -344,20 +344,7 @@ pub fn connectivity(
         Some(path) => identities_file(path)?,
         None => known(socket)?,
     };
-    let mut ends: Vec<FlowEnd> = Vec::new();
-    for k in &known {
-        let mut end = testing::parse_end(&k.identity, k.ip, &after)
-            .map_err(|e| Failure::input(anyhow!("identity {}: {e}", k.identity)))?;
-        if let FlowEnd::Identity(e) = &mut end {
-            e.labels.extend(k.labels.clone());
-            if e.ports.is_empty() {
-                e.ports = k.ports.clone();
-            }
-        }
-        if !ends.contains(&end) {
-            ends.push(end);
-        }
-    }
+    let ends = crate::policy::ends_of(&known, &after)?;
     let changes = testing::connectivity_diff(&before, &after, &ends);
     let probes = before.probes().union(&after.probes()).count();
     let row = |c: &testing::FlowChange| {
