@@ -317,6 +317,27 @@ enum PolicyCommand {
         #[arg(short, long, value_enum, default_value_t = GraphOutput::Table)]
         output: GraphOutput,
     },
+    /// Least-privilege allow-lists from observed flows (flow logs gathered in audit mode, say):
+    /// per identity, one ingress and one egress NetworkPolicy allowing exactly the flows seen,
+    /// with `# review:` comments, and a PolicyTest of the flows seen and of flows next to them
+    /// never seen. Denied flows are left out (and listed).
+    Suggest {
+        /// Flow logs (`meshctl flows -o json` or a node's flows.jsonl; repeat for more).
+        #[arg(long = "flows", value_name = "FILE", required = true)]
+        flows: Vec<PathBuf>,
+        /// Suggest policies only for this namespace's identities.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Select identities by service-account name, or by all their labels.
+        #[arg(long, value_parser = ["names", "labels"], default_value = "names")]
+        by: String,
+        /// The local trust domain, whose identities get policies.
+        #[arg(long, default_value = policy::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// yaml: the policies (default); table or wide: a summary of them; json: both.
+        #[arg(short, long, value_enum, default_value_t = Output::Yaml, help = OUTPUT_HELP)]
+        output: Output,
+    },
     /// Evaluate a Calico selector against a label set: prints true or false.
     Selector {
         /// The selector, e.g. "app == 'post' && has(tier)".
@@ -555,6 +576,13 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
     };
     match command {
         PolicyCommand::Selector { expr, labels } => policy::selector(&expr, &labels),
+        PolicyCommand::Suggest {
+            flows,
+            namespace,
+            by,
+            trust_domain,
+            output,
+        } => policy::suggest(&flows, namespace, &by, trust_domain, output),
         PolicyCommand::Test {
             files,
             posture,

@@ -272,6 +272,67 @@ pub fn graph(
     Ok(())
 }
 
+/// `meshctl policy suggest`: allow-lists of the flows in the flow logs `flows`.
+pub fn suggest(
+    flows: &[PathBuf],
+    namespace: Option<String>,
+    by: &str,
+    trust_domain: String,
+    output: crate::Output,
+) -> Result<(), Failure> {
+    use ::policy::suggest::{suggest, By, Options};
+    let records = read_flow_logs(flows)?;
+    let opts = Options {
+        by: if by == "labels" {
+            By::Labels
+        } else {
+            By::Names
+        },
+        namespace,
+        trust_domain,
+    };
+    let s = suggest(&records, &opts).map_err(|e| anyhow!("{e}"))?;
+    if s.policies.is_empty() {
+        return Err(Failure::input(anyhow!(
+            "no flow in {} record(s) has an end in {}{}: nothing to suggest",
+            records.len(),
+            opts.trust_domain,
+            opts.namespace
+                .as_deref()
+                .map(|ns| format!(" namespace {ns}"))
+                .unwrap_or_default()
+        )));
+    }
+    eprintln!(
+        "{} policies for {} observed flow(s){}",
+        s.policies.len(),
+        s.flows,
+        match s.denied {
+            0 => String::new(),
+            n => format!("; {n} denied flow(s) left out"),
+        }
+    );
+    match output {
+        crate::Output::Yaml => print!("{}", s.yaml),
+        crate::Output::Json => {
+            crate::Output::Json.data(&s)?;
+        }
+        crate::Output::Table | crate::Output::Wide => {
+            println!(
+                "{:<20} {:<40} {:<8} {:>5} REVIEW",
+                "NAMESPACE", "NAME", "TYPE", "RULES"
+            );
+            for p in &s.policies {
+                println!(
+                    "{:<20} {:<40} {:<8} {:>5} {}",
+                    p.namespace, p.name, p.kind, p.rules, p.reviews
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Flow-log records from JSON-lines files, each line a record; at most 64 MiB a file, and a
 /// line that is not a record is an error naming the file and line.
 fn read_flow_logs(paths: &[PathBuf]) -> Result<Vec<proto::admin::FlowRecord>, Failure> {

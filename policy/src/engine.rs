@@ -85,12 +85,22 @@ pub struct Endpoint {
     pub ports: Vec<NamedPort>,
 }
 
+/// The label Calico gives every workload endpoint for its service account
+/// (`apiv3.LabelServiceAccount`), so that a policy's `selector` can select by it.
+pub const SERVICE_ACCOUNT_LABEL: &str = "projectcalico.org/serviceaccount";
+
+/// An identity's labels are its certificate's, and the implicit ones its certificate's fields
+/// give it, which no label of the certificate can override: `mesh.io/trust-domain`, and as
+/// Calico labels every workload endpoint, `projectcalico.org/namespace` and
+/// `projectcalico.org/serviceaccount`.
 impl Subject for Endpoint {
     fn label(&self, key: &str) -> Option<&str> {
-        if key == TRUST_DOMAIN_LABEL {
-            return Some(&self.trust_domain);
+        match key {
+            TRUST_DOMAIN_LABEL => Some(&self.trust_domain),
+            NAMESPACED_LABEL => Some(&self.namespace),
+            SERVICE_ACCOUNT_LABEL => Some(&self.name),
+            _ => self.labels.get(key).map(String::as_str),
         }
-        self.labels.get(key).map(String::as_str)
     }
 }
 

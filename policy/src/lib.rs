@@ -9,6 +9,7 @@ pub mod graph;
 pub mod location;
 pub mod model;
 pub mod selector;
+pub mod suggest;
 pub mod testing;
 
 pub use selector::{Selector, SelectorError};

@@ -7,6 +7,7 @@
 //! fd00::/64), all inside namespaces the lab made.
 
 pub mod policy_lab;
+pub mod traffic;
 
 use std::fs::File;
 use std::io::{Read, Write};

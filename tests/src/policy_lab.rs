@@ -73,6 +73,11 @@ pub fn fragments_dropped(lab: &Lab, ns: &str) -> u64 {
 /// name.
 pub fn numbered_policy_lab(prefix: &str, n: usize, fragments: Fragments) -> PolicyLab {
     let names: Vec<String> = (1..=n).map(|i| format!("{prefix}{i}")).collect();
+    labelled_policy_lab(&names, &[], fragments)
+}
+
+/// [`policy_lab_on`] with identities `names`, each labelled `app=` its name.
+pub fn labelled_policy_lab(names: &[String], audit: &[usize], fragments: Fragments) -> PolicyLab {
     let labels: Vec<Vec<String>> = names.iter().map(|n| vec![format!("app={n}")]).collect();
     let label_refs: Vec<Vec<&str>> = labels
         .iter()
@@ -83,7 +88,7 @@ pub fn numbered_policy_lab(prefix: &str, n: usize, fragments: Fragments) -> Poli
         .zip(&label_refs)
         .map(|(n, l)| (n.as_str(), l.as_slice()))
         .collect();
-    policy_lab_on(&ids, &[], fragments)
+    policy_lab_on(&ids, audit, fragments)
 }
 
 /// [`policy_lab`] on an underlay that treats fragments as `fragments` says.
