@@ -27,7 +27,7 @@ pub fn run(socket: &Path, follow: bool, filter: Filter, output: Output) -> Resul
     if matches!(output, Output::Table | Output::Wide) {
         writeln!(
             out,
-            "{:<24} {:<7} {:<8} {:<6} {:<8} {:<56} {:<56} POLICY",
+            "{:<24} {:<7} {:<8} {:<12} {:<8} {:<56} {:<56} POLICY",
             "TIME", "EVENT", "DIR", "VERDICT", "PROTO", "SOURCE", "DESTINATION"
         )
         .context("writing stdout")?;
@@ -97,7 +97,7 @@ fn row(r: &FlowRecord, wide: bool) -> String {
         policy.push(']');
     }
     let mut line = format!(
-        "{:<24} {:<7} {:<8} {:<6} {:<8} {:<56} {:<56} {policy}",
+        "{:<24} {:<7} {:<8} {:<12} {:<8} {:<56} {:<56} {policy}",
         r.time,
         r.event,
         r.direction,

@@ -44,6 +44,7 @@ drop_reasons! {
     PolicyIngress => "policy_denied_ingress": "Policy denied a new flow arriving at this node (after decryption).",
     PolicyMalformed => "policy_unparsable": "A packet's transport header was too short or malformed for policy to decide.",
     PolicyFragment => "policy_fragment_unmatched": "A later fragment whose first fragment did not pass (policy cannot see its ports).",
+    RateLimited => "rate_limited": "A packet over the rate limit of the rule that allowed its flow, for its source identity (policy.mesh/rate-limit).",
     PolicyNotHere => "policy_not_this_node": "A packet neither to nor from this node's addresses nor a route it serves as a gateway.",
     RelayNotServed => "relay_not_served": "A relay frame for another node reached a node that relays for no one.",
     RelayUnknownNode => "relay_unknown_node": "A relay frame from or to a node that is not a member here.",

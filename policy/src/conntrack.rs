@@ -117,15 +117,27 @@ pub struct Entry {
     pub bytes: u64,
     /// Whatever the caller attaches: the deciding policy and rule, for the flow log.
     pub tag: u32,
+    /// The caller's rate-limit bucket for the originator's packets, if the rule that allowed
+    /// the flow limits it ([`crate::ratelimit`]).
+    pub meter: Option<MeterKey>,
 }
+
+/// Which rate-limit bucket a flow's packets count against: the caller's key (a hash of the rule
+/// and the identities it counts by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MeterKey(pub std::num::NonZeroU64);
 
 /// What a packet is, as far as tracking knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tracked {
     /// No live entry: the packet starts a new flow and needs a policy verdict.
     New,
-    /// Part of a tracked flow; `reply` if it goes against the originator's direction.
-    Known { reply: bool },
+    /// Part of a tracked flow; `reply` if it goes against the originator's direction. `meter`:
+    /// the flow's rate-limit bucket, for a packet of the originator's direction.
+    Known {
+        reply: bool,
+        meter: Option<MeterKey>,
+    },
 }
 
 pub struct Conntrack {
@@ -196,7 +208,10 @@ impl Conntrack {
             },
             s => s,
         };
-        Tracked::Known { reply }
+        Tracked::Known {
+            reply,
+            meter: if reply { None } else { e.meter },
+        }
     }
 
     /// Whether `flow` is live (for an ICMP error quoting it), without touching its state.
@@ -212,6 +227,18 @@ impl Conntrack {
     /// Linux does with `nf_conntrack_tcp_loose`: the policy decided its direction just as it would
     /// have for the SYN. A lone RST starts nothing.
     pub fn insert(&mut self, packet: &FlowKey, len: usize, now_ms: u64, tag: u32) -> bool {
+        self.insert_metered(packet, len, now_ms, tag, None)
+    }
+
+    /// [`Conntrack::insert`] for a flow whose originator's packets count against `meter`.
+    pub fn insert_metered(
+        &mut self,
+        packet: &FlowKey,
+        len: usize,
+        now_ms: u64,
+        tag: u32,
+        meter: Option<MeterKey>,
+    ) -> bool {
         let f = packet.tcp_flags;
         let state = match packet.protocol {
             PROTO_TCP if f & TCP_RST != 0 => return false,
@@ -243,6 +270,7 @@ impl Conntrack {
             packets: 1,
             bytes: len as u64,
             tag,
+            meter,
         };
         if self.table.insert(key, entry).is_none() {
             self.order.push_back(key);
@@ -268,16 +296,16 @@ impl Conntrack {
             .collect()
     }
 
-    /// Keeps only the flows `keep` still allows (after a policy change), returning the cut ones.
+    /// Keeps only the flows `keep` still allows (after a policy change; it may update what the
+    /// caller attached, such as the meter), returning the cut ones.
     pub fn retain(
         &mut self,
-        mut keep: impl FnMut(&ConnKey, &Entry) -> bool,
+        mut keep: impl FnMut(&ConnKey, &mut Entry) -> bool,
     ) -> Vec<(ConnKey, Entry)> {
         let cut: Vec<ConnKey> = self
             .table
-            .iter()
-            .filter(|(k, e)| !keep(k, e))
-            .map(|(k, _)| *k)
+            .iter_mut()
+            .filter_map(|(k, e)| (!keep(k, e)).then_some(*k))
             .collect();
         cut.into_iter()
             .filter_map(|k| self.table.remove_entry(&k))
@@ -324,9 +352,21 @@ mod tests {
         assert_eq!(ct.track(&syn, 60, 0), Tracked::New);
         assert!(ct.insert(&syn, 60, 0, 7));
         let synack = pkt(B, 8080, A, 40000, PROTO_TCP, TCP_SYN | TCP_ACK);
-        assert_eq!(ct.track(&synack, 60, 1), Tracked::Known { reply: true });
+        assert_eq!(
+            ct.track(&synack, 60, 1),
+            Tracked::Known {
+                reply: true,
+                meter: None
+            }
+        );
         let ack = pkt(A, 40000, B, 8080, PROTO_TCP, TCP_ACK);
-        assert_eq!(ct.track(&ack, 60, 2), Tracked::Known { reply: false });
+        assert_eq!(
+            ct.track(&ack, 60, 2),
+            Tracked::Known {
+                reply: false,
+                meter: None
+            }
+        );
         let e = ct.table.values().next().unwrap();
         assert_eq!((e.state, e.packets, e.tag), (State::TcpEstablished, 3, 7));
         let fin = pkt(A, 40000, B, 8080, PROTO_TCP, TCP_FIN | TCP_ACK);
@@ -350,7 +390,13 @@ mod tests {
         assert_eq!(e.state, State::TcpEstablished);
         assert_eq!(e.originator, (A.parse().unwrap(), 40000));
         let reply = pkt(B, 8080, A, 40000, PROTO_TCP, TCP_ACK);
-        assert_eq!(ct.track(&reply, 60, 1), Tracked::Known { reply: true });
+        assert_eq!(
+            ct.track(&reply, 60, 1),
+            Tracked::Known {
+                reply: true,
+                meter: None
+            }
+        );
     }
 
     #[test]
@@ -361,11 +407,17 @@ mod tests {
         ct.insert(&q, 40, 0, 0);
         assert_eq!(
             ct.track(&pkt(B, 53, A, 5000, proto::ip::PROTO_UDP, 0), 80, 10),
-            Tracked::Known { reply: true }
+            Tracked::Known {
+                reply: true,
+                meter: None
+            }
         );
         assert_eq!(
             ct.track(&q, 40, 10 + t.udp_replied_ms - 1),
-            Tracked::Known { reply: false }
+            Tracked::Known {
+                reply: false,
+                meter: None
+            }
         );
         assert_eq!(
             ct.track(&q, 40, 10 + 2 * t.udp_replied_ms + 1),
@@ -389,7 +441,10 @@ mod tests {
         assert_eq!(ct.evictions, 7);
         assert_eq!(
             ct.track(&pkt(A, 1009, B, 53, proto::ip::PROTO_UDP, 0), 40, 10),
-            Tracked::Known { reply: false },
+            Tracked::Known {
+                reply: false,
+                meter: None
+            },
             "the newest stay"
         );
         assert_eq!(
@@ -412,7 +467,10 @@ mod tests {
         );
         assert_eq!(
             ct.track(&pkt(B, 8080, A, 1, PROTO_TCP, TCP_SYN | TCP_ACK), 60, 1),
-            Tracked::Known { reply: true }
+            Tracked::Known {
+                reply: true,
+                meter: None
+            }
         );
     }
 }

@@ -31,6 +31,7 @@ use crate::model::{
     self, CalicoRule, CalicoSpec, Document, EntityRule, K8sPeer, K8sSpec, LabelSelector, PortValue,
     ProtocolValue, StagedAction,
 };
+use crate::ratelimit::RateLimit;
 use crate::selector::{Selector, Subject, NAMESPACED_LABEL};
 use proto::cert::NamedPort;
 use proto::trust::{Federation, TRUST_DOMAIN_LABEL};
@@ -50,7 +51,7 @@ pub const ICMPV6: u8 = 58;
 pub const SCTP: u8 = 132;
 pub const UDPLITE: u8 = 136;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
     Ingress,
     Egress,
@@ -280,6 +281,8 @@ struct Rule {
     ip_version: Option<u8>,
     source: Entity,
     destination: Entity,
+    /// Rate limits by source identity ([`crate::ratelimit`]); only on Allow rules.
+    limit: Option<RateLimit>,
 }
 
 impl Rule {

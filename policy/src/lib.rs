@@ -8,6 +8,7 @@ pub mod fragments;
 pub mod graph;
 pub mod location;
 pub mod model;
+pub mod ratelimit;
 pub mod selector;
 pub mod suggest;
 pub mod testing;

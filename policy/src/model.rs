@@ -796,9 +796,12 @@ fn remove_path(v: &mut serde_yaml_ng::Value, path: &str) -> bool {
         .is_some_and(|m| m.remove(*last).is_some())
 }
 
+/// A field path, where in the text (line, column), and what was wrong.
+type FieldError = (String, Option<(usize, usize)>, String);
+
 fn typed<'de, T: Deserialize<'de>>(
     de: impl serde::Deserializer<'de, Error = serde_yaml_ng::Error>,
-) -> Result<T, (String, Option<(usize, usize)>, String)> {
+) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let (inner, at) = yaml_error(e.inner());

@@ -271,6 +271,25 @@ pub struct PolicyStatus {
     /// flow is decided again); counted by the flow logger, so `flow_log_lost` are missing here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verdicts: Vec<VerdictCount>,
+    /// Packets dropped by rate limits (`policy.mesh/rate-limit`), and by policy.
+    #[serde(default)]
+    pub rate_limited_packets: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitCount>,
+    /// Rate-limit buckets kept now (one per limited rule and source).
+    #[serde(default)]
+    pub rate_meters: usize,
+}
+
+/// What one policy's rate limits dropped in one direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitCount {
+    pub direction: String,
+    pub policy: String,
+    /// New connections refused over a connection rate.
+    pub refused_connections: u64,
+    /// Packets dropped over a packet or byte rate (refused connections' first packets included).
+    pub dropped_packets: u64,
 }
 
 /// How often one policy decided one way in one direction.

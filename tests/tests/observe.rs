@@ -5,6 +5,7 @@ use mesh_tests::policy_lab::*;
 use mesh_tests::traffic::*;
 use mesh_tests::*;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The microblog's services, one node each (node i is `SERVICES[i-1]`), and the flows the guide
 /// draws between them: (from, to, port).
@@ -164,4 +165,140 @@ fn allow_lists_suggested_from_audited_flows_pass_the_same_traffic_and_deny_the_r
     );
     let denied: usize = (1..=5).map(|i| pl.flows(i, true).len()).sum();
     assert!(denied > audited, "the denials are logged");
+}
+
+/// Every identity may send anything: the sending nodes enforce no limit of their own.
+const EGRESS_ALL: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: egress-all
+spec:
+  selector: all()
+  types: [Egress]
+  egress:
+  - action: Allow
+";
+
+/// post lets api and search send UDP to 7000, each source held to 100 packets a second.
+const POST_LIMITED: &str = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: post-allow-list
+  namespace: microblog
+  annotations:
+    policy.mesh/rate-limit: 'ingress[0]: {packetsPerSecond: 100, packetBurst: 100}'
+spec:
+  selector: app == 'post'
+  ingress:
+  - action: Allow
+    protocol: UDP
+    source:
+      serviceAccounts:
+        names: [api, search]
+    destination:
+      ports: [7000]
+";
+
+/// Sends `count` datagrams from `ns` to `to`, one every `gap`, from one socket (one flow).
+fn send_udp(
+    ns: &str,
+    to: std::net::SocketAddr,
+    count: usize,
+    gap: Duration,
+) -> std::thread::JoinHandle<()> {
+    in_netns(ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let start = Instant::now();
+        for i in 0..count {
+            let _ = s.send_to(&(i as u32).to_be_bytes(), to);
+            // Paced against the clock, so a slow thread catches up instead of stretching.
+            let due = start + gap * (i as u32 + 1);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    })
+}
+
+#[test]
+fn a_flood_from_one_identity_is_held_to_its_limit_on_the_receiver_and_another_is_not_touched() {
+    if !can_run() {
+        return;
+    }
+    let names: Vec<String> = ["post", "api", "search"].map(String::from).to_vec();
+    let mut pl = labelled_policy_lab(&names, &[], Fragments::Pass);
+    pl.apply(1, &format!("{EGRESS_ALL}---\n{POST_LIMITED}"));
+    let post = pl.addr(1, 7000);
+
+    // post counts what arrives from each source until 1.5 s of silence.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = in_netns(&pl.node(1).ns, move || {
+        let s = std::net::UdpSocket::bind(post).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let _ = ready_tx.send(());
+        let mut from = std::collections::BTreeMap::<std::net::IpAddr, usize>::new();
+        let mut buf = [0u8; 64];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            match s.recv_from(&mut buf) {
+                Ok((_, peer)) => *from.entry(peer.ip()).or_default() += 1,
+                Err(_) => break,
+            }
+        }
+        from
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // api floods: 3,000 datagrams in 1.5 s (2,000 a second); search sends 100 in 2 s, half its
+    // limit, at the same time.
+    let started = Instant::now();
+    let flood = send_udp(&pl.node(2).ns, post, 3000, Duration::from_micros(500));
+    let calm = send_udp(&pl.node(3).ns, post, 100, Duration::from_millis(20));
+    flood.join().unwrap();
+    calm.join().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let got = receiver.join().unwrap();
+    let api: std::net::IpAddr = pl.node(2).ip.parse().unwrap();
+    let search: std::net::IpAddr = pl.node(3).ip.parse().unwrap();
+    let (from_api, from_search) = (got.get(&api).copied(), got.get(&search).copied());
+    assert_eq!(from_search, Some(100), "search is not touched: {got:?}");
+    let from_api = from_api.unwrap_or(0);
+    // The burst, then 100 a second for as long as the flood lasted (and a margin of one
+    // second's worth for the clocks' edges).
+    let most = 100 + (100.0 * secs) as usize + 100;
+    assert!(
+        (100..=most).contains(&from_api),
+        "api held to its limit: {from_api} in {secs:.1} s (at most {most})"
+    );
+
+    // post counted and logged it; api's node, which enforces no limit, dropped nothing.
+    let status = pl.lab.status(&pl.node(1).ifname);
+    let limited = status["policy"]["rate_limited_packets"].as_u64().unwrap();
+    assert!(limited >= (3000 - most) as u64, "{limited}");
+    let per_policy = &status["policy"]["rate_limits"][0];
+    assert_eq!(
+        per_policy["policy"],
+        "NetworkPolicy microblog/post-allow-list"
+    );
+    assert_eq!(per_policy["direction"], "ingress");
+    assert_eq!(pl.peer_drops(1, "rate_limited"), limited);
+    assert_eq!(pl.policy_counter(2, "rate_limited_packets"), 0);
+    let (code, metrics) = http_get(&pl.node(1).ns, "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "meshd_policy_rate_limited_packets_total{{direction=\"ingress\",policy=\"NetworkPolicy microblog/post-allow-list\"}} {limited}"
+        )),
+        "{metrics}"
+    );
+    let records = pl.flows(1, true);
+    assert!(
+        records.iter().any(|r| r["verdict"] == "rate-limited"
+            && r["event"] == "limited"
+            && r["src"]["name"] == "api"),
+        "{records:?}"
+    );
+    assert!(!records
+        .iter()
+        .any(|r| r["verdict"] == "rate-limited" && r["src"]["name"] == "search"));
 }

@@ -250,6 +250,26 @@ pub fn render(status: &Status, ready: &Readiness, version: &str) -> String {
                 )
             }),
         );
+        let by_policy = |r: &proto::admin::RateLimitCount| {
+            vec![
+                ("direction", r.direction.clone()),
+                ("policy", r.policy.clone()),
+            ]
+        };
+        x.counter(
+            "meshd_policy_rate_limited_packets",
+            "Packets dropped over a rule's rate limit (policy.mesh/rate-limit), by direction and policy.",
+            p.rate_limits
+                .iter()
+                .map(|r| (by_policy(r), r.dropped_packets)),
+        );
+        x.counter(
+            "meshd_policy_rate_limited_connections",
+            "New connections refused over a rule's connection rate, by direction and policy.",
+            p.rate_limits
+                .iter()
+                .map(|r| (by_policy(r), r.refused_connections)),
+        );
         x.counter1(
             "meshd_policy_cut_flows",
             "Established flows cut because a new policy denies them.",
@@ -391,6 +411,12 @@ mod tests {
                     action: "allow".into(),
                     count: 9,
                 }],
+                rate_limits: vec![proto::admin::RateLimitCount {
+                    direction: "ingress".into(),
+                    policy: "NetworkPolicy prod/web".into(),
+                    refused_connections: 4,
+                    dropped_packets: 11,
+                }],
                 ..Default::default()
             }),
             control: None,
@@ -417,6 +443,8 @@ mod tests {
             r#"meshd_handshake_failures_total{reason="bad_mac"} 4"#,
             r#"meshd_handshake_failures_total{reason="handshake_failed"} 3"#,
             r#"meshd_policy_verdicts_total{direction="ingress",policy="default.allow-web",action="allow"} 9"#,
+            r#"meshd_policy_rate_limited_packets_total{direction="ingress",policy="NetworkPolicy prod/web"} 11"#,
+            r#"meshd_policy_rate_limited_connections_total{direction="ingress",policy="NetworkPolicy prod/web"} 4"#,
             r#"meshd_policy_serial 7"#,
             r#"meshd_certificate_expiry_timestamp_seconds{identity="td/prod/web"} 1000"#,
             r#"meshd_peer_certificate_expiry_timestamp_seconds{public_key="PEER=",identity="td/prod/api"} 2000000000"#,

@@ -36,7 +36,16 @@ const MAX_VERDICT_KEYS: usize = 4096;
 pub type VerdictCounts = std::collections::BTreeMap<(&'static str, String, &'static str), u64>;
 
 pub enum FlowEvent {
+    /// A new flow; `limited`: allowed, but over its rule's rate limit, so dropped.
     New {
+        flow: FlowKey,
+        decision: Decision,
+        rules: Arc<Rules>,
+        limited: bool,
+    },
+    /// A packet of a tracked flow over its rule's rate limit (at most once per meter per
+    /// [`policy::ratelimit::meters::LOG_EVERY_MS`]).
+    Limited {
         flow: FlowKey,
         decision: Decision,
         rules: Arc<Rules>,
@@ -178,10 +187,13 @@ fn run(
         for e in batch {
             let now_ms = epoch.elapsed().as_millis() as u64;
             if let FlowEvent::New {
-                decision, rules, ..
+                decision,
+                rules,
+                limited,
+                ..
             } = &e
             {
-                count_verdict(&mut verdicts.lock(), decision, rules);
+                count_verdict(&mut verdicts.lock(), decision, rules, *limited);
             }
             let Some(mut rec) = record(e, &mut open, &mut denied, now_ms) else {
                 continue;
@@ -210,12 +222,12 @@ fn run(
     }
 }
 
-fn count_verdict(counts: &mut VerdictCounts, d: &Decision, rules: &Rules) {
+fn count_verdict(counts: &mut VerdictCounts, d: &Decision, rules: &Rules, limited: bool) {
     let direction = match d.direction {
         Direction::Egress => "egress",
         Direction::Ingress => "ingress",
     };
-    let action = action(d);
+    let action = if limited { RATE_LIMITED } else { action(d) };
     let mut policy = rules.compiled.policy_name(&d.verdict).to_string();
     if counts.len() >= MAX_VERDICT_KEYS
         && !counts.contains_key(&(direction, policy.clone(), action))
@@ -224,6 +236,9 @@ fn count_verdict(counts: &mut VerdictCounts, d: &Decision, rules: &Rules) {
     }
     *counts.entry((direction, policy, action)).or_default() += 1;
 }
+
+/// The verdict of a flow allowed by a rule whose rate limit it exceeded.
+pub const RATE_LIMITED: &str = "rate-limited";
 
 fn action(d: &Decision) -> &'static str {
     if d.verdict.allow {
@@ -242,21 +257,28 @@ fn record(
     now_ms: u64,
 ) -> Option<FlowRecord> {
     match e {
-        FlowEvent::New {
+        FlowEvent::Limited {
             flow,
             decision,
             rules,
         } => {
-            let verdict_name = action(&decision);
+            let mut rec = new_record(&flow, &decision, &rules);
+            rec.event = "limited".into();
+            rec.verdict = RATE_LIMITED.into();
+            rec.staged = None;
+            Some(rec)
+        }
+        FlowEvent::New {
+            flow,
+            decision,
+            rules,
+            limited,
+        } => {
             let Decision {
-                verdict,
-                audited,
-                direction,
-                src: src_id,
-                dst: dst_id,
+                verdict, audited, ..
             } = decision;
             let key = ConnKey::of(&flow);
-            let passed = verdict.allow || audited;
+            let passed = (verdict.allow || audited) && !limited;
             if !passed {
                 if denied
                     .get(&key)
@@ -269,35 +291,10 @@ fn record(
                 }
                 denied.insert(key, now_ms);
             }
-            let rec = FlowRecord {
-                seq: 0,
-                time: now(),
-                event: "new".into(),
-                direction: match direction {
-                    Direction::Egress => "egress".into(),
-                    Direction::Ingress => "ingress".into(),
-                },
-                verdict: verdict_name.into(),
-                protocol: protocol_name(flow.protocol),
-                src: end(&rules, src_id, flow.src, flow.src_port, &flow),
-                dst: end(&rules, dst_id, flow.dst, flow.dst_port, &flow),
-                policy: rules.compiled.policy_name(&verdict).to_string(),
-                rule: Compiled::rule_name(direction, &verdict),
-                log_rule: verdict.logged,
-                packets: None,
-                bytes: None,
-                staged: rules
-                    .staged_verdict(&flow, &decision)
-                    .map(|v| StagedVerdict {
-                        verdict: if v.allow { "allow" } else { "deny" }.into(),
-                        policy: rules
-                            .staged
-                            .as_ref()
-                            .map_or("", |c| c.policy_name(&v))
-                            .to_string(),
-                        rule: Compiled::rule_name(direction, &v),
-                    }),
-            };
+            let mut rec = new_record(&flow, &decision, &rules);
+            if limited {
+                rec.verdict = RATE_LIMITED.into();
+            }
             if passed {
                 if open.len() >= MAX_OPEN {
                     open.clear();
@@ -314,6 +311,44 @@ fn record(
             rec.bytes = Some(entry.bytes);
             Some(rec)
         }
+    }
+}
+
+/// The record of a new flow decided as `decision`.
+fn new_record(flow: &FlowKey, decision: &Decision, rules: &Rules) -> FlowRecord {
+    let Decision {
+        verdict,
+        direction,
+        src: src_id,
+        dst: dst_id,
+        ..
+    } = *decision;
+    FlowRecord {
+        seq: 0,
+        time: now(),
+        event: "new".into(),
+        direction: match direction {
+            Direction::Egress => "egress".into(),
+            Direction::Ingress => "ingress".into(),
+        },
+        verdict: action(decision).into(),
+        protocol: protocol_name(flow.protocol),
+        src: end(rules, src_id, flow.src, flow.src_port, flow),
+        dst: end(rules, dst_id, flow.dst, flow.dst_port, flow),
+        policy: rules.compiled.policy_name(&verdict).to_string(),
+        rule: Compiled::rule_name(direction, &verdict),
+        log_rule: verdict.logged,
+        packets: None,
+        bytes: None,
+        staged: rules.staged_verdict(flow, decision).map(|v| StagedVerdict {
+            verdict: if v.allow { "allow" } else { "deny" }.into(),
+            policy: rules
+                .staged
+                .as_ref()
+                .map_or("", |c| c.policy_name(&v))
+                .to_string(),
+            rule: Compiled::rule_name(direction, &v),
+        }),
     }
 }
 

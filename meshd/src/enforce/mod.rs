@@ -17,9 +17,10 @@ use crate::routing::AllowedIps;
 use arc_swap::ArcSwap;
 use flowlog::{FlowEvent, FlowLog};
 use parking_lot::Mutex;
-use policy::conntrack::{ConnKey, Conntrack, Entry, Timeouts, Tracked};
+use policy::conntrack::{ConnKey, Conntrack, Entry, MeterKey, Timeouts, Tracked};
 use policy::engine::{Audit, Compiled, Direction, Endpoint, FastVerdict, Flow, Posture};
 use policy::fragments::Fragments;
+use policy::ratelimit::meters::{Limiter, MeterOf, Metered, Who};
 use proto::ip::{FlowKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -288,6 +289,8 @@ pub struct Counters {
     pub denied_packets: AtomicU64,
     pub audited_flows: AtomicU64,
     pub cut_flows: AtomicU64,
+    /// Packets (first packets of new flows included) dropped by rate limits.
+    pub rate_limited_packets: AtomicU64,
 }
 
 pub struct Enforcer {
@@ -298,6 +301,7 @@ pub struct Enforcer {
     hasher: foldhash::fast::RandomState,
     epoch: Instant,
     log: FlowLog,
+    limiter: Limiter,
     pub counters: Counters,
 }
 
@@ -319,6 +323,7 @@ impl Enforcer {
             hasher: foldhash::fast::RandomState::default(),
             epoch: Instant::now(),
             log,
+            limiter: Limiter::default(),
             counters: Counters::default(),
         }
     }
@@ -400,8 +405,15 @@ impl Enforcer {
             }
         }
         let mut table = self.shard(&flow).lock();
-        if let Tracked::Known { .. } = table.track(&flow, packet.len(), now) {
-            return true;
+        match table.track(&flow, packet.len(), now) {
+            Tracked::Known { meter: None, .. } => return true,
+            Tracked::Known {
+                meter: Some(key), ..
+            } => {
+                drop(table);
+                return self.metered(dir, &flow, key, remote, packet.len(), now, drops);
+            }
+            Tracked::New => {}
         }
         // Only a new flow reads the rules; a tracked one passes on the table alone.
         let rules = self.rules.load();
@@ -414,16 +426,34 @@ impl Enforcer {
         let Decision {
             verdict, audited, ..
         } = d;
-        let pass = verdict.allow || audited;
+        // A rule with a rate limit: the new flow takes a connection token and its first
+        // packet's; over the limit, it is not tracked, and its next packet is a new flow again.
+        let mut meter = None;
+        let mut limited = false;
+        if let Some(limit) = rules.compiled.limit(d.direction, &verdict) {
+            let key = self.meter_key(&rules, &d, &flow, limit.per);
+            let policy = rules.compiled.policy_name(&verdict);
+            match self
+                .limiter
+                .admit_flow(key, limit, policy, d.direction, true, packet.len(), now)
+            {
+                Metered::Pass => meter = Some(key),
+                _ => limited = true,
+            }
+        }
+        let pass = (verdict.allow || audited) && !limited;
         if pass {
             let far = match dir {
                 Direction::Egress => d.dst,
                 Direction::Ingress => d.src,
             };
-            table.insert(&flow, packet.len(), now, flow_tag(dir, far));
+            table.insert_metered(&flow, packet.len(), now, flow_tag(dir, far), meter);
         }
         drop(table);
-        if verdict.allow {
+        if limited {
+            self.counters.rate_limited_packets.fetch_add(1, Relaxed);
+            drops.count(Drop::RateLimited);
+        } else if verdict.allow {
             self.counters.allowed_flows.fetch_add(1, Relaxed);
         } else if audited {
             self.counters.audited_flows.fetch_add(1, Relaxed);
@@ -438,8 +468,85 @@ impl Enforcer {
             flow,
             decision: d,
             rules: rules.clone(),
+            limited,
         });
         pass
+    }
+
+    /// The bucket key of a flow decided as `d` by a rule whose limit counts `per`.
+    fn meter_key(
+        &self,
+        rules: &Rules,
+        d: &Decision,
+        flow: &FlowKey,
+        per: policy::ratelimit::Per,
+    ) -> MeterKey {
+        let who = |id: u32, ip| match rules.identity(id) {
+            Some(i) if id != EXTERNAL && id != UNKNOWN => Who::Identity(
+                &i.endpoint.trust_domain,
+                &i.endpoint.namespace,
+                &i.endpoint.name,
+            ),
+            _ => Who::Address(ip),
+        };
+        self.limiter.key(&MeterOf {
+            policy: rules.compiled.policy_name(&d.verdict),
+            direction: d.direction,
+            rule: d.verdict.rule.unwrap_or(0),
+            src: who(d.src, flow.src),
+            dst: (per == policy::ratelimit::Per::SourceAndDestination)
+                .then(|| who(d.dst, flow.dst)),
+        })
+    }
+
+    /// A packet of the originator's direction of a tracked flow whose rule limits it.
+    #[allow(clippy::too_many_arguments)]
+    fn metered(
+        &self,
+        dir: Direction,
+        flow: &FlowKey,
+        key: MeterKey,
+        remote: &[u8; 32],
+        len: usize,
+        now: u64,
+        drops: &DropCounters,
+    ) -> bool {
+        let log = match self.limiter.admit_packet(key, len, now) {
+            Metered::Pass => return true,
+            Metered::Dropped { log } => log,
+            // The meter was forgotten while idle: the rules in force say what limits the flow.
+            Metered::Unknown => {
+                let rules = self.rules.load();
+                let d = rules.decide(dir, flow, rules.identity_of(remote));
+                let limit =
+                    d.and_then(|d| Some((d, rules.compiled.limit(d.direction, &d.verdict)?)));
+                let Some((d, limit)) = limit else {
+                    return true;
+                };
+                let policy = rules.compiled.policy_name(&d.verdict);
+                match self
+                    .limiter
+                    .admit_flow(key, limit, policy, d.direction, false, len, now)
+                {
+                    Metered::Pass => return true,
+                    Metered::Dropped { log } => log,
+                    Metered::Unknown => false,
+                }
+            }
+        };
+        self.counters.rate_limited_packets.fetch_add(1, Relaxed);
+        drops.count(Drop::RateLimited);
+        if log {
+            let rules = self.rules.load_full();
+            if let Some(decision) = rules.decide(dir, flow, rules.identity_of(remote)) {
+                self.log.send(FlowEvent::Limited {
+                    flow: *flow,
+                    decision,
+                    rules,
+                });
+            }
+        }
+        false
     }
 
     /// Installs new rules and re-decides every tracked flow under them: a flow they deny is
@@ -448,7 +555,19 @@ impl Enforcer {
         let rules = Arc::new(rules);
         self.rules.store(rules.clone());
         for shard in self.shards.iter() {
-            let cut = shard.lock().retain(|k, e| still_allowed(&rules, k, e));
+            let now = self.now_ms();
+            let cut = shard.lock().retain(|k, e| {
+                let Some(d) = still_allowed(&rules, k, e) else {
+                    return false;
+                };
+                // The flow's meter follows the rule that allows it now.
+                e.meter = rules.compiled.limit(d.direction, &d.verdict).map(|limit| {
+                    let key = self.meter_key(&rules, &d, &k.first_packet(e), limit.per);
+                    self.limiter.refresh(key, limit, now);
+                    key
+                });
+                true
+            });
             for (key, entry) in cut {
                 self.counters.cut_flows.fetch_add(1, Relaxed);
                 self.log.send(FlowEvent::Closed {
@@ -499,6 +618,22 @@ impl Enforcer {
             audited_flows: self.counters.audited_flows.load(Relaxed),
             cut_flows: self.counters.cut_flows.load(Relaxed),
             flow_log_lost: self.log.lost.load(Relaxed),
+            rate_limited_packets: self.counters.rate_limited_packets.load(Relaxed),
+            rate_meters: self.limiter.meters(),
+            rate_limits: self
+                .limiter
+                .counts()
+                .into_iter()
+                .map(|((d, policy), c)| proto::admin::RateLimitCount {
+                    direction: match d {
+                        Direction::Ingress => "ingress".into(),
+                        Direction::Egress => "egress".into(),
+                    },
+                    policy,
+                    refused_connections: c.refused_connections,
+                    dropped_packets: c.dropped_packets,
+                })
+                .collect(),
             verdicts: self
                 .log
                 .verdicts
@@ -557,11 +692,11 @@ fn direction_tag(d: Direction) -> u32 {
     }
 }
 
-/// Whether the flow `e` tracks would still be allowed (or audited) under `rules`, decided in the
-/// direction it was first decided in, with the remote end's identity found by address (the
-/// allowed IPs of a peer are exactly its certificate's addresses, the binding the data path
-/// enforced when the flow started).
-fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> bool {
+/// The decision under `rules` of the flow `e` tracks, if they still allow (or audit) it,
+/// decided in the direction it was first decided in, with the remote end's identity found by
+/// address (the allowed IPs of a peer are exactly its certificate's addresses, the binding the
+/// data path enforced when the flow started).
+fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> Option<Decision> {
     let first = key.first_packet(e);
     let (dir, remote_ip) = if e.tag & 1 == direction_tag(Direction::Egress) {
         (Direction::Egress, first.dst)
@@ -576,12 +711,12 @@ fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> bool {
         2 => UNKNOWN,
         _ => match rules.owners.lookup(remote_ip) {
             Some(&id) => id,
-            None => return false,
+            None => return None,
         },
     };
     rules
         .decide(dir, &first, remote)
-        .is_some_and(|d| d.verdict.allow || d.audited)
+        .filter(|d| d.verdict.allow || d.audited)
 }
 
 /// The identity of a certificate, for policy.

@@ -634,3 +634,88 @@ spec:
     e.install(without_api);
     assert_eq!(e.status().cut_flows, 1, "api's flow is cut");
 }
+
+/// post lets api and other in on 8080, each held to 2 new connections and 5 packets a second
+/// (per source identity: the two never share a bucket).
+const LIMITED: &str = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: post-allow-list
+  namespace: microblog
+  annotations:
+    policy.mesh/rate-limit: 'ingress[0]: {connectionsPerSecond: 2, packetsPerSecond: 5}'
+spec:
+  selector: app == 'post'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source: {serviceAccounts: {names: [api, other]}}
+    destination: {ports: [8080]}
+";
+
+#[test]
+fn a_rate_limit_holds_one_source_and_leaves_the_other_alone() {
+    // The rates are low enough that the microseconds this test takes refill nothing.
+    let e = enforcer(LIMITED, false, 1024);
+    let drops = DropCounters::default();
+    let opened: Vec<u16> = (40000..40010)
+        .filter(|&p| e.ingress(&tcp(API, p, ME, 8080, SYN), &API_KEY, &drops))
+        .collect();
+    assert_eq!(opened, [40000, 40001], "two connections a second from api");
+    assert_eq!(drops.get(Drop::RateLimited), 8);
+    // other has its own bucket.
+    assert!(e.ingress(&tcp(OTHER, 40000, ME, 8080, SYN), &OTHER_KEY, &drops));
+    // api's packets: 5 a second, two of them spent on its SYNs. Replies are post's own, free.
+    let acks = (0..10)
+        .filter(|_| e.ingress(&tcp(API, 40000, ME, 8080, ACK), &API_KEY, &drops))
+        .count();
+    assert_eq!(acks, 3);
+    for _ in 0..10 {
+        assert!(e.egress(&tcp(ME, 8080, API, 40000, ACK), &API_KEY, &drops));
+    }
+    let st = e.status();
+    assert_eq!(st.rate_limited_packets, 8 + 7);
+    assert_eq!(st.rate_meters, 2);
+    assert_eq!(st.rate_limits.len(), 1);
+    let c = &st.rate_limits[0];
+    assert_eq!(
+        (c.direction.as_str(), c.policy.as_str()),
+        ("ingress", "NetworkPolicy microblog/post-allow-list")
+    );
+    assert_eq!((c.refused_connections, c.dropped_packets), (8, 15));
+    // The flow log says which flows were limited.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (records, _) = e.flow_log().query(0, true, false, 100);
+    assert!(
+        records
+            .iter()
+            .any(|r| r.verdict == "rate-limited" && r.event == "new"),
+        "{records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r.verdict == "rate-limited" && r.event == "limited"),
+        "{records:?}"
+    );
+
+    // The limit lifted by a new set: the tracked flows run on, unmetered.
+    e.install(rules(POLICY, false, 2));
+    let acks = (0..10)
+        .filter(|_| e.ingress(&tcp(API, 40000, ME, 8080, ACK), &API_KEY, &drops))
+        .count();
+    assert_eq!(acks, 10);
+}
+
+#[test]
+fn a_forgotten_meter_is_found_again_from_the_rules_in_force() {
+    let e = enforcer(LIMITED, false, 1024);
+    let drops = DropCounters::default();
+    assert!(e.ingress(&tcp(API, 40000, ME, 8080, SYN), &API_KEY, &drops));
+    // As if the meter had been forgotten while idle: the next packets meet a new, full one.
+    e.limiter.forget_all();
+    let acks = (0..10)
+        .filter(|_| e.ingress(&tcp(API, 40000, ME, 8080, ACK), &API_KEY, &drops))
+        .count();
+    assert_eq!(acks, 5, "the rule's packet rate, from a full bucket");
+}

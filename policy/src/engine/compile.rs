@@ -2,6 +2,7 @@
 //! selector parsed once, every error reported with the object and the field.
 
 use super::*;
+use crate::ratelimit::{self, RATE_LIMIT_ANNOTATION};
 
 struct Ctx<'a> {
     policy: &'a str,
@@ -179,6 +180,10 @@ impl PolicySet {
                     p
                 })
             });
+            let r = r.and_then(|p| match p {
+                Some(p) => with_rate_limits(&id, d, p).map(Some),
+                None => Ok(None),
+            });
             match r {
                 Ok(Some(p)) => {
                     let tier = match d {
@@ -241,6 +246,48 @@ impl PolicySet {
         sort_policies(&mut set.policies);
         Ok(set)
     }
+}
+
+/// `p` with the rate limits of its document's [`RATE_LIMIT_ANNOTATION`], each on an Allow rule
+/// of a Calico policy (a Kubernetes rule expands to one per peer and port, so its rules have no
+/// index to name).
+fn with_rate_limits(id: &str, d: &Document, mut p: Policy) -> Result<Policy, Vec<CompileError>> {
+    let Some(value) = d.metadata().annotations.get(RATE_LIMIT_ANNOTATION) else {
+        return Ok(p);
+    };
+    let err = |message: String| {
+        vec![CompileError {
+            policy: id.to_string(),
+            field: format!("metadata.annotations[{RATE_LIMIT_ANNOTATION}]"),
+            message,
+        }]
+    };
+    if matches!(d, Document::K8sNetworkPolicy { .. }) {
+        return Err(err(
+            "rate limits are for Calico policies: a Kubernetes rule has no single rule to limit"
+                .into(),
+        ));
+    }
+    for ((dir, i), limit) in ratelimit::parse(value).map_err(err)? {
+        let rules = match dir {
+            Direction::Ingress => p.ingress.as_mut(),
+            Direction::Egress => p.egress.as_mut(),
+        };
+        let name = match dir {
+            Direction::Ingress => format!("ingress[{i}]"),
+            Direction::Egress => format!("egress[{i}]"),
+        };
+        match rules.and_then(|r| r.get_mut(i)) {
+            Some(r) if r.action == Action::Allow => r.limit = Some(limit),
+            Some(_) => {
+                return Err(err(format!(
+                    "{name} is not an Allow rule: only what is allowed can be limited"
+                )))
+            }
+            None => return Err(err(format!("the policy has no rule {name}"))),
+        }
+    }
+    Ok(p)
 }
 
 /// Rules of one policy in one direction at most (a Kubernetes rule counts once per peer and
@@ -483,6 +530,7 @@ fn rule(ctx: &Ctx, r: &CalicoRule) -> Result<Rule, CompileError> {
         ip_version: r.ip_version,
         source: entity(&ctx.at("source"), &r.source, proto)?,
         destination: entity(&ctx.at("destination"), &r.destination, proto)?,
+        limit: None,
     })
 }
 
@@ -668,6 +716,7 @@ fn k8s_rules(
                 ip_version: None,
                 source,
                 destination,
+                limit: None,
             });
         }
     }

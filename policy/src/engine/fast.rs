@@ -460,6 +460,30 @@ impl Compiled {
         self.ids.len()
     }
 
+    /// The rate limit of the rule that allowed a flow (`v`, decided in `direction`), if it has
+    /// one ([`crate::ratelimit`]).
+    #[inline]
+    pub fn limit(&self, direction: Direction, v: &FastVerdict) -> Option<&RateLimit> {
+        if !v.allow || v.reason != Reason::Rule {
+            return None;
+        }
+        let rules = self.rules.get(v.policy? as usize)?;
+        rules[slot(direction)]
+            .get(usize::from(v.rule?))?
+            .rule
+            .limit
+            .as_ref()
+    }
+
+    /// Whether any rule of the set has a rate limit.
+    pub fn has_limits(&self) -> bool {
+        self.rules
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|r| r.rule.limit.is_some())
+    }
+
     /// What policies in audit mode ([`crate::model::AUDIT_ANNOTATION`]) make of the denial `v`
     /// of a flow ([`Compiled::decide`] with the same arguments). Their denials are reported, not
     /// enforced, but they never switch off the policies that are enforced: a denial that an
