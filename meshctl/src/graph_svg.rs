@@ -80,10 +80,46 @@ pub fn to_svg(g: &Graph) -> String {
     }
     let mut svg = SVGWriter::new();
     vg.do_it(false, false, false, &mut svg);
-    stable_styles(&svg.finalize())
+    labels_on_top(&stable_styles(&svg.finalize()))
 }
 
-/// The writer lists its font classes in hash order: sorted, the same graph is the same file.
+/// The writer draws edge labels before the edges, so lines cross them: moved to the end of
+/// the document, with their halo they are drawn last and stay readable.
+fn labels_on_top(svg: &str) -> String {
+    let mut body = String::with_capacity(svg.len());
+    let mut labels = String::new();
+    let mut rest = svg;
+    while let Some(at) = rest.find("<text") {
+        let Some(len) = rest[at..].find("</text>").map(|e| e + "</text>".len()) else {
+            break;
+        };
+        let text = &rest[at..at + len];
+        body.push_str(&rest[..at]);
+        if text.contains("class=\"a12\"") && !text.contains("<textPath") {
+            labels.push_str(text);
+            labels.push('\n');
+        } else {
+            body.push_str(text);
+        }
+        rest = &rest[at + len..];
+    }
+    body.push_str(rest);
+    match body.rfind("</svg>") {
+        Some(end) => {
+            body.insert_str(end, &labels);
+            body
+        }
+        None => svg.to_string(),
+    }
+}
+
+/// Edge labels (the smaller font) get a white halo, so that a line crossing a label leaves it
+/// readable.
+const LABEL_HALO: &str =
+    ".a12 { paint-order: stroke; stroke: white; stroke-width: 4px; stroke-linejoin: round; }";
+
+/// The writer lists its font classes in hash order: sorted, the same graph is the same file;
+/// and the edge labels get their halo.
 fn stable_styles(svg: &str) -> String {
     let (Some(a), Some(b)) = (svg.find("<style>\n"), svg.find("</style>")) else {
         return svg.to_string();
@@ -93,6 +129,7 @@ fn stable_styles(svg: &str) -> String {
         return svg.to_string();
     }
     let mut lines: Vec<&str> = svg[start..b].lines().collect();
+    lines.push(LABEL_HALO);
     lines.sort_unstable();
     let mut out = String::with_capacity(svg.len());
     out.push_str(&svg[..start]);

@@ -3,6 +3,7 @@
 mod ca;
 mod federation;
 mod flows;
+mod graph_html;
 mod graph_svg;
 mod identity;
 mod keys;
@@ -109,6 +110,27 @@ enum Command {
         /// them would cut.
         #[arg(long)]
         staged: bool,
+        /// Every node's flow log (this node and each member of its trust domain), pulled over
+        /// the control protocol with a query signed by the policy-admin key; each record names
+        /// its node.
+        #[arg(long)]
+        mesh: bool,
+        /// With --mesh: the policy-admin signing key (members answer only queries their
+        /// configured admins signed).
+        #[arg(long, default_value = policy_set::DEFAULT_ADMIN_KEY, requires = "mesh")]
+        key: PathBuf,
+        /// Only records of the last DURATION (30s, 10m, 2h, 1d).
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Only flows from this identity ([TD/]NS/NAME, SPIFFE ID) or address.
+        #[arg(long, value_name = "ID")]
+        from: Option<String>,
+        /// Only flows to this identity or address.
+        #[arg(long, value_name = "ID")]
+        to: Option<String>,
+        /// Only flows decided by this policy (NAME, NS/NAME, or as the log writes it).
+        #[arg(long, value_name = "NAME")]
+        policy: Option<String>,
         #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
         #[command(flatten)]
@@ -292,12 +314,14 @@ enum PolicyCommand {
         output: Output,
     },
     /// The flow graph the policies allow: identities (and external networks) as nodes, allowed
-    /// flows as edges labelled with protocol and port, and the policies that allowed them.
+    /// flows as edges labelled with protocol and port, and the policies that allowed them; for
+    /// policy files, or without -f for the set in force and the live mesh's members.
     Graph {
-        #[arg(short = 'f', long = "file", required = true, value_name = "FILE|DIR|-", help = FILES_HELP)]
+        #[arg(short = 'f', long = "file", value_name = "FILE|DIR|-", help = FILES_HELP)]
         files: Vec<PathBuf>,
         /// The identities to draw (a YAML list of [TD/]NS/NAME,K=V..., or the output of
-        /// `meshctl status -o yaml`); default: those the files' PolicyTest cases name.
+        /// `meshctl status -o yaml`); default: with -f, those the files' PolicyTest cases name,
+        /// without, the live mesh's members.
         #[arg(long, value_name = "FILE")]
         identities: Option<PathBuf>,
         /// Merge the identities that share the value of this label into one node.
@@ -307,12 +331,14 @@ enum PolicyCommand {
         /// more): edges used, allowed but never used, denied attempts, would-be denials.
         #[arg(long = "flows", value_name = "FILE")]
         flows: Vec<PathBuf>,
-        /// zero-trust (what no policy selects is denied) or calico (it is allowed).
-        #[arg(long, value_parser = ["zero-trust", "calico"], default_value = "zero-trust")]
-        posture: String,
-        /// The local trust domain, whose identities the policies are written for.
-        #[arg(long, default_value = policy::DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
+        /// zero-trust (what no policy selects is denied) or calico (it is allowed); default:
+        /// zero-trust for files, the daemon's own for the set in force.
+        #[arg(long, value_parser = ["zero-trust", "calico"])]
+        posture: Option<String>,
+        /// The local trust domain, whose identities the policies are written for; default:
+        /// cluster.local for files, the daemon's own for the set in force.
+        #[arg(long)]
+        trust_domain: Option<String>,
         /// table, wide, json, yaml, or dot (Graphviz).
         #[arg(short, long, value_enum, default_value_t = GraphOutput::Table)]
         output: GraphOutput,
@@ -492,6 +518,9 @@ pub enum GraphOutput {
     Dot,
     /// An SVG picture, laid out here (no Graphviz needed).
     Svg,
+    /// One self-contained page: the picture, the edges, and the observed flows (--flows) in a
+    /// table a filter box narrows.
+    Html,
 }
 
 /// How a read command prints: the same four everywhere.
@@ -601,10 +630,25 @@ fn policy_command(command: PolicyCommand, daemon: Daemon) -> Result<(), Failure>
             trust_domain,
             output,
         } => {
-            let set = policy::load_for(&files, &posture, &trust_domain)?;
+            let (set, live) = if files.is_empty() {
+                let socket = daemon()?;
+                let posture = posture.as_deref().map(policy::posture);
+                let set = policy_set::running(&socket, posture, trust_domain.as_deref())?;
+                (set, Some(policy_set::known(&socket)?))
+            } else {
+                let set = policy::load_for(
+                    &files,
+                    posture.as_deref().unwrap_or("zero-trust"),
+                    trust_domain
+                        .as_deref()
+                        .unwrap_or(policy::DEFAULT_TRUST_DOMAIN),
+                )?;
+                (set, None)
+            };
             policy::graph(
                 &set,
                 identities.as_deref(),
+                live,
                 group_by.as_deref(),
                 &flows,
                 output,
@@ -767,11 +811,34 @@ fn main() -> ExitCode {
             follow,
             denied,
             staged,
+            mesh,
+            key,
+            since,
+            from,
+            to,
+            policy,
             output,
             daemon,
-        } => daemon
-            .path()
-            .and_then(|path| flows::run(&path, follow, flows::Filter { denied, staged }, output)),
+        } => daemon.path().and_then(|path| {
+            let since = since
+                .as_deref()
+                .map(proto::duration::parse)
+                .transpose()
+                .map_err(|e| Failure::input(anyhow::anyhow!("--since: {e}")))?;
+            let filter = flows::Filter {
+                denied,
+                staged,
+                since,
+                from,
+                to,
+                policy,
+            };
+            if mesh {
+                flows::mesh(&path, &key, follow, &filter, output)
+            } else {
+                flows::run(&path, follow, &filter, output)
+            }
+        }),
         Command::Federation { command, daemon } => daemon.path().and_then(|path| match command {
             FederationCommand::Add {
                 trust_domain,

@@ -209,14 +209,16 @@ pub fn ends_of(known: &[Known], set: &PolicySet) -> Result<Vec<FlowEnd>, Failure
 pub fn graph(
     set: &PolicySet,
     identities: Option<&std::path::Path>,
+    live: Option<Vec<Known>>,
     group_by: Option<&str>,
     flows: &[PathBuf],
     output: crate::GraphOutput,
 ) -> Result<(), Failure> {
     use ::policy::graph;
-    let ends: Vec<FlowEnd> = match identities {
-        Some(path) => ends_of(&crate::policy_set::identities_file(path)?, set)?,
-        None => graph::identities_of_tests(set),
+    let ends: Vec<FlowEnd> = match (identities, live) {
+        (Some(path), _) => ends_of(&crate::policy_set::identities_file(path)?, set)?,
+        (None, Some(known)) => ends_of(&known, set)?,
+        (None, None) => graph::identities_of_tests(set),
     };
     if ends.is_empty() {
         return Err(Failure::input(anyhow!(
@@ -224,8 +226,13 @@ pub fn graph(
         )));
     }
     let mut g = graph::graph(set, &ends);
+    let records = if flows.is_empty() {
+        Vec::new()
+    } else {
+        read_flow_logs(flows)?
+    };
     if !flows.is_empty() {
-        g.overlay(&read_flow_logs(flows)?);
+        g.overlay(&records);
     }
     if let Some(key) = group_by {
         g = g.grouped_by(key);
@@ -237,6 +244,11 @@ pub fn graph(
         }
         crate::GraphOutput::Svg => {
             print!("{}", crate::graph_svg::to_svg(&g));
+            return Ok(());
+        }
+        crate::GraphOutput::Html => {
+            let svg = crate::graph_svg::to_svg(&g);
+            print!("{}", crate::graph_html::to_html(&g, &svg, &records));
             return Ok(());
         }
         crate::GraphOutput::Json => crate::Output::Json.data(&g)?,

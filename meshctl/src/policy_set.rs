@@ -47,7 +47,7 @@ fn pub_path(key: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn signing_key(path: &Path) -> Result<SigningKey, Failure> {
+pub fn signing_key(path: &Path) -> Result<SigningKey, Failure> {
     let text = keyfile::read_secret(path).map_err(Failure::input)?;
     let seed = armor::decode(ADMIN_PRIVATE_KEY, &text)
         .with_context(|| path.display().to_string())

@@ -445,6 +445,7 @@ mod tests {
                 policy: String::new(),
                 rule: None,
             }),
+            node: None,
         }
     }
 

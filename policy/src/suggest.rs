@@ -671,6 +671,7 @@ mod tests {
             packets: None,
             bytes: None,
             staged: None,
+            node: None,
         }
     }
 

@@ -50,6 +50,11 @@ pub enum Request {
     },
     /// The policy serial each node of the mesh last said it runs.
     PolicyStatus,
+    /// Mesh mode: the flow logs of this node and every member of its trust domain, for a query
+    /// a policy admin signed for this node (base64 of [`crate::flowquery::FlowQuery`]).
+    MeshFlows {
+        query: String,
+    },
 }
 
 fn default_flow_limit() -> usize {
@@ -89,6 +94,32 @@ pub struct FlowRecord {
     /// have decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged: Option<StagedVerdict>,
+    /// In a mesh-wide view (`meshctl flows --mesh`): the node whose log holds the record
+    /// (`TD/NS/NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// The answer to [`Request::MeshFlows`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshFlows {
+    /// Every node's records, merged by time.
+    pub records: Vec<FlowRecord>,
+    /// Each node asked, and what it said.
+    pub nodes: Vec<MeshFlowsNode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshFlowsNode {
+    /// `TD/NS/NAME`.
+    pub node: String,
+    /// Base64 static key: where a follow-up query's cursor goes.
+    pub public_key: String,
+    /// It answered in time (its last part arrived).
+    pub answered: bool,
+    pub records: usize,
+    /// The sequence number to ask it from next.
+    pub next: u64,
 }
 
 /// What the staged policies would have decided for a flow.
@@ -170,6 +201,7 @@ pub enum Response {
         set: Option<String>,
     },
     PolicyStatus(Vec<NodePolicy>),
+    MeshFlows(MeshFlows),
 }
 
 /// What `meshctl status` shows.

@@ -844,6 +844,18 @@ pub enum Message {
     GatewayProbe { nonce: u64 },
     /// The answer: the probe's nonce and the routes the sender serves (none: it serves nothing).
     GatewayServing { nonce: u64, routes: Vec<Cidr> },
+    /// "Send me your flow log": a query signed by a policy admin, naming the sender as the node
+    /// that asks ([`crate::flowquery`], section 9).
+    FlowQuery { query: Vec<u8> },
+    /// Part `part` of the answer to the query `nonce`: flow-log records as JSON lines; `last` on
+    /// the final part, with `next`, the sequence number to ask from next time.
+    FlowAnswer {
+        nonce: u64,
+        part: u16,
+        last: bool,
+        next: u64,
+        records: Vec<u8>,
+    },
 }
 
 impl Message {
@@ -858,6 +870,8 @@ impl Message {
             Message::PolicyChunk { .. } => "policy_chunk",
             Message::GatewayProbe { .. } => "gateway_probe",
             Message::GatewayServing { .. } => "gateway_serving",
+            Message::FlowQuery { .. } => "flow_query",
+            Message::FlowAnswer { .. } => "flow_answer",
         }
     }
 }
@@ -918,6 +932,13 @@ const MSG_POLICY_REQUEST: u8 = 5;
 const MSG_POLICY_CHUNK: u8 = 6;
 const MSG_GATEWAY_PROBE: u8 = 7;
 const MSG_GATEWAY_SERVING: u8 = 8;
+const MSG_FLOW_QUERY: u8 = 9;
+const MSG_FLOW_ANSWER: u8 = 10;
+/// Largest signed flow query.
+pub const MAX_FLOW_QUERY_BYTES: usize = 48 * 1024;
+/// Largest piece of flow-log records in one [`Message::FlowAnswer`]; with the sealing overhead
+/// it stays under [`MAX_DATAGRAM_BYTES`].
+pub const MAX_FLOW_ANSWER_BYTES: usize = 48 * 1024;
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
@@ -992,6 +1013,26 @@ impl Message {
                 b.extend_from_slice(&length.to_be_bytes());
                 b.extend_from_slice(&(data.len() as u32).to_be_bytes());
                 b.extend_from_slice(data);
+            }
+            Message::FlowQuery { query } => {
+                b.push(MSG_FLOW_QUERY);
+                b.extend_from_slice(&(query.len() as u32).to_be_bytes());
+                b.extend_from_slice(query);
+            }
+            Message::FlowAnswer {
+                nonce,
+                part,
+                last,
+                next,
+                records,
+            } => {
+                b.push(MSG_FLOW_ANSWER);
+                b.extend_from_slice(&nonce.to_be_bytes());
+                b.extend_from_slice(&part.to_be_bytes());
+                b.push(u8::from(*last));
+                b.extend_from_slice(&next.to_be_bytes());
+                b.extend_from_slice(&(records.len() as u32).to_be_bytes());
+                b.extend_from_slice(records);
             }
             Message::GatewayProbe { nonce } => {
                 b.push(MSG_GATEWAY_PROBE);
@@ -1134,6 +1175,36 @@ impl Message {
             MSG_GATEWAY_PROBE => Message::GatewayProbe {
                 nonce: r.u64("nonce")?,
             },
+            MSG_FLOW_QUERY => {
+                let n = u32::from_be_bytes(r.array("query length")?) as usize;
+                if n > MAX_FLOW_QUERY_BYTES {
+                    return Err(ControlError::TooLarge {
+                        max: MAX_FLOW_QUERY_BYTES,
+                    });
+                }
+                Message::FlowQuery {
+                    query: r.take("query", n)?.to_vec(),
+                }
+            }
+            MSG_FLOW_ANSWER => {
+                let nonce = r.u64("nonce")?;
+                let part = r.u16("part")?;
+                let last = r.u8("last")? != 0;
+                let next = r.u64("next")?;
+                let n = u32::from_be_bytes(r.array("records length")?) as usize;
+                if n > MAX_FLOW_ANSWER_BYTES {
+                    return Err(ControlError::TooLarge {
+                        max: MAX_FLOW_ANSWER_BYTES,
+                    });
+                }
+                Message::FlowAnswer {
+                    nonce,
+                    part,
+                    last,
+                    next,
+                    records: r.take("records", n)?.to_vec(),
+                }
+            }
             MSG_GATEWAY_SERVING => {
                 let nonce = r.u64("nonce")?;
                 let n = usize::from(r.u8("route count")?);
@@ -1702,6 +1773,16 @@ mod tests {
                 data: vec![0xab; 100],
             },
             Message::GatewayProbe { nonce: 77 },
+            Message::FlowQuery {
+                query: vec![1, 2, 3],
+            },
+            Message::FlowAnswer {
+                nonce: 9,
+                part: 2,
+                last: true,
+                next: 1234,
+                records: b"{}\n".to_vec(),
+            },
             Message::GatewayServing {
                 nonce: 77,
                 routes: vec![],

@@ -7,6 +7,7 @@ pub mod cert;
 pub mod cidr;
 pub mod control;
 pub mod duration;
+pub mod flowquery;
 pub mod ip;
 pub mod key;
 pub mod policyset;

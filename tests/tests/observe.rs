@@ -302,3 +302,225 @@ fn a_flood_from_one_identity_is_held_to_its_limit_on_the_receiver_and_another_is
         .iter()
         .any(|r| r["verdict"] == "rate-limited" && r["src"]["name"] == "search"));
 }
+
+/// Every identity may reach every other on TCP 8080, and nothing else.
+const ALLOW_8080: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: allow-8080
+spec:
+  selector: all()
+  types: [Ingress]
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination:
+      ports: [8080]
+";
+
+/// `meshctl flows --mesh` on node `on`, signed with `key`: its output, as JSON records.
+fn mesh_flows(
+    pl: &PolicyLab,
+    on: usize,
+    key: &std::path::Path,
+    extra: &[&str],
+) -> (bool, Vec<serde_json::Value>, String) {
+    let out = Command::new(bin("meshctl"))
+        .args([
+            "flows",
+            "--mesh",
+            "-o",
+            "json",
+            "-i",
+            &pl.node(on).ifname,
+            "--key",
+        ])
+        .arg(key)
+        .args(extra)
+        .output()
+        .expect("running meshctl");
+    let records = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a record is JSON"))
+        .collect();
+    (
+        out.status.success(),
+        records,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn one_admin_query_reads_the_flow_logs_of_five_nodes_and_history_survives_a_restart() {
+    if !can_run() {
+        return;
+    }
+    let names: Vec<String> = ["api", "post", "search", "user", "storage"]
+        .map(String::from)
+        .to_vec();
+    let mut pl = labelled_policy_lab(&names, &[], Fragments::Pass);
+    pl.apply(1, &format!("{EGRESS_ALL}---\n{ALLOW_8080}"));
+    let _servers: Vec<Echo> = (1..=5)
+        .map(|i| echo(&pl.node(i).ns, pl.addr(i, 8080)))
+        .collect();
+    // Each node calls the next on 8080 (allowed) and on 9090 (denied at the receiver).
+    for i in 1..=5 {
+        let next = i % 5 + 1;
+        assert!(
+            talks(&pl.node(i).ns, pl.addr(next, 8080), QUICK),
+            "{i} -> {next}"
+        );
+        assert!(!talks(
+            &pl.node(i).ns,
+            pl.addr(next, 9090),
+            Duration::from_millis(300)
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let admin = pl.admin.clone();
+    let (ok, records, err) = mesh_flows(&pl, 1, &admin, &[]);
+    assert!(ok, "{err}");
+    let nodes: std::collections::BTreeSet<String> = records
+        .iter()
+        .filter_map(|r| r["node"].as_str().map(String::from))
+        .collect();
+    let want: std::collections::BTreeSet<String> = names
+        .iter()
+        .map(|n| format!("example.org/microblog/{n}"))
+        .collect();
+    assert_eq!(nodes, want, "every node's records, each naming its node");
+    // Merged by time.
+    let times: Vec<&str> = records
+        .iter()
+        .map(|r| r["time"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]));
+    // Each flow is seen by both of its ends: search's call to user is in search's log (egress)
+    // and in user's (ingress).
+    let seen_by = |from: &str, to: &str, port: u64| -> std::collections::BTreeSet<String> {
+        records
+            .iter()
+            .filter(|r| {
+                r["event"] == "new"
+                    && r["src"]["name"] == from
+                    && r["dst"]["name"] == to
+                    && r["dst"]["port"] == port
+            })
+            .map(|r| r["node"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        seen_by("search", "user", 8080),
+        ["example.org/microblog/search", "example.org/microblog/user"]
+            .map(String::from)
+            .into()
+    );
+    // Filters: denied only (the 9090 calls, denied by the receivers), from one identity, by policy.
+    let (_, denied, _) = mesh_flows(&pl, 1, &admin, &["--denied"]);
+    assert!(denied.len() >= 5, "{denied:?}");
+    assert!(denied
+        .iter()
+        .all(|r| r["verdict"] != "allow" && r["dst"]["port"] == 9090));
+    let (_, from_api, _) = mesh_flows(&pl, 3, &admin, &["--from", "microblog/api"]);
+    assert!(!from_api.is_empty() && from_api.iter().all(|r| r["src"]["name"] == "api"));
+    let (_, by_policy, _) = mesh_flows(&pl, 1, &admin, &["--policy", "allow-8080"]);
+    assert!(
+        !by_policy.is_empty()
+            && by_policy
+                .iter()
+                .all(|r| r["policy"] == "GlobalNetworkPolicy allow-8080")
+    );
+    // The live graph: the set in force between the members, the mesh's flows overlaid.
+    let all = pl.lab.dir.join("all.jsonl");
+    let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&all, lines.join("\n")).unwrap();
+    let graph = |format: &str| {
+        let out = run(Command::new(bin("meshctl"))
+            .args([
+                "policy",
+                "graph",
+                "-o",
+                format,
+                "-i",
+                &pl.node(1).ifname,
+                "--flows",
+            ])
+            .arg(&all));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let g: serde_json::Value = serde_json::from_str(&graph("json")).unwrap();
+    assert_eq!(g["nodes"].as_array().unwrap().len(), 5, "{g}");
+    let edges = g["edges"].as_array().unwrap();
+    assert_eq!(
+        edges.len(),
+        5 * 4,
+        "everyone may call everyone on 8080: {g}"
+    );
+    let used = edges
+        .iter()
+        .filter(|e| e["seen"]["TCP 8080"]["allowed"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(used, 5, "each node called the next: {g}");
+    let html = graph("html");
+    assert!(html.contains("<svg") && html.contains(&format!("Observed flows ({})", records.len())));
+    let (_, recent, _) = mesh_flows(&pl, 1, &admin, &["--since", "10m"]);
+    assert!(
+        recent.len() >= records.len(),
+        "{} of {}",
+        recent.len(),
+        records.len()
+    );
+
+    // A key that is no policy admin reads nothing: the asking node refuses it, and so would
+    // every member.
+    let rogue = pl.lab.dir.join("rogue.key");
+    run(Command::new(bin("meshctl"))
+        .args(["policy", "admin-key", "--out"])
+        .arg(&rogue));
+    let (ok, none, err) = mesh_flows(&pl, 1, &rogue, &[]);
+    assert!(!ok && none.is_empty(), "{err}");
+    assert!(err.contains("not a policy admin"), "{err}");
+
+    // user restarts: its log's history is still there, numbered as before.
+    let user_before: Vec<u64> = pl
+        .flows(4, false)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(!user_before.is_empty());
+    let (ifname, ns, config) = (
+        pl.node(4).ifname.clone(),
+        pl.node(4).ns.clone(),
+        pl.node(4).config.clone(),
+    );
+    assert!(pl.lab.stop(&ifname, libc::SIGTERM).success());
+    pl.lab.meshd_config(&ns, &ifname, &config);
+    pl.wait_members();
+    let user_after: Vec<u64> = pl
+        .flows(4, false)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        user_after.starts_with(&user_before),
+        "before {user_before:?}, after {user_after:?}"
+    );
+    let (ok, again, err) = mesh_flows(
+        &pl,
+        2,
+        &admin,
+        &["--from", "microblog/search", "--to", "microblog/user"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        again
+            .iter()
+            .any(|r| r["node"] == "example.org/microblog/user"),
+        "{again:?}"
+    );
+}

@@ -127,6 +127,19 @@ impl Admin {
                     Err(e) => e,
                 }
             }
+            Request::MeshFlows { query } => {
+                let Ok(query) = STANDARD.decode(query.trim()) else {
+                    return Response::Error {
+                        message: "the flow query is not base64".into(),
+                    };
+                };
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                match self.ask(Command::MeshFlows { query, reply }, answer).await {
+                    Ok(Ok(flows)) => Response::MeshFlows(flows),
+                    Ok(Err(message)) => Response::Error { message },
+                    Err(e) => e,
+                }
+            }
             Request::PolicyApply { set } => {
                 let Ok(encoded) = STANDARD.decode(set.trim()) else {
                     return Response::Error {

@@ -24,8 +24,12 @@ const BACKLOG: usize = 8192;
 const RING: usize = 10_000;
 /// A denied flow is logged once per this interval however often its packets are retried.
 const DENIED_REPEAT_MS: u64 = 10_000;
-/// The log file is renamed to `*.1` when it reaches this size.
+/// The log file is renamed to `FILE.1` when it reaches this size (`FILE.1` to `FILE.2`, and so on).
 const ROTATE_BYTES: u64 = 64 << 20;
+/// Rotated files kept (`FILE.1` to `FILE.4`): with the live one, at most 320 MiB of history.
+pub const KEEP_ROTATED: usize = 4;
+/// Bytes read from the end of each file at start, for the history `meshctl flows` shows.
+const HISTORY_TAIL_BYTES: u64 = 16 << 20;
 /// Open flows remembered for their closing record; beyond this the oldest are forgotten.
 const MAX_OPEN: usize = 1 << 20;
 /// (direction, policy, action) counters kept; policies of sets replaced long ago beyond this are
@@ -75,10 +79,11 @@ impl FlowLog {
     /// Starts the logger thread, writing to `file` if given.
     pub fn start(file: Option<PathBuf>) -> std::io::Result<FlowLog> {
         let (tx, rx) = sync_channel(BACKLOG);
-        let ring = Arc::new(Mutex::new(Ring {
-            records: VecDeque::new(),
-            next_seq: 1,
-        }));
+        // The history an earlier run wrote, so that `meshctl flows` (and the mesh) still see it,
+        // and sequence numbers go on from where they were: a cursor stays valid over a restart.
+        let records = file.as_deref().map(history).unwrap_or_default();
+        let next_seq = records.back().map_or(1, |r| r.seq + 1);
+        let ring = Arc::new(Mutex::new(Ring { records, next_seq }));
         let log = FlowLog {
             tx,
             ring: ring.clone(),
@@ -100,6 +105,31 @@ impl FlowLog {
         if let Err(TrySendError::Full(_)) = self.tx.try_send(e) {
             self.lost.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Records after `after` whose time is `since` (RFC 3339, as the records write it) or later,
+    /// oldest first, at most `limit`; and the sequence to ask from next.
+    pub fn query_since(
+        &self,
+        after: u64,
+        since: &str,
+        denied_only: bool,
+        limit: usize,
+    ) -> (Vec<FlowRecord>, u64) {
+        let ring = self.ring.lock();
+        let records: Vec<FlowRecord> = ring
+            .records
+            .iter()
+            .filter(|r| r.seq > after && r.time.as_str() >= since)
+            .filter(|r| !denied_only || r.verdict != "allow")
+            .take(limit)
+            .cloned()
+            .collect();
+        let next = match records.last() {
+            Some(r) if records.len() == limit => r.seq,
+            _ => ring.records.back().map_or(after, |r| r.seq),
+        };
+        (records, next.max(after))
     }
 
     /// Records after `since`, oldest first, at most `limit`; and the sequence to ask from next.
@@ -160,7 +190,10 @@ impl LogFile {
     fn write(&mut self, line: &str) {
         if self.size > ROTATE_BYTES {
             let _ = self.file.flush();
-            let _ = std::fs::rename(&self.path, self.path.with_extension("jsonl.1"));
+            for n in (1..KEEP_ROTATED).rev() {
+                let _ = std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1));
+            }
+            let _ = std::fs::rename(&self.path, rotated(&self.path, 1));
             match LogFile::open(self.path.clone()) {
                 Ok(f) => *self = f,
                 Err(e) => tracing::warn!(error = %e, "reopening the flow log"),
@@ -170,6 +203,60 @@ impl LogFile {
             self.size += line.len() as u64 + 1;
         }
     }
+}
+
+/// `FILE.n`.
+fn rotated(path: &std::path::Path, n: usize) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n}"));
+    PathBuf::from(p)
+}
+
+/// The newest [`RING`] records of the log at `path` and its rotated files, oldest first. Only
+/// the last [`HISTORY_TAIL_BYTES`] of each file are read; a line that is not a record (torn by a
+/// crash, or edited) is skipped; records must go forward in sequence, so a file from another
+/// life of the log cannot slip in among them.
+fn history(path: &std::path::Path) -> VecDeque<FlowRecord> {
+    use std::io::{BufRead, Read, Seek, SeekFrom};
+    let mut out: VecDeque<FlowRecord> = VecDeque::new();
+    let files =
+        std::iter::once(path.to_path_buf()).chain((1..=KEEP_ROTATED).map(|n| rotated(path, n)));
+    for file in files {
+        if out.len() >= RING {
+            break;
+        }
+        let Ok(mut f) = std::fs::File::open(&file) else {
+            break;
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        let start = len.saturating_sub(HISTORY_TAIL_BYTES);
+        if f.seek(SeekFrom::Start(start)).is_err() {
+            break;
+        }
+        let mut lines = std::io::BufReader::new(f.take(HISTORY_TAIL_BYTES)).lines();
+        if start > 0 {
+            lines.next(); // a line cut by where the read began
+        }
+        let mut these: Vec<FlowRecord> = lines
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<FlowRecord>(&l).ok())
+            .collect();
+        these.retain(|r| out.front().is_none_or(|first| r.seq < first.seq));
+        for r in these.into_iter().rev() {
+            if out.len() >= RING {
+                break;
+            }
+            out.push_front(r);
+        }
+    }
+    // In order of sequence, each once.
+    let mut last = 0;
+    out.retain(|r| {
+        let keep = r.seq > last;
+        last = last.max(r.seq);
+        keep
+    });
+    out
 }
 
 fn run(
@@ -349,6 +436,7 @@ fn new_record(flow: &FlowKey, decision: &Decision, rules: &Rules) -> FlowRecord 
                 .to_string(),
             rule: Compiled::rule_name(direction, &v),
         }),
+        node: None,
     }
 }
 
@@ -387,3 +475,96 @@ pub fn protocol_name(p: u8) -> String {
 
 /// How often idle flows are looked for (and closing records written).
 pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64) -> FlowRecord {
+        let end = FlowEnd {
+            ip: "100.64.0.1".into(),
+            port: None,
+            trust_domain: None,
+            namespace: None,
+            name: None,
+            spiffe_id: None,
+            networks: Vec::new(),
+            labels: Default::default(),
+        };
+        FlowRecord {
+            seq,
+            time: format!("2026-11-24T10:00:00.{seq:03}Z"),
+            event: "new".into(),
+            direction: "ingress".into(),
+            verdict: "deny".into(),
+            protocol: "icmp".into(),
+            src: end.clone(),
+            dst: end,
+            policy: "default-deny".into(),
+            rule: None,
+            log_rule: false,
+            packets: None,
+            bytes: None,
+            staged: None,
+            node: None,
+        }
+    }
+
+    fn lines(seqs: impl Iterator<Item = u64>) -> String {
+        seqs.map(|s| serde_json::to_string(&record(s)).unwrap() + "\n")
+            .collect()
+    }
+
+    #[test]
+    fn the_history_of_an_earlier_run_is_read_back_in_order_and_numbering_goes_on() {
+        let dir = std::env::temp_dir().join(format!("meshd-flowlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.jsonl");
+        // Two rotated files and the live one, a torn last line (a crash mid-write), and an
+        // older file of another life of the log whose numbers do not come before ours.
+        std::fs::write(rotated(&path, 3), lines(500..510)).unwrap();
+        std::fs::write(rotated(&path, 2), lines(1..4)).unwrap();
+        std::fs::write(rotated(&path, 1), lines(4..8)).unwrap();
+        let mut live = lines(8..11);
+        live.push_str("{\"seq\": 11, \"ti");
+        std::fs::write(&path, live).unwrap();
+        let log = FlowLog::start(Some(path.clone())).unwrap();
+        let (records, next) = log.query(0, false, false, 100);
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..11).collect::<Vec<_>>());
+        assert_eq!(next, 10);
+        assert_eq!(log.ring.lock().next_seq, 11);
+        // A cursor from before the restart still means the same records.
+        let (after, _) = log.query(8, false, false, 100);
+        assert_eq!(after.iter().map(|r| r.seq).collect::<Vec<_>>(), [9, 10]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_keeps_a_bounded_number_of_files() {
+        let dir = std::env::temp_dir().join(format!("meshd-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.jsonl");
+        let mut f = LogFile::open(path.clone()).unwrap();
+        for i in 0..(KEEP_ROTATED + 3) {
+            f.size = ROTATE_BYTES + 1;
+            f.write(&format!("line {i}"));
+        }
+        let _ = f.file.flush();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut want = vec!["flows.jsonl".to_string()];
+        want.extend((1..=KEEP_ROTATED).map(|n| format!("flows.jsonl.{n}")));
+        assert_eq!(names, want);
+        // The newest rotated file holds the line before the live one's.
+        let live = std::fs::read_to_string(&path).unwrap();
+        let one = std::fs::read_to_string(rotated(&path, 1)).unwrap();
+        assert_eq!((live.trim(), one.trim()), ("line 6", "line 5"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

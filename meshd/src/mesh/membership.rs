@@ -142,6 +142,11 @@ pub enum Out {
         from: [u8; 32],
         msg: Message,
     },
+    /// A flow query or answer from an authenticated member, for the node's flow queries.
+    Flows {
+        from: [u8; 32],
+        msg: Message,
+    },
 }
 
 /// Why an incoming control datagram, or a certificate in one, was not acted on.
@@ -175,6 +180,8 @@ pub enum Refusal {
     },
     #[error("policy set refused: {0}")]
     Policy(String),
+    #[error("flow query refused: {0}")]
+    FlowQuery(String),
     #[error("from an address that has not shown it receives there (no valid cookie), and no reply budget left")]
     CookieRequired,
     #[error("over the budget for senders at unknown addresses")]
@@ -205,6 +212,7 @@ impl Refusal {
             Refusal::Superseded { .. } => "superseded",
             Refusal::AddressConflict { .. } => "address_conflict",
             Refusal::Policy(_) => "policy",
+            Refusal::FlowQuery(_) => "flow_query",
             Refusal::CookieRequired => "cookie_required",
             Refusal::Busy => "busy",
             Refusal::SenderRate => "sender_rate",
@@ -1445,6 +1453,10 @@ impl Membership {
                     msg: m,
                 })
             }
+            m @ (Message::FlowQuery { .. } | Message::FlowAnswer { .. }) => out.push(Out::Flows {
+                from: sender,
+                msg: m,
+            }),
             Message::Revocation(crl) => {
                 if !self.take_revocation(crl.clone())? {
                     return Ok(());

@@ -5,6 +5,8 @@
 
 #[cfg(test)]
 mod federation_tests;
+pub mod flows;
+pub mod flows_shell;
 #[cfg(test)]
 mod gateway_tests;
 pub mod gateways;

@@ -10,13 +10,14 @@
 //! from what it emitted before. Members never overlap one another (membership refuses a second
 //! claim), and a member whose addresses overlap this node's own is not installed.
 
+use super::flows::{FlowQueries, Serve};
 use super::gateways::Gateways;
 use super::membership::{Floor, MemberState, Membership, Out, Refusal};
 use super::policy_book::PolicyBook;
 use super::policy_sync::{PolicySync, SyncAction};
 use policy::engine::Posture;
 use proto::cert::{Certificate, RevocationList};
-use proto::control::{Member, Seed};
+use proto::control::{Member, Message, Seed};
 use proto::relay::Endpoint;
 use proto::Cidr;
 use rand_core::RngCore;
@@ -88,6 +89,14 @@ pub enum Event {
         posture: Posture,
         audit: bool,
     },
+    /// The operator's `flows --mesh`: a signed flow query for every member of this trust
+    /// domain; refused if this node would not answer it itself.
+    QueryFlows(Vec<u8>),
+    /// Seal and send these messages (a flow answer read from the log) to member `to`.
+    AnswerFlows {
+        to: [u8; 32],
+        messages: Vec<Message>,
+    },
     /// A renewed identity (reload).
     Renew {
         secret: StaticSecret,
@@ -134,6 +143,25 @@ pub enum Action {
     Address(Cidr),
     Unaddress(Cidr),
     Store(Stored),
+    /// Read the flow log as `serve` says and answer member `to` ([`Event::AnswerFlows`]).
+    ServeFlows {
+        to: [u8; 32],
+        serve: Serve,
+    },
+    /// This node's own query went to `members` (key, identity): serve it from the local log too,
+    /// and wait for their answers.
+    FlowsAsked {
+        serve: Serve,
+        members: Vec<([u8; 32], String)>,
+    },
+    /// A part of a member's answer to this node's query.
+    FlowAnswer {
+        from: [u8; 32],
+        nonce: u64,
+        last: bool,
+        next: u64,
+        records: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +175,7 @@ pub struct Node {
     sync: PolicySync,
     book: PolicyBook,
     gateways: Gateways,
+    flows: FlowQueries,
     /// The gateway carrying each route, as last derived.
     chosen: BTreeMap<Cidr, [u8; 32]>,
     /// What the device was told to hold: derived, compared after every event.
@@ -219,6 +248,7 @@ impl Node {
             sync,
             book,
             gateways,
+            flows: FlowQueries::default(),
             chosen: BTreeMap::new(),
             peers: BTreeMap::new(),
             routes: BTreeSet::new(),
@@ -404,6 +434,41 @@ impl Node {
                 self.policy_changed = true;
                 Vec::new()
             }
+            Event::QueryFlows(query) => {
+                let own = self.membership.certificate().body.public_key;
+                let local = self.membership.certificate().body.trust_domain.clone();
+                let members: Vec<([u8; 32], String)> = self
+                    .membership
+                    .members()
+                    .iter()
+                    .filter(|(_, m)| m.certificate.body.trust_domain == local)
+                    .map(|(k, m)| (*k, m.certificate.body.identity()))
+                    .collect();
+                let serve = self
+                    .flows
+                    .ask(
+                        own,
+                        &query,
+                        self.book.admins(),
+                        members.iter().map(|(k, _)| *k).collect(),
+                        now_ms,
+                    )
+                    .map_err(Refusal::FlowQuery)?;
+                let mut outs = Vec::new();
+                let msg = Message::FlowQuery { query };
+                for (k, _) in &members {
+                    self.membership.send_to(k, &msg, now_ms, rng, &mut outs);
+                }
+                out.push(Action::FlowsAsked { serve, members });
+                outs
+            }
+            Event::AnswerFlows { to, messages } => {
+                let mut outs = Vec::new();
+                for m in &messages {
+                    self.membership.send_to(&to, m, now_ms, rng, &mut outs);
+                }
+                outs
+            }
             Event::Renew {
                 secret,
                 certificate,
@@ -417,6 +482,49 @@ impl Node {
         };
         self.settle(now_ms, rng, outs, &mut out);
         Ok(out)
+    }
+
+    /// A flow query from a member of this trust domain (another domain's admins are not ours),
+    /// or an answer to this node's own query; anything else is refused and counted.
+    fn on_flows(&mut self, from: [u8; 32], msg: Message, now_ms: u64, out: &mut Vec<Action>) {
+        let refused = match msg {
+            Message::FlowQuery { .. } if !self.membership.same_domain(&from) => {
+                Some("another trust domain's member".to_string())
+            }
+            Message::FlowQuery { query } => {
+                match self
+                    .flows
+                    .on_query(from, &query, self.book.admins(), now_ms)
+                {
+                    Ok(serve) => {
+                        out.push(Action::ServeFlows { to: from, serve });
+                        None
+                    }
+                    Err(why) => Some(why),
+                }
+            }
+            Message::FlowAnswer {
+                nonce,
+                last,
+                next,
+                records,
+                ..
+            } if self.flows.solicited(&from, nonce, now_ms) => {
+                out.push(Action::FlowAnswer {
+                    from,
+                    nonce,
+                    last,
+                    next,
+                    records,
+                });
+                None
+            }
+            _ => Some("an answer to no query of ours".to_string()),
+        };
+        if let Some(why) = refused {
+            tracing::debug!(from = %proto::Key(from), %why, "flow message refused");
+            *self.refused.entry("flow_query").or_default() += 1;
+        }
     }
 
     /// Carries membership's outputs into actions (policy messages go through policy sync), then
@@ -440,6 +548,7 @@ impl Node {
                         queue.extend(more);
                     }
                 }
+                Out::Flows { from, msg } => self.on_flows(from, msg, now_ms, out),
                 Out::Policy { from, .. } if !self.membership.same_domain(&from) => {
                     tracing::debug!(from = %proto::Key(from), "policy message from another trust domain ignored");
                 }
@@ -488,7 +597,7 @@ impl Node {
             }
             out.extend(outs.into_iter().filter_map(|o| match o {
                 Out::Send { to, datagram } => Some(Action::Send { to, datagram }),
-                Out::Policy { .. } | Out::Gateway { .. } => None,
+                Out::Policy { .. } | Out::Gateway { .. } | Out::Flows { .. } => None,
             }));
         }
         self.members_unsaved |= dirty.members;

@@ -751,3 +751,100 @@ fn a_reloaded_trust_bundle_admits_a_newly_trusted_ca_and_cuts_a_dropped_one() {
     sim.run(5_000);
     assert!(!has(&sim, 0) && has(&sim, 1));
 }
+
+/// A flow query signed by `admin` for node `asker` of `sim`, issued now.
+fn flow_query(sim: &Sim, admin: &ed25519_dalek::SigningKey, asker: usize, nonce: u64) -> Vec<u8> {
+    proto::flowquery::FlowQuery {
+        admin: [0; 32],
+        requester: sim.nodes[asker].public(),
+        nonce,
+        issued_at: sim.now_ms / 1000,
+        since: 0,
+        denied_only: false,
+        limit: 10,
+        cursors: Vec::new(),
+    }
+    .sign(admin)
+}
+
+#[test]
+fn an_admins_flow_query_reaches_every_member_and_only_the_asker_gets_answers() {
+    let mut sim = formed(4, 31);
+    let admin = sim.admin.clone();
+    let q = flow_query(&sim, &admin, 0, 1);
+    sim.handle(0, Event::QueryFlows(q.clone())).unwrap();
+    sim.run(500);
+    for i in 1..4 {
+        let serves = &sim.nodes[i].host.flow_serves;
+        assert_eq!(serves.len(), 1, "node {i} serves the query once");
+        assert_eq!(serves[0].0, sim.nodes[0].public());
+    }
+    // Each member answers (the shell reads its log); node 0 takes every part.
+    for i in 1..4 {
+        let to = sim.nodes[0].public();
+        let messages = vec![Message::FlowAnswer {
+            nonce: 1,
+            part: 0,
+            last: true,
+            next: 7,
+            records: format!("{{\"from\": {i}}}\n").into_bytes(),
+        }];
+        sim.handle(i, Event::AnswerFlows { to, messages }).unwrap();
+    }
+    sim.run(500);
+    let answers = &sim.nodes[0].host.flow_answers;
+    assert_eq!(answers.len(), 3);
+    let from: std::collections::BTreeSet<[u8; 32]> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(from, (1..4).map(|i| sim.nodes[i].public()).collect());
+
+    // A member that kept the query and sends it as its own is refused by the others (it names
+    // node 0), and the query is not answered twice.
+    let kept = Message::FlowQuery { query: q };
+    sim.handle(
+        3,
+        Event::AnswerFlows {
+            to: sim.nodes[1].public(),
+            messages: vec![kept.clone()],
+        },
+    )
+    .unwrap();
+    sim.run(500);
+    assert_eq!(sim.nodes[1].host.flow_serves.len(), 1, "not served again");
+    // An answer nobody asked for is not taken: node 3 answers node 2, which asked nothing.
+    sim.handle(
+        3,
+        Event::AnswerFlows {
+            to: sim.nodes[2].public(),
+            messages: vec![Message::FlowAnswer {
+                nonce: 1,
+                part: 0,
+                last: true,
+                next: 0,
+                records: b"{}\n".to_vec(),
+            }],
+        },
+    )
+    .unwrap();
+    sim.run(500);
+    assert!(sim.nodes[2].host.flow_answers.is_empty());
+    let flow_refusals = |i: usize| {
+        sim.nodes[i]
+            .node
+            .as_ref()
+            .unwrap()
+            .control_status()
+            .refused
+            .get("flow_query")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(flow_refusals(1), 1, "the kept query");
+    assert_eq!(flow_refusals(2), 1, "the unsolicited answer");
+
+    // A query signed by a key that is no admin is refused by the asking node itself.
+    let rogue = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let e = sim
+        .handle(0, Event::QueryFlows(flow_query(&sim, &rogue, 0, 2)))
+        .unwrap_err();
+    assert!(e.to_string().contains("not a policy admin"), "{e}");
+}

@@ -24,6 +24,11 @@ pub struct PolicyBook {
 }
 
 impl PolicyBook {
+    /// The policy admins' keys: who signs sets, and who may read the mesh's flow logs.
+    pub fn admins(&self) -> &[[u8; 32]] {
+        &self.admins
+    }
+
     pub fn new(
         trust_domain: &str,
         admins: Vec<[u8; 32]>,

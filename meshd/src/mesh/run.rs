@@ -54,6 +54,11 @@ pub enum Command {
     PolicyStatus {
         reply: tokio::sync::oneshot::Sender<Vec<proto::admin::NodePolicy>>,
     },
+    /// `flows --mesh`: every member's flow log, for a query a policy admin signed for this node.
+    MeshFlows {
+        query: Vec<u8>,
+        reply: tokio::sync::oneshot::Sender<Result<proto::admin::MeshFlows, String>>,
+    },
     /// What the control protocol spent and refused.
     ControlStatus {
         reply: tokio::sync::oneshot::Sender<(
@@ -89,6 +94,8 @@ pub struct Mesh {
     bundle: Vec<proto::cert::Certificate>,
     admins: Vec<[u8; 32]>,
     revocations: Vec<proto::cert::RevocationList>,
+    /// This node's own flow queries waiting for members' answers, by nonce.
+    flow_queries: BTreeMap<u64, super::flows_shell::Pending>,
 }
 
 impl Mesh {
@@ -172,6 +179,7 @@ impl Mesh {
             bundle,
             admins,
             revocations,
+            flow_queries: BTreeMap::new(),
         };
         mesh.execute(actions).await;
         Ok(mesh)
@@ -192,7 +200,10 @@ impl Mesh {
                 // Every budget is the node's: it tells a member's datagrams from a spoofed
                 // flood by their MAC, not by the source address a flood can forge.
                 Some((from, bytes)) = rx.recv() => Event::Datagram { from, bytes },
-                _ = tick.tick() => Event::Tick,
+                _ = tick.tick() => {
+                    self.finish_flow_queries(false);
+                    Event::Tick
+                }
             };
             let datagram = matches!(event, Event::Datagram { .. });
             match self.node.handle(event, now_ms(), &mut OsRng) {
@@ -262,6 +273,37 @@ impl Mesh {
             }
             Command::PolicyStatus { reply } => {
                 let _ = reply.send(self.policy_status());
+                None
+            }
+            Command::MeshFlows { query, reply } => {
+                match self
+                    .node
+                    .handle(Event::QueryFlows(query), now_ms(), &mut OsRng)
+                {
+                    Ok(actions) => {
+                        for a in &actions {
+                            if let Action::FlowsAsked { serve, members } = a {
+                                let own = self.node.certificate().body.clone();
+                                let local =
+                                    super::flows_shell::read(self.enforcer.flow_log(), serve);
+                                let pending = super::flows_shell::Pending::new(
+                                    reply,
+                                    now_ms() + super::flows::ANSWER_WAIT_MS,
+                                    (own.public_key, own.identity()),
+                                    local,
+                                    members.clone(),
+                                );
+                                self.flow_queries.insert(serve.nonce, pending);
+                                break;
+                            }
+                        }
+                        self.execute(actions).await;
+                        self.finish_flow_queries(false);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
                 None
             }
             Command::ControlStatus { reply } => {
@@ -424,6 +466,34 @@ impl Mesh {
         self.enforcer.install(rules);
     }
 
+    /// Answers the operator for each query whose members all answered, or whose time is up
+    /// (`all`: every query, as the task stops).
+    fn finish_flow_queries(&mut self, all: bool) {
+        let now = now_ms();
+        let done: Vec<u64> = self
+            .flow_queries
+            .iter()
+            .filter(|(_, p)| all || p.complete() || p.due(now))
+            .map(|(n, _)| *n)
+            .collect();
+        for nonce in done {
+            if let Some(p) = self.flow_queries.remove(&nonce) {
+                p.finish();
+            }
+        }
+    }
+
+    /// Sends the datagrams of `actions`, which carry nothing else (answers the node sealed).
+    fn send_only(&self, actions: Vec<Action>) {
+        for a in actions {
+            if let Action::Send { to, datagram } = a {
+                if let Err(e) = self.dev.send_datagram(&datagram, to) {
+                    tracing::debug!(%to, error = %e, "control send failed");
+                }
+            }
+        }
+    }
+
     fn policy_status(&self) -> Vec<proto::admin::NodePolicy> {
         let hex = |d: [u8; 32]| hex_prefix(&d);
         let book = self.node.policy();
@@ -536,6 +606,33 @@ impl Mesh {
                     if let Err(e) = state::save(&self.state_dir, &stored) {
                         tracing::warn!(error = %format!("{e:#}"), "saving state");
                     }
+                }
+                // Read at once and answered through the node, which seals for the member.
+                Action::ServeFlows { to, serve } => {
+                    let (records, next) =
+                        super::flows_shell::read(self.enforcer.flow_log(), &serve);
+                    let messages = super::flows_shell::answer(serve.nonce, &records, next);
+                    match self.node.handle(
+                        Event::AnswerFlows { to, messages },
+                        now_ms(),
+                        &mut OsRng,
+                    ) {
+                        Ok(sends) => self.send_only(sends),
+                        Err(e) => tracing::debug!(refusal = %e, "flow answer not sent"),
+                    }
+                }
+                Action::FlowsAsked { .. } => {}
+                Action::FlowAnswer {
+                    from,
+                    nonce,
+                    last,
+                    next,
+                    records,
+                } => {
+                    if let Some(p) = self.flow_queries.get_mut(&nonce) {
+                        p.part(from, &records, next, last);
+                    }
+                    self.finish_flow_queries(false);
                 }
             }
         }

@@ -138,6 +138,10 @@ pub struct Host {
     pub addresses: BTreeSet<Cidr>,
     pub saved: Saved,
     pub resolves: u64,
+    /// Flow queries the node said to serve: (the member that asked, what to read).
+    pub flow_serves: Vec<([u8; 32], super::flows::Serve)>,
+    /// Parts of answers to the node's own flow queries: (from, nonce, last, records).
+    pub flow_answers: Vec<([u8; 32], u64, bool, Vec<u8>)>,
 }
 
 pub struct SimNode {
@@ -378,6 +382,15 @@ impl Sim {
                 Action::Unaddress(c) => {
                     host.addresses.remove(&c);
                 }
+                Action::ServeFlows { to, serve } => host.flow_serves.push((to, serve)),
+                Action::FlowsAsked { .. } => {}
+                Action::FlowAnswer {
+                    from,
+                    nonce,
+                    last,
+                    records,
+                    ..
+                } => host.flow_answers.push((from, nonce, last, records)),
                 Action::Store(s) => match s {
                     Stored::Members(m) => host.saved.members = m,
                     Stored::Revocations(r) => host.saved.revocations = r,
