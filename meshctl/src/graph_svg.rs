@@ -83,8 +83,9 @@ pub fn to_svg(g: &Graph) -> String {
     labels_on_top(&stable_styles(&svg.finalize()))
 }
 
-/// The writer draws edge labels before the edges, so lines cross them: moved to the end of
-/// the document, with their halo they are drawn last and stay readable.
+/// The writer draws edge labels (every text but the nodes' own, in their font size) before the
+/// edges, so lines cross them: moved to the end of the document, with their halo they are drawn
+/// last and stay readable.
 fn labels_on_top(svg: &str) -> String {
     let mut body = String::with_capacity(svg.len());
     let mut labels = String::new();
@@ -95,7 +96,8 @@ fn labels_on_top(svg: &str) -> String {
         };
         let text = &rest[at..at + len];
         body.push_str(&rest[..at]);
-        if text.contains("class=\"a12\"") && !text.contains("<textPath") {
+        let node_label = text.contains(&format!("class=\"a{FONT}\""));
+        if !node_label && !text.contains("<textPath") {
             labels.push_str(text);
             labels.push('\n');
         } else {
@@ -113,10 +115,10 @@ fn labels_on_top(svg: &str) -> String {
     }
 }
 
-/// Edge labels (the smaller font) get a white halo, so that a line crossing a label leaves it
-/// readable.
+/// Labels get a white halo, so that a line crossing one leaves it readable (inside a node's
+/// white box it changes nothing).
 const LABEL_HALO: &str =
-    ".a12 { paint-order: stroke; stroke: white; stroke-width: 4px; stroke-linejoin: round; }";
+    "text { paint-order: stroke; stroke: white; stroke-width: 4px; stroke-linejoin: round; }";
 
 /// The writer lists its font classes in hash order: sorted, the same graph is the same file;
 /// and the edge labels get their halo.
@@ -180,5 +182,112 @@ mod tests {
             saved == svg,
             "docs/microblog-graph.svg is stale: meshctl policy graph -f examples/microblog -o svg > docs/microblog-graph.svg"
         );
+    }
+
+    /// A number attribute `name="..."` of an SVG element.
+    fn attr(el: &str, name: &str) -> Option<f64> {
+        let at = el.find(&format!(" {name}=\""))? + name.len() + 3;
+        el[at..].split('"').next()?.trim().parse().ok()
+    }
+
+    /// Boxes (x0, y0, x1, y1) of the edge labels and of the nodes of a drawing.
+    fn boxes(svg: &str) -> (Vec<(f64, f64, f64, f64, String)>, Vec<(f64, f64, f64, f64)>) {
+        let mut labels = Vec::new();
+        for el in svg.split("<text").skip(1) {
+            let el = el.split("</text>").next().unwrap_or_default();
+            if el.contains("<textPath") || el.contains(&format!("class=\"a{FONT}\"")) {
+                continue;
+            }
+            let (Some(x), Some(y)) = (attr(el, "x"), attr(el, "y")) else {
+                continue;
+            };
+            let size: f64 = el
+                .split("class=\"a")
+                .nth(1)
+                .and_then(|c| c.split('"').next())
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(12.0);
+            let text = el.rsplit('>').next().unwrap_or_default().to_string();
+            // Times at this size: about half the size per character; the text stands one em
+            // below y, centred on it.
+            let w = text.chars().count() as f64 * size * 0.5;
+            labels.push((
+                x - w / 2.0,
+                y + size * 0.5,
+                x + w / 2.0,
+                y + size * 1.5,
+                text,
+            ));
+        }
+        let nodes = svg
+            .split("<rect")
+            .skip(1)
+            .filter_map(|el| {
+                let (x, y) = (attr(el, "x")?, attr(el, "y")?);
+                Some((x, y, x + attr(el, "width")?, y + attr(el, "height")?))
+            })
+            .collect();
+        (labels, nodes)
+    }
+
+    /// Fifty identities, each letting two others in on a port: the drawing puts no label on
+    /// another label or on a node.
+    #[test]
+    fn fifty_identities_draw_without_overlapping_labels() {
+        let mut yaml = String::new();
+        let mut ids = Vec::new();
+        let mut seed: u64 = 7;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for i in 0..50u64 {
+            ids.push(format!("shop/svc{i},app=svc{i}"));
+            let callers: std::collections::BTreeSet<u64> = [next(50), next(50)]
+                .into_iter()
+                .filter(|c| *c != i)
+                .collect();
+            if callers.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = callers.iter().map(|c| format!("svc{c}")).collect();
+            yaml.push_str(&format!(
+                "---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: svc{i}, namespace: shop}}\nspec:\n  selector: app == 'svc{i}'\n  ingress:\n  - action: Allow\n    protocol: TCP\n    source: {{serviceAccounts: {{names: [{}]}}}}\n    destination: {{ports: [{}]}}\n",
+                names.join(", "),
+                8000 + i % 7
+            ));
+        }
+        yaml.push_str("---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: egress-all}\nspec:\n  selector: all()\n  types: [Egress]\n  egress: [{action: Allow}]\n");
+        let docs = policy::model::parse_documents(&yaml, "fifty").unwrap();
+        let set = policy::engine::PolicySet::compile(&docs, policy::engine::Posture::ZeroTrust)
+            .unwrap()
+            .in_trust_domain("cluster.local");
+        let ends: Vec<_> = ids
+            .iter()
+            .map(|s| policy::testing::parse_end(s, None, &set).unwrap())
+            .collect();
+        let g = policy::graph::graph(&set, &ends);
+        assert_eq!(g.nodes.len(), 50);
+        assert!(g.edges.len() >= 80, "{} edges", g.edges.len());
+        let svg = to_svg(&g);
+        let (labels, nodes) = boxes(&svg);
+        assert_eq!(labels.len(), g.edges.len(), "one label per edge");
+        let overlap = |a: (f64, f64, f64, f64), b: (f64, f64, f64, f64)| {
+            a.0 < b.2 - 1.0 && b.0 < a.2 - 1.0 && a.1 < b.3 - 1.0 && b.1 < a.3 - 1.0
+        };
+        for (i, a) in labels.iter().enumerate() {
+            let ab = (a.0, a.1, a.2, a.3);
+            for b in &labels[i + 1..] {
+                assert!(
+                    !overlap(ab, (b.0, b.1, b.2, b.3)),
+                    "labels {a:?} and {b:?} overlap"
+                );
+            }
+            for n in &nodes {
+                assert!(!overlap(ab, *n), "label {a:?} on node {n:?}");
+            }
+        }
     }
 }

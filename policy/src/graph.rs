@@ -267,7 +267,12 @@ impl Graph {
         let mut nodes: Vec<Node> = Vec::new();
         let mut index = Vec::with_capacity(self.nodes.len());
         for n in &self.nodes {
-            let (id, labels) = match n.labels.get(key) {
+            // An identity's trust domain is a label of it (`mesh.io/trust-domain`), as selectors
+            // see it: grouping by it makes each remote trust domain one node.
+            let implicit = (key == proto::trust::TRUST_DOMAIN_LABEL
+                && n.kind == NodeKind::Identity)
+                .then(|| n.id.split('/').next().unwrap_or_default().to_string());
+            let (id, labels) = match implicit.as_ref().or(n.labels.get(key)) {
                 Some(v) => (
                     format!("{key}={v}"),
                     BTreeMap::from([(key.to_string(), v.clone())]),
@@ -539,5 +544,24 @@ mod tests {
         let mut odd = g.clone();
         odd.nodes[0].id = "a\"b".into();
         assert!(odd.to_dot().contains("\"a\\\"b\""));
+    }
+
+    /// Grouped by `mesh.io/trust-domain`, each trust domain is one node: a remote cluster's
+    /// identities become that cluster.
+    #[test]
+    fn grouping_by_trust_domain_makes_each_remote_cluster_one_node() {
+        let set = microblog();
+        let mut ids = identities_of_tests(&set);
+        ids.push(parse_end("partner.org/web/client,app=client", None, &set).unwrap());
+        ids.push(parse_end("partner.org/web/batch,app=batch", None, &set).unwrap());
+        let g = graph(&set, &ids).grouped_by(proto::trust::TRUST_DOMAIN_LABEL);
+        let names: Vec<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "mesh.io/trust-domain=cluster.local",
+                "mesh.io/trust-domain=partner.org"
+            ]
+        );
     }
 }
