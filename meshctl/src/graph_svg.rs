@@ -190,8 +190,11 @@ mod tests {
         el[at..].split('"').next()?.trim().parse().ok()
     }
 
-    /// Boxes (x0, y0, x1, y1) of the edge labels and of the nodes of a drawing.
-    fn boxes(svg: &str) -> (Vec<(f64, f64, f64, f64, String)>, Vec<(f64, f64, f64, f64)>) {
+    /// (x0, y0, x1, y1).
+    type Box4 = (f64, f64, f64, f64);
+
+    /// Boxes of the edge labels (with their text) and of the nodes of a drawing.
+    fn boxes(svg: &str) -> (Vec<(f64, f64, f64, f64, String)>, Vec<Box4>) {
         let mut labels = Vec::new();
         for el in svg.split("<text").skip(1) {
             let el = el.split("</text>").next().unwrap_or_default();
