@@ -210,7 +210,9 @@ mod tests {
                 .and_then(|c| c.split('"').next())
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(12.0);
-            let text = el.rsplit('>').next().unwrap_or_default().to_string();
+            let inner = el.split("</tspan").next().unwrap_or_default();
+            let text = inner.rsplit('>').next().unwrap_or_default().to_string();
+            assert!(!text.is_empty(), "a label without text: {el}");
             // Times at this size: about half the size per character; the text stands one em
             // below y, centred on it.
             let w = text.chars().count() as f64 * size * 0.5;
