@@ -216,9 +216,25 @@ impl Conntrack {
 
     /// Whether `flow` is live (for an ICMP error quoting it), without touching its state.
     pub fn contains(&self, flow: &FlowKey, now_ms: u64) -> bool {
+        self.live(flow, now_ms).is_some()
+    }
+
+    /// `None` if `flow` is not live; else its flow's meter, whichever direction `flow` goes (an
+    /// ICMP error quoting a packet of the flow counts against the flow's meter).
+    pub fn live(&self, flow: &FlowKey, now_ms: u64) -> Option<Option<MeterKey>> {
         self.table
             .get(&ConnKey::of(flow))
-            .is_some_and(|e| now_ms.saturating_sub(e.last_ms) <= self.timeout(e.state))
+            .filter(|e| now_ms.saturating_sub(e.last_ms) <= self.timeout(e.state))
+            .map(|e| e.meter)
+    }
+
+    /// The meter of the flow of `packet`, if `packet` goes the originator's way (the packets a
+    /// meter counts).
+    pub fn meter(&self, packet: &FlowKey) -> Option<MeterKey> {
+        let e = self.table.get(&ConnKey::of(packet))?;
+        ((packet.src, packet.src_port) == e.originator)
+            .then_some(e.meter)
+            .flatten()
     }
 
     /// Starts tracking a flow the policy allowed (the first packet's direction is its originator).

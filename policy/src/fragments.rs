@@ -4,6 +4,7 @@
 //! reassembly names it (RFC 791, RFC 8200 section 4.5). Bounded in entries and time, pure: time
 //! comes in as an argument.
 
+use crate::conntrack::MeterKey;
 use proto::ip::FlowKey;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -36,6 +37,8 @@ pub struct Fragments {
     max: usize,
     expires: HashMap<DatagramId, u64>,
     order: VecDeque<(DatagramId, u64)>,
+    /// The rate-limit meter of a datagram's flow: its later fragments count against it too.
+    meters: HashMap<DatagramId, MeterKey>,
     /// Entries dropped to stay within `max` before they expired.
     pub evictions: u64,
 }
@@ -46,6 +49,7 @@ impl Fragments {
             max: max.max(1),
             expires: HashMap::new(),
             order: VecDeque::new(),
+            meters: HashMap::new(),
             evictions: 0,
         }
     }
@@ -72,10 +76,35 @@ impl Fragments {
         }
     }
 
+    /// [`Fragments::first_passed`] for a first fragment whose flow counts against `meter`.
+    pub fn first_passed_metered(&mut self, flow: &FlowKey, now_ms: u64, meter: Option<MeterKey>) {
+        self.first_passed(flow, now_ms);
+        let Some(id) = DatagramId::of(flow) else {
+            return;
+        };
+        match meter {
+            Some(m) if self.expires.contains_key(&id) => {
+                self.meters.insert(id, m);
+            }
+            _ => {
+                self.meters.remove(&id);
+            }
+        }
+    }
+
     /// Whether the later fragment `flow` belongs to a datagram whose first fragment passed.
     pub fn later_allowed(&mut self, flow: &FlowKey, now_ms: u64) -> bool {
+        self.later(flow, now_ms).is_some()
+    }
+
+    /// `None` if the later fragment `flow` belongs to no datagram whose first fragment passed;
+    /// else the meter its packets and bytes count against, if its flow has one.
+    pub fn later(&mut self, flow: &FlowKey, now_ms: u64) -> Option<Option<MeterKey>> {
         self.expire(now_ms);
-        DatagramId::of(flow).is_some_and(|id| self.expires.contains_key(&id))
+        let id = DatagramId::of(flow)?;
+        self.expires
+            .contains_key(&id)
+            .then(|| self.meters.get(&id).copied())
     }
 
     pub fn len(&self) -> usize {
@@ -104,6 +133,7 @@ impl Fragments {
         };
         if self.expires.get(&id) == Some(&until) {
             self.expires.remove(&id);
+            self.meters.remove(&id);
             if evicting {
                 self.evictions += 1;
             }

@@ -3,7 +3,7 @@
 //! read the flows of others. The query names the node that asks (its static key): a member
 //! answers only that node, over the control protocol's sealed channel, so a query seen or kept
 //! by another member is worth nothing to it. It is fresh for [`FRESH_SECS`], and its nonce is
-//! answered once. Specified in `proto/PROTOCOL.md` section 9.
+//! answered once. Specified in `proto/PROTOCOL.md` section 10.
 
 use crate::reader::{Reader, Truncated};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -49,8 +49,10 @@ pub enum FlowQueryError {
     Trailing(usize),
     #[error("more than {MAX_CURSORS} cursors")]
     TooManyCursors,
-    #[error("limit {0} is more than {MAX_LIMIT}")]
+    #[error("limit {0} is not 1 to {MAX_LIMIT}")]
     Limit(u16),
+    #[error("since {since} is after the query was issued ({issued_at})")]
+    Since { since: u64, issued_at: u64 },
     #[error("signed by a key that is not a policy admin here")]
     NotAdmin,
     #[error("the signature does not verify")]
@@ -118,7 +120,7 @@ impl FlowQuery {
         let since = r.u64("since")?;
         let denied_only = r.u8("denied_only")? != 0;
         let limit = r.u16("limit")?;
-        if limit > MAX_LIMIT {
+        if limit == 0 || limit > MAX_LIMIT {
             return Err(FlowQueryError::Limit(limit));
         }
         let n = usize::from(r.u16("cursor count")?);
@@ -157,12 +159,10 @@ impl FlowQuery {
         sender: &[u8; 32],
         now: u64,
     ) -> Result<(), FlowQueryError> {
+        // The cheap checks first: the signature is checked last.
         if !admins.contains(&self.admin) {
             return Err(FlowQueryError::NotAdmin);
         }
-        let key = VerifyingKey::from_bytes(&self.admin).map_err(|_| FlowQueryError::NotAdmin)?;
-        key.verify(&self.body(), &Signature::from_bytes(signature))
-            .map_err(|_| FlowQueryError::BadSignature)?;
         if self.requester != *sender {
             return Err(FlowQueryError::WrongRequester);
         }
@@ -172,7 +172,23 @@ impl FlowQuery {
                 now,
             });
         }
-        Ok(())
+        if self.since > self.issued_at {
+            return Err(FlowQueryError::Since {
+                since: self.since,
+                issued_at: self.issued_at,
+            });
+        }
+        let key = VerifyingKey::from_bytes(&self.admin).map_err(|_| FlowQueryError::NotAdmin)?;
+        key.verify(&self.body(), &Signature::from_bytes(signature))
+            .map_err(|_| FlowQueryError::BadSignature)
+    }
+
+    /// When this query stops being fresh anywhere, in Unix milliseconds: how long its nonce
+    /// must be remembered.
+    pub fn stale_after_ms(&self) -> u64 {
+        self.issued_at
+            .saturating_add(FRESH_SECS + 1)
+            .saturating_mul(1000)
     }
 
     /// The cursor this query gives member `key` (0: from the start, or `since`).
@@ -251,12 +267,28 @@ mod tests {
     #[test]
     fn bounds_are_checked_before_anything_is_allocated() {
         let admin = SigningKey::from_bytes(&[3; 32]);
+        for limit in [0, MAX_LIMIT + 1] {
+            let mut q = query();
+            q.limit = limit;
+            assert_eq!(
+                FlowQuery::decode(&q.sign(&admin)),
+                Err(FlowQueryError::Limit(limit))
+            );
+        }
+        // A `since` after the query was made is refused before anything reads it (a time too
+        // large to print).
         let mut q = query();
-        q.limit = MAX_LIMIT + 1;
-        assert_eq!(
-            FlowQuery::decode(&q.sign(&admin)),
-            Err(FlowQueryError::Limit(MAX_LIMIT + 1))
-        );
+        q.since = u64::MAX;
+        let (q, sig) = FlowQuery::decode(&q.sign(&admin)).unwrap();
+        assert!(matches!(
+            q.verify(
+                &sig,
+                &[admin.verifying_key().to_bytes()],
+                &[7; 32],
+                1_000_000
+            ),
+            Err(FlowQueryError::Since { .. })
+        ));
         let mut bytes = query().sign(&admin);
         // The cursor count field: claim 65,535 cursors.
         let at = 4 + 1 + 32 + 32 + 8 + 8 + 8 + 1 + 2;

@@ -116,6 +116,9 @@ impl FlowLog {
         denied_only: bool,
         limit: usize,
     ) -> (Vec<FlowRecord>, u64) {
+        if limit == 0 {
+            return (Vec::new(), after);
+        }
         let ring = self.ring.lock();
         let records: Vec<FlowRecord> = ring
             .records
@@ -225,8 +228,10 @@ fn history(path: &std::path::Path) -> VecDeque<FlowRecord> {
         if out.len() >= RING {
             break;
         }
+        // A live file missing (moved away by hand, or a crash between rotating and reopening)
+        // leaves the rotated ones to read: numbering must not start again at 1.
         let Ok(mut f) = std::fs::File::open(&file) else {
-            break;
+            continue;
         };
         let len = f.metadata().map_or(0, |m| m.len());
         let start = len.saturating_sub(HISTORY_TAIL_BYTES);
@@ -268,6 +273,7 @@ fn run(
     let mut open: HashMap<ConnKey, FlowRecord> = HashMap::new();
     let mut denied: HashMap<ConnKey, u64> = HashMap::new();
     let epoch = std::time::Instant::now();
+    let mut written: Vec<FlowRecord> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter().take(BACKLOG));
@@ -297,14 +303,19 @@ fn run(
                     f.write(&line);
                 }
             }
-            let mut r = ring.lock();
+            written.push(rec);
+        }
+        // A record is shown (and its number handed out as a cursor) only once it is on disk: a
+        // crash cannot give its number to another record after the restart.
+        if let Some(f) = &mut file {
+            let _ = f.file.flush();
+        }
+        let mut r = ring.lock();
+        for rec in written.drain(..) {
             if r.records.len() >= RING {
                 r.records.pop_front();
             }
             r.records.push_back(rec);
-        }
-        if let Some(f) = &mut file {
-            let _ = f.file.flush();
         }
     }
 }
@@ -538,6 +549,11 @@ mod tests {
         // A cursor from before the restart still means the same records.
         let (after, _) = log.query(8, false, false, 100);
         assert_eq!(after.iter().map(|r| r.seq).collect::<Vec<_>>(), [9, 10]);
+        // The live file gone (moved away, or a crash between rotating and reopening): the
+        // rotated ones still number the log on.
+        std::fs::remove_file(&path).unwrap();
+        let log = FlowLog::start(Some(path.clone())).unwrap();
+        assert_eq!(log.ring.lock().next_seq, 8);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

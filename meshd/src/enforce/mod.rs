@@ -364,17 +364,39 @@ impl Enforcer {
         // A later fragment carries no ports: it passes only if the first fragment of its
         // datagram passed (decided or tracked) in the same direction.
         if flow.later_fragment {
-            if self.fragments.lock().later_allowed(&flow, now) {
-                return true;
-            }
-            drops.count(Drop::PolicyFragment);
-            return false;
+            let later = self.fragments.lock().later(&flow, now);
+            return match later {
+                Some(None) => true,
+                // The datagram's flow is rate-limited: each fragment counts, as a packet would.
+                Some(Some(key)) => self.charge(key, packet.len(), now, drops),
+                None => {
+                    drops.count(Drop::PolicyFragment);
+                    false
+                }
+            };
         }
         let pass = self.check_flow(dir, packet, &flow, remote, drops, now);
         if pass && flow.fragment_id.is_some() {
-            self.fragments.lock().first_passed(&flow, now);
+            let meter = self.shard(&flow).lock().meter(&flow);
+            self.fragments
+                .lock()
+                .first_passed_metered(&flow, now, meter);
         }
         pass
+    }
+
+    /// A packet counted against meter `key` alone (a later fragment, an ICMP error about a
+    /// flow): dropped and counted over the limit; a meter forgotten while idle lets it pass (its
+    /// flow's next packet makes it again).
+    fn charge(&self, key: MeterKey, len: usize, now: u64, drops: &DropCounters) -> bool {
+        match self.limiter.admit_packet(key, len, now) {
+            Metered::Dropped { .. } => {
+                self.counters.rate_limited_packets.fetch_add(1, Relaxed);
+                drops.count(Drop::RateLimited);
+                false
+            }
+            Metered::Pass | Metered::Unknown => true,
+        }
     }
 
     /// The verdict on a whole datagram or a first fragment.
@@ -398,10 +420,13 @@ impl Enforcer {
                 Direction::Ingress => quoted.dst,
                 Direction::Egress => quoted.src,
             };
-            if rules.owners.lookup(far) == Some(&remote_id)
-                && self.shard(&quoted).lock().contains(&quoted, now)
-            {
-                return true;
+            if rules.owners.lookup(far) == Some(&remote_id) {
+                let live = self.shard(&quoted).lock().live(&quoted, now);
+                match live {
+                    Some(None) => return true,
+                    Some(Some(key)) => return self.charge(key, packet.len(), now, drops),
+                    None => {}
+                }
             }
         }
         let mut table = self.shard(&flow).lock();
@@ -487,7 +512,10 @@ impl Enforcer {
                 &i.endpoint.namespace,
                 &i.endpoint.name,
             ),
-            _ => Who::Address(ip),
+            // An end outside the mesh has no identity, and addresses cost nothing to change:
+            // its meter is its /24 (IPv6: /64), so a sender with many addresses fills no more
+            // meters than a network.
+            _ => Who::Address(address_block(ip)),
         };
         self.limiter.key(&MeterOf {
             policy: rules.compiled.policy_name(&d.verdict),
@@ -658,6 +686,16 @@ impl Enforcer {
 
     pub fn flow_log(&self) -> &FlowLog {
         &self.log
+    }
+}
+
+/// The block an address outside the mesh is metered by: its /24, or for IPv6 its /64.
+fn address_block(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(a) => std::net::Ipv4Addr::from(u32::from(a) & 0xffff_ff00).into(),
+        std::net::IpAddr::V6(a) => {
+            std::net::Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1)).into()
+        }
     }
 }
 

@@ -719,3 +719,25 @@ fn a_forgotten_meter_is_found_again_from_the_rules_in_force() {
         .count();
     assert_eq!(acks, 5, "the rule's packet rate, from a full bucket");
 }
+
+/// A limited source cannot slip packets past its meter as later fragments or as ICMP errors
+/// about its own flow: each counts as a packet would.
+#[test]
+fn later_fragments_and_icmp_errors_count_against_the_meter() {
+    let e = enforcer(LIMITED, false, 1024);
+    let drops = DropCounters::default();
+    // api's SYN in fragments: one connection and one packet token; 3 packets left of 5.
+    let first = first_fragment(tcp(API, 40000, ME, 8080, SYN), 77);
+    assert!(e.ingress(&first, &API_KEY, &drops));
+    let later = (0..10)
+        .filter(|_| e.ingress(&later_fragment(PROTO_TCP, API, ME, 77), &API_KEY, &drops))
+        .count();
+    assert_eq!(later, 4, "the packet rate holds for later fragments too");
+    // An ICMP error from api quoting post's reply of that flow: counted, and over the limit.
+    let quoted = tcp(ME, 8080, API, 40000, SYN | ACK);
+    let mut icmp = vec![3, 1, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[..28]);
+    let error = ipv4(PROTO_ICMP, API, ME, &icmp);
+    assert!(!e.ingress(&error, &API_KEY, &drops));
+    assert_eq!(drops.get(Drop::RateLimited), 6 + 1);
+}

@@ -9,7 +9,7 @@
 //! a member it asked, until the query's time is up.
 
 use policy::ratelimit::{Bucket, Rate};
-use proto::flowquery::{FlowQuery, FRESH_SECS};
+use proto::flowquery::FlowQuery;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Queries a member may have answered per second, and at once.
@@ -39,8 +39,8 @@ pub struct Serve {
 
 #[derive(Debug, Default)]
 pub struct FlowQueries {
-    /// Nonces of queries answered, with when they may be forgotten.
-    answered: BTreeMap<u64, u64>,
+    /// (asker, nonce) of queries answered, with when they may be forgotten (once stale).
+    answered: BTreeMap<([u8; 32], u64), u64>,
     budgets: BTreeMap<[u8; 32], Bucket>,
     /// This node's own queries: the members asked, until when.
     asked: BTreeMap<u64, (BTreeSet<[u8; 32]>, u64)>,
@@ -55,14 +55,15 @@ impl FlowQueries {
         admins: &[[u8; 32]],
         now_ms: u64,
     ) -> Result<Serve, String> {
-        let serve = check(from, bytes, admins, now_ms)?;
         self.forget(now_ms);
-        if self.answered.contains_key(&serve.nonce) {
-            return Err("a query already answered (replayed)".into());
-        }
+        // Every query costs its sender from its budget, answered or not, before the signature
+        // is checked: a member cannot make this node verify signatures without pause.
         if !self.budgets.contains_key(&from) && self.budgets.len() >= MAX_BUDGETS {
             // Budgets that are full again are as good as forgotten.
             self.budgets.retain(|_, b| !b.is_full(QUERY_RATE, now_ms));
+        }
+        if self.budgets.len() >= MAX_BUDGETS && !self.budgets.contains_key(&from) {
+            return Err("too many members asking at once".into());
         }
         let budget = self
             .budgets
@@ -74,11 +75,23 @@ impl FlowQueries {
                 QUERY_RATE.per_second
             ));
         }
+        let (serve, stale_after_ms) = check(from, bytes, admins, now_ms)?;
+        if self.answered.contains_key(&(from, serve.nonce)) {
+            return Err("a query already answered (replayed)".into());
+        }
         if self.answered.len() >= MAX_NONCES {
-            self.answered.pop_first();
+            // The entry that goes stale first: a fresh nonce is never the one forgotten.
+            if let Some(k) = self
+                .answered
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(k, _)| *k)
+            {
+                self.answered.remove(&k);
+            }
         }
         self.answered
-            .insert(serve.nonce, now_ms + 2 * FRESH_SECS * 1000);
+            .insert((from, serve.nonce), stale_after_ms.max(now_ms));
         Ok(serve)
     }
 
@@ -92,7 +105,7 @@ impl FlowQueries {
         members: BTreeSet<[u8; 32]>,
         now_ms: u64,
     ) -> Result<Serve, String> {
-        let serve = check(own, bytes, admins, now_ms)?;
+        let (serve, _) = check(own, bytes, admins, now_ms)?;
         self.forget(now_ms);
         if self.asked.len() >= MAX_NONCES {
             self.asked.pop_first();
@@ -115,23 +128,25 @@ impl FlowQueries {
     }
 }
 
-/// Decodes `bytes` and checks that this node answers it for `sender`.
+/// Decodes `bytes` and checks that this node answers it for `sender`: what to serve, and when
+/// the query goes stale.
 fn check(
     sender: [u8; 32],
     bytes: &[u8],
     admins: &[[u8; 32]],
     now_ms: u64,
-) -> Result<Serve, String> {
+) -> Result<(Serve, u64), String> {
     let (q, signature) = FlowQuery::decode(bytes).map_err(|e| e.to_string())?;
     q.verify(&signature, admins, &sender, now_ms / 1000)
         .map_err(|e| e.to_string())?;
-    Ok(Serve {
+    let serve = Serve {
         nonce: q.nonce,
         since: q.since,
         denied_only: q.denied_only,
         limit: usize::from(q.limit),
         after: q.cursor(&sender),
-    })
+    };
+    Ok((serve, q.stale_after_ms()))
 }
 
 #[cfg(test)]

@@ -11,16 +11,27 @@ use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
-/// Records gathered for one query at most (every node's); the rest are left for the next query.
-pub const MAX_GATHERED: usize = 50_000;
+/// Bytes of records (as JSON) gathered for one query at most, shared equally by the nodes
+/// asked, so that the answer stays within an admin-socket message and no member crowds out the
+/// others; a node's records beyond its share are left for the next query (its cursor stops at
+/// the last record kept).
+pub const MAX_GATHERED_BYTES: usize = 12 << 20;
 
 /// The records of this node's log that `serve` asks for, and the cursor to ask from next.
 pub fn read(log: &FlowLog, serve: &Serve) -> (Vec<FlowRecord>, u64) {
-    let since = if serve.since == 0 {
-        String::new()
-    } else {
-        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_secs(serve.since)).to_string()
-    };
+    // The query was checked to be no later than its issue (a time that prints); a time that
+    // does not is read as "everything", never a panic.
+    let since = UNIX_EPOCH
+        .checked_add(Duration::from_secs(serve.since))
+        .filter(|_| serve.since > 0)
+        .and_then(|t| {
+            use std::fmt::Write;
+            let mut s = String::new();
+            write!(s, "{}", humantime::format_rfc3339_millis(t))
+                .ok()
+                .map(|_| s)
+        })
+        .unwrap_or_default();
     log.query_since(serve.after, &since, serve.denied_only, serve.limit)
 }
 
@@ -53,7 +64,8 @@ pub fn answer(nonce: u64, records: &[FlowRecord], next: u64) -> Vec<Message> {
             nonce,
             part: i.min(usize::from(u16::MAX)) as u16,
             last: i + 1 == n,
-            next,
+            // The cursor is on the last part alone: it counts once every part arrived.
+            next: if i + 1 == n { next } else { 0 },
             records,
         })
         .collect()
@@ -65,7 +77,19 @@ pub struct Pending {
     deadline_ms: u64,
     /// Per node asked (this one first): identity, key, answered, next.
     nodes: BTreeMap<[u8; 32], MeshFlowsNode>,
+    /// Per node: the parts that arrived, the number of the last, the bytes kept, and the cursor
+    /// of the last record kept when its share ran out.
+    parts: BTreeMap<[u8; 32], Parts>,
+    share_bytes: usize,
     records: Vec<FlowRecord>,
+}
+
+#[derive(Default)]
+struct Parts {
+    seen: std::collections::BTreeSet<u16>,
+    last: Option<(u16, u64)>,
+    bytes: usize,
+    cut_at: Option<u64>,
 }
 
 impl Pending {
@@ -89,42 +113,70 @@ impl Pending {
                 },
             )
         };
+        let nodes: BTreeMap<[u8; 32], MeshFlowsNode> = members.into_iter().map(node).collect();
         let mut p = Pending {
             reply,
             deadline_ms,
-            nodes: members.into_iter().map(node).collect(),
+            share_bytes: MAX_GATHERED_BYTES / (nodes.len() + 1),
+            nodes,
+            parts: BTreeMap::new(),
             records: Vec::new(),
         };
         let (key, name) = own;
         p.nodes.insert(key, node((key, name)).1);
-        p.take(key, local.0, local.1, true);
+        let (records, next) = local;
+        let lines: Vec<Vec<u8>> = records
+            .iter()
+            .filter_map(|r| serde_json::to_vec(r).ok())
+            .collect();
+        p.take(key, 0, lines.join(&b'\n').as_slice(), Some(next));
         p
     }
 
-    /// A part of `from`'s answer (JSON lines; a line that is not a record is skipped).
-    pub fn part(&mut self, from: [u8; 32], records: &[u8], next: u64, last: bool) {
-        let parsed: Vec<FlowRecord> = records
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| serde_json::from_slice(l).ok())
-            .collect();
-        self.take(from, parsed, next, last);
+    /// Part `part` of `from`'s answer (JSON lines; a line that is not a record is skipped);
+    /// `next` counts on the last part. The node has answered, and its cursor moves, only when
+    /// every part up to the last arrived: a part lost on the way leaves the cursor where it was,
+    /// so the next query asks again for what was lost.
+    pub fn part(&mut self, from: [u8; 32], part: u16, records: &[u8], next: u64, last: bool) {
+        self.take(from, part, records, last.then_some(next));
     }
 
-    fn take(&mut self, from: [u8; 32], records: Vec<FlowRecord>, next: u64, last: bool) {
+    fn take(&mut self, from: [u8; 32], part: u16, records: &[u8], last: Option<u64>) {
         let Some(n) = self.nodes.get_mut(&from) else {
             return;
         };
-        let room = MAX_GATHERED.saturating_sub(self.records.len());
-        n.records += records.len().min(room);
-        n.answered |= last;
-        n.next = n.next.max(next);
-        let name = n.node.clone();
-        self.records
-            .extend(records.into_iter().take(room).map(|mut r| {
-                r.node = Some(name.clone());
-                r
-            }));
+        let p = self.parts.entry(from).or_default();
+        if !p.seen.insert(part) {
+            return; // a duplicate
+        }
+        if let Some(next) = last {
+            p.last = Some((part, next));
+        }
+        for line in records.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(mut r) = serde_json::from_slice::<FlowRecord>(line) else {
+                continue;
+            };
+            if p.cut_at.is_some() {
+                // Over its share: the rest waits for the next query (parts may come in any
+                // order: the cursor stops at the lowest record left out).
+                p.cut_at = p.cut_at.map(|c| c.min(r.seq.saturating_sub(1)));
+                continue;
+            }
+            if p.bytes + line.len() > self.share_bytes {
+                p.cut_at = Some(r.seq.saturating_sub(1));
+                continue;
+            }
+            p.bytes += line.len();
+            n.records += 1;
+            r.node = Some(n.node.clone());
+            self.records.push(r);
+        }
+        if let Some((last, next)) = p.last {
+            if p.seen.len() == usize::from(last) + 1 {
+                n.answered = true;
+                n.next = p.cut_at.map_or(next, |c| c.min(next));
+            }
+        }
     }
 
     pub fn complete(&self) -> bool {
@@ -218,8 +270,11 @@ mod tests {
             vec![(other, "td/ns/other".into())],
         );
         assert!(!p.complete());
-        for m in &parts {
+        // The parts arrive last first, and one twice: the answer counts once all are there.
+        for (i, m) in parts.iter().rev().chain(parts.first()).enumerate() {
+            assert_eq!(p.complete(), i == parts.len(), "part {i}");
             let Message::FlowAnswer {
+                part,
                 records,
                 next,
                 last,
@@ -228,11 +283,11 @@ mod tests {
             else {
                 panic!()
             };
-            p.part(other, records, *next, *last);
+            p.part(other, *part, records, *next, *last);
         }
         // A member not asked adds nothing; garbage lines are skipped.
-        p.part([3; 32], b"{}", 1, true);
-        p.part(other, b"not json\n", 400, false);
+        p.part([3; 32], 0, b"{}", 1, true);
+        p.part(other, 999, b"not json\n", 400, false);
         assert!(p.complete());
         p.finish();
         let got = rx.try_recv().unwrap().unwrap();
@@ -247,5 +302,103 @@ mod tests {
         let other_node = got.nodes.iter().find(|n| n.node == "td/ns/other").unwrap();
         assert_eq!((other_node.records, other_node.next), (400, 400));
         assert!(other_node.answered);
+    }
+
+    /// A part lost on the way: the node has not answered, and its cursor stays, so the next
+    /// query asks again for what was lost.
+    #[test]
+    fn a_lost_part_leaves_the_cursor_where_it_was() {
+        let records: Vec<FlowRecord> = (1..=400).map(|i| record(i, "t")).collect();
+        let parts = answer(7, &records, 400);
+        assert!(parts.len() > 2);
+        let (tx, mut rx) = oneshot::channel();
+        let other = [2; 32];
+        let mut p = Pending::new(
+            tx,
+            0,
+            ([1; 32], "me".into()),
+            (Vec::new(), 0),
+            vec![(other, "other".into())],
+        );
+        for m in parts.iter().skip(1) {
+            let Message::FlowAnswer {
+                part,
+                records,
+                next,
+                last,
+                ..
+            } = m
+            else {
+                panic!()
+            };
+            p.part(other, *part, records, *next, *last);
+        }
+        assert!(!p.complete());
+        p.finish();
+        let got = rx.try_recv().unwrap().unwrap();
+        let n = got.nodes.iter().find(|n| n.node == "other").unwrap();
+        assert!(!n.answered);
+        assert_eq!(n.next, 0, "the cursor does not move past the lost part");
+    }
+
+    /// A member that sends more than its share crowds out no one: its records beyond the share
+    /// wait for the next query, and its cursor says so.
+    #[test]
+    fn each_node_gets_its_share_and_a_cut_cursor() {
+        let big: Vec<FlowRecord> = (1..=40_000).map(|i| record(i, "t")).collect();
+        let parts = answer(9, &big, 40_000);
+        let (tx, mut rx) = oneshot::channel();
+        let (greedy, honest) = ([2; 32], [3; 32]);
+        let mut p = Pending::new(
+            tx,
+            0,
+            ([1; 32], "me".into()),
+            (Vec::new(), 0),
+            vec![(greedy, "greedy".into()), (honest, "honest".into())],
+        );
+        for m in &parts {
+            let Message::FlowAnswer {
+                part,
+                records,
+                next,
+                last,
+                ..
+            } = m
+            else {
+                panic!()
+            };
+            p.part(greedy, *part, records, *next, *last);
+        }
+        let few: Vec<FlowRecord> = (1..=10).map(|i| record(i, "t")).collect();
+        for m in answer(9, &few, 10) {
+            let Message::FlowAnswer {
+                part,
+                records,
+                next,
+                last,
+                ..
+            } = m
+            else {
+                panic!()
+            };
+            p.part(honest, part, &records, next, last);
+        }
+        assert!(p.complete());
+        p.finish();
+        let got = rx.try_recv().unwrap().unwrap();
+        let node = |name: &str| got.nodes.iter().find(|n| n.node == name).unwrap().clone();
+        let (g, h) = (node("greedy"), node("honest"));
+        assert_eq!((h.records, h.next), (10, 10));
+        assert!(g.records < 40_000 && g.records > 0, "{}", g.records);
+        assert_eq!(
+            g.next, g.records as u64,
+            "the cursor stops at the last record kept"
+        );
+        let bytes: usize = got
+            .records
+            .iter()
+            .map(|r| serde_json::to_vec(r).unwrap().len())
+            .sum();
+        assert!(bytes <= MAX_GATHERED_BYTES);
     }
 }

@@ -158,6 +158,7 @@ pub enum Action {
     FlowAnswer {
         from: [u8; 32],
         nonce: u64,
+        part: u16,
         last: bool,
         next: u64,
         records: Vec<u8>,
@@ -505,14 +506,15 @@ impl Node {
             }
             Message::FlowAnswer {
                 nonce,
+                part,
                 last,
                 next,
                 records,
-                ..
             } if self.flows.solicited(&from, nonce, now_ms) => {
                 out.push(Action::FlowAnswer {
                     from,
                     nonce,
+                    part,
                     last,
                     next,
                     records,

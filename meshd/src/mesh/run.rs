@@ -625,12 +625,13 @@ impl Mesh {
                 Action::FlowAnswer {
                     from,
                     nonce,
+                    part,
                     last,
                     next,
                     records,
                 } => {
                     if let Some(p) = self.flow_queries.get_mut(&nonce) {
-                        p.part(from, &records, next, last);
+                        p.part(from, part, &records, next, last);
                     }
                     self.finish_flow_queries(false);
                 }

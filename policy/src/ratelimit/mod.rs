@@ -65,6 +65,8 @@ struct Spec {
     per: Per,
 }
 
+/// The smallest byte burst: one packet of the largest size.
+pub const MIN_BYTE_BURST: u64 = 65_535;
 /// The largest rate or burst: beyond it the arithmetic of a bucket could overflow.
 const MAX_RATE: u64 = 1 << 40;
 
@@ -78,6 +80,12 @@ fn rate(what: &str, per_second: Option<u64>, burst: Option<u64>) -> Result<Optio
         )),
         (Some(r), b) => {
             let burst = b.unwrap_or(r);
+            // A byte bucket that cannot hold one largest packet would drop it for ever.
+            if what == "byte" && burst < MIN_BYTE_BURST {
+                return Err(format!(
+                    "a byte burst (the rate, if no byteBurst is given) must be at least {MIN_BYTE_BURST}, the largest packet"
+                ));
+            }
             if r > MAX_RATE || burst > MAX_RATE {
                 return Err(format!("{what} rate and burst are at most {MAX_RATE}"));
             }
@@ -250,6 +258,11 @@ mod tests {
                 "burst must be at least 1",
             ),
             ("ingress[0]: {bytesPerSecond: 99999999999999999}", "at most"),
+            (
+                "ingress[0]: {bytesPerSecond: 1000000, byteBurst: 1500}",
+                "at least 65535",
+            ),
+            ("ingress[0]: {bytesPerSecond: 1000}", "at least 65535"),
             ("- 1", "not a map"),
         ] {
             let e = parse(bad).unwrap_err();
