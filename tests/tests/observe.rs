@@ -510,6 +510,56 @@ fn one_admin_query_reads_the_flow_logs_of_five_nodes_and_history_survives_a_rest
         user_after.starts_with(&user_before),
         "before {user_before:?}, after {user_after:?}"
     );
+    // --follow: a flow that starts while it runs shows up, once per node that logged it.
+    let mut follow = Command::new(bin("meshctl"))
+        .args([
+            "flows",
+            "--mesh",
+            "--follow",
+            "-o",
+            "json",
+            "-i",
+            &pl.node(1).ifname,
+        ])
+        .args(["--from", "microblog/storage", "--key"])
+        .arg(&admin)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running meshctl flows --follow");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        talks(&pl.node(5).ns, pl.addr(1, 8080), QUICK),
+        "storage -> api"
+    );
+    std::thread::sleep(Duration::from_millis(3000));
+    let _ = follow.kill();
+    let out = follow.wait_with_output().unwrap();
+    let followed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a record is JSON"))
+        .collect();
+    let new_flow: Vec<&serde_json::Value> = followed
+        .iter()
+        .filter(|r| r["event"] == "new" && r["dst"]["name"] == "api" && r["dst"]["port"] == 8080)
+        .collect();
+    // The first call's flow (each end logged it), then the one made while following.
+    assert_eq!(new_flow.len(), 4, "{new_flow:?}");
+    let logged_by: std::collections::BTreeSet<&str> = new_flow
+        .iter()
+        .map(|r| r["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        logged_by,
+        ["example.org/microblog/api", "example.org/microblog/storage"].into(),
+        "{followed:?}"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &followed {
+        assert!(
+            seen.insert((r["node"].to_string(), r["seq"].as_u64())),
+            "a record printed twice: {r}"
+        );
+    }
     let (ok, again, err) = mesh_flows(
         &pl,
         2,
