@@ -92,6 +92,42 @@ pub fn sh(args: &[&str]) -> String {
 }
 
 static LABS: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+/// Removes the namespaces of labs whose test process died without its `Drop` running (killed,
+/// or the machine stopped mid-run): each lab's directory names its owner's pid and its
+/// namespaces. Logs kept by a failed test stay; only its namespaces go. Never panics.
+fn sweep_orphans() {
+    let Ok(dirs) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let dir = d.path();
+        if !d.file_name().to_string_lossy().starts_with("meshtest-") {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(dir.join("owner.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let alive = pid as u32 == std::process::id() || unsafe { libc::kill(pid, 0) } == 0;
+        if alive {
+            continue;
+        }
+        let list = dir.join("namespaces");
+        for ns in std::fs::read_to_string(&list).unwrap_or_default().lines() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns.trim()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_file(&list);
+        let _ = std::fs::remove_file(dir.join("owner.pid"));
+    }
+}
 
 /// A set of hosts (network namespaces) and the processes running in them.
 pub struct Lab {
@@ -111,8 +147,10 @@ impl Lab {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("mt{:04x}{n}", std::process::id() & 0xffff);
         let dir = std::env::temp_dir().join(format!("meshtest-{prefix}"));
+        SWEEP.call_once(sweep_orphans);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("lab temp dir");
+        let _ = std::fs::write(dir.join("owner.pid"), std::process::id().to_string());
         Lab {
             prefix,
             namespaces: Vec::new(),
@@ -136,6 +174,14 @@ impl Lab {
         let ns = self.name(suffix);
         sh(&["ip", "netns", "add", &ns]);
         self.namespaces.push(ns.clone());
+        // For the sweep of a later run, should this process die before its Drop.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("namespaces"))
+        {
+            let _ = writeln!(f, "{ns}");
+        }
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         for k in [
             "net.ipv6.conf.all.accept_dad=0",
