@@ -1,0 +1,290 @@
+//! Coalescing (GRO in user space): decrypted TCP segments of one flow that follow each other are
+//! joined behind the first one's headers into one packet the kernel takes with a `virtio_net_hdr`
+//! saying how to cut it again. Everything else, and every segment that could change meaning if
+//! joined, is written alone and unchanged.
+//!
+//! A segment joins the newest group of its flow only when the result is exactly what its sender's
+//! stack would have cut into those segments: the next sequence number, the same acknowledgment,
+//! window, TCP options and IP fields (TOS/traffic class with its ECN bits, TTL, DF), a payload no
+//! larger than the group's first, and a valid checksum. SYN, FIN, RST, URG, ECE and CWR segments
+//! are never joined; a PSH segment or a short one ends its group. Groups come out in the order of
+//! their first segment, and a flow's segments never overtake each other.
+
+use super::{
+    fold, pseudo_header_sum, transport_checksum_ok, Arena, GsoType, Layout, VnetHdr, F_NEEDS_CSUM,
+    PROTO_TCP, TCP_CSUM_OFFSET,
+};
+
+/// Most segments in one coalesced packet (the kernel's GSO limit for a TUN device is 64 KiB; this
+/// bounds the iovec list of one write too).
+pub const MAX_GROUP_SEGMENTS: usize = 64;
+/// How many of the newest groups a segment looks through for its flow.
+const LOOKBACK: usize = 8;
+const NONE: u16 = u16::MAX;
+
+const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
+
+/// A packet to write: one segment, or several joined behind the first one's headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Group {
+    /// Index (in the arena) of the first segment, whose headers lead.
+    pub head: u16,
+    tail: u16,
+    /// Segments in the group.
+    pub count: u16,
+    /// Bytes of the IP and TCP headers.
+    pub hdr_len: u16,
+    /// Payload bytes of every segment but the last.
+    pub gso_size: u16,
+    ip_len: u8,
+    v6: bool,
+    /// Whether more may join.
+    open: bool,
+    /// The last segment carried PSH.
+    psh: bool,
+    /// The joined packet's length.
+    total: u32,
+    next_seq: u32,
+}
+
+/// The groups of one batch. Capacity is fixed at creation; nothing allocates afterwards.
+pub struct Coalescer {
+    groups: Vec<Group>,
+    /// Next segment of the same group, by arena index.
+    next: Vec<u16>,
+}
+
+impl Coalescer {
+    /// For batches of at most `max_packets` (at most 65,535) packets.
+    pub fn new(max_packets: usize) -> Coalescer {
+        assert!(max_packets < usize::from(NONE));
+        Coalescer {
+            groups: Vec::with_capacity(max_packets),
+            next: vec![NONE; max_packets],
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.groups.clear();
+    }
+
+    /// Takes packet `index` of `arena` (packets must be pushed in arena order).
+    pub fn push(&mut self, arena: &Arena, index: usize) {
+        let i = index as u16;
+        self.next[index] = NONE;
+        let packet = arena.get(index);
+        let Some(seg) = Segment::of(packet) else {
+            self.groups.push(Group::single(i));
+            return;
+        };
+        let start = self.groups.len().saturating_sub(LOOKBACK);
+        for g in (start..self.groups.len()).rev() {
+            let group = self.groups[g];
+            let head = arena.get(usize::from(group.head));
+            if group.ip_len == 0 || !seg.same_flow(packet, head, &group) {
+                continue;
+            }
+            // The newest group of this flow: join it, or start a new one after it.
+            if group.open && seg.can_join(packet, head, &group) {
+                let group = &mut self.groups[g];
+                self.next[usize::from(group.tail)] = i;
+                group.tail = i;
+                group.count += 1;
+                group.total += seg.payload_len;
+                group.next_seq = seg.seq.wrapping_add(seg.payload_len);
+                group.psh = seg.psh;
+                group.open = !seg.psh
+                    && seg.payload_len == u32::from(group.gso_size)
+                    && usize::from(group.count) < MAX_GROUP_SEGMENTS;
+                return;
+            }
+            self.groups[g].open = false;
+            break;
+        }
+        self.groups.push(seg.start(i, packet.len()));
+    }
+
+    /// Rewrites the first segment of every joined group into the joined packet's headers (IP
+    /// length and checksum, PSH from the last segment, the TCP checksum as the partial
+    /// pseudo-header sum the kernel completes). Call once, after the last push.
+    pub fn finish(&mut self, arena: &mut Arena) {
+        for g in &self.groups {
+            if g.count < 2 {
+                continue;
+            }
+            let head = arena.get_mut(usize::from(g.head));
+            let l = g.layout();
+            let total = g.total as usize;
+            l.set_ip_length(head, total);
+            let t = l.ip_len;
+            if g.psh {
+                head[t + 13] |= TCP_PSH;
+            }
+            let (src, dst) = l.addrs(head);
+            let partial = fold(pseudo_header_sum(src, dst, PROTO_TCP, total - t));
+            head[t + TCP_CSUM_OFFSET..t + TCP_CSUM_OFFSET + 2]
+                .copy_from_slice(&partial.to_be_bytes());
+        }
+    }
+
+    /// The packets to write, in order.
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// Arena indices of `group`'s segments, first to last.
+    pub fn members(&self, group: &Group) -> impl Iterator<Item = usize> + '_ {
+        let mut at = group.head;
+        std::iter::from_fn(move || {
+            if at == NONE {
+                return None;
+            }
+            let i = usize::from(at);
+            at = self.next[i];
+            Some(i)
+        })
+        .take(usize::from(group.count))
+    }
+}
+
+impl Group {
+    fn single(i: u16) -> Group {
+        Group {
+            head: i,
+            tail: i,
+            count: 1,
+            hdr_len: 0,
+            gso_size: 0,
+            ip_len: 0,
+            v6: false,
+            open: false,
+            psh: false,
+            total: 0,
+            next_seq: 0,
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        Layout {
+            v6: self.v6,
+            ip_len: usize::from(self.ip_len),
+            protocol: PROTO_TCP,
+            hdr_len: usize::from(self.hdr_len),
+        }
+    }
+
+    /// The virtio header to write before this packet.
+    pub fn vnet_hdr(&self) -> VnetHdr {
+        if self.count < 2 {
+            return VnetHdr::PLAIN;
+        }
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if self.v6 {
+                GsoType::TcpV6
+            } else {
+                GsoType::TcpV4
+            },
+            hdr_len: self.hdr_len,
+            gso_size: self.gso_size,
+            csum_start: u16::from(self.ip_len),
+            csum_offset: TCP_CSUM_OFFSET as u16,
+        }
+    }
+}
+
+/// A TCP segment that may be joined: what decides it, read once.
+struct Segment {
+    l: Layout,
+    seq: u32,
+    payload_len: u32,
+    psh: bool,
+}
+
+impl Segment {
+    /// `None` for anything that is written alone: not TCP over IPv4 without options or IPv6
+    /// without extension headers, a length field that disagrees with the packet, a fragment, no
+    /// payload, a flag other than ACK and PSH, or a bad checksum.
+    fn of(packet: &[u8]) -> Option<Segment> {
+        let l = Layout::of(packet)?;
+        if l.protocol != PROTO_TCP {
+            return None;
+        }
+        if l.v6 {
+            let payload = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+            if payload + l.ip_len != packet.len() {
+                return None;
+            }
+        } else {
+            let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+            let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff; // MF, offset
+            if l.ip_len != crate::ip::IPV4_HEADER_MIN || total != packet.len() || fragment != 0 {
+                return None;
+            }
+        }
+        let t = l.ip_len;
+        let flags = packet[t + 13];
+        if flags & !TCP_PSH != TCP_ACK {
+            return None;
+        }
+        let payload_len = packet.len() - l.hdr_len;
+        if payload_len == 0 || payload_len > usize::from(u16::MAX) {
+            return None;
+        }
+        if !transport_checksum_ok(&l, packet) {
+            return None;
+        }
+        Some(Segment {
+            l,
+            seq: u32::from_be_bytes(packet[t + 4..t + 8].try_into().expect("4 bytes")),
+            payload_len: payload_len as u32,
+            psh: flags & TCP_PSH != 0,
+        })
+    }
+
+    fn start(&self, i: u16, len: usize) -> Group {
+        Group {
+            head: i,
+            tail: i,
+            count: 1,
+            hdr_len: self.l.hdr_len as u16,
+            gso_size: self.payload_len as u16,
+            ip_len: self.l.ip_len as u8,
+            v6: self.l.v6,
+            open: !self.psh,
+            psh: self.psh,
+            total: len as u32,
+            next_seq: self.seq.wrapping_add(self.payload_len),
+        }
+    }
+
+    /// Same addresses and ports as the group's first segment.
+    fn same_flow(&self, packet: &[u8], head: &[u8], group: &Group) -> bool {
+        if self.l.v6 != group.v6 || self.l.ip_len != usize::from(group.ip_len) {
+            return false;
+        }
+        let t = self.l.ip_len;
+        let addrs = if self.l.v6 { 8..40 } else { 12..20 };
+        packet[addrs.clone()] == head[addrs] && packet[t..t + 4] == head[t..t + 4]
+    }
+
+    /// Whether it continues the group exactly (see the module's comment).
+    fn can_join(&self, packet: &[u8], head: &[u8], group: &Group) -> bool {
+        let t = self.l.ip_len;
+        let ip_same = if self.l.v6 {
+            packet[..4] == head[..4] && packet[7] == head[7]
+        } else {
+            packet[1] == head[1] && packet[8] == head[8] && (packet[6] & 0x40) == (head[6] & 0x40)
+        };
+        ip_same
+            && self.l.hdr_len == usize::from(group.hdr_len)
+            && self.seq == group.next_seq
+            && self.payload_len <= u32::from(group.gso_size)
+            && group.total + self.payload_len <= u32::from(u16::MAX)
+            // acknowledgment, data offset and window, and every option byte
+            && packet[t + 8..t + 13] == head[t + 8..t + 13]
+            && packet[t + 14..t + 16] == head[t + 14..t + 16]
+            && packet[t + 20..self.l.hdr_len] == head[t + 20..self.l.hdr_len]
+    }
+}
