@@ -35,6 +35,7 @@ drop_reasons! {
     NoSession => "no_session": "A data message for a session that does not exist (any more).",
     SourceNotAllowed => "source_not_allowed": "A decrypted packet's inner source is outside the peer's allowed IPs.",
     NotIpInner => "inner_not_ip": "A decrypted packet is not IPv4 or IPv6.",
+    OffloadMalformed => "offload_malformed": "A packet from the TUN device that cannot be cut into segments as its virtio header says.",
     TunWrite => "tun_write_failed": "Writing to the TUN device failed.",
     UdpSend => "udp_send_failed": "Sending on the UDP socket failed.",
     ControlNotMesh => "control_in_plain_mode": "A control-protocol datagram reached a node not in mesh mode.",
@@ -66,6 +67,12 @@ impl DropCounters {
     #[inline]
     pub fn count(&self, reason: Drop) {
         self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` packets dropped for `reason` at once (a batch).
+    #[inline]
+    pub fn count_n(&self, reason: Drop, n: u64) {
+        self.0[reason as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self, reason: Drop) -> u64 {

@@ -53,9 +53,23 @@ struct Args {
     /// Print the man page (roff, section 8) and exit.
     #[arg(long, hide = true)]
     man: bool,
+    /// Segmentation and coalescing offloads on the TUN device and the UDP socket (`on`, where
+    /// the kernel has them) or none (`off`: one packet per system call, as before).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    offloads: bool,
     /// Name of the TUN interface to create (at most 15 bytes).
     #[arg(value_parser = parse_ifname)]
     ifname: Option<String>,
+}
+
+/// `on` or `off`. The environment variable MESHD_OFFLOADS, when set, wins over `--offloads`
+/// (so tests and units can turn offloads off without another command line).
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}` is neither on nor off")),
+    }
 }
 
 pub(crate) fn parse_ifname(s: &str) -> Result<String, String> {
@@ -205,6 +219,14 @@ fn start(args: Args) -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
+/// `--offloads`, unless MESHD_OFFLOADS says otherwise.
+fn offloads_wanted(args: &Args) -> anyhow::Result<bool> {
+    match std::env::var("MESHD_OFFLOADS") {
+        Ok(v) => parse_on_off(&v).map_err(|e| anyhow::anyhow!("MESHD_OFFLOADS: {e}")),
+        Err(_) => Ok(args.offloads),
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let mesh_config = match &args.config {
         Some(path) => Some(read_config(path)?),
@@ -214,7 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some((cfg, _)) => (cfg.interface.name.clone(), cfg.interface.mtu),
         None => (args.ifname.clone().context("no interface name")?, args.mtu),
     };
-    let dev = device::Device::create(&ifname, mtu)?;
+    let dev = device::Device::create(&ifname, mtu, offloads_wanted(&args)?)?;
     let uapi_path = PathBuf::from(api::uapi::socket_path(&ifname));
     let admin_path = PathBuf::from(proto::admin::socket_path(&ifname));
     let _files = api::SocketFiles;

@@ -70,14 +70,26 @@ impl Peer {
 
     #[inline]
     pub fn add_tx(&self, bytes: usize) {
-        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.add_tx_batch(bytes, 1);
     }
 
     #[inline]
     pub fn add_rx(&self, bytes: usize) {
+        self.add_rx_batch(bytes, 1);
+    }
+
+    /// Counts `packets` datagrams of `bytes` in all, sent in one batch.
+    #[inline]
+    pub fn add_tx_batch(&self, bytes: usize, packets: u64) {
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+    }
+
+    /// Counts `packets` authenticated datagrams of `bytes` in all, received in one batch.
+    #[inline]
+    pub fn add_rx_batch(&self, bytes: usize, packets: u64) {
         self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_packets.fetch_add(packets, Ordering::Relaxed);
     }
 }
 

@@ -386,7 +386,12 @@ impl Lab {
 
     /// Starts `tcpdump` writing every frame of `ifc` in `ns` to a file; stop it with
     /// [`Capture::finish`].
+    /// Captures every frame on `ifc` in `ns` until [`Capture::finish`]. A wire carries datagrams
+    /// one by one, while a veth pair passes a UDP GSO batch across whole: both ends of the link
+    /// are first made to cut batches in software (`gso_max_segs 1`), so the capture holds the
+    /// datagrams a physical wire would.
     pub fn capture(&mut self, ns: &str, ifc: &str) -> Capture {
+        self.segment_on_wire(ns, ifc);
         let path = self.dir.join(format!("{ifc}.pcap"));
         let err_path = self.dir.join(format!("{ifc}.tcpdump.log"));
         let child = Command::new("ip")
@@ -409,6 +414,44 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         Capture { child, path }
+    }
+}
+
+impl Lab {
+    /// Sets `gso_max_segs 1` on `ifc` and on its veth peer, wherever in this lab that is.
+    fn segment_on_wire(&self, ns: &str, ifc: &str) {
+        let set = |ns: &str, ifc: &str| {
+            let ok = Command::new("ip")
+                .args(["-n", ns, "link", "set", "dev", ifc, "gso_max_segs", "1"])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "cannot set gso_max_segs on {ifc} in {ns}");
+        };
+        set(ns, ifc);
+        // "5: name@if4: ..." : this link's index, and its peer's.
+        let links = |ns: &str| -> Vec<(u32, String, u32)> {
+            let out = Command::new("ip").args(["-n", ns, "-o", "link"]).output();
+            let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            text.unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split(": ");
+                    let index = f.next()?.trim().parse().ok()?;
+                    let (name, peer) = f.next()?.split_once("@if")?;
+                    Some((index, name.to_string(), peer.parse().ok()?))
+                })
+                .collect()
+        };
+        let Some((index, _, peer)) = links(ns).into_iter().find(|(_, n, _)| n == ifc) else {
+            return; // not a veth
+        };
+        for other in &self.namespaces {
+            for (i, name, p) in links(other) {
+                if i == peer && p == index && !(other == ns && name == ifc) {
+                    set(other, &name);
+                }
+            }
+        }
     }
 }
 

@@ -1,10 +1,12 @@
-//! The packet loops. Two OS threads carry the data: `tun-rx` (plaintext from the TUN device,
-//! encrypted to the UDP socket) and `udp-rx` (datagrams from the socket, decrypted to the TUN
-//! device). Each owns its buffers for its whole life, so no packet allocates, and each reads the
-//! configuration through a lock-free snapshot, locking only the peer the packet belongs to.
-//! The protocol timers run as a tokio task.
+//! The packet threads and what both paths share. Two OS threads carry the data: `tun-rx`
+//! (send.rs: plaintext from the TUN device, encrypted to the UDP socket) and `udp-rx`
+//! (receive.rs: datagrams from the socket, decrypted to the TUN device). Each owns its buffers
+//! for its whole life, so no packet allocates, and each reads the configuration through a
+//! lock-free snapshot, locking a peer once per batch of its packets. Here: the messages that
+//! are not data (handshakes, cookies, relay frames, control), taken one at a time, the verbs on
+//! a peer (keepalive, moving its endpoint), and the protocol timers, a tokio task.
 
-use super::udp::{self, Underlay};
+use super::udp::Underlay;
 use super::Device;
 use crate::drops::Drop;
 use crate::peer::Peer;
@@ -16,80 +18,38 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Largest IP packet the TUN device can hand us, and so the largest plaintext.
+/// Largest IP packet, and so the largest plaintext.
 const MAX_PACKET_BYTES: usize = 65535;
 /// Room for a relay frame's header (20 bytes; every datagram is made after that much headroom,
 /// so that a relayed one is framed without a copy), then the WireGuard data header and tag (32
 /// bytes) or a whole handshake message (148).
-const MAX_DATAGRAM_BYTES: usize = HEADER_LEN + MAX_PACKET_BYTES + 148;
+pub(super) const MAX_DATAGRAM_BYTES: usize = HEADER_LEN + MAX_PACKET_BYTES + 148;
 /// How often the protocol timers are driven (boringtun's own device uses 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
 pub(super) fn spawn_tun_reader(dev: Arc<Device>) -> std::io::Result<()> {
+    dev.tun.set_nonblocking()?;
     std::thread::Builder::new()
         .name("tun-rx".into())
-        .spawn(move || tun_loop(&dev))?;
+        .spawn(move || {
+            let mut sender = super::send::Sender::new();
+            loop {
+                if let Err(e) = sender.run_once(&dev) {
+                    tracing::error!(error = %e, "reading the TUN device failed; stopping");
+                    crate::api::remove_socket_files();
+                    std::process::exit(1);
+                }
+            }
+        })?;
     Ok(())
 }
 
 pub(super) fn spawn_udp_reader(dev: Arc<Device>, socket: Arc<Underlay>) {
     let spawned = std::thread::Builder::new()
         .name("udp-rx".into())
-        .spawn(move || udp_loop(&dev, &socket));
+        .spawn(move || super::receive::udp_loop(&dev, &socket));
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the UDP receive thread");
-    }
-}
-
-fn tun_loop(dev: &Device) {
-    let mut packet = vec![0u8; MAX_PACKET_BYTES];
-    let mut out = vec![0u8; MAX_DATAGRAM_BYTES];
-    loop {
-        let n = match dev.tun.recv(&mut packet) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the TUN device failed; stopping");
-                crate::api::remove_socket_files();
-                std::process::exit(1);
-            }
-        };
-        let packet = &packet[..n];
-        let Some(addrs) = proto::ip::addrs(packet) else {
-            dev.drops.count(Drop::NotIp);
-            continue;
-        };
-        let snap = dev.snapshot();
-        let Some(peer) = snap.routes.lookup(addrs.dst) else {
-            dev.drops.count(Drop::NoRoute);
-            continue;
-        };
-        // Egress policy of this node's identity, before anything is encrypted.
-        if let Some(policy) = dev.enforcer.get() {
-            if !policy.egress(packet, &peer.public_key.0, &peer.drops) {
-                continue;
-            }
-        }
-        let (len, endpoint) = {
-            let mut st = peer.state.lock();
-            let endpoint = st.endpoint;
-            let Some(tunn) = st.tunn.as_mut() else {
-                peer.drops.count(Drop::NoPrivateKey);
-                continue;
-            };
-            match tunn.encapsulate(packet, &mut out[HEADER_LEN..]) {
-                TunnResult::WriteToNetwork(d) => (d.len(), endpoint),
-                TunnResult::Done => continue,
-                TunnResult::Err(e) => {
-                    tracing::trace!(peer = %peer.public_key, error = ?e, "encapsulate failed");
-                    continue;
-                }
-                // encapsulate never writes to the tunnel.
-                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => continue,
-            }
-        };
-        let me = snap.local.as_ref().map(|l| l.tag);
-        send(dev, peer, &mut out, len, endpoint, me);
     }
 }
 
@@ -165,36 +125,6 @@ fn send(
     }
 }
 
-fn udp_loop(dev: &Device, socket: &Arc<Underlay>) {
-    let mut datagram = vec![0u8; MAX_DATAGRAM_BYTES];
-    let mut out = vec![0u8; MAX_DATAGRAM_BYTES];
-    loop {
-        let (n, from) = match socket.socket.recv_from(&mut datagram) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                if is_current(dev, socket) {
-                    tracing::error!(error = %e, "UDP receive failed");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                return;
-            }
-        };
-        if n == 0 && !is_current(dev, socket) {
-            return;
-        }
-        on_datagram(dev, socket, &datagram[..n], udp::canonical(from), &mut out);
-    }
-}
-
-fn is_current(dev: &Device, socket: &Arc<Underlay>) -> bool {
-    dev.udp
-        .load()
-        .as_ref()
-        .is_some_and(|cur| Arc::ptr_eq(cur, socket))
-}
-
 /// Sends `buf[start..start + len]` to `to`: as it is to a direct endpoint; for a relayed one,
 /// after a frame header written just before it (`start` leaves room for one), or in a copy
 /// when it does not.
@@ -239,7 +169,13 @@ fn offset_in(buf_start: usize, part: &[u8]) -> usize {
 
 /// One datagram from the underlay: a relay frame (delivered here or relayed on), or a datagram
 /// from the sender itself. Never panics on any input.
-fn on_datagram(dev: &Device, socket: &Underlay, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+pub(super) fn on_datagram(
+    dev: &Device,
+    socket: &Underlay,
+    datagram: &[u8],
+    from: SocketAddr,
+    out: &mut [u8],
+) {
     if relay::is_frame(datagram) {
         on_frame(dev, socket, datagram, from, out);
         return;
@@ -432,7 +368,7 @@ fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, ou
                 return;
             }
         }
-        if dev.tun.send(packet).is_err() {
+        if dev.write_packet(packet).is_err() {
             peer.drops.count(Drop::TunWrite);
         }
     }
@@ -457,7 +393,7 @@ fn flush_queue(
     }
 }
 
-fn drop_reason(e: &WireGuardError) -> Drop {
+pub(super) fn drop_reason(e: &WireGuardError) -> Drop {
     match e {
         WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => Drop::Replay,
         WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => Drop::NoSession,

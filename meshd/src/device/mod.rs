@@ -4,6 +4,9 @@
 //! peer a packet belongs to.
 
 mod datapath;
+mod receive;
+mod send;
+mod tun;
 mod udp;
 
 use crate::drops::DropCounters;
@@ -31,7 +34,9 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 pub struct Device {
     pub name: String,
     pub mtu_bytes: u32,
-    tun: tun::Device,
+    tun: tun::Tun,
+    /// Whether offloads are wanted (`--offloads`); each is still used only where the kernel has it.
+    offloads_wanted: bool,
     config: Mutex<Config>,
     snapshot: ArcSwap<Snapshot>,
     udp: ArcSwapOption<udp::Underlay>,
@@ -84,17 +89,18 @@ pub struct LocalKeys {
 
 impl Device {
     /// Creates the TUN interface `name` with `mtu_bytes`, brings it up and binds the UDP socket on
-    /// a kernel-chosen port, as wireguard-go does until the operator sets one.
-    pub fn create(name: &str, mtu_bytes: u32) -> anyhow::Result<Arc<Device>> {
-        let mut cfg = tun::Configuration::default();
-        cfg.tun_name(name).mtu(mtu_bytes as u16).up();
-        let tun = tun::create(&cfg).with_context(|| format!("creating TUN interface {name}"))?;
-        let socket = udp::bind(0, 0).context("binding the UDP socket")?;
+    /// a kernel-chosen port, as wireguard-go does until the operator sets one. With `offloads`,
+    /// TUN segmentation and coalescing and UDP GSO/GRO are used where the kernel has them.
+    pub fn create(name: &str, mtu_bytes: u32, offloads: bool) -> anyhow::Result<Arc<Device>> {
+        let tun = tun::Tun::create(name, mtu_bytes, offloads)?;
+        let socket = udp::bind(0, 0, offloads).context("binding the UDP socket")?;
+        tracing::info!(interface = name, offloads = %tun.offloads, "TUN device up");
         let listen_port = socket.socket.local_addr()?.port();
         let dev = Arc::new(Device {
             name: name.to_string(),
             mtu_bytes,
             tun,
+            offloads_wanted: offloads,
             config: Mutex::new(Config {
                 private_key: None,
                 listen_port,
@@ -212,6 +218,11 @@ impl Device {
         self.drops.count(crate::drops::Drop::ControlRefused);
     }
 
+    /// Writes one whole packet to the TUN device.
+    fn write_packet(&self, packet: &[u8]) -> std::io::Result<usize> {
+        receive::write_packet(self, packet)
+    }
+
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()
     }
@@ -264,12 +275,13 @@ impl Device {
         }
         if let Some(port) = req.listen_port {
             if port != cfg.listen_port || port == 0 {
-                let socket = udp::bind(port, cfg.fwmark).map_err(|e| UapiError {
-                    line: 0,
-                    key: "listen_port".into(),
-                    reason: format!("cannot bind UDP port {port}: {e}"),
-                    errno: uapi::EADDRINUSE,
-                })?;
+                let socket =
+                    udp::bind(port, cfg.fwmark, self.offloads_wanted).map_err(|e| UapiError {
+                        line: 0,
+                        key: "listen_port".into(),
+                        reason: format!("cannot bind UDP port {port}: {e}"),
+                        errno: uapi::EADDRINUSE,
+                    })?;
                 cfg.listen_port = socket.socket.local_addr().map(|a| a.port()).unwrap_or(port);
                 self.install_socket(socket);
             }
