@@ -161,12 +161,15 @@ class Topology:
             self.target = "100.64.0.2"
 
     def daemon_cmd(self, ifname):
-        if self.mode == "meshd":
-            return [os.path.join(ROOT, "target/release/meshd"), "--foreground", ifname]
+        if self.mode in ("meshd", "meshd-nooffload"):
+            offloads = "off" if self.mode == "meshd-nooffload" else "on"
+            return [os.path.join(ROOT, "target/release/meshd"), "--foreground",
+                    "--offloads", offloads, ifname]
         if self.mode == "wireguard-go":
             return ["wireguard-go", "-f", ifname]
-        return [shutil.which("boringtun-cli") or os.path.expanduser("~/.cargo/bin/boringtun-cli"),
-                "-f", "--disable-drop-privileges", ifname]
+        if self.mode == "gotatun":
+            return [find_cargo_bin("gotatun-cli"), "-f", "--disable-drop-privileges", ifname]
+        return [find_cargo_bin("boringtun-cli"), "-f", "--disable-drop-privileges", ifname]
 
     def start_tunnel(self):
         keys = {}
@@ -226,20 +229,25 @@ class Topology:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def find_cargo_bin(tool):
+    """Where `cargo install TOOL` put it (or wherever it is on PATH)."""
+    return shutil.which(tool) or os.path.expanduser(f"~/.cargo/bin/{tool}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--modes", default="veth,meshd,wireguard-go,boringtun")
+    ap.add_argument("--modes", default="veth,meshd,meshd-nooffload,wireguard-go,boringtun,gotatun")
     opts = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/throughput.py needs root (network namespaces, TUN)")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd"], cwd=ROOT, check=True)
     modes = opts.modes.split(",")
-    if "boringtun" in modes and not (shutil.which("boringtun-cli") or
-                                     os.path.exists(os.path.expanduser("~/.cargo/bin/boringtun-cli"))):
-        print("boringtun-cli not installed (cargo install boringtun-cli): skipping it", file=sys.stderr)
-        modes.remove("boringtun")
+    for mode, tool in (("boringtun", "boringtun-cli"), ("gotatun", "gotatun-cli")):
+        if mode in modes and not os.path.exists(find_cargo_bin(tool)):
+            print(f"{tool} not installed (cargo install {tool}): skipping it", file=sys.stderr)
+            modes.remove(mode)
 
     results = {}
     for mode in modes:

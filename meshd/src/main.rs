@@ -1,6 +1,7 @@
 //! meshd: a userspace WireGuard daemon. This file parses arguments, sets up logging and wires the
 //! device to its control sockets and signals; nothing else.
 
+mod allocs;
 mod api;
 mod config;
 mod device;
@@ -55,7 +56,7 @@ struct Args {
     man: bool,
     /// Segmentation and coalescing offloads on the TUN device and the UDP socket (`on`, where
     /// the kernel has them) or none (`off`: one packet per system call, as before).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     offloads: bool,
     /// Name of the TUN interface to create (at most 15 bytes).
     #[arg(value_parser = parse_ifname)]
@@ -227,6 +228,9 @@ fn offloads_wanted(args: &Args) -> anyhow::Result<bool> {
     }
 }
 
+#[global_allocator]
+static ALLOCATOR: allocs::Counting = allocs::Counting;
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let mesh_config = match &args.config {
         Some(path) => Some(read_config(path)?),
@@ -374,4 +378,19 @@ fn daemonize(args: &Args) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     anyhow::bail!("meshd did not open {socket} within 10 s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offloads_flag_takes_on_or_off_and_defaults_to_on() {
+        let parse = |a: &[&str]| Args::try_parse_from([&["meshd"], a].concat());
+        assert!(parse(&["wg0"]).unwrap().offloads);
+        assert!(parse(&["--offloads", "on", "wg0"]).unwrap().offloads);
+        assert!(!parse(&["--offloads", "off", "wg0"]).unwrap().offloads);
+        let e = parse(&["--offloads", "maybe", "wg0"]).unwrap_err().to_string();
+        assert!(e.contains("`maybe` is neither on nor off"), "{e}");
+    }
 }

@@ -204,6 +204,19 @@ pub enum Response {
     MeshFlows(MeshFlows),
 }
 
+/// The data path of a node: what the kernel let it offload, and the heap allocations its two
+/// threads made since start (they allocate their buffers once; a count that grows with traffic
+/// would be a bug).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    /// TUN device: `vnet header on, TSO on, USO on`, or which are off.
+    pub tun_offloads: String,
+    /// UDP segmentation (several datagrams per send).
+    pub udp_gso: bool,
+    pub send_allocations: u64,
+    pub receive_allocations: u64,
+}
+
 /// What `meshctl status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -229,6 +242,9 @@ pub struct Status {
     pub relayed_datagrams: u64,
     #[serde(default)]
     pub relayed_bytes: u64,
+    /// The data path: offloads in use, and what its threads allocated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<DatapathStatus>,
     /// Mesh mode: the policy this node enforces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyStatus>,

@@ -372,6 +372,7 @@ mod tests {
 
     fn status() -> Status {
         Status {
+            datapath: None,
             interface: "mesh0".into(),
             public_key: Some("k".into()),
             listen_port: 51820,

@@ -32,6 +32,8 @@ pub(super) fn spawn_tun_reader(dev: Arc<Device>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("tun-rx".into())
         .spawn(move || {
+            // Counted from here: the buffers made once, then (never) per packet.
+            crate::allocs::mark(crate::allocs::Path::Send);
             let mut sender = super::send::Sender::new();
             loop {
                 if let Err(e) = sender.run_once(&dev) {

@@ -483,6 +483,12 @@ impl Device {
             drops: self.drops.snapshot(),
             identity: None,
             spiffe_id: None,
+            datapath: Some(proto::admin::DatapathStatus {
+                tun_offloads: self.tun.offloads.to_string(),
+                udp_gso: self.udp.load().as_ref().is_some_and(|u| u.gso()),
+                send_allocations: crate::allocs::count(crate::allocs::Path::Send),
+                receive_allocations: crate::allocs::count(crate::allocs::Path::Receive),
+            }),
             policy: self.enforcer().map(|e| e.status()),
             control: None,
             certificate: None,

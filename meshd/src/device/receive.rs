@@ -38,6 +38,8 @@ const BATCH_BYTES: usize = 512 << 10;
 const DATA_MIN_BYTES: usize = 32;
 
 pub(super) fn udp_loop(dev: &Device, socket: &Arc<Underlay>) {
+    // Counted from here: the buffers made once, then (never) per packet.
+    crate::allocs::mark(crate::allocs::Path::Receive);
     let mut bufs = vec![0u8; RECV_BUFFERS * RECV_BUFFER_BYTES];
     let mut iovs: Vec<IoSliceMut<'_>> = bufs
         .chunks_mut(RECV_BUFFER_BYTES)

@@ -120,6 +120,12 @@ impl Underlay {
         }
     }
 
+    /// Whether several datagrams leave in one `sendmsg` (offloads on, and the kernel has not
+    /// refused UDP_SEGMENT so far).
+    pub fn gso(&self) -> bool {
+        self.gso && self.state.max_gso_segments() > 1
+    }
+
     fn wait(&self, events: libc::c_short) -> io::Result<()> {
         super::tun::wait(self.socket.as_raw_fd(), events)
     }
