@@ -224,6 +224,13 @@ class Topology:
         gb = bps * seconds / 8 / 1e9
         return bps / 1e9, (cpu / gb if gb > 0 and self.procs else None)
 
+    def ping_ms(self, count=50):
+        """Average round-trip time of `count` pings, 20 ms apart, in milliseconds."""
+        out = sh("ip", "netns", "exec", self.a, "ping", "-q", "-c", str(count), "-i", "0.02",
+                 self.target).stdout
+        # rtt min/avg/max/mdev = 0.041/0.060/0.101/0.012 ms
+        return float(out.rsplit("=", 1)[1].split("/")[1])
+
     def close(self):
         teardown(self.procs, (self.a, self.b))
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -265,6 +272,19 @@ def main():
             print(f"  {mode:13} {key:5} {gbps:6.2f} Gbit/s  runs: "
                   + " ".join(f"{x[0]:.2f}" for x in runs), file=sys.stderr)
 
+    rtts = {}
+    for mode in modes:
+        got = []
+        for r in range(opts.runs):
+            topo = Topology(mode, f"mb{os.getpid() % 10000}")
+            try:
+                got.append(topo.ping_ms())
+            finally:
+                topo.close()
+        rtts[mode] = statistics.median(got)
+        print(f"  {mode:13} ping  {rtts[mode]:6.3f} ms  runs: " + " ".join(f"{x:.3f}" for x in got),
+              file=sys.stderr)
+
     peers = [m for m in modes if m != "meshd"]
     print(f"\niperf3, median of {opts.runs} runs of {opts.seconds} s; CPU s/GB = tunnel daemons' CPU "
           "time (both ends) per GB received\n")
@@ -279,6 +299,11 @@ def main():
         if "meshd" in modes:
             row += [f"{results[('meshd', key)][0] / results[(m, key)][0]:.2f}" for m in peers]
         print("| " + " | ".join(row) + " |")
+    row = ["ping RTT ms (lower is better)"] + [f"{rtts[m]:.3f}" for m in modes]
+    row += ["-" for m in modes if m != "veth"]
+    if "meshd" in modes:
+        row += [f"{rtts['meshd'] / rtts[m]:.2f}" for m in peers]
+    print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

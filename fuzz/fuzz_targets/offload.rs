@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         }
         rest = &tail[n..];
     }
-    let mut c = Coalescer::new(64);
+    let mut c = Coalescer::new(64, true);
     for i in 0..arena.len() {
         c.push(&arena, i);
     }

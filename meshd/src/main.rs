@@ -390,7 +390,9 @@ mod tests {
         assert!(parse(&["wg0"]).unwrap().offloads);
         assert!(parse(&["--offloads", "on", "wg0"]).unwrap().offloads);
         assert!(!parse(&["--offloads", "off", "wg0"]).unwrap().offloads);
-        let e = parse(&["--offloads", "maybe", "wg0"]).unwrap_err().to_string();
+        let e = parse(&["--offloads", "maybe", "wg0"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`maybe` is neither on nor off"), "{e}");
     }
 }

@@ -48,7 +48,7 @@ pub(super) fn udp_loop(dev: &Device, socket: &Arc<Underlay>) {
     let mut meta = [RecvMeta::default(); RECV_BUFFERS];
     let mut rx = Receiver {
         plain: Arena::new(BATCH_BYTES, BATCH_PACKETS),
-        coalescer: Coalescer::new(BATCH_PACKETS),
+        coalescer: Coalescer::new(BATCH_PACKETS, dev.tun.offloads.uso),
         out: vec![0u8; MAX_DATAGRAM_BYTES],
     };
     loop {

@@ -1,18 +1,21 @@
 //! Coalescing (GRO in user space): decrypted TCP segments of one flow that follow each other are
 //! joined behind the first one's headers into one packet the kernel takes with a `virtio_net_hdr`
 //! saying how to cut it again. Everything else, and every segment that could change meaning if
-//! joined, is written alone and unchanged.
+//! joined, is written alone and unchanged. UDP datagrams of one flow are joined the same way when
+//! the device takes UDP segmentation (USO).
 //!
 //! A segment joins the newest group of its flow only when the result is exactly what its sender's
 //! stack would have cut into those segments: the next sequence number, the same acknowledgment,
 //! window, TCP options and IP fields (TOS/traffic class with its ECN bits, TTL, DF), a payload no
 //! larger than the group's first, and a valid checksum. SYN, FIN, RST, URG, ECE and CWR segments
-//! are never joined; a PSH segment or a short one ends its group. Groups come out in the order of
-//! their first segment, and a flow's segments never overtake each other.
+//! are never joined; a PSH segment or a short one ends its group. A UDP datagram joins when it has
+//! the same IP fields, a valid checksum and a payload no larger than the group's first (a shorter
+//! one ends it). Groups come out in the order of their first segment, and a flow's segments never
+//! overtake each other.
 
 use super::{
     fold, pseudo_header_sum, transport_checksum_ok, Arena, GsoType, Layout, VnetHdr, F_NEEDS_CSUM,
-    PROTO_TCP, TCP_CSUM_OFFSET,
+    PROTO_TCP, PROTO_UDP, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
 };
 
 /// Most segments in one coalesced packet (the kernel's GSO limit for a TUN device is 64 KiB; this
@@ -39,6 +42,7 @@ pub struct Group {
     pub gso_size: u16,
     ip_len: u8,
     v6: bool,
+    udp: bool,
     /// Whether more may join.
     open: bool,
     /// The last segment carried PSH.
@@ -50,16 +54,20 @@ pub struct Group {
 
 /// The groups of one batch. Capacity is fixed at creation; nothing allocates afterwards.
 pub struct Coalescer {
+    /// Whether UDP datagrams are joined too (the device takes USO).
+    udp: bool,
     groups: Vec<Group>,
     /// Next segment of the same group, by arena index.
     next: Vec<u16>,
 }
 
 impl Coalescer {
-    /// For batches of at most `max_packets` (at most 65,535) packets.
-    pub fn new(max_packets: usize) -> Coalescer {
+    /// For batches of at most `max_packets` (at most 65,535) packets; UDP datagrams are joined
+    /// only with `udp`.
+    pub fn new(max_packets: usize, udp: bool) -> Coalescer {
         assert!(max_packets < usize::from(NONE));
         Coalescer {
+            udp,
             groups: Vec::with_capacity(max_packets),
             next: vec![NONE; max_packets],
         }
@@ -74,7 +82,7 @@ impl Coalescer {
         let i = index as u16;
         self.next[index] = NONE;
         let packet = arena.get(index);
-        let Some(seg) = Segment::of(packet) else {
+        let Some(seg) = Segment::of(packet, self.udp) else {
             self.groups.push(Group::single(i));
             return;
         };
@@ -118,13 +126,15 @@ impl Coalescer {
             let total = g.total as usize;
             l.set_ip_length(head, total);
             let t = l.ip_len;
-            if g.psh {
+            if g.udp {
+                head[t + 4..t + 6].copy_from_slice(&((total - t) as u16).to_be_bytes());
+            } else if g.psh {
                 head[t + 13] |= TCP_PSH;
             }
             let (src, dst) = l.addrs(head);
-            let partial = fold(pseudo_header_sum(src, dst, PROTO_TCP, total - t));
-            head[t + TCP_CSUM_OFFSET..t + TCP_CSUM_OFFSET + 2]
-                .copy_from_slice(&partial.to_be_bytes());
+            let partial = fold(pseudo_header_sum(src, dst, l.protocol, total - t));
+            let at = t + l.csum_offset();
+            head[at..at + 2].copy_from_slice(&partial.to_be_bytes());
         }
     }
 
@@ -158,6 +168,7 @@ impl Group {
             gso_size: 0,
             ip_len: 0,
             v6: false,
+            udp: false,
             open: false,
             psh: false,
             total: 0,
@@ -169,7 +180,7 @@ impl Group {
         Layout {
             v6: self.v6,
             ip_len: usize::from(self.ip_len),
-            protocol: PROTO_TCP,
+            protocol: if self.udp { PROTO_UDP } else { PROTO_TCP },
             hdr_len: usize::from(self.hdr_len),
         }
     }
@@ -179,22 +190,23 @@ impl Group {
         if self.count < 2 {
             return VnetHdr::PLAIN;
         }
+        let (gso_type, csum_offset) = match (self.udp, self.v6) {
+            (true, _) => (GsoType::UdpL4, UDP_CSUM_OFFSET),
+            (false, false) => (GsoType::TcpV4, TCP_CSUM_OFFSET),
+            (false, true) => (GsoType::TcpV6, TCP_CSUM_OFFSET),
+        };
         VnetHdr {
             flags: F_NEEDS_CSUM,
-            gso_type: if self.v6 {
-                GsoType::TcpV6
-            } else {
-                GsoType::TcpV4
-            },
+            gso_type,
             hdr_len: self.hdr_len,
             gso_size: self.gso_size,
             csum_start: u16::from(self.ip_len),
-            csum_offset: TCP_CSUM_OFFSET as u16,
+            csum_offset: csum_offset as u16,
         }
     }
 }
 
-/// A TCP segment that may be joined: what decides it, read once.
+/// A TCP segment or UDP datagram that may be joined: what decides it, read once.
 struct Segment {
     l: Layout,
     seq: u32,
@@ -203,12 +215,12 @@ struct Segment {
 }
 
 impl Segment {
-    /// `None` for anything that is written alone: not TCP over IPv4 without options or IPv6
-    /// without extension headers, a length field that disagrees with the packet, a fragment, no
-    /// payload, a flag other than ACK and PSH, or a bad checksum.
-    fn of(packet: &[u8]) -> Option<Segment> {
+    /// `None` for anything that is written alone: not TCP (or UDP, with `udp`) over IPv4 without
+    /// options or IPv6 without extension headers, a length field that disagrees with the packet,
+    /// a fragment, no payload, a TCP flag other than ACK and PSH, or a bad checksum.
+    fn of(packet: &[u8], udp: bool) -> Option<Segment> {
         let l = Layout::of(packet)?;
-        if l.protocol != PROTO_TCP {
+        if l.protocol != PROTO_TCP && !(udp && l.protocol == PROTO_UDP) {
             return None;
         }
         if l.v6 {
@@ -224,22 +236,32 @@ impl Segment {
             }
         }
         let t = l.ip_len;
-        let flags = packet[t + 13];
-        if flags & !TCP_PSH != TCP_ACK {
-            return None;
-        }
         let payload_len = packet.len() - l.hdr_len;
         if payload_len == 0 || payload_len > usize::from(u16::MAX) {
             return None;
         }
+        let (seq, psh) = if l.protocol == PROTO_UDP {
+            let len = usize::from(u16::from_be_bytes([packet[t + 4], packet[t + 5]]));
+            if len != packet.len() - t {
+                return None;
+            }
+            (0, false)
+        } else {
+            let flags = packet[t + 13];
+            if flags & !TCP_PSH != TCP_ACK {
+                return None;
+            }
+            let seq = u32::from_be_bytes(packet[t + 4..t + 8].try_into().expect("4 bytes"));
+            (seq, flags & TCP_PSH != 0)
+        };
         if !transport_checksum_ok(&l, packet) {
             return None;
         }
         Some(Segment {
             l,
-            seq: u32::from_be_bytes(packet[t + 4..t + 8].try_into().expect("4 bytes")),
+            seq,
             payload_len: payload_len as u32,
-            psh: flags & TCP_PSH != 0,
+            psh,
         })
     }
 
@@ -252,6 +274,7 @@ impl Segment {
             gso_size: self.payload_len as u16,
             ip_len: self.l.ip_len as u8,
             v6: self.l.v6,
+            udp: self.l.protocol == PROTO_UDP,
             open: !self.psh,
             psh: self.psh,
             total: len as u32,
@@ -259,9 +282,12 @@ impl Segment {
         }
     }
 
-    /// Same addresses and ports as the group's first segment.
+    /// Same protocol, addresses and ports as the group's first segment.
     fn same_flow(&self, packet: &[u8], head: &[u8], group: &Group) -> bool {
-        if self.l.v6 != group.v6 || self.l.ip_len != usize::from(group.ip_len) {
+        if self.l.v6 != group.v6
+            || self.l.ip_len != usize::from(group.ip_len)
+            || (self.l.protocol == PROTO_UDP) != group.udp
+        {
             return false;
         }
         let t = self.l.ip_len;
@@ -275,13 +301,23 @@ impl Segment {
         let ip_same = if self.l.v6 {
             packet[..4] == head[..4] && packet[7] == head[7]
         } else {
-            packet[1] == head[1] && packet[8] == head[8] && (packet[6] & 0x40) == (head[6] & 0x40)
+            // TOS with its ECN bits, TTL, DF; and the IPv4 ID the kernel would give this segment
+            // when it cuts the joined packet again (it counts up from the first's).
+            let id = |p: &[u8]| u16::from_be_bytes([p[4], p[5]]);
+            packet[1] == head[1]
+                && packet[8] == head[8]
+                && (packet[6] & 0x40) == (head[6] & 0x40)
+                && id(packet) == id(head).wrapping_add(group.count)
         };
-        ip_same
-            && self.l.hdr_len == usize::from(group.hdr_len)
-            && self.seq == group.next_seq
+        let fits = self.l.hdr_len == usize::from(group.hdr_len)
             && self.payload_len <= u32::from(group.gso_size)
-            && group.total + self.payload_len <= u32::from(u16::MAX)
+            && group.total + self.payload_len <= u32::from(u16::MAX);
+        if group.udp {
+            return ip_same && fits;
+        }
+        ip_same
+            && fits
+            && self.seq == group.next_seq
             // acknowledgment, data offset and window, and every option byte
             && packet[t + 8..t + 13] == head[t + 8..t + 13]
             && packet[t + 14..t + 16] == head[t + 14..t + 16]

@@ -643,7 +643,9 @@ fn datapath_allocations(lab: &Lab, ifname: &str) -> (u64, u64) {
     let d = &s["datapath"];
     (
         d["send_allocations"].as_u64().expect("send_allocations"),
-        d["receive_allocations"].as_u64().expect("receive_allocations"),
+        d["receive_allocations"]
+            .as_u64()
+            .expect("receive_allocations"),
     )
 }
 
@@ -657,7 +659,10 @@ fn offloads_are_used_as_asked_and_reported() {
     assert!(lab.ping(&p.a, "100.64.0.2", 1));
     let s = lab.status(&p.ia);
     let d = &s["datapath"];
-    let (tun, gso) = (d["tun_offloads"].as_str().unwrap(), d["udp_gso"].as_bool().unwrap());
+    let (tun, gso) = (
+        d["tun_offloads"].as_str().unwrap(),
+        d["udp_gso"].as_bool().unwrap(),
+    );
     if super::OFFLOADS == "on" {
         // This kernel (6.x) has all of them; an older one would say which it refused.
         assert_eq!(tun, "vnet header on, TSO on, USO on");
@@ -667,7 +672,10 @@ fn offloads_are_used_as_asked_and_reported() {
         assert!(!gso, "UDP GSO");
     }
     let log = std::fs::read_to_string(lab.dir.join(format!("{}.log", p.ia))).unwrap();
-    assert!(log.contains(tun), "the log says which offloads are in use: {log}");
+    assert!(
+        log.contains(tun),
+        "the log says which offloads are in use: {log}"
+    );
 }
 
 #[test]
@@ -683,8 +691,15 @@ fn the_data_path_allocates_nothing_per_packet() {
     let (send_a, _) = datapath_allocations(&lab, &p.ia);
     let (_, receive_b) = datapath_allocations(&lab, &p.ib);
     // The counters count: each thread's buffers, made once at its start, are in them.
-    assert!(send_a >= 4 && receive_b >= 4, "buffers counted: {send_a}, {receive_b}");
-    let rx_b = |lab: &Lab| lab.status(&p.ib)["peers"][0]["rx_packets"].as_u64().unwrap();
+    assert!(
+        send_a >= 4 && receive_b >= 4,
+        "buffers counted: {send_a}, {receive_b}"
+    );
+    let rx_b = |lab: &Lab| {
+        lab.status(&p.ib)["peers"][0]["rx_packets"]
+            .as_u64()
+            .unwrap()
+    };
     let before = rx_b(&lab);
     // 160 MiB: at least 100,000 segments of at most 1,380 bytes through encrypt and decrypt.
     tcp_transfer(&p.a, &p.b, addr("100.64.0.2:5011"), 160 * MB);
@@ -704,4 +719,77 @@ fn the_data_path_allocates_nothing_per_packet() {
         send_a2 - send_a,
         receive_b2 - receive_b
     );
+}
+
+#[test]
+fn udp_bursts_arrive_as_the_datagrams_that_were_sent_in_order() {
+    if !can_run() {
+        return;
+    }
+    const COUNT: u32 = 3000;
+    const SIZE: usize = 1200;
+    let body = |seq: u32, i: usize| pattern(u64::from(seq) * SIZE as u64 + i as u64);
+    let mut lab = lab();
+    let p = Pair::new(&mut lab, Impl::Meshd);
+    assert!(lab.ping(&p.a, "100.64.0.2", 1));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = in_netns(&p.b, move || {
+        let s = std::net::UdpSocket::bind("100.64.0.2:5020").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while got.len() < COUNT as usize {
+            match s.recv(&mut buf) {
+                Ok(n) => got.push(buf[..n].to_vec()),
+                Err(_) => break,
+            }
+        }
+        got
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    in_netns(&p.a, move || {
+        let s = std::net::UdpSocket::bind("100.64.0.1:0").expect("bind");
+        let mut d = vec![0u8; SIZE];
+        for seq in 0..COUNT {
+            d[..4].copy_from_slice(&seq.to_be_bytes());
+            for (i, b) in d.iter_mut().enumerate().skip(4) {
+                *b = body(seq, i);
+            }
+            s.send_to(&d, "100.64.0.2:5020").expect("send");
+            // Bursts of 100 back to back (what the batches join), then a breath.
+            if seq % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let got = sink.join().unwrap();
+    assert!(
+        got.len() >= COUNT as usize * 95 / 100,
+        "only {} of {COUNT} arrived",
+        got.len()
+    );
+    let mut last = None;
+    for d in &got {
+        assert_eq!(
+            d.len(),
+            SIZE,
+            "a datagram arrives whole, never joined or cut"
+        );
+        let seq = u32::from_be_bytes(d[..4].try_into().unwrap());
+        assert!(
+            d[4..]
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == body(seq, i + 4)),
+            "datagram {seq} intact"
+        );
+        assert!(
+            last.is_none_or(|l| seq > l),
+            "datagram {seq} after {last:?}: in order"
+        );
+        last = Some(seq);
+    }
 }
