@@ -1,7 +1,7 @@
 //! The receive path, thread `udp-rx`: datagrams from the underlay to plaintext on the TUN device.
 //!
-//! 1. One `recvmmsg` brings up to [`RECV_BUFFERS`] buffers, each with up to 64 datagrams of one
-//!    sender when UDP GRO joined them (quinn-udp).
+//! 1. One `recvmmsg` brings up to `udp::RECV_BUFFERS` messages, each with up to 64 datagrams of
+//!    one sender when UDP GRO joined them.
 //! 2. A WireGuard data message goes the fast way: its peer is found by receiver index in the
 //!    snapshot read once per batch, and the peer's lock is taken once per run of messages from
 //!    that peer. It is decrypted straight into the batch's arena; its inner source must be one of
@@ -15,7 +15,7 @@
 //!    again if it must.
 
 use super::datapath::{drop_reason, on_datagram, MAX_DATAGRAM_BYTES};
-use super::udp::{self, Underlay};
+use super::udp::{RecvBatch, Underlay};
 use super::{Device, Snapshot};
 use crate::drops::Drop;
 use crate::peer::{Peer, PeerState};
@@ -23,14 +23,10 @@ use boringtun::noise::TunnResult;
 use parking_lot::MutexGuard;
 use proto::offload::{Arena, Coalescer, VnetHdr, MAX_GROUP_SEGMENTS};
 use proto::relay::Endpoint;
-use quinn_udp::RecvMeta;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Buffers per `recvmmsg`, and the size of each: a GRO batch is at most 64 KiB.
-const RECV_BUFFERS: usize = 16;
-const RECV_BUFFER_BYTES: usize = 1 << 16;
 /// Decrypted packets held before they are written, and their bytes.
 const BATCH_PACKETS: usize = 512;
 const BATCH_BYTES: usize = 512 << 10;
@@ -40,19 +36,14 @@ const DATA_MIN_BYTES: usize = 32;
 pub(super) fn udp_loop(dev: &Device, socket: &Arc<Underlay>) {
     // Counted from here: the buffers made once, then (never) per packet.
     crate::allocs::mark(crate::allocs::Path::Receive);
-    let mut bufs = vec![0u8; RECV_BUFFERS * RECV_BUFFER_BYTES];
-    let mut iovs: Vec<IoSliceMut<'_>> = bufs
-        .chunks_mut(RECV_BUFFER_BYTES)
-        .map(IoSliceMut::new)
-        .collect();
-    let mut meta = [RecvMeta::default(); RECV_BUFFERS];
+    let mut batch = RecvBatch::default();
     let mut rx = Receiver {
         plain: Arena::new(BATCH_BYTES, BATCH_PACKETS),
         coalescer: Coalescer::new(BATCH_PACKETS, dev.tun.offloads.uso),
         out: vec![0u8; MAX_DATAGRAM_BYTES],
     };
     loop {
-        let n = match socket.recv(&mut iovs, &mut meta) {
+        let n = match socket.recv(&mut batch) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -69,13 +60,14 @@ pub(super) fn udp_loop(dev: &Device, socket: &Arc<Underlay>) {
         }
         let snap = dev.snapshot();
         let mut held = Held::default();
-        for (m, buf) in meta.iter().zip(iovs.iter()).take(n) {
-            if m.len == 0 {
+        for i in 0..n {
+            let (m, buf) = batch.message(i);
+            if m.truncated {
+                dev.drops.count(Drop::Oversized);
                 continue;
             }
-            let from = udp::canonical(m.addr);
-            let stride = if m.stride == 0 { m.len } else { m.stride };
-            for datagram in buf[..m.len.min(buf.len())].chunks(stride) {
+            let from = m.from;
+            for datagram in buf.chunks(m.stride) {
                 if is_data(datagram) {
                     rx.on_data(dev, socket, &snap, &mut held, datagram, from);
                 } else {

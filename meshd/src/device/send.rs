@@ -15,6 +15,7 @@
 //! Locking: the snapshot is lock-free; a peer's lock is held only while its run is encrypted,
 //! never while sending. Policy takes its connection-table shard per segment.
 
+use super::udp::Run;
 use super::{Device, Snapshot};
 use crate::drops::Drop;
 use crate::peer::Peer;
@@ -43,6 +44,8 @@ pub(super) struct Sender {
     sealed: Vec<u8>,
     /// Lengths of the datagrams in `sealed`, back to back.
     lens: Vec<usize>,
+    /// How they leave: one message per run.
+    runs: Vec<Run>,
 }
 
 impl Sender {
@@ -53,6 +56,7 @@ impl Sender {
             run: Vec::with_capacity(BATCH_PACKETS),
             sealed: vec![0; BATCH_BYTES + BATCH_PACKETS * SEAL_OVERHEAD],
             lens: Vec::with_capacity(BATCH_PACKETS),
+            runs: Vec::with_capacity(BATCH_PACKETS),
         }
     }
 
@@ -190,17 +194,27 @@ impl Sender {
             endpoint
         };
         self.run.clear();
-        send_sealed(dev, peer, &mut self.sealed, &self.lens, endpoint, me);
+        send_sealed(
+            dev,
+            peer,
+            &mut self.sealed,
+            &self.lens,
+            &mut self.runs,
+            endpoint,
+            me,
+        );
     }
 }
 
 /// Sends the datagrams laid out back to back in `sealed` (lengths `lens`, each with room for a
-/// relay header in front when `endpoint` is relayed): runs of equal size in one `sendmsg` each.
+/// relay header in front when `endpoint` is relayed), all in as few `sendmmsg` calls as the
+/// batch allows: datagrams of equal size (and one shorter after them) as one GSO message.
 fn send_sealed(
     dev: &Device,
     peer: &Peer,
     sealed: &mut [u8],
     lens: &[usize],
+    runs: &mut Vec<Run>,
     endpoint: Option<Endpoint>,
     me: Option<Tag>,
 ) {
@@ -240,32 +254,73 @@ fn send_sealed(
             relay
         }
     };
-    let (mut sent, mut bytes, mut failed) = (0u64, 0usize, 0u64);
-    let mut at = 0;
-    let mut k = 0;
-    while k < lens.len() {
-        // Equal sizes, then at most one shorter: what one GSO send may carry.
-        let size = lens[k];
-        let mut end = k + 1;
-        while end < lens.len() && lens[end] == size {
-            end += 1;
-        }
-        if end < lens.len() && lens[end] < size {
-            end += 1;
-        }
-        let total: usize = lens[k..end].iter().sum();
-        let (n, result) = sock.send_segments(&sealed[at..at + total], size, to);
-        sent += n as u64;
-        bytes += lens[k..k + n].iter().sum::<usize>();
-        if let Err(e) = result {
-            tracing::trace!(peer = %peer.public_key, error = %e, "send failed");
-            failed += (end - k - n) as u64;
-        }
-        at += total;
-        k = end;
+    cut_runs(lens, |size| sock.max_segments(size), runs);
+    let total: usize = lens.iter().sum();
+    let (sent, result) = sock.send_runs(&sealed[..total], runs, to);
+    if let Err(e) = result {
+        tracing::trace!(peer = %peer.public_key, error = %e, "send failed");
     }
-    peer.add_tx_batch(bytes, sent);
+    // Bytes as the datagrams' own lengths; a refused message counts as a drop of each of its
+    // datagrams.
+    let bytes = if sent == lens.len() {
+        total
+    } else {
+        lens[..sent.min(lens.len())].iter().sum()
+    };
+    peer.add_tx_batch(bytes, sent as u64);
+    let failed = (lens.len() - sent.min(lens.len())) as u64;
     if failed > 0 {
         peer.drops.count_n(Drop::UdpSend, failed);
+    }
+}
+
+/// Cuts datagrams of lengths `lens` into messages: as many of one size as `max(size)` allows,
+/// then at most one shorter (what one GSO message may carry; with `max` 1, one datagram each).
+fn cut_runs(lens: &[usize], max: impl Fn(usize) -> usize, runs: &mut Vec<Run>) {
+    runs.clear();
+    let mut k = 0;
+    while k < lens.len() {
+        let size = lens[k];
+        let max = max(size);
+        let mut end = k + 1;
+        while end < lens.len() && end - k < max && lens[end] == size {
+            end += 1;
+        }
+        if end < lens.len() && end - k < max && lens[end] < size {
+            end += 1;
+        }
+        runs.push(Run {
+            bytes: lens[k..end].iter().sum(),
+            size,
+        });
+        k = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagrams_are_cut_into_messages_gso_can_carry() {
+        let mut runs = Vec::new();
+        let run = |bytes, size| Run { bytes, size };
+        cut_runs(&[100, 100, 100, 40, 100, 7, 7, 200], |_| 64, &mut runs);
+        assert_eq!(
+            runs,
+            [run(340, 100), run(107, 100), run(7, 7), run(200, 200)]
+        );
+        cut_runs(&[100; 5], |_| 2, &mut runs);
+        assert_eq!(runs, [run(200, 100), run(200, 100), run(100, 100)]);
+        cut_runs(&[100, 40, 30], |_| 1, &mut runs);
+        assert_eq!(runs, [run(100, 100), run(40, 40), run(30, 30)]);
+        // The limit is per size: 3 of the small ones, 1 of the large.
+        cut_runs(&[10, 10, 10, 10, 500, 500], |s| 30 / s.min(30), &mut runs);
+        assert_eq!(
+            runs,
+            [run(30, 10), run(10, 10), run(500, 500), run(500, 500)]
+        );
+        cut_runs(&[], |_| 64, &mut runs);
+        assert!(runs.is_empty());
     }
 }

@@ -1,30 +1,82 @@
 //! The underlay socket: one dual-stack UDP socket carries IPv4 and IPv6 peers.
 //!
-//! Batched I/O goes through quinn-udp (see the README for why): `recvmmsg` with UDP GRO (one
-//! receive brings up to 64 datagrams of one sender back to back), and UDP GSO (`UDP_SEGMENT`:
-//! the equal-sized datagrams of one batch to one peer leave in one `sendmsg`). quinn-udp finds
-//! out at start whether the kernel has them, and turns GSO off, logging why, when a send fails
-//! with the error that means the device cannot do it. The socket is non-blocking; a thread that
-//! must wait polls.
+//! Batched both ways. `recvmmsg` with `MSG_WAITFORONE` waits for the first datagram and takes
+//! whatever else is queued, up to [`RECV_BUFFERS`] messages; with UDP GRO each may hold up to 64
+//! datagrams of one sender back to back (a control message says their size). `sendmmsg` sends
+//! a batch in one call, and with UDP GSO (`UDP_SEGMENT`) the equal-sized datagrams to one peer
+//! go as one message. Whether the kernel has GSO and GRO is found out at start; GSO is turned
+//! off, said once in the log, when a segmented send fails with the error that means the device
+//! cannot do it. The socket stays blocking: the data-path threads wait in the kernel, not in
+//! `poll` (see the README for why this is not quinn-udp).
 
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use std::io::{self, IoSliceMut};
+use std::io;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// Most bytes in one GSO send: the UDP length field bounds the whole, not each datagram.
 const MAX_GSO_BYTES: usize = 65000;
+/// Most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS).
+const MAX_GSO_SEGMENTS: usize = 64;
 
 /// Socket buffer size asked of the kernel; bursts at line rate overflow the default.
 const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// Messages in one `recvmmsg`, and the size of each buffer: a GRO batch is at most 64 KiB.
+pub const RECV_BUFFERS: usize = 16;
+const RECV_BUFFER_BYTES: usize = 1 << 16;
+/// Room for the control messages of one received message (UDP_GRO's int).
+const RECV_CMSG_BYTES: usize = 64;
 
 /// The bound socket and whether it is an IPv6 (dual-stack) one.
 pub struct Underlay {
     pub socket: UdpSocket,
     pub is_v6: bool,
-    state: UdpSocketState,
-    /// Whether several datagrams may leave in one `sendmsg` (offloads on and the kernel able).
+    /// Whether several datagrams may leave in one message (offloads on and the kernel able).
     gso: bool,
+    /// Cleared when the kernel refuses a segmented send at run time.
+    gso_ok: AtomicBool,
+}
+
+/// Messages in one `sendmmsg`.
+const MAX_MESSAGES: usize = 64;
+
+/// One message of a batch: `bytes` of datagrams of `size` bytes each (the last may be shorter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub bytes: usize,
+    pub size: usize,
+}
+
+impl Run {
+    pub fn datagrams(&self) -> usize {
+        self.bytes.div_ceil(self.size.max(1))
+    }
+}
+
+/// A control message carrying UDP_SEGMENT (the GSO segment size), aligned for cmsghdr.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(8))]
+struct SegmentCmsg {
+    bytes: [u8; SEGMENT_CMSG_SPACE],
+}
+
+/// CMSG_SPACE(sizeof(u16)) on Linux: a 16-byte header and the value, padded to 8.
+const SEGMENT_CMSG_SPACE: usize = 24;
+
+impl SegmentCmsg {
+    fn set(&mut self, size: u16) {
+        // SAFETY: the buffer is CMSG_SPACE(2) bytes and aligned for cmsghdr; the header and the
+        // u16 after it fit (checked by the test below against libc's CMSG_SPACE).
+        unsafe {
+            let h = self.bytes.as_mut_ptr().cast::<libc::cmsghdr>();
+            (*h).cmsg_level = libc::SOL_UDP;
+            (*h).cmsg_type = libc::UDP_SEGMENT;
+            (*h).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(h).cast::<u16>(), size);
+        }
+    }
 }
 
 impl Underlay {
@@ -41,60 +93,103 @@ impl Underlay {
         }
     }
 
-    /// Sends the datagrams laid out back to back in `datagrams`, each `size` bytes but the last
-    /// (which may be shorter), to `to`: in one `sendmsg` per up to 64 datagrams with GSO, else
-    /// one by one. Returns how many were sent; the first error ends the batch.
-    pub fn send_segments(
-        &self,
-        datagrams: &[u8],
-        size: usize,
-        to: SocketAddr,
-    ) -> (usize, io::Result<()>) {
-        let max = if self.gso {
-            self.state
-                .max_gso_segments()
-                .min(MAX_GSO_BYTES / size.max(1))
+    /// How many datagrams one message may carry: up to 64 with UDP GSO (and at most
+    /// [`MAX_GSO_BYTES`] in all), else 1.
+    pub fn max_segments(&self, size: usize) -> usize {
+        if self.gso() {
+            MAX_GSO_SEGMENTS.min(MAX_GSO_BYTES / size.max(1)).max(1)
         } else {
             1
-        };
-        if max <= 1 || datagrams.len() <= size {
-            return self.send_each(datagrams, size, to);
         }
-        let to = for_socket(to, self.is_v6);
+    }
+
+    /// Sends the datagrams laid out back to back in `datagrams` to `to`, cut into `runs`: each
+    /// run is one message, several datagrams of `size` bytes (the last may be shorter) when it
+    /// is longer than `size` (UDP GSO; see [`Underlay::max_segments`]). Up to [`MAX_MESSAGES`]
+    /// messages leave in one `sendmmsg`. Returns how many datagrams were sent, and the first
+    /// error; a message the kernel refuses is skipped, the rest still go. A segmented message
+    /// refused with EIO or EINVAL (a device without GSO) turns GSO off, says so once, and is
+    /// sent again one datagram at a time.
+    pub fn send_runs(
+        &self,
+        datagrams: &[u8],
+        runs: &[Run],
+        to: SocketAddr,
+    ) -> (usize, io::Result<()>) {
+        let addr = socket2::SockAddr::from(for_socket(to, self.is_v6));
         let mut sent = 0;
-        for chunk in datagrams.chunks(size * max) {
-            let t = Transmit {
-                destination: to,
-                ecn: None,
-                contents: chunk,
-                segment_size: Some(size),
-                src_ip: None,
-            };
-            loop {
-                match self.state.try_send(UdpSockRef::from(&self.socket), &t) {
-                    Ok(()) => {
-                        sent += chunk.len().div_ceil(size);
-                        break;
+        let mut first_error = Ok(());
+        let mut at = 0;
+        let mut i = 0;
+        while i < runs.len() {
+            let n = (runs.len() - i).min(MAX_MESSAGES);
+            let batch = &runs[i..i + n];
+            // SAFETY: all-zero mmsghdr and iovec are valid "empty" values; each is filled in below.
+            let mut hdrs: [libc::mmsghdr; MAX_MESSAGES] = unsafe { std::mem::zeroed() };
+            let mut iovs: [libc::iovec; MAX_MESSAGES] = unsafe { std::mem::zeroed() };
+            let mut ctrl = [SegmentCmsg::default(); MAX_MESSAGES];
+            let mut off = at;
+            for (k, run) in batch.iter().enumerate() {
+                iovs[k] = libc::iovec {
+                    iov_base: datagrams[off..].as_ptr() as *mut libc::c_void,
+                    iov_len: run.bytes,
+                };
+                let h = &mut hdrs[k].msg_hdr;
+                h.msg_name = addr.as_ptr() as *mut libc::c_void;
+                h.msg_namelen = addr.len();
+                h.msg_iov = &mut iovs[k];
+                h.msg_iovlen = 1;
+                if run.bytes > run.size {
+                    ctrl[k].set(run.size as u16);
+                    h.msg_control = ctrl[k].bytes.as_mut_ptr().cast();
+                    h.msg_controllen = ctrl[k].bytes.len() as _;
+                }
+                off += run.bytes;
+            }
+            // SAFETY: `n` headers, each pointing at one iovec into `datagrams`, the address and
+            // its own control buffer, all alive across the call; the kernel only reads them.
+            let r =
+                unsafe { libc::sendmmsg(self.socket.as_raw_fd(), hdrs.as_mut_ptr(), n as _, 0) };
+            if r > 0 {
+                let r = r as usize;
+                for run in &batch[..r] {
+                    sent += run.datagrams();
+                    at += run.bytes;
+                }
+                i += r;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    if let Err(e) = self.wait(libc::POLLOUT) {
+                        return (sent, Err(e));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = self.wait(libc::POLLOUT) {
-                            return (sent, Err(e));
-                        }
+                    continue;
+                }
+                Some(libc::EIO | libc::EINVAL) if batch[0].bytes > batch[0].size => {
+                    if self.gso_ok.swap(false, Relaxed) {
+                        tracing::info!(error = %e, "UDP segmentation (GSO) off: the kernel refused a segmented send");
                     }
-                    // GSO refused (quinn-udp has turned it off and said so): this chunk one by
-                    // one, and the next ones too.
-                    Err(_) => {
-                        let (n, r) = self.send_each(chunk, size, to);
-                        sent += n;
-                        if r.is_err() {
-                            return (sent, r);
-                        }
-                        break;
+                    let run = batch[0];
+                    let (k, r) = self.send_each(&datagrams[at..at + run.bytes], run.size, to);
+                    sent += k;
+                    if first_error.is_ok() {
+                        first_error = r;
+                    }
+                }
+                _ => {
+                    if first_error.is_ok() {
+                        first_error = Err(e);
                     }
                 }
             }
+            // This message is done with (sent one by one, or refused): on to the next.
+            at += batch[0].bytes;
+            i += 1;
         }
-        (sent, Ok(()))
+        (sent, first_error)
     }
 
     fn send_each(&self, datagrams: &[u8], size: usize, to: SocketAddr) -> (usize, io::Result<()>) {
@@ -108,22 +203,38 @@ impl Underlay {
         (sent, Ok(()))
     }
 
-    /// Receives into `bufs` (each at least 64 KiB, for GRO), waiting for the first datagram:
-    /// `meta[i]` says who sent buffer `i`'s datagrams and their size (`stride`). Returns how many
-    /// buffers were filled; after [`shutdown`], buffers of 0 bytes.
-    pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    /// Receives into `batch`, waiting for the first datagram and taking what else is queued.
+    /// Returns how many messages arrived (see [`RecvBatch::message`]); after [`shutdown`],
+    /// messages of 0 bytes.
+    pub fn recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.prepare();
         loop {
-            match self.state.recv(UdpSockRef::from(&self.socket), bufs, meta) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
-                r => return r,
+            // SAFETY: `prepare` pointed every header at its own buffer, address and control
+            // space inside `batch`, which outlives the call.
+            let r = unsafe {
+                libc::recvmmsg(
+                    self.socket.as_raw_fd(),
+                    batch.hdrs.as_mut_ptr(),
+                    RECV_BUFFERS as _,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                batch.decode(r as usize);
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
             }
         }
     }
 
-    /// Whether several datagrams leave in one `sendmsg` (offloads on, and the kernel has not
+    /// Whether several datagrams leave in one message (offloads on, and the kernel has not
     /// refused UDP_SEGMENT so far).
     pub fn gso(&self) -> bool {
-        self.gso && self.state.max_gso_segments() > 1
+        self.gso && self.gso_ok.load(Relaxed)
     }
 
     fn wait(&self, events: libc::c_short) -> io::Result<()> {
@@ -153,7 +264,6 @@ pub fn bind(port: u16, fwmark: u32, offloads: bool) -> io::Result<Underlay> {
     if fwmark != 0 {
         set_mark(&socket, fwmark)?;
     }
-    let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
     // Past net.core.[rw]mem_max where CAP_NET_ADMIN allows, as wireguard-go does.
     let fd = socket.as_raw_fd();
     setsockopt(
@@ -168,40 +278,148 @@ pub fn bind(port: u16, fwmark: u32, offloads: bool) -> io::Result<Underlay> {
         libc::SO_SNDBUFFORCE,
         SOCKET_BUFFER_BYTES as libc::c_int,
     );
-    // quinn-udp forbids fragmentation (QUIC probes path MTUs itself); meshd keeps the kernel's
-    // default, so a datagram a little over a path's MTU is fragmented rather than lost.
-    setsockopt(
-        fd,
-        libc::IPPROTO_IP,
-        libc::IP_MTU_DISCOVER,
-        libc::IP_PMTUDISC_WANT,
-    );
-    if is_v6 {
-        setsockopt(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MTU_DISCOVER,
-            libc::IPV6_PMTUDISC_WANT,
-        );
-        setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
-    }
-    let gso = offloads && state.max_gso_segments() > 1;
-    if !offloads {
-        setsockopt(fd, libc::SOL_UDP, libc::UDP_GRO, 0);
-    } else if !gso {
-        tracing::info!("UDP segmentation (GSO) off: the kernel does not offer UDP_SEGMENT");
+    let mut gso = false;
+    if offloads {
+        gso = kernel_has_gso();
+        if !gso {
+            tracing::info!("UDP segmentation (GSO) off: the kernel does not offer UDP_SEGMENT");
+        }
+        if !setsockopt(fd, libc::SOL_UDP, libc::UDP_GRO, 1) {
+            tracing::info!(error = %io::Error::last_os_error(), "UDP receive offload (GRO) off: refused by the kernel");
+        }
     }
     Ok(Underlay {
         socket,
         is_v6,
-        state,
         gso,
+        gso_ok: AtomicBool::new(true),
     })
 }
 
-fn setsockopt(fd: std::os::fd::RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
-    // SAFETY: setsockopt(2) with a pointer to one int and its size; a failure leaves the option
-    // as it was, which is safe for every option set here.
+/// Whether the kernel takes UDP_SEGMENT (Linux 4.18 and later), asked of a socket that is never
+/// bound or used.
+fn kernel_has_gso() -> bool {
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .is_ok_and(|probe| setsockopt(probe.as_raw_fd(), libc::SOL_UDP, libc::UDP_SEGMENT, 1200))
+}
+
+/// The buffers of one `recvmmsg`, allocated once and reused.
+pub struct RecvBatch {
+    bufs: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    ctrl: Vec<RecvCmsg>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    meta: Vec<Message>,
+}
+
+/// What one received message holds: datagrams from `from`, `len` bytes in all, each `stride`
+/// bytes but the last (GRO); `truncated` when one did not fit (it is then dropped).
+#[derive(Debug, Clone, Copy)]
+pub struct Message {
+    pub from: SocketAddr,
+    pub len: usize,
+    pub stride: usize,
+    pub truncated: bool,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct RecvCmsg([u8; RECV_CMSG_BYTES]);
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        // SAFETY: all-zero sockaddr_storage, iovec and mmsghdr are valid values; `prepare`
+        // fills in the pointers before each call.
+        let zeroed = || unsafe { MaybeUninit::<libc::sockaddr_storage>::zeroed().assume_init() };
+        RecvBatch {
+            bufs: vec![0; RECV_BUFFERS * RECV_BUFFER_BYTES],
+            names: (0..RECV_BUFFERS).map(|_| zeroed()).collect(),
+            ctrl: vec![RecvCmsg([0; RECV_CMSG_BYTES]); RECV_BUFFERS],
+            iovs: (0..RECV_BUFFERS)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            hdrs: (0..RECV_BUFFERS)
+                .map(|_| unsafe { MaybeUninit::<libc::mmsghdr>::zeroed().assume_init() })
+                .collect(),
+            meta: Vec::with_capacity(RECV_BUFFERS),
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Message `i` of the last receive, and its bytes.
+    pub fn message(&self, i: usize) -> (Message, &[u8]) {
+        let m = self.meta[i];
+        let start = i * RECV_BUFFER_BYTES;
+        (m, &self.bufs[start..start + m.len.min(RECV_BUFFER_BYTES)])
+    }
+
+    fn prepare(&mut self) {
+        for i in 0..RECV_BUFFERS {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i * RECV_BUFFER_BYTES..].as_mut_ptr().cast(),
+                iov_len: RECV_BUFFER_BYTES,
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.ctrl[i].0.as_mut_ptr().cast();
+            h.msg_controllen = RECV_CMSG_BYTES as _;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+    }
+
+    fn decode(&mut self, n: usize) {
+        self.meta.clear();
+        for i in 0..n {
+            let h = &self.hdrs[i].msg_hdr;
+            let len = self.hdrs[i].msg_len as usize;
+            // SAFETY: the kernel wrote a sockaddr of `msg_namelen` bytes into `names[i]`.
+            let addr = unsafe { socket2::SockAddr::new(self.names[i], h.msg_namelen) };
+            let from = addr
+                .as_socket()
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let mut stride = len;
+            // SAFETY: walking the control messages the kernel wrote, within msg_controllen.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(h);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                        let size =
+                            std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                        if size > 0 {
+                            stride = size as usize;
+                        }
+                    }
+                    c = libc::CMSG_NXTHDR(h, c);
+                }
+            }
+            self.meta.push(Message {
+                from: canonical(from),
+                len,
+                stride: stride.max(1),
+                truncated: h.msg_flags & libc::MSG_TRUNC != 0,
+            });
+        }
+    }
+}
+
+/// Sets an int socket option; whether the kernel took it (a failure leaves the option as it was,
+/// which is safe for every option set here).
+fn setsockopt(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> bool {
+    // SAFETY: setsockopt(2) with a pointer to one int and its size.
     unsafe {
         libc::setsockopt(
             fd,
@@ -209,7 +427,7 @@ fn setsockopt(fd: std::os::fd::RawFd, level: libc::c_int, name: libc::c_int, val
             name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        ) == 0
     }
 }
 
@@ -252,6 +470,97 @@ pub fn for_socket(addr: SocketAddr, socket_is_v6: bool) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_segment_control_message_is_what_libc_lays_out() {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        assert_eq!(SEGMENT_CMSG_SPACE, unsafe { libc::CMSG_SPACE(2) } as usize);
+    }
+
+    #[test]
+    fn a_batch_leaves_in_one_call_and_arrives_datagram_by_datagram() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let tx = bind(0, 0, true).unwrap();
+        let sizes = [100usize, 100, 100, 40, 7, 100, 60];
+        let mut buf = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            buf.extend(std::iter::repeat_n(i as u8, *n));
+        }
+        let max = tx.max_segments(100);
+        // 100 100 100 40 (one message, segmented where GSO is on) | 7 | 100 60
+        let runs: Vec<Run> = if max > 1 {
+            vec![
+                Run {
+                    bytes: 340,
+                    size: 100,
+                },
+                Run { bytes: 7, size: 7 },
+                Run {
+                    bytes: 160,
+                    size: 100,
+                },
+            ]
+        } else {
+            sizes.iter().map(|&n| Run { bytes: n, size: n }).collect()
+        };
+        let (sent, r) = tx.send_runs(&buf, &runs, rx.local_addr().unwrap());
+        r.unwrap();
+        assert_eq!(sent, sizes.len());
+        let mut got = [0u8; 2048];
+        for (i, n) in sizes.iter().enumerate() {
+            let k = rx.recv(&mut got).unwrap();
+            assert_eq!(&got[..k], &vec![i as u8; *n][..], "datagram {i}");
+        }
+    }
+
+    #[test]
+    fn a_segmented_batch_is_received_as_its_datagrams_offloads_on_and_off() {
+        for offloads in [true, false] {
+            let rx = bind(0, 0, offloads).unwrap();
+            let to: SocketAddr = ([127, 0, 0, 1], rx.socket.local_addr().unwrap().port()).into();
+            let tx = bind(0, 0, offloads).unwrap();
+            let mut buf = Vec::new();
+            let sizes = [300usize, 300, 300, 300, 120];
+            for (i, n) in sizes.iter().enumerate() {
+                buf.extend(std::iter::repeat_n(i as u8 + 1, *n));
+            }
+            let runs = if tx.max_segments(300) > 1 {
+                vec![Run {
+                    bytes: 1320,
+                    size: 300,
+                }]
+            } else {
+                sizes.iter().map(|&n| Run { bytes: n, size: n }).collect()
+            };
+            let (sent, r) = tx.send_runs(&buf, &runs, to);
+            r.unwrap();
+            assert_eq!(sent, 5);
+            let mut batch = RecvBatch::default();
+            let mut got = Vec::new();
+            while got.len() < 5 {
+                let n = rx.recv(&mut batch).unwrap();
+                for i in 0..n {
+                    let (m, bytes) = batch.message(i);
+                    assert!(!m.truncated);
+                    assert_eq!(m.from.port(), tx.socket.local_addr().unwrap().port());
+                    assert!(
+                        m.from.is_ipv4(),
+                        "an IPv4 sender is reported as IPv4: {}",
+                        m.from
+                    );
+                    got.extend(bytes.chunks(m.stride).map(<[u8]>::to_vec));
+                }
+            }
+            let want: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| vec![i as u8 + 1; n])
+                .collect();
+            assert_eq!(got, want, "offloads {offloads}");
+        }
+    }
 
     #[test]
     fn mapped_addresses_round_trip() {

@@ -736,6 +736,18 @@ fn udp_bursts_arrive_as_the_datagrams_that_were_sent_in_order() {
     let sink = in_netns(&p.b, move || {
         let s = std::net::UdpSocket::bind("100.64.0.2:5020").expect("bind");
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        // Room for whole bursts: the default buffer holds fewer than 100 such datagrams.
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt with a pointer to one int and its size, on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         ready_tx.send(()).unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 2048];
