@@ -155,6 +155,7 @@ impl Receiver {
             return;
         };
         if !self.plain.has_room(datagram.len()) {
+            held.release(dev); // no peer waits on this thread's TUN writes
             self.flush(dev);
         }
         let st = held.take(dev, peer);
