@@ -168,7 +168,7 @@ class Topology:
         if self.mode == "wireguard-go":
             return ["wireguard-go", "-f", ifname]
         if self.mode == "gotatun":
-            return [find_cargo_bin("gotatun-cli"), "-f", "--disable-drop-privileges", ifname]
+            return [find_cargo_bin("gotatun"), "-f", "--disable-drop-privileges", ifname]
         return [find_cargo_bin("boringtun-cli"), "-f", "--disable-drop-privileges", ifname]
 
     def start_tunnel(self):
@@ -251,9 +251,10 @@ def main():
         sys.exit("bench/throughput.py needs root (network namespaces, TUN)")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd"], cwd=ROOT, check=True)
     modes = opts.modes.split(",")
-    for mode, tool in (("boringtun", "boringtun-cli"), ("gotatun", "gotatun-cli")):
+    for mode, tool, package in (("boringtun", "boringtun-cli", "boringtun-cli"),
+                                ("gotatun", "gotatun", "gotatun-cli")):
         if mode in modes and not os.path.exists(find_cargo_bin(tool)):
-            print(f"{tool} not installed (cargo install {tool}): skipping it", file=sys.stderr)
+            print(f"{tool} not installed (cargo install {package}): skipping it", file=sys.stderr)
             modes.remove(mode)
 
     results = {}
