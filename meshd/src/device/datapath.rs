@@ -355,24 +355,35 @@ fn on_inner(dev: &Device, socket: &Underlay, datagram: &[u8], from: Endpoint, ou
 
     if let Some((start, len, src)) = delivered {
         let packet = &out[start..start + len];
-        // Cryptokey routing, inbound: the inner source must be one of this peer's allowed IPs.
-        if !snap
-            .routes
-            .lookup(src)
-            .is_some_and(|owner| Arc::ptr_eq(owner, peer))
-        {
-            peer.drops.count(Drop::SourceNotAllowed);
-            return;
-        }
-        // Ingress policy of this node's identity, with the identity whose key authenticated it.
-        if let Some(policy) = dev.enforcer.get() {
-            if !policy.ingress(packet, &peer.public_key.0, &peer.drops) {
-                return;
-            }
-        }
-        if dev.write_packet(packet).is_err() {
+        if admit_inbound(dev, &snap, peer, src, packet) && dev.write_packet(packet).is_err() {
             peer.drops.count(Drop::TunWrite);
         }
+    }
+}
+
+/// Whether `packet`, decrypted from `peer` with inner source `src`, may reach the TUN device;
+/// counts the drop when not. Both receive paths ask it, so no decrypted packet passes without:
+/// - cryptokey routing, inbound: the inner source must be one of the peer's allowed IPs;
+/// - the ingress policy of this node's identity, with the identity whose key authenticated it.
+#[inline]
+pub(super) fn admit_inbound(
+    dev: &Device,
+    snap: &super::Snapshot,
+    peer: &Arc<Peer>,
+    src: std::net::IpAddr,
+    packet: &[u8],
+) -> bool {
+    if !snap
+        .routes
+        .lookup(src)
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+    {
+        peer.drops.count(Drop::SourceNotAllowed);
+        return false;
+    }
+    match dev.enforcer.get() {
+        Some(policy) => policy.ingress(packet, &peer.public_key.0, &peer.drops),
+        None => true,
     }
 }
 

@@ -14,7 +14,7 @@
 //!    TUN device with one `writev`: a joined one with a virtio header that has the kernel cut it
 //!    again if it must.
 
-use super::datapath::{drop_reason, on_datagram, MAX_DATAGRAM_BYTES};
+use super::datapath::{admit_inbound, drop_reason, on_datagram, MAX_DATAGRAM_BYTES};
 use super::udp::{RecvBatch, Underlay};
 use super::{Device, Snapshot};
 use crate::drops::Drop;
@@ -71,7 +71,10 @@ pub(super) fn udp_loop(dev: &Device, socket: &Arc<Underlay>) {
                 if is_data(datagram) {
                     rx.on_data(dev, socket, &snap, &mut held, datagram, from);
                 } else {
+                    // One at a time, after what came before it (a relayed packet must not
+                    // overtake a direct one of the same peer).
                     held.release(dev);
+                    rx.flush(dev);
                     on_datagram(dev, socket, datagram, from, &mut rx.out);
                 }
             }
@@ -95,11 +98,18 @@ fn is_current(dev: &Device, socket: &Arc<Underlay>) -> bool {
         .is_some_and(|cur| Arc::ptr_eq(cur, socket))
 }
 
+/// Most datagrams decrypted under one taking of a peer's lock: the send thread waits for it,
+/// and datagrams that fail to authenticate (anyone can send them with a copied index) must not
+/// keep it for a whole batch.
+const HOLD_MAX: u32 = 64;
+
 /// The peer whose lock the batch holds, and what its run has counted so far.
 #[derive(Default)]
 struct Held<'a> {
     peer: Option<&'a Arc<Peer>>,
     state: Option<MutexGuard<'a, PeerState>>,
+    /// Datagrams tried under this taking of the lock.
+    uses: u32,
     bytes: usize,
     packets: u64,
 }
@@ -107,11 +117,12 @@ struct Held<'a> {
 impl<'a> Held<'a> {
     /// Holds `peer`'s lock (releasing another's first).
     fn take(&mut self, dev: &Device, peer: &'a Arc<Peer>) -> &mut PeerState {
-        if !self.peer.is_some_and(|p| Arc::ptr_eq(p, peer)) {
+        if !self.peer.is_some_and(|p| Arc::ptr_eq(p, peer)) || self.uses >= HOLD_MAX {
             self.release(dev);
             self.peer = Some(peer);
             self.state = Some(peer.state.lock());
         }
+        self.uses += 1;
         self.state.as_mut().expect("held with its peer")
     }
 
@@ -125,6 +136,7 @@ impl<'a> Held<'a> {
                     .store(dev.clock_ms(), std::sync::atomic::Ordering::Relaxed);
             }
         }
+        self.uses = 0;
         self.bytes = 0;
         self.packets = 0;
     }
@@ -196,24 +208,10 @@ impl Receiver {
         let Some((skip, len, src)) = delivered else {
             return;
         };
-        // Cryptokey routing, inbound: the inner source must be one of this peer's allowed IPs.
-        if !snap
-            .routes
-            .lookup(src)
-            .is_some_and(|owner| Arc::ptr_eq(owner, peer))
-        {
-            peer.drops.count(Drop::SourceNotAllowed);
-            return;
-        }
         let room = self.plain.room(skip + len).expect("written just now");
-        let packet = &room[skip..skip + len];
-        // Ingress policy of this node's identity, with the identity whose key authenticated it.
-        if let Some(policy) = dev.enforcer.get() {
-            if !policy.ingress(packet, &peer.public_key.0, &peer.drops) {
-                return;
-            }
+        if admit_inbound(dev, snap, peer, src, &room[skip..skip + len]) {
+            self.plain.commit_at(skip, len);
         }
-        self.plain.commit_at(skip, len);
     }
 
     /// Writes every packet in the arena to the TUN device, joined where offloads allow, and

@@ -260,15 +260,9 @@ fn send_sealed(
     if let Err(e) = result {
         tracing::trace!(peer = %peer.public_key, error = %e, "send failed");
     }
-    // Bytes as the datagrams' own lengths; a refused message counts as a drop of each of its
-    // datagrams.
-    let bytes = if sent == lens.len() {
-        total
-    } else {
-        lens[..sent.min(lens.len())].iter().sum()
-    };
-    peer.add_tx_batch(bytes, sent as u64);
-    let failed = (lens.len() - sent.min(lens.len())) as u64;
+    peer.add_tx_batch(sent.bytes, sent.datagrams as u64);
+    // A refused message counts as a drop of each of its datagrams.
+    let failed = lens.len().saturating_sub(sent.datagrams) as u64;
     if failed > 0 {
         peer.drops.count_n(Drop::UdpSend, failed);
     }

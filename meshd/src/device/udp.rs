@@ -42,6 +42,13 @@ pub struct Underlay {
 /// Messages in one `sendmmsg`.
 const MAX_MESSAGES: usize = 64;
 
+/// What a batch send got out: datagrams, and their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub datagrams: usize,
+    pub bytes: usize,
+}
+
 /// One message of a batch: `bytes` of datagrams of `size` bytes each (the last may be shorter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
@@ -106,18 +113,18 @@ impl Underlay {
     /// Sends the datagrams laid out back to back in `datagrams` to `to`, cut into `runs`: each
     /// run is one message, several datagrams of `size` bytes (the last may be shorter) when it
     /// is longer than `size` (UDP GSO; see [`Underlay::max_segments`]). Up to [`MAX_MESSAGES`]
-    /// messages leave in one `sendmmsg`. Returns how many datagrams were sent, and the first
-    /// error; a message the kernel refuses is skipped, the rest still go. A segmented message
-    /// refused with EIO or EINVAL (a device without GSO) turns GSO off, says so once, and is
-    /// sent again one datagram at a time.
+    /// messages leave in one `sendmmsg`. Returns what was sent, and the first error; a message
+    /// the kernel refuses is skipped, the rest still go. A segmented message refused with EIO
+    /// (a device without GSO) turns GSO off, said once, and is sent again one datagram at a
+    /// time; one refused with EINVAL is sent again that way, GSO staying on.
     pub fn send_runs(
         &self,
         datagrams: &[u8],
         runs: &[Run],
         to: SocketAddr,
-    ) -> (usize, io::Result<()>) {
+    ) -> (Sent, io::Result<()>) {
         let addr = socket2::SockAddr::from(for_socket(to, self.is_v6));
-        let mut sent = 0;
+        let (mut sent, mut bytes) = (0, 0);
         let mut first_error = Ok(());
         let mut at = 0;
         let mut i = 0;
@@ -154,6 +161,7 @@ impl Underlay {
                 let r = r as usize;
                 for run in &batch[..r] {
                     sent += run.datagrams();
+                    bytes += run.bytes;
                     at += run.bytes;
                 }
                 i += r;
@@ -164,17 +172,33 @@ impl Underlay {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) => {
                     if let Err(e) = self.wait(libc::POLLOUT) {
-                        return (sent, Err(e));
+                        return (
+                            Sent {
+                                datagrams: sent,
+                                bytes,
+                            },
+                            Err(e),
+                        );
                     }
                     continue;
                 }
-                Some(libc::EIO | libc::EINVAL) if batch[0].bytes > batch[0].size => {
-                    if self.gso_ok.swap(false, Relaxed) {
+                // EIO: the device cannot segment (wireguard-go turns GSO off on it too). EINVAL
+                // can also mean one path's MTU is below the segment size (a forged ICMP
+                // message can make it so): that message goes one datagram at a time, and GSO
+                // stays on for everyone else.
+                Some(code @ (libc::EIO | libc::EINVAL)) if batch[0].bytes > batch[0].size => {
+                    if code == libc::EIO && self.gso_ok.swap(false, Relaxed) {
                         tracing::info!(error = %e, "UDP segmentation (GSO) off: the kernel refused a segmented send");
                     }
                     let run = batch[0];
-                    let (k, r) = self.send_each(&datagrams[at..at + run.bytes], run.size, to);
+                    let chunk = &datagrams[at..at + run.bytes];
+                    let (k, r) = self.send_each(chunk, run.size, to);
                     sent += k;
+                    bytes += chunk
+                        .chunks(run.size)
+                        .take(k)
+                        .map(<[u8]>::len)
+                        .sum::<usize>();
                     if first_error.is_ok() {
                         first_error = r;
                     }
@@ -189,7 +213,13 @@ impl Underlay {
             at += batch[0].bytes;
             i += 1;
         }
-        (sent, first_error)
+        (
+            Sent {
+                datagrams: sent,
+                bytes,
+            },
+            first_error,
+        )
     }
 
     fn send_each(&self, datagrams: &[u8], size: usize, to: SocketAddr) -> (usize, io::Result<()>) {
@@ -358,21 +388,33 @@ impl RecvBatch {
         (m, &self.bufs[start..start + m.len.min(RECV_BUFFER_BYTES)])
     }
 
+    /// Points every header at its buffer, address and control space. Each pointer comes from
+    /// its Vec's one `as_mut_ptr` (none is invalidated by a later borrow of the same Vec).
     fn prepare(&mut self) {
+        let bufs = self.bufs.as_mut_ptr();
+        let names = self.names.as_mut_ptr();
+        let ctrl = self.ctrl.as_mut_ptr();
+        let iovs = self.iovs.as_mut_ptr();
+        let hdrs = self.hdrs.as_mut_ptr();
         for i in 0..RECV_BUFFERS {
-            self.iovs[i] = libc::iovec {
-                iov_base: self.bufs[i * RECV_BUFFER_BYTES..].as_mut_ptr().cast(),
-                iov_len: RECV_BUFFER_BYTES,
-            };
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
-            h.msg_iov = &mut self.iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.ctrl[i].0.as_mut_ptr().cast();
-            h.msg_controllen = RECV_CMSG_BYTES as _;
-            h.msg_flags = 0;
-            self.hdrs[i].msg_len = 0;
+            // SAFETY: every index is below RECV_BUFFERS, the length of each Vec (and of `bufs`
+            // in RECV_BUFFER_BYTES steps); the Vecs are never resized.
+            unsafe {
+                *iovs.add(i) = libc::iovec {
+                    iov_base: bufs.add(i * RECV_BUFFER_BYTES).cast(),
+                    iov_len: RECV_BUFFER_BYTES,
+                };
+                let m = &mut *hdrs.add(i);
+                m.msg_len = 0;
+                let h = &mut m.msg_hdr;
+                h.msg_name = names.add(i).cast();
+                h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
+                h.msg_iov = iovs.add(i);
+                h.msg_iovlen = 1;
+                h.msg_control = ctrl.add(i).cast();
+                h.msg_controllen = RECV_CMSG_BYTES as _;
+                h.msg_flags = 0;
+            }
         }
     }
 
@@ -507,7 +549,13 @@ mod tests {
         };
         let (sent, r) = tx.send_runs(&buf, &runs, rx.local_addr().unwrap());
         r.unwrap();
-        assert_eq!(sent, sizes.len());
+        assert_eq!(
+            sent,
+            Sent {
+                datagrams: sizes.len(),
+                bytes: buf.len()
+            }
+        );
         let mut got = [0u8; 2048];
         for (i, n) in sizes.iter().enumerate() {
             let k = rx.recv(&mut got).unwrap();
@@ -536,7 +584,7 @@ mod tests {
             };
             let (sent, r) = tx.send_runs(&buf, &runs, to);
             r.unwrap();
-            assert_eq!(sent, 5);
+            assert_eq!(sent.datagrams, 5);
             let mut batch = RecvBatch::default();
             let mut got = Vec::new();
             while got.len() < 5 {

@@ -14,8 +14,8 @@
 //! overtake each other.
 
 use super::{
-    fold, pseudo_header_sum, transport_checksum_ok, Arena, GsoType, Layout, VnetHdr, F_NEEDS_CSUM,
-    PROTO_TCP, PROTO_UDP, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
+    fold, pseudo_header_sum, sum, transport_checksum_ok, Arena, GsoType, Layout, VnetHdr,
+    F_NEEDS_CSUM, PROTO_TCP, PROTO_UDP, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
 };
 
 /// Most segments in one coalesced packet (the kernel's GSO limit for a TUN device is 64 KiB; this
@@ -83,6 +83,19 @@ impl Coalescer {
         self.next[index] = NONE;
         let packet = arena.get(index);
         let Some(seg) = Segment::of(packet, self.udp) else {
+            // Written alone (a pure ACK, a RST, a bad checksum...): its flow's open group must
+            // not take later segments, which would then be written before it.
+            if let Some(l) = Layout::of(packet) {
+                let start = self.groups.len().saturating_sub(LOOKBACK);
+                for g in (start..self.groups.len()).rev() {
+                    let group = self.groups[g];
+                    let head = arena.get(usize::from(group.head));
+                    if group.ip_len != 0 && same_flow(&l, packet, head, &group) {
+                        self.groups[g].open = false;
+                        break;
+                    }
+                }
+            }
             self.groups.push(Group::single(i));
             return;
         };
@@ -90,7 +103,7 @@ impl Coalescer {
         for g in (start..self.groups.len()).rev() {
             let group = self.groups[g];
             let head = arena.get(usize::from(group.head));
-            if group.ip_len == 0 || !seg.same_flow(packet, head, &group) {
+            if group.ip_len == 0 || !same_flow(&seg.l, packet, head, &group) {
                 continue;
             }
             // The newest group of this flow: join it, or start a new one after it.
@@ -206,6 +219,17 @@ impl Group {
     }
 }
 
+/// Whether `packet` (laid out as `l`) has the protocol, addresses and ports of `group`'s first
+/// segment `head`; each packet's ports are read after its own IP header.
+fn same_flow(l: &Layout, packet: &[u8], head: &[u8], group: &Group) -> bool {
+    if l.v6 != group.v6 || (l.protocol == PROTO_UDP) != group.udp {
+        return false;
+    }
+    let (t, h) = (l.ip_len, usize::from(group.ip_len));
+    let addrs = if l.v6 { 8..40 } else { 12..20 };
+    packet[addrs.clone()] == head[addrs] && packet[t..t + 4] == head[h..h + 4]
+}
+
 /// A TCP segment or UDP datagram that may be joined: what decides it, read once.
 struct Segment {
     l: Layout,
@@ -232,6 +256,10 @@ impl Segment {
             let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
             let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff; // MF, offset
             if l.ip_len != crate::ip::IPV4_HEADER_MIN || total != packet.len() || fragment != 0 {
+                return None;
+            }
+            // The joined packet gets a fresh header checksum: a bad one must not be laundered.
+            if fold(sum(&packet[..l.ip_len], 0)) != 0xffff {
                 return None;
             }
         }
@@ -280,19 +308,6 @@ impl Segment {
             total: len as u32,
             next_seq: self.seq.wrapping_add(self.payload_len),
         }
-    }
-
-    /// Same protocol, addresses and ports as the group's first segment.
-    fn same_flow(&self, packet: &[u8], head: &[u8], group: &Group) -> bool {
-        if self.l.v6 != group.v6
-            || self.l.ip_len != usize::from(group.ip_len)
-            || (self.l.protocol == PROTO_UDP) != group.udp
-        {
-            return false;
-        }
-        let t = self.l.ip_len;
-        let addrs = if self.l.v6 { 8..40 } else { 12..20 };
-        packet[addrs.clone()] == head[addrs] && packet[t..t + 4] == head[t..t + 4]
     }
 
     /// Whether it continues the group exactly (see the module's comment).

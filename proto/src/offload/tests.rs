@@ -493,6 +493,53 @@ fn segments_that_must_stay_apart_are_not_joined() {
 }
 
 #[test]
+fn a_segment_written_alone_is_never_overtaken_by_its_flow() {
+    for v6 in [false, true] {
+        // data 1000+100, then a RST at 1100 (written alone), then data at 1100.
+        let d1 = Tcp::new(v6, vec![1; 100]);
+        let mut rst = d1.clone();
+        rst.seq += 100;
+        rst.id += 1;
+        rst.payload.clear();
+        rst.flags = ACK | 0x04;
+        let mut d3 = d1.clone();
+        d3.seq += 100;
+        d3.id += 2;
+        let packets = [d1.bytes(), rst.bytes(), d3.bytes()];
+        let out = coalesce_all(&packets);
+        let written: Vec<Vec<u8>> = out.into_iter().map(|(_, p)| p).collect();
+        assert_eq!(written, packets, "IPv6 {v6}: in the order they came");
+    }
+    // UDP: a datagram with a bad checksum between two good ones of its flow.
+    let a = udp(false, 40000, 1, &[1; 300]);
+    let mut bad = udp(false, 40000, 2, &[2; 300]);
+    let end = bad.len() - 1;
+    bad[end] ^= 1;
+    let c = udp(false, 40000, 3, &[3; 300]);
+    let written: Vec<Vec<u8>> = coalesce_all(&[a.clone(), bad.clone(), c.clone()])
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(written, [a, bad, c]);
+}
+
+#[test]
+fn a_bad_ipv4_header_checksum_is_not_laundered_by_joining() {
+    let t = Tcp::new(false, vec![1; 100]);
+    let mut next = t.clone();
+    next.seq += 100;
+    next.id += 1;
+    let mut bad = next.bytes();
+    bad[10] ^= 0x01; // IPv4 header checksum
+    let out = coalesce_all(&[t.bytes(), bad.clone()]);
+    assert_eq!(out.len(), 2);
+    assert_eq!(
+        out[1].1, bad,
+        "written alone, as it came: the kernel drops it"
+    );
+}
+
+#[test]
 fn interleaved_flows_coalesce_each_and_keep_their_order() {
     let mut packets = Vec::new();
     for i in 0..10u32 {
