@@ -154,11 +154,17 @@ class Topology:
         self.ia, self.ib = prefix + "wa", prefix + "wb"
         self.procs = []
         self.tmp = tempfile.mkdtemp(prefix="meshbench-")
-        veth_pair(self.a, self.b)
-        self.target = "198.18.0.2"
-        if mode != "veth":
-            self.start_tunnel()
-            self.target = "100.64.0.2"
+        # A setup that fails half-way (a daemon that does not start) removes what it made:
+        # the caller never gets the object to close.
+        try:
+            veth_pair(self.a, self.b)
+            self.target = "198.18.0.2"
+            if mode != "veth":
+                self.start_tunnel()
+                self.target = "100.64.0.2"
+        except BaseException:
+            self.close()
+            raise
 
     def daemon_cmd(self, ifname):
         if self.mode in ("meshd", "meshd-nooffload"):
