@@ -191,6 +191,19 @@ fn table(s: &Status, wide: bool) -> String {
             p.conntrack_evictions
         );
     }
+    if let Some(d) = &s.datapath {
+        let per = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+        let _ = writeln!(
+            o,
+            "  datapath: tun {}  udp gso {}  tun reads {} ({:.1} segments each)  tun writes {} ({:.1} packets each)",
+            d.tun_offloads,
+            if d.udp_gso { "on" } else { "off" },
+            d.tun_reads,
+            per(d.tun_read_segments, d.tun_reads),
+            d.tun_writes,
+            per(d.tun_written_packets, d.tun_writes),
+        );
+    }
     if s.relayed_datagrams > 0 {
         let _ = writeln!(
             o,

@@ -215,6 +215,18 @@ pub struct DatapathStatus {
     pub udp_gso: bool,
     pub send_allocations: u64,
     pub receive_allocations: u64,
+    /// Reads from the TUN device, and the segments they were cut into: more segments than
+    /// reads when the kernel hands over TCP or UDP super-packets.
+    #[serde(default)]
+    pub tun_reads: u64,
+    #[serde(default)]
+    pub tun_read_segments: u64,
+    /// Writes to the TUN device, and the packets they carried: more packets than writes when
+    /// decrypted segments were joined.
+    #[serde(default)]
+    pub tun_writes: u64,
+    #[serde(default)]
+    pub tun_written_packets: u64,
 }
 
 /// What `meshctl status` shows.

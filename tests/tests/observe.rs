@@ -303,6 +303,175 @@ fn a_flood_from_one_identity_is_held_to_its_limit_on_the_receiver_and_another_is
         .any(|r| r["verdict"] == "rate-limited" && r["src"]["name"] == "search"));
 }
 
+/// api may send UDP to post: port 7000 held to a burst of 10 packets (and 1 a second), 7001 free.
+const API_LIMITED: &str = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: api-sends
+  namespace: microblog
+  annotations:
+    policy.mesh/rate-limit: 'egress[0]: {packetsPerSecond: 1, packetBurst: 10}'
+spec:
+  selector: app == 'api'
+  types: [Egress]
+  egress:
+  - action: Allow
+    protocol: UDP
+    destination:
+      ports: [7000]
+  - action: Allow
+    protocol: UDP
+    destination:
+      ports: [7001]
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: post-allow-list
+  namespace: microblog
+spec:
+  selector: app == 'post'
+  ingress:
+  - action: Allow
+    protocol: UDP
+    source:
+      serviceAccounts:
+        names: [api]
+    destination:
+      ports: [7000, 7001]
+";
+
+/// `UDP_SEGMENT` (linux/udp.h): every send of the socket is cut into datagrams of this size.
+const UDP_SEGMENT: libc::c_int = 103;
+
+#[test]
+fn a_rate_limited_datagram_inside_a_super_packet_is_dropped_and_counted_alone() {
+    if !can_run() {
+        return;
+    }
+    const SEGMENTS: usize = 40;
+    const SIZE: usize = 1000;
+    let names: Vec<String> = ["post", "api"].map(String::from).to_vec();
+    let mut pl = labelled_policy_lab(&names, &[], Fragments::Pass);
+    pl.apply(1, API_LIMITED);
+    let (limited, free) = (pl.addr(1, 7000), pl.addr(1, 7001));
+
+    // post keeps what arrives on 7000 until a second of silence.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = in_netns(&pl.node(1).ns, move || {
+        let s = std::net::UdpSocket::bind(limited).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let _ = ready_tx.send(());
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        let mut started = false;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            match s.recv(&mut buf) {
+                Ok(n) => {
+                    started = true;
+                    got.push(buf[..n].to_vec());
+                }
+                Err(_) if started => break,
+                Err(_) => {}
+            }
+        }
+        got
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // The tunnel comes up on the free port, which has no limit.
+    assert!(
+        udp_reaches(&pl.node(2).ns, &pl.node(1).ns, free),
+        "api reaches post on the free port"
+    );
+
+    let api = pl.lab.status(&pl.node(2).ifname);
+    let before = (
+        pl.peer_drops(2, "rate_limited"),
+        api["datapath"]["tun_reads"].as_u64().unwrap(),
+        api["datapath"]["tun_read_segments"].as_u64().unwrap(),
+    );
+    // One send of 40 datagrams: with USO on the TUN device, the kernel hands meshd one
+    // super-packet; without it, 40 packets.
+    in_netns(&pl.node(2).ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let size = SIZE as libc::c_int;
+        // SAFETY: setsockopt with a pointer to one int and its size, on a socket we own.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_UDP,
+                UDP_SEGMENT,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        let mut d = vec![0u8; SEGMENTS * SIZE];
+        for (i, chunk) in d.chunks_mut(SIZE).enumerate() {
+            chunk.fill(i as u8);
+        }
+        assert_eq!(s.send_to(&d, limited).unwrap(), d.len());
+    })
+    .join()
+    .unwrap();
+    let got = receiver.join().unwrap();
+
+    // The first ten (the burst) arrive whole and in order; the other thirty are dropped, each
+    // counted once, on the sending node.
+    let seqs: Vec<u8> = got.iter().map(|d| d[0]).collect();
+    assert_eq!(seqs, (0..10).collect::<Vec<u8>>(), "what arrived");
+    assert!(got
+        .iter()
+        .all(|d| d.len() == SIZE && d.iter().all(|b| *b == d[0])));
+    let api = pl.lab.status(&pl.node(2).ifname);
+    let limited_now = pl.peer_drops(2, "rate_limited") - before.0;
+    assert_eq!(
+        limited_now,
+        (SEGMENTS - 10) as u64,
+        "rate-limited drops on api"
+    );
+    assert_eq!(pl.peer_drops(1, "rate_limited"), 0, "post dropped nothing");
+    let reads = api["datapath"]["tun_reads"].as_u64().unwrap() - before.1;
+    let segments = api["datapath"]["tun_read_segments"].as_u64().unwrap() - before.2;
+    assert!(segments >= SEGMENTS as u64, "{segments} segments read");
+    if api["datapath"]["tun_offloads"]
+        .as_str()
+        .unwrap()
+        .contains("USO on")
+    {
+        // It was a super-packet: far fewer reads than segments.
+        assert!(
+            reads * 4 < segments,
+            "{reads} reads for {segments} segments: the send came as one super-packet"
+        );
+    }
+}
+
+/// Whether a datagram from `from_ns` reaches `to` in `to_ns`: sent every 100 ms for up to 10 s.
+fn udp_reaches(from_ns: &str, to_ns: &str, to: std::net::SocketAddr) -> bool {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = in_netns(to_ns, move || {
+        let s = std::net::UdpSocket::bind(to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = ready_tx.send(());
+        s.recv(&mut [0u8; 64]).is_ok()
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let source = in_netns(from_ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..100 {
+            let _ = s.send_to(b"hello", to);
+            std::thread::sleep(Duration::from_millis(100));
+            if sink.is_finished() {
+                break;
+            }
+        }
+        sink.join().unwrap()
+    });
+    source.join().unwrap()
+}
+
 /// Every identity may reach every other on TCP 8080, and nothing else.
 const ALLOW_8080: &str = "apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy

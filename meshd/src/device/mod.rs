@@ -21,7 +21,7 @@ use proto::relay::{Endpoint, Tag};
 use proto::uapi::{self, DeviceInfo, PeerInfo, SetRequest, UapiError};
 use proto::Key;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -52,11 +52,23 @@ pub struct Device {
     /// Frames relayed, and their bytes.
     pub relayed: std::sync::atomic::AtomicU64,
     pub relayed_bytes: std::sync::atomic::AtomicU64,
+    /// TUN reads and writes, and the segments they carried (added once per batch).
+    pub tun_io: TunIo,
     /// Milliseconds since the Unix epoch, as of the last timer tick (250 ms): what the data path
     /// stamps packets with, without a clock read per packet.
     clock_ms: std::sync::atomic::AtomicU64,
     /// Mesh mode: policy enforcement on both data paths.
     enforcer: std::sync::OnceLock<Arc<crate::enforce::Enforcer>>,
+}
+
+/// What went through the TUN device: the reads and the segments they were cut into, the writes
+/// and the packets they carried.
+#[derive(Default)]
+pub struct TunIo {
+    pub reads: AtomicU64,
+    pub read_segments: AtomicU64,
+    pub writes: AtomicU64,
+    pub written_packets: AtomicU64,
 }
 
 struct Config {
@@ -115,6 +127,7 @@ impl Device {
             relay_serve: Default::default(),
             relayed: Default::default(),
             relayed_bytes: Default::default(),
+            tun_io: TunIo::default(),
             clock_ms: std::sync::atomic::AtomicU64::new(crate::mesh::run::now_ms()),
             enforcer: std::sync::OnceLock::new(),
             control_rx_bytes: Default::default(),
@@ -488,6 +501,10 @@ impl Device {
                 udp_gso: self.udp.load().as_ref().is_some_and(|u| u.gso()),
                 send_allocations: crate::allocs::count(crate::allocs::Path::Send),
                 receive_allocations: crate::allocs::count(crate::allocs::Path::Receive),
+                tun_reads: self.tun_io.reads.load(Relaxed),
+                tun_read_segments: self.tun_io.read_segments.load(Relaxed),
+                tun_writes: self.tun_io.writes.load(Relaxed),
+                tun_written_packets: self.tun_io.written_packets.load(Relaxed),
             }),
             policy: self.enforcer().map(|e| e.status()),
             control: None,

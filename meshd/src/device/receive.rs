@@ -25,6 +25,7 @@ use proto::offload::{Arena, Coalescer, VnetHdr, MAX_GROUP_SEGMENTS};
 use proto::relay::Endpoint;
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 /// Decrypted packets held before they are written, and their bytes.
@@ -246,13 +247,22 @@ impl Receiver {
                     dev.drops.count_n(Drop::TunWrite, u64::from(g.count));
                 }
             }
+            dev.tun_io
+                .writes
+                .fetch_add(self.coalescer.groups().len() as u64, Relaxed);
         } else {
             for p in self.plain.iter() {
                 if dev.write_packet(p).is_err() {
                     dev.drops.count(Drop::TunWrite);
                 }
             }
+            dev.tun_io
+                .writes
+                .fetch_add(self.plain.len() as u64, Relaxed);
         }
+        dev.tun_io
+            .written_packets
+            .fetch_add(self.plain.len() as u64, Relaxed);
         self.plain.clear();
     }
 }

@@ -22,6 +22,7 @@ use crate::peer::Peer;
 use boringtun::noise::TunnResult;
 use proto::offload::{self, Arena, VnetHdr, VNET_HDR_LEN};
 use proto::relay::{self, Endpoint, Tag, HEADER_LEN};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 /// Largest read from the TUN device: a 64 KiB packet and its virtio header.
@@ -83,6 +84,7 @@ impl Sender {
             }
         }
         self.flush(dev);
+        dev.tun_io.reads.fetch_add(reads as u64, Relaxed);
         Ok(())
     }
 
@@ -121,6 +123,9 @@ impl Sender {
 
     /// Checks, encrypts and sends every segment in the arena, then empties it.
     fn flush(&mut self, dev: &Device) {
+        dev.tun_io
+            .read_segments
+            .fetch_add(self.plain.len() as u64, Relaxed);
         let snap = dev.snapshot();
         let policy = dev.enforcer.get();
         let mut current: Option<&Arc<Peer>> = None;

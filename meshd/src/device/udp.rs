@@ -123,6 +123,29 @@ impl Underlay {
         runs: &[Run],
         to: SocketAddr,
     ) -> (Sent, io::Result<()>) {
+        let fd = self.socket.as_raw_fd();
+        self.send_runs_via(datagrams, runs, to, |hdrs| {
+            // SAFETY: `hdrs` are filled in by `send_runs_via`: each points at one iovec into
+            // `datagrams`, the address and its own control buffer, all alive across the call;
+            // the kernel only reads them.
+            let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), hdrs.len() as _, 0) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
+            }
+        })
+    }
+
+    /// [`Underlay::send_runs`] with the `sendmmsg` system call as `sendmmsg` (tests pass one
+    /// that refuses what a kernel without GSO would).
+    fn send_runs_via(
+        &self,
+        datagrams: &[u8],
+        runs: &[Run],
+        to: SocketAddr,
+        mut sendmmsg: impl FnMut(&mut [libc::mmsghdr]) -> io::Result<usize>,
+    ) -> (Sent, io::Result<()>) {
         let addr = socket2::SockAddr::from(for_socket(to, self.is_v6));
         let (mut sent, mut bytes) = (0, 0);
         let mut first_error = Ok(());
@@ -153,21 +176,19 @@ impl Underlay {
                 }
                 off += run.bytes;
             }
-            // SAFETY: `n` headers, each pointing at one iovec into `datagrams`, the address and
-            // its own control buffer, all alive across the call; the kernel only reads them.
-            let r =
-                unsafe { libc::sendmmsg(self.socket.as_raw_fd(), hdrs.as_mut_ptr(), n as _, 0) };
-            if r > 0 {
-                let r = r as usize;
-                for run in &batch[..r] {
-                    sent += run.datagrams();
-                    bytes += run.bytes;
-                    at += run.bytes;
+            let e = match sendmmsg(&mut hdrs[..n]) {
+                Ok(0) => io::Error::other("sendmmsg sent no message"),
+                Ok(r) => {
+                    for run in &batch[..r.min(n)] {
+                        sent += run.datagrams();
+                        bytes += run.bytes;
+                        at += run.bytes;
+                    }
+                    i += r.min(n);
+                    continue;
                 }
-                i += r;
-                continue;
-            }
-            let e = io::Error::last_os_error();
+                Err(e) => e,
+            };
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) => {
@@ -517,6 +538,92 @@ mod tests {
     fn the_segment_control_message_is_what_libc_lays_out() {
         // SAFETY: CMSG_SPACE is a pure size computation.
         assert_eq!(SEGMENT_CMSG_SPACE, unsafe { libc::CMSG_SPACE(2) } as usize);
+    }
+
+    /// Sends the batch of `a_batch_leaves_in_one_call...` through `send_runs_via` with a
+    /// `sendmmsg` that refuses every segmented message with `errno`, as a kernel or device that
+    /// cannot segment does. (This kernel segments in software even on a device without checksum
+    /// offload, so the refusal cannot be provoked from outside.) Checks that every datagram
+    /// arrives; returns the socket and the system calls made.
+    fn send_refused(errno: i32) -> (Underlay, usize) {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let tx = bind(0, 0, true).unwrap();
+        assert!(tx.gso(), "this kernel has UDP GSO");
+        let sizes = [100usize, 100, 100, 40, 7, 100, 60];
+        let mut buf = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            buf.extend(std::iter::repeat_n(i as u8, *n));
+        }
+        let runs = [
+            Run {
+                bytes: 340,
+                size: 100,
+            },
+            Run { bytes: 7, size: 7 },
+            Run {
+                bytes: 160,
+                size: 100,
+            },
+        ];
+        let fd = tx.socket.as_raw_fd();
+        let mut calls = 0;
+        let (sent, r) = tx.send_runs_via(&buf, &runs, rx.local_addr().unwrap(), |hdrs| {
+            calls += 1;
+            // The kernel sends the messages before the first it refuses, and says how many.
+            let ok = hdrs
+                .iter()
+                .take_while(|h| h.msg_hdr.msg_controllen == 0)
+                .count();
+            if ok == 0 {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            // SAFETY: the first `ok` headers as `send_runs_via` filled them in.
+            let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), ok as _, 0) };
+            assert!(r > 0, "{}", io::Error::last_os_error());
+            Ok(r as usize)
+        });
+        r.unwrap();
+        assert_eq!(
+            sent,
+            Sent {
+                datagrams: sizes.len(),
+                bytes: buf.len()
+            },
+            "every datagram counted as sent"
+        );
+        let mut got = Vec::new();
+        let mut d = [0u8; 2048];
+        while let Ok(k) = rx.recv(&mut d) {
+            got.push(d[..k].to_vec());
+        }
+        let want: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| vec![i as u8; *n])
+            .collect();
+        assert_eq!(got, want, "every datagram arrives, in order");
+        (tx, calls)
+    }
+
+    #[test]
+    fn a_segmented_send_refused_with_eio_turns_gso_off_and_loses_nothing() {
+        let (tx, calls) = send_refused(libc::EIO);
+        // The first message refused (and resent one by one), then the other two in one call,
+        // the second refused, and so on.
+        assert!(calls >= 2, "{calls} calls");
+        assert!(!tx.gso(), "GSO is off after EIO");
+        assert_eq!(tx.max_segments(100), 1, "no more segmented sends");
+    }
+
+    #[test]
+    fn a_segmented_send_refused_with_einval_is_resent_and_gso_stays_on() {
+        // EINVAL can be one path's small MTU, which a forged ICMP message can cause: it must
+        // not turn GSO off for every peer.
+        let (tx, _) = send_refused(libc::EINVAL);
+        assert!(tx.gso(), "GSO stays on after EINVAL");
+        assert!(tx.max_segments(100) > 1);
     }
 
     #[test]

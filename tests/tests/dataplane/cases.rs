@@ -676,6 +676,29 @@ fn offloads_are_used_as_asked_and_reported() {
         log.contains(tun),
         "the log says which offloads are in use: {log}"
     );
+
+    // A TCP transfer: with offloads, the sender reads super-packets and the receiver writes
+    // joined segments; without, one packet per read and per write.
+    tcp_transfer(&p.a, &p.b, addr("100.64.0.2:5011"), 16 * MB);
+    let tun_io = |ifname: &str, n: &str, d: &str| {
+        let s = lab.status(ifname);
+        let count = |k: &str| s["datapath"][k].as_u64().expect(k);
+        (count(n), count(d))
+    };
+    let (segments, reads) = tun_io(&p.ia, "tun_read_segments", "tun_reads");
+    let (packets, writes) = tun_io(&p.ib, "tun_written_packets", "tun_writes");
+    assert!(reads > 0 && writes > 0, "{reads} reads, {writes} writes");
+    let (per_read, per_write) = (
+        segments as f64 / reads as f64,
+        packets as f64 / writes as f64,
+    );
+    if super::OFFLOADS == "on" {
+        assert!(per_read > 2.0, "{per_read:.1} segments per TUN read");
+        assert!(per_write > 2.0, "{per_write:.1} packets per TUN write");
+    } else {
+        assert_eq!(segments, reads, "one segment per read");
+        assert_eq!(packets, writes, "one packet per write");
+    }
 }
 
 #[test]
