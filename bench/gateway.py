@@ -55,6 +55,9 @@ class Line(Setup):
     def __init__(self, mode, prefix):
         super().__init__(mode, "meshbench-gw-")
         self.c, self.g, self.x = prefix + "c", prefix + "g", prefix + "x"
+        self.built(lambda: self.build(mode))
+
+    def build(self, mode):
         for ns in (self.c, self.g, self.x):
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")

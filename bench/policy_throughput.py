@@ -102,6 +102,15 @@ class Mesh:
         self.a, self.b = prefix + "a", prefix + "b"
         self.ia, self.ib = prefix + "ma", prefix + "mb"
         self.tmp, self.procs = tmp, []
+        # A setup that fails half-way (a daemon that does not start) removes what it made: the
+        # caller never gets the object to close.
+        try:
+            self.build(tmp, posture, policies)
+        except BaseException:
+            self.close()
+            raise
+
+    def build(self, tmp, posture, policies):
         veth_pair(self.a, self.b)
         for ns, ifname, name, seed in ((self.b, self.ib, "server", ""),
                                        (self.a, self.ia, "client", '"198.18.0.2:51820"')):

@@ -41,6 +41,9 @@ class Line(Setup):
     def __init__(self, mode, prefix):
         super().__init__(mode, "meshbench-relay-")
         self.ns = {name: prefix + name for name, _ in NODES}
+        self.built(lambda: self.build(mode))
+
+    def build(self, mode):
         for ns in self.ns.values():
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -70,7 +73,6 @@ class Line(Setup):
                   check=False).returncode == 0:
                 return
             time.sleep(0.2)
-        self.close()
         raise RuntimeError(f"{mode}: A did not reach {self.target} within 30 s")
 
     def route_underlay(self):

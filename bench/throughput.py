@@ -103,6 +103,15 @@ class Setup:
         server.wait(timeout=10)
         return received_bps(out.stdout) / 1e9
 
+    def built(self, build):
+        """Runs `build()`; if it fails half-way (a daemon that does not start), removes what it
+        made, since the caller never gets the object to close."""
+        try:
+            build()
+        except BaseException:
+            self.close()
+            raise
+
     def close_in(self, namespaces):
         teardown(self.procs, namespaces)
         shutil.rmtree(self.tmp, ignore_errors=True)
