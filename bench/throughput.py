@@ -261,7 +261,10 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--modes", default="veth,meshd,meshd-nooffload,wireguard-go,boringtun,gotatun")
+    ap.add_argument("--tests", default=",".join(k for k, _, _ in TESTS),
+                    help="which of " + ", ".join(k for k, _, _ in TESTS))
     opts = ap.parse_args()
+    tests = [t for t in TESTS if t[0] in opts.tests.split(",")]
     if os.geteuid() != 0:
         sys.exit("bench/throughput.py needs root (network namespaces, TUN)")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshd"], cwd=ROOT, check=True)
@@ -274,7 +277,7 @@ def main():
 
     results = {}
     for mode in modes:
-        for key, _, args in TESTS:
+        for key, _, args in tests:
             runs = []
             for r in range(opts.runs):
                 topo = Topology(mode, f"mb{os.getpid() % 10000}")
@@ -309,7 +312,7 @@ def main():
         " | ".join(f"meshd / {m}" for m in peers) + " |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for key, label, _ in TESTS:
+    for key, label, _ in tests:
         row = [label] + [f"{results[(m, key)][0]:.2f}" for m in modes]
         row += [f"{results[(m, key)][1]:.2f}" if results[(m, key)][1] else "-" for m in modes if m != "veth"]
         if "meshd" in modes:

@@ -297,7 +297,9 @@ pub struct Enforcer {
     rules: ArcSwap<Rules>,
     shards: Box<[Mutex<Conntrack>]>,
     /// Datagrams whose first fragment passed (only fragmented traffic takes this lock).
-    fragments: Mutex<Fragments>,
+    /// The fragmented datagrams whose first fragment passed, sharded like `shards` (by
+    /// datagram) so that no packet takes a lock every other packet needs.
+    fragments: Box<[Mutex<Fragments>]>,
     hasher: foldhash::fast::RandomState,
     epoch: Instant,
     log: FlowLog,
@@ -319,7 +321,9 @@ impl Enforcer {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Conntrack::new(per_shard, timeouts)))
                 .collect(),
-            fragments: Mutex::new(Fragments::new(MAX_FRAGMENTED_DATAGRAMS)),
+            fragments: (0..SHARDS)
+                .map(|_| Mutex::new(Fragments::new(MAX_FRAGMENTED_DATAGRAMS / SHARDS)))
+                .collect(),
             hasher: foldhash::fast::RandomState::default(),
             epoch: Instant::now(),
             log,
@@ -335,6 +339,15 @@ impl Enforcer {
     fn shard(&self, flow: &FlowKey) -> &Mutex<Conntrack> {
         let h = self.hasher.hash_one(ConnKey::of(flow)) as usize;
         &self.shards[h % SHARDS]
+    }
+
+    /// The fragment table of `flow`'s datagram.
+    fn fragments(&self, flow: &FlowKey) -> &Mutex<Fragments> {
+        let h = self
+            .hasher
+            .hash_one((flow.src, flow.dst, flow.protocol, flow.fragment_id))
+            as usize;
+        &self.fragments[h % SHARDS]
     }
 
     /// Whether `packet`, read from the TUN device, may go to the peer with static key `remote`.
@@ -364,7 +377,7 @@ impl Enforcer {
         // A later fragment carries no ports: it passes only if the first fragment of its
         // datagram passed (decided or tracked) in the same direction.
         if flow.later_fragment {
-            let later = self.fragments.lock().later(&flow, now);
+            let later = self.fragments(&flow).lock().later(&flow, now);
             return match later {
                 Some(None) => true,
                 // The datagram's flow is rate-limited: each fragment counts, as a packet would.
@@ -378,7 +391,7 @@ impl Enforcer {
         let pass = self.check_flow(dir, packet, &flow, remote, drops, now);
         if pass && flow.fragment_id.is_some() {
             let meter = self.shard(&flow).lock().meter(&flow);
-            self.fragments
+            self.fragments(&flow)
                 .lock()
                 .first_passed_metered(&flow, now, meter);
         }
