@@ -12,11 +12,19 @@
 //! the same IP fields, a valid checksum and a payload no larger than the group's first (a shorter
 //! one ends it). Groups come out in the order of their first segment, and a flow's segments never
 //! overtake each other.
+//!
+//! IPv4 fragments of one datagram that follow each other in the batch are joined too: only exact
+//! continuations (same addresses, protocol, ID, TOS and TTL; each offset where the previous
+//! fragment ended; a valid header checksum; no IP options). A run from the first fragment to the
+//! last is written as the whole datagram its sender made, and the kernel has nothing to
+//! reassemble; any other run as one larger fragment, which it reassembles as before. Such a
+//! packet may be longer than the device's MTU: the kernel delivers it, and forwards it cut again.
 
 use super::{
     fold, pseudo_header_sum, sum, transport_checksum_ok, Arena, GsoType, Layout, VnetHdr,
     F_NEEDS_CSUM, PROTO_TCP, PROTO_UDP, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
 };
+use crate::ip::IPV4_HEADER_MIN;
 
 /// Most segments in one coalesced packet (the kernel's GSO limit for a TUN device is 64 KiB; this
 /// bounds the iovec list of one write too).
@@ -47,6 +55,10 @@ pub struct Group {
     open: bool,
     /// The last segment carried PSH.
     psh: bool,
+    /// IPv4 fragments of one datagram (no virtio header: the joined packet is whole or a
+    /// fragment); `complete` once the datagram's last fragment joined.
+    frag: bool,
+    complete: bool,
     /// The joined packet's length.
     total: u32,
     next_seq: u32,
@@ -83,17 +95,26 @@ impl Coalescer {
         self.next[index] = NONE;
         let packet = arena.get(index);
         let Some(seg) = Segment::of(packet, self.udp) else {
-            // Written alone (a pure ACK, a RST, a bad checksum...): its flow's open group must
-            // not take later segments, which would then be written before it.
+            // Written alone (a pure ACK, a RST, a bad checksum, a fragment...): its flow's open
+            // group must not take later segments, which would then be written before it.
             if let Some(l) = Layout::of(packet) {
                 let start = self.groups.len().saturating_sub(LOOKBACK);
                 for g in (start..self.groups.len()).rev() {
                     let group = self.groups[g];
                     let head = arena.get(usize::from(group.head));
-                    if group.ip_len != 0 && same_flow(&l, packet, head, &group) {
+                    if group.ip_len != 0 && !group.frag && same_flow(&l, packet, head, &group) {
                         self.groups[g].open = false;
                         break;
                     }
+                }
+            }
+            if let Some(f) = Fragment::of(packet) {
+                if self.join_fragment(arena, i, packet, &f) {
+                    return;
+                }
+                if f.more {
+                    self.groups.push(f.start(i, packet.len()));
+                    return;
                 }
             }
             self.groups.push(Group::single(i));
@@ -103,7 +124,7 @@ impl Coalescer {
         for g in (start..self.groups.len()).rev() {
             let group = self.groups[g];
             let head = arena.get(usize::from(group.head));
-            if group.ip_len == 0 || !same_flow(&seg.l, packet, head, &group) {
+            if group.ip_len == 0 || group.frag || !same_flow(&seg.l, packet, head, &group) {
                 continue;
             }
             // The newest group of this flow: join it, or start a new one after it.
@@ -126,15 +147,57 @@ impl Coalescer {
         self.groups.push(seg.start(i, packet.len()));
     }
 
+    /// Joins fragment `f` (packet `i`) to the group right before it, if that is the run of
+    /// fragments it continues.
+    fn join_fragment(&mut self, arena: &Arena, i: u16, packet: &[u8], f: &Fragment) -> bool {
+        let Some(group) = self.groups.last_mut() else {
+            return false;
+        };
+        if !group.frag || !group.open || group.tail.wrapping_add(1) != i {
+            return false;
+        }
+        let head = arena.get(usize::from(group.head));
+        // TOS, ID, TTL, protocol and both addresses as the first fragment's.
+        let same =
+            packet[1] == head[1] && packet[4..6] == head[4..6] && packet[8..10] == head[8..10];
+        if !same
+            || packet[12..20] != head[12..20]
+            || f.offset != group.next_seq
+            || group.total + f.payload_len > u32::from(u16::MAX)
+        {
+            return false;
+        }
+        self.next[usize::from(group.tail)] = i;
+        group.tail = i;
+        group.count += 1;
+        group.total += f.payload_len;
+        group.next_seq += f.payload_len;
+        group.complete = !f.more;
+        group.open = f.more && usize::from(group.count) < MAX_GROUP_SEGMENTS;
+        true
+    }
+
     /// Rewrites the first segment of every joined group into the joined packet's headers (IP
     /// length and checksum, PSH from the last segment, the TCP checksum as the partial
-    /// pseudo-header sum the kernel completes). Call once, after the last push.
+    /// pseudo-header sum the kernel completes; for fragments, the IPv4 length, "more fragments"
+    /// cleared when the datagram is complete, and a fresh header checksum). Call once, after the
+    /// last push.
     pub fn finish(&mut self, arena: &mut Arena) {
         for g in &self.groups {
             if g.count < 2 {
                 continue;
             }
             let head = arena.get_mut(usize::from(g.head));
+            if g.frag {
+                head[2..4].copy_from_slice(&(g.total as u16).to_be_bytes());
+                if g.complete {
+                    head[6] &= !MORE_FRAGMENTS;
+                }
+                head[10..12].copy_from_slice(&[0, 0]);
+                let checksum = !fold(sum(&head[..IPV4_HEADER_MIN], 0));
+                head[10..12].copy_from_slice(&checksum.to_be_bytes());
+                continue;
+            }
             let l = g.layout();
             let total = g.total as usize;
             l.set_ip_length(head, total);
@@ -184,6 +247,8 @@ impl Group {
             udp: false,
             open: false,
             psh: false,
+            frag: false,
+            complete: false,
             total: 0,
             next_seq: 0,
         }
@@ -200,7 +265,7 @@ impl Group {
 
     /// The virtio header to write before this packet.
     pub fn vnet_hdr(&self) -> VnetHdr {
-        if self.count < 2 {
+        if self.count < 2 || self.frag {
             return VnetHdr::PLAIN;
         }
         let (gso_type, csum_offset) = match (self.udp, self.v6) {
@@ -230,6 +295,68 @@ fn same_flow(l: &Layout, packet: &[u8], head: &[u8], group: &Group) -> bool {
     packet[addrs.clone()] == head[addrs] && packet[t..t + 4] == head[h..h + 4]
 }
 
+/// The "don't fragment" and "more fragments" bits, in the IPv4 header's byte 6.
+const DONT_FRAGMENT: u8 = 0x40;
+const MORE_FRAGMENTS: u8 = 0x20;
+
+/// An IPv4 fragment that may be joined to the ones before it: what decides it, read once.
+struct Fragment {
+    /// Where its payload goes in the datagram, in bytes.
+    offset: u32,
+    more: bool,
+    payload_len: u32,
+}
+
+impl Fragment {
+    /// `None` for anything but an IPv4 fragment without options or "don't fragment", whose
+    /// length field agrees with the packet and whose header checksum is valid (the joined packet
+    /// gets a fresh one: a bad one must not be laundered), with a payload, a multiple of 8 bytes
+    /// unless it is the last.
+    fn of(packet: &[u8]) -> Option<Fragment> {
+        if packet.len() <= IPV4_HEADER_MIN || packet[0] != 0x45 {
+            return None;
+        }
+        let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+        let bits = u16::from_be_bytes([packet[6], packet[7]]);
+        let more = packet[6] & MORE_FRAGMENTS != 0;
+        let offset = u32::from(bits & 0x1fff) * 8;
+        let payload_len = (packet.len() - IPV4_HEADER_MIN) as u32;
+        if total != packet.len()
+            || packet[6] & DONT_FRAGMENT != 0
+            || (!more && offset == 0)
+            || (more && !payload_len.is_multiple_of(8))
+            || fold(sum(&packet[..IPV4_HEADER_MIN], 0)) != 0xffff
+        {
+            return None;
+        }
+        Some(Fragment {
+            offset,
+            more,
+            payload_len,
+        })
+    }
+
+    /// A group of fragments led by this one (not its datagram's last).
+    fn start(&self, i: u16, len: usize) -> Group {
+        Group {
+            head: i,
+            tail: i,
+            count: 1,
+            hdr_len: IPV4_HEADER_MIN as u16,
+            gso_size: 0,
+            ip_len: IPV4_HEADER_MIN as u8,
+            v6: false,
+            udp: false,
+            open: true,
+            psh: false,
+            frag: true,
+            complete: false,
+            total: len as u32,
+            next_seq: self.offset + self.payload_len,
+        }
+    }
+}
+
 /// A TCP segment or UDP datagram that may be joined: what decides it, read once.
 struct Segment {
     l: Layout,
@@ -255,7 +382,7 @@ impl Segment {
         } else {
             let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
             let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff; // MF, offset
-            if l.ip_len != crate::ip::IPV4_HEADER_MIN || total != packet.len() || fragment != 0 {
+            if l.ip_len != IPV4_HEADER_MIN || total != packet.len() || fragment != 0 {
                 return None;
             }
             // The joined packet gets a fresh header checksum: a bad one must not be laundered.
@@ -305,6 +432,8 @@ impl Segment {
             udp: self.l.protocol == PROTO_UDP,
             open: !self.psh,
             psh: self.psh,
+            frag: false,
+            complete: false,
             total: len as u32,
             next_seq: self.seq.wrapping_add(self.payload_len),
         }

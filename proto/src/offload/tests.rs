@@ -631,13 +631,177 @@ proptest! {
     }
 
     #[test]
+    fn fragments_in_order_join_into_their_datagram(payload in 1usize..9000, mtu in 68usize..1500, id in any::<u16>()) {
+        let datagram = fragmentable(id, payload);
+        let fragments = fragment_v4(&datagram, mtu);
+        let out = coalesce_all(&fragments);
+        // At most 64 fragments join in one write; the next ones in another.
+        prop_assert_eq!(out.len(), fragments.len().div_ceil(MAX_GROUP_SEGMENTS));
+        if out.len() == 1 {
+            prop_assert_eq!(&out[0].1, &datagram);
+        }
+        let joined: Vec<u8> = out.iter().flat_map(|(_, p)| p[20..].to_vec()).collect();
+        prop_assert_eq!(&joined[..], &datagram[20..]);
+    }
+
+    #[test]
     fn coalescing_never_panics_and_keeps_every_byte(packets in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..120), 0..20)) {
         let out = coalesce_all(&packets);
         let written: usize = out.iter().map(|(_, p)| p.len()).sum();
-        let joined_headers: usize = out.iter().filter(|(h, _)| h.gso_type != GsoType::None).count();
         prop_assert!(written <= packets.iter().map(Vec::len).sum::<usize>());
-        if joined_headers == 0 {
+        if out.len() == packets.len() {
             prop_assert_eq!(out.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), packets);
         }
     }
+}
+
+/// Sets the IPv4 header checksum of `p`.
+fn seal_ipv4_header(p: &mut [u8]) {
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    p[10..12].copy_from_slice(&[0, 0]);
+    let c = !fold(sum(&p[..ihl], 0));
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// A UDP datagram (IPv4, ID `id`) that may be fragmented: "don't fragment" clear.
+fn fragmentable(id: u16, payload_len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + 3) as u8).collect();
+    let mut p = udp(false, 40000, id, &payload);
+    p[6] = 0;
+    seal_ipv4_header(&mut p);
+    p
+}
+
+/// Cuts an IPv4 datagram into fragments of at most `mtu` bytes, as Linux's `ip_fragment` does.
+fn fragment_v4(datagram: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+    let step = (mtu - 20) & !7;
+    let body = &datagram[20..];
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        let end = (at + step).min(body.len());
+        let mut f = datagram[..20].to_vec();
+        f.extend_from_slice(&body[at..end]);
+        let total = f.len() as u16;
+        f[2..4].copy_from_slice(&total.to_be_bytes());
+        let more = if end < body.len() { 0x2000 } else { 0 };
+        f[6..8].copy_from_slice(&(more | (at / 8) as u16).to_be_bytes());
+        seal_ipv4_header(&mut f);
+        out.push(f);
+        at = end;
+    }
+    out
+}
+
+#[test]
+fn fragments_of_a_datagram_are_joined_back_into_it() {
+    // iperf3's 1,400 bytes over a 1,420-byte MTU (two fragments), three, and many small ones.
+    for (payload, mtu) in [(1400, 1420), (3000, 1420), (20000, 576), (9000, 1500)] {
+        let datagram = fragmentable(9, payload);
+        let fragments = fragment_v4(&datagram, mtu);
+        assert!(fragments.len() >= 2);
+        let out = coalesce_all(&fragments);
+        assert_eq!(out.len(), 1, "{payload} bytes over MTU {mtu}: one write");
+        assert_eq!(out[0].0, VnetHdr::PLAIN, "a whole datagram, nothing to cut");
+        assert_eq!(out[0].1, datagram, "{payload} bytes over MTU {mtu}");
+        assert!(transport_checksum_ok(
+            &Layout::of(&out[0].1).unwrap(),
+            &out[0].1
+        ));
+    }
+    // Two datagrams back to back, and a whole one between: each joined, in order.
+    let (a, b) = (fragmentable(1, 3000), fragmentable(2, 2000));
+    let whole = fragmentable(3, 100);
+    let mut packets = fragment_v4(&a, 1420);
+    packets.push(whole.clone());
+    packets.extend(fragment_v4(&b, 1420));
+    let out: Vec<Vec<u8>> = coalesce_all(&packets).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(out, [a, whole, b]);
+}
+
+#[test]
+fn an_incomplete_run_of_fragments_is_written_as_one_larger_fragment() {
+    let datagram = fragmentable(9, 4000);
+    let f = fragment_v4(&datagram, 1420);
+    assert_eq!(f.len(), 3);
+    let out = coalesce_all(&f[..2]);
+    assert_eq!(out.len(), 1);
+    let joined = &out[0].1;
+    assert_eq!(joined.len(), 20 + 2 * 1400);
+    assert_eq!(
+        u16::from_be_bytes([joined[2], joined[3]]),
+        joined.len() as u16
+    );
+    assert_eq!(joined[6..8], [0x20, 0], "offset 0, more fragments");
+    assert!(ipv4_checksum_ok(joined));
+    assert_eq!(joined[20..], datagram[20..20 + 2800]);
+    // With the last one it is the datagram again.
+    let out = coalesce_all(&[joined.clone(), f[2].clone()]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1, datagram);
+}
+
+#[test]
+fn fragments_that_must_stay_apart_are_not_joined() {
+    let datagram = fragmentable(9, 3000);
+    let f = fragment_v4(&datagram, 1420);
+    let edit = |k: usize, change: &dyn Fn(&mut Vec<u8>)| {
+        let mut g = f.clone();
+        change(&mut g[k]);
+        seal_ipv4_header(&mut g[k]);
+        g
+    };
+    let other = fragmentable(10, 50);
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("a missing middle", vec![f[0].clone(), f[2].clone()]),
+        ("reversed", vec![f[1].clone(), f[0].clone()]),
+        ("another ID", edit(1, &|p| p[5] ^= 1)),
+        ("another TTL", edit(1, &|p| p[8] -= 1)),
+        ("another TOS (ECN)", edit(1, &|p| p[1] |= 1)),
+        ("another source", edit(1, &|p| p[15] ^= 1)),
+        ("another protocol", edit(1, &|p| p[9] = 6)),
+        ("overlapping", edit(1, &|p| p[7] -= 1)),
+        ("don't fragment on the first", edit(0, &|p| p[6] |= 0x40)),
+        ("a middle not a multiple of 8", {
+            let mut g = f.clone();
+            g[1].pop();
+            let total = g[1].len() as u16;
+            g[1][2..4].copy_from_slice(&total.to_be_bytes());
+            seal_ipv4_header(&mut g[1]);
+            g
+        }),
+        ("a length field that disagrees", edit(1, &|p| p[3] ^= 4)),
+        ("a bad header checksum", {
+            let mut g = f.clone();
+            g[1][10] ^= 1;
+            g
+        }),
+        ("a packet between", vec![f[0].clone(), other, f[1].clone()]),
+    ];
+    for (what, packets) in cases {
+        let out: Vec<Vec<u8>> = coalesce_all(&packets).into_iter().map(|(_, p)| p).collect();
+        // The first is written alone, as it came; nothing is lost (the ones after it may join
+        // each other: a later fragment may lead a run, as after "don't fragment" here).
+        assert!(out.len() >= 2, "{what}: {} written", out.len());
+        assert!(out[0] == packets[0], "{what}: the first written as it came");
+        let bytes = |ps: &[Vec<u8>]| ps.iter().map(|p| p.len() - 20).sum::<usize>();
+        assert_eq!(bytes(&out), bytes(&packets), "{what}");
+        if what != "don't fragment on the first" {
+            assert!(out == packets, "{what}: each written alone, as it came");
+        }
+    }
+    // IP options: never joined.
+    let mut with_options = f.clone();
+    for p in &mut with_options {
+        p.splice(20..20, [1, 1, 1, 0]); // NOP NOP NOP EOL
+        p[0] = 0x46;
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        seal_ipv4_header(p);
+    }
+    let out: Vec<Vec<u8>> = coalesce_all(&with_options)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert!(out == with_options, "with IP options, each written alone");
 }
