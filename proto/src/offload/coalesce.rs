@@ -13,12 +13,13 @@
 //! one ends it). Groups come out in the order of their first segment, and a flow's segments never
 //! overtake each other.
 //!
-//! IPv4 fragments of one datagram that follow each other in the batch are joined too: only exact
-//! continuations (same addresses, protocol, ID, TOS and TTL; each offset where the previous
-//! fragment ended; a valid header checksum; no IP options). A run from the first fragment to the
-//! last is written as the whole datagram its sender made, and the kernel has nothing to
-//! reassemble; any other run as one larger fragment, which it reassembles as before. Such a
-//! packet may be longer than the device's MTU: the kernel delivers it, and forwards it cut again.
+//! All the IPv4 fragments of one datagram, when they follow each other in the batch from the
+//! first to the last, are joined into that datagram: only exact continuations (same addresses,
+//! protocol, ID, TOS and TTL; each offset where the previous fragment ended; a valid header
+//! checksum; no IP options; "don't fragment" clear; at most 65,535 bytes in all). The kernel has
+//! nothing to reassemble. Any other fragment is written as it came, and reassembled (or refused)
+//! by the kernel as before. A joined datagram may be longer than the device's MTU: the kernel
+//! delivers it, and forwards it cut again.
 
 use super::{
     fold, pseudo_header_sum, sum, transport_checksum_ok, Arena, GsoType, Layout, VnetHdr,
@@ -55,8 +56,8 @@ pub struct Group {
     open: bool,
     /// The last segment carried PSH.
     psh: bool,
-    /// IPv4 fragments of one datagram (no virtio header: the joined packet is whole or a
-    /// fragment); `complete` once the datagram's last fragment joined.
+    /// IPv4 fragments of one datagram, from its first (no virtio header: the joined packet is the
+    /// whole datagram); `complete` once its last fragment joined.
     frag: bool,
     complete: bool,
     /// The joined packet's length.
@@ -69,6 +70,8 @@ pub struct Coalescer {
     /// Whether UDP datagrams are joined too (the device takes USO).
     udp: bool,
     groups: Vec<Group>,
+    /// Where `finish` rebuilds `groups` when it must undo a join.
+    spare: Vec<Group>,
     /// Next segment of the same group, by arena index.
     next: Vec<u16>,
 }
@@ -81,6 +84,7 @@ impl Coalescer {
         Coalescer {
             udp,
             groups: Vec::with_capacity(max_packets),
+            spare: Vec::with_capacity(max_packets),
             next: vec![NONE; max_packets],
         }
     }
@@ -97,22 +101,12 @@ impl Coalescer {
         let Some(seg) = Segment::of(packet, self.udp) else {
             // Written alone (a pure ACK, a RST, a bad checksum, a fragment...): its flow's open
             // group must not take later segments, which would then be written before it.
-            if let Some(l) = Layout::of(packet) {
-                let start = self.groups.len().saturating_sub(LOOKBACK);
-                for g in (start..self.groups.len()).rev() {
-                    let group = self.groups[g];
-                    let head = arena.get(usize::from(group.head));
-                    if group.ip_len != 0 && !group.frag && same_flow(&l, packet, head, &group) {
-                        self.groups[g].open = false;
-                        break;
-                    }
-                }
-            }
+            self.close_flow_of(arena, packet);
             if let Some(f) = Fragment::of(packet) {
                 if self.join_fragment(arena, i, packet, &f) {
                     return;
                 }
-                if f.more {
+                if f.offset == 0 {
                     self.groups.push(f.start(i, packet.len()));
                     return;
                 }
@@ -147,6 +141,39 @@ impl Coalescer {
         self.groups.push(seg.start(i, packet.len()));
     }
 
+    /// Closes the open group of `packet`'s flow, which it is not joining. A packet whose ports
+    /// cannot be read (a fragment, a truncated header) closes every group between its addresses.
+    fn close_flow_of(&mut self, arena: &Arena, packet: &[u8]) {
+        let fragment = packet.len() >= IPV4_HEADER_MIN
+            && packet[0] >> 4 == 4
+            && u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0;
+        let l = if fragment { None } else { Layout::of(packet) };
+        let start = self.groups.len().saturating_sub(LOOKBACK);
+        for g in (start..self.groups.len()).rev() {
+            let group = self.groups[g];
+            if group.ip_len == 0 || group.frag {
+                continue;
+            }
+            let head = arena.get(usize::from(group.head));
+            match &l {
+                Some(l) if same_flow(l, packet, head, &group) => {
+                    self.groups[g].open = false;
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    let addrs = if group.v6 { 8..40 } else { 12..20 };
+                    if packet.len() >= addrs.end
+                        && packet[0] >> 4 == head[0] >> 4
+                        && packet[addrs.clone()] == head[addrs]
+                    {
+                        self.groups[g].open = false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Joins fragment `f` (packet `i`) to the group right before it, if that is the run of
     /// fragments it continues.
     fn join_fragment(&mut self, arena: &Arena, i: u16, packet: &[u8], f: &Fragment) -> bool {
@@ -179,20 +206,20 @@ impl Coalescer {
 
     /// Rewrites the first segment of every joined group into the joined packet's headers (IP
     /// length and checksum, PSH from the last segment, the TCP checksum as the partial
-    /// pseudo-header sum the kernel completes; for fragments, the IPv4 length, "more fragments"
-    /// cleared when the datagram is complete, and a fresh header checksum). Call once, after the
-    /// last push.
+    /// pseudo-header sum the kernel completes; for a whole datagram joined from its fragments,
+    /// the IPv4 length, "more fragments" cleared, and a fresh header checksum). Call once, after
+    /// the last push.
     pub fn finish(&mut self, arena: &mut Arena) {
+        self.unjoin_partial_datagrams();
         for g in &self.groups {
             if g.count < 2 {
                 continue;
             }
             let head = arena.get_mut(usize::from(g.head));
             if g.frag {
+                debug_assert!(g.complete && g.total <= u32::from(u16::MAX));
                 head[2..4].copy_from_slice(&(g.total as u16).to_be_bytes());
-                if g.complete {
-                    head[6] &= !MORE_FRAGMENTS;
-                }
+                head[6] &= !MORE_FRAGMENTS;
                 head[10..12].copy_from_slice(&[0, 0]);
                 let checksum = !fold(sum(&head[..IPV4_HEADER_MIN], 0));
                 head[10..12].copy_from_slice(&checksum.to_be_bytes());
@@ -212,6 +239,31 @@ impl Coalescer {
             let at = t + l.csum_offset();
             head[at..at + 2].copy_from_slice(&partial.to_be_bytes());
         }
+    }
+
+    /// Only a whole datagram is joined: the fragments of a run that lacks its end are written
+    /// one by one, as they came, so the kernel reassembles (or refuses) exactly what was sent.
+    fn unjoin_partial_datagrams(&mut self) {
+        if !self
+            .groups
+            .iter()
+            .any(|g| g.frag && !g.complete && g.count > 1)
+        {
+            return;
+        }
+        self.spare.clear();
+        for g in &self.groups {
+            if g.frag && !g.complete && g.count > 1 {
+                let mut at = g.head;
+                for _ in 0..g.count {
+                    self.spare.push(Group::single(at));
+                    at = self.next[usize::from(at)];
+                }
+            } else {
+                self.spare.push(*g);
+            }
+        }
+        std::mem::swap(&mut self.groups, &mut self.spare);
     }
 
     /// The packets to write, in order.
@@ -336,7 +388,7 @@ impl Fragment {
         })
     }
 
-    /// A group of fragments led by this one (not its datagram's last).
+    /// A group of fragments led by this one, its datagram's first.
     fn start(&self, i: u16, len: usize) -> Group {
         Group {
             head: i,

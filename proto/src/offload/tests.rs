@@ -635,13 +635,50 @@ proptest! {
         let datagram = fragmentable(id, payload);
         let fragments = fragment_v4(&datagram, mtu);
         let out = coalesce_all(&fragments);
-        // At most 64 fragments join in one write; the next ones in another.
-        prop_assert_eq!(out.len(), fragments.len().div_ceil(MAX_GROUP_SEGMENTS));
-        if out.len() == 1 {
-            prop_assert_eq!(&out[0].1, &datagram);
+        // At most 64 fragments join in one write; a datagram of more is written as it came.
+        let out: Vec<Vec<u8>> = out.into_iter().map(|(_, p)| p).collect();
+        if fragments.len() <= MAX_GROUP_SEGMENTS {
+            prop_assert!(out == [datagram], "{} fragments joined", fragments.len());
+        } else {
+            prop_assert!(out == fragments);
         }
-        let joined: Vec<u8> = out.iter().flat_map(|(_, p)| p[20..].to_vec()).collect();
-        prop_assert_eq!(&joined[..], &datagram[20..]);
+    }
+
+    #[test]
+    fn joined_fragments_are_whole_datagrams_made_of_the_fragments_in_order(
+        spec in prop::collection::vec((0u8..3, 0u16..6, 1usize..5, any::<bool>(), 0u8..10), 1..12),
+    ) {
+        // Fragments with valid headers: datagram ID 0-2, offset in 8-byte blocks of 0-5 times
+        // 1,000 bytes, payload 1-4 blocks of 250 bytes (a last one may be one byte shorter),
+        // "more fragments", and rarely DF or another TOS.
+        let packets: Vec<Vec<u8>> = spec
+            .iter()
+            .map(|&(id, at, blocks, more, odd)| {
+                let mut f = fragmentable(u16::from(id), 0)[..20].to_vec();
+                let len = blocks * 250 - usize::from(!more && odd == 1);
+                f.extend((0..len).map(|i| (i as u8) ^ id));
+                let total = f.len() as u16;
+                f[2..4].copy_from_slice(&total.to_be_bytes());
+                let bits = u16::from(more) << 13 | (at * 125) | u16::from(odd == 2) << 14;
+                f[6..8].copy_from_slice(&bits.to_be_bytes());
+                f[1] = u8::from(odd == 3);
+                seal_ipv4_header(&mut f);
+                f
+            })
+            .collect();
+        let out: Vec<Vec<u8>> = coalesce_all(&packets).into_iter().map(|(_, p)| p).collect();
+        // Every byte once, in order; every header says its length and has a valid checksum.
+        let body = |ps: &[Vec<u8>]| ps.iter().flat_map(|p| p[20..].to_vec()).collect::<Vec<u8>>();
+        prop_assert!(body(&out) == body(&packets));
+        for p in &out {
+            prop_assert_eq!(usize::from(u16::from_be_bytes([p[2], p[3]])), p.len());
+            prop_assert!(ipv4_checksum_ok(p));
+            // A packet that is not one of the fragments is a whole datagram.
+            if !packets.contains(p) {
+                prop_assert_eq!(p[6] & 0x3f, 0);
+                prop_assert_eq!(p[7], 0);
+            }
+        }
     }
 
     #[test]
@@ -720,25 +757,69 @@ fn fragments_of_a_datagram_are_joined_back_into_it() {
 }
 
 #[test]
-fn an_incomplete_run_of_fragments_is_written_as_one_larger_fragment() {
+fn only_a_whole_datagram_is_joined_a_partial_run_is_written_as_it_came() {
     let datagram = fragmentable(9, 4000);
     let f = fragment_v4(&datagram, 1420);
     assert_eq!(f.len(), 3);
-    let out = coalesce_all(&f[..2]);
-    assert_eq!(out.len(), 1);
-    let joined = &out[0].1;
-    assert_eq!(joined.len(), 20 + 2 * 1400);
-    assert_eq!(
-        u16::from_be_bytes([joined[2], joined[3]]),
-        joined.len() as u16
-    );
-    assert_eq!(joined[6..8], [0x20, 0], "offset 0, more fragments");
-    assert!(ipv4_checksum_ok(joined));
-    assert_eq!(joined[20..], datagram[20..20 + 2800]);
-    // With the last one it is the datagram again.
-    let out = coalesce_all(&[joined.clone(), f[2].clone()]);
-    assert_eq!(out.len(), 1);
-    assert_eq!(out[0].1, datagram);
+    let written = |packets: &[Vec<u8>]| -> Vec<Vec<u8>> {
+        coalesce_all(packets).into_iter().map(|(_, p)| p).collect()
+    };
+    // The batch ends before the last fragment, or began after the first: the kernel gets the
+    // fragments themselves, and reassembles (or refuses, if they overlap others) as before.
+    assert!(written(&f[..2]) == f[..2], "first two");
+    assert!(written(&f[1..]) == f[1..], "last two");
+    assert!(written(&f) == [datagram.clone()], "all three");
+    // More than 64 fragments (MTU 68): too many for one write, so none is joined.
+    let small = fragment_v4(&datagram, 68);
+    assert!(small.len() > MAX_GROUP_SEGMENTS);
+    assert!(written(&small) == small, "{} fragments", small.len());
+}
+
+#[test]
+fn fragments_that_would_pass_65535_bytes_are_not_joined() {
+    // Contiguous fragments of 1,408 bytes, the last at offset 64,768: the datagram would end at
+    // byte 66,176, which no IPv4 length can say. The kernel drops such a datagram; it gets the
+    // fragments as they came.
+    let mut head = fragmentable(3, 0)[..20].to_vec();
+    head[2..4].copy_from_slice(&[0, 0]);
+    let fragments: Vec<Vec<u8>> = (0..47u16)
+        .map(|k| {
+            let mut f = head.clone();
+            f.extend((0..1408).map(|i| (i + usize::from(k)) as u8));
+            let total = f.len() as u16;
+            f[2..4].copy_from_slice(&total.to_be_bytes());
+            let more = if k < 46 { 0x2000 } else { 0 };
+            f[6..8].copy_from_slice(&(more | (k * 1408 / 8)).to_be_bytes());
+            seal_ipv4_header(&mut f);
+            f
+        })
+        .collect();
+    let out: Vec<Vec<u8>> = coalesce_all(&fragments)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert!(out == fragments, "{} written", out.len());
+}
+
+#[test]
+fn a_fragment_whose_ports_cannot_be_read_is_not_overtaken_by_its_flow() {
+    // A TCP segment, then a first fragment of the same flow's next segment carrying only 16
+    // bytes of its TCP header, then the segment after: the last must not join the first and be
+    // written before the fragment.
+    let t = Tcp::new(false, vec![1; 100]);
+    let mut frag = t.clone();
+    frag.seq += 100;
+    frag.id += 1;
+    let mut frag = frag.bytes()[..36].to_vec();
+    frag[2..4].copy_from_slice(&36u16.to_be_bytes());
+    frag[6] = 0x20; // more fragments, offset 0
+    seal_ipv4_header(&mut frag);
+    let mut next = t.clone();
+    next.seq += 200;
+    next.id += 2;
+    let packets = [t.bytes(), frag, next.bytes()];
+    let out: Vec<Vec<u8>> = coalesce_all(&packets).into_iter().map(|(_, p)| p).collect();
+    assert!(out == packets, "each written alone, in order");
 }
 
 #[test]
@@ -780,15 +861,7 @@ fn fragments_that_must_stay_apart_are_not_joined() {
     ];
     for (what, packets) in cases {
         let out: Vec<Vec<u8>> = coalesce_all(&packets).into_iter().map(|(_, p)| p).collect();
-        // The first is written alone, as it came; nothing is lost (the ones after it may join
-        // each other: a later fragment may lead a run, as after "don't fragment" here).
-        assert!(out.len() >= 2, "{what}: {} written", out.len());
-        assert!(out[0] == packets[0], "{what}: the first written as it came");
-        let bytes = |ps: &[Vec<u8>]| ps.iter().map(|p| p.len() - 20).sum::<usize>();
-        assert_eq!(bytes(&out), bytes(&packets), "{what}");
-        if what != "don't fragment on the first" {
-            assert!(out == packets, "{what}: each written alone, as it came");
-        }
+        assert!(out == packets, "{what}: each written alone, as it came");
     }
     // IP options: never joined.
     let mut with_options = f.clone();
