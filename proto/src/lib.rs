@@ -18,6 +18,7 @@ pub mod segment;
 pub mod time;
 pub mod trust;
 pub mod uapi;
+pub mod workload;
 
 pub use cidr::Cidr;
 pub use key::Key;

@@ -1,0 +1,205 @@
+//! Workload identities issued online: who may be given which workload certificate.
+//!
+//! A node runs many workloads (pods). For each it asks the issuer for a short-lived certificate
+//! that binds the workload's identity to the node's own public key. The request names only the
+//! workload (namespace, name and UID). Everything the certificate says comes from the issuer's own
+//! view of workloads, never from the request: the service account (the certificate's name), the
+//! labels, the overlay addresses, the named ports, and the node that runs it. A node is given the
+//! certificate only for a workload that view places on it, so a compromised node can speak only
+//! as the workloads scheduled on it, and only until their certificates expire.
+//!
+//! Pure: the decision is a function of the requesting node's (already verified) certificate, the
+//! request, the view and the time, so it is unit- and property-tested without an issuer.
+
+use crate::cert::{CertBody, CertKind, NamedPort};
+use crate::Cidr;
+use std::collections::BTreeMap;
+
+/// The longest namespace, name or UID a request may carry (Kubernetes names are at most 253).
+pub const MAX_REF_BYTES: usize = 253;
+
+/// A workload as a request names it: for Kubernetes, the pod's namespace, name and UID.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadRef {
+    pub namespace: String,
+    pub name: String,
+    /// Tells a workload from a later one of the same name.
+    pub uid: String,
+}
+
+/// A workload as the issuer's source of workloads knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub reference: WorkloadRef,
+    /// The certificate's name.
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<Cidr>,
+    pub ports: Vec<NamedPort>,
+    /// The node that runs it, as that node's certificate names it.
+    pub node: NodeName,
+}
+
+/// A node's identity: the namespace and name in its own certificate.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for NodeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the issuer knows of workloads at the moment it decides.
+pub trait WorkloadView {
+    fn workload(&self, namespace: &str, name: &str) -> Option<&Workload>;
+}
+
+/// Workloads by (namespace, name).
+impl WorkloadView for BTreeMap<(String, String), Workload> {
+    fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.get(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+/// What the issuer signs with: its trust domain, the time, and how long a certificate lives.
+#[derive(Debug, Clone)]
+pub struct Issuance {
+    pub trust_domain: String,
+    /// Seconds since the Unix epoch.
+    pub now: u64,
+    pub lifetime_secs: u64,
+}
+
+/// What a workload certificate will say, but for its serial and issuer (the CA adds them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<Cidr>,
+    pub ports: Vec<NamedPort>,
+    /// The requesting node's key: the workload speaks through that node's tunnel.
+    pub public_key: [u8; 32],
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+impl Grant {
+    /// The certificate body to sign.
+    pub fn body(&self, serial: u64, issuer: [u8; 32]) -> CertBody {
+        CertBody {
+            kind: CertKind::Identity,
+            serial,
+            not_before: self.not_before,
+            not_after: self.not_after,
+            trust_domain: self.trust_domain.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            public_key: self.public_key,
+            issuer,
+            labels: self.labels.clone(),
+            addrs: self.addrs.clone(),
+            routes: Vec::new(),
+            ports: self.ports.clone(),
+        }
+    }
+}
+
+/// Why a request is refused: each names what the requester may fix, or that it may not ask.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the requesting certificate is not an identity of trust domain {0}")]
+    ForeignNode(String),
+    #[error("the requesting node's certificate is not valid now")]
+    NodeNotValid,
+    #[error("the request's {field} is empty or longer than 253 bytes")]
+    Malformed { field: &'static str },
+    #[error("no workload {namespace}/{name} is known")]
+    UnknownWorkload { namespace: String, name: String },
+    #[error("workload {namespace}/{name} is now another one (UID {uid}, not the one asked for)")]
+    Replaced {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+    #[error("workload {namespace}/{name} does not run on node {node}")]
+    NotOnThisNode {
+        namespace: String,
+        name: String,
+        node: NodeName,
+    },
+    #[error("workload {namespace}/{name} has no overlay address yet")]
+    NoAddress { namespace: String, name: String },
+}
+
+/// Decides whether `node` (the requesting node's certificate, whose signature, CA and revocation
+/// the caller has checked) may be given the certificate of the workload `request` names, and
+/// what it says. The certificate lives `lifetime_secs` from now, and never past the node's own.
+pub fn authorize(
+    node: &CertBody,
+    request: &WorkloadRef,
+    view: &impl WorkloadView,
+    issuance: &Issuance,
+) -> Result<Grant, Refusal> {
+    if node.kind != CertKind::Identity || node.trust_domain != issuance.trust_domain {
+        return Err(Refusal::ForeignNode(issuance.trust_domain.clone()));
+    }
+    if !(node.not_before..=node.not_after).contains(&issuance.now) {
+        return Err(Refusal::NodeNotValid);
+    }
+    for (field, value) in [
+        ("namespace", &request.namespace),
+        ("name", &request.name),
+        ("uid", &request.uid),
+    ] {
+        if value.is_empty() || value.len() > MAX_REF_BYTES {
+            return Err(Refusal::Malformed { field });
+        }
+    }
+    let (namespace, name) = (request.namespace.clone(), request.name.clone());
+    let Some(w) = view.workload(&request.namespace, &request.name) else {
+        return Err(Refusal::UnknownWorkload { namespace, name });
+    };
+    if w.reference.uid != request.uid {
+        return Err(Refusal::Replaced {
+            namespace,
+            name,
+            uid: w.reference.uid.clone(),
+        });
+    }
+    if w.node.namespace != node.namespace || w.node.name != node.name {
+        return Err(Refusal::NotOnThisNode {
+            namespace,
+            name,
+            node: NodeName {
+                namespace: node.namespace.clone(),
+                name: node.name.clone(),
+            },
+        });
+    }
+    if w.addrs.is_empty() {
+        return Err(Refusal::NoAddress { namespace, name });
+    }
+    Ok(Grant {
+        trust_domain: issuance.trust_domain.clone(),
+        namespace: w.reference.namespace.clone(),
+        name: w.service_account.clone(),
+        labels: w.labels.clone(),
+        addrs: w.addrs.clone(),
+        ports: w.ports.clone(),
+        public_key: node.public_key,
+        not_before: issuance.now,
+        not_after: issuance
+            .now
+            .saturating_add(issuance.lifetime_secs)
+            .min(node.not_after),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+use super::*;
+use proptest::prelude::*;
+
+const NOW: u64 = 1_800_000_000;
+const HOUR: u64 = 3600;
+
+fn node(name: &str) -> CertBody {
+    CertBody {
+        kind: CertKind::Identity,
+        serial: 1,
+        not_before: NOW - HOUR,
+        not_after: NOW + 30 * 24 * HOUR,
+        trust_domain: "example.org".into(),
+        namespace: "nodes".into(),
+        name: name.into(),
+        public_key: [name.len() as u8; 32],
+        issuer: [9; 32],
+        labels: BTreeMap::new(),
+        addrs: vec!["100.64.0.1/32".parse().unwrap()],
+        routes: vec![],
+        ports: vec![],
+    }
+}
+
+fn issuance() -> Issuance {
+    Issuance {
+        trust_domain: "example.org".into(),
+        now: NOW,
+        lifetime_secs: HOUR,
+    }
+}
+
+fn pod(name: &str, uid: &str, on: &str, ip: &str) -> Workload {
+    Workload {
+        reference: WorkloadRef {
+            namespace: "microblog".into(),
+            name: name.into(),
+            uid: uid.into(),
+        },
+        service_account: name.split('-').next().unwrap().into(),
+        labels: [(
+            "app".to_string(),
+            name.split('-').next().unwrap().to_string(),
+        )]
+        .into(),
+        addrs: vec![ip.parse().unwrap()],
+        ports: vec!["http=8080/tcp".parse().unwrap()],
+        node: NodeName {
+            namespace: "nodes".into(),
+            name: on.into(),
+        },
+    }
+}
+
+fn view(pods: &[Workload]) -> BTreeMap<(String, String), Workload> {
+    pods.iter()
+        .map(|w| {
+            (
+                (w.reference.namespace.clone(), w.reference.name.clone()),
+                w.clone(),
+            )
+        })
+        .collect()
+}
+
+fn ask(name: &str, uid: &str) -> WorkloadRef {
+    WorkloadRef {
+        namespace: "microblog".into(),
+        name: name.into(),
+        uid: uid.into(),
+    }
+}
+
+#[test]
+fn a_node_is_given_what_the_view_says_of_a_workload_it_runs_bound_to_its_own_key() {
+    let v = view(&[pod("post-1", "u1", "node-a", "100.64.1.5/32")]);
+    let g = authorize(&node("node-a"), &ask("post-1", "u1"), &v, &issuance()).unwrap();
+    assert_eq!(g.trust_domain, "example.org");
+    assert_eq!(
+        (g.namespace.as_str(), g.name.as_str()),
+        ("microblog", "post")
+    );
+    assert_eq!(g.labels, [("app".into(), "post".into())].into());
+    assert_eq!(g.addrs, vec!["100.64.1.5/32".parse().unwrap()]);
+    assert_eq!(g.ports.len(), 1);
+    assert_eq!(g.public_key, node("node-a").public_key);
+    assert_eq!((g.not_before, g.not_after), (NOW, NOW + HOUR));
+    let body = g.body(42, [7; 32]);
+    assert_eq!(
+        (body.serial, body.issuer, body.kind),
+        (42, [7; 32], CertKind::Identity)
+    );
+    assert!(
+        body.routes.is_empty(),
+        "a workload certificate grants no gateway routes"
+    );
+}
+
+#[test]
+fn a_workload_certificate_never_outlives_its_node_certificate() {
+    let v = view(&[pod("post-1", "u1", "node-a", "100.64.1.5/32")]);
+    let mut n = node("node-a");
+    n.not_after = NOW + 600;
+    let g = authorize(&n, &ask("post-1", "u1"), &v, &issuance()).unwrap();
+    assert_eq!(g.not_after, NOW + 600);
+}
+
+#[test]
+fn requests_that_are_refused_say_why() {
+    let v = view(&[
+        pod("post-1", "u1", "node-a", "100.64.1.5/32"),
+        pod("api-1", "u2", "node-b", "100.64.2.5/32"),
+        {
+            let mut p = pod("search-1", "u3", "node-a", "100.64.1.6/32");
+            p.addrs.clear();
+            p
+        },
+    ]);
+    let a = node("node-a");
+    let refuse = |n: &CertBody, r: WorkloadRef| authorize(n, &r, &v, &issuance()).unwrap_err();
+    assert_eq!(
+        refuse(&a, ask("api-1", "u2")),
+        Refusal::NotOnThisNode {
+            namespace: "microblog".into(),
+            name: "api-1".into(),
+            node: NodeName {
+                namespace: "nodes".into(),
+                name: "node-a".into()
+            }
+        },
+        "a pod scheduled on another node"
+    );
+    assert!(matches!(
+        refuse(&a, ask("post-2", "u9")),
+        Refusal::UnknownWorkload { .. }
+    ));
+    assert!(
+        matches!(refuse(&a, ask("post-1", "u0")), Refusal::Replaced { ref uid, .. } if uid == "u1"),
+        "a deleted pod's name, now another pod's"
+    );
+    assert!(matches!(
+        refuse(&a, ask("search-1", "u3")),
+        Refusal::NoAddress { .. }
+    ));
+    assert_eq!(
+        refuse(&a, ask("", "u1")),
+        Refusal::Malformed { field: "name" }
+    );
+    assert_eq!(
+        refuse(&a, ask(&"x".repeat(254), "u1")),
+        Refusal::Malformed { field: "name" }
+    );
+    // Another trust domain's node, a CA, an expired node certificate.
+    let mut foreign = a.clone();
+    foreign.trust_domain = "other.org".into();
+    assert!(matches!(
+        refuse(&foreign, ask("post-1", "u1")),
+        Refusal::ForeignNode(_)
+    ));
+    let mut ca = a.clone();
+    ca.kind = CertKind::Ca;
+    assert!(matches!(
+        refuse(&ca, ask("post-1", "u1")),
+        Refusal::ForeignNode(_)
+    ));
+    let mut old = a.clone();
+    old.not_after = NOW - 1;
+    assert_eq!(refuse(&old, ask("post-1", "u1")), Refusal::NodeNotValid);
+    // The same name in another namespace is another node.
+    let mut elsewhere = a.clone();
+    elsewhere.namespace = "vms".into();
+    assert!(matches!(
+        refuse(&elsewhere, ask("post-1", "u1")),
+        Refusal::NotOnThisNode { .. }
+    ));
+    // The messages name the workload and the node.
+    assert_eq!(
+        refuse(&a, ask("api-1", "u2")).to_string(),
+        "workload microblog/api-1 does not run on node nodes/node-a"
+    );
+}
+
+fn arb_pod() -> impl Strategy<Value = Workload> {
+    (0u8..6, 0u8..3, 0u8..3, 0u8..4, any::<bool>()).prop_map(|(n, uid, on, last, addr)| {
+        let mut p = pod(
+            &format!("svc{}-{n}", n % 3),
+            &format!("u{uid}"),
+            &format!("node-{on}"),
+            &format!("100.64.0.{}/32", 10 + last),
+        );
+        if !addr {
+            p.addrs.clear();
+        }
+        p
+    })
+}
+
+proptest! {
+    /// Whatever the view and the request, a certificate is given exactly when the view has that
+    /// workload, with that UID, on that node, with an address; and it says only what the view
+    /// says, bound to the requesting node's key, for at most the lifetime and the node's own.
+    #[test]
+    fn a_grant_is_exactly_what_the_view_allows(
+        pods in prop::collection::vec(arb_pod(), 0..8),
+        asked in (0u8..6, 0u8..3, 0u8..3),
+        lifetime in 1u64..100_000,
+        node_left in 1u64..100_000,
+    ) {
+        let v = view(&pods);
+        let (n, uid, on) = asked;
+        let mut requester = node(&format!("node-{on}"));
+        requester.not_after = NOW + node_left;
+        let request = ask(&format!("svc{}-{n}", n % 3), &format!("u{uid}"));
+        let iss = Issuance { lifetime_secs: lifetime, ..issuance() };
+        let known = v.workload(&request.namespace, &request.name);
+        let allowed = known.filter(|w| {
+            w.reference.uid == request.uid
+                && w.node.name == requester.name
+                && w.node.namespace == requester.namespace
+                && !w.addrs.is_empty()
+        });
+        match (authorize(&requester, &request, &v, &iss), allowed) {
+            (Ok(g), Some(w)) => {
+                prop_assert_eq!(&g.name, &w.service_account);
+                prop_assert_eq!(&g.namespace, &w.reference.namespace);
+                prop_assert_eq!(&g.labels, &w.labels);
+                prop_assert_eq!(&g.addrs, &w.addrs);
+                prop_assert_eq!(&g.ports, &w.ports);
+                prop_assert_eq!(g.public_key, requester.public_key);
+                prop_assert!(g.not_after <= NOW + lifetime && g.not_after <= requester.not_after);
+                prop_assert_eq!(g.not_before, NOW);
+            }
+            (Err(_), None) => {}
+            (got, want) => prop_assert!(false, "got {:?}, the view allows {:?}", got, want),
+        }
+    }
+}
