@@ -201,5 +201,107 @@ pub fn authorize(
     })
 }
 
+/// Why the registry refuses a workload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("workload {namespace}/{name}: {reason}")]
+    Invalid {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("workload {namespace}/{name}: address {addr} is held by {holder}; remove it first")]
+    AddressTaken {
+        namespace: String,
+        name: String,
+        addr: Cidr,
+        holder: String,
+    },
+}
+
+/// The workloads the operator (or the lab) registered by hand: `meshctl workload register`.
+/// A view as Kubernetes' pods are: each address held by one workload at a time, and a workload
+/// registered again under its name is replaced (a new UID is a new workload).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    workloads: BTreeMap<(String, String), Workload>,
+}
+
+impl Registry {
+    /// Adds `w`, or replaces the workload of its namespace and name; returns the one replaced.
+    /// Refused when a field could not go into a certificate, or an address is another's.
+    pub fn register(&mut self, w: Workload) -> Result<Option<Workload>, RegistryError> {
+        let r = &w.reference;
+        let invalid = |reason: String| RegistryError::Invalid {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            reason,
+        };
+        for (field, value) in [("name", &r.name), ("uid", &r.uid)] {
+            if value.is_empty() || value.len() > MAX_REF_BYTES {
+                return Err(invalid(format!("{field} must be 1-253 bytes")));
+            }
+        }
+        if w.node.namespace.is_empty() || w.node.name.is_empty() {
+            return Err(invalid("no node".into()));
+        }
+        if w.addrs.is_empty() {
+            return Err(invalid("no overlay address".into()));
+        }
+        let host = |a: &Cidr| a.prefix_len() == if a.addr().is_ipv4() { 32 } else { 128 };
+        if let Some(a) = w.addrs.iter().find(|a| !host(a)) {
+            return Err(invalid(format!("{a} is not one address (/32 or /128)")));
+        }
+        // What a certificate would say must be a valid certificate.
+        let probe = Grant {
+            trust_domain: "registry.check".into(),
+            namespace: r.namespace.clone(),
+            name: w.service_account.clone(),
+            labels: w.labels.clone(),
+            addrs: w.addrs.clone(),
+            ports: w.ports.clone(),
+            public_key: [0; 32],
+            not_before: 0,
+            not_after: 0,
+        };
+        probe
+            .body(1, [0; 32])
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
+        let key = (r.namespace.clone(), r.name.clone());
+        for (k, other) in &self.workloads {
+            if *k == key {
+                continue;
+            }
+            if let Some(addr) = w.addrs.iter().find(|a| other.addrs.contains(a)) {
+                return Err(RegistryError::AddressTaken {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    addr: *addr,
+                    holder: format!("{}/{}", k.0, k.1),
+                });
+            }
+        }
+        Ok(self.workloads.insert(key, w))
+    }
+
+    /// Removes the workload `namespace/name`; returns it if there was one.
+    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<Workload> {
+        self.workloads
+            .remove(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every workload, by namespace and name.
+    pub fn iter(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values()
+    }
+}
+
+impl WorkloadView for Registry {
+    fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.workloads.workload(namespace, name)
+    }
+}
+
 #[cfg(test)]
 mod tests;

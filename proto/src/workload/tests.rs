@@ -235,3 +235,71 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_registry_holds_each_address_once_and_replaces_a_workload_by_name() {
+    let mut r = Registry::default();
+    assert_eq!(
+        r.register(pod("post-1", "u1", "node-a", "100.64.1.5/32")),
+        Ok(None)
+    );
+    assert_eq!(
+        r.register(pod("api-1", "u2", "node-b", "100.64.2.5/32")),
+        Ok(None)
+    );
+    // Another workload may not take post-1's address while post-1 holds it.
+    let err = r
+        .register(pod("search-1", "u3", "node-b", "100.64.1.5/32"))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "workload microblog/search-1: address 100.64.1.5/32 is held by microblog/post-1; remove it first"
+    );
+    // post-1 again, with a new UID (a new pod of that name) on another node: it replaces the old.
+    let old = r
+        .register(pod("post-1", "u9", "node-b", "100.64.1.5/32"))
+        .unwrap();
+    assert_eq!(old.map(|w| w.reference.uid), Some("u1".into()));
+    let g = authorize(&node("node-b"), &ask("post-1", "u9"), &r, &issuance()).unwrap();
+    assert_eq!(g.addrs, vec!["100.64.1.5/32".parse().unwrap()]);
+    assert!(matches!(
+        authorize(&node("node-a"), &ask("post-1", "u1"), &r, &issuance()),
+        Err(Refusal::Replaced { .. })
+    ));
+    // Removed, its address is free, and nothing is issued for it any more.
+    assert!(r.remove("microblog", "post-1").is_some());
+    assert!(r.remove("microblog", "post-1").is_none());
+    assert!(matches!(
+        authorize(&node("node-b"), &ask("post-1", "u9"), &r, &issuance()),
+        Err(Refusal::UnknownWorkload { .. })
+    ));
+    assert_eq!(
+        r.register(pod("search-1", "u3", "node-b", "100.64.1.5/32")),
+        Ok(None)
+    );
+    assert_eq!(r.iter().count(), 2);
+}
+
+#[test]
+fn the_registry_refuses_what_could_not_be_certified() {
+    let mut r = Registry::default();
+    let bad = |change: &dyn Fn(&mut Workload)| {
+        let mut p = pod("post-1", "u1", "node-a", "100.64.1.5/32");
+        change(&mut p);
+        Registry::default().register(p).unwrap_err().to_string()
+    };
+    assert!(bad(&|p| p.addrs.clear()).contains("no overlay address"));
+    assert!(bad(&|p| p.addrs = vec!["100.64.1.0/24".parse().unwrap()]).contains("not one address"));
+    assert!(bad(&|p| p.reference.uid.clear()).contains("uid must be 1-253 bytes"));
+    assert!(bad(&|p| p.node.name.clear()).contains("no node"));
+    assert!(bad(&|p| p.service_account = "Not A Name".into()).contains("name"));
+    assert!(bad(&|p| {
+        p.labels.insert("bad key!".into(), "v".into());
+    })
+    .contains("label"));
+    assert!(r.iter().next().is_none());
+    assert_eq!(
+        r.register(pod("post-1", "u1", "node-a", "fd00::5/128")),
+        Ok(None)
+    );
+}
