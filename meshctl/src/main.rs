@@ -12,6 +12,7 @@ mod peer;
 mod policy;
 mod policy_set;
 mod status;
+mod workload;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -46,6 +47,12 @@ enum Command {
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
+    },
+    /// The registry of workloads an online issuer may certify (VMs, the lab): register, list,
+    /// remove.
+    Workload {
+        #[command(subcommand)]
+        command: WorkloadCommand,
     },
     /// Print meshctl's version and the git commit it was built from.
     Version,
@@ -490,6 +497,32 @@ enum CrlCommand {
 }
 
 #[derive(Subcommand)]
+enum WorkloadCommand {
+    /// Register a workload on a node (or replace the one of that namespace and name).
+    Register(workload::RegisterArgs),
+    /// List the registered workloads.
+    List {
+        /// The CA directory whose registry (workloads.yaml) to read.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
+        output: Output,
+    },
+    /// Remove a workload: no certificate is issued for it any more.
+    Remove {
+        /// The CA directory whose registry (workloads.yaml) this changes.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The workload's namespace.
+        #[arg(long)]
+        namespace: String,
+        /// The workload's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum IdentityCommand {
     /// Issue a certificate binding a WireGuard public key to TD/NAMESPACE/NAME, labels and addresses.
     Issue(identity::IssueArgs),
@@ -773,6 +806,20 @@ fn main() -> ExitCode {
         Command::Identity {
             command: IdentityCommand::Inspect { file, ca, output },
         } => identity::inspect(&file, ca.as_deref(), output),
+        Command::Workload {
+            command: WorkloadCommand::Register(args),
+        } => workload::register(args),
+        Command::Workload {
+            command: WorkloadCommand::List { ca, output },
+        } => workload::list(&ca, output),
+        Command::Workload {
+            command:
+                WorkloadCommand::Remove {
+                    ca,
+                    namespace,
+                    name,
+                },
+        } => workload::remove(&ca, &namespace, &name),
         Command::Version => {
             println!("meshctl {VERSION}");
             Ok(())

@@ -635,3 +635,132 @@ fn both_binaries_name_the_git_commit_they_were_built_from() {
         "{text}"
     );
 }
+
+#[test]
+fn workloads_are_registered_listed_replaced_and_removed_and_a_refused_change_keeps_the_registry() {
+    let d = Dir::new("workloads");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        &d.p("ca"),
+    ]);
+    let ca = d.p("ca");
+    let register = |name: &str, uid: &str, node: &str, ip: &str| {
+        meshctl(&[
+            "workload",
+            "register",
+            "--ca",
+            &ca,
+            "--namespace",
+            "microblog",
+            "--name",
+            name,
+            "--uid",
+            uid,
+            "--service-account",
+            name.split('-').next().unwrap(),
+            "--node",
+            node,
+            "--ip",
+            ip,
+            "--label",
+            "app=post",
+            "--port",
+            "http=8080/tcp",
+        ])
+    };
+    let out = register("post-1", "u1", "nodes/node-a", "100.64.1.5/32");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "registered microblog/post-1 (uid u1) on nodes/node-a\n"
+    );
+    let file = d.p("ca/workloads.yaml");
+    assert_eq!(mode(&file), 0o600);
+    let before = std::fs::read(&file).unwrap();
+
+    // Another workload may not take post-1's address: refused, the file untouched.
+    let out = register("search-1", "u3", "nodes/node-b", "100.64.1.5/32");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("100.64.1.5/32 is held by microblog/post-1") && err.contains("unchanged"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    // Bad input names the flag.
+    let out = register("api-1", "u4", "node-b", "100.64.2.5/32");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node"));
+
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["workload", "list", "--ca", &ca, "-o", "json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["serviceAccount"], "post");
+    assert_eq!(list[0]["node"], "nodes/node-a");
+    assert_eq!(list[0]["addrs"][0], "100.64.1.5/32");
+    assert_eq!(list[0]["ports"][0], "http=8080/tcp");
+
+    // The same pod name again, a new pod on another node: it replaces the old one.
+    let out = register("post-1", "u2", "nodes/node-b", "100.64.1.5/32");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replacing uid u1 on nodes/node-a"));
+    let table = ok(&["workload", "list", "--ca", &ca]);
+    assert!(
+        table.contains("microblog/post-1\tpost\tnodes/node-b\t100.64.1.5/32"),
+        "{table}"
+    );
+
+    ok(&[
+        "workload",
+        "remove",
+        "--ca",
+        &ca,
+        "--namespace",
+        "microblog",
+        "--name",
+        "post-1",
+    ]);
+    let out = meshctl(&[
+        "workload",
+        "remove",
+        "--ca",
+        &ca,
+        "--namespace",
+        "microblog",
+        "--name",
+        "post-1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no workload microblog/post-1"));
+    // Its address is free again.
+    let out = register("search-1", "u3", "nodes/node-b", "100.64.1.5/32");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A hand-edited file with a misspelt key: every command says where, and changes nothing.
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("serviceAccount", "serviceAcount");
+    std::fs::write(&file, &text).unwrap();
+    let out = meshctl(&["workload", "list", "--ca", &ca]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("workloads.yaml") && err.contains("serviceAcount"),
+        "{err}"
+    );
+    assert!(!register("post-2", "u5", "nodes/node-a", "100.64.1.9/32")
+        .status
+        .success());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+}

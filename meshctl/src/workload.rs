@@ -1,0 +1,332 @@
+//! `meshctl workload`: the registry of workloads an online issuer may certify, for VMs and the
+//! lab (Kubernetes has its own: the API server). It lives in the CA directory as
+//! `workloads.yaml`; `register`, `list` and `remove` read it whole, check it, and replace it
+//! atomically, so a refused change leaves the registry as it was. What a workload may be, and who
+//! may be given its certificate, is decided in `proto::workload`.
+
+use crate::{Failure, Output};
+use anyhow::{anyhow, Context};
+use proto::cert::NamedPort;
+use proto::workload::{NodeName, Registry, Workload, WorkloadRef};
+use proto::Cidr;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The largest registry file read.
+const MAX_REGISTRY_BYTES: u64 = 16 << 20;
+
+/// One workload as the file writes it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Entry {
+    namespace: String,
+    name: String,
+    uid: String,
+    service_account: String,
+    /// `NAMESPACE/NAME` of the node's own certificate.
+    node: String,
+    addrs: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    /// `NAME=PORT/PROTO`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ports: Vec<String>,
+}
+
+impl Entry {
+    fn of(w: &Workload) -> Entry {
+        Entry {
+            namespace: w.reference.namespace.clone(),
+            name: w.reference.name.clone(),
+            uid: w.reference.uid.clone(),
+            service_account: w.service_account.clone(),
+            node: w.node.to_string(),
+            addrs: w.addrs.clone(),
+            labels: w.labels.clone(),
+            ports: w.ports.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn workload(self) -> anyhow::Result<Workload> {
+        let node = parse_node(&self.node)?;
+        let ports = self
+            .ports
+            .iter()
+            .map(|p| {
+                p.parse::<NamedPort>()
+                    .map_err(|e| anyhow!("port `{p}`: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Workload {
+            reference: WorkloadRef {
+                namespace: self.namespace,
+                name: self.name,
+                uid: self.uid,
+            },
+            service_account: self.service_account,
+            labels: self.labels,
+            addrs: self.addrs,
+            ports,
+            node,
+        })
+    }
+}
+
+/// `NAMESPACE/NAME` of a node.
+fn parse_node(s: &str) -> anyhow::Result<NodeName> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(NodeName {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            })
+        }
+        _ => Err(anyhow!(
+            "node `{s}`: expected NAMESPACE/NAME, as the node's certificate names it"
+        )),
+    }
+}
+
+/// The registry file of CA directory `ca`.
+pub fn registry_path(ca: &Path) -> PathBuf {
+    ca.join("workloads.yaml")
+}
+
+/// Reads and checks a registry file; a missing file is an empty registry.
+pub fn load(path: &Path) -> anyhow::Result<Registry> {
+    let text = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Registry::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Ok(m) if m.len() > MAX_REGISTRY_BYTES => {
+            return Err(anyhow!(
+                "{}: larger than {MAX_REGISTRY_BYTES} bytes",
+                path.display()
+            ))
+        }
+        Ok(_) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+    };
+    parse(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// A registry from its YAML text: a list of workloads.
+fn parse(text: &str) -> anyhow::Result<Registry> {
+    let entries: Vec<Entry> = if text.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_yaml_ng::from_str(text)?
+    };
+    let mut registry = Registry::default();
+    for (i, e) in entries.into_iter().enumerate() {
+        let what = format!("workload {} ({}/{})", i + 1, e.namespace, e.name);
+        let w = e.workload().with_context(|| what.clone())?;
+        if registry.register(w)?.is_some() {
+            return Err(anyhow!("{what}: registered twice"));
+        }
+    }
+    Ok(registry)
+}
+
+fn render(registry: &Registry) -> String {
+    let entries: Vec<Entry> = registry.iter().map(Entry::of).collect();
+    let body = if entries.is_empty() {
+        String::new()
+    } else {
+        serde_yaml_ng::to_string(&entries).expect("a registry encodes")
+    };
+    format!(
+        "# Workloads an online issuer may certify: written by `meshctl workload register`.\n{body}"
+    )
+}
+
+fn save(path: &Path, registry: &Registry) -> anyhow::Result<()> {
+    keyfile::replace(path, render(registry).as_bytes(), 0o600)
+}
+
+#[derive(clap::Args)]
+pub struct RegisterArgs {
+    /// The CA directory whose registry (workloads.yaml) this changes.
+    #[arg(long, value_name = "DIR")]
+    pub ca: PathBuf,
+    /// The workload's namespace.
+    #[arg(long)]
+    pub namespace: String,
+    /// The workload's name (a pod's name; a VM service's name).
+    #[arg(long)]
+    pub name: String,
+    /// Tells this workload from an earlier one of the same name (a pod's UID); made up when
+    /// left out.
+    #[arg(long)]
+    pub uid: Option<String>,
+    /// The service account: the name its certificate will carry.
+    #[arg(long)]
+    pub service_account: String,
+    /// The node that runs it: NAMESPACE/NAME of that node's certificate.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub node: String,
+    /// An overlay address (/32 or /128); repeat for more.
+    #[arg(long = "ip", required = true)]
+    pub ips: Vec<Cidr>,
+    /// A label KEY=VALUE; repeat for more.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// A named port NAME=PORT[/tcp|udp|sctp]; repeat for more.
+    #[arg(long = "port", value_name = "NAME=PORT/PROTO")]
+    pub ports: Vec<NamedPort>,
+}
+
+pub fn register(a: RegisterArgs) -> Result<(), Failure> {
+    let input = Failure::input;
+    let mut labels = BTreeMap::new();
+    for l in &a.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| input(anyhow!("--label `{l}`: expected KEY=VALUE")))?;
+        if labels.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(input(anyhow!("--label: key `{k}` given twice")));
+        }
+    }
+    let node = parse_node(&a.node).map_err(|e| input(anyhow!("--node: {e}")))?;
+    let uid = a
+        .uid
+        .unwrap_or_else(|| format!("{:016x}", crate::ca::new_serial()));
+    let path = registry_path(&a.ca);
+    let mut registry = load(&path)?;
+    let w = Workload {
+        reference: WorkloadRef {
+            namespace: a.namespace,
+            name: a.name,
+            uid,
+        },
+        service_account: a.service_account,
+        labels,
+        addrs: a.ips,
+        ports: a.ports,
+        node,
+    };
+    let said = format!(
+        "{}/{} (uid {}) on {}",
+        w.reference.namespace, w.reference.name, w.reference.uid, w.node
+    );
+    let replaced = registry
+        .register(w)
+        .map_err(|e| input(anyhow!("{e}; the registry is unchanged")))?;
+    save(&path, &registry)?;
+    match replaced {
+        Some(old) => println!(
+            "registered {said}, replacing uid {} on {}",
+            old.reference.uid, old.node
+        ),
+        None => println!("registered {said}"),
+    }
+    Ok(())
+}
+
+pub fn remove(ca: &Path, namespace: &str, name: &str) -> Result<(), Failure> {
+    let path = registry_path(ca);
+    let mut registry = load(&path)?;
+    let Some(old) = registry.remove(namespace, name) else {
+        return Err(Failure::input(anyhow!(
+            "no workload {namespace}/{name} in {}",
+            path.display()
+        )));
+    };
+    save(&path, &registry)?;
+    println!(
+        "removed {namespace}/{name} (uid {}) from {}",
+        old.reference.uid, old.node
+    );
+    Ok(())
+}
+
+pub fn list(ca: &Path, output: Output) -> Result<(), Failure> {
+    let registry = load(&registry_path(ca))?;
+    let entries: Vec<Entry> = registry.iter().map(Entry::of).collect();
+    let Some(wide) = output.data(&entries)? else {
+        return Ok(());
+    };
+    println!(
+        "NAMESPACE/NAME\tSERVICE ACCOUNT\tNODE\tADDRESSES{}",
+        if wide { "\tUID\tLABELS" } else { "" }
+    );
+    for e in &entries {
+        let addrs: Vec<String> = e.addrs.iter().map(ToString::to_string).collect();
+        print!(
+            "{}/{}\t{}\t{}\t{}",
+            e.namespace,
+            e.name,
+            e.service_account,
+            e.node,
+            addrs.join(",")
+        );
+        if wide {
+            let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            print!("\t{}\t{}", e.uid, labels.join(","));
+        }
+        println!();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "# a comment
+- namespace: microblog
+  name: post-1
+  uid: u1
+  serviceAccount: post
+  node: nodes/node-a
+  addrs: [100.64.1.5/32]
+  labels: {app: post}
+  ports: [http=8080/tcp]
+- namespace: microblog
+  name: api-1
+  uid: u2
+  serviceAccount: api
+  node: nodes/node-b
+  addrs: [100.64.2.5/32, fd00::2:5/128]
+";
+
+    #[test]
+    fn a_registry_file_round_trips() {
+        let r = parse(FILE).unwrap();
+        assert_eq!(r.iter().count(), 2);
+        let again = parse(&render(&r)).unwrap();
+        assert_eq!(again, r);
+        assert!(parse("").unwrap().iter().next().is_none());
+        assert!(parse(&render(&Registry::default()))
+            .unwrap()
+            .iter()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn a_bad_registry_file_says_which_workload_and_what() {
+        let err = |text: &str| format!("{:#}", parse(text).unwrap_err());
+        let e = err(&FILE.replace("serviceAccount: api", "serviceAcount: api"));
+        assert!(e.contains("unknown field `serviceAcount`"), "{e}");
+        let e = err(&FILE.replace("nodes/node-b", "node-b"));
+        assert!(
+            e.contains("workload 2 (microblog/api-1)") && e.contains("NAMESPACE/NAME"),
+            "{e}"
+        );
+        let e = err(&FILE.replace("100.64.2.5/32", "100.64.1.5/32"));
+        assert!(e.contains("is held by microblog/post-1"), "{e}");
+        let e = err(&FILE.replace("http=8080/tcp", "http=80/icmp"));
+        assert!(
+            e.contains("workload 1 (microblog/post-1)") && e.contains("port"),
+            "{e}"
+        );
+        let e = err(&FILE.replace("name: api-1", "name: post-1"));
+        assert!(
+            e.contains("registered twice") || e.contains("is held by"),
+            "{e}"
+        );
+        let e = err("namespace: x");
+        assert!(e.contains("invalid type"), "{e}");
+    }
+}
