@@ -53,18 +53,24 @@ pub struct IssueArgs {
     pub force: bool,
 }
 
+/// `--label KEY=VALUE` flags as a map; a key given twice is an error.
+pub fn parse_labels(flags: &[String]) -> Result<BTreeMap<String, String>, Failure> {
+    let mut labels = BTreeMap::new();
+    for l in flags {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| Failure::input(anyhow!("--label `{l}`: expected KEY=VALUE")))?;
+        if labels.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(Failure::input(anyhow!("--label: key `{k}` given twice")));
+        }
+    }
+    Ok(labels)
+}
+
 pub fn issue(a: IssueArgs) -> Result<(), Failure> {
     let input = |e: anyhow::Error| Failure::input(e);
     let ttl = proto::duration::parse(&a.ttl).map_err(|e| input(anyhow!("--ttl: {e}")))?;
-    let mut labels = BTreeMap::new();
-    for l in &a.labels {
-        let (k, v) = l
-            .split_once('=')
-            .ok_or_else(|| input(anyhow!("--label `{l}`: expected KEY=VALUE")))?;
-        if labels.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(input(anyhow!("--label: key `{k}` given twice")));
-        }
-    }
+    let labels = parse_labels(&a.labels)?;
     let mut addrs = Vec::new();
     for ip in &a.ips {
         let c: Cidr = ip.parse().map_err(|e| input(anyhow!("--ip `{ip}`: {e}")))?;

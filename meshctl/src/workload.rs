@@ -178,15 +178,7 @@ pub struct RegisterArgs {
 
 pub fn register(a: RegisterArgs) -> Result<(), Failure> {
     let input = Failure::input;
-    let mut labels = BTreeMap::new();
-    for l in &a.labels {
-        let (k, v) = l
-            .split_once('=')
-            .ok_or_else(|| input(anyhow!("--label `{l}`: expected KEY=VALUE")))?;
-        if labels.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(input(anyhow!("--label: key `{k}` given twice")));
-        }
-    }
+    let labels = crate::identity::parse_labels(&a.labels)?;
     let node = parse_node(&a.node).map_err(|e| input(anyhow!("--node: {e}")))?;
     let uid = a
         .uid

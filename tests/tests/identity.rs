@@ -717,26 +717,20 @@ fn workloads_are_registered_listed_replaced_and_removed_and_a_refused_change_kee
         "{table}"
     );
 
-    ok(&[
-        "workload",
-        "remove",
-        "--ca",
-        &ca,
-        "--namespace",
-        "microblog",
-        "--name",
-        "post-1",
-    ]);
-    let out = meshctl(&[
-        "workload",
-        "remove",
-        "--ca",
-        &ca,
-        "--namespace",
-        "microblog",
-        "--name",
-        "post-1",
-    ]);
+    let remove = || {
+        meshctl(&[
+            "workload",
+            "remove",
+            "--ca",
+            &ca,
+            "--namespace",
+            "microblog",
+            "--name",
+            "post-1",
+        ])
+    };
+    assert!(remove().status.success());
+    let out = remove();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no workload microblog/post-1"));
     // Its address is free again.

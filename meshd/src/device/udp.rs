@@ -540,7 +540,19 @@ mod tests {
         assert_eq!(SEGMENT_CMSG_SPACE, unsafe { libc::CMSG_SPACE(2) } as usize);
     }
 
-    /// Sends the batch of `a_batch_leaves_in_one_call...` through `send_runs_via` with a
+    /// Seven datagrams back to back (sizes, bytes) and how GSO carries them: 100 100 100 40 (one
+    /// message, segmented) | 7 | 100 60.
+    fn batch() -> ([usize; 7], Vec<u8>, Vec<Run>) {
+        let sizes = [100usize, 100, 100, 40, 7, 100, 60];
+        let mut buf = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            buf.extend(std::iter::repeat_n(i as u8, *n));
+        }
+        let run = |bytes, size| Run { bytes, size };
+        (sizes, buf, vec![run(340, 100), run(7, 7), run(160, 100)])
+    }
+
+    /// Sends [`batch`] through `send_runs_via` with a
     /// `sendmmsg` that refuses every segmented message with `errno`, as a kernel or device that
     /// cannot segment does. (This kernel segments in software even on a device without checksum
     /// offload, so the refusal cannot be provoked from outside.) Checks that every datagram
@@ -551,22 +563,7 @@ mod tests {
             .unwrap();
         let tx = bind(0, 0, true).unwrap();
         assert!(tx.gso(), "this kernel has UDP GSO");
-        let sizes = [100usize, 100, 100, 40, 7, 100, 60];
-        let mut buf = Vec::new();
-        for (i, n) in sizes.iter().enumerate() {
-            buf.extend(std::iter::repeat_n(i as u8, *n));
-        }
-        let runs = [
-            Run {
-                bytes: 340,
-                size: 100,
-            },
-            Run { bytes: 7, size: 7 },
-            Run {
-                bytes: 160,
-                size: 100,
-            },
-        ];
+        let (sizes, buf, runs) = batch();
         let fd = tx.socket.as_raw_fd();
         let mut calls = 0;
         let (sent, r) = tx.send_runs_via(&buf, &runs, rx.local_addr().unwrap(), |hdrs| {
@@ -632,25 +629,10 @@ mod tests {
         rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();
         let tx = bind(0, 0, true).unwrap();
-        let sizes = [100usize, 100, 100, 40, 7, 100, 60];
-        let mut buf = Vec::new();
-        for (i, n) in sizes.iter().enumerate() {
-            buf.extend(std::iter::repeat_n(i as u8, *n));
-        }
-        let max = tx.max_segments(100);
-        // 100 100 100 40 (one message, segmented where GSO is on) | 7 | 100 60
-        let runs: Vec<Run> = if max > 1 {
-            vec![
-                Run {
-                    bytes: 340,
-                    size: 100,
-                },
-                Run { bytes: 7, size: 7 },
-                Run {
-                    bytes: 160,
-                    size: 100,
-                },
-            ]
+        let (sizes, buf, segmented) = batch();
+        // Segmented where GSO is on, one datagram per message where it is off.
+        let runs: Vec<Run> = if tx.max_segments(100) > 1 {
+            segmented
         } else {
             sizes.iter().map(|&n| Run { bytes: n, size: n }).collect()
         };
