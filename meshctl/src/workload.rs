@@ -7,7 +7,7 @@
 use crate::{Failure, Output};
 use anyhow::{anyhow, Context};
 use proto::cert::NamedPort;
-use proto::workload::{NodeName, Registry, Workload, WorkloadRef};
+use proto::workload::{NodeName, Registry, Workload, WorkloadRef, WorkloadView};
 use proto::Cidr;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -94,20 +94,63 @@ pub fn registry_path(ca: &Path) -> PathBuf {
 
 /// Reads and checks a registry file; a missing file is an empty registry.
 pub fn load(path: &Path) -> anyhow::Result<Registry> {
-    let text = match std::fs::metadata(path) {
+    use std::io::Read;
+    let reading = || format!("reading {}", path.display());
+    match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Registry::default()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        Ok(m) if m.len() > MAX_REGISTRY_BYTES => {
-            return Err(anyhow!(
-                "{}: larger than {MAX_REGISTRY_BYTES} bytes",
-                path.display()
-            ))
-        }
-        Ok(_) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
-        }
-    };
+        Err(e) => return Err(e).with_context(reading),
+        Ok(m) if !m.is_file() => return Err(anyhow!("{}: not a regular file", path.display())),
+        Ok(_) => {}
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .with_context(reading)?
+        .take(MAX_REGISTRY_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(reading)?;
+    if text.len() as u64 > MAX_REGISTRY_BYTES {
+        return Err(anyhow!(
+            "{}: larger than {MAX_REGISTRY_BYTES} bytes",
+            path.display()
+        ));
+    }
     parse(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// Checks that `ca` is a CA directory (it has ca.crt), so that a mistyped path is an error,
+/// not an empty registry.
+fn ca_dir(ca: &Path) -> Result<(), Failure> {
+    if ca.join("ca.crt").is_file() {
+        Ok(())
+    } else {
+        Err(Failure::input(anyhow!(
+            "{} is not a CA directory (no ca.crt; see meshctl ca init)",
+            ca.display()
+        )))
+    }
+}
+
+/// The registry's lock: an exclusive `flock` on workloads.lock in the CA directory, held from
+/// reading the registry to replacing it, so two changes at once never lose one.
+struct Lock(#[allow(dead_code)] std::fs::File);
+
+fn lock(ca: &Path) -> anyhow::Result<Lock> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = ca.join("workloads.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor we own; released when it closes.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(Lock(f))
 }
 
 /// A registry from its YAML text: a list of workloads.
@@ -180,11 +223,19 @@ pub fn register(a: RegisterArgs) -> Result<(), Failure> {
     let input = Failure::input;
     let labels = crate::identity::parse_labels(&a.labels)?;
     let node = parse_node(&a.node).map_err(|e| input(anyhow!("--node: {e}")))?;
-    let uid = a
-        .uid
-        .unwrap_or_else(|| format!("{:016x}", crate::ca::new_serial()));
+    ca_dir(&a.ca)?;
+    let _lock = lock(&a.ca)?;
     let path = registry_path(&a.ca);
     let mut registry = load(&path)?;
+    // Without --uid, the same workload on the same node keeps its UID (a change of labels is
+    // not a new pod); anything else is a new one.
+    let uid = a.uid.unwrap_or_else(|| {
+        registry
+            .workload(&a.namespace, &a.name)
+            .filter(|w| w.node == node)
+            .map(|w| w.reference.uid.clone())
+            .unwrap_or_else(|| format!("{:016x}", crate::ca::new_serial()))
+    });
     let w = Workload {
         reference: WorkloadRef {
             namespace: a.namespace,
@@ -216,6 +267,8 @@ pub fn register(a: RegisterArgs) -> Result<(), Failure> {
 }
 
 pub fn remove(ca: &Path, namespace: &str, name: &str) -> Result<(), Failure> {
+    ca_dir(ca)?;
+    let _lock = lock(ca)?;
     let path = registry_path(ca);
     let mut registry = load(&path)?;
     let Some(old) = registry.remove(namespace, name) else {
@@ -233,6 +286,7 @@ pub fn remove(ca: &Path, namespace: &str, name: &str) -> Result<(), Failure> {
 }
 
 pub fn list(ca: &Path, output: Output) -> Result<(), Failure> {
+    ca_dir(ca)?;
     let registry = load(&registry_path(ca))?;
     let entries: Vec<Entry> = registry.iter().map(Entry::of).collect();
     let Some(wide) = output.data(&entries)? else {
@@ -315,7 +369,7 @@ mod tests {
         );
         let e = err(&FILE.replace("name: api-1", "name: post-1"));
         assert!(
-            e.contains("registered twice") || e.contains("is held by"),
+            e.contains("workload 2 (microblog/post-1): registered twice"),
             "{e}"
         );
         let e = err("namespace: x");

@@ -65,10 +65,15 @@ impl WorkloadView for BTreeMap<(String, String), Workload> {
     }
 }
 
-/// What the issuer signs with: its trust domain, the time, and how long a certificate lives.
+/// What the issuer signs with: its trust domain, the time, how long a certificate lives, and
+/// which CAs make node certificates.
 #[derive(Debug, Clone)]
 pub struct Issuance {
     pub trust_domain: String,
+    /// The (offline) CAs whose certificates are nodes'. Workload certificates come from the
+    /// online issuer's own key, so one of them can never ask as a node: it would otherwise be
+    /// given the workloads of any node whose name its service account shares.
+    pub node_issuers: Vec<[u8; 32]>,
     /// Seconds since the Unix epoch.
     pub now: u64,
     pub lifetime_secs: u64,
@@ -115,6 +120,8 @@ impl Grant {
 pub enum Refusal {
     #[error("the requesting certificate is not an identity of trust domain {0}")]
     ForeignNode(String),
+    #[error("the requesting certificate is not a node's (its CA does not make node certificates)")]
+    NotANode,
     #[error("the requesting node's certificate is not valid now")]
     NodeNotValid,
     #[error("the request's {field} is empty or longer than 253 bytes")]
@@ -148,6 +155,9 @@ pub fn authorize(
 ) -> Result<Grant, Refusal> {
     if node.kind != CertKind::Identity || node.trust_domain != issuance.trust_domain {
         return Err(Refusal::ForeignNode(issuance.trust_domain.clone()));
+    }
+    if !issuance.node_issuers.contains(&node.issuer) {
+        return Err(Refusal::NotANode);
     }
     if !(node.not_before..=node.not_after).contains(&issuance.now) {
         return Err(Refusal::NodeNotValid);
@@ -230,7 +240,12 @@ pub struct Registry {
 impl Registry {
     /// Adds `w`, or replaces the workload of its namespace and name; returns the one replaced.
     /// Refused when a field could not go into a certificate, or an address is another's.
-    pub fn register(&mut self, w: Workload) -> Result<Option<Workload>, RegistryError> {
+    pub fn register(&mut self, mut w: Workload) -> Result<Option<Workload>, RegistryError> {
+        // A certificate holds its addresses and ports in order, each once.
+        w.addrs.sort();
+        w.addrs.dedup();
+        w.ports.sort();
+        w.ports.dedup();
         let r = &w.reference;
         let invalid = |reason: String| RegistryError::Invalid {
             namespace: r.namespace.clone(),
@@ -244,6 +259,14 @@ impl Registry {
         }
         if w.node.namespace.is_empty() || w.node.name.is_empty() {
             return Err(invalid("no node".into()));
+        }
+        if w.addrs.iter().any(|a| match a.addr() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+            _ => false,
+        }) {
+            return Err(invalid(
+                "an IPv4-mapped IPv6 address: give the IPv4 address".into(),
+            ));
         }
         if w.addrs.is_empty() {
             return Err(invalid("no overlay address".into()));
@@ -268,6 +291,41 @@ impl Registry {
             .body(1, [0; 32])
             .validate()
             .map_err(|e| invalid(e.to_string()))?;
+        // The node must be a name a certificate can hold.
+        let node_probe = Grant {
+            namespace: w.node.namespace.clone(),
+            name: w.node.name.clone(),
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            ..probe
+        };
+        node_probe
+            .body(1, [0; 32])
+            .validate()
+            .map_err(|e| invalid(format!("node {}: {e}", w.node)))?;
+        // A workload's identity must never be a node's: its certificate would name that node.
+        let sa = NodeName {
+            namespace: r.namespace.clone(),
+            name: w.service_account.clone(),
+        };
+        for other in self.workloads.values() {
+            if other.node == sa {
+                return Err(invalid(format!(
+                    "service account {} is node {}'s name",
+                    w.service_account, other.node
+                )));
+            }
+            if other.reference.namespace == w.node.namespace && other.service_account == w.node.name
+            {
+                return Err(invalid(format!(
+                    "node {} is the identity of workload {}/{}",
+                    w.node, other.reference.namespace, other.reference.name
+                )));
+            }
+        }
+        if sa == w.node {
+            return Err(invalid(format!("its identity is its node's, {}", w.node)));
+        }
         let key = (r.namespace.clone(), r.name.clone());
         for (k, other) in &self.workloads {
             if *k == key {

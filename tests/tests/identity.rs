@@ -740,6 +740,33 @@ fn workloads_are_registered_listed_replaced_and_removed_and_a_refused_change_kee
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Registered again without --uid on the same node (a label changed): the same workload.
+    let again = ok(&[
+        "workload",
+        "register",
+        "--ca",
+        &ca,
+        "--namespace",
+        "microblog",
+        "--name",
+        "search-1",
+        "--service-account",
+        "search",
+        "--node",
+        "nodes/node-b",
+        "--ip",
+        "100.64.1.5/32",
+        "--label",
+        "app=search",
+    ]);
+    assert!(
+        again.contains("(uid u3)") && again.contains("replacing uid u3"),
+        "{again}"
+    );
+    // A mistyped CA directory is an error, not an empty registry.
+    let out = meshctl(&["workload", "list", "--ca", &d.p("no-such-ca")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a CA directory"));
 
     // A hand-edited file with a misspelt key: every command says where, and changes nothing.
     let text = std::fs::read_to_string(&file)

@@ -13,18 +13,32 @@ fn node(name: &str) -> CertBody {
         trust_domain: "example.org".into(),
         namespace: "nodes".into(),
         name: name.into(),
-        public_key: [name.len() as u8; 32],
-        issuer: [9; 32],
-        labels: BTreeMap::new(),
+        public_key: key_of(name),
+        issuer: NODE_CA,
+        // What a node's own certificate says is never passed on to a workload's.
+        labels: [("role".to_string(), "node".to_string())].into(),
         addrs: vec!["100.64.0.1/32".parse().unwrap()],
-        routes: vec![],
-        ports: vec![],
+        routes: vec!["198.19.0.0/24".parse().unwrap()],
+        ports: vec!["ssh=22/tcp".parse().unwrap()],
     }
+}
+
+/// The offline CA that makes node certificates.
+const NODE_CA: [u8; 32] = [9; 32];
+
+/// A key of its own for each node name.
+fn key_of(name: &str) -> [u8; 32] {
+    let mut k = [0x55; 32];
+    for (d, s) in k.iter_mut().zip(name.bytes()) {
+        *d = s;
+    }
+    k
 }
 
 fn issuance() -> Issuance {
     Issuance {
         trust_domain: "example.org".into(),
+        node_issuers: vec![NODE_CA],
         now: NOW,
         lifetime_secs: HOUR,
     }
@@ -94,6 +108,47 @@ fn a_node_is_given_what_the_view_says_of_a_workload_it_runs_bound_to_its_own_key
         body.routes.is_empty(),
         "a workload certificate grants no gateway routes"
     );
+    assert!(!g.labels.contains_key("role") && g.ports[0].name == "http");
+}
+
+#[test]
+fn only_a_node_certificate_may_ask_and_only_while_it_is_valid() {
+    let v = view(&[pod("post-1", "u1", "node-a", "100.64.1.5/32")]);
+    let request = ask("post-1", "u1");
+    // A workload certificate (from the online issuer's key) named like the node: refused.
+    let mut workload = node("node-a");
+    workload.issuer = [8; 32];
+    assert_eq!(
+        authorize(&workload, &request, &v, &issuance()),
+        Err(Refusal::NotANode)
+    );
+    let mut early = node("node-a");
+    early.not_before = NOW + 1;
+    assert_eq!(
+        authorize(&early, &request, &v, &issuance()),
+        Err(Refusal::NodeNotValid)
+    );
+    // Valid to the second, both ends included; a lifetime of 0 is a certificate for this second.
+    let mut last = node("node-a");
+    last.not_after = NOW;
+    let g = authorize(&last, &request, &v, &issuance()).unwrap();
+    assert_eq!((g.not_before, g.not_after), (NOW, NOW));
+    let zero = Issuance {
+        lifetime_secs: 0,
+        ..issuance()
+    };
+    let g = authorize(&node("node-a"), &request, &v, &zero).unwrap();
+    assert_eq!(g.not_after, NOW);
+    // Two nodes, two keys: each grant carries its requester's.
+    let v = view(&[
+        pod("post-1", "u1", "node-a", "100.64.1.5/32"),
+        pod("post-2", "u2", "node-b", "100.64.1.6/32"),
+    ]);
+    let ga = authorize(&node("node-a"), &request, &v, &issuance()).unwrap();
+    let gb = authorize(&node("node-b"), &ask("post-2", "u2"), &v, &issuance()).unwrap();
+    assert_eq!(ga.public_key, key_of("node-a"));
+    assert_eq!(gb.public_key, key_of("node-b"));
+    assert_ne!(ga.public_key, gb.public_key);
 }
 
 #[test]
@@ -297,9 +352,46 @@ fn the_registry_refuses_what_could_not_be_certified() {
         p.labels.insert("bad key!".into(), "v".into());
     })
     .contains("label"));
+    assert!(
+        bad(&|p| p.addrs = vec!["::ffff:100.64.1.5/128".parse().unwrap()]).contains("IPv4-mapped")
+    );
+    assert!(bad(&|p| p.node.name = "Node A".into()).contains("node nodes/Node A"));
     assert!(r.iter().next().is_none());
     assert_eq!(
         r.register(pod("post-1", "u1", "node-a", "fd00::5/128")),
         Ok(None)
+    );
+    // Addresses and ports in any order, or twice, are kept in order, once.
+    let mut p = pod("api-1", "u2", "node-a", "100.64.1.9/32");
+    p.addrs = ["100.64.1.9/32", "100.64.1.7/32", "100.64.1.9/32"]
+        .map(|a| a.parse().unwrap())
+        .to_vec();
+    p.ports = ["web=80/tcp", "api=81/tcp"]
+        .map(|s| s.parse().unwrap())
+        .to_vec();
+    r.register(p).unwrap();
+    let w = r.workload("microblog", "api-1").unwrap();
+    assert_eq!(w.addrs.len(), 2);
+    assert!(w.addrs[0] < w.addrs[1] && w.ports[0].name == "api");
+}
+
+#[test]
+fn a_workload_may_not_be_named_as_a_node() {
+    // Its certificate would then name that node, and could ask for that node's workloads.
+    let mut r = Registry::default();
+    r.register(pod("post-1", "u1", "node-a", "100.64.1.5/32"))
+        .unwrap();
+    let mut p = pod("x-1", "u2", "node-b", "100.64.1.6/32");
+    p.reference.namespace = "nodes".into();
+    p.service_account = "node-a".into();
+    let e = r.register(p).unwrap_err().to_string();
+    assert!(e.contains("is node nodes/node-a's name"), "{e}");
+    // ...nor a node be a workload's identity.
+    let mut p = pod("y-1", "u3", "post", "100.64.1.7/32");
+    p.node.namespace = "microblog".into();
+    let e = r.register(p).unwrap_err().to_string();
+    assert!(
+        e.contains("is the identity of workload microblog/post-1"),
+        "{e}"
     );
 }
