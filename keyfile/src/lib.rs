@@ -16,6 +16,10 @@ pub fn create(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(contents)
         .with_context(|| format!("writing {}", path.display()))?;
+    // On disk before anyone renames it into place: a crash then leaves the old file or the new,
+    // never an empty one.
+    f.sync_all()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

@@ -22,8 +22,8 @@
 //! delivers it, and forwards it cut again.
 
 use super::{
-    fold, pseudo_header_sum, sum, transport_checksum_ok, Arena, GsoType, Layout, VnetHdr,
-    F_NEEDS_CSUM, PROTO_TCP, PROTO_UDP, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
+    fold, pseudo_header_sum, set_ipv4_checksum, sum, transport_checksum_ok, Arena, GsoType, Layout,
+    VnetHdr, F_NEEDS_CSUM, PROTO_TCP, PROTO_UDP, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
 };
 use crate::ip::IPV4_HEADER_MIN;
 
@@ -220,9 +220,7 @@ impl Coalescer {
                 debug_assert!(g.complete && g.total <= u32::from(u16::MAX));
                 head[2..4].copy_from_slice(&(g.total as u16).to_be_bytes());
                 head[6] &= !MORE_FRAGMENTS;
-                head[10..12].copy_from_slice(&[0, 0]);
-                let checksum = !fold(sum(&head[..IPV4_HEADER_MIN], 0));
-                head[10..12].copy_from_slice(&checksum.to_be_bytes());
+                set_ipv4_checksum(&mut head[..IPV4_HEADER_MIN]);
                 continue;
             }
             let l = g.layout();

@@ -695,9 +695,7 @@ proptest! {
 /// Sets the IPv4 header checksum of `p`.
 fn seal_ipv4_header(p: &mut [u8]) {
     let ihl = usize::from(p[0] & 0x0f) * 4;
-    p[10..12].copy_from_slice(&[0, 0]);
-    let c = !fold(sum(&p[..ihl], 0));
-    p[10..12].copy_from_slice(&c.to_be_bytes());
+    set_ipv4_checksum(&mut p[..ihl]);
 }
 
 /// A UDP datagram (IPv4, ID `id`) that may be fragmented: "don't fragment" clear.
