@@ -856,6 +856,15 @@ pub enum Message {
         next: u64,
         records: Vec<u8>,
     },
+    /// "These are all the workload certificates I hold now": each binds a workload's identity
+    /// to the sender's key. It replaces the sender's list of a lower `version`; an empty list
+    /// withdraws them all.
+    Workloads {
+        version: u64,
+        certificates: Vec<Certificate>,
+    },
+    /// "I took your workload list `version`" (or a newer one): the sender stops repeating it.
+    WorkloadsTaken { version: u64 },
 }
 
 impl Message {
@@ -872,6 +881,8 @@ impl Message {
             Message::GatewayServing { .. } => "gateway_serving",
             Message::FlowQuery { .. } => "flow_query",
             Message::FlowAnswer { .. } => "flow_answer",
+            Message::Workloads { .. } => "workloads",
+            Message::WorkloadsTaken { .. } => "workloads_taken",
         }
     }
 }
@@ -934,6 +945,11 @@ const MSG_GATEWAY_PROBE: u8 = 7;
 const MSG_GATEWAY_SERVING: u8 = 8;
 const MSG_FLOW_QUERY: u8 = 9;
 const MSG_FLOW_ANSWER: u8 = 10;
+const MSG_WORKLOADS: u8 = 11;
+const MSG_WORKLOADS_TAKEN: u8 = 12;
+/// Workload certificates one node announces at most (Kubernetes runs at most 110 pods on a
+/// node by default).
+pub const MAX_WORKLOADS: usize = 128;
 /// Largest signed flow query.
 pub const MAX_FLOW_QUERY_BYTES: usize = 48 * 1024;
 /// Largest piece of flow-log records in one [`Message::FlowAnswer`]; with the sealing overhead
@@ -1033,6 +1049,23 @@ impl Message {
                 b.extend_from_slice(&next.to_be_bytes());
                 b.extend_from_slice(&(records.len() as u32).to_be_bytes());
                 b.extend_from_slice(records);
+            }
+            Message::WorkloadsTaken { version } => {
+                b.push(MSG_WORKLOADS_TAKEN);
+                b.extend_from_slice(&version.to_be_bytes());
+            }
+            Message::Workloads {
+                version,
+                certificates,
+            } => {
+                b.push(MSG_WORKLOADS);
+                b.extend_from_slice(&version.to_be_bytes());
+                // Senders hold at most MAX_WORKLOADS; a longer list is cut, never invalid.
+                let n = certificates.len().min(MAX_WORKLOADS);
+                b.push(n as u8);
+                for c in &certificates[..n] {
+                    put_cert(&mut b, c);
+                }
             }
             Message::GatewayProbe { nonce } => {
                 b.push(MSG_GATEWAY_PROBE);
@@ -1175,6 +1208,27 @@ impl Message {
             MSG_GATEWAY_PROBE => Message::GatewayProbe {
                 nonce: r.u64("nonce")?,
             },
+            MSG_WORKLOADS_TAKEN => Message::WorkloadsTaken {
+                version: r.u64("version")?,
+            },
+            MSG_WORKLOADS => {
+                let version = r.u64("version")?;
+                let n = usize::from(r.u8("workload count")?);
+                if n > MAX_WORKLOADS {
+                    return Err(ControlError::Invalid {
+                        field: "workload count",
+                        reason: "more than 128",
+                    });
+                }
+                let mut certificates = Vec::with_capacity(n);
+                for _ in 0..n {
+                    certificates.push(read_cert(&mut r)?);
+                }
+                Message::Workloads {
+                    version,
+                    certificates,
+                }
+            }
             MSG_FLOW_QUERY => {
                 let n = u32::from_be_bytes(r.array("query length")?) as usize;
                 if n > MAX_FLOW_QUERY_BYTES {
@@ -1773,6 +1827,15 @@ mod tests {
                 data: vec![0xab; 100],
             },
             Message::GatewayProbe { nonce: 77 },
+            Message::Workloads {
+                version: 0,
+                certificates: vec![],
+            },
+            Message::Workloads {
+                version: u64::MAX,
+                certificates: vec![cert_for(&secret(1), "web"), cert_for(&secret(1), "api")],
+            },
+            Message::WorkloadsTaken { version: 77 },
             Message::FlowQuery {
                 query: vec![1, 2, 3],
             },
@@ -1851,6 +1914,50 @@ mod tests {
             long.push(0);
             assert_eq!(Message::decode(&long), Err(ControlError::TrailingBytes(1)));
         }
+    }
+
+    #[test]
+    fn a_full_list_of_pod_certificates_is_one_message_and_one_more_is_refused() {
+        // A pod's certificate as the issuer makes it: a few labels, two addresses, a port.
+        let ca = SigningKey::from_bytes(&[5; 32]);
+        let pod = |i: u32| {
+            let mut c = cert_for(&secret(1), "microblog-post-service-account").body;
+            c.serial = u64::from(i);
+            c.namespace = "microblog-production".into();
+            for (k, v) in [
+                ("app", "post"),
+                ("app.kubernetes.io/part-of", "microblog"),
+                ("pod-template-hash", "7d9f8c6b5d"),
+                ("tier", "backend"),
+            ] {
+                c.labels.insert(k.into(), v.into());
+            }
+            let [_, _, hi, lo] = i.to_be_bytes();
+            c.addrs = vec![
+                Cidr::new(Ipv4Addr::new(100, 64, hi, lo).into(), 32).unwrap(),
+                Cidr::new(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i as u16).into(), 128).unwrap(),
+            ];
+            c.ports = vec!["http=8080/tcp".parse().unwrap()];
+            c.sign(&ca).unwrap()
+        };
+        let full: Vec<Certificate> = (0..MAX_WORKLOADS as u32).map(pod).collect();
+        let msg = Message::Workloads {
+            version: 1,
+            certificates: full,
+        };
+        let bytes = msg.encode();
+        assert!(bytes.len() <= MAX_DATAGRAM_BYTES, "{}", bytes.len());
+        assert_eq!(Message::decode(&bytes).unwrap(), msg);
+        let mut over = bytes.clone();
+        over[9] = MAX_WORKLOADS as u8 + 1;
+        over.extend_from_slice(&bytes[10..bytes.len() / MAX_WORKLOADS + 10]);
+        assert!(matches!(
+            Message::decode(&over),
+            Err(ControlError::Invalid {
+                field: "workload count",
+                ..
+            })
+        ));
     }
 
     proptest! {

@@ -14,6 +14,7 @@
 //!   as a floor (see [`Membership::floors`]).
 
 use super::ratelimit::SourceLimiter;
+use super::workloads::WorkloadBook;
 use proto::cert::{CertError, Certificate, RevocationList};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
 use proto::relay::{Endpoint, Tag};
@@ -64,6 +65,14 @@ const DIRECT_PREFERRED_MS: u64 = 10_000;
 const RELAYED_RECHECK_MS: u64 = 30_000;
 /// A sender whose certificate is revoked is sent the list at most this often.
 const REVOKED_TELL_MS: u64 = 30_000;
+/// A member's Hello is answered with this node's workload list at most this often.
+const WORKLOADS_ANSWER_MS: u64 = 5_000;
+/// This node's workload list goes to a member that does not say it took it this many times at
+/// most (about a minute); its next Hello starts again.
+const WORKLOADS_SENDS: u32 = 35;
+/// This node's workload list, encoded, is at most this large: one message (with its type and
+/// count) that every receiver decodes.
+const MAX_WORKLOADS_BYTES: usize = 64_000;
 
 /// When to greet an unheard member again after `greetings` greetings.
 fn greet_wait_ms(greetings: u32) -> u64 {
@@ -178,6 +187,10 @@ pub enum Refusal {
         addr: Cidr,
         holder: String,
     },
+    #[error("{identity} is a workload certificate and holds {addr}, not one host address")]
+    WorkloadRange { identity: String, addr: Cidr },
+    #[error("more workload certificates than one announcement carries (128, 64,000 bytes)")]
+    TooManyWorkloads,
     #[error("policy set refused: {0}")]
     Policy(String),
     #[error("flow query refused: {0}")]
@@ -211,6 +224,8 @@ impl Refusal {
             Refusal::ProbeIgnored => "probe_ignored",
             Refusal::Superseded { .. } => "superseded",
             Refusal::AddressConflict { .. } => "address_conflict",
+            Refusal::WorkloadRange { .. } => "workload_range",
+            Refusal::TooManyWorkloads => "too_many_workloads",
             Refusal::Policy(_) => "policy",
             Refusal::FlowQuery(_) => "flow_query",
             Refusal::CookieRequired => "cookie_required",
@@ -372,11 +387,27 @@ pub struct Membership {
     /// members' tags, so these are few).
     replies_per_source: SourceLimiter<(std::net::IpAddr, Option<Tag>)>,
     pub counters: ControlCounters,
+    /// This node's own workloads in force changed (a newer certificate elsewhere took one's
+    /// address) since the node last looked.
+    pub own_workloads_changed: bool,
     /// Certificates in members' lists that were refused, by [`Refusal::kind`].
     pub listed_refused: BTreeMap<&'static str, u64>,
     /// Messages that authenticated and passed the replay window, by [`Message::kind`].
     pub received_kinds: BTreeMap<&'static str, u64>,
     digest_cache: std::cell::Cell<Option<[u8; 32]>>,
+    /// The workload certificates in force: members' and this node's own (`workloads.rs`).
+    workloads: WorkloadBook,
+    /// The version of this node's workload list: it follows the clock like the counters (in
+    /// [`COUNTER_PER_MS`]), so a list set after a restart is newer than every list before.
+    own_version: u64,
+    /// The members that have not said they took this node's list: when to send it again, and
+    /// how often it was sent.
+    workloads_unacked: HashMap<[u8; 32], (u64, u32)>,
+    /// When this node last sent its workload list to each member.
+    workloads_sent: HashMap<[u8; 32], u64>,
+    /// Workload certificates in members' announcements that were not taken, by
+    /// [`Refusal::kind`].
+    pub workloads_refused: BTreeMap<&'static str, u64>,
 }
 
 impl Membership {
@@ -412,9 +443,15 @@ impl Membership {
                 MAX_LIMITED,
             ),
             counters: ControlCounters::default(),
+            own_workloads_changed: false,
             listed_refused: BTreeMap::new(),
             received_kinds: BTreeMap::new(),
             digest_cache: std::cell::Cell::new(None),
+            workloads: WorkloadBook::default(),
+            own_version: 0,
+            workloads_unacked: HashMap::new(),
+            workloads_sent: HashMap::new(),
+            workloads_refused: BTreeMap::new(),
             secret,
             public,
             trust: trust_of(&certificate, bundle),
@@ -448,6 +485,128 @@ impl Membership {
 
     pub fn certificate(&self) -> &Certificate {
         &self.certificate
+    }
+
+    /// The workload certificates in force bound to `key` (this node's own with its own key).
+    pub fn workloads_of(&self, key: &[u8; 32]) -> &[Certificate] {
+        self.workloads.of(key)
+    }
+
+    /// Every key with workload certificates in force, and its certificates.
+    pub fn workloads(&self) -> impl Iterator<Item = (&[u8; 32], &Vec<Certificate>)> {
+        self.workloads.iter()
+    }
+
+    /// The identity of member `key`, or of this node.
+    fn identity_of(&self, key: &[u8; 32]) -> String {
+        match self.members.get(key) {
+            Some(m) => m.certificate.body.identity(),
+            None if *key == self.public => format!("{} (this node)", self.certificate.body.identity()),
+            None => proto::Key(*key).to_string(),
+        }
+    }
+
+    /// Takes `certificates` as the workload certificates this node holds now, in place of those
+    /// before, and sends the list to every member, again until each says it took it. Returns the
+    /// actions and the certificates not taken, with the reason: not bound to this node's key,
+    /// not valid, holding a member's address or one a newer certificate holds, or beyond what
+    /// one announcement carries.
+    pub fn set_workloads(
+        &mut self,
+        certificates: Vec<Certificate>,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> (Vec<Out>, Vec<(String, Refusal)>) {
+        let mut refused = Vec::new();
+        let mut valid = Vec::new();
+        let mut bytes = 2;
+        for c in certificates {
+            let identity = c.body.identity();
+            let size = 2 + c.encode().len();
+            if c.body.public_key != self.public {
+                refused.push((identity, Refusal::KeyMismatch));
+            } else if let Err(e) = self.verify(&c, now_ms) {
+                refused.push((identity, Refusal::Certificate(e)));
+            } else if valid.len() >= control::MAX_WORKLOADS || bytes + size > MAX_WORKLOADS_BYTES {
+                refused.push((identity, Refusal::TooManyWorkloads));
+            } else {
+                bytes += size;
+                valid.push(c);
+            }
+        }
+        self.own_version = now_ms
+            .saturating_mul(COUNTER_PER_MS)
+            .max(self.own_version + 1);
+        let taken = self.take_workloads(self.public, self.own_version, valid);
+        refused.extend(taken);
+        let mut out = Vec::new();
+        let keys: Vec<[u8; 32]> = self.members.keys().copied().collect();
+        for k in keys {
+            self.send_workloads(&k, now_ms, rng, &mut out);
+        }
+        (out, refused)
+    }
+
+    /// Takes member (or this node) `key`'s announced workload certificates, verified and bound
+    /// to it; marks what changed and counts what was refused, which it returns.
+    fn take_workloads(
+        &mut self,
+        key: [u8; 32],
+        counter: u64,
+        certificates: Vec<Certificate>,
+    ) -> Vec<(String, Refusal)> {
+        let mine = &self.certificate.body;
+        let (claims, members) = (&self.claims, &self.members);
+        let taken = self.workloads.announce(key, counter, certificates, |a| {
+            if overlaps_any(a, &mine.addrs) {
+                return Some(format!("{} (this node)", mine.identity()));
+            }
+            claimants_in(claims, a)
+                .next()
+                .map(|k| members[&k].certificate.body.identity())
+        });
+        if !taken.changed.is_empty() {
+            self.dirty.members = true;
+            let me = self.public;
+            self.touched.extend(taken.changed.iter().filter(|k| **k != me));
+            self.own_workloads_changed |= taken.changed.contains(&me);
+        }
+        for e in &taken.refused {
+            *self.workloads_refused.entry(e.kind()).or_default() += 1;
+        }
+        let who = self.identity_of(&key);
+        taken
+            .refused
+            .into_iter()
+            .map(|e| (who.clone(), e))
+            .collect()
+    }
+
+    /// Sends this node's workload list to member `key`, and again (every 0.5 s, after 10 times
+    /// every 2 s, at most [`WORKLOADS_SENDS`] times) until the member says it took it.
+    fn send_workloads(
+        &mut self,
+        key: &[u8; 32],
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        out: &mut Vec<Out>,
+    ) {
+        let Some(ep) = self.members.get(key).map(|m| m.endpoint) else {
+            return;
+        };
+        let sends = self.workloads_unacked.get(key).map_or(0, |(_, n)| *n) + 1;
+        if sends > WORKLOADS_SENDS {
+            self.workloads_unacked.remove(key);
+            return;
+        }
+        let wait = if sends < 10 { 500 } else { 2_000 };
+        self.workloads_unacked.insert(*key, (now_ms + wait, sends));
+        let msg = Message::Workloads {
+            version: self.own_version,
+            certificates: self.workloads.of(&self.public).to_vec(),
+        };
+        self.workloads_sent.insert(*key, now_ms);
+        self.send(key, ep, &msg, now_ms, rng, out);
     }
 
     pub fn revocations(&self) -> impl Iterator<Item = &RevocationList> {
@@ -877,6 +1036,13 @@ impl Membership {
             .into_iter()
             .collect();
         for addr in &body.addrs {
+            if let Some(k) = self.workloads.holder(addr) {
+                return Err(Refusal::AddressConflict {
+                    identity,
+                    addr: *addr,
+                    holder: format!("a workload of {}", self.identity_of(&k)),
+                });
+            }
             let holder = self
                 .claimants(addr)
                 .find(|k| *k != key && !replaced.contains(k));
@@ -893,18 +1059,12 @@ impl Membership {
 
     /// Whether any member's address shares an address with `c`.
     pub fn claimed(&self, c: &Cidr) -> bool {
-        self.claimants(c).next().is_some()
+        self.claimants(c).next().is_some() || self.workloads.holder(c).is_some()
     }
 
-    /// The members whose addresses overlap `addr`. Members' intervals are disjoint, so those are
-    /// the ones just before `addr`'s last address, walking back while they reach its first.
+    /// The members whose addresses overlap `addr`.
     fn claimants(&self, addr: &Cidr) -> impl Iterator<Item = [u8; 32]> + '_ {
-        let (family, first, last) = addr.span();
-        self.claims
-            .range(..=(family, last))
-            .rev()
-            .take_while(move |((f, _), (end, _))| *f == family && *end >= first)
-            .map(|(_, (_, k))| *k)
+        claimants_in(&self.claims, addr)
     }
 
     /// Records `cert`'s identity and addresses as `key`'s (`add`) or forgets them.
@@ -1016,6 +1176,9 @@ impl Membership {
     fn expel(&mut self, key: &[u8; 32], reason: &str) -> Option<MemberState> {
         let m = self.members.remove(key)?;
         self.claim(*key, &m.certificate, false);
+        self.workloads.forget(key);
+        self.workloads_sent.remove(key);
+        self.workloads_unacked.remove(key);
         self.dirty.members_removed = true;
         self.digest_cache.set(None);
         self.unindex(key, m.endpoint);
@@ -1251,7 +1414,16 @@ impl Membership {
                 holders.peek().is_some() && holders.all(|h| h == *k)
             })
         });
-        holders == self.holders && disjoint && owned && covered
+        // Workloads are only of members and this node, and hold no member's address.
+        let workloads = self.workloads.consistent()
+            && self.workloads.iter().all(|(k, list)| {
+                (self.members.contains_key(k) || *k == self.public)
+                    && list
+                        .iter()
+                        .flat_map(|c| &c.body.addrs)
+                        .all(|a| self.claimants(a).next().is_none())
+            });
+        holders == self.holders && disjoint && owned && covered && workloads
     }
 
     /// Members not heard from since they were admitted (greeted again until they speak).
@@ -1409,6 +1581,53 @@ impl Membership {
                     let hello = self.hello(false);
                     self.send(&sender, from, &hello, now_ms, rng, out);
                 }
+                // A member that greets or asks us (it may have restarted, or just joined) gets
+                // our workloads, at most once in WORKLOADS_ANSWER_MS: a lost announcement is
+                // mended at the member's next Hello.
+                let sent_lately = self
+                    .workloads_sent
+                    .get(&sender)
+                    .is_some_and(|t| now_ms < t + WORKLOADS_ANSWER_MS);
+                if !self.workloads.of(&self.public).is_empty() && !sent_lately {
+                    self.send_workloads(&sender, now_ms, rng, out);
+                }
+            }
+            Message::WorkloadsTaken { version } => {
+                if version >= self.own_version {
+                    self.workloads_unacked.remove(&sender);
+                }
+            }
+            Message::Workloads {
+                version,
+                certificates,
+            } => {
+                let mut valid = Vec::new();
+                let held = self.workloads.of(&sender).to_vec();
+                for c in certificates {
+                    // A certificate already in force was verified when it was taken; expiry and
+                    // revocation take it out of force by themselves.
+                    let checked = if held.contains(&c) {
+                        Ok(())
+                    } else {
+                        self.verify(&c, now_ms)
+                    };
+                    match checked {
+                        Ok(()) => valid.push(c),
+                        Err(e) => {
+                            *self
+                                .workloads_refused
+                                .entry(Refusal::Certificate(e).kind())
+                                .or_default() += 1;
+                        }
+                    }
+                }
+                for (who, e) in self.take_workloads(sender, version, valid) {
+                    tracing::debug!(member = %who, reason = %e, "a workload certificate not taken");
+                }
+                // Said for every copy (a lost answer is mended by the next), and for an older
+                // list too: the sender stops repeating it either way.
+                let taken = Message::WorkloadsTaken { version };
+                self.send(&sender, from, &taken, now_ms, rng, out);
             }
             Message::Members(list) => {
                 let mut learned = false;
@@ -1491,7 +1710,13 @@ impl Membership {
         rng: &mut impl RngCore,
     ) -> Vec<Out> {
         let mut out = Vec::new();
-        self.public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        let public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        if public != self.public && self.workloads.forget(&self.public) {
+            // Bound to the old key: the workloads ask for certificates of the new one.
+            self.own_workloads_changed = true;
+            self.dirty.members = true;
+        }
+        self.public = public;
         self.digest_cache.set(None);
         self.secret = secret;
         let federations: Vec<Federation> = self.trust.federations().cloned().collect();
@@ -1573,6 +1798,32 @@ impl Membership {
         for (k, why) in &bad {
             self.expel(k, why);
         }
+        let trust = &self.trust;
+        let lost = self.workloads.retain(|c| {
+            let ca = trust.ca(&c.body.issuer);
+            if lapsed(&c.body) {
+                Err(format!("certificate outside its validity (not after {})", c.body.not_after))
+            } else if ca.is_none_or(|ca| lapsed(&ca.body)) {
+                Err("its CA's certificate expired".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        self.workloads.prune(now);
+        self.workloads_lost(lost);
+    }
+
+    /// Marks the keys whose workload certificates went out of force.
+    fn workloads_lost(&mut self, lost: Vec<([u8; 32], String, String)>) {
+        for (key, identity, why) in lost {
+            tracing::info!(member = %self.identity_of(&key), workload = %identity, %why, "workload certificate out of force");
+            self.dirty.members = true;
+            if key == self.public {
+                self.own_workloads_changed = true;
+            } else {
+                self.touched.insert(key);
+            }
+        }
     }
 
     /// Trusts the federations of the policy set in force, in place of those before, and cuts
@@ -1640,6 +1891,22 @@ impl Membership {
             .collect();
         for (k, why) in &bad {
             self.expel(k, why);
+        }
+        let invalid: HashMap<Vec<u8>, String> = self
+            .workloads
+            .iter()
+            .flat_map(|(_, list)| list)
+            .filter_map(|c| {
+                let crl = self.revocations.get(&c.body.issuer);
+                let e = self.trust.check(c, now_ms / 1000, crl, Signature::Known).err()?;
+                Some((c.encode(), e.to_string()))
+            })
+            .collect();
+        if !invalid.is_empty() {
+            let lost = self
+                .workloads
+                .retain(|c| invalid.get(&c.encode()).map_or(Ok(()), |why| Err(why.clone())));
+            self.workloads_lost(lost);
         }
         bad
     }
@@ -1714,6 +1981,15 @@ impl Membership {
                 self.greet(&key, now_ms, rng, &mut out);
             }
         }
+        let due: Vec<[u8; 32]> = self
+            .workloads_unacked
+            .iter()
+            .filter(|(_, (at, _))| now_ms >= *at)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in due {
+            self.send_workloads(&k, now_ms, rng, &mut out);
+        }
         if now_ms >= self.next_gossip_ms && !self.members.is_empty() {
             self.next_gossip_ms = now_ms + GOSSIP_INTERVAL_MS;
             self.last_gossip_ms = now_ms;
@@ -1729,6 +2005,20 @@ impl Membership {
         }
         out
     }
+}
+
+/// The members whose addresses overlap `addr`. Members' intervals are disjoint, so those are the
+/// ones just before `addr`'s last address, walking back while they reach its first.
+fn claimants_in<'a>(
+    claims: &'a BTreeMap<(u8, u128), (u128, [u8; 32])>,
+    addr: &Cidr,
+) -> impl Iterator<Item = [u8; 32]> + 'a {
+    let (family, first, last) = addr.span();
+    claims
+        .range(..=(family, last))
+        .rev()
+        .take_while(move |((f, _), (end, _))| *f == family && *end >= first)
+        .map(|(_, (_, k))| *k)
 }
 
 /// The cookie of a sender at `from`: of its address (PROTOCOL.md §4), or of the relay and its

@@ -22,5 +22,8 @@ mod scale;
 pub mod sim;
 pub mod state;
 pub mod watch;
+#[cfg(test)]
+mod workload_node_tests;
+pub mod workloads;
 
 pub use membership::{MemberState, Refusal};

@@ -97,6 +97,9 @@ pub enum Event {
         to: [u8; 32],
         messages: Vec<Message>,
     },
+    /// The workload certificates this node holds now (bound to its key), in place of those
+    /// before: announced to every member.
+    Workloads(Vec<Certificate>),
     /// A renewed identity (reload).
     Renew {
         secret: StaticSecret,
@@ -153,6 +156,12 @@ pub enum Action {
     FlowsAsked {
         serve: Serve,
         members: Vec<([u8; 32], String)>,
+    },
+    /// This node's own workload certificates in force changed (or were set): `held` are in
+    /// force; `refused` were not taken (identity, reason).
+    OwnWorkloads {
+        held: Vec<Certificate>,
+        refused: Vec<(String, String)>,
     },
     /// A part of a member's answer to this node's query.
     FlowAnswer {
@@ -278,6 +287,49 @@ impl Node {
         self.membership.certificate()
     }
 
+    /// A hostile node's announcement: `certificates` sealed to every member as this node's
+    /// workload list, past every check this node would make.
+    #[cfg(test)]
+    pub fn announce_unchecked(
+        &mut self,
+        certificates: Vec<Certificate>,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> Vec<Action> {
+        let msg = Message::Workloads {
+            version: now_ms * super::membership::COUNTER_PER_MS,
+            certificates,
+        };
+        let keys: Vec<[u8; 32]> = self.members().keys().copied().collect();
+        let mut outs = Vec::new();
+        for k in keys {
+            self.membership.send_to(&k, &msg, now_ms, rng, &mut outs);
+        }
+        let mut out = Vec::new();
+        self.settle(now_ms, rng, outs, &mut out);
+        out
+    }
+
+    /// This node's own workload certificates in force.
+    pub fn own_workloads(&self) -> &[Certificate] {
+        let key = self.certificate().body.public_key;
+        self.membership.workloads_of(&key)
+    }
+
+    /// The workload certificates in force of member `key`.
+    pub fn workloads_of(&self, key: &[u8; 32]) -> &[Certificate] {
+        self.membership.workloads_of(key)
+    }
+
+    /// A member's addresses: its certificate's and its workloads'.
+    fn member_addrs(&self, key: &[u8; 32], m: &MemberState) -> Vec<Cidr> {
+        let mut addrs = m.certificate.body.addrs.clone();
+        for w in self.membership.workloads_of(key) {
+            addrs.extend(w.body.addrs.iter().copied());
+        }
+        addrs
+    }
+
     /// The routes this node serves as a gateway.
     pub fn serving(&self) -> &[Cidr] {
         self.gateways.serving()
@@ -337,7 +389,8 @@ impl Node {
             members: self.members().len(),
             dh_ops: c.dh_ops,
             cookie_replies: c.cookie_replies,
-            // Datagrams refused, and certificates refused in members' lists (`listed_...`).
+            // Datagrams refused, certificates refused in members' lists (`listed_...`) and in
+            // their workload lists (`workload_...`).
             refused: self
                 .refused
                 .iter()
@@ -347,6 +400,12 @@ impl Node {
                         .listed_refused
                         .iter()
                         .map(|(k, n)| (format!("listed_{k}"), *n)),
+                )
+                .chain(
+                    self.membership
+                        .workloads_refused
+                        .iter()
+                        .map(|(k, n)| (format!("workload_{k}"), *n)),
                 )
                 .collect(),
             received: self
@@ -470,6 +529,21 @@ impl Node {
                 }
                 outs
             }
+            Event::Workloads(certificates) => {
+                let (outs, refused) = self.membership.set_workloads(certificates, now_ms, rng);
+                for (identity, why) in &refused {
+                    tracing::warn!(%identity, %why, "workload certificate not taken");
+                }
+                self.membership.own_workloads_changed = false;
+                out.push(Action::OwnWorkloads {
+                    held: self.own_workloads().to_vec(),
+                    refused: refused
+                        .into_iter()
+                        .map(|(i, e)| (i, e.to_string()))
+                        .collect(),
+                });
+                outs
+            }
             Event::Renew {
                 secret,
                 certificate,
@@ -564,6 +638,12 @@ impl Node {
             }
         }
         out.append(&mut self.pending);
+        if std::mem::take(&mut self.membership.own_workloads_changed) {
+            out.push(Action::OwnWorkloads {
+                held: self.own_workloads().to_vec(),
+                refused: Vec::new(),
+            });
+        }
         for (key, why) in self.membership.take_expelled() {
             self.sync.forget(&key);
             self.reasons.entry(key).or_insert(why);
@@ -661,7 +741,7 @@ impl Node {
     /// noted).
     fn wanted(&mut self, key: &[u8; 32], mine: &[Cidr]) -> Option<Installed> {
         let m = self.membership.members().get(key)?;
-        let mut addrs = m.certificate.body.addrs.clone();
+        let mut addrs = self.member_addrs(key, m);
         addrs.extend(
             self.chosen
                 .iter()
@@ -773,15 +853,14 @@ impl Node {
         let peers: BTreeMap<[u8; 32], Installed> = self
             .members()
             .iter()
-            .filter(|(_, m)| {
-                !m.certificate
-                    .body
-                    .addrs
+            .filter(|(k, m)| {
+                !self
+                    .member_addrs(k, m)
                     .iter()
                     .any(|a| super::membership::overlaps_any(a, &mine))
             })
             .map(|(k, m)| {
-                let mut addrs = m.certificate.body.addrs.clone();
+                let mut addrs = self.member_addrs(k, m);
                 addrs.extend(self.chosen.iter().filter(|(_, g)| *g == k).map(|(r, _)| *r));
                 (
                     *k,

@@ -622,6 +622,10 @@ impl Mesh {
                     }
                 }
                 Action::FlowsAsked { .. } => {}
+                Action::OwnWorkloads { held, refused } => {
+                    let held: Vec<String> = held.iter().map(|c| c.body.identity()).collect();
+                    tracing::info!(?held, ?refused, "this node's workload certificates");
+                }
                 Action::FlowAnswer {
                     from,
                     nonce,

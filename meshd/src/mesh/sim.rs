@@ -142,6 +142,9 @@ pub struct Host {
     pub flow_serves: Vec<([u8; 32], super::flows::Serve)>,
     /// Parts of answers to the node's own flow queries: (from, nonce, last, records).
     pub flow_answers: Vec<([u8; 32], u64, bool, Vec<u8>)>,
+    /// This node's own workload certificates in force, as last said, and what was refused.
+    pub own_workloads: Vec<Certificate>,
+    pub workloads_refused: Vec<(String, String)>,
 }
 
 pub struct SimNode {
@@ -384,6 +387,10 @@ impl Sim {
                 }
                 Action::ServeFlows { to, serve } => host.flow_serves.push((to, serve)),
                 Action::FlowsAsked { .. } => {}
+                Action::OwnWorkloads { held, refused } => {
+                    host.own_workloads = held;
+                    host.workloads_refused = refused;
+                }
                 Action::FlowAnswer {
                     from,
                     nonce,

@@ -1,0 +1,175 @@
+//! Workload identities across whole nodes on the simulated underlay: announced, derived into
+//! peers and routes, withdrawn, reused on another node, and what a hostile member can do.
+
+use super::node::Event;
+use crate::mesh::sim::{overlay, Sim};
+use proto::cert::Certificate;
+use proto::Cidr;
+
+/// A formed mesh of `n` nodes on a lossless network.
+fn formed(n: usize, seed: u64) -> Sim {
+    let mut sim = Sim::new(n, seed);
+    sim.start_all();
+    assert!(sim.run_until(10_000, Sim::full_mesh).is_some(), "the mesh formed");
+    sim
+}
+
+fn addr(s: &str) -> Cidr {
+    s.parse().unwrap()
+}
+
+/// Pod `name` at `address`, bound to node `on`'s key, valid from `secs` after a minute ago (a
+/// larger `secs` is a newer certificate) for an hour.
+fn pod(sim: &Sim, on: usize, name: &str, address: &str, serial: u64, secs: u64) -> Certificate {
+    let not_before = sim.now_ms / 1000 - 60 + secs;
+    let secret = sim.nodes[on].secret().clone();
+    sim.ca
+        .issue(&secret, name, addr(address), serial, not_before, not_before + 3600)
+}
+
+fn set(sim: &mut Sim, on: usize, pods: Vec<Certificate>) {
+    sim.handle(on, Event::Workloads(pods)).unwrap();
+}
+
+/// What node `i` has installed as node `of`'s allowed IPs.
+fn allowed(sim: &Sim, i: usize, of: usize) -> Vec<Cidr> {
+    let key = sim.nodes[of].public();
+    sim.nodes[i].host.peers.get(&key).map(|p| p.1.clone()).unwrap_or_default()
+}
+
+#[test]
+fn a_node_s_workloads_are_its_allowed_ips_and_routes_everywhere_until_it_withdraws_them() {
+    let mut sim = formed(3, 1);
+    let web = pod(&sim, 0, "web", "100.64.200.1/32", 100, 0);
+    let api = pod(&sim, 0, "api", "100.64.200.2/32", 101, 0);
+    set(&mut sim, 0, vec![api.clone(), web.clone()]);
+    assert_eq!(sim.nodes[0].host.own_workloads, [web.clone(), api.clone()]);
+    assert!(sim.nodes[0].host.workloads_refused.is_empty());
+    sim.run(200);
+    let both = vec![overlay(0), addr("100.64.200.1/32"), addr("100.64.200.2/32")];
+    for i in 1..3 {
+        assert_eq!(allowed(&sim, i, 0), both, "node {i}");
+        assert!(sim.nodes[i].host.routes.contains(&addr("100.64.200.2/32")));
+        assert_eq!(sim.nodes[i].node().workloads_of(&sim.nodes[0].public()), [web.clone(), api.clone()]);
+    }
+    // Node 0's own addresses on its interface stay its certificate's: pods are behind veths.
+    assert_eq!(sim.nodes[0].host.addresses, [overlay(0)].into_iter().collect());
+    set(&mut sim, 0, vec![api]);
+    sim.run(200);
+    for i in 1..3 {
+        assert_eq!(allowed(&sim, i, 0), [overlay(0), addr("100.64.200.2/32")]);
+        assert!(!sim.nodes[i].host.routes.contains(&addr("100.64.200.1/32")));
+    }
+    set(&mut sim, 0, vec![]);
+    sim.run(200);
+    assert_eq!(allowed(&sim, 1, 0), [overlay(0)]);
+}
+
+#[test]
+fn a_withdrawn_workload_is_out_of_force_on_every_member_within_5_s_under_20_percent_loss() {
+    for seed in 1..=5 {
+        let mut sim = formed(6, seed);
+        sim.loss_pct = 20;
+        let web = pod(&sim, 0, "web", "100.64.200.1/32", 100, 0);
+        set(&mut sim, 0, vec![web]);
+        sim.run(5_000);
+        sim.loss_pct = 20;
+        set(&mut sim, 0, vec![]);
+        let gone = |sim: &Sim| (1..6).all(|i| allowed(sim, i, 0) == [overlay(0)]);
+        let t = sim.run_until(5_000, gone);
+        assert!(t.is_some(), "seed {seed}: still in force after 5 s");
+    }
+}
+
+#[test]
+fn a_restarted_member_learns_the_workloads_again_from_its_greeting() {
+    let mut sim = formed(2, 3);
+    let web = pod(&sim, 0, "web", "100.64.200.1/32", 100, 0);
+    set(&mut sim, 0, vec![web]);
+    sim.run(1_000);
+    sim.kill(1);
+    sim.run(1_000);
+    sim.start(1);
+    let back = |sim: &Sim| allowed(sim, 1, 0).contains(&addr("100.64.200.1/32"));
+    assert!(sim.run_until(5_000, back).is_some());
+}
+
+#[test]
+fn an_address_reused_on_another_node_goes_to_the_newest_certificate() {
+    let mut sim = formed(3, 4);
+    let old = pod(&sim, 0, "web-1", "100.64.200.1/32", 100, 0);
+    set(&mut sim, 0, vec![old.clone()]);
+    sim.run(500);
+    // The pod is rescheduled on node 1 with the same address; node 0, stale or hostile, keeps
+    // announcing the old certificate.
+    let new = pod(&sim, 1, "web-2", "100.64.200.1/32", 101, 10);
+    set(&mut sim, 1, vec![new]);
+    sim.run(500);
+    assert_eq!(allowed(&sim, 2, 1), [overlay(1), addr("100.64.200.1/32")]);
+    assert_eq!(allowed(&sim, 2, 0), [overlay(0)]);
+    assert!(sim.nodes[0].host.own_workloads.is_empty(), "node 0 is told its pod moved");
+    set(&mut sim, 0, vec![old.clone()]);
+    sim.run(500);
+    assert_eq!(allowed(&sim, 2, 0), [overlay(0)]);
+    assert_eq!(allowed(&sim, 2, 1), [overlay(1), addr("100.64.200.1/32")]);
+    assert!(sim.nodes[0].host.workloads_refused.iter().any(|(_, why)| why.contains("older")), "{:?}", sim.nodes[0].host.workloads_refused);
+    // Even after the new pod is gone, the old certificate stays refused.
+    set(&mut sim, 1, vec![]);
+    sim.run(500);
+    set(&mut sim, 0, vec![old]);
+    sim.run(500);
+    assert_eq!(allowed(&sim, 2, 0), [overlay(0)]);
+}
+
+#[test]
+fn a_member_cannot_announce_a_workload_bound_to_another_key_or_holding_a_node_address() {
+    let mut sim = formed(3, 5);
+    // A certificate of node 1's pod, which node 0 got hold of, announced by node 0.
+    let theirs = pod(&sim, 1, "web", "100.64.200.1/32", 100, 0);
+    // A pod certificate for node 2's own address, bound to node 0.
+    let on_node = pod(&sim, 0, "sneaky", &overlay(2).to_string(), 101, 0);
+    let node = sim.nodes[0].node.as_mut().unwrap();
+    // Past node 0's own checks: straight onto the wire, sealed by node 0.
+    let actions = node.announce_unchecked(vec![theirs, on_node], sim.now_ms, &mut sim.rng);
+    sim.carry_out(0, actions);
+    sim.run(500);
+    assert_eq!(allowed(&sim, 2, 0), [overlay(0)]);
+    assert_eq!(allowed(&sim, 1, 0), [overlay(0)]);
+    assert_eq!(allowed(&sim, 1, 2), [overlay(2)]);
+    for i in 1..3 {
+        let refused = sim.nodes[i].node().control_status().refused;
+        assert_eq!(refused.get("workload_key_mismatch"), Some(&1), "{refused:?}");
+        assert_eq!(refused.get("workload_address_conflict"), Some(&1), "{refused:?}");
+    }
+}
+
+#[test]
+fn own_workloads_that_are_not_valid_here_are_refused_with_the_reason() {
+    let mut sim = formed(2, 6);
+    let theirs = pod(&sim, 1, "web", "100.64.200.1/32", 100, 0);
+    let expired = {
+        let secret = sim.nodes[0].secret().clone();
+        sim.ca.issue(&secret, "old", addr("100.64.200.2/32"), 101, 0, 1)
+    };
+    let good = pod(&sim, 0, "api", "100.64.200.3/32", 102, 0);
+    set(&mut sim, 0, vec![theirs, expired, good.clone()]);
+    assert_eq!(sim.nodes[0].host.own_workloads, [good]);
+    let reasons: Vec<&str> = sim.nodes[0].host.workloads_refused.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("another key")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("expired") || r.contains("valid")), "{reasons:?}");
+}
+
+#[test]
+fn an_expiring_workload_certificate_leaves_every_member_on_its_own() {
+    let mut sim = formed(2, 7);
+    let secret = sim.nodes[0].secret().clone();
+    let now = sim.now_ms / 1000;
+    let short = sim.ca.issue(&secret, "web", addr("100.64.200.1/32"), 100, now - 1, now + 5);
+    set(&mut sim, 0, vec![short]);
+    sim.run(1_000);
+    assert!(allowed(&sim, 1, 0).contains(&addr("100.64.200.1/32")));
+    sim.run(6_000);
+    assert_eq!(allowed(&sim, 1, 0), [overlay(0)]);
+    assert!(sim.nodes[0].host.own_workloads.is_empty());
+}
