@@ -45,6 +45,26 @@ pub struct Identity {
     pub addrs: Vec<proto::Cidr>,
 }
 
+/// Whose an identity is: the key whose tunnel its packets cross, and whether it is a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Holder {
+    /// This node ([`LOCAL`]) or a workload it runs: its packets are read from and written to the
+    /// TUN device.
+    Local,
+    /// Member `key`'s own certificate, or (`workload`) a workload certificate bound to its key.
+    Member { key: [u8; 32], workload: bool },
+}
+
+impl From<[u8; 32]> for Holder {
+    /// A member's own identity.
+    fn from(key: [u8; 32]) -> Holder {
+        Holder::Member {
+            key,
+            workload: false,
+        }
+    }
+}
+
 /// Everything a verdict reads, rebuilt whenever policy or membership changes.
 pub struct Rules {
     pub compiled: Compiled,
@@ -52,9 +72,15 @@ pub struct Rules {
     /// against the same identities: the flow log says what it would decide. It never decides a
     /// packet.
     pub staged: Option<Compiled>,
-    /// Index 0 is this node; then the members in key order.
+    /// Index 0 is this node; then its workloads, the members and their workloads, in the order
+    /// given (indices of identities that left are retired, not reused).
     pub identities: Vec<Identity>,
+    /// Whose each identity is (as `identities`).
+    holders: Vec<Holder>,
+    /// Each member's own identity, by its key.
     by_key: HashMap<[u8; 32], u32>,
+    /// The live identities other than this node's, by holder and addresses.
+    live: HashMap<(Holder, Vec<proto::Cidr>), u32>,
     /// Which identity's certificate names an address (longest prefix), to re-decide tracked
     /// flows after a change.
     owners: AllowedIps<u32>,
@@ -78,27 +104,31 @@ pub struct Decision {
 }
 
 impl Rules {
-    /// Resolves `set` against this node (`local`) and the `members` (static key, identity).
-    pub fn build(
+    /// Resolves `set` against this node (`local`) and the `others`: this node's workloads
+    /// ([`Holder::Local`]), the members (by static key) and their workloads.
+    pub fn build<H: Into<Holder>>(
         set: &policy::engine::PolicySet,
         local: Identity,
-        members: impl IntoIterator<Item = ([u8; 32], Identity)>,
+        others: impl IntoIterator<Item = (H, Identity)>,
         audit_all: bool,
         serial: u64,
     ) -> Rules {
         let mut identities = vec![local];
-        let mut by_key = HashMap::new();
-        for (key, id) in members {
-            by_key.insert(key, identities.len() as u32);
+        let mut holders = vec![Holder::Local];
+        for (holder, id) in others {
+            holders.push(holder.into());
             identities.push(id);
         }
+        let (by_key, live) = index(&identities, &holders, 1..identities.len() as u32);
         let owners = owners(&identities, 0..identities.len() as u32);
         let endpoints: Vec<Endpoint> = identities.iter().map(|i| i.endpoint.clone()).collect();
         Rules {
             compiled: set.resolve(&endpoints),
             staged: set.staged_view().map(|view| view.resolve(&endpoints)),
             identities,
+            holders,
             by_key,
+            live,
             owners,
             audit_all,
             serial,
@@ -113,37 +143,39 @@ impl Rules {
         self
     }
 
-    /// The same rules for a new member list, resolving only the members that are new or whose
-    /// identity changed (a removed member's index is retired, not reused). `None` when rebuilding
-    /// from scratch is better: the local identity changed, or retired indices outnumber live ones.
-    /// `set` must be the set these rules were built from.
-    pub fn with_members(
+    /// The same rules for new `others` (as [`Rules::build`] takes them), resolving only the
+    /// identities that are new or changed (one that left keeps its index, retired, never
+    /// reused). `None` when rebuilding from scratch is better: the local identity changed, or
+    /// retired indices outnumber live ones. `set` must be the set these rules were built from.
+    pub fn with_members<H: Into<Holder>>(
         &self,
         set: &policy::engine::PolicySet,
         local: &Identity,
-        members: impl IntoIterator<Item = ([u8; 32], Identity)>,
+        others: impl IntoIterator<Item = (H, Identity)>,
     ) -> Option<Rules> {
         if self.identities.first() != Some(local) {
             return None;
         }
         let mut identities = self.identities.clone();
-        let mut by_key = HashMap::new();
+        let mut holders = self.holders.clone();
+        let mut live_ids = Vec::new();
         let mut added = Vec::new();
-        for (key, id) in members {
-            match self.by_key.get(&key) {
-                Some(&i) if self.identities.get(i as usize) == Some(&id) => {
-                    by_key.insert(key, i);
-                }
+        for (holder, id) in others {
+            let holder = holder.into();
+            match self.live.get(&(holder, id.addrs.clone())) {
+                Some(&i) if self.identities.get(i as usize) == Some(&id) => live_ids.push(i),
                 _ => {
-                    by_key.insert(key, identities.len() as u32);
+                    live_ids.push(identities.len() as u32);
                     added.push(id.endpoint.clone());
                     identities.push(id);
+                    holders.push(holder);
                 }
             }
         }
-        if identities.len() > 2 * (by_key.len() + 1) + 16 {
+        if identities.len() > 2 * (live_ids.len() + 1) + 16 {
             return None;
         }
+        let (by_key, live) = index(&identities, &holders, live_ids.iter().copied());
         let mut compiled = self.compiled.clone();
         compiled.extend(set, &added);
         let staged = match (&self.staged, set.staged_view()) {
@@ -154,13 +186,15 @@ impl Rules {
             }
             _ => None,
         };
-        let live = std::iter::once(LOCAL).chain(by_key.values().copied());
+        let all = std::iter::once(LOCAL).chain(live_ids.iter().copied());
         Some(Rules {
             compiled,
             staged,
-            owners: owners(&identities, live),
+            owners: owners(&identities, all),
             identities,
+            holders,
             by_key,
+            live,
             audit_all: self.audit_all,
             serial: self.serial,
             posture: self.posture,
@@ -176,6 +210,21 @@ impl Rules {
         self.identities.get(id as usize)
     }
 
+    /// Whether identity `id` is this node's or one of its workloads'.
+    pub fn is_local(&self, id: u32) -> bool {
+        self.holders.get(id as usize) == Some(&Holder::Local)
+    }
+
+    /// Whether identities `a` and `b` are of one member (its own and its workloads').
+    fn same_member(&self, a: u32, b: u32) -> bool {
+        let key = |id: u32| match self.holders.get(id as usize) {
+            Some(Holder::Member { key, .. }) => Some(key),
+            _ => None,
+        };
+        key(a).is_some() && key(a) == key(b)
+    }
+
+
     /// The two ends of `flow` as seen at this node `at` (Egress: read from the TUN device, for
     /// peer `remote`; Ingress: decrypted from peer `remote`, for the TUN device), and the policy
     /// direction that decides it: this node's own traffic is decided by its identity's egress or
@@ -183,9 +232,14 @@ impl Rules {
     /// member's ingress (from outside) or egress (to outside), the external end selected by its
     /// address. `None`: the packet is neither this node's nor for a route it serves.
     ///
-    /// The far end is the authenticated peer's identity; or, for an address no identity holds
-    /// (the data path checked the peer's allowed IPs, which hold only its own addresses and the
-    /// routes it carries, and a route never overlaps an identity's address), outside the mesh.
+    /// The near end is this node or the workload of this node whose certificate names the
+    /// address. The far end is the authenticated peer's identity that names the address: its own
+    /// or one of its workloads' (a packet of a member names an address only its certificates
+    /// hold: the data path checked the peer's allowed IPs, derived from them). For an address no
+    /// identity holds, the far end is outside the mesh (the peer's allowed IPs hold only its
+    /// identities' addresses and the routes it carries, and a route never overlaps an identity's
+    /// address). An address another member's certificate names, which the data path never lets
+    /// through (a change under way), is an unknown end.
     pub fn ends(
         &self,
         at: Direction,
@@ -193,23 +247,22 @@ impl Rules {
         remote: u32,
     ) -> Option<(Direction, u32, u32)> {
         let here = |ip| match self.owners.lookup(ip) {
-            Some(&LOCAL) => Some(LOCAL),
+            Some(&id) if self.is_local(id) => Some(id),
             _ if self.served.iter().any(|r| r.contains(ip)) => Some(EXTERNAL),
             _ => None,
         };
-        // The far end is the authenticated peer, whatever the address says, unless no identity
-        // holds the address: then it is outside the mesh (through a gateway peer).
         let there = |ip| match self.owners.lookup(ip) {
-            Some(&LOCAL) => None,
+            Some(&id) if self.is_local(id) => None,
             _ if remote == UNKNOWN => Some(UNKNOWN),
-            Some(_) => Some(remote),
+            Some(&id) if self.same_member(id, remote) => Some(id),
+            Some(_) => Some(UNKNOWN),
             None => Some(EXTERNAL),
         };
         let member = |id| id != EXTERNAL && id != UNKNOWN;
         match at {
             Direction::Egress => {
                 let (src, dst) = (here(flow.src)?, there(flow.dst)?);
-                if src == LOCAL {
+                if self.is_local(src) {
                     Some((Direction::Egress, src, dst))
                 } else {
                     member(dst).then_some((Direction::Ingress, src, dst))
@@ -217,7 +270,7 @@ impl Rules {
             }
             Direction::Ingress => {
                 let (src, dst) = (there(flow.src)?, here(flow.dst)?);
-                if dst == LOCAL {
+                if self.is_local(dst) {
                     Some((Direction::Ingress, src, dst))
                 } else {
                     member(src).then_some((Direction::Egress, src, dst))
@@ -433,7 +486,11 @@ impl Enforcer {
                 Direction::Ingress => quoted.dst,
                 Direction::Egress => quoted.src,
             };
-            if rules.owners.lookup(far) == Some(&remote_id) {
+            if rules
+                .owners
+                .lookup(far)
+                .is_some_and(|&owner| rules.same_member(owner, remote_id))
+            {
                 let live = self.shard(&quoted).lock().live(&quoted, now);
                 match live {
                     Some(None) => return true,
@@ -710,6 +767,33 @@ fn address_block(ip: std::net::IpAddr) -> std::net::IpAddr {
             std::net::Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1)).into()
         }
     }
+}
+
+/// Each member's own identity by key, and every live identity but this node's by holder and
+/// addresses.
+#[allow(clippy::type_complexity)]
+fn index(
+    identities: &[Identity],
+    holders: &[Holder],
+    live: impl Iterator<Item = u32>,
+) -> (
+    HashMap<[u8; 32], u32>,
+    HashMap<(Holder, Vec<proto::Cidr>), u32>,
+) {
+    let mut by_key = HashMap::new();
+    let mut all = HashMap::new();
+    for i in live {
+        let holder = holders[i as usize];
+        if let Holder::Member {
+            key,
+            workload: false,
+        } = holder
+        {
+            by_key.insert(key, i);
+        }
+        all.insert((holder, identities[i as usize].addrs.clone()), i);
+    }
+    (by_key, all)
 }
 
 /// Which of the `live` identities' certificates names an address.

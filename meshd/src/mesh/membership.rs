@@ -492,11 +492,6 @@ impl Membership {
         self.workloads.of(key)
     }
 
-    /// Every key with workload certificates in force, and its certificates.
-    pub fn workloads(&self) -> impl Iterator<Item = (&[u8; 32], &Vec<Certificate>)> {
-        self.workloads.iter()
-    }
-
     /// The identity of member `key`, or of this node.
     fn identity_of(&self, key: &[u8; 32]) -> String {
         match self.members.get(key) {

@@ -310,6 +310,29 @@ impl Node {
         out
     }
 
+    /// The verdict rules of the policy in force for this node, its workloads, the members and
+    /// theirs (resolving only what changed since `prev`, when it can).
+    pub fn rules(&self, prev: Option<&crate::enforce::Rules>) -> crate::enforce::Rules {
+        use crate::enforce::Holder;
+        let own = self.own_workloads().iter().map(|c| (Holder::Local, &c.body));
+        let members = self.members().iter().flat_map(|(k, m)| {
+            let workloads = self.membership.workloads_of(k).iter().map(|c| {
+                let holder = Holder::Member {
+                    key: *k,
+                    workload: true,
+                };
+                (holder, &c.body)
+            });
+            std::iter::once((Holder::from(*k), &m.certificate.body)).chain(workloads)
+        });
+        self.book.rules(
+            &self.certificate().body,
+            own.chain(members),
+            self.serving(),
+            prev,
+        )
+    }
+
     /// This node's own workload certificates in force.
     pub fn own_workloads(&self) -> &[Certificate] {
         let key = self.certificate().body.public_key;

@@ -3,12 +3,10 @@
 //! saves what it takes in the state directory (`Stored::Policy`), so a restart enforces it again
 //! at once.
 
-use super::MemberState;
-use crate::enforce::{identity_of_cert, Rules};
+use crate::enforce::{identity_of_cert, Holder, Rules};
 use policy::engine::{PolicySet, Posture};
 use proto::cert::CertBody;
 use proto::policyset::SignedPolicySet;
-use std::collections::BTreeMap;
 
 pub struct PolicyBook {
     /// This node's trust domain: the one the policies are written for.
@@ -170,19 +168,18 @@ impl PolicyBook {
         }
     }
 
-    /// The rules for this node (`me`) and the current members. When `prev` was built from the
-    /// set in force, only the members that changed are resolved.
-    pub fn rules(
+    /// The rules for this node (`me`) and the `others` (its workloads, the members and theirs,
+    /// by [`Holder`]). When `prev` was built from the set in force, only the identities that
+    /// changed are resolved.
+    pub fn rules<'a>(
         &self,
         me: &CertBody,
-        members: &BTreeMap<[u8; 32], MemberState>,
+        others: impl Iterator<Item = (Holder, &'a CertBody)> + Clone,
         served: &[proto::Cidr],
         prev: Option<&Rules>,
     ) -> Rules {
         let local = identity_of_cert(me);
-        let members = members
-            .iter()
-            .map(|(k, m)| (*k, identity_of_cert(&m.certificate.body)));
+        let members = others.map(|(h, body)| (h, identity_of_cert(body)));
         let incremental = prev
             .filter(|p| {
                 p.serial == self.serial() && p.audit_all == self.audit && p.served == served

@@ -157,12 +157,7 @@ impl Mesh {
             .unwrap_or_else(|| state_dir.join("flows.jsonl"));
         let log = FlowLog::start(Some(log_path.clone()))
             .with_context(|| format!("opening the flow log {}", log_path.display()))?;
-        let rules = node.policy().rules(
-            &node.certificate().body,
-            node.members(),
-            node.serving(),
-            None,
-        );
+        let rules = node.rules(None);
         let enforcer = Arc::new(Enforcer::new(rules, cfg.policy.conntrack_max, log));
         dev.set_enforcer(enforcer.clone());
         tokio::spawn(expire_flows(enforcer.clone()));
@@ -457,12 +452,7 @@ impl Mesh {
     /// in the data path (which re-decides established flows).
     fn refresh_rules(&self) {
         let prev = self.enforcer.rules();
-        let rules = self.node.policy().rules(
-            &self.node.certificate().body,
-            self.node.members(),
-            self.node.serving(),
-            Some(&prev),
-        );
+        let rules = self.node.rules(Some(&prev));
         self.enforcer.install(rules);
     }
 
