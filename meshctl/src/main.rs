@@ -6,6 +6,7 @@ mod flows;
 mod graph_html;
 mod graph_svg;
 mod identity;
+mod issuer;
 mod keys;
 mod lab;
 mod peer;
@@ -479,6 +480,21 @@ enum CaCommand {
         #[command(subcommand)]
         command: CrlCommand,
     },
+    /// Issue workload certificates online: nodes ask over the underlay, sealed with their own
+    /// key, for the workloads the registry (DIR/workloads.yaml) places on them. Makes
+    /// DIR/issuer/ (the workload CA and the key requests are sealed to) the first time.
+    Serve {
+        /// The CA directory (ca.crt and revoked.crl vouch for nodes; workloads.yaml says who
+        /// runs where).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The underlay address and UDP port to listen on.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: std::net::SocketAddr,
+        /// How long a workload certificate lives (nodes renew at half of it).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -800,6 +816,9 @@ fn main() -> ExitCode {
                     command: CrlCommand::Inspect { file, ca, output },
                 },
         } => ca::crl_inspect(&file, ca.as_deref(), output),
+        Command::Ca {
+            command: CaCommand::Serve { ca, listen, ttl },
+        } => issuer::serve(&ca, listen, &ttl),
         Command::Identity {
             command: IdentityCommand::Issue(args),
         } => identity::issue(args),

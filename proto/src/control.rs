@@ -865,6 +865,20 @@ pub enum Message {
     },
     /// "I took your workload list `version`" (or a newer one): the sender stops repeating it.
     WorkloadsTaken { version: u64 },
+    /// A node asks the workload issuer for the certificates of workloads it runs (section 11):
+    /// its own certificate, which must name the sealing key, and the workloads by reference
+    /// only.
+    IssueRequest {
+        nonce: u64,
+        certificate: Certificate,
+        workloads: Vec<crate::workload::WorkloadRef>,
+    },
+    /// The issuer's answer to request `nonce`: for each workload asked, in order, its
+    /// certificate or why not.
+    IssueAnswer {
+        nonce: u64,
+        results: Vec<Result<Certificate, String>>,
+    },
 }
 
 impl Message {
@@ -883,6 +897,8 @@ impl Message {
             Message::FlowAnswer { .. } => "flow_answer",
             Message::Workloads { .. } => "workloads",
             Message::WorkloadsTaken { .. } => "workloads_taken",
+            Message::IssueRequest { .. } => "issue_request",
+            Message::IssueAnswer { .. } => "issue_answer",
         }
     }
 }
@@ -947,6 +963,12 @@ const MSG_FLOW_QUERY: u8 = 9;
 const MSG_FLOW_ANSWER: u8 = 10;
 const MSG_WORKLOADS: u8 = 11;
 const MSG_WORKLOADS_TAKEN: u8 = 12;
+const MSG_ISSUE_REQUEST: u8 = 13;
+const MSG_ISSUE_ANSWER: u8 = 14;
+/// Workloads one issue request names at most.
+pub const MAX_ISSUE_WORKLOADS: usize = 16;
+/// A refusal's reason in an issue answer is at most this long (a longer one is cut).
+pub const MAX_REASON_BYTES: usize = 255;
 /// Workload certificates one node announces at most (Kubernetes runs at most 110 pods on a
 /// node by default).
 pub const MAX_WORKLOADS: usize = 128;
@@ -1053,6 +1075,41 @@ impl Message {
             Message::WorkloadsTaken { version } => {
                 b.push(MSG_WORKLOADS_TAKEN);
                 b.extend_from_slice(&version.to_be_bytes());
+            }
+            Message::IssueRequest {
+                nonce,
+                certificate,
+                workloads,
+            } => {
+                b.push(MSG_ISSUE_REQUEST);
+                b.extend_from_slice(&nonce.to_be_bytes());
+                put_cert(&mut b, certificate);
+                // Senders ask for at most MAX_ISSUE_WORKLOADS; a longer list is cut.
+                let n = workloads.len().min(MAX_ISSUE_WORKLOADS);
+                b.push(n as u8);
+                for w in &workloads[..n] {
+                    for s in [&w.namespace, &w.name, &w.uid] {
+                        put_short(&mut b, s);
+                    }
+                }
+            }
+            Message::IssueAnswer { nonce, results } => {
+                b.push(MSG_ISSUE_ANSWER);
+                b.extend_from_slice(&nonce.to_be_bytes());
+                let n = results.len().min(MAX_ISSUE_WORKLOADS);
+                b.push(n as u8);
+                for r in &results[..n] {
+                    match r {
+                        Ok(c) => {
+                            b.push(1);
+                            put_cert(&mut b, c);
+                        }
+                        Err(why) => {
+                            b.push(0);
+                            put_short(&mut b, why);
+                        }
+                    }
+                }
             }
             Message::Workloads {
                 version,
@@ -1211,6 +1268,54 @@ impl Message {
             MSG_WORKLOADS_TAKEN => Message::WorkloadsTaken {
                 version: r.u64("version")?,
             },
+            MSG_ISSUE_REQUEST => {
+                let nonce = r.u64("nonce")?;
+                let certificate = read_cert(&mut r)?;
+                let n = usize::from(r.u8("workload count")?);
+                if n > MAX_ISSUE_WORKLOADS {
+                    return Err(ControlError::Invalid {
+                        field: "workload count",
+                        reason: "more than 16",
+                    });
+                }
+                let mut workloads = Vec::with_capacity(n);
+                for _ in 0..n {
+                    workloads.push(crate::workload::WorkloadRef {
+                        namespace: read_short(&mut r, "namespace")?,
+                        name: read_short(&mut r, "name")?,
+                        uid: read_short(&mut r, "uid")?,
+                    });
+                }
+                Message::IssueRequest {
+                    nonce,
+                    certificate,
+                    workloads,
+                }
+            }
+            MSG_ISSUE_ANSWER => {
+                let nonce = r.u64("nonce")?;
+                let n = usize::from(r.u8("result count")?);
+                if n > MAX_ISSUE_WORKLOADS {
+                    return Err(ControlError::Invalid {
+                        field: "result count",
+                        reason: "more than 16",
+                    });
+                }
+                let mut results = Vec::with_capacity(n);
+                for _ in 0..n {
+                    results.push(match r.u8("result")? {
+                        1 => Ok(read_cert(&mut r)?),
+                        0 => Err(read_short(&mut r, "reason")?),
+                        _ => {
+                            return Err(ControlError::Invalid {
+                                field: "result",
+                                reason: "must be 0 or 1",
+                            })
+                        }
+                    });
+                }
+                Message::IssueAnswer { nonce, results }
+            }
             MSG_WORKLOADS => {
                 let version = r.u64("version")?;
                 let n = usize::from(r.u8("workload count")?);
@@ -1307,6 +1412,25 @@ fn put_cert(b: &mut Vec<u8>, c: &Certificate) {
     // A valid certificate is at most MAX_CERT_BYTES (32 KiB), within u16.
     b.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
     b.extend_from_slice(&bytes);
+}
+
+/// A string of at most 255 bytes: u8 length ‖ UTF-8 (a longer one is cut at a character
+/// boundary).
+fn put_short(b: &mut Vec<u8>, s: &str) {
+    let mut end = s.len().min(MAX_REASON_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    b.push(end as u8);
+    b.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+fn read_short(r: &mut Reader, field: &'static str) -> Result<String, ControlError> {
+    let n = usize::from(r.u8(field)?);
+    String::from_utf8(r.take(field, n)?.to_vec()).map_err(|_| ControlError::Invalid {
+        field,
+        reason: "not UTF-8",
+    })
 }
 
 impl From<Truncated> for ControlError {
@@ -1836,6 +1960,22 @@ mod tests {
                 certificates: vec![cert_for(&secret(1), "web"), cert_for(&secret(1), "api")],
             },
             Message::WorkloadsTaken { version: 77 },
+            Message::IssueRequest {
+                nonce: 5,
+                certificate: cert_for(&secret(1), "node1"),
+                workloads: vec![crate::workload::WorkloadRef {
+                    namespace: "microblog".into(),
+                    name: "post-7d9f8-x2v".into(),
+                    uid: "0c8f3a52-1b7e-4d0c-9f7a-5f1d2a3b4c5d".into(),
+                }],
+            },
+            Message::IssueAnswer {
+                nonce: 5,
+                results: vec![
+                    Ok(cert_for(&secret(1), "post")),
+                    Err("workload microblog/x does not run on node prod/node1".into()),
+                ],
+            },
             Message::FlowQuery {
                 query: vec![1, 2, 3],
             },
@@ -1955,6 +2095,34 @@ mod tests {
             Message::decode(&over),
             Err(ControlError::Invalid {
                 field: "workload count",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_long_refusal_is_cut_at_a_character_boundary_and_a_long_list_is_refused() {
+        let why = "é".repeat(200);
+        let msg = Message::IssueAnswer {
+            nonce: 1,
+            results: vec![Err(why.clone())],
+        };
+        let Message::IssueAnswer { results, .. } = Message::decode(&msg.encode()).unwrap() else {
+            panic!("not an answer")
+        };
+        let cut = results[0].clone().unwrap_err();
+        assert_eq!(cut.len(), 254, "127 whole characters");
+        assert!(why.starts_with(&cut));
+        let mut bytes = Message::IssueAnswer {
+            nonce: 1,
+            results: vec![],
+        }
+        .encode();
+        bytes[9] = MAX_ISSUE_WORKLOADS as u8 + 1;
+        assert!(matches!(
+            Message::decode(&bytes),
+            Err(ControlError::Invalid {
+                field: "result count",
                 ..
             })
         ));

@@ -211,6 +211,37 @@ pub fn authorize(
     })
 }
 
+/// The issuer's answer to a node's request (`IssueRequest`, PROTOCOL.md §11), sealed by
+/// `sender`: the node's certificate must name that key and verify against `trust` (the node CAs,
+/// with `revoked`); then each workload asked is decided by [`authorize`] and, if granted, signed
+/// by `sign`. `Err` refuses the whole request (the node is not one that may ask), with the reason.
+#[allow(clippy::too_many_arguments)]
+pub fn answer(
+    sender: &[u8; 32],
+    node: &crate::cert::Certificate,
+    requests: &[WorkloadRef],
+    trust: &crate::trust::Trust,
+    revoked: Option<&crate::cert::RevocationList>,
+    view: &impl WorkloadView,
+    issuance: &Issuance,
+    mut sign: impl FnMut(&Grant) -> Result<crate::cert::Certificate, String>,
+) -> Result<Vec<Result<crate::cert::Certificate, String>>, String> {
+    if node.body.public_key != *sender {
+        return Err("the node certificate names another key than the one that sealed".into());
+    }
+    trust
+        .check(node, issuance.now, revoked, crate::trust::Signature::Verify)
+        .map_err(|e| format!("node certificate refused: {e}"))?;
+    Ok(requests
+        .iter()
+        .map(|r| {
+            authorize(&node.body, r, view, issuance)
+                .map_err(|e| e.to_string())
+                .and_then(|g| sign(&g))
+        })
+        .collect())
+}
+
 /// Why the registry refuses a workload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {

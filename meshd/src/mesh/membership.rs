@@ -13,7 +13,7 @@
 //! - Every sealed message's counters pass the sender's replay window, which survives a restart
 //!   as a floor (see [`Membership::floors`]).
 
-use super::ratelimit::SourceLimiter;
+use proto::limiter::SourceLimiter;
 use super::workloads::WorkloadBook;
 use proto::cert::{CertError, Certificate, RevocationList};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
@@ -191,6 +191,8 @@ pub enum Refusal {
     WorkloadRange { identity: String, addr: Cidr },
     #[error("more workload certificates than one announcement carries (128, 64,000 bytes)")]
     TooManyWorkloads,
+    #[error("a message only the workload issuer sends or takes")]
+    NotFromMembers,
     #[error("policy set refused: {0}")]
     Policy(String),
     #[error("flow query refused: {0}")]
@@ -226,6 +228,7 @@ impl Refusal {
             Refusal::AddressConflict { .. } => "address_conflict",
             Refusal::WorkloadRange { .. } => "workload_range",
             Refusal::TooManyWorkloads => "too_many_workloads",
+            Refusal::NotFromMembers => "not_from_members",
             Refusal::Policy(_) => "policy",
             Refusal::FlowQuery(_) => "flow_query",
             Refusal::CookieRequired => "cookie_required",
@@ -1586,6 +1589,9 @@ impl Membership {
                 if !self.workloads.of(&self.public).is_empty() && !sent_lately {
                     self.send_workloads(&sender, now_ms, rng, out);
                 }
+            }
+            Message::IssueRequest { .. } | Message::IssueAnswer { .. } => {
+                return Err(Refusal::NotFromMembers);
             }
             Message::WorkloadsTaken { version } => {
                 if version >= self.own_version {

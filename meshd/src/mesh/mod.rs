@@ -14,7 +14,7 @@ pub mod membership;
 pub mod node;
 pub mod policy_book;
 pub mod policy_sync;
-pub mod ratelimit;
+
 pub mod run;
 #[cfg(test)]
 mod scale;

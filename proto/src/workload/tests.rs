@@ -395,3 +395,59 @@ fn a_workload_may_not_be_named_as_a_node() {
         "{e}"
     );
 }
+
+/// A node certificate signed by a real node CA, the trust in that CA, and the CA's key.
+fn signed_node(name: &str) -> (crate::cert::Certificate, crate::trust::Trust, ed25519_dalek::SigningKey) {
+    let ca_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let public = ca_key.verifying_key().to_bytes();
+    let ca = CertBody::ca("example.org", "nodes", public, 1, (0, NOW * 2), vec![])
+        .sign(&ca_key)
+        .unwrap();
+    let mut body = node(name);
+    body.issuer = public;
+    let cert = body.sign(&ca_key).unwrap();
+    let (trust, left_out) = crate::trust::Trust::new("example.org", vec![ca]);
+    assert!(left_out.is_empty());
+    (cert, trust, ca_key)
+}
+
+#[test]
+fn the_issuer_answers_each_workload_in_order_only_to_the_node_that_sealed() {
+    let (cert, trust, ca_key) = signed_node("node-a");
+    let mut issuance = issuance();
+    issuance.node_issuers = vec![ca_key.verifying_key().to_bytes()];
+    let v = view(&[
+        pod("post-1", "u1", "node-a", "100.64.1.5/32"),
+        pod("api-1", "u2", "node-b", "100.64.1.6/32"),
+    ]);
+    let workload_ca = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let sign = |g: &Grant| {
+        g.body(7, workload_ca.verifying_key().to_bytes())
+            .sign(&workload_ca)
+            .map_err(|e| e.to_string())
+    };
+    let key = cert.body.public_key;
+    let asked = [ask("post-1", "u1"), ask("api-1", "u2"), ask("gone", "u3")];
+    let results = answer(&key, &cert, &asked, &trust, None, &v, &issuance, sign).unwrap();
+    let post = results[0].as_ref().unwrap();
+    assert_eq!((post.body.name.as_str(), post.body.public_key), ("post", key));
+    post.verify_signature(&workload_ca.verifying_key().to_bytes()).unwrap();
+    assert!(results[1].as_ref().unwrap_err().contains("does not run on node nodes/node-a"));
+    assert!(results[2].as_ref().unwrap_err().contains("no workload microblog/gone"));
+    // Sealed by another key (a node certificate replayed by someone else): nothing.
+    let e = answer(&[1; 32], &cert, &asked, &trust, None, &v, &issuance, sign).unwrap_err();
+    assert!(e.contains("another key"), "{e}");
+    // A revoked node: nothing.
+    let crl = crate::cert::RevocationList::sign("example.org", 1, NOW, vec![1], &ca_key).unwrap();
+    let e = answer(&key, &cert, &asked, &trust, Some(&crl), &v, &issuance, sign).unwrap_err();
+    assert!(e.contains("revoked"), "{e}");
+    // A certificate of a CA the issuer does not trust for nodes: nothing.
+    let (foreign, _, _) = {
+        let other = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let mut body = node("node-a");
+        body.issuer = other.verifying_key().to_bytes();
+        (body.sign(&other).unwrap(), (), ())
+    };
+    let e = answer(&key, &foreign, &asked, &trust, None, &v, &issuance, sign).unwrap_err();
+    assert!(e.contains("node certificate refused"), "{e}");
+}

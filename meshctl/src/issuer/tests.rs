@@ -1,0 +1,81 @@
+//! The issuer's sealed side, without a socket.
+
+use super::*;
+
+fn secret(b: u8) -> StaticSecret {
+    StaticSecret::from([b; 32])
+}
+
+fn public(s: &StaticSecret) -> [u8; 32] {
+    x25519_dalek::PublicKey::from(s).to_bytes()
+}
+
+const NODE: &str = "198.18.0.2:51820";
+
+fn request(nonce: u64) -> Vec<u8> {
+    Message::WorkloadsTaken { version: nonce }.encode()
+}
+
+#[test]
+fn a_request_opens_once_and_its_replay_is_refused() {
+    let mut r = Responder::new(secret(1));
+    let from: SocketAddr = NODE.parse().unwrap();
+    let d = control::seal_message(&secret(2), &public(&secret(1)), &secret(3), 1_000, &request(7))
+        .unwrap();
+    let (sender, msg) = r.open(0, from, &d[0]).unwrap().unwrap();
+    assert_eq!(sender, public(&secret(2)));
+    assert_eq!(msg, Message::WorkloadsTaken { version: 7 });
+    assert_eq!(r.open(1, from, &d[0]).unwrap_err(), "replayed");
+    // A later one opens.
+    let later =
+        control::seal_message(&secret(2), &public(&secret(1)), &secret(3), 2_000, &request(8))
+            .unwrap();
+    assert!(r.open(2, from, &later[0]).unwrap().is_some());
+}
+
+#[test]
+fn garbage_a_wrong_receiver_and_a_flood_from_one_address_are_dropped() {
+    let mut r = Responder::new(secret(1));
+    let from: SocketAddr = NODE.parse().unwrap();
+    assert!(r.open(0, from, b"MSHPxxxx").is_err());
+    assert!(r.open(0, from, &[0u8; 200]).is_err());
+    let to_other =
+        control::seal_message(&secret(2), &public(&secret(9)), &secret(3), 1, &request(1)).unwrap();
+    assert!(r.open(0, from, &to_other[0]).is_err());
+    // One address gets 100 opens in a burst, then 50 a second.
+    let opened = (0..300u64)
+        .filter(|i| {
+            let d = control::seal_message(
+                &secret(2),
+                &public(&secret(1)),
+                &secret(3),
+                10 + i,
+                &request(*i),
+            )
+            .unwrap();
+            r.open(5, from, &d[0]).is_ok()
+        })
+        .count();
+    // The burst, less the token the datagram sealed to another receiver spent, then nothing.
+    assert_eq!(opened, 2 * OPENS_PER_SOURCE_PER_SEC as usize - 1);
+}
+
+#[test]
+fn an_answer_opens_for_the_node_only_and_its_counters_follow_the_clock() {
+    let mut r = Responder::new(secret(1));
+    let node = secret(2);
+    let answer = Message::IssueAnswer {
+        nonce: 5,
+        results: vec![Err("no workload microblog/x is known".into())],
+    };
+    let now_ms = 1_800_000_000_000;
+    let d = r.seal(&public(&node), &answer, now_ms, &mut rand_core::OsRng);
+    assert_eq!(d.len(), 1);
+    let Datagram::Sealed(s) = control::decode(&d[0]).unwrap() else {
+        panic!("not sealed")
+    };
+    assert!(s.counter >= now_ms * COUNTER_PER_MS);
+    let opened = s.open(&node).unwrap();
+    assert_eq!(opened.sender, public(&secret(1)));
+    assert!(s.open(&secret(3)).is_err());
+}
