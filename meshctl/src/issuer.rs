@@ -75,8 +75,7 @@ impl Responder {
         from: SocketAddr,
         datagram: &[u8],
     ) -> Result<Option<([u8; 32], Message)>, String> {
-        let Datagram::Sealed(sealed) = control::decode(datagram).map_err(|e| e.to_string())?
-        else {
+        let Datagram::Sealed(sealed) = control::decode(datagram).map_err(|e| e.to_string())? else {
             return Err("not a sealed datagram".into());
         };
         if !self.per_source.allow(from.ip(), now_ms) || !self.opens.allow((), now_ms) {
@@ -174,7 +173,9 @@ impl IssuerDir {
                 (ca::now(), root.body.not_after),
                 root.body.addrs.clone(),
             );
-            let cert = body.sign(&key).map_err(|e| anyhow!("the workload CA: {e}"))?;
+            let cert = body
+                .sign(&key)
+                .map_err(|e| anyhow!("the workload CA: {e}"))?;
             files::create(
                 &self.ca_key(),
                 armor::encode(armor::CA_PRIVATE_KEY, &seed).as_bytes(),
@@ -233,8 +234,8 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
     let issuer = IssuerDir::of(ca_path);
     let keys = issuer.load_or_create(&root)?;
     let public = x25519_dalek::PublicKey::from(&keys.secret).to_bytes();
-    let socket = std::net::UdpSocket::bind(listen)
-        .with_context(|| format!("listening on {listen}"))?;
+    let socket =
+        std::net::UdpSocket::bind(listen).with_context(|| format!("listening on {listen}"))?;
     socket
         .set_read_timeout(Some(std::time::Duration::from_secs(1)))
         .context("setting the socket's timeout")?;
@@ -242,7 +243,10 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
         "issuing workload certificates of trust domain {} on {listen}",
         root.body.trust_domain
     );
-    println!("  key  {} (nodes: [issuer] key)", proto::Key(public).to_base64());
+    println!(
+        "  key  {} (nodes: [issuer] key)",
+        proto::Key(public).to_base64()
+    );
     println!(
         "  workload CA {} (add it to every node's trust bundle)",
         issuer.ca_cert().display()

@@ -524,6 +524,26 @@ enum WorkloadCommand {
         #[arg(short, long, value_enum, default_value_t = Output::Table, help = OUTPUT_HELP)]
         output: Output,
     },
+    /// Attach a workload to the running node (as the CNI plugin's ADD does): the node asks the
+    /// issuer for its certificate; exit 0 once its identity is in force here, 1 with the reason
+    /// when it is refused or does not come within --wait.
+    Attach {
+        #[command(flatten)]
+        reference: workload::RefArgs,
+        /// How long to wait for the certificate.
+        #[arg(long, default_value = "10s")]
+        wait: String,
+        #[command(flatten)]
+        daemon: Daemon,
+    },
+    /// Detach a workload from the running node (as the CNI plugin's DEL does): its identity is
+    /// withdrawn from the mesh.
+    Detach {
+        #[command(flatten)]
+        reference: workload::RefArgs,
+        #[command(flatten)]
+        daemon: Daemon,
+    },
     /// Remove a workload: no certificate is issued for it any more.
     Remove {
         /// The CA directory whose registry (workloads.yaml) this changes.
@@ -831,6 +851,21 @@ fn main() -> ExitCode {
         Command::Workload {
             command: WorkloadCommand::List { ca, output },
         } => workload::list(&ca, output),
+        Command::Workload {
+            command:
+                WorkloadCommand::Attach {
+                    reference,
+                    wait,
+                    daemon,
+                },
+        } => daemon
+            .path()
+            .and_then(|path| workload::attach(&path, reference, &wait)),
+        Command::Workload {
+            command: WorkloadCommand::Detach { reference, daemon },
+        } => daemon
+            .path()
+            .and_then(|path| workload::detach(&path, reference)),
         Command::Workload {
             command:
                 WorkloadCommand::Remove {

@@ -30,7 +30,7 @@ pub fn socket(ifname: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf, 
     }
 }
 
-fn done(resp: Response) -> Result<(), Failure> {
+pub fn done(resp: Response) -> Result<(), Failure> {
     match resp {
         Response::Done { message } => {
             println!("{message}");

@@ -376,3 +376,39 @@ mod tests {
         assert!(e.contains("invalid type"), "{e}");
     }
 }
+
+/// A workload as a node names it: for Kubernetes, the pod's namespace, name and UID.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RefArgs {
+    /// The workload's namespace.
+    #[arg(long)]
+    pub namespace: String,
+    /// The workload's name (for Kubernetes, the pod's).
+    #[arg(long)]
+    pub name: String,
+    /// The workload's UID.
+    #[arg(long)]
+    pub uid: String,
+}
+
+/// `meshctl workload attach`: answered once the node holds the workload's certificate in force.
+pub fn attach(socket: &Path, r: RefArgs, wait: &str) -> Result<(), Failure> {
+    let wait = proto::duration::parse(wait).map_err(|e| Failure::input(anyhow!("--wait: {e}")))?;
+    let req = proto::admin::Request::WorkloadAttach {
+        namespace: r.namespace,
+        name: r.name,
+        uid: r.uid,
+        wait_ms: wait.as_millis() as u64,
+    };
+    crate::peer::done(crate::status::request(socket, &req)?)
+}
+
+/// `meshctl workload detach`.
+pub fn detach(socket: &Path, r: RefArgs) -> Result<(), Failure> {
+    let req = proto::admin::Request::WorkloadDetach {
+        namespace: r.namespace,
+        name: r.name,
+        uid: r.uid,
+    };
+    crate::peer::done(crate::status::request(socket, &req)?)
+}

@@ -41,6 +41,10 @@
 //! serve = false        # true: relay frames between members that cannot reach each other
 //! via = ["KEY"]        # members (public keys) to reach others through when their own address
 //!                      # does not answer: this cluster's relay, for a federated cluster
+//!
+//! [issuer]
+//! endpoint = "198.18.0.1:7100"   # the workload issuer (`meshctl ca serve`) on the underlay
+//! key = "KEY"                    # its public key, as `meshctl ca serve` prints it
 //! ```
 
 use anyhow::{anyhow, bail, Context};
@@ -86,6 +90,18 @@ pub struct Config {
     pub relay: RelaySection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// The workload issuer this node asks for the certificates of the workloads it runs; none:
+    /// this node runs no workloads of their own identity.
+    #[serde(default)]
+    pub issuer: Option<IssuerSection>,
+}
+
+/// `[issuer]`: where the online workload issuer listens, and its key.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSection {
+    pub endpoint: std::net::SocketAddr,
+    pub key: String,
 }
 
 /// `[metrics]`: Prometheus metrics and health endpoints, off unless `listen` is set. They name
@@ -286,7 +302,21 @@ impl Config {
         if cfg.relay.via.len() > MAX_RELAYS {
             return Err(err(format!("relay.via: more than {MAX_RELAYS}")));
         }
+        if let Some(i) = &cfg.issuer {
+            if let Err(e) = Key::from_base64(&i.key) {
+                return Err(err(format!(
+                    "issuer.key: `{}` is not a public key (base64 of 32 bytes): {e}",
+                    i.key
+                )));
+            }
+        }
         Ok(cfg)
+    }
+
+    /// The workload issuer's key and address (validated by [`Config::parse`]).
+    pub fn issuer(&self) -> Option<([u8; 32], std::net::SocketAddr)> {
+        let i = self.issuer.as_ref()?;
+        Some((Key::from_base64(&i.key).ok()?.0, i.endpoint))
     }
 
     /// The members asked to relay (validated by [`Config::parse`]).
@@ -490,6 +520,21 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE
         assert!(
             e.contains("relay.via[0]: `198.18.0.1:51820` is not a public key"),
             "{e}"
+        );
+        let e = parse(&format!(
+            "{GOOD}\n[issuer]\nendpoint = \"198.18.0.1:7100\"\nkey = \"abc\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("issuer.key: `abc` is not a public key"), "{e}");
+        let key = Key([7; 32]).to_base64();
+        let c = parse(&format!(
+            "{GOOD}\n[issuer]\nendpoint = \"198.18.0.1:7100\"\nkey = \"{key}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.issuer(),
+            Some(([7; 32], "198.18.0.1:7100".parse().unwrap()))
         );
         let e = parse(&format!("{GOOD}\n[relay]\nserves = true\n"))
             .unwrap_err()

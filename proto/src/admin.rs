@@ -55,6 +55,27 @@ pub enum Request {
     MeshFlows {
         query: String,
     },
+    /// Mesh mode: a workload this node runs (the CNI plugin's ADD): its certificate is asked of
+    /// the issuer; the answer comes once it is in force here, or says why not (within
+    /// `wait_ms`).
+    WorkloadAttach {
+        namespace: String,
+        name: String,
+        uid: String,
+        #[serde(default = "default_attach_wait_ms")]
+        wait_ms: u64,
+    },
+    /// Mesh mode: a workload this node no longer runs (the CNI plugin's DEL): its identity is
+    /// withdrawn from the mesh.
+    WorkloadDetach {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+}
+
+fn default_attach_wait_ms() -> u64 {
+    10_000
 }
 
 fn default_flow_limit() -> usize {

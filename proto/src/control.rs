@@ -2075,7 +2075,11 @@ mod tests {
             let [_, _, hi, lo] = i.to_be_bytes();
             c.addrs = vec![
                 Cidr::new(Ipv4Addr::new(100, 64, hi, lo).into(), 32).unwrap(),
-                Cidr::new(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i as u16).into(), 128).unwrap(),
+                Cidr::new(
+                    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i as u16).into(),
+                    128,
+                )
+                .unwrap(),
             ];
             c.ports = vec!["http=8080/tcp".parse().unwrap()];
             c.sign(&ca).unwrap()

@@ -243,6 +243,22 @@ impl Lab {
         self.wait_for_uapi(ifname);
     }
 
+    /// Runs `program ARGS` in `ns` as process `name` (stopped with the lab), its standard output
+    /// and error in the lab directory as `name.log`.
+    pub fn spawn(&mut self, ns: &str, name: &str, program: &Path, args: &[&str]) {
+        self.forget_exited(name);
+        let log = File::create(self.dir.join(format!("{name}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning");
+        self.children.push((name.to_string(), child));
+    }
+
     /// Forgets a daemon of interface `ifname` that has exited, so that another can take the name.
     fn forget_exited(&mut self, ifname: &str) {
         self.children

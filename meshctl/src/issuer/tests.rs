@@ -20,16 +20,27 @@ fn request(nonce: u64) -> Vec<u8> {
 fn a_request_opens_once_and_its_replay_is_refused() {
     let mut r = Responder::new(secret(1));
     let from: SocketAddr = NODE.parse().unwrap();
-    let d = control::seal_message(&secret(2), &public(&secret(1)), &secret(3), 1_000, &request(7))
-        .unwrap();
+    let d = control::seal_message(
+        &secret(2),
+        &public(&secret(1)),
+        &secret(3),
+        1_000,
+        &request(7),
+    )
+    .unwrap();
     let (sender, msg) = r.open(0, from, &d[0]).unwrap().unwrap();
     assert_eq!(sender, public(&secret(2)));
     assert_eq!(msg, Message::WorkloadsTaken { version: 7 });
     assert_eq!(r.open(1, from, &d[0]).unwrap_err(), "replayed");
     // A later one opens.
-    let later =
-        control::seal_message(&secret(2), &public(&secret(1)), &secret(3), 2_000, &request(8))
-            .unwrap();
+    let later = control::seal_message(
+        &secret(2),
+        &public(&secret(1)),
+        &secret(3),
+        2_000,
+        &request(8),
+    )
+    .unwrap();
     assert!(r.open(2, from, &later[0]).unwrap().is_some());
 }
 

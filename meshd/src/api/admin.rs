@@ -140,6 +140,65 @@ impl Admin {
                     Err(e) => e,
                 }
             }
+            Request::WorkloadAttach {
+                namespace,
+                name,
+                uid,
+                wait_ms,
+            } => {
+                let workload = proto::workload::WorkloadRef {
+                    namespace,
+                    name,
+                    uid,
+                };
+                let what = format!("{}/{}", workload.namespace, workload.name);
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                if self
+                    .commands
+                    .send(Command::Attach { workload, reply })
+                    .await
+                    .is_err()
+                {
+                    return Response::Error {
+                        message: "the mesh task has stopped".into(),
+                    };
+                }
+                let wait = std::time::Duration::from_millis(wait_ms.clamp(100, 120_000));
+                match tokio::time::timeout(wait, answer).await {
+                    Ok(Ok(Ok(identity))) => Response::Done {
+                        message: format!("workload {what} is {identity}"),
+                    },
+                    Ok(Ok(Err(message))) => Response::Error {
+                        message: format!("workload {what}: {message}"),
+                    },
+                    Ok(Err(_)) => Response::Error {
+                        message: "the mesh task has stopped".into(),
+                    },
+                    Err(_) => Response::Error {
+                        message: format!(
+                            "workload {what}: no certificate within {} ms (is the issuer reachable?)",
+                            wait.as_millis()
+                        ),
+                    },
+                }
+            }
+            Request::WorkloadDetach {
+                namespace,
+                name,
+                uid,
+            } => {
+                let workload = proto::workload::WorkloadRef {
+                    namespace,
+                    name,
+                    uid,
+                };
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                match self.ask(Command::Detach { workload, reply }, answer).await {
+                    Ok(Ok(message)) => Response::Done { message },
+                    Ok(Err(message)) => Response::Error { message },
+                    Err(e) => e,
+                }
+            }
             Request::PolicyApply { set } => {
                 let Ok(encoded) = STANDARD.decode(set.trim()) else {
                     return Response::Error {

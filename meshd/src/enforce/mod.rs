@@ -224,7 +224,6 @@ impl Rules {
         key(a).is_some() && key(a) == key(b)
     }
 
-
     /// The two ends of `flow` as seen at this node `at` (Egress: read from the TUN device, for
     /// peer `remote`; Ingress: decrypted from peer `remote`, for the TUN device), and the policy
     /// direction that decides it: this node's own traffic is decided by its identity's egress or

@@ -449,7 +449,11 @@ spec:
     assert!(!decide(&shrunk, &API_KEY, API).0);
     // A changed local identity, or many retired indices, ask for a rebuild.
     assert!(first
-        .with_members(&set, &identity("post2", "post", ME), [] as [([u8; 32], Identity); 0])
+        .with_members(
+            &set,
+            &identity("post2", "post", ME),
+            [] as [([u8; 32], Identity); 0]
+        )
         .is_none());
 }
 
@@ -781,14 +785,22 @@ fn each_workload_behind_one_tunnel_is_its_own_identity_on_both_ends() {
     let drops = DropCounters::default();
     // Through node B's one tunnel: api's packets are api's, other's are other's.
     assert!(e.ingress(&tcp(API_POD, 40000, POST_POD, 8080, SYN), &API_KEY, &drops));
-    assert!(!e.ingress(&tcp(OTHER_POD, 40001, POST_POD, 8080, SYN), &API_KEY, &drops));
+    assert!(!e.ingress(
+        &tcp(OTHER_POD, 40001, POST_POD, 8080, SYN),
+        &API_KEY,
+        &drops
+    ));
     // Node B itself is not api, whatever its tunnel carries.
     assert!(!e.ingress(&tcp(API, 40002, POST_POD, 8080, SYN), &API_KEY, &drops));
     // The allow-list is post's, not this node's: node-a's own address takes nothing.
     assert!(!e.ingress(&tcp(API_POD, 40003, ME, 8080, SYN), &API_KEY, &drops));
     assert_eq!(drops.get(Drop::PolicyIngress), 3);
     // On the way out, post's egress is post's: it allows nothing, its replies ride the flow.
-    assert!(e.egress(&tcp(POST_POD, 8080, API_POD, 40000, SYN | ACK), &API_KEY, &drops));
+    assert!(e.egress(
+        &tcp(POST_POD, 8080, API_POD, 40000, SYN | ACK),
+        &API_KEY,
+        &drops
+    ));
     assert!(!e.egress(&tcp(POST_POD, 40004, API_POD, 8080, SYN), &API_KEY, &drops));
     assert_eq!(drops.get(Drop::PolicyEgress), 1);
 }
@@ -799,9 +811,17 @@ fn a_workload_address_of_another_node_names_nobody_through_this_tunnel() {
     let drops = DropCounters::default();
     // An api pod on node C, claimed through node B's tunnel (the data path drops this before
     // asking, as the address is not B's; the rules fail closed on their own too).
-    assert!(!e.ingress(&tcp(FAR_API_POD, 40000, POST_POD, 8080, SYN), &API_KEY, &drops));
+    assert!(!e.ingress(
+        &tcp(FAR_API_POD, 40000, POST_POD, 8080, SYN),
+        &API_KEY,
+        &drops
+    ));
     // Through its own node's tunnel it is api.
-    assert!(e.ingress(&tcp(FAR_API_POD, 40000, POST_POD, 8080, SYN), &OTHER_KEY, &drops));
+    assert!(e.ingress(
+        &tcp(FAR_API_POD, 40000, POST_POD, 8080, SYN),
+        &OTHER_KEY,
+        &drops
+    ));
 }
 
 #[test]
@@ -826,15 +846,22 @@ fn rules_grown_by_workloads_decide_as_rules_built_from_scratch() {
     assert_eq!(grown.identities.len(), 4, "only the pod is added");
     let flow = FlowKey::parse(&tcp(API_POD, 40000, POST_POD, 8080, SYN)).unwrap();
     let decide = |r: &Rules| {
-        let d = r.decide(Direction::Ingress, &flow, r.identity_of(&API_KEY)).unwrap();
-        (d.verdict.allow, r.identity(d.src).unwrap().endpoint.name.clone())
+        let d = r
+            .decide(Direction::Ingress, &flow, r.identity_of(&API_KEY))
+            .unwrap();
+        (
+            d.verdict.allow,
+            r.identity(d.src).unwrap().endpoint.name.clone(),
+        )
     };
     assert_eq!(decide(&grown), (true, "api".to_string()));
     assert_eq!(decide(&grown), decide(&rebuilt));
     // The pod leaves: its address names nobody, and node B's tunnel carries nothing for it.
     others.pop();
     let shrunk = grown.with_members(&set, &me, others).unwrap();
-    let d = shrunk.decide(Direction::Ingress, &flow, shrunk.identity_of(&API_KEY)).unwrap();
+    let d = shrunk
+        .decide(Direction::Ingress, &flow, shrunk.identity_of(&API_KEY))
+        .unwrap();
     assert!(!d.verdict.allow);
     assert_eq!(d.src, EXTERNAL);
 }

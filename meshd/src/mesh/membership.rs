@@ -13,10 +13,10 @@
 //! - Every sealed message's counters pass the sender's replay window, which survives a restart
 //!   as a floor (see [`Membership::floors`]).
 
-use proto::limiter::SourceLimiter;
 use super::workloads::WorkloadBook;
 use proto::cert::{CertError, Certificate, RevocationList};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
+use proto::limiter::SourceLimiter;
 use proto::relay::{Endpoint, Tag};
 use proto::segment::Reassembly;
 use proto::trust::{Federation, Signature, Trust};
@@ -156,6 +156,8 @@ pub enum Out {
         from: [u8; 32],
         msg: Message,
     },
+    /// An answer of the workload issuer (sealed by the issuer's configured key).
+    Issued(Message),
 }
 
 /// Why an incoming control datagram, or a certificate in one, was not acted on.
@@ -193,6 +195,8 @@ pub enum Refusal {
     TooManyWorkloads,
     #[error("a message only the workload issuer sends or takes")]
     NotFromMembers,
+    #[error("no workload issuer is configured ([issuer] in the configuration)")]
+    NoIssuer,
     #[error("policy set refused: {0}")]
     Policy(String),
     #[error("flow query refused: {0}")]
@@ -229,6 +233,7 @@ impl Refusal {
             Refusal::WorkloadRange { .. } => "workload_range",
             Refusal::TooManyWorkloads => "too_many_workloads",
             Refusal::NotFromMembers => "not_from_members",
+            Refusal::NoIssuer => "no_issuer",
             Refusal::Policy(_) => "policy",
             Refusal::FlowQuery(_) => "flow_query",
             Refusal::CookieRequired => "cookie_required",
@@ -411,6 +416,8 @@ pub struct Membership {
     /// Workload certificates in members' announcements that were not taken, by
     /// [`Refusal::kind`].
     pub workloads_refused: BTreeMap<&'static str, u64>,
+    /// The workload issuer (`[issuer]`): its key, where it listens, and our agreement with it.
+    issuer: Option<(control::Pair, Endpoint)>,
 }
 
 impl Membership {
@@ -455,6 +462,7 @@ impl Membership {
             workloads_unacked: HashMap::new(),
             workloads_sent: HashMap::new(),
             workloads_refused: BTreeMap::new(),
+            issuer: None,
             secret,
             public,
             trust: trust_of(&certificate, bundle),
@@ -499,7 +507,9 @@ impl Membership {
     fn identity_of(&self, key: &[u8; 32]) -> String {
         match self.members.get(key) {
             Some(m) => m.certificate.body.identity(),
-            None if *key == self.public => format!("{} (this node)", self.certificate.body.identity()),
+            None if *key == self.public => {
+                format!("{} (this node)", self.certificate.body.identity())
+            }
             None => proto::Key(*key).to_string(),
         }
     }
@@ -566,7 +576,8 @@ impl Membership {
         if !taken.changed.is_empty() {
             self.dirty.members = true;
             let me = self.public;
-            self.touched.extend(taken.changed.iter().filter(|k| **k != me));
+            self.touched
+                .extend(taken.changed.iter().filter(|k| **k != me));
             self.own_workloads_changed |= taken.changed.contains(&me);
         }
         for e in &taken.refused {
@@ -898,6 +909,30 @@ impl Membership {
         if self.by_endpoint.get(&endpoint) == Some(key) {
             self.by_endpoint.remove(&endpoint);
         }
+    }
+
+    /// The workload issuer this node asks for its workloads' certificates: its key and address.
+    pub fn set_issuer(&mut self, issuer: Option<([u8; 32], std::net::SocketAddr)>) {
+        self.issuer = issuer.and_then(|(key, addr)| {
+            let pair = control::Pair::with_public(&self.secret, &self.public, &key).ok()?;
+            Some((pair, Endpoint::Direct(addr)))
+        });
+    }
+
+    /// Seals `msg` to the workload issuer; false if none is configured.
+    pub fn send_to_issuer(
+        &mut self,
+        msg: &Message,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        out: &mut Vec<Out>,
+    ) -> bool {
+        let Some((pair, endpoint)) = &self.issuer else {
+            return false;
+        };
+        let (key, endpoint) = (*pair.peer(), *endpoint);
+        self.send(&key, endpoint, msg, now_ms, rng, out);
+        true
     }
 
     /// The members asked to relay (`[relay] via`).
@@ -1326,6 +1361,22 @@ impl Membership {
                     return Err(Refusal::Replay);
                 }
                 let msg = Message::decode(&whole.message)?;
+                if self
+                    .issuer
+                    .as_ref()
+                    .is_some_and(|(p, _)| *p.peer() == sender)
+                {
+                    if !matches!(msg, Message::IssueAnswer { .. }) {
+                        return Err(Refusal::NotFromMembers);
+                    }
+                    let replay = self.replay.entry(sender).or_default();
+                    if !replay.window.accept_run(whole.first_counter, whole.count) {
+                        return Err(Refusal::Replay);
+                    }
+                    *self.received_kinds.entry(msg.kind()).or_default() += 1;
+                    out.push(Out::Issued(msg));
+                    return Ok(out);
+                }
                 let cert = match &msg {
                     Message::Hello { certificate, .. } => certificate.clone(),
                     _ => self
@@ -1458,6 +1509,23 @@ impl Membership {
         now_ms: u64,
         out: &mut Vec<Out>,
     ) -> Result<Option<control::SenderStep>, Refusal> {
+        // The issuer, at the address we ask it at: one MAC, then its counter and rate, before
+        // any Diffie-Hellman, as for a member.
+        if let Some((pair, endpoint)) = &self.issuer {
+            if *endpoint == from && sealed.mac_valid(pair.mac_key()) {
+                let key = *pair.peer();
+                self.check_counter(&key, sealed.counter)?;
+                if !self.per_sender.allow(key, now_ms) {
+                    return Err(Refusal::SenderRate);
+                }
+                self.counters.dh_ops += 1;
+                let step = sealed.open_sender_as(&self.secret, &self.public)?;
+                if step.sender != key {
+                    return Err(Refusal::KeyMismatch);
+                }
+                return Ok(Some(step));
+            }
+        }
         let member = self.by_endpoint.get(&from).copied().filter(|k| {
             self.pairs
                 .get(k)
@@ -1729,6 +1797,11 @@ impl Membership {
         self.pairs.clear();
         self.received.clear();
         self.ephemerals.clear();
+        let issuer = self
+            .issuer
+            .take()
+            .and_then(|(p, ep)| Some((*p.peer(), ep.direct()?)));
+        self.set_issuer(issuer);
         let keyed: Vec<([u8; 32], Endpoint)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
         for (k, ep) in keyed {
@@ -1803,7 +1876,10 @@ impl Membership {
         let lost = self.workloads.retain(|c| {
             let ca = trust.ca(&c.body.issuer);
             if lapsed(&c.body) {
-                Err(format!("certificate outside its validity (not after {})", c.body.not_after))
+                Err(format!(
+                    "certificate outside its validity (not after {})",
+                    c.body.not_after
+                ))
             } else if ca.is_none_or(|ca| lapsed(&ca.body)) {
                 Err("its CA's certificate expired".to_string())
             } else {
@@ -1899,14 +1975,19 @@ impl Membership {
             .flat_map(|(_, list)| list)
             .filter_map(|c| {
                 let crl = self.revocations.get(&c.body.issuer);
-                let e = self.trust.check(c, now_ms / 1000, crl, Signature::Known).err()?;
+                let e = self
+                    .trust
+                    .check(c, now_ms / 1000, crl, Signature::Known)
+                    .err()?;
                 Some((c.encode(), e.to_string()))
             })
             .collect();
         if !invalid.is_empty() {
-            let lost = self
-                .workloads
-                .retain(|c| invalid.get(&c.encode()).map_or(Ok(()), |why| Err(why.clone())));
+            let lost = self.workloads.retain(|c| {
+                invalid
+                    .get(&c.encode())
+                    .map_or(Ok(()), |why| Err(why.clone()))
+            });
             self.workloads_lost(lost);
         }
         bad

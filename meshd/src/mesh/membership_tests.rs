@@ -280,7 +280,9 @@ fn a_newer_revocation_list_crosses_whichever_side_greets() {
         outs.into_iter()
             .filter_map(|o| match o {
                 Out::Send { datagram, .. } => Some(datagram),
-                Out::Policy { .. } | Out::Gateway { .. } | Out::Flows { .. } => None,
+                Out::Policy { .. } | Out::Gateway { .. } | Out::Flows { .. } | Out::Issued(_) => {
+                    None
+                }
             })
             .collect()
     };

@@ -3,6 +3,7 @@
 //! addresses derived from them); `run.rs` is the thin async shell that carries its actions out on
 //! the device, the kernel and the state directory (`state.rs`).
 
+pub mod attach;
 #[cfg(test)]
 mod federation_tests;
 pub mod flows;

@@ -10,6 +10,7 @@
 //! from what it emitted before. Members never overlap one another (membership refuses a second
 //! claim), and a member whose addresses overlap this node's own is not installed.
 
+use super::attach::{AttachedStatus, Attachments};
 use super::flows::{FlowQueries, Serve};
 use super::gateways::Gateways;
 use super::membership::{Floor, MemberState, Membership, Out, Refusal};
@@ -19,6 +20,7 @@ use policy::engine::Posture;
 use proto::cert::{Certificate, RevocationList};
 use proto::control::{Member, Message, Seed};
 use proto::relay::Endpoint;
+use proto::workload::WorkloadRef;
 use proto::Cidr;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +55,8 @@ pub struct NodeConfig {
     /// The members asked to relay to members not reached at their own address (`[relay] via`,
     /// by key; PROTOCOL.md §9).
     pub relays: Vec<[u8; 32]>,
+    /// The workload issuer (`[issuer]`): its key and underlay address.
+    pub issuer: Option<([u8; 32], std::net::SocketAddr)>,
 }
 
 /// What an earlier run saved in the state directory; each part is verified again as it is taken.
@@ -97,9 +101,16 @@ pub enum Event {
         to: [u8; 32],
         messages: Vec<Message>,
     },
-    /// The workload certificates this node holds now (bound to its key), in place of those
-    /// before: announced to every member.
+    /// Workload certificates obtained elsewhere, in place of those held (the tests' hostile
+    /// or hand-made certificates): announced to every member.
+    #[cfg(test)]
     Workloads(Vec<Certificate>),
+    /// A workload this node runs (the CNI plugin's ADD): its certificate is asked of the
+    /// issuer, and [`Action::Attached`] says what became of it.
+    Attach(WorkloadRef),
+    /// A workload this node no longer runs (the CNI plugin's DEL): its identity is withdrawn
+    /// from the mesh.
+    Detach(WorkloadRef),
     /// A renewed identity (reload).
     Renew {
         secret: StaticSecret,
@@ -157,6 +168,9 @@ pub enum Action {
         serve: Serve,
         members: Vec<([u8; 32], String)>,
     },
+    /// The issuer answered for attached workloads: each one's identity in force now, or why it
+    /// has none.
+    Attached(Vec<(WorkloadRef, Result<String, String>)>),
     /// This node's own workload certificates in force changed (or were set): `held` are in
     /// force; `refused` were not taken (identity, reason).
     OwnWorkloads {
@@ -208,6 +222,9 @@ pub struct Node {
     rederive: bool,
     /// Control datagrams refused, by [`Refusal::kind`].
     refused: BTreeMap<&'static str, u64>,
+    /// The workloads this node runs, and their certificates from the issuer.
+    attached: Attachments,
+    has_issuer: bool,
 }
 
 impl Node {
@@ -223,6 +240,8 @@ impl Node {
         let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms, rng);
         membership.set_answer_probes(cfg.answer_probes);
         membership.set_relays(cfg.relays);
+        membership.set_issuer(cfg.issuer);
+        let has_issuer = cfg.issuer.is_some();
         let mut book = PolicyBook::new(&trust_domain, cfg.admins, cfg.posture, cfg.audit);
         let mut sync = PolicySync::default();
         if let Some(encoded) = &saved.policy {
@@ -273,6 +292,8 @@ impl Node {
             pending: Vec::new(),
             rederive: true,
             refused: BTreeMap::new(),
+            attached: Attachments::default(),
+            has_issuer,
         };
         let mut out = Vec::new();
         node.settle(now_ms, rng, Vec::new(), &mut out);
@@ -314,7 +335,10 @@ impl Node {
     /// theirs (resolving only what changed since `prev`, when it can).
     pub fn rules(&self, prev: Option<&crate::enforce::Rules>) -> crate::enforce::Rules {
         use crate::enforce::Holder;
-        let own = self.own_workloads().iter().map(|c| (Holder::Local, &c.body));
+        let own = self
+            .own_workloads()
+            .iter()
+            .map(|c| (Holder::Local, &c.body));
         let members = self.members().iter().flat_map(|(k, m)| {
             let workloads = self.membership.workloads_of(k).iter().map(|c| {
                 let holder = Holder::Member {
@@ -333,6 +357,88 @@ impl Node {
         )
     }
 
+    /// Asks the issuer for the attached workloads that need a certificate or a renewal.
+    fn ask_issuer(&mut self, now_ms: u64, rng: &mut impl RngCore, outs: &mut Vec<Out>) {
+        for (nonce, workloads) in self.attached.due(now_ms, rng) {
+            let msg = Message::IssueRequest {
+                nonce,
+                certificate: self.certificate().clone(),
+                workloads,
+            };
+            self.membership.send_to_issuer(&msg, now_ms, rng, outs);
+        }
+    }
+
+    /// Announces the certificates of the attached workloads (in place of those before);
+    /// returns the refusals by identity.
+    fn announce_attached(
+        &mut self,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        outs: &mut Vec<Out>,
+        out: &mut Vec<Action>,
+    ) -> Vec<(String, String)> {
+        let (more, refused) =
+            self.membership
+                .set_workloads(self.attached.certificates(), now_ms, rng);
+        outs.extend(more);
+        let refused: Vec<(String, String)> = refused
+            .into_iter()
+            .map(|(i, e)| (i, e.to_string()))
+            .collect();
+        for (identity, why) in &refused {
+            tracing::warn!(%identity, %why, "workload certificate not taken");
+        }
+        self.membership.own_workloads_changed = false;
+        out.push(Action::OwnWorkloads {
+            held: self.own_workloads().to_vec(),
+            refused: refused.clone(),
+        });
+        refused
+    }
+
+    /// Takes the issuer's answer for attached workloads and announces the certificates; a
+    /// certificate this node cannot put in force (its CA is not in the trust bundle, a newer
+    /// one holds its address) is a failure of its workload, with the reason.
+    fn take_attached(
+        &mut self,
+        answered: Vec<(WorkloadRef, Result<String, String>)>,
+        now_ms: u64,
+        rng: &mut impl RngCore,
+        outs: &mut Vec<Out>,
+        out: &mut Vec<Action>,
+    ) -> Vec<(WorkloadRef, Result<String, String>)> {
+        let refused = self.announce_attached(now_ms, rng, outs, out);
+        let in_force: BTreeSet<String> = self
+            .own_workloads()
+            .iter()
+            .map(|c| c.body.identity())
+            .collect();
+        answered
+            .into_iter()
+            .map(|(w, r)| {
+                let r = r.and_then(|identity| {
+                    if in_force.contains(&identity) {
+                        return Ok(identity);
+                    }
+                    let why = refused
+                        .iter()
+                        .find(|(i, _)| *i == identity)
+                        .map_or("not in force on this node".to_string(), |(_, why)| {
+                            why.clone()
+                        });
+                    Err(format!("issued as {identity}, but {why}"))
+                });
+                (w, r)
+            })
+            .collect()
+    }
+
+    /// The attached workloads, their certificates and the issuer's refusals.
+    pub fn attached(&self) -> Vec<AttachedStatus> {
+        self.attached.status()
+    }
+
     /// This node's own workload certificates in force.
     pub fn own_workloads(&self) -> &[Certificate] {
         let key = self.certificate().body.public_key;
@@ -340,6 +446,7 @@ impl Node {
     }
 
     /// The workload certificates in force of member `key`.
+    #[cfg(test)]
     pub fn workloads_of(&self, key: &[u8; 32]) -> &[Certificate] {
         self.membership.workloads_of(key)
     }
@@ -461,6 +568,10 @@ impl Node {
             Event::Tick => {
                 let mut outs = self.membership.take_deferred();
                 outs.extend(self.membership.on_tick(now_ms, rng));
+                if self.attached.expire(now_ms / 1000) {
+                    self.announce_attached(now_ms, rng, &mut outs, &mut out);
+                }
+                self.ask_issuer(now_ms, rng, &mut outs);
                 let acts = self.sync.on_tick(now_ms);
                 self.sync_actions(acts, now_ms, rng, &mut outs);
                 self.offer_in_turn(now_ms, rng, &mut outs);
@@ -552,6 +663,7 @@ impl Node {
                 }
                 outs
             }
+            #[cfg(test)]
             Event::Workloads(certificates) => {
                 let (outs, refused) = self.membership.set_workloads(certificates, now_ms, rng);
                 for (identity, why) in &refused {
@@ -565,6 +677,22 @@ impl Node {
                         .map(|(i, e)| (i, e.to_string()))
                         .collect(),
                 });
+                outs
+            }
+            Event::Attach(w) => {
+                if !self.has_issuer {
+                    return Err(Refusal::NoIssuer);
+                }
+                self.attached.attach(w);
+                let mut outs = Vec::new();
+                self.ask_issuer(now_ms, rng, &mut outs);
+                outs
+            }
+            Event::Detach(w) => {
+                let mut outs = Vec::new();
+                if self.attached.detach(&w) {
+                    self.announce_attached(now_ms, rng, &mut outs, &mut out);
+                }
                 outs
             }
             Event::Renew {
@@ -648,6 +776,17 @@ impl Node {
                     }
                 }
                 Out::Flows { from, msg } => self.on_flows(from, msg, now_ms, out),
+                Out::Issued(Message::IssueAnswer { nonce, results }) => {
+                    let key = self.certificate().body.public_key;
+                    let answered = self.attached.on_answer(nonce, results, &key);
+                    if !answered.is_empty() {
+                        let mut more = Vec::new();
+                        let outcomes = self.take_attached(answered, now_ms, rng, &mut more, out);
+                        out.push(Action::Attached(outcomes));
+                        queue.extend(more);
+                    }
+                }
+                Out::Issued(_) => {}
                 Out::Policy { from, .. } if !self.membership.same_domain(&from) => {
                     tracing::debug!(from = %proto::Key(from), "policy message from another trust domain ignored");
                 }
@@ -702,7 +841,9 @@ impl Node {
             }
             out.extend(outs.into_iter().filter_map(|o| match o {
                 Out::Send { to, datagram } => Some(Action::Send { to, datagram }),
-                Out::Policy { .. } | Out::Gateway { .. } | Out::Flows { .. } => None,
+                Out::Policy { .. } | Out::Gateway { .. } | Out::Flows { .. } | Out::Issued(_) => {
+                    None
+                }
             }));
         }
         self.members_unsaved |= dirty.members;

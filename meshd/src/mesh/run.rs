@@ -59,6 +59,16 @@ pub enum Command {
         query: Vec<u8>,
         reply: tokio::sync::oneshot::Sender<Result<proto::admin::MeshFlows, String>>,
     },
+    /// A workload this node runs: answered once its certificate is in force, or refused.
+    Attach {
+        workload: proto::workload::WorkloadRef,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+    /// A workload this node no longer runs.
+    Detach {
+        workload: proto::workload::WorkloadRef,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
     /// What the control protocol spent and refused.
     ControlStatus {
         reply: tokio::sync::oneshot::Sender<(
@@ -96,6 +106,35 @@ pub struct Mesh {
     revocations: Vec<proto::cert::RevocationList>,
     /// This node's own flow queries waiting for members' answers, by nonce.
     flow_queries: BTreeMap<u64, super::flows_shell::Pending>,
+    /// Who waits for an attached workload's identity (the CNI plugin's ADD).
+    attach_waiters: AttachWaiters,
+}
+
+/// The answers owed for attached workloads.
+#[derive(Default)]
+struct AttachWaiters(
+    BTreeMap<
+        proto::workload::WorkloadRef,
+        Vec<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    >,
+);
+
+impl AttachWaiters {
+    fn wait(
+        &mut self,
+        w: proto::workload::WorkloadRef,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    ) {
+        let list = self.0.entry(w).or_default();
+        list.retain(|r| !r.is_closed());
+        list.push(reply);
+    }
+
+    fn answer(&mut self, w: &proto::workload::WorkloadRef, r: Result<String, String>) {
+        for reply in self.0.remove(w).unwrap_or_default() {
+            let _ = reply.send(r.clone());
+        }
+    }
 }
 
 impl Mesh {
@@ -144,6 +183,7 @@ impl Mesh {
             seeds: cfg.seeds(),
             gateway_routes,
             relays: cfg.relays(),
+            issuer: cfg.issuer(),
         };
         dev.set_relay(cfg.relay.serve);
         if cfg.relay.serve {
@@ -175,6 +215,7 @@ impl Mesh {
             admins,
             revocations,
             flow_queries: BTreeMap::new(),
+            attach_waiters: AttachWaiters::default(),
         };
         mesh.execute(actions).await;
         Ok(mesh)
@@ -300,6 +341,44 @@ impl Mesh {
                     }
                 }
                 None
+            }
+            Command::Attach { workload, reply } => {
+                match self
+                    .node
+                    .handle(Event::Attach(workload.clone()), now_ms(), &mut OsRng)
+                {
+                    Ok(actions) => {
+                        // Attached again while its certificate is in force: answered at once.
+                        let held = self.node.attached().into_iter().find_map(|a| {
+                            (a.reference == workload)
+                                .then_some(a.certificate)
+                                .flatten()
+                                .filter(|c| self.node.own_workloads().contains(c))
+                        });
+                        match held {
+                            Some(c) => {
+                                let _ = reply.send(Ok(c.body.identity()));
+                            }
+                            None => self.attach_waiters.wait(workload, reply),
+                        }
+                        self.execute(actions).await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+                None
+            }
+            Command::Detach { workload, reply } => {
+                let _ = reply.send(Ok(format!(
+                    "workload {}/{} detached",
+                    workload.namespace, workload.name
+                )));
+                self.attach_waiters.answer(
+                    &workload,
+                    Err("detached before its identity was issued".into()),
+                );
+                Some(Event::Detach(workload))
             }
             Command::ControlStatus { reply } => {
                 let own = self.node.own_certificate(now_ms());
@@ -612,6 +691,19 @@ impl Mesh {
                     }
                 }
                 Action::FlowsAsked { .. } => {}
+                Action::Attached(outcomes) => {
+                    for (w, r) in outcomes {
+                        match &r {
+                            Ok(identity) => {
+                                tracing::info!(workload = %format!("{}/{}", w.namespace, w.name), %identity, "workload identity issued")
+                            }
+                            Err(why) => {
+                                tracing::warn!(workload = %format!("{}/{}", w.namespace, w.name), %why, "workload identity refused")
+                            }
+                        }
+                        self.attach_waiters.answer(&w, r);
+                    }
+                }
                 Action::OwnWorkloads { held, refused } => {
                     let held: Vec<String> = held.iter().map(|c| c.body.identity()).collect();
                     tracing::info!(?held, ?refused, "this node's workload certificates");

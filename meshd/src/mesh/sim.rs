@@ -145,6 +145,8 @@ pub struct Host {
     /// This node's own workload certificates in force, as last said, and what was refused.
     pub own_workloads: Vec<Certificate>,
     pub workloads_refused: Vec<(String, String)>,
+    /// What became of attached workloads, as the node said.
+    pub attached: Vec<(proto::workload::WorkloadRef, Result<String, String>)>,
 }
 
 pub struct SimNode {
@@ -308,6 +310,7 @@ impl Sim {
             seeds: n.seeds.clone(),
             gateway_routes: n.gateway_routes.clone(),
             relays: n.relays.clone(),
+            issuer: None,
         }
     }
 
@@ -387,6 +390,7 @@ impl Sim {
                 }
                 Action::ServeFlows { to, serve } => host.flow_serves.push((to, serve)),
                 Action::FlowsAsked { .. } => {}
+                Action::Attached(outcomes) => host.attached.extend(outcomes),
                 Action::OwnWorkloads { held, refused } => {
                     host.own_workloads = held;
                     host.workloads_refused = refused;

@@ -10,7 +10,10 @@ use proto::Cidr;
 fn formed(n: usize, seed: u64) -> Sim {
     let mut sim = Sim::new(n, seed);
     sim.start_all();
-    assert!(sim.run_until(10_000, Sim::full_mesh).is_some(), "the mesh formed");
+    assert!(
+        sim.run_until(10_000, Sim::full_mesh).is_some(),
+        "the mesh formed"
+    );
     sim
 }
 
@@ -23,8 +26,14 @@ fn addr(s: &str) -> Cidr {
 fn pod(sim: &Sim, on: usize, name: &str, address: &str, serial: u64, secs: u64) -> Certificate {
     let not_before = sim.now_ms / 1000 - 60 + secs;
     let secret = sim.nodes[on].secret().clone();
-    sim.ca
-        .issue(&secret, name, addr(address), serial, not_before, not_before + 3600)
+    sim.ca.issue(
+        &secret,
+        name,
+        addr(address),
+        serial,
+        not_before,
+        not_before + 3600,
+    )
 }
 
 fn set(sim: &mut Sim, on: usize, pods: Vec<Certificate>) {
@@ -34,7 +43,12 @@ fn set(sim: &mut Sim, on: usize, pods: Vec<Certificate>) {
 /// What node `i` has installed as node `of`'s allowed IPs.
 fn allowed(sim: &Sim, i: usize, of: usize) -> Vec<Cidr> {
     let key = sim.nodes[of].public();
-    sim.nodes[i].host.peers.get(&key).map(|p| p.1.clone()).unwrap_or_default()
+    sim.nodes[i]
+        .host
+        .peers
+        .get(&key)
+        .map(|p| p.1.clone())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -50,10 +64,16 @@ fn a_node_s_workloads_are_its_allowed_ips_and_routes_everywhere_until_it_withdra
     for i in 1..3 {
         assert_eq!(allowed(&sim, i, 0), both, "node {i}");
         assert!(sim.nodes[i].host.routes.contains(&addr("100.64.200.2/32")));
-        assert_eq!(sim.nodes[i].node().workloads_of(&sim.nodes[0].public()), [web.clone(), api.clone()]);
+        assert_eq!(
+            sim.nodes[i].node().workloads_of(&sim.nodes[0].public()),
+            [web.clone(), api.clone()]
+        );
     }
     // Node 0's own addresses on its interface stay its certificate's: pods are behind veths.
-    assert_eq!(sim.nodes[0].host.addresses, [overlay(0)].into_iter().collect());
+    assert_eq!(
+        sim.nodes[0].host.addresses,
+        [overlay(0)].into_iter().collect()
+    );
     set(&mut sim, 0, vec![api]);
     sim.run(200);
     for i in 1..3 {
@@ -107,12 +127,23 @@ fn an_address_reused_on_another_node_goes_to_the_newest_certificate() {
     sim.run(500);
     assert_eq!(allowed(&sim, 2, 1), [overlay(1), addr("100.64.200.1/32")]);
     assert_eq!(allowed(&sim, 2, 0), [overlay(0)]);
-    assert!(sim.nodes[0].host.own_workloads.is_empty(), "node 0 is told its pod moved");
+    assert!(
+        sim.nodes[0].host.own_workloads.is_empty(),
+        "node 0 is told its pod moved"
+    );
     set(&mut sim, 0, vec![old.clone()]);
     sim.run(500);
     assert_eq!(allowed(&sim, 2, 0), [overlay(0)]);
     assert_eq!(allowed(&sim, 2, 1), [overlay(1), addr("100.64.200.1/32")]);
-    assert!(sim.nodes[0].host.workloads_refused.iter().any(|(_, why)| why.contains("older")), "{:?}", sim.nodes[0].host.workloads_refused);
+    assert!(
+        sim.nodes[0]
+            .host
+            .workloads_refused
+            .iter()
+            .any(|(_, why)| why.contains("older")),
+        "{:?}",
+        sim.nodes[0].host.workloads_refused
+    );
     // Even after the new pod is gone, the old certificate stays refused.
     set(&mut sim, 1, vec![]);
     sim.run(500);
@@ -138,8 +169,16 @@ fn a_member_cannot_announce_a_workload_bound_to_another_key_or_holding_a_node_ad
     assert_eq!(allowed(&sim, 1, 2), [overlay(2)]);
     for i in 1..3 {
         let refused = sim.nodes[i].node().control_status().refused;
-        assert_eq!(refused.get("workload_key_mismatch"), Some(&1), "{refused:?}");
-        assert_eq!(refused.get("workload_address_conflict"), Some(&1), "{refused:?}");
+        assert_eq!(
+            refused.get("workload_key_mismatch"),
+            Some(&1),
+            "{refused:?}"
+        );
+        assert_eq!(
+            refused.get("workload_address_conflict"),
+            Some(&1),
+            "{refused:?}"
+        );
     }
 }
 
@@ -149,15 +188,29 @@ fn own_workloads_that_are_not_valid_here_are_refused_with_the_reason() {
     let theirs = pod(&sim, 1, "web", "100.64.200.1/32", 100, 0);
     let expired = {
         let secret = sim.nodes[0].secret().clone();
-        sim.ca.issue(&secret, "old", addr("100.64.200.2/32"), 101, 0, 1)
+        sim.ca
+            .issue(&secret, "old", addr("100.64.200.2/32"), 101, 0, 1)
     };
     let good = pod(&sim, 0, "api", "100.64.200.3/32", 102, 0);
     set(&mut sim, 0, vec![theirs, expired, good.clone()]);
     assert_eq!(sim.nodes[0].host.own_workloads, [good]);
-    let reasons: Vec<&str> = sim.nodes[0].host.workloads_refused.iter().map(|(_, r)| r.as_str()).collect();
+    let reasons: Vec<&str> = sim.nodes[0]
+        .host
+        .workloads_refused
+        .iter()
+        .map(|(_, r)| r.as_str())
+        .collect();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("another key")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("expired") || r.contains("valid")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("another key")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("expired") || r.contains("valid")),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -165,7 +218,14 @@ fn an_expiring_workload_certificate_leaves_every_member_on_its_own() {
     let mut sim = formed(2, 7);
     let secret = sim.nodes[0].secret().clone();
     let now = sim.now_ms / 1000;
-    let short = sim.ca.issue(&secret, "web", addr("100.64.200.1/32"), 100, now - 1, now + 5);
+    let short = sim.ca.issue(
+        &secret,
+        "web",
+        addr("100.64.200.1/32"),
+        100,
+        now - 1,
+        now + 5,
+    );
     set(&mut sim, 0, vec![short]);
     sim.run(1_000);
     assert!(allowed(&sim, 1, 0).contains(&addr("100.64.200.1/32")));

@@ -143,10 +143,7 @@ impl WorkloadBook {
         for a in &body.addrs {
             let (family, first, last) = a.span();
             if first != last {
-                return Err(Refusal::WorkloadRange {
-                    identity,
-                    addr: *a,
-                });
+                return Err(Refusal::WorkloadRange { identity, addr: *a });
             }
             let addr = (family, first);
             // A holder of the same rank keeps the address (the first claim stays): a rank names
@@ -187,14 +184,11 @@ impl WorkloadBook {
                 displaced.push(old.key);
                 self.displace(old);
             }
-            self.at.insert(
-                addr,
-                Holder {
-                    key,
-                    rank: rank(c),
-                },
-            );
-            let newest = self.newest.entry(addr).or_insert((rank(c), c.body.not_after));
+            self.at.insert(addr, Holder { key, rank: rank(c) });
+            let newest = self
+                .newest
+                .entry(addr)
+                .or_insert((rank(c), c.body.not_after));
             if rank(c) >= newest.0 {
                 *newest = (rank(c), c.body.not_after);
             }

@@ -51,8 +51,14 @@ fn an_announcement_replaces_the_last_and_an_empty_one_withdraws_everything() {
     assert_eq!(book.holder(&"fd00::2:2/128".parse().unwrap()), Some(A));
     assert_eq!(book.holder(&"100.64.2.0/24".parse().unwrap()), Some(A));
     // The same list again changes nothing; a list without web withdraws it.
-    assert!(book.announce(A, 2, vec![api.clone(), web.clone()], free).changed.is_empty());
-    assert_eq!(book.announce(A, 3, vec![api], free).changed, BTreeSet::from([A]));
+    assert!(book
+        .announce(A, 2, vec![api.clone(), web.clone()], free)
+        .changed
+        .is_empty());
+    assert_eq!(
+        book.announce(A, 3, vec![api], free).changed,
+        BTreeSet::from([A])
+    );
     assert_eq!(names(&book, &A), ["api"]);
     assert_eq!(book.holder(&"100.64.2.1/32".parse().unwrap()), None);
     book.announce(A, 4, vec![], free);
@@ -87,10 +93,16 @@ fn an_address_reused_on_another_node_goes_to_the_newest_certificate_for_good() {
     // A re-announces it: refused. After B withdraws the new pod, still refused, until the newest
     // certificate for the address has expired.
     let t = book.announce(A, 2, vec![old.clone()], free);
-    assert!(matches!(t.refused[..], [Refusal::Superseded { newest: 2, .. }]), "{t:?}");
+    assert!(
+        matches!(t.refused[..], [Refusal::Superseded { newest: 2, .. }]),
+        "{t:?}"
+    );
     book.announce(B, 2, vec![], free);
     let t = book.announce(A, 3, vec![old.clone()], free);
-    assert!(matches!(t.refused[..], [Refusal::Superseded { .. }]), "{t:?}");
+    assert!(
+        matches!(t.refused[..], [Refusal::Superseded { .. }]),
+        "{t:?}"
+    );
     assert!(book.of(&A).is_empty());
     book.prune(20 + 3600);
     assert!(matches!(
@@ -157,7 +169,10 @@ fn forgetting_a_member_and_retaining_valid_certificates_free_their_addresses() {
         "api" => Err("revoked".into()),
         _ => Ok(()),
     });
-    assert_eq!(lost, [(B, "example.org/microblog/api".into(), "revoked".into())]);
+    assert_eq!(
+        lost,
+        [(B, "example.org/microblog/api".into(), "revoked".into())]
+    );
     assert_eq!(book.holder(&"100.64.2.2/32".parse().unwrap()), None);
     assert!(book.forget(&A));
     assert!(!book.forget(&A));

@@ -397,7 +397,13 @@ fn a_workload_may_not_be_named_as_a_node() {
 }
 
 /// A node certificate signed by a real node CA, the trust in that CA, and the CA's key.
-fn signed_node(name: &str) -> (crate::cert::Certificate, crate::trust::Trust, ed25519_dalek::SigningKey) {
+fn signed_node(
+    name: &str,
+) -> (
+    crate::cert::Certificate,
+    crate::trust::Trust,
+    ed25519_dalek::SigningKey,
+) {
     let ca_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let public = ca_key.verifying_key().to_bytes();
     let ca = CertBody::ca("example.org", "nodes", public, 1, (0, NOW * 2), vec![])
@@ -430,10 +436,20 @@ fn the_issuer_answers_each_workload_in_order_only_to_the_node_that_sealed() {
     let asked = [ask("post-1", "u1"), ask("api-1", "u2"), ask("gone", "u3")];
     let results = answer(&key, &cert, &asked, &trust, None, &v, &issuance, sign).unwrap();
     let post = results[0].as_ref().unwrap();
-    assert_eq!((post.body.name.as_str(), post.body.public_key), ("post", key));
-    post.verify_signature(&workload_ca.verifying_key().to_bytes()).unwrap();
-    assert!(results[1].as_ref().unwrap_err().contains("does not run on node nodes/node-a"));
-    assert!(results[2].as_ref().unwrap_err().contains("no workload microblog/gone"));
+    assert_eq!(
+        (post.body.name.as_str(), post.body.public_key),
+        ("post", key)
+    );
+    post.verify_signature(&workload_ca.verifying_key().to_bytes())
+        .unwrap();
+    assert!(results[1]
+        .as_ref()
+        .unwrap_err()
+        .contains("does not run on node nodes/node-a"));
+    assert!(results[2]
+        .as_ref()
+        .unwrap_err()
+        .contains("no workload microblog/gone"));
     // Sealed by another key (a node certificate replayed by someone else): nothing.
     let e = answer(&[1; 32], &cert, &asked, &trust, None, &v, &issuance, sign).unwrap_err();
     assert!(e.contains("another key"), "{e}");

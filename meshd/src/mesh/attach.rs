@@ -1,0 +1,187 @@
+//! The workloads this node runs (attached by the CNI plugin, or by the operator with `meshctl
+//! workload attach`), and their certificates from the issuer: asked for by reference only,
+//! renewed at half-life, kept while the issuer does not answer (until they expire), dropped when
+//! the issuer refuses (the workload was deleted or moved). Pure: time and randomness come in as
+//! arguments; the node seals the requests and announces the certificates.
+
+use proto::cert::Certificate;
+use proto::control::MAX_ISSUE_WORKLOADS;
+use proto::workload::WorkloadRef;
+use rand_core::RngCore;
+use std::collections::{BTreeMap, HashMap};
+
+/// A workload without a certificate is asked for again this often while the issuer does not
+/// answer.
+const FIRST_RETRY_MS: u64 = 1_000;
+/// A certificate past half its life is asked to be renewed this often until it is.
+const RENEW_RETRY_MS: u64 = 10_000;
+/// Requests whose answers are awaited at most (older ones are forgotten: their workloads are
+/// asked for again).
+const MAX_PENDING: usize = 64;
+
+#[derive(Debug, Default, Clone)]
+struct Attached {
+    certificate: Option<Certificate>,
+    /// When it was last asked for.
+    asked_ms: Option<u64>,
+    /// Why the issuer last refused it.
+    refused: Option<String>,
+}
+
+/// What became of an attached workload after an answer: its identity, or why not.
+pub type Outcome = (WorkloadRef, Result<String, String>);
+
+#[derive(Debug, Default)]
+pub struct Attachments {
+    attached: BTreeMap<WorkloadRef, Attached>,
+    /// Requests in flight: their workloads, by nonce, and when they were sent.
+    pending: HashMap<u64, (Vec<WorkloadRef>, u64)>,
+}
+
+/// A workload's line in `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedStatus {
+    pub reference: WorkloadRef,
+    pub certificate: Option<Certificate>,
+    pub refused: Option<String>,
+}
+
+impl Attachments {
+    /// Attaches `w` (again: nothing changes, its certificate is kept).
+    pub fn attach(&mut self, w: WorkloadRef) {
+        self.attached.entry(w).or_default();
+    }
+
+    /// Detaches `w`; true if it was attached.
+    pub fn detach(&mut self, w: &WorkloadRef) -> bool {
+        self.attached.remove(w).is_some()
+    }
+
+    /// The certificates held, of every attached workload.
+    pub fn certificates(&self) -> Vec<Certificate> {
+        self.attached
+            .values()
+            .filter_map(|a| a.certificate.clone())
+            .collect()
+    }
+
+    pub fn status(&self) -> Vec<AttachedStatus> {
+        self.attached
+            .iter()
+            .map(|(r, a)| AttachedStatus {
+                reference: r.clone(),
+                certificate: a.certificate.clone(),
+                refused: a.refused.clone(),
+            })
+            .collect()
+    }
+
+    /// Drops certificates that expired by `now` (seconds); true if one did.
+    pub fn expire(&mut self, now: u64) -> bool {
+        let mut changed = false;
+        for a in self.attached.values_mut() {
+            if a.certificate
+                .as_ref()
+                .is_some_and(|c| c.body.not_after < now)
+            {
+                a.certificate = None;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The requests to send now, each with its nonce: workloads without a certificate, and
+    /// those whose certificate is past half its life, not asked for lately.
+    pub fn due(&mut self, now_ms: u64, rng: &mut impl RngCore) -> Vec<(u64, Vec<WorkloadRef>)> {
+        let now = now_ms / 1000;
+        self.pending
+            .retain(|_, (_, sent)| now_ms < *sent + 10 * RENEW_RETRY_MS);
+        let due: Vec<WorkloadRef> = self
+            .attached
+            .iter_mut()
+            .filter(|(_, a)| {
+                let (wait, wanted) = match &a.certificate {
+                    None => (FIRST_RETRY_MS, true),
+                    Some(c) => {
+                        let b = &c.body;
+                        let half = b.not_before + (b.not_after.saturating_sub(b.not_before)) / 2;
+                        (RENEW_RETRY_MS, now >= half)
+                    }
+                };
+                wanted && a.asked_ms.is_none_or(|t| now_ms >= t + wait)
+            })
+            .map(|(r, a)| {
+                a.asked_ms = Some(now_ms);
+                r.clone()
+            })
+            .collect();
+        let mut out = Vec::new();
+        for chunk in due.chunks(MAX_ISSUE_WORKLOADS) {
+            if self.pending.len() >= MAX_PENDING {
+                let oldest = self
+                    .pending
+                    .iter()
+                    .min_by_key(|(_, (_, t))| *t)
+                    .map(|(n, _)| *n);
+                if let Some(n) = oldest {
+                    self.pending.remove(&n);
+                }
+            }
+            let nonce = rng.next_u64();
+            self.pending.insert(nonce, (chunk.to_vec(), now_ms));
+            out.push((nonce, chunk.to_vec()));
+        }
+        out
+    }
+
+    /// Takes the issuer's answer to request `nonce`: a certificate bound to `key` replaces the
+    /// one held if newer; a refusal drops the one held (the issuer's view is the authority:
+    /// the workload was deleted, replaced or moved). Returns what became of each workload still
+    /// attached; an answer to no request of ours changes nothing.
+    pub fn on_answer(
+        &mut self,
+        nonce: u64,
+        results: Vec<Result<Certificate, String>>,
+        key: &[u8; 32],
+    ) -> Vec<Outcome> {
+        let Some((asked, _)) = self.pending.remove(&nonce) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (w, r) in asked.into_iter().zip(results) {
+            let Some(a) = self.attached.get_mut(&w) else {
+                continue; // detached meanwhile
+            };
+            let r = r.and_then(|c| {
+                if c.body.public_key == *key {
+                    Ok(c)
+                } else {
+                    Err("the issuer's certificate names another key than this node's".into())
+                }
+            });
+            match r {
+                Ok(c) => {
+                    let newer = a.certificate.as_ref().is_none_or(|h| {
+                        (c.body.not_before, c.body.serial) > (h.body.not_before, h.body.serial)
+                    });
+                    out.push((w, Ok(c.body.identity())));
+                    if newer {
+                        a.certificate = Some(c);
+                    }
+                    a.refused = None;
+                }
+                Err(why) => {
+                    a.certificate = None;
+                    a.refused = Some(why.clone());
+                    out.push((w, Err(why)));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "attach_tests.rs"]
+mod tests;
