@@ -400,7 +400,27 @@ pub fn attach(socket: &Path, r: RefArgs, wait: &str) -> Result<(), Failure> {
         uid: r.uid,
         wait_ms: wait.as_millis() as u64,
     };
-    crate::peer::done(crate::status::request(socket, &req)?)
+    let what = match &req {
+        proto::admin::Request::WorkloadAttach {
+            namespace, name, ..
+        } => format!("{namespace}/{name}"),
+        _ => unreachable!("made above"),
+    };
+    match crate::status::request(socket, &req)? {
+        proto::admin::Response::Workload {
+            identity,
+            addresses,
+            not_after,
+        } => {
+            println!(
+                "workload {what} is {identity} ({}), until {}",
+                proto::cert::list(&addresses),
+                crate::identity::utc(not_after)
+            );
+            Ok(())
+        }
+        other => crate::peer::done(other),
+    }
 }
 
 /// `meshctl workload detach`.

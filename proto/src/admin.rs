@@ -223,6 +223,13 @@ pub enum Response {
     },
     PolicyStatus(Vec<NodePolicy>),
     MeshFlows(MeshFlows),
+    /// An attached workload's identity in force on this node, and its addresses.
+    Workload {
+        identity: String,
+        addresses: Vec<Cidr>,
+        /// Unix seconds.
+        not_after: u64,
+    },
 }
 
 /// The data path of a node: what the kernel let it offload, and the heap allocations its two

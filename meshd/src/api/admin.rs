@@ -165,8 +165,10 @@ impl Admin {
                 }
                 let wait = std::time::Duration::from_millis(wait_ms.clamp(100, 120_000));
                 match tokio::time::timeout(wait, answer).await {
-                    Ok(Ok(Ok(identity))) => Response::Done {
-                        message: format!("workload {what} is {identity}"),
+                    Ok(Ok(Ok(c))) => Response::Workload {
+                        identity: c.body.identity(),
+                        addresses: c.body.addrs.clone(),
+                        not_after: c.body.not_after,
                     },
                     Ok(Ok(Err(message))) => Response::Error {
                         message: format!("workload {what}: {message}"),

@@ -28,8 +28,8 @@ struct Attached {
     refused: Option<String>,
 }
 
-/// What became of an attached workload after an answer: its identity, or why not.
-pub type Outcome = (WorkloadRef, Result<String, String>);
+/// What became of an attached workload after an answer: its certificate, or why it has none.
+pub type Outcome = (WorkloadRef, Result<Certificate, String>);
 
 #[derive(Debug, Default)]
 pub struct Attachments {
@@ -165,10 +165,11 @@ impl Attachments {
                     let newer = a.certificate.as_ref().is_none_or(|h| {
                         (c.body.not_before, c.body.serial) > (h.body.not_before, h.body.serial)
                     });
-                    out.push((w, Ok(c.body.identity())));
                     if newer {
                         a.certificate = Some(c);
                     }
+                    let held = a.certificate.clone().expect("set or kept above");
+                    out.push((w, Ok(held)));
                     a.refused = None;
                 }
                 Err(why) => {

@@ -170,7 +170,7 @@ pub enum Action {
     },
     /// The issuer answered for attached workloads: each one's identity in force now, or why it
     /// has none.
-    Attached(Vec<(WorkloadRef, Result<String, String>)>),
+    Attached(Vec<(WorkloadRef, Result<Certificate, String>)>),
     /// This node's own workload certificates in force changed (or were set): `held` are in
     /// force; `refused` were not taken (identity, reason).
     OwnWorkloads {
@@ -402,25 +402,21 @@ impl Node {
     /// one holds its address) is a failure of its workload, with the reason.
     fn take_attached(
         &mut self,
-        answered: Vec<(WorkloadRef, Result<String, String>)>,
+        answered: Vec<(WorkloadRef, Result<Certificate, String>)>,
         now_ms: u64,
         rng: &mut impl RngCore,
         outs: &mut Vec<Out>,
         out: &mut Vec<Action>,
-    ) -> Vec<(WorkloadRef, Result<String, String>)> {
+    ) -> Vec<(WorkloadRef, Result<Certificate, String>)> {
         let refused = self.announce_attached(now_ms, rng, outs, out);
-        let in_force: BTreeSet<String> = self
-            .own_workloads()
-            .iter()
-            .map(|c| c.body.identity())
-            .collect();
         answered
             .into_iter()
             .map(|(w, r)| {
-                let r = r.and_then(|identity| {
-                    if in_force.contains(&identity) {
-                        return Ok(identity);
+                let r = r.and_then(|c| {
+                    if self.own_workloads().contains(&c) {
+                        return Ok(c);
                     }
+                    let identity = c.body.identity();
                     let why = refused
                         .iter()
                         .find(|(i, _)| *i == identity)

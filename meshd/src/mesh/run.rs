@@ -59,10 +59,10 @@ pub enum Command {
         query: Vec<u8>,
         reply: tokio::sync::oneshot::Sender<Result<proto::admin::MeshFlows, String>>,
     },
-    /// A workload this node runs: answered once its certificate is in force, or refused.
+    /// A workload this node runs: answered with its certificate once in force, or refused.
     Attach {
         workload: proto::workload::WorkloadRef,
-        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<proto::cert::Certificate, String>>,
     },
     /// A workload this node no longer runs.
     Detach {
@@ -115,7 +115,7 @@ pub struct Mesh {
 struct AttachWaiters(
     BTreeMap<
         proto::workload::WorkloadRef,
-        Vec<tokio::sync::oneshot::Sender<Result<String, String>>>,
+        Vec<tokio::sync::oneshot::Sender<Result<proto::cert::Certificate, String>>>,
     >,
 );
 
@@ -123,14 +123,14 @@ impl AttachWaiters {
     fn wait(
         &mut self,
         w: proto::workload::WorkloadRef,
-        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<proto::cert::Certificate, String>>,
     ) {
         let list = self.0.entry(w).or_default();
         list.retain(|r| !r.is_closed());
         list.push(reply);
     }
 
-    fn answer(&mut self, w: &proto::workload::WorkloadRef, r: Result<String, String>) {
+    fn answer(&mut self, w: &proto::workload::WorkloadRef, r: Result<proto::cert::Certificate, String>) {
         for reply in self.0.remove(w).unwrap_or_default() {
             let _ = reply.send(r.clone());
         }
@@ -357,7 +357,7 @@ impl Mesh {
                         });
                         match held {
                             Some(c) => {
-                                let _ = reply.send(Ok(c.body.identity()));
+                                let _ = reply.send(Ok(c));
                             }
                             None => self.attach_waiters.wait(workload, reply),
                         }
@@ -694,8 +694,8 @@ impl Mesh {
                 Action::Attached(outcomes) => {
                     for (w, r) in outcomes {
                         match &r {
-                            Ok(identity) => {
-                                tracing::info!(workload = %format!("{}/{}", w.namespace, w.name), %identity, "workload identity issued")
+                            Ok(c) => {
+                                tracing::info!(workload = %format!("{}/{}", w.namespace, w.name), identity = %c.body.identity(), "workload identity issued")
                             }
                             Err(why) => {
                                 tracing::warn!(workload = %format!("{}/{}", w.namespace, w.name), %why, "workload identity refused")

@@ -146,7 +146,7 @@ pub struct Host {
     pub own_workloads: Vec<Certificate>,
     pub workloads_refused: Vec<(String, String)>,
     /// What became of attached workloads, as the node said.
-    pub attached: Vec<(proto::workload::WorkloadRef, Result<String, String>)>,
+    pub attached: Vec<(proto::workload::WorkloadRef, Result<Certificate, String>)>,
 }
 
 pub struct SimNode {
