@@ -146,20 +146,37 @@ fn del(conf: &NetConf, e: &Env, host: &str) -> Result<(), CniError> {
 }
 
 fn check(conf: &NetConf, e: &Env, host: &str) -> Result<(), CniError> {
-    let fail = |what: String| CniError::new(spec::IO_FAILURE, "pod network not as ADD made it", what);
+    let fail =
+        |what: String| CniError::new(spec::IO_FAILURE, "pod network not as ADD made it", what);
     let (_, addrs) = attach(conf, &e.pod)?;
     if !sh(&["ip", "link", "show", "dev", host]).0 {
         return Err(fail(format!("no host veth {host}")));
     }
     let (ok, shown) = sh(&[
-        "nsenter", &format!("--net={}", e.netns), "ip", "-o", "addr", "show", "dev", &e.ifname,
+        "nsenter",
+        &format!("--net={}", e.netns),
+        "ip",
+        "-o",
+        "addr",
+        "show",
+        "dev",
+        &e.ifname,
     ]);
     for a in &addrs {
         if !ok || !shown.contains(&a.to_string()) {
             return Err(fail(format!("{} is not on {} in the pod", a, e.ifname)));
         }
     }
-    if !sh(&["nft", "list", "chain", "inet", spec::TABLE, &format!("pod-{host}")]).0 {
+    if !sh(&[
+        "nft",
+        "list",
+        "chain",
+        "inet",
+        spec::TABLE,
+        &format!("pod-{host}"),
+    ])
+    .0
+    {
         return Err(fail(format!("no anti-spoofing chain for {host}")));
     }
     Ok(())
@@ -258,7 +275,13 @@ fn must(args: &[&str]) -> Result<String, CniError> {
     let o = Command::new(args[0])
         .args(&args[1..])
         .output()
-        .map_err(|e| CniError::new(spec::IO_FAILURE, format!("running {}", args[0]), e.to_string()))?;
+        .map_err(|e| {
+            CniError::new(
+                spec::IO_FAILURE,
+                format!("running {}", args[0]),
+                e.to_string(),
+            )
+        })?;
     if o.status.success() {
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     } else {
@@ -326,19 +349,53 @@ fn plumb(e: &Env, host: &str, addrs: &[proto::Cidr]) -> Result<(), CniError> {
     let v4 = addrs.iter().any(|a| a.addr().is_ipv4());
     let v6 = addrs.iter().any(|a| a.addr().is_ipv6());
     if v6 {
-        must(&["ip", "-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", host, "nodad"])?;
+        must(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{GATEWAY_V6}/64"),
+            "dev",
+            host,
+            "nodad",
+        ])?;
     }
     for a in addrs {
-        in_pod(&["ip", "addr", "add", &a.to_string(), "dev", &e.ifname, "nodad"])?;
+        in_pod(&[
+            "ip",
+            "addr",
+            "add",
+            &a.to_string(),
+            "dev",
+            &e.ifname,
+            "nodad",
+        ])?;
     }
     in_pod(&["ip", "link", "set", "dev", &e.ifname, "up"])?;
     if v4 {
-        in_pod(&["ip", "neigh", "replace", GATEWAY_V4, "lladdr", mac, "dev", &e.ifname, "nud", "permanent"])?;
-        in_pod(&["ip", "route", "add", GATEWAY_V4, "dev", &e.ifname, "scope", "link"])?;
-        in_pod(&["ip", "route", "add", "default", "via", GATEWAY_V4, "dev", &e.ifname])?;
+        in_pod(&[
+            "ip",
+            "neigh",
+            "replace",
+            GATEWAY_V4,
+            "lladdr",
+            mac,
+            "dev",
+            &e.ifname,
+            "nud",
+            "permanent",
+        ])?;
+        in_pod(&[
+            "ip", "route", "add", GATEWAY_V4, "dev", &e.ifname, "scope", "link",
+        ])?;
+        in_pod(&[
+            "ip", "route", "add", "default", "via", GATEWAY_V4, "dev", &e.ifname,
+        ])?;
     }
     if v6 {
-        in_pod(&["ip", "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", &e.ifname])?;
+        in_pod(&[
+            "ip", "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", &e.ifname,
+        ])?;
     }
     for a in addrs {
         must(&["ip", "route", "replace", &a.to_string(), "dev", host])?;
@@ -363,7 +420,8 @@ impl Lock {
     fn take() -> Result<Lock, CniError> {
         use std::os::fd::AsRawFd;
         let dir = std::path::Path::new("/run/meshd-cni");
-        let io = |e: std::io::Error| CniError::new(spec::IO_FAILURE, "the plugin's lock", e.to_string());
+        let io =
+            |e: std::io::Error| CniError::new(spec::IO_FAILURE, "the plugin's lock", e.to_string());
         std::fs::create_dir_all(dir).map_err(io)?;
         let f = std::fs::OpenOptions::new()
             .create(true)

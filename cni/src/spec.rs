@@ -96,7 +96,11 @@ pub fn parse_conf(bytes: &[u8]) -> Result<NetConf, CniError> {
         ));
     }
     let conf: NetConf = serde_json::from_slice(bytes).map_err(|e| {
-        CniError::new(DECODE_FAILURE, "network configuration is not valid", e.to_string())
+        CniError::new(
+            DECODE_FAILURE,
+            "network configuration is not valid",
+            e.to_string(),
+        )
     })?;
     if !SUPPORTED.contains(&conf.cni_version.as_str()) {
         return Err(CniError::new(
@@ -182,7 +186,13 @@ pub fn parse_args(args: &str) -> Result<Pod, CniError> {
         *slot = Some(v.to_string());
     }
     let need = |v: Option<String>, k: &str| {
-        v.ok_or_else(|| CniError::new(INVALID_ENV, format!("CNI_ARGS has no {k}"), args.to_string()))
+        v.ok_or_else(|| {
+            CniError::new(
+                INVALID_ENV,
+                format!("CNI_ARGS has no {k}"),
+                args.to_string(),
+            )
+        })
     };
     Ok(Pod {
         namespace: need(namespace, "K8S_POD_NAMESPACE")?,
@@ -229,7 +239,9 @@ pub fn nft_install(host: &str, addrs: &[Cidr], new_table: bool) -> String {
     }
     s.push_str(&format!("add chain inet {TABLE} pod-{host}\n"));
     if v4.is_empty() {
-        s.push_str(&format!("add rule inet {TABLE} pod-{host} meta nfproto ipv4 counter drop\n"));
+        s.push_str(&format!(
+            "add rule inet {TABLE} pod-{host} meta nfproto ipv4 counter drop\n"
+        ));
     } else {
         s.push_str(&format!(
             "add rule inet {TABLE} pod-{host} meta nfproto ipv4 ip saddr != {} counter drop\n",
@@ -256,13 +268,7 @@ pub fn nft_remove(host: &str) -> String {
 
 /// The ADD result: the host veth, the pod's interface in its namespace, its addresses, and a
 /// default route for each family it has.
-pub fn add_result(
-    version: &str,
-    host: &str,
-    ifname: &str,
-    netns: &str,
-    addrs: &[Cidr],
-) -> Value {
+pub fn add_result(version: &str, host: &str, ifname: &str, netns: &str, addrs: &[Cidr]) -> Value {
     let old = version != "1.0.0";
     let ips: Vec<Value> = addrs
         .iter()

@@ -8,7 +8,7 @@
 //! certificate can never ask as a node.
 //!
 //! Files in the CA directory's `issuer/`, made by the first `serve`: `ca.key` (mode 0600) and
-//! `ca.crt` (the workload CA: add it to every node's trust bundle), `static.key` (the X25519 key
+//! `ca.crt` (the workload CA: every node names it in `trust.workload_cas`), `static.key` (the X25519 key
 //! requests are sealed to, mode 0600; nodes name its public key in `[issuer] key`).
 //!
 //! [`Responder`] is the pure part: opening, budgets, replay windows, reassembly and sealing,
@@ -248,7 +248,7 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
         proto::Key(public).to_base64()
     );
     println!(
-        "  workload CA {} (add it to every node's trust bundle)",
+        "  workload CA {} (name it in every node's trust.workload_cas)",
         issuer.ca_cert().display()
     );
     let (trust, _) = proto::trust::Trust::new(&root.body.trust_domain, vec![root.clone()]);

@@ -18,6 +18,7 @@
 //! revocation_lists = ["/etc/meshd/revoked.crl"]   # optional
 //!
 //! policy_admins = ["/etc/meshd/policy-admin.pub"]  # keys whose signed policy sets are taken
+//! workload_cas = ["/etc/meshd/issuer-ca.crt"]   # workload issuers' CAs (workload certificates only)
 //!
 //! [peering]
 //! seeds = ["198.18.0.1:51820"]   # underlay endpoints to contact first; KEY@IP:PORT names the
@@ -194,6 +195,10 @@ pub struct TrustSection {
     /// Public keys of the policy administrators (armored Ed25519 keys).
     #[serde(default)]
     pub policy_admins: Vec<PathBuf>,
+    /// CA certificates of workload issuers (`meshctl ca serve` makes CA_DIR/issuer/ca.crt):
+    /// trusted for workload certificates only, never for a node's own.
+    #[serde(default)]
+    pub workload_cas: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -355,6 +360,8 @@ pub struct Identity {
     pub revocation_lists: Vec<RevocationList>,
     /// Ed25519 public keys of the policy administrators.
     pub policy_admins: Vec<[u8; 32]>,
+    /// The keys of the workload CAs (their certificates are in `bundle`).
+    pub workload_cas: Vec<[u8; 32]>,
 }
 
 fn read_cert(path: &Path) -> anyhow::Result<Certificate> {
@@ -378,6 +385,24 @@ pub fn load(cfg: &Config, now: u64) -> anyhow::Result<Identity> {
         let ca = read_cert(p)?;
         ca.verify_ca(now)
             .with_context(|| format!("{}: not a usable CA certificate", p.display()))?;
+        bundle.push(ca);
+    }
+    let mut workload_cas = Vec::new();
+    for p in &cfg.trust.workload_cas {
+        let ca = read_cert(p)?;
+        ca.verify_ca(now)
+            .with_context(|| format!("{}: not a usable CA certificate", p.display()))?;
+        if bundle
+            .iter()
+            .any(|b| b.body.public_key == ca.body.public_key)
+        {
+            bail!(
+                "{}: also in trust.bundle; a workload CA is trusted for workload certificates \
+                 only, so name it in trust.workload_cas alone",
+                p.display()
+            );
+        }
+        workload_cas.push(ca.body.public_key);
         bundle.push(ca);
     }
     let mut revocation_lists = Vec::new();
@@ -411,6 +436,12 @@ pub fn load(cfg: &Config, now: u64) -> anyhow::Result<Identity> {
             )
         })?;
         policy_admins.push(key);
+    }
+    if workload_cas.contains(&certificate.body.issuer) {
+        bail!(
+            "{} is a workload certificate (its CA is in trust.workload_cas), not a node's",
+            cert_path.display()
+        );
     }
     if private_key.public().0 != certificate.body.public_key {
         bail!(
@@ -452,6 +483,7 @@ pub fn load(cfg: &Config, now: u64) -> anyhow::Result<Identity> {
         bundle,
         revocation_lists,
         policy_admins,
+        workload_cas,
     })
 }
 

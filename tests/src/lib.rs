@@ -59,12 +59,24 @@ pub fn bin(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "meshd", "-p", "meshctl", "-p", "meshd-cni"]);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "meshd",
+            "-p",
+            "meshctl",
+            "-p",
+            "meshd-cni",
+        ]);
         if profile_dir.ends_with("release") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "cargo build of meshd, meshctl and meshd-cni failed");
+        assert!(
+            status.success(),
+            "cargo build of meshd, meshctl and meshd-cni failed"
+        );
     });
     let p = profile_dir.join(name);
     assert!(p.exists(), "{} not built", p.display());

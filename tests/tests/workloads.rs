@@ -54,9 +54,14 @@ impl WorkloadLab {
             } else {
                 vec!["198.18.3.1:51820"]
             };
-            let bundle = [pki.ca_cert(), pki.dir.join("issuer/ca.crt")];
-            let cfg = mesh_config(&lab, &ifname, &cert, &key_file, &bundle, &seeds);
-            let mut text = std::fs::read_to_string(&cfg).unwrap();
+            let cfg = mesh_config(&lab, &ifname, &cert, &key_file, &[pki.ca_cert()], &seeds);
+            let mut text = std::fs::read_to_string(&cfg).unwrap().replace(
+                "policy_admins = [",
+                &format!(
+                    "workload_cas = [\"{}\"]\npolicy_admins = [",
+                    pki.dir.join("issuer/ca.crt").display()
+                ),
+            );
             text.push_str(&format!(
                 "\n[issuer]\nendpoint = \"{ISSUER}\"\nkey = \"{key}\"\n"
             ));
@@ -271,7 +276,16 @@ fn attach_fails_with_the_reason_when_no_issuer_answers() {
 
 /// Runs the CNI plugin in node `i`'s namespace as a kubelet would: `command` for pod `name` (UID
 /// `uid`, container `container`) in network namespace `pod_ns`; (exit success, stdout).
-fn cni(wl: &WorkloadLab, i: usize, command: &str, container: &str, pod_ns: &str, name: &str, uid: &str, mesh_interface: &str) -> (bool, serde_json::Value) {
+fn cni(
+    wl: &WorkloadLab,
+    i: usize,
+    command: &str,
+    container: &str,
+    pod_ns: &str,
+    name: &str,
+    uid: &str,
+    mesh_interface: &str,
+) -> (bool, serde_json::Value) {
     use std::io::Write;
     let conf = format!(
         r#"{{"cniVersion": "1.0.0", "name": "mesh", "type": "meshd-cni", "meshInterface": "{mesh_interface}", "attachWaitMs": 3000}}"#
@@ -286,17 +300,28 @@ fn cni(wl: &WorkloadLab, i: usize, command: &str, container: &str, pod_ns: &str,
         .env("CNI_PATH", "/opt/cni/bin")
         .env(
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=microblog;K8S_POD_NAME={name};K8S_POD_UID={uid}"),
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=microblog;K8S_POD_NAME={name};K8S_POD_UID={uid}"
+            ),
         )
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("running meshd-cni");
-    child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    eprintln!("meshd-cni {command}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "meshd-cni {command}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), json)
 }
 
@@ -329,9 +354,14 @@ fn pods_added_by_the_cni_plugin_talk_across_nodes_as_themselves_and_cannot_spoof
     let (ok, result) = cni(&wl, 2, "ADD", "ctr-api-1", &pb, "api-1", "u2", &ifb);
     assert!(ok, "{result}");
     // The pod's address is the one its certificate names, and only that.
-    let shown = wl.lab.exec_ok(&pa, &["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
+    let shown = wl
+        .lab
+        .exec_ok(&pa, &["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
     assert!(shown.contains("100.64.4.1/32"), "{shown}");
-    assert!(wl.lab.ping_until(&pb, "100.64.4.1", Duration::from_secs(5)), "api-1 reaches post-1 across the mesh");
+    assert!(
+        wl.lab.ping_until(&pb, "100.64.4.1", Duration::from_secs(5)),
+        "api-1 reaches post-1 across the mesh"
+    );
     let (ok, _) = cni(&wl, 1, "CHECK", "ctr-post-1", &pa, "post-1", "u1", &ifa);
     assert!(ok);
     // post-1 takes web-1's address (on the same node) and sends from it: dropped at its own
@@ -340,22 +370,89 @@ fn pods_added_by_the_cni_plugin_talk_across_nodes_as_themselves_and_cannot_spoof
     let dropped = |wl: &WorkloadLab| -> u64 {
         let chain = wl.lab.exec_ok(
             &wl.nodes[0].0,
-            &["nft", "list", "chain", "inet", "meshd-cni", &format!("pod-{veth}")],
+            &[
+                "nft",
+                "list",
+                "chain",
+                "inet",
+                "meshd-cni",
+                &format!("pod-{veth}"),
+            ],
         );
-        let line = chain.lines().find(|l| l.contains("ip saddr")).expect("the IPv4 rule");
-        line.split("packets ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+        let line = chain
+            .lines()
+            .find(|l| l.contains("ip saddr"))
+            .expect("the IPv4 rule");
+        line.split("packets ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert_eq!(dropped(&wl), 0, "the pod's own traffic passes");
-    wl.lab.exec_ok(&pa, &["ip", "addr", "add", "100.64.4.3/32", "dev", "eth0"]);
-    let spoofed = wl.lab.exec(&pa, &["ping", "-c", "2", "-W", "1", "-I", "100.64.4.3", "100.64.4.2"]);
+    wl.lab
+        .exec_ok(&pa, &["ip", "addr", "add", "100.64.4.3/32", "dev", "eth0"]);
+    let spoofed = wl.lab.exec(
+        &pa,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-I",
+            "100.64.4.3",
+            "100.64.4.2",
+        ],
+    );
     assert!(!spoofed.status.success(), "a spoofed source got an answer");
     assert!(dropped(&wl) >= 2, "dropped on the pod's veth");
     // CHECK notices what is missing.
-    wl.lab.exec_ok(&wl.nodes[0].0, &["nft", "flush", "chain", "inet", "meshd-cni", &format!("pod-{veth}")]);
-    wl.lab.exec_ok(&wl.nodes[0].0, &["nft", "delete", "element", "inet", "meshd-cni", "pods", &format!("{{ \"{veth}\" }}")]);
-    wl.lab.exec_ok(&wl.nodes[0].0, &["nft", "delete", "chain", "inet", "meshd-cni", &format!("pod-{veth}")]);
+    wl.lab.exec_ok(
+        &wl.nodes[0].0,
+        &[
+            "nft",
+            "flush",
+            "chain",
+            "inet",
+            "meshd-cni",
+            &format!("pod-{veth}"),
+        ],
+    );
+    wl.lab.exec_ok(
+        &wl.nodes[0].0,
+        &[
+            "nft",
+            "delete",
+            "element",
+            "inet",
+            "meshd-cni",
+            "pods",
+            &format!("{{ \"{veth}\" }}"),
+        ],
+    );
+    wl.lab.exec_ok(
+        &wl.nodes[0].0,
+        &[
+            "nft",
+            "delete",
+            "chain",
+            "inet",
+            "meshd-cni",
+            &format!("pod-{veth}"),
+        ],
+    );
     let (ok, result) = cni(&wl, 1, "CHECK", "ctr-post-1", &pa, "post-1", "u1", &ifa);
-    assert!(!ok && result["msg"].as_str().unwrap().contains("not as ADD made it"), "{result}");
+    assert!(
+        !ok && result["msg"]
+            .as_str()
+            .unwrap()
+            .contains("not as ADD made it"),
+        "{result}"
+    );
     // DEL withdraws the identity from node B within 5 s and removes the veth; again, it
     // succeeds.
     let (ok, _) = cni(&wl, 1, "DEL", "ctr-post-1", &pa, "post-1", "u1", &ifa);
@@ -366,7 +463,10 @@ fn pods_added_by_the_cni_plugin_talk_across_nodes_as_themselves_and_cannot_spoof
     });
     assert!(cni(&wl, 1, "DEL", "ctr-post-1", &pa, "post-1", "u1", &ifa).0);
     let (ok, v) = cni(&wl, 1, "VERSION", "x", &pa, "x", "x", &ifa);
-    assert!(ok && v["supportedVersions"].as_array().unwrap().len() == 4, "{v}");
+    assert!(
+        ok && v["supportedVersions"].as_array().unwrap().len() == 4,
+        "{v}"
+    );
 }
 
 #[test]
@@ -386,10 +486,22 @@ fn cni_add_fails_closed_and_leaves_nothing_when_meshd_is_down_or_refuses() {
     let (ok, result) = cni(&wl, 1, "ADD", "ctr-2", &pa, "api-1", "u2", &ifa);
     assert!(!ok);
     assert_eq!(result["code"], 100, "{result}");
-    assert!(result["details"].as_str().unwrap().contains("does not run on node nodes/node-a"), "{result}");
+    assert!(
+        result["details"]
+            .as_str()
+            .unwrap()
+            .contains("does not run on node nodes/node-a"),
+        "{result}"
+    );
     assert!(pod_veths(&wl, 1).is_empty());
     let links = wl.lab.exec_ok(&pa, &["ip", "-o", "link", "show"]);
     assert_eq!(links.lines().count(), 1, "only lo in the pod: {links}");
-    let rules = wl.lab.exec(&wl.nodes[0].0, &["nft", "list", "table", "inet", "meshd-cni"]);
-    assert!(!String::from_utf8_lossy(&rules.stdout).contains("pod-msh"), "no rules left");
+    let rules = wl.lab.exec(
+        &wl.nodes[0].0,
+        &["nft", "list", "table", "inet", "meshd-cni"],
+    );
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("pod-msh"),
+        "no rules left"
+    );
 }

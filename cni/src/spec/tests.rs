@@ -1,21 +1,49 @@
 use super::*;
 
-const CONF: &str = r#"{"cniVersion": "1.0.0", "name": "mesh", "type": "meshd-cni", "meshInterface": "mesh0"}"#;
+const CONF: &str =
+    r#"{"cniVersion": "1.0.0", "name": "mesh", "type": "meshd-cni", "meshInterface": "mesh0"}"#;
 
 #[test]
 fn a_configuration_is_read_with_defaults_and_each_mistake_is_named() {
     let c = parse_conf(CONF.as_bytes()).unwrap();
-    assert_eq!((c.mesh_interface.as_str(), c.attach_wait_ms), ("mesh0", 10_000));
+    assert_eq!(
+        (c.mesh_interface.as_str(), c.attach_wait_ms),
+        ("mesh0", 10_000)
+    );
     // What runtimes add is taken.
     let with_runtime = CONF.replace('}', r#", "prevResult": {"ips": []}, "runtimeConfig": {}}"#);
     assert!(parse_conf(with_runtime.as_bytes()).is_ok());
     let cases = [
-        (CONF.replace("1.0.0", "0.2.0"), INCOMPATIBLE_VERSION, "unsupported cniVersion"),
-        (CONF.replace("meshd-cni", "bridge"), INVALID_CONFIG, "wrong plugin type"),
-        (CONF.replace("mesh0", "mesh0; rm -rf /"), INVALID_CONFIG, "invalid meshInterface"),
-        (CONF.replace('}', r#", "meshInterfce": "x"}"#), DECODE_FAILURE, "not valid"),
-        (CONF.replace('}', r#", "ipam": {"type": "host-local"}}"#), INVALID_CONFIG, "ipam"),
-        (CONF.replace('}', r#", "attachWaitMs": 5}"#), INVALID_CONFIG, "attachWaitMs"),
+        (
+            CONF.replace("1.0.0", "0.2.0"),
+            INCOMPATIBLE_VERSION,
+            "unsupported cniVersion",
+        ),
+        (
+            CONF.replace("meshd-cni", "bridge"),
+            INVALID_CONFIG,
+            "wrong plugin type",
+        ),
+        (
+            CONF.replace("mesh0", "mesh0; rm -rf /"),
+            INVALID_CONFIG,
+            "invalid meshInterface",
+        ),
+        (
+            CONF.replace('}', r#", "meshInterfce": "x"}"#),
+            DECODE_FAILURE,
+            "not valid",
+        ),
+        (
+            CONF.replace('}', r#", "ipam": {"type": "host-local"}}"#),
+            INVALID_CONFIG,
+            "ipam",
+        ),
+        (
+            CONF.replace('}', r#", "attachWaitMs": 5}"#),
+            INVALID_CONFIG,
+            "attachWaitMs",
+        ),
         ("{".to_string(), DECODE_FAILURE, "not valid"),
     ];
     for (text, code, msg) in cases {
@@ -60,11 +88,17 @@ fn veth_names_are_stable_distinct_and_fit_an_interface_name() {
 
 #[test]
 fn the_rules_drop_every_source_but_the_pod_s_and_are_removed_by_name() {
-    let addrs: Vec<Cidr> = vec!["100.64.4.1/32".parse().unwrap(), "fd00::4:1/128".parse().unwrap()];
+    let addrs: Vec<Cidr> = vec![
+        "100.64.4.1/32".parse().unwrap(),
+        "fd00::4:1/128".parse().unwrap(),
+    ];
     let s = nft_install("msh0123456789ab", &addrs, true);
     assert!(s.contains("iifname vmap @pods"));
     assert!(s.contains("ip saddr != { 100.64.4.1 } counter drop"), "{s}");
-    assert!(s.contains("ip6 saddr != { fd00::4:1, fe80::/10 } counter drop"), "{s}");
+    assert!(
+        s.contains("ip6 saddr != { fd00::4:1, fe80::/10 } counter drop"),
+        "{s}"
+    );
     assert!(s.contains("\"msh0123456789ab\" : jump pod-msh0123456789ab"));
     // Without a new table, only the pod's chain and element; without IPv4, no IPv4 at all.
     let s = nft_install("msh0123456789ab", &addrs[1..], false);
@@ -88,5 +122,8 @@ fn results_follow_the_version_asked_for() {
     assert_eq!(old["ips"][0]["version"], "4");
     assert_eq!(version_result("1.0.0")["supportedVersions"][3], "1.0.0");
     let e = CniError::new(TRY_AGAIN_LATER, "meshd of mesh0 is not reachable", "x").to_json("0.4.0");
-    assert_eq!((e["code"].as_u64(), e["cniVersion"].as_str()), (Some(11), Some("0.4.0")));
+    assert_eq!(
+        (e["code"].as_u64(), e["cniVersion"].as_str()),
+        (Some(11), Some("0.4.0"))
+    );
 }

@@ -195,6 +195,14 @@ pub enum Refusal {
     TooManyWorkloads,
     #[error("a message only the workload issuer sends or takes")]
     NotFromMembers,
+    #[error(
+        "{identity} is a workload certificate (its CA is in trust.workload_cas), not a node's"
+    )]
+    WorkloadAsMember { identity: String },
+    #[error("{identity} is not from a workload CA (trust.workload_cas)")]
+    NotAWorkload { identity: String },
+    #[error("{identity} is a workload certificate without an address")]
+    WorkloadWithoutAddress { identity: String },
     #[error("no workload issuer is configured ([issuer] in the configuration)")]
     NoIssuer,
     #[error("policy set refused: {0}")]
@@ -233,6 +241,9 @@ impl Refusal {
             Refusal::WorkloadRange { .. } => "workload_range",
             Refusal::TooManyWorkloads => "too_many_workloads",
             Refusal::NotFromMembers => "not_from_members",
+            Refusal::WorkloadAsMember { .. } => "workload_as_member",
+            Refusal::NotAWorkload { .. } => "not_a_workload",
+            Refusal::WorkloadWithoutAddress { .. } => "workload_without_address",
             Refusal::NoIssuer => "no_issuer",
             Refusal::Policy(_) => "policy",
             Refusal::FlowQuery(_) => "flow_query",
@@ -418,6 +429,9 @@ pub struct Membership {
     pub workloads_refused: BTreeMap<&'static str, u64>,
     /// The workload issuer (`[issuer]`): its key, where it listens, and our agreement with it.
     issuer: Option<(control::Pair, Endpoint)>,
+    /// The CAs whose certificates are workloads' (`[trust] workload_cas`): only in workload
+    /// lists, never a member's own certificate.
+    workload_cas: HashSet<[u8; 32]>,
 }
 
 impl Membership {
@@ -463,6 +477,7 @@ impl Membership {
             workloads_sent: HashMap::new(),
             workloads_refused: BTreeMap::new(),
             issuer: None,
+            workload_cas: HashSet::new(),
             secret,
             public,
             trust: trust_of(&certificate, bundle),
@@ -533,6 +548,8 @@ impl Membership {
             let size = 2 + c.encode().len();
             if c.body.public_key != self.public {
                 refused.push((identity, Refusal::KeyMismatch));
+            } else if !self.workload_cas.contains(&c.body.issuer) {
+                refused.push((identity.clone(), Refusal::NotAWorkload { identity }));
             } else if let Err(e) = self.verify(&c, now_ms) {
                 refused.push((identity, Refusal::Certificate(e)));
             } else if valid.len() >= control::MAX_WORKLOADS || bytes + size > MAX_WORKLOADS_BYTES {
@@ -547,6 +564,8 @@ impl Membership {
             .max(self.own_version + 1);
         let taken = self.take_workloads(self.public, self.own_version, valid);
         refused.extend(taken);
+        // A new version starts its resending afresh for every member.
+        self.workloads_unacked.clear();
         let mut out = Vec::new();
         let keys: Vec<[u8; 32]> = self.members.keys().copied().collect();
         for k in keys {
@@ -695,9 +714,12 @@ impl Membership {
         for f in floors {
             let gap = now_ms.saturating_sub(f.heard_ms);
             let credited = gap - gap * FLOOR_SLACK_PER_MILLE / 1000;
+            // Never above our clock (or the saved counter): a sender's new counters follow its
+            // clock, and a floor from a wrong `heard_ms` must not lock it out for good.
             let floor = f
                 .counter
-                .saturating_add(credited.saturating_mul(COUNTER_PER_MS));
+                .saturating_add(credited.saturating_mul(COUNTER_PER_MS))
+                .min(f.counter.max(now_ms.saturating_mul(COUNTER_PER_MS)));
             self.replay.insert(
                 f.sender,
                 Replay {
@@ -911,6 +933,30 @@ impl Membership {
         }
     }
 
+    /// Takes `keys` as the CAs of workload certificates: members whose own certificate is of one
+    /// are cut, and workload certificates of any other CA leave force.
+    pub fn set_workload_cas(&mut self, keys: Vec<[u8; 32]>) {
+        self.workload_cas = keys.into_iter().collect();
+        let bad: Vec<([u8; 32], String)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| self.workload_cas.contains(&m.certificate.body.issuer))
+            .map(|(k, m)| (*k, m.certificate.body.identity()))
+            .collect();
+        for (k, identity) in bad {
+            self.expel(&k, &format!("{identity} is a workload certificate"));
+        }
+        let cas = &self.workload_cas;
+        let lost = self.workloads.retain(|c| {
+            if cas.contains(&c.body.issuer) {
+                Ok(())
+            } else {
+                Err("its CA is no longer a workload CA".into())
+            }
+        });
+        self.workloads_lost(lost);
+    }
+
     /// The workload issuer this node asks for its workloads' certificates: its key and address.
     pub fn set_issuer(&mut self, issuer: Option<([u8; 32], std::net::SocketAddr)>) {
         self.issuer = issuer.and_then(|(key, addr)| {
@@ -1029,6 +1075,11 @@ impl Membership {
     /// of older certificates of the same identity, which it replaces.
     fn admissible(&self, cert: &Certificate) -> Result<Vec<[u8; 32]>, Refusal> {
         let body = &cert.body;
+        if self.workload_cas.contains(&body.issuer) {
+            return Err(Refusal::WorkloadAsMember {
+                identity: body.identity(),
+            });
+        }
         if self.removed.contains(&body.public_key) {
             return Err(Refusal::Removed);
         }
@@ -1373,6 +1424,9 @@ impl Membership {
                     if !replay.window.accept_run(whole.first_counter, whole.count) {
                         return Err(Refusal::Replay);
                     }
+                    // Its floor is saved as a member's: extrapolated from when it was heard.
+                    replay.heard_ms = now_ms;
+                    self.dirty.floors = true;
                     *self.received_kinds.entry(msg.kind()).or_default() += 1;
                     out.push(Out::Issued(msg));
                     return Ok(out);
@@ -1671,22 +1725,25 @@ impl Membership {
                 certificates,
             } => {
                 let mut valid = Vec::new();
+                // An older list changes nothing: no certificate of it is checked.
+                let current = self.workloads.is_newer(&sender, version);
                 let held = self.workloads.of(&sender).to_vec();
-                for c in certificates {
+                for c in certificates.into_iter().filter(|_| current) {
                     // A certificate already in force was verified when it was taken; expiry and
                     // revocation take it out of force by themselves.
-                    let checked = if held.contains(&c) {
+                    let checked = if !self.workload_cas.contains(&c.body.issuer) {
+                        Err(Refusal::NotAWorkload {
+                            identity: c.body.identity(),
+                        })
+                    } else if held.contains(&c) {
                         Ok(())
                     } else {
-                        self.verify(&c, now_ms)
+                        self.verify(&c, now_ms).map_err(Refusal::Certificate)
                     };
                     match checked {
                         Ok(()) => valid.push(c),
                         Err(e) => {
-                            *self
-                                .workloads_refused
-                                .entry(Refusal::Certificate(e).kind())
-                                .or_default() += 1;
+                            *self.workloads_refused.entry(e.kind()).or_default() += 1;
                         }
                     }
                 }

@@ -478,3 +478,38 @@ fn through_a_relay_only_the_senders_own_tag_counts_and_its_path_is_never_listed_
     n.on_datagram(T0_MS + 200, right, &d, &mut OsRng).unwrap();
     assert_eq!(n.members()[&key7].endpoint, own);
 }
+
+#[test]
+fn a_saved_floor_never_rises_above_the_clock_so_a_wrong_heard_time_locks_nobody_out() {
+    let (ca_key, ca_cert) = ca(1, "example.org");
+    let mut m = lone(&ca_key, &ca_cert, 1);
+    let now = T0_MS + 1_000;
+    let sender = [7; 32];
+    // Heard "at 0": extrapolated, the floor would be decades ahead of any counter it sends.
+    m.restore_floors(
+        &[Floor {
+            sender,
+            counter: 5 * COUNTER_PER_MS,
+            heard_ms: 0,
+        }],
+        now,
+    );
+    assert!(m.check_counter(&sender, now * COUNTER_PER_MS + 1).is_ok());
+    assert!(m.check_counter(&sender, 5 * COUNTER_PER_MS).is_err());
+    // Heard a second before the restart: everything it sent until now is refused.
+    let mut m = lone(&ca_key, &ca_cert, 1);
+    m.restore_floors(
+        &[Floor {
+            sender,
+            counter: (now - 1_000) * COUNTER_PER_MS,
+            heard_ms: now - 1_000,
+        }],
+        now,
+    );
+    assert!(m
+        .check_counter(&sender, (now - 10) * COUNTER_PER_MS)
+        .is_err());
+    assert!(m
+        .check_counter(&sender, (now + 10) * COUNTER_PER_MS)
+        .is_ok());
+}

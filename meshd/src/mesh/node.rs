@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub relays: Vec<[u8; 32]>,
     /// The workload issuer (`[issuer]`): its key and underlay address.
     pub issuer: Option<([u8; 32], std::net::SocketAddr)>,
+    /// The CAs of workload certificates (`trust.workload_cas`; in `bundle` too).
+    pub workload_cas: Vec<[u8; 32]>,
 }
 
 /// What an earlier run saved in the state directory; each part is verified again as it is taken.
@@ -111,6 +113,8 @@ pub enum Event {
     /// A workload this node no longer runs (the CNI plugin's DEL): its identity is withdrawn
     /// from the mesh.
     Detach(WorkloadRef),
+    /// The CAs of workload certificates (reload).
+    WorkloadCas(Vec<[u8; 32]>),
     /// A renewed identity (reload).
     Renew {
         secret: StaticSecret,
@@ -241,6 +245,7 @@ impl Node {
         membership.set_answer_probes(cfg.answer_probes);
         membership.set_relays(cfg.relays);
         membership.set_issuer(cfg.issuer);
+        membership.set_workload_cas(cfg.workload_cas);
         let has_issuer = cfg.issuer.is_some();
         let mut book = PolicyBook::new(&trust_domain, cfg.admins, cfg.posture, cfg.audit);
         let mut sync = PolicySync::default();
@@ -683,6 +688,10 @@ impl Node {
                 let mut outs = Vec::new();
                 self.ask_issuer(now_ms, rng, &mut outs);
                 outs
+            }
+            Event::WorkloadCas(keys) => {
+                self.membership.set_workload_cas(keys);
+                Vec::new()
             }
             Event::Detach(w) => {
                 let mut outs = Vec::new();

@@ -130,7 +130,11 @@ impl AttachWaiters {
         list.push(reply);
     }
 
-    fn answer(&mut self, w: &proto::workload::WorkloadRef, r: Result<proto::cert::Certificate, String>) {
+    fn answer(
+        &mut self,
+        w: &proto::workload::WorkloadRef,
+        r: Result<proto::cert::Certificate, String>,
+    ) {
         for reply in self.0.remove(w).unwrap_or_default() {
             let _ = reply.send(r.clone());
         }
@@ -184,6 +188,7 @@ impl Mesh {
             gateway_routes,
             relays: cfg.relays(),
             issuer: cfg.issuer(),
+            workload_cas: id.workload_cas.clone(),
         };
         dev.set_relay(cfg.relay.serve);
         if cfg.relay.serve {
@@ -484,6 +489,7 @@ impl Mesh {
                 bundle: id.bundle.clone(),
             });
         }
+        events.push(Event::WorkloadCas(id.workload_cas.clone()));
         for crl in &id.revocation_lists {
             events.push(Event::AddRevocation(crl.clone()));
         }

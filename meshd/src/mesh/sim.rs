@@ -209,6 +209,8 @@ pub struct Sim {
     pub now_ms: u64,
     pub rng: SimRng,
     pub ca: Ca,
+    /// The workload issuer's CA: in every node's bundle, as `trust.workload_cas`.
+    pub pods_ca: Ca,
     pub admin: SigningKey,
     /// Percent of datagrams lost, duplicated; the largest extra delay (reordering).
     pub loss_pct: u64,
@@ -241,6 +243,7 @@ impl Sim {
     /// until [`Sim::start`].
     pub fn new(n: usize, seed: u64) -> Sim {
         let ca = Ca::new(9, "example.org");
+        let pods_ca = Ca::new(31, "example.org");
         let admin = SigningKey::from_bytes(&[77; 32]);
         let nodes = (0..n)
             .map(|i| {
@@ -260,7 +263,7 @@ impl Sim {
                     key: *x25519_dalek::PublicKey::from(&secret).as_bytes(),
                     secret,
                     certificate,
-                    bundle: vec![ca.cert.clone()],
+                    bundle: vec![ca.cert.clone(), pods_ca.cert.clone()],
                     admins: vec![admin.verifying_key().to_bytes()],
                     gateway_routes: Vec::new(),
                     relay_serve: false,
@@ -277,6 +280,7 @@ impl Sim {
             now_ms: T0_MS,
             rng: SimRng::new(seed),
             ca,
+            pods_ca,
             admin,
             loss_pct: 0,
             dup_pct: 0,
@@ -311,6 +315,7 @@ impl Sim {
             gateway_routes: n.gateway_routes.clone(),
             relays: n.relays.clone(),
             issuer: None,
+            workload_cas: vec![self.pods_ca.key.verifying_key().to_bytes()],
         }
     }
 

@@ -26,7 +26,7 @@ fn addr(s: &str) -> Cidr {
 fn pod(sim: &Sim, on: usize, name: &str, address: &str, serial: u64, secs: u64) -> Certificate {
     let not_before = sim.now_ms / 1000 - 60 + secs;
     let secret = sim.nodes[on].secret().clone();
-    sim.ca.issue(
+    sim.pods_ca.issue(
         &secret,
         name,
         addr(address),
@@ -188,7 +188,7 @@ fn own_workloads_that_are_not_valid_here_are_refused_with_the_reason() {
     let theirs = pod(&sim, 1, "web", "100.64.200.1/32", 100, 0);
     let expired = {
         let secret = sim.nodes[0].secret().clone();
-        sim.ca
+        sim.pods_ca
             .issue(&secret, "old", addr("100.64.200.2/32"), 101, 0, 1)
     };
     let good = pod(&sim, 0, "api", "100.64.200.3/32", 102, 0);
@@ -218,7 +218,7 @@ fn an_expiring_workload_certificate_leaves_every_member_on_its_own() {
     let mut sim = formed(2, 7);
     let secret = sim.nodes[0].secret().clone();
     let now = sim.now_ms / 1000;
-    let short = sim.ca.issue(
+    let short = sim.pods_ca.issue(
         &secret,
         "web",
         addr("100.64.200.1/32"),
@@ -232,4 +232,47 @@ fn an_expiring_workload_certificate_leaves_every_member_on_its_own() {
     sim.run(6_000);
     assert_eq!(allowed(&sim, 1, 0), [overlay(0)]);
     assert!(sim.nodes[0].host.own_workloads.is_empty());
+}
+
+#[test]
+fn a_workload_certificate_is_never_a_member_and_a_node_certificate_never_a_workload() {
+    let mut sim = formed(3, 8);
+    let key0 = sim.nodes[0].public();
+    // Node 0, compromised, presents its pod's certificate (bound to its key) as its own: the
+    // members keep its node certificate and count the refusal.
+    let w = pod(&sim, 0, "web", "100.64.200.1/32", 100, 0);
+    let secret = sim.nodes[0].secret().clone();
+    let bundle = sim.nodes[0].bundle.clone();
+    sim.handle(
+        0,
+        Event::Renew {
+            secret,
+            certificate: w.clone(),
+            bundle,
+        },
+    )
+    .unwrap();
+    sim.run(500);
+    for i in 1..3 {
+        let m = &sim.nodes[i].node().members()[&key0];
+        assert_eq!(m.certificate.body.name, "node0", "node {i}");
+        let refused = sim.nodes[i].node().control_status().refused;
+        assert!(
+            refused.get("workload_as_member").is_some_and(|n| *n >= 1),
+            "{refused:?}"
+        );
+        assert_eq!(allowed(&sim, i, 0), [overlay(0)]);
+    }
+    // Node 1 announces its node certificate as a workload: not from a workload CA, refused.
+    let own = sim.nodes[1].certificate.clone();
+    let node = sim.nodes[1].node.as_mut().unwrap();
+    let actions = node.announce_unchecked(vec![own], sim.now_ms, &mut sim.rng);
+    sim.carry_out(1, actions);
+    sim.run(500);
+    let refused = sim.nodes[2].node().control_status().refused;
+    assert_eq!(
+        refused.get("workload_not_a_workload"),
+        Some(&1),
+        "{refused:?}"
+    );
 }

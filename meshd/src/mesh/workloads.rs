@@ -14,10 +14,11 @@
 //!   workload's certificate, and the older certificate is out of force everywhere.
 //! - An older certificate for an address stays refused after the newer one left (withdrawn,
 //!   expired early by revocation), until it expires itself: a member cannot bring back a
-//!   workload that was rescheduled elsewhere.
+//!   workload that was rescheduled elsewhere (this node remembers it in memory: a restarted node
+//!   learns the newest certificate again from the member that holds it).
 //! - An announcement replaces everything its member announced before, so a withdrawn workload is
-//!   out of force as soon as its member says so. An announcement older than one already taken
-//!   (by its sealed counter) changes nothing.
+//!   out of force as soon as its member says so. An announcement of a version no newer than one
+//!   already taken changes nothing.
 //! - No workload address overlaps a member's own addresses or this node's (`taken`).
 
 use super::membership::Refusal;
@@ -73,6 +74,11 @@ impl WorkloadBook {
     /// Every key with a workload certificate in force, and its certificates.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8; 32], &Vec<Certificate>)> {
         self.held.iter()
+    }
+
+    /// Whether a list of `version` from `key` would be newer than the one taken.
+    pub fn is_newer(&self, key: &[u8; 32], version: u64) -> bool {
+        self.heard.get(key).is_none_or(|v| version > *v)
     }
 
     /// The key holding a workload address within `range`, if any.
@@ -139,6 +145,9 @@ impl WorkloadBook {
         let identity = body.identity();
         if body.public_key != *key {
             return Err(Refusal::KeyMismatch);
+        }
+        if body.addrs.is_empty() {
+            return Err(Refusal::WorkloadWithoutAddress { identity });
         }
         for a in &body.addrs {
             let (family, first, last) = a.span();
