@@ -276,6 +276,7 @@ fn attach_fails_with_the_reason_when_no_issuer_answers() {
 
 /// Runs the CNI plugin in node `i`'s namespace as a kubelet would: `command` for pod `name` (UID
 /// `uid`, container `container`) in network namespace `pod_ns`; (exit success, stdout).
+#[allow(clippy::too_many_arguments)] // each is one of the kubelet's variables
 fn cni(
     wl: &WorkloadLab,
     i: usize,
