@@ -11,8 +11,8 @@
 //! `ca.crt` (the workload CA: every node names it in `trust.workload_cas`), `static.key` (the X25519 key
 //! requests are sealed to, mode 0600; nodes name its public key in `[issuer] key`).
 //!
-//! [`Responder`] is the pure part: opening, budgets, replay windows, reassembly and sealing,
-//! with time as an argument. [`serve`] is the loop around a socket.
+//! The sealed side, pure, is [`proto::issuer::Responder`]; [`serve`] is the loop around a
+//! socket.
 
 use crate::ca::{self, CaDir};
 use crate::Failure;
@@ -21,119 +21,12 @@ use ed25519_dalek::SigningKey;
 use keyfile as files;
 use proto::armor;
 use proto::cert::{CertBody, Certificate};
-use proto::control::{self, Datagram, Message, ReplayWindow};
-use proto::limiter::SourceLimiter;
-use proto::segment::Reassembly;
+use proto::control::Message;
+use proto::issuer::Responder;
 use rand_core::RngCore;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use x25519_dalek::StaticSecret;
-
-/// Sealed datagrams opened per second (two Diffie-Hellman operations each), in all and per
-/// source address: a flood costs the issuer no more.
-const OPENS_PER_SEC: u32 = 2_000;
-const OPENS_PER_SOURCE_PER_SEC: u32 = 50;
-/// Senders whose replay windows are kept; a node's counters follow its clock, so a sender
-/// forgotten and heard again is still refused datagrams older than its next one only within
-/// this many senders.
-const MAX_SENDERS: usize = 65_536;
-/// Sealed counters follow the clock at this many per millisecond, as a node's do.
-const COUNTER_PER_MS: u64 = 1_000_000;
-
-/// The sealed side of the issuer: who sent what, once, within budget.
-pub struct Responder {
-    secret: StaticSecret,
-    replay: HashMap<[u8; 32], ReplayWindow>,
-    reassembly: Reassembly,
-    opens: SourceLimiter<()>,
-    per_source: SourceLimiter<IpAddr>,
-    counter: u64,
-}
-
-impl Responder {
-    pub fn new(secret: StaticSecret) -> Responder {
-        Responder {
-            secret,
-            replay: HashMap::new(),
-            reassembly: Reassembly::default(),
-            opens: SourceLimiter::new(OPENS_PER_SEC, OPENS_PER_SEC, 1),
-            per_source: SourceLimiter::new(
-                OPENS_PER_SOURCE_PER_SEC,
-                2 * OPENS_PER_SOURCE_PER_SEC,
-                4096,
-            ),
-            counter: 0,
-        }
-    }
-
-    /// One datagram from `from`: the sender and its message once a whole message has arrived,
-    /// `None` while segments are missing, or why it was dropped.
-    pub fn open(
-        &mut self,
-        now_ms: u64,
-        from: SocketAddr,
-        datagram: &[u8],
-    ) -> Result<Option<([u8; 32], Message)>, String> {
-        let Datagram::Sealed(sealed) = control::decode(datagram).map_err(|e| e.to_string())? else {
-            return Err("not a sealed datagram".into());
-        };
-        if !self.per_source.allow(from.ip(), now_ms) || !self.opens.allow((), now_ms) {
-            return Err("over budget".into());
-        }
-        let opened = sealed.open(&self.secret).map_err(|e| e.to_string())?;
-        let sender = opened.sender;
-        if self
-            .replay
-            .get(&sender)
-            .is_some_and(|w| !w.would_accept(sealed.counter, 1))
-        {
-            return Err("replayed".into());
-        }
-        let whole = self
-            .reassembly
-            .add(sender, sealed.counter, &opened.plaintext, now_ms)
-            .map_err(|e| e.to_string())?;
-        let Some(whole) = whole else {
-            return Ok(None);
-        };
-        if !self.replay.contains_key(&sender) && self.replay.len() >= MAX_SENDERS {
-            self.replay.clear();
-        }
-        let window = self.replay.entry(sender).or_default();
-        if !window.accept_run(whole.first_counter, whole.count) {
-            return Err("replayed".into());
-        }
-        let msg = Message::decode(&whole.message).map_err(|e| e.to_string())?;
-        Ok(Some((sender, msg)))
-    }
-
-    /// `msg` sealed to `to`, as datagrams.
-    pub fn seal(
-        &mut self,
-        to: &[u8; 32],
-        msg: &Message,
-        now_ms: u64,
-        rng: &mut impl RngCore,
-    ) -> Vec<Vec<u8>> {
-        let first = (self.counter + 1).max(now_ms.saturating_mul(COUNTER_PER_MS));
-        let mut e = [0u8; 32];
-        rng.fill_bytes(&mut e);
-        match control::seal_message(
-            &self.secret,
-            to,
-            &StaticSecret::from(e),
-            first,
-            &msg.encode(),
-        ) {
-            Ok(datagrams) => {
-                self.counter = first + datagrams.len() as u64 - 1;
-                datagrams
-            }
-            Err(_) => Vec::new(),
-        }
-    }
-}
 
 /// The issuer's files in a CA directory.
 pub struct IssuerDir {
@@ -222,6 +115,12 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
             "--ttl {ttl}: a workload certificate lives from 1 minute to 7 days"
         )));
     }
+    if listen.ip().is_unspecified() {
+        return Err(Failure::input(anyhow!(
+            "--listen {listen}: name the address nodes reach the issuer at (its answers leave \
+             from it, and nodes take them only from there)"
+        )));
+    }
     let ca = CaDir {
         dir: ca_path.to_path_buf(),
     };
@@ -253,6 +152,11 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
     );
     let (trust, _) = proto::trust::Trust::new(&root.body.trust_domain, vec![root.clone()]);
     let mut responder = Responder::new(keys.secret);
+    let mut log = Log::default();
+    let mut newest = NewestNodes::default();
+    // Read again whenever they change: a workload registered or removed a moment ago counts.
+    let mut registry = Watched::new(crate::workload::registry_path(ca_path));
+    let mut crl = Watched::new(ca.crl_path());
     let mut buf = vec![0u8; 65_535];
     loop {
         let (n, from) = match socket.recv_from(&mut buf) {
@@ -272,11 +176,11 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let (sender, msg) = match responder.open(now_ms, from, &buf[..n]) {
+        let opened = match responder.open(now_ms, from, &buf[..n]) {
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(why) => {
-                eprintln!("{from}: dropped: {why}");
+                log.line(now_ms, format!("{from}: dropped: {why}"));
                 continue;
             }
         };
@@ -284,74 +188,251 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
             nonce,
             certificate,
             workloads,
-        } = msg
+        } = &opened.msg
         else {
-            eprintln!("{from}: dropped: not an issue request");
+            log.line(now_ms, format!("{from}: dropped: not an issue request"));
             continue;
         };
-        // Read for every request: a workload registered or removed a moment ago counts.
-        let results = match ca.revocation_list(&root).and_then(|crl| {
-            let registry = crate::workload::load(&crate::workload::registry_path(ca_path))?;
-            Ok((crl, registry))
-        }) {
+        let node = certificate.body.identity();
+        let crl = match crl.get(|p| read_crl(p, &root)) {
+            Ok(c) => c.clone(),
             Err(e) => {
-                eprintln!("{from}: cannot answer: {e:#}");
+                log.line(now_ms, format!("{from}: cannot answer: {e:#}"));
                 continue;
             }
-            Ok((crl, registry)) => {
+        };
+        let now = ca::now();
+        // The node first, before anything is read for it: a sender that is not one gets one
+        // short refusal per workload asked, never more than it sent.
+        let checked =
+            proto::workload::check_node(&opened.sender, certificate, &trust, crl.as_ref(), now)
+                .and_then(|()| newest.check(&certificate.body));
+        let results: Vec<Result<Certificate, String>> = match checked {
+            Err(why) => {
+                log.line(now_ms, format!("{from}: {node}: refused: {why}"));
+                workloads
+                    .iter()
+                    .map(|_| Err("node refused".to_string()))
+                    .collect()
+            }
+            Ok(()) if !responder.confirm(&opened) => continue,
+            Ok(()) => {
+                let registry = match registry.get(crate::workload::load) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        log.line(now_ms, format!("{from}: cannot answer: {e:#}"));
+                        continue;
+                    }
+                };
                 let issuance = proto::workload::Issuance {
                     trust_domain: root.body.trust_domain.clone(),
                     node_issuers: vec![root.body.public_key],
-                    now: ca::now(),
+                    now,
                     lifetime_secs: lifetime,
                 };
                 let issuer_key = keys.signing.verifying_key().to_bytes();
-                let sign = |g: &proto::workload::Grant| {
-                    g.body(ca::new_serial(), issuer_key)
-                        .sign(&keys.signing)
-                        .map_err(|e| format!("not signed: {e}"))
-                };
-                proto::workload::answer(
-                    &sender,
-                    &certificate,
-                    &workloads,
-                    &trust,
-                    crl.as_ref(),
-                    &registry,
-                    &issuance,
-                    sign,
-                )
+                workloads
+                    .iter()
+                    .map(|w| {
+                        let r =
+                            proto::workload::authorize(&certificate.body, w, registry, &issuance)
+                                .map_err(|e| e.to_string())
+                                .and_then(|g| {
+                                    g.body(ca::new_serial(), issuer_key)
+                                        .sign(&keys.signing)
+                                        .map_err(|e| format!("not signed: {e}"))
+                                });
+                        match &r {
+                            Ok(c) => log.line(
+                                now_ms,
+                                format!(
+                                    "{from}: {node}: issued {}/{} as {} ({}), until {}",
+                                    w.namespace,
+                                    w.name,
+                                    c.body.identity(),
+                                    proto::cert::list(&c.body.addrs),
+                                    crate::identity::utc(c.body.not_after)
+                                ),
+                            ),
+                            Err(why) => log.line(
+                                now_ms,
+                                format!(
+                                    "{from}: {node}: refused {}/{}: {why}",
+                                    w.namespace, w.name
+                                ),
+                            ),
+                        }
+                        r
+                    })
+                    .collect()
             }
         };
-        let node = certificate.body.identity();
-        let results = match results {
-            Ok(r) => r,
-            Err(why) => {
-                eprintln!("{from}: {node}: refused: {why}");
-                workloads.iter().map(|_| Err(why.clone())).collect()
-            }
+        let answer = Message::IssueAnswer {
+            nonce: *nonce,
+            results,
         };
-        for (w, r) in workloads.iter().zip(&results) {
-            match r {
-                Ok(c) => eprintln!(
-                    "{from}: {node}: issued {}/{} as {} ({}), until {}",
-                    w.namespace,
-                    w.name,
-                    c.body.identity(),
-                    proto::cert::list(&c.body.addrs),
-                    crate::identity::utc(c.body.not_after)
-                ),
-                Err(why) => eprintln!("{from}: {node}: refused {}/{}: {why}", w.namespace, w.name),
-            }
+        let datagrams = responder.seal(&opened.sender, &answer, now_ms, &mut rand_core::OsRng);
+        if datagrams.is_empty() {
+            log.line(now_ms, format!("{from}: {node}: the answer is too large to seal; ask for fewer workloads at once"));
         }
-        let answer = Message::IssueAnswer { nonce, results };
-        for d in responder.seal(&sender, &answer, now_ms, &mut rand_core::OsRng) {
+        for d in datagrams {
             if let Err(e) = socket.send_to(&d, from) {
-                eprintln!("{from}: answer not sent: {e}");
+                log.line(now_ms, format!("{from}: answer not sent: {e}"));
             }
         }
     }
 }
 
+/// The log of requests: at most [`LOG_LINES_PER_SEC`] lines a second, then how many were left
+/// out, so that a flood does not fill the disk.
+#[derive(Default)]
+struct Log {
+    second: u64,
+    lines: u32,
+    left_out: u64,
+}
+
+const LOG_LINES_PER_SEC: u32 = 20;
+
+impl Log {
+    fn line(&mut self, now_ms: u64, text: String) {
+        let second = now_ms / 1000;
+        if second != self.second {
+            if self.left_out > 0 {
+                eprintln!("({} lines left out)", self.left_out);
+            }
+            (self.second, self.lines, self.left_out) = (second, 0, 0);
+        }
+        if self.lines < LOG_LINES_PER_SEC {
+            self.lines += 1;
+            eprintln!("{text}");
+        } else {
+            self.left_out += 1;
+        }
+    }
+}
+
+/// A file read again only when its modification time changes.
+struct Watched<T> {
+    path: PathBuf,
+    stamp: Option<std::time::SystemTime>,
+    value: Option<T>,
+}
+
+impl<T> Watched<T> {
+    fn new(path: PathBuf) -> Watched<T> {
+        Watched {
+            path,
+            stamp: None,
+            value: None,
+        }
+    }
+
+    fn get(&mut self, read: impl FnOnce(&Path) -> anyhow::Result<T>) -> anyhow::Result<&T> {
+        let stamp = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if self.value.is_none() || stamp != self.stamp {
+            self.value = Some(read(&self.path)?);
+            self.stamp = stamp;
+        }
+        Ok(self.value.as_ref().expect("read above"))
+    }
+}
+
+/// The revocation list of the node CA, if it has one.
+fn read_crl(
+    path: &Path,
+    root: &Certificate,
+) -> anyhow::Result<Option<proto::cert::RevocationList>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = armor::decode(armor::REVOCATION_LIST, &files::read(path)?)
+        .with_context(|| format!("{}", path.display()))?;
+    let crl = proto::cert::RevocationList::decode(&bytes)
+        .with_context(|| format!("{}", path.display()))?;
+    crl.verify(root)
+        .with_context(|| format!("{}: not signed by the node CA", path.display()))?;
+    Ok(Some(crl))
+}
+
+/// The newest certificate seen of each node (by `not_before`, then serial): an older one, such
+/// as one whose key was replaced (stolen, rotated), is refused from then on, as members refuse
+/// it. Kept while the issuer runs.
+#[derive(Default)]
+struct NewestNodes(std::collections::HashMap<String, (u64, u64)>);
+
+impl NewestNodes {
+    fn check(&mut self, node: &CertBody) -> Result<(), String> {
+        let rank = (node.not_before, node.serial);
+        let newest = self.0.entry(node.identity()).or_insert(rank);
+        if rank < *newest {
+            return Err(format!(
+                "an older certificate of {} than one seen (serial {})",
+                node.identity(),
+                newest.1
+            ));
+        }
+        *newest = rank;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+
+    fn node(not_before: u64, serial: u64) -> CertBody {
+        CertBody::ca(
+            "example.org",
+            "node-a",
+            [1; 32],
+            serial,
+            (not_before, not_before + 10),
+            vec![],
+        )
+    }
+
+    #[test]
+    fn an_older_node_certificate_is_refused_once_a_newer_one_asked() {
+        let mut n = NewestNodes::default();
+        assert!(n.check(&node(10, 1)).is_ok());
+        assert!(n.check(&node(20, 2)).is_ok());
+        let e = n.check(&node(10, 1)).unwrap_err();
+        assert!(
+            e.contains("older certificate") && e.contains("serial 2"),
+            "{e}"
+        );
+        assert!(n.check(&node(20, 2)).is_ok(), "the newest again");
+    }
+
+    #[test]
+    fn a_watched_file_is_read_again_only_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("meshctl-watched-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, "a").unwrap();
+        let mut w = Watched::new(path.clone());
+        let mut reads = 0;
+        let mut read = |p: &Path| {
+            reads += 1;
+            Ok(std::fs::read_to_string(p)?)
+        };
+        assert_eq!(w.get(&mut read).unwrap(), "a");
+        assert_eq!(w.get(&mut read).unwrap(), "a");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, "b").unwrap();
+        let t = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        assert_eq!(w.get(&mut read).unwrap(), "b");
+        drop(w);
+        assert_eq!(reads, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

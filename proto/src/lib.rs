@@ -9,6 +9,7 @@ pub mod control;
 pub mod duration;
 pub mod flowquery;
 pub mod ip;
+pub mod issuer;
 pub mod key;
 pub mod limiter;
 pub mod offload;

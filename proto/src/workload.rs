@@ -226,12 +226,7 @@ pub fn answer(
     issuance: &Issuance,
     mut sign: impl FnMut(&Grant) -> Result<crate::cert::Certificate, String>,
 ) -> Result<Vec<Result<crate::cert::Certificate, String>>, String> {
-    if node.body.public_key != *sender {
-        return Err("the node certificate names another key than the one that sealed".into());
-    }
-    trust
-        .check(node, issuance.now, revoked, crate::trust::Signature::Verify)
-        .map_err(|e| format!("node certificate refused: {e}"))?;
+    check_node(sender, node, trust, revoked, issuance.now)?;
     Ok(requests
         .iter()
         .map(|r| {
@@ -240,6 +235,23 @@ pub fn answer(
                 .and_then(|g| sign(&g))
         })
         .collect())
+}
+
+/// Whether `node`, in a request sealed by `sender`, may ask at all: it names that key and
+/// verifies against `trust` (the node CAs) and `revoked` at `now`.
+pub fn check_node(
+    sender: &[u8; 32],
+    node: &crate::cert::Certificate,
+    trust: &crate::trust::Trust,
+    revoked: Option<&crate::cert::RevocationList>,
+    now: u64,
+) -> Result<(), String> {
+    if node.body.public_key != *sender {
+        return Err("the node certificate names another key than the one that sealed".into());
+    }
+    trust
+        .check(node, now, revoked, crate::trust::Signature::Verify)
+        .map_err(|e| format!("node certificate refused: {e}"))
 }
 
 /// Why the registry refuses a workload.

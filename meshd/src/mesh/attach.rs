@@ -47,6 +47,35 @@ pub struct AttachedStatus {
 }
 
 impl Attachments {
+    /// Takes back a workload attached before a restart, with the certificate held then (the
+    /// node checks it again before it announces it).
+    pub fn restore(&mut self, w: WorkloadRef, certificate: Option<Certificate>) {
+        self.attached.insert(
+            w,
+            Attached {
+                certificate,
+                ..Attached::default()
+            },
+        );
+    }
+
+    /// Every attached workload with the certificate held, for the state directory.
+    pub fn saved(&self) -> Vec<(WorkloadRef, Option<Certificate>)> {
+        self.attached
+            .iter()
+            .map(|(w, a)| (w.clone(), a.certificate.clone()))
+            .collect()
+    }
+
+    /// This node's key changed: every certificate held names the old one, and each workload is
+    /// asked for again at once.
+    pub fn rekey(&mut self) {
+        for a in self.attached.values_mut() {
+            a.certificate = None;
+            a.asked_ms = None;
+        }
+    }
+
     /// Attaches `w` (again: nothing changes, its certificate is kept).
     pub fn attach(&mut self, w: WorkloadRef) {
         self.attached.entry(w).or_default();
@@ -102,6 +131,9 @@ impl Attachments {
             .iter_mut()
             .filter(|(_, a)| {
                 let (wait, wanted) = match &a.certificate {
+                    // Refused: the issuer is asked again, slowly, until the workload is
+                    // detached (it may be registered in a moment).
+                    None if a.refused.is_some() => (RENEW_RETRY_MS, true),
                     None => (FIRST_RETRY_MS, true),
                     Some(c) => {
                         let b = &c.body;

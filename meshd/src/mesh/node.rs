@@ -68,6 +68,8 @@ pub struct Saved {
     pub revocations: Vec<RevocationList>,
     pub floors: Vec<Floor>,
     pub policy: Option<Vec<u8>>,
+    /// The workloads attached, with the certificate held for each.
+    pub attached: Vec<(WorkloadRef, Option<Certificate>)>,
 }
 
 /// What happens to a node.
@@ -131,6 +133,8 @@ pub enum Stored {
     Floors(Vec<Floor>),
     /// The encoded signed policy set in force.
     Policy(Vec<u8>),
+    /// The workloads attached, with the certificate held for each.
+    Attached(Vec<(WorkloadRef, Option<Certificate>)>),
 }
 
 /// What the shell must do, in order.
@@ -229,6 +233,11 @@ pub struct Node {
     /// The workloads this node runs, and their certificates from the issuer.
     attached: Attachments,
     has_issuer: bool,
+    /// What was last saved of them, and the certificates last announced (none yet: the first
+    /// announcement, at start, always goes out) with what was refused of them.
+    attached_saved: Vec<(WorkloadRef, Option<Certificate>)>,
+    announced: Option<Vec<Certificate>>,
+    announce_refused: Vec<(String, String)>,
 }
 
 impl Node {
@@ -299,9 +308,20 @@ impl Node {
             refused: BTreeMap::new(),
             attached: Attachments::default(),
             has_issuer,
+            attached_saved: Vec::new(),
+            announced: None,
+            announce_refused: Vec::new(),
         };
         let mut out = Vec::new();
-        node.settle(now_ms, rng, Vec::new(), &mut out);
+        // The workloads attached before a restart, and at once the list of those whose
+        // certificates are still good: it replaces what members held of this node's before (an
+        // empty list withdraws workloads detached while it was down).
+        for (w, c) in saved.attached {
+            node.attached.restore(w, c);
+        }
+        let mut outs = Vec::new();
+        node.announce_attached(now_ms, rng, &mut outs, &mut out);
+        node.settle(now_ms, rng, outs, &mut out);
         (node, out)
     }
 
@@ -374,8 +394,9 @@ impl Node {
         }
     }
 
-    /// Announces the certificates of the attached workloads (in place of those before);
-    /// returns the refusals by identity.
+    /// Saves the attached workloads and, if their certificates changed since the last
+    /// announcement (or `force`), announces them in place of those before; returns the refusals
+    /// by identity.
     fn announce_attached(
         &mut self,
         now_ms: u64,
@@ -383,6 +404,16 @@ impl Node {
         outs: &mut Vec<Out>,
         out: &mut Vec<Action>,
     ) -> Vec<(String, String)> {
+        let saved = self.attached.saved();
+        if saved != self.attached_saved {
+            out.push(Action::Store(Stored::Attached(saved.clone())));
+            self.attached_saved = saved;
+        }
+        let certificates = self.attached.certificates();
+        if self.announced.as_ref() == Some(&certificates) {
+            return self.announce_refused.clone();
+        }
+        self.announced = Some(certificates);
         let (more, refused) =
             self.membership
                 .set_workloads(self.attached.certificates(), now_ms, rng);
@@ -399,6 +430,7 @@ impl Node {
             held: self.own_workloads().to_vec(),
             refused: refused.clone(),
         });
+        self.announce_refused = refused.clone();
         refused
     }
 
@@ -686,6 +718,7 @@ impl Node {
                 }
                 self.attached.attach(w);
                 let mut outs = Vec::new();
+                self.announce_attached(now_ms, rng, &mut outs, &mut out);
                 self.ask_issuer(now_ms, rng, &mut outs);
                 outs
             }
@@ -707,8 +740,17 @@ impl Node {
             } => {
                 self.policy_changed = true;
                 self.rederive = true;
-                self.membership
-                    .renew(secret, certificate, bundle, now_ms, rng)
+                let rekeyed = certificate.body.public_key != self.certificate().body.public_key;
+                let mut outs = self
+                    .membership
+                    .renew(secret, certificate, bundle, now_ms, rng);
+                if rekeyed {
+                    // The workloads' certificates name the old key: asked for again at once.
+                    self.attached.rekey();
+                    self.announce_attached(now_ms, rng, &mut outs, &mut out);
+                    self.ask_issuer(now_ms, rng, &mut outs);
+                }
+                outs
             }
         };
         self.settle(now_ms, rng, outs, &mut out);

@@ -412,6 +412,7 @@ impl Sim {
                     Stored::Revocations(r) => host.saved.revocations = r,
                     Stored::Floors(f) => host.saved.floors = f,
                     Stored::Policy(p) => host.saved.policy = Some(p),
+                    Stored::Attached(a) => host.saved.attached = a,
                 },
             }
         }

@@ -26,6 +26,17 @@ const MEMBERS: &str = "members.json";
 const REVOCATIONS: &str = "revocations.json";
 const FLOORS: &str = "replay.json";
 const POLICY: &str = "policy.set";
+const ATTACHED: &str = "workloads.json";
+
+/// An attached workload as saved: its reference and the certificate held (base64).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AttachedEntry {
+    namespace: String,
+    name: String,
+    uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certificate: Option<String>,
+}
 
 /// Creates `dir` (mode 0700) if needed, and takes group and other access away from an existing one.
 pub fn prepare(dir: &Path) -> anyhow::Result<()> {
@@ -83,6 +94,18 @@ pub fn save(dir: &Path, stored: &Stored) -> anyhow::Result<()> {
         }
         Stored::Floors(floors) => write_private(dir, FLOORS, &serde_json::to_vec(floors)?),
         Stored::Policy(encoded) => write_private(dir, POLICY, encoded),
+        Stored::Attached(list) => {
+            let entries: Vec<AttachedEntry> = list
+                .iter()
+                .map(|(w, c)| AttachedEntry {
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                    uid: w.uid.clone(),
+                    certificate: c.as_ref().map(|c| STANDARD.encode(c.encode())),
+                })
+                .collect();
+            write_private(dir, ATTACHED, &serde_json::to_vec_pretty(&entries)?)
+        }
     }
 }
 
@@ -119,11 +142,27 @@ pub fn load(dir: &Path) -> Saved {
         .collect();
     let floors: Vec<Floor> = read_json(dir, FLOORS);
     let policy = std::fs::read(dir.join(POLICY)).ok();
+    let entries: Vec<AttachedEntry> = read_json(dir, ATTACHED);
+    let attached = entries
+        .into_iter()
+        .map(|e| {
+            let certificate = e
+                .certificate
+                .and_then(|t| Certificate::decode(&STANDARD.decode(t).ok()?).ok());
+            let w = proto::workload::WorkloadRef {
+                namespace: e.namespace,
+                name: e.name,
+                uid: e.uid,
+            };
+            (w, certificate)
+        })
+        .collect();
     Saved {
         members,
         revocations,
         floors,
         policy,
+        attached,
     }
 }
 

@@ -276,3 +276,40 @@ fn a_workload_certificate_is_never_a_member_and_a_node_certificate_never_a_workl
         "{refused:?}"
     );
 }
+
+fn reference(name: &str) -> proto::workload::WorkloadRef {
+    proto::workload::WorkloadRef {
+        namespace: "microblog".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    }
+}
+
+#[test]
+fn a_restarted_node_announces_its_saved_workloads_and_withdraws_those_detached_while_down() {
+    let mut sim = formed(2, 9);
+    let web = pod(&sim, 0, "web", "100.64.200.1/32", 100, 0);
+    let api = pod(&sim, 0, "api", "100.64.200.2/32", 101, 0);
+    set(&mut sim, 0, vec![web.clone(), api.clone()]);
+    sim.run(500);
+    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    // Down; while it is down, api is detached (its saved attachments keep web only).
+    sim.kill(0);
+    sim.nodes[0].host.saved.attached = vec![(reference("web"), Some(web.clone()))];
+    sim.run(1_000);
+    assert_eq!(allowed(&sim, 1, 0).len(), 3, "node 1 still holds both");
+    sim.start(0);
+    let back = |sim: &Sim| allowed(sim, 1, 0) == [overlay(0), addr("100.64.200.1/32")];
+    assert!(
+        sim.run_until(5_000, back).is_some(),
+        "{:?}",
+        allowed(&sim, 1, 0)
+    );
+    assert_eq!(sim.nodes[0].host.own_workloads, [web]);
+    // Down again with nothing attached: everything is withdrawn at start.
+    sim.kill(0);
+    sim.nodes[0].host.saved.attached = Vec::new();
+    sim.start(0);
+    let gone = |sim: &Sim| allowed(sim, 1, 0) == [overlay(0)];
+    assert!(sim.run_until(5_000, gone).is_some());
+}

@@ -28,9 +28,13 @@ fn a_request_opens_once_and_its_replay_is_refused() {
         &request(7),
     )
     .unwrap();
-    let (sender, msg) = r.open(0, from, &d[0]).unwrap().unwrap();
-    assert_eq!(sender, public(&secret(2)));
-    assert_eq!(msg, Message::WorkloadsTaken { version: 7 });
+    let opened = r.open(0, from, &d[0]).unwrap().unwrap();
+    assert_eq!(opened.sender, public(&secret(2)));
+    assert_eq!(opened.msg, Message::WorkloadsTaken { version: 7 });
+    // Until the sender is confirmed as a node, its counters are not kept.
+    assert!(r.open(1, from, &d[0]).unwrap().is_some());
+    assert!(r.confirm(&opened));
+    assert!(!r.confirm(&opened));
     assert_eq!(r.open(1, from, &d[0]).unwrap_err(), "replayed");
     // A later one opens.
     let later = control::seal_message(
