@@ -196,6 +196,78 @@ struct Packet {
     bytes: Vec<u8>,
 }
 
+/// The workload issuer (`meshctl ca serve`) on the simulated underlay: the same sealed side and
+/// decision, its view of workloads a map the test changes, signing with the simulation's workload
+/// CA. While `down`, it answers nothing.
+pub struct SimIssuer {
+    pub addr: SocketAddr,
+    pub public: [u8; 32],
+    responder: proto::issuer::Responder,
+    trust: proto::trust::Trust,
+    node_ca: [u8; 32],
+    pub view: BTreeMap<(String, String), proto::workload::Workload>,
+    pub lifetime_secs: u64,
+    pub down: bool,
+    pub issued: u64,
+    serial: u64,
+}
+
+impl SimIssuer {
+    fn on_datagram(
+        &mut self,
+        now_ms: u64,
+        from: SocketAddr,
+        bytes: &[u8],
+        pods_ca: &Ca,
+        rng: &mut SimRng,
+    ) -> Vec<Vec<u8>> {
+        if self.down {
+            return Vec::new();
+        }
+        let Ok(Some(opened)) = self.responder.open(now_ms, from, bytes) else {
+            return Vec::new();
+        };
+        let proto::control::Message::IssueRequest {
+            nonce,
+            certificate,
+            workloads,
+        } = &opened.msg
+        else {
+            return Vec::new();
+        };
+        let issuance = proto::workload::Issuance {
+            trust_domain: "example.org".into(),
+            node_issuers: vec![self.node_ca],
+            now: now_ms / 1000,
+            lifetime_secs: self.lifetime_secs,
+        };
+        let key = pods_ca.key.verifying_key().to_bytes();
+        let results = proto::workload::answer(
+            &opened.sender,
+            certificate,
+            workloads,
+            &self.trust,
+            None,
+            &self.view,
+            &issuance,
+            |g| {
+                self.serial += 1;
+                self.issued += 1;
+                g.body(self.serial, key)
+                    .sign(&pods_ca.key)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .unwrap_or_else(|why| workloads.iter().map(|_| Err(why.clone())).collect());
+        self.responder.confirm(&opened);
+        let answer = proto::control::Message::IssueAnswer {
+            nonce: *nonce,
+            results,
+        };
+        self.responder.seal(&opened.sender, &answer, now_ms, rng)
+    }
+}
+
 /// A datagram as the underlay saw it.
 #[derive(Debug, Clone)]
 pub struct Captured {
@@ -211,6 +283,8 @@ pub struct Sim {
     pub ca: Ca,
     /// The workload issuer's CA: in every node's bundle, as `trust.workload_cas`.
     pub pods_ca: Ca,
+    /// The workload issuer on the underlay, when a test starts one ([`Sim::with_issuer`]).
+    pub issuer: Option<SimIssuer>,
     pub admin: SigningKey,
     /// Percent of datagrams lost, duplicated; the largest extra delay (reordering).
     pub loss_pct: u64,
@@ -281,6 +355,7 @@ impl Sim {
             rng: SimRng::new(seed),
             ca,
             pods_ca,
+            issuer: None,
             admin,
             loss_pct: 0,
             dup_pct: 0,
@@ -314,7 +389,7 @@ impl Sim {
             seeds: n.seeds.clone(),
             gateway_routes: n.gateway_routes.clone(),
             relays: n.relays.clone(),
-            issuer: None,
+            issuer: self.issuer.as_ref().map(|i| (i.public, i.addr)),
             workload_cas: vec![self.pods_ca.key.verifying_key().to_bytes()],
         }
     }
@@ -465,6 +540,17 @@ impl Sim {
     }
 
     fn deliver(&mut self, p: Packet) {
+        if self.issuer.as_ref().is_some_and(|i| i.addr == p.to) {
+            self.delivered += 1;
+            let now = self.now_ms;
+            let issuer = self.issuer.as_mut().expect("checked");
+            let from = issuer.addr;
+            let answers = issuer.on_datagram(now, p.from, &p.bytes, &self.pods_ca, &mut self.rng);
+            for d in answers {
+                self.send(from, p.from, d);
+            }
+            return;
+        }
         let Some(dst) = self.index_of(p.to) else {
             return;
         };
@@ -589,6 +675,48 @@ impl Sim {
             self.run(TICK_MS);
         }
         None
+    }
+
+    /// Starts a workload issuer at 198.18.255.254:7100 that nodes started from now on ask; its
+    /// certificates live `lifetime_secs`.
+    pub fn with_issuer(&mut self, lifetime_secs: u64) {
+        let secret = StaticSecret::from([0x15; 32]);
+        let public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
+        let (trust, _) = proto::trust::Trust::new("example.org", vec![self.ca.cert.clone()]);
+        self.issuer = Some(SimIssuer {
+            addr: "198.18.255.254:7100".parse().expect("literal"),
+            public,
+            responder: proto::issuer::Responder::new(secret),
+            trust,
+            node_ca: self.ca.key.verifying_key().to_bytes(),
+            view: BTreeMap::new(),
+            lifetime_secs,
+            down: false,
+            issued: 0,
+            serial: 0,
+        });
+    }
+
+    /// Places workload `name` (service account `name`) at `addr` on node `on` in the issuer's
+    /// view, with the UID `uid-NAME`.
+    pub fn schedule(&mut self, name: &str, on: usize, addr: &str) {
+        let w = proto::workload::Workload {
+            reference: proto::workload::WorkloadRef {
+                namespace: "microblog".into(),
+                name: name.into(),
+                uid: format!("uid-{name}"),
+            },
+            service_account: name.into(),
+            labels: [("app".to_string(), name.to_string())].into(),
+            addrs: vec![addr.parse().expect("an address")],
+            ports: Vec::new(),
+            node: proto::workload::NodeName {
+                namespace: "prod".into(),
+                name: format!("node{on}"),
+            },
+        };
+        let issuer = self.issuer.as_mut().expect("an issuer");
+        issuer.view.insert(("microblog".into(), name.into()), w);
     }
 
     /// True if every running node has every other running node installed.

@@ -313,3 +313,123 @@ fn a_restarted_node_announces_its_saved_workloads_and_withdraws_those_detached_w
     let gone = |sim: &Sim| allowed(sim, 1, 0) == [overlay(0)];
     assert!(sim.run_until(5_000, gone).is_some());
 }
+
+/// A formed mesh of `n` nodes that ask the simulated issuer (certificates of `lifetime` s).
+fn with_issuer(n: usize, seed: u64, lifetime: u64) -> Sim {
+    let mut sim = Sim::new(n, seed);
+    sim.with_issuer(lifetime);
+    sim.start_all();
+    assert!(
+        sim.run_until(10_000, Sim::full_mesh).is_some(),
+        "the mesh formed"
+    );
+    sim
+}
+
+/// The certificate node `i` holds in force for workload `name`.
+fn in_force(sim: &Sim, i: usize, of: usize, name: &str) -> Option<Certificate> {
+    let key = sim.nodes[of].public();
+    let list = if i == of {
+        sim.nodes[i].host.own_workloads.clone()
+    } else {
+        sim.nodes[i].node().workloads_of(&key).to_vec()
+    };
+    list.into_iter().find(|c| c.body.name == name)
+}
+
+#[test]
+fn an_attached_workload_gets_its_identity_from_the_issuer_only_on_the_node_that_runs_it() {
+    let mut sim = with_issuer(3, 10, 3600);
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.schedule("api", 1, "100.64.200.2/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    sim.handle(0, Event::Attach(reference("api"))).unwrap();
+    sim.run(1_000);
+    let outcomes = &sim.nodes[0].host.attached;
+    let web = outcomes.iter().find(|(w, _)| w.name == "web").unwrap();
+    assert_eq!(
+        web.1.as_ref().unwrap().body.identity(),
+        "example.org/microblog/web"
+    );
+    let api = outcomes.iter().find(|(w, _)| w.name == "api").unwrap();
+    assert!(
+        api.1
+            .as_ref()
+            .unwrap_err()
+            .contains("does not run on node prod/node0"),
+        "{api:?}"
+    );
+    for i in 1..3 {
+        assert_eq!(
+            allowed(&sim, i, 0),
+            [overlay(0), addr("100.64.200.1/32")],
+            "node {i}"
+        );
+    }
+    // Without an issuer in the configuration, attaching is refused at once.
+    let mut plain = formed(2, 11);
+    assert!(matches!(
+        plain.handle(0, Event::Attach(reference("web"))),
+        Err(super::Refusal::NoIssuer)
+    ));
+}
+
+#[test]
+fn a_workload_keeps_its_identity_through_a_10_minute_issuer_outage_and_is_renewed_after_it() {
+    // Certificates of 20 minutes, renewed from 10 minutes on; the issuer is down from minute 9
+    // to minute 19.
+    let mut sim = with_issuer(2, 12, 1200);
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    sim.run(1_000);
+    let first = in_force(&sim, 1, 0, "web").expect("in force on node 1");
+    sim.run(8 * 60_000);
+    sim.issuer.as_mut().unwrap().down = true;
+    for _ in 0..60 {
+        sim.run(10_000);
+        assert_eq!(
+            in_force(&sim, 1, 0, "web"),
+            Some(first.clone()),
+            "kept at {} s",
+            sim.now_ms / 1000
+        );
+    }
+    sim.issuer.as_mut().unwrap().down = false;
+    sim.run(15_000);
+    let renewed = in_force(&sim, 1, 0, "web").expect("still in force");
+    assert!(
+        renewed.body.not_before > first.body.not_before,
+        "renewed after the outage"
+    );
+    // Past the first certificate's end, the renewed one holds.
+    sim.run(2 * 60_000);
+    assert!(sim.now_ms / 1000 > first.body.not_after);
+    assert!(in_force(&sim, 1, 0, "web").is_some());
+    assert!(allowed(&sim, 1, 0).contains(&addr("100.64.200.1/32")));
+}
+
+#[test]
+fn a_workload_gone_from_the_issuer_s_view_loses_its_identity_at_its_renewal_and_one_that_outlives_an_outage_lapses(
+) {
+    let mut sim = with_issuer(2, 13, 120);
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.schedule("api", 0, "100.64.200.2/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    sim.handle(0, Event::Attach(reference("api"))).unwrap();
+    sim.run(1_000);
+    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    // web is deleted: refused at half-life, withdrawn.
+    sim.issuer
+        .as_mut()
+        .unwrap()
+        .view
+        .remove(&("microblog".into(), "web".into()));
+    let gone = |sim: &Sim| !allowed(sim, 1, 0).contains(&addr("100.64.200.1/32"));
+    let t = sim.run_until(70_000, gone).expect("withdrawn at renewal");
+    assert!(t >= 55_000, "not before half-life: {t} ms");
+    // The issuer goes down for longer than api's certificate lives: it lapses everywhere.
+    sim.issuer.as_mut().unwrap().down = true;
+    let lapsed = |sim: &Sim| !allowed(sim, 1, 0).contains(&addr("100.64.200.2/32"));
+    assert!(sim.run_until(130_000, lapsed).is_some());
+    assert!(sim.nodes[0].host.own_workloads.is_empty());
+}
