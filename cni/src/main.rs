@@ -21,6 +21,9 @@ use std::process::Command;
 /// The neighbour the pod's routes point at: answered for by the host side of its veth.
 const GATEWAY_V4: &str = "169.254.1.1";
 const GATEWAY_V6: &str = "fe80::1";
+/// The routing table (and rule priority) that sends traffic from pods to pods of this node
+/// through the mesh interface.
+const LOCAL_TABLE: u32 = 5182;
 
 fn main() {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
@@ -110,7 +113,7 @@ fn run(command: &str, conf: &NetConf) -> Result<Option<serde_json::Value>, CniEr
 fn add(conf: &NetConf, e: &Env, host: &str) -> Result<serde_json::Value, CniError> {
     // First the identity: nothing is made for a pod the mesh will not certify.
     let (identity, addrs) = attach(conf, &e.pod)?;
-    if let Err(err) = plumb(e, host, &addrs) {
+    if let Err(err) = plumb(e, host, &conf.mesh_interface, &addrs) {
         // Leave nothing behind: no veth, no rules, no identity.
         unplumb(host);
         let _ = detach(conf, &e.pod);
@@ -323,7 +326,7 @@ fn nft(script: &str) -> Result<(), CniError> {
 
 /// The pod's network: the anti-spoofing rules first (so its first packet already meets them),
 /// then the veth, addresses, neighbours and routes.
-fn plumb(e: &Env, host: &str, addrs: &[proto::Cidr]) -> Result<(), CniError> {
+fn plumb(e: &Env, host: &str, mesh: &str, addrs: &[proto::Cidr]) -> Result<(), CniError> {
     let _lock = Lock::take()?;
     let new_table = !sh(&["nft", "list", "table", "inet", spec::TABLE]).0;
     nft(&spec::nft_install(host, addrs, new_table))?;
@@ -400,11 +403,42 @@ fn plumb(e: &Env, host: &str, addrs: &[proto::Cidr]) -> Result<(), CniError> {
     for a in addrs {
         must(&["ip", "route", "replace", &a.to_string(), "dev", host])?;
     }
+    // Traffic between pods of this node crosses the mesh interface too, so that both pods'
+    // policies decide it: from any pod, this pod's addresses are routed to meshd (table
+    // LOCAL_TABLE, asked first for packets that come in on a pod's veth); meshd writes what
+    // passes back, and from the mesh interface the main table delivers it here.
+    let table = LOCAL_TABLE.to_string();
+    for a in addrs {
+        must(&[
+            "ip",
+            "route",
+            "replace",
+            &a.to_string(),
+            "dev",
+            mesh,
+            "table",
+            &table,
+        ])?;
+    }
+    for family in ["-4", "-6"] {
+        must(&[
+            "ip", family, "rule", "add", "iif", host, "lookup", &table, "priority", &table,
+        ])?;
+    }
     Ok(())
 }
 
 /// Removes what [`plumb`] made; what is already gone is no error.
 fn unplumb(host: &str) {
+    let table = LOCAL_TABLE.to_string();
+    // The pod's addresses, from its host routes, for their routes to meshd.
+    for family in ["-4", "-6"] {
+        let (_, routes) = sh(&["ip", family, "-o", "route", "show", "dev", host]);
+        for dst in routes.lines().filter_map(|l| l.split_whitespace().next()) {
+            let _ = sh(&["ip", family, "route", "del", dst, "table", &table]);
+        }
+        let _ = sh(&["ip", family, "rule", "del", "iif", host, "lookup", &table]);
+    }
     // Deleting the host side deletes the pair, and the routes through it.
     let _ = sh(&["ip", "link", "del", "dev", host]);
     if let Ok(_lock) = Lock::take() {

@@ -16,6 +16,8 @@ struct WorkloadLab {
     pki: Pki,
     /// Each node's namespace and interface.
     nodes: Vec<(String, String)>,
+    /// The policy admin's key.
+    admin: PathBuf,
 }
 
 fn meshctl(args: &[&str]) -> Output {
@@ -42,6 +44,15 @@ impl WorkloadLab {
             ],
         );
         let key = wait_for_issuer_key(&lab);
+        let admin = lab.dir.join("policy-admin.key");
+        run(Command::new(bin("meshctl"))
+            .args(["policy", "admin-key", "--out"])
+            .arg(&admin));
+        let policy = MeshPolicy {
+            posture: "calico",
+            audit: false,
+            admins: vec![PathBuf::from(format!("{}.pub", admin.display()))],
+        };
         let mut nodes = Vec::new();
         for (i, name) in ["node-a", "node-b"].iter().enumerate() {
             let i = i + 1;
@@ -54,7 +65,15 @@ impl WorkloadLab {
             } else {
                 vec!["198.18.3.1:51820"]
             };
-            let cfg = mesh_config(&lab, &ifname, &cert, &key_file, &[pki.ca_cert()], &seeds);
+            let cfg = mesh_config_with(
+                &lab,
+                &ifname,
+                &cert,
+                &key_file,
+                &[pki.ca_cert()],
+                &seeds,
+                &policy,
+            );
             let mut text = std::fs::read_to_string(&cfg).unwrap().replace(
                 "policy_admins = [",
                 &format!(
@@ -69,7 +88,12 @@ impl WorkloadLab {
             lab.meshd_config(&ns, &ifname, &cfg);
             nodes.push((ns, ifname));
         }
-        let wl = WorkloadLab { lab, pki, nodes };
+        let wl = WorkloadLab {
+            lab,
+            pki,
+            nodes,
+            admin,
+        };
         wait_for("both nodes to meet", Duration::from_secs(30), || {
             wl.nodes.iter().all(|(_, ifc)| {
                 wl.lab.status(ifc)["peers"]
@@ -78,6 +102,31 @@ impl WorkloadLab {
             })
         });
         wl
+    }
+
+    /// Applies the policy files `files` on node 1 and waits until both nodes run the set.
+    fn apply(&self, files: &[PathBuf]) {
+        let mut args = vec!["policy".to_string(), "apply".into()];
+        for f in files {
+            args.extend(["-f".into(), f.display().to_string()]);
+        }
+        args.extend([
+            "--key".into(),
+            self.admin.display().to_string(),
+            "-i".into(),
+            self.nodes[0].1.clone(),
+        ]);
+        let out = Command::new(bin("meshctl")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        wait_for(
+            "both nodes to run the policy set",
+            Duration::from_secs(10),
+            || {
+                self.nodes
+                    .iter()
+                    .all(|(_, ifc)| self.lab.status(ifc)["policy"]["serial"].as_u64() > Some(0))
+            },
+        );
     }
 
     fn ca(&self) -> String {
@@ -505,4 +554,56 @@ fn cni_add_fails_closed_and_leaves_nothing_when_meshd_is_down_or_refuses() {
         !String::from_utf8_lossy(&rules.stdout).contains("pod-msh"),
         "no rules left"
     );
+}
+
+#[test]
+fn traffic_between_pods_of_one_node_is_decided_by_both_pods_policies() {
+    if !can_run() {
+        return;
+    }
+    let mut wl = WorkloadLab::new();
+    wl.register("post-1", "u1", "post", "nodes/node-a", "100.64.4.1/32");
+    wl.register("web-1", "u3", "web", "nodes/node-a", "100.64.4.3/32");
+    wl.register("api-1", "u2", "api", "nodes/node-b", "100.64.4.2/32");
+    let (post, web, api) = (wl.lab.host("po"), wl.lab.host("we"), wl.lab.host("ap"));
+    let (ifa, ifb) = (wl.nodes[0].1.clone(), wl.nodes[1].1.clone());
+    assert!(cni(&wl, 1, "ADD", "c-post", &post, "post-1", "u1", &ifa).0);
+    assert!(cni(&wl, 1, "ADD", "c-web", &web, "web-1", "u3", &ifa).0);
+    assert!(cni(&wl, 2, "ADD", "c-api", &api, "api-1", "u2", &ifb).0);
+    // Before any policy (Calico's posture: unselected endpoints pass), web reaches post through
+    // meshd on its own node.
+    let to_post: std::net::SocketAddr = "100.64.4.1:8080".parse().unwrap();
+    tcp_accept_all(&post, to_post);
+    assert!(
+        tcp_connects(&web, to_post, Duration::from_secs(5)),
+        "same node, no policy"
+    );
+    let st = wl.lab.status(&ifa);
+    assert!(
+        st["policy"]["allowed_flows"].as_u64() >= Some(1),
+        "decided by meshd: {st}"
+    );
+    // The guide's namespace and post allow-list, unchanged: only api and search may reach post.
+    let ex = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/microblog");
+    wl.apply(&[ex.join("namespace.yaml"), ex.join("post-allow-list.yaml")]);
+    assert!(
+        tcp_connects(&api, to_post, Duration::from_secs(5)),
+        "api from the other node"
+    );
+    assert!(
+        !tcp_connects(&web, to_post, Duration::from_secs(2)),
+        "web on post's own node"
+    );
+    let denied = flow_records(&ifa, true);
+    assert!(
+        denied
+            .iter()
+            .any(|r| r["src"]["name"] == "web" && r["dst"]["name"] == "post"),
+        "the denial names both pods: {denied:?}"
+    );
+    // post's egress is not restricted (the allow-list is for ingress): post reaches web, on the
+    // same node, through meshd.
+    let to_web: std::net::SocketAddr = "100.64.4.3:9000".parse().unwrap();
+    tcp_accept_all(&web, to_web);
+    assert!(tcp_connects(&post, to_web, Duration::from_secs(5)));
 }

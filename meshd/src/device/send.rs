@@ -12,6 +12,10 @@
 //! 5. The run's datagrams are sent: equal-sized ones in one `sendmsg` (UDP GSO), and the
 //!    counters are added once per run.
 //!
+//! A segment from one of this node's workloads to another (pods of one node, whose traffic the
+//! CNI plugin steers through the mesh interface) has no peer: it is checked against both ends'
+//! policies and written back to the TUN device.
+//!
 //! Locking: the snapshot is lock-free; a peer's lock is held only while its run is encrypted,
 //! never while sending. Policy takes its connection-table shard per segment.
 
@@ -137,7 +141,18 @@ impl Sender {
                 continue;
             };
             let Some(peer) = snap.routes.lookup(addrs.dst) else {
-                dev.drops.count(Drop::NoRoute);
+                // Between two workloads of this node: both ends' policies, then back to the
+                // kernel, which delivers it to the receiver's veth.
+                match policy {
+                    Some(p) if p.is_local_workload(addrs.dst) => {
+                        if p.between(packet, &dev.drops)
+                            && super::receive::write_packet(dev, packet).is_err()
+                        {
+                            dev.drops.count(Drop::TunWrite);
+                        }
+                    }
+                    _ => dev.drops.count(Drop::NoRoute),
+                }
                 continue;
             };
             // Egress policy of this node's identity, before anything is encrypted.

@@ -296,6 +296,35 @@ impl Rules {
     /// whose identity is `remote` (see [`Rules::ends`]); `None` if it is not this node's to pass.
     pub fn decide(&self, at: Direction, flow: &FlowKey, remote: u32) -> Option<Decision> {
         let (direction, src, dst) = self.ends(at, flow, remote)?;
+        Some(self.decide_ends(direction, flow, src, dst))
+    }
+
+    /// Whether `ip` is the address of one of this node's workloads (not of the node itself).
+    pub fn is_local_workload(&self, ip: std::net::IpAddr) -> bool {
+        self.owners
+            .lookup(ip)
+            .is_some_and(|&id| id != LOCAL && self.is_local(id))
+    }
+
+    /// The verdicts on the first packet of `flow` between two workloads of this node: the
+    /// sender's egress and the receiver's ingress, both of which must pass it. `None` if either
+    /// end is not a workload of this node.
+    pub fn decide_between(&self, flow: &FlowKey) -> Option<(Decision, Decision)> {
+        let (src, dst) = (
+            *self.owners.lookup(flow.src)?,
+            *self.owners.lookup(flow.dst)?,
+        );
+        if !(self.is_local_workload(flow.src) && self.is_local_workload(flow.dst)) {
+            return None;
+        }
+        Some((
+            self.decide_ends(Direction::Egress, flow, src, dst),
+            self.decide_ends(Direction::Ingress, flow, src, dst),
+        ))
+    }
+
+    /// The verdict of `direction`'s policy on the first packet of `flow` from `src` to `dst`.
+    fn decide_ends(&self, direction: Direction, flow: &FlowKey, src: u32, dst: u32) -> Decision {
         let pflow = policy_flow(flow);
         let (s, d) = ((src, Some(flow.src)), (dst, Some(flow.dst)));
         let mut verdict = self.compiled.decide(direction, &pflow, s.0, s.1, d.0, d.1);
@@ -309,13 +338,13 @@ impl Rules {
                     }
                     None => false,
                 });
-        Some(Decision {
+        Decision {
             verdict,
             audited,
             direction,
             src,
             dst,
-        })
+        }
     }
 }
 
@@ -446,6 +475,77 @@ impl Enforcer {
             self.fragments(&flow)
                 .lock()
                 .first_passed_metered(&flow, now, meter);
+        }
+        pass
+    }
+
+    /// Whether `ip` is the address of one of this node's workloads, under the rules in force.
+    pub fn is_local_workload(&self, ip: std::net::IpAddr) -> bool {
+        self.rules.load().is_local_workload(ip)
+    }
+
+    /// Whether `packet`, read from the TUN device from one of this node's workloads to another
+    /// (traffic between two pods of one node, steered through the mesh interface), may be
+    /// written back to it: the sender's egress and the receiver's ingress policy must both pass
+    /// its flow. Tracked flows pass on the connection table; rate limits do not apply here.
+    pub fn between(&self, packet: &[u8], drops: &DropCounters) -> bool {
+        let Some(flow) = FlowKey::parse(packet) else {
+            drops.count(Drop::PolicyMalformed);
+            return false;
+        };
+        let now = self.now_ms();
+        if flow.later_fragment {
+            return match self.fragments(&flow).lock().later(&flow, now) {
+                Some(_) => true,
+                None => {
+                    drops.count(Drop::PolicyFragment);
+                    false
+                }
+            };
+        }
+        let mut table = self.shard(&flow).lock();
+        if let Tracked::Known { .. } = table.track(&flow, packet.len(), now) {
+            return true;
+        }
+        let rules = self.rules.load();
+        let Some((out, inn)) = rules.decide_between(&flow) else {
+            drop(table);
+            drops.count(Drop::PolicyNotHere);
+            return false;
+        };
+        let passes = |d: &Decision| d.verdict.allow || d.audited;
+        let pass = passes(&out) && passes(&inn);
+        if pass {
+            table.insert_metered(&flow, packet.len(), now, BETWEEN_TAG, None);
+        }
+        drop(table);
+        // The flow log and counters tell the decision that denied, or the sender's.
+        let d = if passes(&out) && !passes(&inn) {
+            inn
+        } else {
+            out
+        };
+        if pass && out.verdict.allow && inn.verdict.allow {
+            self.counters.allowed_flows.fetch_add(1, Relaxed);
+        } else if pass {
+            self.counters.audited_flows.fetch_add(1, Relaxed);
+        } else {
+            self.counters.denied_packets.fetch_add(1, Relaxed);
+            drops.count(match d.direction {
+                Direction::Egress => Drop::PolicyEgress,
+                Direction::Ingress => Drop::PolicyIngress,
+            });
+        }
+        self.log.send(FlowEvent::New {
+            flow,
+            decision: d,
+            rules: rules.clone(),
+            limited: false,
+        });
+        if pass && flow.fragment_id.is_some() {
+            self.fragments(&flow)
+                .lock()
+                .first_passed_metered(&flow, now, None);
         }
         pass
     }
@@ -810,6 +910,9 @@ fn owners(identities: &[Identity], live: impl Iterator<Item = u32>) -> AllowedIp
 /// The connection table's tag of a flow: the direction its first packet was seen in at this
 /// node (bit 0), and what its far end (the peer's side) was (bits 1-2: a member, outside the
 /// mesh, or a peer without an identity), so that it is decided again as it was first.
+/// The tag of a flow between two workloads of this node (both ends decided; [`Enforcer::between`]).
+const BETWEEN_TAG: u32 = direction_tag(Direction::Egress) | 3 << 1;
+
 fn flow_tag(d: Direction, far: u32) -> u32 {
     let kind = match far {
         EXTERNAL => 1,
@@ -819,7 +922,7 @@ fn flow_tag(d: Direction, far: u32) -> u32 {
     direction_tag(d) | kind << 1
 }
 
-fn direction_tag(d: Direction) -> u32 {
+const fn direction_tag(d: Direction) -> u32 {
     match d {
         Direction::Ingress => 0,
         Direction::Egress => 1,
@@ -832,6 +935,11 @@ fn direction_tag(d: Direction) -> u32 {
 /// data path enforced when the flow started).
 fn still_allowed(rules: &Rules, key: &ConnKey, e: &Entry) -> Option<Decision> {
     let first = key.first_packet(e);
+    if e.tag == BETWEEN_TAG {
+        let (out, inn) = rules.decide_between(&first)?;
+        let passes = |d: &Decision| d.verdict.allow || d.audited;
+        return (passes(&out) && passes(&inn)).then_some(out);
+    }
     let (dir, remote_ip) = if e.tag & 1 == direction_tag(Direction::Egress) {
         (Direction::Egress, first.dst)
     } else {

@@ -865,3 +865,72 @@ fn rules_grown_by_workloads_decide_as_rules_built_from_scratch() {
     assert!(!d.verdict.allow);
     assert_eq!(d.src, EXTERNAL);
 }
+
+const WEB_POD: [u8; 4] = [100, 64, 9, 5];
+
+/// This node runs post and web; `extra` is added to the post allow-list (zero trust: web may
+/// send to post on 8080).
+fn two_local_pods(extra: &str) -> Enforcer {
+    Enforcer::new(two_local_rules(extra), 1024, FlowLog::start(None).unwrap())
+}
+
+fn two_local_rules(extra: &str) -> Rules {
+    let yaml = format!(
+        "{POLICY}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: web-out, namespace: microblog}}
+spec:
+  selector: app == 'web'
+  egress: [{{action: Allow, protocol: TCP, destination: {{ports: [8080]}}}}]
+{extra}"
+    );
+    let docs = policy::model::parse_documents(&yaml, "test").unwrap();
+    let set = PolicySet::compile(&docs, Posture::ZeroTrust)
+        .unwrap()
+        .in_trust_domain("example.org");
+    Rules::build(
+        &set,
+        identity("node-a", "node", ME),
+        [
+            (Holder::Local, identity("post", "post", POST_POD)),
+            (Holder::Local, identity("web", "web", WEB_POD)),
+        ],
+        false,
+        1,
+    )
+}
+
+#[test]
+fn traffic_between_two_workloads_of_this_node_needs_both_ends_policies() {
+    let e = two_local_pods("");
+    let drops = DropCounters::default();
+    assert!(e.is_local_workload(POST_POD.into()) && !e.is_local_workload(ME.into()));
+    // web's egress allows it; post's ingress (its allow-list) does not: dropped as ingress.
+    assert!(!e.between(&tcp(WEB_POD, 40000, POST_POD, 8080, SYN), &drops));
+    assert_eq!(drops.get(Drop::PolicyIngress), 1);
+    // post may send nothing (zero trust, no egress rule): dropped as egress.
+    assert!(!e.between(&tcp(POST_POD, 40001, WEB_POD, 8080, SYN), &drops));
+    assert_eq!(drops.get(Drop::PolicyEgress), 1);
+    // The node itself is no workload: not for this path.
+    assert!(!e.between(&tcp(ME, 40002, POST_POD, 8080, SYN), &drops));
+    assert_eq!(drops.get(Drop::PolicyNotHere), 1);
+    // post's allow-list admits web too: the flow passes, and its replies ride it.
+    let e = two_local_pods(
+        "---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: post-from-web, namespace: microblog}
+spec:
+  selector: app == 'post'
+  ingress: [{action: Allow, protocol: TCP, source: {serviceAccounts: {names: [web]}}, destination: {ports: [8080]}}]
+",
+    );
+    assert!(e.between(&tcp(WEB_POD, 40000, POST_POD, 8080, SYN), &drops));
+    assert!(e.between(&tcp(POST_POD, 8080, WEB_POD, 40000, SYN | ACK), &drops));
+    assert_eq!(e.status().allowed_flows, 1);
+    // A new policy set that drops the allowance cuts the flow.
+    e.install(two_local_rules(""));
+    assert_eq!(e.status().cut_flows, 1);
+    assert!(!e.between(&tcp(WEB_POD, 40000, POST_POD, 8080, ACK), &drops));
+}
