@@ -1,5 +1,5 @@
-# meshd and meshctl in a small runtime image (Debian's slim base, the two binaries, their man
-# pages, and nft for a gateway's masquerade):
+# meshd, meshctl and the CNI plugin meshd-cni in a small runtime image (Debian's slim base, the
+# binaries, their man pages, and nft for a gateway's masquerade):
 #   docker build --build-arg MESH_GIT_COMMIT="$(git rev-parse --short=12 HEAD)" -t meshd:0.1.0 .
 # deploy/kubernetes runs it as a DaemonSet.
 
@@ -13,10 +13,12 @@ COPY policy policy
 COPY keyfile keyfile
 COPY meshd meshd
 COPY meshctl meshctl
+COPY cni cni
 COPY tests tests
 COPY bench bench
-RUN cargo build --release --locked -p meshd -p meshctl \
+RUN cargo build --release --locked -p meshd -p meshctl -p meshd-cni \
  && install -D -m 0755 target/release/meshd /out/usr/local/bin/meshd \
+ && install -D -m 0755 target/release/meshd-cni /out/usr/local/bin/meshd-cni \
  && install -D -m 0755 target/release/meshctl /out/usr/local/bin/meshctl \
  && target/release/meshctl man --out /out/usr/local/share/man/man1 \
  && mkdir -p /out/usr/local/share/man/man8 \

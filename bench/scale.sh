@@ -6,6 +6,15 @@
 #   MESH_SIM_NODES=200 bash bench/scale.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export MESH_SIM_NODES="${MESH_SIM_NODES:-1000}"
-cargo test --release -p meshd -- --ignored --nocapture --exact mesh::scale::scale 2>&1 \
+# `bash bench/scale.sh churn`: workload identities instead, N nodes (default 100) with
+# MESH_SIM_PODS pods each (default 100), attached, then a tenth of them replaced.
+case "${1:-scale}" in
+  churn)
+    export MESH_SIM_NODES="${MESH_SIM_NODES:-100}"
+    test=mesh::scale::churn ;;
+  *)
+    export MESH_SIM_NODES="${MESH_SIM_NODES:-1000}"
+    test=mesh::scale::scale ;;
+esac
+cargo test --release -p meshd -- --ignored --nocapture --exact "$test" 2>&1 \
   | grep -E '^N=|^t=|test result|panicked'

@@ -5,6 +5,8 @@
 //!
 //! Namespaces are `mlab-*` (`--prefix`), the underlay is 198.18.3.0/24 on a bridge, the overlay 100.64.3.0/24.
 
+mod nodes;
+
 use crate::Failure;
 use anyhow::{anyhow, bail, Context};
 use proto::admin::{FlowRecord, Request, Response};
@@ -149,6 +151,9 @@ struct Manifest {
     /// Each daemon's pid and its configuration file (a pid reused by another process since is
     /// not signalled).
     daemons: Vec<(u32, PathBuf)>,
+    /// A lab of nodes running pods (`--nodes`); 0: one node per service.
+    #[serde(default)]
+    nodes: usize,
 }
 
 const MANIFEST: &str = "lab.json";
@@ -185,7 +190,7 @@ fn add_namespace(dir: &Path, m: &mut Manifest, name: &str) -> anyhow::Result<()>
 
 /// Checks that `dir` may hold a new lab: absent, empty, or a lab this command made that is down
 /// (then emptied); and that no namespace the lab would add exists.
-fn prepare(dir: &Path) -> Result<(), Failure> {
+fn prepare(dir: &Path, ours: &[String]) -> Result<(), Failure> {
     if let Some(m) = Manifest::load(dir) {
         let live = m.live();
         if !live.is_empty() {
@@ -206,9 +211,6 @@ fn prepare(dir: &Path) -> Result<(), Failure> {
         )));
     }
     let all = all_namespaces();
-    let ours: Vec<String> = std::iter::once(format!("{}-sw", prefix()))
-        .chain(SERVICES.iter().map(|(s, _)| ns(s)))
-        .collect();
     if let Some(taken) = ours.iter().find(|n| all.contains(n)) {
         return Err(Failure::input(anyhow!(
             "network namespace {taken} exists and is not this lab's; give another --prefix"
@@ -217,15 +219,27 @@ fn prepare(dir: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn up(example: &str, dir: &Path) -> Result<(), Failure> {
+pub fn up(example: &str, dir: &Path, nodes: Option<usize>) -> Result<(), Failure> {
     if example != "microblog" {
         return Err(Failure::input(anyhow!(
             "no example `{example}` (there is: microblog)"
         )));
     }
-    prepare(dir)?;
+    if let Some(n) = nodes.filter(|n| !(2..=4).contains(n)) {
+        return Err(Failure::input(anyhow!("--nodes {n}: 2 to 4")));
+    }
+    let ours: Vec<String> = match nodes {
+        Some(n) => nodes::namespaces(n),
+        None => std::iter::once(format!("{}-sw", prefix()))
+            .chain(SERVICES.iter().map(|(s, _)| ns(s)))
+            .collect(),
+    };
+    prepare(dir, &ours)?;
     let started = Instant::now();
-    let result = build(dir).and_then(|()| report());
+    let result = match nodes {
+        Some(n) => nodes::build(dir, n).and_then(|()| nodes::report(n)),
+        None => build(dir).and_then(|()| report()),
+    };
     if let Err(e) = result {
         eprintln!("meshctl: the lab failed; removing it");
         let _ = down(dir);
@@ -389,16 +403,20 @@ fn build(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn wait_serial(service: &str, serial: u64) -> anyhow::Result<()> {
+    wait_serial_at(&socket(service), service, serial)
+}
+
+/// Waits (up to 20 s) until the meshd at `socket` (node `what`) runs policy set `serial`.
+fn wait_serial_at(socket: &Path, what: &str, serial: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(Response::Status(s)) = crate::status::request(&socket(service), &Request::Status)
-        {
+        if let Ok(Response::Status(s)) = crate::status::request(socket, &Request::Status) {
             if s.policy.is_some_and(|p| p.serial >= serial) {
                 return Ok(());
             }
         }
         if Instant::now() > deadline {
-            bail!("{service} did not get policy set {serial} within 20 s");
+            bail!("{what} did not get policy set {serial} within 20 s");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -422,42 +440,29 @@ fn in_netns<T: Send + 'static>(
 
 /// Runs traffic for every edge and for the non-edges, and prints what happened and why.
 fn report() -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut servers = Vec::new();
-    for (service, p) in SERVICES {
-        if p == 0 {
-            continue;
-        }
-        let addr: SocketAddr = format!("{}:{p}", overlay(service)).parse()?;
-        let stop = stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        servers.push(in_netns(&ns(service), move || serve(addr, &stop, tx)));
-        rx.recv_timeout(Duration::from_secs(5))
-            .map_err(|_| anyhow!("{service}: the test server did not start"))??;
-    }
+    let servers: Vec<(String, SocketAddr)> = SERVICES
+        .iter()
+        .filter(|(_, p)| *p != 0)
+        .map(|(s, p)| {
+            (
+                ns(s),
+                SocketAddr::new(overlay(s).parse().expect("an address"), *p),
+            )
+        })
+        .collect();
     let flows: Vec<(&str, &str, bool)> = EDGES
         .iter()
         .map(|(a, b)| (*a, *b, true))
         .chain(NOT_EDGES.iter().map(|(a, b)| (*a, *b, false)))
         .collect();
-    let attempts: Vec<_> = flows
+    let attempts: Vec<(String, SocketAddr)> = flows
         .iter()
         .map(|(from, to, _)| {
-            let addr: SocketAddr = format!("{}:{}", overlay(to), port(to))
-                .parse()
-                .expect("addr");
-            in_netns(&ns(from), move || round_trip(addr))
+            let addr = SocketAddr::new(overlay(to).parse().expect("an address"), port(to));
+            (ns(from), addr)
         })
         .collect();
-    let results: Vec<bool> = attempts
-        .into_iter()
-        .map(|h| h.join().ok().and_then(|r| r.ok()).unwrap_or(false))
-        .collect();
-    stop.store(true, Ordering::Relaxed);
-    for s in servers {
-        let _ = s.join();
-    }
-    std::thread::sleep(Duration::from_millis(300)); // let the flow logs catch up
+    let results = run_flows(&servers, &attempts)?;
     println!("\n{:<22} {:<8} {:<9} DECIDED BY", "FLOW", "EDGE", "RESULT");
     let mut wrong = 0;
     for ((from, to, edge), ok) in flows.iter().zip(&results) {
@@ -477,6 +482,41 @@ fn report() -> anyhow::Result<()> {
     }
     println!("\nevery edge of the flow graph is allowed; every other flow is denied");
     Ok(())
+}
+
+/// Starts an echo server at each of `servers` (namespace, address), runs every attempt
+/// (namespace, address) at once, stops the servers and lets the flow logs catch up; whether each
+/// attempt got its answer.
+fn run_flows(
+    servers: &[(String, SocketAddr)],
+    attempts: &[(String, SocketAddr)],
+) -> anyhow::Result<Vec<bool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut running = Vec::new();
+    for (n, addr) in servers {
+        let (stop, addr) = (stop.clone(), *addr);
+        let (tx, rx) = std::sync::mpsc::channel();
+        running.push(in_netns(n, move || serve(addr, &stop, tx)));
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| anyhow!("{n}: the test server did not start"))??;
+    }
+    let threads: Vec<_> = attempts
+        .iter()
+        .map(|(n, addr)| {
+            let addr = *addr;
+            in_netns(n, move || round_trip(addr))
+        })
+        .collect();
+    let results = threads
+        .into_iter()
+        .map(|h| h.join().ok().and_then(|r| r.ok()).unwrap_or(false))
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    for s in running {
+        let _ = s.join();
+    }
+    std::thread::sleep(Duration::from_millis(300)); // let the flow logs catch up
+    Ok(results)
 }
 
 fn serve(addr: SocketAddr, stop: &AtomicBool, ready: std::sync::mpsc::Sender<anyhow::Result<()>>) {
@@ -562,11 +602,15 @@ fn decided_by(from: &str, to: &str) -> String {
 }
 
 pub fn status(dir: &Path) -> Result<(), Failure> {
-    if Manifest::load(dir).is_none_or(|m| m.live().is_empty()) {
+    let Some(made) = Manifest::load(dir).filter(|m| !m.live().is_empty()) else {
         println!("no lab is up in {}", dir.display());
         return Ok(());
-    }
+    };
     println!("lab in {}", dir.display());
+    if made.nodes > 0 {
+        nodes::status(made.nodes);
+        return Ok(());
+    }
     println!(
         "{:<8} {:<14} {:<12} {:>5} {:>7} {:>8} {:>8} {:>8}",
         "SERVICE", "NAMESPACE", "OVERLAY", "PEERS", "POLICY", "ALLOWED", "DENIED", "FLOWS"
@@ -622,8 +666,14 @@ pub fn down(dir: &Path) -> Result<(), Failure> {
             }
         }
     }
-    for (service, _) in SERVICES {
-        let _ = std::fs::remove_file(socket(service));
+    if made.nodes > 0 {
+        for s in nodes::sockets(made.nodes) {
+            let _ = std::fs::remove_file(s);
+        }
+    } else {
+        for (service, _) in SERVICES {
+            let _ = std::fs::remove_file(socket(service));
+        }
     }
     let gone = made.live();
     for n in &gone {
@@ -631,7 +681,7 @@ pub fn down(dir: &Path) -> Result<(), Failure> {
     }
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     println!(
-        "lab down: {stopped} meshd stopped, {} namespace(s) removed",
+        "lab down: {stopped} daemon(s) stopped, {} namespace(s) removed",
         gone.len()
     );
     Ok(())

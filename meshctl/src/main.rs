@@ -198,6 +198,10 @@ enum LabCommand {
         /// The example to build (microblog: Calico's zero-trust guide).
         #[arg(long, default_value = "microblog")]
         example: String,
+        /// Run the services as pods on this many nodes (2 to 4), created through the CNI plugin
+        /// and given their identities by the workload issuer; without it, one node per service.
+        #[arg(long)]
+        nodes: Option<usize>,
     },
     /// Each node of the lab: peers, policy serial, flows.
     Status,
@@ -904,7 +908,7 @@ fn main() -> ExitCode {
             dir,
             prefix,
         } => lab::set_prefix(&prefix).and_then(|()| match command {
-            LabCommand::Up { example } => lab::up(&example, &dir),
+            LabCommand::Up { example, nodes } => lab::up(&example, &dir, nodes),
             LabCommand::Status => lab::status(&dir),
             LabCommand::Down => lab::down(&dir),
         }),

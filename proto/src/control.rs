@@ -816,6 +816,9 @@ pub enum Message {
     Hello {
         certificate: Certificate,
         want_members: bool,
+        /// Asks the receiver for its workload list (the sender holds none of it: it just met the
+        /// receiver, or restarted).
+        want_workloads: bool,
         digest: [u8; 32],
         /// For each CA of the sender's trust bundle, the number of the newest revocation list it
         /// holds (0: none), so that the receiver sends it any newer list it has.
@@ -985,11 +988,12 @@ impl Message {
             Message::Hello {
                 certificate,
                 want_members,
+                want_workloads,
                 digest,
                 revocations,
             } => {
                 b.push(MSG_HELLO);
-                b.push(u8::from(*want_members));
+                b.push(u8::from(*want_members) | u8::from(*want_workloads) << 1);
                 b.extend_from_slice(digest);
                 put_cert(&mut b, certificate);
                 // Senders list at most MAX_HELLO_CAS; a longer list is cut, never invalid.
@@ -1159,16 +1163,14 @@ impl Message {
         let mut r = Reader::new(bytes, 0);
         let msg = match r.u8("message type")? {
             MSG_HELLO => {
-                let want_members = match r.u8("want_members")? {
-                    0 => false,
-                    1 => true,
-                    _ => {
-                        return Err(ControlError::Invalid {
-                            field: "want_members",
-                            reason: "must be 0 or 1",
-                        })
-                    }
-                };
+                let wants = r.u8("wants")?;
+                if wants > 3 {
+                    return Err(ControlError::Invalid {
+                        field: "wants",
+                        reason: "only bits 0 (members) and 1 (workloads) are defined",
+                    });
+                }
+                let (want_members, want_workloads) = (wants & 1 != 0, wants & 2 != 0);
                 let digest = r.array("digest")?;
                 let certificate = read_cert(&mut r)?;
                 let n = usize::from(r.u8("revocation list count")?);
@@ -1188,6 +1190,7 @@ impl Message {
                 Message::Hello {
                     certificate,
                     want_members,
+                    want_workloads,
                     digest,
                     revocations,
                 }
@@ -1915,6 +1918,7 @@ mod tests {
             Message::Hello {
                 certificate: cert_for(&secret(1), "a"),
                 want_members: true,
+                want_workloads: true,
                 digest: [7; 32],
                 revocations: vec![CrlVersion {
                     issuer: [4; 32],

@@ -455,3 +455,73 @@ fn every_system_call_meshd_makes_passes_the_units_filter() {
         );
     }
 }
+
+/// The DaemonSet installs the CNI plugin and its network configuration on the node, and the
+/// plugin takes that configuration as a runtime hands it over (the list's version and name in
+/// the plugin's): with no meshd yet, it says "try again later", not "invalid".
+#[test]
+fn the_daemonset_installs_the_cni_plugin_with_a_configuration_it_takes() {
+    let ds: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(manifests().join("daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    let init = &pod["initContainers"][0];
+    let script = init["command"][2].as_str().unwrap();
+    assert!(script.contains("/host/opt/cni/bin/meshd-cni") && script.contains("10-meshd.conflist"));
+    assert!(
+        init["securityContext"]["capabilities"].get("add").is_none(),
+        "no capability"
+    );
+    let paths: Vec<&str> = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    assert!(paths.contains(&"/opt/cni/bin") && paths.contains(&"/etc/cni/net.d"));
+    let cm: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(manifests().join("configmap.yaml")).unwrap(),
+    )
+    .unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(cm["data"]["10-meshd.conflist"].as_str().unwrap()).unwrap();
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let toml = cm["data"]["meshd.toml"].as_str().unwrap();
+    let ifname = conf["meshInterface"].as_str().unwrap();
+    assert!(
+        toml.contains(&format!("name = \"{ifname}\"")),
+        "the plugin asks meshd's interface"
+    );
+    let out = {
+        use std::io::Write;
+        let mut child = Command::new(bin("meshd-cni"))
+            .env("CNI_COMMAND", "CHECK")
+            .env("CNI_CONTAINERID", "deploy-test")
+            .env("CNI_NETNS", "/nonexistent")
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;K8S_POD_UID=c",
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["code"], 11, "{answer}");
+    assert!(
+        answer["msg"].as_str().unwrap().contains("not reachable"),
+        "{answer}"
+    );
+}

@@ -117,9 +117,8 @@ fn lab_up_runs_the_microblog_example_and_lab_down_removes_everything() {
 
     let down = lab(&prefix, &dir, &["down"]);
     assert!(down.status.success());
-    assert!(
-        String::from_utf8_lossy(&down.stdout).contains("5 meshd stopped, 6 namespace(s) removed")
-    );
+    assert!(String::from_utf8_lossy(&down.stdout)
+        .contains("5 daemon(s) stopped, 6 namespace(s) removed"));
     assert!(namespaces(&prefix).is_empty());
     assert!(!dir.exists());
 }
@@ -195,4 +194,86 @@ fn the_lab_leaves_what_it_did_not_make_alone() {
     assert!(!dir.exists(), "the directory the lab made is gone");
     assert!(theirs.join("sentinel").exists());
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// `meshctl lab up --nodes 2`: the services as pods on two nodes, added through the CNI plugin
+/// with identities from the issuer; the guide's policies decide every flow across nodes and
+/// within one.
+#[test]
+fn lab_up_on_two_nodes_runs_the_pods_and_decides_flows_across_and_within_nodes() {
+    if !can_run() {
+        return;
+    }
+    let prefix = format!("n{}", std::process::id() % 100_000);
+    let dir = std::env::temp_dir().join(format!("meshtest-lab-{prefix}"));
+    let _down = Down(&prefix, &dir);
+    let up = lab(
+        &prefix,
+        &dir,
+        &["up", "--example", "microblog", "--nodes", "2"],
+    );
+    let out = String::from_utf8_lossy(&up.stdout).to_string();
+    assert!(
+        up.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    // Each pod got its address from its certificate, through the CNI plugin.
+    assert!(out.contains("post-2    on node2"), "{out}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(" -> ")).collect();
+    for (where_, result) in [
+        ("within", "ALLOWED"),
+        ("across", "ALLOWED"),
+        ("within", "DENIED"),
+        ("across", "DENIED"),
+    ] {
+        assert!(
+            rows.iter()
+                .any(|r| r.contains(&format!(" {where_} ")) && r.contains(result)),
+            "no {where_} {result} flow:\n{out}"
+        );
+    }
+    let row = |flow: &str| {
+        *rows
+            .iter()
+            .find(|r| r.starts_with(flow))
+            .unwrap_or_else(|| panic!("no row {flow}:\n{out}"))
+    };
+    // The same service account on both nodes: api reaches both post replicas.
+    assert!(
+        row("api-1 -> post-1:8080").contains("within")
+            && row("api-1 -> post-1:8080").contains("ALLOWED")
+    );
+    assert!(
+        row("api-1 -> post-2:8080").contains("across")
+            && row("api-1 -> post-2:8080").contains("ALLOWED")
+    );
+    assert!(row("api-1 -> post-2:8080")
+        .contains("ingress of post-2: allow NetworkPolicy microblog/post-allow-list"));
+    // api may not reach storage, on its node or the other.
+    assert!(row("api-1 -> storage-1:5432").contains("DENIED"));
+    assert!(row("api-1 -> storage-2:5432").contains("DENIED"));
+    let status = lab(&prefix, &dir, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    for node in ["node1", "node2"] {
+        let r = text
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_else(|| panic!("{text}"));
+        let cols: Vec<&str> = r.split_whitespace().collect();
+        assert_eq!(
+            (cols[2], cols[4]),
+            ("1", "1"),
+            "one peer, policy set 1: {r}"
+        );
+    }
+    let down = lab(&prefix, &dir, &["down"]);
+    assert!(down.status.success());
+    assert!(
+        String::from_utf8_lossy(&down.stdout)
+            .contains("3 daemon(s) stopped, 12 namespace(s) removed"),
+        "{}",
+        String::from_utf8_lossy(&down.stdout)
+    );
+    assert!(namespaces(&prefix).is_empty());
 }

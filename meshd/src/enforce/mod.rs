@@ -525,23 +525,8 @@ impl Enforcer {
         } else {
             out
         };
-        if pass && out.verdict.allow && inn.verdict.allow {
-            self.counters.allowed_flows.fetch_add(1, Relaxed);
-        } else if pass {
-            self.counters.audited_flows.fetch_add(1, Relaxed);
-        } else {
-            self.counters.denied_packets.fetch_add(1, Relaxed);
-            drops.count(match d.direction {
-                Direction::Egress => Drop::PolicyEgress,
-                Direction::Ingress => Drop::PolicyIngress,
-            });
-        }
-        self.log.send(FlowEvent::New {
-            flow,
-            decision: d,
-            rules: rules.clone(),
-            limited: false,
-        });
+        let allowed = out.verdict.allow && inn.verdict.allow;
+        self.record_new(flow, d, &rules, allowed, pass && !allowed, false, drops);
         if pass && flow.fragment_id.is_some() {
             self.fragments(&flow)
                 .lock()
@@ -644,10 +629,27 @@ impl Enforcer {
             table.insert_metered(&flow, packet.len(), now, flow_tag(dir, far), meter);
         }
         drop(table);
+        self.record_new(flow, d, &rules, verdict.allow, audited, limited, drops);
+        pass
+    }
+
+    /// Counts a new flow decided as `d` (allowed, passed only as audited, rate-limited, or
+    /// denied, with the drop counted on `drops`) and sends it to the flow log.
+    #[allow(clippy::too_many_arguments)]
+    fn record_new(
+        &self,
+        flow: FlowKey,
+        d: Decision,
+        rules: &Arc<Rules>,
+        allowed: bool,
+        audited: bool,
+        limited: bool,
+        drops: &DropCounters,
+    ) {
         if limited {
             self.counters.rate_limited_packets.fetch_add(1, Relaxed);
             drops.count(Drop::RateLimited);
-        } else if verdict.allow {
+        } else if allowed {
             self.counters.allowed_flows.fetch_add(1, Relaxed);
         } else if audited {
             self.counters.audited_flows.fetch_add(1, Relaxed);
@@ -664,7 +666,6 @@ impl Enforcer {
             rules: rules.clone(),
             limited,
         });
-        pass
     }
 
     /// The bucket key of a flow decided as `d` by a rule whose limit counts `per`.

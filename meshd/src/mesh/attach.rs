@@ -126,6 +126,19 @@ impl Attachments {
         let now = now_ms / 1000;
         self.pending
             .retain(|_, (_, sent)| now_ms < *sent + 10 * RENEW_RETRY_MS);
+        // When of its life (in tenths) a certificate is renewed.
+        let past = |c: &Certificate, tenths: u64| {
+            let b = &c.body;
+            now >= b.not_before + b.not_after.saturating_sub(b.not_before) * tenths / 10
+        };
+        let asked_lately = |a: &Attached| a.asked_ms.is_some_and(|t| now_ms < t + RENEW_RETRY_MS);
+        // Renewals go together: once one certificate is at half its life, those past 3/10 of
+        // theirs are renewed with it, so that a node's renewals, each of which it announces to
+        // every member, come in few rounds, not one per workload.
+        let round = self
+            .attached
+            .values()
+            .any(|a| a.certificate.as_ref().is_some_and(|c| past(c, 5)) && !asked_lately(a));
         let due: Vec<WorkloadRef> = self
             .attached
             .iter_mut()
@@ -135,11 +148,7 @@ impl Attachments {
                     // detached (it may be registered in a moment).
                     None if a.refused.is_some() => (RENEW_RETRY_MS, true),
                     None => (FIRST_RETRY_MS, true),
-                    Some(c) => {
-                        let b = &c.body;
-                        let half = b.not_before + (b.not_after.saturating_sub(b.not_before)) / 2;
-                        (RENEW_RETRY_MS, now >= half)
-                    }
+                    Some(c) => (RENEW_RETRY_MS, past(c, 5) || (round && past(c, 3))),
                 };
                 wanted && a.asked_ms.is_none_or(|t| now_ms >= t + wait)
             })

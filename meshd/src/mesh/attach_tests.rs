@@ -127,3 +127,24 @@ fn requests_carry_at_most_16_workloads_and_a_detached_one_is_not_answered_for() 
     let out = a.on_answer(due[0].0, results, &KEY);
     assert_eq!(out.len(), 15);
 }
+
+#[test]
+fn renewals_go_together_once_one_is_at_half_its_life() {
+    let mut a = Attachments::default();
+    a.attach(pod("post-1"));
+    a.attach(pod("post-2"));
+    a.attach(pod("post-3"));
+    let (nonce, _) = a.due(0, &mut OsRng).remove(0);
+    // Issued at 0, 500 and 2000 s, each for an hour.
+    let results = vec![
+        Ok(cert(KEY, 0, 3600, 1)),
+        Ok(cert(KEY, 500, 4100, 2)),
+        Ok(cert(KEY, 2000, 5600, 3)),
+    ];
+    a.on_answer(nonce, results, &KEY);
+    // At 1800 s post-1 is at half its life; post-2 is past three tenths of its (it joins), post-3
+    // is not.
+    let due = a.due(1_800_000, &mut OsRng);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].1, [pod("post-1"), pod("post-2")]);
+}

@@ -65,6 +65,9 @@ const DIRECT_PREFERRED_MS: u64 = 10_000;
 const RELAYED_RECHECK_MS: u64 = 30_000;
 /// A sender whose certificate is revoked is sent the list at most this often.
 const REVOKED_TELL_MS: u64 = 30_000;
+/// This node's workload list goes to every member at most this often; changes in between are
+/// sent together.
+const ANNOUNCE_GAP_MS: u64 = 500;
 /// A member's Hello is answered with this node's workload list at most this often.
 const WORKLOADS_ANSWER_MS: u64 = 5_000;
 /// This node's workload list goes to a member that does not say it took it this many times at
@@ -424,6 +427,9 @@ pub struct Membership {
     workloads_unacked: HashMap<[u8; 32], (u64, u32)>,
     /// When this node last sent its workload list to each member.
     workloads_sent: HashMap<[u8; 32], u64>,
+    /// The list changed since it was last announced to every member, and when that was.
+    announce_pending: bool,
+    last_announce_ms: Option<u64>,
     /// Workload certificates in members' announcements that were not taken, by
     /// [`Refusal::kind`].
     pub workloads_refused: BTreeMap<&'static str, u64>,
@@ -474,6 +480,8 @@ impl Membership {
             workloads: WorkloadBook::default(),
             own_version: 0,
             workloads_unacked: HashMap::new(),
+            announce_pending: false,
+            last_announce_ms: None,
             workloads_sent: HashMap::new(),
             workloads_refused: BTreeMap::new(),
             issuer: None,
@@ -564,14 +572,32 @@ impl Membership {
             .max(self.own_version + 1);
         let taken = self.take_workloads(self.public, self.own_version, valid);
         refused.extend(taken);
+        self.announce_pending = true;
+        let mut out = Vec::new();
+        self.announce(now_ms, false, rng, &mut out);
+        (out, refused)
+    }
+
+    /// Sends this node's workload list to every member if it changed since the last
+    /// announcement, and that was at least [`ANNOUNCE_GAP_MS`] ago (or on a tick); else the next
+    /// tick does. Many changes in a burst (a hundred pods starting) go out as a few lists, not
+    /// one each.
+    fn announce(&mut self, now_ms: u64, tick: bool, rng: &mut impl RngCore, out: &mut Vec<Out>) {
+        let due = tick
+            || self
+                .last_announce_ms
+                .is_none_or(|t| now_ms >= t + ANNOUNCE_GAP_MS);
+        if !self.announce_pending || !due {
+            return;
+        }
+        self.announce_pending = false;
+        self.last_announce_ms = Some(now_ms);
         // A new version starts its resending afresh for every member.
         self.workloads_unacked.clear();
-        let mut out = Vec::new();
         let keys: Vec<[u8; 32]> = self.members.keys().copied().collect();
         for k in keys {
-            self.send_workloads(&k, now_ms, rng, &mut out);
+            self.send_workloads(&k, now_ms, rng, out);
         }
-        (out, refused)
     }
 
     /// Takes member (or this node) `key`'s announced workload certificates, verified and bound
@@ -1014,7 +1040,7 @@ impl Membership {
                 }
             }
         }
-        let hello = self.hello(false);
+        let hello = self.hello(key, false);
         for p in paths {
             self.send(key, p, &hello, now_ms, rng, out);
         }
@@ -1049,10 +1075,13 @@ impl Membership {
             .collect()
     }
 
-    fn hello(&self, want_members: bool) -> Message {
+    /// Our Hello to `to`: asking for its members if `want_members`, and for its workload list if
+    /// we hold none of it.
+    fn hello(&self, to: &[u8; 32], want_members: bool) -> Message {
         Message::Hello {
             certificate: self.certificate.clone(),
             want_members,
+            want_workloads: !self.workloads.has_heard(to),
             digest: self.digest(),
             revocations: self.crl_versions(),
         }
@@ -1329,7 +1358,7 @@ impl Membership {
                     return Ok(out); // we probed ourselves
                 }
                 self.admit(certificate, from, None, None)?;
-                let hello = self.hello(true);
+                let hello = self.hello(&key, true);
                 self.send(&key, from, &hello, now_ms, rng, &mut out);
             }
             Datagram::ProbeKey { nonce, key } => {
@@ -1343,7 +1372,7 @@ impl Membership {
                 if key != self.public && !self.removed.contains(&key) {
                     seed.key = Some(key);
                     // Its members would be refused until it is one: asked for once it is.
-                    let hello = self.hello(false);
+                    let hello = self.hello(&key, false);
                     self.send(&key, from, &hello, now_ms, rng, &mut out);
                 }
             }
@@ -1471,7 +1500,7 @@ impl Membership {
                     // A newcomer learns who we are (it may know only our key, from a ProbeKey).
                     // A seed known only by its key is now asked for the members it knows.
                     let seed = self.seeds.iter().any(|s| s.key == Some(sender));
-                    let hello = self.hello(seed);
+                    let hello = self.hello(&sender, seed);
                     self.send(&sender, from, &hello, now_ms, rng, &mut out);
                 }
                 // Answers go where the member is now (a greeting through a relay, while it is
@@ -1653,6 +1682,7 @@ impl Membership {
         match msg {
             Message::Hello {
                 want_members,
+                want_workloads,
                 digest,
                 revocations,
                 ..
@@ -1698,17 +1728,16 @@ impl Membership {
                 if (behind && quiet_for(BEHIND_ANSWER_INTERVAL_MS))
                     || (!want_members && (moved || quiet_for(GREETING_ANSWER_AFTER_MS)))
                 {
-                    let hello = self.hello(false);
+                    let hello = self.hello(&sender, false);
                     self.send(&sender, from, &hello, now_ms, rng, out);
                 }
-                // A member that greets or asks us (it may have restarted, or just joined) gets
-                // our workloads, at most once in WORKLOADS_ANSWER_MS: a lost announcement is
-                // mended at the member's next Hello.
+                // A member that holds none of our workload list (it just met us, or restarted)
+                // asks for it, and gets it at most once in WORKLOADS_ANSWER_MS.
                 let sent_lately = self
                     .workloads_sent
                     .get(&sender)
                     .is_some_and(|t| now_ms < t + WORKLOADS_ANSWER_MS);
-                if !self.workloads.of(&self.public).is_empty() && !sent_lately {
+                if want_workloads && !self.workloads.of(&self.public).is_empty() && !sent_lately {
                     self.send_workloads(&sender, now_ms, rng, out);
                 }
             }
@@ -1867,8 +1896,8 @@ impl Membership {
         self.expel_invalid(now_ms);
         let targets: Vec<([u8; 32], Endpoint)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
-        let hello = self.hello(false);
         for (k, ep) in targets {
+            let hello = self.hello(&k, false);
             self.send(&k, ep, &hello, now_ms, rng, &mut out);
         }
         out
@@ -2089,7 +2118,7 @@ impl Membership {
         }
         for (key, addr) in greet {
             // Its Hello in answer admits it, and is answered with a request for its members.
-            let hello = self.hello(false);
+            let hello = self.hello(&key, false);
             self.send(&key, addr, &hello, now_ms, rng, &mut out);
         }
         self.unheard
@@ -2120,6 +2149,7 @@ impl Membership {
                 self.greet(&key, now_ms, rng, &mut out);
             }
         }
+        self.announce(now_ms, true, rng, &mut out);
         let due: Vec<[u8; 32]> = self
             .workloads_unacked
             .iter()
@@ -2139,7 +2169,7 @@ impl Membership {
                 .nth(self.gossip_turn)
                 .map(|(k, m)| (*k, m.endpoint))
                 .expect("index in range");
-            let hello = self.hello(true);
+            let hello = self.hello(&key, true);
             self.send(&key, ep, &hello, now_ms, rng, &mut out);
         }
         out

@@ -76,6 +76,7 @@ fn sealed_hello_at(
     let msg = Message::Hello {
         certificate: cert,
         want_members,
+        want_workloads: false,
         digest: [0; 32],
         revocations: vec![],
     };
@@ -183,6 +184,7 @@ fn a_message_in_segments_arriving_in_any_order_is_taken_once() {
     let hello = Message::Hello {
         certificate: cert,
         want_members: false,
+        want_workloads: false,
         digest: [0; 32],
         revocations: vec![],
     };
@@ -271,7 +273,7 @@ fn a_newer_revocation_list_crosses_whichever_side_greets() {
             &b.public,
             &StaticSecret::from([77; 32]),
             counter,
-            &a.hello(false).encode(),
+            &a.hello(&b.public, false).encode(),
         )
         .unwrap()
         .remove(0)

@@ -614,6 +614,7 @@ fn under_a_spoofed_flood_a_set_and_a_revocation_still_reach_every_node_and_the_c
             let hello = Message::Hello {
                 certificate: cert,
                 want_members: true,
+                want_workloads: false,
                 digest: [0; 32],
                 revocations: vec![],
             };

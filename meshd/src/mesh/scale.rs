@@ -97,3 +97,116 @@ fn scale() {
     );
     assert!(formed.is_some() && policy.is_some() && revoked.is_some());
 }
+
+/// Workload identities at scale (`bench/scale.sh churn`): N nodes (`MESH_SIM_NODES`, 100), each
+/// attaching P pods (`MESH_SIM_PODS`, 100) from the simulated issuer, over links with 1% loss.
+/// Prints the simulated time until every node holds every pod's certificate, the control bytes
+/// it took per node, then the same for a churn that replaces a tenth of every node's pods, and
+/// the bytes per node per minute at rest afterwards.
+#[test]
+#[ignore = "a benchmark: bench/scale.sh churn"]
+fn churn() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (n, pods) = (env("MESH_SIM_NODES", 100), env("MESH_SIM_PODS", 100));
+    let wall = Instant::now();
+    let mut sim = Sim::new(n, 7);
+    sim.loss_pct = 1;
+    sim.jitter_ms = 5;
+    sim.check_derivation = false;
+    sim.with_issuer(3600);
+    sim.start_all();
+    let formed = sim.run_until(600_000, Sim::full_mesh);
+    assert!(formed.is_some(), "the mesh formed");
+    let name = |i: usize, p: usize, round: usize| format!("w{round}-{i}-{p}");
+    let addr = |i: usize, p: usize, round: usize| {
+        let k = (round * n + i) * pods + p;
+        format!("100.{}.{}.{}/32", 66 + k / 65_536, (k / 256) % 256, k % 256)
+    };
+    let reference = |name: &str| proto::workload::WorkloadRef {
+        namespace: "microblog".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    };
+    // Every node holds every other node's `want` workloads.
+    let settled = |s: &Sim, want: &dyn Fn(usize) -> Vec<String>| {
+        (0..n).all(|i| {
+            (0..n).filter(|j| *j != i).all(|j| {
+                let mut held: Vec<String> = s.nodes[i]
+                    .node()
+                    .workloads_of(&s.nodes[j].public())
+                    .iter()
+                    .map(|c| c.body.name.clone())
+                    .collect();
+                held.sort();
+                let mut w = want(j);
+                w.sort();
+                held == w
+            })
+        })
+    };
+    for i in 0..n {
+        for p in 0..pods {
+            sim.schedule(&name(i, p, 0), i, &addr(i, p, 0));
+        }
+    }
+    let (bytes0, t0) = (sim.bytes, wall.elapsed().as_secs_f64());
+    for i in 0..n {
+        for p in 0..pods {
+            sim.handle(i, Event::Attach(reference(&name(i, p, 0))))
+                .unwrap();
+        }
+    }
+    let first: Vec<Vec<String>> = (0..n)
+        .map(|i| (0..pods).map(|p| name(i, p, 0)).collect())
+        .collect();
+    let all_in = sim.run_until(600_000, |s| settled(s, &|j| first[j].clone()));
+    let issued = sim.issuer.as_ref().unwrap().issued;
+    eprintln!(
+        "N={n} P={pods}: {} pods in force on every node in {:?} simulated s; {issued} certificates issued; {:.0} KB of control traffic per node; {:.0} s of CPU",
+        n * pods,
+        all_in.map(|ms| ms as f64 / 1000.0),
+        (sim.bytes - bytes0) as f64 / n as f64 / 1000.0,
+        wall.elapsed().as_secs_f64() - t0
+    );
+    // Churn: a tenth of every node's pods replaced by new ones, at new addresses.
+    let moved = (pods / 10).max(1);
+    let (bytes1, t1) = (sim.bytes, wall.elapsed().as_secs_f64());
+    for i in 0..n {
+        for p in 0..moved {
+            sim.schedule(&name(i, p, 1), i, &addr(i, p, 1));
+            sim.handle(i, Event::Detach(reference(&name(i, p, 0))))
+                .unwrap();
+            sim.handle(i, Event::Attach(reference(&name(i, p, 1))))
+                .unwrap();
+        }
+    }
+    let second: Vec<Vec<String>> = (0..n)
+        .map(|i| {
+            (0..pods)
+                .map(|p| name(i, p, usize::from(p < moved)))
+                .collect()
+        })
+        .collect();
+    let churned = sim.run_until(600_000, |s| settled(s, &|j| second[j].clone()));
+    eprintln!(
+        "N={n} P={pods}: churn of {} pods per node settled everywhere in {:?} simulated s; {:.0} KB of control traffic per node; {:.0} s of CPU",
+        moved,
+        churned.map(|ms| ms as f64 / 1000.0),
+        (sim.bytes - bytes1) as f64 / n as f64 / 1000.0,
+        wall.elapsed().as_secs_f64() - t1
+    );
+    sim.run(10_000);
+    let bytes2 = sim.bytes;
+    sim.run(60_000);
+    eprintln!(
+        "N={n} P={pods}: at rest {:.0} control bytes per node per minute; memory {:.0} MiB in all",
+        (sim.bytes - bytes2) as f64 / n as f64,
+        rss_bytes() as f64 / 1024.0 / 1024.0
+    );
+    assert!(all_in.is_some() && churned.is_some());
+}

@@ -59,7 +59,7 @@ fn a_node_s_workloads_are_its_allowed_ips_and_routes_everywhere_until_it_withdra
     set(&mut sim, 0, vec![api.clone(), web.clone()]);
     assert_eq!(sim.nodes[0].host.own_workloads, [web.clone(), api.clone()]);
     assert!(sim.nodes[0].host.workloads_refused.is_empty());
-    sim.run(200);
+    sim.run(600);
     let both = vec![overlay(0), addr("100.64.200.1/32"), addr("100.64.200.2/32")];
     for i in 1..3 {
         assert_eq!(allowed(&sim, i, 0), both, "node {i}");
@@ -75,13 +75,13 @@ fn a_node_s_workloads_are_its_allowed_ips_and_routes_everywhere_until_it_withdra
         [overlay(0)].into_iter().collect()
     );
     set(&mut sim, 0, vec![api]);
-    sim.run(200);
+    sim.run(600);
     for i in 1..3 {
         assert_eq!(allowed(&sim, i, 0), [overlay(0), addr("100.64.200.2/32")]);
         assert!(!sim.nodes[i].host.routes.contains(&addr("100.64.200.1/32")));
     }
     set(&mut sim, 0, vec![]);
-    sim.run(200);
+    sim.run(600);
     assert_eq!(allowed(&sim, 1, 0), [overlay(0)]);
 }
 

@@ -76,6 +76,11 @@ impl WorkloadBook {
         self.held.iter()
     }
 
+    /// Whether a list from `key` was taken (perhaps an empty one).
+    pub fn has_heard(&self, key: &[u8; 32]) -> bool {
+        self.heard.contains_key(key)
+    }
+
     /// Whether a list of `version` from `key` would be newer than the one taken.
     pub fn is_newer(&self, key: &[u8; 32], version: u64) -> bool {
         self.heard.get(key).is_none_or(|v| version > *v)
