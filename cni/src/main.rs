@@ -21,6 +21,8 @@ use std::process::Command;
 /// The neighbour the pod's routes point at: answered for by the host side of its veth.
 const GATEWAY_V4: &str = "169.254.1.1";
 const GATEWAY_V6: &str = "fe80::1";
+/// The plugin's lock and what it keeps of each pod (its addresses).
+const STATE_DIR: &str = "/run/meshd-cni";
 /// The routing table (and rule priority) that sends traffic from pods to pods of this node
 /// through the mesh interface.
 const LOCAL_TABLE: u32 = 5182;
@@ -111,8 +113,17 @@ fn run(command: &str, conf: &NetConf) -> Result<Option<serde_json::Value>, CniEr
 }
 
 fn add(conf: &NetConf, e: &Env, host: &str) -> Result<serde_json::Value, CniError> {
-    // First the identity: nothing is made for a pod the mesh will not certify.
-    let (identity, addrs) = attach(conf, &e.pod)?;
+    // First the identity: nothing is made for a pod the mesh will not certify. One that did
+    // not come in time is detached, so meshd does not go on asking for a pod with no network.
+    let (identity, addrs) = match attach(conf, &e.pod) {
+        Ok(a) => a,
+        Err(err) => {
+            if err.code != spec::TRY_AGAIN_LATER {
+                let _ = detach(conf, &e.pod);
+            }
+            return Err(err);
+        }
+    };
     if let Err(err) = plumb(e, host, &conf.mesh_interface, &addrs) {
         // Leave nothing behind: no veth, no rules, no identity.
         unplumb(host);
@@ -329,7 +340,8 @@ fn nft(script: &str) -> Result<(), CniError> {
 fn plumb(e: &Env, host: &str, mesh: &str, addrs: &[proto::Cidr]) -> Result<(), CniError> {
     let _lock = Lock::take()?;
     let new_table = !sh(&["nft", "list", "table", "inet", spec::TABLE]).0;
-    nft(&spec::nft_install(host, addrs, new_table))?;
+    nft(&spec::nft_install(host, addrs, mesh, new_table))?;
+    save_addresses(host, addrs)?;
     let me = std::process::id().to_string();
     let netns = format!("--net={}", e.netns);
     let in_pod = |args: &[&str]| {
@@ -346,7 +358,6 @@ fn plumb(e: &Env, host: &str, mesh: &str, addrs: &[proto::Cidr]) -> Result<(), C
     }
     must(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     must(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
-    must(&["ip", "link", "set", "dev", host, "up"])?;
     let mac = must(&["cat", &format!("/sys/class/net/{host}/address")])?;
     let mac = mac.trim();
     let v4 = addrs.iter().any(|a| a.addr().is_ipv4());
@@ -400,13 +411,11 @@ fn plumb(e: &Env, host: &str, mesh: &str, addrs: &[proto::Cidr]) -> Result<(), C
             "ip", "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", &e.ifname,
         ])?;
     }
-    for a in addrs {
-        must(&["ip", "route", "replace", &a.to_string(), "dev", host])?;
-    }
     // Traffic between pods of this node crosses the mesh interface too, so that both pods'
     // policies decide it: from any pod, this pod's addresses are routed to meshd (table
     // LOCAL_TABLE, asked first for packets that come in on a pod's veth); meshd writes what
-    // passes back, and from the mesh interface the main table delivers it here.
+    // passes back, and from the mesh interface the main table delivers it here. In place before
+    // the veth carries anything.
     let table = LOCAL_TABLE.to_string();
     for a in addrs {
         must(&[
@@ -425,25 +434,56 @@ fn plumb(e: &Env, host: &str, mesh: &str, addrs: &[proto::Cidr]) -> Result<(), C
             "ip", family, "rule", "add", "iif", host, "lookup", &table, "priority", &table,
         ])?;
     }
+    // Last, the host side: up, and the route to the pod through it.
+    must(&["ip", "link", "set", "dev", host, "up"])?;
+    for a in addrs {
+        must(&["ip", "route", "replace", &a.to_string(), "dev", host])?;
+    }
     Ok(())
 }
 
 /// Removes what [`plumb`] made; what is already gone is no error.
 fn unplumb(host: &str) {
+    let Ok(_lock) = Lock::take() else {
+        return;
+    };
     let table = LOCAL_TABLE.to_string();
-    // The pod's addresses, from its host routes, for their routes to meshd.
+    let addrs = saved_addresses(host);
+    for a in &addrs {
+        let _ = sh(&["ip", "route", "del", &a.to_string(), "table", &table]);
+    }
     for family in ["-4", "-6"] {
-        let (_, routes) = sh(&["ip", family, "-o", "route", "show", "dev", host]);
-        for dst in routes.lines().filter_map(|l| l.split_whitespace().next()) {
-            let _ = sh(&["ip", family, "route", "del", dst, "table", &table]);
-        }
         let _ = sh(&["ip", family, "rule", "del", "iif", host, "lookup", &table]);
     }
     // Deleting the host side deletes the pair, and the routes through it.
     let _ = sh(&["ip", "link", "del", "dev", host]);
-    if let Ok(_lock) = Lock::take() {
-        let _ = nft(&spec::nft_remove(host));
-    }
+    let _ = nft(&spec::nft_remove(host, &addrs));
+    let _ = std::fs::remove_file(state_path(host));
+}
+
+/// Where the addresses of the pod behind veth `host` are kept from ADD to DEL (the veth and its
+/// routes may be gone by then, with the pod's namespace).
+fn state_path(host: &str) -> std::path::PathBuf {
+    std::path::Path::new(STATE_DIR).join(host)
+}
+
+fn save_addresses(host: &str, addrs: &[proto::Cidr]) -> Result<(), CniError> {
+    let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    std::fs::write(state_path(host), text).map_err(|e| {
+        CniError::new(
+            spec::IO_FAILURE,
+            "saving the pod's addresses",
+            e.to_string(),
+        )
+    })
+}
+
+fn saved_addresses(host: &str) -> Vec<proto::Cidr> {
+    std::fs::read_to_string(state_path(host))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
 }
 
 /// An exclusive lock held while the shared nftables table is changed, so that two pods added at
@@ -453,7 +493,7 @@ struct Lock(#[allow(dead_code)] std::fs::File);
 impl Lock {
     fn take() -> Result<Lock, CniError> {
         use std::os::fd::AsRawFd;
-        let dir = std::path::Path::new("/run/meshd-cni");
+        let dir = std::path::Path::new(STATE_DIR);
         let io =
             |e: std::io::Error| CniError::new(spec::IO_FAILURE, "the plugin's lock", e.to_string());
         std::fs::create_dir_all(dir).map_err(io)?;

@@ -213,9 +213,14 @@ pub fn host_veth(container_id: &str, ifname: &str) -> String {
 }
 
 /// The nftables script that drops, at the host side of a pod's veth, every packet whose source
-/// is not one of the pod's `addrs` (IPv6 link-local too, for neighbour discovery). The table and
-/// its map are made if missing (the map's jump rule is added only when `new_table`).
-pub fn nft_install(host: &str, addrs: &[Cidr], new_table: bool) -> String {
+/// is not one of the pod's `addrs` (IPv6 link-local too, for neighbour discovery), and records the
+/// veth and the addresses in the table's sets. When `new_table`, it makes the table for mesh
+/// interface `mesh`: a pod's address is taken from no interface but its veth (a neighbour on the
+/// underlay cannot send as a pod, which the mesh would carry under the pod's identity); a pod
+/// veth is reached only from the mesh interface, where both pods' policies decided (never past
+/// meshd, if a route is missing); and decrypted traffic for a pod's address goes nowhere but a
+/// pod veth (never out of the node unencrypted, before or after the veth exists).
+pub fn nft_install(host: &str, addrs: &[Cidr], mesh: &str, new_table: bool) -> String {
     let v4: Vec<String> = addrs
         .iter()
         .filter(|a| a.addr().is_ipv4())
@@ -233,8 +238,17 @@ pub fn nft_install(host: &str, addrs: &[Cidr], new_table: bool) -> String {
         s.push_str(&format!(
             "add table inet {TABLE}\n\
              add map inet {TABLE} pods {{ type ifname : verdict; }}\n\
+             add set inet {TABLE} podifs {{ type ifname; }}\n\
+             add set inet {TABLE} pod4 {{ type ipv4_addr; }}\n\
+             add set inet {TABLE} pod6 {{ type ipv6_addr; }}\n\
              add chain inet {TABLE} prerouting {{ type filter hook prerouting priority raw; policy accept; }}\n\
-             add rule inet {TABLE} prerouting iifname vmap @pods\n"
+             add rule inet {TABLE} prerouting iifname vmap @pods\n\
+             add rule inet {TABLE} prerouting iifname != @podifs iifname != \"{mesh}\" ip saddr @pod4 counter drop\n\
+             add rule inet {TABLE} prerouting iifname != @podifs iifname != \"{mesh}\" ip6 saddr @pod6 counter drop\n\
+             add chain inet {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}\n\
+             add rule inet {TABLE} forward oifname @podifs iifname != \"{mesh}\" counter drop\n\
+             add rule inet {TABLE} forward iifname \"{mesh}\" ip daddr @pod4 oifname != @podifs counter drop\n\
+             add rule inet {TABLE} forward iifname \"{mesh}\" ip6 daddr @pod6 oifname != @podifs counter drop\n"
         ));
     }
     s.push_str(&format!("add chain inet {TABLE} pod-{host}\n"));
@@ -253,16 +267,31 @@ pub fn nft_install(host: &str, addrs: &[Cidr], new_table: bool) -> String {
         set(&v6)
     ));
     s.push_str(&format!(
-        "add element inet {TABLE} pods {{ \"{host}\" : jump pod-{host} }}\n"
+        "add element inet {TABLE} pods {{ \"{host}\" : jump pod-{host} }}\n\
+         add element inet {TABLE} podifs {{ \"{host}\" }}\n"
     ));
+    s.push_str(&set_elements("add", addrs));
     s
 }
 
+/// Adds or deletes (`verb`) a pod's addresses in the table's address sets.
+fn set_elements(verb: &str, addrs: &[Cidr]) -> String {
+    addrs
+        .iter()
+        .map(|a| {
+            let set = if a.addr().is_ipv4() { "pod4" } else { "pod6" };
+            format!("{verb} element inet {TABLE} {set} {{ {} }}\n", a.addr())
+        })
+        .collect()
+}
+
 /// The nftables script that removes a pod's rules (run after its veth is gone).
-pub fn nft_remove(host: &str) -> String {
+pub fn nft_remove(host: &str, addrs: &[Cidr]) -> String {
     format!(
         "delete element inet {TABLE} pods {{ \"{host}\" }}\n\
-         delete chain inet {TABLE} pod-{host}\n"
+         delete element inet {TABLE} podifs {{ \"{host}\" }}\n\
+         delete chain inet {TABLE} pod-{host}\n{}",
+        set_elements("delete", addrs)
     )
 }
 

@@ -26,7 +26,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Largest number of segments in one message.
 pub const MAX_SEGMENTS: usize = MAX_MESSAGE_BYTES.div_ceil(SEGMENT_PAYLOAD_BYTES);
 /// Messages being put together at once, over all senders.
-pub const MAX_PARTIAL: usize = 64;
+pub const MAX_PARTIAL: usize = 256;
 /// Messages being put together at once from one sender.
 pub const MAX_PARTIAL_PER_SENDER: usize = 8;
 /// A message not complete this long after its first segment arrived is given up.

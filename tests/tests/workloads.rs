@@ -460,6 +460,51 @@ fn pods_added_by_the_cni_plugin_talk_across_nodes_as_themselves_and_cannot_spoof
     );
     assert!(!spoofed.status.success(), "a spoofed source got an answer");
     assert!(dropped(&wl) >= 2, "dropped on the pod's veth");
+    // A neighbour on the underlay sends as post-1 through node A: dropped there, never carried
+    // by the mesh under post-1's identity.
+    let iss = wl.lab.name("iss");
+    wl.lab
+        .exec_ok(&iss, &["ip", "addr", "add", "100.64.4.1/32", "dev", "lo"]);
+    wl.lab.exec_ok(
+        &iss,
+        &["ip", "route", "add", "100.64.4.0/24", "via", "198.18.3.1"],
+    );
+    wl.lab.exec_ok(
+        &wl.nodes[0].0,
+        &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"],
+    );
+    let forged = wl.lab.exec(
+        &iss,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-I",
+            "100.64.4.1",
+            "100.64.4.2",
+        ],
+    );
+    assert!(!forged.status.success(), "a forged pod source was carried");
+    let table = wl.lab.exec_ok(
+        &wl.nodes[0].0,
+        &["nft", "list", "chain", "inet", "meshd-cni", "prerouting"],
+    );
+    let line = table
+        .lines()
+        .find(|l| l.contains("ip saddr @pod4"))
+        .expect("the rule");
+    let n: u64 = line
+        .split("packets ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n >= 2, "{table}");
     // CHECK notices what is missing.
     wl.lab.exec_ok(
         &wl.nodes[0].0,

@@ -92,8 +92,32 @@ fn the_rules_drop_every_source_but_the_pod_s_and_are_removed_by_name() {
         "100.64.4.1/32".parse().unwrap(),
         "fd00::4:1/128".parse().unwrap(),
     ];
-    let s = nft_install("msh0123456789ab", &addrs, true);
+    let s = nft_install("msh0123456789ab", &addrs, "mesh0", true);
     assert!(s.contains("iifname vmap @pods"));
+    // A pod's address from any other interface but the mesh's, a pod veth reached from anything
+    // but the mesh interface, and a pod's traffic leaving elsewhere: dropped.
+    assert!(
+        s.contains(
+            "prerouting iifname != @podifs iifname != \"mesh0\" ip saddr @pod4 counter drop"
+        ),
+        "{s}"
+    );
+    assert!(
+        s.contains("forward oifname @podifs iifname != \"mesh0\" counter drop"),
+        "{s}"
+    );
+    assert!(
+        s.contains("forward iifname \"mesh0\" ip daddr @pod4 oifname != @podifs counter drop"),
+        "{s}"
+    );
+    assert!(
+        s.contains("add element inet meshd-cni pod4 { 100.64.4.1 }"),
+        "{s}"
+    );
+    assert!(
+        s.contains("add element inet meshd-cni pod6 { fd00::4:1 }"),
+        "{s}"
+    );
     assert!(s.contains("ip saddr != { 100.64.4.1 } counter drop"), "{s}");
     assert!(
         s.contains("ip6 saddr != { fd00::4:1, fe80::/10 } counter drop"),
@@ -101,10 +125,11 @@ fn the_rules_drop_every_source_but_the_pod_s_and_are_removed_by_name() {
     );
     assert!(s.contains("\"msh0123456789ab\" : jump pod-msh0123456789ab"));
     // Without a new table, only the pod's chain and element; without IPv4, no IPv4 at all.
-    let s = nft_install("msh0123456789ab", &addrs[1..], false);
+    let s = nft_install("msh0123456789ab", &addrs[1..], "mesh0", false);
     assert!(!s.contains("add table"));
     assert!(s.contains("meta nfproto ipv4 counter drop"), "{s}");
-    let r = nft_remove("msh0123456789ab");
+    let r = nft_remove("msh0123456789ab", &addrs);
+    assert!(r.contains("delete element inet meshd-cni pod4 { 100.64.4.1 }"));
     assert!(r.contains("delete element inet meshd-cni pods { \"msh0123456789ab\" }"));
     assert!(r.contains("delete chain inet meshd-cni pod-msh0123456789ab"));
 }

@@ -505,6 +505,13 @@ impl Enforcer {
         }
         let mut table = self.shard(&flow).lock();
         if let Tracked::Known { .. } = table.track(&flow, packet.len(), now) {
+            drop(table);
+            // A first fragment of a tracked flow lets its later fragments pass.
+            if flow.fragment_id.is_some() {
+                self.fragments(&flow)
+                    .lock()
+                    .first_passed_metered(&flow, now, None);
+            }
             return true;
         }
         let rules = self.rules.load();

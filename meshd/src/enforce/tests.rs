@@ -929,6 +929,11 @@ spec:
     assert!(e.between(&tcp(WEB_POD, 40000, POST_POD, 8080, SYN), &drops));
     assert!(e.between(&tcp(POST_POD, 8080, WEB_POD, 40000, SYN | ACK), &drops));
     assert_eq!(e.status().allowed_flows, 1);
+    // A large segment of the tracked flow, fragmented: its later fragment follows its first.
+    let first = first_fragment(tcp(WEB_POD, 40000, POST_POD, 8080, ACK), 77);
+    assert!(e.between(&first, &drops));
+    assert!(e.between(&later_fragment(PROTO_TCP, WEB_POD, POST_POD, 77), &drops));
+    assert!(!e.between(&later_fragment(PROTO_TCP, WEB_POD, POST_POD, 78), &drops));
     // A new policy set that drops the allowance cuts the flow.
     e.install(two_local_rules(""));
     assert_eq!(e.status().cut_flows, 1);
