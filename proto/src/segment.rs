@@ -326,8 +326,10 @@ mod tests {
         }
         assert_eq!(r.len(), MAX_PARTIAL_PER_SENDER);
         // Many senders cannot hold more than the table.
-        for s in 0..200u8 {
-            r.add([s; 32], 1000, &first, 200).unwrap();
+        for s in 0..MAX_PARTIAL as u16 + 50 {
+            let mut sender = [0u8; 32];
+            sender[..2].copy_from_slice(&s.to_be_bytes());
+            r.add(sender, 1000, &first, 200).unwrap();
         }
         assert_eq!(r.len(), MAX_PARTIAL);
         assert!(r.bytes() <= MAX_PARTIAL * SEGMENT_PAYLOAD_BYTES);
