@@ -257,21 +257,7 @@ fn build(dir: &Path) -> anyhow::Result<()> {
     let mut made = Manifest::default();
     made.save(dir)?;
     let d = |p: &str| dir.join(p).display().to_string();
-    // The switch.
-    let sw = format!("{}-sw", prefix());
-    add_namespace(dir, &mut made, &sw)?;
-    sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-    sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
-    // The root of trust and the policy administrator.
-    meshctl(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "lab.example",
-        "--out",
-        &d("ca"),
-    ])?;
-    meshctl(&["policy", "admin-key", "--out", &d("policy-admin.key")])?;
+    let sw = switch_and_trust(dir, &mut made)?;
     println!(
         "microblog lab in {}: CA lab.example, 5 services",
         dir.display()
@@ -281,25 +267,12 @@ fn build(dir: &Path) -> anyhow::Result<()> {
         let n = ns(service);
         add_namespace(dir, &mut made, &n)?;
         sh(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
-        let port = format!("{}p{i}", prefix());
-        sh(&[
-            "ip", "link", "add", "u0", "netns", &n, "type", "veth", "peer", "name", &port, "netns",
+        attach(
             &sw,
-        ])?;
-        sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0"])?;
-        sh(&["ip", "-n", &sw, "link", "set", &port, "up"])?;
-        sh(&[
-            "ip",
-            "-n",
             &n,
-            "addr",
-            "add",
+            &format!("{}p{i}", prefix()),
             &format!("198.18.3.{i}/24"),
-            "dev",
-            "u0",
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", &n, "link", "set", "u0", "up"])?;
+        )?;
         meshctl(&[
             "identity",
             "issue",
@@ -400,6 +373,37 @@ fn build(dir: &Path) -> anyhow::Result<()> {
     }
     println!("policy set 1 (examples/microblog) applied on api and in force on every node");
     Ok(())
+}
+
+/// The lab's switch (a bridge in namespace PREFIX-sw), its CA (lab.example) and its policy
+/// administrator's key; returns the switch's namespace.
+fn switch_and_trust(dir: &Path, made: &mut Manifest) -> anyhow::Result<String> {
+    let d = |p: &str| dir.join(p).display().to_string();
+    let sw = format!("{}-sw", prefix());
+    add_namespace(dir, made, &sw)?;
+    sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+    sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+    meshctl(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "lab.example",
+        "--out",
+        &d("ca"),
+    ])?;
+    meshctl(&["policy", "admin-key", "--out", &d("policy-admin.key")])?;
+    Ok(sw)
+}
+
+/// Puts namespace `ns` on the lab's switch at `addr` (its port named `port`).
+fn attach(sw: &str, ns: &str, port: &str, addr: &str) -> anyhow::Result<()> {
+    sh(&[
+        "ip", "link", "add", "u0", "netns", ns, "type", "veth", "peer", "name", port, "netns", sw,
+    ])?;
+    sh(&["ip", "-n", sw, "link", "set", port, "master", "br0"])?;
+    sh(&["ip", "-n", sw, "link", "set", port, "up"])?;
+    sh(&["ip", "-n", ns, "addr", "add", addr, "dev", "u0", "nodad"])?;
+    sh(&["ip", "-n", ns, "link", "set", "u0", "up"])
 }
 
 fn wait_serial(service: &str, serial: u64) -> anyhow::Result<()> {

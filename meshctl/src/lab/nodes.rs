@@ -9,7 +9,7 @@
 //! Underlay 198.18.3.0/24 (nodes .11 up, the issuer .100), nodes' overlay addresses
 //! 100.64.3.201 up, pods 100.64.4.0/24.
 
-use super::{add_namespace, meshctl, sh, Manifest};
+use super::{add_namespace, attach, meshctl, sh, Manifest};
 use anyhow::{bail, Context};
 use proto::admin::{FlowRecord, Request, Response};
 use std::io::Write;
@@ -82,17 +82,6 @@ fn beside(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// Puts namespace `ns` on the lab's switch at `addr` (its port named `port`).
-fn attach(sw: &str, ns: &str, port: &str, addr: &str) -> anyhow::Result<()> {
-    sh(&[
-        "ip", "link", "add", "u0", "netns", ns, "type", "veth", "peer", "name", port, "netns", sw,
-    ])?;
-    sh(&["ip", "-n", sw, "link", "set", port, "master", "br0"])?;
-    sh(&["ip", "-n", sw, "link", "set", port, "up"])?;
-    sh(&["ip", "-n", ns, "addr", "add", addr, "dev", "u0", "nodad"])?;
-    sh(&["ip", "-n", ns, "link", "set", "u0", "up"])
-}
-
 /// Starts `program ARGS` in `ns`, logging to `log`, recorded so that `lab down` stops it
 /// (`marker` is an argument its command line holds).
 fn spawn(
@@ -128,19 +117,7 @@ pub fn build(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     made.save(dir)?;
     let d = |p: &str| dir.join(p).display().to_string();
     let p = super::prefix();
-    let sw = format!("{p}-sw");
-    add_namespace(dir, &mut made, &sw)?;
-    sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-    sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
-    meshctl(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "lab.example",
-        "--out",
-        &d("ca"),
-    ])?;
-    meshctl(&["policy", "admin-key", "--out", &d("policy-admin.key")])?;
+    let sw = super::switch_and_trust(dir, &mut made)?;
     println!(
         "microblog lab in {}: CA lab.example, {nodes} nodes, {} pods",
         dir.display(),
