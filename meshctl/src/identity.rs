@@ -18,6 +18,27 @@ pub struct IssueArgs {
     /// The CA directory (ca.key, ca.crt) that signs.
     #[arg(long, value_name = "DIR")]
     pub ca: PathBuf,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+    /// Validity, e.g. 30d, 12h, 90s.
+    #[arg(long, default_value = DEFAULT_IDENTITY_TTL)]
+    pub ttl: String,
+    /// The node's WireGuard public key (from `meshctl genkey | meshctl pubkey` or wg); the
+    /// private key then never leaves that node. Without it a key pair is made here.
+    #[arg(long)]
+    pub public_key: Option<PathBuf>,
+    /// Directory for NAME.crt (and NAME.key when the key pair is made here, mode 0600).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Renew in place: replace OUT/NAME.crt; the key in OUT/NAME.key (if there) stays and the
+    /// new certificate binds it, so the node keeps its key (reload it to take the certificate).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// What an identity certificate says of its holder, as flags.
+#[derive(clap::Args)]
+pub struct FieldArgs {
     /// The workload's namespace.
     #[arg(long)]
     pub namespace: String,
@@ -37,20 +58,73 @@ pub struct IssueArgs {
     /// rules that name the port (`ports: [http]`) match it; repeat for more.
     #[arg(long = "port", value_name = "NAME=PORT/PROTO")]
     pub ports: Vec<String>,
-    /// Validity, e.g. 30d, 12h, 90s.
-    #[arg(long, default_value = DEFAULT_IDENTITY_TTL)]
-    pub ttl: String,
-    /// The node's WireGuard public key (from `meshctl genkey | meshctl pubkey` or wg); the
-    /// private key then never leaves that node. Without it a key pair is made here.
-    #[arg(long)]
-    pub public_key: Option<PathBuf>,
-    /// Directory for NAME.crt (and NAME.key when the key pair is made here, mode 0600).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
-    /// Renew in place: replace OUT/NAME.crt; the key in OUT/NAME.key (if there) stays and the
-    /// new certificate binds it, so the node keeps its key (reload it to take the certificate).
-    #[arg(long)]
-    pub force: bool,
+}
+
+/// [`FieldArgs`] checked: sorted, without duplicates.
+pub struct Fields {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<Cidr>,
+    pub routes: Vec<Cidr>,
+    pub ports: Vec<proto::cert::NamedPort>,
+}
+
+impl FieldArgs {
+    pub fn parse(&self) -> Result<Fields, Failure> {
+        let input = |e: anyhow::Error| Failure::input(e);
+        let labels = parse_labels(&self.labels)?;
+        let mut addrs = Vec::new();
+        for ip in &self.ips {
+            let c: Cidr = ip.parse().map_err(|e| input(anyhow!("--ip `{ip}`: {e}")))?;
+            addrs.push(c);
+        }
+        addrs.sort();
+        addrs.dedup();
+        let mut routes = Vec::new();
+        for r in &self.routes {
+            let c: Cidr = r
+                .parse()
+                .map_err(|e| input(anyhow!("--route `{r}`: {e}")))?;
+            if c.to_string() != *r {
+                return Err(input(anyhow!(
+                    "--route `{r}`: host bits set (did you mean {c}?)"
+                )));
+            }
+            routes.push(c);
+        }
+        routes.sort();
+        routes.dedup();
+        let mut ports: Vec<proto::cert::NamedPort> = Vec::new();
+        for p in &self.ports {
+            let np: proto::cert::NamedPort =
+                p.parse().map_err(|e| input(anyhow!("--port `{p}`: {e}")))?;
+            if let Some(other) = ports
+                .iter()
+                .find(|o| o.name == np.name && o.protocol == np.protocol)
+            {
+                return Err(input(anyhow!(
+                    "--port `{p}`: {} is named already ({other})",
+                    np.name
+                )));
+            }
+            ports.push(np);
+        }
+        ports.sort();
+        if addrs.is_empty() {
+            return Err(input(anyhow!(
+                "--ip: an identity needs at least one overlay address"
+            )));
+        }
+        Ok(Fields {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            labels,
+            addrs,
+            routes,
+            ports,
+        })
+    }
 }
 
 /// `--label KEY=VALUE` flags as a map; a key given twice is an error.
@@ -70,49 +144,14 @@ pub fn parse_labels(flags: &[String]) -> Result<BTreeMap<String, String>, Failur
 pub fn issue(a: IssueArgs) -> Result<(), Failure> {
     let input = |e: anyhow::Error| Failure::input(e);
     let ttl = proto::duration::parse(&a.ttl).map_err(|e| input(anyhow!("--ttl: {e}")))?;
-    let labels = parse_labels(&a.labels)?;
-    let mut addrs = Vec::new();
-    for ip in &a.ips {
-        let c: Cidr = ip.parse().map_err(|e| input(anyhow!("--ip `{ip}`: {e}")))?;
-        addrs.push(c);
-    }
-    addrs.sort();
-    addrs.dedup();
-    let mut routes = Vec::new();
-    for r in &a.routes {
-        let c: Cidr = r
-            .parse()
-            .map_err(|e| input(anyhow!("--route `{r}`: {e}")))?;
-        if c.to_string() != *r {
-            return Err(input(anyhow!(
-                "--route `{r}`: host bits set (did you mean {c}?)"
-            )));
-        }
-        routes.push(c);
-    }
-    routes.sort();
-    routes.dedup();
-    let mut ports: Vec<proto::cert::NamedPort> = Vec::new();
-    for p in &a.ports {
-        let np: proto::cert::NamedPort =
-            p.parse().map_err(|e| input(anyhow!("--port `{p}`: {e}")))?;
-        if let Some(other) = ports
-            .iter()
-            .find(|o| o.name == np.name && o.protocol == np.protocol)
-        {
-            return Err(input(anyhow!(
-                "--port `{p}`: {} is named already ({other})",
-                np.name
-            )));
-        }
-        ports.push(np);
-    }
-    ports.sort();
-    if addrs.is_empty() {
-        return Err(input(anyhow!(
-            "--ip: an identity needs at least one overlay address"
-        )));
-    }
+    let Fields {
+        namespace,
+        name,
+        labels,
+        addrs,
+        routes,
+        ports,
+    } = a.fields.parse()?;
 
     let ca_dir = CaDir { dir: a.ca.clone() };
     let ca_key = ca_dir.signing_key()?;
@@ -126,8 +165,8 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
         .into());
     }
 
-    let cert_path = a.out.join(format!("{}.crt", a.name));
-    let key_path = a.out.join(format!("{}.key", a.name));
+    let cert_path = a.out.join(format!("{name}.crt"));
+    let key_path = a.out.join(format!("{name}.key"));
     if cert_path.exists() && !a.force {
         return Err(anyhow!(
             "{} exists; refusing to overwrite it (--force renews it in place)",
@@ -168,8 +207,8 @@ pub fn issue(a: IssueArgs) -> Result<(), Failure> {
         not_before: now,
         not_after,
         trust_domain: ca_cert.body.trust_domain.clone(),
-        namespace: a.namespace.clone(),
-        name: a.name.clone(),
+        namespace,
+        name,
         public_key: public.0,
         issuer: ca_cert.body.public_key,
         labels,

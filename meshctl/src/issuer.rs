@@ -11,6 +11,10 @@
 //! `ca.crt` (the workload CA: every node names it in `trust.workload_cas`), `static.key` (the X25519 key
 //! requests are sealed to, mode 0600; nodes name its public key in `[issuer] key`).
 //!
+//! It also answers join requests (PROTOCOL.md §12): a node with a single-use join token (DIR/tokens/,
+//! `meshctl ca token create`) is given a node certificate, signed with the CA's key (`ca.key`),
+//! for the key that sealed the request.
+//!
 //! The sealed side, pure, is [`proto::issuer::Responder`]; [`serve`] is the loop around a
 //! socket.
 
@@ -21,7 +25,7 @@ use ed25519_dalek::SigningKey;
 use keyfile as files;
 use proto::armor;
 use proto::cert::{CertBody, Certificate};
-use proto::control::Message;
+use proto::control::{Credential, Joined, Message};
 use proto::issuer::Responder;
 use rand_core::RngCore;
 use std::net::SocketAddr;
@@ -132,6 +136,7 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
     })?;
     let issuer = IssuerDir::of(ca_path);
     let keys = issuer.load_or_create(&root)?;
+    let workload_ca = ca::load_certificate(&issuer.ca_cert())?;
     let public = x25519_dalek::PublicKey::from(&keys.secret).to_bytes();
     let socket =
         std::net::UdpSocket::bind(listen).with_context(|| format!("listening on {listen}"))?;
@@ -184,6 +189,52 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
                 continue;
             }
         };
+        if let Message::JoinRequest { nonce, credential } = &opened.msg {
+            let result = match credential {
+                Credential::Token(secret) => {
+                    crate::join::answer_token(ca_path, secret, &opened.sender, ca::now())
+                }
+                Credential::ServiceAccount(_) => Err(
+                    "this issuer takes join tokens only (it has no Kubernetes source)".to_string(),
+                ),
+            };
+            // Counters are taken only once a token proved good: senders with throwaway keys
+            // never fill the table of replay windows.
+            if result.is_ok() && !responder.confirm(&opened) {
+                continue;
+            }
+            let key = proto::Key(opened.sender).to_base64();
+            match &result {
+                Ok(c) => log.line(
+                    now_ms,
+                    format!(
+                        "{from}: key {key}: joined as {} ({}), until {}",
+                        c.body.identity(),
+                        proto::cert::list(&c.body.addrs),
+                        crate::identity::utc(c.body.not_after)
+                    ),
+                ),
+                Err(why) => log.line(now_ms, format!("{from}: key {key}: join refused: {why}")),
+            }
+            let answer = Message::JoinAnswer {
+                nonce: *nonce,
+                result: result.map(|certificate| Joined {
+                    certificate,
+                    ca: root.clone(),
+                    workload_ca: workload_ca.clone(),
+                }),
+            };
+            send(
+                &socket,
+                &mut responder,
+                &mut log,
+                &opened.sender,
+                from,
+                &answer,
+                now_ms,
+            );
+            continue;
+        }
         let Message::IssueRequest {
             nonce,
             certificate,
@@ -271,14 +322,38 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
             nonce: *nonce,
             results,
         };
-        let datagrams = responder.seal(&opened.sender, &answer, now_ms, &mut rand_core::OsRng);
-        if datagrams.is_empty() {
-            log.line(now_ms, format!("{from}: {node}: the answer is too large to seal; ask for fewer workloads at once"));
-        }
-        for d in datagrams {
-            if let Err(e) = socket.send_to(&d, from) {
-                log.line(now_ms, format!("{from}: answer not sent: {e}"));
-            }
+        send(
+            &socket,
+            &mut responder,
+            &mut log,
+            &opened.sender,
+            from,
+            &answer,
+            now_ms,
+        );
+    }
+}
+
+/// Seals `answer` to `to` and sends it to `from`.
+fn send(
+    socket: &std::net::UdpSocket,
+    responder: &mut Responder,
+    log: &mut Log,
+    to: &[u8; 32],
+    from: SocketAddr,
+    answer: &Message,
+    now_ms: u64,
+) {
+    let datagrams = responder.seal(to, answer, now_ms, &mut rand_core::OsRng);
+    if datagrams.is_empty() {
+        log.line(
+            now_ms,
+            format!("{from}: the answer is too large to seal; ask for fewer workloads at once"),
+        );
+    }
+    for d in datagrams {
+        if let Err(e) = socket.send_to(&d, from) {
+            log.line(now_ms, format!("{from}: answer not sent: {e}"));
         }
     }
 }

@@ -7,6 +7,7 @@ mod graph_html;
 mod graph_svg;
 mod identity;
 mod issuer;
+mod join;
 mod keys;
 mod lab;
 mod peer;
@@ -55,6 +56,9 @@ enum Command {
         #[command(subcommand)]
         command: WorkloadCommand,
     },
+    /// Join the mesh without copying keys: make this node's key pair here and trade a join token
+    /// (meshctl ca token create) for a certificate binding it, from the online issuer.
+    Join(join::JoinArgs),
     /// Print meshctl's version and the git commit it was built from.
     Version,
     /// Print a completion script for a shell, e.g. `meshctl completion bash >
@@ -484,6 +488,12 @@ enum CaCommand {
         #[command(subcommand)]
         command: CrlCommand,
     },
+    /// Single-use join tokens: a node redeems one with meshctl join for its certificate, from
+    /// the online issuer (meshctl ca serve), and its private key never leaves it.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Issue workload certificates online: nodes ask over the underlay, sealed with their own
     /// key, for the workloads the registry (DIR/workloads.yaml) places on them. Makes
     /// DIR/issuer/ (the workload CA and the key requests are sealed to) the first time.
@@ -499,6 +509,12 @@ enum CaCommand {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a join token for one node identity; prints the token (give it to the node only).
+    Create(join::TokenArgs),
 }
 
 #[derive(Subcommand)]
@@ -843,6 +859,13 @@ fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Serve { ca, listen, ttl },
         } => issuer::serve(&ca, listen, &ttl),
+        Command::Ca {
+            command:
+                CaCommand::Token {
+                    command: TokenCommand::Create(args),
+                },
+        } => join::create(args),
+        Command::Join(args) => join::join(args),
         Command::Identity {
             command: IdentityCommand::Issue(args),
         } => identity::issue(args),

@@ -882,7 +882,49 @@ pub enum Message {
         nonce: u64,
         results: Vec<Result<Certificate, String>>,
     },
+    /// A node that has no certificate yet asks the issuer for one (section 12), sealed with the
+    /// key the certificate is to bind, proving with `credential` that it may.
+    JoinRequest { nonce: u64, credential: Credential },
+    /// The issuer's answer to join request `nonce`: the node's certificate and the CAs it needs,
+    /// or why not.
+    JoinAnswer {
+        nonce: u64,
+        result: Result<Joined, String>,
+    },
 }
+
+/// What a joining node proves that it may join with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The secret of a single-use join token (`meshctl ca token create`).
+    Token([u8; 32]),
+    /// A Kubernetes node's projected service-account token (a JWT), for a TokenReview.
+    ServiceAccount(String),
+}
+
+/// Secrets never show in logs.
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Token(s) => write!(f, "Token({})", crate::join::token_id(s)),
+            Credential::ServiceAccount(t) => write!(f, "ServiceAccount({} bytes)", t.len()),
+        }
+    }
+}
+
+/// A node's certificate, as a join gives it, with the CAs it needs to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The node's own certificate, binding the key that sealed the request.
+    pub certificate: Certificate,
+    /// The CA that signed it: the node's trust bundle.
+    pub ca: Certificate,
+    /// The issuer's workload CA: the node's `trust.workload_cas`.
+    pub workload_ca: Certificate,
+}
+
+/// The longest service-account token a join request carries.
+pub const MAX_SA_TOKEN_BYTES: usize = 8 * 1024;
 
 impl Message {
     /// A short name of the kind, for counters.
@@ -902,6 +944,8 @@ impl Message {
             Message::WorkloadsTaken { .. } => "workloads_taken",
             Message::IssueRequest { .. } => "issue_request",
             Message::IssueAnswer { .. } => "issue_answer",
+            Message::JoinRequest { .. } => "join_request",
+            Message::JoinAnswer { .. } => "join_answer",
         }
     }
 }
@@ -968,6 +1012,8 @@ const MSG_WORKLOADS: u8 = 11;
 const MSG_WORKLOADS_TAKEN: u8 = 12;
 const MSG_ISSUE_REQUEST: u8 = 13;
 const MSG_ISSUE_ANSWER: u8 = 14;
+const MSG_JOIN_REQUEST: u8 = 15;
+const MSG_JOIN_ANSWER: u8 = 16;
 /// Workloads one issue request names at most.
 pub const MAX_ISSUE_WORKLOADS: usize = 16;
 /// A refusal's reason in an issue answer is at most this long (a longer one is cut).
@@ -1094,6 +1140,39 @@ impl Message {
                 for w in &workloads[..n] {
                     for s in [&w.namespace, &w.name, &w.uid] {
                         put_short(&mut b, s);
+                    }
+                }
+            }
+            Message::JoinRequest { nonce, credential } => {
+                b.push(MSG_JOIN_REQUEST);
+                b.extend_from_slice(&nonce.to_be_bytes());
+                match credential {
+                    Credential::Token(secret) => {
+                        b.push(1);
+                        b.extend_from_slice(secret);
+                    }
+                    Credential::ServiceAccount(jwt) => {
+                        b.push(2);
+                        // Senders keep within MAX_SA_TOKEN_BYTES; a longer one is cut.
+                        let jwt = &jwt.as_bytes()[..jwt.len().min(MAX_SA_TOKEN_BYTES)];
+                        b.extend_from_slice(&(jwt.len() as u16).to_be_bytes());
+                        b.extend_from_slice(jwt);
+                    }
+                }
+            }
+            Message::JoinAnswer { nonce, result } => {
+                b.push(MSG_JOIN_ANSWER);
+                b.extend_from_slice(&nonce.to_be_bytes());
+                match result {
+                    Ok(j) => {
+                        b.push(1);
+                        for c in [&j.certificate, &j.ca, &j.workload_ca] {
+                            put_cert(&mut b, c);
+                        }
+                    }
+                    Err(why) => {
+                        b.push(0);
+                        put_short(&mut b, why);
                     }
                 }
             }
@@ -1294,6 +1373,53 @@ impl Message {
                     certificate,
                     workloads,
                 }
+            }
+            MSG_JOIN_REQUEST => {
+                let nonce = r.u64("nonce")?;
+                let credential = match r.u8("credential kind")? {
+                    1 => Credential::Token(r.array("token secret")?),
+                    2 => {
+                        let n = usize::from(r.u16("service-account token length")?);
+                        if n > MAX_SA_TOKEN_BYTES {
+                            return Err(ControlError::Invalid {
+                                field: "service-account token",
+                                reason: "longer than 8 KiB",
+                            });
+                        }
+                        let jwt = r.take("service-account token", n)?;
+                        Credential::ServiceAccount(String::from_utf8(jwt.to_vec()).map_err(
+                            |_| ControlError::Invalid {
+                                field: "service-account token",
+                                reason: "not UTF-8",
+                            },
+                        )?)
+                    }
+                    _ => {
+                        return Err(ControlError::Invalid {
+                            field: "credential kind",
+                            reason: "must be 1 or 2",
+                        })
+                    }
+                };
+                Message::JoinRequest { nonce, credential }
+            }
+            MSG_JOIN_ANSWER => {
+                let nonce = r.u64("nonce")?;
+                let result = match r.u8("result")? {
+                    1 => Ok(Joined {
+                        certificate: read_cert(&mut r)?,
+                        ca: read_cert(&mut r)?,
+                        workload_ca: read_cert(&mut r)?,
+                    }),
+                    0 => Err(read_short(&mut r, "reason")?),
+                    _ => {
+                        return Err(ControlError::Invalid {
+                            field: "result",
+                            reason: "must be 0 or 1",
+                        })
+                    }
+                };
+                Message::JoinAnswer { nonce, result }
             }
             MSG_ISSUE_ANSWER => {
                 let nonce = r.u64("nonce")?;
@@ -1979,6 +2105,26 @@ mod tests {
                     Ok(cert_for(&secret(1), "post")),
                     Err("workload microblog/x does not run on node prod/node1".into()),
                 ],
+            },
+            Message::JoinRequest {
+                nonce: 6,
+                credential: Credential::Token([4; 32]),
+            },
+            Message::JoinRequest {
+                nonce: 7,
+                credential: Credential::ServiceAccount("eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into()),
+            },
+            Message::JoinAnswer {
+                nonce: 6,
+                result: Ok(Joined {
+                    certificate: cert_for(&secret(1), "vm-1"),
+                    ca: cert_for(&secret(2), "ca"),
+                    workload_ca: cert_for(&secret(3), "workload-issuer"),
+                }),
+            },
+            Message::JoinAnswer {
+                nonce: 6,
+                result: Err("the join token expired".into()),
             },
             Message::FlowQuery {
                 query: vec![1, 2, 3],

@@ -10,6 +10,7 @@ pub mod duration;
 pub mod flowquery;
 pub mod ip;
 pub mod issuer;
+pub mod join;
 pub mod key;
 pub mod limiter;
 pub mod offload;

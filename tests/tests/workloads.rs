@@ -13,6 +13,7 @@ const ISSUER: &str = "198.18.3.100:7100";
 /// switch; the registry places the workloads.
 struct WorkloadLab {
     lab: Lab,
+    sw: Switch,
     pki: Pki,
     /// Each node's namespace and interface.
     nodes: Vec<(String, String)>,
@@ -48,11 +49,7 @@ impl WorkloadLab {
         run(Command::new(bin("meshctl"))
             .args(["policy", "admin-key", "--out"])
             .arg(&admin));
-        let policy = MeshPolicy {
-            posture: "calico",
-            audit: false,
-            admins: vec![PathBuf::from(format!("{}.pub", admin.display()))],
-        };
+        let policy = mesh_policy(&admin);
         let mut nodes = Vec::new();
         for (i, name) in ["node-a", "node-b"].iter().enumerate() {
             let i = i + 1;
@@ -90,6 +87,7 @@ impl WorkloadLab {
         }
         let wl = WorkloadLab {
             lab,
+            sw,
             pki,
             nodes,
             admin,
@@ -192,6 +190,14 @@ impl WorkloadLab {
     }
 }
 
+fn mesh_policy(admin: &std::path::Path) -> MeshPolicy {
+    MeshPolicy {
+        posture: "calico",
+        audit: false,
+        admins: vec![PathBuf::from(format!("{}.pub", admin.display()))],
+    }
+}
+
 /// The issuer's public key, from the line it prints once it listens.
 fn wait_for_issuer_key(lab: &Lab) -> String {
     let log: PathBuf = lab.dir.join("issuer.log");
@@ -273,6 +279,147 @@ fn a_node_gets_the_identity_of_a_workload_it_runs_and_only_that_and_a_detached_o
     let log = std::fs::read_to_string(wl.lab.dir.join("issuer.log")).unwrap();
     assert!(log.contains("issued microblog/post-1"), "{log}");
     assert!(log.contains("refused microblog/api-1"), "{log}");
+}
+
+#[test]
+fn a_node_joins_with_a_single_use_token_and_its_private_key_never_leaves_it() {
+    if !can_run() {
+        return;
+    }
+    let mut wl = WorkloadLab::new();
+    let vm = wl.lab.host("vm");
+    wl.lab.attach(&wl.sw, &vm, "198.18.3.50/24");
+    let token = |ttl: &str| {
+        let out = meshctl(&[
+            "ca",
+            "token",
+            "create",
+            "--ca",
+            &wl.ca(),
+            "--namespace",
+            "nodes",
+            "--name",
+            "vm-1",
+            "--ip",
+            "100.64.3.50/32",
+            "--issuer",
+            ISSUER,
+            "--ttl",
+            ttl,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let dir = |n: usize| wl.lab.dir.join(format!("vm-{n}"));
+    let join = |n: usize, token: &str| {
+        let out = dir(n);
+        wl.lab.exec(
+            &vm,
+            &[
+                bin("meshctl").to_str().unwrap(),
+                "join",
+                "--token",
+                token,
+                "--out",
+                out.to_str().unwrap(),
+                "--wait",
+                "5s",
+            ],
+        )
+    };
+    let good = token("1h");
+    // A token of the right form that the CA never made (its secret changed): refused.
+    let mut forged = good.clone().into_bytes();
+    forged[12] = if forged[12] == b'A' { b'B' } else { b'A' };
+    let out = join(0, std::str::from_utf8(&forged).unwrap());
+    assert!(!out.status.success());
+    assert!(text(&out).contains("unknown join token"), "{}", text(&out));
+    assert!(!dir(0).join("node.crt").exists());
+
+    let out = join(1, &good);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("joined as example.org/nodes/vm-1 (100.64.3.50/32)"),
+        "{}",
+        text(&out)
+    );
+    // The key was made on the node, readable by its owner only, and the CA holds neither it
+    // nor the token's secret.
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::read_to_string(dir(1).join("node.key")).unwrap();
+    let mode = std::fs::metadata(dir(1).join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let secret_part = &good["meshjoin1.".len().."meshjoin1.".len() + 40];
+    for entry in walk(&wl.pki.dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        let content = String::from_utf8_lossy(&bytes);
+        assert!(
+            !content.contains(key.trim()),
+            "{} holds the node's key",
+            entry.display()
+        );
+        assert!(
+            !content.contains(secret_part),
+            "{} holds the token",
+            entry.display()
+        );
+    }
+    // The same token again, by another key: refused, even though the first answer was taken.
+    let out = join(2, &good);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("used already, by another key"),
+        "{}",
+        text(&out)
+    );
+    // A token past its time: refused.
+    let short = token("1s");
+    std::thread::sleep(Duration::from_millis(2_100));
+    let out = join(3, &short);
+    assert!(
+        text(&out).contains("the join token expired"),
+        "{}",
+        text(&out)
+    );
+
+    // The joined node runs with what it was given, and the mesh takes it as itself.
+    let ifname = wl.lab.name("wv");
+    let cfg = mesh_config_with(
+        &wl.lab,
+        &ifname,
+        &dir(1).join("node.crt"),
+        &dir(1).join("node.key"),
+        &[dir(1).join("ca.crt")],
+        &["198.18.3.1:51820"],
+        &mesh_policy(&wl.admin),
+    );
+    wl.lab.meshd_config(&vm, &ifname, &cfg);
+    wait_for(
+        "node-a to take the joined node",
+        Duration::from_secs(30),
+        || {
+            wl.lab.status(&wl.nodes[0].1)["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["identity"] == "example.org/nodes/vm-1"))
+        },
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
 }
 
 #[test]

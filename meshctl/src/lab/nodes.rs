@@ -153,9 +153,12 @@ pub fn build(dir: &Path, nodes: usize) -> anyhow::Result<()> {
             &format!("198.18.3.{}/24", 10 + i),
         )?;
         let overlay = format!("100.64.3.{}/32", 200 + i);
-        meshctl(&[
-            "identity",
-            "issue",
+        // The node joins as a VM does: it makes its own key and trades a single-use token for
+        // its certificate, so no private key is copied.
+        let token = meshctl(&[
+            "ca",
+            "token",
+            "create",
             "--ca",
             &d("ca"),
             "--namespace",
@@ -164,8 +167,24 @@ pub fn build(dir: &Path, nodes: usize) -> anyhow::Result<()> {
             &node_name(i),
             "--ip",
             &overlay,
+            "--issuer",
+            ISSUER,
+            "--ttl",
+            "5m",
+        ])?;
+        let ids = d(&format!("ids/{}", node_name(i)));
+        let exe_arg = exe.display().to_string();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            &exe_arg,
+            "join",
+            "--token",
+            token.trim(),
             "--out",
-            &d("ids"),
+            &ids,
         ])?;
         let seeds = if i == 1 {
             String::new()
@@ -176,10 +195,10 @@ pub fn build(dir: &Path, nodes: usize) -> anyhow::Result<()> {
             "[interface]\nname = \"{ifc}\"\n\n[identity]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\n\
              [trust]\nbundle = [\"{}\"]\nworkload_cas = [\"{}\"]\npolicy_admins = [\"{}\"]\n\n\
              [peering]\nseeds = [{seeds}]\nstate_dir = \"{}\"\n\n[issuer]\nendpoint = \"{ISSUER}\"\nkey = \"{key}\"\n",
-            d(&format!("ids/{}.crt", node_name(i))),
-            d(&format!("ids/{}.key", node_name(i))),
-            d("ca/ca.crt"),
-            d("ca/issuer/ca.crt"),
+            d(&format!("ids/{}/node.crt", node_name(i))),
+            d(&format!("ids/{}/node.key", node_name(i))),
+            d(&format!("ids/{}/ca.crt", node_name(i))),
+            d(&format!("ids/{}/workload-ca.crt", node_name(i))),
             d("policy-admin.key.pub"),
             d(&format!("state-{}", node_name(i))),
         );

@@ -1741,7 +1741,10 @@ impl Membership {
                     self.send_workloads(&sender, now_ms, rng, out);
                 }
             }
-            Message::IssueRequest { .. } | Message::IssueAnswer { .. } => {
+            Message::IssueRequest { .. }
+            | Message::IssueAnswer { .. }
+            | Message::JoinRequest { .. }
+            | Message::JoinAnswer { .. } => {
                 return Err(Refusal::NotFromMembers);
             }
             Message::WorkloadsTaken { version } => {

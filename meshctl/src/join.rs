@@ -1,0 +1,444 @@
+//! Joining without copying keys (PROTOCOL.md §12): `meshctl ca token create` makes a single-use
+//! join token for one node identity; `meshctl join` on the node makes the node's key pair there,
+//! and trades the token for a certificate binding it, from the online issuer (`meshctl ca
+//! serve`), over the sealed control channel. The private key never leaves the node; the CA keeps
+//! only a verifier of each token's secret.
+
+use crate::ca::{self, CaDir};
+use crate::identity::{FieldArgs, Fields, DEFAULT_IDENTITY_TTL};
+use crate::issuer::IssuerDir;
+use crate::Failure;
+use anyhow::{anyhow, bail, Context};
+use keyfile as files;
+use proto::armor;
+use proto::cert::Certificate;
+use proto::control::{self, Credential, Datagram, Joined, Message};
+use proto::join::{Invitation, Token};
+use proto::Key;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use x25519_dalek::StaticSecret;
+
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    /// The CA directory: the token is filed in DIR/tokens/ (mode 0600, a verifier only).
+    #[arg(long, value_name = "DIR")]
+    pub ca: PathBuf,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+    /// How long the token may be redeemed, e.g. 1h, 15m.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    /// How long the node certificate it is redeemed for lives.
+    #[arg(long, default_value = DEFAULT_IDENTITY_TTL)]
+    pub cert_ttl: String,
+    /// The issuer's underlay address, written into the token so that `meshctl join` needs
+    /// nothing else.
+    #[arg(long, value_name = "IP:PORT")]
+    pub issuer: Option<SocketAddr>,
+}
+
+/// The directory of a CA's outstanding and redeemed tokens.
+pub fn tokens_dir(ca: &Path) -> PathBuf {
+    ca.join("tokens")
+}
+
+/// A token as the CA files it: what it invites, and the verifier of its secret.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    verifier: String,
+    expires: u64,
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    addrs: Vec<String>,
+    #[serde(default)]
+    routes: Vec<String>,
+    #[serde(default)]
+    ports: Vec<String>,
+    lifetime_secs: u64,
+    #[serde(default)]
+    redeemed_by: Option<String>,
+}
+
+impl TokenFile {
+    fn of(inv: &Invitation) -> TokenFile {
+        let texts = |v: &[proto::Cidr]| v.iter().map(|c| c.to_string()).collect();
+        TokenFile {
+            verifier: hex::encode(inv.verifier),
+            expires: inv.expires,
+            namespace: inv.namespace.clone(),
+            name: inv.name.clone(),
+            labels: inv.labels.clone(),
+            addrs: texts(&inv.addrs),
+            routes: texts(&inv.routes),
+            ports: inv.ports.iter().map(|p| p.to_string()).collect(),
+            lifetime_secs: inv.lifetime_secs,
+            redeemed_by: inv.redeemed_by.map(|k| Key(k).to_base64()),
+        }
+    }
+
+    fn invitation(self) -> anyhow::Result<Invitation> {
+        let cidrs = |v: &[String]| -> anyhow::Result<Vec<proto::Cidr>> {
+            v.iter()
+                .map(|c| c.parse().map_err(|e| anyhow!("`{c}`: {e}")))
+                .collect()
+        };
+        let mut verifier = [0u8; 32];
+        hex::decode_to_slice(&self.verifier, &mut verifier)
+            .map_err(|e| anyhow!("verifier: {e}"))?;
+        Ok(Invitation {
+            verifier,
+            expires: self.expires,
+            namespace: self.namespace,
+            name: self.name,
+            labels: self.labels,
+            addrs: cidrs(&self.addrs)?,
+            routes: cidrs(&self.routes)?,
+            ports: self
+                .ports
+                .iter()
+                .map(|p| p.parse().map_err(|e| anyhow!("port `{p}`: {e}")))
+                .collect::<anyhow::Result<_>>()?,
+            lifetime_secs: self.lifetime_secs,
+            redeemed_by: self
+                .redeemed_by
+                .map(|k| Key::from_base64(&k).map(|k| k.0))
+                .transpose()
+                .map_err(|e| anyhow!("redeemed_by: {e}"))?,
+        })
+    }
+}
+
+/// The token filed under `id` in `dir`, if there is one.
+pub fn load_token(dir: &Path, id: &str) -> anyhow::Result<Option<Invitation>> {
+    // An id is 32 hex digits (what token_id makes); anything else names no file.
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let path = dir.join(format!("{id}.json"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!(e).context(format!("reading {}", path.display()))),
+    };
+    let file: TokenFile =
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    file.invitation()
+        .with_context(|| format!("{}", path.display()))
+        .map(Some)
+}
+
+/// Files `inv` under `id` in `dir`, replacing what was there, readable by the owner only.
+pub fn save_token(dir: &Path, id: &str, inv: &Invitation) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text = serde_json::to_string_pretty(&TokenFile::of(inv))?;
+    files::replace(&dir.join(format!("{id}.json")), text.as_bytes(), 0o600)?;
+    Ok(())
+}
+
+/// `meshctl ca token create`.
+pub fn create(a: TokenArgs) -> Result<(), Failure> {
+    let input = |e: anyhow::Error| Failure::input(e);
+    let ttl = proto::duration::parse(&a.ttl).map_err(|e| input(anyhow!("--ttl: {e}")))?;
+    let lifetime =
+        proto::duration::parse(&a.cert_ttl).map_err(|e| input(anyhow!("--cert-ttl: {e}")))?;
+    let Fields {
+        namespace,
+        name,
+        labels,
+        addrs,
+        routes,
+        ports,
+    } = a.fields.parse()?;
+    let ca_dir = CaDir { dir: a.ca.clone() };
+    let root = ca_dir.certificate().map_err(|e| {
+        input(e.context(format!(
+            "{} is not a CA directory (see meshctl ca init)",
+            a.ca.display()
+        )))
+    })?;
+    let mut secret = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+    let now = ca::now();
+    let invitation = Invitation {
+        verifier: proto::join::verifier(&secret),
+        expires: now.saturating_add(ttl.as_secs()),
+        namespace,
+        name,
+        labels,
+        addrs,
+        routes,
+        ports,
+        lifetime_secs: lifetime.as_secs(),
+        redeemed_by: None,
+    };
+    // The certificate it will make must be one this CA may grant: said now, not at the node.
+    let example = proto::join::node_body(
+        &invitation,
+        &root.body.trust_domain,
+        [0; 32],
+        root.body.public_key,
+        0,
+        now,
+        root.body.not_after,
+    );
+    proto::cert::check_ranges(&root.body, &example).map_err(|e| input(anyhow!("--ip: {e}")))?;
+    let keys = IssuerDir::of(&a.ca).load_or_create(&root)?;
+    let token = Token {
+        secret,
+        issuer_key: x25519_dalek::PublicKey::from(&keys.secret).to_bytes(),
+        endpoint: a.issuer,
+    };
+    let id = proto::join::token_id(&secret);
+    save_token(&tokens_dir(&a.ca), &id, &invitation)?;
+    eprintln!(
+        "token {id} for {} until {} (single use; redeem with meshctl join{})",
+        example.identity(),
+        crate::identity::utc(invitation.expires),
+        if a.issuer.is_some() {
+            ""
+        } else {
+            " --issuer IP:PORT"
+        }
+    );
+    println!("{}", token.encode());
+    Ok(())
+}
+
+/// What the issuer answers a join request with: the node certificate for `sender`, or why not.
+/// `Ok(None)` when the request is to be dropped unanswered (its counters were taken meanwhile).
+pub fn answer_token(
+    ca_path: &Path,
+    secret: &[u8; 32],
+    sender: &[u8; 32],
+    now: u64,
+) -> Result<Certificate, String> {
+    let dir = tokens_dir(ca_path);
+    let id = proto::join::token_id(secret);
+    let mut invitation = load_token(&dir, &id)
+        .map_err(|e| format!("the issuer cannot read its tokens: {e:#}"))?
+        .ok_or_else(|| proto::join::JoinRefusal::Unknown.to_string())?;
+    proto::join::redeem(&invitation, secret, sender, now).map_err(|e| e.to_string())?;
+    let ca_dir = CaDir {
+        dir: ca_path.to_path_buf(),
+    };
+    let (root, key) = ca_dir
+        .certificate()
+        .and_then(|c| Ok((c, ca_dir.signing_key()?)))
+        .map_err(|e| format!("the issuer cannot sign node certificates: {e:#}"))?;
+    let body = proto::join::node_body(
+        &invitation,
+        &root.body.trust_domain,
+        *sender,
+        root.body.public_key,
+        ca::new_serial(),
+        now,
+        root.body.not_after,
+    );
+    proto::cert::check_ranges(&root.body, &body).map_err(|e| e.to_string())?;
+    let cert = body.sign(&key).map_err(|e| format!("not signed: {e}"))?;
+    // Redeemed before it is answered: a second key is refused even if this answer is lost.
+    invitation.redeemed_by = Some(*sender);
+    save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
+    ca_dir
+        .record(&cert.body)
+        .map_err(|e| format!("not recorded: {e:#}"))?;
+    Ok(cert)
+}
+
+#[derive(clap::Args)]
+pub struct JoinArgs {
+    /// The join token (from meshctl ca token create); it shows in the process list, so prefer
+    /// --token-file on a shared host.
+    #[arg(
+        long,
+        conflicts_with = "token_file",
+        required_unless_present = "token_file"
+    )]
+    pub token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The issuer's underlay address, if the token does not name it (or to override it).
+    #[arg(long, value_name = "IP:PORT")]
+    pub issuer: Option<SocketAddr>,
+    /// Where to write node.key (made here, mode 0600, kept if there), node.crt, ca.crt and
+    /// workload-ca.crt.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// How long to keep asking.
+    #[arg(long, default_value = "30s")]
+    pub wait: String,
+}
+
+/// `meshctl join`.
+pub fn join(a: JoinArgs) -> Result<(), Failure> {
+    let input = |e: anyhow::Error| Failure::input(e);
+    let text = match (&a.token, &a.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => files::read_secret(f)?,
+        (None, None) => return Err(input(anyhow!("--token or --token-file is needed"))),
+    };
+    let token = Token::parse(&text).map_err(|e| input(anyhow!("the join token: {e}")))?;
+    let wait = proto::duration::parse(&a.wait).map_err(|e| input(anyhow!("--wait: {e}")))?;
+    let issuer = a.issuer.or(token.endpoint).ok_or_else(|| {
+        input(anyhow!(
+            "the token names no issuer address: give --issuer IP:PORT"
+        ))
+    })?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // Absolute, so that the configuration it prints holds from anywhere.
+    let out =
+        std::fs::canonicalize(&a.out).with_context(|| format!("finding {}", a.out.display()))?;
+    let key_path = out.join("node.key");
+    // The key is made here and stays: asking again (a lost answer, a second run) binds the same.
+    let private = if key_path.exists() {
+        let t = files::read_secret(&key_path)?;
+        Key::from_base64(t.trim()).map_err(|e| input(anyhow!("{}: {e}", key_path.display())))?
+    } else {
+        let k = Key::generate_private();
+        files::create(&key_path, format!("{k}\n").as_bytes(), 0o600)?;
+        k
+    };
+    let joined = ask(
+        &StaticSecret::from(private.0),
+        &token,
+        issuer,
+        Credential::Token(token.secret),
+        wait,
+    )?;
+    check(&joined, &private.public().0)?;
+    let pem = |c: &Certificate| armor::encode(armor::CERTIFICATE, &c.encode());
+    for (file, cert) in [
+        ("node.crt", &joined.certificate),
+        ("ca.crt", &joined.ca),
+        ("workload-ca.crt", &joined.workload_ca),
+    ] {
+        files::replace(&out.join(file), pem(cert).as_bytes(), 0o644)?;
+    }
+    let d = |f: &str| out.join(f).display().to_string();
+    println!(
+        "joined as {} ({}), until {}",
+        joined.certificate.body.identity(),
+        proto::cert::list(&joined.certificate.body.addrs),
+        crate::identity::utc(joined.certificate.body.not_after)
+    );
+    println!(
+        "# for meshd's configuration:\n[identity]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\n\
+         [trust]\nbundle = [\"{}\"]\nworkload_cas = [\"{}\"]\n\n[issuer]\nendpoint = \"{issuer}\"\n\
+         key = \"{}\"",
+        d("node.crt"),
+        d("node.key"),
+        d("ca.crt"),
+        d("workload-ca.crt"),
+        Key(token.issuer_key).to_base64()
+    );
+    Ok(())
+}
+
+/// The certificate binds our key and the CA the (authenticated) answer names signed it.
+fn check(joined: &Joined, public: &[u8; 32]) -> anyhow::Result<()> {
+    let cert = &joined.certificate;
+    if cert.body.public_key != *public {
+        bail!("the issuer's certificate names another key than this node's");
+    }
+    cert.verify_identity(std::slice::from_ref(&joined.ca), ca::now(), None)
+        .map_err(|e| anyhow!("the issuer's certificate does not verify: {e}"))?;
+    Ok(())
+}
+
+/// Asks `issuer` (whose key the token names) until it answers or `wait` passes.
+fn ask(
+    own: &StaticSecret,
+    token: &Token,
+    issuer: SocketAddr,
+    credential: Credential,
+    wait: Duration,
+) -> Result<Joined, Failure> {
+    let bind: SocketAddr = if issuer.is_ipv4() {
+        "0.0.0.0:0".parse().expect("an address")
+    } else {
+        "[::]:0".parse().expect("an address")
+    };
+    let socket = std::net::UdpSocket::bind(bind).context("opening a UDP socket")?;
+    socket
+        .connect(issuer)
+        .with_context(|| format!("reaching the issuer at {issuer}"))?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .context("setting the socket's timeout")?;
+    let mut nonce = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let nonce = u64::from_be_bytes(nonce);
+    let request = Message::JoinRequest { nonce, credential }.encode();
+    let mut reassembly = proto::segment::Reassembly::default();
+    let start = Instant::now();
+    let mut last_sent: Option<Instant> = None;
+    let mut buf = vec![0u8; 65_535];
+    while start.elapsed() < wait {
+        if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let now_ms = wall_ms();
+            let mut e = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut e);
+            let datagrams = control::seal_message(
+                own,
+                &token.issuer_key,
+                &StaticSecret::from(e),
+                now_ms.saturating_mul(proto::issuer::COUNTER_PER_MS),
+                &request,
+            )
+            .map_err(|e| anyhow!("sealing the request: {e}"))?;
+            for d in datagrams {
+                // A send that fails (no route yet) is tried again with the next round.
+                let _ = socket.send(&d);
+            }
+            last_sent = Some(Instant::now());
+        }
+        let n = match socket.recv(&mut buf) {
+            Ok(n) => n,
+            Err(_) => continue,
+        };
+        let Ok(Datagram::Sealed(sealed)) = control::decode(&buf[..n]) else {
+            continue;
+        };
+        let Ok(opened) = sealed.open(own) else {
+            continue;
+        };
+        if opened.sender != token.issuer_key {
+            continue;
+        }
+        let Ok(Some(whole)) =
+            reassembly.add(opened.sender, sealed.counter, &opened.plaintext, wall_ms())
+        else {
+            continue;
+        };
+        match Message::decode(&whole.message) {
+            Ok(Message::JoinAnswer { nonce: n, result }) if n == nonce => {
+                return result
+                    .map_err(|why| anyhow!("the issuer at {issuer} refused: {why}").into())
+            }
+            _ => continue,
+        }
+    }
+    Err(anyhow!(
+        "no answer from the issuer at {issuer} within {} (is `meshctl ca serve` running there, \
+         and is the token's issuer key its key?)",
+        a_while(wait)
+    )
+    .into())
+}
+
+fn a_while(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
