@@ -110,7 +110,72 @@ pub struct Keys {
 }
 
 /// Serves requests on `listen` until killed.
-pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failure> {
+/// The Kubernetes source of workloads, and who may join as a node with a projected token.
+#[derive(clap::Args)]
+pub struct KubeArgs {
+    /// Take workloads from the Kubernetes cluster the issuer runs in (or KUBECONFIG's) instead
+    /// of the registry: pods, namespaces and nodes, listed and watched; pod addresses from each
+    /// node's pod CIDR. Nodes join with their projected service-account token.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The namespace of node certificates: a pod on node N runs on NAMESPACE/N.
+    #[arg(long, default_value = "nodes", requires = "kubernetes")]
+    pub node_namespace: String,
+    /// The service account of meshd's DaemonSet, NAMESPACE/NAME: only its tokens join.
+    #[arg(long, default_value = "kube-system/meshd", requires = "kubernetes")]
+    pub node_service_account: String,
+    /// The audience of the projected tokens nodes join with.
+    #[arg(long, default_value = "meshd-issuer", requires = "kubernetes")]
+    pub audience: String,
+    /// How long a node certificate from a projected token lives (the DaemonSet renews it at
+    /// half of it).
+    #[arg(long, default_value = "24h", requires = "kubernetes")]
+    pub node_ttl: String,
+}
+
+/// `meshctl ca serve --prepare`: the issuer's files, made if missing, and its key.
+pub fn prepare(ca_path: &Path) -> Result<(), Failure> {
+    let root = CaDir {
+        dir: ca_path.to_path_buf(),
+    }
+    .certificate()
+    .map_err(|e| {
+        Failure::input(e.context(format!(
+            "{} is not a CA directory (see meshctl ca init)",
+            ca_path.display()
+        )))
+    })?;
+    let issuer = IssuerDir::of(ca_path);
+    let keys = issuer.load_or_create(&root)?;
+    println!(
+        "key  {} (nodes: [issuer] key)",
+        proto::Key(x25519_dalek::PublicKey::from(&keys.secret).to_bytes()).to_base64()
+    );
+    println!(
+        "workload CA {} (nodes that do not join: trust.workload_cas)",
+        issuer.ca_cert().display()
+    );
+    Ok(())
+}
+
+/// Where the issuer takes workloads from.
+enum Source {
+    Registry(Watched<proto::workload::Registry>),
+    Kubernetes {
+        source: Box<crate::kube::KubeSource>,
+        node_namespace: String,
+        node_lifetime: u64,
+        reviews: proto::limiter::SourceLimiter<()>,
+        reviews_per_source: proto::limiter::SourceLimiter<std::net::IpAddr>,
+    },
+}
+
+/// TokenReviews asked of the API server per second, in all and per source address: a flood
+/// of join requests costs the API server no more.
+const REVIEWS_PER_SEC: u32 = 20;
+const REVIEWS_PER_SOURCE_PER_SEC: u32 = 1;
+
+pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> Result<(), Failure> {
     let lifetime = proto::duration::parse(ttl)
         .map_err(|e| Failure::input(anyhow!("--ttl: {e}")))?
         .as_secs();
@@ -159,8 +224,42 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
     let mut responder = Responder::new(keys.secret);
     let mut log = Log::default();
     let mut newest = NewestNodes::default();
-    // Read again whenever they change: a workload registered or removed a moment ago counts.
-    let mut registry = Watched::new(crate::workload::registry_path(ca_path));
+    let mut source = if kube.kubernetes {
+        let node_lifetime = proto::duration::parse(&kube.node_ttl)
+            .map_err(|e| Failure::input(anyhow!("--node-ttl: {e}")))?
+            .as_secs();
+        if !kube.node_service_account.contains('/') {
+            return Err(Failure::input(anyhow!(
+                "--node-service-account {}: expected NAMESPACE/NAME",
+                kube.node_service_account
+            )));
+        }
+        let policy = crate::kube::view::NodePolicy {
+            service_account: kube.node_service_account.clone(),
+            audience: kube.audience.clone(),
+        };
+        println!(
+            "  workloads from Kubernetes; nodes join as {}/NODE with tokens of {} for {}",
+            kube.node_namespace, kube.node_service_account, kube.audience
+        );
+        Source::Kubernetes {
+            source: Box::new(crate::kube::KubeSource::connect(
+                &kube.node_namespace,
+                policy,
+            )?),
+            node_namespace: kube.node_namespace,
+            node_lifetime,
+            reviews: proto::limiter::SourceLimiter::new(REVIEWS_PER_SEC, REVIEWS_PER_SEC, 1),
+            reviews_per_source: proto::limiter::SourceLimiter::new(
+                REVIEWS_PER_SOURCE_PER_SEC,
+                2,
+                4096,
+            ),
+        }
+    } else {
+        // Read again whenever it changes: a workload registered or removed a moment ago counts.
+        Source::Registry(Watched::new(crate::workload::registry_path(ca_path)))
+    };
     let mut crl = Watched::new(ca.crl_path());
     let mut buf = vec![0u8; 65_535];
     loop {
@@ -190,13 +289,49 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
             }
         };
         if let Message::JoinRequest { nonce, credential } = &opened.msg {
-            let result = match credential {
-                Credential::Token(secret) => {
+            let result = match (credential, &mut source) {
+                (Credential::Token(secret), _) => {
                     crate::join::answer_token(ca_path, secret, &opened.sender, ca::now())
                 }
-                Credential::ServiceAccount(_) => Err(
+                (Credential::ServiceAccount(_), Source::Registry(_)) => Err(
                     "this issuer takes join tokens only (it has no Kubernetes source)".to_string(),
                 ),
+                (
+                    Credential::ServiceAccount(jwt),
+                    Source::Kubernetes {
+                        source,
+                        node_namespace,
+                        node_lifetime,
+                        reviews,
+                        reviews_per_source,
+                    },
+                ) => {
+                    // A review costs the API server a round trip: within a budget only.
+                    if !reviews_per_source.allow(from.ip(), now_ms) || !reviews.allow((), now_ms) {
+                        log.line(
+                            now_ms,
+                            format!("{from}: join dropped: over the review budget"),
+                        );
+                        continue;
+                    }
+                    source.review(jwt).and_then(|node| {
+                        let addrs = source
+                            .view
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .node_addresses(&node)
+                            .ok_or_else(|| format!("node {node} has no pod CIDR yet"))?;
+                        crate::join::answer_node(
+                            ca_path,
+                            node_namespace,
+                            &node,
+                            addrs,
+                            *node_lifetime,
+                            &opened.sender,
+                            ca::now(),
+                        )
+                    })
+                }
             };
             // Counters are taken only once a token proved good: senders with throwaway keys
             // never fill the table of replay windows.
@@ -268,11 +403,18 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
             }
             Ok(()) if !responder.confirm(&opened) => continue,
             Ok(()) => {
-                let registry = match registry.get(crate::workload::load) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        log.line(now_ms, format!("{from}: cannot answer: {e:#}"));
-                        continue;
+                let held;
+                let view: &dyn proto::workload::WorkloadView = match &mut source {
+                    Source::Registry(registry) => match registry.get(crate::workload::load) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            log.line(now_ms, format!("{from}: cannot answer: {e:#}"));
+                            continue;
+                        }
+                    },
+                    Source::Kubernetes { source, .. } => {
+                        held = source.view.lock().unwrap_or_else(|e| e.into_inner());
+                        &*held
                     }
                 };
                 let issuance = proto::workload::Issuance {
@@ -285,14 +427,13 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str) -> Result<(), Failur
                 workloads
                     .iter()
                     .map(|w| {
-                        let r =
-                            proto::workload::authorize(&certificate.body, w, registry, &issuance)
-                                .map_err(|e| e.to_string())
-                                .and_then(|g| {
-                                    g.body(ca::new_serial(), issuer_key)
-                                        .sign(&keys.signing)
-                                        .map_err(|e| format!("not signed: {e}"))
-                                });
+                        let r = proto::workload::authorize(&certificate.body, w, view, &issuance)
+                            .map_err(|e| e.to_string())
+                            .and_then(|g| {
+                                g.body(ca::new_serial(), issuer_key)
+                                    .sign(&keys.signing)
+                                    .map_err(|e| format!("not signed: {e}"))
+                            });
                         match &r {
                             Ok(c) => log.line(
                                 now_ms,

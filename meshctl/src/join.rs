@@ -224,6 +224,64 @@ pub fn answer_token(
         .map_err(|e| format!("the issuer cannot read its tokens: {e:#}"))?
         .ok_or_else(|| proto::join::JoinRefusal::Unknown.to_string())?;
     proto::join::redeem(&invitation, secret, sender, now).map_err(|e| e.to_string())?;
+    sign_node(ca_path, |root| {
+        // Redeemed before it is answered: a second key is refused even if this answer is lost.
+        invitation.redeemed_by = Some(*sender);
+        save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
+        Ok(proto::join::node_body(
+            &invitation,
+            &root.body.trust_domain,
+            *sender,
+            root.body.public_key,
+            ca::new_serial(),
+            now,
+            root.body.not_after,
+        ))
+    })
+}
+
+/// The certificate of Kubernetes node `name` (whose projected token the API server vouched
+/// for), as `namespace/name` with `addrs`, for `sender`.
+pub fn answer_node(
+    ca_path: &Path,
+    namespace: &str,
+    name: &str,
+    addrs: Vec<proto::Cidr>,
+    lifetime_secs: u64,
+    sender: &[u8; 32],
+    now: u64,
+) -> Result<Certificate, String> {
+    let invitation = Invitation {
+        verifier: [0; 32],
+        expires: now,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        labels: BTreeMap::new(),
+        addrs,
+        routes: Vec::new(),
+        ports: Vec::new(),
+        lifetime_secs,
+        redeemed_by: None,
+    };
+    sign_node(ca_path, |root| {
+        Ok(proto::join::node_body(
+            &invitation,
+            &root.body.trust_domain,
+            *sender,
+            root.body.public_key,
+            ca::new_serial(),
+            now,
+            root.body.not_after,
+        ))
+    })
+}
+
+/// Signs the node certificate `body` makes with the CA's key, within the CA's scope, and
+/// records it.
+fn sign_node(
+    ca_path: &Path,
+    body: impl FnOnce(&Certificate) -> Result<proto::cert::CertBody, String>,
+) -> Result<Certificate, String> {
     let ca_dir = CaDir {
         dir: ca_path.to_path_buf(),
     };
@@ -231,20 +289,9 @@ pub fn answer_token(
         .certificate()
         .and_then(|c| Ok((c, ca_dir.signing_key()?)))
         .map_err(|e| format!("the issuer cannot sign node certificates: {e:#}"))?;
-    let body = proto::join::node_body(
-        &invitation,
-        &root.body.trust_domain,
-        *sender,
-        root.body.public_key,
-        ca::new_serial(),
-        now,
-        root.body.not_after,
-    );
+    let body = body(&root)?;
     proto::cert::check_ranges(&root.body, &body).map_err(|e| e.to_string())?;
     let cert = body.sign(&key).map_err(|e| format!("not signed: {e}"))?;
-    // Redeemed before it is answered: a second key is refused even if this answer is lost.
-    invitation.redeemed_by = Some(*sender);
-    save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
     ca_dir
         .record(&cert.body)
         .map_err(|e| format!("not recorded: {e:#}"))?;
@@ -255,18 +302,30 @@ pub fn answer_token(
 pub struct JoinArgs {
     /// The join token (from meshctl ca token create); it shows in the process list, so prefer
     /// --token-file on a shared host.
-    #[arg(
-        long,
-        conflicts_with = "token_file",
-        required_unless_present = "token_file"
-    )]
+    #[arg(long, group = "credential")]
     pub token: Option<String>,
     /// A file holding the join token.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", group = "credential")]
     pub token_file: Option<PathBuf>,
+    /// Join as a Kubernetes node with this projected service-account token file (meshd's
+    /// DaemonSet); the issuer asks the API server whose it is and which node it is bound to.
+    #[arg(long, value_name = "FILE", group = "credential")]
+    pub service_account_token: Option<PathBuf>,
     /// The issuer's underlay address, if the token does not name it (or to override it).
     #[arg(long, value_name = "IP:PORT")]
     pub issuer: Option<SocketAddr>,
+    /// The issuer's public key (what `meshctl ca serve` prints), when no join token names it.
+    #[arg(long, value_name = "KEY")]
+    pub issuer_key: Option<String>,
+    /// Take the issuer's address and key from meshd's configuration (its [issuer] section)
+    /// where --issuer or --issuer-key is not given.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Keep the certificate renewed: join again at half its life (reading the token file again,
+    /// as the kubelet rotates it), and retry every 30 s while the issuer does not answer;
+    /// meshd takes the new certificate with `reload_on_change`.
+    #[arg(long, requires = "service_account_token")]
+    pub renew: bool,
     /// Where to write node.key (made here, mode 0600, kept if there), node.crt, ca.crt and
     /// workload-ca.crt.
     #[arg(long, value_name = "DIR")]
@@ -279,18 +338,45 @@ pub struct JoinArgs {
 /// `meshctl join`.
 pub fn join(a: JoinArgs) -> Result<(), Failure> {
     let input = |e: anyhow::Error| Failure::input(e);
-    let text = match (&a.token, &a.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => files::read_secret(f)?,
-        (None, None) => return Err(input(anyhow!("--token or --token-file is needed"))),
-    };
-    let token = Token::parse(&text).map_err(|e| input(anyhow!("the join token: {e}")))?;
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(files::read_secret(f)?),
+        (None, None) => None,
+    }
+    .map(|t| Token::parse(&t).map_err(|e| input(anyhow!("the join token: {e}"))))
+    .transpose()?;
+    if token.is_none() && a.service_account_token.is_none() {
+        return Err(input(anyhow!(
+            "--token, --token-file or --service-account-token is needed"
+        )));
+    }
     let wait = proto::duration::parse(&a.wait).map_err(|e| input(anyhow!("--wait: {e}")))?;
-    let issuer = a.issuer.or(token.endpoint).ok_or_else(|| {
-        input(anyhow!(
-            "the token names no issuer address: give --issuer IP:PORT"
-        ))
-    })?;
+    let configured = match &a.config {
+        Some(path) => configured_issuer(path).map_err(input)?,
+        None => (None, None),
+    };
+    let issuer = a
+        .issuer
+        .or(configured.0)
+        .or(token.as_ref().and_then(|t| t.endpoint))
+        .ok_or_else(|| {
+            input(anyhow!(
+                "no issuer address: give --issuer IP:PORT (or --config, or a token that names it)"
+            ))
+        })?;
+    let issuer_key = match (a.issuer_key.as_ref().or(configured.1.as_ref()), &token) {
+        (Some(k), _) => {
+            Key::from_base64(k.trim())
+                .map_err(|e| input(anyhow!("the issuer's key: {e}")))?
+                .0
+        }
+        (None, Some(t)) => t.issuer_key,
+        (None, None) => {
+            return Err(input(anyhow!(
+                "no issuer key: give --issuer-key KEY (or --config, or a join token)"
+            )))
+        }
+    };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     // Absolute, so that the configuration it prints holds from anywhere.
     let out =
@@ -305,29 +391,47 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
         files::create(&key_path, format!("{k}\n").as_bytes(), 0o600)?;
         k
     };
-    let joined = ask(
-        &StaticSecret::from(private.0),
-        &token,
-        issuer,
-        Credential::Token(token.secret),
-        wait,
-    )?;
-    check(&joined, &private.public().0)?;
-    let pem = |c: &Certificate| armor::encode(armor::CERTIFICATE, &c.encode());
-    for (file, cert) in [
-        ("node.crt", &joined.certificate),
-        ("ca.crt", &joined.ca),
-        ("workload-ca.crt", &joined.workload_ca),
-    ] {
-        files::replace(&out.join(file), pem(cert).as_bytes(), 0o644)?;
-    }
+    let secret = StaticSecret::from(private.0);
+    let credential = || -> Result<Credential, Failure> {
+        Ok(match (&token, &a.service_account_token) {
+            (Some(t), _) => Credential::Token(t.secret),
+            (None, Some(f)) => {
+                let jwt = files::read_secret(f)?;
+                let jwt = jwt.trim();
+                if jwt.len() > control::MAX_SA_TOKEN_BYTES {
+                    return Err(input(anyhow!(
+                        "{}: longer than a service-account token may be",
+                        f.display()
+                    )));
+                }
+                Credential::ServiceAccount(jwt.to_string())
+            }
+            (None, None) => unreachable!("checked above"),
+        })
+    };
+    let write = |joined: &Joined| -> Result<(), Failure> {
+        check(joined, &private.public().0)?;
+        let pem = |c: &Certificate| armor::encode(armor::CERTIFICATE, &c.encode());
+        // The CAs first, the node's certificate last: a reload that sees the new certificate
+        // sees the CAs it verifies against.
+        for (file, cert) in [
+            ("ca.crt", &joined.ca),
+            ("workload-ca.crt", &joined.workload_ca),
+            ("node.crt", &joined.certificate),
+        ] {
+            files::replace(&out.join(file), pem(cert).as_bytes(), 0o644)?;
+        }
+        println!(
+            "joined as {} ({}), until {}",
+            joined.certificate.body.identity(),
+            proto::cert::list(&joined.certificate.body.addrs),
+            crate::identity::utc(joined.certificate.body.not_after)
+        );
+        Ok(())
+    };
+    let joined = ask(&secret, &issuer_key, issuer, credential()?, wait)?;
+    write(&joined)?;
     let d = |f: &str| out.join(f).display().to_string();
-    println!(
-        "joined as {} ({}), until {}",
-        joined.certificate.body.identity(),
-        proto::cert::list(&joined.certificate.body.addrs),
-        crate::identity::utc(joined.certificate.body.not_after)
-    );
     println!(
         "# for meshd's configuration:\n[identity]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\n\
          [trust]\nbundle = [\"{}\"]\nworkload_cas = [\"{}\"]\n\n[issuer]\nendpoint = \"{issuer}\"\n\
@@ -336,9 +440,56 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
         d("node.key"),
         d("ca.crt"),
         d("workload-ca.crt"),
-        Key(token.issuer_key).to_base64()
+        Key(issuer_key).to_base64()
     );
-    Ok(())
+    if !a.renew {
+        return Ok(());
+    }
+    let mut current = joined.certificate.body;
+    loop {
+        let half = current.not_before + (current.not_after.saturating_sub(current.not_before)) / 2;
+        std::thread::sleep(Duration::from_secs(half.saturating_sub(ca::now()).max(1)));
+        // Until renewed: every 30 s (the certificate stays in force meanwhile).
+        loop {
+            let renewed = credential()
+                .and_then(|c| ask(&secret, &issuer_key, issuer, c, wait))
+                .and_then(|j| write(&j).map(|()| j));
+            match renewed {
+                Ok(j) => {
+                    current = j.certificate.body;
+                    break;
+                }
+                Err(f) => {
+                    eprintln!("meshctl: renewal: {:#} (again in 30 s)", f.error);
+                    std::thread::sleep(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+/// The issuer's address and key in meshd's configuration `path` ([issuer] endpoint and key).
+fn configured_issuer(path: &Path) -> anyhow::Result<(Option<SocketAddr>, Option<String>)> {
+    let text = files::read(path)?;
+    let doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}: not TOML", path.display()))?;
+    let Some(issuer) = doc.get("issuer").and_then(|i| i.as_table()) else {
+        bail!("{}: no [issuer] section", path.display());
+    };
+    let endpoint = issuer
+        .get("endpoint")
+        .and_then(|e| e.as_str())
+        .map(|e| {
+            e.parse()
+                .map_err(|_| anyhow!("{}: [issuer] endpoint `{e}` is not IP:PORT", path.display()))
+        })
+        .transpose()?;
+    let key = issuer
+        .get("key")
+        .and_then(|k| k.as_str())
+        .map(str::to_string);
+    Ok((endpoint, key))
 }
 
 /// The certificate binds our key and the CA the (authenticated) answer names signed it.
@@ -352,10 +503,10 @@ fn check(joined: &Joined, public: &[u8; 32]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Asks `issuer` (whose key the token names) until it answers or `wait` passes.
+/// Asks `issuer` (whose key is `issuer_key`) until it answers or `wait` passes.
 fn ask(
     own: &StaticSecret,
-    token: &Token,
+    issuer_key: &[u8; 32],
     issuer: SocketAddr,
     credential: Credential,
     wait: Duration,
@@ -387,7 +538,7 @@ fn ask(
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut e);
             let datagrams = control::seal_message(
                 own,
-                &token.issuer_key,
+                issuer_key,
                 &StaticSecret::from(e),
                 now_ms.saturating_mul(proto::issuer::COUNTER_PER_MS),
                 &request,
@@ -409,7 +560,7 @@ fn ask(
         let Ok(opened) = sealed.open(own) else {
             continue;
         };
-        if opened.sender != token.issuer_key {
+        if opened.sender != *issuer_key {
             continue;
         }
         let Ok(Some(whole)) =

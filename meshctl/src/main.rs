@@ -9,6 +9,7 @@ mod identity;
 mod issuer;
 mod join;
 mod keys;
+mod kube;
 mod lab;
 mod peer;
 mod policy;
@@ -503,11 +504,17 @@ enum CaCommand {
         #[arg(long, value_name = "DIR")]
         ca: PathBuf,
         /// The underlay address and UDP port to listen on.
-        #[arg(long, value_name = "IP:PORT")]
-        listen: std::net::SocketAddr,
+        #[arg(long, value_name = "IP:PORT", required_unless_present = "prepare")]
+        listen: Option<std::net::SocketAddr>,
+        /// Only make DIR/issuer/ (the workload CA and the issuer's key) if missing, print the
+        /// key, and exit: for an issuer that will run elsewhere (a Kubernetes Deployment).
+        #[arg(long, conflicts_with = "listen")]
+        prepare: bool,
         /// How long a workload certificate lives (nodes renew at half of it).
         #[arg(long, default_value = "1h")]
         ttl: String,
+        #[command(flatten)]
+        kube: issuer::KubeArgs,
     },
 }
 
@@ -857,8 +864,18 @@ fn main() -> ExitCode {
                 },
         } => ca::crl_inspect(&file, ca.as_deref(), output),
         Command::Ca {
-            command: CaCommand::Serve { ca, listen, ttl },
-        } => issuer::serve(&ca, listen, &ttl),
+            command:
+                CaCommand::Serve {
+                    ca,
+                    listen,
+                    ttl,
+                    kube,
+                    prepare,
+                },
+        } => match listen {
+            Some(listen) if !prepare => issuer::serve(&ca, listen, &ttl, kube),
+            _ => issuer::prepare(&ca),
+        },
         Command::Ca {
             command:
                 CaCommand::Token {

@@ -53,15 +53,19 @@ impl std::fmt::Display for NodeName {
     }
 }
 
-/// What the issuer knows of workloads at the moment it decides.
+/// A source of workloads: what the issuer knows of them at the moment it decides. Two
+/// implement it: the operator's [`Registry`] and the view of a Kubernetes cluster that `meshctl
+/// ca serve --kubernetes` keeps by watching pods, namespaces and nodes.
 pub trait WorkloadView {
-    fn workload(&self, namespace: &str, name: &str) -> Option<&Workload>;
+    /// The workload `namespace/name` as the source knows it now, if it runs.
+    fn workload(&self, namespace: &str, name: &str) -> Option<Workload>;
 }
 
 /// Workloads by (namespace, name).
 impl WorkloadView for BTreeMap<(String, String), Workload> {
-    fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+    fn workload(&self, namespace: &str, name: &str) -> Option<Workload> {
         self.get(&(namespace.to_string(), name.to_string()))
+            .cloned()
     }
 }
 
@@ -150,7 +154,7 @@ pub enum Refusal {
 pub fn authorize(
     node: &CertBody,
     request: &WorkloadRef,
-    view: &impl WorkloadView,
+    view: &(impl WorkloadView + ?Sized),
     issuance: &Issuance,
 ) -> Result<Grant, Refusal> {
     if node.kind != CertKind::Identity || node.trust_domain != issuance.trust_domain {
@@ -222,7 +226,7 @@ pub fn answer(
     requests: &[WorkloadRef],
     trust: &crate::trust::Trust,
     revoked: Option<&crate::cert::RevocationList>,
-    view: &impl WorkloadView,
+    view: &(impl WorkloadView + ?Sized),
     issuance: &Issuance,
     mut sign: impl FnMut(&Grant) -> Result<crate::cert::Certificate, String>,
 ) -> Result<Vec<Result<crate::cert::Certificate, String>>, String> {
@@ -399,7 +403,7 @@ impl Registry {
 }
 
 impl WorkloadView for Registry {
-    fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+    fn workload(&self, namespace: &str, name: &str) -> Option<Workload> {
         self.workloads.workload(namespace, name)
     }
 }

@@ -219,14 +219,19 @@ fn the_configmap_is_a_valid_configuration_and_the_policies_are_the_examples() {
         "--ip",
         "100.64.0.1/32",
         "--out",
-        &d("ids"),
+        &d("state/identity"),
     ]);
+    // What a join leaves in the identity directory: the CA and the workload CA beside the
+    // node's key and certificate.
+    let prepared =
+        String::from_utf8(meshctl(&["ca", "serve", "--ca", &d("ca"), "--prepare"]).stdout).unwrap();
+    let issuer_key = prepared.split_whitespace().nth(1).unwrap().to_string();
+    std::fs::copy(d("ca/ca.crt"), d("state/identity/ca.crt")).unwrap();
+    std::fs::copy(d("ca/issuer/ca.crt"), d("state/identity/workload-ca.crt")).unwrap();
     meshctl(&["policy", "admin-key", "--out", &d("admin.key")]);
     let text = toml
-        .replace("/etc/meshd-node/node.crt", &d("ids/node.crt"))
-        .replace("/etc/meshd-node/node.key", &d("ids/node.key"))
-        .replace("/etc/meshd/ca.crt", &d("ca/ca.crt"))
         .replace("/etc/meshd/policy-admin.key.pub", &d("admin.key.pub"))
+        .replace("REPLACE-WITH-THE-ISSUER-KEY", &issuer_key)
         .replace("/var/lib/meshd", &d("state"));
     let config = dir.join("meshd.toml");
     std::fs::write(&config, text).unwrap();
@@ -264,6 +269,163 @@ fn the_configmap_is_a_valid_configuration_and_the_policies_are_the_examples() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The issuer's Deployment: alone (it assigns pod addresses), on the underlay (host network), with
+/// read-only access to pods, namespaces and nodes and TokenReview create, nothing more; and the
+/// DaemonSet's nodes join it with a projected token of the audience and service account it takes,
+/// with flags meshctl takes.
+#[test]
+fn the_issuer_runs_alone_with_read_only_rbac_and_the_nodes_join_it_as_it_expects() {
+    let text = std::fs::read_to_string(manifests().join("issuer.yaml")).unwrap();
+    let docs: Vec<serde_yaml_ng::Value> = text
+        .split("\n---\n")
+        .map(|d| serde_yaml_ng::from_str(d).unwrap())
+        .collect();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap();
+    let deployment = kind("Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "meshd-issuer");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let args: Vec<String> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().replace("$(HOST_IP)", "198.18.0.1"))
+        .collect();
+    let flag = |name: &str| args[args.iter().position(|a| a == name).unwrap() + 1].clone();
+    assert!(args.iter().any(|a| a == "--kubernetes"));
+    // meshctl takes these flags: it gets as far as reading the (missing) CA directory.
+    let out = Command::new(bin("meshctl"))
+        .args(
+            args.iter()
+                .map(|a| if a == "/ca" { "/nonexistent-ca" } else { a }),
+        )
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("/nonexistent-ca is not a CA directory"),
+        "{said}"
+    );
+
+    let role = kind("ClusterRole");
+    let rules: Vec<(String, Vec<String>, Vec<String>)> = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            (
+                list("apiGroups").join(","),
+                list("resources"),
+                list("verbs"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            (
+                String::new(),
+                vec!["pods".into(), "namespaces".into(), "nodes".into()],
+                vec!["get".into(), "list".into(), "watch".into()]
+            ),
+            (
+                "authentication.k8s.io".into(),
+                vec!["tokenreviews".into()],
+                vec!["create".into()]
+            ),
+        ]
+    );
+    let binding = kind("ClusterRoleBinding");
+    assert_eq!(binding["subjects"][0]["name"], "meshd-issuer");
+    assert_eq!(binding["roleRef"]["name"], "meshd-issuer");
+
+    // The nodes: their pods' account is the one the issuer lets join, their token is for its
+    // audience, and the join and renew containers run flags meshctl takes.
+    let ds: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(manifests().join("daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let dpod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        format!(
+            "{}/{}",
+            ds["metadata"]["namespace"].as_str().unwrap(),
+            dpod["serviceAccountName"].as_str().unwrap()
+        ),
+        flag("--node-service-account")
+    );
+    let token = dpod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "token")
+        .unwrap();
+    let projected = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(projected["audience"].as_str().unwrap(), flag("--audience"));
+    let join = dpod["initContainers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "join")
+        .unwrap();
+    let renew = dpod["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "renew")
+        .unwrap();
+    for (c, renews) in [(join, false), (renew, true)] {
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(args.contains(&"--renew"), renews);
+        let token_file = args[args
+            .iter()
+            .position(|a| *a == "--service-account-token")
+            .unwrap()
+            + 1];
+        assert_eq!(
+            token_file,
+            format!(
+                "/var/run/secrets/meshd/{}",
+                projected["path"].as_str().unwrap()
+            )
+        );
+        // meshctl takes them: it gets as far as reading the (missing) token file.
+        let out = Command::new(bin("meshctl"))
+            .args(args.iter().map(|a| {
+                if a.starts_with("/var/run/secrets/meshd/") {
+                    "/nonexistent-token"
+                } else {
+                    a
+                }
+            }))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("/etc/meshd/meshd.toml") || said.contains("/nonexistent-token"),
+            "{said}"
+        );
+        assert!(!said.contains("Usage:"), "{said}");
+    }
 }
 
 /// The image: hadolint passes the Dockerfile; what it copies into the build exists, every

@@ -1,0 +1,270 @@
+//! The Kubernetes source of workloads (`meshctl ca serve --kubernetes`): it lists and watches
+//! pods, namespaces and nodes through the API server with kube-rs, and keeps the pure
+//! [`view::KubeView`] that the issuer decides from; and it asks the API server (TokenReview)
+//! whose a node's projected service-account token is, when a node joins with it.
+//!
+//! The watches run on a small Tokio runtime of their own; the issuer's loop reads the view under
+//! a lock and waits for a review at most [`REVIEW_TIMEOUT`].
+
+pub mod view;
+
+use futures::StreamExt;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1 as core;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use proto::Cidr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use view::{KubeView, Namespace, Node, NodePolicy, Pod};
+
+/// How long a TokenReview may take before the join is refused.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The key of a reviewed token's extra information that names the node its pod runs on
+/// (Kubernetes 1.32 and later put it there for projected tokens bound to a pod).
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+/// The source: the shared view, the client, and the runtime that drives both.
+pub struct KubeSource {
+    pub view: Arc<Mutex<KubeView>>,
+    client: kube::Client,
+    runtime: tokio::runtime::Runtime,
+    policy: NodePolicy,
+}
+
+impl KubeSource {
+    /// Connects with the in-cluster configuration (or KUBECONFIG) and starts the watches.
+    pub fn connect(node_namespace: &str, policy: NodePolicy) -> anyhow::Result<KubeSource> {
+        let runtime = runtime()?;
+        let client = runtime.block_on(async {
+            let config = kube::Config::infer()
+                .await
+                .map_err(|e| anyhow::anyhow!("no Kubernetes configuration: {e}"))?;
+            kube::Client::try_from(config)
+                .map_err(|e| anyhow::anyhow!("the Kubernetes client: {e}"))
+        })?;
+        Ok(KubeSource::with_client(
+            runtime,
+            client,
+            node_namespace,
+            policy,
+        ))
+    }
+
+    /// The source over `client` (tests give one that answers with recorded responses).
+    pub fn with_client(
+        runtime: tokio::runtime::Runtime,
+        client: kube::Client,
+        node_namespace: &str,
+        policy: NodePolicy,
+    ) -> KubeSource {
+        let view = Arc::new(Mutex::new(KubeView::new(node_namespace)));
+        let v = view.clone();
+        runtime.spawn(watch(
+            Api::<core::Pod>::all(client.clone()),
+            v,
+            |v, all| v.pods_listed(all.iter().filter_map(pod).collect()),
+            |v, p| {
+                if let Some(p) = pod(p) {
+                    v.pod_applied(p)
+                }
+            },
+            |v, p| {
+                if let (Some(ns), Some(name)) = (&p.metadata.namespace, &p.metadata.name) {
+                    v.pod_deleted(ns, name)
+                }
+            },
+        ));
+        let v = view.clone();
+        runtime.spawn(watch(
+            Api::<core::Namespace>::all(client.clone()),
+            v,
+            |v, all| v.namespaces_listed(all.iter().filter_map(namespace).collect()),
+            |v, n| {
+                if let Some(n) = namespace(n) {
+                    v.namespace_applied(n)
+                }
+            },
+            |v, n| {
+                if let Some(name) = &n.metadata.name {
+                    v.namespace_deleted(name)
+                }
+            },
+        ));
+        let v = view.clone();
+        runtime.spawn(watch(
+            Api::<core::Node>::all(client.clone()),
+            v,
+            |v, all| v.nodes_listed(all.iter().filter_map(node).collect()),
+            |v, n| {
+                if let Some(n) = node(n) {
+                    v.node_applied(n)
+                }
+            },
+            |v, n| {
+                if let Some(name) = &n.metadata.name {
+                    v.node_deleted(name)
+                }
+            },
+        ));
+        KubeSource {
+            view,
+            client,
+            runtime,
+            policy,
+        }
+    }
+
+    /// The node a projected service-account token belongs to, as the API server says
+    /// (TokenReview), if it is one that may join.
+    pub fn review(&self, token: &str) -> Result<String, String> {
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let request = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.policy.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let answer = self.runtime.block_on(async {
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &request)).await
+        });
+        let reviewed = match answer {
+            Err(_) => return Err("the API server did not review the token in time".into()),
+            Ok(Err(e)) => return Err(format!("the API server refused the review: {e}")),
+            Ok(Ok(r)) => r,
+        };
+        let status = reviewed.status.unwrap_or_default();
+        let user = status.user.unwrap_or_default();
+        view::reviewed_node(
+            &view::Review {
+                authenticated: status.authenticated.unwrap_or(false),
+                error: status.error,
+                username: user.username.unwrap_or_default(),
+                audiences: status.audiences.unwrap_or_default(),
+                node: user
+                    .extra
+                    .unwrap_or_default()
+                    .remove(NODE_NAME_EXTRA)
+                    .unwrap_or_default(),
+            },
+            &self.policy,
+        )
+    }
+}
+
+/// A Tokio runtime of two worker threads for the watches and reviews.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kube")
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the Kubernetes runtime: {e}"))
+}
+
+/// Lists and watches `api` for ever (relisting after an expired watch, backing off after
+/// errors), applying what it reports to the view.
+async fn watch<K>(
+    api: Api<K>,
+    view: Arc<Mutex<KubeView>>,
+    listed: impl Fn(&mut KubeView, &[K]),
+    applied: impl Fn(&mut KubeView, &K),
+    deleted: impl Fn(&mut KubeView, &K),
+) where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut stream =
+        std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
+    let mut init = Vec::new();
+    while let Some(event) = stream.next().await {
+        let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            Ok(Event::Init) => init.clear(),
+            Ok(Event::InitApply(k)) => init.push(k),
+            Ok(Event::InitDone) => listed(&mut v, &std::mem::take(&mut init)),
+            Ok(Event::Apply(k)) => applied(&mut v, &k),
+            Ok(Event::Delete(k)) => deleted(&mut v, &k),
+            Err(e) => eprintln!("kubernetes watch: {e}"),
+        }
+    }
+}
+
+/// A pod as the view holds it; none without a namespace, name or UID.
+pub fn pod(p: &core::Pod) -> Option<Pod> {
+    let m = &p.metadata;
+    let spec = p.spec.as_ref();
+    let status = p.status.as_ref();
+    let ports = spec
+        .into_iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|port| {
+            let name = port.name.as_ref()?;
+            let proto = port
+                .protocol
+                .as_deref()
+                .unwrap_or("TCP")
+                .to_ascii_lowercase();
+            // Kubernetes validates the same rules; one it let through that ours refuse is left
+            // out rather than refusing the pod.
+            format!("{name}={}/{proto}", port.container_port)
+                .parse()
+                .ok()
+        })
+        .collect();
+    Some(Pod {
+        namespace: m.namespace.clone()?,
+        name: m.name.clone()?,
+        uid: m.uid.clone()?,
+        node: spec.and_then(|s| s.node_name.clone()),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        labels: m.labels.clone().unwrap_or_default(),
+        ports,
+        ips: status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.ip.parse().ok())
+            .collect(),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        finished: matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ),
+    })
+}
+
+/// A node as the view holds it: its pod CIDRs (`spec.podCIDRs`, else `spec.podCIDR`).
+pub fn node(n: &core::Node) -> Option<Node> {
+    let spec = n.spec.as_ref();
+    let texts: Vec<String> = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .filter(|c| !c.is_empty())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default();
+    Some(Node {
+        name: n.metadata.name.clone()?,
+        pod_cidrs: texts
+            .iter()
+            .filter_map(|c| c.parse::<Cidr>().ok())
+            .collect(),
+    })
+}
+
+/// A namespace as the view holds it: being deleted once it has a deletion time or its phase
+/// says Terminating.
+pub fn namespace(n: &core::Namespace) -> Option<Namespace> {
+    Some(Namespace {
+        name: n.metadata.name.clone()?,
+        terminating: n.metadata.deletion_timestamp.is_some()
+            || n.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating"),
+    })
+}
+
+#[cfg(test)]
+mod tests;
