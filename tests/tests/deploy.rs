@@ -376,6 +376,8 @@ fn the_issuer_runs_alone_with_read_only_rbac_and_the_nodes_join_it_as_it_expects
         .unwrap();
     let projected = &token["projected"]["sources"][0]["serviceAccountToken"];
     assert_eq!(projected["audience"].as_str().unwrap(), flag("--audience"));
+    // Readable by its owner only, or meshctl refuses it.
+    assert_eq!(token["projected"]["defaultMode"], 0o400);
     let join = dpod["initContainers"]
         .as_sequence()
         .unwrap()
