@@ -349,9 +349,21 @@ fn plumb(e: &Env, host: &str, mesh: &str, addrs: &[proto::Cidr]) -> Result<(), C
         all.extend_from_slice(args);
         must(&all)
     };
+    // The mesh interface's MTU on both ends: the pod's packets fit the tunnel, so it never
+    // depends on path-MTU discovery (a UDP sender of full-size datagrams would be refused).
+    let mtu_path = format!("/sys/class/net/{mesh}/mtu");
+    let mtu = std::fs::read_to_string(&mtu_path).map_err(|err| {
+        CniError::new(
+            spec::IO_FAILURE,
+            format!("reading {mtu_path}"),
+            err.to_string(),
+        )
+    })?;
+    let mtu = mtu.trim();
     // Made in the pod's namespace, its peer moved to ours (this process's).
     in_pod(&[
-        "ip", "link", "add", &e.ifname, "type", "veth", "peer", "name", host, "netns", &me,
+        "ip", "link", "add", &e.ifname, "mtu", mtu, "type", "veth", "peer", "name", host, "mtu",
+        mtu, "netns", &me,
     ])?;
     for (k, v) in [("rp_filter", "1"), ("forwarding", "1")] {
         must(&["sysctl", "-qw", &format!("net.ipv4.conf.{host}.{k}={v}")])?;

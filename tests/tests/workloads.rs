@@ -555,9 +555,44 @@ fn pods_added_by_the_cni_plugin_talk_across_nodes_as_themselves_and_cannot_spoof
         .lab
         .exec_ok(&pa, &["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
     assert!(shown.contains("100.64.4.1/32"), "{shown}");
+    // The pod's link takes the mesh interface's MTU: its packets fit the tunnel without
+    // path-MTU discovery (a full-size UDP datagram is sent, not refused).
+    let mesh_mtu = wl.lab.exec_ok(
+        &wl.nodes[0].0,
+        &["cat", &format!("/sys/class/net/{ifa}/mtu")],
+    );
+    let pod_link = wl
+        .lab
+        .exec_ok(&pa, &["ip", "-o", "link", "show", "dev", "eth0"]);
+    assert!(
+        pod_link.contains(&format!("mtu {} ", mesh_mtu.trim())),
+        "{pod_link} (mesh {mesh_mtu})"
+    );
     assert!(
         wl.lab.ping_until(&pb, "100.64.4.1", Duration::from_secs(5)),
         "api-1 reaches post-1 across the mesh"
+    );
+    let full = (mesh_mtu.trim().parse::<usize>().unwrap() - 28).to_string();
+    assert!(
+        wl.lab
+            .exec(
+                &pb,
+                &[
+                    "ping",
+                    "-c",
+                    "1",
+                    "-W",
+                    "2",
+                    "-M",
+                    "do",
+                    "-s",
+                    &full,
+                    "100.64.4.1"
+                ]
+            )
+            .status
+            .success(),
+        "a full-size packet crosses"
     );
     let (ok, _) = cni(&wl, 1, "CHECK", "ctr-post-1", &pa, "post-1", "u1", &ifa);
     assert!(ok);
