@@ -97,6 +97,15 @@ pub fn list(path: &Path, output: Output) -> Result<(), Failure> {
                     labels.join(",")
                 }
             );
+            // The workload identities in force behind it, one line each.
+            for w in &p.workloads {
+                println!(
+                    "  + {:<32}  {:<22}  until {}",
+                    w.identity,
+                    proto::cert::list(&w.addresses),
+                    crate::identity::utc(w.not_after)
+                );
+            }
         }
     }
     Ok(())

@@ -199,8 +199,8 @@ fn daemon_view(
     Ok((posture, trust_domain.unwrap_or(&own).to_string()))
 }
 
-/// The identities of the live mesh as the daemon at `socket` knows them: itself and its members,
-/// with the labels and first address of their certificates.
+/// The identities of the live mesh as the daemon at `socket` knows them: itself, its members and
+/// the workloads in force on them, with the labels and first address of their certificates.
 pub fn known(socket: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
     let first = |a: &[proto::Cidr]| a.first().map(|c| c.addr());
     let mut out = Vec::new();
@@ -213,18 +213,41 @@ pub fn known(socket: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
                 ports: crate::policy::named_ports(&own.ports),
             });
         }
+        // The workloads this node runs, in force.
+        out.extend(
+            s.workloads
+                .into_iter()
+                .filter(|w| w.state == "in force")
+                .filter_map(|w| w.certificate)
+                .map(workload_known),
+        );
     }
     match request(socket, &Request::PeerList)? {
-        Response::Peers(peers) => out.extend(peers.into_iter().map(|p| crate::policy::Known {
-            ip: first(&p.addrs),
-            identity: p.identity,
-            labels: p.labels,
-            ports: crate::policy::named_ports(&p.ports),
-        })),
+        Response::Peers(peers) => {
+            for p in peers {
+                // The workloads in force behind each member, as identities of their own.
+                out.extend(p.workloads.into_iter().map(workload_known));
+                out.push(crate::policy::Known {
+                    ip: first(&p.addrs),
+                    identity: p.identity,
+                    labels: p.labels,
+                    ports: crate::policy::named_ports(&p.ports),
+                });
+            }
+        }
         Response::Error { message } => return Err(anyhow!("meshd refused: {message}").into()),
         other => return Err(anyhow!("unexpected answer {other:?}").into()),
     }
     Ok(out)
+}
+
+fn workload_known(w: proto::admin::WorkloadInfo) -> crate::policy::Known {
+    crate::policy::Known {
+        ip: w.addresses.first().map(|c| c.addr()),
+        identity: w.identity,
+        labels: w.labels,
+        ports: crate::policy::named_ports(&w.ports),
+    }
 }
 
 /// Checks that `objs` compile as a whole (every error at once), naming the file and document of

@@ -167,6 +167,28 @@ fn table(s: &Status, wide: bool) -> String {
             }
         );
     }
+    if !s.workloads.is_empty() {
+        let _ = writeln!(o, "workloads {} attached", s.workloads.len());
+        let now = crate::ca::now();
+        for w in &s.workloads {
+            let _ = write!(
+                o,
+                "  {}/{} (uid {}): {}",
+                w.namespace, w.name, w.uid, w.state
+            );
+            if let Some(c) = &w.certificate {
+                let _ = write!(
+                    o,
+                    "  {}  {}  expires {} ({})",
+                    c.identity,
+                    proto::cert::list(&c.addresses),
+                    crate::identity::utc(c.not_after),
+                    time_left(c.not_after, now)
+                );
+            }
+            let _ = writeln!(o);
+        }
+    }
     let _ = writeln!(
         o,
         "interface {}  public key {}  port {}  mtu {}",
@@ -294,6 +316,14 @@ fn table(s: &Status, wide: bool) -> String {
                 p.last_seen_secs
                     .map_or("never".to_string(), |a| format!("{a}s ago"))
             );
+        }
+        if !p.workloads.is_empty() {
+            let ws: Vec<String> = p
+                .workloads
+                .iter()
+                .map(|w| format!("{} ({})", w.identity, proto::cert::list(&w.addresses)))
+                .collect();
+            let _ = writeln!(o, "    workloads: {}", ws.join(", "));
         }
         let ips: Vec<String> = p.allowed_ips.iter().map(|c| c.to_string()).collect();
         let _ = writeln!(

@@ -294,6 +294,53 @@ pub struct Status {
     /// Mesh mode: this node's own certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<OwnCertificate>,
+    /// Mesh mode: the workloads this node runs (attached), each with its identity once in
+    /// force here, or why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<AttachedWorkload>,
+}
+
+/// A workload identity in force: a workload certificate bound to a member's key.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    /// `TD/NS/NAME` (NAME is the service account).
+    pub identity: String,
+    pub addresses: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Named ports, `NAME=PORT/PROTO`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    pub serial: u64,
+    /// Unix seconds, RFC 3339 on the wire.
+    #[serde(with = "crate::time::as_rfc3339")]
+    pub not_after: u64,
+}
+
+impl WorkloadInfo {
+    pub fn of(c: &crate::cert::CertBody) -> WorkloadInfo {
+        WorkloadInfo {
+            identity: c.identity(),
+            addresses: c.addrs.clone(),
+            labels: c.labels.clone(),
+            ports: c.ports.iter().map(ToString::to_string).collect(),
+            serial: c.serial,
+            not_after: c.not_after,
+        }
+    }
+}
+
+/// A workload this node runs, as attached (the CNI plugin's ADD): which one, and its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AttachedWorkload {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// `in force`, `asking the issuer`, or `refused: WHY`.
+    pub state: String,
+    /// Its certificate, once the issuer gave one (kept through an issuer outage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<WorkloadInfo>,
 }
 
 /// What a node's control protocol spent on received datagrams, and what it refused, by reason
@@ -433,6 +480,9 @@ pub struct PeerStatus {
         with = "crate::time::option_rfc3339"
     )]
     pub cert_not_after: Option<u64>,
+    /// Mesh mode: the workload identities in force behind this peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadInfo>,
 }
 
 /// One member of the mesh as `meshctl peer list` shows it.
@@ -451,4 +501,7 @@ pub struct MemberInfo {
     /// Certificate expiry: Unix seconds, RFC 3339 on the wire.
     #[serde(with = "crate::time::as_rfc3339")]
     pub not_after: u64,
+    /// The workload identities in force behind this member.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadInfo>,
 }

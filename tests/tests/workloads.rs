@@ -258,6 +258,44 @@ fn a_node_gets_the_identity_of_a_workload_it_runs_and_only_that_and_a_detached_o
     assert!(!out.status.success());
     assert!(text(&out).contains("is now another one"), "{}", text(&out));
     assert_eq!(wl.allowed(1), ["100.64.3.2/32"]);
+    // Status, per workload: node A's attached workloads with their state; node B's view of A
+    // with the workload identity behind it; peer list the same.
+    let st = wl.lab.status(&wl.nodes[0].1);
+    let attached = st["workloads"].as_array().expect("node A's workloads");
+    let state = |name: &str| {
+        attached
+            .iter()
+            .find(|w| w["name"] == name)
+            .map(|w| w["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(state("post-1").as_deref(), Some("in force"), "{st}");
+    assert!(
+        state("api-1").is_some_and(|s| s.starts_with("refused: ")),
+        "{st}"
+    );
+    let post = attached.iter().find(|w| w["name"] == "post-1").unwrap();
+    assert_eq!(
+        post["certificate"]["identity"],
+        "example.org/microblog/post"
+    );
+    assert_eq!(post["certificate"]["addresses"][0], "100.64.4.1/32");
+    let st = wl.lab.status(&wl.nodes[1].1);
+    assert_eq!(
+        st["peers"][0]["workloads"][0]["identity"], "example.org/microblog/post",
+        "{st}"
+    );
+    let out = meshctl(&["status", "-i", &wl.nodes[0].1]);
+    assert!(
+        text(&out).contains("microblog/post-1 (uid u1): in force  example.org/microblog/post"),
+        "{}",
+        text(&out)
+    );
+    let out = meshctl(&["peer", "list", "-i", &wl.nodes[1].1]);
+    assert!(
+        text(&out).contains("+ example.org/microblog/post"),
+        "{}",
+        text(&out)
+    );
     // Packets to and from the pod's address cross as the pod's identity.
     wl.lab.exec_ok(
         &wl.nodes[0].0,
@@ -828,6 +866,29 @@ fn traffic_between_pods_of_one_node_is_decided_by_both_pods_policies() {
             .any(|r| r["src"]["name"] == "web" && r["dst"]["name"] == "post"),
         "the denial names both pods: {denied:?}"
     );
+    // What-if against the live mesh knows the pods as identities: this node's own (web, post)
+    // and the one behind node B (api), with their certificates' labels.
+    let check = |from: &str| {
+        meshctl(&[
+            "policy",
+            "check",
+            "-i",
+            &ifa,
+            "--from",
+            from,
+            "--to",
+            "microblog/post",
+            "--port",
+            "8080",
+        ])
+    };
+    let out = check("microblog/web");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("DENY"), "{}", text(&out));
+    let out = check("microblog/api");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("ALLOW"), "{}", text(&out));
+    assert!(text(&out).contains("post-allow-list"), "{}", text(&out));
     // post's egress is not restricted (the allow-list is for ingress): post reaches web, on the
     // same node, through meshd.
     let to_web: std::net::SocketAddr = "100.64.4.3:9000".parse().unwrap();

@@ -74,6 +74,10 @@ impl Admin {
                 Err(message) => Response::Error { message },
             },
             Request::PeerList => {
+                let mut behind = match self.workloads().await {
+                    Ok(w) => w.1,
+                    Err(r) => return r,
+                };
                 let members = self.members.lock();
                 Response::Peers(
                     members
@@ -90,6 +94,7 @@ impl Admin {
                                 endpoint: m.endpoint.to_string(),
                                 serial: b.serial,
                                 not_after: b.not_after,
+                                workloads: behind.remove(k).unwrap_or_default(),
                             }
                         })
                         .collect(),
@@ -261,6 +266,8 @@ impl Admin {
             status.spiffe_id = Some(own.spiffe_id.clone());
             status.certificate = Some(own);
         }
+        let mut behind = self.workloads().await?;
+        status.workloads = std::mem::take(&mut behind.0);
         let members = self.members.lock();
         for p in &mut status.peers {
             let key = proto::Key::from_base64(&p.public_key)
@@ -279,8 +286,28 @@ impl Admin {
                     .collect();
                 p.cert_not_after = Some(m.certificate.body.not_after);
             }
+            p.workloads = behind.1.remove(&key).unwrap_or_default();
         }
         Ok(status)
+    }
+
+    /// Mesh mode: the workloads this node runs, and those in force behind each member; nothing
+    /// otherwise.
+    #[allow(clippy::type_complexity)]
+    async fn workloads(
+        &self,
+    ) -> Result<
+        (
+            Vec<proto::admin::AttachedWorkload>,
+            std::collections::BTreeMap<[u8; 32], Vec<proto::admin::WorkloadInfo>>,
+        ),
+        Response,
+    > {
+        if self.me.is_none() {
+            return Ok(Default::default());
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.ask(Command::Workloads { reply }, answer).await
     }
 
     /// Hands `cmd` to the mesh task and waits for its answer.

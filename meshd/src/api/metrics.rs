@@ -395,6 +395,7 @@ mod tests {
                 labels: Default::default(),
                 ports: Vec::new(),
                 cert_not_after: Some(2_000_000_000),
+                workloads: Vec::new(),
             }],
             drops: [("handshake_failed".to_string(), 3)].into(),
             identity: Some("td/prod/web".into()),
@@ -428,6 +429,7 @@ mod tests {
                 serial: 42,
                 ..Default::default()
             }),
+            workloads: Vec::new(),
         }
     }
 

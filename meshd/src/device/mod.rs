@@ -484,6 +484,7 @@ impl Device {
                     labels: Default::default(),
                     ports: Vec::new(),
                     cert_not_after: None,
+                    workloads: Vec::new(),
                 }
             })
             .collect();
@@ -509,6 +510,7 @@ impl Device {
             policy: self.enforcer().map(|e| e.status()),
             control: None,
             certificate: None,
+            workloads: Vec::new(),
             control_rx_bytes: self
                 .control_rx_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),

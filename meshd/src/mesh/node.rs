@@ -478,6 +478,57 @@ impl Node {
         self.membership.workloads_of(&key)
     }
 
+    /// The workloads this node runs, each with its state, and the workload identities in force
+    /// behind each member: what `meshctl status` and `peer list` show.
+    pub fn workload_status(
+        &self,
+    ) -> (
+        Vec<proto::admin::AttachedWorkload>,
+        BTreeMap<[u8; 32], Vec<proto::admin::WorkloadInfo>>,
+    ) {
+        let in_force = self.own_workloads();
+        let attached = self
+            .attached()
+            .into_iter()
+            .map(|a| {
+                let state = match (&a.refused, &a.certificate) {
+                    (Some(why), _) => format!("refused: {why}"),
+                    (None, Some(c)) if in_force.contains(c) => "in force".to_string(),
+                    (None, Some(_)) => {
+                        "held, not in force (a newer certificate holds its address)".to_string()
+                    }
+                    (None, None) => "asking the issuer".to_string(),
+                };
+                proto::admin::AttachedWorkload {
+                    namespace: a.reference.namespace,
+                    name: a.reference.name,
+                    uid: a.reference.uid,
+                    state,
+                    certificate: a
+                        .certificate
+                        .as_ref()
+                        .map(|c| proto::admin::WorkloadInfo::of(&c.body)),
+                }
+            })
+            .collect();
+        let members = self
+            .membership
+            .members()
+            .keys()
+            .map(|k| {
+                let ws = self.membership.workloads_of(k);
+                (
+                    *k,
+                    ws.iter()
+                        .map(|c| proto::admin::WorkloadInfo::of(&c.body))
+                        .collect(),
+                )
+            })
+            .filter(|(_, ws): &(_, Vec<_>)| !ws.is_empty())
+            .collect();
+        (attached, members)
+    }
+
     /// The workload certificates in force of member `key`.
     #[cfg(test)]
     pub fn workloads_of(&self, key: &[u8; 32]) -> &[Certificate] {

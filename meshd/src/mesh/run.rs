@@ -69,6 +69,13 @@ pub enum Command {
         workload: proto::workload::WorkloadRef,
         reply: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
+    /// The workloads this node runs, and those in force behind each member.
+    Workloads {
+        reply: tokio::sync::oneshot::Sender<(
+            Vec<proto::admin::AttachedWorkload>,
+            BTreeMap<[u8; 32], Vec<proto::admin::WorkloadInfo>>,
+        )>,
+    },
     /// What the control protocol spent and refused.
     ControlStatus {
         reply: tokio::sync::oneshot::Sender<(
@@ -384,6 +391,10 @@ impl Mesh {
                     Err("detached before its identity was issued".into()),
                 );
                 Some(Event::Detach(workload))
+            }
+            Command::Workloads { reply } => {
+                let _ = reply.send(self.node.workload_status());
+                None
             }
             Command::ControlStatus { reply } => {
                 let own = self.node.own_certificate(now_ms());
