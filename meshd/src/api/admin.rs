@@ -293,16 +293,7 @@ impl Admin {
 
     /// Mesh mode: the workloads this node runs, and those in force behind each member; nothing
     /// otherwise.
-    #[allow(clippy::type_complexity)]
-    async fn workloads(
-        &self,
-    ) -> Result<
-        (
-            Vec<proto::admin::AttachedWorkload>,
-            std::collections::BTreeMap<[u8; 32], Vec<proto::admin::WorkloadInfo>>,
-        ),
-        Response,
-    > {
+    async fn workloads(&self) -> Result<crate::mesh::node::WorkloadStatus, Response> {
         if self.me.is_none() {
             return Ok(Default::default());
         }

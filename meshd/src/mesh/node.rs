@@ -37,6 +37,12 @@ const FLOOR_SAVE_INTERVAL_MS: u64 = 1_000;
 /// file N times); at once when one is cut or replaced.
 const MEMBERS_SAVE_INTERVAL_MS: u64 = 1_000;
 
+/// The workloads this node runs, and the workload identities in force behind each member.
+pub type WorkloadStatus = (
+    Vec<proto::admin::AttachedWorkload>,
+    BTreeMap<[u8; 32], Vec<proto::admin::WorkloadInfo>>,
+);
+
 /// Everything a node is configured with.
 pub struct NodeConfig {
     pub secret: StaticSecret,
@@ -480,12 +486,7 @@ impl Node {
 
     /// The workloads this node runs, each with its state, and the workload identities in force
     /// behind each member: what `meshctl status` and `peer list` show.
-    pub fn workload_status(
-        &self,
-    ) -> (
-        Vec<proto::admin::AttachedWorkload>,
-        BTreeMap<[u8; 32], Vec<proto::admin::WorkloadInfo>>,
-    ) {
+    pub fn workload_status(&self) -> WorkloadStatus {
         let in_force = self.own_workloads();
         let attached = self
             .attached()

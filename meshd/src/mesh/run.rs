@@ -71,10 +71,7 @@ pub enum Command {
     },
     /// The workloads this node runs, and those in force behind each member.
     Workloads {
-        reply: tokio::sync::oneshot::Sender<(
-            Vec<proto::admin::AttachedWorkload>,
-            BTreeMap<[u8; 32], Vec<proto::admin::WorkloadInfo>>,
-        )>,
+        reply: tokio::sync::oneshot::Sender<super::node::WorkloadStatus>,
     },
     /// What the control protocol spent and refused.
     ControlStatus {
