@@ -211,7 +211,6 @@ pub fn create(a: TokenArgs) -> Result<(), Failure> {
 }
 
 /// What the issuer answers a join request with: the node certificate for `sender`, or why not.
-/// `Ok(None)` when the request is to be dropped unanswered (its counters were taken meanwhile).
 pub fn answer_token(
     ca_path: &Path,
     secret: &[u8; 32],
@@ -290,6 +289,13 @@ fn sign_node(
         .and_then(|c| Ok((c, ca_dir.signing_key()?)))
         .map_err(|e| format!("the issuer cannot sign node certificates: {e:#}"))?;
     let body = body(&root)?;
+    // A revoked key (a node cut off) is given nothing, whatever it shows.
+    let crl = ca_dir
+        .revocation_list(&root)
+        .map_err(|e| format!("the issuer cannot read the revocation list: {e:#}"))?;
+    if crl.is_some_and(|l| l.keys.contains(&body.public_key)) {
+        return Err("this key is revoked".into());
+    }
     proto::cert::check_ranges(&root.body, &body).map_err(|e| e.to_string())?;
     let cert = body.sign(&key).map_err(|e| format!("not signed: {e}"))?;
     ca_dir

@@ -156,8 +156,12 @@ pub fn redeem(
     }
 }
 
+/// How far before `now` a node certificate from a join starts: a node whose clock is a little
+/// behind the issuer's still takes it.
+pub const CLOCK_SKEW_SECS: u64 = 120;
+
 /// The node certificate a redeemed invitation makes, for `public_key`, signed by `issuer`
-/// (the CA), living from `now`, never past `ca_not_after`.
+/// (the CA), living from `now` (less [`CLOCK_SKEW_SECS`]), never past `ca_not_after`.
 pub fn node_body(
     invitation: &Invitation,
     trust_domain: &str,
@@ -170,7 +174,7 @@ pub fn node_body(
     CertBody {
         kind: CertKind::Identity,
         serial,
-        not_before: now,
+        not_before: now.saturating_sub(CLOCK_SKEW_SECS),
         not_after: now
             .saturating_add(invitation.lifetime_secs)
             .min(ca_not_after),

@@ -444,6 +444,37 @@ fn a_node_joins_with_a_single_use_token_and_its_private_key_never_leaves_it() {
                 .is_some_and(|p| p.iter().any(|p| p["identity"] == "example.org/nodes/vm-1"))
         },
     );
+    // The node is revoked (its key with it): its token, still good, gives it nothing more.
+    let node_dir = wl.lab.dir.join("vm-1");
+    let out = meshctl(&[
+        "ca",
+        "revoke",
+        "--ca",
+        &wl.ca(),
+        "--cert",
+        node_dir.join("node.crt").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let revoked_crt = std::fs::read(node_dir.join("node.crt")).unwrap();
+    let out = wl.lab.exec(
+        &vm,
+        &[
+            bin("meshctl").to_str().unwrap(),
+            "join",
+            "--token",
+            &good,
+            "--out",
+            node_dir.to_str().unwrap(),
+            "--wait",
+            "5s",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("this key is revoked"), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(node_dir.join("node.crt")).unwrap(),
+        revoked_crt
+    );
 }
 
 /// Every file under `dir`.

@@ -205,6 +205,19 @@ impl WorkloadView for KubeView {
         } else {
             p.ips.clone()
         };
+        // Only addresses a pod of that node may hold: inside its pod CIDRs, never the block's
+        // network address or the node's own. A node can write its pods' reported addresses
+        // (the kubelet patches pod status), so one naming another node's pod's address is
+        // given none, never a certificate that would take that address over.
+        let blocks = self.nodes.get(&node).map(Vec::as_slice).unwrap_or_default();
+        let ips: Vec<IpAddr> = ips
+            .into_iter()
+            .filter(|a| {
+                blocks
+                    .iter()
+                    .any(|c| c.contains(*a) && nth(c, 0) != Some(*a) && nth(c, 1) != Some(*a))
+            })
+            .collect();
         Some(Workload {
             reference: WorkloadRef {
                 namespace: p.namespace.clone(),
@@ -275,8 +288,11 @@ pub fn reviewed_node(r: &Review, policy: &NodePolicy) -> Result<String, String> 
     }
     match r.node.as_slice() {
         [n] if is_dns_subdomain(n) => Ok(n.clone()),
-        _ => Err("the token names no node (Kubernetes binds projected tokens to their pod's                   node from 1.32 on)"
-            .into()),
+        _ => Err(concat!(
+            "the token names no node (Kubernetes binds projected tokens to their pod's node ",
+            "from 1.32 on)"
+        )
+        .into()),
     }
 }
 

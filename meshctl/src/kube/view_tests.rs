@@ -89,6 +89,16 @@ fn a_reported_address_is_the_pods_own_and_never_given_to_another() {
 }
 
 #[test]
+fn a_reported_address_outside_the_nodes_block_is_no_address_of_the_pod() {
+    // A compromised node patches its pod's status with another node's pod's address, or its
+    // own: the pod holds no address, and so is given no certificate.
+    for stolen in ["100.64.2.23", "100.64.1.1", "100.64.1.0", "198.18.0.11"] {
+        let v = view(vec![pod("thief", "u7", Some("node-1"), &[stolen])]);
+        assert_eq!(addrs(&v, "thief"), Vec::<String>::new(), "{stolen}");
+    }
+}
+
+#[test]
 fn an_issuer_that_restarts_gives_a_pod_the_same_address_again() {
     let pods: Vec<Pod> = (0..20)
         .map(|i| pod(&format!("p{i}"), &format!("uid-{i}"), Some("node-2"), &[]))
