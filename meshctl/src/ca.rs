@@ -95,6 +95,20 @@ impl CaDir {
     }
 }
 
+/// The CA certificate of the CA directory `dir`, or an input error that says it is none.
+pub fn root_of(dir: &Path) -> Result<Certificate, crate::Failure> {
+    CaDir {
+        dir: dir.to_path_buf(),
+    }
+    .certificate()
+    .map_err(|e| {
+        crate::Failure::input(e.context(format!(
+            "{} is not a CA directory (see meshctl ca init)",
+            dir.display()
+        )))
+    })
+}
+
 pub fn load_certificate(path: &Path) -> anyhow::Result<Certificate> {
     let bytes = armor::decode(armor::CERTIFICATE, &files::read(path)?)
         .with_context(|| format!("{}", path.display()))?;

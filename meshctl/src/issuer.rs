@@ -135,16 +135,7 @@ pub struct KubeArgs {
 
 /// `meshctl ca serve --prepare`: the issuer's files, made if missing, and its key.
 pub fn prepare(ca_path: &Path) -> Result<(), Failure> {
-    let root = CaDir {
-        dir: ca_path.to_path_buf(),
-    }
-    .certificate()
-    .map_err(|e| {
-        Failure::input(e.context(format!(
-            "{} is not a CA directory (see meshctl ca init)",
-            ca_path.display()
-        )))
-    })?;
+    let root = ca::root_of(ca_path)?;
     let issuer = IssuerDir::of(ca_path);
     let keys = issuer.load_or_create(&root)?;
     println!(
@@ -193,12 +184,7 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> R
     let ca = CaDir {
         dir: ca_path.to_path_buf(),
     };
-    let root = ca.certificate().map_err(|e| {
-        Failure::input(e.context(format!(
-            "{} is not a CA directory (see meshctl ca init)",
-            ca_path.display()
-        )))
-    })?;
+    let root = ca::root_of(ca_path)?;
     let issuer = IssuerDir::of(ca_path);
     let keys = issuer.load_or_create(&root)?;
     let workload_ca = ca::load_certificate(&issuer.ca_cert())?;

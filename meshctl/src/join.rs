@@ -155,13 +155,7 @@ pub fn create(a: TokenArgs) -> Result<(), Failure> {
         routes,
         ports,
     } = a.fields.parse()?;
-    let ca_dir = CaDir { dir: a.ca.clone() };
-    let root = ca_dir.certificate().map_err(|e| {
-        input(e.context(format!(
-            "{} is not a CA directory (see meshctl ca init)",
-            a.ca.display()
-        )))
-    })?;
+    let root = ca::root_of(&a.ca)?;
     let mut secret = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
     let now = ca::now();
@@ -223,20 +217,10 @@ pub fn answer_token(
         .map_err(|e| format!("the issuer cannot read its tokens: {e:#}"))?
         .ok_or_else(|| proto::join::JoinRefusal::Unknown.to_string())?;
     proto::join::redeem(&invitation, secret, sender, now).map_err(|e| e.to_string())?;
-    sign_node(ca_path, |root| {
-        // Redeemed before it is answered: a second key is refused even if this answer is lost.
-        invitation.redeemed_by = Some(*sender);
-        save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
-        Ok(proto::join::node_body(
-            &invitation,
-            &root.body.trust_domain,
-            *sender,
-            root.body.public_key,
-            ca::new_serial(),
-            now,
-            root.body.not_after,
-        ))
-    })
+    // Redeemed before it is answered: a second key is refused even if this answer is lost.
+    invitation.redeemed_by = Some(*sender);
+    save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
+    sign_node(ca_path, &invitation, sender, now)
 }
 
 /// The certificate of Kubernetes node `name` (whose projected token the API server vouched
@@ -262,24 +246,16 @@ pub fn answer_node(
         lifetime_secs,
         redeemed_by: None,
     };
-    sign_node(ca_path, |root| {
-        Ok(proto::join::node_body(
-            &invitation,
-            &root.body.trust_domain,
-            *sender,
-            root.body.public_key,
-            ca::new_serial(),
-            now,
-            root.body.not_after,
-        ))
-    })
+    sign_node(ca_path, &invitation, sender, now)
 }
 
-/// Signs the node certificate `body` makes with the CA's key, within the CA's scope, and
-/// records it.
+/// Signs the node certificate `invitation` makes for `sender` with the CA's key, within the
+/// CA's scope, unless the key is revoked, and records it.
 fn sign_node(
     ca_path: &Path,
-    body: impl FnOnce(&Certificate) -> Result<proto::cert::CertBody, String>,
+    invitation: &Invitation,
+    sender: &[u8; 32],
+    now: u64,
 ) -> Result<Certificate, String> {
     let ca_dir = CaDir {
         dir: ca_path.to_path_buf(),
@@ -288,7 +264,15 @@ fn sign_node(
         .certificate()
         .and_then(|c| Ok((c, ca_dir.signing_key()?)))
         .map_err(|e| format!("the issuer cannot sign node certificates: {e:#}"))?;
-    let body = body(&root)?;
+    let body = proto::join::node_body(
+        invitation,
+        &root.body.trust_domain,
+        *sender,
+        root.body.public_key,
+        ca::new_serial(),
+        now,
+        root.body.not_after,
+    );
     // A revoked key (a node cut off) is given nothing, whatever it shows.
     let crl = ca_dir
         .revocation_list(&root)
