@@ -1,6 +1,7 @@
 //! `meshctl ca`: the mesh's root of trust. A CA directory holds `ca.key` (Ed25519 seed, mode
 //! 0600), `ca.crt` (the self-signed CA certificate), `revoked.crl` (the signed revocation list)
-//! and `issued.jsonl` (one line per certificate issued: what `ca revoke --serial` checks).
+//! and `issued.jsonl` (one line per certificate issued and not yet expired: what `ca revoke
+//! --serial` checks).
 
 use crate::Failure;
 use anyhow::{anyhow, Context};
@@ -12,11 +13,19 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CA_TTL: &str = "3650d";
 
+/// The size of `issued.jsonl` beyond which the lines of expired certificates are dropped.
+pub const COMPACT_RECORD_BYTES: u64 = 1024 * 1024;
+
 pub struct CaDir {
     pub dir: PathBuf,
 }
 
 impl CaDir {
+    pub fn of(dir: &Path) -> CaDir {
+        CaDir {
+            dir: dir.to_path_buf(),
+        }
+    }
     pub fn key_path(&self) -> PathBuf {
         self.dir.join("ca.key")
     }
@@ -30,16 +39,36 @@ impl CaDir {
         self.dir.join("issued.jsonl")
     }
 
+    /// The CA directory's lock, held until the file returned is dropped: what two processes
+    /// on one CA directory (two `ca serve`, an issuer and `identity issue`) must not do at once,
+    /// such as redeeming a token or compacting the record, is done under it.
+    pub fn lock(&self) -> anyhow::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        f.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+        Ok(f)
+    }
+
     /// Records a certificate this CA issued (appended, mode 0600 like the rest of the CA).
     pub fn record(&self, body: &CertBody) -> anyhow::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
+        let _locked = self.lock()?;
         let path = self.issued_path();
         let line = serde_json::json!({
             "serial": body.serial,
             "identity": body.identity(),
             "public_key": proto::Key(body.public_key).to_base64(),
             "not_after": crate::identity::utc(body.not_after),
+            "expires": body.not_after,
         });
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -47,7 +76,31 @@ impl CaDir {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))
+        writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        drop(f);
+        if size > COMPACT_RECORD_BYTES {
+            self.compact_record(now())?;
+        }
+        Ok(())
+    }
+
+    /// Drops the lines of certificates expired before `now` from the record: revoking one is
+    /// pointless, and an online issuer's record would otherwise grow without end. Lines without
+    /// an expiry (written by older meshctl) are kept. The caller holds [`CaDir::lock`].
+    fn compact_record(&self, now: u64) -> anyhow::Result<()> {
+        let path = self.issued_path();
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .map_or(true, |v| v["expires"].as_u64().is_none_or(|e| e >= now))
+            })
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        files::replace(&path, kept.as_bytes(), 0o600)
     }
 
     /// Whether this CA issued `serial`; `None` when it keeps no record (made before meshctl kept
@@ -97,11 +150,7 @@ impl CaDir {
 
 /// The CA certificate of the CA directory `dir`, or an input error that says it is none.
 pub fn root_of(dir: &Path) -> Result<Certificate, crate::Failure> {
-    CaDir {
-        dir: dir.to_path_buf(),
-    }
-    .certificate()
-    .map_err(|e| {
+    CaDir::of(dir).certificate().map_err(|e| {
         crate::Failure::input(e.context(format!(
             "{} is not a CA directory (see meshctl ca init)",
             dir.display()
@@ -150,9 +199,7 @@ pub fn init(
         .collect::<Result<_, _>>()?;
     ranges.sort();
     ranges.dedup();
-    let ca = CaDir {
-        dir: out.to_path_buf(),
-    };
+    let ca = CaDir::of(out);
     if ca.key_path().exists() || ca.cert_path().exists() {
         return Err(anyhow!(
             "{} already holds a CA; refusing to overwrite it",
@@ -212,9 +259,7 @@ pub fn revoke(
     key: Option<&str>,
     cert_file: Option<&Path>,
 ) -> Result<(), Failure> {
-    let ca = CaDir {
-        dir: dir.to_path_buf(),
-    };
+    let ca = CaDir::of(dir);
     let signing = ca.signing_key()?;
     let cert = ca.certificate()?;
     if cert.body.public_key != signing.verifying_key().to_bytes() {
@@ -226,8 +271,9 @@ pub fn revoke(
             Some(true) => {}
             Some(false) => {
                 return Err(Failure::input(anyhow!(
-                    "--serial {s}: this CA never issued it (not in {}); revoke a certificate \
-                     with --cert FILE, a key with --key",
+                    "--serial {s}: not in {} (this CA never issued it, or it expired and was \
+                     dropped from the record); revoke a certificate with --cert FILE, a key with \
+                     --key",
                     ca.issued_path().display()
                 )))
             }
@@ -335,10 +381,7 @@ pub fn crl_inspect(
     let verification = match ca_dir {
         None => None,
         Some(d) => {
-            let ca = CaDir {
-                dir: d.to_path_buf(),
-            }
-            .certificate()?;
+            let ca = CaDir::of(d).certificate()?;
             Some(match crl.verify(&ca) {
                 Ok(()) => "ok".to_string(),
                 Err(e) => e.to_string(),
@@ -386,5 +429,44 @@ pub fn crl_inspect(
     match &view.verification {
         Some(v) if v != "ok" => Err(anyhow!("{}: {v}", file.display()).into()),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_drops_expired_certificates_and_keeps_the_rest() {
+        let dir = std::env::temp_dir().join(format!("meshctl-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = CaDir::of(&dir);
+        let body = |serial: u64, not_after: u64| {
+            let mut b = CertBody::ca("example.org", "n", [1; 32], serial, (0, not_after), vec![]);
+            b.namespace = "nodes".into();
+            b
+        };
+        std::fs::write(
+            ca.issued_path(),
+            "{\"serial\":1,\"identity\":\"older meshctl\"}\n",
+        )
+        .unwrap();
+        ca.record(&body(2, 100)).unwrap();
+        ca.record(&body(3, 5_000)).unwrap();
+        {
+            let _locked = ca.lock().unwrap();
+            ca.compact_record(1_000).unwrap();
+        }
+        assert_eq!(ca.issued(1).unwrap(), Some(true), "no expiry: kept");
+        assert_eq!(ca.issued(2).unwrap(), Some(false), "expired: dropped");
+        assert_eq!(ca.issued(3).unwrap(), Some(true));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(ca.issued_path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

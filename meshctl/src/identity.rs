@@ -260,9 +260,7 @@ pub fn inspect(file: &Path, ca_dir: Option<&Path>, output: Output) -> Result<(),
     let now = ca::now();
     let verification: Option<Result<(), String>> = match (ca_dir, cert.body.kind) {
         (Some(dir), CertKind::Identity) => {
-            let d = CaDir {
-                dir: dir.to_path_buf(),
-            };
+            let d = CaDir::of(dir);
             let ca_cert = d.certificate()?;
             let crl = d.revocation_list(&ca_cert)?;
             Some(

@@ -6,6 +6,7 @@
 
 use crate::ca::{self, CaDir};
 use crate::identity::{FieldArgs, Fields, DEFAULT_IDENTITY_TTL};
+use crate::issuer::joins::Joins;
 use crate::issuer::IssuerDir;
 use crate::Failure;
 use anyhow::{anyhow, bail, Context};
@@ -207,10 +208,28 @@ pub fn create(a: TokenArgs) -> Result<(), Failure> {
 /// What the issuer answers a join request with: the node certificate for `sender`, or why not.
 pub fn answer_token(
     ca_path: &Path,
+    joins: &mut Joins,
     secret: &[u8; 32],
     sender: &[u8; 32],
     now: u64,
 ) -> Result<Certificate, String> {
+    let invitation = redeem_token(ca_path, secret, sender, now)?;
+    sign_node(ca_path, joins, &invitation, sender, now)
+}
+
+/// The invitation of the token with `secret`, redeemed by `sender` if it may be. Under the CA
+/// directory's lock: of two issuers on one CA directory, one redeems a token first and the other
+/// sees it redeemed.
+fn redeem_token(
+    ca_path: &Path,
+    secret: &[u8; 32],
+    sender: &[u8; 32],
+    now: u64,
+) -> Result<Invitation, String> {
+    let ca_dir = CaDir::of(ca_path);
+    let _locked = ca_dir
+        .lock()
+        .map_err(|e| format!("the issuer cannot lock its CA directory: {e:#}"))?;
     let dir = tokens_dir(ca_path);
     let id = proto::join::token_id(secret);
     let mut invitation = load_token(&dir, &id)
@@ -218,25 +237,25 @@ pub fn answer_token(
         .ok_or_else(|| proto::join::JoinRefusal::Unknown.to_string())?;
     proto::join::redeem(&invitation, secret, sender, now).map_err(|e| e.to_string())?;
     // Redeemed before it is answered: a second key is refused even if this answer is lost.
-    invitation.redeemed_by = Some(*sender);
-    save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
-    sign_node(ca_path, &invitation, sender, now)
+    if invitation.redeemed_by.is_none() {
+        invitation.redeemed_by = Some(*sender);
+        save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
+    }
+    Ok(invitation)
 }
 
-/// The certificate of Kubernetes node `name` (whose projected token the API server vouched
-/// for), as `namespace/name` with `addrs`, for `sender`.
-pub fn answer_node(
-    ca_path: &Path,
+/// What a Kubernetes node whose projected token the API server vouched for is given: the
+/// certificate of `namespace/name` with `addrs`, for `lifetime_secs` (sign it with
+/// [`sign_node`]).
+pub fn node_invitation(
     namespace: &str,
     name: &str,
     addrs: Vec<proto::Cidr>,
     lifetime_secs: u64,
-    sender: &[u8; 32],
-    now: u64,
-) -> Result<Certificate, String> {
-    let invitation = Invitation {
+) -> Invitation {
+    Invitation {
         verifier: [0; 32],
-        expires: now,
+        expires: 0,
         namespace: namespace.to_string(),
         name: name.to_string(),
         labels: BTreeMap::new(),
@@ -245,21 +264,20 @@ pub fn answer_node(
         ports: Vec::new(),
         lifetime_secs,
         redeemed_by: None,
-    };
-    sign_node(ca_path, &invitation, sender, now)
+    }
 }
 
 /// Signs the node certificate `invitation` makes for `sender` with the CA's key, within the
-/// CA's scope, unless the key is revoked, and records it.
-fn sign_node(
+/// CA's scope, unless the key is revoked, and records it; or gives the one given a moment ago
+/// ([`Joins`]).
+pub fn sign_node(
     ca_path: &Path,
+    joins: &mut Joins,
     invitation: &Invitation,
     sender: &[u8; 32],
     now: u64,
 ) -> Result<Certificate, String> {
-    let ca_dir = CaDir {
-        dir: ca_path.to_path_buf(),
-    };
+    let ca_dir = CaDir::of(ca_path);
     let (root, key) = ca_dir
         .certificate()
         .and_then(|c| Ok((c, ca_dir.signing_key()?)))
@@ -280,12 +298,14 @@ fn sign_node(
     if crl.is_some_and(|l| l.keys.contains(&body.public_key)) {
         return Err("this key is revoked".into());
     }
-    proto::cert::check_ranges(&root.body, &body).map_err(|e| e.to_string())?;
-    let cert = body.sign(&key).map_err(|e| format!("not signed: {e}"))?;
-    ca_dir
-        .record(&cert.body)
-        .map_err(|e| format!("not recorded: {e:#}"))?;
-    Ok(cert)
+    joins.answer(&body.identity(), sender, now, || {
+        proto::cert::check_ranges(&root.body, &body).map_err(|e| e.to_string())?;
+        let cert = body.sign(&key).map_err(|e| format!("not signed: {e}"))?;
+        ca_dir
+            .record(&cert.body)
+            .map_err(|e| format!("not recorded: {e:#}"))?;
+        Ok(cert)
+    })
 }
 
 #[derive(clap::Args)]
@@ -582,4 +602,78 @@ fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA in a fresh directory, with one token for nodes/n1 (100.64.0.1) filed; its secret.
+    fn ca_with_token(tag: &str) -> (PathBuf, [u8; 32]) {
+        let dir = std::env::temp_dir().join(format!("meshctl-join-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(ca::init("example.org", &dir, "1d", &["100.64.0.0/16".into()]).is_ok());
+        let secret = [9u8; 32];
+        let invitation = Invitation {
+            verifier: proto::join::verifier(&secret),
+            expires: ca::now() + 3600,
+            namespace: "nodes".into(),
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            addrs: vec!["100.64.0.1/32".parse().unwrap()],
+            routes: vec![],
+            ports: vec![],
+            lifetime_secs: 3600,
+            redeemed_by: None,
+        };
+        save_token(
+            &tokens_dir(&dir),
+            &proto::join::token_id(&secret),
+            &invitation,
+        )
+        .unwrap();
+        (dir, secret)
+    }
+
+    #[test]
+    fn of_keys_racing_for_one_token_on_two_issuers_exactly_one_redeems_it() {
+        let (dir, secret) = ca_with_token("race");
+        // Each thread is an issuer of its own (its own memory of joins), on one CA directory.
+        let results: Vec<Result<Certificate, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..=8u8)
+                .map(|k| {
+                    let dir = &dir;
+                    s.spawn(move || {
+                        answer_token(dir, &mut Joins::default(), &secret, &[k; 32], ca::now())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+        assert_eq!(won.len(), 1, "{results:?}");
+        for r in results.iter().filter(|r| r.is_err()) {
+            assert!(r.as_ref().unwrap_err().contains("used already"), "{r:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_flood_of_joins_by_the_token_holder_is_one_signature_and_one_record() {
+        let (dir, secret) = ca_with_token("flood");
+        let mut joins = Joins::default();
+        let now = ca::now();
+        let first = answer_token(&dir, &mut joins, &secret, &[1; 32], now).unwrap();
+        for _ in 0..200 {
+            let again = answer_token(&dir, &mut joins, &secret, &[1; 32], now).unwrap();
+            assert_eq!(again.body.serial, first.body.serial);
+        }
+        let record = std::fs::read_to_string(CaDir::of(&dir).issued_path()).unwrap();
+        assert_eq!(
+            record.lines().filter(|l| l.contains("nodes/n1")).count(),
+            1,
+            "{record}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

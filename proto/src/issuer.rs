@@ -71,7 +71,11 @@ impl Responder {
         let Datagram::Sealed(sealed) = control::decode(datagram).map_err(|e| e.to_string())? else {
             return Err("not a sealed datagram".into());
         };
-        if !self.per_source.allow(from.ip(), now_ms) || !self.opens.allow((), now_ms) {
+        if !self
+            .per_source
+            .allow(crate::limiter::source_of(from.ip()), now_ms)
+            || !self.opens.allow((), now_ms)
+        {
             return Err("over budget".into());
         }
         let opened = sealed.open(&self.secret).map_err(|e| e.to_string())?;

@@ -57,10 +57,34 @@ impl<K: Hash + Eq + Copy> SourceLimiter<K> {
     }
 }
 
+/// The source a budget per source is kept for: an IPv4 address, or an IPv6 address's /64 (one
+/// host is commonly given a whole /64, so its addresses are one source).
+pub fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => ip,
+        std::net::IpAddr::V6(a) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(a) & !((1u128 << 64) - 1),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::IpAddr;
+
+    #[test]
+    fn an_ipv6_host_is_one_source_whatever_address_of_its_64_it_sends_from() {
+        let mut l = SourceLimiter::new(1, 1, 16);
+        let a: IpAddr = "fd00:1:2:3::1".parse().unwrap();
+        let b: IpAddr = "fd00:1:2:3:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other: IpAddr = "fd00:1:2:4::1".parse().unwrap();
+        assert!(l.allow(source_of(a), 0));
+        assert!(!l.allow(source_of(b), 0), "the same /64");
+        assert!(l.allow(source_of(other), 0), "another /64");
+        let v4: IpAddr = "198.18.0.1".parse().unwrap();
+        assert_eq!(source_of(v4), v4);
+    }
 
     #[test]
     fn bursts_then_refills_at_the_rate_per_source() {

@@ -12,10 +12,43 @@ use std::time::Duration;
 
 const ISSUER: &str = "198.18.3.100:7100";
 const API: &str = "127.0.0.1:6443";
-/// What the node's projected token file holds; the stand-in reviews it as node-2's.
-const NODE_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImxhYiJ9.bm9kZS0y.c2ln";
-/// A token the stand-in reviews as expired.
-const EXPIRED_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImxhYiJ9.ZXhwaXJlZA.c2ln";
+/// How long the node's projected token has left: its node certificate lives no longer.
+const TOKEN_LEFT_SECS: u64 = 1800;
+
+/// A projected token as the kubelet writes it, of meshd's pod on node-2 (the recorded
+/// meshd-x7k2p), expiring at `exp`. Its signature is junk: only the stand-in's review vouches
+/// for a token.
+fn projected_token(exp: u64) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let claims = serde_json::json!({
+        "aud": ["meshd-issuer"],
+        "exp": exp,
+        "iat": exp - 3600,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "kubernetes.io": {
+            "namespace": "kube-system",
+            "node": {"name": "node-2", "uid": "c0ffee00-0000-4000-8000-000000000002"},
+            "pod": {"name": "meshd-x7k2p", "uid": "8f7e6d5c-4b3a-4291-8807-f6e5d4c3b2a1"},
+            "serviceaccount": {"name": "meshd", "uid": "6d5c4b3a-2918-4706-95f4-e3d2c1b0a9f8"}
+        },
+        "nbf": exp - 3600,
+        "sub": "system:serviceaccount:kube-system:meshd"
+    });
+    format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"RS256","kid":"lab"}"#),
+        b64(claims.to_string().as_bytes()),
+        b64(exp.to_string().as_bytes())
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
 
 fn recorded(file: &str) -> Vec<u8> {
     std::fs::read(
@@ -27,8 +60,9 @@ fn recorded(file: &str) -> Vec<u8> {
 }
 
 /// The stand-in API server on `API` in namespace `ns`: lists from the recordings, the pod watch's
-/// recorded events (then the watch stays open, as every other watch), TokenReviews by token.
-fn api_server(ns: &str) {
+/// recorded events (then the watch stays open, as every other watch), TokenReviews by token:
+/// `node_token` is node-2's, any other is refused as the API server refuses an expired one.
+fn api_server(ns: &str, node_token: String) {
     let ready = std::sync::mpsc::channel();
     let tx = ready.0;
     in_netns(ns, move || {
@@ -93,9 +127,10 @@ fn api_server(ns: &str) {
                 "/apis/authentication.k8s.io/v1/tokenreviews" => {
                     let asked: serde_json::Value =
                         serde_json::from_slice(&body).unwrap_or_default();
-                    let file = match asked["spec"]["token"].as_str() {
-                        Some(NODE_TOKEN) => "tokenreview-node.json",
-                        _ => "tokenreview-expired.json",
+                    let file = if asked["spec"]["token"].as_str() == Some(&node_token) {
+                        "tokenreview-node.json"
+                    } else {
+                        "tokenreview-expired.json"
                     };
                     send(&mut conn, "201 Created", &recorded(file));
                 }
@@ -132,7 +167,8 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     let iss = lab.host("iss");
     lab.attach(&sw, &iss, "198.18.3.100/24");
     lab.exec_ok(&iss, &["ip", "link", "set", "lo", "up"]);
-    api_server(&iss);
+    let node_token = projected_token(unix_now() + TOKEN_LEFT_SECS);
+    api_server(&iss, node_token.clone());
     let kubeconfig = lab.dir.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -171,11 +207,14 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     lab.attach(&sw, &node, "198.18.3.2/24");
     let tokens = lab.dir.join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
-    std::fs::write(tokens.join("node"), NODE_TOKEN).unwrap();
-    std::fs::write(tokens.join("expired"), EXPIRED_TOKEN).unwrap();
+    std::fs::write(tokens.join("node"), &node_token).unwrap();
+    // Expired by its own claims: refused without asking the API server.
+    std::fs::write(tokens.join("expired"), projected_token(unix_now() - 60)).unwrap();
+    // Claims that pass, but a token the API server never issued (it refuses the review).
+    std::fs::write(tokens.join("forged"), projected_token(unix_now() + 600)).unwrap();
     // As the DaemonSet projects it (defaultMode 0400): a credential no one else reads.
     use std::os::unix::fs::PermissionsExt;
-    for t in ["node", "expired"] {
+    for t in ["node", "expired", "forged"] {
         std::fs::set_permissions(tokens.join(t), std::fs::Permissions::from_mode(0o400)).unwrap();
     }
     let ids = lab.dir.join("identity");
@@ -200,6 +239,9 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     };
     let out = join("expired", &lab.dir.join("refused"));
     assert!(!out.status.success());
+    assert!(text(&out).contains("the token expired"), "{}", text(&out));
+    let out = join("forged", &lab.dir.join("refused"));
+    assert!(!out.status.success());
     assert!(
         text(&out).contains("service account token has expired"),
         "{}",
@@ -209,6 +251,29 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("joined as example.org/nodes/node-2 (100.64.2.1/32, fd00:64:2::1/128)"),
+        "{}",
+        text(&out)
+    );
+    // The certificate lives as long as the token, not the issuer's 24 h: a token taken from a
+    // node is worth no more than what is left of it.
+    let cert = proto::cert::Certificate::decode(
+        &proto::armor::decode(
+            proto::armor::CERTIFICATE,
+            &std::fs::read_to_string(ids.join("node.crt")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let left = cert.body.not_after.saturating_sub(unix_now());
+    assert!(
+        (TOKEN_LEFT_SECS - 120..=TOKEN_LEFT_SECS).contains(&left),
+        "the node certificate has {left} s left"
+    );
+    // The same token from another key, a moment later: refused (one key per node a minute).
+    let out = join("node", &lab.dir.join("second-key"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("another key joined as"),
         "{}",
         text(&out)
     );
@@ -265,7 +330,17 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
         text(&out)
     );
     assert!(text(&out).contains("100.64.2.41/32"), "{}", text(&out));
-    // search, added by the watch without an address: one from node-2's blocks.
+    // search, added by the watch without an address: one from node-2's blocks, once the
+    // issuer's grace after listing is over (it assigns nothing in it).
+    wait_for(
+        "the issuer to assign addresses",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(lab.dir.join("issuer.log"))
+                .unwrap_or_default()
+                .contains("assigning pod addresses")
+        },
+    );
     let out = attach("search-6f7a8-p0wlm", "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f");
     assert!(out.status.success(), "{}", text(&out));
     assert!(

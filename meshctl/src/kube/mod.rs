@@ -3,8 +3,9 @@
 //! [`view::KubeView`] that the issuer decides from; and it asks the API server (TokenReview)
 //! whose a node's projected service-account token is, when a node joins with it.
 //!
-//! The watches run on a small Tokio runtime of their own; the issuer's loop reads the view under
-//! a lock and waits for a review at most [`REVIEW_TIMEOUT`].
+//! The watches and reviews run on a small Tokio runtime of their own; the issuer's loop reads the
+//! view under a lock, and takes the answers of reviews as they come ([`KubeSource::review`]), so
+//! a slow API server never holds up the requests of nodes already in the mesh.
 
 pub mod view;
 
@@ -15,9 +16,10 @@ use kube::api::{Api, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use proto::Cidr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
-use view::{KubeView, Namespace, Node, NodePolicy, Pod};
+use view::{KubeView, Namespace, Node, NodePolicy, Pod, Review};
 
 /// How long a TokenReview may take before the join is refused.
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,13 +27,26 @@ pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 /// The key of a reviewed token's extra information that names the node its pod runs on
 /// (Kubernetes 1.32 and later put it there for projected tokens bound to a pod).
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The keys naming the pod the token is bound to.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+
+/// Reviews asked and not yet answered, at most.
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 16;
+
+/// A review's answer, with what the asker tagged it with.
+pub struct Reviewed<T> {
+    pub ticket: T,
+    pub review: Result<Review, String>,
+}
 
 /// The source: the shared view, the client, and the runtime that drives both.
 pub struct KubeSource {
     pub view: Arc<Mutex<KubeView>>,
     client: kube::Client,
     runtime: tokio::runtime::Runtime,
-    policy: NodePolicy,
+    pub policy: NodePolicy,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl KubeSource {
@@ -60,7 +75,8 @@ impl KubeSource {
         node_namespace: &str,
         policy: NodePolicy,
     ) -> KubeSource {
-        let view = Arc::new(Mutex::new(KubeView::new(node_namespace)));
+        // Always as restarted: the issuer cannot know whether it assigned addresses before.
+        let view = Arc::new(Mutex::new(KubeView::restarted(node_namespace)));
         let v = view.clone();
         runtime.spawn(watch(
             Api::<core::Pod>::all(client.clone()),
@@ -114,12 +130,23 @@ impl KubeSource {
             client,
             runtime,
             policy,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// The node a projected service-account token belongs to, as the API server says
-    /// (TokenReview), if it is one that may join.
-    pub fn review(&self, token: &str) -> Result<String, String> {
+    /// Asks the API server what it says of `token` (a TokenReview for the policy's audience),
+    /// without waiting: the answer comes on `done` with `ticket`, within [`REVIEW_TIMEOUT`].
+    /// False, and nothing asked, while [`MAX_REVIEWS_IN_FLIGHT`] are unanswered.
+    pub fn review<T: Send + 'static>(
+        &self,
+        token: &str,
+        ticket: T,
+        done: mpsc::Sender<Reviewed<T>>,
+    ) -> bool {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_REVIEWS_IN_FLIGHT {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let request = TokenReview {
             spec: TokenReviewSpec {
@@ -128,30 +155,36 @@ impl KubeSource {
             },
             ..TokenReview::default()
         };
-        let answer = self.runtime.block_on(async {
-            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &request)).await
+        let in_flight = self.in_flight.clone();
+        self.runtime.spawn(async move {
+            let answer =
+                tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &request))
+                    .await;
+            let review = match answer {
+                Err(_) => Err("the API server did not review the token in time".to_string()),
+                Ok(Err(e)) => Err(format!("the API server refused the review: {e}")),
+                Ok(Ok(r)) => Ok(review_of(r)),
+            };
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            let _ = done.send(Reviewed { ticket, review });
         });
-        let reviewed = match answer {
-            Err(_) => return Err("the API server did not review the token in time".into()),
-            Ok(Err(e)) => return Err(format!("the API server refused the review: {e}")),
-            Ok(Ok(r)) => r,
-        };
-        let status = reviewed.status.unwrap_or_default();
-        let user = status.user.unwrap_or_default();
-        view::reviewed_node(
-            &view::Review {
-                authenticated: status.authenticated.unwrap_or(false),
-                error: status.error,
-                username: user.username.unwrap_or_default(),
-                audiences: status.audiences.unwrap_or_default(),
-                node: user
-                    .extra
-                    .unwrap_or_default()
-                    .remove(NODE_NAME_EXTRA)
-                    .unwrap_or_default(),
-            },
-            &self.policy,
-        )
+        true
+    }
+}
+
+/// What a TokenReview's status says, as the view decides from it.
+fn review_of(reviewed: TokenReview) -> Review {
+    let status = reviewed.status.unwrap_or_default();
+    let user = status.user.unwrap_or_default();
+    let mut extra = user.extra.unwrap_or_default();
+    Review {
+        authenticated: status.authenticated.unwrap_or(false),
+        error: status.error,
+        username: user.username.unwrap_or_default(),
+        audiences: status.audiences.unwrap_or_default(),
+        node: extra.remove(NODE_NAME_EXTRA).unwrap_or_default(),
+        pod_name: extra.remove(POD_NAME_EXTRA).unwrap_or_default(),
+        pod_uid: extra.remove(POD_UID_EXTRA).unwrap_or_default(),
     }
 }
 

@@ -6,6 +6,7 @@ use http::{Request, Response};
 use kube::client::Body;
 use proto::workload::{authorize, Issuance, Refusal, WorkloadRef, WorkloadView};
 use std::sync::atomic::{AtomicBool, Ordering};
+use view::reviewed_node;
 
 fn recorded(file: &str) -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -137,7 +138,10 @@ fn the_listed_and_watched_cluster_decides_who_is_given_which_pod() {
                 .workload("microblog", "post-7d9f8-x2v4q")
                 .is_none()
     });
-    let v = src.view.lock().unwrap();
+    let mut v = src.view.lock().unwrap();
+    // The source starts as a restarted issuer: no address is assigned until its grace is over.
+    assert!(ask(&v, "node-2", "search-6f7a8-p0wlm", SEARCH_UID).is_err());
+    v.start_assigning();
 
     let g = ask(&v, "node-2", "api-5c6b7-kq8zt", API_UID).unwrap();
     assert_eq!(
@@ -211,9 +215,16 @@ fn the_listed_and_watched_cluster_decides_who_is_given_which_pod() {
 #[test]
 fn a_node_joins_with_its_reviewed_token_and_an_expired_one_is_refused() {
     let (src, log) = source("tokenreview-node.json");
+    let (tx, rx) = std::sync::mpsc::channel();
+    assert!(src.review("eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.e30.c2ln", 7, tx.clone()));
+    let answer = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(answer.ticket, 7);
+    let r = answer.review.unwrap();
+    assert_eq!(reviewed_node(&r, &src.policy), Ok("node-2".into()));
+    assert_eq!(r.pod_name, vec!["meshd-x7k2p".to_string()]);
     assert_eq!(
-        src.review("eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.e30.c2ln"),
-        Ok("node-2".into())
+        r.pod_uid,
+        vec!["8f7e6d5c-4b3a-4291-8807-f6e5d4c3b2a1".to_string()]
     );
     let sent = log
         .lock()
@@ -231,6 +242,13 @@ fn a_node_joins_with_its_reviewed_token_and_an_expired_one_is_refused() {
     assert_eq!(body["spec"]["audiences"][0], "meshd-issuer");
 
     let (src, _) = source("tokenreview-expired.json");
-    let e = src.review("eyJ.e30.c2ln").unwrap_err();
+    let (tx, rx) = std::sync::mpsc::channel();
+    assert!(src.review("eyJ.e30.c2ln", 8, tx));
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .review
+        .unwrap();
+    let e = reviewed_node(&r, &src.policy).unwrap_err();
     assert!(e.contains("service account token has expired"), "{e}");
 }

@@ -7,7 +7,13 @@
 //! address a pod reports (`status.podIPs`) is its own. Assignment is derived, never stored: the
 //! first free address of a probe sequence that the pod's UID fixes, where the addresses pods
 //! report and those assigned to other pods are taken. An issuer that restarts thus gives a pod the
-//! same address again, unless another pod took it meanwhile.
+//! same address again, unless another pod took it meanwhile; so a restarted issuer assigns nothing
+//! until [`KubeView::start_assigning`], a grace after its first lists, in which the kubelets report
+//! the addresses of pods that were given one just before the restart.
+//!
+//! Nodes join with a projected service-account token: [`token_claims`] and
+//! [`KubeView::precheck`] decide for nothing whether a token is worth asking the API server about,
+//! and [`KubeView::joining_node`] decides from the review whom it admits, and until when.
 
 use proto::cert::NamedPort;
 use proto::workload::{NodeName, Workload, WorkloadRef, WorkloadView};
@@ -62,6 +68,8 @@ pub struct KubeView {
     assigned: HashMap<String, Vec<IpAddr>>,
     /// Whether each watch has listed once: until all have, nothing is certified.
     listed: [bool; 3],
+    /// Whether addresses are held back; an issuer that restarted holds off a while.
+    holding: bool,
 }
 
 impl KubeView {
@@ -70,6 +78,27 @@ impl KubeView {
             node_namespace: node_namespace.to_string(),
             ..KubeView::default()
         }
+    }
+
+    /// The view of an issuer that may have assigned addresses before it restarted: it assigns
+    /// none until [`KubeView::start_assigning`], so that a pod certified just before the restart,
+    /// whose address the kubelet has not reported yet, keeps it.
+    pub fn restarted(node_namespace: &str) -> KubeView {
+        KubeView {
+            holding: true,
+            ..KubeView::new(node_namespace)
+        }
+    }
+
+    /// Assigns addresses from now on (after the grace of [`KubeView::restarted`]).
+    pub fn start_assigning(&mut self) {
+        self.holding = false;
+        self.assign();
+    }
+
+    /// Whether addresses are being assigned.
+    pub fn assigning(&self) -> bool {
+        !self.holding
     }
 
     /// Whether pods, namespaces and nodes have each been listed once.
@@ -157,6 +186,9 @@ impl KubeView {
     /// of that node's CIDRs, in the order of the pods' names (so that a replay of the same
     /// events assigns the same).
     fn assign(&mut self) {
+        if self.holding {
+            return;
+        }
         let mut taken: HashSet<IpAddr> = self
             .pods
             .values()
@@ -239,6 +271,198 @@ impl WorkloadView for KubeView {
     }
 }
 
+/// A pod that runs as meshd's service account on `node`, as the view knows it: the pod a node's
+/// projected token is bound to must be one, so a token of a pod deleted or of another account
+/// joins nothing.
+impl KubeView {
+    fn node_pod(&self, policy: &NodePolicy, node: &str, pod: &BoundPod) -> Result<(), String> {
+        if !self.ready() {
+            return Err("the issuer has not listed the cluster yet".into());
+        }
+        let (namespace, account) = policy
+            .service_account
+            .split_once('/')
+            .unwrap_or(("", &policy.service_account));
+        let key = (namespace.to_string(), pod.name.clone());
+        match self.pods.get(&key) {
+            Some(p)
+                if p.uid == pod.uid
+                    && p.service_account == account
+                    && p.node.as_deref() == Some(node)
+                    && !p.finished =>
+            {
+                Ok(())
+            }
+            _ => Err(format!(
+                "the token is bound to pod {namespace}/{} ({}), which is no running pod of {} on \
+                 node {node}",
+                pod.name, pod.uid, policy.service_account
+            )),
+        }
+    }
+
+    /// Whether a token with `claims` may be one that joins, by what the view knows at `now`:
+    /// for the policy's audience, not expired, of meshd's service account, bound to a running
+    /// meshd pod on a node. It costs nothing; a token that fails it is never sent for review,
+    /// and one that passes is still nothing until the API server vouches for it.
+    pub fn precheck(
+        &self,
+        claims: &TokenClaims,
+        policy: &NodePolicy,
+        now: u64,
+    ) -> Result<(), String> {
+        if !claims.audiences.contains(&policy.audience) {
+            return Err(format!("the token is not for audience {}", policy.audience));
+        }
+        if claims.expires <= now {
+            return Err("the token expired".into());
+        }
+        let expected = subject(policy);
+        if claims.subject != expected {
+            return Err(format!(
+                "{} may not join as a node (only {expected})",
+                claims.subject
+            ));
+        }
+        self.node_pod(policy, &claims.node, &claims.pod)
+    }
+
+    /// Whom a token joins as, once the API server reviewed it: the node it is bound to, if the
+    /// review admits it ([`reviewed_node`]), names the pod the token's claims name, and that pod
+    /// runs as meshd on that node; the node certificate lives no longer than the token.
+    pub fn joining_node(
+        &self,
+        review: &Review,
+        claims: &TokenClaims,
+        policy: &NodePolicy,
+        now: u64,
+    ) -> Result<JoiningNode, String> {
+        let node = reviewed_node(review, policy)?;
+        let pod = match (review.pod_name.as_slice(), review.pod_uid.as_slice()) {
+            ([name], [uid]) => BoundPod {
+                name: name.clone(),
+                uid: uid.clone(),
+            },
+            _ => return Err("the token is bound to no pod".into()),
+        };
+        if pod != claims.pod || node != claims.node {
+            return Err("the review and the token name different pods".into());
+        }
+        if claims.expires <= now {
+            return Err("the token expired".into());
+        }
+        self.node_pod(policy, &node, &pod)?;
+        Ok(JoiningNode {
+            node,
+            expires: claims.expires,
+        })
+    }
+}
+
+/// The node a token joins as, and when the token expires (the node certificate does by then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoiningNode {
+    pub node: String,
+    pub expires: u64,
+}
+
+/// The pod a projected token is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundPod {
+    pub name: String,
+    pub uid: String,
+}
+
+/// What the issuer reads of a projected service-account token's claims (a JWT's payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub audiences: Vec<String>,
+    /// `exp`, seconds since the Unix epoch.
+    pub expires: u64,
+    /// `sub`: `system:serviceaccount:NAMESPACE:NAME`.
+    pub subject: String,
+    /// The node and pod the token is bound to (`kubernetes.io.node`, `kubernetes.io.pod`).
+    pub node: String,
+    pub pod: BoundPod,
+}
+
+/// The longest token read: projected tokens are about 1 KiB.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// The claims of a JWT `token`, read without checking its signature: only the API server's
+/// review makes them true. Refused: anything but three base64url parts, a payload that is not
+/// the claims of a projected token bound to a pod and a node.
+pub fn token_claims(token: &str) -> Result<TokenClaims, String> {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Audience {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    struct Ref {
+        name: String,
+        uid: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Bound {
+        node: Option<Ref>,
+        pod: Option<Ref>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        aud: Audience,
+        exp: u64,
+        sub: String,
+        #[serde(rename = "kubernetes.io")]
+        kubernetes: Option<Bound>,
+    }
+    let not_jwt = || "not a service-account token (a JWT)".to_string();
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(format!("the token is over {MAX_TOKEN_BYTES} bytes"));
+    }
+    let parts: Vec<&str> = token.trim().split('.').collect();
+    let [_, payload, _] = parts.as_slice() else {
+        return Err(not_jwt());
+    };
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| not_jwt())?;
+    let c: Claims = serde_json::from_slice(&json).map_err(|e| format!("{}: {e}", not_jwt()))?;
+    let bound = c.kubernetes.unwrap_or(Bound {
+        node: None,
+        pod: None,
+    });
+    let (Some(node), Some(pod)) = (bound.node, bound.pod) else {
+        return Err(concat!(
+            "the token is not bound to a pod and a node (a projected token of Kubernetes ",
+            "1.32 and later is)"
+        )
+        .into());
+    };
+    Ok(TokenClaims {
+        audiences: match c.aud {
+            Audience::One(a) => vec![a],
+            Audience::Many(a) => a,
+        },
+        expires: c.exp,
+        subject: c.sub,
+        node: node.name,
+        pod: BoundPod {
+            name: pod.name,
+            uid: pod.uid,
+        },
+    })
+}
+
+fn subject(policy: &NodePolicy) -> String {
+    format!(
+        "system:serviceaccount:{}",
+        policy.service_account.replacen('/', ":", 1)
+    )
+}
+
 /// Who may join as a node with a projected service-account token.
 #[derive(Debug, Clone)]
 pub struct NodePolicy {
@@ -257,8 +481,10 @@ pub struct Review {
     pub username: String,
     /// The audiences the token is good for, of those asked.
     pub audiences: Vec<String>,
-    /// The node the token's pod runs on (the review's extra information).
+    /// The node the token's pod runs on, and that pod (the review's extra information).
     pub node: Vec<String>,
+    pub pod_name: Vec<String>,
+    pub pod_uid: Vec<String>,
 }
 
 /// The node a reviewed token may join as: it must be authenticated, for the policy's audience,
@@ -276,10 +502,7 @@ pub fn reviewed_node(r: &Review, policy: &NodePolicy) -> Result<String, String> 
     if !r.audiences.contains(&policy.audience) {
         return Err(format!("the token is not for audience {}", policy.audience));
     }
-    let expected = format!(
-        "system:serviceaccount:{}",
-        policy.service_account.replacen('/', ":", 1)
-    );
+    let expected = subject(policy);
     if r.username != expected {
         return Err(format!(
             "{} may not join as a node (only {expected})",

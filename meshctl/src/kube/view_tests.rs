@@ -251,7 +251,235 @@ fn review() -> Review {
         username: "system:serviceaccount:kube-system:meshd".into(),
         audiences: vec!["meshd-issuer".into()],
         node: vec!["node-1".into()],
+        pod_name: vec!["meshd-abcde".into()],
+        pod_uid: vec!["m1".into()],
     }
+}
+
+/// A projected token of meshd's pod meshd-abcde (uid m1) on node-1, expiring at `exp`, with
+/// `edit` applied to its claims.
+fn jwt(exp: u64, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let mut claims = serde_json::json!({
+        "aud": ["meshd-issuer"],
+        "exp": exp,
+        "iat": exp - 3600,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "kubernetes.io": {
+            "namespace": "kube-system",
+            "node": {"name": "node-1", "uid": "n1"},
+            "pod": {"name": "meshd-abcde", "uid": "m1"},
+            "serviceaccount": {"name": "meshd", "uid": "s1"}
+        },
+        "nbf": exp - 3600,
+        "sub": "system:serviceaccount:kube-system:meshd"
+    });
+    edit(&mut claims);
+    format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"RS256","kid":"k"}"#),
+        b64(claims.to_string().as_bytes()),
+        b64(b"signature")
+    )
+}
+
+/// The view of `view`, with meshd's pod meshd-abcde (uid m1) running on node-1.
+fn with_meshd() -> KubeView {
+    let mut v = view(vec![]);
+    v.namespace_applied(Namespace {
+        name: "kube-system".into(),
+        terminating: false,
+    });
+    v.pod_applied(Pod {
+        namespace: "kube-system".into(),
+        service_account: "meshd".into(),
+        host_network: true,
+        ..pod("meshd-abcde", "m1", Some("node-1"), &["198.18.0.11"])
+    });
+    v
+}
+
+#[test]
+fn a_projected_tokens_claims_are_read_and_junk_is_refused() {
+    let c = token_claims(&jwt(5_000, |_| {})).unwrap();
+    assert_eq!(c.audiences, vec!["meshd-issuer".to_string()]);
+    assert_eq!(c.expires, 5_000);
+    assert_eq!(c.subject, "system:serviceaccount:kube-system:meshd");
+    assert_eq!(c.node, "node-1");
+    assert_eq!(
+        c.pod,
+        BoundPod {
+            name: "meshd-abcde".into(),
+            uid: "m1".into()
+        }
+    );
+    let one_audience = jwt(5_000, |c| c["aud"] = "meshd-issuer".into());
+    assert_eq!(token_claims(&one_audience).unwrap().audiences.len(), 1);
+    for (junk, says) in [
+        ("", "not a service-account token"),
+        ("a.b", "not a service-account token"),
+        ("a.!!!.c", "not a service-account token"),
+        ("a.e30.c", "not a service-account token"),
+        (
+            &jwt(5_000, |c| {
+                c["kubernetes.io"]["pod"] = serde_json::Value::Null
+            }),
+            "not bound",
+        ),
+        (&"x".repeat(MAX_TOKEN_BYTES + 1), "over"),
+    ] {
+        let e = token_claims(junk).unwrap_err();
+        assert!(e.contains(says), "{junk}: {e}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn no_token_text_makes_the_claims_reader_panic(s in ".{0,300}", parts in proptest::collection::vec("[A-Za-z0-9_-]{0,40}", 0..5)) {
+        let _ = token_claims(&s);
+        let _ = token_claims(&parts.join("."));
+    }
+}
+
+#[test]
+fn a_token_is_sent_for_review_only_if_it_names_a_running_meshd_pod_on_its_node() {
+    let v = with_meshd();
+    let ok = token_claims(&jwt(5_000, |_| {})).unwrap();
+    assert_eq!(v.precheck(&ok, &policy(), 1_000), Ok(()));
+    let cases: Vec<(String, u64, &str)> = vec![
+        (
+            jwt(5_000, |c| {
+                c["aud"] = serde_json::json!(["https://kubernetes.default.svc"])
+            }),
+            1_000,
+            "audience",
+        ),
+        (jwt(5_000, |_| {}), 5_000, "expired"),
+        (
+            jwt(5_000, |c| {
+                c["sub"] = "system:serviceaccount:microblog:post".into()
+            }),
+            1_000,
+            "may not join",
+        ),
+        (
+            jwt(5_000, |c| c["kubernetes.io"]["pod"]["uid"] = "m2".into()),
+            1_000,
+            "no running pod",
+        ),
+        (
+            jwt(5_000, |c| {
+                c["kubernetes.io"]["pod"]["name"] = "meshd-zzzzz".into()
+            }),
+            1_000,
+            "no running pod",
+        ),
+        (
+            jwt(5_000, |c| {
+                c["kubernetes.io"]["node"]["name"] = "node-2".into()
+            }),
+            1_000,
+            "no running pod",
+        ),
+    ];
+    for (token, now, says) in cases {
+        let claims = token_claims(&token).unwrap();
+        let e = v.precheck(&claims, &policy(), now).unwrap_err();
+        assert!(e.contains(says), "{claims:?}: {e}");
+    }
+    // A pod of another account by the same name, or a finished one, is not meshd's.
+    let mut other = with_meshd();
+    other.pod_applied(Pod {
+        namespace: "kube-system".into(),
+        service_account: "default".into(),
+        ..pod("meshd-abcde", "m1", Some("node-1"), &[])
+    });
+    assert!(other.precheck(&ok, &policy(), 1_000).is_err());
+    let mut finished = with_meshd();
+    finished.pod_applied(Pod {
+        namespace: "kube-system".into(),
+        service_account: "meshd".into(),
+        finished: true,
+        ..pod("meshd-abcde", "m1", Some("node-1"), &[])
+    });
+    assert!(finished.precheck(&ok, &policy(), 1_000).is_err());
+    let mut deleted = with_meshd();
+    deleted.pod_deleted("kube-system", "meshd-abcde");
+    assert!(deleted.precheck(&ok, &policy(), 1_000).is_err());
+}
+
+#[test]
+fn a_reviewed_token_joins_as_its_node_until_it_expires_and_only_for_its_own_pod() {
+    let v = with_meshd();
+    let claims = token_claims(&jwt(5_000, |_| {})).unwrap();
+    assert_eq!(
+        v.joining_node(&review(), &claims, &policy(), 1_000),
+        Ok(JoiningNode {
+            node: "node-1".into(),
+            expires: 5_000
+        })
+    );
+    for (r, says) in [
+        (
+            Review {
+                pod_uid: vec![],
+                ..review()
+            },
+            "bound to no pod",
+        ),
+        (
+            Review {
+                pod_uid: vec!["m2".into()],
+                ..review()
+            },
+            "different pods",
+        ),
+        (
+            Review {
+                authenticated: false,
+                ..review()
+            },
+            "did not authenticate",
+        ),
+    ] {
+        let e = v.joining_node(&r, &claims, &policy(), 1_000).unwrap_err();
+        assert!(e.contains(says), "{r:?}: {e}");
+    }
+    let e = v
+        .joining_node(&review(), &claims, &policy(), 5_000)
+        .unwrap_err();
+    assert!(e.contains("expired"), "{e}");
+}
+
+#[test]
+fn a_restarted_issuer_assigns_nothing_in_its_grace_so_a_pod_certified_before_keeps_its_address() {
+    // node-3's block has a single address for pods: 100.64.3.2.
+    let pods = vec![
+        pod("a-new", "u-new", Some("node-3"), &[]),
+        pod("b-certified", "u-old", Some("node-3"), &[]),
+    ];
+    let listed = |mut v: KubeView| {
+        v.namespaces_listed(vec![Namespace {
+            name: "microblog".into(),
+            terminating: false,
+        }]);
+        v.nodes_listed(vec![node("node-3", &["100.64.3.0/30"])]);
+        v.pods_listed(pods.clone());
+        v
+    };
+    // Without the grace, the relist gives the address by name order: to a-new, though
+    // b-certified holds a certificate for it and the kubelet is about to report it.
+    let hasty = listed(KubeView::new("nodes"));
+    assert_eq!(addrs(&hasty, "a-new"), vec!["100.64.3.2/32"]);
+
+    let mut v = listed(KubeView::restarted("nodes"));
+    assert!(!v.assigning());
+    assert!(addrs(&v, "a-new").is_empty() && addrs(&v, "b-certified").is_empty());
+    v.pod_applied(pod("b-certified", "u-old", Some("node-3"), &["100.64.3.2"]));
+    v.start_assigning();
+    assert_eq!(addrs(&v, "b-certified"), vec!["100.64.3.2/32"]);
+    assert!(addrs(&v, "a-new").is_empty(), "the block is full");
 }
 
 #[test]

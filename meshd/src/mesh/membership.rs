@@ -16,7 +16,7 @@
 use super::workloads::WorkloadBook;
 use proto::cert::{CertError, Certificate, RevocationList};
 use proto::control::{self, CrlVersion, Datagram, Member, Message, ReplayWindow};
-use proto::limiter::SourceLimiter;
+use proto::limiter::{source_of, SourceLimiter};
 use proto::relay::{Endpoint, Tag};
 use proto::segment::Reassembly;
 use proto::trust::{Federation, Signature, Trust};
@@ -1573,8 +1573,8 @@ impl Membership {
     /// Whether a reply to an unauthenticated sender at `from` is within both reply budgets.
     fn reply_allowed(&mut self, from: Endpoint, now_ms: u64) -> bool {
         let source = match from {
-            Endpoint::Direct(a) => (a.ip(), None),
-            Endpoint::Relayed { relay, tag } => (relay.ip(), Some(tag)),
+            Endpoint::Direct(a) => (source_of(a.ip()), None),
+            Endpoint::Relayed { relay, tag } => (source_of(relay.ip()), Some(tag)),
         };
         self.replies_per_source.allow(source, now_ms) && self.replies.allow((), now_ms)
     }

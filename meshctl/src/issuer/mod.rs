@@ -22,15 +22,19 @@ use crate::ca::{self, CaDir};
 use crate::Failure;
 use anyhow::{anyhow, Context};
 use ed25519_dalek::SigningKey;
+use joins::Joins;
 use keyfile as files;
 use proto::armor;
 use proto::cert::{CertBody, Certificate};
 use proto::control::{Credential, Joined, Message};
-use proto::issuer::Responder;
+use proto::issuer::{Opened, Responder};
 use rand_core::RngCore;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use x25519_dalek::StaticSecret;
+
+pub mod joins;
+mod kubernetes;
 
 /// The issuer's files in a CA directory.
 pub struct IssuerDir {
@@ -88,10 +92,7 @@ impl IssuerDir {
             let key = proto::Key::generate_private();
             files::create(&self.static_key(), key.to_base64().as_bytes(), 0o600)?;
         }
-        let signing = CaDir {
-            dir: self.dir.clone(),
-        }
-        .signing_key()?;
+        let signing = CaDir::of(&self.dir).signing_key()?;
         let text = files::read_secret(&self.static_key())?;
         let key = proto::Key::from_base64(text.trim())
             .map_err(|e| anyhow!("{}: {e}", self.static_key().display()))?;
@@ -152,19 +153,14 @@ pub fn prepare(ca_path: &Path) -> Result<(), Failure> {
 /// Where the issuer takes workloads from.
 enum Source {
     Registry(Watched<proto::workload::Registry>),
-    Kubernetes {
-        source: Box<crate::kube::KubeSource>,
-        node_namespace: String,
-        node_lifetime: u64,
-        reviews: proto::limiter::SourceLimiter<()>,
-        reviews_per_source: proto::limiter::SourceLimiter<std::net::IpAddr>,
-    },
+    Kubernetes(Box<kubernetes::Kubernetes>),
 }
 
-/// TokenReviews asked of the API server per second, in all and per source address: a flood
-/// of join requests costs the API server no more.
-const REVIEWS_PER_SEC: u32 = 20;
-const REVIEWS_PER_SOURCE_PER_SEC: u32 = 1;
+/// How long the issuer waits for a datagram before it looks at reviews come back.
+const POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long a node certificate from a projected token may live, at most and at least.
+const NODE_TTL_RANGE: std::ops::RangeInclusive<u64> = 600..=7 * 24 * 3600;
 
 pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> Result<(), Failure> {
     let lifetime = proto::duration::parse(ttl)
@@ -181,18 +177,45 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> R
              from it, and nodes take them only from there)"
         )));
     }
-    let ca = CaDir {
-        dir: ca_path.to_path_buf(),
-    };
     let root = ca::root_of(ca_path)?;
     let issuer = IssuerDir::of(ca_path);
     let keys = issuer.load_or_create(&root)?;
     let workload_ca = ca::load_certificate(&issuer.ca_cert())?;
     let public = x25519_dalek::PublicKey::from(&keys.secret).to_bytes();
+    let source = if kube.kubernetes {
+        let node_lifetime = proto::duration::parse(&kube.node_ttl)
+            .map_err(|e| Failure::input(anyhow!("--node-ttl: {e}")))?
+            .as_secs();
+        if !NODE_TTL_RANGE.contains(&node_lifetime) {
+            return Err(Failure::input(anyhow!(
+                "--node-ttl {}: a node certificate lives from 10 minutes to 7 days",
+                kube.node_ttl
+            )));
+        }
+        if !kube.node_service_account.contains('/') {
+            return Err(Failure::input(anyhow!(
+                "--node-service-account {}: expected NAMESPACE/NAME",
+                kube.node_service_account
+            )));
+        }
+        let policy = crate::kube::view::NodePolicy {
+            service_account: kube.node_service_account.clone(),
+            audience: kube.audience.clone(),
+        };
+        let source = crate::kube::KubeSource::connect(&kube.node_namespace, policy)?;
+        Source::Kubernetes(Box::new(kubernetes::Kubernetes::new(
+            source,
+            kube.node_namespace.clone(),
+            node_lifetime,
+        )))
+    } else {
+        // Read again whenever it changes: a workload registered or removed a moment ago counts.
+        Source::Registry(Watched::new(crate::workload::registry_path(ca_path)))
+    };
     let socket =
         std::net::UdpSocket::bind(listen).with_context(|| format!("listening on {listen}"))?;
     socket
-        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .set_read_timeout(Some(POLL))
         .context("setting the socket's timeout")?;
     println!(
         "issuing workload certificates of trust domain {} on {listen}",
@@ -206,210 +229,238 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> R
         "  workload CA {} (name it in every node's trust.workload_cas)",
         issuer.ca_cert().display()
     );
-    let (trust, _) = proto::trust::Trust::new(&root.body.trust_domain, vec![root.clone()]);
-    let mut responder = Responder::new(keys.secret);
-    let mut log = Log::default();
-    let mut newest = NewestNodes::default();
-    let mut source = if kube.kubernetes {
-        let node_lifetime = proto::duration::parse(&kube.node_ttl)
-            .map_err(|e| Failure::input(anyhow!("--node-ttl: {e}")))?
-            .as_secs();
-        if !kube.node_service_account.contains('/') {
-            return Err(Failure::input(anyhow!(
-                "--node-service-account {}: expected NAMESPACE/NAME",
-                kube.node_service_account
-            )));
-        }
-        let policy = crate::kube::view::NodePolicy {
-            service_account: kube.node_service_account.clone(),
-            audience: kube.audience.clone(),
-        };
+    if kube.kubernetes {
         println!(
             "  workloads from Kubernetes; nodes join as {}/NODE with tokens of {} for {}",
             kube.node_namespace, kube.node_service_account, kube.audience
         );
-        Source::Kubernetes {
-            source: Box::new(crate::kube::KubeSource::connect(
-                &kube.node_namespace,
-                policy,
-            )?),
-            node_namespace: kube.node_namespace,
-            node_lifetime,
-            reviews: proto::limiter::SourceLimiter::new(REVIEWS_PER_SEC, REVIEWS_PER_SEC, 1),
-            reviews_per_source: proto::limiter::SourceLimiter::new(
-                REVIEWS_PER_SOURCE_PER_SEC,
-                2,
-                4096,
-            ),
-        }
-    } else {
-        // Read again whenever it changes: a workload registered or removed a moment ago counts.
-        Source::Registry(Watched::new(crate::workload::registry_path(ca_path)))
+    }
+    let (trust, _) = proto::trust::Trust::new(&root.body.trust_domain, vec![root.clone()]);
+    let mut issuer = Issuer {
+        ca_path,
+        crl: Watched::new(CaDir::of(ca_path).crl_path()),
+        root,
+        workload_ca,
+        trust,
+        lifetime,
+        responder: Responder::new(keys.secret.clone()),
+        keys,
+        socket,
+        log: Log::default(),
+        newest: NewestNodes::default(),
+        joins: Joins::default(),
+        source,
     };
-    let mut crl = Watched::new(ca.crl_path());
     let mut buf = vec![0u8; 65_535];
     loop {
-        let (n, from) = match socket.recv_from(&mut buf) {
-            Ok(r) => r,
+        match issuer.socket.recv_from(&mut buf) {
+            Ok((n, from)) => issuer.datagram(&buf[..n], from),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
+                ) => {}
             Err(e) => return Err(anyhow!(e).context("receiving").into()),
-        };
-        // Wall-clock time: the counters of answers follow it, so that they stay above those
-        // before a restart of the issuer.
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let opened = match responder.open(now_ms, from, &buf[..n]) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(why) => {
-                log.line(now_ms, format!("{from}: dropped: {why}"));
-                continue;
-            }
-        };
-        if let Message::JoinRequest { nonce, credential } = &opened.msg {
-            let result = match (credential, &mut source) {
-                (Credential::Token(secret), _) => {
-                    crate::join::answer_token(ca_path, secret, &opened.sender, ca::now())
-                }
-                (Credential::ServiceAccount(_), Source::Registry(_)) => Err(
-                    "this issuer takes join tokens only (it has no Kubernetes source)".to_string(),
-                ),
-                (
-                    Credential::ServiceAccount(jwt),
-                    Source::Kubernetes {
-                        source,
-                        node_namespace,
-                        node_lifetime,
-                        reviews,
-                        reviews_per_source,
-                    },
-                ) => {
-                    // A review costs the API server a round trip: within a budget only.
-                    if !reviews_per_source.allow(from.ip(), now_ms) || !reviews.allow((), now_ms) {
-                        log.line(
-                            now_ms,
-                            format!("{from}: join dropped: over the review budget"),
-                        );
-                        continue;
-                    }
-                    source.review(jwt).and_then(|node| {
-                        let addrs = source
-                            .view
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .node_addresses(&node)
-                            .ok_or_else(|| format!("node {node} has no pod CIDR yet"))?;
-                        crate::join::answer_node(
-                            ca_path,
-                            node_namespace,
-                            &node,
-                            addrs,
-                            *node_lifetime,
-                            &opened.sender,
-                            ca::now(),
-                        )
-                    })
-                }
-            };
-            // Counters are taken only once a token proved good: senders with throwaway keys
-            // never fill the table of replay windows.
-            if result.is_ok() && !responder.confirm(&opened) {
-                continue;
-            }
-            let key = proto::Key(opened.sender).to_base64();
-            match &result {
-                Ok(c) => log.line(
-                    now_ms,
-                    format!(
-                        "{from}: key {key}: joined as {} ({}), until {}",
-                        c.body.identity(),
-                        proto::cert::list(&c.body.addrs),
-                        crate::identity::utc(c.body.not_after)
-                    ),
-                ),
-                Err(why) => log.line(now_ms, format!("{from}: key {key}: join refused: {why}")),
-            }
-            let answer = Message::JoinAnswer {
-                nonce: *nonce,
-                result: result.map(|certificate| Joined {
-                    certificate,
-                    ca: root.clone(),
-                    workload_ca: workload_ca.clone(),
-                }),
-            };
-            send(
-                &socket,
-                &mut responder,
-                &mut log,
-                &opened.sender,
-                from,
-                &answer,
-                now_ms,
-            );
-            continue;
         }
+        issuer.poll();
+    }
+}
+
+/// The running issuer: its keys and CA, its socket, and what it keeps while it runs.
+struct Issuer<'a> {
+    ca_path: &'a Path,
+    root: Certificate,
+    workload_ca: Certificate,
+    trust: proto::trust::Trust,
+    crl: Watched<Option<proto::cert::RevocationList>>,
+    /// How long a workload certificate lives.
+    lifetime: u64,
+    keys: Keys,
+    socket: std::net::UdpSocket,
+    responder: Responder,
+    log: Log,
+    newest: NewestNodes,
+    joins: Joins,
+    source: Source,
+}
+
+/// Wall-clock milliseconds: the counters of answers follow it, so that they stay above those
+/// before a restart of the issuer.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Issuer<'_> {
+    /// One datagram from `from`.
+    fn datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+        let now_ms = now_ms();
+        let opened = match self.responder.open(now_ms, from, datagram) {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(why) => {
+                self.log.line(now_ms, format!("{from}: dropped: {why}"));
+                return;
+            }
+        };
+        match &opened.msg {
+            Message::JoinRequest { credential, .. } => match credential {
+                Credential::Token(secret) => {
+                    let result = crate::join::answer_token(
+                        self.ca_path,
+                        &mut self.joins,
+                        secret,
+                        &opened.sender,
+                        ca::now(),
+                    );
+                    self.joined(opened, from, result, now_ms);
+                }
+                Credential::ServiceAccount(jwt) => {
+                    let Source::Kubernetes(k) = &mut self.source else {
+                        let why = "this issuer takes join tokens only (it has no Kubernetes \
+                                       source)";
+                        self.joined(opened, from, Err(why.into()), now_ms);
+                        return;
+                    };
+                    let jwt = jwt.clone();
+                    match k.join(self.ca_path, &mut self.joins, &jwt, opened, from, now_ms) {
+                        kubernetes::Step::Answer(opened, result) => {
+                            self.joined(opened, from, result, now_ms)
+                        }
+                        kubernetes::Step::Asked => {}
+                        kubernetes::Step::Dropped(why) => self
+                            .log
+                            .line(now_ms, format!("{from}: join dropped: {why}")),
+                    }
+                }
+            },
+            Message::IssueRequest { .. } => self.issue(opened, from, now_ms),
+            _ => self
+                .log
+                .line(now_ms, format!("{from}: dropped: not a request")),
+        }
+    }
+
+    /// Answers the joins whose reviews came back, and whatever else waits on time.
+    fn poll(&mut self) {
+        let Source::Kubernetes(k) = &mut self.source else {
+            return;
+        };
+        let now_ms = now_ms();
+        for (opened, from, result) in k.poll(self.ca_path, &mut self.joins, now_ms) {
+            self.joined(opened, from, result, now_ms);
+        }
+    }
+
+    /// Answers the join `opened` with `result`.
+    fn joined(
+        &mut self,
+        opened: Opened,
+        from: SocketAddr,
+        result: Result<Certificate, String>,
+        now_ms: u64,
+    ) {
+        let Message::JoinRequest { nonce, .. } = opened.msg else {
+            return;
+        };
+        // Counters are taken only once a token proved good: senders with throwaway keys
+        // never fill the table of replay windows.
+        if result.is_ok() && !self.responder.confirm(&opened) {
+            return;
+        }
+        let key = proto::Key(opened.sender).to_base64();
+        match &result {
+            Ok(c) => self.log.line(
+                now_ms,
+                format!(
+                    "{from}: key {key}: joined as {} ({}), until {}",
+                    c.body.identity(),
+                    proto::cert::list(&c.body.addrs),
+                    crate::identity::utc(c.body.not_after)
+                ),
+            ),
+            Err(why) => self
+                .log
+                .line(now_ms, format!("{from}: key {key}: join refused: {why}")),
+        }
+        let answer = Message::JoinAnswer {
+            nonce,
+            result: result.map(|certificate| Joined {
+                certificate,
+                ca: self.root.clone(),
+                workload_ca: self.workload_ca.clone(),
+            }),
+        };
+        self.send(&opened.sender, from, &answer, now_ms);
+    }
+
+    /// Answers a node's request for workload certificates.
+    fn issue(&mut self, opened: Opened, from: SocketAddr, now_ms: u64) {
         let Message::IssueRequest {
             nonce,
             certificate,
             workloads,
         } = &opened.msg
         else {
-            log.line(now_ms, format!("{from}: dropped: not an issue request"));
-            continue;
+            return;
         };
         let node = certificate.body.identity();
-        let crl = match crl.get(|p| read_crl(p, &root)) {
+        let root = &self.root;
+        let crl = match self.crl.get(|p| read_crl(p, root)) {
             Ok(c) => c.clone(),
             Err(e) => {
-                log.line(now_ms, format!("{from}: cannot answer: {e:#}"));
-                continue;
+                self.log
+                    .line(now_ms, format!("{from}: cannot answer: {e:#}"));
+                return;
             }
         };
         let now = ca::now();
         // The node first, before anything is read for it: a sender that is not one gets one
         // short refusal per workload asked, never more than it sent.
-        let checked =
-            proto::workload::check_node(&opened.sender, certificate, &trust, crl.as_ref(), now)
-                .and_then(|()| newest.check(&certificate.body));
+        let checked = proto::workload::check_node(
+            &opened.sender,
+            certificate,
+            &self.trust,
+            crl.as_ref(),
+            now,
+        )
+        .and_then(|()| self.newest.check(&certificate.body));
         let results: Vec<Result<Certificate, String>> = match checked {
             Err(why) => {
-                log.line(now_ms, format!("{from}: {node}: refused: {why}"));
+                self.log
+                    .line(now_ms, format!("{from}: {node}: refused: {why}"));
                 workloads
                     .iter()
                     .map(|_| Err("node refused".to_string()))
                     .collect()
             }
-            Ok(()) if !responder.confirm(&opened) => continue,
+            Ok(()) if !self.responder.confirm(&opened) => return,
             Ok(()) => {
                 let held;
-                let view: &dyn proto::workload::WorkloadView = match &mut source {
+                let view: &dyn proto::workload::WorkloadView = match &mut self.source {
                     Source::Registry(registry) => match registry.get(crate::workload::load) {
                         Ok(r) => r,
                         Err(e) => {
-                            log.line(now_ms, format!("{from}: cannot answer: {e:#}"));
-                            continue;
+                            self.log
+                                .line(now_ms, format!("{from}: cannot answer: {e:#}"));
+                            return;
                         }
                     },
-                    Source::Kubernetes { source, .. } => {
-                        held = source.view.lock().unwrap_or_else(|e| e.into_inner());
+                    Source::Kubernetes(k) => {
+                        held = k.source.view.lock().unwrap_or_else(|e| e.into_inner());
                         &*held
                     }
                 };
                 let issuance = proto::workload::Issuance {
-                    trust_domain: root.body.trust_domain.clone(),
-                    node_issuers: vec![root.body.public_key],
+                    trust_domain: self.root.body.trust_domain.clone(),
+                    node_issuers: vec![self.root.body.public_key],
                     now,
-                    lifetime_secs: lifetime,
+                    lifetime_secs: self.lifetime,
                 };
-                let issuer_key = keys.signing.verifying_key().to_bytes();
+                let issuer_key = self.keys.signing.verifying_key().to_bytes();
+                let log = &mut self.log;
+                let signing = &self.keys.signing;
                 workloads
                     .iter()
                     .map(|w| {
@@ -417,13 +468,13 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> R
                             .map_err(|e| e.to_string())
                             .and_then(|g| {
                                 g.body(ca::new_serial(), issuer_key)
-                                    .sign(&keys.signing)
+                                    .sign(signing)
                                     .map_err(|e| format!("not signed: {e}"))
                             });
-                        match &r {
-                            Ok(c) => log.line(
-                                now_ms,
-                                format!(
+                        log.line(
+                            now_ms,
+                            match &r {
+                                Ok(c) => format!(
                                     "{from}: {node}: issued {}/{} as {} ({}), until {}",
                                     w.namespace,
                                     w.name,
@@ -431,15 +482,12 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> R
                                     proto::cert::list(&c.body.addrs),
                                     crate::identity::utc(c.body.not_after)
                                 ),
-                            ),
-                            Err(why) => log.line(
-                                now_ms,
-                                format!(
+                                Err(why) => format!(
                                     "{from}: {node}: refused {}/{}: {why}",
                                     w.namespace, w.name
                                 ),
-                            ),
-                        }
+                            },
+                        );
                         r
                     })
                     .collect()
@@ -449,38 +497,25 @@ pub fn serve(ca_path: &Path, listen: SocketAddr, ttl: &str, kube: KubeArgs) -> R
             nonce: *nonce,
             results,
         };
-        send(
-            &socket,
-            &mut responder,
-            &mut log,
-            &opened.sender,
-            from,
-            &answer,
-            now_ms,
-        );
+        self.send(&opened.sender, from, &answer, now_ms);
     }
-}
 
-/// Seals `answer` to `to` and sends it to `from`.
-fn send(
-    socket: &std::net::UdpSocket,
-    responder: &mut Responder,
-    log: &mut Log,
-    to: &[u8; 32],
-    from: SocketAddr,
-    answer: &Message,
-    now_ms: u64,
-) {
-    let datagrams = responder.seal(to, answer, now_ms, &mut rand_core::OsRng);
-    if datagrams.is_empty() {
-        log.line(
-            now_ms,
-            format!("{from}: the answer is too large to seal; ask for fewer workloads at once"),
-        );
-    }
-    for d in datagrams {
-        if let Err(e) = socket.send_to(&d, from) {
-            log.line(now_ms, format!("{from}: answer not sent: {e}"));
+    /// Seals `answer` to `to` and sends it to `from`.
+    fn send(&mut self, to: &[u8; 32], from: SocketAddr, answer: &Message, now_ms: u64) {
+        let datagrams = self
+            .responder
+            .seal(to, answer, now_ms, &mut rand_core::OsRng);
+        if datagrams.is_empty() {
+            self.log.line(
+                now_ms,
+                format!("{from}: the answer is too large to seal; ask for fewer workloads at once"),
+            );
+        }
+        for d in datagrams {
+            if let Err(e) = self.socket.send_to(&d, from) {
+                self.log
+                    .line(now_ms, format!("{from}: answer not sent: {e}"));
+            }
         }
     }
 }
