@@ -44,6 +44,35 @@ pub const ASSIGN_GRACE_MS: u64 = 10_000;
 /// rotates it long before).
 const MIN_NODE_LIFETIME_SECS: u64 = 60;
 
+/// The budgets reviews are spent within.
+struct ReviewBudget {
+    known: SourceLimiter<()>,
+    others: SourceLimiter<()>,
+    per_source: SourceLimiter<IpAddr>,
+}
+
+impl Default for ReviewBudget {
+    fn default() -> ReviewBudget {
+        ReviewBudget {
+            known: SourceLimiter::new(KNOWN_REVIEWS_PER_SEC, KNOWN_REVIEWS_PER_SEC, 1),
+            others: SourceLimiter::new(REVIEWS_PER_SEC, REVIEWS_PER_SEC, 1),
+            per_source: SourceLimiter::new(REVIEWS_PER_SOURCE_PER_SEC, 2, 4096),
+        }
+    }
+}
+
+impl ReviewBudget {
+    /// Whether a review for a key that is `known` (holds a live node certificate of ours), or
+    /// else from `from`, is within budget at `now_ms` (and spends it).
+    fn allow(&mut self, known: bool, from: IpAddr, now_ms: u64) -> bool {
+        if known {
+            self.known.allow((), now_ms)
+        } else {
+            self.per_source.allow(source_of(from), now_ms) && self.others.allow((), now_ms)
+        }
+    }
+}
+
 /// A join waiting for its review.
 struct Pending {
     opened: Opened,
@@ -68,9 +97,7 @@ pub struct Kubernetes {
     pub source: KubeSource,
     node_namespace: String,
     node_lifetime: u64,
-    known: SourceLimiter<()>,
-    others: SourceLimiter<()>,
-    per_source: SourceLimiter<IpAddr>,
+    budget: ReviewBudget,
     reviewed: HashMap<[u8; 32], (Result<Review, String>, u64)>,
     pending: HashMap<u64, Pending>,
     next_ticket: u64,
@@ -86,9 +113,7 @@ impl Kubernetes {
             source,
             node_namespace,
             node_lifetime,
-            known: SourceLimiter::new(KNOWN_REVIEWS_PER_SEC, KNOWN_REVIEWS_PER_SEC, 1),
-            others: SourceLimiter::new(REVIEWS_PER_SEC, REVIEWS_PER_SEC, 1),
-            per_source: SourceLimiter::new(REVIEWS_PER_SOURCE_PER_SEC, 2, 4096),
+            budget: ReviewBudget::default(),
             reviewed: HashMap::new(),
             pending: HashMap::new(),
             next_ticket: 0,
@@ -134,12 +159,10 @@ impl Kubernetes {
                 return Step::Answer(opened, result);
             }
         }
-        let within = if joins.known(&opened.sender, now) {
-            self.known.allow((), now_ms)
-        } else {
-            self.per_source.allow(source_of(from.ip()), now_ms) && self.others.allow((), now_ms)
-        };
-        if !within {
+        if !self
+            .budget
+            .allow(joins.known(&opened.sender, now), from.ip(), now_ms)
+        {
             return Step::Dropped("over the review budget".into());
         }
         self.next_ticket += 1;
@@ -225,5 +248,42 @@ impl Kubernetes {
             drop(view);
             eprintln!("assigning pod addresses (the grace after listing the cluster is over)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_new_keys_from_many_sources_never_starves_the_renewals_of_known_ones() {
+        let mut b = ReviewBudget::default();
+        let mut flooded = 0;
+        for second in 0..10u64 {
+            let now = second * 1000;
+            // 5,000 joins a second from new keys, each from an address of its own.
+            let flood = (0..5_000u32)
+                .filter(|i| {
+                    let from = IpAddr::from([198, 18, (i >> 8) as u8, *i as u8]);
+                    b.allow(false, from, now + u64::from(*i) / 10)
+                })
+                .count();
+            flooded += flood;
+            // Meanwhile every renewal of a node in the mesh is reviewed.
+            let renewed = (0..KNOWN_REVIEWS_PER_SEC)
+                .filter(|_| b.allow(true, "198.18.9.9".parse().unwrap(), now + 999))
+                .count();
+            assert_eq!(renewed, KNOWN_REVIEWS_PER_SEC as usize);
+        }
+        // The rate, after a burst of one second's worth.
+        let most = (REVIEWS_PER_SEC * 11) as usize;
+        assert!(flooded <= most, "{flooded} reviews for the flood in 10 s");
+        // One source alone gets one a second, after a burst of two.
+        let mut b = ReviewBudget::default();
+        let one: IpAddr = "fd00::1".parse().unwrap();
+        let same_64: IpAddr = "fd00::2".parse().unwrap();
+        assert!(b.allow(false, one, 0) && b.allow(false, same_64, 0));
+        assert!(!b.allow(false, one, 10), "the same /64");
+        assert!(b.allow(false, one, 1_010));
     }
 }

@@ -16,8 +16,8 @@ fn recorded(file: &str) -> Vec<u8> {
 }
 
 /// A client whose API server answers lists and the first pod watch from the recordings, holds
-/// every later watch open, and answers a TokenReview with `review`. Each request is logged as
-/// "METHOD PATH?QUERY BODY".
+/// every later watch open, and answers a TokenReview with `review` (after 1.5 s for a token
+/// that says "slow"). Each request is logged as "METHOD PATH?QUERY BODY".
 fn client(review: &'static str, log: Arc<Mutex<Vec<String>>>) -> kube::Client {
     let watched = Arc::new(AtomicBool::new(false));
     let service = tower::service_fn(move |req: Request<Body>| {
@@ -39,7 +39,12 @@ fn client(review: &'static str, log: Arc<Mutex<Vec<String>>>) -> kube::Client {
                 ("/api/v1/pods", false) => recorded("pods-list.json"),
                 ("/api/v1/namespaces", false) => recorded("namespaces-list.json"),
                 ("/api/v1/nodes", false) => recorded("nodes-list.json"),
-                ("/apis/authentication.k8s.io/v1/tokenreviews", false) => recorded(review),
+                ("/apis/authentication.k8s.io/v1/tokenreviews", false) => {
+                    if String::from_utf8_lossy(&body).contains("slow") {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
+                    recorded(review)
+                }
                 _ => {
                     return Ok::<_, std::convert::Infallible>(
                         Response::builder()
@@ -251,4 +256,32 @@ fn a_node_joins_with_its_reviewed_token_and_an_expired_one_is_refused() {
         .unwrap();
     let e = reviewed_node(&r, &src.policy).unwrap_err();
     assert!(e.contains("service account token has expired"), "{e}");
+}
+
+#[test]
+fn reviews_are_waited_for_off_the_askers_thread_and_no_more_than_sixteen_at_once() {
+    let (src, _) = source("tokenreview-node.json");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = std::time::Instant::now();
+    for ticket in 0..MAX_REVIEWS_IN_FLIGHT {
+        assert!(src.review("slow.e30.c2ln", ticket, tx.clone()));
+    }
+    assert!(
+        !src.review("slow.e30.c2ln", 99, tx.clone()),
+        "one more than the limit is not asked"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "asking waited for an answer: {:?}",
+        start.elapsed()
+    );
+    let mut answered: Vec<usize> = (0..MAX_REVIEWS_IN_FLIGHT)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().ticket)
+        .collect();
+    answered.sort();
+    assert_eq!(answered, (0..MAX_REVIEWS_IN_FLIGHT).collect::<Vec<_>>());
+    assert!(
+        src.review("slow.e30.c2ln", 100, tx),
+        "room again once answered"
+    );
 }
