@@ -13,10 +13,13 @@
 //!
 //! It also answers join requests (PROTOCOL.md §12): a node with a single-use join token (DIR/tokens/,
 //! `meshctl ca token create`) is given a node certificate, signed with the CA's key (`ca.key`),
-//! for the key that sealed the request.
+//! for the key that sealed the request; with `--kubernetes`, a node with its projected
+//! service-account token ([`kubernetes`]). A node joining again within a minute is given the same
+//! certificate ([`joins`]).
 //!
 //! The sealed side, pure, is [`proto::issuer::Responder`]; [`serve`] is the loop around a
-//! socket.
+//! socket: it waits for a datagram at most [`POLL`], then answers the joins whose reviews came
+//! back.
 
 use crate::ca::{self, CaDir};
 use crate::Failure;
@@ -128,8 +131,8 @@ pub struct KubeArgs {
     /// The audience of the projected tokens nodes join with.
     #[arg(long, default_value = "meshd-issuer", requires = "kubernetes")]
     pub audience: String,
-    /// How long a node certificate from a projected token lives (the DaemonSet renews it at
-    /// half of it).
+    /// How long a node certificate from a projected token lives at most (10m to 7d); never
+    /// longer than the token (the DaemonSet renews it at half of its life).
     #[arg(long, default_value = "24h", requires = "kubernetes")]
     pub node_ttl: String,
 }

@@ -271,10 +271,10 @@ impl WorkloadView for KubeView {
     }
 }
 
-/// A pod that runs as meshd's service account on `node`, as the view knows it: the pod a node's
-/// projected token is bound to must be one, so a token of a pod deleted or of another account
-/// joins nothing.
 impl KubeView {
+    /// Whether `pod` runs as meshd's service account on `node`, as the view knows it: the pod a
+    /// node's projected token is bound to must, so a token of a pod deleted or of another
+    /// account joins nothing.
     fn node_pod(&self, policy: &NodePolicy, node: &str, pod: &BoundPod) -> Result<(), String> {
         if !self.ready() {
             return Err("the issuer has not listed the cluster yet".into());
