@@ -1073,6 +1073,40 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// Runs meshctl here (outside any namespace), with nothing on standard input.
+pub fn meshctl(args: &[&str]) -> Output {
+    Command::new(bin("meshctl"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running meshctl")
+}
+
+/// What a command printed, standard output then standard error.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The public key an issuer spawned as "issuer" in `lab` prints once it listens.
+pub fn issuer_key(lab: &Lab) -> String {
+    let log = lab.dir.join("issuer.log");
+    let mut key = None;
+    wait_for("the issuer to listen", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        key = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("key "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(str::to_string);
+        key.is_some()
+    });
+    key.expect("waited for above")
+}
+
 /// Waits until `done` holds, checking every 50 ms; fails the test naming `what` after `limit`.
 /// Returns how long it took.
 pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {

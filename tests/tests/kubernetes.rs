@@ -6,7 +6,7 @@
 use mesh_tests::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -146,14 +146,6 @@ fn meshctl_in(lab: &Lab, ns: &str, args: &[&str]) -> Output {
     all.extend(args.iter().map(|a| a.to_string()));
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     lab.exec(ns, &all)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
@@ -355,19 +347,4 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     let log = std::fs::read_to_string(lab.dir.join("issuer.log")).unwrap();
     assert!(log.contains("joined as example.org/nodes/node-2"), "{log}");
     assert!(log.contains("refused microblog/post-7d9f8-x2v4q"), "{log}");
-}
-
-/// The issuer's public key, from the line it prints once it listens.
-fn issuer_key(lab: &Lab) -> String {
-    let log: PathBuf = lab.dir.join("issuer.log");
-    let mut key = None;
-    wait_for("the issuer to listen", Duration::from_secs(20), || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        key = text
-            .lines()
-            .find(|l| l.trim_start().starts_with("key "))
-            .map(|l| l.split_whitespace().nth(1).unwrap().to_string());
-        key.is_some()
-    });
-    key.unwrap()
 }

@@ -614,13 +614,6 @@ fn a_restarted_node_rejoins_from_its_state_without_seeds() {
     );
 }
 
-fn meshctl(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin("meshctl"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn operator_peering_with_meshctl_peer_add_list_remove() {
     if !can_run() {

@@ -21,13 +21,6 @@ struct WorkloadLab {
     admin: PathBuf,
 }
 
-fn meshctl(args: &[&str]) -> Output {
-    Command::new(bin("meshctl"))
-        .args(args)
-        .output()
-        .expect("running meshctl")
-}
-
 impl WorkloadLab {
     fn new() -> WorkloadLab {
         let mut lab = Lab::new();
@@ -44,7 +37,7 @@ impl WorkloadLab {
                 "ca", "serve", "--ca", &ca, "--listen", ISSUER, "--ttl", "1h",
             ],
         );
-        let key = wait_for_issuer_key(&lab);
+        let key = issuer_key(&lab);
         let admin = lab.dir.join("policy-admin.key");
         run(Command::new(bin("meshctl"))
             .args(["policy", "admin-key", "--out"])
@@ -196,31 +189,6 @@ fn mesh_policy(admin: &std::path::Path) -> MeshPolicy {
         audit: false,
         admins: vec![PathBuf::from(format!("{}.pub", admin.display()))],
     }
-}
-
-/// The issuer's public key, from the line it prints once it listens.
-fn wait_for_issuer_key(lab: &Lab) -> String {
-    let log: PathBuf = lab.dir.join("issuer.log");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.trim_start().starts_with("key ")) {
-            return line.split_whitespace().nth(1).unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the issuer did not start: {text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
