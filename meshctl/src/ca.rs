@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CA_TTL: &str = "3650d";
 
-/// The size of `issued.jsonl` beyond which the lines of expired certificates are dropped.
+/// Each time `issued.jsonl` grows past another multiple of this size, the lines of expired
+/// certificates are dropped.
 pub const COMPACT_RECORD_BYTES: u64 = 1024 * 1024;
 
 pub struct CaDir {
@@ -76,10 +77,15 @@ impl CaDir {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+        let text = format!("{line}\n");
+        f.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         drop(f);
-        if size > COMPACT_RECORD_BYTES {
+        // Once each time the record grows past another COMPACT_RECORD_BYTES: never on every
+        // line, however many live certificates it holds.
+        let before = size.saturating_sub(text.len() as u64);
+        if size / COMPACT_RECORD_BYTES > before / COMPACT_RECORD_BYTES {
             self.compact_record(now())?;
         }
         Ok(())

@@ -206,42 +206,72 @@ pub fn create(a: TokenArgs) -> Result<(), Failure> {
 }
 
 /// What the issuer answers a join request with: the node certificate for `sender`, or why not.
+///
+/// A token gives one certificate, ever. Its first redemption signs it and files it beside the
+/// token (`tokens/<id>.crt`), under the CA directory's lock, so of two issuers on one CA
+/// directory one redeems the token first and the other sees it redeemed; the same key redeeming
+/// again (its answer was lost) is given that certificate again, unless it was revoked or expired
+/// meanwhile: revoking it by serial stops the token too.
 pub fn answer_token(
     ca_path: &Path,
-    joins: &mut Joins,
     secret: &[u8; 32],
     sender: &[u8; 32],
     now: u64,
 ) -> Result<Certificate, String> {
-    let invitation = redeem_token(ca_path, secret, sender, now)?;
-    sign_node(ca_path, joins, &invitation, sender, now)
-}
-
-/// The invitation of the token with `secret`, redeemed by `sender` if it may be. Under the CA
-/// directory's lock: of two issuers on one CA directory, one redeems a token first and the other
-/// sees it redeemed.
-fn redeem_token(
-    ca_path: &Path,
-    secret: &[u8; 32],
-    sender: &[u8; 32],
-    now: u64,
-) -> Result<Invitation, String> {
-    let ca_dir = CaDir::of(ca_path);
-    let _locked = ca_dir
-        .lock()
-        .map_err(|e| format!("the issuer cannot lock its CA directory: {e:#}"))?;
     let dir = tokens_dir(ca_path);
     let id = proto::join::token_id(secret);
-    let mut invitation = load_token(&dir, &id)
-        .map_err(|e| format!("the issuer cannot read its tokens: {e:#}"))?
-        .ok_or_else(|| proto::join::JoinRefusal::Unknown.to_string())?;
+    let read = |dir: &Path| {
+        load_token(dir, &id)
+            .map_err(|e| format!("the issuer cannot read its tokens: {e:#}"))?
+            .ok_or_else(|| proto::join::JoinRefusal::Unknown.to_string())
+    };
+    // Refused before the lock is taken: a stranger's guess costs one file lookup.
+    proto::join::redeem(&read(&dir)?, secret, sender, now).map_err(|e| e.to_string())?;
+    let ca_dir = CaDir::of(ca_path);
+    let (root, crl) = ca_dir
+        .certificate()
+        .and_then(|root| Ok((ca_dir.revocation_list(&root)?, root)))
+        .map(|(crl, root)| (root, crl))
+        .map_err(|e| format!("the issuer cannot read its CA: {e:#}"))?;
+    let revoked = |c: &Certificate| {
+        crl.as_ref().is_some_and(|l| {
+            l.keys.contains(&c.body.public_key) || l.serials.contains(&c.body.serial)
+        })
+    };
+    let cert_path = dir.join(format!("{id}.crt"));
+    let locked = ca_dir
+        .lock()
+        .map_err(|e| format!("the issuer cannot lock its CA directory: {e:#}"))?;
+    let mut invitation = read(&dir)?;
     proto::join::redeem(&invitation, secret, sender, now).map_err(|e| e.to_string())?;
-    // Redeemed before it is answered: a second key is refused even if this answer is lost.
-    if invitation.redeemed_by.is_none() {
-        invitation.redeemed_by = Some(*sender);
-        save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
+    if cert_path.exists() {
+        let given = ca::load_certificate(&cert_path).map_err(|e| format!("{e:#}"))?;
+        if revoked(&given) {
+            return Err("the certificate this token was redeemed for is revoked".into());
+        }
+        if given.body.not_after < now {
+            return Err(
+                "the certificate this token was redeemed for has expired; ask for a new token"
+                    .into(),
+            );
+        }
+        return Ok(given);
     }
-    Ok(invitation)
+    let cert = node_certificate(&ca_dir, &root, crl.as_ref(), &invitation, sender, now)?;
+    // Filed before it is answered: a second key is refused even if this answer is lost.
+    files::create(
+        &cert_path,
+        armor::encode(armor::CERTIFICATE, &cert.encode()).as_bytes(),
+        0o600,
+    )
+    .map_err(|e| format!("token not updated: {e:#}"))?;
+    invitation.redeemed_by = Some(*sender);
+    save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
+    drop(locked);
+    ca_dir
+        .record(&cert.body)
+        .map_err(|e| format!("not recorded: {e:#}"))?;
+    Ok(cert)
 }
 
 /// What a Kubernetes node whose projected token the API server vouched for is given: the
@@ -267,20 +297,21 @@ pub fn node_invitation(
     }
 }
 
-/// Signs the node certificate `invitation` makes for `sender` with the CA's key, within the
-/// CA's scope, unless the key is revoked, and records it; or gives the one given a moment ago
-/// ([`Joins`]).
-pub fn sign_node(
-    ca_path: &Path,
-    joins: &mut Joins,
+/// The node certificate `invitation` makes for `sender`, signed with the CA's key within its
+/// scope; none for a revoked key (a node cut off), whatever it shows.
+fn node_certificate(
+    ca_dir: &CaDir,
+    root: &Certificate,
+    crl: Option<&proto::cert::RevocationList>,
     invitation: &Invitation,
     sender: &[u8; 32],
     now: u64,
 ) -> Result<Certificate, String> {
-    let ca_dir = CaDir::of(ca_path);
-    let (root, key) = ca_dir
-        .certificate()
-        .and_then(|c| Ok((c, ca_dir.signing_key()?)))
+    if crl.is_some_and(|l| l.keys.contains(sender)) {
+        return Err("this key is revoked".into());
+    }
+    let key = ca_dir
+        .signing_key()
         .map_err(|e| format!("the issuer cannot sign node certificates: {e:#}"))?;
     let body = proto::join::node_body(
         invitation,
@@ -291,21 +322,37 @@ pub fn sign_node(
         now,
         root.body.not_after,
     );
-    // A revoked key (a node cut off) is given nothing, whatever it shows.
-    let crl = ca_dir
-        .revocation_list(&root)
-        .map_err(|e| format!("the issuer cannot read the revocation list: {e:#}"))?;
-    if crl.is_some_and(|l| l.keys.contains(&body.public_key)) {
-        return Err("this key is revoked".into());
-    }
-    joins.answer(&body.identity(), sender, now, || {
-        proto::cert::check_ranges(&root.body, &body).map_err(|e| e.to_string())?;
-        let cert = body.sign(&key).map_err(|e| format!("not signed: {e}"))?;
+    proto::cert::check_ranges(&root.body, &body).map_err(|e| e.to_string())?;
+    body.sign(&key).map_err(|e| format!("not signed: {e}"))
+}
+
+/// The node certificate `invitation` makes for `sender`, signed and recorded; or the one given
+/// to it a moment ago ([`Joins`]), unless that was revoked meanwhile.
+pub fn sign_node(
+    ca_path: &Path,
+    joins: &mut Joins,
+    invitation: &Invitation,
+    sender: &[u8; 32],
+    now: u64,
+) -> Result<Certificate, String> {
+    let ca_dir = CaDir::of(ca_path);
+    let (root, crl) = ca_dir
+        .certificate()
+        .and_then(|root| Ok((ca_dir.revocation_list(&root)?, root)))
+        .map(|(crl, root)| (root, crl))
+        .map_err(|e| format!("the issuer cannot read its CA: {e:#}"))?;
+    let identity = format!("{}/{}", invitation.namespace, invitation.name);
+    let cert = joins.answer(&identity, sender, now, || {
+        let cert = node_certificate(&ca_dir, &root, crl.as_ref(), invitation, sender, now)?;
         ca_dir
             .record(&cert.body)
             .map_err(|e| format!("not recorded: {e:#}"))?;
         Ok(cert)
-    })
+    })?;
+    if crl.is_some_and(|l| l.keys.contains(sender) || l.serials.contains(&cert.body.serial)) {
+        return Err("this key or its certificate is revoked".into());
+    }
+    Ok(cert)
 }
 
 #[derive(clap::Args)]
@@ -643,9 +690,7 @@ mod tests {
             let handles: Vec<_> = (1..=8u8)
                 .map(|k| {
                     let dir = &dir;
-                    s.spawn(move || {
-                        answer_token(dir, &mut Joins::default(), &secret, &[k; 32], ca::now())
-                    })
+                    s.spawn(move || answer_token(dir, &secret, &[k; 32], ca::now()))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -659,14 +704,14 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_joins_by_the_token_holder_is_one_signature_and_one_record() {
+    fn a_token_gives_one_certificate_ever_and_revoking_it_stops_the_token_too() {
         let (dir, secret) = ca_with_token("flood");
-        let mut joins = Joins::default();
         let now = ca::now();
-        let first = answer_token(&dir, &mut joins, &secret, &[1; 32], now).unwrap();
-        for _ in 0..200 {
-            let again = answer_token(&dir, &mut joins, &secret, &[1; 32], now).unwrap();
-            assert_eq!(again.body.serial, first.body.serial);
+        let first = answer_token(&dir, &secret, &[1; 32], now).unwrap();
+        // A flood of redemptions by the holder: the same certificate, no signature, no record.
+        for t in 0..200 {
+            let again = answer_token(&dir, &secret, &[1; 32], now + t).unwrap();
+            assert_eq!(again.encode(), first.encode());
         }
         let record = std::fs::read_to_string(CaDir::of(&dir).issued_path()).unwrap();
         assert_eq!(
@@ -674,6 +719,12 @@ mod tests {
             1,
             "{record}"
         );
+        // Revoked by serial: the token gives nothing more, to its holder or a thief.
+        assert!(crate::ca::revoke(&dir, Some(first.body.serial), None, None).is_ok());
+        let e = answer_token(&dir, &secret, &[1; 32], now).unwrap_err();
+        assert!(e.contains("revoked"), "{e}");
+        let e = answer_token(&dir, &secret, &[2; 32], now).unwrap_err();
+        assert!(e.contains("used already"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -60,8 +60,8 @@ impl<K: Hash + Eq + Copy> SourceLimiter<K> {
 /// The source a budget per source is kept for: an IPv4 address, or an IPv6 address's /64 (one
 /// host is commonly given a whole /64, so its addresses are one source).
 pub fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V4(_) => ip,
+    match ip.to_canonical() {
+        v4 @ std::net::IpAddr::V4(_) => v4,
         std::net::IpAddr::V6(a) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
             u128::from(a) & !((1u128 << 64) - 1),
         )),
@@ -84,6 +84,8 @@ mod tests {
         assert!(l.allow(source_of(other), 0), "another /64");
         let v4: IpAddr = "198.18.0.1".parse().unwrap();
         assert_eq!(source_of(v4), v4);
+        let mapped: IpAddr = "::ffff:198.18.0.1".parse().unwrap();
+        assert_eq!(source_of(mapped), v4, "an IPv4 host on an IPv6 socket");
     }
 
     #[test]

@@ -33,10 +33,14 @@ impl Joins {
     ) -> Result<Certificate, String> {
         if let Some((cert, at)) = self.by_identity.get(identity) {
             let recent = now < at.saturating_add(REUSE_SECS) && now <= cert.body.not_after;
-            if recent && cert.body.public_key == *sender {
+            // Given again only while it has half its life left: never one about to expire.
+            let fresh = cert.body.not_after.saturating_sub(now)
+                >= cert.body.not_after.saturating_sub(*at) / 2;
+            let same = cert.body.public_key == *sender;
+            if recent && fresh && same {
                 return Ok(cert.clone());
             }
-            if recent {
+            if recent && !same {
                 return Err(format!(
                     "another key joined as {identity} {} s ago; ask again in {} s",
                     now.saturating_sub(*at),
@@ -119,6 +123,17 @@ mod tests {
             .unwrap();
         assert_eq!(c.body.public_key, [2; 32]);
         assert!(j.known(&[2; 32], 160));
+    }
+
+    #[test]
+    fn a_certificate_past_half_its_life_is_not_given_again() {
+        let mut j = Joins::default();
+        j.answer("nodes/n1", &[1; 32], 100, || Ok(cert(1, 160)))
+            .unwrap();
+        let again = j
+            .answer("nodes/n1", &[1; 32], 140, || Ok(cert(1, 1_000)))
+            .unwrap();
+        assert_eq!(again.body.not_after, 1_000, "a new one");
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //! A join costs the API server a TokenReview, so before one is asked:
 //! 1. the token's claims must pass [`KubeView::precheck`] (for our audience, unexpired, bound to
 //!    a running meshd pod on a node): junk and tokens of anything else cost nothing;
-//! 2. a token reviewed in the last [`REVIEW_CACHE_MS`] is answered from that review, however
-//!    many sources send it;
-//! 3. reviews are spent within budgets: one for keys holding a live node certificate of ours
-//!    (renewals, which a flood by others never starves), one for the rest, in all and per source
-//!    network;
-//! 4. at most [`crate::kube::MAX_REVIEWS_IN_FLIGHT`] wait at once, off the serve loop, so the
-//!    requests of nodes in the mesh are answered meanwhile.
+//! 2. a token the API server answered for in the last [`REVIEW_CACHE_MS`] is answered from that
+//!    review, however many sources send it, and one being reviewed is waited for, not asked
+//!    again;
+//! 3. reviews are spent within budgets: per pod the token is bound to (so a node, even one
+//!    compromised, spends at most its own share), one for keys holding a live node certificate
+//!    of ours (renewals, which a flood by others never starves), one for the rest, in all and
+//!    per source network;
+//! 4. at most [`crate::kube::MAX_REVIEWS_IN_FLIGHT`] wait at once (half of them for keys we
+//!    know), off the serve loop, so the requests of nodes in the mesh are answered meanwhile.
 //!
 //! The reviewed token then joins as its node ([`KubeView::joining_node`]), for no longer than
 //! the token lives.
@@ -31,6 +33,11 @@ use std::sync::mpsc;
 pub const KNOWN_REVIEWS_PER_SEC: u32 = 20;
 pub const REVIEWS_PER_SEC: u32 = 20;
 pub const REVIEWS_PER_SOURCE_PER_SEC: u32 = 1;
+/// Reviews per second for tokens bound to one pod (a node's meshd).
+pub const REVIEWS_PER_POD_PER_SEC: u32 = 1;
+
+/// Joins waiting for one review of the same token, at most.
+const MAX_WAITING_PER_REVIEW: usize = 4;
 
 /// How long a review's answer stands for the same token.
 pub const REVIEW_CACHE_MS: u64 = 30_000;
@@ -38,7 +45,7 @@ const MAX_CACHED_REVIEWS: usize = 4096;
 
 /// How long after its first lists a (re)started issuer waits before it assigns addresses: the
 /// kubelets report meanwhile the addresses of pods certified just before a restart.
-pub const ASSIGN_GRACE_MS: u64 = 10_000;
+pub const ASSIGN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The shortest node certificate given: a token this close to expiry is refused (the kubelet
 /// rotates it long before).
@@ -46,25 +53,35 @@ const MIN_NODE_LIFETIME_SECS: u64 = 60;
 
 /// The budgets reviews are spent within.
 struct ReviewBudget {
+    per_pod: SourceLimiter<u64>,
     known: SourceLimiter<()>,
     others: SourceLimiter<()>,
     per_source: SourceLimiter<IpAddr>,
+    /// Keys the hashes of pod UIDs (a sender cannot aim at another pod's bucket).
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Default for ReviewBudget {
     fn default() -> ReviewBudget {
         ReviewBudget {
+            per_pod: SourceLimiter::new(REVIEWS_PER_POD_PER_SEC, 2, 65_536),
             known: SourceLimiter::new(KNOWN_REVIEWS_PER_SEC, KNOWN_REVIEWS_PER_SEC, 1),
             others: SourceLimiter::new(REVIEWS_PER_SEC, REVIEWS_PER_SEC, 1),
             per_source: SourceLimiter::new(REVIEWS_PER_SOURCE_PER_SEC, 2, 4096),
+            hasher: Default::default(),
         }
     }
 }
 
 impl ReviewBudget {
-    /// Whether a review for a key that is `known` (holds a live node certificate of ours), or
-    /// else from `from`, is within budget at `now_ms` (and spends it).
-    fn allow(&mut self, known: bool, from: IpAddr, now_ms: u64) -> bool {
+    /// Whether a review of a token bound to pod `pod_uid`, for a key that is `known` (holds a
+    /// live node certificate of ours), or else from `from`, is within budget at `now_ms` (and
+    /// spends it).
+    fn allow(&mut self, pod_uid: &str, known: bool, from: IpAddr, now_ms: u64) -> bool {
+        use std::hash::BuildHasher;
+        if !self.per_pod.allow(self.hasher.hash_one(pod_uid), now_ms) {
+            return false;
+        }
         if known {
             self.known.allow((), now_ms)
         } else {
@@ -98,12 +115,15 @@ pub struct Kubernetes {
     node_namespace: String,
     node_lifetime: u64,
     budget: ReviewBudget,
-    reviewed: HashMap<[u8; 32], (Result<Review, String>, u64)>,
-    pending: HashMap<u64, Pending>,
+    /// What the API server answered lately, by token digest, and until when it stands.
+    reviewed: HashMap<[u8; 32], (Review, u64)>,
+    /// The joins waiting for each review asked, and the review asked for each token digest.
+    pending: HashMap<u64, Vec<Pending>>,
+    in_review: HashMap<[u8; 32], u64>,
     next_ticket: u64,
     done: mpsc::Sender<Reviewed<u64>>,
     answers: mpsc::Receiver<Reviewed<u64>>,
-    ready_since: Option<u64>,
+    ready_since: Option<std::time::Instant>,
 }
 
 impl Kubernetes {
@@ -116,6 +136,7 @@ impl Kubernetes {
             budget: ReviewBudget::default(),
             reviewed: HashMap::new(),
             pending: HashMap::new(),
+            in_review: HashMap::new(),
             next_ticket: 0,
             done,
             answers,
@@ -127,13 +148,16 @@ impl Kubernetes {
         self.source.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A node's join with projected token `jwt`, sealed by `opened.sender`, from `from`.
+    /// A node's join with projected token `jwt`, sealed by `opened.sender` (`known` if it holds
+    /// a live node certificate of ours), from `from`.
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
         ca_path: &Path,
         joins: &mut Joins,
         jwt: &str,
         opened: Opened,
+        known: bool,
         from: SocketAddr,
         now_ms: u64,
     ) -> Step {
@@ -155,30 +179,37 @@ impl Kubernetes {
         if let Some((review, until)) = self.reviewed.get(&digest) {
             if now_ms < *until {
                 let review = review.clone();
-                let result = self.admit(ca_path, joins, review, &claims, &opened, now);
+                let result = self.admit(ca_path, joins, Ok(review), &claims, &opened, now);
                 return Step::Answer(opened, result);
             }
         }
+        let waiting = Pending {
+            opened,
+            from,
+            claims,
+            digest,
+        };
+        if let Some(ticket) = self.in_review.get(&digest) {
+            let waiters = self.pending.entry(*ticket).or_default();
+            if waiters.len() >= MAX_WAITING_PER_REVIEW {
+                return Step::Dropped("the same token is being reviewed".into());
+            }
+            waiters.push(waiting);
+            return Step::Asked;
+        }
         if !self
             .budget
-            .allow(joins.known(&opened.sender, now), from.ip(), now_ms)
+            .allow(&waiting.claims.pod.uid, known, from.ip(), now_ms)
         {
             return Step::Dropped("over the review budget".into());
         }
         self.next_ticket += 1;
         let ticket = self.next_ticket;
-        if !self.source.review(jwt, ticket, self.done.clone()) {
+        if !self.source.review(jwt, ticket, known, self.done.clone()) {
             return Step::Dropped("too many reviews waiting for the API server".into());
         }
-        self.pending.insert(
-            ticket,
-            Pending {
-                opened,
-                from,
-                claims,
-                digest,
-            },
-        );
+        self.in_review.insert(digest, ticket);
+        self.pending.insert(ticket, vec![waiting]);
         Step::Asked
     }
 
@@ -190,21 +221,35 @@ impl Kubernetes {
         joins: &mut Joins,
         now_ms: u64,
     ) -> Vec<(Opened, SocketAddr, Result<Certificate, String>)> {
-        self.start_assigning(now_ms);
+        self.start_assigning();
         let mut answered = Vec::new();
         while let Ok(Reviewed { ticket, review }) = self.answers.try_recv() {
-            let Some(p) = self.pending.remove(&ticket) else {
+            let waiting = self.pending.remove(&ticket).unwrap_or_default();
+            let Some(digest) = waiting.first().map(|p| p.digest) else {
                 continue;
             };
-            if self.reviewed.len() >= MAX_CACHED_REVIEWS {
-                self.reviewed.retain(|_, (_, until)| *until > now_ms);
+            self.in_review.remove(&digest);
+            // Only what the API server said stands; a timeout or an error is asked again.
+            if let Ok(r) = &review {
+                if self.reviewed.len() >= MAX_CACHED_REVIEWS {
+                    self.reviewed.retain(|_, (_, until)| *until > now_ms);
+                }
+                if self.reviewed.len() < MAX_CACHED_REVIEWS {
+                    self.reviewed
+                        .insert(digest, (r.clone(), now_ms + REVIEW_CACHE_MS));
+                }
             }
-            if self.reviewed.len() < MAX_CACHED_REVIEWS {
-                self.reviewed
-                    .insert(p.digest, (review.clone(), now_ms + REVIEW_CACHE_MS));
+            for p in waiting {
+                let result = self.admit(
+                    ca_path,
+                    joins,
+                    review.clone(),
+                    &p.claims,
+                    &p.opened,
+                    now_ms / 1000,
+                );
+                answered.push((p.opened, p.from, result));
             }
-            let result = self.admit(ca_path, joins, review, &p.claims, &p.opened, now_ms / 1000);
-            answered.push((p.opened, p.from, result));
         }
         answered
     }
@@ -236,14 +281,14 @@ impl Kubernetes {
         crate::join::sign_node(ca_path, joins, &invitation, &opened.sender, now)
     }
 
-    /// Starts assigning addresses [`ASSIGN_GRACE_MS`] after the view is first ready.
-    fn start_assigning(&mut self, now_ms: u64) {
+    /// Starts assigning addresses [`ASSIGN_GRACE`] after the view is first ready.
+    fn start_assigning(&mut self) {
         let mut view = self.source.view.lock().unwrap_or_else(|e| e.into_inner());
         if view.assigning() || !view.ready() {
             return;
         }
-        let since = *self.ready_since.get_or_insert(now_ms);
-        if now_ms >= since + ASSIGN_GRACE_MS {
+        let since = *self.ready_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= ASSIGN_GRACE {
             view.start_assigning();
             drop(view);
             eprintln!("assigning pod addresses (the grace after listing the cluster is over)");
@@ -265,13 +310,16 @@ mod tests {
             let flood = (0..5_000u32)
                 .filter(|i| {
                     let from = IpAddr::from([198, 18, (i >> 8) as u8, *i as u8]);
-                    b.allow(false, from, now + u64::from(*i) / 10)
+                    b.allow(&format!("pod-{i}"), false, from, now + u64::from(*i) / 10)
                 })
                 .count();
             flooded += flood;
             // Meanwhile every renewal of a node in the mesh is reviewed.
             let renewed = (0..KNOWN_REVIEWS_PER_SEC)
-                .filter(|_| b.allow(true, "198.18.9.9".parse().unwrap(), now + 999))
+                .filter(|i| {
+                    let pod = format!("meshd-{i}");
+                    b.allow(&pod, true, "198.18.9.9".parse().unwrap(), now + 999)
+                })
                 .count();
             assert_eq!(renewed, KNOWN_REVIEWS_PER_SEC as usize);
         }
@@ -282,8 +330,21 @@ mod tests {
         let mut b = ReviewBudget::default();
         let one: IpAddr = "fd00::1".parse().unwrap();
         let same_64: IpAddr = "fd00::2".parse().unwrap();
-        assert!(b.allow(false, one, 0) && b.allow(false, same_64, 0));
-        assert!(!b.allow(false, one, 10), "the same /64");
-        assert!(b.allow(false, one, 1_010));
+        assert!(b.allow("p1", false, one, 0) && b.allow("p2", false, same_64, 0));
+        assert!(!b.allow("p3", false, one, 10), "the same /64");
+        assert!(b.allow("p4", false, one, 1_010));
+    }
+
+    #[test]
+    fn a_node_spends_at_most_its_own_pods_share_even_with_a_key_we_know() {
+        let mut b = ReviewBudget::default();
+        let from: IpAddr = "198.18.0.5".parse().unwrap();
+        // A compromised node, known, naming its own meshd pod in forged tokens for 10 s.
+        let spent = (0..10_000u64)
+            .filter(|t| b.allow("its-pod", true, from, *t))
+            .count();
+        assert!(spent <= 2 + 10, "{spent} reviews");
+        // Every other node's renewal is still reviewed.
+        assert!((0..10).all(|i| b.allow(&format!("pod-{i}"), true, from, 10_000)));
     }
 }

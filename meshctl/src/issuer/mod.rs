@@ -310,16 +310,21 @@ impl Issuer<'_> {
         match &opened.msg {
             Message::JoinRequest { credential, .. } => match credential {
                 Credential::Token(secret) => {
-                    let result = crate::join::answer_token(
-                        self.ca_path,
-                        &mut self.joins,
-                        secret,
-                        &opened.sender,
-                        ca::now(),
-                    );
+                    let result =
+                        crate::join::answer_token(self.ca_path, secret, &opened.sender, ca::now());
                     self.joined(opened, from, result, now_ms);
                 }
                 Credential::ServiceAccount(jwt) => {
+                    // Known: holds a live node certificate from a join here, and is not revoked
+                    // (a revoked node's key is a stranger's).
+                    let root = &self.root;
+                    let revoked = match self.crl.get(|p| read_crl(p, root)) {
+                        Ok(crl) => crl
+                            .as_ref()
+                            .is_some_and(|l| l.keys.contains(&opened.sender)),
+                        Err(_) => true,
+                    };
+                    let known = !revoked && self.joins.known(&opened.sender, now_ms / 1000);
                     let Source::Kubernetes(k) = &mut self.source else {
                         let why = "this issuer takes join tokens only (it has no Kubernetes \
                                        source)";
@@ -327,7 +332,15 @@ impl Issuer<'_> {
                         return;
                     };
                     let jwt = jwt.clone();
-                    match k.join(self.ca_path, &mut self.joins, &jwt, opened, from, now_ms) {
+                    match k.join(
+                        self.ca_path,
+                        &mut self.joins,
+                        &jwt,
+                        opened,
+                        known,
+                        from,
+                        now_ms,
+                    ) {
                         kubernetes::Step::Answer(opened, result) => {
                             self.joined(opened, from, result, now_ms)
                         }

@@ -136,14 +136,22 @@ impl KubeSource {
 
     /// Asks the API server what it says of `token` (a TokenReview for the policy's audience),
     /// without waiting: the answer comes on `done` with `ticket`, within [`REVIEW_TIMEOUT`].
-    /// False, and nothing asked, while [`MAX_REVIEWS_IN_FLIGHT`] are unanswered.
+    /// False, and nothing asked, while [`MAX_REVIEWS_IN_FLIGHT`] are unanswered, or half of them
+    /// unless the asker is `known` (holds a node certificate of ours): the other half is kept
+    /// for those.
     pub fn review<T: Send + 'static>(
         &self,
         token: &str,
         ticket: T,
+        known: bool,
         done: mpsc::Sender<Reviewed<T>>,
     ) -> bool {
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_REVIEWS_IN_FLIGHT {
+        let limit = if known {
+            MAX_REVIEWS_IN_FLIGHT
+        } else {
+            MAX_REVIEWS_IN_FLIGHT / 2
+        };
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= limit {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return false;
         }

@@ -221,7 +221,12 @@ fn the_listed_and_watched_cluster_decides_who_is_given_which_pod() {
 fn a_node_joins_with_its_reviewed_token_and_an_expired_one_is_refused() {
     let (src, log) = source("tokenreview-node.json");
     let (tx, rx) = std::sync::mpsc::channel();
-    assert!(src.review("eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.e30.c2ln", 7, tx.clone()));
+    assert!(src.review(
+        "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.e30.c2ln",
+        7,
+        false,
+        tx.clone()
+    ));
     let answer = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(answer.ticket, 7);
     let r = answer.review.unwrap();
@@ -248,7 +253,7 @@ fn a_node_joins_with_its_reviewed_token_and_an_expired_one_is_refused() {
 
     let (src, _) = source("tokenreview-expired.json");
     let (tx, rx) = std::sync::mpsc::channel();
-    assert!(src.review("eyJ.e30.c2ln", 8, tx));
+    assert!(src.review("eyJ.e30.c2ln", 8, false, tx));
     let r = rx
         .recv_timeout(Duration::from_secs(10))
         .unwrap()
@@ -259,15 +264,21 @@ fn a_node_joins_with_its_reviewed_token_and_an_expired_one_is_refused() {
 }
 
 #[test]
-fn reviews_are_waited_for_off_the_askers_thread_and_no_more_than_sixteen_at_once() {
+fn reviews_are_waited_for_off_the_askers_thread_and_no_more_than_sixteen_at_once_half_kept_for_known_keys(
+) {
     let (src, _) = source("tokenreview-node.json");
     let (tx, rx) = std::sync::mpsc::channel();
     let start = std::time::Instant::now();
-    for ticket in 0..MAX_REVIEWS_IN_FLIGHT {
-        assert!(src.review("slow.e30.c2ln", ticket, tx.clone()));
+    // Half for anyone, the other half kept for the keys the issuer knows.
+    for ticket in 0..MAX_REVIEWS_IN_FLIGHT / 2 {
+        assert!(src.review("slow.e30.c2ln", ticket, false, tx.clone()));
+    }
+    assert!(!src.review("slow.e30.c2ln", 98, false, tx.clone()));
+    for ticket in MAX_REVIEWS_IN_FLIGHT / 2..MAX_REVIEWS_IN_FLIGHT {
+        assert!(src.review("slow.e30.c2ln", ticket, true, tx.clone()));
     }
     assert!(
-        !src.review("slow.e30.c2ln", 99, tx.clone()),
+        !src.review("slow.e30.c2ln", 99, true, tx.clone()),
         "one more than the limit is not asked"
     );
     assert!(
@@ -281,7 +292,7 @@ fn reviews_are_waited_for_off_the_askers_thread_and_no_more_than_sixteen_at_once
     answered.sort();
     assert_eq!(answered, (0..MAX_REVIEWS_IN_FLIGHT).collect::<Vec<_>>());
     assert!(
-        src.review("slow.e30.c2ln", 100, tx),
+        src.review("slow.e30.c2ln", 100, false, tx),
         "room again once answered"
     );
 }

@@ -294,8 +294,8 @@ impl KubeView {
                 Ok(())
             }
             _ => Err(format!(
-                "the token is bound to pod {namespace}/{} ({}), which is no running pod of {} on \
-                 node {node}",
+                "the token is bound to pod {namespace}/{:?} ({:?}), which is no running pod of {} \
+                 on node {node:?}",
                 pod.name, pod.uid, policy.service_account
             )),
         }
@@ -320,7 +320,7 @@ impl KubeView {
         let expected = subject(policy);
         if claims.subject != expected {
             return Err(format!(
-                "{} may not join as a node (only {expected})",
+                "{:?} may not join as a node (only {expected})",
                 claims.subject
             ));
         }
