@@ -454,6 +454,8 @@ impl Issuer<'_> {
             Ok(()) if !self.responder.confirm(&opened) => return,
             Ok(()) => {
                 let held;
+                // What a Kubernetes source says instead while it cannot decide yet.
+                let (mut listed, mut assigning) = (true, true);
                 let view: &dyn proto::workload::WorkloadView = match &mut self.source {
                     Source::Registry(registry) => match registry.get(crate::workload::load) {
                         Ok(r) => r,
@@ -465,6 +467,7 @@ impl Issuer<'_> {
                     },
                     Source::Kubernetes(k) => {
                         held = k.source.view.lock().unwrap_or_else(|e| e.into_inner());
+                        (listed, assigning) = (held.ready(), held.assigning());
                         &*held
                     }
                 };
@@ -480,8 +483,18 @@ impl Issuer<'_> {
                 workloads
                     .iter()
                     .map(|w| {
+                        use proto::workload::Refusal;
                         let r = proto::workload::authorize(&certificate.body, w, view, &issuance)
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| match e {
+                                Refusal::UnknownWorkload { .. } if !listed => {
+                                    "the issuer has not listed the cluster yet; ask again".into()
+                                }
+                                Refusal::NoAddress { .. } if !assigning => format!(
+                                    "{e} (a restarted issuer assigns addresses after {} s)",
+                                    kubernetes::ASSIGN_GRACE.as_secs()
+                                ),
+                                e => e.to_string(),
+                            })
                             .and_then(|g| {
                                 g.body(ca::new_serial(), issuer_key)
                                     .sign(signing)
