@@ -438,7 +438,11 @@ fn a_node_joins_with_a_single_use_token_and_its_private_key_never_leaves_it() {
         ],
     );
     assert!(!out.status.success());
-    assert!(text(&out).contains("this key is revoked"), "{}", text(&out));
+    assert!(
+        text(&out).contains("this token was redeemed for is revoked"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(
         std::fs::read(node_dir.join("node.crt")).unwrap(),
         revoked_crt
