@@ -135,6 +135,13 @@ impl CaDir {
         Ok(SigningKey::from_bytes(&seed))
     }
 
+    /// The CA certificate and its revocation list, if it has one.
+    pub fn certificate_and_crl(&self) -> anyhow::Result<(Certificate, Option<RevocationList>)> {
+        let root = self.certificate()?;
+        let crl = self.revocation_list(&root)?;
+        Ok((root, crl))
+    }
+
     pub fn certificate(&self) -> anyhow::Result<Certificate> {
         load_certificate(&self.cert_path())
     }

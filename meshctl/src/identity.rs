@@ -261,8 +261,7 @@ pub fn inspect(file: &Path, ca_dir: Option<&Path>, output: Output) -> Result<(),
     let verification: Option<Result<(), String>> = match (ca_dir, cert.body.kind) {
         (Some(dir), CertKind::Identity) => {
             let d = CaDir::of(dir);
-            let ca_cert = d.certificate()?;
-            let crl = d.revocation_list(&ca_cert)?;
+            let (ca_cert, crl) = d.certificate_and_crl()?;
             Some(
                 cert.verify_identity(&[ca_cert], now, crl.as_ref())
                     .map_err(|e| e.to_string()),

@@ -229,15 +229,8 @@ pub fn answer_token(
     proto::join::redeem(&read(&dir)?, secret, sender, now).map_err(|e| e.to_string())?;
     let ca_dir = CaDir::of(ca_path);
     let (root, crl) = ca_dir
-        .certificate()
-        .and_then(|root| Ok((ca_dir.revocation_list(&root)?, root)))
-        .map(|(crl, root)| (root, crl))
+        .certificate_and_crl()
         .map_err(|e| format!("the issuer cannot read its CA: {e:#}"))?;
-    let revoked = |c: &Certificate| {
-        crl.as_ref().is_some_and(|l| {
-            l.keys.contains(&c.body.public_key) || l.serials.contains(&c.body.serial)
-        })
-    };
     let cert_path = dir.join(format!("{id}.crt"));
     let locked = ca_dir
         .lock()
@@ -246,7 +239,7 @@ pub fn answer_token(
     proto::join::redeem(&invitation, secret, sender, now).map_err(|e| e.to_string())?;
     if cert_path.exists() {
         let given = ca::load_certificate(&cert_path).map_err(|e| format!("{e:#}"))?;
-        if revoked(&given) {
+        if crl.as_ref().is_some_and(|l| l.revokes(&given.body)) {
             return Err("the certificate this token was redeemed for is revoked".into());
         }
         if given.body.not_after < now {
@@ -307,7 +300,7 @@ fn node_certificate(
     sender: &[u8; 32],
     now: u64,
 ) -> Result<Certificate, String> {
-    if crl.is_some_and(|l| l.keys.contains(sender)) {
+    if crl.is_some_and(|l| l.revokes_key(sender)) {
         return Err("this key is revoked".into());
     }
     let key = ca_dir
@@ -337,9 +330,7 @@ pub fn sign_node(
 ) -> Result<Certificate, String> {
     let ca_dir = CaDir::of(ca_path);
     let (root, crl) = ca_dir
-        .certificate()
-        .and_then(|root| Ok((ca_dir.revocation_list(&root)?, root)))
-        .map(|(crl, root)| (root, crl))
+        .certificate_and_crl()
         .map_err(|e| format!("the issuer cannot read its CA: {e:#}"))?;
     let identity = format!("{}/{}", invitation.namespace, invitation.name);
     let cert = joins.answer(&identity, sender, now, || {
@@ -349,7 +340,7 @@ pub fn sign_node(
             .map_err(|e| format!("not recorded: {e:#}"))?;
         Ok(cert)
     })?;
-    if crl.is_some_and(|l| l.keys.contains(sender) || l.serials.contains(&cert.body.serial)) {
+    if crl.is_some_and(|l| l.revokes(&cert.body)) {
         return Err("this key or its certificate is revoked".into());
     }
     Ok(cert)
@@ -587,13 +578,17 @@ fn ask(
     let mut reassembly = proto::segment::Reassembly::default();
     let start = Instant::now();
     let mut last_sent: Option<Instant> = None;
+    // An issuer under load asks for a cookie (proof that we receive here) before it opens
+    // anything: the last datagrams sent are repeated with it, and every later one carries it.
+    let mut cookie: Option<[u8; control::COOKIE_LEN]> = None;
+    let mut sent: Vec<Vec<u8>> = Vec::new();
     let mut buf = vec![0u8; 65_535];
     while start.elapsed() < wait {
         if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             let now_ms = wall_ms();
             let mut e = [0u8; 32];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut e);
-            let datagrams = control::seal_message(
+            sent = control::seal_message(
                 own,
                 issuer_key,
                 &StaticSecret::from(e),
@@ -601,9 +596,12 @@ fn ask(
                 &request,
             )
             .map_err(|e| anyhow!("sealing the request: {e}"))?;
-            for d in datagrams {
+            for d in &mut sent {
+                if let Some(c) = &cookie {
+                    control::set_cookie(d, c);
+                }
                 // A send that fails (no route yet) is tried again with the next round.
-                let _ = socket.send(&d);
+                let _ = socket.send(d);
             }
             last_sent = Some(Instant::now());
         }
@@ -611,8 +609,19 @@ fn ask(
             Ok(n) => n,
             Err(_) => continue,
         };
-        let Ok(Datagram::Sealed(sealed)) = control::decode(&buf[..n]) else {
-            continue;
+        let sealed = match control::decode(&buf[..n]) {
+            Ok(Datagram::Sealed(sealed)) => sealed,
+            Ok(Datagram::CookieReply { echo, cookie: c })
+                if sent.iter().any(|d| control::mac_of(d) == Some(echo)) =>
+            {
+                cookie = Some(c);
+                for d in &mut sent {
+                    control::set_cookie(d, &c);
+                    let _ = socket.send(d);
+                }
+                continue;
+            }
+            _ => continue,
         };
         let Ok(opened) = sealed.open(own) else {
             continue;

@@ -624,12 +624,12 @@ impl Certificate {
         check_ranges(&ca.body, &self.body)?;
         if let Some(crl) = revoked {
             if crl.issuer == ca.body.public_key {
-                if crl.serials.binary_search(&self.body.serial).is_ok() {
+                if crl.revokes_serial(self.body.serial) {
                     return Err(CertError::Revoked {
                         serial: self.body.serial,
                     });
                 }
-                if crl.keys.binary_search(&self.body.public_key).is_ok() {
+                if crl.revokes_key(&self.body.public_key) {
                     return Err(CertError::RevokedKey {
                         serial: self.body.serial,
                     });
@@ -712,6 +712,21 @@ pub struct RevocationList {
 }
 
 impl RevocationList {
+    /// Whether the list names `serial` (its lists are sorted).
+    pub fn revokes_serial(&self, serial: u64) -> bool {
+        self.serials.binary_search(&serial).is_ok()
+    }
+
+    /// Whether the list names `key`.
+    pub fn revokes_key(&self, key: &[u8; 32]) -> bool {
+        self.keys.binary_search(key).is_ok()
+    }
+
+    /// Whether the list names the certificate `body`, by serial or by key.
+    pub fn revokes(&self, body: &CertBody) -> bool {
+        self.revokes_serial(body.serial) || self.revokes_key(&body.public_key)
+    }
+
     fn encode_body(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64 + 8 * self.serials.len());
         b.extend_from_slice(CRL_MAGIC);

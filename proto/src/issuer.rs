@@ -1,6 +1,9 @@
 //! The workload issuer's sealed side (PROTOCOL.md §11), pure: it opens requests within a budget,
 //! once each (a replay window per sender) and whole (reassembly), and seals answers whose
-//! counters follow the clock. `meshctl ca serve` runs it on a socket; the mesh simulator runs it
+//! counters follow the clock. Under load, a source must show a cookie (PROTOCOL.md §4: proof that
+//! it receives at its address, checked with one MAC) before anything costs a Diffie-Hellman: a
+//! flood from spoofed addresses spends the budget of sources without one, never that of nodes
+//! that show it. `meshctl ca serve` runs it on a socket; the mesh simulator runs it
 //! on the simulated underlay.
 
 use crate::control::{self, Datagram, Message, ReplayWindow};
@@ -21,6 +24,34 @@ pub const OPENS_PER_SOURCE_PER_SEC: u32 = 50;
 const MAX_SENDERS: usize = 65_536;
 /// Sealed counters follow the clock at this many per millisecond, as a node's do.
 pub const COUNTER_PER_MS: u64 = 1_000_000;
+/// Cookie replies per second, per source network and in all: a reply is smaller than the
+/// datagram it answers, so a spoofed source is sent less than was sent in its name.
+pub const COOKIE_REPLIES_PER_SOURCE_PER_SEC: u32 = 50;
+const COOKIE_REPLIES_PER_SEC: u32 = 20_000;
+/// The cookie secret changes this often; a cookie of the one before still counts.
+pub const COOKIE_EPOCH_MS: u64 = 120_000;
+
+/// Why a datagram was not opened, and the cookie reply to send back, if one is owed.
+#[derive(Debug)]
+pub struct Dropped {
+    pub why: String,
+    pub reply: Option<Vec<u8>>,
+}
+
+impl Dropped {
+    fn because(why: impl ToString) -> Dropped {
+        Dropped {
+            why: why.to_string(),
+            reply: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
 
 /// A whole message opened: who sealed it, and its counters.
 #[derive(Debug)]
@@ -36,14 +67,23 @@ pub struct Responder {
     secret: StaticSecret,
     replay: HashMap<[u8; 32], ReplayWindow>,
     reassembly: Reassembly,
+    /// Opens for sources without a cookie, and for those with one.
     opens: SourceLimiter<()>,
     per_source: SourceLimiter<IpAddr>,
+    proven_opens: SourceLimiter<()>,
+    proven_per_source: SourceLimiter<IpAddr>,
+    replies: SourceLimiter<()>,
+    replies_per_source: SourceLimiter<IpAddr>,
+    /// What each epoch's cookie secret is derived from.
+    cookie_seed: [u8; 32],
     counter: u64,
 }
 
 impl Responder {
     pub fn new(secret: StaticSecret) -> Responder {
+        let cookie_seed = keyed(&secret.to_bytes(), b"meshd issuer cookie seed");
         Responder {
+            cookie_seed,
             secret,
             replay: HashMap::new(),
             reassembly: Reassembly::default(),
@@ -53,8 +93,26 @@ impl Responder {
                 2 * OPENS_PER_SOURCE_PER_SEC,
                 4096,
             ),
+            proven_opens: SourceLimiter::new(OPENS_PER_SEC, OPENS_PER_SEC, 1),
+            proven_per_source: SourceLimiter::new(
+                OPENS_PER_SOURCE_PER_SEC,
+                2 * OPENS_PER_SOURCE_PER_SEC,
+                4096,
+            ),
+            replies: SourceLimiter::new(COOKIE_REPLIES_PER_SEC, COOKIE_REPLIES_PER_SEC, 1),
+            replies_per_source: SourceLimiter::new(
+                COOKIE_REPLIES_PER_SOURCE_PER_SEC,
+                COOKIE_REPLIES_PER_SOURCE_PER_SEC,
+                4096,
+            ),
             counter: 0,
         }
+    }
+
+    /// The cookie of `from` in the epoch of `now_ms`, or `back` epochs before.
+    fn cookie(&self, from: &SocketAddr, now_ms: u64, back: u64) -> [u8; control::COOKIE_LEN] {
+        let epoch = (now_ms / COOKIE_EPOCH_MS).saturating_sub(back);
+        control::cookie(&keyed(&self.cookie_seed, &epoch.to_be_bytes()), from)
     }
 
     /// One datagram from `from`: the sender and its message once a whole message has arrived,
@@ -62,35 +120,49 @@ impl Responder {
     /// A whole message is only checked against the sender's replay window here; [`Responder::
     /// confirm`] takes its counters once the sender proved to be a node, so that senders with
     /// throwaway keys never fill the table of windows.
+    /// Over budget, a source without a valid cookie is sent one (within the reply budget) in
+    /// [`Dropped::reply`], and a datagram repeated with it opens within a budget of its own.
     pub fn open(
         &mut self,
         now_ms: u64,
         from: SocketAddr,
         datagram: &[u8],
-    ) -> Result<Option<Opened>, String> {
-        let Datagram::Sealed(sealed) = control::decode(datagram).map_err(|e| e.to_string())? else {
-            return Err("not a sealed datagram".into());
+    ) -> Result<Option<Opened>, Dropped> {
+        let Datagram::Sealed(sealed) = control::decode(datagram).map_err(Dropped::because)? else {
+            return Err(Dropped::because("not a sealed datagram"));
         };
-        if !self
-            .per_source
-            .allow(crate::limiter::source_of(from.ip()), now_ms)
-            || !self.opens.allow((), now_ms)
-        {
-            return Err("over budget".into());
+        let source = crate::limiter::source_of(from.ip());
+        let proven = (0..2).any(|back| same(&self.cookie(&from, now_ms, back), &sealed.cookie));
+        let within = if proven {
+            self.proven_per_source.allow(source, now_ms) && self.proven_opens.allow((), now_ms)
+        } else {
+            self.per_source.allow(source, now_ms) && self.opens.allow((), now_ms)
+        };
+        if !within && proven {
+            return Err(Dropped::because("over budget"));
         }
-        let opened = sealed.open(&self.secret).map_err(|e| e.to_string())?;
+        if !within {
+            let reply = (self.replies_per_source.allow(source, now_ms)
+                && self.replies.allow((), now_ms))
+            .then(|| control::encode_cookie_reply(&sealed.mac, &self.cookie(&from, now_ms, 0)));
+            return Err(Dropped {
+                why: "over budget without a cookie".into(),
+                reply,
+            });
+        }
+        let opened = sealed.open(&self.secret).map_err(Dropped::because)?;
         let sender = opened.sender;
         if self
             .replay
             .get(&sender)
             .is_some_and(|w| !w.would_accept(sealed.counter, 1))
         {
-            return Err("replayed".into());
+            return Err(Dropped::because("replayed"));
         }
         let whole = self
             .reassembly
             .add(sender, sealed.counter, &opened.plaintext, now_ms)
-            .map_err(|e| e.to_string())?;
+            .map_err(Dropped::because)?;
         let Some(whole) = whole else {
             return Ok(None);
         };
@@ -99,9 +171,9 @@ impl Responder {
             .get(&sender)
             .is_some_and(|w| !w.would_accept(whole.first_counter, whole.count))
         {
-            return Err("replayed".into());
+            return Err(Dropped::because("replayed"));
         }
-        let msg = Message::decode(&whole.message).map_err(|e| e.to_string())?;
+        let msg = Message::decode(&whole.message).map_err(Dropped::because)?;
         Ok(Some(Opened {
             sender,
             msg,
@@ -147,6 +219,19 @@ impl Responder {
             Err(_) => Vec::new(),
         }
     }
+}
+
+/// BLAKE2s-MAC of `data` under `key`.
+fn keyed(key: &[u8; 32], data: &[u8]) -> [u8; 32] {
+    use blake2::digest::Mac;
+    let mut mac = <blake2::Blake2sMac256 as Mac>::new_from_slice(key).expect("a 32-byte key fits");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8; control::COOKIE_LEN], b: &[u8; control::COOKIE_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

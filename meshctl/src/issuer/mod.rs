@@ -302,8 +302,11 @@ impl Issuer<'_> {
         let opened = match self.responder.open(now_ms, from, datagram) {
             Ok(Some(m)) => m,
             Ok(None) => return,
-            Err(why) => {
-                self.log.line(now_ms, format!("{from}: dropped: {why}"));
+            Err(dropped) => {
+                if let Some(reply) = &dropped.reply {
+                    let _ = self.socket.send_to(reply, from);
+                }
+                self.log.line(now_ms, format!("{from}: dropped: {dropped}"));
                 return;
             }
         };
@@ -319,9 +322,7 @@ impl Issuer<'_> {
                     // (a revoked node's key is a stranger's).
                     let root = &self.root;
                     let revoked = match self.crl.get(|p| read_crl(p, root)) {
-                        Ok(crl) => crl
-                            .as_ref()
-                            .is_some_and(|l| l.keys.contains(&opened.sender)),
+                        Ok(crl) => crl.as_ref().is_some_and(|l| l.revokes_key(&opened.sender)),
                         Err(_) => true,
                     };
                     let known = !revoked && self.joins.known(&opened.sender, now_ms / 1000);
