@@ -10,7 +10,7 @@
 //! but the pod's. Before its identity exists no packet of the pod can leave, and when meshd is
 //! down or refuses, ADD fails and leaves nothing behind. DEL withdraws the identity and removes
 //! what ADD made, and succeeds when it is already gone. CHECK says whether all of it is still in
-//! place. The pure part (configuration, arguments, results, rules) is `spec.rs`.
+//! place (the identity in force, the veth, the addresses, the rules), changing nothing. The pure part (configuration, arguments, results, rules) is `spec.rs`.
 
 mod spec;
 
@@ -162,7 +162,7 @@ fn del(conf: &NetConf, e: &Env, host: &str) -> Result<(), CniError> {
 fn check(conf: &NetConf, e: &Env, host: &str) -> Result<(), CniError> {
     let fail =
         |what: String| CniError::new(spec::IO_FAILURE, "pod network not as ADD made it", what);
-    let (_, addrs) = attach(conf, &e.pod)?;
+    let addrs = in_force(conf, &e.pod)?;
     if !sh(&["ip", "link", "show", "dev", host]).0 {
         return Err(fail(format!("no host veth {host}")));
     }
@@ -194,6 +194,40 @@ fn check(conf: &NetConf, e: &Env, host: &str) -> Result<(), CniError> {
         return Err(fail(format!("no anti-spoofing chain for {host}")));
     }
     Ok(())
+}
+
+/// The addresses of the pod's identity if meshd holds it in force, asked without changing
+/// anything (CHECK must not: it never attaches what is missing).
+fn in_force(conf: &NetConf, pod: &Pod) -> Result<Vec<proto::Cidr>, CniError> {
+    let refused = |what: String| {
+        CniError::new(
+            spec::IDENTITY_REFUSED,
+            "the pod's identity is not in force",
+            what,
+        )
+    };
+    let status = match ask(conf, &proto::admin::Request::Status, 5_000)? {
+        proto::admin::Response::Status(s) => s,
+        other => {
+            return Err(CniError::new(
+                spec::IO_FAILURE,
+                "unexpected answer from meshd",
+                format!("{other:?}"),
+            ))
+        }
+    };
+    let w = status
+        .workloads
+        .into_iter()
+        .find(|w| w.namespace == pod.namespace && w.name == pod.name && w.uid == pod.uid)
+        .ok_or_else(|| refused(format!("meshd has no pod {}/{}", pod.namespace, pod.name)))?;
+    match w.certificate {
+        Some(c) if w.state == proto::admin::IN_FORCE => Ok(c.addresses),
+        _ => Err(refused(format!(
+            "{}/{}: {}",
+            pod.namespace, pod.name, w.state
+        ))),
+    }
 }
 
 /// Asks meshd to attach the pod; its identity and addresses once in force.

@@ -217,7 +217,7 @@ pub fn known(socket: &Path) -> Result<Vec<crate::policy::Known>, Failure> {
         out.extend(
             s.workloads
                 .into_iter()
-                .filter(|w| w.state == "in force")
+                .filter(|w| w.state == proto::admin::IN_FORCE)
                 .filter_map(|w| w.certificate)
                 .map(workload_known),
         );

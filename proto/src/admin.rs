@@ -330,13 +330,16 @@ impl WorkloadInfo {
     }
 }
 
+/// The state of an attached workload whose identity is in force on its node.
+pub const IN_FORCE: &str = "in force";
+
 /// A workload this node runs, as attached (the CNI plugin's ADD): which one, and its identity.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AttachedWorkload {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    /// `in force`, `asking the issuer`, or `refused: WHY`.
+    /// [`IN_FORCE`], `asking the issuer`, or `refused: WHY`.
     pub state: String,
     /// Its certificate, once the issuer gave one (kept through an issuer outage).
     #[serde(default, skip_serializing_if = "Option::is_none")]

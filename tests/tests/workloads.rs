@@ -779,6 +779,22 @@ fn pods_added_by_the_cni_plugin_talk_across_nodes_as_themselves_and_cannot_spoof
     wait_for("node B to drop post-1", Duration::from_secs(5), || {
         !wl.allowed(2).contains(&"100.64.4.1/32".to_string())
     });
+    // CHECK of a deleted pod fails and changes nothing: it never attaches the pod again.
+    let (ok, result) = cni(&wl, 1, "CHECK", "ctr-post-1", &pa, "post-1", "u1", &ifa);
+    assert!(
+        !ok && result["msg"]
+            .as_str()
+            .unwrap()
+            .contains("identity is not in force"),
+        "{result}"
+    );
+    let attached = wl.lab.status(&wl.nodes[0].1)["workloads"].clone();
+    assert!(
+        attached
+            .as_array()
+            .is_none_or(|a| a.iter().all(|w| w["name"] != "post-1")),
+        "{attached}"
+    );
     assert!(cni(&wl, 1, "DEL", "ctr-post-1", &pa, "post-1", "u1", &ifa).0);
     let (ok, v) = cni(&wl, 1, "VERSION", "x", &pa, "x", "x", &ifa);
     assert!(

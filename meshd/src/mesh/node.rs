@@ -494,7 +494,7 @@ impl Node {
             .map(|a| {
                 let state = match (&a.refused, &a.certificate) {
                     (Some(why), _) => format!("refused: {why}"),
-                    (None, Some(c)) if in_force.contains(c) => "in force".to_string(),
+                    (None, Some(c)) if in_force.contains(c) => proto::admin::IN_FORCE.to_string(),
                     (None, Some(_)) => {
                         "held, not in force (a newer certificate holds its address)".to_string()
                     }
