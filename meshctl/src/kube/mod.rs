@@ -77,54 +77,9 @@ impl KubeSource {
     ) -> KubeSource {
         // Always as restarted: the issuer cannot know whether it assigned addresses before.
         let view = Arc::new(Mutex::new(KubeView::restarted(node_namespace)));
-        let v = view.clone();
-        runtime.spawn(watch(
-            Api::<core::Pod>::all(client.clone()),
-            v,
-            |v, all| v.pods_listed(all.iter().filter_map(pod).collect()),
-            |v, p| {
-                if let Some(p) = pod(p) {
-                    v.pod_applied(p)
-                }
-            },
-            |v, p| {
-                if let (Some(ns), Some(name)) = (&p.metadata.namespace, &p.metadata.name) {
-                    v.pod_deleted(ns, name)
-                }
-            },
-        ));
-        let v = view.clone();
-        runtime.spawn(watch(
-            Api::<core::Namespace>::all(client.clone()),
-            v,
-            |v, all| v.namespaces_listed(all.iter().filter_map(namespace).collect()),
-            |v, n| {
-                if let Some(n) = namespace(n) {
-                    v.namespace_applied(n)
-                }
-            },
-            |v, n| {
-                if let Some(name) = &n.metadata.name {
-                    v.namespace_deleted(name)
-                }
-            },
-        ));
-        let v = view.clone();
-        runtime.spawn(watch(
-            Api::<core::Node>::all(client.clone()),
-            v,
-            |v, all| v.nodes_listed(all.iter().filter_map(node).collect()),
-            |v, n| {
-                if let Some(n) = node(n) {
-                    v.node_applied(n)
-                }
-            },
-            |v, n| {
-                if let Some(name) = &n.metadata.name {
-                    v.node_deleted(name)
-                }
-            },
-        ));
+        runtime.spawn(watch::<core::Pod>(client.clone(), view.clone()));
+        runtime.spawn(watch::<core::Namespace>(client.clone(), view.clone()));
+        runtime.spawn(watch::<core::Node>(client.clone(), view.clone()));
         KubeSource {
             view,
             client,
@@ -206,17 +161,78 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .map_err(|e| anyhow::anyhow!("starting the Kubernetes runtime: {e}"))
 }
 
-/// Lists and watches `api` for ever (relisting after an expired watch, backing off after
-/// errors), applying what it reports to the view.
-async fn watch<K>(
-    api: Api<K>,
-    view: Arc<Mutex<KubeView>>,
-    listed: impl Fn(&mut KubeView, &[K]),
-    applied: impl Fn(&mut KubeView, &K),
-    deleted: impl Fn(&mut KubeView, &K),
-) where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+/// A kind of object the issuer watches, and how it enters the view.
+trait InView:
+    kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned
 {
+    /// The view's form of it.
+    type Item;
+    /// None for an object that lacks what the view needs.
+    fn item(&self) -> Option<Self::Item>;
+    /// A full list: it replaces every one known.
+    fn listed(view: &mut KubeView, all: Vec<Self::Item>);
+    fn applied(view: &mut KubeView, item: Self::Item);
+    fn deleted(view: &mut KubeView, object: &Self);
+}
+
+impl InView for core::Pod {
+    type Item = Pod;
+    fn item(&self) -> Option<Pod> {
+        pod(self)
+    }
+    fn listed(view: &mut KubeView, all: Vec<Pod>) {
+        view.pods_listed(all)
+    }
+    fn applied(view: &mut KubeView, item: Pod) {
+        view.pod_applied(item)
+    }
+    fn deleted(view: &mut KubeView, p: &Self) {
+        if let (Some(ns), Some(name)) = (&p.metadata.namespace, &p.metadata.name) {
+            view.pod_deleted(ns, name)
+        }
+    }
+}
+
+impl InView for core::Namespace {
+    type Item = Namespace;
+    fn item(&self) -> Option<Namespace> {
+        namespace(self)
+    }
+    fn listed(view: &mut KubeView, all: Vec<Namespace>) {
+        view.namespaces_listed(all)
+    }
+    fn applied(view: &mut KubeView, item: Namespace) {
+        view.namespace_applied(item)
+    }
+    fn deleted(view: &mut KubeView, n: &Self) {
+        if let Some(name) = &n.metadata.name {
+            view.namespace_deleted(name)
+        }
+    }
+}
+
+impl InView for core::Node {
+    type Item = Node;
+    fn item(&self) -> Option<Node> {
+        node(self)
+    }
+    fn listed(view: &mut KubeView, all: Vec<Node>) {
+        view.nodes_listed(all)
+    }
+    fn applied(view: &mut KubeView, item: Node) {
+        view.node_applied(item)
+    }
+    fn deleted(view: &mut KubeView, n: &Self) {
+        if let Some(name) = &n.metadata.name {
+            view.node_deleted(name)
+        }
+    }
+}
+
+/// Lists and watches every object of kind `K` for ever (relisting after an expired watch,
+/// backing off after errors), applying what it reports to the view.
+async fn watch<K: InView + Send + 'static>(client: kube::Client, view: Arc<Mutex<KubeView>>) {
+    let api = Api::<K>::all(client);
     let mut stream =
         std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
     let mut init = Vec::new();
@@ -224,10 +240,14 @@ async fn watch<K>(
         let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             Ok(Event::Init) => init.clear(),
-            Ok(Event::InitApply(k)) => init.push(k),
-            Ok(Event::InitDone) => listed(&mut v, &std::mem::take(&mut init)),
-            Ok(Event::Apply(k)) => applied(&mut v, &k),
-            Ok(Event::Delete(k)) => deleted(&mut v, &k),
+            Ok(Event::InitApply(k)) => init.extend(k.item()),
+            Ok(Event::InitDone) => K::listed(&mut v, std::mem::take(&mut init)),
+            Ok(Event::Apply(k)) => {
+                if let Some(item) = k.item() {
+                    K::applied(&mut v, item)
+                }
+            }
+            Ok(Event::Delete(k)) => K::deleted(&mut v, &k),
             Err(e) => eprintln!("kubernetes watch: {e}"),
         }
     }
