@@ -611,11 +611,11 @@ fn ask(
         };
         let sealed = match control::decode(&buf[..n]) {
             Ok(Datagram::Sealed(sealed)) => sealed,
-            Ok(Datagram::CookieReply { echo, cookie: c })
-                if sent.iter().any(|d| control::mac_of(d) == Some(echo)) =>
-            {
-                cookie = Some(c);
-                for d in &mut sent {
+            Ok(Datagram::CookieReply { echo, cookie: c }) => {
+                // The datagram it answers, repeated with it (as meshd does); the others of the
+                // request get their own replies.
+                if let Some(d) = sent.iter_mut().find(|d| control::mac_of(d) == Some(echo)) {
+                    cookie = Some(c);
                     control::set_cookie(d, &c);
                     let _ = socket.send(d);
                 }

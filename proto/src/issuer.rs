@@ -15,7 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 use x25519_dalek::StaticSecret;
 
 /// Sealed datagrams opened per second (two Diffie-Hellman operations each), in all and per
-/// source address: a flood costs the issuer no more.
+/// source address; as much again for datagrams that carry a valid cookie. A flood costs the
+/// issuer no more than both.
 pub const OPENS_PER_SEC: u32 = 2_000;
 pub const OPENS_PER_SOURCE_PER_SEC: u32 = 50;
 /// Senders whose replay windows are kept; a node's counters follow its clock, so a sender
@@ -24,10 +25,11 @@ pub const OPENS_PER_SOURCE_PER_SEC: u32 = 50;
 const MAX_SENDERS: usize = 65_536;
 /// Sealed counters follow the clock at this many per millisecond, as a node's do.
 pub const COUNTER_PER_MS: u64 = 1_000_000;
-/// Cookie replies per second, per source network and in all: a reply is smaller than the
-/// datagram it answers, so a spoofed source is sent less than was sent in its name.
+/// Cookie replies per second per source network: a reply is smaller than the datagram it
+/// answers and costs one MAC, so there is no cap for all sources (a flood from many would spend
+/// it, and no node would be given a cookie); this one keeps a victim of spoofing from being sent
+/// more than this.
 pub const COOKIE_REPLIES_PER_SOURCE_PER_SEC: u32 = 50;
-const COOKIE_REPLIES_PER_SEC: u32 = 20_000;
 /// The cookie secret changes this often; a cookie of the one before still counts.
 pub const COOKIE_EPOCH_MS: u64 = 120_000;
 
@@ -72,7 +74,6 @@ pub struct Responder {
     per_source: SourceLimiter<IpAddr>,
     proven_opens: SourceLimiter<()>,
     proven_per_source: SourceLimiter<IpAddr>,
-    replies: SourceLimiter<()>,
     replies_per_source: SourceLimiter<IpAddr>,
     /// What each epoch's cookie secret is derived from.
     cookie_seed: [u8; 32],
@@ -99,7 +100,6 @@ impl Responder {
                 2 * OPENS_PER_SOURCE_PER_SEC,
                 4096,
             ),
-            replies: SourceLimiter::new(COOKIE_REPLIES_PER_SEC, COOKIE_REPLIES_PER_SEC, 1),
             replies_per_source: SourceLimiter::new(
                 COOKIE_REPLIES_PER_SOURCE_PER_SEC,
                 COOKIE_REPLIES_PER_SOURCE_PER_SEC,
@@ -142,9 +142,8 @@ impl Responder {
             return Err(Dropped::because("over budget"));
         }
         if !within {
-            let reply = (self.replies_per_source.allow(source, now_ms)
-                && self.replies.allow((), now_ms))
-            .then(|| control::encode_cookie_reply(&sealed.mac, &self.cookie(&from, now_ms, 0)));
+            let reply = (self.replies_per_source.allow(source, now_ms))
+                .then(|| control::encode_cookie_reply(&sealed.mac, &self.cookie(&from, now_ms, 0)));
             return Err(Dropped {
                 why: "over budget without a cookie".into(),
                 reply,

@@ -1,7 +1,9 @@
 //! Token buckets for the control plane's costly work: per source address (answers to unknown
 //! senders), per authenticated sender (after the first Diffie-Hellman), and one for all (a global
-//! budget, `K = ()`). Pure: time is an argument. The table is bounded; when full, the stalest key
-//! is forgotten.
+//! budget, `K = ()`). Pure: time is an argument. The table is bounded; when full, the keys whose
+//! buckets have refilled are forgotten (a new bucket starts full, so nothing is lost), and if
+//! none has, all are: a flood of new sources costs a pass over the table once per table's worth
+//! of them, never one per datagram.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -32,13 +34,11 @@ impl<K: Hash + Eq + Copy> SourceLimiter<K> {
     pub fn allow(&mut self, source: K, now_ms: u64) -> bool {
         let cap = u64::from(self.burst) * 1000;
         if !self.buckets.contains_key(&source) && self.buckets.len() >= self.max_sources {
-            if let Some(stalest) = self
-                .buckets
-                .iter()
-                .min_by_key(|(_, b)| b.last_ms)
-                .map(|(k, _)| *k)
-            {
-                self.buckets.remove(&stalest);
+            let rate = u64::from(self.rate_per_sec.max(1));
+            self.buckets
+                .retain(|_, b| b.tokens_milli + now_ms.saturating_sub(b.last_ms) * rate < cap);
+            if self.buckets.len() >= self.max_sources {
+                self.buckets.clear();
             }
         }
         let b = self.buckets.entry(source).or_insert(Bucket {
@@ -105,7 +105,30 @@ mod tests {
         let mut l = SourceLimiter::new(10, 1, 3);
         for i in 0..100u8 {
             l.allow(IpAddr::from([198, 18, 0, i]), u64::from(i));
+            assert!(l.buckets.len() <= 3);
         }
+    }
+
+    #[test]
+    fn a_full_table_forgets_only_sources_whose_buckets_refilled_while_any_have() {
+        let mut l = SourceLimiter::new(10, 2, 3);
+        let (a, b, c, d): (IpAddr, IpAddr, IpAddr, IpAddr) = (
+            "198.18.0.1".parse().unwrap(),
+            "198.18.0.2".parse().unwrap(),
+            "198.18.0.3".parse().unwrap(),
+            "198.18.0.4".parse().unwrap(),
+        );
+        // a spends its burst at 0; b and c one token each, later.
+        assert!(l.allow(a, 0) && l.allow(a, 0) && !l.allow(a, 0));
+        assert!(l.allow(b, 150) && l.allow(c, 150));
+        // At 200 a has refilled (2 tokens at 10/s take 200 ms); b and c have not: d takes a's
+        // place, and b is still held to what it spent.
+        assert!(l.allow(d, 200));
         assert_eq!(l.buckets.len(), 3);
+        assert!(!l.buckets.contains_key(&a));
+        assert!(
+            l.allow(b, 200) && !l.allow(b, 200),
+            "b: the 1.5 tokens it had, then none"
+        );
     }
 }
