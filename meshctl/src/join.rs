@@ -239,6 +239,10 @@ pub fn answer_token(
     proto::join::redeem(&invitation, secret, sender, now).map_err(|e| e.to_string())?;
     if cert_path.exists() {
         let given = ca::load_certificate(&cert_path).map_err(|e| format!("{e:#}"))?;
+        // Only ever to the key it binds, whatever a crash left in the token's file.
+        if given.body.public_key != *sender {
+            return Err(proto::join::JoinRefusal::Used.to_string());
+        }
         if crl.as_ref().is_some_and(|l| l.revokes(&given.body)) {
             return Err("the certificate this token was redeemed for is revoked".into());
         }
@@ -251,15 +255,16 @@ pub fn answer_token(
         return Ok(given);
     }
     let cert = node_certificate(&ca_dir, &root, crl.as_ref(), &invitation, sender, now)?;
-    // Filed before it is answered: a second key is refused even if this answer is lost.
+    // Filed before it is answered, the key first: a second key is refused even if this answer
+    // is lost or the issuer stops between the two writes.
+    invitation.redeemed_by = Some(*sender);
+    save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
     files::create(
         &cert_path,
         armor::encode(armor::CERTIFICATE, &cert.encode()).as_bytes(),
         0o600,
     )
     .map_err(|e| format!("token not updated: {e:#}"))?;
-    invitation.redeemed_by = Some(*sender);
-    save_token(&dir, &id, &invitation).map_err(|e| format!("token not updated: {e:#}"))?;
     drop(locked);
     ca_dir
         .record(&cert.body)
@@ -734,6 +739,23 @@ mod tests {
         assert!(e.contains("revoked"), "{e}");
         let e = answer_token(&dir, &secret, &[2; 32], now).unwrap_err();
         assert!(e.contains("used already"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_certificate_filed_for_a_token_goes_only_to_the_key_it_binds() {
+        // As if the issuer stopped after filing the certificate and before marking the token.
+        let (dir, secret) = ca_with_token("crash");
+        let now = ca::now();
+        let first = answer_token(&dir, &secret, &[1; 32], now).unwrap();
+        let id = proto::join::token_id(&secret);
+        let mut inv = load_token(&tokens_dir(&dir), &id).unwrap().unwrap();
+        inv.redeemed_by = None;
+        save_token(&tokens_dir(&dir), &id, &inv).unwrap();
+        let e = answer_token(&dir, &secret, &[2; 32], now).unwrap_err();
+        assert!(e.contains("used already"), "{e}");
+        let again = answer_token(&dir, &secret, &[1; 32], now).unwrap();
+        assert_eq!(again.encode(), first.encode());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
