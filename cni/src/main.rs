@@ -149,8 +149,9 @@ fn del(conf: &NetConf, e: &Env, host: &str) -> Result<(), CniError> {
     unplumb(host);
     match detach(conf, &e.pod) {
         Ok(()) => Ok(()),
-        // meshd is down: its members drop the identity when it comes back without it, or when
-        // the certificate expires; the pod's network is gone either way.
+        // meshd is down: when it comes back it asks the issuer about every workload it saved,
+        // and the issuer's refusal (the pod is gone) withdraws it; with the issuer down too, it
+        // lapses when its certificate expires. The pod's network is gone either way.
         Err(err) if err.code == spec::TRY_AGAIN_LATER => {
             eprintln!("meshd-cni: {}", err.msg);
             Ok(())

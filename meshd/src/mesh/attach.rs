@@ -26,6 +26,10 @@ struct Attached {
     asked_ms: Option<u64>,
     /// Why the issuer last refused it.
     refused: Option<String>,
+    /// Restored after a restart and not yet answered for: the workload may have been deleted
+    /// while this node was down (a CNI DEL that found meshd down), so the issuer is asked at
+    /// once, however young the certificate held, and its refusal withdraws it.
+    unconfirmed: bool,
 }
 
 /// What became of an attached workload after an answer: its certificate, or why it has none.
@@ -48,12 +52,14 @@ pub struct AttachedStatus {
 
 impl Attachments {
     /// Takes back a workload attached before a restart, with the certificate held then (the
-    /// node checks it again before it announces it).
+    /// node checks it again before it announces it). The issuer is asked for it at once: it
+    /// says whether the workload still runs here.
     pub fn restore(&mut self, w: WorkloadRef, certificate: Option<Certificate>) {
         self.attached.insert(
             w,
             Attached {
                 certificate,
+                unconfirmed: true,
                 ..Attached::default()
             },
         );
@@ -120,8 +126,9 @@ impl Attachments {
         changed
     }
 
-    /// The requests to send now, each with its nonce: workloads without a certificate, and
-    /// those whose certificate is past half its life, not asked for lately.
+    /// The requests to send now, each with its nonce: workloads without a certificate, those
+    /// whose certificate is past half its life, and those restored but not yet confirmed, not
+    /// asked for lately.
     pub fn due(&mut self, now_ms: u64, rng: &mut impl RngCore) -> Vec<(u64, Vec<WorkloadRef>)> {
         let now = now_ms / 1000;
         self.pending
@@ -148,7 +155,10 @@ impl Attachments {
                     // detached (it may be registered in a moment).
                     None if a.refused.is_some() => (RENEW_RETRY_MS, true),
                     None => (FIRST_RETRY_MS, true),
-                    Some(c) => (RENEW_RETRY_MS, past(c, 5) || (round && past(c, 3))),
+                    Some(c) => (
+                        RENEW_RETRY_MS,
+                        a.unconfirmed || past(c, 5) || (round && past(c, 3)),
+                    ),
                 };
                 wanted && a.asked_ms.is_none_or(|t| now_ms >= t + wait)
             })
@@ -194,6 +204,7 @@ impl Attachments {
             let Some(a) = self.attached.get_mut(&w) else {
                 continue; // detached meanwhile
             };
+            a.unconfirmed = false;
             let r = r.and_then(|c| {
                 if c.body.public_key == *key {
                     Ok(c)

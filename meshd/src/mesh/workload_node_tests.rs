@@ -433,3 +433,44 @@ fn a_workload_gone_from_the_issuer_s_view_loses_its_identity_at_its_renewal_and_
     assert!(sim.run_until(130_000, lapsed).is_some());
     assert!(sim.nodes[0].host.own_workloads.is_empty());
 }
+
+#[test]
+fn a_workload_deleted_while_its_node_was_down_is_withdrawn_when_the_node_restarts_not_at_its_renewal(
+) {
+    // Hour-long certificates: without asking at restart, web would stay for half an hour.
+    let mut sim = with_issuer(2, 14, 3600);
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.schedule("api", 0, "100.64.200.2/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    sim.handle(0, Event::Attach(reference("api"))).unwrap();
+    sim.run(1_000);
+    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    let api = in_force(&sim, 1, 0, "api").unwrap();
+    // Down; web is deleted meanwhile, and its CNI DEL found meshd down: the saved attachments
+    // still hold it, with a young certificate.
+    sim.kill(0);
+    assert_eq!(sim.nodes[0].host.saved.attached.len(), 2);
+    sim.issuer
+        .as_mut()
+        .unwrap()
+        .view
+        .remove(&("microblog".into(), "web".into()));
+    sim.run(2_000);
+    sim.start(0);
+    let gone = |sim: &Sim| !allowed(sim, 1, 0).contains(&addr("100.64.200.1/32"));
+    assert!(
+        sim.run_until(5_000, gone).is_some(),
+        "{:?}",
+        allowed(&sim, 1, 0)
+    );
+    assert!(in_force(&sim, 0, 0, "web").is_none());
+    // api still runs there: it stays in force throughout (renewed, the same pod).
+    let kept = in_force(&sim, 1, 0, "api").expect("api kept");
+    assert_eq!(kept.body.addrs, api.body.addrs);
+    // With the issuer down at restart, the saved certificates hold (an outage is no deletion).
+    sim.kill(0);
+    sim.issuer.as_mut().unwrap().down = true;
+    sim.start(0);
+    sim.run(30_000);
+    assert!(in_force(&sim, 1, 0, "api").is_some());
+}
