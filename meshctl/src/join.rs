@@ -364,9 +364,10 @@ pub struct JoinArgs {
     /// DaemonSet); the issuer asks the API server whose it is and which node it is bound to.
     #[arg(long, value_name = "FILE", group = "credential")]
     pub service_account_token: Option<PathBuf>,
-    /// The issuer's underlay address, if the token does not name it (or to override it).
+    /// The issuer's underlay address, if the token does not name it (or to override it); again
+    /// for each host it may run on, asked in turn while it does not answer.
     #[arg(long, value_name = "IP:PORT")]
-    pub issuer: Option<SocketAddr>,
+    pub issuer: Vec<SocketAddr>,
     /// The issuer's public key (what `meshctl ca serve` prints), when no join token names it.
     #[arg(long, value_name = "KEY")]
     pub issuer_key: Option<String>,
@@ -406,17 +407,24 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
     let wait = proto::duration::parse(&a.wait).map_err(|e| input(anyhow!("--wait: {e}")))?;
     let configured = match &a.config {
         Some(path) => configured_issuer(path).map_err(input)?,
-        None => (None, None),
+        None => (Vec::new(), None),
     };
-    let issuer = a
-        .issuer
-        .or(configured.0)
-        .or(token.as_ref().and_then(|t| t.endpoint))
-        .ok_or_else(|| {
-            input(anyhow!(
-                "no issuer address: give --issuer IP:PORT (or --config, or a token that names it)"
-            ))
-        })?;
+    let issuer: Vec<SocketAddr> = [
+        a.issuer.clone(),
+        configured.0,
+        token
+            .as_ref()
+            .and_then(|t| t.endpoint)
+            .into_iter()
+            .collect(),
+    ]
+    .into_iter()
+    .find(|list| !list.is_empty())
+    .ok_or_else(|| {
+        input(anyhow!(
+            "no issuer address: give --issuer IP:PORT (or --config, or a token that names it)"
+        ))
+    })?;
     let issuer_key = match (a.issuer_key.as_ref().or(configured.1.as_ref()), &token) {
         (Some(k), _) => {
             Key::from_base64(k.trim())
@@ -445,7 +453,9 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
         k
     };
     let secret = StaticSecret::from(private.0);
-    let credential = || -> Result<Credential, Failure> {
+    // The node certificate held (a renewal, or a join again after a restart), shown with a
+    // projected token so that the issuer knows the key even if it restarted since.
+    let credential = |held: Option<&Certificate>| -> Result<Credential, Failure> {
         Ok(match (&token, &a.service_account_token) {
             (Some(t), _) => Credential::Token(t.secret),
             (None, Some(f)) => {
@@ -457,7 +467,14 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
                         f.display()
                     )));
                 }
-                Credential::ServiceAccount(jwt.to_string())
+                let held = held
+                    .filter(|c| c.body.public_key == private.public().0)
+                    .filter(|c| c.body.not_after > ca::now())
+                    .map(|c| Box::new(c.clone()));
+                Credential::ServiceAccount {
+                    token: jwt.to_string(),
+                    held,
+                }
             }
             (None, None) => unreachable!("checked above"),
         })
@@ -482,12 +499,29 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
         );
         Ok(())
     };
-    let joined = ask(&secret, &issuer_key, issuer, credential()?, wait)?;
+    let held = ca::load_certificate(&out.join("node.crt")).ok();
+    let joined = ask(
+        &secret,
+        &issuer_key,
+        &issuer,
+        credential(held.as_ref())?,
+        wait,
+    )?;
     write(&joined)?;
     let d = |f: &str| out.join(f).display().to_string();
+    let endpoints = match &issuer[..] {
+        [one] => format!("endpoint = \"{one}\""),
+        many => format!(
+            "endpoints = [{}]",
+            many.iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     println!(
         "# for meshd's configuration:\n[identity]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\n\
-         [trust]\nbundle = [\"{}\"]\nworkload_cas = [\"{}\"]\n\n[issuer]\nendpoint = \"{issuer}\"\n\
+         [trust]\nbundle = [\"{}\"]\nworkload_cas = [\"{}\"]\n\n[issuer]\n{endpoints}\n\
          key = \"{}\"",
         d("node.crt"),
         d("node.key"),
@@ -498,18 +532,19 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
     if !a.renew {
         return Ok(());
     }
-    let mut current = joined.certificate.body;
+    let mut current = joined.certificate;
     loop {
-        let half = current.not_before + (current.not_after.saturating_sub(current.not_before)) / 2;
+        let b = &current.body;
+        let half = b.not_before + (b.not_after.saturating_sub(b.not_before)) / 2;
         std::thread::sleep(Duration::from_secs(half.saturating_sub(ca::now()).max(1)));
         // Until renewed: every 30 s (the certificate stays in force meanwhile).
         loop {
-            let renewed = credential()
-                .and_then(|c| ask(&secret, &issuer_key, issuer, c, wait))
+            let renewed = credential(Some(&current))
+                .and_then(|c| ask(&secret, &issuer_key, &issuer, c, wait))
                 .and_then(|j| write(&j).map(|()| j));
             match renewed {
                 Ok(j) => {
-                    current = j.certificate.body;
+                    current = j.certificate;
                     break;
                 }
                 Err(f) => {
@@ -521,8 +556,9 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
     }
 }
 
-/// The issuer's address and key in meshd's configuration `path` ([issuer] endpoint and key).
-fn configured_issuer(path: &Path) -> anyhow::Result<(Option<SocketAddr>, Option<String>)> {
+/// The issuer's addresses and key in meshd's configuration `path` ([issuer] endpoint or
+/// endpoints, and key).
+fn configured_issuer(path: &Path) -> anyhow::Result<(Vec<SocketAddr>, Option<String>)> {
     let text = files::read(path)?;
     let doc: toml::Table = text
         .parse()
@@ -530,14 +566,23 @@ fn configured_issuer(path: &Path) -> anyhow::Result<(Option<SocketAddr>, Option<
     let Some(issuer) = doc.get("issuer").and_then(|i| i.as_table()) else {
         bail!("{}: no [issuer] section", path.display());
     };
-    let endpoint = issuer
-        .get("endpoint")
-        .and_then(|e| e.as_str())
+    let listed: Vec<&toml::Value> = match (issuer.get("endpoint"), issuer.get("endpoints")) {
+        (Some(one), None) => vec![one],
+        (None, Some(toml::Value::Array(many))) => many.iter().collect(),
+        (None, None) => Vec::new(),
+        _ => bail!(
+            "{}: [issuer] takes endpoint (IP:PORT) or endpoints (a list of them), not both",
+            path.display()
+        ),
+    };
+    let endpoint = listed
+        .into_iter()
         .map(|e| {
-            e.parse()
-                .map_err(|_| anyhow!("{}: [issuer] endpoint `{e}` is not IP:PORT", path.display()))
+            e.as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow!("{}: [issuer] endpoint {e} is not IP:PORT", path.display()))
         })
-        .transpose()?;
+        .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
     let key = issuer
         .get("key")
         .and_then(|k| k.as_str())
@@ -556,26 +601,56 @@ fn check(joined: &Joined, public: &[u8; 32]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Asks `issuer` (whose key is `issuer_key`) until it answers or `wait` passes.
+/// One of the addresses the issuer may listen at: a socket connected to it, and what an
+/// issuer under load asks of us there.
+struct Asked {
+    at: SocketAddr,
+    socket: std::net::UdpSocket,
+    /// The issuer's cookie for our address as it sees it from here (proof that we receive
+    /// there): the last datagrams sent are repeated with it, and every later one carries it.
+    cookie: Option<[u8; control::COOKIE_LEN]>,
+    sent: Vec<Vec<u8>>,
+}
+
+impl Asked {
+    fn open(at: SocketAddr) -> anyhow::Result<Asked> {
+        let bind: SocketAddr = if at.is_ipv4() {
+            "0.0.0.0:0".parse().expect("an address")
+        } else {
+            "[::]:0".parse().expect("an address")
+        };
+        let socket = std::net::UdpSocket::bind(bind).context("opening a UDP socket")?;
+        socket
+            .connect(at)
+            .with_context(|| format!("reaching the issuer at {at}"))?;
+        socket
+            .set_nonblocking(true)
+            .context("setting the socket non-blocking")?;
+        Ok(Asked {
+            at,
+            socket,
+            cookie: None,
+            sent: Vec::new(),
+        })
+    }
+}
+
+/// Asks the issuer (whose key is `issuer_key`) until it answers or `wait` passes: each second
+/// at the next of the addresses it may listen at, `issuer`, so that one that is down or no
+/// longer hosts it costs a second.
 fn ask(
     own: &StaticSecret,
     issuer_key: &[u8; 32],
-    issuer: SocketAddr,
+    issuer: &[SocketAddr],
     credential: Credential,
     wait: Duration,
 ) -> Result<Joined, Failure> {
-    let bind: SocketAddr = if issuer.is_ipv4() {
-        "0.0.0.0:0".parse().expect("an address")
-    } else {
-        "[::]:0".parse().expect("an address")
-    };
-    let socket = std::net::UdpSocket::bind(bind).context("opening a UDP socket")?;
-    socket
-        .connect(issuer)
-        .with_context(|| format!("reaching the issuer at {issuer}"))?;
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .context("setting the socket's timeout")?;
+    let mut asked = issuer
+        .iter()
+        .map(|a| Asked::open(*a))
+        .collect::<anyhow::Result<Vec<Asked>>>()?;
+    let mut turn = 0;
+    let listed = proto::cert::list(issuer);
     let mut nonce = [0u8; 8];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
     let nonce = u64::from_be_bytes(nonce);
@@ -583,17 +658,15 @@ fn ask(
     let mut reassembly = proto::segment::Reassembly::default();
     let start = Instant::now();
     let mut last_sent: Option<Instant> = None;
-    // An issuer under load asks for a cookie (proof that we receive here) before it opens
-    // anything: the last datagrams sent are repeated with it, and every later one carries it.
-    let mut cookie: Option<[u8; control::COOKIE_LEN]> = None;
-    let mut sent: Vec<Vec<u8>> = Vec::new();
     let mut buf = vec![0u8; 65_535];
     while start.elapsed() < wait {
         if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let a = &mut asked[turn % issuer.len()];
+            turn += 1;
             let now_ms = wall_ms();
             let mut e = [0u8; 32];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut e);
-            sent = control::seal_message(
+            a.sent = control::seal_message(
                 own,
                 issuer_key,
                 &StaticSecret::from(e),
@@ -601,28 +674,31 @@ fn ask(
                 &request,
             )
             .map_err(|e| anyhow!("sealing the request: {e}"))?;
-            for d in &mut sent {
-                if let Some(c) = &cookie {
+            for d in &mut a.sent {
+                if let Some(c) = &a.cookie {
                     control::set_cookie(d, c);
                 }
                 // A send that fails (no route yet) is tried again with the next round.
-                let _ = socket.send(d);
+                let _ = a.socket.send(d);
             }
             last_sent = Some(Instant::now());
         }
-        let n = match socket.recv(&mut buf) {
-            Ok(n) => n,
-            Err(_) => continue,
+        let Some((a, n)) = asked
+            .iter_mut()
+            .find_map(|a| a.socket.recv(&mut buf).ok().map(|n| (a, n)))
+        else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
         };
         let sealed = match control::decode(&buf[..n]) {
             Ok(Datagram::Sealed(sealed)) => sealed,
             Ok(Datagram::CookieReply { echo, cookie: c }) => {
                 // The datagram it answers, repeated with it (as meshd does); the others of the
                 // request get their own replies.
-                if let Some(d) = sent.iter_mut().find(|d| control::mac_of(d) == Some(echo)) {
-                    cookie = Some(c);
+                if let Some(d) = a.sent.iter_mut().find(|d| control::mac_of(d) == Some(echo)) {
+                    a.cookie = Some(c);
                     control::set_cookie(d, &c);
-                    let _ = socket.send(d);
+                    let _ = a.socket.send(d);
                 }
                 continue;
             }
@@ -641,14 +717,14 @@ fn ask(
         };
         match Message::decode(&whole.message) {
             Ok(Message::JoinAnswer { nonce: n, result }) if n == nonce => {
-                return result
-                    .map_err(|why| anyhow!("the issuer at {issuer} refused: {why}").into())
+                let at = a.at;
+                return result.map_err(|why| anyhow!("the issuer at {at} refused: {why}").into());
             }
             _ => continue,
         }
     }
     Err(anyhow!(
-        "no answer from the issuer at {issuer} within {} (is `meshctl ca serve` running there, \
+        "no answer from the issuer at {listed} within {} (is `meshctl ca serve` running there, \
          and is the token's issuer key its key?)",
         a_while(wait)
     )
@@ -740,6 +816,36 @@ mod tests {
         let e = answer_token(&dir, &secret, &[2; 32], now).unwrap_err();
         assert!(e.contains("used already"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_key_is_known_only_by_a_live_unrevoked_certificate_of_this_ca_that_binds_it() {
+        use crate::issuer::shows_key;
+        let (dir, secret) = ca_with_token("shows");
+        let now = ca::now();
+        let cert = answer_token(&dir, &secret, &[1; 32], now).unwrap();
+        let (root, crl) = CaDir::of(&dir).certificate_and_crl().unwrap();
+        assert!(shows_key(&cert, &[1; 32], &root, crl.as_ref(), now));
+        // Certificates are public: shown by another key (which sealed the request), nothing.
+        assert!(!shows_key(&cert, &[2; 32], &root, crl.as_ref(), now));
+        assert!(!shows_key(
+            &cert,
+            &[1; 32],
+            &root,
+            None,
+            cert.body.not_after + 1
+        ));
+        let mut stretched = cert.clone();
+        stretched.body.not_after += 86_400;
+        assert!(!shows_key(&stretched, &[1; 32], &root, None, now));
+        let (other, _) = ca_with_token("shows-other");
+        let (other_root, _) = CaDir::of(&other).certificate_and_crl().unwrap();
+        assert!(!shows_key(&cert, &[1; 32], &other_root, None, now));
+        assert!(crate::ca::revoke(&dir, Some(cert.body.serial), None, None).is_ok());
+        let (_, crl) = CaDir::of(&dir).certificate_and_crl().unwrap();
+        assert!(!shows_key(&cert, &[1; 32], &root, crl.as_ref(), now));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&other);
     }
 
     #[test]

@@ -45,6 +45,8 @@
 //!
 //! [issuer]
 //! endpoint = "198.18.0.1:7100"   # the workload issuer (`meshctl ca serve`) on the underlay
+//! # or endpoints = ["198.18.0.1:7100", "198.18.0.2:7100"]: each host it may run on, asked in
+//! # turn while it does not answer
 //! key = "KEY"                    # its public key, as `meshctl ca serve` prints it
 //! ```
 
@@ -101,8 +103,26 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerSection {
-    pub endpoint: std::net::SocketAddr,
+    #[serde(default)]
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// The addresses of every host the issuer may run on (a Deployment that may move between
+    /// control-plane nodes): a request unanswered for a second goes to the next.
+    #[serde(default)]
+    pub endpoints: Vec<std::net::SocketAddr>,
     pub key: String,
+}
+
+/// `[issuer] endpoints` holds at most this many addresses.
+pub const MAX_ISSUER_ENDPOINTS: usize = 8;
+
+impl IssuerSection {
+    /// Where the issuer may listen: `endpoint`, or `endpoints` (validated by [`Config::parse`]).
+    pub fn addresses(&self) -> Vec<std::net::SocketAddr> {
+        self.endpoint
+            .into_iter()
+            .chain(self.endpoints.clone())
+            .collect()
+    }
 }
 
 /// `[metrics]`: Prometheus metrics and health endpoints, off unless `listen` is set. They name
@@ -308,6 +328,23 @@ impl Config {
             return Err(err(format!("relay.via: more than {MAX_RELAYS}")));
         }
         if let Some(i) = &cfg.issuer {
+            match (&i.endpoint, i.endpoints.len()) {
+                (None, 0) => return Err(err("issuer: give endpoint or endpoints".into())),
+                (Some(_), 1..) => {
+                    return Err(err("issuer: give endpoint or endpoints, not both".into()))
+                }
+                (None, n) if n > MAX_ISSUER_ENDPOINTS => {
+                    return Err(err(format!(
+                        "issuer.endpoints: more than {MAX_ISSUER_ENDPOINTS}"
+                    )))
+                }
+                _ => {}
+            }
+            for (n, a) in i.endpoints.iter().enumerate() {
+                if i.endpoints[..n].contains(a) {
+                    return Err(err(format!("issuer.endpoints[{n}]: `{a}` is listed twice")));
+                }
+            }
             if let Err(e) = Key::from_base64(&i.key) {
                 return Err(err(format!(
                     "issuer.key: `{}` is not a public key (base64 of 32 bytes): {e}",
@@ -318,10 +355,10 @@ impl Config {
         Ok(cfg)
     }
 
-    /// The workload issuer's key and address (validated by [`Config::parse`]).
-    pub fn issuer(&self) -> Option<([u8; 32], std::net::SocketAddr)> {
+    /// The workload issuer's key and addresses (validated by [`Config::parse`]).
+    pub fn issuer(&self) -> Option<([u8; 32], Vec<std::net::SocketAddr>)> {
         let i = self.issuer.as_ref()?;
-        Some((Key::from_base64(&i.key).ok()?.0, i.endpoint))
+        Some((Key::from_base64(&i.key).ok()?.0, i.addresses()))
     }
 
     /// The members asked to relay (validated by [`Config::parse`]).
@@ -566,8 +603,35 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE
         .unwrap();
         assert_eq!(
             c.issuer(),
-            Some(([7; 32], "198.18.0.1:7100".parse().unwrap()))
+            Some(([7; 32], vec!["198.18.0.1:7100".parse().unwrap()]))
         );
+        let issuer = |lines: &str| parse(&format!("{GOOD}\n[issuer]\n{lines}key = \"{key}\"\n"));
+        let two = issuer("endpoints = [\"198.18.0.1:7100\", \"[fd00::2]:7100\"]\n").unwrap();
+        assert_eq!(
+            two.issuer().unwrap().1,
+            [
+                "198.18.0.1:7100".parse::<std::net::SocketAddr>().unwrap(),
+                "[fd00::2]:7100".parse().unwrap()
+            ]
+        );
+        for (lines, says) in [
+            ("", "issuer: give endpoint or endpoints"),
+            (
+                "endpoint = \"198.18.0.1:7100\"\nendpoints = [\"198.18.0.2:7100\"]\n",
+                "not both",
+            ),
+            (
+                "endpoints = [\"198.18.0.1:7100\", \"198.18.0.1:7100\"]\n",
+                "issuer.endpoints[1]: `198.18.0.1:7100` is listed twice",
+            ),
+            (
+                "endpoints = [\"198.18.0.1\"]\n",
+                "invalid socket address syntax",
+            ),
+        ] {
+            let e = issuer(lines).unwrap_err().to_string();
+            assert!(e.contains(says), "{lines}: {e}");
+        }
         let e = parse(&format!("{GOOD}\n[relay]\nserves = true\n"))
             .unwrap_err()
             .to_string();

@@ -898,8 +898,13 @@ pub enum Message {
 pub enum Credential {
     /// The secret of a single-use join token (`meshctl ca token create`).
     Token([u8; 32]),
-    /// A Kubernetes node's projected service-account token (a JWT), for a TokenReview.
-    ServiceAccount(String),
+    /// A Kubernetes node's projected service-account token (a JWT), for a TokenReview, and the
+    /// node certificate it holds now, if any: a renewal the issuer knows for one (the
+    /// certificate binds the sealing key and verifies), however recently the issuer restarted.
+    ServiceAccount {
+        token: String,
+        held: Option<Box<Certificate>>,
+    },
 }
 
 /// Secrets never show in logs.
@@ -907,7 +912,12 @@ impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Credential::Token(s) => write!(f, "Token({})", crate::join::token_id(s)),
-            Credential::ServiceAccount(t) => write!(f, "ServiceAccount({} bytes)", t.len()),
+            Credential::ServiceAccount { token, held } => write!(
+                f,
+                "ServiceAccount({} bytes, {})",
+                token.len(),
+                if held.is_some() { "renewal" } else { "first" }
+            ),
         }
     }
 }
@@ -1151,12 +1161,15 @@ impl Message {
                         b.push(1);
                         b.extend_from_slice(secret);
                     }
-                    Credential::ServiceAccount(jwt) => {
-                        b.push(2);
+                    Credential::ServiceAccount { token, held } => {
+                        b.push(if held.is_some() { 3 } else { 2 });
                         // Senders keep within MAX_SA_TOKEN_BYTES; a longer one is cut.
-                        let jwt = &jwt.as_bytes()[..jwt.len().min(MAX_SA_TOKEN_BYTES)];
+                        let jwt = &token.as_bytes()[..token.len().min(MAX_SA_TOKEN_BYTES)];
                         b.extend_from_slice(&(jwt.len() as u16).to_be_bytes());
                         b.extend_from_slice(jwt);
+                        if let Some(c) = held {
+                            put_cert(&mut b, c);
+                        }
                     }
                 }
             }
@@ -1378,7 +1391,7 @@ impl Message {
                 let nonce = r.u64("nonce")?;
                 let credential = match r.u8("credential kind")? {
                     1 => Credential::Token(r.array("token secret")?),
-                    2 => {
+                    kind @ (2 | 3) => {
                         let n = usize::from(r.u16("service-account token length")?);
                         if n > MAX_SA_TOKEN_BYTES {
                             return Err(ControlError::Invalid {
@@ -1387,17 +1400,21 @@ impl Message {
                             });
                         }
                         let jwt = r.take("service-account token", n)?;
-                        Credential::ServiceAccount(String::from_utf8(jwt.to_vec()).map_err(
-                            |_| ControlError::Invalid {
+                        let token =
+                            String::from_utf8(jwt.to_vec()).map_err(|_| ControlError::Invalid {
                                 field: "service-account token",
                                 reason: "not UTF-8",
-                            },
-                        )?)
+                            })?;
+                        let held = match kind {
+                            3 => Some(Box::new(read_cert(&mut r)?)),
+                            _ => None,
+                        };
+                        Credential::ServiceAccount { token, held }
                     }
                     _ => {
                         return Err(ControlError::Invalid {
                             field: "credential kind",
-                            reason: "must be 1 or 2",
+                            reason: "must be 1, 2 or 3",
                         })
                     }
                 };
@@ -2112,7 +2129,17 @@ mod tests {
             },
             Message::JoinRequest {
                 nonce: 7,
-                credential: Credential::ServiceAccount("eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into()),
+                credential: Credential::ServiceAccount {
+                    token: "eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into(),
+                    held: None,
+                },
+            },
+            Message::JoinRequest {
+                nonce: 8,
+                credential: Credential::ServiceAccount {
+                    token: "eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into(),
+                    held: Some(Box::new(cert_for(&secret(1), "node-1"))),
+                },
             },
             Message::JoinAnswer {
                 nonce: 6,

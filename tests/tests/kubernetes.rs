@@ -347,4 +347,52 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     let log = std::fs::read_to_string(lab.dir.join("issuer.log")).unwrap();
     assert!(log.contains("joined as example.org/nodes/node-2"), "{log}");
     assert!(log.contains("refused microblog/post-7d9f8-x2v4q"), "{log}");
+    assert!(!log.contains("shows its node certificate"), "{log}");
+
+    // The issuer restarts and remembers no key; the node joins again (as its renew container
+    // does) showing the certificate it holds: the issuer knows it for a renewal, whose review
+    // budget no flood of new keys spends.
+    lab.stop("issuer", libc::SIGTERM);
+    lab.spawn(
+        &iss,
+        "issuer",
+        Path::new("/usr/bin/env"),
+        &[
+            &kubeconfig_env,
+            bin("meshctl").to_str().unwrap(),
+            "ca",
+            "serve",
+            "--ca",
+            &ca,
+            "--listen",
+            ISSUER,
+            "--kubernetes",
+            "--node-service-account",
+            "kube-system/meshd",
+        ],
+    );
+    let out = meshctl_in(
+        &lab,
+        &node,
+        &[
+            "join",
+            "--service-account-token",
+            tokens.join("node").to_str().unwrap(),
+            "--issuer",
+            ISSUER,
+            "--issuer-key",
+            &key,
+            "--out",
+            ids.to_str().unwrap(),
+            "--wait",
+            "10s",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let log = lab.log("issuer");
+    assert!(
+        log.contains("shows its node certificate: a renewal")
+            && log.contains("joined as example.org/nodes/node-2"),
+        "{log}"
+    );
 }

@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const ISSUER: &str = "198.18.3.100:7100";
+/// An address on the lab's switch where no issuer listens (no host has it).
+const NO_ISSUER: &str = "198.18.3.99:7100";
 
 /// Two nodes (`nodes/node-a` at 100.64.3.1, `nodes/node-b` at 100.64.3.2) and the issuer, on one
 /// switch; the registry places the workloads.
@@ -71,9 +73,14 @@ impl WorkloadLab {
                     pki.dir.join("issuer/ca.crt").display()
                 ),
             );
-            text.push_str(&format!(
-                "\n[issuer]\nendpoint = \"{ISSUER}\"\nkey = \"{key}\"\n"
-            ));
+            // node-b lists first a host the issuer does not run on (as after it moved): each
+            // request goes there first, and to the issuer a second later.
+            let at = if i == 1 {
+                format!("endpoint = \"{ISSUER}\"")
+            } else {
+                format!("endpoints = [\"{NO_ISSUER}\", \"{ISSUER}\"]")
+            };
+            text.push_str(&format!("\n[issuer]\n{at}\nkey = \"{key}\"\n"));
             std::fs::write(&cfg, text).unwrap();
             lab.meshd_config(&ns, &ifname, &cfg);
             nodes.push((ns, ifname));
@@ -317,6 +324,8 @@ fn a_node_joins_with_a_single_use_token_and_its_private_key_never_leaves_it() {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     let dir = |n: usize| wl.lab.dir.join(format!("vm-{n}"));
+    // The issuer's addresses given on the command line (overriding the token's): the first is
+    // a host it does not run on.
     let join = |n: usize, token: &str| {
         let out = dir(n);
         wl.lab.exec(
@@ -326,6 +335,10 @@ fn a_node_joins_with_a_single_use_token_and_its_private_key_never_leaves_it() {
                 "join",
                 "--token",
                 token,
+                "--issuer",
+                NO_ISSUER,
+                "--issuer",
+                ISSUER,
                 "--out",
                 out.to_str().unwrap(),
                 "--wait",
@@ -346,6 +359,11 @@ fn a_node_joins_with_a_single_use_token_and_its_private_key_never_leaves_it() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("joined as example.org/nodes/vm-1 (100.64.3.50/32)"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains(&format!("endpoints = [\"{NO_ISSUER}\", \"{ISSUER}\"]")),
         "{}",
         text(&out)
     );

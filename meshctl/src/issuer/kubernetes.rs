@@ -10,7 +10,8 @@
 //! 3. reviews are spent within budgets: per pod the token is bound to (so a node, even one
 //!    compromised, spends at most its own share), one for keys holding a live node certificate
 //!    of ours (renewals, which a flood by others never starves), one for the rest, in all and
-//!    per source network;
+//!    per source network. A known key's share of its pod is its own: tokens forged to name a
+//!    node's pod (the claims are read before any review) spend the share of unknown keys only;
 //! 4. at most [`crate::kube::MAX_REVIEWS_IN_FLIGHT`] wait at once (half of them for keys we
 //!    know), off the serve loop, so the requests of nodes in the mesh are answered meanwhile.
 //!
@@ -74,18 +75,26 @@ impl Default for ReviewBudget {
 }
 
 impl ReviewBudget {
-    /// Whether a review of a token bound to pod `pod_uid`, for a key that is `known` (holds a
-    /// live node certificate of ours), or else from `from`, is within budget at `now_ms` (and
-    /// spends it).
-    fn allow(&mut self, pod_uid: &str, known: bool, from: IpAddr, now_ms: u64) -> bool {
+    /// Whether a review of a token bound to pod `pod_uid`, for `known`, a key that holds a live
+    /// node certificate of ours, or else for a key we do not know from `from`, is within budget
+    /// at `now_ms` (and spends it).
+    fn allow(
+        &mut self,
+        pod_uid: &str,
+        known: Option<&[u8; 32]>,
+        from: IpAddr,
+        now_ms: u64,
+    ) -> bool {
         use std::hash::BuildHasher;
-        if !self.per_pod.allow(self.hasher.hash_one(pod_uid), now_ms) {
-            return false;
-        }
-        if known {
-            self.known.allow((), now_ms)
-        } else {
-            self.per_source.allow(source_of(from), now_ms) && self.others.allow((), now_ms)
+        // A pod's share for each key we know, and one for all the keys we do not.
+        let pod = self.hasher.hash_one((pod_uid, known));
+        match known {
+            Some(_) => self.per_pod.allow(pod, now_ms) && self.known.allow((), now_ms),
+            None => {
+                self.per_source.allow(source_of(from), now_ms)
+                    && self.per_pod.allow(pod, now_ms)
+                    && self.others.allow((), now_ms)
+            }
         }
     }
 }
@@ -148,8 +157,8 @@ impl Kubernetes {
         self.source.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A node's join with projected token `jwt`, sealed by `opened.sender` (`known` if it holds
-    /// a live node certificate of ours), from `from`.
+    /// A node's join with projected token `jwt`, sealed by `opened.sender` (`known` if that key
+    /// holds a live node certificate of ours), from `from`.
     #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
@@ -197,10 +206,12 @@ impl Kubernetes {
             waiters.push(waiting);
             return Step::Asked;
         }
-        if !self
-            .budget
-            .allow(&waiting.claims.pod.uid, known, from.ip(), now_ms)
-        {
+        if !self.budget.allow(
+            &waiting.claims.pod.uid,
+            known.then_some(&waiting.opened.sender),
+            from.ip(),
+            now_ms,
+        ) {
             return Step::Dropped("over the review budget".into());
         }
         self.next_ticket += 1;
@@ -310,7 +321,7 @@ mod tests {
             let flood = (0..5_000u32)
                 .filter(|i| {
                     let from = IpAddr::from([198, 18, (i >> 8) as u8, *i as u8]);
-                    b.allow(&format!("pod-{i}"), false, from, now + u64::from(*i) / 10)
+                    b.allow(&format!("pod-{i}"), None, from, now + u64::from(*i) / 10)
                 })
                 .count();
             flooded += flood;
@@ -318,7 +329,12 @@ mod tests {
             let renewed = (0..KNOWN_REVIEWS_PER_SEC)
                 .filter(|i| {
                     let pod = format!("meshd-{i}");
-                    b.allow(&pod, true, "198.18.9.9".parse().unwrap(), now + 999)
+                    b.allow(
+                        &pod,
+                        Some(&[*i as u8; 32]),
+                        "198.18.9.9".parse().unwrap(),
+                        now + 999,
+                    )
                 })
                 .count();
             assert_eq!(renewed, KNOWN_REVIEWS_PER_SEC as usize);
@@ -330,9 +346,9 @@ mod tests {
         let mut b = ReviewBudget::default();
         let one: IpAddr = "fd00::1".parse().unwrap();
         let same_64: IpAddr = "fd00::2".parse().unwrap();
-        assert!(b.allow("p1", false, one, 0) && b.allow("p2", false, same_64, 0));
-        assert!(!b.allow("p3", false, one, 10), "the same /64");
-        assert!(b.allow("p4", false, one, 1_010));
+        assert!(b.allow("p1", None, one, 0) && b.allow("p2", None, same_64, 0));
+        assert!(!b.allow("p3", None, one, 10), "the same /64");
+        assert!(b.allow("p4", None, one, 1_010));
     }
 
     #[test]
@@ -341,10 +357,34 @@ mod tests {
         let from: IpAddr = "198.18.0.5".parse().unwrap();
         // A compromised node, known, naming its own meshd pod in forged tokens for 10 s.
         let spent = (0..10_000u64)
-            .filter(|t| b.allow("its-pod", true, from, *t))
+            .filter(|t| b.allow("its-pod", Some(&[5; 32]), from, *t))
             .count();
         assert!(spent <= 2 + 10, "{spent} reviews");
         // Every other node's renewal is still reviewed.
-        assert!((0..10).all(|i| b.allow(&format!("pod-{i}"), true, from, 10_000)));
+        assert!((0..10).all(|i| b.allow(&format!("pod-{i}"), Some(&[i; 32]), from, 10_000)));
+    }
+
+    #[test]
+    fn tokens_forged_to_name_a_node_s_pod_never_starve_that_node_s_renewal() {
+        let mut b = ReviewBudget::default();
+        let node: [u8; 32] = [7; 32];
+        for second in 0..10u64 {
+            // 1,000 joins a second from new keys and addresses, their tokens' claims naming the
+            // meshd pod of the node (a pod's UID is no secret); they all fail review, after.
+            for i in 0..1_000u32 {
+                let from = IpAddr::from([198, 18, (i >> 8) as u8, i as u8]);
+                b.allow("meshd-node-7", None, from, second * 1000 + u64::from(i));
+            }
+            // The node itself, renewing with its key: reviewed every time.
+            assert!(
+                b.allow(
+                    "meshd-node-7",
+                    Some(&node),
+                    "198.18.0.7".parse().unwrap(),
+                    second * 1000 + 999
+                ),
+                "second {second}"
+            );
+        }
     }
 }

@@ -317,15 +317,29 @@ impl Issuer<'_> {
                         crate::join::answer_token(self.ca_path, secret, &opened.sender, ca::now());
                     self.joined(opened, from, result, now_ms);
                 }
-                Credential::ServiceAccount(jwt) => {
-                    // Known: holds a live node certificate from a join here, and is not revoked
-                    // (a revoked node's key is a stranger's).
-                    let root = &self.root;
-                    let revoked = match self.crl.get(|p| read_crl(p, root)) {
-                        Ok(crl) => crl.as_ref().is_some_and(|l| l.revokes_key(&opened.sender)),
-                        Err(_) => true,
+                Credential::ServiceAccount { token: jwt, held } => {
+                    // Known: holds a live node certificate of ours, from a join here or shown
+                    // with the request (a renewal after this issuer restarted), and is not
+                    // revoked (a revoked node's key is a stranger's).
+                    let (root, now) = (&self.root, now_ms / 1000);
+                    let (revoked, shown) = match self.crl.get(|p| read_crl(p, root)) {
+                        Ok(crl) => (
+                            crl.as_ref().is_some_and(|l| l.revokes_key(&opened.sender)),
+                            held.as_deref().is_some_and(|c| {
+                                shows_key(c, &opened.sender, root, crl.as_ref(), now)
+                            }),
+                        ),
+                        Err(_) => (true, false),
                     };
-                    let known = !revoked && self.joins.known(&opened.sender, now_ms / 1000);
+                    let remembered = self.joins.known(&opened.sender, now);
+                    if shown && !remembered && !revoked {
+                        let key = proto::Key(opened.sender).to_base64();
+                        self.log.line(
+                            now_ms,
+                            format!("{from}: key {key}: shows its node certificate: a renewal"),
+                        );
+                    }
+                    let known = !revoked && (remembered || shown);
                     let Source::Kubernetes(k) = &mut self.source else {
                         let why = "this issuer takes join tokens only (it has no Kubernetes \
                                        source)";
@@ -608,6 +622,25 @@ impl<T> Watched<T> {
 }
 
 /// The revocation list of the node CA, if it has one.
+/// Whether `held` is a node certificate of `root`'s, in force at `now` and not revoked, that
+/// binds `key` (the key the request was sealed with: only its holder can show it). The cheap
+/// checks first; one signature at most.
+pub(crate) fn shows_key(
+    held: &Certificate,
+    key: &[u8; 32],
+    root: &Certificate,
+    crl: Option<&proto::cert::RevocationList>,
+    now: u64,
+) -> bool {
+    let b = &held.body;
+    b.public_key == *key
+        && b.issuer == root.body.public_key
+        && (b.not_before..=b.not_after).contains(&now)
+        && held
+            .verify_identity(std::slice::from_ref(root), now, crl)
+            .is_ok()
+}
+
 fn read_crl(
     path: &Path,
     root: &Certificate,

@@ -68,6 +68,9 @@ const REVOKED_TELL_MS: u64 = 30_000;
 /// This node's workload list goes to every member at most this often; changes in between are
 /// sent together.
 const ANNOUNCE_GAP_MS: u64 = 500;
+/// A request to the workload issuer that has gone unanswered this long sends the next one to
+/// the issuer's next address (`[issuer] endpoints`): it may have moved to another host.
+const ISSUER_FAILOVER_MS: u64 = 1_000;
 /// A member's Hello is answered with this node's workload list at most this often.
 const WORKLOADS_ANSWER_MS: u64 = 5_000;
 /// This node's workload list goes to a member that does not say it took it this many times at
@@ -433,11 +436,52 @@ pub struct Membership {
     /// Workload certificates in members' announcements that were not taken, by
     /// [`Refusal::kind`].
     pub workloads_refused: BTreeMap<&'static str, u64>,
-    /// The workload issuer (`[issuer]`): its key, where it listens, and our agreement with it.
-    issuer: Option<(control::Pair, Endpoint)>,
+    /// The workload issuer (`[issuer]`).
+    issuer: Option<IssuerLink>,
     /// The CAs whose certificates are workloads' (`[trust] workload_cas`): only in workload
     /// lists, never a member's own certificate.
     workload_cas: HashSet<[u8; 32]>,
+}
+
+/// The workload issuer: our agreement with its key, and the addresses it may listen at, asked
+/// in turn while it does not answer; the one that last answered is kept.
+#[derive(Debug)]
+struct IssuerLink {
+    pair: control::Pair,
+    at: Vec<std::net::SocketAddr>,
+    current: usize,
+    /// When a request went unanswered first, since the last answer.
+    unanswered_since_ms: Option<u64>,
+}
+
+impl IssuerLink {
+    fn is_at(&self, from: Endpoint) -> bool {
+        matches!(from, Endpoint::Direct(a) if self.at.contains(&a))
+    }
+
+    /// Where to send a request now: the next address once one has gone unanswered for
+    /// [`ISSUER_FAILOVER_MS`].
+    fn next(&mut self, now_ms: u64) -> Endpoint {
+        match self.unanswered_since_ms {
+            Some(t) if now_ms >= t + ISSUER_FAILOVER_MS => {
+                self.current = (self.current + 1) % self.at.len();
+                self.unanswered_since_ms = Some(now_ms);
+            }
+            Some(_) => {}
+            None => self.unanswered_since_ms = Some(now_ms),
+        }
+        Endpoint::Direct(self.at[self.current])
+    }
+
+    /// It answered from `from`: asked there from now on.
+    fn answered(&mut self, from: Endpoint) {
+        if let Endpoint::Direct(a) = from {
+            if let Some(i) = self.at.iter().position(|x| *x == a) {
+                self.current = i;
+            }
+        }
+        self.unanswered_since_ms = None;
+    }
 }
 
 impl Membership {
@@ -983,12 +1027,20 @@ impl Membership {
         self.workloads_lost(lost);
     }
 
-    /// The workload issuer this node asks for its workloads' certificates: its key and address.
-    pub fn set_issuer(&mut self, issuer: Option<([u8; 32], std::net::SocketAddr)>) {
-        self.issuer = issuer.and_then(|(key, addr)| {
-            let pair = control::Pair::with_public(&self.secret, &self.public, &key).ok()?;
-            Some((pair, Endpoint::Direct(addr)))
-        });
+    /// The workload issuer this node asks for its workloads' certificates: its key and the
+    /// addresses it may listen at (at least one).
+    pub fn set_issuer(&mut self, issuer: Option<([u8; 32], Vec<std::net::SocketAddr>)>) {
+        self.issuer = issuer
+            .filter(|(_, at)| !at.is_empty())
+            .and_then(|(key, at)| {
+                let pair = control::Pair::with_public(&self.secret, &self.public, &key).ok()?;
+                Some(IssuerLink {
+                    pair,
+                    at,
+                    current: 0,
+                    unanswered_since_ms: None,
+                })
+            });
     }
 
     /// Seals `msg` to the workload issuer; false if none is configured.
@@ -999,10 +1051,10 @@ impl Membership {
         rng: &mut impl RngCore,
         out: &mut Vec<Out>,
     ) -> bool {
-        let Some((pair, endpoint)) = &self.issuer else {
+        let Some(link) = &mut self.issuer else {
             return false;
         };
-        let (key, endpoint) = (*pair.peer(), *endpoint);
+        let (key, endpoint) = (*link.pair.peer(), link.next(now_ms));
         self.send(&key, endpoint, msg, now_ms, rng, out);
         true
     }
@@ -1441,11 +1493,7 @@ impl Membership {
                     return Err(Refusal::Replay);
                 }
                 let msg = Message::decode(&whole.message)?;
-                if self
-                    .issuer
-                    .as_ref()
-                    .is_some_and(|(p, _)| *p.peer() == sender)
-                {
+                if let Some(link) = self.issuer.as_mut().filter(|l| *l.pair.peer() == sender) {
                     if !matches!(msg, Message::IssueAnswer { .. }) {
                         return Err(Refusal::NotFromMembers);
                     }
@@ -1453,6 +1501,8 @@ impl Membership {
                     if !replay.window.accept_run(whole.first_counter, whole.count) {
                         return Err(Refusal::Replay);
                     }
+                    // A fresh answer, authenticated: asked where it answered from.
+                    link.answered(from);
                     // Its floor is saved as a member's: extrapolated from when it was heard.
                     replay.heard_ms = now_ms;
                     self.dirty.floors = true;
@@ -1592,11 +1642,11 @@ impl Membership {
         now_ms: u64,
         out: &mut Vec<Out>,
     ) -> Result<Option<control::SenderStep>, Refusal> {
-        // The issuer, at the address we ask it at: one MAC, then its counter and rate, before
+        // The issuer, at an address we ask it at: one MAC, then its counter and rate, before
         // any Diffie-Hellman, as for a member.
-        if let Some((pair, endpoint)) = &self.issuer {
-            if *endpoint == from && sealed.mac_valid(pair.mac_key()) {
-                let key = *pair.peer();
+        if let Some(link) = &self.issuer {
+            if link.is_at(from) && sealed.mac_valid(link.pair.mac_key()) {
+                let key = *link.pair.peer();
                 self.check_counter(&key, sealed.counter)?;
                 if !self.per_sender.allow(key, now_ms) {
                     return Err(Refusal::SenderRate);
@@ -1886,11 +1936,13 @@ impl Membership {
         self.pairs.clear();
         self.received.clear();
         self.ephemerals.clear();
-        let issuer = self
-            .issuer
-            .take()
-            .and_then(|(p, ep)| Some((*p.peer(), ep.direct()?)));
-        self.set_issuer(issuer);
+        if let Some(link) = self.issuer.take() {
+            let current = link.current;
+            self.set_issuer(Some((*link.pair.peer(), link.at)));
+            if let Some(l) = &mut self.issuer {
+                l.current = current;
+            }
+        }
         let keyed: Vec<([u8; 32], Endpoint)> =
             self.members.iter().map(|(k, m)| (*k, m.endpoint)).collect();
         for (k, ep) in keyed {

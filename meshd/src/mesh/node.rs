@@ -61,8 +61,8 @@ pub struct NodeConfig {
     /// The members asked to relay to members not reached at their own address (`[relay] via`,
     /// by key; PROTOCOL.md §9).
     pub relays: Vec<[u8; 32]>,
-    /// The workload issuer (`[issuer]`): its key and underlay address.
-    pub issuer: Option<([u8; 32], std::net::SocketAddr)>,
+    /// The workload issuer (`[issuer]`): its key and the underlay addresses it may listen at.
+    pub issuer: Option<([u8; 32], Vec<std::net::SocketAddr>)>,
     /// The CAs of workload certificates (`trust.workload_cas`; in `bundle` too).
     pub workload_cas: Vec<[u8; 32]>,
 }
@@ -259,9 +259,9 @@ impl Node {
         let mut membership = Membership::new(cfg.secret, cfg.certificate, cfg.bundle, now_ms, rng);
         membership.set_answer_probes(cfg.answer_probes);
         membership.set_relays(cfg.relays);
+        let has_issuer = cfg.issuer.is_some();
         membership.set_issuer(cfg.issuer);
         membership.set_workload_cas(cfg.workload_cas);
-        let has_issuer = cfg.issuer.is_some();
         let mut book = PolicyBook::new(&trust_domain, cfg.admins, cfg.posture, cfg.audit);
         let mut sync = PolicySync::default();
         if let Some(encoded) = &saved.policy {

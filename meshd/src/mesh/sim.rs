@@ -200,7 +200,10 @@ struct Packet {
 /// decision, its view of workloads a map the test changes, signing with the simulation's workload
 /// CA. While `down`, it answers nothing.
 pub struct SimIssuer {
+    /// Where it listens now (a test may move it).
     pub addr: SocketAddr,
+    /// The addresses nodes started from now on are configured with (`[issuer] endpoints`).
+    pub listed_at: Vec<SocketAddr>,
     pub public: [u8; 32],
     responder: proto::issuer::Responder,
     trust: proto::trust::Trust,
@@ -389,7 +392,10 @@ impl Sim {
             seeds: n.seeds.clone(),
             gateway_routes: n.gateway_routes.clone(),
             relays: n.relays.clone(),
-            issuer: self.issuer.as_ref().map(|i| (i.public, i.addr)),
+            issuer: self
+                .issuer
+                .as_ref()
+                .map(|i| (i.public, i.listed_at.clone())),
             workload_cas: vec![self.pods_ca.key.verifying_key().to_bytes()],
         }
     }
@@ -683,8 +689,10 @@ impl Sim {
         let secret = StaticSecret::from([0x15; 32]);
         let public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
         let (trust, _) = proto::trust::Trust::new("example.org", vec![self.ca.cert.clone()]);
+        let addr: SocketAddr = "198.18.255.254:7100".parse().expect("literal");
         self.issuer = Some(SimIssuer {
-            addr: "198.18.255.254:7100".parse().expect("literal"),
+            addr,
+            listed_at: vec![addr],
             public,
             responder: proto::issuer::Responder::new(secret),
             trust,

@@ -474,3 +474,32 @@ fn a_workload_deleted_while_its_node_was_down_is_withdrawn_when_the_node_restart
     sim.run(30_000);
     assert!(in_force(&sim, 1, 0, "api").is_some());
 }
+
+#[test]
+fn a_node_asks_the_issuer_s_next_listed_address_while_one_does_not_answer_and_follows_it_when_it_moves(
+) {
+    let mut sim = Sim::new(2, 15);
+    sim.with_issuer(120);
+    let here = sim.issuer.as_ref().unwrap().addr;
+    let other: std::net::SocketAddr = "198.18.255.250:7100".parse().unwrap();
+    // Listed first where nothing listens (the issuer runs on the second host).
+    sim.issuer.as_mut().unwrap().listed_at = vec![other, here];
+    sim.start_all();
+    assert!(sim.run_until(10_000, Sim::full_mesh).is_some());
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    let t = sim
+        .run_until(5_000, |s| in_force(s, 1, 0, "web").is_some())
+        .expect("in force through the second address");
+    assert!(t >= 1_000, "the first address was asked first: {t} ms");
+    let first = in_force(&sim, 1, 0, "web").unwrap();
+    // The issuer moves to the first host: the renewal at half-life is answered there.
+    sim.issuer.as_mut().unwrap().addr = other;
+    sim.run(90_000);
+    let renewed = in_force(&sim, 1, 0, "web").expect("still in force");
+    assert!(renewed.body.not_before > first.body.not_before, "renewed");
+    // And it stays there: the next renewal is answered without a retry.
+    let asked = sim.issuer.as_ref().unwrap().issued;
+    sim.run(60_000);
+    assert_eq!(sim.issuer.as_ref().unwrap().issued, asked + 1);
+}
