@@ -209,6 +209,14 @@ fn in_force(conf: &NetConf, pod: &Pod) -> Result<Vec<proto::Cidr>, CniError> {
     };
     let status = match ask(conf, &proto::admin::Request::Status, 5_000)? {
         proto::admin::Response::Status(s) => s,
+        // meshd runs but cannot say now: as when it is down, ask again later.
+        proto::admin::Response::Error { message } => {
+            return Err(CniError::new(
+                spec::TRY_AGAIN_LATER,
+                "meshd could not give its status",
+                message,
+            ))
+        }
         other => {
             return Err(CniError::new(
                 spec::IO_FAILURE,

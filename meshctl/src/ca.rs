@@ -4,7 +4,7 @@
 //! --serial` checks).
 
 use crate::Failure;
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use ed25519_dalek::SigningKey;
 use keyfile as files;
 use proto::armor;
@@ -16,6 +16,8 @@ pub const DEFAULT_CA_TTL: &str = "3650d";
 /// Each time `issued.jsonl` grows past another multiple of this size, the lines of expired
 /// certificates are dropped.
 pub const COMPACT_RECORD_BYTES: u64 = 1024 * 1024;
+/// How long [`CaDir::lock`] waits for another process to let go of the CA directory.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct CaDir {
     pub dir: PathBuf,
@@ -42,8 +44,14 @@ impl CaDir {
 
     /// The CA directory's lock, held until the file returned is dropped: what two processes
     /// on one CA directory (two `ca serve`, an issuer and `identity issue`) must not do at once,
-    /// such as redeeming a token or compacting the record, is done under it.
+    /// such as redeeming a token or compacting the record, is done under it. Each holds it for
+    /// a moment; one that held it for [`LOCK_WAIT`] is stuck, and waiting longer would stop an
+    /// issuer's serve loop, so that is an error.
     pub fn lock(&self) -> anyhow::Result<std::fs::File> {
+        self.lock_within(LOCK_WAIT)
+    }
+
+    fn lock_within(&self, wait: std::time::Duration) -> anyhow::Result<std::fs::File> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.dir.join(".lock");
         let f = std::fs::OpenOptions::new()
@@ -53,9 +61,24 @@ impl CaDir {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        f.lock()
-            .with_context(|| format!("locking {}", path.display()))?;
-        Ok(f)
+        let start = std::time::Instant::now();
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(f),
+                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < wait => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => bail!(
+                    "{} is held by another process for over {} (a stuck meshctl on this CA \
+                     directory?)",
+                    path.display(),
+                    humantime::format_duration(wait)
+                ),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()))
+                }
+            }
+        }
     }
 
     /// Records a certificate this CA issued (appended, mode 0600 like the rest of the CA).
@@ -480,6 +503,39 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lock_held_too_long_by_another_process_is_an_error_that_names_it_not_a_hang() {
+        let dir = std::env::temp_dir().join(format!("meshctl-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = CaDir::of(&dir);
+        // Another open file description on the same lock file: as another process would be.
+        let held = ca.lock().unwrap();
+        let start = std::time::Instant::now();
+        let e = ca
+            .lock_within(std::time::Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        assert!(
+            e.contains(".lock is held by another process for over 100ms"),
+            "{e}"
+        );
+        // Let go of in time: taken.
+        let waiter = std::thread::spawn({
+            let dir = dir.clone();
+            move || {
+                CaDir::of(&dir)
+                    .lock_within(std::time::Duration::from_secs(5))
+                    .is_ok()
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(held);
+        assert!(waiter.join().unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
