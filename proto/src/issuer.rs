@@ -82,13 +82,19 @@ pub struct Responder {
 
 impl Responder {
     pub fn new(secret: StaticSecret) -> Responder {
+        Responder::with_open_budget(secret, OPENS_PER_SEC)
+    }
+
+    /// A responder that opens `opens_per_sec` datagrams without a cookie a second in all (0:
+    /// every sender must show one first, as under a flood).
+    pub fn with_open_budget(secret: StaticSecret, opens_per_sec: u32) -> Responder {
         let cookie_seed = keyed(&secret.to_bytes(), b"meshd issuer cookie seed");
         Responder {
             cookie_seed,
             secret,
             replay: HashMap::new(),
             reassembly: Reassembly::default(),
-            opens: SourceLimiter::new(OPENS_PER_SEC, OPENS_PER_SEC, 1),
+            opens: SourceLimiter::new(opens_per_sec, opens_per_sec, 1),
             per_source: SourceLimiter::new(
                 OPENS_PER_SOURCE_PER_SEC,
                 2 * OPENS_PER_SOURCE_PER_SEC,

@@ -227,8 +227,11 @@ impl SimIssuer {
         if self.down {
             return Vec::new();
         }
-        let Ok(Some(opened)) = self.responder.open(now_ms, from, bytes) else {
-            return Vec::new();
+        let opened = match self.responder.open(now_ms, from, bytes) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => return Vec::new(),
+            // Over budget: a cookie reply, if any, for the node to repeat its datagram with.
+            Err(dropped) => return dropped.reply.into_iter().collect(),
         };
         let proto::control::Message::IssueRequest {
             nonce,
@@ -270,6 +273,9 @@ impl SimIssuer {
         self.responder.seal(&opened.sender, &answer, now_ms, rng)
     }
 }
+
+/// The simulated issuer's static key.
+const ISSUER_SECRET: [u8; 32] = [0x15; 32];
 
 /// A datagram as the underlay saw it.
 #[derive(Debug, Clone)]
@@ -683,10 +689,17 @@ impl Sim {
         None
     }
 
+    /// The issuer as under a flood: it opens nothing without a cookie, which it answers with.
+    pub fn issuer_under_load(&mut self) {
+        let i = self.issuer.as_mut().expect("an issuer");
+        i.responder =
+            proto::issuer::Responder::with_open_budget(StaticSecret::from(ISSUER_SECRET), 0);
+    }
+
     /// Starts a workload issuer at 198.18.255.254:7100 that nodes started from now on ask; its
     /// certificates live `lifetime_secs`.
     pub fn with_issuer(&mut self, lifetime_secs: u64) {
-        let secret = StaticSecret::from([0x15; 32]);
+        let secret = StaticSecret::from(ISSUER_SECRET);
         let public = *x25519_dalek::PublicKey::from(&secret).as_bytes();
         let (trust, _) = proto::trust::Trust::new("example.org", vec![self.ca.cert.clone()]);
         let addr: SocketAddr = "198.18.255.254:7100".parse().expect("literal");

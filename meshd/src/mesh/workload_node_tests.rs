@@ -503,3 +503,20 @@ fn a_node_asks_the_issuer_s_next_listed_address_while_one_does_not_answer_and_fo
     sim.run(60_000);
     assert_eq!(sim.issuer.as_ref().unwrap().issued, asked + 1);
 }
+
+#[test]
+fn a_node_gets_its_workloads_from_an_issuer_that_asks_every_sender_for_a_cookie_first() {
+    let mut sim = with_issuer(2, 16, 3600);
+    // Under a flood, the issuer opens nothing that does not carry the sender's cookie: the node
+    // repeats each datagram with the cookie it is sent, and keeps using it.
+    sim.issuer_under_load();
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    assert!(
+        sim.run_until(5_000, |s| in_force(s, 1, 0, "web").is_some())
+            .is_some(),
+        "{:?}",
+        sim.nodes[0].host.attached
+    );
+    assert_eq!(sim.issuer.as_ref().unwrap().issued, 1);
+}
