@@ -877,11 +877,8 @@ pub enum Message {
         workloads: Vec<crate::workload::WorkloadRef>,
     },
     /// The issuer's answer to request `nonce`: for each workload asked, in order, its
-    /// certificate or why not.
-    IssueAnswer {
-        nonce: u64,
-        results: Vec<Result<Certificate, String>>,
-    },
+    /// certificate, or why not, for good or for now.
+    IssueAnswer { nonce: u64, results: Vec<Issued> },
     /// A node that has no certificate yet asks the issuer for one (section 12), sealed with the
     /// key the certificate is to bind, proving with `credential` that it may.
     JoinRequest { nonce: u64, credential: Credential },
@@ -891,6 +888,29 @@ pub enum Message {
         nonce: u64,
         result: Result<Joined, String>,
     },
+}
+
+/// The issuer's answer for one workload.
+// At most 16 in an answer, mostly certificates: boxing them would only add allocations.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issued {
+    /// Its certificate.
+    Certificate(Certificate),
+    /// Refused, for good (deleted, moved, replaced, unknown): the node drops what it holds.
+    Refused(String),
+    /// Not decided now (the issuer has not listed its workloads yet, or assigns no address
+    /// yet after a restart): the node keeps what it holds and asks again.
+    Later(String),
+}
+
+impl From<Result<Certificate, String>> for Issued {
+    fn from(r: Result<Certificate, String>) -> Issued {
+        match r {
+            Ok(c) => Issued::Certificate(c),
+            Err(why) => Issued::Refused(why),
+        }
+    }
 }
 
 /// What a joining node proves that it may join with.
@@ -1196,12 +1216,16 @@ impl Message {
                 b.push(n as u8);
                 for r in &results[..n] {
                     match r {
-                        Ok(c) => {
+                        Issued::Certificate(c) => {
                             b.push(1);
                             put_cert(&mut b, c);
                         }
-                        Err(why) => {
+                        Issued::Refused(why) => {
                             b.push(0);
+                            put_short(&mut b, why);
+                        }
+                        Issued::Later(why) => {
+                            b.push(2);
                             put_short(&mut b, why);
                         }
                     }
@@ -1450,12 +1474,13 @@ impl Message {
                 let mut results = Vec::with_capacity(n);
                 for _ in 0..n {
                     results.push(match r.u8("result")? {
-                        1 => Ok(read_cert(&mut r)?),
-                        0 => Err(read_short(&mut r, "reason")?),
+                        1 => Issued::Certificate(read_cert(&mut r)?),
+                        0 => Issued::Refused(read_short(&mut r, "reason")?),
+                        2 => Issued::Later(read_short(&mut r, "reason")?),
                         _ => {
                             return Err(ControlError::Invalid {
                                 field: "result",
-                                reason: "must be 0 or 1",
+                                reason: "must be 0, 1 or 2",
                             })
                         }
                     });
@@ -2119,8 +2144,9 @@ mod tests {
             Message::IssueAnswer {
                 nonce: 5,
                 results: vec![
-                    Ok(cert_for(&secret(1), "post")),
-                    Err("workload microblog/x does not run on node prod/node1".into()),
+                    Issued::Certificate(cert_for(&secret(1), "post")),
+                    Issued::Refused("workload microblog/x does not run on node prod/node1".into()),
+                    Issued::Later("the issuer has not listed the cluster yet".into()),
                 ],
             },
             Message::JoinRequest {
@@ -2286,12 +2312,14 @@ mod tests {
         let why = "é".repeat(200);
         let msg = Message::IssueAnswer {
             nonce: 1,
-            results: vec![Err(why.clone())],
+            results: vec![Issued::Refused(why.clone())],
         };
         let Message::IssueAnswer { results, .. } = Message::decode(&msg.encode()).unwrap() else {
             panic!("not an answer")
         };
-        let cut = results[0].clone().unwrap_err();
+        let Issued::Refused(cut) = results[0].clone() else {
+            panic!("not a refusal")
+        };
         assert_eq!(cut.len(), 254, "127 whole characters");
         assert!(why.starts_with(&cut));
         let mut bytes = Message::IssueAnswer {

@@ -161,7 +161,7 @@ fn main() {
             issued += results.iter().filter(|r| r.is_ok()).count() as u64;
             let answer = Message::IssueAnswer {
                 nonce: *nonce,
-                results,
+                results: results.into_iter().map(Into::into).collect(),
             };
             for d in responder.seal(&opened.sender, &answer, r as u64, &mut OsRng) {
                 // The node opens it.

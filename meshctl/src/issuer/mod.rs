@@ -29,7 +29,7 @@ use joins::Joins;
 use keyfile as files;
 use proto::armor;
 use proto::cert::{CertBody, Certificate};
-use proto::control::{Credential, Joined, Message};
+use proto::control::{Credential, Issued, Joined, Message};
 use proto::issuer::{Opened, Responder};
 use rand_core::RngCore;
 use std::net::SocketAddr;
@@ -457,13 +457,13 @@ impl Issuer<'_> {
             now,
         )
         .and_then(|()| self.newest.check(&certificate.body));
-        let results: Vec<Result<Certificate, String>> = match checked {
+        let results: Vec<Issued> = match checked {
             Err(why) => {
                 self.log
                     .line(now_ms, format!("{from}: {node}: refused: {why}"));
                 workloads
                     .iter()
-                    .map(|_| Err("node refused".to_string()))
+                    .map(|_| Issued::Refused("node refused".to_string()))
                     .collect()
             }
             Ok(()) if !self.responder.confirm(&opened) => return,
@@ -499,26 +499,29 @@ impl Issuer<'_> {
                     .iter()
                     .map(|w| {
                         use proto::workload::Refusal;
-                        let r = proto::workload::authorize(&certificate.body, w, view, &issuance)
-                            .map_err(|e| match e {
-                                Refusal::UnknownWorkload { .. } if !listed => {
-                                    "the issuer has not listed the cluster yet; ask again".into()
-                                }
-                                Refusal::NoAddress { .. } if !assigning => format!(
-                                    "{e} (a restarted issuer assigns addresses after {} s)",
-                                    kubernetes::ASSIGN_GRACE.as_secs()
+                        // Not decided yet: the node keeps what it holds and asks again.
+                        let r =
+                            match proto::workload::authorize(&certificate.body, w, view, &issuance)
+                            {
+                                Err(Refusal::UnknownWorkload { .. }) if !listed => Issued::Later(
+                                    "the issuer has not listed the cluster yet".into(),
                                 ),
-                                e => e.to_string(),
-                            })
-                            .and_then(|g| {
-                                g.body(ca::new_serial(), issuer_key)
-                                    .sign(signing)
-                                    .map_err(|e| format!("not signed: {e}"))
-                            });
+                                Err(e @ Refusal::NoAddress { .. }) if !assigning => {
+                                    Issued::Later(format!(
+                                        "{e} (a restarted issuer assigns addresses after {} s)",
+                                        kubernetes::ASSIGN_GRACE.as_secs()
+                                    ))
+                                }
+                                Err(e) => Issued::Refused(e.to_string()),
+                                Ok(g) => match g.body(ca::new_serial(), issuer_key).sign(signing) {
+                                    Ok(c) => Issued::Certificate(c),
+                                    Err(e) => Issued::Refused(format!("not signed: {e}")),
+                                },
+                            };
                         log.line(
                             now_ms,
                             match &r {
-                                Ok(c) => format!(
+                                Issued::Certificate(c) => format!(
                                     "{from}: {node}: issued {}/{} as {} ({}), until {}",
                                     w.namespace,
                                     w.name,
@@ -526,8 +529,12 @@ impl Issuer<'_> {
                                     proto::cert::list(&c.body.addrs),
                                     crate::identity::utc(c.body.not_after)
                                 ),
-                                Err(why) => format!(
+                                Issued::Refused(why) => format!(
                                     "{from}: {node}: refused {}/{}: {why}",
+                                    w.namespace, w.name
+                                ),
+                                Issued::Later(why) => format!(
+                                    "{from}: {node}: not yet {}/{}: {why}",
                                     w.namespace, w.name
                                 ),
                             },

@@ -5,7 +5,7 @@
 //! arguments; the node seals the requests and announces the certificates.
 
 use proto::cert::Certificate;
-use proto::control::MAX_ISSUE_WORKLOADS;
+use proto::control::{Issued, MAX_ISSUE_WORKLOADS};
 use proto::workload::WorkloadRef;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +26,8 @@ struct Attached {
     asked_ms: Option<u64>,
     /// Why the issuer last refused it.
     refused: Option<String>,
+    /// Why the issuer last said it cannot decide yet (it is asked again; what is held stays).
+    later: Option<String>,
     /// Restored after a restart and not yet answered for: the workload may have been deleted
     /// while this node was down (a CNI DEL that found meshd down), so the issuer is asked at
     /// once, however young the certificate held, and its refusal withdraws it.
@@ -48,6 +50,7 @@ pub struct AttachedStatus {
     pub reference: WorkloadRef,
     pub certificate: Option<Certificate>,
     pub refused: Option<String>,
+    pub later: Option<String>,
 }
 
 impl Attachments {
@@ -107,6 +110,7 @@ impl Attachments {
                 reference: r.clone(),
                 certificate: a.certificate.clone(),
                 refused: a.refused.clone(),
+                later: a.later.clone(),
             })
             .collect()
     }
@@ -188,14 +192,10 @@ impl Attachments {
 
     /// Takes the issuer's answer to request `nonce`: a certificate bound to `key` replaces the
     /// one held if newer; a refusal drops the one held (the issuer's view is the authority:
-    /// the workload was deleted, replaced or moved). Returns what became of each workload still
-    /// attached; an answer to no request of ours changes nothing.
-    pub fn on_answer(
-        &mut self,
-        nonce: u64,
-        results: Vec<Result<Certificate, String>>,
-        key: &[u8; 32],
-    ) -> Vec<Outcome> {
+    /// the workload was deleted, replaced or moved); "later" changes nothing held, and the
+    /// workload is asked for again. Returns what became of each workload still attached that
+    /// the issuer decided; an answer to no request of ours changes nothing.
+    pub fn on_answer(&mut self, nonce: u64, results: Vec<Issued>, key: &[u8; 32]) -> Vec<Outcome> {
         let Some((asked, _)) = self.pending.remove(&nonce) else {
             return Vec::new();
         };
@@ -204,7 +204,16 @@ impl Attachments {
             let Some(a) = self.attached.get_mut(&w) else {
                 continue; // detached meanwhile
             };
+            let r = match r {
+                Issued::Later(why) => {
+                    a.later = Some(why);
+                    continue;
+                }
+                Issued::Certificate(c) => Ok(c),
+                Issued::Refused(why) => Err(why),
+            };
             a.unconfirmed = false;
+            a.later = None;
             let r = r.and_then(|c| {
                 if c.body.public_key == *key {
                     Ok(c)

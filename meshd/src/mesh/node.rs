@@ -498,7 +498,10 @@ impl Node {
                     (None, Some(_)) => {
                         "held, not in force (a newer certificate holds its address)".to_string()
                     }
-                    (None, None) => "asking the issuer".to_string(),
+                    (None, None) => match &a.later {
+                        Some(why) => format!("asking the issuer (not yet: {why})"),
+                        None => "asking the issuer".to_string(),
+                    },
                 };
                 proto::admin::AttachedWorkload {
                     namespace: a.reference.namespace,

@@ -211,6 +211,8 @@ pub struct SimIssuer {
     pub view: BTreeMap<(String, String), proto::workload::Workload>,
     pub lifetime_secs: u64,
     pub down: bool,
+    /// Answers "later" for every workload (as a restarted issuer before its lists).
+    pub not_listed_yet: bool,
     pub issued: u64,
     serial: u64,
 }
@@ -241,6 +243,17 @@ impl SimIssuer {
         else {
             return Vec::new();
         };
+        if self.not_listed_yet {
+            self.responder.confirm(&opened);
+            let answer = proto::control::Message::IssueAnswer {
+                nonce: *nonce,
+                results: workloads
+                    .iter()
+                    .map(|_| proto::control::Issued::Later("not listed yet".into()))
+                    .collect(),
+            };
+            return self.responder.seal(&opened.sender, &answer, now_ms, rng);
+        }
         let issuance = proto::workload::Issuance {
             trust_domain: "example.org".into(),
             node_issuers: vec![self.node_ca],
@@ -266,6 +279,7 @@ impl SimIssuer {
         )
         .unwrap_or_else(|why| workloads.iter().map(|_| Err(why.clone())).collect());
         self.responder.confirm(&opened);
+        let results = results.into_iter().map(Into::into).collect();
         let answer = proto::control::Message::IssueAnswer {
             nonce: *nonce,
             results,
@@ -713,6 +727,7 @@ impl Sim {
             view: BTreeMap::new(),
             lifetime_secs,
             down: false,
+            not_listed_yet: false,
             issued: 0,
             serial: 0,
         });

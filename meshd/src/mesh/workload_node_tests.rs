@@ -520,3 +520,43 @@ fn a_node_gets_its_workloads_from_an_issuer_that_asks_every_sender_for_a_cookie_
     );
     assert_eq!(sim.issuer.as_ref().unwrap().issued, 1);
 }
+
+#[test]
+fn a_node_that_restarts_with_the_issuer_keeps_its_workloads_while_the_issuer_cannot_decide_yet() {
+    let mut sim = with_issuer(2, 17, 3600);
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.schedule("api", 0, "100.64.200.2/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    sim.handle(0, Event::Attach(reference("api"))).unwrap();
+    sim.run(1_000);
+    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    // The host of both restarts: the issuer comes back before it has listed its workloads
+    // (and web was deleted meanwhile), and answers "later" for each.
+    sim.kill(0);
+    {
+        let issuer = sim.issuer.as_mut().unwrap();
+        issuer.not_listed_yet = true;
+        issuer.view.remove(&("microblog".into(), "web".into()));
+    }
+    sim.start(0);
+    sim.run(15_000);
+    assert_eq!(
+        allowed(&sim, 1, 0).len(),
+        3,
+        "both kept while it cannot decide"
+    );
+    let status = sim.nodes[0].node().workload_status();
+    assert!(
+        status.0.iter().all(|w| w.state == proto::admin::IN_FORCE),
+        "{:?}",
+        status.0
+    );
+    // Once it has listed: web is refused and withdrawn, api confirmed.
+    sim.issuer.as_mut().unwrap().not_listed_yet = false;
+    let settled = |s: &Sim| allowed(s, 1, 0) == [overlay(0), addr("100.64.200.2/32")];
+    assert!(
+        sim.run_until(15_000, settled).is_some(),
+        "{:?}",
+        allowed(&sim, 1, 0)
+    );
+}

@@ -81,7 +81,9 @@ fn an_answer_opens_for_the_node_only_and_its_counters_follow_the_clock() {
     let node = secret(2);
     let answer = Message::IssueAnswer {
         nonce: 5,
-        results: vec![Err("no workload microblog/x is known".into())],
+        results: vec![crate::control::Issued::Refused(
+            "no workload microblog/x is known".into(),
+        )],
     };
     let now_ms = 1_800_000_000_000;
     let d = r.seal(&public(&node), &answer, now_ms, &mut rand_core::OsRng);
