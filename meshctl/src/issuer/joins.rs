@@ -16,8 +16,8 @@ const MAX_KEPT: usize = 100_000;
 pub struct Joins {
     /// The last certificate given to each node identity, and when.
     by_identity: HashMap<String, (Certificate, u64)>,
-    /// The keys holding a node certificate given by a join, until it expires.
-    keys: HashMap<[u8; 32], u64>,
+    /// The keys holding a node certificate given by a join: until it expires, and as whom.
+    keys: HashMap<[u8; 32], (u64, String)>,
 }
 
 impl Joins {
@@ -56,19 +56,24 @@ impl Joins {
             self.by_identity.clear();
             self.keys.clear();
         }
-        self.keys.insert(*sender, cert.body.not_after);
+        self.keys
+            .insert(*sender, (cert.body.not_after, identity.to_string()));
         self.by_identity
             .insert(identity.to_string(), (cert.clone(), now));
         Ok(cert)
     }
 
-    /// Whether `key` holds a node certificate given by a join that is still valid at `now`.
-    pub fn known(&self, key: &[u8; 32], now: u64) -> bool {
-        self.keys.get(key).is_some_and(|until| *until >= now)
+    /// The node identity `key` holds a certificate of, given by a join and still valid at
+    /// `now`.
+    pub fn known(&self, key: &[u8; 32], now: u64) -> Option<&str> {
+        self.keys
+            .get(key)
+            .filter(|(until, _)| *until >= now)
+            .map(|(_, identity)| identity.as_str())
     }
 
     fn forget_expired(&mut self, now: u64) {
-        self.keys.retain(|_, until| *until >= now);
+        self.keys.retain(|_, (until, _)| *until >= now);
         self.by_identity
             .retain(|_, (cert, _)| cert.body.not_after >= now);
     }
@@ -101,8 +106,8 @@ mod tests {
             let again = j.answer("nodes/n1", &[1; 32], t, || sign(1)).unwrap();
             assert_eq!(again.encode(), first.encode());
         }
-        assert!(j.known(&[1; 32], 5_000));
-        assert!(!j.known(&[1; 32], 10_001), "expired");
+        assert_eq!(j.known(&[1; 32], 5_000), Some("nodes/n1"));
+        assert_eq!(j.known(&[1; 32], 10_001), None, "expired");
         j.answer("nodes/n1", &[1; 32], 100 + REUSE_SECS, || sign(1))
             .unwrap();
         assert_eq!(signed, 2, "one signature a minute");
@@ -117,12 +122,12 @@ mod tests {
             .answer("nodes/n1", &[2; 32], 130, || Ok(cert(2, 10_000)))
             .unwrap_err();
         assert!(e.contains("another key") && e.contains("30 s"), "{e}");
-        assert!(!j.known(&[2; 32], 130));
+        assert_eq!(j.known(&[2; 32], 130), None);
         let c = j
             .answer("nodes/n1", &[2; 32], 160, || Ok(cert(2, 10_000)))
             .unwrap();
         assert_eq!(c.body.public_key, [2; 32]);
-        assert!(j.known(&[2; 32], 160));
+        assert_eq!(j.known(&[2; 32], 160), Some("nodes/n1"));
     }
 
     #[test]

@@ -75,28 +75,28 @@ impl Default for ReviewBudget {
 }
 
 impl ReviewBudget {
-    /// Whether a review of a token bound to pod `pod_uid`, for `known`, a key that holds a live
-    /// node certificate of ours, or else for a key we do not know from `from`, is within budget
-    /// at `now_ms` (and spends it).
-    fn allow(
-        &mut self,
-        pod_uid: &str,
-        known: Option<&[u8; 32]>,
-        from: IpAddr,
-        now_ms: u64,
-    ) -> bool {
+    /// Whether a review of a token bound to pod `pod_uid`, for a `known` key (it holds a live
+    /// node certificate of ours for the node the token is bound to), or else for a key we do
+    /// not know from `from`, is within budget at `now_ms` (and spends it).
+    fn allow(&mut self, pod_uid: &str, known: bool, from: IpAddr, now_ms: u64) -> bool {
         use std::hash::BuildHasher;
-        // A pod's share for each key we know, and one for all the keys we do not.
+        // A pod's share for the keys of its node we know, and one for all keys we do not.
         let pod = self.hasher.hash_one((pod_uid, known));
-        match known {
-            Some(_) => self.per_pod.allow(pod, now_ms) && self.known.allow((), now_ms),
-            None => {
-                self.per_source.allow(source_of(from), now_ms)
-                    && self.per_pod.allow(pod, now_ms)
-                    && self.others.allow((), now_ms)
-            }
+        if known {
+            self.per_pod.allow(pod, now_ms) && self.known.allow((), now_ms)
+        } else {
+            self.per_source.allow(source_of(from), now_ms)
+                && self.per_pod.allow(pod, now_ms)
+                && self.others.allow((), now_ms)
         }
     }
+}
+
+/// Whether a key known as node identity `known_as` counts as known for a token bound to
+/// `node`: only for its own node, so that a node's key spends the budget of renewals on that
+/// node's token alone, and tokens it forges for other nodes' pods the budget of strangers.
+fn known_for(known_as: Option<&str>, node_namespace: &str, node: &str) -> bool {
+    known_as.is_some_and(|k| k.split_once('/') == Some((node_namespace, node)))
 }
 
 /// A join waiting for its review.
@@ -157,8 +157,10 @@ impl Kubernetes {
         self.source.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A node's join with projected token `jwt`, sealed by `opened.sender` (`known` if that key
-    /// holds a live node certificate of ours), from `from`.
+    /// A node's join with projected token `jwt`, sealed by `opened.sender`, from `from`;
+    /// `known_as` says which node identity that key holds a live node certificate of ours
+    /// for, if any (asked only once the token's claims passed). A key counts as known only
+    /// for a token bound to that same node.
     #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
@@ -166,7 +168,7 @@ impl Kubernetes {
         joins: &mut Joins,
         jwt: &str,
         opened: Opened,
-        known: bool,
+        known_as: &mut dyn FnMut() -> Option<String>,
         from: SocketAddr,
         now_ms: u64,
     ) -> Step {
@@ -206,12 +208,15 @@ impl Kubernetes {
             waiters.push(waiting);
             return Step::Asked;
         }
-        if !self.budget.allow(
-            &waiting.claims.pod.uid,
-            known.then_some(&waiting.opened.sender),
-            from.ip(),
-            now_ms,
-        ) {
+        let known = known_for(
+            known_as().as_deref(),
+            &self.node_namespace,
+            &waiting.claims.node,
+        );
+        if !self
+            .budget
+            .allow(&waiting.claims.pod.uid, known, from.ip(), now_ms)
+        {
             return Step::Dropped("over the review budget".into());
         }
         self.next_ticket += 1;
@@ -321,7 +326,7 @@ mod tests {
             let flood = (0..5_000u32)
                 .filter(|i| {
                     let from = IpAddr::from([198, 18, (i >> 8) as u8, *i as u8]);
-                    b.allow(&format!("pod-{i}"), None, from, now + u64::from(*i) / 10)
+                    b.allow(&format!("pod-{i}"), false, from, now + u64::from(*i) / 10)
                 })
                 .count();
             flooded += flood;
@@ -329,12 +334,7 @@ mod tests {
             let renewed = (0..KNOWN_REVIEWS_PER_SEC)
                 .filter(|i| {
                     let pod = format!("meshd-{i}");
-                    b.allow(
-                        &pod,
-                        Some(&[*i as u8; 32]),
-                        "198.18.9.9".parse().unwrap(),
-                        now + 999,
-                    )
+                    b.allow(&pod, true, "198.18.9.9".parse().unwrap(), now + 999)
                 })
                 .count();
             assert_eq!(renewed, KNOWN_REVIEWS_PER_SEC as usize);
@@ -346,9 +346,9 @@ mod tests {
         let mut b = ReviewBudget::default();
         let one: IpAddr = "fd00::1".parse().unwrap();
         let same_64: IpAddr = "fd00::2".parse().unwrap();
-        assert!(b.allow("p1", None, one, 0) && b.allow("p2", None, same_64, 0));
-        assert!(!b.allow("p3", None, one, 10), "the same /64");
-        assert!(b.allow("p4", None, one, 1_010));
+        assert!(b.allow("p1", false, one, 0) && b.allow("p2", false, same_64, 0));
+        assert!(!b.allow("p3", false, one, 10), "the same /64");
+        assert!(b.allow("p4", false, one, 1_010));
     }
 
     #[test]
@@ -357,29 +357,60 @@ mod tests {
         let from: IpAddr = "198.18.0.5".parse().unwrap();
         // A compromised node, known, naming its own meshd pod in forged tokens for 10 s.
         let spent = (0..10_000u64)
-            .filter(|t| b.allow("its-pod", Some(&[5; 32]), from, *t))
+            .filter(|t| b.allow("its-pod", true, from, *t))
             .count();
         assert!(spent <= 2 + 10, "{spent} reviews");
         // Every other node's renewal is still reviewed.
-        assert!((0..10).all(|i| b.allow(&format!("pod-{i}"), Some(&[i; 32]), from, 10_000)));
+        assert!((0..10).all(|i| b.allow(&format!("pod-{i}"), true, from, 10_000)));
+    }
+
+    #[test]
+    fn a_node_s_key_is_known_only_for_its_own_node_so_forging_tokens_for_others_starves_nothing() {
+        assert!(known_for(Some("nodes/node-5"), "nodes", "node-5"));
+        assert!(!known_for(Some("nodes/node-5"), "nodes", "node-6"));
+        assert!(!known_for(Some("other/node-5"), "nodes", "node-5"));
+        assert!(!known_for(None, "nodes", "node-5"));
+        let mut b = ReviewBudget::default();
+        let compromised: IpAddr = "198.18.0.5".parse().unwrap();
+        for second in 0..10u64 {
+            // Node 5, compromised, with its known key, forges tokens naming the meshd pods of
+            // 40 other nodes, a token each (no cache helps): reviewed as a stranger's.
+            let forged = (0..40u64)
+                .filter(|i| *i != 5)
+                .filter(|i| {
+                    let known = known_for(Some("nodes/node-5"), "nodes", &format!("node-{i}"));
+                    b.allow(&format!("meshd-{i}"), known, compromised, second * 1000 + i)
+                })
+                .count();
+            assert!(forged <= 2, "{forged} in second {second}");
+            // Every other node's renewal is still reviewed.
+            for i in 100..100 + u64::from(KNOWN_REVIEWS_PER_SEC) {
+                let node = format!("node-{i}");
+                let known = known_for(Some(&format!("nodes/{node}")), "nodes", &node);
+                let from = IpAddr::from([198, 18, 1, i as u8]);
+                assert!(
+                    b.allow(&format!("meshd-{i}"), known, from, second * 1000 + 500),
+                    "{node} in second {second}"
+                );
+            }
+        }
     }
 
     #[test]
     fn tokens_forged_to_name_a_node_s_pod_never_starve_that_node_s_renewal() {
         let mut b = ReviewBudget::default();
-        let node: [u8; 32] = [7; 32];
         for second in 0..10u64 {
             // 1,000 joins a second from new keys and addresses, their tokens' claims naming the
             // meshd pod of the node (a pod's UID is no secret); they all fail review, after.
             for i in 0..1_000u32 {
                 let from = IpAddr::from([198, 18, (i >> 8) as u8, i as u8]);
-                b.allow("meshd-node-7", None, from, second * 1000 + u64::from(i));
+                b.allow("meshd-node-7", false, from, second * 1000 + u64::from(i));
             }
             // The node itself, renewing with its key: reviewed every time.
             assert!(
                 b.allow(
                     "meshd-node-7",
-                    Some(&node),
+                    true,
                     "198.18.0.7".parse().unwrap(),
                     second * 1000 + 999
                 ),

@@ -318,33 +318,42 @@ impl Issuer<'_> {
                     self.joined(opened, from, result, now_ms);
                 }
                 Credential::ServiceAccount { token: jwt, held } => {
-                    // Known: holds a live node certificate of ours, from a join here or shown
-                    // with the request (a renewal after this issuer restarted), and is not
-                    // revoked (a revoked node's key is a stranger's).
-                    let (root, now) = (&self.root, now_ms / 1000);
-                    let (revoked, shown) = match self.crl.get(|p| read_crl(p, root)) {
-                        Ok(crl) => (
-                            crl.as_ref().is_some_and(|l| l.revokes_key(&opened.sender)),
-                            held.as_deref().is_some_and(|c| {
-                                shows_key(c, &opened.sender, root, crl.as_ref(), now)
-                            }),
-                        ),
-                        Err(_) => (true, false),
-                    };
-                    let remembered = self.joins.known(&opened.sender, now);
-                    if shown && !remembered && !revoked {
-                        let key = proto::Key(opened.sender).to_base64();
-                        self.log.line(
-                            now_ms,
-                            format!("{from}: key {key}: shows its node certificate: a renewal"),
-                        );
-                    }
-                    let known = !revoked && (remembered || shown);
                     let Source::Kubernetes(k) = &mut self.source else {
                         let why = "this issuer takes join tokens only (it has no Kubernetes \
                                        source)";
                         self.joined(opened, from, Err(why.into()), now_ms);
                         return;
+                    };
+                    // Known as a node: holds a live node certificate of ours, from a join here
+                    // or shown with the request (a renewal after this issuer restarted), and is
+                    // not revoked (a revoked node's key is a stranger's). Asked only once the
+                    // token's claims passed, so a shown certificate costs its signature check
+                    // only then.
+                    let (root, now, sender) = (&self.root, now_ms / 1000, opened.sender);
+                    let crl = self.crl.get(|p| read_crl(p, root)).ok();
+                    let revoked =
+                        crl.is_none_or(|c| c.as_ref().is_some_and(|l| l.revokes_key(&sender)));
+                    let remembered = self.joins.known(&sender, now).map(str::to_string);
+                    let log = &mut self.log;
+                    let held = held.clone();
+                    let mut known_as = || -> Option<String> {
+                        if revoked {
+                            return None;
+                        }
+                        if remembered.is_some() {
+                            return remembered.clone();
+                        }
+                        let c = held.as_deref()?;
+                        let crl = crl.and_then(|c| c.as_ref());
+                        if !shows_key(c, &sender, root, crl, now) {
+                            return None;
+                        }
+                        let key = proto::Key(sender).to_base64();
+                        log.line(
+                            now_ms,
+                            format!("{from}: key {key}: shows its node certificate: a renewal"),
+                        );
+                        Some(format!("{}/{}", c.body.namespace, c.body.name))
                     };
                     let jwt = jwt.clone();
                     match k.join(
@@ -352,7 +361,7 @@ impl Issuer<'_> {
                         &mut self.joins,
                         &jwt,
                         opened,
-                        known,
+                        &mut known_as,
                         from,
                         now_ms,
                     ) {
