@@ -425,6 +425,19 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
             "no issuer address: give --issuer IP:PORT (or --config, or a token that names it)"
         ))
     })?;
+    // What meshd takes in [issuer] endpoints, which this prints.
+    if issuer.len() > MAX_ISSUER_ADDRESSES {
+        return Err(input(anyhow!(
+            "--issuer: more than {MAX_ISSUER_ADDRESSES} addresses"
+        )));
+    }
+    if let Some(twice) = issuer
+        .iter()
+        .enumerate()
+        .find(|(n, a)| issuer[..*n].contains(a))
+    {
+        return Err(input(anyhow!("--issuer: {} is given twice", twice.1)));
+    }
     let issuer_key = match (a.issuer_key.as_ref().or(configured.1.as_ref()), &token) {
         (Some(k), _) => {
             Key::from_base64(k.trim())
@@ -455,9 +468,11 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
     let secret = StaticSecret::from(private.0);
     // The node certificate held (a renewal, or a join again after a restart), shown with a
     // projected token so that the issuer knows the key even if it restarted since.
-    let credential = |held: Option<&Certificate>| -> Result<Credential, Failure> {
+    // With a certificate held, also the plain credential, for an issuer that does not take
+    // the renewal's.
+    let credential = |held: Option<&Certificate>| -> Result<Vec<Credential>, Failure> {
         Ok(match (&token, &a.service_account_token) {
-            (Some(t), _) => Credential::Token(t.secret),
+            (Some(t), _) => vec![Credential::Token(t.secret)],
             (None, Some(f)) => {
                 let jwt = files::read_secret(f)?;
                 let jwt = jwt.trim();
@@ -471,9 +486,19 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
                     .filter(|c| c.body.public_key == private.public().0)
                     .filter(|c| c.body.not_after > ca::now())
                     .map(|c| Box::new(c.clone()));
-                Credential::ServiceAccount {
+                let plain = Credential::ServiceAccount {
                     token: jwt.to_string(),
-                    held,
+                    held: None,
+                };
+                match held {
+                    Some(held) => vec![
+                        Credential::ServiceAccount {
+                            token: jwt.to_string(),
+                            held: Some(held),
+                        },
+                        plain,
+                    ],
+                    None => vec![plain],
                 }
             }
             (None, None) => unreachable!("checked above"),
@@ -500,11 +525,14 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
         Ok(())
     };
     let held = ca::load_certificate(&out.join("node.crt")).ok();
+    // The address that answered last is asked first the next time.
+    let mut first = 0;
     let joined = ask(
         &secret,
         &issuer_key,
         &issuer,
-        credential(held.as_ref())?,
+        &mut first,
+        &credential(held.as_ref())?,
         wait,
     )?;
     write(&joined)?;
@@ -540,7 +568,7 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
         // Until renewed: every 30 s (the certificate stays in force meanwhile).
         loop {
             let renewed = credential(Some(&current))
-                .and_then(|c| ask(&secret, &issuer_key, &issuer, c, wait))
+                .and_then(|c| ask(&secret, &issuer_key, &issuer, &mut first, &c, wait))
                 .and_then(|j| write(&j).map(|()| j));
             match renewed {
                 Ok(j) => {
@@ -570,7 +598,11 @@ fn configured_issuer(path: &Path) -> anyhow::Result<(Vec<SocketAddr>, Option<Str
         (Some(one), None) => vec![one],
         (None, Some(toml::Value::Array(many))) => many.iter().collect(),
         (None, None) => Vec::new(),
-        _ => bail!(
+        (None, Some(_)) => bail!(
+            "{}: [issuer] endpoints must be a list of IP:PORT",
+            path.display()
+        ),
+        (Some(_), Some(_)) => bail!(
             "{}: [issuer] takes endpoint (IP:PORT) or endpoints (a list of them), not both",
             path.display()
         ),
@@ -600,6 +632,9 @@ fn check(joined: &Joined, public: &[u8; 32]) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("the issuer's certificate does not verify: {e}"))?;
     Ok(())
 }
+
+/// The issuer's addresses a node takes, at most (as meshd's `[issuer] endpoints`).
+const MAX_ISSUER_ADDRESSES: usize = 8;
 
 /// One of the addresses the issuer may listen at: a socket connected to it, and what an
 /// issuer under load asks of us there.
@@ -638,30 +673,65 @@ impl Asked {
 /// Asks the issuer (whose key is `issuer_key`) until it answers or `wait` passes: each second
 /// at the next of the addresses it may listen at, `issuer`, so that one that is down or no
 /// longer hosts it costs a second.
+///
+/// The first address asked is `issuer[*first]`, and `*first` becomes the one that answered.
+/// `credentials` are shown in turn after a first round at every address: a renewal's (with
+/// the node certificate held), then the plain one, which an issuer older than credential kind
+/// 3 takes.
 fn ask(
     own: &StaticSecret,
     issuer_key: &[u8; 32],
     issuer: &[SocketAddr],
-    credential: Credential,
+    first: &mut usize,
+    credentials: &[Credential],
     wait: Duration,
 ) -> Result<Joined, Failure> {
-    let mut asked = issuer
+    let mut asked = Vec::new();
+    for at in issuer {
+        // One address this host cannot use (IPv6 on an IPv4-only host) leaves the others.
+        match Asked::open(*at) {
+            Ok(a) => asked.push(a),
+            Err(e) => eprintln!("meshctl: not asking the issuer at {at}: {e:#}"),
+        }
+    }
+    if asked.is_empty() {
+        return Err(anyhow!(
+            "none of the issuer's addresses ({}) can be reached from here",
+            proto::cert::list(issuer)
+        )
+        .into());
+    }
+    let start_at = issuer.get(*first).copied();
+    let start_turn = asked
         .iter()
-        .map(|a| Asked::open(*a))
-        .collect::<anyhow::Result<Vec<Asked>>>()?;
-    let mut turn = 0;
+        .position(|a| Some(a.at) == start_at)
+        .unwrap_or(0);
+    let mut turn = start_turn;
     let listed = proto::cert::list(issuer);
     let mut nonce = [0u8; 8];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
     let nonce = u64::from_be_bytes(nonce);
-    let request = Message::JoinRequest { nonce, credential }.encode();
+    let requests: Vec<Vec<u8>> = credentials
+        .iter()
+        .map(|c| {
+            Message::JoinRequest {
+                nonce,
+                credential: c.clone(),
+            }
+            .encode()
+        })
+        .collect();
+    let rounds_per_pass = asked.len().max(2);
     let mut reassembly = proto::segment::Reassembly::default();
     let start = Instant::now();
     let mut last_sent: Option<Instant> = None;
     let mut buf = vec![0u8; 65_535];
     while start.elapsed() < wait {
         if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            let a = &mut asked[turn % issuer.len()];
+            let round = turn - start_turn;
+            let request = &requests[(round / rounds_per_pass) % requests.len()];
+            let at = turn % asked.len();
+            let a = &mut asked[at];
             turn += 1;
             let now_ms = wall_ms();
             let mut e = [0u8; 32];
@@ -671,7 +741,7 @@ fn ask(
                 issuer_key,
                 &StaticSecret::from(e),
                 now_ms.saturating_mul(proto::issuer::COUNTER_PER_MS),
-                &request,
+                request,
             )
             .map_err(|e| anyhow!("sealing the request: {e}"))?;
             for d in &mut a.sent {
@@ -683,13 +753,15 @@ fn ask(
             }
             last_sent = Some(Instant::now());
         }
-        let Some((a, n)) = asked
+        let Some((i, n)) = asked
             .iter_mut()
-            .find_map(|a| a.socket.recv(&mut buf).ok().map(|n| (a, n)))
+            .enumerate()
+            .find_map(|(i, a)| a.socket.recv(&mut buf).ok().map(|n| (i, n)))
         else {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         };
+        let a = &mut asked[i];
         let sealed = match control::decode(&buf[..n]) {
             Ok(Datagram::Sealed(sealed)) => sealed,
             Ok(Datagram::CookieReply { echo, cookie: c }) => {
@@ -718,6 +790,7 @@ fn ask(
         match Message::decode(&whole.message) {
             Ok(Message::JoinAnswer { nonce: n, result }) if n == nonce => {
                 let at = a.at;
+                *first = issuer.iter().position(|x| *x == at).unwrap_or(0);
                 return result.map_err(|why| anyhow!("the issuer at {at} refused: {why}").into());
             }
             _ => continue,
@@ -846,6 +919,135 @@ mod tests {
         assert!(!shows_key(&cert, &[1; 32], &root, crl.as_ref(), now));
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&other);
+    }
+
+    /// An issuer older than credential kind 3 on loopback: it answers (with a refusal that
+    /// says so) only requests without a certificate held, and drops the rest, as it cannot
+    /// decode them. Its address and public key.
+    fn old_issuer() -> (SocketAddr, [u8; 32]) {
+        let secret = StaticSecret::from([0x42; 32]);
+        let public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = socket.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut responder = proto::issuer::Responder::new(secret);
+            let mut buf = vec![0u8; 65_535];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let Ok(Some(opened)) = responder.open(wall_ms(), from, &buf[..n]) else {
+                    continue;
+                };
+                let Message::JoinRequest {
+                    nonce,
+                    credential: Credential::ServiceAccount { held: None, .. },
+                } = opened.msg
+                else {
+                    continue;
+                };
+                let answer = Message::JoinAnswer {
+                    nonce,
+                    result: Err("answered by the old issuer".into()),
+                };
+                for d in responder.seal(&opened.sender, &answer, wall_ms(), &mut rand_core::OsRng) {
+                    let _ = socket.send_to(&d, from);
+                }
+            }
+        });
+        (at, public)
+    }
+
+    #[test]
+    fn a_join_finds_the_issuer_past_a_dead_address_and_an_old_issuer_through_the_plain_credential()
+    {
+        let (at, key) = old_issuer();
+        // Nothing listens there: a port of a socket just closed.
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let own = StaticSecret::from([0x07; 32]);
+        let held = Certificate {
+            body: proto::cert::CertBody::ca("example.org", "n", [7; 32], 1, (0, u64::MAX), vec![]),
+            signature: [0; 64],
+        };
+        let credentials = [
+            Credential::ServiceAccount {
+                token: "a.b.c".into(),
+                held: Some(Box::new(held)),
+            },
+            Credential::ServiceAccount {
+                token: "a.b.c".into(),
+                held: None,
+            },
+        ];
+        let mut first = 0;
+        let start = Instant::now();
+        let e = ask(
+            &own,
+            &key,
+            &[dead, at],
+            &mut first,
+            &credentials,
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .error
+        .to_string();
+        assert!(e.contains("answered by the old issuer"), "{e}");
+        assert_eq!(
+            first, 1,
+            "the address that answered is asked first next time"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            start.elapsed()
+        );
+        // Asked first there, the next time answers at once (the renewal's credential first).
+        let start = Instant::now();
+        let e = ask(
+            &own,
+            &key,
+            &[dead, at],
+            &mut first,
+            &credentials[1..],
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .error
+        .to_string();
+        assert!(e.contains("answered by the old issuer"), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn meshd_s_configuration_names_the_issuer_s_addresses_one_way_or_the_other() {
+        let dir = std::env::temp_dir().join(format!("meshctl-conf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("meshd.toml");
+        let with = |issuer: &str| {
+            std::fs::write(&path, format!("[issuer]\n{issuer}key = \"K\"\n")).unwrap();
+            configured_issuer(&path)
+                .map(|(at, _)| at)
+                .map_err(|e| e.to_string())
+        };
+        let a: SocketAddr = "198.18.0.1:7100".parse().unwrap();
+        let b: SocketAddr = "198.18.0.2:7100".parse().unwrap();
+        assert_eq!(with("endpoint = \"198.18.0.1:7100\"\n"), Ok(vec![a]));
+        assert_eq!(
+            with("endpoints = [\"198.18.0.1:7100\", \"198.18.0.2:7100\"]\n"),
+            Ok(vec![a, b])
+        );
+        let e = with("endpoints = \"198.18.0.1:7100\"\n").unwrap_err();
+        assert!(e.contains("endpoints must be a list"), "{e}");
+        let e = with("endpoint = \"198.18.0.1:7100\"\nendpoints = []\n").unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = with("endpoints = [\"198.18.0.1\"]\n").unwrap_err();
+        assert!(e.contains("is not IP:PORT"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

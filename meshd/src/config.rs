@@ -108,7 +108,7 @@ pub struct IssuerSection {
     /// The addresses of every host the issuer may run on (a Deployment that may move between
     /// control-plane nodes): a request unanswered for a second goes to the next.
     #[serde(default)]
-    pub endpoints: Vec<std::net::SocketAddr>,
+    pub endpoints: Option<Vec<std::net::SocketAddr>>,
     pub key: String,
 }
 
@@ -120,7 +120,7 @@ impl IssuerSection {
     pub fn addresses(&self) -> Vec<std::net::SocketAddr> {
         self.endpoint
             .into_iter()
-            .chain(self.endpoints.clone())
+            .chain(self.endpoints.iter().flatten().copied())
             .collect()
     }
 }
@@ -328,20 +328,22 @@ impl Config {
             return Err(err(format!("relay.via: more than {MAX_RELAYS}")));
         }
         if let Some(i) = &cfg.issuer {
-            match (&i.endpoint, i.endpoints.len()) {
-                (None, 0) => return Err(err("issuer: give endpoint or endpoints".into())),
-                (Some(_), 1..) => {
+            match (&i.endpoint, i.endpoints.as_ref().map(Vec::len)) {
+                (None, None) => return Err(err("issuer: give endpoint or endpoints".into())),
+                (Some(_), Some(_)) => {
                     return Err(err("issuer: give endpoint or endpoints, not both".into()))
                 }
-                (None, n) if n > MAX_ISSUER_ENDPOINTS => {
+                (None, Some(0)) => return Err(err("issuer.endpoints: empty".into())),
+                (None, Some(n)) if n > MAX_ISSUER_ENDPOINTS => {
                     return Err(err(format!(
                         "issuer.endpoints: more than {MAX_ISSUER_ENDPOINTS}"
                     )))
                 }
                 _ => {}
             }
-            for (n, a) in i.endpoints.iter().enumerate() {
-                if i.endpoints[..n].contains(a) {
+            let listed = i.endpoints.as_deref().unwrap_or_default();
+            for (n, a) in listed.iter().enumerate() {
+                if listed[..n].contains(a) {
                     return Err(err(format!("issuer.endpoints[{n}]: `{a}` is listed twice")));
                 }
             }
@@ -624,6 +626,11 @@ seeds = ["198.18.0.1:51820", "[fd01::1]:51820", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE
                 "endpoints = [\"198.18.0.1:7100\", \"198.18.0.1:7100\"]\n",
                 "issuer.endpoints[1]: `198.18.0.1:7100` is listed twice",
             ),
+            (
+                "endpoint = \"198.18.0.1:7100\"\nendpoints = []\n",
+                "not both",
+            ),
+            ("endpoints = []\n", "issuer.endpoints: empty"),
             (
                 "endpoints = [\"198.18.0.1\"]\n",
                 "invalid socket address syntax",

@@ -28,6 +28,8 @@ struct Attached {
     refused: Option<String>,
     /// Why the issuer last said it cannot decide yet (it is asked again; what is held stays).
     later: Option<String>,
+    /// Asks since the issuer last answered for it.
+    misses: u32,
     /// Restored after a restart and not yet answered for: the workload may have been deleted
     /// while this node was down (a CNI DEL that found meshd down), so the issuer is asked at
     /// once, however young the certificate held, and its refusal withdraws it.
@@ -40,6 +42,10 @@ pub type Outcome = (WorkloadRef, Result<Certificate, String>);
 #[derive(Debug, Default)]
 pub struct Attachments {
     attached: BTreeMap<WorkloadRef, Attached>,
+    /// How many unanswered asks for a certificate held are repeated after a second rather than
+    /// ten: one per address the issuer may listen at, each asked in turn (see
+    /// [`Attachments::set_issuer_addresses`]).
+    quick_retries: u32,
     /// Requests in flight: their workloads, by nonce, and when they were sent.
     pending: HashMap<u64, (Vec<WorkloadRef>, u64)>,
 }
@@ -54,6 +60,12 @@ pub struct AttachedStatus {
 }
 
 impl Attachments {
+    /// The issuer may listen at `n` addresses: a renewal or a check unanswered is asked again
+    /// after a second until each has been tried, so that finding where it moved takes seconds.
+    pub fn set_issuer_addresses(&mut self, n: usize) {
+        self.quick_retries = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+
     /// Takes back a workload attached before a restart, with the certificate held then (the
     /// node checks it again before it announces it). The issuer is asked for it at once: it
     /// says whether the workload still runs here.
@@ -160,7 +172,10 @@ impl Attachments {
                     None if a.refused.is_some() => (RENEW_RETRY_MS, true),
                     None => (FIRST_RETRY_MS, true),
                     Some(c) => (
-                        RENEW_RETRY_MS,
+                        match a.misses {
+                            1.. if a.misses < self.quick_retries => FIRST_RETRY_MS,
+                            _ => RENEW_RETRY_MS,
+                        },
                         a.unconfirmed || past(c, 5) || (round && past(c, 3)),
                     ),
                 };
@@ -168,6 +183,7 @@ impl Attachments {
             })
             .map(|(r, a)| {
                 a.asked_ms = Some(now_ms);
+                a.misses = a.misses.saturating_add(1);
                 r.clone()
             })
             .collect();
@@ -204,6 +220,7 @@ impl Attachments {
             let Some(a) = self.attached.get_mut(&w) else {
                 continue; // detached meanwhile
             };
+            a.misses = 0;
             let r = match r {
                 Issued::Later(why) => {
                     a.later = Some(why);

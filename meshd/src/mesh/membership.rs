@@ -201,6 +201,8 @@ pub enum Refusal {
     TooManyWorkloads,
     #[error("a message only the workload issuer sends or takes")]
     NotFromMembers,
+    #[error("the workload issuer's key, but not at an address listed for it ([issuer] endpoints)")]
+    IssuerElsewhere,
     #[error(
         "{identity} is a workload certificate (its CA is in trust.workload_cas), not a node's"
     )]
@@ -247,6 +249,7 @@ impl Refusal {
             Refusal::WorkloadRange { .. } => "workload_range",
             Refusal::TooManyWorkloads => "too_many_workloads",
             Refusal::NotFromMembers => "not_from_members",
+            Refusal::IssuerElsewhere => "issuer_elsewhere",
             Refusal::WorkloadAsMember { .. } => "workload_as_member",
             Refusal::NotAWorkload { .. } => "not_a_workload",
             Refusal::WorkloadWithoutAddress { .. } => "workload_without_address",
@@ -1496,6 +1499,9 @@ impl Membership {
                 if let Some(link) = self.issuer.as_mut().filter(|l| *l.pair.peer() == sender) {
                     if !matches!(msg, Message::IssueAnswer { .. }) {
                         return Err(Refusal::NotFromMembers);
+                    }
+                    if !link.is_at(from) {
+                        return Err(Refusal::IssuerElsewhere);
                     }
                     let replay = self.replay.entry(sender).or_default();
                     if !replay.window.accept_run(whole.first_counter, whole.count) {

@@ -260,6 +260,7 @@ impl Node {
         membership.set_answer_probes(cfg.answer_probes);
         membership.set_relays(cfg.relays);
         let has_issuer = cfg.issuer.is_some();
+        let issuer_addresses = cfg.issuer.as_ref().map_or(0, |(_, at)| at.len());
         membership.set_issuer(cfg.issuer);
         membership.set_workload_cas(cfg.workload_cas);
         let mut book = PolicyBook::new(&trust_domain, cfg.admins, cfg.posture, cfg.audit);
@@ -322,6 +323,7 @@ impl Node {
         // The workloads attached before a restart, and at once the list of those whose
         // certificates are still good: it replaces what members held of this node's before (an
         // empty list withdraws workloads detached while it was down).
+        node.attached.set_issuer_addresses(issuer_addresses);
         for (w, c) in saved.attached {
             node.attached.restore(w, c);
         }

@@ -213,6 +213,8 @@ pub struct SimIssuer {
     pub down: bool,
     /// Answers "later" for every workload (as a restarted issuer before its lists).
     pub not_listed_yet: bool,
+    /// Sends its answers from this address instead of where it listens (as if spoofed).
+    pub reply_from: Option<SocketAddr>,
     pub issued: u64,
     serial: u64,
 }
@@ -570,7 +572,7 @@ impl Sim {
             self.delivered += 1;
             let now = self.now_ms;
             let issuer = self.issuer.as_mut().expect("checked");
-            let from = issuer.addr;
+            let from = issuer.reply_from.unwrap_or(issuer.addr);
             let answers = issuer.on_datagram(now, p.from, &p.bytes, &self.pods_ca, &mut self.rng);
             for d in answers {
                 self.send(from, p.from, d);
@@ -728,6 +730,7 @@ impl Sim {
             lifetime_secs,
             down: false,
             not_listed_yet: false,
+            reply_from: None,
             issued: 0,
             serial: 0,
         });
