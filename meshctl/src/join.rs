@@ -428,7 +428,8 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
     // What meshd takes in [issuer] endpoints, which this prints.
     if issuer.len() > MAX_ISSUER_ADDRESSES {
         return Err(input(anyhow!(
-            "--issuer: more than {MAX_ISSUER_ADDRESSES} addresses"
+            "the issuer's addresses (--issuer, or [issuer] endpoints): more than \
+             {MAX_ISSUER_ADDRESSES}"
         )));
     }
     if let Some(twice) = issuer
@@ -436,7 +437,10 @@ pub fn join(a: JoinArgs) -> Result<(), Failure> {
         .enumerate()
         .find(|(n, a)| issuer[..*n].contains(a))
     {
-        return Err(input(anyhow!("--issuer: {} is given twice", twice.1)));
+        return Err(input(anyhow!(
+            "the issuer's addresses (--issuer, or [issuer] endpoints): {} is given twice",
+            twice.1
+        )));
     }
     let issuer_key = match (a.issuer_key.as_ref().or(configured.1.as_ref()), &token) {
         (Some(k), _) => {
@@ -596,7 +600,10 @@ fn configured_issuer(path: &Path) -> anyhow::Result<(Vec<SocketAddr>, Option<Str
     };
     let listed: Vec<&toml::Value> = match (issuer.get("endpoint"), issuer.get("endpoints")) {
         (Some(one), None) => vec![one],
-        (None, Some(toml::Value::Array(many))) => many.iter().collect(),
+        (None, Some(toml::Value::Array(many))) if !many.is_empty() => many.iter().collect(),
+        (None, Some(toml::Value::Array(_))) => {
+            bail!("{}: [issuer] endpoints is empty", path.display())
+        }
         (None, None) => Vec::new(),
         (None, Some(_)) => bail!(
             "{}: [issuer] endpoints must be a list of IP:PORT",
@@ -1041,6 +1048,8 @@ mod tests {
             with("endpoints = [\"198.18.0.1:7100\", \"198.18.0.2:7100\"]\n"),
             Ok(vec![a, b])
         );
+        let e = with("endpoints = []\n").unwrap_err();
+        assert!(e.contains("endpoints is empty"), "{e}");
         let e = with("endpoints = \"198.18.0.1:7100\"\n").unwrap_err();
         assert!(e.contains("endpoints must be a list"), "{e}");
         let e = with("endpoint = \"198.18.0.1:7100\"\nendpoints = []\n").unwrap_err();

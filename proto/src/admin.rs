@@ -339,7 +339,8 @@ pub struct AttachedWorkload {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    /// [`IN_FORCE`], `asking the issuer`, or `refused: WHY`.
+    /// [`IN_FORCE`], `asking the issuer`, `asking the issuer (not yet: WHY)` (the issuer
+    /// cannot decide yet), `held, not in force (...)`, or `refused: WHY`.
     pub state: String,
     /// Its certificate, once the issuer gave one (kept through an issuer outage).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -173,6 +173,11 @@ impl Kubernetes {
         now_ms: u64,
     ) -> Step {
         let now = now_ms / 1000;
+        // Not listed yet (just restarted): nothing can be decided, so nothing is answered, and
+        // the node asks again (a refusal would end its join).
+        if !self.view().ready() {
+            return Step::Dropped("the issuer has not listed the cluster yet".into());
+        }
         let checked = crate::kube::view::token_claims(jwt).and_then(|claims| {
             self.view()
                 .precheck(&claims, &self.source.policy, now)

@@ -160,7 +160,10 @@ impl Admin {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 if self
                     .commands
-                    .send(Command::Attach { workload, reply })
+                    .send(Command::Attach {
+                        workload: workload.clone(),
+                        reply,
+                    })
                     .await
                     .is_err()
                 {
@@ -181,12 +184,27 @@ impl Admin {
                     Ok(Err(_)) => Response::Error {
                         message: "the mesh task has stopped".into(),
                     },
-                    Err(_) => Response::Error {
-                        message: format!(
-                            "workload {what}: no certificate within {} ms (is the issuer reachable?)",
-                            wait.as_millis()
-                        ),
-                    },
+                    Err(_) => {
+                        // Where it stands now: still unanswered, or the issuer said "not yet".
+                        let (reply, answer) = tokio::sync::oneshot::channel();
+                        let state = self
+                            .ask(Command::Workloads { reply }, answer)
+                            .await
+                            .ok()
+                            .and_then(|(attached, _)| {
+                                attached.into_iter().find(|a| {
+                                    (&a.namespace, &a.name, &a.uid)
+                                        == (&workload.namespace, &workload.name, &workload.uid)
+                                })
+                            })
+                            .map_or("detached meanwhile".to_string(), |a| a.state);
+                        Response::Error {
+                            message: format!(
+                                "workload {what}: no certificate within {} ms: {state}",
+                                wait.as_millis()
+                            ),
+                        }
+                    }
                 }
             }
             Request::WorkloadDetach {

@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 const FIRST_RETRY_MS: u64 = 1_000;
 /// A certificate past half its life is asked to be renewed this often until it is.
 const RENEW_RETRY_MS: u64 = 10_000;
+/// A workload the issuer cannot decide yet (it has not listed its workloads, or assigns no
+/// address yet) is asked for again this often.
+const LATER_RETRY_MS: u64 = 3_000;
 /// Requests whose answers are awaited at most (older ones are forgotten: their workloads are
 /// asked for again).
 const MAX_PENDING: usize = 64;
@@ -170,6 +173,7 @@ impl Attachments {
                     // Refused: the issuer is asked again, slowly, until the workload is
                     // detached (it may be registered in a moment).
                     None if a.refused.is_some() => (RENEW_RETRY_MS, true),
+                    None if a.later.is_some() => (LATER_RETRY_MS, true),
                     None => (FIRST_RETRY_MS, true),
                     Some(c) => (
                         match a.misses {
@@ -215,15 +219,19 @@ impl Attachments {
         let Some((asked, _)) = self.pending.remove(&nonce) else {
             return Vec::new();
         };
+        // The issuer answers where it is asked now: no workload needs a quick retry to find it.
+        for a in self.attached.values_mut() {
+            a.misses = 0;
+        }
         let mut out = Vec::new();
         for (w, r) in asked.into_iter().zip(results) {
             let Some(a) = self.attached.get_mut(&w) else {
                 continue; // detached meanwhile
             };
-            a.misses = 0;
             let r = match r {
                 Issued::Later(why) => {
                     a.later = Some(why);
+                    a.refused = None;
                     continue;
                 }
                 Issued::Certificate(c) => Ok(c),

@@ -139,7 +139,11 @@ fn later_keeps_what_is_held_and_the_workload_is_asked_again_until_decided() {
     assert_eq!(a.certificates(), [cert(KEY, 0, 3600, 1)]);
     assert!(a.status().iter().all(|s| s.refused.is_none()));
     assert!(a.status()[1].later.is_some());
-    // Both are asked again (post-1 still unconfirmed, post-2 still without a certificate).
+    // post-2, without a certificate, is asked again in 3 s; post-1, safe with its certificate,
+    // in 10 s (still unconfirmed).
+    assert!(a.due(62_000, &mut OsRng).is_empty());
+    let (_, asked) = a.due(63_000, &mut OsRng).remove(0);
+    assert_eq!(asked, [pod("post-2")]);
     let (nonce, asked) = a.due(70_000, &mut OsRng).remove(0);
     assert_eq!(asked, [pod("post-1"), pod("post-2")]);
     let out = a.on_answer(
