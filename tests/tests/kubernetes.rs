@@ -173,24 +173,22 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     .unwrap();
     let kubeconfig_env = format!("KUBECONFIG={}", kubeconfig.display());
     let ca = pki.dir.display().to_string();
-    lab.spawn(
-        &iss,
-        "issuer",
-        Path::new("/usr/bin/env"),
-        &[
-            &kubeconfig_env,
-            bin("meshctl").to_str().unwrap(),
-            "ca",
-            "serve",
-            "--ca",
-            &ca,
-            "--listen",
-            ISSUER,
-            "--kubernetes",
-            "--node-service-account",
-            "kube-system/meshd",
-        ],
-    );
+    // The issuer, on the stand-in API server.
+    let meshctl_bin = bin("meshctl");
+    let issuer_args = [
+        kubeconfig_env.as_str(),
+        meshctl_bin.to_str().unwrap(),
+        "ca",
+        "serve",
+        "--ca",
+        &ca,
+        "--listen",
+        ISSUER,
+        "--kubernetes",
+        "--node-service-account",
+        "kube-system/meshd",
+    ];
+    lab.spawn(&iss, "issuer", Path::new("/usr/bin/env"), &issuer_args);
     let key = issuer_key(&lab);
 
     // The node: it makes its key and joins with its projected token; the API server says which
@@ -353,24 +351,7 @@ fn a_kubernetes_node_joins_with_its_token_and_attaches_the_pods_the_cluster_plac
     // does) showing the certificate it holds: the issuer knows it for a renewal, whose review
     // budget no flood of new keys spends.
     lab.stop("issuer", libc::SIGTERM);
-    lab.spawn(
-        &iss,
-        "issuer",
-        Path::new("/usr/bin/env"),
-        &[
-            &kubeconfig_env,
-            bin("meshctl").to_str().unwrap(),
-            "ca",
-            "serve",
-            "--ca",
-            &ca,
-            "--listen",
-            ISSUER,
-            "--kubernetes",
-            "--node-service-account",
-            "kube-system/meshd",
-        ],
-    );
+    lab.spawn(&iss, "issuer", Path::new("/usr/bin/env"), &issuer_args);
     let out = meshctl_in(
         &lab,
         &node,

@@ -326,6 +326,19 @@ fn with_issuer(n: usize, seed: u64, lifetime: u64) -> Sim {
     sim
 }
 
+/// Two nodes asking the simulated issuer (certificates of `lifetime` s), node 0 running web
+/// (100.64.200.1) and api (100.64.200.2), both in force on node 1.
+fn web_and_api_on_node_0(seed: u64, lifetime: u64) -> Sim {
+    let mut sim = with_issuer(2, seed, lifetime);
+    sim.schedule("web", 0, "100.64.200.1/32");
+    sim.schedule("api", 0, "100.64.200.2/32");
+    sim.handle(0, Event::Attach(reference("web"))).unwrap();
+    sim.handle(0, Event::Attach(reference("api"))).unwrap();
+    sim.run(1_000);
+    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    sim
+}
+
 /// The certificate node `i` holds in force for workload `name`.
 fn in_force(sim: &Sim, i: usize, of: usize, name: &str) -> Option<Certificate> {
     let key = sim.nodes[of].public();
@@ -411,13 +424,7 @@ fn a_workload_keeps_its_identity_through_a_10_minute_issuer_outage_and_is_renewe
 #[test]
 fn a_workload_gone_from_the_issuer_s_view_loses_its_identity_at_its_renewal_and_one_that_outlives_an_outage_lapses(
 ) {
-    let mut sim = with_issuer(2, 13, 120);
-    sim.schedule("web", 0, "100.64.200.1/32");
-    sim.schedule("api", 0, "100.64.200.2/32");
-    sim.handle(0, Event::Attach(reference("web"))).unwrap();
-    sim.handle(0, Event::Attach(reference("api"))).unwrap();
-    sim.run(1_000);
-    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    let mut sim = web_and_api_on_node_0(13, 120);
     // web is deleted: refused at half-life, withdrawn.
     sim.issuer
         .as_mut()
@@ -438,13 +445,7 @@ fn a_workload_gone_from_the_issuer_s_view_loses_its_identity_at_its_renewal_and_
 fn a_workload_deleted_while_its_node_was_down_is_withdrawn_when_the_node_restarts_not_at_its_renewal(
 ) {
     // Hour-long certificates: without asking at restart, web would stay for half an hour.
-    let mut sim = with_issuer(2, 14, 3600);
-    sim.schedule("web", 0, "100.64.200.1/32");
-    sim.schedule("api", 0, "100.64.200.2/32");
-    sim.handle(0, Event::Attach(reference("web"))).unwrap();
-    sim.handle(0, Event::Attach(reference("api"))).unwrap();
-    sim.run(1_000);
-    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    let mut sim = web_and_api_on_node_0(14, 3600);
     let api = in_force(&sim, 1, 0, "api").unwrap();
     // Down; web is deleted meanwhile, and its CNI DEL found meshd down: the saved attachments
     // still hold it, with a young certificate.
@@ -545,13 +546,7 @@ fn a_node_gets_its_workloads_from_an_issuer_that_asks_every_sender_for_a_cookie_
 
 #[test]
 fn a_node_that_restarts_with_the_issuer_keeps_its_workloads_while_the_issuer_cannot_decide_yet() {
-    let mut sim = with_issuer(2, 17, 3600);
-    sim.schedule("web", 0, "100.64.200.1/32");
-    sim.schedule("api", 0, "100.64.200.2/32");
-    sim.handle(0, Event::Attach(reference("web"))).unwrap();
-    sim.handle(0, Event::Attach(reference("api"))).unwrap();
-    sim.run(1_000);
-    assert_eq!(allowed(&sim, 1, 0).len(), 3);
+    let mut sim = web_and_api_on_node_0(17, 3600);
     // The host of both restarts: the issuer comes back before it has listed its workloads
     // (and web was deleted meanwhile), and answers "later" for each.
     sim.kill(0);
