@@ -1048,14 +1048,21 @@ mod tests {
             with("endpoints = [\"198.18.0.1:7100\", \"198.18.0.2:7100\"]\n"),
             Ok(vec![a, b])
         );
-        let e = with("endpoints = []\n").unwrap_err();
-        assert!(e.contains("endpoints is empty"), "{e}");
-        let e = with("endpoints = \"198.18.0.1:7100\"\n").unwrap_err();
-        assert!(e.contains("endpoints must be a list"), "{e}");
-        let e = with("endpoint = \"198.18.0.1:7100\"\nendpoints = []\n").unwrap_err();
-        assert!(e.contains("not both"), "{e}");
-        let e = with("endpoints = [\"198.18.0.1\"]\n").unwrap_err();
-        assert!(e.contains("is not IP:PORT"), "{e}");
+        for (issuer, says) in [
+            ("endpoints = []\n", "endpoints is empty"),
+            (
+                "endpoints = \"198.18.0.1:7100\"\n",
+                "endpoints must be a list",
+            ),
+            (
+                "endpoint = \"198.18.0.1:7100\"\nendpoints = []\n",
+                "not both",
+            ),
+            ("endpoints = [\"198.18.0.1\"]\n", "is not IP:PORT"),
+        ] {
+            let e = with(issuer).unwrap_err();
+            assert!(e.contains(says), "{issuer}: {e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
